@@ -1,0 +1,81 @@
+//! Per-packet cost of the data plane: parse + steer + encapsulate, and
+//! decapsulate, at several packet sizes and flow counts.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use crosslink::config::Policy;
+use crosslink::forward::{classify, decapsulate, encapsulate, HEADROOM};
+use crosslink::steer::Selection;
+use crosslink::PathId;
+use etherparse::PacketBuilder;
+use std::hint::black_box;
+
+fn packet(flow: u32, size: usize) -> Vec<u8> {
+    let src = [198, 18, (flow >> 16) as u8, (flow >> 8) as u8];
+    let b = PacketBuilder::ipv4(src, [198, 19, 0, 1], 64).udp(1024 + (flow & 0xff) as u16, 5000);
+    let payload = vec![0u8; size.saturating_sub(28)];
+    let mut out = Vec::new();
+    b.write(&mut out, &payload).expect("builds");
+    out
+}
+
+fn selection(policy: Policy) -> Selection {
+    Selection {
+        policy,
+        active: Some(PathId(0)),
+        eligible: vec![(PathId(0), 1), (PathId(1), 1), (PathId(2), 2)],
+    }
+}
+
+fn outbound(c: &mut Criterion) {
+    let mut g = c.benchmark_group("outbound");
+    for size in [64usize, 576, 1400, 9000] {
+        for flows in [1_000u32, 100_000, 1_000_000] {
+            // A ring of 1024 distinct packets standing for `flows` flows.
+            let step = (flows / 1024).max(1);
+            let pkts: Vec<Vec<u8>> = (0..1024).map(|i| packet(i * step, size)).collect();
+            let mut bufs: Vec<Vec<u8>> = pkts
+                .iter()
+                .map(|p| {
+                    let mut b = vec![0u8; HEADROOM + p.len()];
+                    b[HEADROOM..].copy_from_slice(p);
+                    b
+                })
+                .collect();
+            for policy in [Policy::ActiveBackup, Policy::Balance] {
+                let sel = selection(policy);
+                g.throughput(Throughput::Elements(1));
+                let id = BenchmarkId::new(format!("{}/{}B", policy.as_str(), size), flows);
+                let mut i = 0usize;
+                g.bench_function(id, |b| {
+                    b.iter(|| {
+                        i = (i + 1) & 1023;
+                        let buf = &mut bufs[i];
+                        let inner_len = buf.len() - HEADROOM;
+                        let place = classify(&sel, &buf[HEADROOM..]).expect("placed");
+                        let n = encapsulate(buf, inner_len, i as u64).expect("fits");
+                        black_box((place, n))
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+fn inbound(c: &mut Criterion) {
+    let mut g = c.benchmark_group("inbound");
+    for size in [64usize, 576, 1400, 9000] {
+        let p = packet(7, size);
+        let mut buf = vec![0u8; HEADROOM + p.len()];
+        buf[HEADROOM..].copy_from_slice(&p);
+        let n = encapsulate(&mut buf, p.len(), 1).expect("fits");
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(BenchmarkId::new("decapsulate", size), |b| {
+            b.iter(|| black_box(decapsulate(black_box(&buf[..n])).map(|(_, inner)| inner.len())))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, outbound, inbound);
+criterion_main!(benches);

@@ -1,0 +1,90 @@
+//! BFD sessions (RFC 5880), sans-IO.
+//!
+//! A [`Session`] is a pure state machine for one BFD session in asynchronous mode. It
+//! never reads a clock, opens a socket or sleeps: the shell feeds it
+//!
+//! * received, already parsed packets: [`Session::handle_packet`] (RFC 5880 §6.8.6),
+//! * the passage of time: [`Session::handle_timeout`] when [`Session::poll_timeout`] is
+//!   reached (detection time expiry, §6.8.4),
+//! * operator actions: [`Session::set_admin_down`], [`Session::set_admin_up`],
+//!   [`Session::set_timers`],
+//!
+//! and drains its outputs with [`Session::poll_transmit`] (packets to send, §6.8.7) and
+//! [`Session::poll_event`] (state changes). A driver loop looks like:
+//!
+//! ```text
+//! loop {
+//!     while let Some(pkt) = session.poll_transmit(now) { send(pkt) }
+//!     while let Some(ev) = session.poll_event() { report(ev) }
+//!     wait until session.poll_timeout() or a packet arrives
+//!     on packet: session.handle_packet(&pkt, now)
+//!     on deadline: session.handle_timeout(now)
+//! }
+//! ```
+//!
+//! Not supported: Demand mode (packets with the D bit are discarded), the Echo function
+//! (we advertise Required Min Echo RX = 0), and authentication (packets with the A bit
+//! are discarded until a verifier is added; the codec keeps the raw auth section).
+
+mod rng;
+mod session;
+
+use std::time::Instant;
+
+pub use crate::wire::bfd::{Diag, State};
+pub use session::{next_state, Session, SessionConfig, SLOW_TX_INTERVAL};
+
+/// Something the shell should know about; drained with [`Session::poll_event`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The local session state changed; `diag` is the local diagnostic after the change.
+    StateChange {
+        from: State,
+        to: State,
+        diag: Diag,
+        at: Instant,
+    },
+}
+
+/// Why [`Session::handle_packet`] discarded a packet (RFC 5880 §6.8.6). The same values
+/// label the drop-reason metric through [`RxError::reason`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum RxError {
+    /// Your Discriminator is nonzero and is not ours.
+    #[error("your discriminator {got} does not match local discriminator {expected}")]
+    YourDiscriminatorMismatch { got: u32, expected: u32 },
+    /// Your Discriminator is zero but the State field is Init or Up.
+    #[error("your discriminator is zero while the packet's state is {0:?}")]
+    YourDiscriminatorZeroInUpInit(State),
+    /// The A bit does not match our configuration (no authentication configured).
+    #[error("authentication present but not configured")]
+    AuthMismatch,
+    /// The peer asks for Demand mode, which we do not support.
+    #[error("demand mode is not supported")]
+    DemandUnsupported,
+    /// Both Poll and Final are set (forbidden by §6.5).
+    #[error("poll and final bits both set")]
+    PollAndFinal,
+    /// The packet's version is not 1 (only when a packet was built by hand).
+    #[error("unsupported version {0}")]
+    BadVersion(u8),
+    /// Our session is AdminDown: the remote's parameters were recorded, the packet is
+    /// otherwise ignored (§6.8.6, "If bfd.SessionState is AdminDown, discard").
+    #[error("local session is administratively down")]
+    LocalAdminDown,
+}
+
+impl RxError {
+    /// Snake-case label for the drop-reason metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RxError::YourDiscriminatorMismatch { .. } => "your_discriminator_mismatch",
+            RxError::YourDiscriminatorZeroInUpInit(_) => "your_discriminator_zero",
+            RxError::AuthMismatch => "auth_mismatch",
+            RxError::DemandUnsupported => "demand_unsupported",
+            RxError::PollAndFinal => "poll_and_final",
+            RxError::BadVersion(_) => "bad_version",
+            RxError::LocalAdminDown => "local_admin_down",
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Why a packet was dropped: one enum, which also labels
+//! `crosslink_packets_dropped_total{reason}`.
+
+/// Every reason a packet can be dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Overlay datagram shorter than its header, or a bad header length.
+    OverlayMalformed,
+    /// Overlay version or message type this build does not speak.
+    OverlayUnsupported,
+    /// Datagram from an address and port that is not the path's remote.
+    UnknownSource,
+    /// Inner packet that is not well-formed IPv4 or IPv6.
+    InnerMalformed,
+    /// The peer has no path up.
+    NoPath,
+    /// Inner packet larger than the path can carry.
+    TooBig,
+    /// Writing to the TUN device failed.
+    TunWrite,
+    /// Sending on the path's socket failed.
+    PathSend,
+    /// BFD control packet that does not parse.
+    BfdMalformed,
+    /// BFD control packet refused by the session's reception rules.
+    BfdRejected,
+    /// Single-hop BFD packet with TTL other than 255, or multihop below min_ttl.
+    BfdTtl,
+    /// BFD packet from an address with no configured session.
+    BfdUnknownSession,
+}
+
+impl DropReason {
+    /// All reasons, for pre-registering metrics at 0.
+    pub const ALL: [DropReason; 12] = [
+        DropReason::OverlayMalformed,
+        DropReason::OverlayUnsupported,
+        DropReason::UnknownSource,
+        DropReason::InnerMalformed,
+        DropReason::NoPath,
+        DropReason::TooBig,
+        DropReason::TunWrite,
+        DropReason::PathSend,
+        DropReason::BfdMalformed,
+        DropReason::BfdRejected,
+        DropReason::BfdTtl,
+        DropReason::BfdUnknownSession,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::OverlayMalformed => "overlay_malformed",
+            DropReason::OverlayUnsupported => "overlay_unsupported",
+            DropReason::UnknownSource => "unknown_source",
+            DropReason::InnerMalformed => "inner_malformed",
+            DropReason::NoPath => "no_path",
+            DropReason::TooBig => "too_big",
+            DropReason::TunWrite => "tun_write",
+            DropReason::PathSend => "path_send",
+            DropReason::BfdMalformed => "bfd_malformed",
+            DropReason::BfdRejected => "bfd_rejected",
+            DropReason::BfdTtl => "bfd_ttl",
+            DropReason::BfdUnknownSession => "bfd_unknown_session",
+        }
+    }
+
+    /// Position in [`DropReason::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_complete_and_ordered() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        let labels: std::collections::HashSet<_> =
+            DropReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels.len(), DropReason::ALL.len());
+    }
+}

@@ -1,0 +1,369 @@
+//! The control plane of one gateway, sans-IO: every path's BFD session,
+//! every peer's steering, and the events between them.
+//!
+//! The shell feeds it received BFD datagrams (`handle_bfd_datagram`) and
+//! the passing of time (`handle_timeout`), and drains what it produces:
+//! control packets to send (`poll_transmit`), the next deadline
+//! (`poll_timeout`), state changes and failovers (`poll_event`), and a new
+//! forwarding snapshot for the data plane whenever steering changed
+//! (`poll_forwarding`). It reads no clock and touches no socket, so the
+//! same code runs in the daemon and in the simulated-network tests.
+
+use crate::bfd::{Session, SessionConfig, SessionEvent};
+use crate::config::{BfdConfig, Config, Hop, Policy};
+use crate::drop::DropReason;
+use crate::steer::{Selection, Steering};
+use crate::wire::bfd::{ControlPacket, Diag, State};
+use crate::wire::flow::mix;
+use crate::{PathId, PeerId};
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the data plane needs to place packets: one selection per peer,
+/// indexed by [`PeerId`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Forwarding {
+    pub peers: Vec<Selection>,
+}
+
+/// Something that happened, for logs and metrics.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A path's BFD session changed state.
+    PathState {
+        path: PathId,
+        from: State,
+        to: State,
+        diag: Diag,
+    },
+    /// A peer's active path changed.
+    Failover {
+        peer: PeerId,
+        from: Option<PathId>,
+        to: Option<PathId>,
+        /// Time from the last control packet heard on the failed path to
+        /// the moment it was declared down (failures only).
+        detection: Option<Duration>,
+    },
+    /// A peer gained its first usable path, or lost its last.
+    PeerUp { peer: PeerId, up: bool },
+}
+
+struct PeerCore {
+    name: String,
+    steering: Steering,
+    paths: Vec<PathId>,
+    up: bool,
+}
+
+/// Per-path control state.
+pub struct PathCore {
+    pub peer: PeerId,
+    pub name: String,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub hop: Hop,
+    pub min_ttl: u8,
+    pub session: Session,
+    last_rx: Option<Instant>,
+    down_since: Option<Instant>,
+    pub control_tx: u64,
+    pub control_rx: u64,
+}
+
+impl PathCore {
+    /// Whether BFD says the path works.
+    pub fn is_up(&self) -> bool {
+        self.session.state() == State::Up
+    }
+}
+
+/// The gateway's control plane.
+pub struct Engine {
+    peers: Vec<PeerCore>,
+    paths: Vec<PathCore>,
+    events: VecDeque<Event>,
+    dirty: bool,
+    next_tx: usize,
+}
+
+impl Engine {
+    /// Builds sessions and steering for a validated config.
+    pub fn new(config: &Config, now: Instant, seed: u64) -> Engine {
+        let mut engine = Engine {
+            peers: Vec::new(),
+            paths: Vec::new(),
+            events: VecDeque::new(),
+            dirty: true,
+            next_tx: 0,
+        };
+        for (pi, peer) in config.peers.iter().enumerate() {
+            let peer_id = PeerId(pi as u16);
+            let mut ids = Vec::new();
+            let mut steer_paths = Vec::new();
+            for path in &peer.paths {
+                let id = PathId(engine.paths.len() as u16);
+                let disc = engine.unique_discriminator(seed);
+                let session = Session::new(
+                    session_config(&path.bfd, disc),
+                    now,
+                    mix(seed ^ u64::from(disc)),
+                );
+                engine.paths.push(PathCore {
+                    peer: peer_id,
+                    name: path.name.clone(),
+                    local: path.local,
+                    remote: path.remote,
+                    hop: path.bfd.hop,
+                    min_ttl: path.bfd.min_ttl,
+                    session,
+                    last_rx: None,
+                    down_since: Some(now),
+                    control_tx: 0,
+                    control_rx: 0,
+                });
+                ids.push(id);
+                steer_paths.push((id, path.priority, path.weight));
+            }
+            engine.peers.push(PeerCore {
+                name: peer.name.clone(),
+                steering: Steering::new(peer.policy, peer.revert_hold, &steer_paths),
+                paths: ids,
+                up: false,
+            });
+        }
+        engine
+    }
+
+    fn unique_discriminator(&self, seed: u64) -> u32 {
+        let mut n = self.paths.len() as u64;
+        loop {
+            let d = (mix(seed.wrapping_add(n)) >> 32) as u32;
+            if d != 0
+                && !self
+                    .paths
+                    .iter()
+                    .any(|p| p.session.local_discriminator() == d)
+            {
+                return d;
+            }
+            n += 0x1_0000;
+        }
+    }
+
+    /// A control packet arrived on `local_ip` from `src` with IP TTL `ttl`.
+    pub fn handle_bfd_datagram(
+        &mut self,
+        local_ip: IpAddr,
+        src: SocketAddr,
+        ttl: Option<u8>,
+        data: &[u8],
+        now: Instant,
+    ) -> Result<PathId, DropReason> {
+        let id = self
+            .path_by_addresses(local_ip, src.ip())
+            .ok_or(DropReason::BfdUnknownSession)?;
+        let path = &mut self.paths[usize::from(id.0)];
+        if let Some(ttl) = ttl {
+            // RFC 5881 §5 (GTSM): single hop must arrive with TTL 255.
+            let floor = match path.hop {
+                Hop::Single => 255,
+                Hop::Multi => path.min_ttl,
+            };
+            if ttl < floor {
+                return Err(DropReason::BfdTtl);
+            }
+        }
+        let packet = ControlPacket::parse(data).map_err(|_| DropReason::BfdMalformed)?;
+        path.session
+            .handle_packet(&packet, now)
+            .map_err(|_| DropReason::BfdRejected)?;
+        path.control_rx += 1;
+        path.last_rx = Some(now);
+        self.drain_session(id, now);
+        Ok(id)
+    }
+
+    fn path_by_addresses(&self, local: IpAddr, remote: IpAddr) -> Option<PathId> {
+        self.paths
+            .iter()
+            .position(|p| p.local.ip() == local && p.remote.ip() == remote)
+            .map(|i| PathId(i as u16))
+    }
+
+    /// Runs every timer that is due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for i in 0..self.paths.len() {
+            if self.paths[i]
+                .session
+                .poll_timeout()
+                .is_some_and(|t| t <= now)
+            {
+                self.paths[i].session.handle_timeout(now);
+                self.drain_session(PathId(i as u16), now);
+            }
+        }
+        for pi in 0..self.peers.len() {
+            if let Some(change) = self.peers[pi].steering.handle_timeout(now) {
+                self.on_steering_change(PeerId(pi as u16), change.from, change.to, None);
+            }
+        }
+    }
+
+    fn drain_session(&mut self, id: PathId, now: Instant) {
+        while let Some(SessionEvent::StateChange { from, to, diag, .. }) =
+            self.paths[usize::from(id.0)].session.poll_event()
+        {
+            self.events.push_back(Event::PathState {
+                path: id,
+                from,
+                to,
+                diag,
+            });
+            let path = &mut self.paths[usize::from(id.0)];
+            // Only a silent path has a detection time; a neighbor that says
+            // it is down (or administratively down) is not a detection.
+            let detection = (from == State::Up && diag == Diag::ControlDetectionExpired)
+                .then(|| path.last_rx.map(|t| now.saturating_duration_since(t)))
+                .flatten();
+            if to == State::Up {
+                path.down_since = None;
+            } else if path.down_since.is_none() {
+                path.down_since = Some(now);
+            }
+            let peer = path.peer;
+            let change = self.peers[usize::from(peer.0)].steering.handle_path_health(
+                id,
+                to == State::Up,
+                now,
+            );
+            if let Some(change) = change {
+                self.on_steering_change(peer, change.from, change.to, detection);
+            }
+        }
+    }
+
+    fn on_steering_change(
+        &mut self,
+        peer: PeerId,
+        from: Option<PathId>,
+        to: Option<PathId>,
+        detection: Option<Duration>,
+    ) {
+        self.dirty = true;
+        self.events.push_back(Event::Failover {
+            peer,
+            from,
+            to,
+            detection,
+        });
+        let core = &mut self.peers[usize::from(peer.0)];
+        let up = to.is_some();
+        if up != core.up {
+            core.up = up;
+            self.events.push_back(Event::PeerUp { peer, up });
+        }
+    }
+
+    /// The earliest time `handle_timeout` has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let sessions = self.paths.iter().filter_map(|p| p.session.poll_timeout());
+        let steering = self.peers.iter().filter_map(|p| p.steering.poll_timeout());
+        sessions.chain(steering).min()
+    }
+
+    /// The next control packet due, with the path to send it on.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<(PathId, ControlPacket)> {
+        let n = self.paths.len();
+        for k in 0..n {
+            let i = (self.next_tx + k) % n;
+            if let Some(pkt) = self.paths[i].session.poll_transmit(now) {
+                self.next_tx = (i + 1) % n;
+                self.paths[i].control_tx += 1;
+                return Some((PathId(i as u16), pkt));
+            }
+        }
+        None
+    }
+
+    /// The next event, oldest first.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// A new snapshot for the data plane, when steering changed since the last call.
+    pub fn poll_forwarding(&mut self) -> Option<Arc<Forwarding>> {
+        if !std::mem::take(&mut self.dirty) {
+            return None;
+        }
+        Some(Arc::new(self.forwarding()))
+    }
+
+    /// The data plane's view now.
+    pub fn forwarding(&self) -> Forwarding {
+        Forwarding {
+            peers: self.peers.iter().map(|p| p.steering.selection()).collect(),
+        }
+    }
+
+    /// Takes every session administratively down (clean shutdown, RFC 5880 §6.8.16).
+    pub fn set_admin_down_all(&mut self, now: Instant) {
+        for i in 0..self.paths.len() {
+            self.paths[i].session.set_admin_down(now);
+            self.drain_session(PathId(i as u16), now);
+        }
+    }
+
+    /// All paths, indexed by [`PathId`].
+    pub fn paths(&self) -> &[PathCore] {
+        &self.paths
+    }
+
+    /// A path by id.
+    pub fn path(&self, id: PathId) -> Option<&PathCore> {
+        self.paths.get(usize::from(id.0))
+    }
+
+    /// Number of peers.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// A peer's name, whether it has a usable path, and its paths.
+    pub fn peer(&self, id: PeerId) -> Option<(&str, bool, &[PathId])> {
+        self.peers
+            .get(usize::from(id.0))
+            .map(|p| (p.name.as_str(), p.up, p.paths.as_slice()))
+    }
+
+    /// Whether the path is the one carrying the peer's traffic (or, for
+    /// `balance` and `duplicate`, one of those carrying it).
+    pub fn is_active(&self, id: PathId) -> bool {
+        let Some(path) = self.path(id) else {
+            return false;
+        };
+        let Some(peer) = self.peers.get(usize::from(path.peer.0)) else {
+            return false;
+        };
+        match peer.steering.selection().policy {
+            Policy::ActiveBackup => peer.steering.active() == Some(id),
+            Policy::Balance => peer.steering.is_eligible(id),
+            Policy::Duplicate => {
+                let sel = peer.steering.selection();
+                sel.active == Some(id) || sel.duplicate_path() == Some(id)
+            }
+        }
+    }
+}
+
+fn session_config(bfd: &BfdConfig, local_discriminator: u32) -> SessionConfig {
+    SessionConfig {
+        local_discriminator,
+        desired_min_tx: bfd.tx_interval,
+        required_min_rx: bfd.rx_interval,
+        detect_mult: bfd.multiplier,
+        passive: bfd.passive,
+    }
+}

@@ -1,0 +1,17 @@
+//! The daemon's one clock.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Monotonic now.
+pub fn now() -> Instant {
+    Instant::now()
+}
+
+/// Seconds since the Unix epoch for an instant in the past.
+pub fn unix_seconds(at: Instant) -> u64 {
+    let age = Instant::now().saturating_duration_since(at);
+    SystemTime::now()
+        .checked_sub(age)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,52 @@
+//! Addresses and routes on the TUN devices, through rtnetlink. Routes go
+//! away with their device, so a clean stop needs no route deletion.
+
+use crate::config::Prefix;
+use rtnetlink::{Handle, RouteMessageBuilder};
+use std::io;
+use std::net::IpAddr;
+
+/// A netlink connection driven by the tokio runtime.
+pub struct Netlink {
+    handle: Handle,
+}
+
+fn nl_err(what: String) -> impl FnOnce(rtnetlink::Error) -> io::Error {
+    move |e| io::Error::other(format!("{what}: {e}"))
+}
+
+impl Netlink {
+    pub fn connect() -> io::Result<Netlink> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// Adds `prefix` as an address of interface `ifindex` (existing is fine).
+    pub async fn add_address(&self, ifindex: u32, prefix: &Prefix) -> io::Result<()> {
+        let r = self
+            .handle
+            .address()
+            .add(ifindex, prefix.addr, prefix.len)
+            .replace()
+            .execute()
+            .await;
+        r.map_err(nl_err(format!("adding address {prefix}")))
+    }
+
+    /// Routes `prefix` into interface `ifindex` (replacing an older route).
+    pub async fn add_route(&self, ifindex: u32, prefix: &Prefix) -> io::Result<()> {
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(prefix.addr, prefix.len)
+            .map_err(|e| io::Error::other(format!("route {prefix}: {e}")))?
+            .output_interface(ifindex)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err(format!("adding route {prefix}")))
+    }
+}

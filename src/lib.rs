@@ -1,0 +1,53 @@
+//! crosslink: a userspace failover router for private multicloud links.
+//!
+//! # Layers
+//!
+//! ```text
+//!  config      TOML -> validated, typed Config (errors name file, line, key)
+//!  wire        stateless packet views: overlay header, BFD control packet, inner flow key
+//!  bfd         RFC 5880 session state machine (sans-IO: time is an argument)
+//!  steer       per-peer path choice: active-backup, balance, duplicate; revert hold
+//!  engine      the control plane: sessions + steering -> events, forwarding snapshots
+//!  forward     per-packet work: classify, encapsulate, decapsulate
+//!  io          the shell: TUN, sockets, netlink, threads, the clock
+//!  telemetry   counters, Prometheus metrics, status document, control socket
+//!  lab, probe, demo   the network-namespace lab used by `crosslink demo` and the tests
+//! ```
+//!
+//! # A packet's way
+//!
+//! An application on the gateway host (or behind it) sends to a prefix
+//! routed into a peer's TUN. The peer's `tun-*` thread reads the packet,
+//! [`forward::classify`] hashes its flow and asks the peer's current
+//! [`steer::Selection`] for a path, [`forward::encapsulate`] puts the
+//! overlay header in front, and the datagram leaves on the path's UDP
+//! socket. At the far gateway the path's `rx-*` thread checks the source
+//! is the path's configured remote, [`forward::decapsulate`] validates it,
+//! and the inner packet is written to that gateway's TUN.
+//!
+//! Meanwhile the `bfd` thread runs one BFD session per path in the
+//! [`engine::Engine`]. When a session leaves Up the engine's steering moves
+//! the peer's flows at once and publishes a new forwarding snapshot, which
+//! the `tun-*` threads pick up on their next packet.
+#![deny(unsafe_code)]
+
+pub mod bfd;
+pub mod config;
+pub mod demo;
+pub mod drop;
+pub mod engine;
+pub mod forward;
+pub mod io;
+pub mod lab;
+pub mod probe;
+pub mod steer;
+pub mod telemetry;
+pub mod wire;
+
+/// A peer's index in the configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub u16);
+
+/// A path's index among all the gateway's paths, in configuration order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PathId(pub u16);

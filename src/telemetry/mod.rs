@@ -1,0 +1,47 @@
+//! What the daemon tells its operator: counters, Prometheus metrics, the
+//! status document and the control socket.
+
+pub mod control;
+pub mod metrics;
+pub mod status;
+
+use crate::drop::DropReason;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Per-path data counters, written by the forwarding threads (relaxed
+/// atomics, one cache line per path) and read by status and metrics.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct PathCounters {
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub flows: AtomicU64,
+}
+
+impl PathCounters {
+    pub fn count_tx(&self, bytes: usize) {
+        self.tx_packets.fetch_add(1, Relaxed);
+        self.tx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+    pub fn count_rx(&self, bytes: usize) {
+        self.rx_packets.fetch_add(1, Relaxed);
+        self.rx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+}
+
+/// Dropped packets by reason.
+#[derive(Debug, Default)]
+pub struct DropCounters([AtomicU64; DropReason::ALL.len()]);
+
+impl DropCounters {
+    pub fn count(&self, reason: DropReason) {
+        if let Some(c) = self.0.get(reason.index()) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.0.get(reason.index()).map_or(0, |c| c.load(Relaxed))
+    }
+}

@@ -1,0 +1,244 @@
+//! The status document (`crosslink status --json`) and its human table.
+
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub gateway: String,
+    pub version: String,
+    pub uptime_seconds: u64,
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub name: String,
+    pub tun: String,
+    pub up: bool,
+    pub policy: String,
+    pub active_path: Option<String>,
+    pub paths: Vec<PathStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PathStatus {
+    pub name: String,
+    pub state: String,
+    pub active: bool,
+    pub flows: u64,
+    pub local: String,
+    pub remote: String,
+    pub priority: u32,
+    pub weight: u32,
+    pub bfd: BfdStatus,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BfdStatus {
+    pub local_state: String,
+    pub remote_state: String,
+    pub local_diag: String,
+    pub local_discriminator: u32,
+    pub remote_discriminator: u32,
+    pub tx_interval_us: u64,
+    pub detect_time_us: u64,
+    pub rtt_us: Option<u64>,
+    pub transitions: u64,
+    pub last_change_unix: Option<u64>,
+    pub control_tx: u64,
+    pub control_rx: u64,
+}
+
+impl Status {
+    /// The human table: one block per peer, one row per path.
+    pub fn table(&self, now_unix: u64) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "gateway {} (crosslink {}), up {}",
+            self.gateway,
+            self.version,
+            human_age(self.uptime_seconds)
+        );
+        for peer in &self.peers {
+            let _ = writeln!(
+                s,
+                "\npeer {}  tun {}  {}  policy {}",
+                peer.name,
+                peer.tun,
+                if peer.up { "UP" } else { "DOWN" },
+                peer.policy
+            );
+            let _ = writeln!(
+                s,
+                "  {:<14} {:<16} {:<6} {:>5} {:>9} {:>8} {:>9} {:>10} {:>10}  LOCAL -> REMOTE",
+                "PATH",
+                "STATE",
+                "ACTIVE",
+                "FLOWS",
+                "RTT",
+                "DETECT",
+                "CHANGED",
+                "TX PKTS",
+                "RX PKTS",
+            );
+            for p in &peer.paths {
+                let rtt = p.bfd.rtt_us.map_or("-".to_string(), micros);
+                let changed = p.bfd.last_change_unix.map_or("-".to_string(), |t| {
+                    format!("{} ago", human_age(now_unix.saturating_sub(t)))
+                });
+                let state = if p.bfd.local_diag != "none" && p.state != "up" {
+                    format!("{} ({})", p.state, short_diag(&p.bfd.local_diag))
+                } else {
+                    p.state.clone()
+                };
+                let _ = writeln!(
+                    s,
+                    "  {:<14} {:<16} {:<6} {:>5} {:>9} {:>8} {:>9} {:>10} {:>10}  {} -> {}",
+                    p.name,
+                    state,
+                    if p.active { "*" } else { "" },
+                    p.flows,
+                    rtt,
+                    micros(p.bfd.detect_time_us),
+                    changed,
+                    p.tx_packets,
+                    p.rx_packets,
+                    p.local,
+                    p.remote
+                );
+            }
+        }
+        s
+    }
+}
+
+fn short_diag(d: &str) -> &str {
+    match d {
+        "control_detection_expired" => "timeout",
+        "neighbor_down" => "nbr down",
+        "admin_down" => "admin",
+        other => other,
+    }
+}
+
+fn micros(us: u64) -> String {
+    if us >= 10_000 {
+        format!("{}ms", us / 1000)
+    } else if us >= 1000 {
+        format!("{:.1}ms", us as f64 / 1000.0)
+    } else {
+        format!("{us}us")
+    }
+}
+
+fn human_age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Status {
+        Status {
+            gateway: "onprem-1".into(),
+            version: "0.1.0".into(),
+            uptime_seconds: 75,
+            peers: vec![PeerStatus {
+                name: "gcp".into(),
+                tun: "xl-gcp".into(),
+                up: true,
+                policy: "active-backup".into(),
+                active_path: Some("cci-1".into()),
+                paths: vec![PathStatus {
+                    name: "cci-1".into(),
+                    state: "up".into(),
+                    active: true,
+                    flows: 12,
+                    local: "192.0.2.1:4800".into(),
+                    remote: "192.0.2.2:4800".into(),
+                    priority: 1,
+                    weight: 1,
+                    bfd: BfdStatus {
+                        local_state: "up".into(),
+                        remote_state: "up".into(),
+                        local_diag: "none".into(),
+                        local_discriminator: 1,
+                        remote_discriminator: 2,
+                        tx_interval_us: 10_000,
+                        detect_time_us: 30_000,
+                        rtt_us: Some(180),
+                        transitions: 3,
+                        last_change_unix: Some(1_790_000_000),
+                        control_tx: 10,
+                        control_rx: 9,
+                    },
+                    tx_packets: 1000,
+                    rx_packets: 998,
+                    tx_bytes: 0,
+                    rx_bytes: 0,
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn json_has_the_spec_fields() {
+        let v = serde_json::to_value(sample()).unwrap();
+        for k in ["gateway", "version", "peers"] {
+            assert!(v.get(k).is_some(), "{k}");
+        }
+        let peer = &v["peers"][0];
+        for k in ["name", "tun", "up", "policy", "paths"] {
+            assert!(peer.get(k).is_some(), "{k}");
+        }
+        let path = &peer["paths"][0];
+        for k in [
+            "name",
+            "state",
+            "active",
+            "flows",
+            "local",
+            "remote",
+            "bfd",
+            "tx_packets",
+            "rx_packets",
+            "tx_bytes",
+            "rx_bytes",
+        ] {
+            assert!(path.get(k).is_some(), "{k}");
+        }
+        for k in [
+            "local_state",
+            "remote_state",
+            "local_diag",
+            "tx_interval_us",
+            "detect_time_us",
+            "rtt_us",
+            "transitions",
+            "last_change_unix",
+        ] {
+            assert!(path["bfd"].get(k).is_some(), "{k}");
+        }
+    }
+
+    #[test]
+    fn table_shows_each_path() {
+        let t = sample().table(1_790_000_060);
+        assert!(t.contains("peer gcp"));
+        assert!(t.contains("cci-1"));
+        assert!(t.contains("60s ago"));
+        assert!(t.contains("30ms"));
+    }
+}

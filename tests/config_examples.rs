@@ -1,0 +1,67 @@
+//! Every example under `configs/` must parse and validate, so the examples never rot.
+
+use std::path::{Path, PathBuf};
+
+use crosslink::config::Config;
+
+fn example_files() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) => panic!("cannot list {}: {e}", dir.display()),
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_example_config_parses() {
+    let files = example_files();
+    assert!(
+        files.len() >= 3,
+        "expected at least 3 example configs, found {files:?}"
+    );
+    let mut failures = Vec::new();
+    for file in &files {
+        match Config::load(file) {
+            Ok(config) => {
+                assert!(!config.peers.is_empty(), "{}: no peers", file.display());
+                assert!(!config.summary().is_empty());
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "invalid example configs:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn two_path_examples_mirror_each_other() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let (Ok(a), Ok(b)) = (
+        Config::load(&dir.join("two-path-a.toml")),
+        Config::load(&dir.join("two-path-b.toml")),
+    ) else {
+        panic!("two-path-a.toml and two-path-b.toml must both parse");
+    };
+    let (Some(pa), Some(pb)) = (a.peers.first(), b.peers.first()) else {
+        panic!("each two-path example needs a peer");
+    };
+    assert_eq!(pa.paths.len(), pb.paths.len());
+    for (x, y) in pa.paths.iter().zip(&pb.paths) {
+        assert_eq!(x.name, y.name);
+        assert_eq!(x.local, y.remote);
+        assert_eq!(x.remote, y.local);
+        assert_eq!(x.priority, y.priority);
+    }
+    assert_eq!(pa.routes.len(), 1);
+    assert_eq!(pb.routes.len(), 1);
+}

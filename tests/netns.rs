@@ -1,0 +1,343 @@
+//! End-to-end tests in a throwaway network-namespace lab (see `crosslink::lab`): real
+//! crosslink gateways, real veth paths, a real 1000 packet/s UDP stream.
+//!
+//! They need root. Without it they print a skip message and pass, unless
+//! `CROSSLINK_NETNS_REQUIRED=1` (set by `.ci/run`), where not being root is a failure.
+//! They run one at a time (a 2-core machine, millisecond timing).
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crosslink::lab::{self, Gw, Host, Lab, LabOptions, LabPath};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_crosslink");
+const PORT: u16 = 9000;
+const RATE: u32 = 1000;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// True when the test can run; false (after saying why) when it should be skipped.
+fn netns_allowed(test: &str) -> bool {
+    if lab::is_root() {
+        return true;
+    }
+    if std::env::var("CROSSLINK_NETNS_REQUIRED").as_deref() == Ok("1") {
+        panic!("netns tests are mandatory here but not running as root");
+    }
+    say(&format!(
+        "SKIPPED {test}: needs root for network namespaces \
+         (set CROSSLINK_NETNS_REQUIRED=1 to make this a failure)"
+    ));
+    false
+}
+
+/// Prints past the test harness's output capture, so the line shows in every run.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn wait_until(
+    lab: &mut Lab,
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn(&Value) -> bool,
+) -> Instant {
+    let end = Instant::now() + timeout;
+    loop {
+        lab.check_gateways().unwrap();
+        if let Ok(status) = lab.status(Gw::A) {
+            if cond(&status) {
+                return Instant::now();
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "gw-a: {what} did not happen within {timeout:?}; status: {}",
+            lab.status(Gw::A)
+                .map_or_else(|e| e.to_string(), |s| s.to_string())
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Data packets sent by gw-a on each path during `over`.
+fn tx_growth(lab: &Lab, over: Duration) -> (u64, u64) {
+    let before = lab.status(Gw::A).unwrap();
+    std::thread::sleep(over);
+    let after = lab.status(Gw::A).unwrap();
+    let grew = |p| {
+        lab::path_counter(&after, p, "tx_packets").saturating_sub(lab::path_counter(
+            &before,
+            p,
+            "tx_packets",
+        ))
+    };
+    (grew(LabPath::Path1), grew(LabPath::Path2))
+}
+
+fn path1_state(s: &Value) -> Option<String> {
+    lab::path_state(s, LabPath::Path1)
+}
+
+#[test]
+fn failover_on_blackhole_and_revert_after_hold() {
+    if !netns_allowed("failover_on_blackhole_and_revert_after_hold") {
+        return;
+    }
+    let _serial = serial();
+    let hold = Duration::from_secs(1);
+    let mut opts = LabOptions::new("fo", BIN);
+    opts.revert_hold = hold;
+    let mut lab = Lab::new(opts).unwrap();
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+
+    let receiver = lab.start_receiver(PORT, Duration::from_secs(60)).unwrap();
+    let sender = lab
+        .start_sender(PORT, RATE, Duration::from_secs(60))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let (p1, p2) = tx_growth(&lab, Duration::from_secs(1));
+    eprintln!("before the cut: gw-a tx path1 +{p1}, path2 +{p2} in 1 s");
+    assert!(
+        p1 >= 800,
+        "path1 should carry the stream before the cut: +{p1}"
+    );
+    assert!(p2 <= 50, "path2 should be idle before the cut: +{p2}");
+
+    lab.blackhole(LabPath::Path1).unwrap();
+    let cut = Instant::now();
+    let moved = wait_until(&mut lab, "failover to path2", Duration::from_secs(2), |s| {
+        path1_state(s).as_deref() != Some("up") && lab::path_active(s, LabPath::Path2)
+    });
+    let failover_ms = moved.duration_since(cut).as_millis();
+    std::thread::sleep(Duration::from_millis(200));
+    let (p1, p2) = tx_growth(&lab, Duration::from_secs(1));
+    eprintln!("during the cut: gw-a tx path1 +{p1}, path2 +{p2} in 1 s");
+    assert!(
+        p2 >= 800,
+        "path2 should carry the stream during the cut: +{p2}"
+    );
+    assert!(p1 <= 50, "path1 should be unused while down: +{p1}");
+
+    lab.heal(LabPath::Path1).unwrap();
+    let up = wait_until(&mut lab, "path1 up again", Duration::from_secs(5), |s| {
+        path1_state(s).as_deref() == Some("up")
+    });
+    let back = wait_until(
+        &mut lab,
+        "revert to path1",
+        hold + Duration::from_secs(3),
+        |s| lab::path_active(s, LabPath::Path1),
+    );
+    let held = back.duration_since(up);
+    std::thread::sleep(Duration::from_millis(200));
+    let (p1, p2) = tx_growth(&lab, Duration::from_secs(1));
+    eprintln!("after the revert: gw-a tx path1 +{p1}, path2 +{p2} in 1 s");
+
+    let sent = sender.stop().unwrap();
+    let report = receiver.finish(Duration::from_secs(3)).unwrap();
+    let num = |k: &str| report.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    say(&format!(
+        "netns failover: outage_ms={} lost={} sent={} reordered={} duplicates={} \
+         max_gap_ms={:.1} failover_seen_ms={failover_ms} revert_after_up_ms={} \
+         sender_max_late_us={}",
+        num("longest_outage_ms"),
+        num("lost"),
+        num("sent"),
+        num("reordered"),
+        num("duplicates"),
+        num("max_gap_ms"),
+        held.as_millis(),
+        sent.get("max_late_us")
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN),
+    ));
+    eprintln!("probe report: {report}");
+    assert!(
+        p1 >= 800,
+        "path1 should carry the stream after the revert: +{p1}"
+    );
+    assert!(
+        p2 <= 50,
+        "path2 should stop carrying after the revert: +{p2}"
+    );
+    assert!(
+        held >= hold.saturating_sub(Duration::from_millis(100)),
+        "traffic returned to path1 {held:?} after it came up, before revert_hold {hold:?}"
+    );
+    assert!(num("sent") >= 3000.0, "the stream was too short: {report}");
+    assert!(
+        num("longest_outage_ms") < 200.0,
+        "outage {} ms is not < 200 ms at BFD 10 ms x 3: {report}",
+        num("longest_outage_ms")
+    );
+}
+
+fn assert_fields(gw: Gw, status: &Value) {
+    let has = |v: &Value, key: &str| {
+        assert!(v.get(key).is_some(), "{gw}: status lacks `{key}` in {v}");
+    };
+    for key in ["gateway", "version", "peers"] {
+        has(status, key);
+    }
+    let peer = &status["peers"][0];
+    for key in ["name", "tun", "up", "policy", "paths"] {
+        has(peer, key);
+    }
+    let (name, tun) = match gw {
+        Gw::A => ("b", "xl-b"),
+        Gw::B => ("a", "xl-a"),
+    };
+    assert_eq!(status["gateway"], gw.name());
+    assert_eq!(peer["name"], name);
+    assert_eq!(peer["tun"], tun);
+    assert_eq!(peer["up"], true);
+    assert_eq!(peer["policy"], "active-backup");
+    let paths = peer["paths"].as_array().expect("paths is an array");
+    assert_eq!(paths.len(), 2, "{gw}: {status}");
+    for path in paths {
+        for key in [
+            "name",
+            "state",
+            "active",
+            "flows",
+            "local",
+            "remote",
+            "bfd",
+            "tx_packets",
+            "rx_packets",
+            "tx_bytes",
+            "rx_bytes",
+        ] {
+            has(path, key);
+        }
+        for key in [
+            "local_state",
+            "remote_state",
+            "local_diag",
+            "tx_interval_us",
+            "detect_time_us",
+            "rtt_us",
+            "transitions",
+            "last_change_unix",
+        ] {
+            has(&path["bfd"], key);
+        }
+        assert_eq!(path["state"], "up", "{gw}: {path}");
+        assert_eq!(path["bfd"]["local_state"], "up", "{gw}: {path}");
+        assert_eq!(path["bfd"]["remote_state"], "up", "{gw}: {path}");
+        assert_eq!(path["bfd"]["detect_time_us"], 30_000, "{gw}: {path}");
+        for key in ["tx_packets", "rx_packets", "tx_bytes", "rx_bytes", "flows"] {
+            assert!(path[key].is_u64(), "{gw}: `{key}` is not a count: {path}");
+        }
+    }
+    let p1 = lab::path_status(status, LabPath::Path1).expect("path1 listed");
+    let other = match gw {
+        Gw::A => Gw::B,
+        Gw::B => Gw::A,
+    };
+    assert_eq!(
+        p1["local"],
+        format!("{}:{}", LabPath::Path1.addr(gw), lab::DATA_PORT)
+    );
+    assert_eq!(
+        p1["remote"],
+        format!("{}:{}", LabPath::Path1.addr(other), lab::DATA_PORT)
+    );
+    assert_eq!(
+        p1["active"], true,
+        "{gw}: path1 (priority 1) should be active"
+    );
+    assert!(
+        !lab::path_active(status, LabPath::Path2),
+        "{gw}: path2 should be idle"
+    );
+}
+
+#[test]
+fn gateways_come_up_and_status_has_the_spec_fields() {
+    if !netns_allowed("gateways_come_up_and_status_has_the_spec_fields") {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new(LabOptions::new("st", BIN)).unwrap();
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    for gw in Gw::ALL {
+        assert_fields(gw, &lab.status(gw).unwrap());
+    }
+    let human = lab::run(
+        std::process::Command::new(BIN)
+            .arg("status")
+            .arg("-s")
+            .arg(lab.socket_path(Gw::A)),
+    )
+    .unwrap();
+    assert!(
+        human.contains("path1"),
+        "human status lacks path1:\n{human}"
+    );
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_removes_the_tun() {
+    if !netns_allowed("sigterm_stops_cleanly_and_removes_the_tun") {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new(LabOptions::new("sd", BIN)).unwrap();
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    let tun_exists = |lab: &Lab| {
+        lab.command_in(Host::GwA, "ip")
+            .args(["link", "show", "xl-b"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(
+        tun_exists(&lab),
+        "gw-a should have its TUN xl-b while running"
+    );
+    let status = lab.stop_gateway(Gw::A).expect("gw-a was running");
+    assert!(status.success(), "gw-a exited with {status} on SIGTERM");
+    assert!(!tun_exists(&lab), "gw-a left its TUN xl-b behind");
+}
+
+/// The lab and the probe themselves, without crosslink: kernel routing over path1,
+/// a 250 ms blackhole must show up as a ~250 ms outage.
+#[test]
+fn kernel_only_lab_measures_a_blackhole() {
+    if !netns_allowed("kernel_only_lab_measures_a_blackhole") {
+        return;
+    }
+    let _serial = serial();
+    let lab = Lab::new(LabOptions::kernel_only("ko", BIN)).unwrap();
+    let receiver = lab.start_receiver(PORT, Duration::from_secs(20)).unwrap();
+    let sender = lab
+        .start_sender(PORT, RATE, Duration::from_secs(20))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lab.blackhole(LabPath::Path1).unwrap();
+    std::thread::sleep(Duration::from_millis(250));
+    lab.heal(LabPath::Path1).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    sender.stop().unwrap();
+    let report = receiver.finish(Duration::from_secs(3)).unwrap();
+    let outage = report["longest_outage_ms"].as_f64().unwrap();
+    say(&format!(
+        "netns kernel-only blackhole: outage_ms={outage} (cut for 250 ms)"
+    ));
+    assert_eq!(report["outage_count"], 1, "{report}");
+    assert!((230.0..400.0).contains(&outage), "{report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
+    assert!(report["sent"].as_u64().unwrap() >= 1000, "{report}");
+}

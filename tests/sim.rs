@@ -1,0 +1,327 @@
+//! Failover on a simulated network: two gateways' engines joined by two
+//! paths with latency, driven by a virtual clock. No root, no sockets, and
+//! the same result on every run, so the bounds here can be tight.
+
+use crosslink::config::Config;
+use crosslink::engine::{Engine, Event, Forwarding};
+use crosslink::forward::{classify, decapsulate, encapsulate, HEADROOM};
+use crosslink::PathId;
+use etherparse::PacketBuilder;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn gateway(name: &str, peer: &str, side: u8, hold: &str, tx: &str, mult: u8) -> Config {
+    let other = 3 - side;
+    let text = format!(
+        r#"
+[gateway]
+name = "{name}"
+control_socket = "/nonexistent/{name}.sock"
+
+[bfd]
+tx_interval = "{tx}"
+rx_interval = "{tx}"
+multiplier = {mult}
+
+[[peer]]
+name = "{peer}"
+tun = "xl-{peer}"
+revert_hold = "{hold}"
+
+  [[peer.path]]
+  name = "p1"
+  local = "198.18.21.{side}:4800"
+  remote = "198.18.21.{other}:4800"
+  priority = 1
+
+  [[peer.path]]
+  name = "p2"
+  local = "198.18.22.{side}:4800"
+  remote = "198.18.22.{other}:4800"
+  priority = 2
+"#
+    );
+    Config::parse(&text, name).expect("test config is valid")
+}
+
+/// A control packet or data datagram in flight.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct InFlight {
+    at: Duration,
+    to_b: bool,
+    path: u16,
+    bfd: bool,
+    bytes: Vec<u8>,
+}
+
+struct Sim {
+    t0: Instant,
+    now: Duration,
+    a: Engine,
+    b: Engine,
+    fwd_a: Arc<Forwarding>,
+    latency: Duration,
+    /// Per path: blackholed (both directions).
+    cut: [bool; 2],
+    queue: BinaryHeap<Reverse<InFlight>>,
+    events_a: Vec<(Duration, Event)>,
+    received: Vec<(u64, u16)>,
+}
+
+fn local_ip(path: u16, side: u8) -> IpAddr {
+    format!("198.18.2{}.{}", path + 1, side).parse().unwrap()
+}
+
+impl Sim {
+    fn new(hold: &str, tx: &str, mult: u8) -> Sim {
+        let t0 = Instant::now();
+        let a = Engine::new(&gateway("a", "b", 1, hold, tx, mult), t0, 1);
+        let b = Engine::new(&gateway("b", "a", 2, hold, tx, mult), t0, 2);
+        let fwd_a = Arc::new(a.forwarding());
+        Sim {
+            t0,
+            now: Duration::ZERO,
+            a,
+            b,
+            fwd_a,
+            latency: Duration::from_micros(200),
+            cut: [false; 2],
+            queue: BinaryHeap::new(),
+            events_a: Vec::new(),
+            received: Vec::new(),
+        }
+    }
+
+    fn instant(&self) -> Instant {
+        self.t0 + self.now
+    }
+
+    /// Runs both engines' timers and transmissions at the current time.
+    fn step_engines(&mut self) {
+        let now = self.instant();
+        for to_b in [true, false] {
+            let eng = if to_b { &mut self.a } else { &mut self.b };
+            eng.handle_timeout(now);
+            let mut out = Vec::new();
+            while let Some((id, pkt)) = eng.poll_transmit(now) {
+                let mut buf = [0u8; 128];
+                let n = pkt.emit(&mut buf).unwrap();
+                out.push((id.0, buf[..n].to_vec()));
+            }
+            for (path, bytes) in out {
+                if !self.cut[usize::from(path)] {
+                    self.queue.push(Reverse(InFlight {
+                        at: self.now + self.latency,
+                        to_b,
+                        path,
+                        bfd: true,
+                        bytes,
+                    }));
+                }
+            }
+        }
+        while let Some(ev) = self.a.poll_event() {
+            self.events_a.push((self.now, ev));
+        }
+        while self.b.poll_event().is_some() {}
+        if let Some(f) = self.a.poll_forwarding() {
+            self.fwd_a = f;
+        }
+        let _ = self.b.poll_forwarding();
+    }
+
+    fn deliver(&mut self, m: InFlight) {
+        let now = self.instant();
+        let side = if m.to_b { 2 } else { 1 };
+        let src = SocketAddr::new(local_ip(m.path, 3 - side), 49152);
+        if m.bfd {
+            let eng = if m.to_b { &mut self.b } else { &mut self.a };
+            eng.handle_bfd_datagram(local_ip(m.path, side), src, Some(255), &m.bytes, now)
+                .expect("control packet accepted");
+        } else if let Ok((_, inner)) = decapsulate(&m.bytes) {
+            let seq = u64::from_be_bytes(inner[28..36].try_into().unwrap());
+            self.received.push((seq, m.path));
+        }
+    }
+
+    /// Sends data packet `seq` from A's side through its current selection.
+    fn send_data(&mut self, seq: u64) {
+        let b = PacketBuilder::ipv4([198, 18, 10, 1], [198, 18, 30, 2], 64).udp(4000, 5000);
+        let mut inner = Vec::new();
+        b.write(&mut inner, &seq.to_be_bytes()).unwrap();
+        let sel = &self.fwd_a.peers[0];
+        let Ok(place) = classify(sel, &inner) else {
+            return;
+        };
+        let mut buf = vec![0u8; HEADROOM + inner.len()];
+        buf[HEADROOM..].copy_from_slice(&inner);
+        let n = encapsulate(&mut buf, inner.len(), seq).unwrap();
+        buf.truncate(n);
+        if !self.cut[usize::from(place.path.0)] {
+            self.queue.push(Reverse(InFlight {
+                at: self.now + self.latency,
+                to_b: true,
+                path: place.path.0,
+                bfd: false,
+                bytes: buf,
+            }));
+        }
+    }
+
+    /// Advances virtual time to `until`, sending one data packet per
+    /// millisecond when `stream` is set.
+    fn run_until(&mut self, until: Duration, stream: bool) {
+        loop {
+            self.step_engines();
+            let next_engine = [self.a.poll_timeout(), self.b.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .map(|t| t.saturating_duration_since(self.t0))
+                .min()
+                .unwrap_or(Duration::MAX);
+            let next_msg = self.queue.peek().map_or(Duration::MAX, |m| m.0.at);
+            let next_data = if stream {
+                Duration::from_millis(self.now.as_millis() as u64 + 1)
+            } else {
+                Duration::MAX
+            };
+            let next = next_engine
+                .min(next_msg)
+                .max(self.now + Duration::from_nanos(1))
+                .min(next_data);
+            if next > until {
+                self.now = until;
+                return;
+            }
+            self.now = next;
+            while self.queue.peek().is_some_and(|m| m.0.at <= self.now) {
+                let m = self.queue.pop().unwrap().0;
+                self.deliver(m);
+            }
+            if stream && self.now == next_data {
+                self.send_data(self.now.as_millis() as u64);
+            }
+        }
+    }
+
+    fn active(&self) -> Option<PathId> {
+        self.fwd_a.peers[0].active
+    }
+}
+
+fn longest_gap(received: &[(u64, u16)], from: u64, to: u64) -> u64 {
+    let mut seqs: Vec<u64> = received
+        .iter()
+        .map(|r| r.0)
+        .filter(|s| (from..to).contains(s))
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    let mut prev = from;
+    let mut gap = 0;
+    for s in seqs.iter().copied().chain(std::iter::once(to)) {
+        gap = gap.max(s.saturating_sub(prev + 1));
+        prev = s;
+    }
+    gap
+}
+
+#[test]
+fn sessions_come_up_and_primary_carries_traffic() {
+    let mut sim = Sim::new("1s", "10ms", 3);
+    sim.run_until(Duration::from_secs(5), false);
+    assert_eq!(sim.active(), Some(PathId(0)));
+    assert!(sim.a.paths().iter().all(|p| p.is_up()));
+    assert!(sim.b.paths().iter().all(|p| p.is_up()));
+}
+
+#[test]
+fn blackhole_fails_over_within_detection_time_and_reverts_after_hold() {
+    let mut sim = Sim::new("1s", "10ms", 3);
+    sim.run_until(Duration::from_secs(5), false);
+    assert_eq!(sim.active(), Some(PathId(0)));
+    // Stream for a second, then cut path 1 in both directions.
+    sim.run_until(Duration::from_secs(6), true);
+    let cut_at = sim.now;
+    sim.cut[0] = true;
+    sim.run_until(Duration::from_secs(7), true);
+    assert_eq!(sim.active(), Some(PathId(1)));
+    let outage = longest_gap(&sim.received, 5_001, 7_000);
+    let failover = sim
+        .events_a
+        .iter()
+        .find_map(|(t, e)| match e {
+            Event::Failover {
+                from: Some(PathId(0)),
+                to: Some(PathId(1)),
+                detection,
+                ..
+            } if *t > cut_at => Some((*t - cut_at, *detection)),
+            _ => None,
+        })
+        .expect("a failover event");
+    println!(
+        "sim failover at 10ms x 3: outage {outage} ms, failover {:?} after the cut, detection {:?}",
+        failover.0, failover.1
+    );
+    // Detection time is 3 x 10 ms after the last packet heard, which came at
+    // most one (jittered) interval before the cut.
+    assert!((20..=32).contains(&outage), "outage {outage} ms");
+    assert!(failover.0 <= Duration::from_millis(31), "{:?}", failover.0);
+    // Heal: path 1 comes back, but only carries traffic after revert_hold.
+    sim.cut[0] = false;
+    let healed = sim.now;
+    sim.run_until(healed + Duration::from_millis(900), true);
+    assert_eq!(sim.active(), Some(PathId(1)), "reverted before the hold");
+    sim.run_until(healed + Duration::from_millis(3500), true);
+    assert_eq!(
+        sim.active(),
+        Some(PathId(0)),
+        "did not revert after the hold"
+    );
+    let tail_paths: Vec<u16> = sim.received.iter().rev().take(100).map(|r| r.1).collect();
+    assert!(tail_paths.iter().all(|&p| p == 0));
+    // The revert itself loses nothing.
+    let end = sim.now.as_millis() as u64;
+    assert_eq!(
+        missing(&sim.received, healed.as_millis() as u64 + 1, end - 1),
+        Vec::<u64>::new()
+    );
+}
+
+#[test]
+fn slower_timers_detect_proportionally_later() {
+    let mut sim = Sim::new("1s", "50ms", 3);
+    sim.run_until(Duration::from_secs(8), false);
+    assert_eq!(sim.active(), Some(PathId(0)));
+    sim.run_until(Duration::from_secs(9), true);
+    sim.cut[0] = true;
+    sim.run_until(Duration::from_secs(10), true);
+    let outage = longest_gap(&sim.received, 8_001, 10_000);
+    println!("sim failover at 50ms x 3: outage {outage} ms");
+    assert!((100..=160).contains(&outage), "outage {outage} ms");
+}
+
+#[test]
+fn losing_every_path_takes_the_peer_down() {
+    let mut sim = Sim::new("1s", "10ms", 3);
+    sim.run_until(Duration::from_secs(5), false);
+    sim.cut = [true, true];
+    sim.run_until(Duration::from_secs(6), false);
+    assert_eq!(sim.active(), None);
+    assert!(sim
+        .events_a
+        .iter()
+        .any(|(_, e)| matches!(e, Event::PeerUp { up: false, .. })));
+    sim.cut = [false, true];
+    sim.run_until(Duration::from_secs(9), false);
+    assert_eq!(sim.active(), Some(PathId(0)));
+}
+
+fn missing(received: &[(u64, u16)], from: u64, to: u64) -> Vec<u64> {
+    let got: std::collections::HashSet<u64> = received.iter().map(|r| r.0).collect();
+    (from..to).filter(|s| !got.contains(s)).collect()
+}
