@@ -11,7 +11,9 @@
 //! - the tokio runtime: signals, the control socket, netlink, metrics.
 
 pub mod clock;
+pub mod control_plane;
 pub mod daemon;
+pub mod data_plane;
 pub mod netlink;
 pub mod sys;
 pub mod tun;

@@ -1,0 +1,365 @@
+//! The BFD thread: owns the [`Engine`] and every BFD socket, waits in
+//! `ppoll` for the next control packet or deadline, sends what is due,
+//! logs and exports events, and publishes forwarding snapshots.
+
+use super::{clock, sys, udp};
+use crate::engine::{Engine, Event, Forwarding};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::status::{BfdStatus, PathStatus, PeerStatus, Status};
+use crate::telemetry::{DropCounters, PathCounters};
+use crate::wire::bfd::State;
+use crate::{PathId, PeerId};
+use arc_swap::ArcSwap;
+use std::io::{self, Read};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tracing::{debug, error, info, warn};
+
+/// Requests to the BFD thread.
+pub enum Command {
+    Status(oneshot::Sender<Status>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The static facts the status document repeats.
+pub struct Meta {
+    pub gateway: String,
+    pub started: Instant,
+    pub peers: Vec<(String, String)>, // tun, policy
+    pub paths: Vec<(u32, u32)>,       // priority, weight
+}
+
+#[derive(Clone)]
+pub struct CommandLink {
+    pub tx: mpsc::Sender<Command>,
+    pub wake: Arc<UnixStream>,
+}
+
+impl CommandLink {
+    fn send(&self, cmd: Command) -> bool {
+        if self.tx.send(cmd).is_err() {
+            return false;
+        }
+        let _ = (&*self.wake).write_byte();
+        true
+    }
+
+    pub async fn status(&self) -> Option<Status> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(Command::Status(tx)) {
+            return None;
+        }
+        rx.await.ok()
+    }
+
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Command::Shutdown(tx)) {
+            let _ = tokio::time::timeout(Duration::from_secs(2), rx).await;
+        }
+    }
+}
+
+trait WriteByte {
+    fn write_byte(self) -> io::Result<()>;
+}
+
+impl WriteByte for &UnixStream {
+    fn write_byte(self) -> io::Result<()> {
+        use std::io::Write;
+        let mut s = self;
+        s.write_all(&[1]).or_else(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => Ok(()),
+            _ => Err(e),
+        })
+    }
+}
+
+/// The BFD thread's state.
+pub struct BfdThread {
+    pub engine: Engine,
+    pub tx: Vec<UdpSocket>,
+    pub rx: Vec<(IpAddr, UdpSocket)>,
+    pub commands: mpsc::Receiver<Command>,
+    pub wake: UnixStream,
+    pub forwarding: Arc<ArcSwap<Forwarding>>,
+    pub metrics: Arc<Metrics>,
+    pub counters: Vec<Arc<PathCounters>>,
+    pub drops: Arc<DropCounters>,
+    pub meta: Meta,
+}
+
+impl BfdThread {
+    pub fn run(mut self) {
+        match sys::set_realtime_priority(50) {
+            Ok(()) => info!("BFD thread running at SCHED_FIFO priority 50"),
+            Err(e) => {
+                warn!(error = %e, "BFD thread could not get real-time priority; running at normal priority")
+            }
+        }
+        let mut fds: Vec<_> = self.rx.iter().map(|(_, s)| s.as_raw_fd()).collect();
+        fds.push(self.wake.as_raw_fd());
+        let wake_index = fds.len() - 1;
+        let mut ready = Vec::new();
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let now = clock::now();
+            self.engine.handle_timeout(now);
+            self.flush(now, &mut buf);
+            let timeout = self
+                .engine
+                .poll_timeout()
+                .map(|t| t.saturating_duration_since(clock::now()));
+            if let Err(e) = sys::wait_readable(&fds, timeout, &mut ready) {
+                error!(error = %e, "BFD wait failed");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            for &i in &ready {
+                if i == wake_index {
+                    if self.handle_commands() {
+                        return;
+                    }
+                } else {
+                    self.receive(i, &mut buf);
+                }
+            }
+        }
+    }
+
+    /// Sends due control packets, logs events, publishes forwarding.
+    fn flush(&mut self, now: Instant, buf: &mut [u8]) {
+        while let Some((id, pkt)) = self.engine.poll_transmit(now) {
+            let i = usize::from(id.0);
+            let (Some(path), Some(sock)) = (self.engine.path(id), self.tx.get(i)) else {
+                continue;
+            };
+            let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
+            match pkt.emit(buf) {
+                Ok(n) => {
+                    if let Err(e) = sock.send_to(&buf[..n], dst) {
+                        debug!(path = %path.name, error = %e, "BFD send failed");
+                    }
+                }
+                Err(e) => error!(error = ?e, "BFD emit failed"),
+            }
+        }
+        while let Some(ev) = self.engine.poll_event() {
+            self.on_event(ev);
+        }
+        if let Some(f) = self.engine.poll_forwarding() {
+            for (i, _) in self.engine.paths().iter().enumerate() {
+                if let Some(m) = self.metrics.path(i) {
+                    m.set_active(self.engine.is_active(PathId(i as u16)));
+                }
+            }
+            self.forwarding.store(f);
+        }
+    }
+
+    fn on_event(&self, ev: Event) {
+        match ev {
+            Event::PathState {
+                path,
+                from,
+                to,
+                diag,
+            } => {
+                let Some(p) = self.engine.path(path) else {
+                    return;
+                };
+                let peer = self.engine.peer(p.peer).map_or("?", |(n, _, _)| n);
+                info!(peer, path = %p.name, from = from.as_str(), to = to.as_str(), diag = diag.as_str(), "path state");
+                if let Some(m) = self.metrics.path(usize::from(path.0)) {
+                    m.set_state(from, to);
+                    m.set_detection_time(p.session.detection_time());
+                    m.set_control_counts(p.control_tx, p.control_rx);
+                }
+            }
+            Event::Failover {
+                peer,
+                from,
+                to,
+                detection,
+            } => {
+                let name = |id: Option<PathId>| {
+                    id.and_then(|i| self.engine.path(i))
+                        .map_or("none".to_string(), |p| p.name.clone())
+                };
+                let (from_name, to_name) = (name(from), name(to));
+                let peer_name = self.engine.peer(peer).map_or("?", |(n, _, _)| n);
+                let flows = from
+                    .and_then(|i| self.counters.get(usize::from(i.0)))
+                    .map_or(0, |c| c.flows.load(Ordering::Relaxed));
+                match detection {
+                    Some(d) => {
+                        warn!(peer = peer_name, from = %from_name, to = %to_name, detection_ms = d.as_secs_f64() * 1e3, flows, "failover")
+                    }
+                    None => {
+                        info!(peer = peer_name, from = %from_name, to = %to_name, flows, "active path changed")
+                    }
+                }
+                self.metrics
+                    .record_failover(usize::from(peer.0), &from_name, &to_name, detection);
+            }
+            Event::PeerUp { peer, up } => {
+                let name = self.engine.peer(peer).map_or("?", |(n, _, _)| n);
+                if up {
+                    info!(peer = name, "peer up");
+                } else {
+                    warn!(peer = name, "peer down: no path left");
+                }
+                self.metrics.set_peer_up(usize::from(peer.0), up);
+            }
+        }
+    }
+
+    fn receive(&mut self, i: usize, buf: &mut [u8]) {
+        let Some((local, sock)) = self.rx.get(i) else {
+            return;
+        };
+        loop {
+            match sys::recv_with_ttl(sock, buf) {
+                Ok(Some(r)) => {
+                    let data = &buf[..r.len.min(buf.len())];
+                    let now = clock::now();
+                    if let Err(reason) = self
+                        .engine
+                        .handle_bfd_datagram(*local, r.src, r.ttl, data, now)
+                    {
+                        self.drops.count(reason);
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    debug!(error = %e, "BFD receive error");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Returns true when the thread should exit.
+    fn handle_commands(&mut self) -> bool {
+        let mut sink = [0u8; 64];
+        while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Status(reply) => {
+                    let _ = reply.send(self.status());
+                }
+                Command::Shutdown(reply) => {
+                    self.shutdown();
+                    let _ = reply.send(());
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// AdminDown on every path (RFC 5880 §6.8.16), sent a few times since
+    /// a single packet may be lost.
+    fn shutdown(&mut self) {
+        let now = clock::now();
+        self.engine.set_admin_down_all(now);
+        let mut packets = Vec::new();
+        let mut buf = [0u8; 512];
+        while let Some((id, pkt)) = self.engine.poll_transmit(now) {
+            if let (Some(path), Ok(n)) = (self.engine.path(id), pkt.emit(&mut buf)) {
+                let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
+                packets.push((usize::from(id.0), dst, buf[..n].to_vec()));
+            }
+        }
+        for round in 0..3 {
+            if round > 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            for (i, dst, bytes) in &packets {
+                if let Some(sock) = self.tx.get(*i) {
+                    let _ = sock.send_to(bytes, dst);
+                }
+            }
+        }
+        while let Some(ev) = self.engine.poll_event() {
+            self.on_event(ev);
+        }
+    }
+
+    fn status(&self) -> Status {
+        let mut peers = Vec::new();
+        for pi in 0..self.engine.peer_count() {
+            let Some((name, up, ids)) = self.engine.peer(PeerId(pi as u16)) else {
+                continue;
+            };
+            let (tun, policy) = self.meta.peers.get(pi).cloned().unwrap_or_default();
+            let paths: Vec<PathStatus> =
+                ids.iter().filter_map(|&id| self.path_status(id)).collect();
+            let active_path = paths.iter().find(|p| p.active).map(|p| p.name.clone());
+            peers.push(PeerStatus {
+                name: name.to_string(),
+                tun,
+                up,
+                policy,
+                active_path,
+                paths,
+            });
+        }
+        Status {
+            gateway: self.meta.gateway.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: clock::now()
+                .saturating_duration_since(self.meta.started)
+                .as_secs(),
+            peers,
+        }
+    }
+
+    fn path_status(&self, id: PathId) -> Option<PathStatus> {
+        let i = usize::from(id.0);
+        let p = self.engine.path(id)?;
+        let c = self.counters.get(i)?;
+        let (priority, weight) = self.meta.paths.get(i).copied().unwrap_or((0, 0));
+        let s = &p.session;
+        let state = match s.state() {
+            State::Up => "up",
+            State::Down => "down",
+            State::Init => "init",
+            State::AdminDown => "admin_down",
+        };
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        Some(PathStatus {
+            name: p.name.clone(),
+            state: state.to_string(),
+            active: self.engine.is_active(id),
+            flows: load(&c.flows),
+            local: p.local.to_string(),
+            remote: p.remote.to_string(),
+            priority,
+            weight,
+            bfd: BfdStatus {
+                local_state: s.state().as_str().to_string(),
+                remote_state: s.remote_state().as_str().to_string(),
+                local_diag: s.local_diag().as_str().to_string(),
+                local_discriminator: s.local_discriminator(),
+                remote_discriminator: s.remote_discriminator(),
+                tx_interval_us: s.tx_interval().as_micros() as u64,
+                detect_time_us: s.detection_time().as_micros() as u64,
+                rtt_us: None,
+                transitions: s.transitions(),
+                last_change_unix: s.last_change().map(clock::unix_seconds),
+                control_tx: p.control_tx,
+                control_rx: p.control_rx,
+            },
+            tx_packets: load(&c.tx_packets),
+            rx_packets: load(&c.rx_packets),
+            tx_bytes: load(&c.tx_bytes),
+            rx_bytes: load(&c.rx_bytes),
+        })
+    }
+}

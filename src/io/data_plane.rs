@@ -1,0 +1,198 @@
+//! The forwarding threads.
+//!
+//! `tun-<peer>` ([`TunOut`]) reads the peer's TUN into a buffer at offset
+//! [`HEADROOM`], asks the current forwarding snapshot where the flow goes
+//! ([`classify`]), writes the overlay header in front ([`encapsulate`]) and
+//! sends the datagram on the path's socket. `rx-<path>` ([`PathIn`]) takes
+//! datagrams from the path's configured remote only, validates them
+//! ([`decapsulate`]) and writes the inner packet to the TUN.
+
+use super::clock;
+use crate::drop::DropReason;
+use crate::engine::Forwarding;
+use crate::forward::{classify, decapsulate, encapsulate, HEADROOM};
+use crate::telemetry::{DropCounters, PathCounters};
+use crate::{PathId, PeerId};
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, error};
+use tun_rs::{InterruptEvent, SyncDevice};
+
+/// Largest datagram handled (inner packet plus overlay header).
+pub const BUF_LEN: usize = 65_535 + HEADROOM;
+/// Flows idle this long no longer count as active.
+const FLOW_IDLE: Duration = Duration::from_secs(30);
+const MAX_TRACKED_FLOWS: usize = 1 << 20;
+
+/// A path as the sending thread sees it.
+pub struct PathOut {
+    pub socket: Arc<UdpSocket>,
+    pub remote: SocketAddr,
+    pub counters: Arc<PathCounters>,
+    pub sequence: u64,
+}
+
+/// Reads a peer's TUN and sends each packet on its path.
+pub struct TunOut {
+    pub peer: PeerId,
+    pub tun: Arc<SyncDevice>,
+    pub forwarding: Arc<ArcSwap<Forwarding>>,
+    pub paths: Vec<Option<PathOut>>,
+    pub drops: Arc<DropCounters>,
+    pub interrupt: Arc<InterruptEvent>,
+    pub flows: FlowTable,
+}
+
+impl TunOut {
+    pub fn run(mut self) {
+        let mut buf = vec![0u8; BUF_LEN];
+        let mut last_sweep = clock::now();
+        loop {
+            let n = match self.tun.recv_intr(&mut buf[HEADROOM..], &self.interrupt) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && self.interrupt.is_trigger() => {
+                    return
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    error!(error = %e, "TUN read failed; forwarding for this peer stopped");
+                    return;
+                }
+            };
+            let now = clock::now();
+            let forwarding = self.forwarding.load();
+            let Some(selection) = forwarding.peers.get(usize::from(self.peer.0)) else {
+                continue;
+            };
+            match classify(selection, &buf[HEADROOM..HEADROOM + n]) {
+                Ok(placement) => {
+                    self.flows.touch(placement.flow_hash, placement.path, now);
+                    self.send(placement.path, &mut buf, n);
+                    if let Some(copy) = placement.copy {
+                        self.send(copy, &mut buf, n);
+                    }
+                }
+                Err(reason) => self.drops.count(reason),
+            }
+            if now.saturating_duration_since(last_sweep) >= Duration::from_secs(1) {
+                last_sweep = now;
+                self.flows.sweep(now, &self.paths);
+            }
+        }
+    }
+
+    fn send(&mut self, id: PathId, buf: &mut [u8], inner_len: usize) {
+        let Some(Some(path)) = self.paths.get_mut(usize::from(id.0)) else {
+            self.drops.count(DropReason::NoPath);
+            return;
+        };
+        path.sequence += 1;
+        match encapsulate(buf, inner_len, path.sequence) {
+            Ok(len) => match path.socket.send_to(&buf[..len], path.remote) {
+                Ok(_) => path.counters.count_tx(inner_len),
+                Err(_) => self.drops.count(DropReason::PathSend),
+            },
+            Err(reason) => self.drops.count(reason),
+        }
+    }
+}
+
+/// Receives a path's datagrams and writes the inner packets to the TUN.
+pub struct PathIn {
+    pub socket: Arc<UdpSocket>,
+    pub remote: SocketAddr,
+    pub tun: Arc<SyncDevice>,
+    pub counters: Arc<PathCounters>,
+    pub drops: Arc<DropCounters>,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl PathIn {
+    pub fn run(self) {
+        let mut buf = vec![0u8; BUF_LEN];
+        while !self.stop.load(Ordering::Relaxed) {
+            let (n, src) = match self.socket.recv_from(&mut buf) {
+                Ok(r) => r,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    debug!(error = %e, "path receive error");
+                    continue;
+                }
+            };
+            if src != self.remote {
+                self.drops.count(DropReason::UnknownSource);
+                continue;
+            }
+            match decapsulate(&buf[..n]) {
+                Ok((_, inner)) => match self.tun.send(inner) {
+                    Ok(_) => self.counters.count_rx(inner.len()),
+                    Err(_) => self.drops.count(DropReason::TunWrite),
+                },
+                Err(reason) => self.drops.count(reason),
+            }
+        }
+    }
+}
+
+/// Hasher for keys that are already well-mixed 64-bit hashes.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// Recently seen flows per path, for `flows` in status and metrics.
+#[derive(Default)]
+pub struct FlowTable {
+    flows: HashMap<u64, (PathId, Instant), BuildHasherDefault<PassThrough>>,
+}
+
+impl FlowTable {
+    fn touch(&mut self, hash: u64, path: PathId, now: Instant) {
+        if self.flows.len() < MAX_TRACKED_FLOWS || self.flows.contains_key(&hash) {
+            self.flows.insert(hash, (path, now));
+        }
+    }
+
+    fn sweep(&mut self, now: Instant, paths: &[Option<PathOut>]) {
+        self.flows
+            .retain(|_, (_, seen)| now.saturating_duration_since(*seen) < FLOW_IDLE);
+        let mut per_path = vec![0u64; paths.len()];
+        for (path, _) in self.flows.values() {
+            if let Some(c) = per_path.get_mut(usize::from(path.0)) {
+                *c += 1;
+            }
+        }
+        for (p, n) in paths.iter().zip(per_path) {
+            if let Some(p) = p {
+                p.counters.flows.store(n, Ordering::Relaxed);
+            }
+        }
+    }
+}
