@@ -28,11 +28,13 @@ pub enum DropReason {
     BfdTtl,
     /// BFD packet from an address with no configured session.
     BfdUnknownSession,
+    /// Echo reply whose stamp is not one we sent recently.
+    EchoStale,
 }
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -45,6 +47,7 @@ impl DropReason {
         DropReason::BfdRejected,
         DropReason::BfdTtl,
         DropReason::BfdUnknownSession,
+        DropReason::EchoStale,
     ];
 
     /// The metric label.
@@ -62,6 +65,7 @@ impl DropReason {
             DropReason::BfdRejected => "bfd_rejected",
             DropReason::BfdTtl => "bfd_ttl",
             DropReason::BfdUnknownSession => "bfd_unknown_session",
+            DropReason::EchoStale => "echo_stale",
         }
     }
 

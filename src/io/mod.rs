@@ -15,6 +15,7 @@ pub mod control_plane;
 pub mod daemon;
 pub mod data_plane;
 pub mod netlink;
+pub mod notify;
 pub mod sys;
 pub mod tun;
 pub mod udp;
