@@ -20,6 +20,7 @@ use crosslink::lab::{Gw, Host, Lab, LabOptions, LabPath};
 use crosslink::telemetry::metrics::METRICS;
 use serde_json::Value;
 use std::io::Write;
+use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
@@ -37,10 +38,16 @@ fn with_metrics(lab: &Lab) -> String {
 }
 
 fn start_lab(tag: &str) -> (Lab, Owned) {
+    start_lab_with(tag, &[], &[])
+}
+
+fn start_lab_with(tag: &str, args: &[&str], env: &[(&str, String)]) -> (Lab, Owned) {
     let mut lab = Lab::new(LabOptions::new(tag, BIN)).unwrap();
     std::fs::write(lab.config_path(Gw::A), with_metrics(&lab)).unwrap();
     let config = lab.config_path(Gw::A).display().to_string();
-    let gw_a = spawn_in(&lab, Host::GwA, BIN, &["run", "-c", &config], "gw-a.log");
+    let mut all = vec!["run", "-c", &config];
+    all.extend_from_slice(args);
+    let gw_a = spawn_in_env(&lab, Host::GwA, BIN, &all, "gw-a.log", env);
     lab.start_gateway(Gw::B).unwrap();
     (lab, gw_a)
 }
@@ -121,8 +128,36 @@ fn promtool_finds_nothing_and_rtt_is_measured() {
     {
         return;
     }
-    let (mut lab, mut gw_a) = start_lab("pt");
-    // The first scrape: every series is there before any path is up.
+    // Gateway A logs JSON and runs as systemd would run it (notify + watchdog).
+    let notify_dir = std::env::temp_dir().join(format!("xl-pt-notify-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&notify_dir);
+    std::fs::create_dir_all(&notify_dir).unwrap();
+    let notify_path = notify_dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let env = [
+        ("NOTIFY_SOCKET", notify_path.display().to_string()),
+        ("WATCHDOG_USEC", "600000".to_string()),
+    ];
+    let t0 = Instant::now();
+    let reader = std::thread::spawn(move || {
+        // systemd's side: read every notification until STOPPING=1.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = notify.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let last = m == "STOPPING=1";
+            got.push((t0.elapsed(), m));
+            if last {
+                break;
+            }
+        }
+        got
+    });
+    let (mut lab, mut gw_a) = start_lab_with("pt", &["--log-format", "json"], &env);
+    // The first scrape: every series is there.
     let first = wait_for("first scrape", Duration::from_secs(10), || scrape(&lab));
     check_exposition(&first);
     let (ok, report) = promtool_check(&first);
@@ -190,7 +225,93 @@ fn promtool_finds_nothing_and_rtt_is_measured() {
         "path1 mean RTT from the histogram: {:.1} us over {count} echoes",
         sum / count * 1e6
     ));
+    check_table_and_watch(&lab);
     assert!(!gw_a.exited(), "gateway A exited");
+    let status = gw_a.stop();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "unclean exit: {status:?}"
+    );
+    let got = reader.join().unwrap();
+    let _ = std::fs::remove_dir_all(&notify_dir);
+    let names: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(names.first(), Some(&"READY=1"), "{got:?}");
+    assert_eq!(names.last(), Some(&"STOPPING=1"), "{got:?}");
+    let pings: Vec<Duration> = got
+        .iter()
+        .filter(|(_, m)| m == "WATCHDOG=1")
+        .map(|(t, _)| *t)
+        .collect();
+    let longest = pings
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    say(&format!(
+        "sd_notify: READY=1, {} WATCHDOG=1 (longest gap {longest:?}, WatchdogSec 0.6 s), STOPPING=1",
+        pings.len()
+    ));
+    assert!(pings.len() >= 5, "{got:?}");
+    assert!(longest < Duration::from_millis(600), "{got:?}");
+    check_json_log(&lab);
+}
+
+/// `--log-format json`: every line is an object; state changes carry their fields.
+fn check_json_log(lab: &Lab) {
+    let log = std::fs::read_to_string(lab.dir().join("gw-a.log")).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let up = lines
+        .iter()
+        .find(|v| v["message"] == "path state" && v["to"] == "up")
+        .expect("a path state line");
+    assert_eq!(up["peer"], "b");
+    assert!(
+        up["path"].is_string() && up["ts"].is_f64() && up["level"] == "INFO",
+        "{up}"
+    );
+    assert!(lines.iter().any(|v| v["message"] == "peer up"));
+    say(&format!("JSON log line: {up}"));
+}
+
+/// The human table, and `--watch` redrawing it.
+fn check_table_and_watch(lab: &Lab) {
+    let sock = lab.socket_path(Gw::A).display().to_string();
+    let out = Command::new(BIN)
+        .args(["status", "-s", &sock])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success());
+    for needed in [
+        "peer b",
+        "tun xl-b",
+        "UP",
+        "path1",
+        "path2",
+        "RTT",
+        "198.18.21.1:4800 -> 198.18.21.2:4800",
+    ] {
+        assert!(table.contains(needed), "{needed} missing from:\n{table}");
+    }
+    say(&format!("crosslink status:\n{table}"));
+    let watch = Command::new(BIN)
+        .args(["status", "-s", &sock, "--watch", "--interval", "200ms"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(900));
+    crosslink::lab::signal_pid(watch.id(), "INT");
+    let out = watch.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let redraws = text.matches("\x1b[H\x1b[2J").count();
+    assert!(
+        (2..=8).contains(&redraws),
+        "{redraws} redraws in 0.9 s at 200 ms"
+    );
+    assert_eq!(text.matches("peer b").count(), redraws);
 }
 
 #[test]

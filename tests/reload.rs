@@ -268,14 +268,31 @@ fn reload_applies_only_the_difference() {
         "peer restart: TUN xl-b -> xl-b2, gw-b path1 transitions {b_before} -> {b_after}"
     ));
 
-    for g in gws.iter_mut() {
-        let status = g.stop();
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "unclean exit: {status:?}"
-        );
+    // 4. A clean stop: AdminDown on every path, TUN and routes gone.
+    let status = gws[0].stop();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "unclean exit: {status:?}"
+    );
+    let b = lab.status(Gw::B).unwrap();
+    for p in ["path1", "path3"] {
+        let bfd = &path(&b, p).unwrap()["bfd"];
+        assert_eq!(bfd["remote_state"], "admin_down", "gw-b {p}: {bfd}");
+        assert_eq!(bfd["local_diag"], "neighbor_down", "gw-b {p}: {bfd}");
     }
     let links =
         lab::run(std::process::Command::new("ip").args(["-n", &ns, "-o", "link", "show"])).unwrap();
     assert!(!links.contains("xl-b2"), "TUN left after stop: {links}");
+    let routes =
+        lab::run(std::process::Command::new("ip").args(["-n", &ns, "route", "show"])).unwrap();
+    assert!(
+        !routes.contains("198.18.30.0/24"),
+        "route left after stop: {routes}"
+    );
+    say("clean stop: gw-b saw AdminDown on path1 and path3; TUN and route gone");
+    let status = gws[1].stop();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "unclean exit: {status:?}"
+    );
 }

@@ -14,6 +14,8 @@ pub fn notify(state: &str) -> io::Result<bool> {
     };
     let addr = socket_address(path.as_encoded_bytes())?;
     let sock = UnixDatagram::unbound()?;
+    // Never block the daemon on a manager that does not read.
+    sock.set_nonblocking(true)?;
     sock.send_to_addr(state.as_bytes(), &addr)?;
     Ok(true)
 }

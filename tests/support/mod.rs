@@ -77,10 +77,26 @@ impl Drop for Owned {
 
 /// Starts `program args` in `host`'s namespace, output to `log`.
 pub fn spawn_in(lab: &Lab, host: Host, program: &str, args: &[&str], log: &str) -> Owned {
+    spawn_in_env(lab, host, program, args, log, &[])
+}
+
+/// [`spawn_in`] with extra environment variables.
+pub fn spawn_in_env(
+    lab: &Lab,
+    host: Host,
+    program: &str,
+    args: &[&str],
+    log: &str,
+    env: &[(&str, String)],
+) -> Owned {
     let file = std::fs::File::create(lab.dir().join(log)).unwrap();
     let err = file.try_clone().unwrap();
     let mut cmd = lab.command_in(host, program);
-    cmd.args(args).stdin(Stdio::null()).stdout(file).stderr(err);
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err);
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     Owned(Some(cmd.spawn().unwrap()))
 }
