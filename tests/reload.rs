@@ -1,9 +1,10 @@
 //! SIGHUP reload in a network-namespace lab (see `crosslink::lab`), with a
 //! 1000 packet/s stream running across it:
 //!
-//! 1. path2 is removed and a new path3 added (both gateways): path1 keeps
-//!    its BFD session (same discriminator, no transition), keeps its flows
-//!    (no packet lost), path3 comes up, path2 leaves status and metrics;
+//! 1. path2 is removed and a new path3 added (both gateways), and gw-a's
+//!    peer gets one more route: path1 keeps its BFD session (same
+//!    discriminator, no transition), keeps its flows (no packet lost),
+//!    path3 comes up, path2 leaves status and metrics, the route appears;
 //! 2. a broken file is refused: nothing changes and
 //!    `crosslink_config_last_reload_successful` drops to 0;
 //! 3. a peer-level change (its TUN name) restarts that peer: the old TUN
@@ -38,6 +39,15 @@ fn config(lab: &Lab, gw: Gw, swap_paths: bool) -> String {
             &format!("\n[metrics]\nlisten = \"127.0.0.1:{METRICS_PORT}\"\n\n[bfd]"),
             1,
         );
+    }
+    if swap_paths && gw == Gw::A {
+        // A route added in the same reload: applied in place, no restart.
+        text = text.replacen(
+            "routes = [\"198.18.30.0/24\"]",
+            "routes = [\"198.18.30.0/24\", \"198.18.31.0/24\"]",
+            1,
+        );
+        assert!(text.contains("198.18.31.0/24"), "lab config changed shape");
     }
     if swap_paths {
         let start = text.find("  name = \"path2\"").expect("path2 in config");
@@ -108,7 +118,7 @@ fn reload_applies_only_the_difference() {
     // machine should not fake a flap.
     let mut opts = LabOptions::new("rl", BIN);
     opts.tx_interval = Duration::from_millis(50);
-    opts.rx_interval = Duration::from_millis(50);
+    opts.rx_interval = opts.tx_interval;
     opts.multiplier = 5;
     let mut lab = Lab::new(opts).unwrap();
     let mut gws = Vec::new();
@@ -174,6 +184,13 @@ fn reload_applies_only_the_difference() {
             bfd_field(&after, "path1", "transitions")
         ));
     }
+    let ns = lab.ns(Host::GwA);
+    let routes =
+        lab::run(std::process::Command::new("ip").args(["-n", &ns, "route", "show"])).unwrap();
+    assert!(
+        routes.contains("198.18.31.0/24 dev xl-b"),
+        "added route missing: {routes}"
+    );
     let m = scrape(&lab);
     assert_eq!(
         sample(&m, "crosslink_config_last_reload_successful"),
@@ -287,6 +304,10 @@ fn reload_applies_only_the_difference() {
         lab::run(std::process::Command::new("ip").args(["-n", &ns, "route", "show"])).unwrap();
     assert!(
         !routes.contains("198.18.30.0/24"),
+        "route left after stop: {routes}"
+    );
+    assert!(
+        !routes.contains("198.18.31.0/24"),
         "route left after stop: {routes}"
     );
     say("clean stop: gw-b saw AdminDown on path1 and path3; TUN and route gone");

@@ -5,9 +5,9 @@
 //! the wanted configuration with what is running, peer by peer and path by
 //! path (keyed by name), and changes only the difference. Start-up is the
 //! difference from nothing. An unchanged path keeps its BFD session, its
-//! sockets and its receive thread; an unchanged peer keeps its TUN. A peer
-//! whose own settings changed (TUN, addresses, routes, policy...) is
-//! restarted with all its paths; a changed path is restarted alone; a peer
+//! sockets and its receive thread; an unchanged peer keeps its TUN. Routes
+//! are added and deleted in place; a peer whose other settings changed
+//! (TUN, addresses, policy...) is restarted with all its paths; a changed path is restarted alone; a peer
 //! whose path set changed gets its sending thread restarted with the new
 //! path table (a pause of microseconds, nothing dropped: packets wait in
 //! the TUN queue).
@@ -98,6 +98,7 @@ struct PeerRun {
     id: PeerId,
     config: PeerConfig,
     tun: Arc<SyncDevice>,
+    ifindex: u32,
     interrupt: Arc<InterruptEvent>,
     sender: Option<JoinHandle<TunOut>>,
     /// The sending thread's state while it is stopped for a change.
@@ -325,6 +326,14 @@ fn bare(peer: &PeerConfig) -> PeerConfig {
     }
 }
 
+/// What must stay the same for a peer to keep running (routes change in place).
+fn restart_key(peer: &PeerConfig) -> PeerConfig {
+    PeerConfig {
+        routes: Vec::new(),
+        ..bare(peer)
+    }
+}
+
 impl Gateway {
     /// Brings the running gateway to `want`, touching only what differs.
     /// Returns what could not be done (empty: all of it was).
@@ -336,7 +345,11 @@ impl Gateway {
         let mut doomed_paths = Vec::new();
         for mut peer in std::mem::take(&mut self.peers) {
             match want.peers.iter().find(|p| p.name == peer.config.name) {
-                Some(w) if bare(w) == bare(&peer.config) => {
+                Some(w) if restart_key(w) == restart_key(&peer.config) => {
+                    if w.routes != peer.config.routes {
+                        self.update_routes(&mut peer, &w.routes, &mut problems)
+                            .await;
+                    }
                     let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut peer.paths)
                         .into_iter()
                         .partition(|r| w.path(&r.config.name) == Some(&r.config));
@@ -436,6 +449,30 @@ impl Gateway {
         problems
     }
 
+    /// Adds the routes a reload added to a running peer, and deletes the
+    /// ones it removed; the TUN and its sessions stay as they are.
+    async fn update_routes(
+        &self,
+        peer: &mut PeerRun,
+        want: &[crate::config::Prefix],
+        problems: &mut Vec<String>,
+    ) {
+        let nl = &self.shared.netlink;
+        for r in want.iter().filter(|r| !peer.config.routes.contains(r)) {
+            match nl.add_route(peer.ifindex, r).await {
+                Ok(()) => info!(peer = %peer.config.name, route = %r, "reload: route added"),
+                Err(e) => problems.push(format!("peer {}: {e}", peer.config.name)),
+            }
+        }
+        for r in peer.config.routes.iter().filter(|r| !want.contains(r)) {
+            match nl.del_route(peer.ifindex, r).await {
+                Ok(()) => info!(peer = %peer.config.name, route = %r, "reload: route removed"),
+                Err(e) => problems.push(format!("peer {}: {e}", peer.config.name)),
+            }
+        }
+        peer.config.routes = want.to_vec();
+    }
+
     /// Opens a new peer's TUN with its addresses and routes.
     async fn open_peer(&self, w: &PeerConfig) -> io::Result<PeerRun> {
         let mtu = w.mtu.unwrap_or(DEFAULT_MTU);
@@ -463,6 +500,7 @@ impl Gateway {
             id: UNASSIGNED,
             config: bare(w),
             tun,
+            ifindex: index,
             interrupt,
             sender: None,
             parked: Some(parked),
