@@ -201,3 +201,61 @@ fn name_extraction() {
     assert!(!is_exported("crosslink_path_up_bucket"));
     assert!(!is_exported("crosslink_nonexistent"));
 }
+
+/// The systemd unit: the directives the daemon relies on, and
+/// `systemd-analyze verify` (when installed) has nothing to say.
+#[test]
+fn systemd_unit_is_complete_and_verifies() {
+    let text = std::fs::read_to_string(configs().join("crosslink.service")).unwrap();
+    for needed in [
+        "Type=notify",
+        "WatchdogSec=",
+        "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW",
+        "DeviceAllow=/dev/net/tun rw",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "RuntimeDirectory=crosslink",
+        "ExecReload=",
+    ] {
+        assert!(
+            text.contains(needed),
+            "{needed} missing from crosslink.service"
+        );
+    }
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        say("SKIPPED systemd-analyze verify: systemd-analyze not installed");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("xl-unit-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let unit = dir.join("crosslink.service");
+    let local = text.replace("/usr/local/bin/crosslink", env!("CARGO_BIN_EXE_crosslink"));
+    std::fs::write(&unit, local).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let report =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let findings: Vec<&str> = report
+        .lines()
+        .filter(|l| l.contains("crosslink.service"))
+        .collect();
+    say(&format!(
+        "systemd-analyze verify crosslink.service: {}",
+        if findings.is_empty() {
+            "no findings"
+        } else {
+            "findings"
+        }
+    ));
+    assert!(findings.is_empty(), "{report}");
+}

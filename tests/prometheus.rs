@@ -27,6 +27,13 @@ use support::*;
 
 const METRICS_PORT: u16 = 9787;
 
+/// One lab at a time (a 2-core machine, millisecond BFD).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Gateway A's config with a metrics endpoint on the namespace's loopback.
 fn with_metrics(lab: &Lab) -> String {
     let text = lab.config_text(Gw::A);
@@ -128,6 +135,7 @@ fn promtool_finds_nothing_and_rtt_is_measured() {
     {
         return;
     }
+    let _serial = serial();
     // Gateway A logs JSON and runs as systemd would run it (notify + watchdog).
     let notify_dir = std::env::temp_dir().join(format!("xl-pt-notify-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&notify_dir);
@@ -325,6 +333,7 @@ fn prometheus_scrapes_and_answers_path_up() {
     {
         return;
     }
+    let _serial = serial();
     let (mut lab, mut gw_a) = start_lab("ps");
     lab.wait_paths_up(Duration::from_secs(15)).unwrap();
     // Prometheus in the same namespace, on its own port, with its own files.
