@@ -1,7 +1,7 @@
 //! `crosslink run`: sets up TUNs, routes and sockets, starts the threads,
 //! and tears everything down again on SIGTERM/SIGINT.
 //!
-//! Start-up and SIGHUP reload are one mechanism: [`Gateway::apply`] compares
+//! Start-up and SIGHUP reload are one mechanism: `Gateway::apply` compares
 //! the wanted configuration with what is running, peer by peer and path by
 //! path (keyed by name), and changes only the difference. Start-up is the
 //! difference from nothing. An unchanged path keeps its BFD session, its
