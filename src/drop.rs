@@ -30,11 +30,19 @@ pub enum DropReason {
     BfdUnknownSession,
     /// Echo reply whose stamp is not one we sent recently.
     EchoStale,
+    /// Sealed message whose tag does not verify under the peer's keys.
+    AuthFailed,
+    /// Sealed data already received, older than the replay window, or
+    /// from an earlier run of the sender.
+    Replayed,
+    /// Plaintext message for a peer with a key, or sealed message for a
+    /// peer without one.
+    SealMismatch,
 }
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -48,6 +56,9 @@ impl DropReason {
         DropReason::BfdTtl,
         DropReason::BfdUnknownSession,
         DropReason::EchoStale,
+        DropReason::AuthFailed,
+        DropReason::Replayed,
+        DropReason::SealMismatch,
     ];
 
     /// The metric label.
@@ -66,6 +77,9 @@ impl DropReason {
             DropReason::BfdTtl => "bfd_ttl",
             DropReason::BfdUnknownSession => "bfd_unknown_session",
             DropReason::EchoStale => "echo_stale",
+            DropReason::AuthFailed => "auth_failed",
+            DropReason::Replayed => "replayed",
+            DropReason::SealMismatch => "seal_mismatch",
         }
     }
 

@@ -8,10 +8,12 @@
 //!  bfd         RFC 5880 session state machine (sans-IO: time is an argument)
 //!  steer       per-peer path choice: active-backup, balance, duplicate; revert hold
 //!  engine      the control plane: sessions + steering -> events, forwarding snapshots
-//!  forward     per-packet work: classify, encapsulate, decapsulate
+//!  crypto      data-plane AEAD (XChaCha20-Poly1305), key files, replay window
+//!  forward     per-packet work: classify, encapsulate, decapsulate, seal, open
 //!  io          the shell: TUN, sockets, netlink, threads, the clock
 //!  telemetry   counters, Prometheus metrics, status document, control socket
 //!  lab, probe, demo   the network-namespace lab used by `crosslink demo` and the tests
+//!  flood       junk generator for the bad-input tests (hidden `crosslink flood`)
 //! ```
 //!
 //! # A packet's way
@@ -33,9 +35,11 @@
 
 pub mod bfd;
 pub mod config;
+pub mod crypto;
 pub mod demo;
 pub mod drop;
 pub mod engine;
+pub mod flood;
 pub mod forward;
 pub mod io;
 pub mod lab;

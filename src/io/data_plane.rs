@@ -8,16 +8,24 @@
 //! ([`decapsulate`]) and writes the inner packet to the TUN; it also
 //! answers the peer's echo requests and, once a second, sends its own to
 //! measure the path's round-trip time ([`crate::forward::Echo`]).
+//!
+//! For a peer with a key, both threads read the peer's [`Keys`] from a
+//! shared [`ArcSwapOption`] on every packet (a reload swaps it without
+//! stopping anything) and use the sealed messages ([`seal_data`],
+//! [`seal_echo`], [`open`]); each `rx-*` thread owns its path's replay
+//! window.
 
 use super::clock;
+use crate::crypto::{EchoGuard, Keys, ReplayWindow};
 use crate::drop::DropReason;
 use crate::engine::Forwarding;
 use crate::forward::{
-    classify, decapsulate, echo_rtt, emit_echo, encapsulate, parse_echo, Echo, HEADROOM,
+    classify, decapsulate, echo_rtt, emit_echo, encapsulate, open, parse_echo, seal_data,
+    seal_echo, Echo, Opened, Sealer, HEADROOM, TRAILER,
 };
 use crate::telemetry::{DropCounters, PathCounters};
 use crate::{PathId, PeerId};
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
@@ -28,8 +36,11 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error};
 use tun_rs::{InterruptEvent, SyncDevice};
 
-/// Largest datagram handled (inner packet plus overlay header).
-pub const BUF_LEN: usize = 65_535 + HEADROOM;
+/// Largest datagram handled (inner packet plus overlay header and tag).
+pub const BUF_LEN: usize = 65_535 + HEADROOM + TRAILER;
+
+/// A peer's keys as the forwarding threads share them; `None`: cleartext.
+pub type SharedKeys = Arc<ArcSwapOption<Keys>>;
 /// Flows idle this long no longer count as active.
 const FLOW_IDLE: Duration = Duration::from_secs(30);
 const MAX_TRACKED_FLOWS: usize = 1 << 20;
@@ -46,6 +57,8 @@ pub struct PathOut {
     pub remote: SocketAddr,
     pub counters: Arc<PathCounters>,
     pub sequence: u64,
+    /// [`crate::crypto::path_salt`] of (local, remote).
+    pub salt: u64,
 }
 
 /// Reads a peer's TUN and sends each packet on its path.
@@ -57,6 +70,9 @@ pub struct TunOut {
     pub drops: Arc<DropCounters>,
     pub interrupt: Arc<InterruptEvent>,
     pub flows: FlowTable,
+    pub keys: SharedKeys,
+    /// This run's epoch (see [`crate::crypto`]).
+    pub epoch: u32,
 }
 
 impl TunOut {
@@ -64,10 +80,13 @@ impl TunOut {
     /// restart it with a changed path table (sequence numbers kept).
     pub fn run(mut self) -> TunOut {
         let mut buf = vec![0u8; BUF_LEN];
+        // A second copy (duplicate policy) of a sealed packet is sealed
+        // from this plaintext copy.
+        let mut spare = vec![0u8; BUF_LEN];
         let mut last_sweep = clock::now();
         loop {
             let read = self.tun.recv_intr_timeout(
-                &mut buf[HEADROOM..],
+                &mut buf[HEADROOM..BUF_LEN - TRAILER],
                 &self.interrupt,
                 Some(SWEEP_EVERY),
             );
@@ -95,10 +114,13 @@ impl TunOut {
             match classify(selection, &buf[HEADROOM..HEADROOM + n]) {
                 Ok(placement) => {
                     self.flows.touch(placement.flow_hash, placement.path, now);
-                    self.send(placement.path, &mut buf, n);
+                    let keys = self.keys.load_full();
                     if let Some(copy) = placement.copy {
-                        self.send(copy, &mut buf, n);
+                        let len = HEADROOM + n;
+                        spare[..len].copy_from_slice(&buf[..len]);
+                        self.send(copy, &mut spare, n, keys.as_deref());
                     }
+                    self.send(placement.path, &mut buf, n, keys.as_deref());
                 }
                 Err(reason) => self.drops.count(reason),
             }
@@ -109,13 +131,22 @@ impl TunOut {
         }
     }
 
-    fn send(&mut self, id: PathId, buf: &mut [u8], inner_len: usize) {
+    fn send(&mut self, id: PathId, buf: &mut [u8], inner_len: usize, keys: Option<&Keys>) {
         let Some(Some(path)) = self.paths.get_mut(usize::from(id.0)) else {
             self.drops.count(DropReason::NoPath);
             return;
         };
         path.sequence += 1;
-        match encapsulate(buf, inner_len, path.sequence) {
+        let sealed = keys.map(|keys| Sealer {
+            keys,
+            epoch: self.epoch,
+            salt: path.salt,
+        });
+        let framed = match &sealed {
+            Some(sealer) => seal_data(buf, inner_len, path.sequence, sealer),
+            None => encapsulate(buf, inner_len, path.sequence),
+        };
+        match framed {
             Ok(len) => match path.socket.send_to(&buf[..len], path.remote) {
                 Ok(_) => path.counters.count_tx(inner_len),
                 Err(_) => self.drops.count(DropReason::PathSend),
@@ -138,17 +169,31 @@ pub struct PathIn {
     /// XORed into echo stamps, so that a forged reply does not decode to a
     /// plausible send time.
     pub stamp_key: u64,
+    pub keys: SharedKeys,
+    pub epoch: u32,
+    /// [`crate::crypto::path_salt`] of (local, remote), for what we send.
+    pub salt_out: u64,
+    /// [`crate::crypto::path_salt`] of (remote, local), for what we receive.
+    pub salt_in: u64,
+    pub window: ReplayWindow,
+    pub echo_guard: EchoGuard,
 }
 
 impl PathIn {
-    pub fn run(self) {
+    pub fn run(mut self) {
         let mut buf = vec![0u8; BUF_LEN];
         let mut next_echo = clock::now();
         while !self.stop.load(Ordering::Relaxed) {
             let now = clock::now();
             if now >= next_echo {
                 next_echo = now + ECHO_INTERVAL;
-                self.send_echo(Echo::Request(clock::nanos() ^ self.stamp_key));
+                // Sealed stamps need no obscuring, and must increase (EchoGuard).
+                let stamp = match self.keys.load().is_some() {
+                    true => clock::nanos(),
+                    false => clock::nanos() ^ self.stamp_key,
+                };
+                self.echo_guard.sent(stamp);
+                self.send_echo(Echo::Request(stamp));
             }
             let (n, src) = match self.socket.recv_from(&mut buf) {
                 Ok(r) => r,
@@ -171,6 +216,10 @@ impl PathIn {
                 self.drops.count(DropReason::UnknownSource);
                 continue;
             }
+            if let Some(keys) = self.keys.load_full() {
+                self.receive_sealed(&keys, &mut buf[..n]);
+                continue;
+            }
             if let Some(echo) = parse_echo(&buf[..n]) {
                 self.on_echo(echo);
                 continue;
@@ -187,9 +236,48 @@ impl PathIn {
 }
 
 impl PathIn {
+    fn receive_sealed(&mut self, keys: &Keys, datagram: &mut [u8]) {
+        match open(datagram, keys, self.salt_in, &mut self.window) {
+            Ok(Opened::Data(range)) => {
+                let inner = datagram.get(range).unwrap_or_default();
+                match self.tun.send(inner) {
+                    Ok(_) => self.counters.count_rx(inner.len()),
+                    Err(_) => self.drops.count(DropReason::TunWrite),
+                }
+            }
+            Ok(Opened::Echo(Echo::Request(stamp), epoch)) => {
+                if self.echo_guard.request(epoch, stamp) {
+                    self.send_echo(Echo::Reply(stamp));
+                } else {
+                    self.drops.count(DropReason::Replayed);
+                }
+            }
+            Ok(Opened::Echo(Echo::Reply(stamp), _)) => {
+                if self.echo_guard.reply(stamp) {
+                    self.record_rtt(stamp);
+                } else {
+                    self.drops.count(DropReason::EchoStale);
+                }
+            }
+            Err(reason) => self.drops.count(reason),
+        }
+    }
+
     fn send_echo(&self, echo: Echo) {
-        let mut msg = [0u8; HEADROOM];
-        if let Ok(n) = emit_echo(echo, &mut msg) {
+        let mut msg = [0u8; HEADROOM + TRAILER];
+        let keys = self.keys.load_full();
+        let framed = match keys.as_deref() {
+            Some(keys) => {
+                let sealer = Sealer {
+                    keys,
+                    epoch: self.epoch,
+                    salt: self.salt_out,
+                };
+                seal_echo(echo, &mut msg, &sealer)
+            }
+            None => emit_echo(echo, &mut msg),
+        };
+        if let Ok(n) = framed {
             if self.socket.send_to(&msg[..n], self.remote).is_err() {
                 self.drops.count(DropReason::PathSend);
             }
@@ -199,16 +287,19 @@ impl PathIn {
     fn on_echo(&self, echo: Echo) {
         match echo {
             Echo::Request(stamp) => self.send_echo(Echo::Reply(stamp)),
-            Echo::Reply(stamp) => {
-                let max = ECHO_MAX_AGE.as_nanos() as u64;
-                match echo_rtt(stamp ^ self.stamp_key, clock::nanos(), max) {
-                    Some(ns) => {
-                        self.counters.rtt_ns.store(ns.max(1), Ordering::Relaxed);
-                        self.rtt.record(Duration::from_nanos(ns).as_secs_f64());
-                    }
-                    None => self.drops.count(DropReason::EchoStale),
-                }
+            Echo::Reply(stamp) => self.record_rtt(stamp ^ self.stamp_key),
+        }
+    }
+
+    /// Records the round trip of a reply to the request stamped `sent`.
+    fn record_rtt(&self, sent: u64) {
+        let max = ECHO_MAX_AGE.as_nanos() as u64;
+        match echo_rtt(sent, clock::nanos(), max) {
+            Some(ns) => {
+                self.counters.rtt_ns.store(ns.max(1), Ordering::Relaxed);
+                self.rtt.record(Duration::from_nanos(ns).as_secs_f64());
             }
+            None => self.drops.count(DropReason::EchoStale),
         }
     }
 }

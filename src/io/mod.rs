@@ -20,6 +20,7 @@ pub mod clock;
 pub mod control_plane;
 pub mod daemon;
 pub mod data_plane;
+pub mod keys;
 pub mod netlink;
 pub mod notify;
 pub mod sys;
