@@ -119,7 +119,28 @@ impl Steering {
         } else {
             slot.eligible_at = Some(now + self.revert_hold);
         }
+        if !healthy {
+            self.promote_if_alone();
+        }
         self.recompute()
+    }
+
+    /// When no path is eligible, the best healthy path waiting out its hold
+    /// is taken at once: holding it would only cost connectivity.
+    fn promote_if_alone(&mut self) {
+        if self.slots.iter().any(|s| s.eligible) {
+            return;
+        }
+        let best = self
+            .slots
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, s)| s.healthy && s.eligible_at.is_some())
+            .min_by_key(|(i, s)| (s.priority, *i));
+        if let Some((_, slot)) = best {
+            slot.eligible = true;
+            slot.eligible_at = None;
+        }
     }
 
     /// Promotes paths whose hold has expired.
