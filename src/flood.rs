@@ -48,6 +48,9 @@ pub enum Kind {
     WrongKey,
     /// Overlay: sealed with the right key (`--key`) but epoch 1, long gone.
     Stale,
+    /// Overlay: sealed with the key in `--key`, newest possible epoch (for
+    /// checking that a retired key is refused).
+    Forged,
     /// Overlay: datagrams from a `capture` file, as they were.
     Replay,
     /// BFD: random bytes, 24..200 long, version bits never 1.
@@ -152,8 +155,8 @@ fn send(a: &SendArgs) -> Result<u64, String> {
         _ => Vec::new(),
     };
     let right = match (&a.kind, &a.key) {
-        (Kind::Stale, Some(p)) => Some(crate::io::keys::read(p)?),
-        (Kind::Stale, None) => return Err("--kind stale needs --key FILE".into()),
+        (Kind::Stale | Kind::Forged, Some(p)) => Some(crate::io::keys::read(p)?),
+        (Kind::Stale | Kind::Forged, None) => return Err("this kind needs --key FILE".into()),
         _ => None,
     };
     let sock = Socket::new(
@@ -219,7 +222,7 @@ fn craft(a: &SendArgs, rng: &mut Rng, right: Option<&Key>, out: &mut [u8]) -> us
             let _ = crate::forward::encapsulate(out, inner, rng.next());
             HEADROOM + inner
         }
-        Kind::WrongKey | Kind::Stale => {
+        Kind::WrongKey | Kind::Stale | Kind::Forged => {
             let mut k = [0u8; 32];
             rng.fill(&mut k);
             let key = match right {
@@ -227,7 +230,7 @@ fn craft(a: &SendArgs, rng: &mut Rng, right: Option<&Key>, out: &mut [u8]) -> us
                 None => Key::from_bytes(k),
             };
             let keys = Keys::new(&key, None);
-            let epoch = if right.is_some() { 1 } else { u32::MAX };
+            let epoch = if a.kind == Kind::Stale { 1 } else { u32::MAX };
             let salt = crypto::path_salt(SocketAddr::V4(a.from), SocketAddr::V4(a.to));
             let inner = 40;
             inner_ipv4(&mut out[HEADROOM..HEADROOM + inner]);

@@ -19,8 +19,15 @@ use crosslink::lab::{self, Gw, Host, Lab, LabOptions, LabPath, DATA_PORT};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use support::{netns_allowed, say, BIN};
+use support::{netns_allowed, say, spawn_in, Owned, BIN};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 const PORT: u16 = 9000;
 const RATE: u32 = 1000;
@@ -98,6 +105,7 @@ fn junk_on_data_and_bfd_ports_is_dropped_and_counted_while_traffic_flows() {
     if !netns_allowed("junk_on_data_and_bfd_ports_is_dropped_and_counted_while_traffic_flows") {
         return;
     }
+    let _serial = serial();
     let mut opts = LabOptions::new("bad", BIN);
     // Detection at 250 ms rather than 30 ms: this test is about junk, and
     // the box it runs on is a loaded 2-core machine where other work can
@@ -278,4 +286,131 @@ fn junk_on_data_and_bfd_ports_is_dropped_and_counted_while_traffic_flows() {
         0.0,
         "a replay reached the server: {report}"
     );
+}
+
+fn write_key(path: &std::path::Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, random_key_hex().as_bytes()))
+        .unwrap();
+}
+
+fn set_keys(lab: &Lab, gw: Gw, send: &std::path::Path, accept: Option<&std::path::Path>) {
+    let text = lab.config_text(gw);
+    let old = format!("key_file = \"{}\"\n", lab.key_path().display());
+    assert!(text.contains(&old), "lab config has no key_file line");
+    let mut new = format!("key_file = \"{}\"\n", send.display());
+    if let Some(a) = accept {
+        new.push_str(&format!("accept_key_file = \"{}\"\n", a.display()));
+    }
+    std::fs::write(lab.config_path(gw), text.replacen(&old, &new, 1)).unwrap();
+}
+
+fn hup(gw: &Owned) {
+    assert!(
+        lab::signal_pid(gw.pid(), "HUP"),
+        "cannot signal {}",
+        gw.pid()
+    );
+    std::thread::sleep(Duration::from_millis(700));
+}
+
+fn count(lab: &Lab, gw: Gw, reason: &str) -> u64 {
+    drops(&lab.status(gw).unwrap())
+        .get(reason)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The documented two-step key rotation under a running stream: nothing
+/// lost, nothing refused, and the retired key is refused afterwards.
+#[test]
+fn key_rotation_drops_nothing_and_retires_the_old_key() {
+    if !netns_allowed("key_rotation_drops_nothing_and_retires_the_old_key") {
+        return;
+    }
+    let _serial = serial();
+    let mut opts = LabOptions::new("rot", BIN);
+    opts.tx_interval = Duration::from_millis(50);
+    opts.rx_interval = Duration::from_millis(50);
+    opts.multiplier = 5;
+    opts.key = Some(format!("{}\n", random_key_hex()));
+    let mut lab = Lab::new(opts).unwrap();
+    let mut gws = Vec::new();
+    for gw in Gw::ALL {
+        let cfg = lab.config_path(gw).display().to_string();
+        let log = format!("{}.log", gw.name());
+        gws.push(spawn_in(&lab, gw.host(), BIN, &["run", "-c", &cfg], &log));
+    }
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    let old = lab.key_path();
+    let new = lab.dir().join("new.key");
+    write_key(&new);
+
+    let receiver = lab.start_receiver(PORT, Duration::from_secs(60)).unwrap();
+    let sender = lab
+        .start_sender(PORT, RATE, Duration::from_secs(60))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let refused = |lab: &Lab| {
+        Gw::ALL
+            .iter()
+            .map(|&g| count(lab, g, "auth_failed") + count(lab, g, "seal_mismatch"))
+            .sum::<u64>()
+    };
+    let refused_before = refused(&lab);
+    // 1. Both accept the new key.
+    for (i, gw) in Gw::ALL.iter().enumerate() {
+        set_keys(&lab, *gw, &old, Some(&new));
+        hup(&gws[i]);
+    }
+    // 2. One side after the other sends with the new key.
+    for (i, gw) in Gw::ALL.iter().enumerate() {
+        set_keys(&lab, *gw, &new, Some(&old));
+        hup(&gws[i]);
+    }
+    // 3. The old key is retired.
+    for (i, gw) in Gw::ALL.iter().enumerate() {
+        set_keys(&lab, *gw, &new, None);
+        hup(&gws[i]);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let refused_during = refused(&lab) - refused_before;
+    let _ = sender.stop();
+    let report = receiver.finish(Duration::from_secs(3)).unwrap();
+
+    // Traffic sealed with the retired key is refused now.
+    let before = count(&lab, Gw::B, "auth_failed");
+    let a1 = LabPath::Path1.addr(Gw::A);
+    let b1 = LabPath::Path1.addr(Gw::B);
+    let mut cmd = lab.command_in(Host::GwA, BIN);
+    cmd.args(["flood", "send", "--kind", "forged", "--count", "200"])
+        .args(["--from", &format!("{a1}:{DATA_PORT}")])
+        .args(["--to", &format!("{b1}:{DATA_PORT}")])
+        .arg("--key")
+        .arg(&old);
+    lab::run(&mut cmd).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let old_refused = count(&lab, Gw::B, "auth_failed") - before;
+    lab.check_gateways().unwrap();
+    let up = Gw::ALL
+        .iter()
+        .all(|&g| path_states(&lab, g).iter().all(|(_, s, _)| s == "up"));
+    say(&format!(
+        "key rotation: stream sent={} lost={} longest_outage_ms={}; refused during rotation={refused_during}; \
+         retired key: {old_refused}/200 refused; paths up={up}",
+        report["sent"], report["lost"], report["longest_outage_ms"]
+    ));
+    assert!(report["sent"].as_u64().unwrap_or(0) >= 3000, "{report}");
+    assert_eq!(
+        report["lost"], 0,
+        "packets lost across the rotation: {report}"
+    );
+    assert_eq!(refused_during, 0, "packets refused during the rotation");
+    assert_eq!(old_refused, 200, "the retired key still opens packets");
+    assert!(up, "a path is down after the rotation");
 }
