@@ -56,6 +56,9 @@ const DEFAULT_MTU: u16 = 1500 - 40 - 8 - HEADROOM as u16;
 pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     let config = Config::load(config_path)?;
     refuse_unsupported(&config)?;
+    if let Err(e) = super::sys::lock_memory() {
+        tracing::warn!(error = %e, "could not lock memory (needs CAP_IPC_LOCK); paging may delay BFD");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("crosslink-rt")
