@@ -28,11 +28,15 @@ pub enum DropReason {
     BfdTtl,
     /// BFD packet from an address with no configured session.
     BfdUnknownSession,
+    /// `duplicate` policy: the second copy of a packet already delivered.
+    Duplicate,
+    /// `duplicate` policy: a packet too far behind the sequence window to tell.
+    DuplicateStale,
 }
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -45,6 +49,8 @@ impl DropReason {
         DropReason::BfdRejected,
         DropReason::BfdTtl,
         DropReason::BfdUnknownSession,
+        DropReason::Duplicate,
+        DropReason::DuplicateStale,
     ];
 
     /// The metric label.
@@ -62,6 +68,8 @@ impl DropReason {
             DropReason::BfdRejected => "bfd_rejected",
             DropReason::BfdTtl => "bfd_ttl",
             DropReason::BfdUnknownSession => "bfd_unknown_session",
+            DropReason::Duplicate => "duplicate",
+            DropReason::DuplicateStale => "duplicate_stale",
         }
     }
 

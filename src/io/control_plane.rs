@@ -1,6 +1,14 @@
 //! The BFD thread: owns the [`Engine`] and every BFD socket, waits in
 //! `ppoll` for the next control packet or deadline, sends what is due,
 //! logs and exports events, and publishes forwarding snapshots.
+//!
+//! Other threads reach it through [`CommandLink`]: a channel plus one byte
+//! on a socket pair that wakes the `ppoll`. Besides status and shutdown,
+//! that carries the fast failure signals: link and address events from
+//! [`super::linkwatch`] and send errors from the forwarding threads. When a
+//! peer loses its last usable path the thread turns the peer's TUN carrier
+//! off, and on again with the first healthy path (cloud failover: a route
+//! with a higher metric through another peer's TUN takes over meanwhile).
 
 use super::{clock, sys, udp};
 use crate::engine::{Engine, Event, Forwarding};
@@ -20,11 +28,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
+use tun_rs::SyncDevice;
 
 /// Requests to the BFD thread.
 pub enum Command {
     Status(oneshot::Sender<Status>),
     Shutdown(oneshot::Sender<()>),
+    /// The path's underlay interface (carrier, admin state) or local
+    /// address came (`up`) or went.
+    Link {
+        path: PathId,
+        up: bool,
+    },
+    /// Sending on the path failed with a reachability error.
+    SendError(PathId),
 }
 
 /// The static facts the status document repeats.
@@ -42,7 +59,8 @@ pub struct CommandLink {
 }
 
 impl CommandLink {
-    fn send(&self, cmd: Command) -> bool {
+    /// Queues a command and wakes the BFD thread; false when it has exited.
+    pub fn send(&self, cmd: Command) -> bool {
         if self.tx.send(cmd).is_err() {
             return false;
         }
@@ -93,6 +111,8 @@ pub struct BfdThread {
     pub counters: Vec<Arc<PathCounters>>,
     pub drops: Arc<DropCounters>,
     pub meta: Meta,
+    /// Each peer's TUN, indexed by [`PeerId`], for carrier control.
+    pub tuns: Vec<Arc<SyncDevice>>,
 }
 
 impl BfdThread {
@@ -140,25 +160,61 @@ impl BfdThread {
                 continue;
             };
             let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
-            match pkt.emit(buf) {
-                Ok(n) => {
-                    if let Err(e) = sock.send_to(&buf[..n], dst) {
-                        debug!(path = %path.name, error = %e, "BFD send failed");
+            let sent = match pkt.emit(buf) {
+                Ok(n) => sock.send_to(&buf[..n], dst),
+                Err(e) => {
+                    error!(error = ?e, "BFD emit failed");
+                    continue;
+                }
+            };
+            match sent {
+                Ok(_) => self.engine.handle_send_ok(id),
+                Err(e) => {
+                    debug!(path = %path.name, error = %e, "BFD send failed");
+                    if udp::is_reachability_error(&e) {
+                        self.engine.handle_send_error(id, now);
                     }
                 }
-                Err(e) => error!(error = ?e, "BFD emit failed"),
             }
         }
+        let mut any = false;
         while let Some(ev) = self.engine.poll_event() {
+            any = true;
             self.on_event(ev);
         }
         if let Some(f) = self.engine.poll_forwarding() {
+            any = true;
             for (i, _) in self.engine.paths().iter().enumerate() {
                 if let Some(m) = self.metrics.path(i) {
                     m.set_active(self.engine.is_active(PathId(i as u16)));
                 }
             }
             self.forwarding.store(f);
+        }
+        if any {
+            self.export_damping();
+        }
+    }
+
+    fn export_damping(&self) {
+        for (i, p) in self.engine.paths().iter().enumerate() {
+            let (Some(m), Some(d)) = (self.metrics.path(i), self.engine.damping(PathId(i as u16)))
+            else {
+                continue;
+            };
+            m.set_damping(d.flaps, d.level, d.until.is_some(), p.blocked().is_some());
+        }
+    }
+
+    /// Cloud failover: carrier follows whether the peer has a usable path.
+    fn set_carrier(&self, peer: PeerId, up: bool) {
+        let Some(tun) = self.tuns.get(usize::from(peer.0)) else {
+            return;
+        };
+        let name = self.engine.peer(peer).map_or("?", |(n, _, _)| n);
+        match sys::set_tun_carrier(&**tun, up) {
+            Ok(()) => info!(peer = name, carrier = up, "TUN carrier set"),
+            Err(e) => warn!(peer = name, error = %e, "could not set TUN carrier"),
         }
     }
 
@@ -215,6 +271,19 @@ impl BfdThread {
                     warn!(peer = name, "peer down: no path left");
                 }
                 self.metrics.set_peer_up(usize::from(peer.0), up);
+                self.set_carrier(peer, up);
+            }
+            Event::PathBlock { path, cause } => {
+                let Some(p) = self.engine.path(path) else {
+                    return;
+                };
+                let peer = self.engine.peer(p.peer).map_or("?", |(n, _, _)| n);
+                match cause {
+                    Some(c) => {
+                        warn!(peer, path = %p.name, cause = c.as_str(), "path out of service")
+                    }
+                    None => info!(peer, path = %p.name, "path back in service"),
+                }
             }
         }
     }
@@ -257,6 +326,12 @@ impl BfdThread {
                     self.shutdown();
                     let _ = reply.send(());
                     return true;
+                }
+                Command::Link { path, up } => {
+                    self.engine.handle_link_event(path, up, clock::now());
+                }
+                Command::SendError(path) => {
+                    self.engine.handle_send_error(path, clock::now());
                 }
             }
         }
@@ -327,11 +402,13 @@ impl BfdThread {
         let (priority, weight) = self.meta.paths.get(i).copied().unwrap_or((0, 0));
         let s = &p.session;
         let state = match s.state() {
+            _ if p.blocked().is_some() => "down",
             State::Up => "up",
             State::Down => "down",
             State::Init => "init",
             State::AdminDown => "admin_down",
         };
+        let damping = self.engine.damping(id);
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         Some(PathStatus {
             name: p.name.clone(),
@@ -356,6 +433,10 @@ impl BfdThread {
                 control_tx: p.control_tx,
                 control_rx: p.control_rx,
             },
+            blocked: p.blocked().map(|b| b.as_str().to_string()),
+            flaps: damping.map_or(0, |d| d.flaps),
+            damping_level: damping.map_or(0, |d| d.level),
+            damped_until_unix: damping.and_then(|d| d.until).map(clock::unix_seconds),
             tx_packets: load(&c.tx_packets),
             rx_packets: load(&c.rx_packets),
             tx_bytes: load(&c.tx_bytes),

@@ -3,14 +3,19 @@
 
 use super::control_plane::{BfdThread, Command, CommandLink, Meta};
 use super::data_plane::{FlowTable, PathIn, PathOut, TunOut};
-use super::{clock, netlink::Netlink, tun, udp};
+use super::linkwatch::{self, WatchedPath};
+use super::{clock, netlink::Netlink, sys, tun, udp};
 use crate::config::{Config, ConfigError};
+use crate::dedup::Window;
 use crate::engine::Engine;
 use crate::forward::HEADROOM;
 use crate::telemetry::metrics::{self, Metrics, PathLabels};
 use crate::telemetry::{control, DropCounters, PathCounters};
+use crate::wire::flow::mix;
+use crate::PathId;
 use crate::PeerId;
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use std::io;
 use std::net::{IpAddr, UdpSocket};
 use std::os::unix::net::UnixStream;
@@ -83,7 +88,11 @@ async fn run_async(config: Config, config_path: PathBuf) -> Result<(), DaemonErr
             netlink.add_address(index, a).await?;
         }
         for r in &peer.routes {
-            netlink.add_route(index, r).await?;
+            netlink.add_route(index, r, peer.route_metric).await?;
+        }
+        // No path is up yet: carrier off until the first one is (cloud failover).
+        if let Err(e) = sys::set_tun_carrier(&dev, false) {
+            warn!(tun = %peer.tun, error = %e, "could not turn TUN carrier off");
         }
         info!(peer = %peer.name, tun = %peer.tun, mtu, routes = peer.routes.len(), "TUN up");
         peers.push(PeerIo { tun: Arc::new(dev) });
@@ -156,6 +165,7 @@ async fn run_async(config: Config, config_path: PathBuf) -> Result<(), DaemonErr
         counters: counters.clone(),
         drops: drops.clone(),
         meta,
+        tuns: peers.iter().map(|p| p.tun.clone()).collect(),
     };
     let bfd_handle = std::thread::Builder::new()
         .name("bfd".into())
@@ -164,6 +174,20 @@ async fn run_async(config: Config, config_path: PathBuf) -> Result<(), DaemonErr
         tx: cmd_tx,
         wake: Arc::new(wake_tx),
     };
+    let watched = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| WatchedPath {
+            id: PathId(i as u16),
+            name: p.name.clone(),
+            interface: p.interface.clone(),
+            local: p.local.ip(),
+        })
+        .collect();
+    if let Err(e) = linkwatch::spawn(watched, commands.clone()).await {
+        warn!(error = %e, "no carrier/address watch; failures are detected by BFD only");
+    }
+    let instance_seed = mix(seed ^ 0x6475_706c);
 
     // The forwarding threads.
     let stop = Arc::new(AtomicBool::new(false));
@@ -172,13 +196,16 @@ async fn run_async(config: Config, config_path: PathBuf) -> Result<(), DaemonErr
     let mut path_index = 0usize;
     for (pi, peer) in config.peers.iter().enumerate() {
         let mut out: Vec<Option<PathOut>> = (0..paths.len()).map(|_| None).collect();
+        let dedup = Arc::new(Mutex::new(Window::new()));
         for (k, p) in peer.paths.iter().enumerate() {
             let gi = path_index + k;
             out[gi] = Some(PathOut {
+                id: PathId(gi as u16),
                 socket: data_sockets[gi].clone(),
                 remote: p.remote,
                 counters: counters[gi].clone(),
                 sequence: 0,
+                last_error_report: None,
             });
             let rx = PathIn {
                 socket: data_sockets[gi].clone(),
@@ -187,6 +214,7 @@ async fn run_async(config: Config, config_path: PathBuf) -> Result<(), DaemonErr
                 counters: counters[gi].clone(),
                 drops: drops.clone(),
                 stop: stop.clone(),
+                dedup: dedup.clone(),
             };
             threads.push(
                 std::thread::Builder::new()
@@ -203,6 +231,9 @@ async fn run_async(config: Config, config_path: PathBuf) -> Result<(), DaemonErr
             drops: drops.clone(),
             interrupt: interrupt.clone(),
             flows: FlowTable::default(),
+            commands: commands.clone(),
+            instance: (mix(instance_seed ^ pi as u64) >> 32) as u32,
+            peer_sequence: 0,
         };
         threads.push(
             std::thread::Builder::new()

@@ -8,12 +8,14 @@
 //! - `tun-<peer>`: reads the peer's TUN, places each packet on a path and
 //!   sends it (see [`crate::forward`]).
 //! - `rx-<path>`: receives a path's datagrams and writes them to the TUN.
-//! - the tokio runtime: signals, the control socket, netlink, metrics.
+//! - the tokio runtime: signals, the control socket, netlink (including the
+//!   carrier and address watch, [`linkwatch`]), metrics.
 
 pub mod clock;
 pub mod control_plane;
 pub mod daemon;
 pub mod data_plane;
+pub mod linkwatch;
 pub mod netlink;
 pub mod sys;
 pub mod tun;
