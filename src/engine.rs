@@ -340,7 +340,9 @@ impl Engine {
         let Some(core) = self.peers.get_mut(usize::from(peer.0)) else {
             return;
         };
-        if let Some(change) = core.steering.handle_path_health(id, healthy, now) {
+        let change = core.steering.handle_path_health(id, healthy, now);
+        self.dirty |= core.steering.take_changed();
+        if let Some(change) = change {
             self.on_steering_change(peer, change.from, change.to, detection);
         }
     }
@@ -365,7 +367,9 @@ impl Engine {
             }
         }
         for pi in 0..self.peers.len() {
-            if let Some(change) = self.peers[pi].steering.handle_timeout(now) {
+            let change = self.peers[pi].steering.handle_timeout(now);
+            self.dirty |= self.peers[pi].steering.take_changed();
+            if let Some(change) = change {
                 self.on_steering_change(PeerId(pi as u16), change.from, change.to, None);
             }
         }

@@ -118,6 +118,9 @@ pub struct Steering {
     revert_hold: Duration,
     slots: Vec<Slot>,
     active: Option<PathId>,
+    /// The eligible set last published, best first.
+    published: Vec<PathId>,
+    changed: bool,
 }
 
 impl Steering {
@@ -142,7 +145,16 @@ impl Steering {
             revert_hold,
             slots,
             active: None,
+            published: Vec::new(),
+            changed: false,
         }
+    }
+
+    /// Whether the selection (the eligible set, not just the active path)
+    /// changed since the last call: `balance` and `duplicate` use every
+    /// eligible path, so the data plane needs a new snapshot then too.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     /// A path's health changed (BFD Up, or not).
@@ -232,7 +244,12 @@ impl Steering {
     }
 
     fn recompute(&mut self) -> Option<Change> {
-        let best = self.ranked().first().copied();
+        let ranked = self.ranked();
+        if ranked != self.published {
+            self.published = ranked;
+            self.changed = true;
+        }
+        let best = self.published.first().copied();
         if best == self.active {
             return None;
         }
@@ -472,6 +489,25 @@ mod tests {
                 assert_ne!(now, B);
             }
         }
+    }
+
+    #[test]
+    fn a_second_eligible_path_is_a_selection_change() {
+        let t0 = Instant::now();
+        let mut s = Steering::new(Policy::Duplicate, ms(100), &[(A, 1, 1), (B, 2, 1)]);
+        s.handle_path_health(A, true, t0);
+        assert!(s.take_changed());
+        assert!(!s.take_changed());
+        // B waits out the hold; when it joins, the active path stays A but
+        // the selection (the copy's path) changes.
+        assert_eq!(s.handle_path_health(B, true, t0), None);
+        assert!(!s.take_changed());
+        assert_eq!(s.handle_timeout(t0 + ms(100)), None);
+        assert!(s.take_changed());
+        assert_eq!(s.selection().duplicate_path(), Some(B));
+        assert_eq!(s.handle_path_health(B, false, t0 + ms(200)), None);
+        assert!(s.take_changed());
+        assert_eq!(s.selection().duplicate_path(), None);
     }
 
     #[test]
