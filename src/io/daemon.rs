@@ -46,12 +46,35 @@ const DEFAULT_MTU: u16 = 1500 - 40 - 8 - HEADROOM as u16;
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     let config = Config::load(config_path)?;
+    refuse_unsupported(&config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("crosslink-rt")
         .enable_all()
         .build()?;
     rt.block_on(run_async(config, config_path.to_path_buf()))
+}
+
+/// Settings this build parses but cannot honour yet. Running without them
+/// would silently weaken what the operator asked for, so refuse instead.
+fn refuse_unsupported(config: &Config) -> Result<(), DaemonError> {
+    for peer in &config.peers {
+        if peer.key_file.is_some() {
+            return Err(DaemonError::Setup(format!(
+                "peer {}: key_file: data-plane encryption is not available in this version; remove key_file to run unencrypted",
+                peer.name
+            )));
+        }
+        for path in &peer.paths {
+            if path.bfd.auth.is_some() {
+                return Err(DaemonError::Setup(format!(
+                    "peer {} path {}: bfd.auth: BFD authentication is not available in this version",
+                    peer.name, path.name
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 struct PeerIo {
