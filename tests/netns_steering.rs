@@ -644,6 +644,78 @@ fn carrier_loss_fails_over_in_milliseconds() {
     assert!(median < 100.0, "carrier-loss outages {outages:?} ms");
 }
 
+/// gw-a's underlay address on `path` ("path1" -> 198.18.21.1).
+fn gw_a_addr(path: &str) -> String {
+    let i = if path == "path1" { 1 } else { 2 };
+    format!("198.18.2{i}.1")
+}
+
+#[test]
+fn address_loss_fails_over_in_milliseconds() {
+    if !allowed("address_loss_fails_over_in_milliseconds", &[]) {
+        return;
+    }
+    let _s = serial();
+    // BFD at 100 ms x 3: only the address signal can be fast.
+    let mut net = two_gateways_bfd("al", "active-backup", Family::V4, "200ms", "100ms");
+    let (outages, _report) = measure_cuts(
+        &mut net,
+        Family::V4,
+        &|n, p| drop(n.sh("a", &format!("ip addr del {}/30 dev {p}", gw_a_addr(p)))),
+        &|n, p| n.addr("a", p, &format!("{}/30", gw_a_addr(p))),
+        false,
+    );
+    report_line(
+        "local_address_loss",
+        &outages,
+        "CROSSLINK_NETNS_REQUIRED=1 cargo test --test netns_steering address_loss -- --nocapture",
+    );
+    let mut sorted = outages.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert!(
+        sorted[sorted.len() / 2] < 100.0,
+        "address-loss outages {outages:?} ms"
+    );
+}
+
+#[test]
+fn send_errors_fail_over_in_milliseconds() {
+    if !allowed("send_errors_fail_over_in_milliseconds", &[]) {
+        return;
+    }
+    let _s = serial();
+    // BFD at 100 ms x 3; the path's route vanishes on gw-a (link and address
+    // stay), so sends fail with ENETUNREACH and the path becomes suspect.
+    let mut net = two_gateways_bfd("se", "active-backup", Family::V4, "200ms", "100ms");
+    let subnet = |p: &str| format!("198.18.2{}.0/30", if p == "path1" { 1 } else { 2 });
+    let (outages, _report) = measure_cuts(
+        &mut net,
+        Family::V4,
+        &|n, p| drop(n.sh("a", &format!("ip route del {} dev {p}", subnet(p)))),
+        &|n, p| {
+            let add = format!("ip route add {} dev {p} src {}", subnet(p), gw_a_addr(p));
+            drop(n.sh("a", &add));
+        },
+        false,
+    );
+    report_line(
+        "send_error_enetunreach",
+        &outages,
+        "CROSSLINK_NETNS_REQUIRED=1 cargo test --test netns_steering send_errors -- --nocapture",
+    );
+    let log = fs::read_to_string(net.log("a")).unwrap_or_default();
+    assert!(
+        log.contains("send_error"),
+        "gw-a never marked a path suspect"
+    );
+    let mut sorted = outages.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert!(
+        sorted[sorted.len() / 2] < 100.0,
+        "send-error outages {outages:?} ms"
+    );
+}
+
 #[test]
 fn duplicate_loses_nothing_on_a_blackhole() {
     if !allowed("duplicate_loses_nothing_on_a_blackhole", &["nft"]) {
