@@ -337,7 +337,11 @@ impl Drop for Net {
             }
             let _ = run(Command::new("ip").args(["netns", "del", ns]));
         }
-        let _ = fs::remove_dir_all(&self.dir);
+        if std::env::var_os("CROSSLINK_LAB_KEEP").is_some() {
+            eprintln!("kept {} (CROSSLINK_LAB_KEEP)", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -609,6 +613,21 @@ fn bfd_blackhole_outage_active_backup() {
         assert!(*o > 0.0, "a blackhole cannot be free of loss: {outages:?}");
         assert!(*o < 250.0, "outage {o} ms at BFD 10 ms x 3: {report}");
     }
+    // Every cut was a flap; repeated flaps raised path1's damping level.
+    let s = net.status("a").unwrap();
+    let flaps = |p: &str| path_json(&s, 0, p)["flaps"].as_u64().unwrap_or(0);
+    let level = path_json(&s, 0, "path1")["damping_level"]
+        .as_u64()
+        .unwrap_or(0);
+    say(&format!(
+        "REPORT flap_damping path1 flaps={} level={level} path2 flaps={}",
+        flaps("path1"),
+        flaps("path2")
+    ));
+    assert!(flaps("path1") + flaps("path2") >= runs() as u64, "{s}");
+    if runs() >= 3 {
+        assert!(level >= 2, "path1 flapped {} times: {s}", flaps("path1"));
+    }
 }
 
 #[test]
@@ -762,6 +781,17 @@ fn duplicate_loses_nothing_on_a_blackhole() {
             "{b}"
         );
     }
+    // IPv6 inner traffic over the IPv4 underlay, duplicated and suppressed too.
+    let receiver = net.receiver("s", "[2001:2:0:30::2]:9001");
+    let sender = net.sender("c", "[2001:2:0:30::2]:9001", "[2001:2:0:10::1]:0");
+    std::thread::sleep(Duration::from_millis(1000));
+    let v6 = finish(sender, receiver);
+    assert!(
+        num(&v6, "received") > 1000.0,
+        "IPv6 over IPv4 underlay: {v6}"
+    );
+    assert_eq!(num(&v6, "duplicates"), 0.0, "{v6}");
+    assert_eq!(num(&v6, "lost"), 0.0, "{v6}");
 }
 
 #[test]
