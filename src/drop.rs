@@ -32,11 +32,13 @@ pub enum DropReason {
     Duplicate,
     /// `duplicate` policy: a packet too far behind the sequence window to tell.
     DuplicateStale,
+    /// Echo reply whose stamp is not one we sent recently.
+    EchoStale,
 }
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -51,6 +53,7 @@ impl DropReason {
         DropReason::BfdUnknownSession,
         DropReason::Duplicate,
         DropReason::DuplicateStale,
+        DropReason::EchoStale,
     ];
 
     /// The metric label.
@@ -70,6 +73,7 @@ impl DropReason {
             DropReason::BfdUnknownSession => "bfd_unknown_session",
             DropReason::Duplicate => "duplicate",
             DropReason::DuplicateStale => "duplicate_stale",
+            DropReason::EchoStale => "echo_stale",
         }
     }
 

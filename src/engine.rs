@@ -30,9 +30,15 @@
 //!
 //! A path is *healthy* for steering when its session is Up and it is not
 //! blocked; every loss of health counts as a flap for flap damping.
+//!
+//! Peers and paths can be added and removed while running (configuration
+//! reload). Their ids are slots that are never reused: a removed path or
+//! peer stays behind as a *retired* tombstone, so an id held anywhere in
+//! the shell (a forwarding table, a metric handle) can never come to mean
+//! a different path. Unchanged paths keep their sessions untouched.
 
 use crate::bfd::{Session, SessionConfig, SessionEvent};
-use crate::config::{BfdConfig, Config, Hop, Policy};
+use crate::config::{BfdConfig, Config, Hop, PathConfig, PeerConfig, Policy};
 use crate::drop::DropReason;
 use crate::steer::{Damping, Selection, Steering};
 use crate::wire::bfd::{ControlPacket, Diag, State};
@@ -110,6 +116,7 @@ struct PeerCore {
     steering: Steering,
     paths: Vec<PathId>,
     up: bool,
+    retired: bool,
 }
 
 /// Per-path control state.
@@ -126,6 +133,7 @@ pub struct PathCore {
     block: Option<Block>,
     pub control_tx: u64,
     pub control_rx: u64,
+    retired: bool,
 }
 
 impl PathCore {
@@ -143,6 +151,11 @@ impl PathCore {
     pub fn blocked(&self) -> Option<BlockCause> {
         self.block.map(|b| b.cause)
     }
+
+    /// Whether the path was removed by a reload (its slot is a tombstone).
+    pub fn is_retired(&self) -> bool {
+        self.retired
+    }
 }
 
 /// The gateway's control plane.
@@ -152,6 +165,7 @@ pub struct Engine {
     events: VecDeque<Event>,
     dirty: bool,
     next_tx: usize,
+    seed: u64,
 }
 
 impl Engine {
@@ -163,44 +177,119 @@ impl Engine {
             events: VecDeque::new(),
             dirty: true,
             next_tx: 0,
+            seed,
         };
-        for (pi, peer) in config.peers.iter().enumerate() {
-            let peer_id = PeerId(pi as u16);
-            let mut ids = Vec::new();
-            let mut steer_paths = Vec::new();
-            for path in &peer.paths {
-                let id = PathId(engine.paths.len() as u16);
-                let disc = engine.unique_discriminator(seed);
-                let session = Session::new(
-                    session_config(&path.bfd, disc),
-                    now,
-                    mix(seed ^ u64::from(disc)),
-                );
-                engine.paths.push(PathCore {
-                    peer: peer_id,
-                    name: path.name.clone(),
-                    local: path.local,
-                    remote: path.remote,
-                    hop: path.bfd.hop,
-                    min_ttl: path.bfd.min_ttl,
-                    session,
-                    last_rx: None,
-                    down_since: Some(now),
-                    block: None,
-                    control_tx: 0,
-                    control_rx: 0,
-                });
-                ids.push(id);
-                steer_paths.push((id, path.priority, path.weight));
-            }
-            engine.peers.push(PeerCore {
-                name: peer.name.clone(),
-                steering: Steering::new(peer.policy, peer.revert_hold, &steer_paths),
-                paths: ids,
-                up: false,
-            });
+        for peer in &config.peers {
+            engine.add_peer(peer, now);
         }
         engine
+    }
+
+    /// Adds a peer with its paths (their sessions start Down) in the next
+    /// free slot. Returns `None` when the id space is exhausted.
+    pub fn add_peer(&mut self, peer: &PeerConfig, now: Instant) -> Option<PeerId> {
+        let id = PeerId(u16::try_from(self.peers.len()).ok()?);
+        self.peers.push(PeerCore {
+            name: peer.name.clone(),
+            steering: Steering::new(peer.policy, peer.revert_hold, &[]),
+            paths: Vec::new(),
+            up: false,
+            retired: false,
+        });
+        for path in &peer.paths {
+            self.add_path(id, path, now)?;
+        }
+        self.dirty = true;
+        Some(id)
+    }
+
+    /// Adds a path to a live peer; its session starts Down.
+    pub fn add_path(&mut self, peer: PeerId, path: &PathConfig, now: Instant) -> Option<PathId> {
+        let id = PathId(u16::try_from(self.paths.len()).ok()?);
+        let disc = self.unique_discriminator(self.seed);
+        let core = self
+            .peers
+            .get_mut(usize::from(peer.0))
+            .filter(|p| !p.retired)?;
+        core.steering.add_path(id, path.priority, path.weight);
+        core.paths.push(id);
+        let session = Session::new(
+            session_config(&path.bfd, disc),
+            now,
+            mix(self.seed ^ u64::from(disc)),
+        );
+        self.paths.push(PathCore {
+            peer,
+            name: path.name.clone(),
+            local: path.local,
+            remote: path.remote,
+            hop: path.bfd.hop,
+            min_ttl: path.bfd.min_ttl,
+            session,
+            last_rx: None,
+            down_since: Some(now),
+            block: None,
+            control_tx: 0,
+            control_rx: 0,
+            retired: false,
+        });
+        self.dirty = true;
+        Some(id)
+    }
+
+    /// Removes a path: its flows move at once (like a failure, but with no
+    /// detection time), its session goes AdminDown (RFC 5880 §6.8.16) and
+    /// the slot is retired. Returns the AdminDown packet for the shell to
+    /// send, since a retired path transmits nothing more.
+    pub fn remove_path(&mut self, id: PathId, now: Instant) -> Option<ControlPacket> {
+        let path = self.paths.get(usize::from(id.0)).filter(|p| !p.retired)?;
+        let peer = path.peer;
+        let core = self.peers.get_mut(usize::from(peer.0))?;
+        core.paths.retain(|p| *p != id);
+        if let Some(change) = core.steering.remove_path(id) {
+            self.on_steering_change(peer, change.from, change.to, None);
+        }
+        self.dirty = true;
+        let path = self.paths.get_mut(usize::from(id.0))?;
+        path.session.set_admin_down(now);
+        let packet = path.session.poll_transmit(now);
+        path.retired = true;
+        self.drain_session(id, now);
+        packet
+    }
+
+    /// Removes a peer and every path of it; returns the AdminDown packets.
+    pub fn remove_peer(&mut self, id: PeerId, now: Instant) -> Vec<(PathId, ControlPacket)> {
+        let Some(core) = self.peers.get(usize::from(id.0)).filter(|p| !p.retired) else {
+            return Vec::new();
+        };
+        let paths = core.paths.clone();
+        let packets = paths
+            .into_iter()
+            .filter_map(|p| self.remove_path(p, now).map(|pkt| (p, pkt)))
+            .collect();
+        if let Some(core) = self.peers.get_mut(usize::from(id.0)) {
+            core.retired = true;
+        }
+        self.dirty = true;
+        packets
+    }
+
+    /// A live peer by name.
+    pub fn peer_by_name(&self, name: &str) -> Option<PeerId> {
+        self.peers
+            .iter()
+            .position(|p| !p.retired && p.name == name)
+            .map(|i| PeerId(i as u16))
+    }
+
+    /// A live path of a peer by name.
+    pub fn path_by_name(&self, peer: PeerId, name: &str) -> Option<PathId> {
+        let core = self.peers.get(usize::from(peer.0))?;
+        core.paths
+            .iter()
+            .copied()
+            .find(|id| self.path(*id).is_some_and(|p| p.name == name))
     }
 
     fn unique_discriminator(&self, seed: u64) -> u32 {
@@ -270,7 +359,7 @@ impl Engine {
 
     /// The path's underlay interface or local address came or went.
     pub fn handle_link_event(&mut self, id: PathId, up: bool, now: Instant) {
-        let Some(path) = self.paths.get_mut(usize::from(id.0)) else {
+        let Some(path) = self.paths.get_mut(usize::from(id.0)).filter(|p| !p.retired) else {
             return;
         };
         if up {
@@ -290,7 +379,7 @@ impl Engine {
 
     /// Sending on the path failed with a reachability error.
     pub fn handle_send_error(&mut self, id: PathId, now: Instant) {
-        let Some(path) = self.paths.get_mut(usize::from(id.0)) else {
+        let Some(path) = self.paths.get_mut(usize::from(id.0)).filter(|p| !p.retired) else {
             return;
         };
         match path.block.as_mut() {
@@ -350,17 +439,18 @@ impl Engine {
     fn path_by_addresses(&self, local: IpAddr, remote: IpAddr) -> Option<PathId> {
         self.paths
             .iter()
-            .position(|p| p.local.ip() == local && p.remote.ip() == remote)
+            .position(|p| !p.retired && p.local.ip() == local && p.remote.ip() == remote)
             .map(|i| PathId(i as u16))
     }
 
     /// Runs every timer that is due.
     pub fn handle_timeout(&mut self, now: Instant) {
         for i in 0..self.paths.len() {
-            if self.paths[i]
-                .session
-                .poll_timeout()
-                .is_some_and(|t| t <= now)
+            if !self.paths[i].retired
+                && self.paths[i]
+                    .session
+                    .poll_timeout()
+                    .is_some_and(|t| t <= now)
             {
                 self.paths[i].session.handle_timeout(now);
                 self.drain_session(PathId(i as u16), now);
@@ -424,7 +514,11 @@ impl Engine {
 
     /// The earliest time `handle_timeout` has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let sessions = self.paths.iter().filter_map(|p| p.session.poll_timeout());
+        let sessions = self
+            .paths
+            .iter()
+            .filter(|p| !p.retired)
+            .filter_map(|p| p.session.poll_timeout());
         let steering = self.peers.iter().filter_map(|p| p.steering.poll_timeout());
         sessions.chain(steering).min()
     }
@@ -434,6 +528,9 @@ impl Engine {
         let n = self.paths.len();
         for k in 0..n {
             let i = (self.next_tx + k) % n;
+            if self.paths[i].retired {
+                continue;
+            }
             if let Some(pkt) = self.paths[i].session.poll_transmit(now) {
                 self.next_tx = (i + 1) % n;
                 self.paths[i].control_tx += 1;
@@ -466,12 +563,16 @@ impl Engine {
     /// Takes every session administratively down (clean shutdown, RFC 5880 §6.8.16).
     pub fn set_admin_down_all(&mut self, now: Instant) {
         for i in 0..self.paths.len() {
+            if self.paths[i].retired {
+                continue;
+            }
             self.paths[i].session.set_admin_down(now);
             self.drain_session(PathId(i as u16), now);
         }
     }
 
-    /// All paths, indexed by [`PathId`].
+    /// All path slots, indexed by [`PathId`], retired ones included
+    /// (see [`PathCore::is_retired`]).
     pub fn paths(&self) -> &[PathCore] {
         &self.paths
     }
@@ -490,22 +591,23 @@ impl Engine {
             .damping(id)
     }
 
-    /// Number of peers.
+    /// Number of peer slots, retired ones included.
     pub fn peer_count(&self) -> usize {
         self.peers.len()
     }
 
-    /// A peer's name, whether it has a usable path, and its paths.
+    /// A live peer's name, whether it has a usable path, and its paths.
     pub fn peer(&self, id: PeerId) -> Option<(&str, bool, &[PathId])> {
         self.peers
             .get(usize::from(id.0))
+            .filter(|p| !p.retired)
             .map(|p| (p.name.as_str(), p.up, p.paths.as_slice()))
     }
 
     /// Whether the path is the one carrying the peer's traffic (or, for
     /// `balance` and `duplicate`, one of those carrying it).
     pub fn is_active(&self, id: PathId) -> bool {
-        let Some(path) = self.path(id) else {
+        let Some(path) = self.path(id).filter(|p| !p.retired) else {
             return false;
         };
         let Some(peer) = self.peers.get(usize::from(path.peer.0)) else {
@@ -529,5 +631,133 @@ fn session_config(bfd: &BfdConfig, local_discriminator: u32) -> SessionConfig {
         required_min_rx: bfd.rx_interval,
         detect_mult: bfd.multiplier,
         passive: bfd.passive,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(side: u8, paths: &[u8]) -> Config {
+        let other = 3 - side;
+        let mut text = format!(
+            "[gateway]\nname = \"g{side}\"\n[bfd]\ntx_interval = \"10ms\"\nrx_interval = \"10ms\"\n\
+             [[peer]]\nname = \"p\"\ntun = \"xl-p\"\nrevert_hold = \"1s\"\n"
+        );
+        for n in paths {
+            text.push_str(&format!(
+                "[[peer.path]]\nname = \"p{n}\"\nlocal = \"198.18.2{n}.{side}:4800\"\n\
+                 remote = \"198.18.2{n}.{other}:4800\"\npriority = {n}\n"
+            ));
+        }
+        Config::parse(&text, "test").expect("valid")
+    }
+
+    /// Runs `src`'s timers and delivers what it sends to `dst` at once
+    /// (packets for paths `dst` no longer has are refused and ignored).
+    fn exchange(src: &mut Engine, dst: &mut Engine, now: Instant) {
+        src.handle_timeout(now);
+        while let Some((id, pkt)) = src.poll_transmit(now) {
+            deliver(src, dst, id, &pkt, now);
+        }
+    }
+
+    fn deliver(src: &Engine, dst: &mut Engine, id: PathId, pkt: &ControlPacket, now: Instant) {
+        let mut buf = [0u8; 128];
+        let n = pkt.emit(&mut buf).expect("emit");
+        let p = src.path(id).expect("path");
+        let from = SocketAddr::new(p.local.ip(), 49152);
+        let _ = dst.handle_bfd_datagram(p.remote.ip(), from, Some(255), &buf[..n], now);
+    }
+
+    fn run(a: &mut Engine, b: &mut Engine, t0: Instant, from_ms: u64, to_ms: u64) {
+        for ms in from_ms..to_ms {
+            let now = t0 + Duration::from_millis(ms);
+            exchange(a, b, now);
+            exchange(b, a, now);
+        }
+    }
+
+    fn id(e: &Engine, name: &str) -> PathId {
+        let peer = e.peer_by_name("p").expect("peer");
+        e.path_by_name(peer, name).expect("path")
+    }
+
+    fn snapshot(e: &Engine, name: &str) -> (u32, u64, State) {
+        let s = &e.path(id(e, name)).expect("path").session;
+        (s.local_discriminator(), s.transitions(), s.state())
+    }
+
+    #[test]
+    fn reload_swaps_a_path_without_touching_the_other() {
+        let t0 = Instant::now();
+        let mut a = Engine::new(&config(1, &[1, 2]), t0, 1);
+        let mut b = Engine::new(&config(2, &[1, 2]), t0, 2);
+        run(&mut a, &mut b, t0, 0, 3000);
+        let p1 = id(&a, "p1");
+        assert_eq!(a.forwarding().peers[0].active, Some(p1));
+        let before = (snapshot(&a, "p1"), snapshot(&b, "p1"));
+        assert_eq!(before.0 .2, State::Up);
+        while a.poll_event().is_some() {}
+
+        // Both sides drop p2 and add p3, as a reload would.
+        let now = t0 + Duration::from_millis(3000);
+        let p2 = id(&a, "p2");
+        let admin_down = a.remove_path(p2, now).expect("AdminDown packet");
+        assert_eq!(admin_down.state, State::AdminDown);
+        deliver(&a, &mut b, p2, &admin_down, now);
+        assert_eq!(snapshot(&b, "p2").2, State::Down, "b heard the AdminDown");
+        b.remove_path(id(&b, "p2"), now).expect("AdminDown packet");
+        assert!(a.path(p2).is_some_and(PathCore::is_retired));
+        assert!(a.path_by_name(PeerId(0), "p2").is_none());
+        let peer = a.peer_by_name("p").expect("peer");
+        let new = config(1, &[3]).peers[0].paths[0].clone();
+        let p3 = a.add_path(peer, &new, now).expect("added");
+        assert_eq!(p3, PathId(2), "ids are never reused");
+        let new_b = config(2, &[3]).peers[0].paths[0].clone();
+        b.add_path(b.peer_by_name("p").expect("peer"), &new_b, now)
+            .expect("added");
+        run(&mut a, &mut b, t0, 3000, 6000);
+
+        assert_eq!(snapshot(&a, "p3").2, State::Up);
+        assert_eq!((snapshot(&a, "p1"), snapshot(&b, "p1")), before);
+        assert_eq!(a.forwarding().peers[0].active, Some(p1));
+        while let Some(ev) = a.poll_event() {
+            assert!(
+                !matches!(ev, Event::Failover { .. } | Event::PeerUp { .. }),
+                "{ev:?}"
+            );
+        }
+        // The retired slot sends nothing and is not active.
+        assert!(!a.is_active(p2));
+        let (_, _, ids) = a.peer(peer).expect("peer");
+        assert_eq!(ids, [p1, p3]);
+    }
+
+    #[test]
+    fn removing_a_peer_sends_admin_down_and_empties_its_selection() {
+        let t0 = Instant::now();
+        let mut a = Engine::new(&config(1, &[1, 2]), t0, 1);
+        let mut b = Engine::new(&config(2, &[1, 2]), t0, 2);
+        run(&mut a, &mut b, t0, 0, 3000);
+        while a.poll_event().is_some() {}
+        let now = t0 + Duration::from_millis(3000);
+        let peer = a.peer_by_name("p").expect("peer");
+        let packets = a.remove_peer(peer, now);
+        assert_eq!(packets.len(), 2);
+        assert!(packets.iter().all(|(_, p)| p.state == State::AdminDown));
+        assert!(a.peer(peer).is_none() && a.peer_by_name("p").is_none());
+        assert_eq!(a.forwarding().peers[0].active, None);
+        let events: Vec<Event> = std::iter::from_fn(|| a.poll_event()).collect();
+        assert!(
+            events.contains(&Event::PeerUp { peer, up: false }),
+            "{events:?}"
+        );
+        assert_eq!(a.poll_timeout(), None, "nothing left to run");
+        // A peer of the same name can come back, in a new slot.
+        let again = a.add_peer(&config(1, &[1]).peers[0], now).expect("added");
+        assert_eq!(again, PeerId(1));
+        run(&mut a, &mut b, t0, 3000, 5000);
+        assert!(a.forwarding().peers[1].active.is_some());
     }
 }

@@ -9,13 +9,19 @@
 //! peer loses its last usable path the thread turns the peer's TUN carrier
 //! off, and on again with the first healthy path (cloud failover: a route
 //! with a higher metric through another peer's TUN takes over meanwhile).
+//!
+//! A configuration reload reaches it as one [`Plan`]: the paths and peers
+//! to remove (AdminDown is sent on each, a few times, before its socket
+//! closes) and those to add, with sockets the shell has already opened.
+//! Everything else in the engine is left as it was.
 
 use super::{clock, sys, udp};
+use crate::config::{PathConfig, PeerConfig};
 use crate::engine::{Engine, Event, Forwarding};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, PathLabels};
 use crate::telemetry::status::{BfdStatus, PathStatus, PeerStatus, Status};
 use crate::telemetry::{DropCounters, PathCounters};
-use crate::wire::bfd::State;
+use crate::wire::bfd::{ControlPacket, State};
 use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
 use std::io::{self, Read};
@@ -42,14 +48,46 @@ pub enum Command {
     },
     /// Sending on the path failed with a reachability error.
     SendError(PathId),
+    Apply(Box<Plan>, oneshot::Sender<Applied>),
 }
 
-/// The static facts the status document repeats.
+/// A path to add, with its opened BFD transmit socket.
+pub struct NewPath {
+    pub peer: String,
+    pub config: PathConfig,
+    pub bfd_tx: UdpSocket,
+    pub counters: Arc<PathCounters>,
+}
+
+/// A change of configuration, in the order it is applied: removals first.
+#[derive(Default)]
+pub struct Plan {
+    pub remove_paths: Vec<PathId>,
+    pub remove_peers: Vec<PeerId>,
+    /// Peers to add (their `paths` are ignored: see `add_paths`).
+    pub add_peers: Vec<PeerConfig>,
+    pub add_paths: Vec<NewPath>,
+    /// BFD receive sockets for local addresses that had none.
+    pub add_rx: Vec<(IpAddr, UdpSocket)>,
+    /// Local addresses no live path uses any more.
+    pub remove_rx: Vec<IpAddr>,
+    /// The TUN of each added peer, by peer name, for carrier control.
+    pub add_tuns: Vec<(String, Arc<SyncDevice>)>,
+}
+
+/// The ids the engine gave to what a [`Plan`] added.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub peers: Vec<(String, PeerId)>,
+    pub paths: Vec<(String, String, PathId)>,
+}
+
+/// The static facts the status document repeats, by id slot.
 pub struct Meta {
     pub gateway: String,
     pub started: Instant,
-    pub peers: Vec<(String, String)>, // tun, policy
-    pub paths: Vec<(u32, u32)>,       // priority, weight
+    pub peers: Vec<Option<(String, String)>>, // tun, policy
+    pub paths: Vec<Option<(u32, u32)>>,       // priority, weight
 }
 
 #[derive(Clone)]
@@ -71,6 +109,14 @@ impl CommandLink {
     pub async fn status(&self) -> Option<Status> {
         let (tx, rx) = oneshot::channel();
         if !self.send(Command::Status(tx)) {
+            return None;
+        }
+        rx.await.ok()
+    }
+
+    pub async fn apply(&self, plan: Plan) -> Option<Applied> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(Command::Apply(Box::new(plan), tx)) {
             return None;
         }
         rx.await.ok()
@@ -102,17 +148,19 @@ impl WriteByte for &UnixStream {
 /// The BFD thread's state.
 pub struct BfdThread {
     pub engine: Engine,
-    pub tx: Vec<UdpSocket>,
+    /// BFD transmit sockets by [`PathId`] (`None` once removed).
+    pub tx: Vec<Option<UdpSocket>>,
     pub rx: Vec<(IpAddr, UdpSocket)>,
     pub commands: mpsc::Receiver<Command>,
     pub wake: UnixStream,
     pub forwarding: Arc<ArcSwap<Forwarding>>,
     pub metrics: Arc<Metrics>,
-    pub counters: Vec<Arc<PathCounters>>,
+    /// Forwarding counters by [`PathId`].
+    pub counters: Vec<Option<Arc<PathCounters>>>,
     pub drops: Arc<DropCounters>,
     pub meta: Meta,
     /// Each peer's TUN, indexed by [`PeerId`], for carrier control.
-    pub tuns: Vec<Arc<SyncDevice>>,
+    pub tuns: Vec<Option<Arc<SyncDevice>>>,
 }
 
 impl BfdThread {
@@ -123,12 +171,12 @@ impl BfdThread {
                 warn!(error = %e, "BFD thread could not get real-time priority; running at normal priority")
             }
         }
-        let mut fds: Vec<_> = self.rx.iter().map(|(_, s)| s.as_raw_fd()).collect();
-        fds.push(self.wake.as_raw_fd());
-        let wake_index = fds.len() - 1;
         let mut ready = Vec::new();
         let mut buf = vec![0u8; 2048];
         loop {
+            let mut fds: Vec<_> = self.rx.iter().map(|(_, s)| s.as_raw_fd()).collect();
+            fds.push(self.wake.as_raw_fd());
+            let wake_index = fds.len() - 1;
             let now = clock::now();
             self.engine.handle_timeout(now);
             self.flush(now, &mut buf);
@@ -156,7 +204,7 @@ impl BfdThread {
     fn flush(&mut self, now: Instant, buf: &mut [u8]) {
         while let Some((id, pkt)) = self.engine.poll_transmit(now) {
             let i = usize::from(id.0);
-            let (Some(path), Some(sock)) = (self.engine.path(id), self.tx.get(i)) else {
+            let (Some(path), Some(Some(sock))) = (self.engine.path(id), self.tx.get(i)) else {
                 continue;
             };
             let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
@@ -184,7 +232,10 @@ impl BfdThread {
         }
         if let Some(f) = self.engine.poll_forwarding() {
             any = true;
-            for (i, _) in self.engine.paths().iter().enumerate() {
+            for (i, p) in self.engine.paths().iter().enumerate() {
+                if p.is_retired() {
+                    continue;
+                }
                 if let Some(m) = self.metrics.path(i) {
                     m.set_active(self.engine.is_active(PathId(i as u16)));
                 }
@@ -208,7 +259,7 @@ impl BfdThread {
 
     /// Cloud failover: carrier follows whether the peer has a usable path.
     fn set_carrier(&self, peer: PeerId, up: bool) {
-        let Some(tun) = self.tuns.get(usize::from(peer.0)) else {
+        let Some(Some(tun)) = self.tuns.get(usize::from(peer.0)) else {
             return;
         };
         let name = self.engine.peer(peer).map_or("?", |(n, _, _)| n);
@@ -251,6 +302,7 @@ impl BfdThread {
                 let peer_name = self.engine.peer(peer).map_or("?", |(n, _, _)| n);
                 let flows = from
                     .and_then(|i| self.counters.get(usize::from(i.0)))
+                    .and_then(Option::as_ref)
                     .map_or(0, |c| c.flows.load(Ordering::Relaxed));
                 match detection {
                     Some(d) => {
@@ -333,6 +385,10 @@ impl BfdThread {
                 Command::SendError(path) => {
                     self.engine.handle_send_error(path, clock::now());
                 }
+                Command::Apply(plan, reply) => {
+                    let applied = self.apply(*plan);
+                    let _ = reply.send(applied);
+                }
             }
         }
         false
@@ -344,26 +400,127 @@ impl BfdThread {
         let now = clock::now();
         self.engine.set_admin_down_all(now);
         let mut packets = Vec::new();
+        while let Some(p) = self.engine.poll_transmit(now) {
+            packets.push(p);
+        }
+        self.send_final(&packets, Duration::from_millis(5));
+        while let Some(ev) = self.engine.poll_event() {
+            self.on_event(ev);
+        }
+    }
+
+    /// Sends last packets (AdminDown) three times, `spacing` apart (no
+    /// spacing on reload, where the other sessions must keep their slots).
+    fn send_final(&self, packets: &[(PathId, ControlPacket)], spacing: Duration) {
         let mut buf = [0u8; 512];
-        while let Some((id, pkt)) = self.engine.poll_transmit(now) {
-            if let (Some(path), Ok(n)) = (self.engine.path(id), pkt.emit(&mut buf)) {
+        let mut wire = Vec::new();
+        for (id, pkt) in packets {
+            if let (Some(path), Ok(n)) = (self.engine.path(*id), pkt.emit(&mut buf)) {
                 let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
-                packets.push((usize::from(id.0), dst, buf[..n].to_vec()));
+                wire.push((usize::from(id.0), dst, buf[..n].to_vec()));
             }
         }
         for round in 0..3 {
-            if round > 0 {
-                std::thread::sleep(Duration::from_millis(5));
+            if round > 0 && !spacing.is_zero() {
+                std::thread::sleep(spacing);
             }
-            for (i, dst, bytes) in &packets {
-                if let Some(sock) = self.tx.get(*i) {
+            for (i, dst, bytes) in &wire {
+                if let Some(Some(sock)) = self.tx.get(*i) {
                     let _ = sock.send_to(bytes, dst);
                 }
             }
         }
-        while let Some(ev) = self.engine.poll_event() {
-            self.on_event(ev);
+    }
+
+    /// Applies a reload [`Plan`]: removals (AdminDown sent), then additions.
+    fn apply(&mut self, plan: Plan) -> Applied {
+        let now = clock::now();
+        let mut finals = Vec::new();
+        for id in plan.remove_paths {
+            self.metrics.remove_path(usize::from(id.0));
+            if let Some(pkt) = self.engine.remove_path(id, now) {
+                finals.push((id, pkt));
+            }
         }
+        for id in plan.remove_peers {
+            self.metrics.remove_peer(usize::from(id.0));
+            if let Some(t) = self.tuns.get_mut(usize::from(id.0)) {
+                *t = None;
+            }
+            let paths = self.engine.peer(id).map(|(_, _, p)| p.to_vec());
+            for path in paths.unwrap_or_default() {
+                self.metrics.remove_path(usize::from(path.0));
+            }
+            finals.extend(self.engine.remove_peer(id, now));
+        }
+        self.send_final(&finals, Duration::ZERO);
+        for (id, _) in &finals {
+            if let Some(slot) = self.tx.get_mut(usize::from(id.0)) {
+                *slot = None;
+            }
+        }
+        self.rx.retain(|(ip, _)| !plan.remove_rx.contains(ip));
+        self.rx.extend(plan.add_rx);
+        let mut applied = Applied::default();
+        for peer in &plan.add_peers {
+            let tun = plan
+                .add_tuns
+                .iter()
+                .find(|(name, _)| *name == peer.name)
+                .map(|(_, t)| t.clone());
+            self.add_peer(peer, tun, now, &mut applied);
+        }
+        for path in plan.add_paths {
+            self.add_path(path, now, &mut applied);
+        }
+        self.flush(now, &mut [0u8; 2048]);
+        applied
+    }
+
+    fn add_peer(
+        &mut self,
+        peer: &PeerConfig,
+        tun: Option<Arc<SyncDevice>>,
+        now: Instant,
+        applied: &mut Applied,
+    ) {
+        let bare = PeerConfig {
+            paths: Vec::new(),
+            ..peer.clone()
+        };
+        let Some(id) = self.engine.add_peer(&bare, now) else {
+            error!(peer = %peer.name, "too many peers; not added");
+            return;
+        };
+        self.metrics.add_peer(usize::from(id.0), &peer.name);
+        *slot(&mut self.tuns, usize::from(id.0)) = tun;
+        *slot(&mut self.meta.peers, usize::from(id.0)) =
+            Some((peer.tun.clone(), peer.policy.as_str().to_string()));
+        applied.peers.push((peer.name.clone(), id));
+    }
+
+    fn add_path(&mut self, new: NewPath, now: Instant, applied: &mut Applied) {
+        let c = &new.config;
+        let Some(peer) = self.engine.peer_by_name(&new.peer) else {
+            error!(peer = %new.peer, path = %c.name, "path added to an unknown peer");
+            return;
+        };
+        let Some(id) = self.engine.add_path(peer, c, now) else {
+            error!(peer = %new.peer, path = %c.name, "too many paths; not added");
+            return;
+        };
+        let i = usize::from(id.0);
+        let labels = PathLabels {
+            peer: &new.peer,
+            path: &c.name,
+            local: c.local.to_string(),
+            remote: c.remote.to_string(),
+        };
+        self.metrics.add_path(i, &labels, new.counters.clone());
+        *slot(&mut self.tx, i) = Some(new.bfd_tx);
+        *slot(&mut self.counters, i) = Some(new.counters);
+        *slot(&mut self.meta.paths, i) = Some((c.priority, c.weight));
+        applied.paths.push((new.peer, c.name.clone(), id));
     }
 
     fn status(&self) -> Status {
@@ -372,7 +529,13 @@ impl BfdThread {
             let Some((name, up, ids)) = self.engine.peer(PeerId(pi as u16)) else {
                 continue;
             };
-            let (tun, policy) = self.meta.peers.get(pi).cloned().unwrap_or_default();
+            let (tun, policy) = self
+                .meta
+                .peers
+                .get(pi)
+                .cloned()
+                .flatten()
+                .unwrap_or_default();
             let paths: Vec<PathStatus> =
                 ids.iter().filter_map(|&id| self.path_status(id)).collect();
             let active_path = paths.iter().find(|p| p.active).map(|p| p.name.clone());
@@ -398,8 +561,8 @@ impl BfdThread {
     fn path_status(&self, id: PathId) -> Option<PathStatus> {
         let i = usize::from(id.0);
         let p = self.engine.path(id)?;
-        let c = self.counters.get(i)?;
-        let (priority, weight) = self.meta.paths.get(i).copied().unwrap_or((0, 0));
+        let c = self.counters.get(i)?.as_ref()?;
+        let (priority, weight) = self.meta.paths.get(i).copied().flatten().unwrap_or((0, 0));
         let s = &p.session;
         let state = match s.state() {
             _ if p.blocked().is_some() => "down",
@@ -427,7 +590,7 @@ impl BfdThread {
                 remote_discriminator: s.remote_discriminator(),
                 tx_interval_us: s.tx_interval().as_micros() as u64,
                 detect_time_us: s.detection_time().as_micros() as u64,
-                rtt_us: None,
+                rtt_us: c.rtt().map(|d| d.as_micros() as u64),
                 transitions: s.transitions(),
                 last_change_unix: s.last_change().map(clock::unix_seconds),
                 control_tx: p.control_tx,
@@ -443,4 +606,11 @@ impl BfdThread {
             rx_bytes: load(&c.rx_bytes),
         })
     }
+}
+
+fn slot<T>(v: &mut Vec<Option<T>>, i: usize) -> &mut Option<T> {
+    if v.len() <= i {
+        v.resize_with(i + 1, || None);
+    }
+    &mut v[i]
 }

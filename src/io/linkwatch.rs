@@ -11,7 +11,9 @@
 //! host. Every change of that bit is sent to the BFD thread as
 //! [`Command::Link`], where the engine takes the path out of service at
 //! once (and back only after BFD has seen the far end again): a carrier
-//! loss costs a few milliseconds instead of a BFD detection time.
+//! loss costs a few milliseconds instead of a BFD detection time. The
+//! daemon hands the watch the list of running paths after start-up and
+//! after every reload ([`LinkWatch::set_paths`]).
 
 use super::control_plane::{Command, CommandLink};
 use crate::PathId;
@@ -25,6 +27,7 @@ use rtnetlink::MulticastGroup;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::IpAddr;
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 /// A path whose underlay is watched.
@@ -54,6 +57,22 @@ impl LinkTable {
             reported,
             ..Default::default()
         }
+    }
+
+    /// Replaces the watched paths; a path that stays the same keeps its
+    /// last verdict, a new one is reported only if it is down.
+    pub fn set_paths(&mut self, paths: Vec<WatchedPath>) {
+        let reported = paths
+            .iter()
+            .map(|p| {
+                self.paths
+                    .iter()
+                    .position(|q| q == p)
+                    .and_then(|i| self.reported.get(i).copied().flatten())
+            })
+            .collect();
+        self.paths = paths;
+        self.reported = reported;
     }
 
     /// A link appeared or changed.
@@ -178,9 +197,24 @@ fn nl_err(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> io::Error {
     move |e| io::Error::other(format!("{what}: {e}"))
 }
 
+/// The running watch: tell it which paths to watch.
+pub struct LinkWatch {
+    paths: mpsc::UnboundedSender<Vec<WatchedPath>>,
+}
+
+impl LinkWatch {
+    /// Watches exactly these paths from now on.
+    pub fn set_paths(&self, paths: Vec<WatchedPath>) {
+        if self.paths.send(paths).is_err() {
+            debug!("link watch has stopped");
+        }
+    }
+}
+
 /// Subscribes to link and address events and starts the watch task (on
-/// the current tokio runtime). Fails when netlink is unavailable.
-pub async fn spawn(paths: Vec<WatchedPath>, commands: CommandLink) -> io::Result<()> {
+/// the current tokio runtime), with no path yet. Fails when netlink is
+/// unavailable.
+pub async fn spawn(commands: CommandLink) -> io::Result<LinkWatch> {
     let groups = [
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
@@ -188,7 +222,7 @@ pub async fn spawn(paths: Vec<WatchedPath>, commands: CommandLink) -> io::Result
     ];
     let (conn, handle, mut messages) = rtnetlink::new_multicast_connection(&groups)?;
     tokio::spawn(conn);
-    let mut table = LinkTable::new(paths);
+    let mut table = LinkTable::new(Vec::new());
     // The subscription is live before the dump, so nothing falls between.
     let mut links = handle.link().get().execute();
     while let Some(m) = links.try_next().await.map_err(nl_err("dumping links"))? {
@@ -202,18 +236,30 @@ pub async fn spawn(paths: Vec<WatchedPath>, commands: CommandLink) -> io::Result
     {
         table.apply(&RouteNetlinkMessage::NewAddress(m));
     }
-    report(&mut table, &commands);
+    let (tx, mut rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Some((msg, _)) = messages.next().await {
-            if let NetlinkPayload::InnerMessage(inner) = msg.payload {
-                if table.apply(&inner) && !report(&mut table, &commands) {
-                    return;
+        loop {
+            tokio::select! {
+                msg = messages.next() => {
+                    let Some((msg, _)) = msg else { break };
+                    if let NetlinkPayload::InnerMessage(inner) = msg.payload {
+                        if table.apply(&inner) && !report(&mut table, &commands) {
+                            return;
+                        }
+                    }
+                }
+                paths = rx.recv() => {
+                    let Some(paths) = paths else { return };
+                    table.set_paths(paths);
+                    if !report(&mut table, &commands) {
+                        return;
+                    }
                 }
             }
         }
         warn!("netlink event stream ended; carrier loss is now detected by BFD only");
     });
-    Ok(())
+    Ok(LinkWatch { paths: tx })
 }
 
 /// Sends the changed verdicts; false when the BFD thread is gone.
@@ -308,6 +354,25 @@ mod tests {
         t.set_link(9, Some("other".into()), false);
         t.set_address(9, "198.18.99.9".parse().unwrap(), true);
         assert_eq!(t.changes(), vec![]);
+    }
+
+    #[test]
+    fn new_paths_keep_or_get_their_verdict() {
+        let mut t = table();
+        t.set_link(6, None, false);
+        assert_eq!(t.changes(), vec![(PathId(1), false)]);
+        // A reload keeps path 1 and adds path 7 on the down veth2.
+        let mut paths = paths();
+        paths.push(WatchedPath {
+            id: PathId(7),
+            name: "p3".into(),
+            interface: Some("veth2".into()),
+            local: "2001:2::1".parse().unwrap(),
+        });
+        t.set_paths(paths);
+        assert_eq!(t.changes(), vec![(PathId(7), false)]);
+        t.set_link(6, None, true);
+        assert_eq!(t.changes(), vec![(PathId(1), true), (PathId(7), true)]);
     }
 
     #[test]
