@@ -688,6 +688,24 @@ mod tests {
     }
 
     #[test]
+    fn removing_the_only_eligible_path_takes_a_held_one_at_once() {
+        let t0 = Instant::now();
+        let mut s = ab(1000);
+        s.handle_path_health(A, true, t0);
+        s.handle_path_health(B, true, t0);
+        assert_eq!(s.active(), Some(A));
+        assert!(s.poll_timeout().is_some(), "B waits out its hold");
+        assert_eq!(
+            s.remove_path(A),
+            Some(Change {
+                from: Some(A),
+                to: Some(B)
+            })
+        );
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
     fn zero_hold_means_no_damping() {
         let t0 = Instant::now();
         let mut s = ab(0);
