@@ -28,6 +28,10 @@ pub enum DropReason {
     BfdTtl,
     /// BFD packet from an address with no configured session.
     BfdUnknownSession,
+    /// `duplicate` policy: the second copy of a packet already delivered.
+    Duplicate,
+    /// `duplicate` policy: a packet too far behind the sequence window to tell.
+    DuplicateStale,
     /// Echo reply whose stamp is not one we sent recently.
     EchoStale,
     /// Sealed message whose tag does not verify under the peer's keys.
@@ -42,7 +46,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -55,6 +59,8 @@ impl DropReason {
         DropReason::BfdRejected,
         DropReason::BfdTtl,
         DropReason::BfdUnknownSession,
+        DropReason::Duplicate,
+        DropReason::DuplicateStale,
         DropReason::EchoStale,
         DropReason::AuthFailed,
         DropReason::Replayed,
@@ -76,6 +82,8 @@ impl DropReason {
             DropReason::BfdRejected => "bfd_rejected",
             DropReason::BfdTtl => "bfd_ttl",
             DropReason::BfdUnknownSession => "bfd_unknown_session",
+            DropReason::Duplicate => "duplicate",
+            DropReason::DuplicateStale => "duplicate_stale",
             DropReason::EchoStale => "echo_stale",
             DropReason::AuthFailed => "auth_failed",
             DropReason::Replayed => "replayed",

@@ -219,8 +219,9 @@ fn craft(a: &SendArgs, rng: &mut Rng, right: Option<&Key>, out: &mut [u8]) -> us
         Kind::Plain => {
             let inner = 40;
             inner_ipv4(&mut out[HEADROOM..HEADROOM + inner]);
-            let _ = crate::forward::encapsulate(out, inner, rng.next());
-            HEADROOM + inner
+            let header = Header::data(rng.next());
+            let framed = crate::forward::encapsulate(out, inner, &header);
+            to_front(out, framed)
         }
         Kind::WrongKey | Kind::Stale | Kind::Forged => {
             let mut k = [0u8; 32];
@@ -239,7 +240,9 @@ fn craft(a: &SendArgs, rng: &mut Rng, right: Option<&Key>, out: &mut [u8]) -> us
                 epoch,
                 salt,
             };
-            seal_data(out, inner, 1 + rng.below(1 << 40), &sealer).unwrap_or(0)
+            let header = Header::data(1 + rng.below(1 << 40));
+            let framed = seal_data(out, inner, &header, &sealer);
+            to_front(out, framed)
         }
         Kind::Replay => 0,
         Kind::BfdRandom => {
@@ -259,12 +262,28 @@ fn craft(a: &SendArgs, rng: &mut Rng, right: Option<&Key>, out: &mut [u8]) -> us
     }
 }
 
+/// Moves a framed datagram to the start of `out`; returns its length.
+fn to_front(
+    out: &mut [u8],
+    framed: Result<std::ops::Range<usize>, crate::drop::DropReason>,
+) -> usize {
+    match framed {
+        Ok(r) => {
+            let len = r.len();
+            out.copy_within(r, 0);
+            len
+        }
+        Err(_) => 0,
+    }
+}
+
 fn sealed_header(out: &mut [u8], sequence: u64, epoch: u32) {
     let h = Header {
         msg_type: crate::wire::overlay::MsgType::SealedData,
         flags: 0,
         epoch,
         sequence: sequence >> 8,
+        peer_seq: None,
     };
     let _ = h.emit(out);
 }

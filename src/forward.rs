@@ -2,9 +2,11 @@
 //!
 //! Outbound, a forwarding thread reads an inner packet from the peer's TUN
 //! straight into a buffer at offset [`HEADROOM`], asks [`classify`] which
-//! path carries its flow, writes the overlay header in front with
-//! [`encapsulate`] and sends the whole buffer to the path's remote. No copy
-//! and no allocation happen per packet.
+//! path carries its flow, writes the overlay header right in front of it
+//! with [`encapsulate`] and sends header and packet to the path's remote. No
+//! copy and no allocation happen per packet. The headroom is sized for the
+//! longest header (with the `duplicate` policy's peer-sequence extension);
+//! a shorter header simply starts later in the buffer.
 //!
 //! Inbound, a path's receive thread checks the datagram came from the
 //! path's configured remote, and [`decapsulate`] validates the overlay
@@ -19,8 +21,9 @@
 //! shell chooses (and may obscure) it, so this module stays clock-free.
 //!
 //! A peer with a key uses the sealed variants instead: [`seal_data`] and
-//! [`seal_echo`] encrypt and authenticate in place (the tag goes after the
-//! payload, [`TRAILER`] bytes), and [`open`] checks the replay window,
+//! [`seal_echo`] encrypt and authenticate in place (the header, with any
+//! extension, is the associated data; the tag goes after the payload,
+//! [`TRAILER`] bytes), and [`open`] checks the replay window,
 //! authenticates, decrypts in place and tells data from echo. Plaintext
 //! and sealed messages have distinct types, so a keyed peer refuses
 //! plaintext and an unkeyed one refuses sealed messages
@@ -30,11 +33,12 @@ use crate::crypto::{self, Keys, ReplayWindow, TAG_LEN};
 use crate::drop::DropReason;
 use crate::steer::Selection;
 use crate::wire::flow::FlowKey;
-use crate::wire::overlay::{Header, MsgType, OverlayError, BASE_LEN};
+use crate::wire::overlay::{Header, MsgType, OverlayError, MAX_LEN};
 use crate::PathId;
+use std::ops::Range;
 
 /// Bytes reserved in front of the inner packet for the overlay header.
-pub const HEADROOM: usize = BASE_LEN;
+pub const HEADROOM: usize = MAX_LEN;
 /// Bytes a sealed message carries after its payload (the tag).
 pub const TRAILER: usize = TAG_LEN;
 
@@ -69,18 +73,25 @@ pub fn classify(selection: &Selection, inner: &[u8]) -> Result<Placement, DropRe
     })
 }
 
-/// Writes the overlay header into `buf[..HEADROOM]`, in front of the inner
-/// packet that sits at `buf[HEADROOM..HEADROOM + inner_len]`. Returns the
-/// datagram length.
-pub fn encapsulate(buf: &mut [u8], inner_len: usize, sequence: u64) -> Result<usize, DropReason> {
-    let total = HEADROOM + inner_len;
-    if total > buf.len() {
+/// Writes `header` into the end of `buf[..HEADROOM]`, right in front of
+/// the inner packet that sits at `buf[HEADROOM..HEADROOM + inner_len]`.
+/// Returns where the datagram lies in `buf`.
+pub fn encapsulate(
+    buf: &mut [u8],
+    inner_len: usize,
+    header: &Header,
+) -> Result<Range<usize>, DropReason> {
+    let end = HEADROOM + inner_len;
+    if end > buf.len() {
         return Err(DropReason::TooBig);
     }
-    Header::data(sequence)
-        .emit(buf)
+    let start = HEADROOM
+        .checked_sub(header.len())
+        .ok_or(DropReason::TooBig)?;
+    header
+        .emit(&mut buf[start..HEADROOM])
         .map_err(|_| DropReason::TooBig)?;
-    Ok(total)
+    Ok(start..end)
 }
 
 /// Validates a received datagram and returns its header and inner packet.
@@ -136,22 +147,26 @@ pub fn echo_rtt(sent: u64, now: u64, max_age: u64) -> Option<u64> {
     (rtt <= max_age).then_some(rtt)
 }
 
-/// Like [`encapsulate`], sealed: writes a [`MsgType::SealedData`] header,
-/// encrypts the inner packet in place and appends the tag at
-/// `buf[HEADROOM + inner_len..]`. Returns the datagram length.
+/// Like [`encapsulate`], sealed: writes `header` as a
+/// [`MsgType::SealedData`] message of the sealer's epoch in front of the
+/// inner packet at `buf[HEADROOM..HEADROOM + inner_len]`, encrypts the
+/// packet in place and appends the tag. Returns where the datagram lies.
 pub fn seal_data(
     buf: &mut [u8],
     inner_len: usize,
-    sequence: u64,
+    header: &Header,
     sealer: &Sealer,
-) -> Result<usize, DropReason> {
+) -> Result<Range<usize>, DropReason> {
     let header = Header {
         msg_type: MsgType::SealedData,
-        flags: 0,
         epoch: sealer.epoch,
-        sequence,
+        ..*header
     };
-    seal(buf, header, HEADROOM + inner_len, sealer)
+    let range = encapsulate(buf, inner_len, &header)?;
+    let total = range.end + TRAILER;
+    let datagram = buf.get_mut(range.start..total).ok_or(DropReason::TooBig)?;
+    seal_in_place(datagram, &header, HEADROOM - range.start, sealer)?;
+    Ok(range.start..total)
 }
 
 /// Writes a sealed echo message into `out`; returns its length.
@@ -161,39 +176,49 @@ pub fn seal_echo(echo: Echo, out: &mut [u8], sealer: &Sealer) -> Result<usize, D
         Echo::Reply(s) => (MsgType::SealedEchoReply, s),
     };
     let header = Header {
-        msg_type,
-        flags: 0,
         epoch: sealer.epoch,
-        sequence: stamp,
+        ..Header::echo(msg_type, stamp)
     };
-    seal(out, header, BASE_LEN, sealer)
+    let hlen = header.len();
+    let total = hlen + TRAILER;
+    let datagram = out.get_mut(..total).ok_or(DropReason::TooBig)?;
+    header.emit(datagram).map_err(|_| DropReason::TooBig)?;
+    seal_in_place(datagram, &header, hlen, sealer)?;
+    Ok(total)
 }
 
-/// Emits `header`, seals `buf[header len..end]` and appends the tag.
-fn seal(buf: &mut [u8], header: Header, end: usize, sealer: &Sealer) -> Result<usize, DropReason> {
-    let total = end + TRAILER;
-    if total > buf.len() {
-        return Err(DropReason::TooBig);
-    }
-    let hlen = header.emit(buf).map_err(|_| DropReason::TooBig)?;
+/// Seals `datagram = header (hlen) | payload | room for the tag`, the
+/// header already written.
+fn seal_in_place(
+    datagram: &mut [u8],
+    header: &Header,
+    hlen: usize,
+    sealer: &Sealer,
+) -> Result<(), DropReason> {
     let nonce = crypto::nonce(
         header.epoch,
         header.sequence,
         header.msg_type as u8,
         sealer.salt,
     );
-    let (head, rest) = buf.split_at_mut(hlen);
-    let (payload, tail) = rest.split_at_mut(end - hlen);
+    let body_end = datagram
+        .len()
+        .checked_sub(TRAILER)
+        .filter(|&e| e >= hlen)
+        .ok_or(DropReason::TooBig)?;
+    let (head, rest) = datagram.split_at_mut(hlen);
+    let (payload, tail) = rest.split_at_mut(body_end - hlen);
     let tag = sealer.keys.seal(&nonce, head, payload);
-    tail[..TRAILER].copy_from_slice(&tag);
-    Ok(total)
+    tail.copy_from_slice(&tag);
+    Ok(())
 }
 
 /// A message received from a keyed peer, opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Opened {
-    /// The inner packet, decrypted in place, at this range of the datagram.
-    Data(std::ops::Range<usize>),
+    /// The header and the inner packet, decrypted in place, at this range
+    /// of the datagram.
+    Data(Header, Range<usize>),
     /// An echo message and the sender's epoch (for [`crypto::EchoGuard`]).
     Echo(Echo, u32),
 }
@@ -242,7 +267,7 @@ pub fn open(
         _ if is_data => {
             window.commit(header.epoch, header.sequence);
             check_inner(payload)?;
-            Ok(Opened::Data(hlen..end))
+            Ok(Opened::Data(header, hlen..end))
         }
         _ => Err(DropReason::OverlayUnsupported),
     }
@@ -267,6 +292,7 @@ mod tests {
     use super::*;
     use crate::config::Policy;
     use crate::wire::flow::tests::udp4;
+    use crate::wire::overlay::{PeerSeq, BASE_LEN};
 
     fn sel(active: Option<PathId>) -> Selection {
         Selection {
@@ -281,10 +307,28 @@ mod tests {
         let inner = udp4([198, 18, 10, 1], [198, 18, 30, 2], 1000, 2000, 100);
         let mut buf = vec![0u8; 2048];
         buf[HEADROOM..HEADROOM + inner.len()].copy_from_slice(&inner);
-        let n = encapsulate(&mut buf, inner.len(), 42).unwrap();
-        assert_eq!(n, inner.len() + HEADROOM);
-        let (h, back) = decapsulate(&buf[..n]).unwrap();
+        let r = encapsulate(&mut buf, inner.len(), &Header::data(42)).unwrap();
+        assert_eq!(r, HEADROOM - 16..inner.len() + HEADROOM);
+        let (h, back) = decapsulate(&buf[r]).unwrap();
         assert_eq!(h.sequence, 42);
+        assert_eq!(h.peer_seq, None);
+        assert_eq!(back, &inner[..]);
+    }
+
+    #[test]
+    fn encap_decap_with_peer_sequence() {
+        use crate::wire::overlay::PeerSeq;
+        let inner = udp4([198, 18, 10, 1], [198, 18, 30, 2], 1000, 2000, 100);
+        let mut buf = vec![0u8; 2048];
+        buf[HEADROOM..HEADROOM + inner.len()].copy_from_slice(&inner);
+        let ps = PeerSeq {
+            instance: 3,
+            sequence: 77,
+        };
+        let r = encapsulate(&mut buf, inner.len(), &Header::data(1).with_peer_seq(ps)).unwrap();
+        assert_eq!(r, 0..inner.len() + HEADROOM);
+        let (h, back) = decapsulate(&buf[r]).unwrap();
+        assert_eq!(h.peer_seq, Some(ps));
         assert_eq!(back, &inner[..]);
     }
 
@@ -309,14 +353,15 @@ mod tests {
             decapsulate(&[9; 64]).unwrap_err(),
             DropReason::OverlayUnsupported
         );
-        let mut buf = [0u8; 64];
-        encapsulate(&mut buf, 48, 1).unwrap();
+        let mut buf = [0u8; 80];
+        let r = encapsulate(&mut buf, 48, &Header::data(1)).unwrap();
+        let d = &mut buf[r];
         // Header fine, inner is zeros: not IP.
-        assert_eq!(decapsulate(&buf).unwrap_err(), DropReason::InnerMalformed);
-        buf[HEADROOM] = 0x45;
-        assert!(decapsulate(&buf).is_ok());
+        assert_eq!(decapsulate(d).unwrap_err(), DropReason::InnerMalformed);
+        d[16] = 0x45;
+        assert!(decapsulate(d).is_ok());
         assert_eq!(
-            decapsulate(&buf[..HEADROOM + 10]).unwrap_err(),
+            decapsulate(&d[..16 + 10]).unwrap_err(),
             DropReason::InnerMalformed
         );
     }
@@ -325,7 +370,7 @@ mod tests {
     fn echo_messages() {
         let mut buf = [0u8; 64];
         let n = emit_echo(Echo::Request(123), &mut buf).unwrap();
-        assert_eq!(n, BASE_LEN);
+        assert_eq!(n, crate::wire::overlay::BASE_LEN);
         assert_eq!(parse_echo(&buf[..n]), Some(Echo::Request(123)));
         // An echo is not data.
         assert_eq!(
@@ -335,8 +380,8 @@ mod tests {
         let n = emit_echo(Echo::Reply(9), &mut buf).unwrap();
         assert_eq!(parse_echo(&buf[..n]), Some(Echo::Reply(9)));
         assert_eq!(parse_echo(&buf[..3]), None);
-        encapsulate(&mut buf, 20, 5).unwrap();
-        assert_eq!(parse_echo(&buf), None);
+        let r = encapsulate(&mut buf, 20, &Header::data(5)).unwrap();
+        assert_eq!(parse_echo(&buf[r]), None);
         assert_eq!(
             emit_echo(Echo::Reply(1), &mut [0u8; 4]),
             Err(DropReason::TooBig)
@@ -363,11 +408,10 @@ mod tests {
             epoch,
             salt,
         };
-        let n = seal_data(&mut buf, inner.len(), seq, &sealer).unwrap();
-        assert_eq!(n, HEADROOM + inner.len() + TRAILER);
+        let r = seal_data(&mut buf, inner.len(), &Header::data(seq), &sealer).unwrap();
+        assert_eq!(r.len(), BASE_LEN + inner.len() + TRAILER);
         assert_ne!(&buf[HEADROOM..HEADROOM + inner.len()], &inner[..]);
-        buf.truncate(n);
-        buf
+        buf[r].to_vec()
     }
 
     #[test]
@@ -376,10 +420,14 @@ mod tests {
         let inner = udp4([198, 18, 10, 1], [198, 18, 30, 2], 1000, 2000, 64);
         let mut w = ReplayWindow::default();
         let mut d = sealed(1, 9, &k, 5);
-        let Opened::Data(r) = open(&mut d, &k, 5, &mut w).unwrap() else {
+        let Opened::Data(h, r) = open(&mut d, &k, 5, &mut w).unwrap() else {
             panic!("not data")
         };
         assert_eq!(&d[r], &inner[..]);
+        assert_eq!(
+            (h.msg_type, h.sequence, h.epoch),
+            (MsgType::SealedData, 1, 9)
+        );
         // Replayed, wrong key, wrong path salt, tampered header.
         let mut again = sealed(1, 9, &k, 5);
         assert_eq!(open(&mut again, &k, 5, &mut w), Err(DropReason::Replayed));
@@ -395,11 +443,11 @@ mod tests {
         // Truncated: shorter than header + tag.
         let mut short = sealed(4, 9, &k, 5);
         assert_eq!(
-            open(&mut short[..HEADROOM + 3], &k, 5, &mut w),
+            open(&mut short[..BASE_LEN + 3], &k, 5, &mut w),
             Err(DropReason::OverlayMalformed)
         );
         assert_eq!(
-            open(&mut short[..HEADROOM + TRAILER], &k, 5, &mut w),
+            open(&mut short[..BASE_LEN + TRAILER], &k, 5, &mut w),
             Err(DropReason::AuthFailed)
         );
     }
@@ -409,9 +457,10 @@ mod tests {
         let k = keys(1);
         let mut w = ReplayWindow::default();
         let inner = udp4([198, 18, 10, 1], [198, 18, 30, 2], 1000, 2000, 64);
-        let mut plain = vec![0u8; HEADROOM + inner.len()];
-        plain[HEADROOM..].copy_from_slice(&inner);
-        encapsulate(&mut plain, inner.len(), 1).unwrap();
+        let mut buf = vec![0u8; HEADROOM + inner.len()];
+        buf[HEADROOM..].copy_from_slice(&inner);
+        let r = encapsulate(&mut buf, inner.len(), &Header::data(1)).unwrap();
+        let mut plain = buf[r].to_vec();
         assert_eq!(
             open(&mut plain, &k, 0, &mut w),
             Err(DropReason::SealMismatch)
@@ -456,8 +505,41 @@ mod tests {
     }
 
     #[test]
+    fn sealed_with_peer_seq_extension() {
+        let k = keys(3);
+        let inner = udp4([198, 18, 10, 1], [198, 18, 30, 2], 1000, 2000, 64);
+        let mut buf = vec![0u8; 256];
+        buf[HEADROOM..HEADROOM + inner.len()].copy_from_slice(&inner);
+        let sealer = Sealer {
+            keys: &k,
+            epoch: 2,
+            salt: 1,
+        };
+        let ps = PeerSeq {
+            instance: 4,
+            sequence: 77,
+        };
+        let header = Header::data(1).with_peer_seq(ps);
+        let r = seal_data(&mut buf, inner.len(), &header, &sealer).unwrap();
+        let mut d = buf[r].to_vec();
+        // The extension is authenticated too.
+        let mut bad = d.clone();
+        bad[BASE_LEN + 15] ^= 1;
+        let mut w = ReplayWindow::default();
+        assert_eq!(open(&mut bad, &k, 1, &mut w), Err(DropReason::AuthFailed));
+        let Ok(Opened::Data(h, range)) = open(&mut d, &k, 1, &mut w) else {
+            panic!("does not open")
+        };
+        assert_eq!(h.peer_seq, Some(ps));
+        assert_eq!(&d[range], &inner[..]);
+    }
+
+    #[test]
     fn encap_refuses_overflow() {
-        let mut buf = [0u8; 32];
-        assert_eq!(encapsulate(&mut buf, 17, 0), Err(DropReason::TooBig));
+        let mut buf = [0u8; 48];
+        assert_eq!(
+            encapsulate(&mut buf, 17, &Header::data(0)),
+            Err(DropReason::TooBig)
+        );
     }
 }

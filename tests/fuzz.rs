@@ -19,7 +19,7 @@ use crosslink::engine::Engine;
 use crosslink::forward::{self, Sealer, HEADROOM};
 use crosslink::wire::bfd::ControlPacket;
 use crosslink::wire::flow::FlowKey;
-use crosslink::wire::overlay::{Header, BASE_LEN};
+use crosslink::wire::overlay::{self, Header, PeerSeq, BASE_LEN};
 use crosslink::PathId;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -194,9 +194,9 @@ fn overlay() {
             if off < BASE_LEN || off > input.len() {
                 return Err(format!("payload offset {off} out of range"));
             }
-            let mut out = [0u8; BASE_LEN];
-            h.emit(&mut out).map_err(|e| e.to_string())?;
-            let (back, _) = Header::parse(&out).map_err(|e| e.to_string())?;
+            let mut out = [0u8; overlay::MAX_LEN];
+            let n = h.emit(&mut out).map_err(|e| e.to_string())?;
+            let (back, _) = Header::parse(&out[..n]).map_err(|e| e.to_string())?;
             if back != h {
                 return Err(format!("round trip changed {h:?} into {back:?}"));
             }
@@ -209,7 +209,7 @@ fn overlay() {
         let _ = forward::parse_echo(input);
         let mut copy = input.to_vec();
         let mut window = ReplayWindow::default();
-        if let Ok(forward::Opened::Data(r)) = forward::open(&mut copy, &keys, 3, &mut window) {
+        if let Ok(forward::Opened::Data(_, r)) = forward::open(&mut copy, &keys, 3, &mut window) {
             if r.end > copy.len() {
                 return Err("opened range out of bounds".into());
             }
@@ -230,16 +230,20 @@ fn sealed() {
             epoch: 9,
             salt: 3,
         };
-        let n =
-            forward::seal_data(&mut buf, input.len(), 5, &sealer).map_err(|e| format!("{e:?}"))?;
-        let sealed = buf[..n].to_vec();
+        let header = Header::data(5).with_peer_seq(PeerSeq {
+            instance: 1,
+            sequence: input.len() as u64,
+        });
+        let r = forward::seal_data(&mut buf, input.len(), &header, &sealer)
+            .map_err(|e| format!("{e:?}"))?;
+        let sealed = buf[r].to_vec();
         let mut window = ReplayWindow::default();
         let mut copy = sealed.clone();
         let opened = forward::open(&mut copy, &keys, 3, &mut window);
         let ip = matches!(input.first().map(|b| b >> 4), Some(4) if input.len() >= 20)
             || matches!(input.first().map(|b| b >> 4), Some(6) if input.len() >= 40);
         match (&opened, ip) {
-            (Ok(forward::Opened::Data(r)), true) if copy[r.clone()] == *input => {}
+            (Ok(forward::Opened::Data(_, r)), true) if copy[r.clone()] == *input => {}
             (Err(crosslink::drop::DropReason::InnerMalformed), false) => {}
             _ => return Err(format!("sealed input did not open to itself: {opened:?}")),
         }
@@ -496,10 +500,17 @@ fn write_seeds() {
         p
     });
 
-    let mut data = vec![0u8; HEADROOM + udp4.len()];
-    data[HEADROOM..].copy_from_slice(&udp4);
-    forward::encapsulate(&mut data, udp4.len(), 1).unwrap();
+    let mut buf = vec![0u8; HEADROOM + udp4.len()];
+    buf[HEADROOM..].copy_from_slice(&udp4);
+    let r = forward::encapsulate(&mut buf, udp4.len(), &Header::data(1)).unwrap();
+    let data = buf[r].to_vec();
     put("overlay", "data", &data);
+    let dup = Header::data(2).with_peer_seq(PeerSeq {
+        instance: 7,
+        sequence: 3,
+    });
+    let r = forward::encapsulate(&mut buf, udp4.len(), &dup).unwrap();
+    put("overlay", "peer-seq", &buf[r]);
     let mut echo = [0u8; BASE_LEN];
     forward::emit_echo(forward::Echo::Request(42), &mut echo).unwrap();
     put("overlay", "echo", &echo);
@@ -511,8 +522,11 @@ fn write_seeds() {
     };
     let mut sealed = vec![0u8; HEADROOM + udp4.len() + 16];
     sealed[HEADROOM..HEADROOM + udp4.len()].copy_from_slice(&udp4);
-    forward::seal_data(&mut sealed, udp4.len(), 5, &sealer).unwrap();
-    put("overlay", "sealed", &sealed);
+    let r = forward::seal_data(&mut sealed, udp4.len(), &Header::data(5), &sealer).unwrap();
+    put("overlay", "sealed", &sealed[r]);
+    sealed[HEADROOM..HEADROOM + udp4.len()].copy_from_slice(&udp4);
+    let r = forward::seal_data(&mut sealed, udp4.len(), &dup, &sealer).unwrap();
+    put("overlay", "sealed-peer-seq", &sealed[r]);
     let mut ext = data.clone();
     ext[2] = 24;
     ext.splice(16..16, [0u8; 8]);

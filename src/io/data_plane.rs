@@ -14,9 +14,22 @@
 //! stopping anything) and use the sealed messages ([`seal_data`],
 //! [`seal_echo`], [`open`]); each `rx-*` thread owns its path's replay
 //! window.
+//!
+//! Under `duplicate` the sending thread numbers the peer's packets (one
+//! counter per peer, next to a random instance number) and the receive
+//! threads of all the peer's paths share one [`Window`] behind a mutex,
+//! held only for the bitmap check: the first copy is written to the TUN,
+//! the second is dropped and counted as `duplicate`.
+//!
+//! A send that fails because the underlay cannot reach the far end is
+//! reported to the BFD thread (at most once per path every
+//! [`SEND_ERROR_REPORT_INTERVAL`]), which marks the path suspect.
 
-use super::clock;
+use super::control_plane::{Command, CommandLink};
+use super::{clock, udp};
+use crate::config::Policy;
 use crate::crypto::{EchoGuard, Keys, ReplayWindow};
+use crate::dedup::{Verdict, Window};
 use crate::drop::DropReason;
 use crate::engine::Forwarding;
 use crate::forward::{
@@ -24,8 +37,10 @@ use crate::forward::{
     seal_echo, Echo, Opened, Sealer, HEADROOM, TRAILER,
 };
 use crate::telemetry::{DropCounters, PathCounters};
+use crate::wire::overlay::{Header, PeerSeq};
 use crate::{PathId, PeerId};
 use arc_swap::{ArcSwap, ArcSwapOption};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
@@ -36,7 +51,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error};
 use tun_rs::{InterruptEvent, SyncDevice};
 
-/// Largest datagram handled (inner packet plus overlay header and tag).
+/// Largest datagram handled (inner packet plus overlay header).
 pub const BUF_LEN: usize = 65_535 + HEADROOM + TRAILER;
 
 /// A peer's keys as the forwarding threads share them; `None`: cleartext.
@@ -44,6 +59,8 @@ pub type SharedKeys = Arc<ArcSwapOption<Keys>>;
 /// Flows idle this long no longer count as active.
 const FLOW_IDLE: Duration = Duration::from_secs(30);
 const MAX_TRACKED_FLOWS: usize = 1 << 20;
+/// Send errors on one path are reported to the BFD thread at most this often.
+pub const SEND_ERROR_REPORT_INTERVAL: Duration = Duration::from_millis(5);
 /// How often idle flows are expired and per-path flow counts published.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How often each path measures its round-trip time.
@@ -53,10 +70,12 @@ const ECHO_MAX_AGE: Duration = Duration::from_secs(10);
 
 /// A path as the sending thread sees it.
 pub struct PathOut {
+    pub id: PathId,
     pub socket: Arc<UdpSocket>,
     pub remote: SocketAddr,
     pub counters: Arc<PathCounters>,
     pub sequence: u64,
+    pub last_error_report: Option<Instant>,
     /// [`crate::crypto::path_salt`] of (local, remote).
     pub salt: u64,
 }
@@ -70,6 +89,11 @@ pub struct TunOut {
     pub drops: Arc<DropCounters>,
     pub interrupt: Arc<InterruptEvent>,
     pub flows: FlowTable,
+    /// Where send errors are reported.
+    pub commands: CommandLink,
+    /// `duplicate`: this sender's instance number and the peer's last sequence.
+    pub instance: u32,
+    pub peer_sequence: u64,
     pub keys: SharedKeys,
     /// This run's epoch (see [`crate::crypto`]).
     pub epoch: u32,
@@ -114,13 +138,21 @@ impl TunOut {
             match classify(selection, &buf[HEADROOM..HEADROOM + n]) {
                 Ok(placement) => {
                     self.flows.touch(placement.flow_hash, placement.path, now);
+                    let peer_seq = (selection.policy == Policy::Duplicate).then(|| {
+                        self.peer_sequence = self.peer_sequence.wrapping_add(1);
+                        PeerSeq {
+                            instance: self.instance,
+                            sequence: self.peer_sequence,
+                        }
+                    });
                     let keys = self.keys.load_full();
+                    let keys = keys.as_deref();
                     if let Some(copy) = placement.copy {
                         let len = HEADROOM + n;
                         spare[..len].copy_from_slice(&buf[..len]);
-                        self.send(copy, &mut spare, n, keys.as_deref());
+                        self.send(copy, &mut spare, n, peer_seq, keys, now);
                     }
-                    self.send(placement.path, &mut buf, n, keys.as_deref());
+                    self.send(placement.path, &mut buf, n, peer_seq, keys, now);
                 }
                 Err(reason) => self.drops.count(reason),
             }
@@ -131,28 +163,63 @@ impl TunOut {
         }
     }
 
-    fn send(&mut self, id: PathId, buf: &mut [u8], inner_len: usize, keys: Option<&Keys>) {
+    fn send(
+        &mut self,
+        id: PathId,
+        buf: &mut [u8],
+        inner_len: usize,
+        peer_seq: Option<PeerSeq>,
+        keys: Option<&Keys>,
+        now: Instant,
+    ) {
         let Some(Some(path)) = self.paths.get_mut(usize::from(id.0)) else {
             self.drops.count(DropReason::NoPath);
             return;
         };
         path.sequence += 1;
-        let sealed = keys.map(|keys| Sealer {
-            keys,
-            epoch: self.epoch,
-            salt: path.salt,
-        });
-        let framed = match &sealed {
-            Some(sealer) => seal_data(buf, inner_len, path.sequence, sealer),
-            None => encapsulate(buf, inner_len, path.sequence),
-        };
-        match framed {
-            Ok(len) => match path.socket.send_to(&buf[..len], path.remote) {
-                Ok(_) => path.counters.count_tx(inner_len),
-                Err(_) => self.drops.count(DropReason::PathSend),
-            },
-            Err(reason) => self.drops.count(reason),
+        let mut header = Header::data(path.sequence);
+        if let Some(p) = peer_seq {
+            header = header.with_peer_seq(p);
         }
+        let framed = match keys {
+            Some(keys) => {
+                let sealer = Sealer {
+                    keys,
+                    epoch: self.epoch,
+                    salt: path.salt,
+                };
+                seal_data(buf, inner_len, &header, &sealer)
+            }
+            None => encapsulate(buf, inner_len, &header),
+        };
+        let range = match framed {
+            Ok(r) => r,
+            Err(reason) => return self.drops.count(reason),
+        };
+        let Some(datagram) = buf.get(range) else {
+            return self.drops.count(DropReason::TooBig);
+        };
+        match path.socket.send_to(datagram, path.remote) {
+            Ok(_) => path.counters.count_tx(inner_len),
+            Err(e) => {
+                self.drops.count(DropReason::PathSend);
+                if udp::is_reachability_error(&e) && path.report_due(now) {
+                    self.commands.send(Command::SendError(path.id));
+                }
+            }
+        }
+    }
+}
+
+impl PathOut {
+    fn report_due(&mut self, now: Instant) -> bool {
+        let due = self
+            .last_error_report
+            .is_none_or(|t| now.saturating_duration_since(t) >= SEND_ERROR_REPORT_INTERVAL);
+        if due {
+            self.last_error_report = Some(now);
+        }
+        due
     }
 }
 
@@ -164,6 +231,8 @@ pub struct PathIn {
     pub counters: Arc<PathCounters>,
     pub drops: Arc<DropCounters>,
     pub stop: Arc<AtomicBool>,
+    /// The peer's duplicate-suppression window, shared by its paths.
+    pub dedup: Arc<Mutex<Window>>,
     /// Where measured round-trip times go.
     pub rtt: metrics::Histogram,
     /// XORed into echo stamps, so that a forged reply does not decode to a
@@ -217,20 +286,36 @@ impl PathIn {
                 continue;
             }
             if let Some(keys) = self.keys.load_full() {
-                self.receive_sealed(&keys, &mut buf[..n]);
+                if let Some(datagram) = buf.get_mut(..n) {
+                    self.receive_sealed(&keys, datagram);
+                }
                 continue;
             }
-            if let Some(echo) = parse_echo(&buf[..n]) {
+            let Some(datagram) = buf.get(..n) else {
+                continue;
+            };
+            if let Some(echo) = parse_echo(datagram) {
                 self.on_echo(echo);
                 continue;
             }
-            match decapsulate(&buf[..n]) {
-                Ok((_, inner)) => match self.tun.send(inner) {
-                    Ok(_) => self.counters.count_rx(inner.len()),
-                    Err(_) => self.drops.count(DropReason::TunWrite),
-                },
+            match decapsulate(datagram) {
+                Ok((header, inner)) => self.deliver(header.peer_seq, inner),
                 Err(reason) => self.drops.count(reason),
             }
+        }
+    }
+
+    fn deliver(&self, peer_seq: Option<PeerSeq>, inner: &[u8]) {
+        self.counters.count_rx(inner.len());
+        if let Some(p) = peer_seq {
+            match self.dedup.lock().check(p.instance, p.sequence) {
+                Verdict::Deliver => {}
+                Verdict::Duplicate => return self.drops.count(DropReason::Duplicate),
+                Verdict::TooOld => return self.drops.count(DropReason::DuplicateStale),
+            }
+        }
+        if self.tun.send(inner).is_err() {
+            self.drops.count(DropReason::TunWrite);
         }
     }
 }
@@ -238,12 +323,9 @@ impl PathIn {
 impl PathIn {
     fn receive_sealed(&mut self, keys: &Keys, datagram: &mut [u8]) {
         match open(datagram, keys, self.salt_in, &mut self.window) {
-            Ok(Opened::Data(range)) => {
+            Ok(Opened::Data(header, range)) => {
                 let inner = datagram.get(range).unwrap_or_default();
-                match self.tun.send(inner) {
-                    Ok(_) => self.counters.count_rx(inner.len()),
-                    Err(_) => self.drops.count(DropReason::TunWrite),
-                }
+                self.deliver(header.peer_seq, inner);
             }
             Ok(Opened::Echo(Echo::Request(stamp), epoch)) => {
                 if self.echo_guard.request(epoch, stamp) {
