@@ -444,3 +444,69 @@ fn key_rotation_drops_nothing_and_retires_the_old_key() {
     assert_eq!(old_refused, 200, "the retired key still opens packets");
     assert!(up, "a path is down after the rotation");
 }
+
+/// `duplicate` with a key: both copies are sealed (the second from a
+/// plaintext copy), both open, and the peer-sequence extension (which the
+/// tag covers) lets the receiver keep exactly one.
+#[test]
+fn sealed_duplicate_policy_delivers_each_packet_once() {
+    if !netns_allowed("sealed_duplicate_policy_delivers_each_packet_once") {
+        return;
+    }
+    let _serial = serial();
+    let mut opts = LabOptions::new("sdup", BIN);
+    // The second path carries copies only once eligible: after revert_hold.
+    opts.revert_hold = Duration::from_millis(200);
+    opts.tx_interval = Duration::from_millis(50);
+    opts.rx_interval = Duration::from_millis(50);
+    opts.multiplier = 5;
+    opts.key = Some(format!("{}\n", random_key_hex()));
+    let mut lab = Lab::new(opts).unwrap();
+    let mut gws = Vec::new();
+    for gw in Gw::ALL {
+        let text = lab.config_text(gw);
+        assert!(
+            text.contains("policy = \"active-backup\""),
+            "lab config changed shape"
+        );
+        let text = text.replacen("policy = \"active-backup\"", "policy = \"duplicate\"", 1);
+        std::fs::write(lab.config_path(gw), text).unwrap();
+        let cfg = lab.config_path(gw).display().to_string();
+        let log = format!("{}.log", gw.name());
+        gws.push(spawn_in(&lab, gw.host(), BIN, &["run", "-c", &cfg], &log));
+    }
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = drops(&lab.status(Gw::B).unwrap());
+    let receiver = lab.start_receiver(PORT, Duration::from_secs(30)).unwrap();
+    let sender = lab
+        .start_sender(PORT, RATE, Duration::from_secs(30))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = sender.stop();
+    let report = receiver.finish(Duration::from_secs(3)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = drops(&lab.status(Gw::B).unwrap());
+    let grew = |r: &str| after.get(r).copied().unwrap_or(0) - before.get(r).copied().unwrap_or(0);
+    let sent = report["sent"].as_u64().unwrap_or(0);
+    say(&format!(
+        "sealed duplicate: stream sent={sent} lost={} duplicates={}; gw-b second copies dropped={}, \
+         auth_failed={} replayed={} seal_mismatch={}",
+        report["lost"],
+        report["duplicates"],
+        grew("duplicate"),
+        grew("auth_failed"),
+        grew("replayed"),
+        grew("seal_mismatch"),
+    ));
+    assert!(sent >= 2000, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
+    assert!(
+        grew("duplicate") >= sent * 9 / 10,
+        "second copies did not arrive sealed and authenticated"
+    );
+    for r in ["auth_failed", "replayed", "seal_mismatch"] {
+        assert_eq!(grew(r), 0, "{r} grew");
+    }
+}
