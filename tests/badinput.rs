@@ -510,3 +510,57 @@ fn sealed_duplicate_policy_delivers_each_packet_once() {
         assert_eq!(grew(r), 0, "{r} grew");
     }
 }
+
+/// The control socket answers root and the daemon's own user only, even
+/// when its file mode would let anyone connect (SO_PEERCRED).
+#[test]
+fn control_socket_refuses_other_users() {
+    if !netns_allowed("control_socket_refuses_other_users") {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new(LabOptions::new("cred", BIN)).unwrap();
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    let sock = lab.socket_path(Gw::A);
+    // Open the file mode (and the lab directory) wide: only the credential check is left.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let dir_mode = std::fs::metadata(lab.dir()).unwrap().permissions().mode();
+    std::fs::set_permissions(lab.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = std::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            BIN,
+            "status",
+            "--json",
+            "-s",
+        ])
+        .arg(&sock)
+        .output()
+        .expect("setpriv (util-linux)");
+    std::fs::set_permissions(lab.dir(), std::fs::Permissions::from_mode(dir_mode)).unwrap();
+    let as_root = lab.status(Gw::A);
+    let err = String::from_utf8_lossy(&as_nobody.stderr);
+    say(&format!(
+        "control socket: uid 65534 -> exit {:?}, stderr {:?}; root -> {}",
+        as_nobody.status.code(),
+        err.trim(),
+        if as_root.is_ok() {
+            "answered"
+        } else {
+            "refused"
+        }
+    ));
+    assert!(!as_nobody.status.success(), "another user got an answer");
+    assert!(as_nobody.stdout.is_empty(), "another user got output");
+    assert!(
+        !err.contains("Permission denied"),
+        "the file mode, not the credential check, refused: {err}"
+    );
+    assert!(as_root.is_ok(), "root was refused");
+}
