@@ -26,7 +26,7 @@
 //! [`SEND_ERROR_REPORT_INTERVAL`]), which marks the path suspect.
 
 use super::control_plane::{Command, CommandLink};
-use super::{clock, udp};
+use super::{clock, sys, udp};
 use crate::config::Policy;
 use crate::crypto::{EchoGuard, Keys, ReplayWindow};
 use crate::dedup::{Verdict, Window};
@@ -45,6 +45,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,6 +62,11 @@ const FLOW_IDLE: Duration = Duration::from_secs(30);
 const MAX_TRACKED_FLOWS: usize = 1 << 20;
 /// Send errors on one path are reported to the BFD thread at most this often.
 pub const SEND_ERROR_REPORT_INTERVAL: Duration = Duration::from_millis(5);
+/// Packets a sending thread reads from the TUN and sends per turn.
+const TX_BATCH: usize = 16;
+/// Datagrams a receiving thread takes per system call (each buffer holds
+/// the largest datagram, [`BUF_LEN`]).
+const RX_BATCH: usize = 16;
 /// How often idle flows are expired and per-path flow counts published.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How often each path measures its round-trip time.
@@ -99,18 +105,35 @@ pub struct TunOut {
     pub epoch: u32,
 }
 
+/// One framed datagram of a burst, waiting to be sent.
+struct Pending {
+    path: PathId,
+    slot: usize,
+    range: Range<usize>,
+    inner_len: usize,
+}
+
 impl TunOut {
     /// Forwards until interrupted; gives itself back so that a reload can
     /// restart it with a changed path table (sequence numbers kept).
+    ///
+    /// Each turn waits (interruptibly) for one packet, then takes whatever
+    /// else the TUN holds without waiting, up to [`TX_BATCH`], frames them
+    /// all and sends each path's run of datagrams with one `sendmmsg`.
     pub fn run(mut self) -> TunOut {
-        let mut buf = vec![0u8; BUF_LEN];
+        let mut slots: Vec<Vec<u8>> = (0..TX_BATCH).map(|_| vec![0u8; BUF_LEN]).collect();
         // A second copy (duplicate policy) of a sealed packet is sealed
         // from this plaintext copy.
         let mut spare = vec![0u8; BUF_LEN];
+        let mut pending: Vec<Pending> = Vec::with_capacity(TX_BATCH);
+        let mut batch = sys::SendBatch::default();
         let mut last_sweep = clock::now();
         loop {
+            let Some(first) = slots.first_mut() else {
+                return self;
+            };
             let read = self.tun.recv_intr_timeout(
-                &mut buf[HEADROOM..BUF_LEN - TRAILER],
+                &mut first[HEADROOM..BUF_LEN - TRAILER],
                 &self.interrupt,
                 Some(SWEEP_EVERY),
             );
@@ -132,30 +155,56 @@ impl TunOut {
             };
             let now = clock::now();
             let forwarding = self.forwarding.load();
-            let Some(selection) = forwarding.peers.get(usize::from(self.peer.0)) else {
-                continue;
-            };
-            match classify(selection, &buf[HEADROOM..HEADROOM + n]) {
-                Ok(placement) => {
-                    self.flows.touch(placement.flow_hash, placement.path, now);
-                    let peer_seq = (selection.policy == Policy::Duplicate).then(|| {
-                        self.peer_sequence = self.peer_sequence.wrapping_add(1);
-                        PeerSeq {
-                            instance: self.instance,
-                            sequence: self.peer_sequence,
-                        }
-                    });
-                    let keys = self.keys.load_full();
-                    let keys = keys.as_deref();
-                    if let Some(copy) = placement.copy {
-                        let len = HEADROOM + n;
-                        spare[..len].copy_from_slice(&buf[..len]);
-                        self.send(copy, &mut spare, n, peer_seq, keys, now);
+            let keys = self.keys.load();
+            let keys = keys.as_deref();
+            let selection = forwarding.peers.get(usize::from(self.peer.0));
+            let mut len = n;
+            for slot in 0..TX_BATCH {
+                if slot > 0 {
+                    // The TUN is non-blocking: this only takes what is queued.
+                    let Some(buf) = slots.get_mut(slot) else {
+                        break;
+                    };
+                    match self.tun.recv(&mut buf[HEADROOM..BUF_LEN - TRAILER]) {
+                        Ok(n) => len = n,
+                        Err(_) => break,
                     }
-                    self.send(placement.path, &mut buf, n, peer_seq, keys, now);
                 }
-                Err(reason) => self.drops.count(reason),
+                let (Some(selection), Some(buf)) = (selection, slots.get_mut(slot)) else {
+                    continue;
+                };
+                let placement = match classify(selection, &buf[HEADROOM..HEADROOM + len]) {
+                    Ok(p) => p,
+                    Err(reason) => {
+                        self.drops.count(reason);
+                        continue;
+                    }
+                };
+                self.flows.touch(placement.flow_hash, placement.path, now);
+                let peer_seq = (selection.policy == Policy::Duplicate).then(|| {
+                    self.peer_sequence = self.peer_sequence.wrapping_add(1);
+                    PeerSeq {
+                        instance: self.instance,
+                        sequence: self.peer_sequence,
+                    }
+                });
+                if let Some(copy) = placement.copy {
+                    let whole = HEADROOM + len;
+                    spare[..whole].copy_from_slice(&buf[..whole]);
+                    if let Some(range) = self.frame(copy, &mut spare, len, peer_seq, keys) {
+                        self.transmit(copy, &[&spare[range]], &[len], &mut batch, now);
+                    }
+                }
+                if let Some(range) = self.frame(placement.path, buf, len, peer_seq, keys) {
+                    pending.push(Pending {
+                        path: placement.path,
+                        slot,
+                        range,
+                        inner_len: len,
+                    });
+                }
             }
+            self.flush(&mut pending, &slots, &mut batch, now);
             if now.saturating_duration_since(last_sweep) >= SWEEP_EVERY {
                 last_sweep = now;
                 self.flows.sweep(now, &self.paths);
@@ -163,18 +212,19 @@ impl TunOut {
         }
     }
 
-    fn send(
+    /// Writes the overlay header (and seals) in place: the datagram's
+    /// range in `buf`, or `None` (counted) when it cannot be sent.
+    fn frame(
         &mut self,
         id: PathId,
         buf: &mut [u8],
         inner_len: usize,
         peer_seq: Option<PeerSeq>,
         keys: Option<&Keys>,
-        now: Instant,
-    ) {
+    ) -> Option<Range<usize>> {
         let Some(Some(path)) = self.paths.get_mut(usize::from(id.0)) else {
             self.drops.count(DropReason::NoPath);
-            return;
+            return None;
         };
         path.sequence += 1;
         let mut header = Header::data(path.sequence);
@@ -192,19 +242,76 @@ impl TunOut {
             }
             None => encapsulate(buf, inner_len, &header),
         };
-        let range = match framed {
-            Ok(r) => r,
-            Err(reason) => return self.drops.count(reason),
+        match framed {
+            Ok(range) if range.end <= buf.len() => Some(range),
+            Ok(_) => {
+                self.drops.count(DropReason::TooBig);
+                None
+            }
+            Err(reason) => {
+                self.drops.count(reason);
+                None
+            }
+        }
+    }
+
+    /// Sends the burst in order, one `sendmmsg` per run of datagrams on the
+    /// same path (a flow keeps one path, so its packets keep their order).
+    fn flush(
+        &mut self,
+        pending: &mut Vec<Pending>,
+        slots: &[Vec<u8>],
+        batch: &mut sys::SendBatch,
+        now: Instant,
+    ) {
+        let mut datagrams: [&[u8]; TX_BATCH] = [&[]; TX_BATCH];
+        let mut lens = [0usize; TX_BATCH];
+        let mut start = 0;
+        while let Some(head) = pending.get(start) {
+            let path = head.path;
+            let run = pending[start..]
+                .iter()
+                .take_while(|p| p.path == path)
+                .count();
+            for (k, p) in pending[start..start + run].iter().enumerate() {
+                let bytes = slots.get(p.slot).and_then(|b| b.get(p.range.clone()));
+                datagrams[k] = bytes.unwrap_or_default();
+                lens[k] = p.inner_len;
+            }
+            self.transmit(path, &datagrams[..run], &lens[..run], batch, now);
+            start += run;
+        }
+        pending.clear();
+    }
+
+    /// Sends datagrams (inner lengths `lens`) on path `id`; a datagram the
+    /// kernel refuses is counted and skipped.
+    fn transmit(
+        &mut self,
+        id: PathId,
+        datagrams: &[&[u8]],
+        lens: &[usize],
+        batch: &mut sys::SendBatch,
+        now: Instant,
+    ) {
+        let Some(Some(path)) = self.paths.get_mut(usize::from(id.0)) else {
+            return;
         };
-        let Some(datagram) = buf.get(range) else {
-            return self.drops.count(DropReason::TooBig);
-        };
-        match path.socket.send_to(datagram, path.remote) {
-            Ok(_) => path.counters.count_tx(inner_len),
-            Err(e) => {
-                self.drops.count(DropReason::PathSend);
-                if udp::is_reachability_error(&e) && path.report_due(now) {
-                    self.commands.send(Command::SendError(path.id));
+        let mut next = 0;
+        while next < datagrams.len() {
+            match batch.send(path.socket.as_ref(), &datagrams[next..], path.remote) {
+                Ok(sent) => {
+                    for len in lens.iter().skip(next).take(sent) {
+                        path.counters.count_tx(*len);
+                    }
+                    next += sent.max(1);
+                }
+                Err(e) => {
+                    next += 1;
+                    self.drops.count(DropReason::PathSend);
+                    if udp::is_reachability_error(&e) && path.report_due(now) {
+                        self.commands.send(Command::SendError(path.id));
+                    }
                 }
             }
         }
@@ -249,8 +356,9 @@ pub struct PathIn {
 }
 
 impl PathIn {
+    /// Receives until told to stop, a burst per `recvmmsg`.
     pub fn run(mut self) {
-        let mut buf = vec![0u8; BUF_LEN];
+        let mut batch = sys::RecvBatch::new(RX_BATCH, BUF_LEN);
         let mut next_echo = clock::now();
         while !self.stop.load(Ordering::Relaxed) {
             let now = clock::now();
@@ -264,8 +372,8 @@ impl PathIn {
                 self.echo_guard.sent(stamp);
                 self.send_echo(Echo::Request(stamp));
             }
-            let (n, src) = match self.socket.recv_from(&mut buf) {
-                Ok(r) => r,
+            let n = match batch.recv(self.socket.as_ref()) {
+                Ok(n) => n,
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -281,27 +389,29 @@ impl PathIn {
                     continue;
                 }
             };
-            if src != self.remote {
-                self.drops.count(DropReason::UnknownSource);
-                continue;
-            }
-            if let Some(keys) = self.keys.load_full() {
-                if let Some(datagram) = buf.get_mut(..n) {
-                    self.receive_sealed(&keys, datagram);
+            let keys = self.keys.load_full();
+            for i in 0..n {
+                match batch.get_mut(i) {
+                    Some((datagram, src)) => self.receive(datagram, src, keys.as_deref()),
+                    None => self.drops.count(DropReason::TooBig),
                 }
-                continue;
             }
-            let Some(datagram) = buf.get(..n) else {
-                continue;
-            };
-            if let Some(echo) = parse_echo(datagram) {
-                self.on_echo(echo);
-                continue;
-            }
-            match decapsulate(datagram) {
-                Ok((header, inner)) => self.deliver(header.peer_seq, inner),
-                Err(reason) => self.drops.count(reason),
-            }
+        }
+    }
+
+    fn receive(&mut self, datagram: &mut [u8], src: SocketAddr, keys: Option<&Keys>) {
+        if src != self.remote {
+            return self.drops.count(DropReason::UnknownSource);
+        }
+        if let Some(keys) = keys {
+            return self.receive_sealed(keys, datagram);
+        }
+        if let Some(echo) = parse_echo(datagram) {
+            return self.on_echo(echo);
+        }
+        match decapsulate(datagram) {
+            Ok((header, inner)) => self.deliver(header.peer_seq, inner),
+            Err(reason) => self.drops.count(reason),
         }
     }
 

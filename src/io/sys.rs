@@ -1,5 +1,7 @@
 //! The few system calls no crate wraps: receiving a datagram with its IP
 //! TTL (for GTSM), waiting on several sockets with a nanosecond timeout,
+//! batched datagram receive and send for the forwarding threads (recvmmsg,
+//! sendmmsg: one system call per burst instead of per packet),
 //! TUN carrier control, and real-time scheduling. This is the only module
 //! with `unsafe`; each block is one libc call on a buffer it owns.
 #![allow(unsafe_code)]
@@ -222,4 +224,142 @@ pub fn lock_memory() -> io::Result<()> {
     // SAFETY: plain system call with flag arguments.
     cvt(unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) })
         .map(|_| ())
+}
+
+/// Buffers for receiving up to `count` datagrams with one `recvmmsg(2)`:
+/// the receive threads take a burst per system call instead of one
+/// datagram. The headers point into `data` and `addrs`, which are never
+/// resized, and are refilled before every call.
+pub struct RecvBatch {
+    data: Vec<u8>,
+    stride: usize,
+    addrs: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+    filled: usize,
+}
+
+impl RecvBatch {
+    /// Room for `count` datagrams of at most `stride` bytes each.
+    pub fn new(count: usize, stride: usize) -> RecvBatch {
+        let count = count.max(1);
+        // SAFETY: sockaddr_storage, iovec and mmsghdr are plain data; all-zero is valid.
+        let (addr, iov, hdr) = unsafe { (zeroed(), zeroed(), zeroed()) };
+        RecvBatch {
+            data: vec![0u8; count * stride],
+            stride,
+            addrs: vec![addr; count],
+            iovs: vec![iov; count],
+            hdrs: vec![hdr; count],
+            filled: 0,
+        }
+    }
+
+    /// Waits for at least one datagram (the socket's read timeout applies)
+    /// and takes whatever else is queued, up to the batch size. Returns how
+    /// many were received.
+    pub fn recv(&mut self, sock: &impl AsRawFd) -> io::Result<usize> {
+        self.filled = 0;
+        let base = self.data.as_mut_ptr();
+        for (i, ((iov, hdr), addr)) in self
+            .iovs
+            .iter_mut()
+            .zip(self.hdrs.iter_mut())
+            .zip(self.addrs.iter_mut())
+            .enumerate()
+        {
+            // SAFETY: i * stride + stride <= data.len() by construction.
+            iov.iov_base = unsafe { base.add(i * self.stride) }.cast();
+            iov.iov_len = self.stride;
+            hdr.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
+            hdr.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_hdr.msg_iov = iov;
+            hdr.msg_hdr.msg_iovlen = 1;
+            hdr.msg_hdr.msg_control = std::ptr::null_mut();
+            hdr.msg_hdr.msg_controllen = 0;
+            hdr.msg_hdr.msg_flags = 0;
+            hdr.msg_len = 0;
+        }
+        // SAFETY: every header points at buffers owned by self that outlive the call;
+        // vlen is the number of headers. MSG_WAITFORONE: block for the first only.
+        let n = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                self.hdrs.as_mut_ptr(),
+                self.hdrs.len() as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        self.filled = usize::try_from(cvt(n)?).unwrap_or(0);
+        Ok(self.filled)
+    }
+
+    /// Datagram `i` of the last [`RecvBatch::recv`]: its bytes and source.
+    /// `None` past the end, for an unknown address family, or for a
+    /// datagram longer than the buffer (truncated).
+    pub fn get_mut(&mut self, i: usize) -> Option<(&mut [u8], SocketAddr)> {
+        if i >= self.filled {
+            return None;
+        }
+        let hdr = self.hdrs.get(i)?;
+        if hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            return None;
+        }
+        let len = (hdr.msg_len as usize).min(self.stride);
+        let addr = self.addrs.get(i)?;
+        // SAFETY: the kernel filled this sockaddr_storage in the last recvmmsg.
+        let src = unsafe { sockaddr_to_std(addr) }?;
+        let start = i * self.stride;
+        let buf = self.data.get_mut(start..start + len)?;
+        Some((buf, src))
+    }
+}
+
+/// Scratch headers for [`SendBatch::send`] (`sendmmsg(2)`): one system
+/// call sends a burst of datagrams to one destination.
+#[derive(Default)]
+pub struct SendBatch {
+    hdrs: Vec<libc::mmsghdr>,
+    iovs: Vec<libc::iovec>,
+}
+
+impl SendBatch {
+    /// Sends `datagrams` to `dest` on `sock` in one call. Returns how many
+    /// were sent (a prefix), or the error of the first one when none was.
+    pub fn send(
+        &mut self,
+        sock: &impl AsRawFd,
+        datagrams: &[&[u8]],
+        dest: SocketAddr,
+    ) -> io::Result<usize> {
+        let addr = socket2::SockAddr::from(dest);
+        self.hdrs.clear();
+        self.iovs.clear();
+        self.iovs.extend(datagrams.iter().map(|d| libc::iovec {
+            iov_base: d.as_ptr() as *mut libc::c_void,
+            iov_len: d.len(),
+        }));
+        for iov in self.iovs.iter_mut() {
+            // SAFETY: mmsghdr is plain data; all-zero is valid.
+            let mut h: libc::mmsghdr = unsafe { zeroed() };
+            h.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
+            h.msg_hdr.msg_namelen = addr.len();
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            self.hdrs.push(h);
+        }
+        // SAFETY: every header points at `addr`, an iovec in `self.iovs` (not
+        // resized after the pointers were taken) and a datagram borrowed for
+        // this call; vlen is the number of headers.
+        let n = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                self.hdrs.as_mut_ptr(),
+                self.hdrs.len() as libc::c_uint,
+                0,
+            )
+        };
+        cvt(n).map(|n| n as usize)
+    }
 }

@@ -1,0 +1,289 @@
+//! Throughput of the data plane against kernel forwarding, in one run and one
+//! topology: the netns lab of [`crosslink::lab`] (client - gw-a - path1 -
+//! gw-b - server), routed once by the kernel (`kernel_only`), once through
+//! crosslink in cleartext and once through crosslink with a key.
+//!
+//! For each it measures, with iperf3: one TCP stream, 8 TCP streams (`-P 8`)
+//! and small-packet UDP (`-u -l 64 -b 0`, packets per second delivered), and
+//! prints each figure as min/median/max over the runs and as a ratio of the
+//! medians to kernel forwarding. The modes are interleaved run by run so
+//! that a change in the machine's load hits all of them alike.
+//!
+//! Run as root: `cargo bench --bench throughput`. Knobs (environment):
+//! `XL_BENCH_RUNS` (default 3), `XL_BENCH_SECONDS` per test (default 5),
+//! `XL_BENCH_MODES` (comma list of kernel,plain,keyed; default all three),
+//! `XL_BENCH_COMPARE` (a second crosslink binary measured alongside), `CROSSLINK_BIN` (default `target/release/crosslink`, built if
+//! missing). Not root or no iperf3: prints why and exits 0.
+
+use crosslink::lab::{self, Host, Lab, LabOptions, SERVER_ADDR};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A fixed bench key (hex, 32 bytes); the lab is thrown away afterwards.
+const BENCH_KEY: &str = "5f1e0c3a7b2d94e8a16c0f3b2e7d5a9c4b8e1f60d2c3a5b7e9f1d3c5a7b9e1f3";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Kernel,
+    Plain,
+    Keyed,
+}
+
+/// What forwards between the gateways, and with which binary.
+#[derive(Clone)]
+struct Mode {
+    kind: Kind,
+    name: String,
+    bin: PathBuf,
+}
+
+#[derive(Clone, Copy)]
+enum Test {
+    Tcp1,
+    Tcp8,
+    Udp64,
+}
+
+impl Test {
+    const ALL: [Test; 3] = [Test::Tcp1, Test::Tcp8, Test::Udp64];
+
+    fn name(self) -> &'static str {
+        match self {
+            Test::Tcp1 => "tcp x1 (Gbit/s)",
+            Test::Tcp8 => "tcp x8 (Gbit/s)",
+            Test::Udp64 => "udp 64B (kpps)",
+        }
+    }
+
+    fn args(self) -> Vec<&'static str> {
+        match self {
+            Test::Tcp1 => vec![],
+            Test::Tcp8 => vec!["-P", "8"],
+            Test::Udp64 => vec!["-u", "-l", "64", "-b", "0"],
+        }
+    }
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn binary() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("CROSSLINK_BIN") {
+        return Ok(p.into());
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = target.join("release").join("crosslink");
+    eprintln!("building the release binary (cargo build --release --bin crosslink)");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--bin", "crosslink"])
+        .current_dir(&root)
+        .status()
+        .map_err(|e| format!("running cargo: {e}"))?;
+    if !status.success() || !bin.is_file() {
+        return Err(format!("no release binary at {}", bin.display()));
+    }
+    Ok(bin)
+}
+
+/// The modes to measure; with `XL_BENCH_COMPARE=<other crosslink binary>`
+/// the crosslink modes are measured with that binary too (before/after).
+fn modes(bin: &std::path::Path) -> Vec<Mode> {
+    let wanted = std::env::var("XL_BENCH_MODES").unwrap_or_else(|_| "kernel,plain,keyed".into());
+    let other = std::env::var_os("XL_BENCH_COMPARE").map(PathBuf::from);
+    let mut out = Vec::new();
+    for m in wanted.split(',') {
+        let (kind, name) = match m.trim() {
+            "kernel" => (Kind::Kernel, "kernel"),
+            "plain" => (Kind::Plain, "crosslink"),
+            "keyed" => (Kind::Keyed, "crosslink+key"),
+            other => {
+                eprintln!("unknown mode {other:?} ignored");
+                continue;
+            }
+        };
+        out.push(Mode {
+            kind,
+            name: name.into(),
+            bin: bin.into(),
+        });
+        if let (Some(o), true) = (&other, kind != Kind::Kernel) {
+            out.push(Mode {
+                kind,
+                name: format!("{name}(cmp)"),
+                bin: o.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Sets up one lab in `mode` and measures every test once.
+fn measure(mode: &Mode, seconds: u64) -> Result<Vec<f64>, String> {
+    let mut opts = match mode.kind {
+        Kind::Kernel => LabOptions::kernel_only("tp", &mode.bin),
+        _ => LabOptions::new("tp", &mode.bin),
+    };
+    // Slow BFD: the bench is about forwarding, not detection.
+    opts.tx_interval = Duration::from_millis(100);
+    opts.rx_interval = Duration::from_millis(100);
+    if mode.kind == Kind::Keyed {
+        opts.key = Some(BENCH_KEY.into());
+    }
+    let mut lab = Lab::new(opts).map_err(|e| e.to_string())?;
+    if mode.kind != Kind::Kernel {
+        lab.start_gateways().map_err(|e| e.to_string())?;
+        lab.wait_paths_up(Duration::from_secs(20))
+            .map_err(|e| e.to_string())?;
+    }
+    let mut server = lab
+        .command_in(Host::Server, "iperf3")
+        .args(["-s", "-B", &SERVER_ADDR.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting iperf3 -s: {e}"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut out = Vec::new();
+    for test in Test::ALL {
+        let r = run_client(&lab, test, seconds);
+        out.push(r.unwrap_or_else(|e| {
+            eprintln!("{} {}: {e}", mode.name, test.name());
+            f64::NAN
+        }));
+    }
+    lab::terminate(&mut server, Duration::from_secs(2));
+    Ok(out)
+}
+
+fn run_client(lab: &Lab, test: Test, seconds: u64) -> Result<f64, String> {
+    let t = seconds.to_string();
+    let limit = (seconds + 20).to_string();
+    let text = lab::run(
+        lab.command_in(Host::Client, "timeout")
+            .args([limit.as_str(), "iperf3", "-c", &SERVER_ADDR.to_string()])
+            .args(["-t", &t, "-J", "--connect-timeout", "3000"])
+            .args(test.args()),
+    )
+    .map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("iperf3 JSON: {e}"))?;
+    let end = &v["end"];
+    match test {
+        Test::Tcp1 | Test::Tcp8 => end["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|b| b / 1e9)
+            .ok_or_else(|| format!("no sum_received in {end}")),
+        Test::Udp64 => {
+            // Delivered packets: the receiver's count if reported, else sent - lost.
+            let sum = if end["sum_received"]["packets"].is_u64() {
+                &end["sum_received"]
+            } else {
+                &end["sum"]
+            };
+            let packets = sum["packets"].as_f64().unwrap_or(f64::NAN);
+            let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
+            let secs = sum["seconds"].as_f64().unwrap_or(f64::NAN);
+            let pps = (packets - lost) / secs;
+            if pps.is_finite() {
+                Ok(pps / 1e3)
+            } else {
+                Err(format!("no UDP sum in {end}"))
+            }
+        }
+    }
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    (s[0], median, s[n - 1])
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn main() {
+    if !lab::is_root() {
+        println!("throughput bench skipped: needs root (network namespaces)");
+        return;
+    }
+    if Command::new("iperf3").arg("--version").output().is_err() {
+        println!("throughput bench skipped: iperf3 not installed (apt-get install iperf3)");
+        return;
+    }
+    if let Err(e) = lab::check_tools() {
+        println!("throughput bench skipped: {e}");
+        return;
+    }
+    let bin = match binary() {
+        Ok(b) => b,
+        Err(e) => {
+            println!("throughput bench failed: {e}");
+            std::process::exit(1);
+        }
+    };
+    let runs = env_num("XL_BENCH_RUNS", 3).max(1);
+    let seconds = env_num("XL_BENCH_SECONDS", 5).max(1);
+    let modes = modes(&bin);
+    println!(
+        "throughput: {runs} runs x {seconds} s per test, binary {}, {} CPUs, load {}",
+        bin.display(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg()
+    );
+    // results[mode][test] = one figure per run.
+    let mut results = vec![vec![Vec::new(); Test::ALL.len()]; modes.len()];
+    for run in 1..=runs {
+        for (m, mode) in modes.iter().enumerate() {
+            match measure(mode, seconds) {
+                Ok(figures) => {
+                    let shown: Vec<String> = figures.iter().map(|f| format!("{f:.3}")).collect();
+                    eprintln!("run {run} {:<19} {}", mode.name, shown.join("  "));
+                    for (t, f) in figures.into_iter().enumerate() {
+                        results[m][t].push(f);
+                    }
+                }
+                Err(e) => eprintln!("run {run} {}: lab failed: {e}", mode.name),
+            }
+        }
+    }
+    println!("load at the end: {}", loadavg());
+    let kernel = modes.iter().position(|m| m.kind == Kind::Kernel);
+    for (t, test) in Test::ALL.iter().enumerate() {
+        println!("{}", test.name());
+        for (m, mode) in modes.iter().enumerate() {
+            let (min, med, max) = stats(&results[m][t]);
+            let ratio = kernel
+                .map(|k| {
+                    let (_, kmed, _) = stats(&results[k][t]);
+                    format!("{:.3} x kernel", med / kmed)
+                })
+                .unwrap_or_default();
+            println!(
+                "  {:<19} min {min:>9.3}  median {med:>9.3}  max {max:>9.3}   {ratio}",
+                mode.name
+            );
+        }
+    }
+}
