@@ -28,11 +28,14 @@ pub enum DropReason {
     BfdTtl,
     /// BFD packet from an address with no configured session.
     BfdUnknownSession,
+    /// BFD packet failing authentication: A bit absent while configured, present
+    /// while not, wrong type, key, digest or sequence number (RFC 5880 §6.7).
+    BfdAuth,
 }
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -45,6 +48,7 @@ impl DropReason {
         DropReason::BfdRejected,
         DropReason::BfdTtl,
         DropReason::BfdUnknownSession,
+        DropReason::BfdAuth,
     ];
 
     /// The metric label.
@@ -62,6 +66,7 @@ impl DropReason {
             DropReason::BfdRejected => "bfd_rejected",
             DropReason::BfdTtl => "bfd_ttl",
             DropReason::BfdUnknownSession => "bfd_unknown_session",
+            DropReason::BfdAuth => "bfd_auth",
         }
     }
 

@@ -9,17 +9,36 @@
 //! (`poll_forwarding`). It reads no clock and touches no socket, so the
 //! same code runs in the daemon and in the simulated-network tests.
 
-use crate::bfd::{Session, SessionConfig, SessionEvent};
-use crate::config::{BfdConfig, Config, Hop, Policy};
+use crate::bfd::{Auth, KeyError, Session, SessionConfig, SessionEvent, Transmit};
+use crate::config::{BfdAuthType, BfdConfig, Config, Hop, Policy};
 use crate::drop::DropReason;
 use crate::steer::{Selection, Steering};
-use crate::wire::bfd::{ControlPacket, Diag, State};
+use crate::wire::bfd::{AuthType, ControlPacket, Diag, EmitError, State};
 use crate::wire::flow::mix;
 use crate::{PathId, PeerId};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// BFD secrets by file name, read by the shell (the engine does no I/O).
+pub type Secrets = HashMap<PathBuf, Vec<u8>>;
+
+/// Why an engine cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A path has BFD authentication configured but its secret was not supplied.
+    #[error("path {path}: BFD secret {} was not loaded", file.display())]
+    MissingSecret { path: String, file: PathBuf },
+    /// The secret does not fit the authentication type.
+    #[error("path {path}: BFD secret {}: {source}", file.display())]
+    BadSecret {
+        path: String,
+        file: PathBuf,
+        source: KeyError,
+    },
+}
 
 /// What the data plane needs to place packets: one selection per peer,
 /// indexed by [`PeerId`].
@@ -37,6 +56,9 @@ pub enum Event {
         from: State,
         to: State,
         diag: Diag,
+        /// The change was administrative (the peer said AdminDown, or we did),
+        /// not a failure: no detection, no failure count.
+        administrative: bool,
     },
     /// A peer's active path changed.
     Failover {
@@ -90,8 +112,15 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Builds sessions and steering for a validated config.
-    pub fn new(config: &Config, now: Instant, seed: u64) -> Engine {
+    /// Builds sessions and steering for a validated config. `secrets` holds the
+    /// content of every `auth.secret_file` the config names; a path whose secret is
+    /// missing or unusable is an error (authentication fails closed).
+    pub fn new(
+        config: &Config,
+        secrets: &Secrets,
+        now: Instant,
+        seed: u64,
+    ) -> Result<Engine, EngineError> {
         let mut engine = Engine {
             peers: Vec::new(),
             paths: Vec::new(),
@@ -106,11 +135,13 @@ impl Engine {
             for path in &peer.paths {
                 let id = PathId(engine.paths.len() as u16);
                 let disc = engine.unique_discriminator(seed);
-                let session = Session::new(
+                let mut session = Session::new(
                     session_config(&path.bfd, disc),
                     now,
                     mix(seed ^ u64::from(disc)),
                 );
+                let initial_seq = (mix(seed ^ u64::from(disc) ^ 0xa17) >> 32) as u32;
+                session.set_auth(path_auth(&path.name, &path.bfd, secrets, initial_seq)?);
                 engine.paths.push(PathCore {
                     peer: peer_id,
                     name: path.name.clone(),
@@ -134,7 +165,7 @@ impl Engine {
                 up: false,
             });
         }
-        engine
+        Ok(engine)
     }
 
     fn unique_discriminator(&self, seed: u64) -> u32 {
@@ -177,9 +208,17 @@ impl Engine {
             }
         }
         let packet = ControlPacket::parse(data).map_err(|_| DropReason::BfdMalformed)?;
+        // The bytes the Length field covers: what a keyed digest is computed over.
+        let raw = data.get(..wire_len(data)).unwrap_or(data);
         path.session
-            .handle_packet(&packet, now)
-            .map_err(|_| DropReason::BfdRejected)?;
+            .handle_datagram(&packet, raw, now)
+            .map_err(|e| {
+                if e.is_auth() {
+                    DropReason::BfdAuth
+                } else {
+                    DropReason::BfdRejected
+                }
+            })?;
         path.control_rx += 1;
         path.last_rx = Some(now);
         self.drain_session(id, now);
@@ -216,13 +255,19 @@ impl Engine {
         while let Some(SessionEvent::StateChange { from, to, diag, .. }) =
             self.paths[usize::from(id.0)].session.poll_event()
         {
+            let path = &mut self.paths[usize::from(id.0)];
+            // RFC 5880 §6.8.6: a received AdminDown takes the session Down with diag 3;
+            // it is the peer's decision, not a failure.
+            let administrative = to == State::AdminDown
+                || from == State::AdminDown
+                || (to == State::Down && path.session.remote_admin_down());
             self.events.push_back(Event::PathState {
                 path: id,
                 from,
                 to,
                 diag,
+                administrative,
             });
-            let path = &mut self.paths[usize::from(id.0)];
             // Only a silent path has a detection time; a neighbor that says
             // it is down (or administratively down) is not a detection.
             let detection = (from == State::Up && diag == Diag::ControlDetectionExpired)
@@ -274,18 +319,70 @@ impl Engine {
         sessions.chain(steering).min()
     }
 
-    /// The next control packet due, with the path to send it on.
-    pub fn poll_transmit(&mut self, now: Instant) -> Option<(PathId, ControlPacket)> {
+    /// The next control packet due, encoded (and signed), with the path to send it
+    /// on. A packet that cannot be encoded is reported as `Err` and not counted.
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+    ) -> Option<(PathId, Result<Transmit, EmitError>)> {
         let n = self.paths.len();
         for k in 0..n {
             let i = (self.next_tx + k) % n;
-            if let Some(pkt) = self.paths[i].session.poll_transmit(now) {
+            if let Some(out) = self.paths[i].session.poll_transmit_encoded(now) {
                 self.next_tx = (i + 1) % n;
-                self.paths[i].control_tx += 1;
-                return Some((PathId(i as u16), pkt));
+                if out.is_ok() {
+                    self.paths[i].control_tx += 1;
+                }
+                return Some((PathId(i as u16), out));
             }
         }
         None
+    }
+
+    /// Changes a path's BFD timers; a Poll Sequence announces them (RFC 5880 §6.8.3).
+    pub fn set_timers(
+        &mut self,
+        id: PathId,
+        tx: Duration,
+        rx: Duration,
+        multiplier: u8,
+        now: Instant,
+    ) -> bool {
+        let Some(path) = self.paths.get_mut(usize::from(id.0)) else {
+            return false;
+        };
+        path.session.set_timers(tx, rx, multiplier, now);
+        self.drain_session(id, now);
+        true
+    }
+
+    /// Applies the BFD timers of `config` to the running sessions with the same peer
+    /// and path names (a reload). Returns the paths whose timers changed.
+    pub fn apply_timers(&mut self, config: &Config, now: Instant) -> Vec<PathId> {
+        let mut changed = Vec::new();
+        for peer in &config.peers {
+            for p in &peer.paths {
+                let Some(id) = self.path_by_name(&peer.name, &p.name) else {
+                    continue;
+                };
+                let s = &self.paths[usize::from(id.0)].session;
+                let before = (s.configured_timers(), s.detect_mult());
+                let b = &p.bfd;
+                self.set_timers(id, b.tx_interval, b.rx_interval, b.multiplier, now);
+                let s = &self.paths[usize::from(id.0)].session;
+                if (s.configured_timers(), s.detect_mult()) != before {
+                    changed.push(id);
+                }
+            }
+        }
+        changed
+    }
+
+    fn path_by_name(&self, peer: &str, path: &str) -> Option<PathId> {
+        self.paths
+            .iter()
+            .position(|p| p.name == path && self.peers[usize::from(p.peer.0)].name == peer)
+            .map(|i| PathId(i as u16))
     }
 
     /// The next event, oldest first.
@@ -313,6 +410,16 @@ impl Engine {
         for i in 0..self.paths.len() {
             self.paths[i].session.set_admin_down(now);
             self.drain_session(PathId(i as u16), now);
+        }
+    }
+
+    /// Makes every AdminDown session send its AdminDown again at `now` (shutdown
+    /// repeats it, since a single packet may be lost).
+    pub fn repeat_admin_down(&mut self, now: Instant) {
+        for p in &mut self.paths {
+            if p.session.state() == State::AdminDown {
+                p.session.transmit_now(now);
+            }
         }
     }
 
@@ -356,6 +463,45 @@ impl Engine {
             }
         }
     }
+}
+
+/// The Length field of a datagram that parsed (so it is at least 24).
+fn wire_len(data: &[u8]) -> usize {
+    data.get(3).map_or(data.len(), |&l| usize::from(l))
+}
+
+fn auth_type(t: BfdAuthType) -> AuthType {
+    match t {
+        BfdAuthType::SimplePassword => AuthType::SimplePassword,
+        BfdAuthType::KeyedMd5 => AuthType::KeyedMd5,
+        BfdAuthType::MeticulousKeyedMd5 => AuthType::MeticulousKeyedMd5,
+        BfdAuthType::KeyedSha1 => AuthType::KeyedSha1,
+        BfdAuthType::MeticulousKeyedSha1 => AuthType::MeticulousKeyedSha1,
+    }
+}
+
+fn path_auth(
+    path: &str,
+    bfd: &BfdConfig,
+    secrets: &Secrets,
+    initial_seq: u32,
+) -> Result<Option<Auth>, EngineError> {
+    let Some(a) = &bfd.auth else {
+        return Ok(None);
+    };
+    let secret = secrets
+        .get(&a.secret_file)
+        .ok_or_else(|| EngineError::MissingSecret {
+            path: path.to_string(),
+            file: a.secret_file.clone(),
+        })?;
+    Auth::new(auth_type(a.auth_type), a.key_id, secret, initial_seq)
+        .map(Some)
+        .map_err(|source| EngineError::BadSecret {
+            path: path.to_string(),
+            file: a.secret_file.clone(),
+            source,
+        })
 }
 
 fn session_config(bfd: &BfdConfig, local_discriminator: u32) -> SessionConfig {

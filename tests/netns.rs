@@ -222,6 +222,8 @@ fn assert_fields(gw: Gw, status: &Value) {
             "local_state",
             "remote_state",
             "local_diag",
+            "remote_diag",
+            "max_tx_gap_us",
             "tx_interval_us",
             "detect_time_us",
             "rtt_us",

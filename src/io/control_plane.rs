@@ -25,6 +25,8 @@ use tracing::{debug, error, info, warn};
 pub enum Command {
     Status(oneshot::Sender<Status>),
     Shutdown(oneshot::Sender<()>),
+    /// Apply the BFD timers of a reloaded config; answers the number of paths changed.
+    SetTimers(Box<crate::config::Config>, oneshot::Sender<usize>),
 }
 
 /// The static facts the status document repeats.
@@ -56,6 +58,15 @@ impl CommandLink {
             return None;
         }
         rx.await.ok()
+    }
+
+    /// Applies a reloaded config's BFD timers; returns how many paths changed.
+    pub async fn set_timers(&self, config: crate::config::Config) -> usize {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(Command::SetTimers(Box::new(config), tx)) {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
     }
 
     pub async fn shutdown(&self) {
@@ -111,7 +122,7 @@ impl BfdThread {
         loop {
             let now = clock::now();
             self.engine.handle_timeout(now);
-            self.flush(now, &mut buf);
+            self.flush(now);
             let timeout = self
                 .engine
                 .poll_timeout()
@@ -133,16 +144,16 @@ impl BfdThread {
     }
 
     /// Sends due control packets, logs events, publishes forwarding.
-    fn flush(&mut self, now: Instant, buf: &mut [u8]) {
-        while let Some((id, pkt)) = self.engine.poll_transmit(now) {
+    fn flush(&mut self, now: Instant) {
+        while let Some((id, out)) = self.engine.poll_transmit(now) {
             let i = usize::from(id.0);
             let (Some(path), Some(sock)) = (self.engine.path(id), self.tx.get(i)) else {
                 continue;
             };
             let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
-            match pkt.emit(buf) {
-                Ok(n) => {
-                    if let Err(e) = sock.send_to(&buf[..n], dst) {
+            match out {
+                Ok(t) => {
+                    if let Err(e) = sock.send_to(t.as_bytes(), dst) {
                         debug!(path = %path.name, error = %e, "BFD send failed");
                     }
                 }
@@ -169,12 +180,18 @@ impl BfdThread {
                 from,
                 to,
                 diag,
+                administrative,
             } => {
                 let Some(p) = self.engine.path(path) else {
                     return;
                 };
                 let peer = self.engine.peer(p.peer).map_or("?", |(n, _, _)| n);
-                info!(peer, path = %p.name, from = from.as_str(), to = to.as_str(), diag = diag.as_str(), "path state");
+                let remote_diag = p.session.remote_diag().as_str();
+                if administrative {
+                    info!(peer, path = %p.name, from = from.as_str(), to = to.as_str(), diag = diag.as_str(), remote_diag, "path state (administrative, not a failure)");
+                } else {
+                    info!(peer, path = %p.name, from = from.as_str(), to = to.as_str(), diag = diag.as_str(), remote_diag, "path state");
+                }
                 if let Some(m) = self.metrics.path(usize::from(path.0)) {
                     m.set_state(from, to);
                     m.set_detection_time(p.session.detection_time());
@@ -253,6 +270,12 @@ impl BfdThread {
                 Command::Status(reply) => {
                     let _ = reply.send(self.status());
                 }
+                Command::SetTimers(config, reply) => {
+                    let now = clock::now();
+                    let changed = self.engine.apply_timers(&config, now);
+                    self.flush(now);
+                    let _ = reply.send(changed.len());
+                }
                 Command::Shutdown(reply) => {
                     self.shutdown();
                     let _ = reply.send(());
@@ -268,21 +291,22 @@ impl BfdThread {
     fn shutdown(&mut self) {
         let now = clock::now();
         self.engine.set_admin_down_all(now);
-        let mut packets = Vec::new();
-        let mut buf = [0u8; 512];
-        while let Some((id, pkt)) = self.engine.poll_transmit(now) {
-            if let (Some(path), Ok(n)) = (self.engine.path(id), pkt.emit(&mut buf)) {
-                let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
-                packets.push((usize::from(id.0), dst, buf[..n].to_vec()));
-            }
-        }
+        // Three rounds, each freshly encoded: with meticulous authentication a
+        // repeated sequence number would be refused as a replay.
         for round in 0..3 {
             if round > 0 {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            for (i, dst, bytes) in &packets {
-                if let Some(sock) = self.tx.get(*i) {
-                    let _ = sock.send_to(bytes, dst);
+            let now = clock::now();
+            if round > 0 {
+                self.engine.repeat_admin_down(now);
+            }
+            while let Some((id, out)) = self.engine.poll_transmit(now) {
+                if let (Some(path), Ok(t)) = (self.engine.path(id), out) {
+                    let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
+                    if let Some(sock) = self.tx.get(usize::from(id.0)) {
+                        let _ = sock.send_to(t.as_bytes(), dst);
+                    }
                 }
             }
         }
@@ -346,6 +370,9 @@ impl BfdThread {
                 local_state: s.state().as_str().to_string(),
                 remote_state: s.remote_state().as_str().to_string(),
                 local_diag: s.local_diag().as_str().to_string(),
+                remote_diag: s.remote_diag().as_str().to_string(),
+                max_tx_gap_us: s.max_tx_gap().as_micros() as u64,
+                auth: s.auth_enabled(),
                 local_discriminator: s.local_discriminator(),
                 remote_discriminator: s.remote_discriminator(),
                 tx_interval_us: s.tx_interval().as_micros() as u64,

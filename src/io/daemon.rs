@@ -5,7 +5,7 @@ use super::control_plane::{BfdThread, Command, CommandLink, Meta};
 use super::data_plane::{FlowTable, PathIn, PathOut, TunOut};
 use super::{clock, netlink::Netlink, tun, udp};
 use crate::config::{Config, ConfigError};
-use crate::engine::Engine;
+use crate::engine::{Engine, Secrets};
 use crate::forward::HEADROOM;
 use crate::telemetry::metrics::{self, Metrics, PathLabels};
 use crate::telemetry::{control, DropCounters, PathCounters};
@@ -41,19 +41,50 @@ const DEFAULT_MTU: u16 = 1500 - 40 - 8 - HEADROOM as u16;
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     let config = Config::load(config_path)?;
+    let secrets = read_secrets(&config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("crosslink-rt")
         .enable_all()
         .build()?;
-    rt.block_on(run_async(config, config_path.to_path_buf()))
+    rt.block_on(run_async(config, secrets, config_path.to_path_buf()))
+}
+
+/// Reads every BFD `auth.secret_file` once, at start (RFC 5880 §6.7 keys). The error
+/// names the file; the content is never logged.
+fn read_secrets(config: &Config) -> Result<Secrets, DaemonError> {
+    let mut secrets = Secrets::new();
+    let files = config
+        .peers
+        .iter()
+        .flat_map(|p| p.paths.iter())
+        .filter_map(|p| p.bfd.auth.as_ref())
+        .map(|a| a.secret_file.clone());
+    for file in files {
+        if secrets.contains_key(&file) {
+            continue;
+        }
+        let raw = std::fs::read(&file).map_err(|e| {
+            DaemonError::Setup(format!(
+                "cannot read BFD secret file {}: {e}",
+                file.display()
+            ))
+        })?;
+        let secret = crate::bfd::auth::trim_secret(&raw).to_vec();
+        secrets.insert(file, secret);
+    }
+    Ok(secrets)
 }
 
 struct PeerIo {
     tun: Arc<SyncDevice>,
 }
 
-async fn run_async(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
+async fn run_async(
+    config: Config,
+    secrets: Secrets,
+    config_path: PathBuf,
+) -> Result<(), DaemonError> {
     if let Some(m) = &config.metrics {
         metrics::install(m.listen).map_err(DaemonError::Setup)?;
         info!(listen = %m.listen, "metrics endpoint up");
@@ -125,7 +156,9 @@ async fn run_async(config: Config, config_path: PathBuf) -> Result<(), DaemonErr
 
     let now = clock::now();
     let seed = u64::from(std::process::id()) ^ (clock::unix_seconds(now) << 20) ^ 0x5eed;
-    let engine = Engine::new(&config, now, seed);
+    let engine =
+        Engine::new(&config, &secrets, now, seed).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    drop(secrets);
     let forwarding = Arc::new(ArcSwap::from_pointee(engine.forwarding()));
     let counters: Vec<Arc<PathCounters>> = paths.iter().map(|_| Arc::default()).collect();
     let drops = Arc::new(DropCounters::default());
@@ -239,7 +272,7 @@ async fn run_async(config: Config, config_path: PathBuf) -> Result<(), DaemonErr
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&config_path, &config, &metrics),
+            _ = hup.recv() => reload(&config_path, &config, &metrics, &commands).await,
         }
     }
 
@@ -259,18 +292,25 @@ async fn run_async(config: Config, config_path: PathBuf) -> Result<(), DaemonErr
     Ok(())
 }
 
-/// SIGHUP: validate the new file. Applying a changed config in place
-/// (without disturbing unchanged peers) is not implemented yet, so a valid
-/// but different file is reported and left for a restart.
-fn reload(path: &Path, running: &Config, metrics: &Metrics) {
+/// SIGHUP: validate the new file and apply changed BFD timers in place (each
+/// change goes through a Poll Sequence, RFC 5880 §6.8.3, so sessions stay Up).
+/// Other changes are not applied in place yet: they are reported and left for
+/// a restart.
+async fn reload(path: &Path, running: &Config, metrics: &Metrics, commands: &CommandLink) {
+    if let Ok(new) = Config::load(path) {
+        let changed = commands.set_timers(new).await;
+        if changed > 0 {
+            info!(paths = changed, "reload: BFD timers applied with a poll sequence");
+        }
+    }
     match Config::load(path) {
         Err(e) => {
             metrics.set_reload_ok(false);
             error!(error = %e, "reload refused; keeping the running configuration");
         }
-        Ok(new) if new == *running => {
+        Ok(new) if new == *running || same_but_bfd_timers(&new, running) => {
             metrics.set_reload_ok(true);
-            info!("reload: configuration unchanged");
+            info!("reload: nothing else to apply");
         }
         Ok(_) => {
             metrics.set_reload_ok(true);
@@ -279,4 +319,21 @@ fn reload(path: &Path, running: &Config, metrics: &Metrics) {
             );
         }
     }
+}
+
+/// Whether two configs differ at most in BFD timers (which reload applies).
+fn same_but_bfd_timers(a: &Config, b: &Config) -> bool {
+    let strip = |c: &Config| {
+        let mut c = c.clone();
+        for p in c.peers.iter_mut().flat_map(|p| p.paths.iter_mut()) {
+            p.bfd.tx_interval = Duration::ZERO;
+            p.bfd.rx_interval = Duration::ZERO;
+            p.bfd.multiplier = 0;
+        }
+        c.bfd.tx_interval = Duration::ZERO;
+        c.bfd.rx_interval = Duration::ZERO;
+        c.bfd.multiplier = 0;
+        c
+    };
+    strip(a) == strip(b)
 }
