@@ -93,6 +93,11 @@ pub struct PathCore {
     down_since: Option<Instant>,
     pub control_tx: u64,
     pub control_rx: u64,
+    /// Up -> not Up changes that were failures (detection expiry, or the peer saying
+    /// Down); administrative changes (AdminDown either way) are not counted.
+    pub failures: u64,
+    /// Times the peer took the session down administratively.
+    pub remote_admin_downs: u64,
 }
 
 impl PathCore {
@@ -154,6 +159,8 @@ impl Engine {
                     down_since: Some(now),
                     control_tx: 0,
                     control_rx: 0,
+                    failures: 0,
+                    remote_admin_downs: 0,
                 });
                 ids.push(id);
                 steer_paths.push((id, path.priority, path.weight));
@@ -261,6 +268,13 @@ impl Engine {
             let administrative = to == State::AdminDown
                 || from == State::AdminDown
                 || (to == State::Down && path.session.remote_admin_down());
+            if from == State::Up && to != State::Up {
+                if administrative {
+                    path.remote_admin_downs += u64::from(to == State::Down);
+                } else {
+                    path.failures += 1;
+                }
+            }
             self.events.push_back(Event::PathState {
                 path: id,
                 from,
@@ -321,10 +335,7 @@ impl Engine {
 
     /// The next control packet due, encoded (and signed), with the path to send it
     /// on. A packet that cannot be encoded is reported as `Err` and not counted.
-    pub fn poll_transmit(
-        &mut self,
-        now: Instant,
-    ) -> Option<(PathId, Result<Transmit, EmitError>)> {
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<(PathId, Result<Transmit, EmitError>)> {
         let n = self.paths.len();
         for k in 0..n {
             let i = (self.next_tx + k) % n;

@@ -556,7 +556,10 @@ impl Session {
 
     /// The configured (Desired Min TX, Required Min RX), as last set.
     pub fn configured_timers(&self) -> (Duration, Duration) {
-        (self.configured.desired_min_tx, self.configured.required_min_rx)
+        (
+            self.configured.desired_min_tx,
+            self.configured.required_min_rx,
+        )
     }
 
     pub fn detect_mult(&self) -> u8 {

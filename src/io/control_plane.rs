@@ -373,6 +373,8 @@ impl BfdThread {
                 remote_diag: s.remote_diag().as_str().to_string(),
                 max_tx_gap_us: s.max_tx_gap().as_micros() as u64,
                 auth: s.auth_enabled(),
+                failures: p.failures,
+                remote_admin_downs: p.remote_admin_downs,
                 local_discriminator: s.local_discriminator(),
                 remote_discriminator: s.remote_discriminator(),
                 tx_interval_us: s.tx_interval().as_micros() as u64,

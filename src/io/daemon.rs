@@ -300,7 +300,10 @@ async fn reload(path: &Path, running: &Config, metrics: &Metrics, commands: &Com
     if let Ok(new) = Config::load(path) {
         let changed = commands.set_timers(new).await;
         if changed > 0 {
-            info!(paths = changed, "reload: BFD timers applied with a poll sequence");
+            info!(
+                paths = changed,
+                "reload: BFD timers applied with a poll sequence"
+            );
         }
     }
     match Config::load(path) {

@@ -101,7 +101,11 @@ fn seal_follows_the_rfc_construction_for_every_keyed_type() {
         for secret in [&b"k"[..], b"secret", &[0xa5; 16]] {
             let mut auth = Auth::new(kind, 9, secret, 0xffff_fffe).unwrap();
             let ours = our_sealed(&mut auth);
-            assert_eq!(ours, reference_sealed(kind, 9, 0xffff_fffe, secret), "{kind:?}");
+            assert_eq!(
+                ours,
+                reference_sealed(kind, 9, 0xffff_fffe, secret),
+                "{kind:?}"
+            );
             // The key itself is never on the wire.
             assert!(!ours.windows(secret.len()).any(|w| w == secret) || secret.len() == 1);
         }
@@ -123,7 +127,13 @@ fn sequence_increments_and_wraps() {
 fn verify_bytes(auth: &mut Auth, bytes: &[u8], at: Duration) -> Result<(), AuthError> {
     let pkt = ControlPacket::parse(bytes).unwrap();
     let base = Instant::now();
-    auth.verify(pkt.auth.as_ref().unwrap(), Some(bytes), pkt.detect_mult, DETECT, base + at)
+    auth.verify(
+        pkt.auth.as_ref().unwrap(),
+        Some(bytes),
+        pkt.detect_mult,
+        DETECT,
+        base + at,
+    )
 }
 
 #[test]
@@ -145,9 +155,15 @@ fn verify_accepts_reference_packets_and_rejects_tampering() {
             }
         }
         let wrong_key = reference_sealed(kind, 9, 102, b"secreT");
-        assert_eq!(verify_bytes(&mut rx, &wrong_key, T0), Err(AuthError::BadDigest));
+        assert_eq!(
+            verify_bytes(&mut rx, &wrong_key, T0),
+            Err(AuthError::BadDigest)
+        );
         let wrong_id = reference_sealed(kind, 8, 102, b"secret");
-        assert_eq!(verify_bytes(&mut rx, &wrong_id, T0), Err(AuthError::WrongKeyId(8)));
+        assert_eq!(
+            verify_bytes(&mut rx, &wrong_id, T0),
+            Err(AuthError::WrongKeyId(8))
+        );
         let mut fresh = Auth::new(kind, 9, b"secret", 0).unwrap();
         assert_eq!(
             fresh.verify(
@@ -166,9 +182,15 @@ fn verify_accepts_reference_packets_and_rejects_tampering() {
 fn wrong_type_is_rejected() {
     let mut rx = Auth::new(AuthType::KeyedMd5, 9, b"secret", 0).unwrap();
     let sha = reference_sealed(AuthType::KeyedSha1, 9, 1, b"secret");
-    assert_eq!(verify_bytes(&mut rx, &sha, T0), Err(AuthError::WrongType(4)));
+    assert_eq!(
+        verify_bytes(&mut rx, &sha, T0),
+        Err(AuthError::WrongType(4))
+    );
     let met = reference_sealed(AuthType::MeticulousKeyedMd5, 9, 1, b"secret");
-    assert_eq!(verify_bytes(&mut rx, &met, T0), Err(AuthError::WrongType(3)));
+    assert_eq!(
+        verify_bytes(&mut rx, &met, T0),
+        Err(AuthError::WrongType(3))
+    );
 }
 
 /// §6.7.3: keyed accepts RcvAuthSeq..=RcvAuthSeq+3*DetectMult, meticulous starts
@@ -221,13 +243,22 @@ fn simple_password() {
     assert_eq!(rx.verify(&section, None, 3, DETECT, now), Ok(()));
     let mut wrong = section.clone();
     wrong.data = b"hunter3".to_vec();
-    assert_eq!(rx.verify(&wrong, None, 3, DETECT, now), Err(AuthError::BadDigest));
+    assert_eq!(
+        rx.verify(&wrong, None, 3, DETECT, now),
+        Err(AuthError::BadDigest)
+    );
     let mut prefix = section.clone();
     prefix.data = b"hunter".to_vec();
-    assert_eq!(rx.verify(&prefix, None, 3, DETECT, now), Err(AuthError::BadDigest));
+    assert_eq!(
+        rx.verify(&prefix, None, 3, DETECT, now),
+        Err(AuthError::BadDigest)
+    );
     let mut id = section;
     id.key_id = 4;
-    assert_eq!(rx.verify(&id, None, 3, DETECT, now), Err(AuthError::WrongKeyId(4)));
+    assert_eq!(
+        rx.verify(&id, None, 3, DETECT, now),
+        Err(AuthError::WrongKeyId(4))
+    );
 }
 
 #[test]
@@ -272,7 +303,9 @@ fn short_or_foreign_bytes_never_panic() {
     };
     for len in [0, 10, 40, 200] {
         let bytes = vec![0u8; len];
-        assert!(rx.verify(&section, Some(&bytes), 3, DETECT, Instant::now()).is_err());
+        assert!(rx
+            .verify(&section, Some(&bytes), 3, DETECT, Instant::now())
+            .is_err());
         let mut b = bytes.clone();
         let _ = rx.seal(&mut b);
     }

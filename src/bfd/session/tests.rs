@@ -718,7 +718,8 @@ fn remote_demand_bit_stops_periodic_transmission_when_both_up() {
     assert!(answer.final_);
     assert_eq!(s.poll_transmit(base + 200 * MS), None);
     // The peer drops the D bit: periodic transmission resumes.
-    s.handle_packet(&packet(State::Up, 2, 1), base + 70 * MS).unwrap();
+    s.handle_packet(&packet(State::Up, 2, 1), base + 70 * MS)
+        .unwrap();
     assert!(s.poll_transmit(base + 90 * MS).is_some());
 }
 
@@ -805,13 +806,28 @@ fn state_table_for_every_event() {
     use State::*;
     // (local, event) -> (new local, diag after)
     let table = [
-        (AdminDown, Ev::DetectionExpiry, AdminDown, Diag::AdministrativelyDown),
-        (AdminDown, Ev::AdminDown, AdminDown, Diag::AdministrativelyDown),
+        (
+            AdminDown,
+            Ev::DetectionExpiry,
+            AdminDown,
+            Diag::AdministrativelyDown,
+        ),
+        (
+            AdminDown,
+            Ev::AdminDown,
+            AdminDown,
+            Diag::AdministrativelyDown,
+        ),
         (AdminDown, Ev::AdminUp, Down, Diag::None),
         (Down, Ev::DetectionExpiry, Down, Diag::None),
         (Down, Ev::AdminDown, AdminDown, Diag::AdministrativelyDown),
         (Down, Ev::AdminUp, Down, Diag::None),
-        (Init, Ev::DetectionExpiry, Down, Diag::ControlDetectionExpired),
+        (
+            Init,
+            Ev::DetectionExpiry,
+            Down,
+            Diag::ControlDetectionExpired,
+        ),
         (Init, Ev::AdminDown, AdminDown, Diag::AdministrativelyDown),
         (Init, Ev::AdminUp, Init, Diag::None),
         (Up, Ev::DetectionExpiry, Down, Diag::ControlDetectionExpired),
@@ -824,7 +840,8 @@ fn state_table_for_every_event() {
         let mut s = session_in(local, base);
         if local == Down {
             // A Down session that heard a peer, so the detection timer is armed.
-            s.handle_packet(&packet(State::AdminDown, 2, 1), base).unwrap();
+            s.handle_packet(&packet(State::AdminDown, 2, 1), base)
+                .unwrap();
         }
         let before = s.transitions();
         let at = base + Duration::from_secs(5);
@@ -914,7 +931,11 @@ fn wrong_secret_or_type_never_comes_up() {
         let mut b = auth_session(2, kind, b"other", base);
         let results = settle_signed(&mut a, &mut b, base);
         assert!(results.iter().all(|r| matches!(r, Err(RxError::Auth(_)))));
-        assert_eq!((a.state(), b.state()), (State::Down, State::Down), "{kind:?}");
+        assert_eq!(
+            (a.state(), b.state()),
+            (State::Down, State::Down),
+            "{kind:?}"
+        );
     }
     let base = Instant::now();
     let mut a = auth_session(1, AuthType::KeyedMd5, b"s", base);
