@@ -163,7 +163,7 @@ fn poll_status(timeline: Arc<Timeline>, clients: [StatusClient; 2]) {
     let mut seen: [[Option<PathView>; 2]; 2] = Default::default();
     while !timeline.halt.load(Ordering::Relaxed) {
         for gw in Gw::ALL {
-            let Ok(status) = clients[gw_index(gw)].status() else {
+            let Ok(status) = clients[gw_index(gw)].poll() else {
                 continue;
             };
             for (pi, path) in LabPath::ALL.into_iter().enumerate() {
@@ -332,7 +332,7 @@ impl Demo {
         tl.event(
             "demo",
             &format!(
-                "lab built: namespaces {}..{{c,a,b,s}}, files in {}",
+                "lab built: namespaces {}{{c,a,b,s}}, files in {}",
                 lab.ns(lab::Host::Client).trim_end_matches('c'),
                 lab.dir().display()
             ),
@@ -395,7 +395,7 @@ impl Demo {
             let lab = self.lab()?;
             lab.check_gateways()?;
             let up = Gw::ALL.iter().all(|gw| {
-                lab.status(*gw).is_ok_and(|s| {
+                lab.poll(*gw).is_ok_and(|s| {
                     LabPath::ALL
                         .iter()
                         .all(|p| lab::path_state(&s, *p).as_deref() == Some("up"))

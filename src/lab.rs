@@ -414,6 +414,16 @@ pub struct StatusClient {
 }
 
 impl StatusClient {
+    /// Asks over the control socket directly (no process spawned): cheap enough to
+    /// poll every few milliseconds.
+    pub fn poll(&self) -> Result<Value> {
+        let status = crate::telemetry::control::request_status(&self.socket)
+            .map_err(io_err(format!("status of {}", self.socket.display())))?;
+        serde_json::to_value(status)
+            .map_err(|e| LabError::Other(format!("cannot encode status: {e}")))
+    }
+
+    /// Runs `crosslink status -s SOCKET --json`, the command users and scripts run.
     pub fn status(&self) -> Result<Value> {
         let out = run(Command::new(&self.binary)
             .arg("status")
@@ -798,9 +808,14 @@ impl Lab {
         }
     }
 
-    /// `crosslink status --json` of a gateway.
+    /// `crosslink status --json` of a gateway (runs the command).
     pub fn status(&self, gw: Gw) -> Result<Value> {
         self.status_client(gw).status()
+    }
+
+    /// The same document straight from the control socket; for tight polling loops.
+    pub fn poll(&self, gw: Gw) -> Result<Value> {
+        self.status_client(gw).poll()
     }
 
     /// Polls both gateways' status until `done` holds for both, or fails after `timeout`.
@@ -815,7 +830,7 @@ impl Lab {
             self.check_gateways()?;
             let ok = Gw::ALL
                 .iter()
-                .all(|gw| self.status(*gw).is_ok_and(|s| done(*gw, &s)));
+                .all(|gw| self.poll(*gw).is_ok_and(|s| done(*gw, &s)));
             if ok {
                 return Ok(());
             }
@@ -825,7 +840,7 @@ impl Lab {
                     after: timeout,
                 });
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

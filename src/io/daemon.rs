@@ -41,6 +41,7 @@ const DEFAULT_MTU: u16 = 1500 - 40 - 8 - HEADROOM as u16;
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     let config = Config::load(config_path)?;
+    refuse_unsupported(&config)?;
     let secrets = read_secrets(&config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -74,6 +75,20 @@ fn read_secrets(config: &Config) -> Result<Secrets, DaemonError> {
         secrets.insert(file, secret);
     }
     Ok(secrets)
+}
+
+/// Settings this build parses but cannot honour yet. Running without them
+/// would silently weaken what the operator asked for, so refuse instead.
+fn refuse_unsupported(config: &Config) -> Result<(), DaemonError> {
+    for peer in &config.peers {
+        if peer.key_file.is_some() {
+            return Err(DaemonError::Setup(format!(
+                "peer {}: key_file: data-plane encryption is not available in this version; remove key_file to run unencrypted",
+                peer.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 struct PeerIo {

@@ -29,6 +29,8 @@ pub const BUF_LEN: usize = 65_535 + HEADROOM;
 /// Flows idle this long no longer count as active.
 const FLOW_IDLE: Duration = Duration::from_secs(30);
 const MAX_TRACKED_FLOWS: usize = 1 << 20;
+/// How often idle flows are expired and per-path flow counts published.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// A path as the sending thread sees it.
 pub struct PathOut {
@@ -54,8 +56,16 @@ impl TunOut {
         let mut buf = vec![0u8; BUF_LEN];
         let mut last_sweep = clock::now();
         loop {
-            let n = match self.tun.recv_intr(&mut buf[HEADROOM..], &self.interrupt) {
+            let read = self
+                .tun
+                .recv_intr_timeout(&mut buf[HEADROOM..], &self.interrupt, Some(SWEEP_EVERY));
+            let n = match read {
                 Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    last_sweep = clock::now();
+                    self.flows.sweep(last_sweep, &self.paths);
+                    continue;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted && self.interrupt.is_trigger() => {
                     return
                 }
@@ -80,7 +90,7 @@ impl TunOut {
                 }
                 Err(reason) => self.drops.count(reason),
             }
-            if now.saturating_duration_since(last_sweep) >= Duration::from_secs(1) {
+            if now.saturating_duration_since(last_sweep) >= SWEEP_EVERY {
                 last_sweep = now;
                 self.flows.sweep(now, &self.paths);
             }
