@@ -524,3 +524,143 @@ fn session_config(bfd: &BfdConfig, local_discriminator: u32) -> SessionConfig {
         passive: bfd.passive,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(side: u8, auth: Option<&str>) -> Config {
+        let other = 3 - side;
+        let auth = auth.map_or(String::new(), |t| {
+            format!("auth = {{ type = \"{t}\", key_id = 3, secret_file = \"/k\" }}\n")
+        });
+        let text = format!(
+            "[gateway]\nname = \"g{side}\"\ncontrol_socket = \"/nonexistent.sock\"\n\
+             [bfd]\ntx_interval = \"10ms\"\nrx_interval = \"10ms\"\nmultiplier = 3\n{auth}\
+             [[peer]]\nname = \"p\"\ntun = \"xl-p\"\n  [[peer.path]]\n  name = \"p1\"\n  \
+             local = \"198.18.21.{side}:4800\"\n  remote = \"198.18.21.{other}:4800\"\n"
+        );
+        Config::parse(&text, "test").unwrap()
+    }
+
+    fn secrets(secret: &[u8]) -> Secrets {
+        Secrets::from([(PathBuf::from("/k"), secret.to_vec())])
+    }
+
+    fn ip(side: u8) -> IpAddr {
+        format!("198.18.21.{side}").parse().unwrap()
+    }
+
+    /// Sends what `from` has due at `now` to `to` (on `to`'s side `side`).
+    fn deliver(from: &mut Engine, to: &mut Engine, side: u8, now: Instant) -> Vec<DropReason> {
+        from.handle_timeout(now);
+        let mut out = Vec::new();
+        while let Some((_, t)) = from.poll_transmit(now) {
+            out.push(t.unwrap().as_bytes().to_vec());
+        }
+        let src = SocketAddr::new(ip(3 - side), 49152);
+        out.iter()
+            .filter_map(|bytes| {
+                to.handle_bfd_datagram(ip(side), src, Some(255), bytes, now)
+                    .err()
+            })
+            .collect()
+    }
+
+    /// Delivers every due packet both ways at `now`; returns drop reasons seen.
+    fn exchange(a: &mut Engine, b: &mut Engine, now: Instant) -> Vec<DropReason> {
+        let mut drops = Vec::new();
+        for _ in 0..6 {
+            drops.extend(deliver(a, b, 2, now));
+            drops.extend(deliver(b, a, 1, now));
+        }
+        drops
+    }
+
+    fn pair(auth: Option<&str>, sa: &[u8], sb: &[u8], t0: Instant) -> (Engine, Engine) {
+        let a = Engine::new(&config(1, auth), &secrets(sa), t0, 1).unwrap();
+        let b = Engine::new(&config(2, auth), &secrets(sb), t0, 2).unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn missing_or_oversized_secret_is_an_error() {
+        let t0 = Instant::now();
+        let cfg = config(1, Some("keyed-md5"));
+        assert!(matches!(
+            Engine::new(&cfg, &Secrets::new(), t0, 1),
+            Err(EngineError::MissingSecret { .. })
+        ));
+        assert!(matches!(
+            Engine::new(&cfg, &secrets(&[b'x'; 17]), t0, 1),
+            Err(EngineError::BadSecret { .. })
+        ));
+        let e = Engine::new(&cfg, &Secrets::new(), t0, 1).err().unwrap();
+        assert!(e.to_string().contains("/k"));
+    }
+
+    #[test]
+    fn authenticated_engines_come_up_and_wrong_key_is_dropped_as_auth() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = pair(Some("meticulous-keyed-sha1"), b"key", b"key", t0);
+        assert!(exchange(&mut a, &mut b, t0).is_empty());
+        assert!(a.paths()[0].is_up() && b.paths()[0].is_up());
+        let (mut a, mut b) = pair(Some("meticulous-keyed-sha1"), b"key", b"yek", t0);
+        let drops = exchange(&mut a, &mut b, t0);
+        assert!(!drops.is_empty() && drops.iter().all(|d| *d == DropReason::BfdAuth));
+        assert!(!a.paths()[0].is_up() && !b.paths()[0].is_up());
+    }
+
+    /// A received AdminDown takes the path out of service without a failure: no
+    /// detection time in the failover event, no failure count.
+    #[test]
+    fn remote_admin_down_is_not_a_failure() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = pair(None, b"", b"", t0);
+        exchange(&mut a, &mut b, t0);
+        assert!(a.paths()[0].is_up());
+        while a.poll_event().is_some() {}
+        let t1 = t0 + Duration::from_millis(5);
+        b.set_admin_down_all(t1);
+        exchange(&mut a, &mut b, t1);
+        assert!(!a.paths()[0].is_up());
+        assert!(!a.is_active(PathId(0)));
+        assert_eq!(a.paths()[0].failures, 0);
+        assert_eq!(a.paths()[0].remote_admin_downs, 1);
+        let events: Vec<Event> = std::iter::from_fn(|| a.poll_event()).collect();
+        assert!(events.iter().any(|e| matches!(
+            e,
+            Event::PathState { to: State::Down, administrative: true, .. }
+        )));
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, Event::Failover { detection: None, .. })));
+        // A silent peer, by contrast, is a failure with a detection time.
+        let (mut a, mut b) = pair(None, b"", b"", t0);
+        exchange(&mut a, &mut b, t0);
+        let late = t0 + Duration::from_millis(200);
+        a.handle_timeout(late);
+        assert_eq!(a.paths()[0].failures, 1);
+        let events: Vec<Event> = std::iter::from_fn(|| a.poll_event()).collect();
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, Event::Failover { detection: Some(_), .. })));
+    }
+
+    #[test]
+    fn apply_timers_polls_without_a_flap() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = pair(None, b"", b"", t0);
+        exchange(&mut a, &mut b, t0);
+        let before = a.paths()[0].session.transitions();
+        let mut cfg = config(1, None);
+        cfg.peers[0].paths[0].bfd.tx_interval = Duration::from_millis(50);
+        let changed = a.apply_timers(&cfg, t0);
+        assert_eq!(changed, vec![PathId(0)]);
+        assert!(a.paths()[0].session.poll_active());
+        exchange(&mut a, &mut b, t0);
+        assert!(!a.paths()[0].session.poll_active());
+        assert_eq!(a.paths()[0].session.transitions(), before);
+        assert!(a.apply_timers(&cfg, t0).is_empty(), "unchanged: no poll");
+    }
+}

@@ -766,6 +766,15 @@ impl Lab {
     }
 
     /// Stops a gateway with SIGTERM (SIGKILL after 3 s).
+    /// The process id of a running gateway (`ip netns exec` execs crosslink, so this
+    /// is crosslink's own pid), e.g. to read its threads' CPU time in `/proc`.
+    pub fn gateway_pid(&self, gw: Gw) -> Option<u32> {
+        self.gateways
+            .iter()
+            .find(|(g, _)| *g == gw)
+            .map(|(_, c)| c.id())
+    }
+
     pub fn stop_gateway(&mut self, gw: Gw) -> Option<ExitStatus> {
         let idx = self.gateways.iter().position(|(g, _)| *g == gw)?;
         let (_, mut child) = self.gateways.remove(idx);

@@ -4,7 +4,7 @@
 //! Each test builds two network namespaces joined by a veth pair:
 //!
 //! ```text
-//!  xli-<pid>-<tag>-x (crosslink) 198.18.41.1/30 ── v0 ── 198.18.41.2/30 xli-<pid>-<tag>-r (router)
+//!  xl-<tag>-<pid>-x (crosslink) 198.18.41.1/30 ── v0 ── 198.18.41.2/30 xl-<tag>-<pid>-r (router)
 //! ```
 //!
 //! crosslink runs with one peer whose only path's remote is the router: the router is a
@@ -119,7 +119,7 @@ struct Topo {
 impl Topo {
     fn new(tag: &str) -> Topo {
         let pid = std::process::id();
-        let tag = format!("xli-{pid}-{tag}");
+        let tag = format!("xl-{tag}-{pid}");
         let dir = std::env::temp_dir().join(&tag);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
@@ -752,7 +752,7 @@ fn bird_authentication_every_type() {
 /// The secret file is read at start; a missing one is a clear error naming it.
 #[test]
 fn unreadable_secret_file_is_a_clear_error() {
-    let dir = std::env::temp_dir().join(format!("xli-{}-secret", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("xl-secret-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let missing = dir.join("no-such-secret");
     let conf = dir.join("xl.toml");
