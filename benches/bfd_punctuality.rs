@@ -120,7 +120,15 @@ fn start_load(lab: &Lab, load: &str, secs: u64) -> Vec<Child> {
             std::thread::sleep(Duration::from_millis(500));
             let client = lab
                 .command_in(Host::Client, "iperf3")
-                .args(["-c", &SERVER_ADDR.to_string(), "-p", "5201", "-P", "4", "-J"])
+                .args([
+                    "-c",
+                    &SERVER_ADDR.to_string(),
+                    "-p",
+                    "5201",
+                    "-P",
+                    "4",
+                    "-J",
+                ])
                 .args(["-t", &secs.to_string()])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
@@ -176,12 +184,16 @@ fn run_one(interval_ms: f64, args: &Args, load: &str) -> bool {
     opts.multiplier = 3;
     let mut lab = Lab::new(opts).expect("lab");
     lab.start_gateways().expect("gateways");
-    lab.wait_paths_up(Duration::from_secs(15)).expect("paths up");
+    lab.wait_paths_up(Duration::from_secs(15))
+        .expect("paths up");
     let pids: Vec<(Gw, u32)> = Gw::ALL
         .iter()
         .filter_map(|&g| lab.gateway_pid(g).map(|p| (g, p)))
         .collect();
-    let before: Vec<Value> = Gw::ALL.iter().map(|&g| lab.status(g).expect("status")).collect();
+    let before: Vec<Value> = Gw::ALL
+        .iter()
+        .map(|&g| lab.status(g).expect("status"))
+        .collect();
     let cpu0: Vec<Option<f64>> = pids.iter().map(|(_, p)| bfd_thread_cpu(*p)).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let sleeper = baseline_sleeper(stop.clone());
@@ -196,7 +208,10 @@ fn run_one(interval_ms: f64, args: &Args, load: &str) -> bool {
     stop.store(true, Ordering::Relaxed);
     let (worst_wake, fifo) = sleeper.join().unwrap_or((Duration::ZERO, false));
     let cpu1: Vec<Option<f64>> = pids.iter().map(|(_, p)| bfd_thread_cpu(*p)).collect();
-    let after: Vec<Value> = Gw::ALL.iter().map(|&g| lab.status(g).expect("status")).collect();
+    let after: Vec<Value> = Gw::ALL
+        .iter()
+        .map(|&g| lab.status(g).expect("status"))
+        .collect();
     let rate = if load == "iperf3" && !procs.is_empty() {
         let client = procs.remove(0);
         iperf_rate(client)
@@ -210,17 +225,27 @@ fn run_one(interval_ms: f64, args: &Args, load: &str) -> bool {
     println!(
         "\ninterval {interval_ms} ms x 3, load {load} for {:.0} s{}",
         elapsed,
-        rate.map_or(String::new(), |r| format!(", iperf3 {:.0} Mbit/s through the tunnel", r / 1e6))
+        rate.map_or(String::new(), |r| format!(
+            ", iperf3 {:.0} Mbit/s through the tunnel",
+            r / 1e6
+        ))
     );
     println!(
         "REPORT bfd_punctuality interval={interval_ms}ms baseline: a bare {} thread sleeping \
          1 ms overslept by up to {:.2} ms during the run",
-        if fifo { "SCHED_FIFO" } else { "normal-priority" },
+        if fifo {
+            "SCHED_FIFO"
+        } else {
+            "normal-priority"
+        },
         worst_wake.as_secs_f64() * 1e3
     );
     for (i, gw) in Gw::ALL.iter().enumerate() {
         let sessions = LabPath::ALL.len() as f64;
-        let cpu = match (cpu0.get(i).copied().flatten(), cpu1.get(i).copied().flatten()) {
+        let cpu = match (
+            cpu0.get(i).copied().flatten(),
+            cpu1.get(i).copied().flatten(),
+        ) {
             (Some(a), Some(b)) => format!(
                 "{:.3} ms CPU per session per second ({:.3} % of a core)",
                 (b - a) / sessions / elapsed * 1e3,

@@ -87,11 +87,16 @@ pub fn main(args: DemoArgs) -> i32 {
 enum Halt {
     Interrupted,
     Failed(String),
+    /// A gateway exited; the message already has its log.
+    GatewayExited(String),
 }
 
 impl From<lab::LabError> for Halt {
     fn from(e: lab::LabError) -> Self {
-        Halt::Failed(e.to_string())
+        match e {
+            lab::LabError::GatewayExited { .. } => Halt::GatewayExited(e.to_string()),
+            _ => Halt::Failed(e.to_string()),
+        }
     }
 }
 
@@ -100,12 +105,18 @@ impl From<lab::LabError> for Halt {
 struct PathView {
     state: String,
     active: bool,
+    /// BFD state transitions so far: shows flaps quicker than the poll.
+    transitions: u64,
 }
 
 fn path_view(status: &Value, path: LabPath) -> Option<PathView> {
     Some(PathView {
         state: lab::path_state(status, path)?,
         active: lab::path_active(status, path),
+        transitions: lab::path_status(status, path)?
+            .pointer("/bfd/transitions")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
     })
 }
 
@@ -204,6 +215,15 @@ fn report_change(
             &format!("{path}: {} -> {}{diag}", before.state, now.state),
         );
         timeline.mark(&format!("{gw}:{path}:{}", now.state), at);
+    } else if now.transitions > before.transitions {
+        timeline.event(
+            gw.name(),
+            &format!(
+                "{path}: flapped ({} BFD state changes between two polls, back to {})",
+                now.transitions - before.transitions,
+                now.state
+            ),
+        );
     }
     if !before.active && now.active {
         let at = timeline.event(gw.name(), &format!("traffic now on {path}"));
@@ -541,6 +561,10 @@ impl Demo {
                         }
                     }
                 }
+                code = 1;
+            }
+            Err(Halt::GatewayExited(why)) => {
+                println!("\nThe demo stopped: {why}");
                 code = 1;
             }
         }

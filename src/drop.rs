@@ -31,11 +31,13 @@ pub enum DropReason {
     /// BFD packet failing authentication: A bit absent while configured, present
     /// while not, wrong type, key, digest or sequence number (RFC 5880 §6.7).
     BfdAuth,
+    /// Echo reply whose stamp is not one we sent recently.
+    EchoStale,
 }
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -49,6 +51,7 @@ impl DropReason {
         DropReason::BfdTtl,
         DropReason::BfdUnknownSession,
         DropReason::BfdAuth,
+        DropReason::EchoStale,
     ];
 
     /// The metric label.
@@ -67,6 +70,7 @@ impl DropReason {
             DropReason::BfdTtl => "bfd_ttl",
             DropReason::BfdUnknownSession => "bfd_unknown_session",
             DropReason::BfdAuth => "bfd_auth",
+            DropReason::EchoStale => "echo_stale",
         }
     }
 

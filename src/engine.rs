@@ -8,9 +8,15 @@
 //! forwarding snapshot for the data plane whenever steering changed
 //! (`poll_forwarding`). It reads no clock and touches no socket, so the
 //! same code runs in the daemon and in the simulated-network tests.
+//!
+//! Peers and paths can be added and removed while running (configuration
+//! reload). Their ids are slots that are never reused: a removed path or
+//! peer stays behind as a *retired* tombstone, so an id held anywhere in
+//! the shell (a forwarding table, a metric handle) can never come to mean
+//! a different path. Unchanged paths keep their sessions untouched.
 
 use crate::bfd::{Auth, KeyError, Session, SessionConfig, SessionEvent, Transmit};
-use crate::config::{BfdAuthType, BfdConfig, Config, Hop, Policy};
+use crate::config::{BfdAuthType, BfdConfig, Config, Hop, PathConfig, PeerConfig, Policy};
 use crate::drop::DropReason;
 use crate::steer::{Selection, Steering};
 use crate::wire::bfd::{AuthType, ControlPacket, Diag, EmitError, State};
@@ -25,7 +31,7 @@ use std::time::{Duration, Instant};
 /// BFD secrets by file name, read by the shell (the engine does no I/O).
 pub type Secrets = HashMap<PathBuf, Vec<u8>>;
 
-/// Why an engine cannot be built.
+/// Why a path's BFD authentication cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// A path has BFD authentication configured but its secret was not supplied.
@@ -78,6 +84,7 @@ struct PeerCore {
     steering: Steering,
     paths: Vec<PathId>,
     up: bool,
+    retired: bool,
 }
 
 /// Per-path control state.
@@ -98,12 +105,18 @@ pub struct PathCore {
     pub failures: u64,
     /// Times the peer took the session down administratively.
     pub remote_admin_downs: u64,
+    retired: bool,
 }
 
 impl PathCore {
     /// Whether BFD says the path works.
     pub fn is_up(&self) -> bool {
         self.session.state() == State::Up
+    }
+
+    /// Whether the path was removed by a reload (its slot is a tombstone).
+    pub fn is_retired(&self) -> bool {
+        self.retired
     }
 }
 
@@ -114,65 +127,152 @@ pub struct Engine {
     events: VecDeque<Event>,
     dirty: bool,
     next_tx: usize,
+    seed: u64,
+    /// BFD secrets (RFC 5880 §6.7 keys) by file, for paths with `auth`.
+    secrets: Secrets,
 }
 
 impl Engine {
-    /// Builds sessions and steering for a validated config. `secrets` holds the
-    /// content of every `auth.secret_file` the config names; a path whose secret is
-    /// missing or unusable is an error (authentication fails closed).
-    pub fn new(
-        config: &Config,
-        secrets: &Secrets,
-        now: Instant,
-        seed: u64,
-    ) -> Result<Engine, EngineError> {
+    /// Builds sessions and steering for a validated config.
+    pub fn new(config: &Config, now: Instant, seed: u64) -> Engine {
         let mut engine = Engine {
             peers: Vec::new(),
             paths: Vec::new(),
             events: VecDeque::new(),
             dirty: true,
             next_tx: 0,
+            seed,
+            secrets: Secrets::new(),
         };
-        for (pi, peer) in config.peers.iter().enumerate() {
-            let peer_id = PeerId(pi as u16);
-            let mut ids = Vec::new();
-            let mut steer_paths = Vec::new();
-            for path in &peer.paths {
-                let id = PathId(engine.paths.len() as u16);
-                let disc = engine.unique_discriminator(seed);
-                let mut session = Session::new(
-                    session_config(&path.bfd, disc),
-                    now,
-                    mix(seed ^ u64::from(disc)),
-                );
-                let initial_seq = (mix(seed ^ u64::from(disc) ^ 0xa17) >> 32) as u32;
-                session.set_auth(path_auth(&path.name, &path.bfd, secrets, initial_seq)?);
-                engine.paths.push(PathCore {
-                    peer: peer_id,
-                    name: path.name.clone(),
-                    local: path.local,
-                    remote: path.remote,
-                    hop: path.bfd.hop,
-                    min_ttl: path.bfd.min_ttl,
-                    session,
-                    last_rx: None,
-                    down_since: Some(now),
-                    control_tx: 0,
-                    control_rx: 0,
-                    failures: 0,
-                    remote_admin_downs: 0,
-                });
-                ids.push(id);
-                steer_paths.push((id, path.priority, path.weight));
-            }
-            engine.peers.push(PeerCore {
-                name: peer.name.clone(),
-                steering: Steering::new(peer.policy, peer.revert_hold, &steer_paths),
-                paths: ids,
-                up: false,
-            });
+        for peer in &config.peers {
+            engine.add_peer(peer, now);
         }
-        Ok(engine)
+        engine
+    }
+
+    /// Adds a peer with its paths (their sessions start Down) in the next
+    /// free slot. Returns `None` when the id space is exhausted.
+    pub fn add_peer(&mut self, peer: &PeerConfig, now: Instant) -> Option<PeerId> {
+        let id = PeerId(u16::try_from(self.peers.len()).ok()?);
+        self.peers.push(PeerCore {
+            name: peer.name.clone(),
+            steering: Steering::new(peer.policy, peer.revert_hold, &[]),
+            paths: Vec::new(),
+            up: false,
+            retired: false,
+        });
+        for path in &peer.paths {
+            self.add_path(id, path, now)?;
+        }
+        self.dirty = true;
+        Some(id)
+    }
+
+    /// Adds (or replaces) BFD secrets, by file name. Call before adding paths whose
+    /// `auth` names those files.
+    pub fn set_secrets(&mut self, secrets: Secrets) {
+        self.secrets.extend(secrets);
+    }
+
+    /// The authentication a path would get, or why it cannot: a path configured
+    /// with `auth` whose secret is missing or unusable is never added (fail closed).
+    pub fn check_path_auth(&self, path: &PathConfig) -> Result<(), EngineError> {
+        path_auth(&path.name, &path.bfd, &self.secrets, 0).map(drop)
+    }
+
+    /// Adds a path to a live peer; its session starts Down. `None` when the id
+    /// space is exhausted or the path's BFD secret is missing or unusable
+    /// ([`check_path_auth`](Self::check_path_auth) says which).
+    pub fn add_path(&mut self, peer: PeerId, path: &PathConfig, now: Instant) -> Option<PathId> {
+        let id = PathId(u16::try_from(self.paths.len()).ok()?);
+        let disc = self.unique_discriminator(self.seed);
+        let initial_seq = (mix(self.seed ^ u64::from(disc) ^ 0xa17) >> 32) as u32;
+        let auth = path_auth(&path.name, &path.bfd, &self.secrets, initial_seq).ok()?;
+        let core = self
+            .peers
+            .get_mut(usize::from(peer.0))
+            .filter(|p| !p.retired)?;
+        core.steering.add_path(id, path.priority, path.weight);
+        core.paths.push(id);
+        let mut session = Session::new(
+            session_config(&path.bfd, disc),
+            now,
+            mix(self.seed ^ u64::from(disc)),
+        );
+        session.set_auth(auth);
+        self.paths.push(PathCore {
+            peer,
+            name: path.name.clone(),
+            local: path.local,
+            remote: path.remote,
+            hop: path.bfd.hop,
+            min_ttl: path.bfd.min_ttl,
+            session,
+            last_rx: None,
+            down_since: Some(now),
+            control_tx: 0,
+            control_rx: 0,
+            failures: 0,
+            remote_admin_downs: 0,
+            retired: false,
+        });
+        self.dirty = true;
+        Some(id)
+    }
+
+    /// Removes a path: its flows move at once (like a failure, but with no
+    /// detection time), its session goes AdminDown (RFC 5880 §6.8.16) and
+    /// the slot is retired. Returns the AdminDown packet (encoded and signed) for
+    /// the shell to send, since a retired path transmits nothing more.
+    pub fn remove_path(&mut self, id: PathId, now: Instant) -> Option<Transmit> {
+        let path = self.paths.get(usize::from(id.0)).filter(|p| !p.retired)?;
+        let peer = path.peer;
+        let core = self.peers.get_mut(usize::from(peer.0))?;
+        core.paths.retain(|p| *p != id);
+        if let Some(change) = core.steering.remove_path(id) {
+            self.on_steering_change(peer, change.from, change.to, None);
+        }
+        self.dirty = true;
+        let path = self.paths.get_mut(usize::from(id.0))?;
+        path.session.set_admin_down(now);
+        let packet = path.session.poll_transmit_encoded(now).and_then(Result::ok);
+        path.retired = true;
+        self.drain_session(id, now);
+        packet
+    }
+
+    /// Removes a peer and every path of it; returns the AdminDown packets.
+    pub fn remove_peer(&mut self, id: PeerId, now: Instant) -> Vec<(PathId, Transmit)> {
+        let Some(core) = self.peers.get(usize::from(id.0)).filter(|p| !p.retired) else {
+            return Vec::new();
+        };
+        let paths = core.paths.clone();
+        let packets = paths
+            .into_iter()
+            .filter_map(|p| self.remove_path(p, now).map(|pkt| (p, pkt)))
+            .collect();
+        if let Some(core) = self.peers.get_mut(usize::from(id.0)) {
+            core.retired = true;
+        }
+        self.dirty = true;
+        packets
+    }
+
+    /// A live peer by name.
+    pub fn peer_by_name(&self, name: &str) -> Option<PeerId> {
+        self.peers
+            .iter()
+            .position(|p| !p.retired && p.name == name)
+            .map(|i| PeerId(i as u16))
+    }
+
+    /// A live path of a peer by name.
+    pub fn path_by_name(&self, peer: PeerId, name: &str) -> Option<PathId> {
+        let core = self.peers.get(usize::from(peer.0))?;
+        core.paths
+            .iter()
+            .copied()
+            .find(|id| self.path(*id).is_some_and(|p| p.name == name))
     }
 
     fn unique_discriminator(&self, seed: u64) -> u32 {
@@ -235,17 +335,18 @@ impl Engine {
     fn path_by_addresses(&self, local: IpAddr, remote: IpAddr) -> Option<PathId> {
         self.paths
             .iter()
-            .position(|p| p.local.ip() == local && p.remote.ip() == remote)
+            .position(|p| !p.retired && p.local.ip() == local && p.remote.ip() == remote)
             .map(|i| PathId(i as u16))
     }
 
     /// Runs every timer that is due.
     pub fn handle_timeout(&mut self, now: Instant) {
         for i in 0..self.paths.len() {
-            if self.paths[i]
-                .session
-                .poll_timeout()
-                .is_some_and(|t| t <= now)
+            if !self.paths[i].retired
+                && self.paths[i]
+                    .session
+                    .poll_timeout()
+                    .is_some_and(|t| t <= now)
             {
                 self.paths[i].session.handle_timeout(now);
                 self.drain_session(PathId(i as u16), now);
@@ -328,17 +429,24 @@ impl Engine {
 
     /// The earliest time `handle_timeout` has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let sessions = self.paths.iter().filter_map(|p| p.session.poll_timeout());
+        let sessions = self
+            .paths
+            .iter()
+            .filter(|p| !p.retired)
+            .filter_map(|p| p.session.poll_timeout());
         let steering = self.peers.iter().filter_map(|p| p.steering.poll_timeout());
         sessions.chain(steering).min()
     }
 
-    /// The next control packet due, encoded (and signed), with the path to send it
-    /// on. A packet that cannot be encoded is reported as `Err` and not counted.
+    /// The next control packet due, with the path to send it on.
+    /// A packet that cannot be encoded is reported as `Err` and not counted.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<(PathId, Result<Transmit, EmitError>)> {
         let n = self.paths.len();
         for k in 0..n {
             let i = (self.next_tx + k) % n;
+            if self.paths[i].retired {
+                continue;
+            }
             if let Some(out) = self.paths[i].session.poll_transmit_encoded(now) {
                 self.next_tx = (i + 1) % n;
                 if out.is_ok() {
@@ -350,7 +458,8 @@ impl Engine {
         None
     }
 
-    /// Changes a path's BFD timers; a Poll Sequence announces them (RFC 5880 §6.8.3).
+    /// Changes a live path's BFD timers in place; a Poll Sequence announces them
+    /// (RFC 5880 §6.8.3), so the session stays Up. Returns whether anything changed.
     pub fn set_timers(
         &mut self,
         id: PathId,
@@ -359,41 +468,14 @@ impl Engine {
         multiplier: u8,
         now: Instant,
     ) -> bool {
-        let Some(path) = self.paths.get_mut(usize::from(id.0)) else {
+        let Some(path) = self.paths.get_mut(usize::from(id.0)).filter(|p| !p.retired) else {
             return false;
         };
+        let before = (path.session.configured_timers(), path.session.detect_mult());
         path.session.set_timers(tx, rx, multiplier, now);
+        let after = (path.session.configured_timers(), path.session.detect_mult());
         self.drain_session(id, now);
-        true
-    }
-
-    /// Applies the BFD timers of `config` to the running sessions with the same peer
-    /// and path names (a reload). Returns the paths whose timers changed.
-    pub fn apply_timers(&mut self, config: &Config, now: Instant) -> Vec<PathId> {
-        let mut changed = Vec::new();
-        for peer in &config.peers {
-            for p in &peer.paths {
-                let Some(id) = self.path_by_name(&peer.name, &p.name) else {
-                    continue;
-                };
-                let s = &self.paths[usize::from(id.0)].session;
-                let before = (s.configured_timers(), s.detect_mult());
-                let b = &p.bfd;
-                self.set_timers(id, b.tx_interval, b.rx_interval, b.multiplier, now);
-                let s = &self.paths[usize::from(id.0)].session;
-                if (s.configured_timers(), s.detect_mult()) != before {
-                    changed.push(id);
-                }
-            }
-        }
-        changed
-    }
-
-    fn path_by_name(&self, peer: &str, path: &str) -> Option<PathId> {
-        self.paths
-            .iter()
-            .position(|p| p.name == path && self.peers[usize::from(p.peer.0)].name == peer)
-            .map(|i| PathId(i as u16))
+        before != after
     }
 
     /// The next event, oldest first.
@@ -419,22 +501,16 @@ impl Engine {
     /// Takes every session administratively down (clean shutdown, RFC 5880 §6.8.16).
     pub fn set_admin_down_all(&mut self, now: Instant) {
         for i in 0..self.paths.len() {
+            if self.paths[i].retired {
+                continue;
+            }
             self.paths[i].session.set_admin_down(now);
             self.drain_session(PathId(i as u16), now);
         }
     }
 
-    /// Makes every AdminDown session send its AdminDown again at `now` (shutdown
-    /// repeats it, since a single packet may be lost).
-    pub fn repeat_admin_down(&mut self, now: Instant) {
-        for p in &mut self.paths {
-            if p.session.state() == State::AdminDown {
-                p.session.transmit_now(now);
-            }
-        }
-    }
-
-    /// All paths, indexed by [`PathId`].
+    /// All path slots, indexed by [`PathId`], retired ones included
+    /// (see [`PathCore::is_retired`]).
     pub fn paths(&self) -> &[PathCore] {
         &self.paths
     }
@@ -444,22 +520,23 @@ impl Engine {
         self.paths.get(usize::from(id.0))
     }
 
-    /// Number of peers.
+    /// Number of peer slots, retired ones included.
     pub fn peer_count(&self) -> usize {
         self.peers.len()
     }
 
-    /// A peer's name, whether it has a usable path, and its paths.
+    /// A live peer's name, whether it has a usable path, and its paths.
     pub fn peer(&self, id: PeerId) -> Option<(&str, bool, &[PathId])> {
         self.peers
             .get(usize::from(id.0))
+            .filter(|p| !p.retired)
             .map(|p| (p.name.as_str(), p.up, p.paths.as_slice()))
     }
 
     /// Whether the path is the one carrying the peer's traffic (or, for
     /// `balance` and `duplicate`, one of those carrying it).
     pub fn is_active(&self, id: PathId) -> bool {
-        let Some(path) = self.path(id) else {
+        let Some(path) = self.path(id).filter(|p| !p.retired) else {
             return false;
         };
         let Some(peer) = self.peers.get(usize::from(path.peer.0)) else {
@@ -489,6 +566,11 @@ fn auth_type(t: BfdAuthType) -> AuthType {
         BfdAuthType::KeyedSha1 => AuthType::KeyedSha1,
         BfdAuthType::MeticulousKeyedSha1 => AuthType::MeticulousKeyedSha1,
     }
+}
+
+/// Checks a secret against an authentication type, naming the file on error.
+pub fn check_secret(auth_type_cfg: BfdAuthType, secret: &[u8]) -> Result<(), KeyError> {
+    Auth::new(auth_type(auth_type_cfg), 0, secret, 0).map(drop)
 }
 
 fn path_auth(
@@ -529,6 +611,135 @@ fn session_config(bfd: &BfdConfig, local_discriminator: u32) -> SessionConfig {
 mod tests {
     use super::*;
 
+    fn config(side: u8, paths: &[u8]) -> Config {
+        let other = 3 - side;
+        let mut text = format!(
+            "[gateway]\nname = \"g{side}\"\n[bfd]\ntx_interval = \"10ms\"\nrx_interval = \"10ms\"\n\
+             [[peer]]\nname = \"p\"\ntun = \"xl-p\"\nrevert_hold = \"1s\"\n"
+        );
+        for n in paths {
+            text.push_str(&format!(
+                "[[peer.path]]\nname = \"p{n}\"\nlocal = \"198.18.2{n}.{side}:4800\"\n\
+                 remote = \"198.18.2{n}.{other}:4800\"\npriority = {n}\n"
+            ));
+        }
+        Config::parse(&text, "test").expect("valid")
+    }
+
+    /// Runs `src`'s timers and delivers what it sends to `dst` at once
+    /// (packets for paths `dst` no longer has are refused and ignored).
+    fn exchange(src: &mut Engine, dst: &mut Engine, now: Instant) {
+        src.handle_timeout(now);
+        while let Some((id, out)) = src.poll_transmit(now) {
+            deliver(src, dst, id, out.expect("encode").as_bytes(), now);
+        }
+    }
+
+    fn deliver(src: &Engine, dst: &mut Engine, id: PathId, bytes: &[u8], now: Instant) {
+        let p = src.path(id).expect("path");
+        let from = SocketAddr::new(p.local.ip(), 49152);
+        let _ = dst.handle_bfd_datagram(p.remote.ip(), from, Some(255), bytes, now);
+    }
+
+    fn run(a: &mut Engine, b: &mut Engine, t0: Instant, from_ms: u64, to_ms: u64) {
+        for ms in from_ms..to_ms {
+            let now = t0 + Duration::from_millis(ms);
+            exchange(a, b, now);
+            exchange(b, a, now);
+        }
+    }
+
+    fn id(e: &Engine, name: &str) -> PathId {
+        let peer = e.peer_by_name("p").expect("peer");
+        e.path_by_name(peer, name).expect("path")
+    }
+
+    fn snapshot(e: &Engine, name: &str) -> (u32, u64, State) {
+        let s = &e.path(id(e, name)).expect("path").session;
+        (s.local_discriminator(), s.transitions(), s.state())
+    }
+
+    #[test]
+    fn reload_swaps_a_path_without_touching_the_other() {
+        let t0 = Instant::now();
+        let mut a = Engine::new(&config(1, &[1, 2]), t0, 1);
+        let mut b = Engine::new(&config(2, &[1, 2]), t0, 2);
+        run(&mut a, &mut b, t0, 0, 3000);
+        let p1 = id(&a, "p1");
+        assert_eq!(a.forwarding().peers[0].active, Some(p1));
+        let before = (snapshot(&a, "p1"), snapshot(&b, "p1"));
+        assert_eq!(before.0 .2, State::Up);
+        while a.poll_event().is_some() {}
+
+        // Both sides drop p2 and add p3, as a reload would.
+        let now = t0 + Duration::from_millis(3000);
+        let p2 = id(&a, "p2");
+        let admin_down = a.remove_path(p2, now).expect("AdminDown packet");
+        let parsed = ControlPacket::parse(admin_down.as_bytes()).expect("parses");
+        assert_eq!(parsed.state, State::AdminDown);
+        deliver(&a, &mut b, p2, admin_down.as_bytes(), now);
+        assert_eq!(snapshot(&b, "p2").2, State::Down, "b heard the AdminDown");
+        b.remove_path(id(&b, "p2"), now).expect("AdminDown packet");
+        assert!(a.path(p2).is_some_and(PathCore::is_retired));
+        assert!(a.path_by_name(PeerId(0), "p2").is_none());
+        let peer = a.peer_by_name("p").expect("peer");
+        let new = config(1, &[3]).peers[0].paths[0].clone();
+        let p3 = a.add_path(peer, &new, now).expect("added");
+        assert_eq!(p3, PathId(2), "ids are never reused");
+        let new_b = config(2, &[3]).peers[0].paths[0].clone();
+        b.add_path(b.peer_by_name("p").expect("peer"), &new_b, now)
+            .expect("added");
+        run(&mut a, &mut b, t0, 3000, 6000);
+
+        assert_eq!(snapshot(&a, "p3").2, State::Up);
+        assert_eq!((snapshot(&a, "p1"), snapshot(&b, "p1")), before);
+        assert_eq!(a.forwarding().peers[0].active, Some(p1));
+        while let Some(ev) = a.poll_event() {
+            assert!(
+                !matches!(ev, Event::Failover { .. } | Event::PeerUp { .. }),
+                "{ev:?}"
+            );
+        }
+        // The retired slot sends nothing and is not active.
+        assert!(!a.is_active(p2));
+        let (_, _, ids) = a.peer(peer).expect("peer");
+        assert_eq!(ids, [p1, p3]);
+    }
+
+    #[test]
+    fn removing_a_peer_sends_admin_down_and_empties_its_selection() {
+        let t0 = Instant::now();
+        let mut a = Engine::new(&config(1, &[1, 2]), t0, 1);
+        let mut b = Engine::new(&config(2, &[1, 2]), t0, 2);
+        run(&mut a, &mut b, t0, 0, 3000);
+        while a.poll_event().is_some() {}
+        let now = t0 + Duration::from_millis(3000);
+        let peer = a.peer_by_name("p").expect("peer");
+        let packets = a.remove_peer(peer, now);
+        assert_eq!(packets.len(), 2);
+        assert!(packets.iter().all(|(_, p)| {
+            ControlPacket::parse(p.as_bytes()).is_ok_and(|c| c.state == State::AdminDown)
+        }));
+        assert!(a.peer(peer).is_none() && a.peer_by_name("p").is_none());
+        assert_eq!(a.forwarding().peers[0].active, None);
+        let events: Vec<Event> = std::iter::from_fn(|| a.poll_event()).collect();
+        assert!(
+            events.contains(&Event::PeerUp { peer, up: false }),
+            "{events:?}"
+        );
+        assert_eq!(a.poll_timeout(), None, "nothing left to run");
+        // A peer of the same name can come back, in a new slot.
+        let again = a.add_peer(&config(1, &[1]).peers[0], now).expect("added");
+        assert_eq!(again, PeerId(1));
+        run(&mut a, &mut b, t0, 3000, 5000);
+        assert!(a.forwarding().peers[1].active.is_some());
+    }
+}
+
+#[cfg(test)]
+mod auth_and_admin_tests {
+    use super::*;
+
     fn config(side: u8, auth: Option<&str>) -> Config {
         let other = 3 - side;
         let auth = auth.map_or(String::new(), |t| {
@@ -545,6 +756,22 @@ mod tests {
 
     fn secrets(secret: &[u8]) -> Secrets {
         Secrets::from([(PathBuf::from("/k"), secret.to_vec())])
+    }
+
+    fn engine(side: u8, auth: Option<&str>, secret: &[u8], t0: Instant) -> Engine {
+        let mut e = Engine::new(
+            &Config {
+                peers: Vec::new(),
+                ..config(side, auth)
+            },
+            t0,
+            1,
+        );
+        e.set_secrets(secrets(secret));
+        for peer in &config(side, auth).peers {
+            e.add_peer(peer, t0);
+        }
+        e
     }
 
     fn ip(side: u8) -> IpAddr {
@@ -578,25 +805,51 @@ mod tests {
     }
 
     fn pair(auth: Option<&str>, sa: &[u8], sb: &[u8], t0: Instant) -> (Engine, Engine) {
-        let a = Engine::new(&config(1, auth), &secrets(sa), t0, 1).unwrap();
-        let b = Engine::new(&config(2, auth), &secrets(sb), t0, 2).unwrap();
-        (a, b)
+        (engine(1, auth, sa, t0), engine(2, auth, sb, t0))
     }
 
     #[test]
-    fn missing_or_oversized_secret_is_an_error() {
+    fn missing_or_oversized_secret_refuses_the_path() {
         let t0 = Instant::now();
         let cfg = config(1, Some("keyed-md5"));
+        let path = &cfg.peers[0].paths[0];
+        let mut e = Engine::new(
+            &Config {
+                peers: Vec::new(),
+                ..cfg.clone()
+            },
+            t0,
+            1,
+        );
+        let peer = e.add_peer(
+            &PeerConfig {
+                paths: Vec::new(),
+                ..cfg.peers[0].clone()
+            },
+            t0,
+        );
+        let peer = peer.unwrap();
         assert!(matches!(
-            Engine::new(&cfg, &Secrets::new(), t0, 1),
+            e.check_path_auth(path),
             Err(EngineError::MissingSecret { .. })
         ));
+        assert!(e
+            .check_path_auth(path)
+            .unwrap_err()
+            .to_string()
+            .contains("/k"));
+        assert_eq!(e.add_path(peer, path, t0), None, "fail closed");
+        e.set_secrets(secrets(&[b'x'; 17]));
         assert!(matches!(
-            Engine::new(&cfg, &secrets(&[b'x'; 17]), t0, 1),
+            e.check_path_auth(path),
             Err(EngineError::BadSecret { .. })
         ));
-        let e = Engine::new(&cfg, &Secrets::new(), t0, 1).err().unwrap();
-        assert!(e.to_string().contains("/k"));
+        assert_eq!(e.add_path(peer, path, t0), None);
+        e.set_secrets(secrets(b"fine"));
+        assert!(e.check_path_auth(path).is_ok());
+        assert!(e.add_path(peer, path, t0).is_some());
+        assert!(check_secret(BfdAuthType::KeyedSha1, &[1; 20]).is_ok());
+        assert!(check_secret(BfdAuthType::KeyedMd5, &[1; 20]).is_err());
     }
 
     #[test]
@@ -609,6 +862,12 @@ mod tests {
         let drops = exchange(&mut a, &mut b, t0);
         assert!(!drops.is_empty() && drops.iter().all(|d| *d == DropReason::BfdAuth));
         assert!(!a.paths()[0].is_up() && !b.paths()[0].is_up());
+        // One side without auth: never Up either, and counted as auth drops.
+        let mut c = engine(2, None, b"", t0);
+        let mut a = engine(1, Some("keyed-sha1"), b"key", t0);
+        let drops = exchange(&mut a, &mut c, t0);
+        assert!(!drops.is_empty() && drops.iter().all(|d| *d == DropReason::BfdAuth));
+        assert!(!a.paths()[0].is_up() && !c.paths()[0].is_up());
     }
 
     /// A received AdminDown takes the path out of service without a failure: no
@@ -630,11 +889,19 @@ mod tests {
         let events: Vec<Event> = std::iter::from_fn(|| a.poll_event()).collect();
         assert!(events.iter().any(|e| matches!(
             e,
-            Event::PathState { to: State::Down, administrative: true, .. }
+            Event::PathState {
+                to: State::Down,
+                administrative: true,
+                ..
+            }
         )));
-        assert!(events
-            .iter()
-            .any(|e| matches!(e, Event::Failover { detection: None, .. })));
+        assert!(events.iter().any(|e| matches!(
+            e,
+            Event::Failover {
+                detection: None,
+                ..
+            }
+        )));
         // A silent peer, by contrast, is a failure with a detection time.
         let (mut a, mut b) = pair(None, b"", b"", t0);
         exchange(&mut a, &mut b, t0);
@@ -642,25 +909,31 @@ mod tests {
         a.handle_timeout(late);
         assert_eq!(a.paths()[0].failures, 1);
         let events: Vec<Event> = std::iter::from_fn(|| a.poll_event()).collect();
-        assert!(events
-            .iter()
-            .any(|e| matches!(e, Event::Failover { detection: Some(_), .. })));
+        assert!(events.iter().any(|e| matches!(
+            e,
+            Event::Failover {
+                detection: Some(_),
+                ..
+            }
+        )));
     }
 
     #[test]
-    fn apply_timers_polls_without_a_flap() {
+    fn set_timers_polls_without_a_flap() {
         let t0 = Instant::now();
         let (mut a, mut b) = pair(None, b"", b"", t0);
         exchange(&mut a, &mut b, t0);
         let before = a.paths()[0].session.transitions();
-        let mut cfg = config(1, None);
-        cfg.peers[0].paths[0].bfd.tx_interval = Duration::from_millis(50);
-        let changed = a.apply_timers(&cfg, t0);
-        assert_eq!(changed, vec![PathId(0)]);
+        let ms = Duration::from_millis;
+        assert!(a.set_timers(PathId(0), ms(50), ms(10), 3, t0));
         assert!(a.paths()[0].session.poll_active());
         exchange(&mut a, &mut b, t0);
         assert!(!a.paths()[0].session.poll_active());
         assert_eq!(a.paths()[0].session.transitions(), before);
-        assert!(a.apply_timers(&cfg, t0).is_empty(), "unchanged: no poll");
+        assert!(!a.set_timers(PathId(0), ms(50), ms(10), 3, t0), "unchanged");
+        assert!(
+            !a.set_timers(PathId(9), ms(50), ms(10), 3, t0),
+            "no such path"
+        );
     }
 }

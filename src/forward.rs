@@ -10,6 +10,13 @@
 //! path's configured remote, and [`decapsulate`] validates the overlay
 //! header and the inner IP header before the inner packet is written to
 //! the peer's TUN.
+//!
+//! Besides data, a path carries echo messages that measure its round-trip
+//! time: once a second the path's receive thread sends an
+//! [`Echo::Request`] stamped with its own clock, the peer answers with an
+//! [`Echo::Reply`] carrying the stamp back, and [`echo_rtt`] turns the
+//! stamp into a round-trip time. The stamp is opaque to the peer; the
+//! shell chooses (and may obscure) it, so this module stays clock-free.
 
 use crate::drop::DropReason;
 use crate::steer::Selection;
@@ -67,6 +74,42 @@ pub fn decapsulate(datagram: &[u8]) -> Result<(Header, &[u8]), DropReason> {
     let inner = datagram.get(offset..).ok_or(DropReason::OverlayMalformed)?;
     check_inner(inner)?;
     Ok((header, inner))
+}
+
+/// An echo message received on a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Echo {
+    /// The peer asks for a reply carrying this stamp.
+    Request(u64),
+    /// The peer answers a request we stamped with this value.
+    Reply(u64),
+}
+
+/// Recognises an echo message; `None` for data and for anything malformed,
+/// which [`decapsulate`] judges and counts.
+pub fn parse_echo(datagram: &[u8]) -> Option<Echo> {
+    match Header::parse(datagram) {
+        Ok((h, _)) if h.msg_type == MsgType::EchoRequest => Some(Echo::Request(h.sequence)),
+        Ok((h, _)) if h.msg_type == MsgType::EchoReply => Some(Echo::Reply(h.sequence)),
+        _ => None,
+    }
+}
+
+/// Writes an echo message into `out`; returns its length.
+pub fn emit_echo(echo: Echo, out: &mut [u8]) -> Result<usize, DropReason> {
+    let header = match echo {
+        Echo::Request(stamp) => Header::echo(MsgType::EchoRequest, stamp),
+        Echo::Reply(stamp) => Header::echo(MsgType::EchoReply, stamp),
+    };
+    header.emit(out).map_err(|_| DropReason::TooBig)
+}
+
+/// The round trip of a reply stamped `sent` and received at `now` (both in
+/// the shell's nanoseconds). A stamp from the future or older than
+/// `max_age` is not ours (or too stale to mean anything): `None`.
+pub fn echo_rtt(sent: u64, now: u64, max_age: u64) -> Option<u64> {
+    let rtt = now.checked_sub(sent)?;
+    (rtt <= max_age).then_some(rtt)
 }
 
 /// A cheap sanity check of an inner packet: IP version and minimum header.
@@ -140,6 +183,35 @@ mod tests {
             decapsulate(&buf[..HEADROOM + 10]).unwrap_err(),
             DropReason::InnerMalformed
         );
+    }
+
+    #[test]
+    fn echo_messages() {
+        let mut buf = [0u8; 64];
+        let n = emit_echo(Echo::Request(123), &mut buf).unwrap();
+        assert_eq!(n, BASE_LEN);
+        assert_eq!(parse_echo(&buf[..n]), Some(Echo::Request(123)));
+        // An echo is not data.
+        assert_eq!(
+            decapsulate(&buf[..n]).unwrap_err(),
+            DropReason::OverlayUnsupported
+        );
+        let n = emit_echo(Echo::Reply(9), &mut buf).unwrap();
+        assert_eq!(parse_echo(&buf[..n]), Some(Echo::Reply(9)));
+        assert_eq!(parse_echo(&buf[..3]), None);
+        encapsulate(&mut buf, 20, 5).unwrap();
+        assert_eq!(parse_echo(&buf), None);
+        assert_eq!(
+            emit_echo(Echo::Reply(1), &mut [0u8; 4]),
+            Err(DropReason::TooBig)
+        );
+    }
+
+    #[test]
+    fn echo_rtt_bounds() {
+        assert_eq!(echo_rtt(1_000, 1_500, 10_000), Some(500));
+        assert_eq!(echo_rtt(2_000, 1_500, 10_000), None);
+        assert_eq!(echo_rtt(0, 20_000, 10_000), None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The `crosslink` command.
 
 use clap::{Parser, Subcommand};
-use crosslink::config::Config;
+use crosslink::config::{self, Config};
 use crosslink::io::daemon;
 use crosslink::telemetry::control;
 use std::path::PathBuf;
@@ -25,6 +25,9 @@ enum Command {
         /// Configuration file.
         #[arg(short, long)]
         config: PathBuf,
+        /// Log line format: `text`, or `json` (one object per line).
+        #[arg(long, env = "CROSSLINK_LOG_FORMAT", default_value = "text")]
+        log_format: LogFormat,
     },
     /// Validate a configuration file without applying it.
     Check {
@@ -40,6 +43,12 @@ enum Command {
         /// Print the JSON document instead of the table.
         #[arg(long)]
         json: bool,
+        /// Redraw the table until interrupted (Ctrl-C).
+        #[arg(short, long)]
+        watch: bool,
+        /// Time between redraws with --watch.
+        #[arg(long, default_value = "1s", value_parser = config::parse_duration)]
+        interval: std::time::Duration,
     },
     /// Build a throwaway lab, fail a path and show the failover (needs root).
     Demo(crosslink::demo::DemoArgs),
@@ -48,11 +57,17 @@ enum Command {
     Probe(crosslink::probe::ProbeArgs),
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => {
-            init_logging();
+        Command::Run { config, log_format } => {
+            init_logging(log_format);
             match daemon::run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -63,7 +78,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { config } => check(&config),
-        Command::Status { socket, json } => status(&socket, json),
+        Command::Status {
+            socket,
+            json,
+            watch: false,
+            ..
+        } => status(&socket, json),
+        Command::Status {
+            socket, interval, ..
+        } => watch(&socket, interval),
         Command::Demo(args) => code(crosslink::demo::main(args)),
         Command::Probe(args) => code(crosslink::probe::main(args)),
     }
@@ -73,15 +96,25 @@ fn code(c: i32) -> ExitCode {
     ExitCode::from(u8::try_from(c).unwrap_or(1))
 }
 
-fn init_logging() {
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). Colour only
+/// on a terminal, so journald and files get plain lines; `json` gives one
+/// object per line for log shippers.
+fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .with_ansi(false)
+            .event_format(crosslink::telemetry::log::JsonLines)
+            .init(),
+    }
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
@@ -105,6 +138,38 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `status --watch`: clear the screen and redraw every `interval`; a
+/// daemon that goes away is shown, not fatal. Ctrl-C ends it.
+fn watch(socket: &std::path::Path, interval: std::time::Duration) -> ExitCode {
+    use std::io::Write;
+    let interval = interval.max(std::time::Duration::from_millis(100));
+    loop {
+        let body = match control::request_status(socket) {
+            Ok(s) => s.table(now_unix()),
+            Err(e) => format!("crosslink: {e}\n"),
+        };
+        let mut out = std::io::stdout().lock();
+        // Home, clear screen, then the table.
+        if write!(
+            out,
+            "\x1b[H\x1b[2J{body}\n(every {interval:?}; Ctrl-C to quit)\n"
+        )
+        .and_then(|()| out.flush())
+        .is_err()
+        {
+            return ExitCode::SUCCESS;
+        }
+        drop(out);
+        std::thread::sleep(interval);
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn status(socket: &std::path::Path, json: bool) -> ExitCode {
     match control::request_status(socket) {
         Ok(s) if json => match serde_json::to_string_pretty(&s) {
@@ -118,10 +183,7 @@ fn status(socket: &std::path::Path, json: bool) -> ExitCode {
             }
         },
         Ok(s) => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            print!("{}", s.table(now));
+            print!("{}", s.table(now_unix()));
             ExitCode::SUCCESS
         }
         Err(e) => {

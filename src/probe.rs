@@ -222,6 +222,10 @@ pub struct SendReport {
     pub elapsed_ms: f64,
     /// The latest a packet left after its deadline.
     pub max_late_us: f64,
+    /// Which packet that was.
+    pub max_late_seq: u64,
+    /// Packets that left more than 1 ms after their deadline.
+    pub late_over_1ms: u64,
     pub stopped_by: &'static str,
 }
 
@@ -256,6 +260,8 @@ pub fn send(args: &SendArgs, stop: &AtomicBool) -> io::Result<SendReport> {
         interval_us: interval_ns as f64 / 1e3,
         elapsed_ms: 0.0,
         max_late_us: 0.0,
+        max_late_seq: 0,
+        late_over_1ms: 0,
         stopped_by: "duration",
     };
     let mut max_late = Duration::ZERO;
@@ -269,7 +275,14 @@ pub fn send(args: &SendArgs, stop: &AtomicBool) -> io::Result<SendReport> {
             break;
         }
         pace_until(deadline);
-        max_late = max_late.max(Instant::now().saturating_duration_since(deadline));
+        let late = Instant::now().saturating_duration_since(deadline);
+        if late > max_late {
+            max_late = late;
+            report.max_late_seq = seq;
+        }
+        if late > Duration::from_millis(1) {
+            report.late_over_1ms += 1;
+        }
         let dgram = Datagram {
             stop: false,
             seq,

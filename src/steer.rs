@@ -71,6 +71,33 @@ impl Steering {
         }
     }
 
+    /// A new path (configuration reload); it starts unhealthy, so nothing
+    /// moves until its session comes up.
+    pub fn add_path(&mut self, id: PathId, priority: u32, weight: u32) {
+        if self.slots.iter().any(|s| s.id == id) {
+            return;
+        }
+        self.slots.push(Slot {
+            id,
+            priority,
+            weight: weight.max(1),
+            healthy: false,
+            eligible_at: None,
+            eligible: false,
+        });
+    }
+
+    /// A path was removed (configuration reload): its flows move as if it
+    /// had failed; the other paths' flows stay where they are.
+    pub fn remove_path(&mut self, id: PathId) -> Option<Change> {
+        let before = self.slots.len();
+        self.slots.retain(|s| s.id != id);
+        if self.slots.len() == before {
+            return None;
+        }
+        self.recompute()
+    }
+
     /// A path's health changed (BFD Up, or not).
     pub fn handle_path_health(
         &mut self,
@@ -227,6 +254,38 @@ mod tests {
             Duration::from_millis(hold_ms),
             &[(A, 1, 1), (B, 2, 1)],
         )
+    }
+
+    #[test]
+    fn reload_adds_and_removes_paths_without_moving_others() {
+        let t0 = Instant::now();
+        let mut s = ab(2000);
+        s.handle_path_health(A, true, t0);
+        s.handle_path_health(B, true, t0);
+        assert_eq!(s.active(), Some(A));
+        // A new path with a better priority starts unhealthy: nothing moves.
+        s.add_path(C, 0, 1);
+        assert_eq!(s.active(), Some(A));
+        // Removing the backup does not touch the active path.
+        assert_eq!(s.remove_path(B), None);
+        assert_eq!(s.active(), Some(A));
+        // Removing the active one moves its flows at once.
+        assert_eq!(
+            s.remove_path(A),
+            Some(Change {
+                from: Some(A),
+                to: None
+            })
+        );
+        assert_eq!(s.remove_path(A), None);
+        // The new path, once healthy, takes over at once (nothing else eligible).
+        assert_eq!(
+            s.handle_path_health(C, true, t0),
+            Some(Change {
+                from: None,
+                to: Some(C)
+            })
+        );
     }
 
     #[test]

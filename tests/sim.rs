@@ -3,7 +3,7 @@
 //! the same result on every run, so the bounds here can be tight.
 
 use crosslink::config::Config;
-use crosslink::engine::{Engine, Event, Forwarding, Secrets};
+use crosslink::engine::{Engine, Event, Forwarding};
 use crosslink::forward::{classify, decapsulate, encapsulate, HEADROOM};
 use crosslink::PathId;
 use etherparse::PacketBuilder;
@@ -78,9 +78,8 @@ fn local_ip(path: u16, side: u8) -> IpAddr {
 impl Sim {
     fn new(hold: &str, tx: &str, mult: u8) -> Sim {
         let t0 = Instant::now();
-        let none = Secrets::new();
-        let a = Engine::new(&gateway("a", "b", 1, hold, tx, mult), &none, t0, 1).unwrap();
-        let b = Engine::new(&gateway("b", "a", 2, hold, tx, mult), &none, t0, 2).unwrap();
+        let a = Engine::new(&gateway("a", "b", 1, hold, tx, mult), t0, 1);
+        let b = Engine::new(&gateway("b", "a", 2, hold, tx, mult), t0, 2);
         let fwd_a = Arc::new(a.forwarding());
         Sim {
             t0,

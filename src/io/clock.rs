@@ -1,5 +1,6 @@
 //! The daemon's one clock.
 
+use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Monotonic now.
@@ -14,4 +15,12 @@ pub fn unix_seconds(at: Instant) -> u64 {
         .checked_sub(age)
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs())
+}
+
+/// Monotonic nanoseconds since the first call in this process: the echo
+/// messages' timestamps.
+pub fn nanos() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(Instant::now().saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
 }

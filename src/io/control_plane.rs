@@ -1,10 +1,17 @@
 //! The BFD thread: owns the [`Engine`] and every BFD socket, waits in
 //! `ppoll` for the next control packet or deadline, sends what is due,
 //! logs and exports events, and publishes forwarding snapshots.
+//!
+//! A configuration reload reaches it as one [`Plan`]: the paths and peers
+//! to remove (AdminDown is sent on each, a few times, before its socket
+//! closes) and those to add, with sockets the shell has already opened.
+//! Everything else in the engine is left as it was.
 
 use super::{clock, sys, udp};
-use crate::engine::{Engine, Event, Forwarding};
-use crate::telemetry::metrics::Metrics;
+use crate::bfd::Transmit;
+use crate::config::{PathConfig, PeerConfig};
+use crate::engine::{Engine, Event, Forwarding, Secrets};
+use crate::telemetry::metrics::{Metrics, PathLabels};
 use crate::telemetry::status::{BfdStatus, PathStatus, PeerStatus, Status};
 use crate::telemetry::{DropCounters, PathCounters};
 use crate::wire::bfd::State;
@@ -25,16 +32,49 @@ use tracing::{debug, error, info, warn};
 pub enum Command {
     Status(oneshot::Sender<Status>),
     Shutdown(oneshot::Sender<()>),
-    /// Apply the BFD timers of a reloaded config; answers the number of paths changed.
-    SetTimers(Box<crate::config::Config>, oneshot::Sender<usize>),
+    Apply(Box<Plan>, oneshot::Sender<Applied>),
 }
 
-/// The static facts the status document repeats.
+/// A path to add, with its opened BFD transmit socket.
+pub struct NewPath {
+    pub peer: String,
+    pub config: PathConfig,
+    pub bfd_tx: UdpSocket,
+    pub counters: Arc<PathCounters>,
+}
+
+/// A change of configuration, in the order it is applied: removals first.
+#[derive(Default)]
+pub struct Plan {
+    pub remove_paths: Vec<PathId>,
+    pub remove_peers: Vec<PeerId>,
+    /// Peers to add (their `paths` are ignored: see `add_paths`).
+    pub add_peers: Vec<PeerConfig>,
+    pub add_paths: Vec<NewPath>,
+    /// BFD receive sockets for local addresses that had none.
+    pub add_rx: Vec<(IpAddr, UdpSocket)>,
+    /// Local addresses no live path uses any more.
+    pub remove_rx: Vec<IpAddr>,
+    /// Paths kept running whose BFD timers changed: (id, tx, rx, multiplier),
+    /// applied in place with a Poll Sequence (RFC 5880 §6.8.3).
+    pub set_timers: Vec<(PathId, Duration, Duration, u8)>,
+    /// BFD secrets (file -> content) for the paths added.
+    pub secrets: Secrets,
+}
+
+/// The ids the engine gave to what a [`Plan`] added.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub peers: Vec<(String, PeerId)>,
+    pub paths: Vec<(String, String, PathId)>,
+}
+
+/// The static facts the status document repeats, by id slot.
 pub struct Meta {
     pub gateway: String,
     pub started: Instant,
-    pub peers: Vec<(String, String)>, // tun, policy
-    pub paths: Vec<(u32, u32)>,       // priority, weight
+    pub peers: Vec<Option<(String, String)>>, // tun, policy
+    pub paths: Vec<Option<(u32, u32)>>,       // priority, weight
 }
 
 #[derive(Clone)]
@@ -60,13 +100,12 @@ impl CommandLink {
         rx.await.ok()
     }
 
-    /// Applies a reloaded config's BFD timers; returns how many paths changed.
-    pub async fn set_timers(&self, config: crate::config::Config) -> usize {
+    pub async fn apply(&self, plan: Plan) -> Option<Applied> {
         let (tx, rx) = oneshot::channel();
-        if !self.send(Command::SetTimers(Box::new(config), tx)) {
-            return 0;
+        if !self.send(Command::Apply(Box::new(plan), tx)) {
+            return None;
         }
-        rx.await.unwrap_or(0)
+        rx.await.ok()
     }
 
     pub async fn shutdown(&self) {
@@ -95,13 +134,15 @@ impl WriteByte for &UnixStream {
 /// The BFD thread's state.
 pub struct BfdThread {
     pub engine: Engine,
-    pub tx: Vec<UdpSocket>,
+    /// BFD transmit sockets by [`PathId`] (`None` once removed).
+    pub tx: Vec<Option<UdpSocket>>,
     pub rx: Vec<(IpAddr, UdpSocket)>,
     pub commands: mpsc::Receiver<Command>,
     pub wake: UnixStream,
     pub forwarding: Arc<ArcSwap<Forwarding>>,
     pub metrics: Arc<Metrics>,
-    pub counters: Vec<Arc<PathCounters>>,
+    /// Forwarding counters by [`PathId`].
+    pub counters: Vec<Option<Arc<PathCounters>>>,
     pub drops: Arc<DropCounters>,
     pub meta: Meta,
 }
@@ -114,12 +155,12 @@ impl BfdThread {
                 warn!(error = %e, "BFD thread could not get real-time priority; running at normal priority")
             }
         }
-        let mut fds: Vec<_> = self.rx.iter().map(|(_, s)| s.as_raw_fd()).collect();
-        fds.push(self.wake.as_raw_fd());
-        let wake_index = fds.len() - 1;
         let mut ready = Vec::new();
         let mut buf = vec![0u8; 2048];
         loop {
+            let mut fds: Vec<_> = self.rx.iter().map(|(_, s)| s.as_raw_fd()).collect();
+            fds.push(self.wake.as_raw_fd());
+            let wake_index = fds.len() - 1;
             let now = clock::now();
             self.engine.handle_timeout(now);
             self.flush(now);
@@ -147,7 +188,7 @@ impl BfdThread {
     fn flush(&mut self, now: Instant) {
         while let Some((id, out)) = self.engine.poll_transmit(now) {
             let i = usize::from(id.0);
-            let (Some(path), Some(sock)) = (self.engine.path(id), self.tx.get(i)) else {
+            let (Some(path), Some(Some(sock))) = (self.engine.path(id), self.tx.get(i)) else {
                 continue;
             };
             let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
@@ -164,7 +205,10 @@ impl BfdThread {
             self.on_event(ev);
         }
         if let Some(f) = self.engine.poll_forwarding() {
-            for (i, _) in self.engine.paths().iter().enumerate() {
+            for (i, p) in self.engine.paths().iter().enumerate() {
+                if p.is_retired() {
+                    continue;
+                }
                 if let Some(m) = self.metrics.path(i) {
                     m.set_active(self.engine.is_active(PathId(i as u16)));
                 }
@@ -212,6 +256,7 @@ impl BfdThread {
                 let peer_name = self.engine.peer(peer).map_or("?", |(n, _, _)| n);
                 let flows = from
                     .and_then(|i| self.counters.get(usize::from(i.0)))
+                    .and_then(Option::as_ref)
                     .map_or(0, |c| c.flows.load(Ordering::Relaxed));
                 match detection {
                     Some(d) => {
@@ -270,16 +315,14 @@ impl BfdThread {
                 Command::Status(reply) => {
                     let _ = reply.send(self.status());
                 }
-                Command::SetTimers(config, reply) => {
-                    let now = clock::now();
-                    let changed = self.engine.apply_timers(&config, now);
-                    self.flush(now);
-                    let _ = reply.send(changed.len());
-                }
                 Command::Shutdown(reply) => {
                     self.shutdown();
                     let _ = reply.send(());
                     return true;
+                }
+                Command::Apply(plan, reply) => {
+                    let applied = self.apply(*plan);
+                    let _ = reply.send(applied);
                 }
             }
         }
@@ -291,28 +334,127 @@ impl BfdThread {
     fn shutdown(&mut self) {
         let now = clock::now();
         self.engine.set_admin_down_all(now);
-        // Three rounds, each freshly encoded: with meticulous authentication a
-        // repeated sequence number would be refused as a replay.
-        for round in 0..3 {
-            if round > 0 {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let now = clock::now();
-            if round > 0 {
-                self.engine.repeat_admin_down(now);
-            }
-            while let Some((id, out)) = self.engine.poll_transmit(now) {
-                if let (Some(path), Ok(t)) = (self.engine.path(id), out) {
-                    let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
-                    if let Some(sock) = self.tx.get(usize::from(id.0)) {
-                        let _ = sock.send_to(t.as_bytes(), dst);
-                    }
-                }
+        let mut packets = Vec::new();
+        while let Some((id, out)) = self.engine.poll_transmit(now) {
+            if let Ok(t) = out {
+                packets.push((id, t));
             }
         }
+        self.send_final(&packets, Duration::from_millis(5));
         while let Some(ev) = self.engine.poll_event() {
             self.on_event(ev);
         }
+    }
+
+    /// Sends last packets (AdminDown) three times, `spacing` apart (no
+    /// spacing on reload, where the other sessions must keep their slots).
+    /// The copies are identical: with meticulous authentication the peer accepts
+    /// the first that arrives and drops the others as replays, which is harmless.
+    fn send_final(&self, packets: &[(PathId, Transmit)], spacing: Duration) {
+        let mut wire = Vec::new();
+        for (id, t) in packets {
+            if let Some(path) = self.engine.path(*id) {
+                let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
+                wire.push((usize::from(id.0), dst, t.as_bytes().to_vec()));
+            }
+        }
+        for round in 0..3 {
+            if round > 0 && !spacing.is_zero() {
+                std::thread::sleep(spacing);
+            }
+            for (i, dst, bytes) in &wire {
+                if let Some(Some(sock)) = self.tx.get(*i) {
+                    let _ = sock.send_to(bytes, dst);
+                }
+            }
+        }
+    }
+
+    /// Applies a reload [`Plan`]: removals (AdminDown sent), then additions.
+    fn apply(&mut self, plan: Plan) -> Applied {
+        let now = clock::now();
+        let mut finals = Vec::new();
+        for id in plan.remove_paths {
+            self.metrics.remove_path(usize::from(id.0));
+            if let Some(pkt) = self.engine.remove_path(id, now) {
+                finals.push((id, pkt));
+            }
+        }
+        for id in plan.remove_peers {
+            self.metrics.remove_peer(usize::from(id.0));
+            let paths = self.engine.peer(id).map(|(_, _, p)| p.to_vec());
+            for path in paths.unwrap_or_default() {
+                self.metrics.remove_path(usize::from(path.0));
+            }
+            finals.extend(self.engine.remove_peer(id, now));
+        }
+        self.send_final(&finals, Duration::ZERO);
+        for (id, _) in &finals {
+            if let Some(slot) = self.tx.get_mut(usize::from(id.0)) {
+                *slot = None;
+            }
+        }
+        self.rx.retain(|(ip, _)| !plan.remove_rx.contains(ip));
+        self.rx.extend(plan.add_rx);
+        for (id, tx, rx, mult) in plan.set_timers {
+            if self.engine.set_timers(id, tx, rx, mult, now) {
+                let name = self.engine.path(id).map_or("?", |p| p.name.as_str());
+                info!(path = %name, tx_us = tx.as_micros() as u64, rx_us = rx.as_micros() as u64, multiplier = mult, "BFD timers applied with a poll sequence");
+            }
+        }
+        self.engine.set_secrets(plan.secrets);
+        let mut applied = Applied::default();
+        for peer in &plan.add_peers {
+            self.add_peer(peer, now, &mut applied);
+        }
+        for path in plan.add_paths {
+            self.add_path(path, now, &mut applied);
+        }
+        self.flush(now);
+        applied
+    }
+
+    fn add_peer(&mut self, peer: &PeerConfig, now: Instant, applied: &mut Applied) {
+        let bare = PeerConfig {
+            paths: Vec::new(),
+            ..peer.clone()
+        };
+        let Some(id) = self.engine.add_peer(&bare, now) else {
+            error!(peer = %peer.name, "too many peers; not added");
+            return;
+        };
+        self.metrics.add_peer(usize::from(id.0), &peer.name);
+        *slot(&mut self.meta.peers, usize::from(id.0)) =
+            Some((peer.tun.clone(), peer.policy.as_str().to_string()));
+        applied.peers.push((peer.name.clone(), id));
+    }
+
+    fn add_path(&mut self, new: NewPath, now: Instant, applied: &mut Applied) {
+        let c = &new.config;
+        let Some(peer) = self.engine.peer_by_name(&new.peer) else {
+            error!(peer = %new.peer, path = %c.name, "path added to an unknown peer");
+            return;
+        };
+        if let Err(e) = self.engine.check_path_auth(c) {
+            error!(peer = %new.peer, path = %c.name, error = %e, "path not added");
+            return;
+        }
+        let Some(id) = self.engine.add_path(peer, c, now) else {
+            error!(peer = %new.peer, path = %c.name, "too many paths; not added");
+            return;
+        };
+        let i = usize::from(id.0);
+        let labels = PathLabels {
+            peer: &new.peer,
+            path: &c.name,
+            local: c.local.to_string(),
+            remote: c.remote.to_string(),
+        };
+        self.metrics.add_path(i, &labels, new.counters.clone());
+        *slot(&mut self.tx, i) = Some(new.bfd_tx);
+        *slot(&mut self.counters, i) = Some(new.counters);
+        *slot(&mut self.meta.paths, i) = Some((c.priority, c.weight));
+        applied.paths.push((new.peer, c.name.clone(), id));
     }
 
     fn status(&self) -> Status {
@@ -321,7 +463,13 @@ impl BfdThread {
             let Some((name, up, ids)) = self.engine.peer(PeerId(pi as u16)) else {
                 continue;
             };
-            let (tun, policy) = self.meta.peers.get(pi).cloned().unwrap_or_default();
+            let (tun, policy) = self
+                .meta
+                .peers
+                .get(pi)
+                .cloned()
+                .flatten()
+                .unwrap_or_default();
             let paths: Vec<PathStatus> =
                 ids.iter().filter_map(|&id| self.path_status(id)).collect();
             let active_path = paths.iter().find(|p| p.active).map(|p| p.name.clone());
@@ -347,8 +495,8 @@ impl BfdThread {
     fn path_status(&self, id: PathId) -> Option<PathStatus> {
         let i = usize::from(id.0);
         let p = self.engine.path(id)?;
-        let c = self.counters.get(i)?;
-        let (priority, weight) = self.meta.paths.get(i).copied().unwrap_or((0, 0));
+        let c = self.counters.get(i)?.as_ref()?;
+        let (priority, weight) = self.meta.paths.get(i).copied().flatten().unwrap_or((0, 0));
         let s = &p.session;
         let state = match s.state() {
             State::Up => "up",
@@ -379,7 +527,7 @@ impl BfdThread {
                 remote_discriminator: s.remote_discriminator(),
                 tx_interval_us: s.tx_interval().as_micros() as u64,
                 detect_time_us: s.detection_time().as_micros() as u64,
-                rtt_us: None,
+                rtt_us: c.rtt().map(|d| d.as_micros() as u64),
                 transitions: s.transitions(),
                 last_change_unix: s.last_change().map(clock::unix_seconds),
                 control_tx: p.control_tx,
@@ -391,4 +539,11 @@ impl BfdThread {
             rx_bytes: load(&c.rx_bytes),
         })
     }
+}
+
+fn slot<T>(v: &mut Vec<Option<T>>, i: usize) -> &mut Option<T> {
+    if v.len() <= i {
+        v.resize_with(i + 1, || None);
+    }
+    &mut v[i]
 }

@@ -1,15 +1,27 @@
 //! `crosslink run`: sets up TUNs, routes and sockets, starts the threads,
 //! and tears everything down again on SIGTERM/SIGINT.
+//!
+//! Start-up and SIGHUP reload are one mechanism: `Gateway::apply` compares
+//! the wanted configuration with what is running, peer by peer and path by
+//! path (keyed by name), and changes only the difference. Start-up is the
+//! difference from nothing. An unchanged path keeps its BFD session, its
+//! sockets and its receive thread; an unchanged peer keeps its TUN. Routes
+//! are added and deleted in place; a peer whose other settings changed
+//! (TUN, addresses, policy...) is restarted with all its paths; a changed path is restarted alone; a peer
+//! whose path set changed gets its sending thread restarted with the new
+//! path table (a pause of microseconds, nothing dropped: packets wait in
+//! the TUN queue).
 
-use super::control_plane::{BfdThread, Command, CommandLink, Meta};
+use super::control_plane::{BfdThread, Command, CommandLink, Meta, NewPath, Plan};
 use super::data_plane::{FlowTable, PathIn, PathOut, TunOut};
-use super::{clock, netlink::Netlink, tun, udp};
-use crate::config::{Config, ConfigError};
-use crate::engine::{Engine, Secrets};
+use super::{clock, netlink::Netlink, notify, tun, udp};
+use crate::config::{Config, ConfigError, PathConfig, PeerConfig};
+use crate::engine::{check_secret, Engine, Forwarding, Secrets};
 use crate::forward::HEADROOM;
-use crate::telemetry::metrics::{self, Metrics, PathLabels};
+use crate::telemetry::metrics::{self, Metrics};
 use crate::telemetry::{control, DropCounters, PathCounters};
-use crate::PeerId;
+use crate::wire::flow::mix;
+use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
 use std::io;
 use std::net::{IpAddr, UdpSocket};
@@ -18,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::signal::unix::{signal, SignalKind};
@@ -51,30 +64,50 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     rt.block_on(run_async(config, secrets, config_path.to_path_buf()))
 }
 
-/// Reads every BFD `auth.secret_file` once, at start (RFC 5880 §6.7 keys). The error
-/// names the file; the content is never logged.
+/// Reads every BFD `auth.secret_file` (RFC 5880 §6.7 keys) and checks it fits its
+/// authentication type. Errors name the file; the content is never logged. A
+/// trailing line ending is not part of the secret.
 fn read_secrets(config: &Config) -> Result<Secrets, DaemonError> {
     let mut secrets = Secrets::new();
-    let files = config
+    let auths = config
         .peers
         .iter()
         .flat_map(|p| p.paths.iter())
-        .filter_map(|p| p.bfd.auth.as_ref())
-        .map(|a| a.secret_file.clone());
-    for file in files {
-        if secrets.contains_key(&file) {
-            continue;
+        .filter_map(|p| p.bfd.auth.as_ref());
+    for auth in auths {
+        let file = &auth.secret_file;
+        if !secrets.contains_key(file) {
+            let raw = std::fs::read(file).map_err(|e| {
+                DaemonError::Setup(format!(
+                    "cannot read BFD secret file {}: {e}",
+                    file.display()
+                ))
+            })?;
+            secrets.insert(file.clone(), crate::bfd::auth::trim_secret(&raw).to_vec());
         }
-        let raw = std::fs::read(&file).map_err(|e| {
+        let secret = secrets.get(file).map_or(&[][..], Vec::as_slice);
+        check_secret(auth.auth_type, secret).map_err(|e| {
             DaemonError::Setup(format!(
-                "cannot read BFD secret file {}: {e}",
-                file.display()
+                "BFD secret file {} for {}: {e}",
+                file.display(),
+                auth.auth_type.as_str()
             ))
         })?;
-        let secret = crate::bfd::auth::trim_secret(&raw).to_vec();
-        secrets.insert(file, secret);
     }
     Ok(secrets)
+}
+
+/// Whether two path configs differ at most in their BFD timers, which a reload
+/// applies in place (Poll Sequence) instead of restarting the path.
+fn only_bfd_timers_differ(a: &PathConfig, b: &PathConfig) -> bool {
+    let strip = |p: &PathConfig| {
+        let mut p = p.clone();
+        p.bfd.tx_interval = Duration::ZERO;
+        p.bfd.rx_interval = Duration::ZERO;
+        p.bfd.multiplier = 0;
+        p
+    };
+    strip(a) == strip(b)
 }
 
 /// Settings this build parses but cannot honour yet. Running without them
@@ -91,8 +124,51 @@ fn refuse_unsupported(config: &Config) -> Result<(), DaemonError> {
     Ok(())
 }
 
-struct PeerIo {
+/// A running path: its data socket and receive thread.
+struct PathRun {
+    id: PathId,
+    config: PathConfig,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A running peer: its TUN, sending thread and paths.
+struct PeerRun {
+    id: PeerId,
+    config: PeerConfig,
     tun: Arc<SyncDevice>,
+    ifindex: u32,
+    interrupt: Arc<InterruptEvent>,
+    sender: Option<JoinHandle<TunOut>>,
+    /// The sending thread's state while it is stopped for a change.
+    parked: Option<TunOut>,
+    paths: Vec<PathRun>,
+}
+
+/// What every thread shares.
+struct Shared {
+    commands: CommandLink,
+    forwarding: Arc<ArcSwap<Forwarding>>,
+    metrics: Arc<Metrics>,
+    drops: Arc<DropCounters>,
+    netlink: Netlink,
+    stamp_key: u64,
+}
+
+/// The running gateway, as the shell sees it.
+struct Gateway {
+    shared: Shared,
+    peers: Vec<PeerRun>,
+    /// Local addresses with a BFD receive socket (in the BFD thread).
+    rx_ips: Vec<IpAddr>,
+}
+
+/// A path to start: opened but not yet known to the engine.
+struct Pending {
+    peer: String,
+    config: PathConfig,
+    socket: Arc<UdpSocket>,
+    counters: Arc<PathCounters>,
 }
 
 async fn run_async(
@@ -100,110 +176,42 @@ async fn run_async(
     secrets: Secrets,
     config_path: PathBuf,
 ) -> Result<(), DaemonError> {
-    if let Some(m) = &config.metrics {
-        metrics::install(m.listen).map_err(DaemonError::Setup)?;
-        info!(listen = %m.listen, "metrics endpoint up");
-    }
-    let peer_names: Vec<&str> = config.peers.iter().map(|p| p.name.as_str()).collect();
-    let labels: Vec<PathLabels<'_>> = config
-        .peers
-        .iter()
-        .flat_map(|peer| {
-            peer.paths.iter().map(move |p| PathLabels {
-                peer: &peer.name,
-                path: &p.name,
-                local: p.local.to_string(),
-                remote: p.remote.to_string(),
-            })
-        })
-        .collect();
-    let metrics = Arc::new(Metrics::new(&peer_names, &labels));
-
-    let netlink = Netlink::connect()?;
-    let mut peers = Vec::new();
-    for peer in &config.peers {
-        let mtu = peer.mtu.unwrap_or(DEFAULT_MTU);
-        let dev = tun::open(&peer.tun, mtu)?;
-        let index = dev.if_index()?;
-        for a in &peer.tun_addresses {
-            netlink.add_address(index, a).await?;
-        }
-        for r in &peer.routes {
-            netlink.add_route(index, r).await?;
-        }
-        info!(peer = %peer.name, tun = %peer.tun, mtu, routes = peer.routes.len(), "TUN up");
-        peers.push(PeerIo { tun: Arc::new(dev) });
-    }
-
-    let paths: Vec<_> = config.peers.iter().flat_map(|p| p.paths.iter()).collect();
-    let mut data_sockets = Vec::new();
-    let mut bfd_tx = Vec::new();
-    for (i, p) in paths.iter().enumerate() {
-        let sock = udp::data_socket(p.local, p.interface.as_deref())?;
-        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
-        data_sockets.push(Arc::new(sock));
-        let seed = (std::process::id() as u16).wrapping_add(i as u16 * 7919);
-        bfd_tx.push(udp::bfd_tx_socket(
-            p.local.ip(),
-            p.interface.as_deref(),
-            seed,
-        )?);
-    }
-    let mut bfd_rx: Vec<(IpAddr, UdpSocket)> = Vec::new();
-    for p in &paths {
-        if bfd_rx.iter().any(|(ip, _)| *ip == p.local.ip()) {
-            continue;
-        }
-        let same_if = paths
-            .iter()
-            .filter(|q| q.local.ip() == p.local.ip())
-            .all(|q| q.interface == p.interface);
-        let ifname = if same_if {
-            p.interface.as_deref()
-        } else {
-            None
-        };
-        bfd_rx.push((
-            p.local.ip(),
-            udp::bfd_rx_socket(p.local.ip(), p.bfd.hop, ifname)?,
-        ));
-    }
-
+    let endpoint = match &config.metrics {
+        Some(m) => Some(metrics::install(m.listen).map_err(DaemonError::Setup)?),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::new());
     let now = clock::now();
     let seed = u64::from(std::process::id()) ^ (clock::unix_seconds(now) << 20) ^ 0x5eed;
-    let engine =
-        Engine::new(&config, &secrets, now, seed).map_err(|e| DaemonError::Setup(e.to_string()))?;
-    drop(secrets);
-    let forwarding = Arc::new(ArcSwap::from_pointee(engine.forwarding()));
-    let counters: Vec<Arc<PathCounters>> = paths.iter().map(|_| Arc::default()).collect();
-    let drops = Arc::new(DropCounters::default());
-    let meta = Meta {
-        gateway: config.gateway.name.clone(),
-        started: now,
-        peers: config
-            .peers
-            .iter()
-            .map(|p| (p.tun.clone(), p.policy.as_str().to_string()))
-            .collect(),
-        paths: paths.iter().map(|p| (p.priority, p.weight)).collect(),
+    let nothing = Config {
+        peers: Vec::new(),
+        ..config.clone()
     };
+    let engine = Engine::new(&nothing, now, seed);
+    let forwarding = Arc::new(ArcSwap::from_pointee(engine.forwarding()));
+    let drops = Arc::new(DropCounters::default());
 
-    // The BFD thread.
+    // The BFD thread, empty until the first apply.
     let (cmd_tx, cmd_rx) = mpsc::channel::<Command>();
     let (wake_tx, wake_rx) = UnixStream::pair()?;
     wake_tx.set_nonblocking(true)?;
     wake_rx.set_nonblocking(true)?;
     let bfd = BfdThread {
         engine,
-        tx: bfd_tx,
-        rx: bfd_rx,
+        tx: Vec::new(),
+        rx: Vec::new(),
         commands: cmd_rx,
         wake: wake_rx,
         forwarding: forwarding.clone(),
         metrics: metrics.clone(),
-        counters: counters.clone(),
+        counters: Vec::new(),
         drops: drops.clone(),
-        meta,
+        meta: Meta {
+            gateway: config.gateway.name.clone(),
+            started: now,
+            peers: Vec::new(),
+            paths: Vec::new(),
+        },
     };
     let bfd_handle = std::thread::Builder::new()
         .name("bfd".into())
@@ -212,54 +220,27 @@ async fn run_async(
         tx: cmd_tx,
         wake: Arc::new(wake_tx),
     };
-
-    // The forwarding threads.
-    let stop = Arc::new(AtomicBool::new(false));
-    let interrupt = Arc::new(InterruptEvent::new()?);
-    let mut threads = Vec::new();
-    let mut path_index = 0usize;
-    for (pi, peer) in config.peers.iter().enumerate() {
-        let mut out: Vec<Option<PathOut>> = (0..paths.len()).map(|_| None).collect();
-        for (k, p) in peer.paths.iter().enumerate() {
-            let gi = path_index + k;
-            out[gi] = Some(PathOut {
-                socket: data_sockets[gi].clone(),
-                remote: p.remote,
-                counters: counters[gi].clone(),
-                sequence: 0,
-            });
-            let rx = PathIn {
-                socket: data_sockets[gi].clone(),
-                remote: p.remote,
-                tun: peers[pi].tun.clone(),
-                counters: counters[gi].clone(),
-                drops: drops.clone(),
-                stop: stop.clone(),
-            };
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("rx-{}", p.name))
-                    .spawn(move || rx.run())?,
-            );
-        }
-        path_index += peer.paths.len();
-        let tx = TunOut {
-            peer: PeerId(pi as u16),
-            tun: peers[pi].tun.clone(),
-            forwarding: forwarding.clone(),
-            paths: out,
+    let mut gw = Gateway {
+        shared: Shared {
+            commands: commands.clone(),
+            forwarding,
+            metrics: metrics.clone(),
             drops: drops.clone(),
-            interrupt: interrupt.clone(),
-            flows: FlowTable::default(),
-        };
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("tun-{}", peer.name))
-                .spawn(move || tx.run())?,
-        );
+            netlink: Netlink::connect()?,
+            stamp_key: mix(seed ^ 0xec40),
+        },
+        peers: Vec::new(),
+        rx_ips: Vec::new(),
+    };
+    let problems = gw.apply(&config, secrets).await;
+    if !problems.is_empty() {
+        commands.shutdown().await;
+        let _ = bfd_handle.join();
+        gw.stop_all();
+        return Err(DaemonError::Setup(problems.join("; ")));
     }
 
-    // Control socket and metrics upkeep.
+    // Metrics, control socket.
     let control_path = config.gateway.control_socket.clone();
     let listener = control::bind(&control_path)?;
     let status_link = commands.clone();
@@ -268,18 +249,26 @@ async fn run_async(
         async move { link.status().await }
     }));
     let sync_metrics = metrics.clone();
-    let sync_counters = counters.clone();
-    let sync_drops = drops.clone();
     let sync_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tick.tick().await;
-            sync_metrics.sync(&sync_counters, &sync_drops);
+            sync_metrics.sync(&drops);
         }
     });
+    if let (Some(endpoint), Some(m)) = (endpoint, &config.metrics) {
+        endpoint.serve();
+        info!(listen = %m.listen, "metrics endpoint up");
+    }
+    let watchdog_task = notify::watchdog_interval().map(|every| {
+        let link = commands.clone();
+        tokio::spawn(watchdog(link, every))
+    });
     info!(gateway = %config.gateway.name, control = %control_path.display(), "crosslink running");
+    notify_systemd("READY=1");
 
     // Signals.
+    let mut running = config;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -287,71 +276,468 @@ async fn run_async(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&config_path, &config, &metrics, &commands).await,
+            _ = hup.recv() => {
+                notify_systemd("RELOADING=1");
+                if let Some(new) = reload(&config_path, &running, &mut gw).await {
+                    running = new;
+                }
+                notify_systemd("READY=1");
+            }
         }
     }
 
+    notify_systemd("STOPPING=1");
     info!("stopping: sending AdminDown on every path");
     commands.shutdown().await;
     let _ = bfd_handle.join();
-    stop.store(true, Ordering::Relaxed);
-    let _ = interrupt.trigger();
-    for t in threads {
-        let _ = t.join();
-    }
+    gw.stop_all();
     control_task.abort();
     sync_task.abort();
+    if let Some(t) = watchdog_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&control_path);
-    drop(peers);
     info!("stopped; TUN devices and their routes removed");
     Ok(())
 }
 
-/// SIGHUP: validate the new file and apply changed BFD timers in place (each
-/// change goes through a Poll Sequence, RFC 5880 §6.8.3, so sessions stay Up).
-/// Other changes are not applied in place yet: they are reported and left for
-/// a restart.
-async fn reload(path: &Path, running: &Config, metrics: &Metrics, commands: &CommandLink) {
-    if let Ok(new) = Config::load(path) {
-        let changed = commands.set_timers(new).await;
-        if changed > 0 {
-            info!(
-                paths = changed,
-                "reload: BFD timers applied with a poll sequence"
-            );
-        }
+fn notify_systemd(state: &str) {
+    if let Err(e) = notify::notify(state) {
+        warn!(error = %e, state, "could not notify systemd");
     }
-    match Config::load(path) {
-        Err(e) => {
-            metrics.set_reload_ok(false);
-            error!(error = %e, "reload refused; keeping the running configuration");
-        }
-        Ok(new) if new == *running || same_but_bfd_timers(&new, running) => {
-            metrics.set_reload_ok(true);
-            info!("reload: nothing else to apply");
-        }
-        Ok(_) => {
-            metrics.set_reload_ok(true);
-            warn!(
-                "reload: the new configuration is valid but differs; restart crosslink to apply it"
-            );
+}
+
+/// Pings the systemd watchdog while the BFD thread answers: a wedged
+/// control plane stops the pings and systemd restarts the service.
+async fn watchdog(link: CommandLink, every: Duration) {
+    let mut tick = tokio::time::interval(every / 3);
+    loop {
+        tick.tick().await;
+        let answer = tokio::time::timeout(every / 4, link.status()).await;
+        if matches!(answer, Ok(Some(_))) {
+            notify_systemd("WATCHDOG=1");
+        } else {
+            warn!("BFD thread did not answer; withholding the watchdog ping");
         }
     }
 }
 
-/// Whether two configs differ at most in BFD timers (which reload applies).
-fn same_but_bfd_timers(a: &Config, b: &Config) -> bool {
-    let strip = |c: &Config| {
-        let mut c = c.clone();
-        for p in c.peers.iter_mut().flat_map(|p| p.paths.iter_mut()) {
-            p.bfd.tx_interval = Duration::ZERO;
-            p.bfd.rx_interval = Duration::ZERO;
-            p.bfd.multiplier = 0;
+/// SIGHUP: re-reads the file and applies the difference. An invalid file
+/// changes nothing. Returns the new configuration when it was applied.
+async fn reload(path: &Path, running: &Config, gw: &mut Gateway) -> Option<Config> {
+    let metrics = gw.shared.metrics.clone();
+    let loaded = Config::load(path).map_err(DaemonError::from);
+    let checked = loaded.and_then(|c| {
+        refuse_unsupported(&c)?;
+        let secrets = read_secrets(&c)?;
+        Ok((c, secrets))
+    });
+    let (new, secrets) = match checked {
+        Ok(new) => new,
+        Err(e) => {
+            metrics.set_reload_ok(false);
+            error!(error = %e, "reload refused; keeping the running configuration");
+            return None;
         }
-        c.bfd.tx_interval = Duration::ZERO;
-        c.bfd.rx_interval = Duration::ZERO;
-        c.bfd.multiplier = 0;
-        c
     };
-    strip(a) == strip(b)
+    if new == *running {
+        metrics.set_reload_ok(true);
+        info!("reload: configuration unchanged");
+        return Some(new);
+    }
+    for (what, changed) in [
+        ("[gateway]", new.gateway != running.gateway),
+        ("[metrics]", new.metrics != running.metrics),
+    ] {
+        if changed {
+            warn!(
+                section = what,
+                "reload: this section changes only at restart"
+            );
+        }
+    }
+    let problems = gw.apply(&new, secrets).await;
+    metrics.set_reload_ok(problems.is_empty());
+    if problems.is_empty() {
+        info!("reload applied");
+    } else {
+        error!(problems = %problems.join("; "), "reload applied only in part");
+    }
+    Some(new)
+}
+
+/// A peer's own settings, without its paths.
+fn bare(peer: &PeerConfig) -> PeerConfig {
+    PeerConfig {
+        paths: Vec::new(),
+        ..peer.clone()
+    }
+}
+
+/// What must stay the same for a peer to keep running (routes change in place).
+fn restart_key(peer: &PeerConfig) -> PeerConfig {
+    PeerConfig {
+        routes: Vec::new(),
+        ..bare(peer)
+    }
+}
+
+impl Gateway {
+    /// Brings the running gateway to `want`, touching only what differs.
+    /// Returns what could not be done (empty: all of it was).
+    async fn apply(&mut self, want: &Config, secrets: Secrets) -> Vec<String> {
+        let mut plan = Plan {
+            secrets,
+            ..Plan::default()
+        };
+        let mut problems = Vec::new();
+        // 1. Take out what goes away or changes.
+        let mut doomed_peers = Vec::new();
+        let mut doomed_paths = Vec::new();
+        for mut peer in std::mem::take(&mut self.peers) {
+            match want.peers.iter().find(|p| p.name == peer.config.name) {
+                Some(w) if restart_key(w) == restart_key(&peer.config) => {
+                    if w.routes != peer.config.routes {
+                        self.update_routes(&mut peer, &w.routes, &mut problems)
+                            .await;
+                    }
+                    let (keep, gone): (Vec<_>, Vec<_>) =
+                        std::mem::take(&mut peer.paths).into_iter().partition(|r| {
+                            w.path(&r.config.name)
+                                .is_some_and(|n| only_bfd_timers_differ(n, &r.config))
+                        });
+                    peer.paths = keep;
+                    for r in &mut peer.paths {
+                        let Some(n) = w.path(&r.config.name) else {
+                            continue;
+                        };
+                        if *n != r.config {
+                            let b = &n.bfd;
+                            plan.set_timers.push((
+                                r.id,
+                                b.tx_interval,
+                                b.rx_interval,
+                                b.multiplier,
+                            ));
+                            r.config = n.clone();
+                        }
+                    }
+                    if !gone.is_empty() || peer.paths.len() != w.paths.len() {
+                        peer.park();
+                    }
+                    for r in gone {
+                        info!(peer = %w.name, path = %r.config.name, "reload: stopping path");
+                        plan.remove_paths.push(r.id);
+                        if let Some(t) = peer.parked.as_mut() {
+                            if let Some(slot) = t.paths.get_mut(usize::from(r.id.0)) {
+                                *slot = None;
+                            }
+                        }
+                        doomed_paths.push(r);
+                    }
+                    self.peers.push(peer);
+                }
+                _ => {
+                    info!(peer = %peer.config.name, "reload: stopping peer");
+                    plan.remove_peers.push(peer.id);
+                    doomed_peers.push(peer);
+                }
+            }
+        }
+        stop_paths(&mut doomed_paths);
+        for mut peer in doomed_peers {
+            peer.stop();
+        }
+        // 2. Open what is new.
+        let mut pending = Vec::new();
+        for w in &want.peers {
+            let running = self.peers.iter().position(|p| p.config.name == w.name);
+            let index = match running {
+                Some(i) => i,
+                None => match self.open_peer(w).await {
+                    Ok(peer) => {
+                        plan.add_peers.push(bare(w));
+                        self.peers.push(peer);
+                        self.peers.len() - 1
+                    }
+                    Err(e) => {
+                        problems.push(format!("peer {}: {e}", w.name));
+                        continue;
+                    }
+                },
+            };
+            let peer = &mut self.peers[index];
+            for path in &w.paths {
+                if peer.paths.iter().any(|r| r.config.name == path.name) {
+                    continue;
+                }
+                match open_path(&w.name, path, want) {
+                    Ok((p, bfd_tx)) => {
+                        peer.park();
+                        plan.add_paths.push(NewPath {
+                            peer: w.name.clone(),
+                            config: path.clone(),
+                            bfd_tx,
+                            counters: p.counters.clone(),
+                        });
+                        pending.push(p);
+                    }
+                    Err(e) => problems.push(format!("peer {} path {}: {e}", w.name, path.name)),
+                }
+            }
+        }
+        self.plan_rx(want, &mut plan, &mut problems);
+        // 3. Tell the control plane, then start the threads.
+        let Some(applied) = self.shared.commands.apply(plan).await else {
+            problems.push("the BFD thread is gone".into());
+            return problems;
+        };
+        for (name, id) in applied.peers {
+            if let Some(peer) = self.peers.iter_mut().find(|p| p.config.name == name) {
+                peer.id = id;
+            }
+        }
+        for p in pending {
+            let id = applied
+                .paths
+                .iter()
+                .find(|(peer, path, _)| *peer == p.peer && *path == p.config.name)
+                .map(|(_, _, id)| *id);
+            match id {
+                Some(id) => self.start_path(p, id),
+                None => problems.push(format!("path {} was not added", p.config.name)),
+            }
+        }
+        self.peers.retain(|p| p.id != UNASSIGNED);
+        for peer in &mut self.peers {
+            if let Err(e) = peer.unpark() {
+                problems.push(format!("peer {}: {e}", peer.config.name));
+            }
+        }
+        problems
+    }
+
+    /// Adds the routes a reload added to a running peer, and deletes the
+    /// ones it removed; the TUN and its sessions stay as they are.
+    async fn update_routes(
+        &self,
+        peer: &mut PeerRun,
+        want: &[crate::config::Prefix],
+        problems: &mut Vec<String>,
+    ) {
+        let nl = &self.shared.netlink;
+        for r in want.iter().filter(|r| !peer.config.routes.contains(r)) {
+            match nl.add_route(peer.ifindex, r).await {
+                Ok(()) => info!(peer = %peer.config.name, route = %r, "reload: route added"),
+                Err(e) => problems.push(format!("peer {}: {e}", peer.config.name)),
+            }
+        }
+        for r in peer.config.routes.iter().filter(|r| !want.contains(r)) {
+            match nl.del_route(peer.ifindex, r).await {
+                Ok(()) => info!(peer = %peer.config.name, route = %r, "reload: route removed"),
+                Err(e) => problems.push(format!("peer {}: {e}", peer.config.name)),
+            }
+        }
+        peer.config.routes = want.to_vec();
+    }
+
+    /// Opens a new peer's TUN with its addresses and routes.
+    async fn open_peer(&self, w: &PeerConfig) -> io::Result<PeerRun> {
+        let mtu = w.mtu.unwrap_or(DEFAULT_MTU);
+        let dev = tun::open(&w.tun, mtu)?;
+        let index = dev.if_index()?;
+        for a in &w.tun_addresses {
+            self.shared.netlink.add_address(index, a).await?;
+        }
+        for r in &w.routes {
+            self.shared.netlink.add_route(index, r).await?;
+        }
+        info!(peer = %w.name, tun = %w.tun, mtu, routes = w.routes.len(), "TUN up");
+        let tun = Arc::new(dev);
+        let interrupt = Arc::new(InterruptEvent::new()?);
+        let parked = TunOut {
+            peer: UNASSIGNED,
+            tun: tun.clone(),
+            forwarding: self.shared.forwarding.clone(),
+            paths: Vec::new(),
+            drops: self.shared.drops.clone(),
+            interrupt: interrupt.clone(),
+            flows: FlowTable::default(),
+        };
+        Ok(PeerRun {
+            id: UNASSIGNED,
+            config: bare(w),
+            tun,
+            ifindex: index,
+            interrupt,
+            sender: None,
+            parked: Some(parked),
+            paths: Vec::new(),
+        })
+    }
+
+    /// BFD receive sockets: one per local address in use.
+    fn plan_rx(&mut self, want: &Config, plan: &mut Plan, problems: &mut Vec<String>) {
+        let paths: Vec<&PathConfig> = want.peers.iter().flat_map(|p| p.paths.iter()).collect();
+        let mut wanted: Vec<IpAddr> = paths.iter().map(|p| p.local.ip()).collect();
+        wanted.sort();
+        wanted.dedup();
+        plan.remove_rx = self
+            .rx_ips
+            .iter()
+            .filter(|ip| !wanted.contains(ip))
+            .copied()
+            .collect();
+        self.rx_ips.retain(|ip| wanted.contains(ip));
+        for ip in wanted {
+            if self.rx_ips.contains(&ip) {
+                continue;
+            }
+            let on_ip: Vec<_> = paths.iter().filter(|p| p.local.ip() == ip).collect();
+            let Some(first) = on_ip.first() else {
+                continue;
+            };
+            let same_if = on_ip.iter().all(|q| q.interface == first.interface);
+            let ifname = if same_if {
+                first.interface.as_deref()
+            } else {
+                None
+            };
+            match udp::bfd_rx_socket(ip, first.bfd.hop, ifname) {
+                Ok(sock) => {
+                    plan.add_rx.push((ip, sock));
+                    self.rx_ips.push(ip);
+                }
+                Err(e) => problems.push(format!("BFD socket on {ip}: {e}")),
+            }
+        }
+    }
+
+    /// Starts a new path's receive thread and gives it to its peer's sender.
+    fn start_path(&mut self, p: Pending, id: PathId) {
+        let Some(peer) = self.peers.iter_mut().find(|r| r.config.name == p.peer) else {
+            return;
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let rtt = self
+            .shared
+            .metrics
+            .path(usize::from(id.0))
+            .map_or_else(::metrics::Histogram::noop, |m| m.rtt.clone());
+        let rx = PathIn {
+            socket: p.socket.clone(),
+            remote: p.config.remote,
+            tun: peer.tun.clone(),
+            counters: p.counters.clone(),
+            drops: self.shared.drops.clone(),
+            stop: stop.clone(),
+            rtt,
+            stamp_key: self.shared.stamp_key,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("rx-{}", p.config.name))
+            .spawn(move || rx.run());
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                error!(path = %p.config.name, error = %e, "cannot start receive thread");
+                None
+            }
+        };
+        if let Some(t) = peer.parked.as_mut() {
+            let i = usize::from(id.0);
+            if t.paths.len() <= i {
+                t.paths.resize_with(i + 1, || None);
+            }
+            t.paths[i] = Some(PathOut {
+                socket: p.socket,
+                remote: p.config.remote,
+                counters: p.counters,
+                sequence: 0,
+            });
+        }
+        peer.paths.push(PathRun {
+            id,
+            config: p.config,
+            stop,
+            thread,
+        });
+    }
+
+    /// Stops every thread and closes every TUN (which removes its routes).
+    fn stop_all(&mut self) {
+        for mut peer in std::mem::take(&mut self.peers) {
+            peer.stop();
+        }
+    }
+}
+
+/// Not yet given an id by the engine.
+const UNASSIGNED: PeerId = PeerId(u16::MAX);
+
+/// Opens a path's data socket and BFD transmit socket.
+fn open_path(peer: &str, p: &PathConfig, want: &Config) -> io::Result<(Pending, UdpSocket)> {
+    let sock = udp::data_socket(p.local, p.interface.as_deref())?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let index = want
+        .peers
+        .iter()
+        .flat_map(|q| q.paths.iter())
+        .position(|q| q.local == p.local)
+        .unwrap_or(0);
+    let seed = (std::process::id() as u16).wrapping_add(index as u16 * 7919);
+    let bfd_tx = udp::bfd_tx_socket(p.local.ip(), p.interface.as_deref(), seed)?;
+    let pending = Pending {
+        peer: peer.to_string(),
+        config: p.clone(),
+        socket: Arc::new(sock),
+        counters: Arc::default(),
+    };
+    Ok((pending, bfd_tx))
+}
+
+/// Stops receive threads (each notices within its 200 ms read timeout).
+fn stop_paths(paths: &mut [PathRun]) {
+    for p in paths.iter() {
+        p.stop.store(true, Ordering::Relaxed);
+    }
+    for p in paths.iter_mut() {
+        if let Some(t) = p.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl PeerRun {
+    /// Stops the sending thread and keeps its state for a restart.
+    fn park(&mut self) {
+        if let Some(t) = self.sender.take() {
+            let _ = self.interrupt.trigger();
+            if let Ok(out) = t.join() {
+                self.parked = Some(out);
+            }
+        }
+    }
+
+    /// (Re)starts the sending thread from its parked state.
+    fn unpark(&mut self) -> io::Result<()> {
+        let Some(mut out) = self.parked.take() else {
+            return Ok(());
+        };
+        self.interrupt = Arc::new(InterruptEvent::new()?);
+        out.interrupt = self.interrupt.clone();
+        out.peer = self.id;
+        let thread = std::thread::Builder::new()
+            .name(format!("tun-{}", self.config.name))
+            .spawn(move || out.run())?;
+        self.sender = Some(thread);
+        Ok(())
+    }
+
+    /// Stops every thread of the peer; dropping it then closes the TUN.
+    fn stop(&mut self) {
+        self.park();
+        self.parked = None;
+        stop_paths(&mut self.paths);
+    }
 }

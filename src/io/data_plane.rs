@@ -5,12 +5,16 @@
 //! ([`classify`]), writes the overlay header in front ([`encapsulate`]) and
 //! sends the datagram on the path's socket. `rx-<path>` ([`PathIn`]) takes
 //! datagrams from the path's configured remote only, validates them
-//! ([`decapsulate`]) and writes the inner packet to the TUN.
+//! ([`decapsulate`]) and writes the inner packet to the TUN; it also
+//! answers the peer's echo requests and, once a second, sends its own to
+//! measure the path's round-trip time ([`crate::forward::Echo`]).
 
 use super::clock;
 use crate::drop::DropReason;
 use crate::engine::Forwarding;
-use crate::forward::{classify, decapsulate, encapsulate, HEADROOM};
+use crate::forward::{
+    classify, decapsulate, echo_rtt, emit_echo, encapsulate, parse_echo, Echo, HEADROOM,
+};
 use crate::telemetry::{DropCounters, PathCounters};
 use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
@@ -31,6 +35,10 @@ const FLOW_IDLE: Duration = Duration::from_secs(30);
 const MAX_TRACKED_FLOWS: usize = 1 << 20;
 /// How often idle flows are expired and per-path flow counts published.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often each path measures its round-trip time.
+const ECHO_INTERVAL: Duration = Duration::from_secs(1);
+/// Replies older than this are ignored.
+const ECHO_MAX_AGE: Duration = Duration::from_secs(10);
 
 /// A path as the sending thread sees it.
 pub struct PathOut {
@@ -52,13 +60,17 @@ pub struct TunOut {
 }
 
 impl TunOut {
-    pub fn run(mut self) {
+    /// Forwards until interrupted; gives itself back so that a reload can
+    /// restart it with a changed path table (sequence numbers kept).
+    pub fn run(mut self) -> TunOut {
         let mut buf = vec![0u8; BUF_LEN];
         let mut last_sweep = clock::now();
         loop {
-            let read = self
-                .tun
-                .recv_intr_timeout(&mut buf[HEADROOM..], &self.interrupt, Some(SWEEP_EVERY));
+            let read = self.tun.recv_intr_timeout(
+                &mut buf[HEADROOM..],
+                &self.interrupt,
+                Some(SWEEP_EVERY),
+            );
             let n = match read {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
@@ -67,12 +79,12 @@ impl TunOut {
                     continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted && self.interrupt.is_trigger() => {
-                    return
+                    return self
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     error!(error = %e, "TUN read failed; forwarding for this peer stopped");
-                    return;
+                    return self;
                 }
             };
             let now = clock::now();
@@ -121,12 +133,23 @@ pub struct PathIn {
     pub counters: Arc<PathCounters>,
     pub drops: Arc<DropCounters>,
     pub stop: Arc<AtomicBool>,
+    /// Where measured round-trip times go.
+    pub rtt: metrics::Histogram,
+    /// XORed into echo stamps, so that a forged reply does not decode to a
+    /// plausible send time.
+    pub stamp_key: u64,
 }
 
 impl PathIn {
     pub fn run(self) {
         let mut buf = vec![0u8; BUF_LEN];
+        let mut next_echo = clock::now();
         while !self.stop.load(Ordering::Relaxed) {
+            let now = clock::now();
+            if now >= next_echo {
+                next_echo = now + ECHO_INTERVAL;
+                self.send_echo(Echo::Request(clock::nanos() ^ self.stamp_key));
+            }
             let (n, src) = match self.socket.recv_from(&mut buf) {
                 Ok(r) => r,
                 Err(e)
@@ -148,12 +171,43 @@ impl PathIn {
                 self.drops.count(DropReason::UnknownSource);
                 continue;
             }
+            if let Some(echo) = parse_echo(&buf[..n]) {
+                self.on_echo(echo);
+                continue;
+            }
             match decapsulate(&buf[..n]) {
                 Ok((_, inner)) => match self.tun.send(inner) {
                     Ok(_) => self.counters.count_rx(inner.len()),
                     Err(_) => self.drops.count(DropReason::TunWrite),
                 },
                 Err(reason) => self.drops.count(reason),
+            }
+        }
+    }
+}
+
+impl PathIn {
+    fn send_echo(&self, echo: Echo) {
+        let mut msg = [0u8; HEADROOM];
+        if let Ok(n) = emit_echo(echo, &mut msg) {
+            if self.socket.send_to(&msg[..n], self.remote).is_err() {
+                self.drops.count(DropReason::PathSend);
+            }
+        }
+    }
+
+    fn on_echo(&self, echo: Echo) {
+        match echo {
+            Echo::Request(stamp) => self.send_echo(Echo::Reply(stamp)),
+            Echo::Reply(stamp) => {
+                let max = ECHO_MAX_AGE.as_nanos() as u64;
+                match echo_rtt(stamp ^ self.stamp_key, clock::nanos(), max) {
+                    Some(ns) => {
+                        self.counters.rtt_ns.store(ns.max(1), Ordering::Relaxed);
+                        self.rtt.record(Duration::from_nanos(ns).as_secs_f64());
+                    }
+                    None => self.drops.count(DropReason::EchoStale),
+                }
             }
         }
     }

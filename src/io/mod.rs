@@ -7,14 +7,21 @@
 //!   where permitted, and publishes each new forwarding snapshot.
 //! - `tun-<peer>`: reads the peer's TUN, places each packet on a path and
 //!   sends it (see [`crate::forward`]).
-//! - `rx-<path>`: receives a path's datagrams and writes them to the TUN.
-//! - the tokio runtime: signals, the control socket, netlink, metrics.
+//! - `rx-<path>`: receives a path's datagrams and writes them to the TUN;
+//!   answers the peer's echo requests and measures the path's RTT.
+//! - the tokio runtime: signals (SIGHUP reload, see [`daemon`]), the
+//!   control socket, netlink, metrics, systemd notifications ([`notify`]).
+//!
+//! A reload starts and stops `rx-<path>` threads for added and removed
+//! paths, and restarts a peer's `tun-<peer>` thread when its path set
+//! changed; the `bfd` thread applies the change to the engine in one step.
 
 pub mod clock;
 pub mod control_plane;
 pub mod daemon;
 pub mod data_plane;
 pub mod netlink;
+pub mod notify;
 pub mod sys;
 pub mod tun;
 pub mod udp;

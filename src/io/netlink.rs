@@ -1,5 +1,6 @@
 //! Addresses and routes on the TUN devices, through rtnetlink. Routes go
-//! away with their device, so a clean stop needs no route deletion.
+//! away with their device, so a clean stop needs no route deletion; a
+//! reload that changes a peer's `routes` adds and deletes them in place.
 
 use crate::config::Prefix;
 use rtnetlink::{Handle, RouteMessageBuilder};
@@ -48,5 +49,20 @@ impl Netlink {
             .execute()
             .await
             .map_err(nl_err(format!("adding route {prefix}")))
+    }
+
+    /// Removes the route to `prefix` via interface `ifindex`.
+    pub async fn del_route(&self, ifindex: u32, prefix: &Prefix) -> io::Result<()> {
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(prefix.addr, prefix.len)
+            .map_err(|e| io::Error::other(format!("route {prefix}: {e}")))?
+            .output_interface(ifindex)
+            .build();
+        self.handle
+            .route()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(nl_err(format!("deleting route {prefix}")))
     }
 }

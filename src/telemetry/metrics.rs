@@ -1,6 +1,17 @@
-//! Prometheus metrics. Handles are resolved once at start-up; the
-//! forwarding threads only touch their own atomics ([`super::PathCounters`]),
-//! which [`Metrics::sync`] copies into the exporter every scrape interval.
+//! Prometheus metrics. Handles are resolved once, when a peer or path is
+//! added; the forwarding threads only touch their own atomics
+//! ([`super::PathCounters`]), which [`Metrics::sync`] copies into the
+//! exporter twice a second.
+//!
+//! Every configured path's series exist from start-up at 0, histograms
+//! included (the exporter renders a registered histogram with empty
+//! buckets). A reload can remove peers and paths; the exporter has no call
+//! to delete a series, so counters and gauges are registered with an idle
+//! timeout ([`IDLE_TIMEOUT`]) and [`Metrics::sync`] touches every live one
+//! each round: a removed path's series stop being touched and disappear
+//! from `/metrics` within the timeout. Histograms are not subject to the
+//! timeout (a down path records no RTT), so a removed path's histogram
+//! stays until restart.
 
 use super::{DropCounters, PathCounters};
 use crate::drop::DropReason;
@@ -10,8 +21,12 @@ use metrics::{
     Gauge, Histogram, Unit,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_util::MetricKindMask;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 
 const RTT_BUCKETS: &[f64] = &[
@@ -22,11 +37,70 @@ const DETECTION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0,
 ];
 const STATES: [State; 4] = [State::AdminDown, State::Down, State::Init, State::Up];
+/// The transitions RFC 5880 §6.8.6 allows, pre-registered at 0 per path.
+const TRANSITIONS: [(State, State); 9] = [
+    (State::Down, State::Init),
+    (State::Down, State::Up),
+    (State::Init, State::Up),
+    (State::Init, State::Down),
+    (State::Up, State::Down),
+    (State::Down, State::AdminDown),
+    (State::Init, State::AdminDown),
+    (State::Up, State::AdminDown),
+    (State::AdminDown, State::Down),
+];
+/// Every metric the daemon exports, with its Prometheus type (the SPEC's table).
+pub const METRICS: &[(&str, &str)] = &[
+    ("crosslink_build_info", "gauge"),
+    ("crosslink_peer_up", "gauge"),
+    ("crosslink_path_up", "gauge"),
+    ("crosslink_path_active", "gauge"),
+    ("crosslink_path_info", "gauge"),
+    ("crosslink_bfd_session_state", "gauge"),
+    ("crosslink_bfd_session_transitions_total", "counter"),
+    ("crosslink_bfd_detection_time_seconds", "gauge"),
+    ("crosslink_bfd_control_packets_sent_total", "counter"),
+    ("crosslink_bfd_control_packets_received_total", "counter"),
+    ("crosslink_path_rtt_seconds", "histogram"),
+    ("crosslink_path_transmit_packets_total", "counter"),
+    ("crosslink_path_transmit_bytes_total", "counter"),
+    ("crosslink_path_receive_packets_total", "counter"),
+    ("crosslink_path_receive_bytes_total", "counter"),
+    ("crosslink_packets_dropped_total", "counter"),
+    ("crosslink_failovers_total", "counter"),
+    ("crosslink_failover_detection_seconds", "histogram"),
+    ("crosslink_flows_active", "gauge"),
+    ("crosslink_config_last_reload_successful", "gauge"),
+];
 
-/// Starts the exporter on `listen` (must be called inside a tokio runtime).
-pub fn install(listen: SocketAddr) -> Result<(), String> {
-    PrometheusBuilder::new()
+/// Counters and gauges not touched for this long leave `/metrics`.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The metrics endpoint: listening, but not answering until [`Endpoint::serve`].
+pub struct Endpoint(metrics_exporter_prometheus::ExporterFuture);
+
+impl Endpoint {
+    /// Starts answering scrapes (must be called inside a tokio runtime).
+    /// Until then connections wait in the listen queue, so no scrape ever
+    /// sees a half-registered gateway.
+    pub fn serve(self) {
+        tokio::spawn(async move {
+            if let Err(e) = self.0.await {
+                tracing::error!(error = ?e, "metrics endpoint stopped");
+            }
+        });
+    }
+}
+
+/// Installs the recorder and binds `listen` (must be called inside a tokio
+/// runtime, before any handle is resolved).
+pub fn install(listen: SocketAddr) -> Result<Endpoint, String> {
+    let (recorder, exporter) = PrometheusBuilder::new()
         .with_http_listener(listen)
+        .idle_timeout(
+            MetricKindMask::COUNTER | MetricKindMask::GAUGE,
+            Some(IDLE_TIMEOUT),
+        )
         .set_buckets_for_metric(
             Matcher::Full("crosslink_path_rtt_seconds".into()),
             RTT_BUCKETS,
@@ -37,11 +111,11 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
                 DETECTION_BUCKETS,
             )
         })
-        .map_err(|e| e.to_string())?
-        .install()
+        .and_then(|b| b.build())
         .map_err(|e| format!("metrics listener on {listen}: {e}"))?;
+    metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
     describe();
-    Ok(())
+    Ok(Endpoint(exporter))
 }
 
 fn describe() {
@@ -124,9 +198,12 @@ fn describe() {
 pub struct PathMetrics {
     peer: String,
     path: String,
+    counters: Arc<PathCounters>,
+    info: Gauge,
     up: Gauge,
     active: Gauge,
     state: [Gauge; 4],
+    transitions: Vec<((State, State), Counter)>,
     detection: Gauge,
     control_sent: Counter,
     control_received: Counter,
@@ -138,11 +215,20 @@ pub struct PathMetrics {
     flows: Gauge,
 }
 
-/// Everything the daemon exports.
+struct PeerMetrics {
+    name: String,
+    up: Gauge,
+    detection: Histogram,
+}
+
+/// Everything the daemon exports. Peers and paths are slots indexed by
+/// [`crate::PeerId`] / [`crate::PathId`]; a removed one leaves `None`.
 pub struct Metrics {
-    paths: Vec<PathMetrics>,
-    peers: Vec<(String, Gauge, Histogram)>,
+    paths: RwLock<Vec<Option<Arc<PathMetrics>>>>,
+    peers: RwLock<Vec<Option<PeerMetrics>>>,
+    failovers: Mutex<HashMap<(String, String, String), Counter>>,
     drops: Vec<Counter>,
+    build_info: Gauge,
     reload_ok: Gauge,
 }
 
@@ -154,21 +240,25 @@ pub struct PathLabels<'a> {
     pub remote: String,
 }
 
+fn slot<T>(v: &mut Vec<Option<T>>, i: usize) -> &mut Option<T> {
+    if v.len() <= i {
+        v.resize_with(i + 1, || None);
+    }
+    &mut v[i]
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
-    /// Registers every series at its initial value.
-    pub fn new(peers: &[&str], paths: &[PathLabels<'_>]) -> Metrics {
-        gauge!("crosslink_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-        let peers = peers
-            .iter()
-            .map(|p| {
-                let up = gauge!("crosslink_peer_up", "peer" => p.to_string());
-                up.set(0.0);
-                let det =
-                    histogram!("crosslink_failover_detection_seconds", "peer" => p.to_string());
-                (p.to_string(), up, det)
-            })
-            .collect();
-        let paths = paths.iter().map(PathMetrics::new).collect();
+    /// Registers the gateway-wide series; peers and paths are added with
+    /// [`Metrics::add_peer`] and [`Metrics::add_path`].
+    pub fn new() -> Metrics {
+        let build_info = gauge!("crosslink_build_info", "version" => env!("CARGO_PKG_VERSION"));
+        build_info.set(1.0);
         let drops = DropReason::ALL
             .iter()
             .map(|r| {
@@ -180,44 +270,97 @@ impl Metrics {
         let reload_ok = gauge!("crosslink_config_last_reload_successful");
         reload_ok.set(1.0);
         Metrics {
-            paths,
-            peers,
+            paths: RwLock::new(Vec::new()),
+            peers: RwLock::new(Vec::new()),
+            failovers: Mutex::new(HashMap::new()),
             drops,
+            build_info,
             reload_ok,
         }
     }
 
-    /// Copies the forwarding threads' counters into the exporter.
-    pub fn sync(&self, counters: &[std::sync::Arc<PathCounters>], drops: &DropCounters) {
-        for (m, c) in self.paths.iter().zip(counters) {
-            m.tx_packets.absolute(c.tx_packets.load(Relaxed));
-            m.tx_bytes.absolute(c.tx_bytes.load(Relaxed));
-            m.rx_packets.absolute(c.rx_packets.load(Relaxed));
-            m.rx_bytes.absolute(c.rx_bytes.load(Relaxed));
-            m.flows.set(c.flows.load(Relaxed) as f64);
+    /// Registers a peer's series at 0.
+    pub fn add_peer(&self, id: usize, name: &str) {
+        let up = gauge!("crosslink_peer_up", "peer" => name.to_string());
+        up.set(0.0);
+        let detection =
+            histogram!("crosslink_failover_detection_seconds", "peer" => name.to_string());
+        *slot(&mut self.peers.write(), id) = Some(PeerMetrics {
+            name: name.to_string(),
+            up,
+            detection,
+        });
+    }
+
+    /// Forgets a peer (its series leave `/metrics` after [`IDLE_TIMEOUT`]).
+    pub fn remove_peer(&self, id: usize) {
+        if let Some(p) = self.peers.write().get_mut(id).and_then(Option::take) {
+            self.failovers
+                .lock()
+                .retain(|(peer, _, _), _| *peer != p.name);
+        }
+    }
+
+    /// Registers a path's series at 0; `counters` are its forwarding counters.
+    pub fn add_path(&self, id: usize, labels: &PathLabels<'_>, counters: Arc<PathCounters>) {
+        let m = PathMetrics::new(labels, counters);
+        *slot(&mut self.paths.write(), id) = Some(Arc::new(m));
+    }
+
+    /// Forgets a path (its series leave `/metrics` after [`IDLE_TIMEOUT`]).
+    pub fn remove_path(&self, id: usize) {
+        if let Some(p) = self.paths.write().get_mut(id).and_then(Option::take) {
+            self.failovers.lock().retain(|(peer, from, to), _| {
+                *peer != p.peer || (*from != p.path && *to != p.path)
+            });
+        }
+    }
+
+    /// Copies the forwarding threads' counters into the exporter, and
+    /// touches every live series so that it is not timed out.
+    pub fn sync(&self, drops: &DropCounters) {
+        for m in self.paths.read().iter().flatten() {
+            m.sync();
+        }
+        for p in self.peers.read().iter().flatten() {
+            p.up.increment(0.0);
+        }
+        for c in self.failovers.lock().values() {
+            c.increment(0);
         }
         for (r, c) in DropReason::ALL.iter().zip(&self.drops) {
             c.absolute(drops.get(*r));
         }
+        self.build_info.set(1.0);
+        self.reload_ok.increment(0.0);
     }
 
-    pub fn path(&self, i: usize) -> Option<&PathMetrics> {
-        self.paths.get(i)
+    /// A live path's handles.
+    pub fn path(&self, i: usize) -> Option<Arc<PathMetrics>> {
+        self.paths.read().get(i).cloned().flatten()
     }
 
     pub fn set_peer_up(&self, peer: usize, up: bool) {
-        if let Some((_, g, _)) = self.peers.get(peer) {
-            g.set(f64::from(u8::from(up)));
+        if let Some(Some(p)) = self.peers.read().get(peer) {
+            p.up.set(f64::from(u8::from(up)));
         }
     }
 
     pub fn record_failover(&self, peer: usize, from: &str, to: &str, detection: Option<Duration>) {
-        if let Some((name, _, det)) = self.peers.get(peer) {
-            counter!("crosslink_failovers_total", "peer" => name.clone(), "from" => from.to_string(), "to" => to.to_string())
-                .increment(1);
-            if let Some(d) = detection {
-                det.record(d.as_secs_f64());
-            }
+        let peers = self.peers.read();
+        let Some(Some(p)) = peers.get(peer) else {
+            return;
+        };
+        let key = (p.name.clone(), from.to_string(), to.to_string());
+        self.failovers
+            .lock()
+            .entry(key)
+            .or_insert_with(|| {
+                counter!("crosslink_failovers_total", "peer" => p.name.clone(), "from" => from.to_string(), "to" => to.to_string())
+            })
+            .increment(1);
+        if let Some(d) = detection {
+            p.detection.record(d.as_secs_f64());
         }
     }
 
@@ -227,19 +370,34 @@ impl Metrics {
 }
 
 impl PathMetrics {
-    fn new(l: &PathLabels<'_>) -> PathMetrics {
+    fn new(l: &PathLabels<'_>, counters: Arc<PathCounters>) -> PathMetrics {
         let (peer, path) = (l.peer.to_string(), l.path.to_string());
         let labels = [("peer", peer.clone()), ("path", path.clone())];
-        gauge!("crosslink_path_info", "peer" => peer.clone(), "path" => path.clone(), "local" => l.local.clone(), "remote" => l.remote.clone()).set(1.0);
+        let info = gauge!("crosslink_path_info", "peer" => peer.clone(), "path" => path.clone(), "local" => l.local.clone(), "remote" => l.remote.clone());
+        info.set(1.0);
         let state = STATES.map(|s| {
             let g = gauge!("crosslink_bfd_session_state", "peer" => peer.clone(), "path" => path.clone(), "state" => s.as_str());
             g.set(f64::from(u8::from(s == State::Down)));
             g
         });
+        let transitions = TRANSITIONS
+            .iter()
+            .map(|&(from, to)| {
+                let c = counter!(
+                    "crosslink_bfd_session_transitions_total",
+                    "peer" => peer.clone(), "path" => path.clone(),
+                    "from" => from.as_str(), "to" => to.as_str()
+                );
+                c.absolute(0);
+                ((from, to), c)
+            })
+            .collect();
         let m = PathMetrics {
+            info,
             up: gauge!("crosslink_path_up", &labels),
             active: gauge!("crosslink_path_active", &labels),
             state,
+            transitions,
             detection: gauge!("crosslink_bfd_detection_time_seconds", &labels),
             control_sent: counter!("crosslink_bfd_control_packets_sent_total", &labels),
             control_received: counter!("crosslink_bfd_control_packets_received_total", &labels),
@@ -249,24 +407,37 @@ impl PathMetrics {
             rx_packets: counter!("crosslink_path_receive_packets_total", &labels),
             rx_bytes: counter!("crosslink_path_receive_bytes_total", &labels),
             flows: gauge!("crosslink_flows_active", &labels),
+            counters,
             peer,
             path,
         };
         m.up.set(0.0);
         m.active.set(0.0);
         m.detection.set(0.0);
-        for c in [
-            &m.control_sent,
-            &m.control_received,
-            &m.tx_packets,
-            &m.tx_bytes,
-            &m.rx_packets,
-            &m.rx_bytes,
-        ] {
-            c.absolute(0);
-        }
-        m.flows.set(0.0);
+        m.sync();
         m
+    }
+
+    /// Copies the counters and touches every series.
+    fn sync(&self) {
+        let c = &self.counters;
+        self.tx_packets.absolute(c.tx_packets.load(Relaxed));
+        self.tx_bytes.absolute(c.tx_bytes.load(Relaxed));
+        self.rx_packets.absolute(c.rx_packets.load(Relaxed));
+        self.rx_bytes.absolute(c.rx_bytes.load(Relaxed));
+        self.flows.set(c.flows.load(Relaxed) as f64);
+        for g in [&self.info, &self.up, &self.active, &self.detection] {
+            g.increment(0.0);
+        }
+        for g in &self.state {
+            g.increment(0.0);
+        }
+        for c in [&self.control_sent, &self.control_received] {
+            c.increment(0);
+        }
+        for (_, c) in &self.transitions {
+            c.increment(0);
+        }
     }
 
     pub fn set_state(&self, from: State, to: State) {
@@ -274,12 +445,15 @@ impl PathMetrics {
             g.set(f64::from(u8::from(*s == to)));
         }
         self.up.set(f64::from(u8::from(to == State::Up)));
-        counter!(
-            "crosslink_bfd_session_transitions_total",
-            "peer" => self.peer.clone(), "path" => self.path.clone(),
-            "from" => from.as_str(), "to" => to.as_str()
-        )
-        .increment(1);
+        match self.transitions.iter().find(|(k, _)| *k == (from, to)) {
+            Some((_, c)) => c.increment(1),
+            None => counter!(
+                "crosslink_bfd_session_transitions_total",
+                "peer" => self.peer.clone(), "path" => self.path.clone(),
+                "from" => from.as_str(), "to" => to.as_str()
+            )
+            .increment(1),
+        }
     }
 
     pub fn set_active(&self, active: bool) {

@@ -2,6 +2,7 @@
 //! status document and the control socket.
 
 pub mod control;
+pub mod log;
 pub mod metrics;
 pub mod status;
 
@@ -18,6 +19,8 @@ pub struct PathCounters {
     pub rx_packets: AtomicU64,
     pub rx_bytes: AtomicU64,
     pub flows: AtomicU64,
+    /// Last measured round-trip time in nanoseconds (0: none yet).
+    pub rtt_ns: AtomicU64,
 }
 
 impl PathCounters {
@@ -28,6 +31,13 @@ impl PathCounters {
     pub fn count_rx(&self, bytes: usize) {
         self.rx_packets.fetch_add(1, Relaxed);
         self.rx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+    /// The last round-trip time, if one was measured.
+    pub fn rtt(&self) -> Option<std::time::Duration> {
+        match self.rtt_ns.load(Relaxed) {
+            0 => None,
+            ns => Some(std::time::Duration::from_nanos(ns)),
+        }
     }
 }
 

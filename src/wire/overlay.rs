@@ -37,12 +37,20 @@ pub const BASE_LEN: usize = 16;
 pub enum MsgType {
     /// A plaintext inner IP packet.
     Data = 1,
+    /// A round-trip probe: the sequence field carries the sender's
+    /// timestamp, opaque to the receiver, which answers with an
+    /// [`MsgType::EchoReply`] carrying the same value. No payload.
+    EchoRequest = 2,
+    /// The answer to an [`MsgType::EchoRequest`].
+    EchoReply = 3,
 }
 
 impl MsgType {
     fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(MsgType::Data),
+            2 => Some(MsgType::EchoRequest),
+            3 => Some(MsgType::EchoReply),
             _ => None,
         }
     }
@@ -80,6 +88,16 @@ impl Header {
             flags: 0,
             epoch: 0,
             sequence,
+        }
+    }
+
+    /// An echo request or reply carrying `stamp` in the sequence field.
+    pub fn echo(msg_type: MsgType, stamp: u64) -> Self {
+        Header {
+            msg_type,
+            flags: 0,
+            epoch: 0,
+            sequence: stamp,
         }
     }
 
@@ -144,6 +162,21 @@ mod tests {
     }
 
     #[test]
+    fn echo_round_trip() {
+        let mut buf = [0u8; BASE_LEN];
+        Header::echo(MsgType::EchoRequest, 77)
+            .emit(&mut buf)
+            .unwrap();
+        let (h, off) = Header::parse(&buf).unwrap();
+        assert_eq!(
+            (h.msg_type, h.sequence, off),
+            (MsgType::EchoRequest, 77, BASE_LEN)
+        );
+        buf[1] = 3;
+        assert_eq!(Header::parse(&buf).unwrap().0.msg_type, MsgType::EchoReply);
+    }
+
+    #[test]
     fn extensions_are_skipped() {
         let mut buf = [0u8; 40];
         Header::data(9).emit(&mut buf).unwrap();
@@ -164,6 +197,8 @@ mod tests {
         v[0] = 2;
         assert_eq!(Header::parse(&v), Err(OverlayError::BadVersion(2)));
         let mut t = good;
+        t[1] = 0;
+        assert_eq!(Header::parse(&t), Err(OverlayError::BadType(0)));
         t[1] = 9;
         assert_eq!(Header::parse(&t), Err(OverlayError::BadType(9)));
         let mut l = good;
