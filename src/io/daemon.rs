@@ -56,6 +56,9 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     let config = Config::load(config_path)?;
     refuse_unsupported(&config)?;
     let secrets = read_secrets(&config)?;
+    if let Err(e) = super::sys::lock_memory() {
+        tracing::warn!(error = %e, "could not lock memory (needs CAP_IPC_LOCK); paging may delay BFD");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("crosslink-rt")

@@ -195,3 +195,13 @@ pub fn set_realtime_priority(priority: i32) -> io::Result<()> {
 pub fn is_v6(ip: IpAddr) -> bool {
     ip.is_ipv6()
 }
+
+/// Keeps every page the daemon touches in memory (mlockall with
+/// MCL_ONFAULT, so untouched reservations such as thread stacks are not
+/// populated up front). A page fault on a paged-out page can stall the BFD
+/// thread for longer than a 10 ms interval.
+pub fn lock_memory() -> io::Result<()> {
+    // SAFETY: plain system call with flag arguments.
+    cvt(unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) })
+        .map(|_| ())
+}
