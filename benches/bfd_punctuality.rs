@@ -18,6 +18,7 @@
 //! Usage (root): `cargo bench --bench bfd_punctuality -- [--secs 60] [--intervals 10,5,3]
 //! [--load iperf3|probe|none]`. Without iperf3 it falls back to the built-in probe at a
 //! high packet rate. Not root: prints why and exits successfully (it is a benchmark).
+//! Under `cargo test --all-targets` (no `--bench` argument) it does nothing.
 
 use std::fs;
 use std::process::{Child, Command, Stdio};
@@ -272,6 +273,12 @@ fn run_one(interval_ms: f64, args: &Args, load: &str) -> bool {
 }
 
 fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without
+    // it, where a minutes-long lab run is not wanted.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("bfd_punctuality: a benchmark; run it with `cargo bench --bench bfd_punctuality`");
+        return;
+    }
     let args = parse_args();
     if !lab::is_root() {
         println!("bfd_punctuality: skipped, needs root for the network-namespace lab");
