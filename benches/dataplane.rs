@@ -5,6 +5,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use crosslink::config::Policy;
 use crosslink::forward::{classify, decapsulate, encapsulate, HEADROOM};
 use crosslink::steer::Selection;
+use crosslink::wire::overlay::Header;
 use crosslink::PathId;
 use etherparse::PacketBuilder;
 use std::hint::black_box;
@@ -52,7 +53,7 @@ fn outbound(c: &mut Criterion) {
                         let buf = &mut bufs[i];
                         let inner_len = buf.len() - HEADROOM;
                         let place = classify(&sel, &buf[HEADROOM..]).expect("placed");
-                        let n = encapsulate(buf, inner_len, i as u64).expect("fits");
+                        let n = encapsulate(buf, inner_len, &Header::data(i as u64)).expect("fits");
                         black_box((place, n))
                     })
                 });
@@ -68,10 +69,12 @@ fn inbound(c: &mut Criterion) {
         let p = packet(7, size);
         let mut buf = vec![0u8; HEADROOM + p.len()];
         buf[HEADROOM..].copy_from_slice(&p);
-        let n = encapsulate(&mut buf, p.len(), 1).expect("fits");
+        let r = encapsulate(&mut buf, p.len(), &Header::data(1)).expect("fits");
         g.throughput(Throughput::Elements(1));
         g.bench_function(BenchmarkId::new("decapsulate", size), |b| {
-            b.iter(|| black_box(decapsulate(black_box(&buf[..n])).map(|(_, inner)| inner.len())))
+            b.iter(|| {
+                black_box(decapsulate(black_box(&buf[r.clone()])).map(|(_, inner)| inner.len()))
+            })
         });
     }
     g.finish();

@@ -293,6 +293,11 @@ pub struct PeerConfig {
     pub key_file: Option<PathBuf>,
     /// Inner MTU override for the TUN.
     pub mtu: Option<u16>,
+    /// Metric (priority) of the routes installed via the TUN; `None` leaves
+    /// the kernel default (0). A lower metric wins, so the same prefix can be
+    /// routed through two peers, the second one as a backup that takes over
+    /// when the first peer's TUN loses carrier.
+    pub route_metric: Option<u32>,
     pub paths: Vec<PathConfig>,
 }
 
@@ -497,6 +502,9 @@ fn peer_summary(out: &mut String, peer: &PeerConfig, default_auth: Option<&BfdAu
     }
     if let Some(mtu) = peer.mtu {
         out.push_str(&format!(" mtu {mtu}"));
+    }
+    if let Some(metric) = peer.route_metric {
+        out.push_str(&format!(" route_metric {metric}"));
     }
     out.push_str(&format!(
         ", policy {}, revert_hold {}, {}\n",
@@ -754,6 +762,7 @@ struct RawPeer {
     revert_hold: Option<Dur>,
     key_file: Option<PathBuf>,
     mtu: Option<u16>,
+    route_metric: Option<u32>,
     #[serde(default)]
     path: Vec<RawPath>,
 }
@@ -975,6 +984,7 @@ fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResult<PeerConf
         revert_hold,
         key_file: p.key_file,
         mtu: p.mtu,
+        route_metric: p.route_metric,
         paths,
     })
 }
@@ -2063,6 +2073,29 @@ mtu = 1400
             "  remote = \"192.0.2.2:4800\"\n  weight = -1\n",
         );
         assert_err(&text, 12, "peer.gcp.path.cci-1.weight", "u32");
+    }
+
+    #[test]
+    fn route_metric() {
+        let with =
+            |extra: &str| base_with("tun = \"xl-gcp\"\n", &format!("tun = \"xl-gcp\"\n{extra}"));
+        let c = ok(&with("route_metric = 200\n"));
+        assert_eq!(c.peers[0].route_metric, Some(200));
+        assert!(Config::summary(&c).contains("route_metric 200"));
+        let c = ok(&with(""));
+        assert_eq!(c.peers[0].route_metric, None);
+        assert_err(
+            &with("route_metric = -1\n"),
+            7,
+            "peer.gcp.route_metric",
+            "u32",
+        );
+        assert_err(
+            &with("route_metric = \"low\"\n"),
+            7,
+            "peer.gcp.route_metric",
+            "",
+        );
     }
 
     #[test]

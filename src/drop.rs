@@ -31,13 +31,17 @@ pub enum DropReason {
     /// BFD packet failing authentication: A bit absent while configured, present
     /// while not, wrong type, key, digest or sequence number (RFC 5880 §6.7).
     BfdAuth,
+    /// `duplicate` policy: the second copy of a packet already delivered.
+    Duplicate,
+    /// `duplicate` policy: a packet too far behind the sequence window to tell.
+    DuplicateStale,
     /// Echo reply whose stamp is not one we sent recently.
     EchoStale,
 }
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -51,6 +55,8 @@ impl DropReason {
         DropReason::BfdTtl,
         DropReason::BfdUnknownSession,
         DropReason::BfdAuth,
+        DropReason::Duplicate,
+        DropReason::DuplicateStale,
         DropReason::EchoStale,
     ];
 
@@ -70,6 +76,8 @@ impl DropReason {
             DropReason::BfdTtl => "bfd_ttl",
             DropReason::BfdUnknownSession => "bfd_unknown_session",
             DropReason::BfdAuth => "bfd_auth",
+            DropReason::Duplicate => "duplicate",
+            DropReason::DuplicateStale => "duplicate_stale",
             DropReason::EchoStale => "echo_stale",
         }
     }

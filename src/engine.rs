@@ -9,6 +9,28 @@
 //! (`poll_forwarding`). It reads no clock and touches no socket, so the
 //! same code runs in the daemon and in the simulated-network tests.
 //!
+//! # Fast failure signals
+//!
+//! BFD needs its detection time (3 × 10 ms at best) to notice a failure.
+//! Two local signals are faster, and the shell reports them:
+//!
+//! - [`Engine::handle_link_event`]: the path's underlay interface lost its
+//!   carrier (or was set down), or the path's local address went away. The
+//!   path leaves service at once, like a BFD Down. It is *blocked* until the
+//!   link is back **and** a BFD control packet has been received on the
+//!   path with the session Up after that: a link that comes back is not
+//!   trusted before BFD has seen the far end again.
+//! - [`Engine::handle_send_error`]: sending on the path failed with an
+//!   error that means the underlay cannot reach the far end now
+//!   (ENETUNREACH, EHOSTUNREACH, ENETDOWN...). The path is *suspect*: out
+//!   of service at once, until a BFD transmission on it has succeeded again
+//!   ([`Engine::handle_send_ok`]) and a BFD control packet has been
+//!   received after that with the session Up. A suspect path keeps running
+//!   BFD, so it re-probes itself at the BFD rate.
+//!
+//! A path is *healthy* for steering when its session is Up and it is not
+//! blocked; every loss of health counts as a flap for flap damping.
+//!
 //! Peers and paths can be added and removed while running (configuration
 //! reload). Their ids are slots that are never reused: a removed path or
 //! peer stays behind as a *retired* tombstone, so an id held anywhere in
@@ -18,7 +40,7 @@
 use crate::bfd::{Auth, KeyError, Session, SessionConfig, SessionEvent, Transmit};
 use crate::config::{BfdAuthType, BfdConfig, Config, Hop, PathConfig, PeerConfig, Policy};
 use crate::drop::DropReason;
-use crate::steer::{Selection, Steering};
+use crate::steer::{Damping, Selection, Steering};
 use crate::wire::bfd::{AuthType, ControlPacket, Diag, EmitError, State};
 use crate::wire::flow::mix;
 use crate::{PathId, PeerId};
@@ -77,6 +99,38 @@ pub enum Event {
     },
     /// A peer gained its first usable path, or lost its last.
     PeerUp { peer: PeerId, up: bool },
+    /// A fast failure signal blocked a path, or the block was lifted.
+    PathBlock {
+        path: PathId,
+        cause: Option<BlockCause>,
+    },
+}
+
+/// Why a path is out of service although BFD may still say Up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockCause {
+    /// The underlay interface lost carrier or the local address.
+    Link,
+    /// Sending on the path failed (network or host unreachable).
+    SendError,
+}
+
+impl BlockCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlockCause::Link => "link_down",
+            BlockCause::SendError => "send_error",
+        }
+    }
+}
+
+/// A path blocked by a fast signal; `ready` once the signal has cleared
+/// (link up again, or a send succeeded), after which the next BFD packet
+/// received with the session Up lifts the block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Block {
+    cause: BlockCause,
+    ready: bool,
 }
 
 struct PeerCore {
@@ -98,6 +152,7 @@ pub struct PathCore {
     pub session: Session,
     last_rx: Option<Instant>,
     down_since: Option<Instant>,
+    block: Option<Block>,
     pub control_tx: u64,
     pub control_rx: u64,
     /// Up -> not Up changes that were failures (detection expiry, or the peer saying
@@ -112,6 +167,16 @@ impl PathCore {
     /// Whether BFD says the path works.
     pub fn is_up(&self) -> bool {
         self.session.state() == State::Up
+    }
+
+    /// Whether the path may carry traffic: BFD Up and no fast signal against it.
+    pub fn is_healthy(&self) -> bool {
+        self.is_up() && self.block.is_none()
+    }
+
+    /// Why a fast signal keeps the path out of service, if one does.
+    pub fn blocked(&self) -> Option<BlockCause> {
+        self.block.map(|b| b.cause)
     }
 
     /// Whether the path was removed by a reload (its slot is a tombstone).
@@ -210,6 +275,7 @@ impl Engine {
             session,
             last_rx: None,
             down_since: Some(now),
+            block: None,
             control_tx: 0,
             control_rx: 0,
             failures: 0,
@@ -329,7 +395,102 @@ impl Engine {
         path.control_rx += 1;
         path.last_rx = Some(now);
         self.drain_session(id, now);
+        self.maybe_unblock(id, now);
         Ok(id)
+    }
+
+    /// Lifts a ready block once BFD has seen the far end (session Up).
+    fn maybe_unblock(&mut self, id: PathId, now: Instant) {
+        let Some(path) = self.paths.get_mut(usize::from(id.0)) else {
+            return;
+        };
+        if path.block.is_some_and(|b| b.ready) && path.is_up() {
+            path.block = None;
+            self.events.push_back(Event::PathBlock {
+                path: id,
+                cause: None,
+            });
+            self.update_health(id, now, None);
+        }
+    }
+
+    /// The path's underlay interface or local address came or went.
+    pub fn handle_link_event(&mut self, id: PathId, up: bool, now: Instant) {
+        let Some(path) = self.paths.get_mut(usize::from(id.0)).filter(|p| !p.retired) else {
+            return;
+        };
+        if up {
+            if let Some(b) = path.block.as_mut().filter(|b| b.cause == BlockCause::Link) {
+                b.ready = true;
+            }
+            return;
+        }
+        if path
+            .block
+            .is_some_and(|b| b.cause == BlockCause::Link && !b.ready)
+        {
+            return;
+        }
+        self.block(id, BlockCause::Link, now);
+    }
+
+    /// Sending on the path failed with a reachability error.
+    pub fn handle_send_error(&mut self, id: PathId, now: Instant) {
+        let Some(path) = self.paths.get_mut(usize::from(id.0)).filter(|p| !p.retired) else {
+            return;
+        };
+        match path.block.as_mut() {
+            Some(b) if b.cause == BlockCause::Link => {}
+            Some(b) => b.ready = false,
+            None => self.block(id, BlockCause::SendError, now),
+        }
+    }
+
+    /// A BFD control packet went out on the path.
+    pub fn handle_send_ok(&mut self, id: PathId) {
+        if let Some(b) = self
+            .paths
+            .get_mut(usize::from(id.0))
+            .and_then(|p| p.block.as_mut())
+            .filter(|b| b.cause == BlockCause::SendError)
+        {
+            b.ready = true;
+        }
+    }
+
+    fn block(&mut self, id: PathId, cause: BlockCause, now: Instant) {
+        let Some(path) = self.paths.get_mut(usize::from(id.0)) else {
+            return;
+        };
+        path.block = Some(Block {
+            cause,
+            ready: false,
+        });
+        let detection = path
+            .is_up()
+            .then(|| path.last_rx.map(|t| now.saturating_duration_since(t)))
+            .flatten();
+        self.events.push_back(Event::PathBlock {
+            path: id,
+            cause: Some(cause),
+        });
+        self.update_health(id, now, detection);
+    }
+
+    /// Tells the peer's steering whether the path is healthy now.
+    fn update_health(&mut self, id: PathId, now: Instant, detection: Option<Duration>) {
+        let Some(path) = self.paths.get(usize::from(id.0)) else {
+            return;
+        };
+        let (peer, healthy) = (path.peer, path.is_healthy());
+        let Some(core) = self.peers.get_mut(usize::from(peer.0)) else {
+            return;
+        };
+        let change = core.steering.handle_path_health(id, healthy, now);
+        self.dirty |= core.steering.take_changed();
+        if let Some(change) = change {
+            self.on_steering_change(peer, change.from, change.to, detection);
+        }
     }
 
     fn path_by_addresses(&self, local: IpAddr, remote: IpAddr) -> Option<PathId> {
@@ -353,7 +514,9 @@ impl Engine {
             }
         }
         for pi in 0..self.peers.len() {
-            if let Some(change) = self.peers[pi].steering.handle_timeout(now) {
+            let change = self.peers[pi].steering.handle_timeout(now);
+            self.dirty |= self.peers[pi].steering.take_changed();
+            if let Some(change) = change {
                 self.on_steering_change(PeerId(pi as u16), change.from, change.to, None);
             }
         }
@@ -393,15 +556,7 @@ impl Engine {
             } else if path.down_since.is_none() {
                 path.down_since = Some(now);
             }
-            let peer = path.peer;
-            let change = self.peers[usize::from(peer.0)].steering.handle_path_health(
-                id,
-                to == State::Up,
-                now,
-            );
-            if let Some(change) = change {
-                self.on_steering_change(peer, change.from, change.to, detection);
-            }
+            self.update_health(id, now, detection);
         }
     }
 
@@ -518,6 +673,15 @@ impl Engine {
     /// A path by id.
     pub fn path(&self, id: PathId) -> Option<&PathCore> {
         self.paths.get(usize::from(id.0))
+    }
+
+    /// A path's flap damping.
+    pub fn damping(&self, id: PathId) -> Option<Damping> {
+        let path = self.path(id)?;
+        self.peers
+            .get(usize::from(path.peer.0))?
+            .steering
+            .damping(id)
     }
 
     /// Number of peer slots, retired ones included.

@@ -2,9 +2,11 @@
 //!
 //! Outbound, a forwarding thread reads an inner packet from the peer's TUN
 //! straight into a buffer at offset [`HEADROOM`], asks [`classify`] which
-//! path carries its flow, writes the overlay header in front with
-//! [`encapsulate`] and sends the whole buffer to the path's remote. No copy
-//! and no allocation happen per packet.
+//! path carries its flow, writes the overlay header right in front of it
+//! with [`encapsulate`] and sends header and packet to the path's remote. No
+//! copy and no allocation happen per packet. The headroom is sized for the
+//! longest header (with the `duplicate` policy's peer-sequence extension);
+//! a shorter header simply starts later in the buffer.
 //!
 //! Inbound, a path's receive thread checks the datagram came from the
 //! path's configured remote, and [`decapsulate`] validates the overlay
@@ -21,11 +23,12 @@
 use crate::drop::DropReason;
 use crate::steer::Selection;
 use crate::wire::flow::FlowKey;
-use crate::wire::overlay::{Header, MsgType, OverlayError, BASE_LEN};
+use crate::wire::overlay::{Header, MsgType, OverlayError, MAX_LEN};
 use crate::PathId;
+use std::ops::Range;
 
 /// Bytes reserved in front of the inner packet for the overlay header.
-pub const HEADROOM: usize = BASE_LEN;
+pub const HEADROOM: usize = MAX_LEN;
 
 /// Where an outbound packet goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,18 +51,25 @@ pub fn classify(selection: &Selection, inner: &[u8]) -> Result<Placement, DropRe
     })
 }
 
-/// Writes the overlay header into `buf[..HEADROOM]`, in front of the inner
-/// packet that sits at `buf[HEADROOM..HEADROOM + inner_len]`. Returns the
-/// datagram length.
-pub fn encapsulate(buf: &mut [u8], inner_len: usize, sequence: u64) -> Result<usize, DropReason> {
-    let total = HEADROOM + inner_len;
-    if total > buf.len() {
+/// Writes `header` into the end of `buf[..HEADROOM]`, right in front of
+/// the inner packet that sits at `buf[HEADROOM..HEADROOM + inner_len]`.
+/// Returns where the datagram lies in `buf`.
+pub fn encapsulate(
+    buf: &mut [u8],
+    inner_len: usize,
+    header: &Header,
+) -> Result<Range<usize>, DropReason> {
+    let end = HEADROOM + inner_len;
+    if end > buf.len() {
         return Err(DropReason::TooBig);
     }
-    Header::data(sequence)
-        .emit(buf)
+    let start = HEADROOM
+        .checked_sub(header.len())
+        .ok_or(DropReason::TooBig)?;
+    header
+        .emit(&mut buf[start..HEADROOM])
         .map_err(|_| DropReason::TooBig)?;
-    Ok(total)
+    Ok(start..end)
 }
 
 /// Validates a received datagram and returns its header and inner packet.
@@ -145,10 +155,28 @@ mod tests {
         let inner = udp4([198, 18, 10, 1], [198, 18, 30, 2], 1000, 2000, 100);
         let mut buf = vec![0u8; 2048];
         buf[HEADROOM..HEADROOM + inner.len()].copy_from_slice(&inner);
-        let n = encapsulate(&mut buf, inner.len(), 42).unwrap();
-        assert_eq!(n, inner.len() + HEADROOM);
-        let (h, back) = decapsulate(&buf[..n]).unwrap();
+        let r = encapsulate(&mut buf, inner.len(), &Header::data(42)).unwrap();
+        assert_eq!(r, HEADROOM - 16..inner.len() + HEADROOM);
+        let (h, back) = decapsulate(&buf[r]).unwrap();
         assert_eq!(h.sequence, 42);
+        assert_eq!(h.peer_seq, None);
+        assert_eq!(back, &inner[..]);
+    }
+
+    #[test]
+    fn encap_decap_with_peer_sequence() {
+        use crate::wire::overlay::PeerSeq;
+        let inner = udp4([198, 18, 10, 1], [198, 18, 30, 2], 1000, 2000, 100);
+        let mut buf = vec![0u8; 2048];
+        buf[HEADROOM..HEADROOM + inner.len()].copy_from_slice(&inner);
+        let ps = PeerSeq {
+            instance: 3,
+            sequence: 77,
+        };
+        let r = encapsulate(&mut buf, inner.len(), &Header::data(1).with_peer_seq(ps)).unwrap();
+        assert_eq!(r, 0..inner.len() + HEADROOM);
+        let (h, back) = decapsulate(&buf[r]).unwrap();
+        assert_eq!(h.peer_seq, Some(ps));
         assert_eq!(back, &inner[..]);
     }
 
@@ -173,14 +201,15 @@ mod tests {
             decapsulate(&[9; 64]).unwrap_err(),
             DropReason::OverlayUnsupported
         );
-        let mut buf = [0u8; 64];
-        encapsulate(&mut buf, 48, 1).unwrap();
+        let mut buf = [0u8; 80];
+        let r = encapsulate(&mut buf, 48, &Header::data(1)).unwrap();
+        let d = &mut buf[r];
         // Header fine, inner is zeros: not IP.
-        assert_eq!(decapsulate(&buf).unwrap_err(), DropReason::InnerMalformed);
-        buf[HEADROOM] = 0x45;
-        assert!(decapsulate(&buf).is_ok());
+        assert_eq!(decapsulate(d).unwrap_err(), DropReason::InnerMalformed);
+        d[16] = 0x45;
+        assert!(decapsulate(d).is_ok());
         assert_eq!(
-            decapsulate(&buf[..HEADROOM + 10]).unwrap_err(),
+            decapsulate(&d[..16 + 10]).unwrap_err(),
             DropReason::InnerMalformed
         );
     }
@@ -189,7 +218,7 @@ mod tests {
     fn echo_messages() {
         let mut buf = [0u8; 64];
         let n = emit_echo(Echo::Request(123), &mut buf).unwrap();
-        assert_eq!(n, BASE_LEN);
+        assert_eq!(n, crate::wire::overlay::BASE_LEN);
         assert_eq!(parse_echo(&buf[..n]), Some(Echo::Request(123)));
         // An echo is not data.
         assert_eq!(
@@ -199,8 +228,8 @@ mod tests {
         let n = emit_echo(Echo::Reply(9), &mut buf).unwrap();
         assert_eq!(parse_echo(&buf[..n]), Some(Echo::Reply(9)));
         assert_eq!(parse_echo(&buf[..3]), None);
-        encapsulate(&mut buf, 20, 5).unwrap();
-        assert_eq!(parse_echo(&buf), None);
+        let r = encapsulate(&mut buf, 20, &Header::data(5)).unwrap();
+        assert_eq!(parse_echo(&buf[r]), None);
         assert_eq!(
             emit_echo(Echo::Reply(1), &mut [0u8; 4]),
             Err(DropReason::TooBig)
@@ -216,7 +245,10 @@ mod tests {
 
     #[test]
     fn encap_refuses_overflow() {
-        let mut buf = [0u8; 32];
-        assert_eq!(encapsulate(&mut buf, 17, 0), Err(DropReason::TooBig));
+        let mut buf = [0u8; 48];
+        assert_eq!(
+            encapsulate(&mut buf, 17, &Header::data(0)),
+            Err(DropReason::TooBig)
+        );
     }
 }

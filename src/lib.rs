@@ -6,9 +6,11 @@
 //!  config      TOML -> validated, typed Config (errors name file, line, key)
 //!  wire        stateless packet views: overlay header, BFD control packet, inner flow key
 //!  bfd         RFC 5880 session state machine (sans-IO: time is an argument)
-//!  steer       per-peer path choice: active-backup, balance, duplicate; revert hold
+//!  steer       per-peer path choice: active-backup, balance, duplicate; revert hold,
+//!              forced-down paths (carrier, send errors), flap damping
 //!  engine      the control plane: sessions + steering -> events, forwarding snapshots
 //!  forward     per-packet work: classify, encapsulate, decapsulate
+//!  dedup       `duplicate` policy: per-peer sequence window, first copy wins
 //!  io          the shell: TUN, sockets, netlink, threads, the clock
 //!  telemetry   counters, Prometheus metrics, status document, control socket
 //!  lab, probe, demo   the network-namespace lab used by `crosslink demo` and the tests
@@ -33,6 +35,7 @@
 
 pub mod bfd;
 pub mod config;
+pub mod dedup;
 pub mod demo;
 pub mod drop;
 pub mod engine;

@@ -15,12 +15,44 @@
 //!   failed path's flows move while every other flow stays put, and when a
 //!   path becomes eligible again (after `revert_hold`) it takes back the
 //!   flows that hash to it.
-//! - `duplicate`: every packet goes to the two best eligible paths.
+//! - `duplicate`: every packet goes to the two best eligible paths (the
+//!   receiver keeps the first copy, see [`crate::dedup`]).
+//!
+//! Recovery under `balance` is a deliberate choice: rendezvous hashing is
+//! stateless, so when a path becomes eligible again it takes back exactly
+//! the flows that hash to it (those that had moved away when it failed, and
+//! no others). Those flows move twice (away at the failure, back after the
+//! hold); in exchange no flow table is needed and the placement is the same
+//! on every restart. A flow that must never move back can use
+//! `active-backup` on its own peer.
+//!
+//! Health comes from BFD and, in the engine, from faster signals (carrier
+//! or address loss on the underlay interface, send errors): the engine
+//! reports the combination as one `healthy` bit.
+//!
+//! # Flap damping
+//!
+//! A path that fails again and again would pull traffic back and forth on
+//! every recovery. Each failure of a healthy path is a *flap* and raises
+//! the path's damping level by one (at most [`MAX_DAMP_LEVEL`]); before
+//! that, the level drops by one for every [`STABLE_PERIOD`] the path had
+//! stayed healthy, so a path that behaves is forgiven. A recovering path
+//! then waits `revert_hold × 2^(level-1)` instead of `revert_hold` before it
+//! carries traffic again: 1, 2, 4, ... 32 times the hold, bounded by
+//! `revert_hold × 2^(MAX_DAMP_LEVEL-1)`. With `revert_hold = 0` there is no
+//! hold and hence no damping. Damping never costs connectivity: when a
+//! peer has no eligible path at all, the first healthy one is used at once,
+//! damped or not.
 
 use crate::config::Policy;
 use crate::wire::flow::mix;
 use crate::PathId;
 use std::time::{Duration, Instant};
+
+/// The highest damping level: the hold is at most `revert_hold × 2^(MAX_DAMP_LEVEL-1)`.
+pub const MAX_DAMP_LEVEL: u32 = 6;
+/// Each period of uninterrupted health forgives one damping level.
+pub const STABLE_PERIOD: Duration = Duration::from_secs(30);
 
 /// One path as the steering sees it.
 #[derive(Clone, Debug)]
@@ -31,6 +63,45 @@ struct Slot {
     healthy: bool,
     eligible_at: Option<Instant>,
     eligible: bool,
+    healthy_since: Option<Instant>,
+    level: u32,
+    flaps: u64,
+}
+
+/// A path's flap damping, for status and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Damping {
+    /// Failures of the path while healthy, since start.
+    pub flaps: u64,
+    /// Current damping level (0: none).
+    pub level: u32,
+    /// When a damped path may carry traffic again (only while the hold is
+    /// longer than `revert_hold`).
+    pub until: Option<Instant>,
+}
+
+impl Slot {
+    /// Records a failure of a healthy path: forgive one level per
+    /// [`STABLE_PERIOD`] of health, then raise the level by one.
+    fn flap(&mut self, now: Instant) {
+        let stable = self
+            .healthy_since
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        let forgiven = (stable.as_secs() / STABLE_PERIOD.as_secs()).min(u64::from(u32::MAX));
+        self.level = self
+            .level
+            .saturating_sub(forgiven as u32)
+            .saturating_add(1)
+            .min(MAX_DAMP_LEVEL);
+        self.flaps += 1;
+        self.healthy_since = None;
+    }
+}
+
+/// The hold before a recovered path at damping `level` carries traffic.
+pub fn damped_hold(revert_hold: Duration, level: u32) -> Duration {
+    let exp = level.clamp(1, MAX_DAMP_LEVEL) - 1;
+    revert_hold.saturating_mul(1 << exp)
 }
 
 /// The active path changed.
@@ -47,6 +118,9 @@ pub struct Steering {
     revert_hold: Duration,
     slots: Vec<Slot>,
     active: Option<PathId>,
+    /// The eligible set last published, best first.
+    published: Vec<PathId>,
+    changed: bool,
 }
 
 impl Steering {
@@ -61,6 +135,9 @@ impl Steering {
                 healthy: false,
                 eligible_at: None,
                 eligible: false,
+                healthy_since: None,
+                level: 0,
+                flaps: 0,
             })
             .collect();
         Steering {
@@ -68,7 +145,16 @@ impl Steering {
             revert_hold,
             slots,
             active: None,
+            published: Vec::new(),
+            changed: false,
         }
+    }
+
+    /// Whether the selection (the eligible set, not just the active path)
+    /// changed since the last call: `balance` and `duplicate` use every
+    /// eligible path, so the data plane needs a new snapshot then too.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     /// A new path (configuration reload); it starts unhealthy, so nothing
@@ -84,6 +170,9 @@ impl Steering {
             healthy: false,
             eligible_at: None,
             eligible: false,
+            healthy_since: None,
+            level: 0,
+            flaps: 0,
         });
     }
 
@@ -95,6 +184,7 @@ impl Steering {
         if self.slots.len() == before {
             return None;
         }
+        self.promote_if_alone();
         self.recompute()
     }
 
@@ -106,20 +196,58 @@ impl Steering {
         now: Instant,
     ) -> Option<Change> {
         let any_eligible = self.slots.iter().any(|s| s.eligible && s.id != id);
+        let hold = self.revert_hold;
         let slot = self.slots.iter_mut().find(|s| s.id == id)?;
         if slot.healthy == healthy {
             return None;
         }
         slot.healthy = healthy;
         if !healthy {
+            slot.flap(now);
             slot.eligible = false;
             slot.eligible_at = None;
-        } else if !any_eligible || self.revert_hold.is_zero() {
-            slot.eligible = true;
         } else {
-            slot.eligible_at = Some(now + self.revert_hold);
+            slot.healthy_since = Some(now);
+            let hold = damped_hold(hold, slot.level);
+            if !any_eligible || hold.is_zero() {
+                slot.eligible = true;
+            } else {
+                slot.eligible_at = Some(now + hold);
+            }
+        }
+        if !healthy {
+            self.promote_if_alone();
         }
         self.recompute()
+    }
+
+    /// When no path is eligible, the best healthy path waiting out its hold
+    /// is taken at once: holding it would only cost connectivity.
+    fn promote_if_alone(&mut self) {
+        if self.slots.iter().any(|s| s.eligible) {
+            return;
+        }
+        let best = self
+            .slots
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, s)| s.healthy && s.eligible_at.is_some())
+            .min_by_key(|(i, s)| (s.priority, *i));
+        if let Some((_, slot)) = best {
+            slot.eligible = true;
+            slot.eligible_at = None;
+        }
+    }
+
+    /// A path's flap damping state.
+    pub fn damping(&self, id: PathId) -> Option<Damping> {
+        let s = self.slots.iter().find(|s| s.id == id)?;
+        let damped = s.level > 1;
+        Some(Damping {
+            flaps: s.flaps,
+            level: s.level,
+            until: s.eligible_at.filter(|_| damped),
+        })
     }
 
     /// Promotes paths whose hold has expired.
@@ -147,7 +275,12 @@ impl Steering {
     }
 
     fn recompute(&mut self) -> Option<Change> {
-        let best = self.ranked().first().copied();
+        let ranked = self.ranked();
+        if ranked != self.published {
+            self.published = ranked;
+            self.changed = true;
+        }
+        let best = self.published.first().copied();
         if best == self.active {
             return None;
         }
@@ -334,7 +467,7 @@ mod tests {
             None
         );
         assert_eq!(s.active(), Some(B));
-        // A flap during the hold restarts it.
+        // A flap during the hold restarts it, doubled by flap damping.
         assert_eq!(
             s.handle_path_health(A, false, t1 + Duration::from_millis(500)),
             None
@@ -343,9 +476,10 @@ mod tests {
             s.handle_path_health(A, true, t1 + Duration::from_millis(600)),
             None
         );
-        assert_eq!(s.handle_timeout(t1 + Duration::from_millis(2100)), None);
+        assert_eq!(s.handle_timeout(t1 + Duration::from_millis(2600)), None);
+        assert_eq!(s.handle_timeout(t1 + Duration::from_millis(4599)), None);
         assert_eq!(
-            s.handle_timeout(t1 + Duration::from_millis(2600)),
+            s.handle_timeout(t1 + Duration::from_millis(4600)),
             Some(Change {
                 from: Some(B),
                 to: Some(A)
@@ -421,6 +555,25 @@ mod tests {
     }
 
     #[test]
+    fn a_second_eligible_path_is_a_selection_change() {
+        let t0 = Instant::now();
+        let mut s = Steering::new(Policy::Duplicate, ms(100), &[(A, 1, 1), (B, 2, 1)]);
+        s.handle_path_health(A, true, t0);
+        assert!(s.take_changed());
+        assert!(!s.take_changed());
+        // B waits out the hold; when it joins, the active path stays A but
+        // the selection (the copy's path) changes.
+        assert_eq!(s.handle_path_health(B, true, t0), None);
+        assert!(!s.take_changed());
+        assert_eq!(s.handle_timeout(t0 + ms(100)), None);
+        assert!(s.take_changed());
+        assert_eq!(s.selection().duplicate_path(), Some(B));
+        assert_eq!(s.handle_path_health(B, false, t0 + ms(200)), None);
+        assert!(s.take_changed());
+        assert_eq!(s.selection().duplicate_path(), None);
+    }
+
+    #[test]
     fn duplicate_uses_the_two_best() {
         let t0 = Instant::now();
         let mut s = Steering::new(
@@ -434,5 +587,135 @@ mod tests {
         let sel = s.selection();
         assert_eq!(sel.select(7), Some(B));
         assert_eq!(sel.duplicate_path(), Some(C));
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Fails and recovers A at `t`; returns when A would be eligible again.
+    fn flap_a(s: &mut Steering, t: Instant) -> Instant {
+        s.handle_path_health(A, false, t);
+        s.handle_path_health(A, true, t + ms(10));
+        s.poll_timeout().unwrap()
+    }
+
+    #[test]
+    fn damping_doubles_the_hold_up_to_a_bound() {
+        let t0 = Instant::now();
+        let mut s = ab(1000);
+        s.handle_path_health(A, true, t0);
+        s.handle_path_health(B, true, t0);
+        assert_eq!(s.active(), Some(A));
+        let mut t = t0 + ms(100);
+        let mut holds = Vec::new();
+        for _ in 0..8 {
+            let at = flap_a(&mut s, t);
+            holds.push(at.duration_since(t + ms(10)).as_millis());
+            t += ms(100);
+        }
+        assert_eq!(
+            holds,
+            vec![1000, 2000, 4000, 8000, 16000, 32000, 32000, 32000]
+        );
+        let d = s.damping(A).unwrap();
+        assert_eq!(d.flaps, 8);
+        assert_eq!(d.level, MAX_DAMP_LEVEL);
+        assert_eq!(d.until, s.poll_timeout());
+        assert_eq!(s.active(), Some(B));
+        // The hold runs out: A carries traffic again, no longer shown as damped.
+        let back = s.poll_timeout().unwrap();
+        assert_eq!(s.handle_timeout(back - ms(1)), None);
+        assert_eq!(
+            s.handle_timeout(back),
+            Some(Change {
+                from: Some(B),
+                to: Some(A)
+            })
+        );
+        assert_eq!(s.damping(A).unwrap().until, None);
+    }
+
+    #[test]
+    fn damping_decays_while_stable() {
+        let t0 = Instant::now();
+        let mut s = ab(1000);
+        s.handle_path_health(A, true, t0);
+        s.handle_path_health(B, true, t0);
+        let mut t = t0 + ms(100);
+        for _ in 0..6 {
+            flap_a(&mut s, t);
+            t += ms(100);
+        }
+        assert_eq!(s.damping(A).unwrap().level, 6);
+        // A stays healthy for three stable periods (counted from its recovery).
+        let recovered = t - ms(100) + ms(10);
+        let t = recovered + STABLE_PERIOD * 3;
+        let at = flap_a(&mut s, t);
+        // 6 - 3 + 1 = level 4: 8 x the hold.
+        assert_eq!(s.damping(A).unwrap().level, 4);
+        assert_eq!(at.duration_since(t + ms(10)), ms(8000));
+        // A long stable run forgives everything: back to the plain hold.
+        let t = t + ms(10) + STABLE_PERIOD * 100;
+        let at = flap_a(&mut s, t);
+        assert_eq!(s.damping(A).unwrap().level, 1);
+        assert_eq!(at.duration_since(t + ms(10)), ms(1000));
+        assert_eq!(s.damping(A).unwrap().until, None);
+    }
+
+    #[test]
+    fn damping_never_costs_connectivity() {
+        let t0 = Instant::now();
+        let mut s = ab(1000);
+        s.handle_path_health(A, true, t0);
+        s.handle_path_health(B, true, t0);
+        let mut t = t0 + ms(100);
+        for _ in 0..4 {
+            flap_a(&mut s, t);
+            t += ms(100);
+        }
+        assert!(s.damping(A).unwrap().until.is_some());
+        assert_eq!(s.active(), Some(B));
+        // B fails while A waits out its damping: A is taken at once.
+        assert_eq!(
+            s.handle_path_health(B, false, t),
+            Some(Change {
+                from: Some(B),
+                to: Some(A)
+            })
+        );
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn removing_the_only_eligible_path_takes_a_held_one_at_once() {
+        let t0 = Instant::now();
+        let mut s = ab(1000);
+        s.handle_path_health(A, true, t0);
+        s.handle_path_health(B, true, t0);
+        assert_eq!(s.active(), Some(A));
+        assert!(s.poll_timeout().is_some(), "B waits out its hold");
+        assert_eq!(
+            s.remove_path(A),
+            Some(Change {
+                from: Some(A),
+                to: Some(B)
+            })
+        );
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn zero_hold_means_no_damping() {
+        let t0 = Instant::now();
+        let mut s = ab(0);
+        s.handle_path_health(A, true, t0);
+        s.handle_path_health(B, true, t0);
+        for k in 0..10u64 {
+            let t = t0 + ms(10 * k);
+            s.handle_path_health(A, false, t);
+            s.handle_path_health(A, true, t);
+            assert_eq!(s.active(), Some(A));
+        }
     }
 }

@@ -65,3 +65,37 @@ fn two_path_examples_mirror_each_other() {
     assert_eq!(pa.routes.len(), 1);
     assert_eq!(pb.routes.len(), 1);
 }
+
+#[test]
+fn cloud_failover_example_prefers_aws_and_backs_up_via_gcp() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let onprem = Config::load(&dir.join("cloud-onprem.toml")).expect("cloud-onprem.toml");
+    let aws = onprem
+        .peers
+        .iter()
+        .find(|p| p.name == "aws")
+        .expect("aws peer");
+    let gcp = onprem
+        .peers
+        .iter()
+        .find(|p| p.name == "gcp")
+        .expect("gcp peer");
+    assert_eq!(
+        aws.routes, gcp.routes,
+        "both clouds must route the same prefix"
+    );
+    assert!(aws.route_metric < gcp.route_metric);
+    for (file, peer) in [("cloud-aws.toml", aws), ("cloud-gcp.toml", gcp)] {
+        let far = Config::load(&dir.join(file)).expect(file);
+        let back = &far.peers[0];
+        for p in &peer.paths {
+            let q = back.path(&p.name).expect("same path names at both ends");
+            assert_eq!(
+                (p.local, p.remote),
+                (q.remote, q.local),
+                "{file}: {}",
+                p.name
+            );
+        }
+    }
+}

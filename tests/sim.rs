@@ -5,6 +5,7 @@
 use crosslink::config::Config;
 use crosslink::engine::{Engine, Event, Forwarding};
 use crosslink::forward::{classify, decapsulate, encapsulate, HEADROOM};
+use crosslink::wire::overlay::Header;
 use crosslink::PathId;
 use etherparse::PacketBuilder;
 use std::cmp::Reverse;
@@ -156,8 +157,8 @@ impl Sim {
         };
         let mut buf = vec![0u8; HEADROOM + inner.len()];
         buf[HEADROOM..].copy_from_slice(&inner);
-        let n = encapsulate(&mut buf, inner.len(), seq).unwrap();
-        buf.truncate(n);
+        let range = encapsulate(&mut buf, inner.len(), &Header::data(seq)).unwrap();
+        let buf = buf[range].to_vec();
         if !self.cut[usize::from(place.path.0)] {
             self.queue.push(Reverse(InFlight {
                 at: self.now + self.latency,
@@ -322,4 +323,68 @@ fn losing_every_path_takes_the_peer_down() {
 fn missing(received: &[(u64, u16)], from: u64, to: u64) -> Vec<u64> {
     let got: std::collections::HashSet<u64> = received.iter().map(|r| r.0).collect();
     (from..to).filter(|s| !got.contains(s)).collect()
+}
+
+#[test]
+fn carrier_loss_fails_over_at_once_and_returns_only_after_bfd() {
+    use crosslink::engine::BlockCause;
+    let mut sim = Sim::new("1s", "10ms", 3);
+    sim.run_until(Duration::from_secs(5), false);
+    sim.run_until(Duration::from_secs(6), true);
+    // The veth loses carrier: packets stop and the link watch reports it.
+    sim.cut[0] = true;
+    let now = sim.instant();
+    sim.a.handle_link_event(PathId(0), false, now);
+    sim.step_engines();
+    assert_eq!(sim.active(), Some(PathId(1)), "no immediate failover");
+    assert_eq!(
+        sim.a.path(PathId(0)).unwrap().blocked(),
+        Some(BlockCause::Link)
+    );
+    sim.run_until(Duration::from_secs(7), true);
+    let outage = longest_gap(&sim.received, 5_001, 7_000);
+    println!("sim carrier loss: outage {outage} ms");
+    assert!(outage <= 2, "outage {outage} ms");
+    // Carrier back, but BFD on path 0 is down: the path stays blocked until
+    // BFD is Up again and a packet was heard, then waits out the hold.
+    let now = sim.instant();
+    sim.a.handle_link_event(PathId(0), true, now);
+    sim.step_engines();
+    assert!(sim.a.path(PathId(0)).unwrap().blocked().is_some());
+    sim.cut[0] = false;
+    let mut t = Duration::from_secs(7);
+    while sim.a.path(PathId(0)).unwrap().blocked().is_some() {
+        assert!(!sim.a.path(PathId(0)).unwrap().is_healthy());
+        t += Duration::from_millis(10);
+        assert!(t < Duration::from_secs(12), "block never lifted");
+        sim.run_until(t, true);
+    }
+    assert!(sim.a.path(PathId(0)).unwrap().is_up());
+    assert_eq!(sim.active(), Some(PathId(1)), "reverted before the hold");
+    sim.run_until(t + Duration::from_millis(1100), true);
+    assert_eq!(sim.active(), Some(PathId(0)));
+}
+
+#[test]
+fn send_errors_make_a_path_suspect_until_bfd_works_again() {
+    use crosslink::engine::BlockCause;
+    let mut sim = Sim::new("1s", "10ms", 3);
+    sim.run_until(Duration::from_secs(5), false);
+    let now = sim.instant();
+    sim.a.handle_send_error(PathId(0), now);
+    sim.step_engines();
+    assert_eq!(sim.active(), Some(PathId(1)));
+    assert_eq!(
+        sim.a.path(PathId(0)).unwrap().blocked(),
+        Some(BlockCause::SendError)
+    );
+    // BFD packets still arrive, but no send has succeeded yet: still suspect.
+    sim.run_until(Duration::from_secs(5) + Duration::from_millis(100), false);
+    assert!(sim.a.path(PathId(0)).unwrap().blocked().is_some());
+    // A BFD send succeeds, then the next packet from the far end clears it.
+    sim.a.handle_send_ok(PathId(0));
+    sim.run_until(Duration::from_secs(5) + Duration::from_millis(200), false);
+    assert_eq!(sim.a.path(PathId(0)).unwrap().blocked(), None);
+    sim.run_until(Duration::from_secs(8), false);
+    assert_eq!(sim.active(), Some(PathId(0)));
 }

@@ -8,12 +8,16 @@ pub fn now() -> Instant {
     Instant::now()
 }
 
-/// Seconds since the Unix epoch for an instant in the past.
+/// Seconds since the Unix epoch for an instant (past or future).
 pub fn unix_seconds(at: Instant) -> u64 {
-    let age = Instant::now().saturating_duration_since(at);
-    SystemTime::now()
-        .checked_sub(age)
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+    let now = Instant::now();
+    let wall = SystemTime::now();
+    let t = if at <= now {
+        wall.checked_sub(now.saturating_duration_since(at))
+    } else {
+        wall.checked_add(at.saturating_duration_since(now))
+    };
+    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs())
 }
 

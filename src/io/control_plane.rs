@@ -2,6 +2,14 @@
 //! `ppoll` for the next control packet or deadline, sends what is due,
 //! logs and exports events, and publishes forwarding snapshots.
 //!
+//! Other threads reach it through [`CommandLink`]: a channel plus one byte
+//! on a socket pair that wakes the `ppoll`. Besides status and shutdown,
+//! that carries the fast failure signals: link and address events from
+//! [`super::linkwatch`] and send errors from the forwarding threads. When a
+//! peer loses its last usable path the thread turns the peer's TUN carrier
+//! off, and on again with the first healthy path (cloud failover: a route
+//! with a higher metric through another peer's TUN takes over meanwhile).
+//!
 //! A configuration reload reaches it as one [`Plan`]: the paths and peers
 //! to remove (AdminDown is sent on each, a few times, before its socket
 //! closes) and those to add, with sockets the shell has already opened.
@@ -27,11 +35,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
+use tun_rs::SyncDevice;
 
 /// Requests to the BFD thread.
 pub enum Command {
     Status(oneshot::Sender<Status>),
     Shutdown(oneshot::Sender<()>),
+    /// The path's underlay interface (carrier, admin state) or local
+    /// address came (`up`) or went.
+    Link {
+        path: PathId,
+        up: bool,
+    },
+    /// Sending on the path failed with a reachability error.
+    SendError(PathId),
     Apply(Box<Plan>, oneshot::Sender<Applied>),
 }
 
@@ -60,6 +77,8 @@ pub struct Plan {
     pub set_timers: Vec<(PathId, Duration, Duration, u8)>,
     /// BFD secrets (file -> content) for the paths added.
     pub secrets: Secrets,
+    /// The TUN of each added peer, by peer name, for carrier control.
+    pub add_tuns: Vec<(String, Arc<SyncDevice>)>,
 }
 
 /// The ids the engine gave to what a [`Plan`] added.
@@ -84,7 +103,8 @@ pub struct CommandLink {
 }
 
 impl CommandLink {
-    fn send(&self, cmd: Command) -> bool {
+    /// Queues a command and wakes the BFD thread; false when it has exited.
+    pub fn send(&self, cmd: Command) -> bool {
         if self.tx.send(cmd).is_err() {
             return false;
         }
@@ -145,6 +165,8 @@ pub struct BfdThread {
     pub counters: Vec<Option<Arc<PathCounters>>>,
     pub drops: Arc<DropCounters>,
     pub meta: Meta,
+    /// Each peer's TUN, indexed by [`PeerId`], for carrier control.
+    pub tuns: Vec<Option<Arc<SyncDevice>>>,
 }
 
 impl BfdThread {
@@ -192,19 +214,30 @@ impl BfdThread {
                 continue;
             };
             let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
-            match out {
-                Ok(t) => {
-                    if let Err(e) = sock.send_to(t.as_bytes(), dst) {
-                        debug!(path = %path.name, error = %e, "BFD send failed");
+            let sent = match out {
+                Ok(t) => sock.send_to(t.as_bytes(), dst),
+                Err(e) => {
+                    error!(error = ?e, "BFD emit failed");
+                    continue;
+                }
+            };
+            match sent {
+                Ok(_) => self.engine.handle_send_ok(id),
+                Err(e) => {
+                    debug!(path = %path.name, error = %e, "BFD send failed");
+                    if udp::is_reachability_error(&e) {
+                        self.engine.handle_send_error(id, now);
                     }
                 }
-                Err(e) => error!(error = ?e, "BFD emit failed"),
             }
         }
+        let mut any = false;
         while let Some(ev) = self.engine.poll_event() {
+            any = true;
             self.on_event(ev);
         }
         if let Some(f) = self.engine.poll_forwarding() {
+            any = true;
             for (i, p) in self.engine.paths().iter().enumerate() {
                 if p.is_retired() {
                     continue;
@@ -214,6 +247,31 @@ impl BfdThread {
                 }
             }
             self.forwarding.store(f);
+        }
+        if any {
+            self.export_damping();
+        }
+    }
+
+    fn export_damping(&self) {
+        for (i, p) in self.engine.paths().iter().enumerate() {
+            let (Some(m), Some(d)) = (self.metrics.path(i), self.engine.damping(PathId(i as u16)))
+            else {
+                continue;
+            };
+            m.set_damping(d.flaps, d.level, d.until.is_some(), p.blocked().is_some());
+        }
+    }
+
+    /// Cloud failover: carrier follows whether the peer has a usable path.
+    fn set_carrier(&self, peer: PeerId, up: bool) {
+        let Some(Some(tun)) = self.tuns.get(usize::from(peer.0)) else {
+            return;
+        };
+        let name = self.engine.peer(peer).map_or("?", |(n, _, _)| n);
+        match sys::set_tun_carrier(&**tun, up) {
+            Ok(()) => info!(peer = name, carrier = up, "TUN carrier set"),
+            Err(e) => warn!(peer = name, error = %e, "could not set TUN carrier"),
         }
     }
 
@@ -277,6 +335,19 @@ impl BfdThread {
                     warn!(peer = name, "peer down: no path left");
                 }
                 self.metrics.set_peer_up(usize::from(peer.0), up);
+                self.set_carrier(peer, up);
+            }
+            Event::PathBlock { path, cause } => {
+                let Some(p) = self.engine.path(path) else {
+                    return;
+                };
+                let peer = self.engine.peer(p.peer).map_or("?", |(n, _, _)| n);
+                match cause {
+                    Some(c) => {
+                        warn!(peer, path = %p.name, cause = c.as_str(), "path out of service")
+                    }
+                    None => info!(peer, path = %p.name, "path back in service"),
+                }
             }
         }
     }
@@ -319,6 +390,12 @@ impl BfdThread {
                     self.shutdown();
                     let _ = reply.send(());
                     return true;
+                }
+                Command::Link { path, up } => {
+                    self.engine.handle_link_event(path, up, clock::now());
+                }
+                Command::SendError(path) => {
+                    self.engine.handle_send_error(path, clock::now());
                 }
                 Command::Apply(plan, reply) => {
                     let applied = self.apply(*plan);
@@ -382,6 +459,9 @@ impl BfdThread {
         }
         for id in plan.remove_peers {
             self.metrics.remove_peer(usize::from(id.0));
+            if let Some(t) = self.tuns.get_mut(usize::from(id.0)) {
+                *t = None;
+            }
             let paths = self.engine.peer(id).map(|(_, _, p)| p.to_vec());
             for path in paths.unwrap_or_default() {
                 self.metrics.remove_path(usize::from(path.0));
@@ -405,7 +485,12 @@ impl BfdThread {
         self.engine.set_secrets(plan.secrets);
         let mut applied = Applied::default();
         for peer in &plan.add_peers {
-            self.add_peer(peer, now, &mut applied);
+            let tun = plan
+                .add_tuns
+                .iter()
+                .find(|(name, _)| *name == peer.name)
+                .map(|(_, t)| t.clone());
+            self.add_peer(peer, tun, now, &mut applied);
         }
         for path in plan.add_paths {
             self.add_path(path, now, &mut applied);
@@ -414,7 +499,13 @@ impl BfdThread {
         applied
     }
 
-    fn add_peer(&mut self, peer: &PeerConfig, now: Instant, applied: &mut Applied) {
+    fn add_peer(
+        &mut self,
+        peer: &PeerConfig,
+        tun: Option<Arc<SyncDevice>>,
+        now: Instant,
+        applied: &mut Applied,
+    ) {
         let bare = PeerConfig {
             paths: Vec::new(),
             ..peer.clone()
@@ -424,6 +515,7 @@ impl BfdThread {
             return;
         };
         self.metrics.add_peer(usize::from(id.0), &peer.name);
+        *slot(&mut self.tuns, usize::from(id.0)) = tun;
         *slot(&mut self.meta.peers, usize::from(id.0)) =
             Some((peer.tun.clone(), peer.policy.as_str().to_string()));
         applied.peers.push((peer.name.clone(), id));
@@ -499,11 +591,13 @@ impl BfdThread {
         let (priority, weight) = self.meta.paths.get(i).copied().flatten().unwrap_or((0, 0));
         let s = &p.session;
         let state = match s.state() {
+            _ if p.blocked().is_some() => "down",
             State::Up => "up",
             State::Down => "down",
             State::Init => "init",
             State::AdminDown => "admin_down",
         };
+        let damping = self.engine.damping(id);
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         Some(PathStatus {
             name: p.name.clone(),
@@ -533,6 +627,10 @@ impl BfdThread {
                 control_tx: p.control_tx,
                 control_rx: p.control_rx,
             },
+            blocked: p.blocked().map(|b| b.as_str().to_string()),
+            flaps: damping.map_or(0, |d| d.flaps),
+            damping_level: damping.map_or(0, |d| d.level),
+            damped_until_unix: damping.and_then(|d| d.until).map(clock::unix_seconds),
             tx_packets: load(&c.tx_packets),
             rx_packets: load(&c.rx_packets),
             tx_bytes: load(&c.tx_bytes),

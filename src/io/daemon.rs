@@ -14,15 +14,19 @@
 
 use super::control_plane::{BfdThread, Command, CommandLink, Meta, NewPath, Plan};
 use super::data_plane::{FlowTable, PathIn, PathOut, TunOut};
-use super::{clock, netlink::Netlink, notify, tun, udp};
-use crate::config::{Config, ConfigError, PathConfig, PeerConfig};
+use super::linkwatch::{self, LinkWatch, WatchedPath};
+use super::{clock, netlink::Netlink, notify, sys, tun, udp};
+use crate::config::{Config, ConfigError, PathConfig, PeerConfig, Policy};
+use crate::dedup::Window;
 use crate::engine::{check_secret, Engine, Forwarding, Secrets};
 use crate::forward::HEADROOM;
 use crate::telemetry::metrics::{self, Metrics};
 use crate::telemetry::{control, DropCounters, PathCounters};
 use crate::wire::flow::mix;
+use crate::wire::overlay::BASE_LEN;
 use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use std::io;
 use std::net::{IpAddr, UdpSocket};
 use std::os::unix::net::UnixStream;
@@ -48,8 +52,15 @@ pub enum DaemonError {
     Setup(String),
 }
 
-/// Default inner MTU: a 1500-byte underlay less IPv6 + UDP + overlay headers.
-const DEFAULT_MTU: u16 = 1500 - 40 - 8 - HEADROOM as u16;
+/// Default inner MTU: a 1500-byte underlay less IPv6 + UDP + overlay
+/// headers; `duplicate` adds the peer-sequence extension to every header.
+fn default_mtu(policy: Policy) -> u16 {
+    let header = match policy {
+        Policy::Duplicate => HEADROOM,
+        _ => BASE_LEN,
+    };
+    1500 - 40 - 8 - header as u16
+}
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config_path: &Path) -> Result<(), DaemonError> {
@@ -146,6 +157,8 @@ struct PeerRun {
     /// The sending thread's state while it is stopped for a change.
     parked: Option<TunOut>,
     paths: Vec<PathRun>,
+    /// `duplicate`: the window shared by the receive threads of the paths.
+    dedup: Arc<Mutex<Window>>,
 }
 
 /// What every thread shares.
@@ -164,6 +177,8 @@ struct Gateway {
     peers: Vec<PeerRun>,
     /// Local addresses with a BFD receive socket (in the BFD thread).
     rx_ips: Vec<IpAddr>,
+    /// The carrier and address watch, told about every path change.
+    links: Option<LinkWatch>,
 }
 
 /// A path to start: opened but not yet known to the engine.
@@ -209,6 +224,7 @@ async fn run_async(
         metrics: metrics.clone(),
         counters: Vec::new(),
         drops: drops.clone(),
+        tuns: Vec::new(),
         meta: Meta {
             gateway: config.gateway.name.clone(),
             started: now,
@@ -234,6 +250,13 @@ async fn run_async(
         },
         peers: Vec::new(),
         rx_ips: Vec::new(),
+        links: match linkwatch::spawn(commands.clone()).await {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(error = %e, "no carrier/address watch; failures are detected by BFD only");
+                None
+            }
+        },
     };
     let problems = gw.apply(&config, secrets).await;
     if !problems.is_empty() {
@@ -460,6 +483,7 @@ impl Gateway {
                 None => match self.open_peer(w).await {
                     Ok(peer) => {
                         plan.add_peers.push(bare(w));
+                        plan.add_tuns.push((w.name.clone(), peer.tun.clone()));
                         self.peers.push(peer);
                         self.peers.len() - 1
                     }
@@ -517,7 +541,27 @@ impl Gateway {
                 problems.push(format!("peer {}: {e}", peer.config.name));
             }
         }
+        self.watch_links();
         problems
+    }
+
+    /// Tells the carrier and address watch which paths run now.
+    fn watch_links(&self) {
+        let Some(links) = &self.links else {
+            return;
+        };
+        let paths = self
+            .peers
+            .iter()
+            .flat_map(|peer| peer.paths.iter())
+            .map(|r| WatchedPath {
+                id: r.id,
+                name: r.config.name.clone(),
+                interface: r.config.interface.clone(),
+                local: r.config.local.ip(),
+            })
+            .collect();
+        links.set_paths(paths);
     }
 
     /// Adds the routes a reload added to a running peer, and deletes the
@@ -530,13 +574,19 @@ impl Gateway {
     ) {
         let nl = &self.shared.netlink;
         for r in want.iter().filter(|r| !peer.config.routes.contains(r)) {
-            match nl.add_route(peer.ifindex, r).await {
+            match nl
+                .add_route(peer.ifindex, r, peer.config.route_metric)
+                .await
+            {
                 Ok(()) => info!(peer = %peer.config.name, route = %r, "reload: route added"),
                 Err(e) => problems.push(format!("peer {}: {e}", peer.config.name)),
             }
         }
         for r in peer.config.routes.iter().filter(|r| !want.contains(r)) {
-            match nl.del_route(peer.ifindex, r).await {
+            match nl
+                .del_route(peer.ifindex, r, peer.config.route_metric)
+                .await
+            {
                 Ok(()) => info!(peer = %peer.config.name, route = %r, "reload: route removed"),
                 Err(e) => problems.push(format!("peer {}: {e}", peer.config.name)),
             }
@@ -546,14 +596,21 @@ impl Gateway {
 
     /// Opens a new peer's TUN with its addresses and routes.
     async fn open_peer(&self, w: &PeerConfig) -> io::Result<PeerRun> {
-        let mtu = w.mtu.unwrap_or(DEFAULT_MTU);
+        let mtu = w.mtu.unwrap_or(default_mtu(w.policy));
         let dev = tun::open(&w.tun, mtu)?;
         let index = dev.if_index()?;
         for a in &w.tun_addresses {
             self.shared.netlink.add_address(index, a).await?;
         }
         for r in &w.routes {
-            self.shared.netlink.add_route(index, r).await?;
+            self.shared
+                .netlink
+                .add_route(index, r, w.route_metric)
+                .await?;
+        }
+        // No path is up yet: carrier off until the first one is (cloud failover).
+        if let Err(e) = sys::set_tun_carrier(&dev, false) {
+            warn!(tun = %w.tun, error = %e, "could not turn TUN carrier off");
         }
         info!(peer = %w.name, tun = %w.tun, mtu, routes = w.routes.len(), "TUN up");
         let tun = Arc::new(dev);
@@ -566,6 +623,9 @@ impl Gateway {
             drops: self.shared.drops.clone(),
             interrupt: interrupt.clone(),
             flows: FlowTable::default(),
+            commands: self.shared.commands.clone(),
+            instance: (mix(self.shared.stamp_key ^ clock::nanos() ^ 0x6475_706c) >> 32) as u32,
+            peer_sequence: 0,
         };
         Ok(PeerRun {
             id: UNASSIGNED,
@@ -576,6 +636,7 @@ impl Gateway {
             sender: None,
             parked: Some(parked),
             paths: Vec::new(),
+            dedup: Arc::new(Mutex::new(Window::new())),
         })
     }
 
@@ -636,6 +697,7 @@ impl Gateway {
             stop: stop.clone(),
             rtt,
             stamp_key: self.shared.stamp_key,
+            dedup: peer.dedup.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("rx-{}", p.config.name))
@@ -653,10 +715,12 @@ impl Gateway {
                 t.paths.resize_with(i + 1, || None);
             }
             t.paths[i] = Some(PathOut {
+                id,
                 socket: p.socket,
                 remote: p.config.remote,
                 counters: p.counters,
                 sequence: 0,
+                last_error_report: None,
             });
         }
         peer.paths.push(PathRun {

@@ -8,16 +8,31 @@
 //! ([`decapsulate`]) and writes the inner packet to the TUN; it also
 //! answers the peer's echo requests and, once a second, sends its own to
 //! measure the path's round-trip time ([`crate::forward::Echo`]).
+//!
+//! Under `duplicate` the sending thread numbers the peer's packets (one
+//! counter per peer, next to a random instance number) and the receive
+//! threads of all the peer's paths share one [`Window`] behind a mutex,
+//! held only for the bitmap check: the first copy is written to the TUN,
+//! the second is dropped and counted as `duplicate`.
+//!
+//! A send that fails because the underlay cannot reach the far end is
+//! reported to the BFD thread (at most once per path every
+//! [`SEND_ERROR_REPORT_INTERVAL`]), which marks the path suspect.
 
-use super::clock;
+use super::control_plane::{Command, CommandLink};
+use super::{clock, udp};
+use crate::config::Policy;
+use crate::dedup::{Verdict, Window};
 use crate::drop::DropReason;
 use crate::engine::Forwarding;
 use crate::forward::{
     classify, decapsulate, echo_rtt, emit_echo, encapsulate, parse_echo, Echo, HEADROOM,
 };
 use crate::telemetry::{DropCounters, PathCounters};
+use crate::wire::overlay::{Header, PeerSeq};
 use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
@@ -33,6 +48,8 @@ pub const BUF_LEN: usize = 65_535 + HEADROOM;
 /// Flows idle this long no longer count as active.
 const FLOW_IDLE: Duration = Duration::from_secs(30);
 const MAX_TRACKED_FLOWS: usize = 1 << 20;
+/// Send errors on one path are reported to the BFD thread at most this often.
+pub const SEND_ERROR_REPORT_INTERVAL: Duration = Duration::from_millis(5);
 /// How often idle flows are expired and per-path flow counts published.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How often each path measures its round-trip time.
@@ -42,10 +59,12 @@ const ECHO_MAX_AGE: Duration = Duration::from_secs(10);
 
 /// A path as the sending thread sees it.
 pub struct PathOut {
+    pub id: PathId,
     pub socket: Arc<UdpSocket>,
     pub remote: SocketAddr,
     pub counters: Arc<PathCounters>,
     pub sequence: u64,
+    pub last_error_report: Option<Instant>,
 }
 
 /// Reads a peer's TUN and sends each packet on its path.
@@ -57,6 +76,11 @@ pub struct TunOut {
     pub drops: Arc<DropCounters>,
     pub interrupt: Arc<InterruptEvent>,
     pub flows: FlowTable,
+    /// Where send errors are reported.
+    pub commands: CommandLink,
+    /// `duplicate`: this sender's instance number and the peer's last sequence.
+    pub instance: u32,
+    pub peer_sequence: u64,
 }
 
 impl TunOut {
@@ -95,9 +119,16 @@ impl TunOut {
             match classify(selection, &buf[HEADROOM..HEADROOM + n]) {
                 Ok(placement) => {
                     self.flows.touch(placement.flow_hash, placement.path, now);
-                    self.send(placement.path, &mut buf, n);
+                    let peer_seq = (selection.policy == Policy::Duplicate).then(|| {
+                        self.peer_sequence = self.peer_sequence.wrapping_add(1);
+                        PeerSeq {
+                            instance: self.instance,
+                            sequence: self.peer_sequence,
+                        }
+                    });
+                    self.send(placement.path, &mut buf, n, peer_seq, now);
                     if let Some(copy) = placement.copy {
-                        self.send(copy, &mut buf, n);
+                        self.send(copy, &mut buf, n, peer_seq, now);
                     }
                 }
                 Err(reason) => self.drops.count(reason),
@@ -109,19 +140,51 @@ impl TunOut {
         }
     }
 
-    fn send(&mut self, id: PathId, buf: &mut [u8], inner_len: usize) {
+    fn send(
+        &mut self,
+        id: PathId,
+        buf: &mut [u8],
+        inner_len: usize,
+        peer_seq: Option<PeerSeq>,
+        now: Instant,
+    ) {
         let Some(Some(path)) = self.paths.get_mut(usize::from(id.0)) else {
             self.drops.count(DropReason::NoPath);
             return;
         };
         path.sequence += 1;
-        match encapsulate(buf, inner_len, path.sequence) {
-            Ok(len) => match path.socket.send_to(&buf[..len], path.remote) {
-                Ok(_) => path.counters.count_tx(inner_len),
-                Err(_) => self.drops.count(DropReason::PathSend),
-            },
-            Err(reason) => self.drops.count(reason),
+        let mut header = Header::data(path.sequence);
+        if let Some(p) = peer_seq {
+            header = header.with_peer_seq(p);
         }
+        let range = match encapsulate(buf, inner_len, &header) {
+            Ok(r) => r,
+            Err(reason) => return self.drops.count(reason),
+        };
+        let Some(datagram) = buf.get(range) else {
+            return self.drops.count(DropReason::TooBig);
+        };
+        match path.socket.send_to(datagram, path.remote) {
+            Ok(_) => path.counters.count_tx(inner_len),
+            Err(e) => {
+                self.drops.count(DropReason::PathSend);
+                if udp::is_reachability_error(&e) && path.report_due(now) {
+                    self.commands.send(Command::SendError(path.id));
+                }
+            }
+        }
+    }
+}
+
+impl PathOut {
+    fn report_due(&mut self, now: Instant) -> bool {
+        let due = self
+            .last_error_report
+            .is_none_or(|t| now.saturating_duration_since(t) >= SEND_ERROR_REPORT_INTERVAL);
+        if due {
+            self.last_error_report = Some(now);
+        }
+        due
     }
 }
 
@@ -133,6 +196,8 @@ pub struct PathIn {
     pub counters: Arc<PathCounters>,
     pub drops: Arc<DropCounters>,
     pub stop: Arc<AtomicBool>,
+    /// The peer's duplicate-suppression window, shared by its paths.
+    pub dedup: Arc<Mutex<Window>>,
     /// Where measured round-trip times go.
     pub rtt: metrics::Histogram,
     /// XORed into echo stamps, so that a forged reply does not decode to a
@@ -171,17 +236,31 @@ impl PathIn {
                 self.drops.count(DropReason::UnknownSource);
                 continue;
             }
-            if let Some(echo) = parse_echo(&buf[..n]) {
+            let Some(datagram) = buf.get(..n) else {
+                continue;
+            };
+            if let Some(echo) = parse_echo(datagram) {
                 self.on_echo(echo);
                 continue;
             }
-            match decapsulate(&buf[..n]) {
-                Ok((_, inner)) => match self.tun.send(inner) {
-                    Ok(_) => self.counters.count_rx(inner.len()),
-                    Err(_) => self.drops.count(DropReason::TunWrite),
-                },
+            match decapsulate(datagram) {
+                Ok((header, inner)) => self.deliver(header.peer_seq, inner),
                 Err(reason) => self.drops.count(reason),
             }
+        }
+    }
+
+    fn deliver(&self, peer_seq: Option<PeerSeq>, inner: &[u8]) {
+        self.counters.count_rx(inner.len());
+        if let Some(p) = peer_seq {
+            match self.dedup.lock().check(p.instance, p.sequence) {
+                Verdict::Deliver => {}
+                Verdict::Duplicate => return self.drops.count(DropReason::Duplicate),
+                Verdict::TooOld => return self.drops.count(DropReason::DuplicateStale),
+            }
+        }
+        if self.tun.send(inner).is_err() {
+            self.drops.count(DropReason::TunWrite);
         }
     }
 }

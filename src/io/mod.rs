@@ -10,7 +10,8 @@
 //! - `rx-<path>`: receives a path's datagrams and writes them to the TUN;
 //!   answers the peer's echo requests and measures the path's RTT.
 //! - the tokio runtime: signals (SIGHUP reload, see [`daemon`]), the
-//!   control socket, netlink, metrics, systemd notifications ([`notify`]).
+//!   control socket, netlink (including the carrier and address watch,
+//!   [`linkwatch`]), metrics, systemd notifications ([`notify`]).
 //!
 //! A reload starts and stops `rx-<path>` threads for added and removed
 //! paths, and restarts a peer's `tun-<peer>` thread when its path set
@@ -20,6 +21,7 @@ pub mod clock;
 pub mod control_plane;
 pub mod daemon;
 pub mod data_plane;
+pub mod linkwatch;
 pub mod netlink;
 pub mod notify;
 pub mod sys;

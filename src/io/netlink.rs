@@ -35,13 +35,22 @@ impl Netlink {
         r.map_err(nl_err(format!("adding address {prefix}")))
     }
 
-    /// Routes `prefix` into interface `ifindex` (replacing an older route).
-    pub async fn add_route(&self, ifindex: u32, prefix: &Prefix) -> io::Result<()> {
-        let msg = RouteMessageBuilder::<IpAddr>::new()
+    /// Routes `prefix` into interface `ifindex` with `metric` (replacing
+    /// an older route with the same metric).
+    pub async fn add_route(
+        &self,
+        ifindex: u32,
+        prefix: &Prefix,
+        metric: Option<u32>,
+    ) -> io::Result<()> {
+        let mut builder = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(prefix.addr, prefix.len)
             .map_err(|e| io::Error::other(format!("route {prefix}: {e}")))?
-            .output_interface(ifindex)
-            .build();
+            .output_interface(ifindex);
+        if let Some(m) = metric {
+            builder = builder.priority(m);
+        }
+        let msg = builder.build();
         self.handle
             .route()
             .add(msg)
@@ -52,12 +61,20 @@ impl Netlink {
     }
 
     /// Removes the route to `prefix` via interface `ifindex`.
-    pub async fn del_route(&self, ifindex: u32, prefix: &Prefix) -> io::Result<()> {
-        let msg = RouteMessageBuilder::<IpAddr>::new()
+    pub async fn del_route(
+        &self,
+        ifindex: u32,
+        prefix: &Prefix,
+        metric: Option<u32>,
+    ) -> io::Result<()> {
+        let mut builder = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(prefix.addr, prefix.len)
             .map_err(|e| io::Error::other(format!("route {prefix}: {e}")))?
-            .output_interface(ifindex)
-            .build();
+            .output_interface(ifindex);
+        if let Some(m) = metric {
+            builder = builder.priority(m);
+        }
+        let msg = builder.build();
         self.handle
             .route()
             .del(msg)

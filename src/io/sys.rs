@@ -182,6 +182,24 @@ pub fn wait_readable(
     Ok(())
 }
 
+/// Turns a TUN device's carrier on or off (`TUNSETCARRIER`, Linux 4.19+).
+/// With the carrier off the kernel treats the device's routes as link-down,
+/// so with `net.ipv4.conf.all.ignore_routes_with_linkdown = 1` (and its IPv6
+/// twin) a route with a higher metric through another device takes over.
+pub fn set_tun_carrier(tun: &impl AsRawFd, on: bool) -> io::Result<()> {
+    let value: libc::c_int = on.into();
+    // SAFETY: TUNSETCARRIER reads one c_int through the pointer, which
+    // points at a live local; the fd is an open TUN device.
+    let r = unsafe {
+        libc::ioctl(
+            tun.as_raw_fd(),
+            libc::TUNSETCARRIER,
+            &value as *const libc::c_int,
+        )
+    };
+    cvt(r).map(|_| ())
+}
+
 /// Sets the calling thread to SCHED_FIFO at `priority`.
 pub fn set_realtime_priority(priority: i32) -> io::Result<()> {
     let param = libc::sched_param {

@@ -87,3 +87,13 @@ pub fn bfd_tx_socket(local: IpAddr, interface: Option<&str>, seed: u16) -> io::R
     }
     Err(last.unwrap_or_else(|| io::Error::other("no free BFD source port")))
 }
+
+/// Whether a send error means the underlay cannot reach the far end right
+/// now (no route, interface down, address gone), as opposed to a transient
+/// local condition such as a full socket buffer.
+pub fn is_reachability_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENETDOWN | libc::EADDRNOTAVAIL)
+    )
+}

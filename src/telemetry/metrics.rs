@@ -189,6 +189,22 @@ fn describe() {
     );
     describe_gauge!("crosslink_flows_active", "Flows seen recently on the path.");
     describe_gauge!(
+        "crosslink_path_damped",
+        "1 while flap damping holds a recovered path out of service longer than revert_hold."
+    );
+    describe_gauge!(
+        "crosslink_path_damping_level",
+        "Flap damping level of the path (0: none; the hold is revert_hold x 2^(level-1))."
+    );
+    describe_counter!(
+        "crosslink_path_flaps_total",
+        "Times the path lost health (BFD, carrier, address or send errors)."
+    );
+    describe_gauge!(
+        "crosslink_path_blocked",
+        "1 while a fast signal (carrier or address loss, send error) keeps the path out of service."
+    );
+    describe_gauge!(
         "crosslink_config_last_reload_successful",
         "1 when the last configuration load succeeded."
     );
@@ -213,6 +229,10 @@ pub struct PathMetrics {
     rx_packets: Counter,
     rx_bytes: Counter,
     flows: Gauge,
+    damped: Gauge,
+    damping_level: Gauge,
+    flaps: Counter,
+    blocked: Gauge,
 }
 
 struct PeerMetrics {
@@ -407,6 +427,10 @@ impl PathMetrics {
             rx_packets: counter!("crosslink_path_receive_packets_total", &labels),
             rx_bytes: counter!("crosslink_path_receive_bytes_total", &labels),
             flows: gauge!("crosslink_flows_active", &labels),
+            damped: gauge!("crosslink_path_damped", &labels),
+            damping_level: gauge!("crosslink_path_damping_level", &labels),
+            flaps: counter!("crosslink_path_flaps_total", &labels),
+            blocked: gauge!("crosslink_path_blocked", &labels),
             counters,
             peer,
             path,
@@ -414,8 +438,20 @@ impl PathMetrics {
         m.up.set(0.0);
         m.active.set(0.0);
         m.detection.set(0.0);
+        m.damped.set(0.0);
+        m.damping_level.set(0.0);
+        m.blocked.set(0.0);
+        m.flaps.absolute(0);
         m.sync();
         m
+    }
+
+    /// Flap damping and fast-signal state of the path.
+    pub fn set_damping(&self, flaps: u64, level: u32, damped: bool, blocked: bool) {
+        self.flaps.absolute(flaps);
+        self.damping_level.set(f64::from(level));
+        self.damped.set(f64::from(u8::from(damped)));
+        self.blocked.set(f64::from(u8::from(blocked)));
     }
 
     /// Copies the counters and touches every series.
@@ -426,13 +462,21 @@ impl PathMetrics {
         self.rx_packets.absolute(c.rx_packets.load(Relaxed));
         self.rx_bytes.absolute(c.rx_bytes.load(Relaxed));
         self.flows.set(c.flows.load(Relaxed) as f64);
-        for g in [&self.info, &self.up, &self.active, &self.detection] {
+        for g in [
+            &self.info,
+            &self.up,
+            &self.active,
+            &self.detection,
+            &self.damped,
+            &self.damping_level,
+            &self.blocked,
+        ] {
             g.increment(0.0);
         }
         for g in &self.state {
             g.increment(0.0);
         }
-        for c in [&self.control_sent, &self.control_received] {
+        for c in [&self.control_sent, &self.control_received, &self.flaps] {
             c.increment(0);
         }
         for (_, c) in &self.transitions {

@@ -32,6 +32,18 @@ pub struct PathStatus {
     pub priority: u32,
     pub weight: u32,
     pub bfd: BfdStatus,
+    /// A fast signal keeping the path out of service: "link_down" or "send_error".
+    #[serde(default)]
+    pub blocked: Option<String>,
+    /// Times the path lost health since start.
+    #[serde(default)]
+    pub flaps: u64,
+    /// Flap damping level (0: none).
+    #[serde(default)]
+    pub damping_level: u32,
+    /// While damped: when the path may carry traffic again.
+    #[serde(default)]
+    pub damped_until_unix: Option<u64>,
     pub tx_packets: u64,
     pub rx_packets: u64,
     pub tx_bytes: u64,
@@ -107,7 +119,11 @@ impl Status {
                 let changed = p.bfd.last_change_unix.map_or("-".to_string(), |t| {
                     format!("{} ago", human_age(now_unix.saturating_sub(t)))
                 });
-                let state = if p.bfd.local_diag != "none" && p.state != "up" {
+                let state = if let Some(cause) = &p.blocked {
+                    format!("{} ({cause})", p.state)
+                } else if p.damped_until_unix.is_some() {
+                    format!("{} (damped)", p.state)
+                } else if p.bfd.local_diag != "none" && p.state != "up" {
                     format!("{} ({})", p.state, short_diag(&p.bfd.local_diag))
                 } else {
                     p.state.clone()
@@ -204,6 +220,10 @@ mod tests {
                         control_tx: 10,
                         control_rx: 9,
                     },
+                    blocked: None,
+                    flaps: 2,
+                    damping_level: 1,
+                    damped_until_unix: None,
                     tx_packets: 1000,
                     rx_packets: 998,
                     tx_bytes: 0,
@@ -236,6 +256,10 @@ mod tests {
             "rx_packets",
             "tx_bytes",
             "rx_bytes",
+            "blocked",
+            "flaps",
+            "damping_level",
+            "damped_until_unix",
         ] {
             assert!(path.get(k).is_some(), "{k}");
         }

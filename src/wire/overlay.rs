@@ -17,6 +17,20 @@
 //! |                     Inner IP packet ...                       |
 //! ```
 //!
+//! Extension defined so far, present when flag [`FLAG_PEER_SEQ`] is set
+//! (sent only under the `duplicate` policy, see [`crate::dedup`]), 16
+//! bytes right after the fixed header:
+//!
+//! ```text
+//! +---------------------------------------------------------------+
+//! |                  Sender instance (random, u32)                |
+//! +---------------------------------------------------------------+
+//! |                          Reserved (0)                         |
+//! +---------------------------------------------------------------+
+//! +            Peer sequence number (per peer, u64)               +
+//! +---------------------------------------------------------------+
+//! ```
+//!
 //! The format grows without breaking old receivers: the header length
 //! says where the inner packet starts, so a newer sender can append
 //! extensions (a duplicate-suppression sequence, an authentication tag
@@ -30,6 +44,12 @@ use thiserror::Error;
 pub const VERSION: u8 = 1;
 /// Length of the fixed part of the header.
 pub const BASE_LEN: usize = 16;
+/// Length of the peer-sequence extension.
+pub const PEER_SEQ_LEN: usize = 16;
+/// The longest header this build writes.
+pub const MAX_LEN: usize = BASE_LEN + PEER_SEQ_LEN;
+/// Flag: the peer-sequence extension follows the fixed header.
+pub const FLAG_PEER_SEQ: u8 = 0x01;
 
 /// What the datagram carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,13 +91,23 @@ pub enum OverlayError {
     BufferTooSmall,
 }
 
-/// The parsed fixed header.
+/// The per-peer sequence of the `duplicate` policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerSeq {
+    /// Random per sender start, so a restarted sender is recognised.
+    pub instance: u32,
+    pub sequence: u64,
+}
+
+/// The parsed header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
     pub msg_type: MsgType,
     pub flags: u8,
     pub epoch: u32,
     pub sequence: u64,
+    /// The peer-sequence extension, when present.
+    pub peer_seq: Option<PeerSeq>,
 }
 
 impl Header {
@@ -88,7 +118,29 @@ impl Header {
             flags: 0,
             epoch: 0,
             sequence,
+            peer_seq: None,
         }
+    }
+
+    /// Adds the peer-sequence extension.
+    pub fn with_peer_seq(mut self, peer_seq: PeerSeq) -> Self {
+        self.flags |= FLAG_PEER_SEQ;
+        self.peer_seq = Some(peer_seq);
+        self
+    }
+
+    /// The header's length on the wire.
+    pub fn len(&self) -> usize {
+        if self.peer_seq.is_some() {
+            MAX_LEN
+        } else {
+            BASE_LEN
+        }
+    }
+
+    /// Never: a header has at least its fixed part.
+    pub fn is_empty(&self) -> bool {
+        false
     }
 
     /// An echo request or reply carrying `stamp` in the sequence field.
@@ -98,6 +150,7 @@ impl Header {
             flags: 0,
             epoch: 0,
             sequence: stamp,
+            peer_seq: None,
         }
     }
 
@@ -116,35 +169,104 @@ impl Header {
             return Err(OverlayError::BadHeaderLength);
         }
         let epoch = u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
-        let mut seq = [0u8; 8];
-        seq.copy_from_slice(&fixed[8..16]);
+        let flags = fixed[3];
+        let peer_seq = if flags & FLAG_PEER_SEQ != 0 {
+            let ext: &[u8; PEER_SEQ_LEN] = buf
+                .get(BASE_LEN..hlen)
+                .and_then(|b| b.get(..PEER_SEQ_LEN))
+                .and_then(|b| b.try_into().ok())
+                .ok_or(OverlayError::BadHeaderLength)?;
+            Some(PeerSeq {
+                instance: u32::from_be_bytes([ext[0], ext[1], ext[2], ext[3]]),
+                sequence: be_u64(&ext[8..16]),
+            })
+        } else {
+            None
+        };
         let header = Header {
             msg_type,
-            flags: fixed[3],
+            flags,
             epoch,
-            sequence: u64::from_be_bytes(seq),
+            sequence: be_u64(&fixed[8..16]),
+            peer_seq,
         };
         Ok((header, hlen))
     }
 
-    /// Writes the fixed header into the first [`BASE_LEN`] bytes of `out`.
+    /// Writes the header (with its extension, if any) into the first
+    /// [`Header::len`] bytes of `out`.
     pub fn emit(&self, out: &mut [u8]) -> Result<usize, OverlayError> {
-        let fixed = out
-            .get_mut(..BASE_LEN)
-            .ok_or(OverlayError::BufferTooSmall)?;
-        fixed[0] = VERSION;
-        fixed[1] = self.msg_type as u8;
-        fixed[2] = BASE_LEN as u8;
-        fixed[3] = self.flags;
-        fixed[4..8].copy_from_slice(&self.epoch.to_be_bytes());
-        fixed[8..16].copy_from_slice(&self.sequence.to_be_bytes());
-        Ok(BASE_LEN)
+        let len = self.len();
+        let head = out.get_mut(..len).ok_or(OverlayError::BufferTooSmall)?;
+        head[0] = VERSION;
+        head[1] = self.msg_type as u8;
+        head[2] = len as u8;
+        head[3] = match self.peer_seq {
+            Some(_) => self.flags | FLAG_PEER_SEQ,
+            None => self.flags & !FLAG_PEER_SEQ,
+        };
+        head[4..8].copy_from_slice(&self.epoch.to_be_bytes());
+        head[8..16].copy_from_slice(&self.sequence.to_be_bytes());
+        if let Some(p) = self.peer_seq {
+            head[16..20].copy_from_slice(&p.instance.to_be_bytes());
+            head[20..24].fill(0);
+            head[24..32].copy_from_slice(&p.sequence.to_be_bytes());
+        }
+        Ok(len)
     }
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut v = [0u8; 8];
+    if let Some(src) = b.get(..8) {
+        v.copy_from_slice(src);
+    }
+    u64::from_be_bytes(v)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_seq_extension_round_trip() {
+        let p = PeerSeq {
+            instance: 0xdead_beef,
+            sequence: u64::MAX - 1,
+        };
+        let h = Header::data(5).with_peer_seq(p);
+        let mut buf = [0u8; 40];
+        assert_eq!(h.emit(&mut buf), Ok(MAX_LEN));
+        assert_eq!(buf[2] as usize, MAX_LEN);
+        let (back, off) = Header::parse(&buf).unwrap();
+        assert_eq!(back.peer_seq, Some(p));
+        assert_eq!(back.sequence, 5);
+        assert_eq!(off, MAX_LEN);
+        // Flag set but the header length leaves no room for the extension.
+        let mut short = buf;
+        short[2] = 24;
+        assert_eq!(Header::parse(&short), Err(OverlayError::BadHeaderLength));
+        assert_eq!(
+            Header::parse(&buf[..MAX_LEN - 1]),
+            Err(OverlayError::BadHeaderLength)
+        );
+        assert_eq!(h.emit(&mut [0u8; 20]), Err(OverlayError::BufferTooSmall));
+    }
+
+    #[test]
+    fn receiver_that_ignores_the_flag_skips_the_extension() {
+        // An older receiver only reads the fixed part and the header length.
+        let mut buf = [0u8; 48];
+        Header::data(9)
+            .with_peer_seq(PeerSeq {
+                instance: 1,
+                sequence: 2,
+            })
+            .emit(&mut buf)
+            .unwrap();
+        assert_eq!(usize::from(buf[2]), 32);
+        assert_eq!(be_u64(&buf[8..16]), 9);
+    }
 
     #[test]
     fn round_trip() {
@@ -153,6 +275,7 @@ mod tests {
             flags: 0x80,
             epoch: 7,
             sequence: 0x0102_0304_0506_0708,
+            peer_seq: None,
         };
         let mut buf = [0u8; 40];
         assert_eq!(h.emit(&mut buf), Ok(BASE_LEN));
