@@ -291,6 +291,9 @@ pub struct PeerConfig {
     pub policy: Policy,
     pub revert_hold: Duration,
     pub key_file: Option<PathBuf>,
+    /// A second key accepted on receive (never used to send), for key
+    /// rotation; requires `key_file`.
+    pub accept_key_file: Option<PathBuf>,
     /// Inner MTU override for the TUN.
     pub mtu: Option<u16>,
     /// Metric (priority) of the routes installed via the TUN; `None` leaves
@@ -405,6 +408,9 @@ impl Config {
         for peer in &self.peers {
             if let Some(k) = &peer.key_file {
                 wanted.push((format!("peer.{}.key_file", peer.name), k));
+            }
+            if let Some(k) = &peer.accept_key_file {
+                wanted.push((format!("peer.{}.accept_key_file", peer.name), k));
             }
             for path in &peer.paths {
                 if let Some(auth) = &path.bfd.auth {
@@ -761,6 +767,7 @@ struct RawPeer {
     policy: Policy,
     revert_hold: Option<Dur>,
     key_file: Option<PathBuf>,
+    accept_key_file: Option<PathBuf>,
     mtu: Option<u16>,
     route_metric: Option<u32>,
     #[serde(default)]
@@ -943,6 +950,14 @@ fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResult<PeerConf
             return invalid(at, &[k("key_file")], "must not be empty");
         }
     }
+    if let Some(kf) = &p.accept_key_file {
+        if kf.as_os_str().is_empty() {
+            return invalid(at, &[k("accept_key_file")], "must not be empty");
+        }
+        if p.key_file.is_none() {
+            return invalid(at, &[k("accept_key_file")], "needs key_file");
+        }
+    }
     let has_v6 = p.tun_addresses.iter().chain(&p.routes).any(Prefix::is_ipv6);
     if let Some(mtu) = p.mtu {
         let min = if has_v6 { MIN_MTU_V6 } else { MIN_MTU_V4 };
@@ -983,6 +998,7 @@ fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResult<PeerConf
         policy: p.policy,
         revert_hold,
         key_file: p.key_file,
+        accept_key_file: p.accept_key_file,
         mtu: p.mtu,
         route_metric: p.route_metric,
         paths,
@@ -2173,6 +2189,18 @@ mtu = 1400
         assert_err(&text, 4, "bfd.auth.secret_file", "must not be empty");
         let text = base_with("tun = \"xl-gcp\"\n", "tun = \"xl-gcp\"\nkey_file = \"\"\n");
         assert_err(&text, 7, "peer.gcp.key_file", "must not be empty");
+        let text = base_with(
+            "tun = \"xl-gcp\"\n",
+            "tun = \"xl-gcp\"\naccept_key_file = \"/k2\"\n",
+        );
+        assert_err(&text, 7, "peer.gcp.accept_key_file", "needs key_file");
+        let text = base_with(
+            "tun = \"xl-gcp\"\n",
+            "tun = \"xl-gcp\"\nkey_file = \"/k1\"\naccept_key_file = \"/k2\"\n",
+        );
+        let c = Config::parse(&text, "t.toml").unwrap();
+        let gcp = c.peers.iter().find(|p| p.name == "gcp").unwrap();
+        assert_eq!(gcp.accept_key_file, Some(PathBuf::from("/k2")));
         let text = base_with("name = \"gw\"\n", "name = \"gw\"\n[bfd]\nauth = { type = \"keyed-md5\", key_id = 256, secret_file = \"/k\" }\n");
         assert_err(&text, 4, "bfd.auth.key_id", "u8");
     }

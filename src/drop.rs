@@ -37,11 +37,19 @@ pub enum DropReason {
     DuplicateStale,
     /// Echo reply whose stamp is not one we sent recently.
     EchoStale,
+    /// Sealed message whose tag does not verify under the peer's keys.
+    AuthFailed,
+    /// Sealed data already received, older than the replay window, or
+    /// from an earlier run of the sender.
+    Replayed,
+    /// Plaintext message for a peer with a key, or sealed message for a
+    /// peer without one.
+    SealMismatch,
 }
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -58,6 +66,9 @@ impl DropReason {
         DropReason::Duplicate,
         DropReason::DuplicateStale,
         DropReason::EchoStale,
+        DropReason::AuthFailed,
+        DropReason::Replayed,
+        DropReason::SealMismatch,
     ];
 
     /// The metric label.
@@ -79,6 +90,9 @@ impl DropReason {
             DropReason::Duplicate => "duplicate",
             DropReason::DuplicateStale => "duplicate_stale",
             DropReason::EchoStale => "echo_stale",
+            DropReason::AuthFailed => "auth_failed",
+            DropReason::Replayed => "replayed",
+            DropReason::SealMismatch => "seal_mismatch",
         }
     }
 

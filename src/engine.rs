@@ -370,15 +370,15 @@ impl Engine {
             .path_by_addresses(local_ip, src.ip())
             .ok_or(DropReason::BfdUnknownSession)?;
         let path = &mut self.paths[usize::from(id.0)];
-        if let Some(ttl) = ttl {
-            // RFC 5881 §5 (GTSM): single hop must arrive with TTL 255.
-            let floor = match path.hop {
-                Hop::Single => 255,
-                Hop::Multi => path.min_ttl,
-            };
-            if ttl < floor {
-                return Err(DropReason::BfdTtl);
-            }
+        // RFC 5881 §5 (GTSM): single hop must arrive with TTL 255;
+        // RFC 5883 §5: multihop at least min_ttl. A packet whose TTL the
+        // shell could not learn fails closed.
+        let floor = match path.hop {
+            Hop::Single => 255,
+            Hop::Multi => path.min_ttl,
+        };
+        if ttl.unwrap_or(0) < floor {
+            return Err(DropReason::BfdTtl);
         }
         let packet = ControlPacket::parse(data).map_err(|_| DropReason::BfdMalformed)?;
         // The bytes the Length field covers: what a keyed digest is computed over.

@@ -19,7 +19,17 @@
 //! [`Echo::Reply`] carrying the stamp back, and [`echo_rtt`] turns the
 //! stamp into a round-trip time. The stamp is opaque to the peer; the
 //! shell chooses (and may obscure) it, so this module stays clock-free.
+//!
+//! A peer with a key uses the sealed variants instead: [`seal_data`] and
+//! [`seal_echo`] encrypt and authenticate in place (the header, with any
+//! extension, is the associated data; the tag goes after the payload,
+//! [`TRAILER`] bytes), and [`open`] checks the replay window,
+//! authenticates, decrypts in place and tells data from echo. Plaintext
+//! and sealed messages have distinct types, so a keyed peer refuses
+//! plaintext and an unkeyed one refuses sealed messages
+//! ([`DropReason::SealMismatch`]).
 
+use crate::crypto::{self, Keys, ReplayWindow, TAG_LEN};
 use crate::drop::DropReason;
 use crate::steer::Selection;
 use crate::wire::flow::FlowKey;
@@ -29,6 +39,18 @@ use std::ops::Range;
 
 /// Bytes reserved in front of the inner packet for the overlay header.
 pub const HEADROOM: usize = MAX_LEN;
+/// Bytes a sealed message carries after its payload (the tag).
+pub const TRAILER: usize = TAG_LEN;
+
+/// What a sender seals with on one path.
+#[derive(Clone, Copy, Debug)]
+pub struct Sealer<'a> {
+    pub keys: &'a Keys,
+    /// The sender's epoch (see [`crate::crypto`]).
+    pub epoch: u32,
+    /// [`crypto::path_salt`] of (local, remote).
+    pub salt: u64,
+}
 
 /// Where an outbound packet goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +100,9 @@ pub fn decapsulate(datagram: &[u8]) -> Result<(Header, &[u8]), DropReason> {
         OverlayError::BadVersion(_) | OverlayError::BadType(_) => DropReason::OverlayUnsupported,
         _ => DropReason::OverlayMalformed,
     })?;
+    if header.msg_type.is_sealed() {
+        return Err(DropReason::SealMismatch);
+    }
     if header.msg_type != MsgType::Data {
         return Err(DropReason::OverlayUnsupported);
     }
@@ -122,6 +147,132 @@ pub fn echo_rtt(sent: u64, now: u64, max_age: u64) -> Option<u64> {
     (rtt <= max_age).then_some(rtt)
 }
 
+/// Like [`encapsulate`], sealed: writes `header` as a
+/// [`MsgType::SealedData`] message of the sealer's epoch in front of the
+/// inner packet at `buf[HEADROOM..HEADROOM + inner_len]`, encrypts the
+/// packet in place and appends the tag. Returns where the datagram lies.
+pub fn seal_data(
+    buf: &mut [u8],
+    inner_len: usize,
+    header: &Header,
+    sealer: &Sealer,
+) -> Result<Range<usize>, DropReason> {
+    let header = Header {
+        msg_type: MsgType::SealedData,
+        epoch: sealer.epoch,
+        ..*header
+    };
+    let range = encapsulate(buf, inner_len, &header)?;
+    let total = range.end + TRAILER;
+    let datagram = buf.get_mut(range.start..total).ok_or(DropReason::TooBig)?;
+    seal_in_place(datagram, &header, HEADROOM - range.start, sealer)?;
+    Ok(range.start..total)
+}
+
+/// Writes a sealed echo message into `out`; returns its length.
+pub fn seal_echo(echo: Echo, out: &mut [u8], sealer: &Sealer) -> Result<usize, DropReason> {
+    let (msg_type, stamp) = match echo {
+        Echo::Request(s) => (MsgType::SealedEchoRequest, s),
+        Echo::Reply(s) => (MsgType::SealedEchoReply, s),
+    };
+    let header = Header {
+        epoch: sealer.epoch,
+        ..Header::echo(msg_type, stamp)
+    };
+    let hlen = header.len();
+    let total = hlen + TRAILER;
+    let datagram = out.get_mut(..total).ok_or(DropReason::TooBig)?;
+    header.emit(datagram).map_err(|_| DropReason::TooBig)?;
+    seal_in_place(datagram, &header, hlen, sealer)?;
+    Ok(total)
+}
+
+/// Seals `datagram = header (hlen) | payload | room for the tag`, the
+/// header already written.
+fn seal_in_place(
+    datagram: &mut [u8],
+    header: &Header,
+    hlen: usize,
+    sealer: &Sealer,
+) -> Result<(), DropReason> {
+    let nonce = crypto::nonce(
+        header.epoch,
+        header.sequence,
+        header.msg_type as u8,
+        sealer.salt,
+    );
+    let body_end = datagram
+        .len()
+        .checked_sub(TRAILER)
+        .filter(|&e| e >= hlen)
+        .ok_or(DropReason::TooBig)?;
+    let (head, rest) = datagram.split_at_mut(hlen);
+    let (payload, tail) = rest.split_at_mut(body_end - hlen);
+    let tag = sealer.keys.seal(&nonce, head, payload);
+    tail.copy_from_slice(&tag);
+    Ok(())
+}
+
+/// A message received from a keyed peer, opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Opened {
+    /// The header and the inner packet, decrypted in place, at this range
+    /// of the datagram.
+    Data(Header, Range<usize>),
+    /// An echo message and the sender's epoch (for [`crypto::EchoGuard`]).
+    Echo(Echo, u32),
+}
+
+/// Validates, authenticates and decrypts (in place) a datagram from a
+/// keyed peer. `salt` is [`crypto::path_salt`] of (remote, local). Data
+/// passes the path's replay `window`, which moves only for messages that
+/// authenticate.
+pub fn open(
+    datagram: &mut [u8],
+    keys: &Keys,
+    salt: u64,
+    window: &mut ReplayWindow,
+) -> Result<Opened, DropReason> {
+    let (header, hlen) = Header::parse(datagram).map_err(|e| match e {
+        OverlayError::BadVersion(_) | OverlayError::BadType(_) => DropReason::OverlayUnsupported,
+        _ => DropReason::OverlayMalformed,
+    })?;
+    if !header.msg_type.is_sealed() {
+        return Err(DropReason::SealMismatch);
+    }
+    let end = datagram
+        .len()
+        .checked_sub(TRAILER)
+        .filter(|&e| e >= hlen)
+        .ok_or(DropReason::OverlayMalformed)?;
+    let is_data = header.msg_type == MsgType::SealedData;
+    if is_data {
+        window
+            .check(header.epoch, header.sequence)
+            .map_err(|_| DropReason::Replayed)?;
+    }
+    let nonce = crypto::nonce(header.epoch, header.sequence, header.msg_type as u8, salt);
+    let (head, rest) = datagram.split_at_mut(hlen);
+    let (payload, tail) = rest.split_at_mut(end - hlen);
+    let tag: &[u8; TRAILER] = (&*tail)
+        .try_into()
+        .map_err(|_| DropReason::OverlayMalformed)?;
+    keys.open(&nonce, head, payload, tag)
+        .map_err(|_| DropReason::AuthFailed)?;
+    match header.msg_type {
+        MsgType::SealedEchoRequest => {
+            Ok(Opened::Echo(Echo::Request(header.sequence), header.epoch))
+        }
+        MsgType::SealedEchoReply => Ok(Opened::Echo(Echo::Reply(header.sequence), header.epoch)),
+        _ if is_data => {
+            window.commit(header.epoch, header.sequence);
+            check_inner(payload)?;
+            Ok(Opened::Data(header, hlen..end))
+        }
+        _ => Err(DropReason::OverlayUnsupported),
+    }
+}
+
 /// A cheap sanity check of an inner packet: IP version and minimum header.
 fn check_inner(inner: &[u8]) -> Result<(), DropReason> {
     let ok = match inner.first().map(|b| b >> 4) {
@@ -141,6 +292,7 @@ mod tests {
     use super::*;
     use crate::config::Policy;
     use crate::wire::flow::tests::udp4;
+    use crate::wire::overlay::{PeerSeq, BASE_LEN};
 
     fn sel(active: Option<PathId>) -> Selection {
         Selection {
@@ -241,6 +393,145 @@ mod tests {
         assert_eq!(echo_rtt(1_000, 1_500, 10_000), Some(500));
         assert_eq!(echo_rtt(2_000, 1_500, 10_000), None);
         assert_eq!(echo_rtt(0, 20_000, 10_000), None);
+    }
+
+    fn keys(b: u8) -> Keys {
+        Keys::new(&crypto::Key::from_bytes([b; 32]), None)
+    }
+
+    fn sealed(seq: u64, epoch: u32, k: &Keys, salt: u64) -> Vec<u8> {
+        let inner = udp4([198, 18, 10, 1], [198, 18, 30, 2], 1000, 2000, 64);
+        let mut buf = vec![0u8; 256];
+        buf[HEADROOM..HEADROOM + inner.len()].copy_from_slice(&inner);
+        let sealer = Sealer {
+            keys: k,
+            epoch,
+            salt,
+        };
+        let r = seal_data(&mut buf, inner.len(), &Header::data(seq), &sealer).unwrap();
+        assert_eq!(r.len(), BASE_LEN + inner.len() + TRAILER);
+        assert_ne!(&buf[HEADROOM..HEADROOM + inner.len()], &inner[..]);
+        buf[r].to_vec()
+    }
+
+    #[test]
+    fn seal_open_data() {
+        let k = keys(1);
+        let inner = udp4([198, 18, 10, 1], [198, 18, 30, 2], 1000, 2000, 64);
+        let mut w = ReplayWindow::default();
+        let mut d = sealed(1, 9, &k, 5);
+        let Opened::Data(h, r) = open(&mut d, &k, 5, &mut w).unwrap() else {
+            panic!("not data")
+        };
+        assert_eq!(&d[r], &inner[..]);
+        assert_eq!(
+            (h.msg_type, h.sequence, h.epoch),
+            (MsgType::SealedData, 1, 9)
+        );
+        // Replayed, wrong key, wrong path salt, tampered header.
+        let mut again = sealed(1, 9, &k, 5);
+        assert_eq!(open(&mut again, &k, 5, &mut w), Err(DropReason::Replayed));
+        let mut d2 = sealed(2, 9, &keys(2), 5);
+        assert_eq!(open(&mut d2, &k, 5, &mut w), Err(DropReason::AuthFailed));
+        let mut d3 = sealed(3, 9, &k, 5);
+        assert_eq!(open(&mut d3, &k, 6, &mut w), Err(DropReason::AuthFailed));
+        d3[3] ^= 0x80; // flags are authenticated too
+        assert_eq!(open(&mut d3, &k, 5, &mut w), Err(DropReason::AuthFailed));
+        // A forgery did not consume sequence 2 or 3.
+        let mut ok = sealed(3, 9, &k, 5);
+        assert!(open(&mut ok, &k, 5, &mut w).is_ok());
+        // Truncated: shorter than header + tag.
+        let mut short = sealed(4, 9, &k, 5);
+        assert_eq!(
+            open(&mut short[..BASE_LEN + 3], &k, 5, &mut w),
+            Err(DropReason::OverlayMalformed)
+        );
+        assert_eq!(
+            open(&mut short[..BASE_LEN + TRAILER], &k, 5, &mut w),
+            Err(DropReason::AuthFailed)
+        );
+    }
+
+    #[test]
+    fn sealed_and_plaintext_never_mix() {
+        let k = keys(1);
+        let mut w = ReplayWindow::default();
+        let inner = udp4([198, 18, 10, 1], [198, 18, 30, 2], 1000, 2000, 64);
+        let mut buf = vec![0u8; HEADROOM + inner.len()];
+        buf[HEADROOM..].copy_from_slice(&inner);
+        let r = encapsulate(&mut buf, inner.len(), &Header::data(1)).unwrap();
+        let mut plain = buf[r].to_vec();
+        assert_eq!(
+            open(&mut plain, &k, 0, &mut w),
+            Err(DropReason::SealMismatch)
+        );
+        let mut e = [0u8; 64];
+        let n = emit_echo(Echo::Request(1), &mut e).unwrap();
+        assert_eq!(
+            open(&mut e[..n], &k, 0, &mut w),
+            Err(DropReason::SealMismatch)
+        );
+        let d = sealed(1, 1, &k, 0);
+        assert_eq!(decapsulate(&d).unwrap_err(), DropReason::SealMismatch);
+        assert_eq!(parse_echo(&d), None);
+    }
+
+    #[test]
+    fn sealed_echo() {
+        let k = keys(7);
+        let mut w = ReplayWindow::default();
+        let sealer = Sealer {
+            keys: &k,
+            epoch: 3,
+            salt: 11,
+        };
+        let mut out = [0u8; 64];
+        let n = seal_echo(Echo::Reply(77), &mut out, &sealer).unwrap();
+        assert_eq!(n, BASE_LEN + TRAILER);
+        assert_eq!(parse_echo(&out[..n]), None);
+        assert_eq!(
+            open(&mut out[..n], &k, 11, &mut w),
+            Ok(Opened::Echo(Echo::Reply(77), 3))
+        );
+        out[8] ^= 1; // the stamp is authenticated
+        assert_eq!(
+            open(&mut out[..n], &k, 11, &mut w),
+            Err(DropReason::AuthFailed)
+        );
+        assert_eq!(
+            seal_echo(Echo::Request(1), &mut [0u8; 20], &sealer),
+            Err(DropReason::TooBig)
+        );
+    }
+
+    #[test]
+    fn sealed_with_peer_seq_extension() {
+        let k = keys(3);
+        let inner = udp4([198, 18, 10, 1], [198, 18, 30, 2], 1000, 2000, 64);
+        let mut buf = vec![0u8; 256];
+        buf[HEADROOM..HEADROOM + inner.len()].copy_from_slice(&inner);
+        let sealer = Sealer {
+            keys: &k,
+            epoch: 2,
+            salt: 1,
+        };
+        let ps = PeerSeq {
+            instance: 4,
+            sequence: 77,
+        };
+        let header = Header::data(1).with_peer_seq(ps);
+        let r = seal_data(&mut buf, inner.len(), &header, &sealer).unwrap();
+        let mut d = buf[r].to_vec();
+        // The extension is authenticated too.
+        let mut bad = d.clone();
+        bad[BASE_LEN + 15] ^= 1;
+        let mut w = ReplayWindow::default();
+        assert_eq!(open(&mut bad, &k, 1, &mut w), Err(DropReason::AuthFailed));
+        let Ok(Opened::Data(h, range)) = open(&mut d, &k, 1, &mut w) else {
+            panic!("does not open")
+        };
+        assert_eq!(h.peer_seq, Some(ps));
+        assert_eq!(&d[range], &inner[..]);
     }
 
     #[test]

@@ -186,6 +186,9 @@ pub struct LabOptions {
     pub revert_hold: Duration,
     /// Put `interface = "pathN"` on every path (carrier-loss detection).
     pub bind_interfaces: bool,
+    /// Seal the data plane with this pre-shared key (the key file's text,
+    /// see [`crate::crypto::Key::parse`]), written to `<dir>/peer.key`.
+    pub key: Option<String>,
 }
 
 impl LabOptions {
@@ -200,6 +203,7 @@ impl LabOptions {
             multiplier: 3,
             revert_hold: Duration::from_secs(2),
             bind_interfaces: false,
+            key: None,
         }
     }
 
@@ -689,8 +693,12 @@ impl Lab {
              [gateway]\nname = \"{gw}\"\ncontrol_socket = \"{sock}\"\n\n\
              [bfd]\ntx_interval = \"{tx}\"\nrx_interval = \"{rx}\"\nmultiplier = {mult}\n\n\
              [[peer]]\nname = \"{peer}\"\ntun = \"{tun}\"\ntun_addresses = [\"{tun_addr}\"]\n\
-             routes = [\"{route}\"]\npolicy = \"active-backup\"\nrevert_hold = \"{hold}\"\n",
+             routes = [\"{route}\"]\npolicy = \"active-backup\"\nrevert_hold = \"{hold}\"\n{key}",
             sock = self.socket_path(gw).display(),
+            key = match &o.key {
+                Some(_) => format!("key_file = \"{}\"\n", self.key_path().display()),
+                None => String::new(),
+            },
             tx = config_duration(o.tx_interval),
             rx = config_duration(o.rx_interval),
             mult = o.multiplier,
@@ -712,7 +720,25 @@ impl Lab {
         text
     }
 
+    /// Where the lab's key file is (when [`LabOptions::key`] is set).
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join("peer.key")
+    }
+
     fn write_configs(&self) -> Result<()> {
+        if let Some(key) = &self.opts.key {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let path = self.key_path();
+            let _ = fs::remove_file(&path);
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| f.write_all(key.as_bytes()))
+                .map_err(io_err(format!("writing {}", path.display())))?;
+        }
         for gw in Gw::ALL {
             let path = self.config_path(gw);
             fs::write(&path, self.config_text(gw))

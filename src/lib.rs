@@ -9,11 +9,13 @@
 //!  steer       per-peer path choice: active-backup, balance, duplicate; revert hold,
 //!              forced-down paths (carrier, send errors), flap damping
 //!  engine      the control plane: sessions + steering -> events, forwarding snapshots
-//!  forward     per-packet work: classify, encapsulate, decapsulate
+//!  crypto      data-plane AEAD (XChaCha20-Poly1305), key files, replay window
+//!  forward     per-packet work: classify, encapsulate, decapsulate, seal, open
 //!  dedup       `duplicate` policy: per-peer sequence window, first copy wins
 //!  io          the shell: TUN, sockets, netlink, threads, the clock
 //!  telemetry   counters, Prometheus metrics, status document, control socket
 //!  lab, probe, demo   the network-namespace lab used by `crosslink demo` and the tests
+//!  flood       junk generator for the bad-input tests (hidden `crosslink flood`)
 //! ```
 //!
 //! # A packet's way
@@ -35,10 +37,12 @@
 
 pub mod bfd;
 pub mod config;
+pub mod crypto;
 pub mod dedup;
 pub mod demo;
 pub mod drop;
 pub mod engine;
+pub mod flood;
 pub mod forward;
 pub mod io;
 pub mod lab;

@@ -55,6 +55,9 @@ enum Command {
     /// Traffic probe used by the demo and the tests.
     #[command(hide = true)]
     Probe(crosslink::probe::ProbeArgs),
+    /// Junk generator used by the bad-input tests.
+    #[command(hide = true)]
+    Flood(crosslink::flood::FloodArgs),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
         } => watch(&socket, interval),
         Command::Demo(args) => code(crosslink::demo::main(args)),
         Command::Probe(args) => code(crosslink::probe::main(args)),
+        Command::Flood(args) => code(crosslink::flood::main(args)),
     }
 }
 

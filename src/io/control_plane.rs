@@ -581,6 +581,11 @@ impl BfdThread {
                 .saturating_duration_since(self.meta.started)
                 .as_secs(),
             peers,
+            drops: crate::drop::DropReason::ALL
+                .iter()
+                .map(|&r| (r.as_str().to_string(), self.drops.get(r)))
+                .filter(|&(_, n)| n > 0)
+                .collect(),
         }
     }
 

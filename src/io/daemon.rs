@@ -13,13 +13,14 @@
 //! the TUN queue).
 
 use super::control_plane::{BfdThread, Command, CommandLink, Meta, NewPath, Plan};
-use super::data_plane::{FlowTable, PathIn, PathOut, TunOut};
+use super::data_plane::{FlowTable, PathIn, PathOut, SharedKeys, TunOut};
 use super::linkwatch::{self, LinkWatch, WatchedPath};
-use super::{clock, netlink::Netlink, notify, sys, tun, udp};
+use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
 use crate::config::{Config, ConfigError, PathConfig, PeerConfig, Policy};
+use crate::crypto::{self, EchoGuard, ReplayWindow};
 use crate::dedup::Window;
 use crate::engine::{check_secret, Engine, Forwarding, Secrets};
-use crate::forward::HEADROOM;
+use crate::forward::{HEADROOM, TRAILER};
 use crate::telemetry::metrics::{self, Metrics};
 use crate::telemetry::{control, DropCounters, PathCounters};
 use crate::wire::flow::mix;
@@ -124,16 +125,12 @@ fn only_bfd_timers_differ(a: &PathConfig, b: &PathConfig) -> bool {
     strip(a) == strip(b)
 }
 
-/// Settings this build parses but cannot honour yet. Running without them
-/// would silently weaken what the operator asked for, so refuse instead.
+/// Settings this build cannot honour (running without them would silently
+/// weaken what the operator asked for), and key files that do not hold a
+/// key: refused before anything changes.
 fn refuse_unsupported(config: &Config) -> Result<(), DaemonError> {
     for peer in &config.peers {
-        if peer.key_file.is_some() {
-            return Err(DaemonError::Setup(format!(
-                "peer {}: key_file: data-plane encryption is not available in this version; remove key_file to run unencrypted",
-                peer.name
-            )));
-        }
+        keys::load(peer).map_err(DaemonError::Setup)?;
     }
     Ok(())
 }
@@ -154,6 +151,8 @@ struct PeerRun {
     ifindex: u32,
     interrupt: Arc<InterruptEvent>,
     sender: Option<JoinHandle<TunOut>>,
+    /// The peer's keys, shared with its threads; swapped on reload.
+    keys: SharedKeys,
     /// The sending thread's state while it is stopped for a change.
     parked: Option<TunOut>,
     paths: Vec<PathRun>,
@@ -169,6 +168,8 @@ struct Shared {
     drops: Arc<DropCounters>,
     netlink: Netlink,
     stamp_key: u64,
+    /// This run's epoch: its start in Unix seconds (see [`crate::crypto`]).
+    epoch: u32,
 }
 
 /// The running gateway, as the shell sees it.
@@ -247,6 +248,7 @@ async fn run_async(
             drops: drops.clone(),
             netlink: Netlink::connect()?,
             stamp_key: mix(seed ^ 0xec40),
+            epoch: clock::unix_seconds(now) as u32,
         },
         peers: Vec::new(),
         rx_ips: Vec::new(),
@@ -367,8 +369,14 @@ async fn reload(path: &Path, running: &Config, gw: &mut Gateway) -> Option<Confi
         }
     };
     if new == *running {
-        metrics.set_reload_ok(true);
-        info!("reload: configuration unchanged");
+        // Key files may have new content under the same names.
+        let problems = gw.set_keys(&new).await;
+        metrics.set_reload_ok(problems.is_empty());
+        if problems.is_empty() {
+            info!("reload: configuration unchanged; keys reread");
+        } else {
+            error!(problems = %problems.join("; "), "reload: keys not reread");
+        }
         return Some(new);
     }
     for (what, changed) in [
@@ -401,9 +409,12 @@ fn bare(peer: &PeerConfig) -> PeerConfig {
 }
 
 /// What must stay the same for a peer to keep running (routes change in place).
+/// Keys change in place too ([`Gateway::set_keys`]).
 fn restart_key(peer: &PeerConfig) -> PeerConfig {
     PeerConfig {
         routes: Vec::new(),
+        key_file: None,
+        accept_key_file: None,
         ..bare(peer)
     }
 }
@@ -513,6 +524,7 @@ impl Gateway {
                 }
             }
         }
+        problems.extend(self.set_keys(want).await);
         self.plan_rx(want, &mut plan, &mut problems);
         // 3. Tell the control plane, then start the threads.
         let Some(applied) = self.shared.commands.apply(plan).await else {
@@ -542,6 +554,41 @@ impl Gateway {
             }
         }
         self.watch_links();
+        problems
+    }
+
+    /// (Re)reads every peer's key files and gives the keys to its threads;
+    /// a peer whose files do not load keeps the keys it has. Sealed
+    /// traffic starts only once this run's epoch second is over, so that
+    /// no later run can reuse it (see [`crate::crypto`]).
+    async fn set_keys(&mut self, want: &Config) -> Vec<String> {
+        let mut problems = Vec::new();
+        if want.peers.iter().any(|p| p.key_file.is_some()) {
+            let settled = Duration::from_secs(u64::from(self.shared.epoch) + 1);
+            let unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            if let Some(wait) = settled.checked_sub(unix) {
+                tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+            }
+        }
+        for peer in &mut self.peers {
+            let Some(w) = want.peers.iter().find(|w| w.name == peer.config.name) else {
+                continue;
+            };
+            match keys::load(w) {
+                Ok(k) => {
+                    let was = peer.keys.load().is_some();
+                    if was != k.is_some() {
+                        info!(peer = %w.name, encrypted = k.is_some(), "data-plane keys changed");
+                    }
+                    peer.keys.store(k.map(Arc::new));
+                    peer.config.key_file.clone_from(&w.key_file);
+                    peer.config.accept_key_file.clone_from(&w.accept_key_file);
+                }
+                Err(e) => problems.push(e),
+            }
+        }
         problems
     }
 
@@ -596,7 +643,12 @@ impl Gateway {
 
     /// Opens a new peer's TUN with its addresses and routes.
     async fn open_peer(&self, w: &PeerConfig) -> io::Result<PeerRun> {
-        let mtu = w.mtu.unwrap_or(default_mtu(w.policy));
+        let trailer = if w.key_file.is_some() {
+            TRAILER as u16
+        } else {
+            0
+        };
+        let mtu = w.mtu.unwrap_or(default_mtu(w.policy) - trailer);
         let dev = tun::open(&w.tun, mtu)?;
         let index = dev.if_index()?;
         for a in &w.tun_addresses {
@@ -615,6 +667,7 @@ impl Gateway {
         info!(peer = %w.name, tun = %w.tun, mtu, routes = w.routes.len(), "TUN up");
         let tun = Arc::new(dev);
         let interrupt = Arc::new(InterruptEvent::new()?);
+        let keys = SharedKeys::default();
         let parked = TunOut {
             peer: UNASSIGNED,
             tun: tun.clone(),
@@ -623,11 +676,14 @@ impl Gateway {
             drops: self.shared.drops.clone(),
             interrupt: interrupt.clone(),
             flows: FlowTable::default(),
+            keys: keys.clone(),
+            epoch: self.shared.epoch,
             commands: self.shared.commands.clone(),
             instance: (mix(self.shared.stamp_key ^ clock::nanos() ^ 0x6475_706c) >> 32) as u32,
             peer_sequence: 0,
         };
         Ok(PeerRun {
+            keys,
             id: UNASSIGNED,
             config: bare(w),
             tun,
@@ -697,6 +753,12 @@ impl Gateway {
             stop: stop.clone(),
             rtt,
             stamp_key: self.shared.stamp_key,
+            keys: peer.keys.clone(),
+            epoch: self.shared.epoch,
+            salt_out: crypto::path_salt(p.config.local, p.config.remote),
+            salt_in: crypto::path_salt(p.config.remote, p.config.local),
+            window: ReplayWindow::default(),
+            echo_guard: EchoGuard::default(),
             dedup: peer.dedup.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -720,6 +782,7 @@ impl Gateway {
                 remote: p.config.remote,
                 counters: p.counters,
                 sequence: 0,
+                salt: crypto::path_salt(p.config.local, p.config.remote),
                 last_error_report: None,
             });
         }

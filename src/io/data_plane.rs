@@ -9,6 +9,12 @@
 //! answers the peer's echo requests and, once a second, sends its own to
 //! measure the path's round-trip time ([`crate::forward::Echo`]).
 //!
+//! For a peer with a key, both threads read the peer's [`Keys`] from a
+//! shared [`ArcSwapOption`] on every packet (a reload swaps it without
+//! stopping anything) and use the sealed messages ([`seal_data`],
+//! [`seal_echo`], [`open`]); each `rx-*` thread owns its path's replay
+//! window.
+//!
 //! Under `duplicate` the sending thread numbers the peer's packets (one
 //! counter per peer, next to a random instance number) and the receive
 //! threads of all the peer's paths share one [`Window`] behind a mutex,
@@ -22,16 +28,18 @@
 use super::control_plane::{Command, CommandLink};
 use super::{clock, udp};
 use crate::config::Policy;
+use crate::crypto::{EchoGuard, Keys, ReplayWindow};
 use crate::dedup::{Verdict, Window};
 use crate::drop::DropReason;
 use crate::engine::Forwarding;
 use crate::forward::{
-    classify, decapsulate, echo_rtt, emit_echo, encapsulate, parse_echo, Echo, HEADROOM,
+    classify, decapsulate, echo_rtt, emit_echo, encapsulate, open, parse_echo, seal_data,
+    seal_echo, Echo, Opened, Sealer, HEADROOM, TRAILER,
 };
 use crate::telemetry::{DropCounters, PathCounters};
 use crate::wire::overlay::{Header, PeerSeq};
 use crate::{PathId, PeerId};
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -44,7 +52,10 @@ use tracing::{debug, error};
 use tun_rs::{InterruptEvent, SyncDevice};
 
 /// Largest datagram handled (inner packet plus overlay header).
-pub const BUF_LEN: usize = 65_535 + HEADROOM;
+pub const BUF_LEN: usize = 65_535 + HEADROOM + TRAILER;
+
+/// A peer's keys as the forwarding threads share them; `None`: cleartext.
+pub type SharedKeys = Arc<ArcSwapOption<Keys>>;
 /// Flows idle this long no longer count as active.
 const FLOW_IDLE: Duration = Duration::from_secs(30);
 const MAX_TRACKED_FLOWS: usize = 1 << 20;
@@ -65,6 +76,8 @@ pub struct PathOut {
     pub counters: Arc<PathCounters>,
     pub sequence: u64,
     pub last_error_report: Option<Instant>,
+    /// [`crate::crypto::path_salt`] of (local, remote).
+    pub salt: u64,
 }
 
 /// Reads a peer's TUN and sends each packet on its path.
@@ -81,6 +94,9 @@ pub struct TunOut {
     /// `duplicate`: this sender's instance number and the peer's last sequence.
     pub instance: u32,
     pub peer_sequence: u64,
+    pub keys: SharedKeys,
+    /// This run's epoch (see [`crate::crypto`]).
+    pub epoch: u32,
 }
 
 impl TunOut {
@@ -88,10 +104,13 @@ impl TunOut {
     /// restart it with a changed path table (sequence numbers kept).
     pub fn run(mut self) -> TunOut {
         let mut buf = vec![0u8; BUF_LEN];
+        // A second copy (duplicate policy) of a sealed packet is sealed
+        // from this plaintext copy.
+        let mut spare = vec![0u8; BUF_LEN];
         let mut last_sweep = clock::now();
         loop {
             let read = self.tun.recv_intr_timeout(
-                &mut buf[HEADROOM..],
+                &mut buf[HEADROOM..BUF_LEN - TRAILER],
                 &self.interrupt,
                 Some(SWEEP_EVERY),
             );
@@ -126,10 +145,14 @@ impl TunOut {
                             sequence: self.peer_sequence,
                         }
                     });
-                    self.send(placement.path, &mut buf, n, peer_seq, now);
+                    let keys = self.keys.load_full();
+                    let keys = keys.as_deref();
                     if let Some(copy) = placement.copy {
-                        self.send(copy, &mut buf, n, peer_seq, now);
+                        let len = HEADROOM + n;
+                        spare[..len].copy_from_slice(&buf[..len]);
+                        self.send(copy, &mut spare, n, peer_seq, keys, now);
                     }
+                    self.send(placement.path, &mut buf, n, peer_seq, keys, now);
                 }
                 Err(reason) => self.drops.count(reason),
             }
@@ -146,6 +169,7 @@ impl TunOut {
         buf: &mut [u8],
         inner_len: usize,
         peer_seq: Option<PeerSeq>,
+        keys: Option<&Keys>,
         now: Instant,
     ) {
         let Some(Some(path)) = self.paths.get_mut(usize::from(id.0)) else {
@@ -157,7 +181,18 @@ impl TunOut {
         if let Some(p) = peer_seq {
             header = header.with_peer_seq(p);
         }
-        let range = match encapsulate(buf, inner_len, &header) {
+        let framed = match keys {
+            Some(keys) => {
+                let sealer = Sealer {
+                    keys,
+                    epoch: self.epoch,
+                    salt: path.salt,
+                };
+                seal_data(buf, inner_len, &header, &sealer)
+            }
+            None => encapsulate(buf, inner_len, &header),
+        };
+        let range = match framed {
             Ok(r) => r,
             Err(reason) => return self.drops.count(reason),
         };
@@ -203,17 +238,31 @@ pub struct PathIn {
     /// XORed into echo stamps, so that a forged reply does not decode to a
     /// plausible send time.
     pub stamp_key: u64,
+    pub keys: SharedKeys,
+    pub epoch: u32,
+    /// [`crate::crypto::path_salt`] of (local, remote), for what we send.
+    pub salt_out: u64,
+    /// [`crate::crypto::path_salt`] of (remote, local), for what we receive.
+    pub salt_in: u64,
+    pub window: ReplayWindow,
+    pub echo_guard: EchoGuard,
 }
 
 impl PathIn {
-    pub fn run(self) {
+    pub fn run(mut self) {
         let mut buf = vec![0u8; BUF_LEN];
         let mut next_echo = clock::now();
         while !self.stop.load(Ordering::Relaxed) {
             let now = clock::now();
             if now >= next_echo {
                 next_echo = now + ECHO_INTERVAL;
-                self.send_echo(Echo::Request(clock::nanos() ^ self.stamp_key));
+                // Sealed stamps need no obscuring, and must increase (EchoGuard).
+                let stamp = match self.keys.load().is_some() {
+                    true => clock::nanos(),
+                    false => clock::nanos() ^ self.stamp_key,
+                };
+                self.echo_guard.sent(stamp);
+                self.send_echo(Echo::Request(stamp));
             }
             let (n, src) = match self.socket.recv_from(&mut buf) {
                 Ok(r) => r,
@@ -234,6 +283,12 @@ impl PathIn {
             };
             if src != self.remote {
                 self.drops.count(DropReason::UnknownSource);
+                continue;
+            }
+            if let Some(keys) = self.keys.load_full() {
+                if let Some(datagram) = buf.get_mut(..n) {
+                    self.receive_sealed(&keys, datagram);
+                }
                 continue;
             }
             let Some(datagram) = buf.get(..n) else {
@@ -266,9 +321,45 @@ impl PathIn {
 }
 
 impl PathIn {
+    fn receive_sealed(&mut self, keys: &Keys, datagram: &mut [u8]) {
+        match open(datagram, keys, self.salt_in, &mut self.window) {
+            Ok(Opened::Data(header, range)) => {
+                let inner = datagram.get(range).unwrap_or_default();
+                self.deliver(header.peer_seq, inner);
+            }
+            Ok(Opened::Echo(Echo::Request(stamp), epoch)) => {
+                if self.echo_guard.request(epoch, stamp) {
+                    self.send_echo(Echo::Reply(stamp));
+                } else {
+                    self.drops.count(DropReason::Replayed);
+                }
+            }
+            Ok(Opened::Echo(Echo::Reply(stamp), _)) => {
+                if self.echo_guard.reply(stamp) {
+                    self.record_rtt(stamp);
+                } else {
+                    self.drops.count(DropReason::EchoStale);
+                }
+            }
+            Err(reason) => self.drops.count(reason),
+        }
+    }
+
     fn send_echo(&self, echo: Echo) {
-        let mut msg = [0u8; HEADROOM];
-        if let Ok(n) = emit_echo(echo, &mut msg) {
+        let mut msg = [0u8; HEADROOM + TRAILER];
+        let keys = self.keys.load_full();
+        let framed = match keys.as_deref() {
+            Some(keys) => {
+                let sealer = Sealer {
+                    keys,
+                    epoch: self.epoch,
+                    salt: self.salt_out,
+                };
+                seal_echo(echo, &mut msg, &sealer)
+            }
+            None => emit_echo(echo, &mut msg),
+        };
+        if let Ok(n) = framed {
             if self.socket.send_to(&msg[..n], self.remote).is_err() {
                 self.drops.count(DropReason::PathSend);
             }
@@ -278,16 +369,19 @@ impl PathIn {
     fn on_echo(&self, echo: Echo) {
         match echo {
             Echo::Request(stamp) => self.send_echo(Echo::Reply(stamp)),
-            Echo::Reply(stamp) => {
-                let max = ECHO_MAX_AGE.as_nanos() as u64;
-                match echo_rtt(stamp ^ self.stamp_key, clock::nanos(), max) {
-                    Some(ns) => {
-                        self.counters.rtt_ns.store(ns.max(1), Ordering::Relaxed);
-                        self.rtt.record(Duration::from_nanos(ns).as_secs_f64());
-                    }
-                    None => self.drops.count(DropReason::EchoStale),
-                }
+            Echo::Reply(stamp) => self.record_rtt(stamp ^ self.stamp_key),
+        }
+    }
+
+    /// Records the round trip of a reply to the request stamped `sent`.
+    fn record_rtt(&self, sent: u64) {
+        let max = ECHO_MAX_AGE.as_nanos() as u64;
+        match echo_rtt(sent, clock::nanos(), max) {
+            Some(ns) => {
+                self.counters.rtt_ns.store(ns.max(1), Ordering::Relaxed);
+                self.rtt.record(Duration::from_nanos(ns).as_secs_f64());
             }
+            None => self.drops.count(DropReason::EchoStale),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod clock;
 pub mod control_plane;
 pub mod daemon;
 pub mod data_plane;
+pub mod keys;
 pub mod linkwatch;
 pub mod netlink;
 pub mod notify;

@@ -2,6 +2,13 @@
 //! connection sends one request line and reads one JSON answer.
 //!
 //! Requests: `status`. The answer is the [`Status`] document.
+//!
+//! Besides the file mode, every connection's peer credentials
+//! (`SO_PEERCRED`) are checked: only root and the daemon's own user are
+//! answered, so a socket file made reachable by mistake (a permissive
+//! directory, a bind mount) still leaks nothing. At most
+//! [`MAX_CLIENTS`] connections are served at a time; more wait in the
+//! listen backlog.
 
 use super::status::Status;
 use std::io::{self, Read, Write};
@@ -14,6 +21,14 @@ use tokio::net::UnixListener;
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 256;
+/// Connections served at once.
+pub const MAX_CLIENTS: usize = 16;
+
+/// Whether a client with user id `uid` may use the socket of a daemon
+/// running as `own`.
+pub fn allowed(uid: u32, own: Option<u32>) -> bool {
+    uid == 0 || Some(uid) == own
+}
 
 /// Binds the control socket, replacing a stale one, with mode 0600.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
@@ -42,12 +57,32 @@ where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Option<Status>> + Send,
 {
+    let own = own_uid();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        match stream.peer_cred() {
+            Ok(cred) if allowed(cred.uid(), own) => {}
+            Ok(cred) => {
+                tracing::warn!(
+                    uid = cred.uid(),
+                    "control socket: refused a client of another user"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket: no peer credentials; refused");
+                continue;
+            }
+        }
         let status = status.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let (rd, mut wr) = stream.into_split();
             let mut line = String::new();
             let mut reader = BufReader::new(rd.take(MAX_REQUEST as u64));
@@ -94,7 +129,26 @@ pub fn request_status(path: &Path) -> io::Result<Status> {
     })
 }
 
+/// The daemon's effective user id: the owner of its /proc entry.
+fn own_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
 /// The default socket path.
 pub fn default_path() -> PathBuf {
     PathBuf::from("/run/crosslink/crosslink.sock")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_root_and_own_user() {
+        use super::allowed;
+        assert!(allowed(0, Some(1000)));
+        assert!(allowed(1000, Some(1000)));
+        assert!(!allowed(1001, Some(1000)));
+        assert!(!allowed(1001, None));
+        assert!(allowed(0, None));
+    }
 }

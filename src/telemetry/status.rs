@@ -9,6 +9,10 @@ pub struct Status {
     pub version: String,
     pub uptime_seconds: u64,
     pub peers: Vec<PeerStatus>,
+    /// Packets dropped since start, by reason (the labels of
+    /// `crosslink_packets_dropped_total`); reasons at zero are left out.
+    #[serde(default)]
+    pub drops: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -183,6 +187,7 @@ mod tests {
 
     pub(crate) fn sample() -> Status {
         Status {
+            drops: Default::default(),
             gateway: "onprem-1".into(),
             version: "0.1.0".into(),
             uptime_seconds: 75,

@@ -63,14 +63,34 @@ pub enum MsgType {
     EchoRequest = 2,
     /// The answer to an [`MsgType::EchoRequest`].
     EchoReply = 3,
+    /// [`MsgType::Data`] sealed with the peer's key: the payload is the
+    /// encrypted inner packet followed by a 16-byte tag
+    /// ([`crate::crypto`]). A distinct type, so that a sealed payload is
+    /// never mistaken for a plaintext one or the other way round.
+    SealedData = 4,
+    /// [`MsgType::EchoRequest`], authenticated (payload: the tag only).
+    SealedEchoRequest = 5,
+    /// [`MsgType::EchoReply`], authenticated (payload: the tag only).
+    SealedEchoReply = 6,
 }
 
 impl MsgType {
+    /// Whether the message is sealed with the peer's key.
+    pub fn is_sealed(self) -> bool {
+        matches!(
+            self,
+            MsgType::SealedData | MsgType::SealedEchoRequest | MsgType::SealedEchoReply
+        )
+    }
+
     fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(MsgType::Data),
             2 => Some(MsgType::EchoRequest),
             3 => Some(MsgType::EchoReply),
+            4 => Some(MsgType::SealedData),
+            5 => Some(MsgType::SealedEchoRequest),
+            6 => Some(MsgType::SealedEchoReply),
             _ => None,
         }
     }
@@ -324,6 +344,9 @@ mod tests {
         assert_eq!(Header::parse(&t), Err(OverlayError::BadType(0)));
         t[1] = 9;
         assert_eq!(Header::parse(&t), Err(OverlayError::BadType(9)));
+        t[1] = 4;
+        assert_eq!(Header::parse(&t).unwrap().0.msg_type, MsgType::SealedData);
+        assert!(MsgType::SealedData.is_sealed() && !MsgType::Data.is_sealed());
         let mut l = good;
         l[2] = 8;
         assert_eq!(Header::parse(&l), Err(OverlayError::BadHeaderLength));

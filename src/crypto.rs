@@ -1,0 +1,572 @@
+//! Data-plane authenticated encryption, sans-IO.
+//!
+//! A peer with a `key_file` seals every overlay message (data and echo)
+//! with XChaCha20-Poly1305 under a pre-shared 32-byte key. The extended
+//! (24-byte) nonce of the XChaCha variant leaves room to make every
+//! (key, nonce) pair unique without any per-packet state beyond the
+//! sequence number the overlay header already carries:
+//!
+//! ```text
+//!  nonce = epoch (4) | sequence (8) | message type (1) | 0 (3) | path salt (8)
+//! ```
+//!
+//! - `epoch` is the sender's start time in Unix seconds, carried in the
+//!   header's epoch field. The daemon does not send sealed traffic before
+//!   that second is over, so two runs of one gateway never share an epoch
+//!   (as long as the wall clock does not step back across a restart).
+//! - `sequence` is the per-path counter (data) or the echo stamp (echo
+//!   messages, strictly increasing within a run); the message type keeps
+//!   those two number spaces apart.
+//! - `path salt` ([`path_salt`]) hashes the sender's (local, remote) socket
+//!   addresses: every path and each of its two directions has its own.
+//!
+//! The datagram is `header | ciphertext | tag (16)`; the header (with any
+//! extensions) is the associated data, so nothing in it can be altered.
+//! Sealing and opening work in place on the caller's buffer.
+//!
+//! Key rotation: a peer holds a sending key and optionally one more key
+//! that is accepted on receive ([`Keys`]). Receivers try the sending key
+//! first, then the other. See the README's "Key rotation" for the
+//! two-step procedure that changes keys without dropping a packet.
+//!
+//! Replay: each path's receiver keeps a [`ReplayWindow`] of the last
+//! [`WINDOW`] sequence numbers of the sender's current epoch (RFC 4303
+//! section 3.4.3 describes the same sliding-window idea for IPsec).
+
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use thiserror::Error;
+use zeroize::Zeroize;
+
+/// Length of a key in bytes.
+pub const KEY_LEN: usize = 32;
+/// Length of the authentication tag appended to a sealed message.
+pub const TAG_LEN: usize = 16;
+/// Width of the replay window in sequence numbers.
+pub const WINDOW: u64 = 1024;
+const WORDS: usize = (WINDOW / 64) as usize;
+
+/// A pre-shared key. Never printed: `Debug` shows only that it exists.
+#[derive(Clone)]
+pub struct Key([u8; KEY_LEN]);
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Key(<redacted>)")
+    }
+}
+
+impl Drop for Key {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// Why a key file's content was refused. Never includes the content.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum KeyError {
+    #[error(
+        "expected one line with 64 hex digits or the base64 of 32 bytes; found {0} characters"
+    )]
+    BadLength(usize),
+    #[error("not valid hex or base64")]
+    BadEncoding,
+    #[error("base64 decodes to {0} bytes; a key has exactly 32")]
+    WrongSize(usize),
+}
+
+impl Key {
+    /// A key from raw bytes.
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Key {
+        Key(bytes)
+    }
+
+    /// Parses a key file: one line, surrounding whitespace ignored, either
+    /// 64 hexadecimal digits or standard base64 (44 characters, padded) of
+    /// exactly 32 bytes.
+    pub fn parse(text: &str) -> Result<Key, KeyError> {
+        let t = text.trim();
+        let mut out = [0u8; KEY_LEN];
+        if t.len() == 2 * KEY_LEN && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            for (o, pair) in out.iter_mut().zip(t.as_bytes().chunks_exact(2)) {
+                *o = (hex_val(pair[0]) << 4) | hex_val(pair[1]);
+            }
+            return Ok(Key(out));
+        }
+        if t.len() != 44 {
+            return Err(KeyError::BadLength(t.chars().count()));
+        }
+        let n = base64_decode(t.as_bytes(), &mut out)?;
+        if n != KEY_LEN {
+            out.zeroize();
+            return Err(KeyError::WrongSize(n));
+        }
+        Ok(Key(out))
+    }
+
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(&self.0.into())
+    }
+}
+
+fn hex_val(b: u8) -> u8 {
+    match b {
+        b'0'..=b'9' => b - b'0',
+        b'a'..=b'f' => b - b'a' + 10,
+        b'A'..=b'F' => b - b'A' + 10,
+        _ => 0,
+    }
+}
+
+fn b64_val(b: u8) -> Option<u32> {
+    let v = match b {
+        b'A'..=b'Z' => b - b'A',
+        b'a'..=b'z' => b - b'a' + 26,
+        b'0'..=b'9' => b - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => return None,
+    };
+    Some(u32::from(v))
+}
+
+/// Decodes padded standard base64 into `out`; returns the byte count.
+fn base64_decode(text: &[u8], out: &mut [u8]) -> Result<usize, KeyError> {
+    if text.len() % 4 != 0 {
+        return Err(KeyError::BadEncoding);
+    }
+    let mut n = 0;
+    let quads = text.len() / 4;
+    for (q, quad) in text.chunks_exact(4).enumerate() {
+        let pad = quad.iter().rev().take_while(|&&b| b == b'=').count();
+        if pad > 2 || (pad > 0 && q + 1 != quads) {
+            return Err(KeyError::BadEncoding);
+        }
+        let mut acc = 0u32;
+        for &b in &quad[..4 - pad] {
+            acc = (acc << 6) | b64_val(b).ok_or(KeyError::BadEncoding)?;
+        }
+        acc <<= 6 * pad as u32;
+        let bytes = acc.to_be_bytes();
+        for &b in &bytes[1..4 - pad] {
+            *out.get_mut(n).ok_or(KeyError::WrongSize(n + 1))? = b;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// A peer's keys: the one it seals with and, during a rotation, one more
+/// that it also accepts.
+#[derive(Clone)]
+pub struct Keys {
+    send: XChaCha20Poly1305,
+    accept: Option<XChaCha20Poly1305>,
+}
+
+impl fmt::Debug for Keys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keys")
+            .field("send", &"<redacted>")
+            .field("accept", &self.accept.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Keys {
+    pub fn new(send: &Key, accept: Option<&Key>) -> Keys {
+        Keys {
+            send: send.cipher(),
+            accept: accept.map(Key::cipher),
+        }
+    }
+
+    /// Encrypts `payload` in place and returns the tag to append.
+    pub fn seal(&self, nonce: &XNonce, aad: &[u8], payload: &mut [u8]) -> [u8; TAG_LEN] {
+        // Fails only for payloads beyond 256 GiB; an empty tag then fails to open.
+        self.send
+            .encrypt_in_place_detached(nonce, aad, payload)
+            .map(Into::into)
+            .unwrap_or([0; TAG_LEN])
+    }
+
+    /// Checks the tag and decrypts `payload` in place. On failure the
+    /// payload is left as it was.
+    pub fn open(
+        &self,
+        nonce: &XNonce,
+        aad: &[u8],
+        payload: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<(), OpenError> {
+        let tag = Tag::from_slice(tag);
+        if self
+            .send
+            .decrypt_in_place_detached(nonce, aad, payload, tag)
+            .is_ok()
+        {
+            return Ok(());
+        }
+        match &self.accept {
+            Some(c) => c
+                .decrypt_in_place_detached(nonce, aad, payload, tag)
+                .map_err(|_| OpenError),
+            None => Err(OpenError),
+        }
+    }
+}
+
+/// The message did not authenticate under any of the peer's keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenError;
+
+/// The nonce of one message (see the module documentation).
+pub fn nonce(epoch: u32, sequence: u64, msg_type: u8, salt: u64) -> XNonce {
+    let mut n = [0u8; 24];
+    n[..4].copy_from_slice(&epoch.to_be_bytes());
+    n[4..12].copy_from_slice(&sequence.to_be_bytes());
+    n[12] = msg_type;
+    n[16..].copy_from_slice(&salt.to_be_bytes());
+    n.into()
+}
+
+/// The nonce salt of messages sent from `from` to `to`: FNV-1a over both
+/// socket addresses, so each path and direction has its own nonce space.
+pub fn path_salt(from: SocketAddr, to: SocketAddr) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for a in [from, to] {
+        match a.ip() {
+            IpAddr::V4(v4) => eat(&v4.octets()),
+            IpAddr::V6(v6) => eat(&v6.octets()),
+        }
+        eat(&a.port().to_be_bytes());
+    }
+    h
+}
+
+/// Why the replay window refused a sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replay {
+    /// Seen before.
+    Duplicate,
+    /// Older than the window.
+    TooOld,
+    /// From an earlier run of the sender than the one the window follows.
+    StaleEpoch,
+}
+
+/// The sequence numbers recently accepted on a path, for one epoch of
+/// the sender. [`ReplayWindow::check`] before authenticating (cheap
+/// rejection), [`ReplayWindow::commit`] after, so forged packets never
+/// move the window.
+#[derive(Clone, Debug, Default)]
+pub struct ReplayWindow {
+    epoch: u32,
+    /// Highest accepted sequence; 0 means none yet (senders start at 1).
+    top: u64,
+    /// Bit `i` (word i / 64, bit i % 64) set: `top - i` was accepted.
+    bits: [u64; WORDS],
+}
+
+impl ReplayWindow {
+    /// Whether `(epoch, sequence)` may be new.
+    pub fn check(&self, epoch: u32, sequence: u64) -> Result<(), Replay> {
+        if epoch < self.epoch {
+            return Err(Replay::StaleEpoch);
+        }
+        if epoch > self.epoch || sequence > self.top {
+            return Ok(());
+        }
+        let age = self.top - sequence;
+        if age >= WINDOW {
+            return Err(Replay::TooOld);
+        }
+        if self.bit(age) {
+            Err(Replay::Duplicate)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Records an authenticated `(epoch, sequence)`; call only after
+    /// [`ReplayWindow::check`] passed and the message opened.
+    pub fn commit(&mut self, epoch: u32, sequence: u64) {
+        if epoch > self.epoch {
+            *self = ReplayWindow {
+                epoch,
+                ..ReplayWindow::default()
+            };
+        }
+        if sequence > self.top {
+            self.shift(sequence - self.top);
+            self.top = sequence;
+        }
+        let age = self.top - sequence;
+        if age < WINDOW {
+            self.bits[(age / 64) as usize] |= 1 << (age % 64);
+        }
+    }
+
+    fn bit(&self, age: u64) -> bool {
+        self.bits[(age / 64) as usize] & (1 << (age % 64)) != 0
+    }
+
+    /// Ages every entry by `by`.
+    fn shift(&mut self, by: u64) {
+        if by >= WINDOW {
+            self.bits = [0; WORDS];
+            return;
+        }
+        let words = (by / 64) as usize;
+        let bits = (by % 64) as u32;
+        for i in (0..WORDS).rev() {
+            let src = i.checked_sub(words);
+            let hi = src.map_or(0, |s| self.bits[s] << bits);
+            let lo = match (src.and_then(|s| s.checked_sub(1)), bits) {
+                (Some(s), b) if b > 0 => self.bits[s] >> (64 - b),
+                _ => 0,
+            };
+            self.bits[i] = hi | lo;
+        }
+    }
+}
+
+/// Replay protection for sealed echo messages, whose sequence field is a
+/// stamp rather than a counter: a request must carry a newer (epoch,
+/// stamp) than any request accepted before (senders stamp with a clock
+/// that only moves forward), and a reply must answer the request sent
+/// last, once.
+#[derive(Clone, Debug, Default)]
+pub struct EchoGuard {
+    last_request: Option<(u32, u64)>,
+    outstanding: Option<u64>,
+}
+
+impl EchoGuard {
+    /// We sent a request stamped `stamp`.
+    pub fn sent(&mut self, stamp: u64) {
+        self.outstanding = Some(stamp);
+    }
+
+    /// An authenticated request arrived: true if it is new (and answer it).
+    pub fn request(&mut self, epoch: u32, stamp: u64) -> bool {
+        let fresh = self.last_request.is_none_or(|last| (epoch, stamp) > last);
+        if fresh {
+            self.last_request = Some((epoch, stamp));
+        }
+        fresh
+    }
+
+    /// An authenticated reply arrived: true if it answers our last request
+    /// and is the first to do so.
+    pub fn reply(&mut self, stamp: u64) -> bool {
+        let ours = self.outstanding == Some(stamp);
+        if ours {
+            self.outstanding = None;
+        }
+        ours
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+    fn key(b: u8) -> Key {
+        Key::from_bytes([b; KEY_LEN])
+    }
+
+    #[test]
+    fn key_file_formats() {
+        let k = Key::parse(&format!("  {HEX}\n")).unwrap();
+        assert_eq!(k.0[31], 0x1f);
+        let b64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        assert_eq!(Key::parse(b64).unwrap().0, k.0);
+        assert_eq!(Key::parse(&HEX[..62]).unwrap_err(), KeyError::BadLength(62));
+        assert_eq!(Key::parse("").unwrap_err(), KeyError::BadLength(0));
+        let short_b64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwd"; // 40 chars
+        assert!(Key::parse(short_b64).is_err());
+        let b64_33 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g"; // 33 bytes, 44 chars
+        assert_eq!(Key::parse(b64_33).unwrap_err(), KeyError::WrongSize(33));
+        assert_eq!(
+            Key::parse("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh*=").unwrap_err(),
+            KeyError::BadEncoding
+        );
+        let text = format!("{:?} {:?}", k, Keys::new(&k, Some(&k)));
+        assert!(!text.contains("1f") && text.contains("redacted"), "{text}");
+    }
+
+    #[test]
+    fn seal_open_round_trip_and_tamper() {
+        let keys = Keys::new(&key(1), None);
+        let n = nonce(7, 1, 4, 99);
+        let mut msg = *b"hello, inner packet";
+        let tag = keys.seal(&n, b"hdr", &mut msg);
+        assert_ne!(&msg, b"hello, inner packet");
+        let mut copy = msg;
+        keys.open(&n, b"hdr", &mut copy, &tag).unwrap();
+        assert_eq!(&copy, b"hello, inner packet");
+        // Wrong AAD, nonce, tag, ciphertext, key: all refused, buffer untouched.
+        let mut c = msg;
+        assert_eq!(keys.open(&n, b"hdX", &mut c, &tag), Err(OpenError));
+        assert_eq!(c, msg);
+        assert!(keys
+            .open(&nonce(7, 2, 4, 99), b"hdr", &mut c, &tag)
+            .is_err());
+        assert!(keys
+            .open(&nonce(7, 1, 4, 98), b"hdr", &mut c, &tag)
+            .is_err());
+        assert!(keys
+            .open(&nonce(7, 1, 5, 99), b"hdr", &mut c, &tag)
+            .is_err());
+        let mut bad_tag = tag;
+        bad_tag[0] ^= 1;
+        assert!(keys.open(&n, b"hdr", &mut c, &bad_tag).is_err());
+        c[3] ^= 0x40;
+        assert!(keys.open(&n, b"hdr", &mut c, &tag).is_err());
+        let other = Keys::new(&key(2), None);
+        let mut c = msg;
+        assert!(other.open(&n, b"hdr", &mut c, &tag).is_err());
+    }
+
+    #[test]
+    fn rotation_accepts_both_keys() {
+        let old = Keys::new(&key(1), None);
+        let new = Keys::new(&key(2), None);
+        // Mid-rotation receiver: sends with new, accepts old too.
+        let rx = Keys::new(&key(2), Some(&key(1)));
+        let n = nonce(1, 1, 4, 0);
+        for sender in [&old, &new] {
+            let mut m = *b"data";
+            let tag = sender.seal(&n, b"", &mut m);
+            rx.open(&n, b"", &mut m, &tag).unwrap();
+            assert_eq!(&m, b"data");
+        }
+        let mut m = *b"data";
+        let tag = Keys::new(&key(3), None).seal(&n, b"", &mut m);
+        assert!(rx.open(&n, b"", &mut m, &tag).is_err());
+    }
+
+    #[test]
+    fn salts_differ_per_path_and_direction() {
+        let a: SocketAddr = "198.18.1.1:4000".parse().unwrap();
+        let b: SocketAddr = "198.18.1.2:4000".parse().unwrap();
+        let c: SocketAddr = "198.18.2.1:4000".parse().unwrap();
+        let d: SocketAddr = "198.18.2.2:4000".parse().unwrap();
+        let salts = [
+            path_salt(a, b),
+            path_salt(b, a),
+            path_salt(c, d),
+            path_salt(d, c),
+        ];
+        let set: std::collections::HashSet<_> = salts.iter().collect();
+        assert_eq!(set.len(), 4);
+        assert_ne!(nonce(1, 1, 4, salts[0]), nonce(1, 1, 4, salts[1]));
+    }
+
+    fn accept(w: &mut ReplayWindow, epoch: u32, seq: u64) -> Result<(), Replay> {
+        w.check(epoch, seq)?;
+        w.commit(epoch, seq);
+        Ok(())
+    }
+
+    #[test]
+    fn window_in_order_and_duplicates() {
+        let mut w = ReplayWindow::default();
+        for s in 1..=3000 {
+            assert_eq!(accept(&mut w, 5, s), Ok(()));
+        }
+        assert_eq!(accept(&mut w, 5, 3000), Err(Replay::Duplicate));
+        assert_eq!(accept(&mut w, 5, 2000), Err(Replay::Duplicate));
+        assert_eq!(accept(&mut w, 5, 3000 - 1024), Err(Replay::TooOld));
+        assert_eq!(accept(&mut w, 5, 1), Err(Replay::TooOld));
+    }
+
+    #[test]
+    fn window_reordered() {
+        let mut w = ReplayWindow::default();
+        for s in [10, 8, 9, 1, 300, 200, 299, 5] {
+            assert_eq!(accept(&mut w, 1, s), Ok(()), "seq {s}");
+        }
+        for s in [10, 8, 9, 1, 300, 200, 299, 5] {
+            assert_eq!(accept(&mut w, 1, s), Err(Replay::Duplicate), "seq {s}");
+        }
+        assert_eq!(accept(&mut w, 1, 2), Ok(()));
+        // Edges of the window: 300 - 1023 is inside, 300 - 1024 is not.
+        let mut w = ReplayWindow::default();
+        accept(&mut w, 1, 2000).unwrap();
+        assert_eq!(accept(&mut w, 1, 2000 - 1023), Ok(()));
+        assert_eq!(accept(&mut w, 1, 2000 - 1023), Err(Replay::Duplicate));
+        assert_eq!(accept(&mut w, 1, 2000 - 1024), Err(Replay::TooOld));
+    }
+
+    #[test]
+    fn window_jump_and_shift_across_words() {
+        let mut w = ReplayWindow::default();
+        accept(&mut w, 1, 5).unwrap();
+        accept(&mut w, 1, 70).unwrap(); // shift 65: crosses a word
+        assert_eq!(accept(&mut w, 1, 5), Err(Replay::Duplicate));
+        assert_eq!(accept(&mut w, 1, 6), Ok(()));
+        accept(&mut w, 1, 1_000_000).unwrap(); // jump past the window
+        assert_eq!(accept(&mut w, 1, 70), Err(Replay::TooOld));
+        assert_eq!(accept(&mut w, 1, 999_999), Ok(()));
+        assert_eq!(accept(&mut w, 1, 1_000_000), Err(Replay::Duplicate));
+        // Every shift amount keeps exactly the accepted set.
+        for by in 1..200u64 {
+            let mut w = ReplayWindow::default();
+            accept(&mut w, 1, 100).unwrap();
+            accept(&mut w, 1, 100 + by).unwrap();
+            for s in 1..100 + by {
+                let want = if s == 100 {
+                    Err(Replay::Duplicate)
+                } else {
+                    Ok(())
+                };
+                assert_eq!(w.check(1, s), want, "by {by} seq {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn echo_guard() {
+        let mut g = EchoGuard::default();
+        assert!(g.request(5, 100));
+        assert!(!g.request(5, 100), "replayed request");
+        assert!(!g.request(5, 99), "older request");
+        assert!(g.request(5, 101));
+        assert!(g.request(6, 1), "peer restarted");
+        assert!(!g.request(5, 1_000_000), "earlier run");
+        assert!(!g.reply(7), "nothing sent yet");
+        g.sent(7);
+        assert!(!g.reply(8));
+        assert!(g.reply(7));
+        assert!(!g.reply(7), "replayed reply");
+        g.sent(9);
+        g.sent(10);
+        assert!(!g.reply(9), "superseded request");
+    }
+
+    #[test]
+    fn window_epoch_change() {
+        let mut w = ReplayWindow::default();
+        accept(&mut w, 100, 50).unwrap();
+        // The sender restarted: a newer epoch starts afresh at 1.
+        assert_eq!(accept(&mut w, 101, 1), Ok(()));
+        assert_eq!(accept(&mut w, 101, 1), Err(Replay::Duplicate));
+        // The old run's packets are refused from now on.
+        assert_eq!(accept(&mut w, 100, 51), Err(Replay::StaleEpoch));
+        // A forged newer epoch that never authenticated does not move the window.
+        assert_eq!(w.check(999, 1), Ok(()));
+        assert_eq!(accept(&mut w, 101, 2), Ok(()));
+    }
+}

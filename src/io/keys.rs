@@ -1,0 +1,77 @@
+//! Reading a peer's key files (format in [`crate::crypto::Key::parse`]).
+//!
+//! A key file should be readable by the daemon's user only; one that the
+//! group or others can read still works, with a warning, so that a
+//! permissions slip does not take a link down. Neither the key nor any
+//! part of the file's content is ever logged or put in an error.
+
+use crate::config::PeerConfig;
+use crate::crypto::{Key, Keys};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use tracing::warn;
+use zeroize::Zeroize;
+
+/// Longest key file read: a key line plus generous whitespace.
+const MAX_FILE: u64 = 4096;
+
+/// The peer's keys, `None` when it has no `key_file`.
+pub fn load(peer: &PeerConfig) -> Result<Option<Keys>, String> {
+    let Some(send) = &peer.key_file else {
+        return Ok(None);
+    };
+    let send = read(send).map_err(|e| format!("peer {}: key_file: {e}", peer.name))?;
+    let accept = match &peer.accept_key_file {
+        Some(p) => Some(read(p).map_err(|e| format!("peer {}: accept_key_file: {e}", peer.name))?),
+        None => None,
+    };
+    Ok(Some(Keys::new(&send, accept.as_ref())))
+}
+
+/// Reads and parses one key file.
+pub fn read(path: &Path) -> Result<Key, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() || meta.len() > MAX_FILE {
+        return Err(format!(
+            "{}: not a regular file of at most {MAX_FILE} bytes",
+            path.display()
+        ));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        warn!(
+            file = %path.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "key file is readable by group or others; chmod 600 it"
+        );
+    }
+    let mut text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let key = Key::parse(&text);
+    text.zeroize();
+    key.map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_and_refuses_without_echoing_content() {
+        let dir = std::env::temp_dir().join(format!("crosslink-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.key");
+        std::fs::write(&good, format!("{}\n", "ab".repeat(32))).unwrap();
+        std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read(&good).is_ok());
+        let bad = dir.join("bad.key");
+        std::fs::write(&bad, "secretsecret").unwrap();
+        let e = read(&bad).unwrap_err();
+        assert!(
+            e.contains("found 12 characters") && !e.contains("secret"),
+            "{e}"
+        );
+        let e = read(&dir.join("missing.key")).unwrap_err();
+        assert!(e.contains("missing.key"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,615 @@
+//! Fuzzing on the stable toolchain: a self-contained, coverage-less fuzzer.
+//!
+//! Every target first replays its seed corpus (`fuzz/corpus/<target>/`,
+//! committed, small files), then mutates corpus entries with a fast
+//! PRNG-driven mutator (bit flips, interesting values, insertions,
+//! deletions, splices, truncation) for `CROSSLINK_FUZZ_SECS` seconds
+//! (default 1; `.ci/run` uses 20). A target fails on a panic, which
+//! includes arithmetic overflow in these debug builds, or on a broken
+//! invariant; the input is written to `fuzz/crashes/<target>-<hash>` and
+//! its hex printed, so that it can be added to the corpus once fixed.
+//!
+//! Reproduce one input: `CROSSLINK_FUZZ_INPUT=path cargo test --test fuzz <target>`.
+//! Each target prints one line: `fuzz <target>: N executions in S s (corpus C)`.
+
+use crosslink::bfd::{Session, SessionConfig, State};
+use crosslink::config::Config;
+use crosslink::crypto::{Key, Keys, ReplayWindow};
+use crosslink::engine::Engine;
+use crosslink::forward::{self, Sealer, HEADROOM};
+use crosslink::wire::bfd::ControlPacket;
+use crosslink::wire::flow::FlowKey;
+use crosslink::wire::overlay::{self, Header, PeerSeq, BASE_LEN};
+use crosslink::PathId;
+use std::net::{IpAddr, SocketAddr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// xorshift64*.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+const MAX_LEN: usize = 4096;
+const INTERESTING: [u8; 10] = [0, 1, 2, 0x7f, 0x80, 0xff, 16, 24, 64, 255 - 16];
+
+fn mutate(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>]) {
+    let rounds = 1 + rng.below(4);
+    for _ in 0..rounds {
+        let len = input.len();
+        match rng.below(9) {
+            0 if len > 0 => {
+                let i = rng.below(len);
+                input[i] ^= 1 << rng.below(8);
+            }
+            1 if len > 0 => {
+                let i = rng.below(len);
+                input[i] = INTERESTING[rng.below(INTERESTING.len())];
+            }
+            2 if len > 0 => {
+                let i = rng.below(len);
+                input[i] = rng.next() as u8;
+            }
+            3 if len < MAX_LEN => {
+                let i = rng.below(len + 1);
+                let n = 1 + rng.below(16);
+                for _ in 0..n {
+                    input.insert(i, rng.next() as u8);
+                }
+            }
+            4 if len > 0 => {
+                let i = rng.below(len);
+                let n = 1 + rng.below((len - i).min(16));
+                input.drain(i..i + n);
+            }
+            5 => input.truncate(rng.below(len + 1)),
+            6 if !corpus.is_empty() => {
+                let other = &corpus[rng.below(corpus.len())];
+                let at = rng.below(len + 1);
+                let from = rng.below(other.len() + 1);
+                input.truncate(at);
+                input.extend_from_slice(&other[from..]);
+            }
+            7 if len >= 2 => {
+                // Big-endian 16/32-bit fields: set one to a boundary value.
+                let i = rng.below(len - 1);
+                let v: u16 = [0, 1, 0xffff, 0x8000, len as u16][rng.below(5)];
+                input[i..i + 2].copy_from_slice(&v.to_be_bytes());
+            }
+            _ => {
+                if len > 0 {
+                    let i = rng.below(len);
+                    let j = rng.below(len);
+                    input.swap(i, j);
+                }
+            }
+        }
+        input.truncate(MAX_LEN);
+    }
+}
+
+fn corpus_dir(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target)
+}
+
+fn load_corpus(target: &str) -> Vec<Vec<u8>> {
+    let mut files: Vec<_> = std::fs::read_dir(corpus_dir(target))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+        .into_iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .collect()
+}
+
+fn seconds() -> f64 {
+    std::env::var("CROSSLINK_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0)
+}
+
+fn fail(target: &str, input: &[u8], why: &str) -> ! {
+    let hash = input.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/crashes");
+    let _ = std::fs::create_dir_all(&dir);
+    let file = dir.join(format!("{target}-{hash:016x}"));
+    let _ = std::fs::write(&file, input);
+    let hex: String = input.iter().map(|b| format!("{b:02x}")).collect();
+    panic!(
+        "fuzz {target}: {why}\ninput ({} bytes) saved to {}\nhex: {hex}",
+        input.len(),
+        file.display()
+    );
+}
+
+/// Replays the corpus, then fuzzes `body` until the time is up.
+fn fuzz(target: &str, body: impl Fn(&[u8]) -> Result<(), String>) {
+    let run = |input: &[u8]| match catch_unwind(AssertUnwindSafe(|| body(input))) {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => fail(target, input, &why),
+        Err(_) => fail(target, input, "panicked"),
+    };
+    if let Ok(one) = std::env::var("CROSSLINK_FUZZ_INPUT") {
+        run(&std::fs::read(one).unwrap());
+        return;
+    }
+    let corpus = load_corpus(target);
+    assert!(!corpus.is_empty(), "fuzz {target}: empty seed corpus");
+    // Quiet panic messages from caught panics would flood the output.
+    for input in &corpus {
+        run(input);
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        ^ target.len() as u64;
+    let mut rng = Rng(seed | 1);
+    let budget = Duration::from_secs_f64(seconds());
+    let start = Instant::now();
+    let mut execs = corpus.len() as u64;
+    let mut input = Vec::with_capacity(MAX_LEN);
+    while start.elapsed() < budget {
+        for _ in 0..64 {
+            input.clear();
+            input.extend_from_slice(&corpus[rng.below(corpus.len())]);
+            mutate(&mut rng, &mut input, &corpus);
+            run(&input);
+            execs += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "fuzz {target}: {execs} executions in {secs:.1} s ({:.0}/s, corpus {}, seed {seed:#x})",
+        execs as f64 / secs,
+        corpus.len()
+    );
+}
+
+fn test_keys() -> Keys {
+    Keys::new(&Key::from_bytes([7; 32]), Some(&Key::from_bytes([8; 32])))
+}
+
+#[test]
+fn overlay() {
+    let keys = test_keys();
+    fuzz("overlay", |input| {
+        if let Ok((h, off)) = Header::parse(input) {
+            if off < BASE_LEN || off > input.len() {
+                return Err(format!("payload offset {off} out of range"));
+            }
+            let mut out = [0u8; overlay::MAX_LEN];
+            let n = h.emit(&mut out).map_err(|e| e.to_string())?;
+            let (back, _) = Header::parse(&out[..n]).map_err(|e| e.to_string())?;
+            if back != h {
+                return Err(format!("round trip changed {h:?} into {back:?}"));
+            }
+        }
+        if let Ok((_, inner)) = forward::decapsulate(input) {
+            if inner.len() > input.len() {
+                return Err("inner longer than datagram".into());
+            }
+        }
+        let _ = forward::parse_echo(input);
+        let mut copy = input.to_vec();
+        let mut window = ReplayWindow::default();
+        if let Ok(forward::Opened::Data(_, r)) = forward::open(&mut copy, &keys, 3, &mut window) {
+            if r.end > copy.len() {
+                return Err("opened range out of bounds".into());
+            }
+        }
+        Ok(())
+    });
+}
+
+/// Sealed datagrams that open, mutated: nothing but the original opens.
+#[test]
+fn sealed() {
+    let keys = test_keys();
+    fuzz("sealed", |input| {
+        let mut buf = vec![0u8; input.len() + HEADROOM + 16];
+        buf[HEADROOM..HEADROOM + input.len()].copy_from_slice(input);
+        let sealer = Sealer {
+            keys: &keys,
+            epoch: 9,
+            salt: 3,
+        };
+        let header = Header::data(5).with_peer_seq(PeerSeq {
+            instance: 1,
+            sequence: input.len() as u64,
+        });
+        let r = forward::seal_data(&mut buf, input.len(), &header, &sealer)
+            .map_err(|e| format!("{e:?}"))?;
+        let sealed = buf[r].to_vec();
+        let mut window = ReplayWindow::default();
+        let mut copy = sealed.clone();
+        let opened = forward::open(&mut copy, &keys, 3, &mut window);
+        let ip = matches!(input.first().map(|b| b >> 4), Some(4) if input.len() >= 20)
+            || matches!(input.first().map(|b| b >> 4), Some(6) if input.len() >= 40);
+        match (&opened, ip) {
+            (Ok(forward::Opened::Data(_, r)), true) if copy[r.clone()] == *input => {}
+            (Err(crosslink::drop::DropReason::InnerMalformed), false) => {}
+            _ => return Err(format!("sealed input did not open to itself: {opened:?}")),
+        }
+        // Flip one bit anywhere: must not open.
+        let bit = input.iter().map(|&b| usize::from(b)).sum::<usize>() % (sealed.len() * 8);
+        let mut bad = sealed.clone();
+        bad[bit / 8] ^= 1 << (bit % 8);
+        let mut w2 = ReplayWindow::default();
+        if let Ok(o) = forward::open(&mut bad, &keys, 3, &mut w2) {
+            return Err(format!("a one-bit change at {bit} still opened: {o:?}"));
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn bfd_packet() {
+    let now = Instant::now();
+    fuzz("bfd", |input| {
+        let Ok(p) = ControlPacket::parse(input) else {
+            return Ok(());
+        };
+        let mut out = vec![0u8; p.buffer_len().max(24)];
+        if let Ok(n) = p.emit(&mut out) {
+            let back = ControlPacket::parse(&out[..n]).map_err(|e| format!("re-parse: {e:?}"))?;
+            if back != p {
+                return Err(format!("round trip changed {p:?} into {back:?}"));
+            }
+        }
+        let mut s = Session::new(
+            SessionConfig {
+                local_discriminator: p.your_discriminator,
+                desired_min_tx: Duration::from_millis(10),
+                required_min_rx: Duration::from_millis(10),
+                detect_mult: 3,
+                passive: false,
+            },
+            now,
+            1,
+        );
+        let mut t = now;
+        for step in 0..4u64 {
+            let _ = s.handle_packet(&p, t);
+            t += Duration::from_micros(u64::from(p.desired_min_tx_us % 50_000) * step + 1);
+            s.handle_timeout(t);
+            while s.poll_transmit(t).is_some() {}
+            while s.poll_event().is_some() {}
+            if let Some(next) = s.poll_timeout() {
+                if next < t {
+                    return Err(format!("timer {next:?} in the past of {t:?}"));
+                }
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn flow_key() {
+    fuzz("flow", |input| {
+        if let Ok(k) = FlowKey::parse(input) {
+            let again = FlowKey::parse(input).map_err(|e| format!("{e:?}"))?;
+            if again.hash64() != k.hash64() {
+                return Err("hash not deterministic".into());
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn config() {
+    fuzz("config", |input| {
+        let text = String::from_utf8_lossy(input);
+        if let Ok(c) = Config::parse(&text, "fuzz.toml") {
+            let _ = c.check_files();
+        }
+        Ok(())
+    });
+}
+
+fn engine_config(side: u8) -> Config {
+    let other = 3 - side;
+    let mut text = format!(
+        "[gateway]\nname = \"g{side}\"\n[bfd]\ntx_interval = \"10ms\"\nrx_interval = \"10ms\"\n\
+         [[peer]]\nname = \"p\"\ntun = \"xl-p\"\nrevert_hold = \"100ms\"\n"
+    );
+    for n in 1..=2 {
+        text.push_str(&format!(
+            "[[peer.path]]\nname = \"p{n}\"\nlocal = \"198.18.2{n}.{side}:4800\"\n\
+             remote = \"198.18.2{n}.{other}:4800\"\npriority = {n}\n"
+        ));
+    }
+    Config::parse(&text, "fuzz").expect("valid")
+}
+
+/// Delivers what `src` sends to `dst`; `lose` bit i drops path i's packets.
+fn exchange(src: &mut Engine, dst: &mut Engine, now: Instant, lose: u8) {
+    src.handle_timeout(now);
+    while let Some((id, pkt)) = src.poll_transmit(now) {
+        if lose & (1 << (id.0 % 8)) != 0 {
+            continue;
+        }
+        let Ok(t) = pkt else { continue };
+        let Some(p) = src.path(id) else { continue };
+        let from = SocketAddr::new(p.local.ip(), 49152);
+        let _ = dst.handle_bfd_datagram(p.remote.ip(), from, Some(255), t.as_bytes(), now);
+    }
+}
+
+fn check_engine(e: &Engine, now: Instant) -> Result<(), String> {
+    if let Some(t) = e.poll_timeout() {
+        if t < now {
+            return Err(format!("engine timer in the past by {:?}", now - t));
+        }
+    }
+    for (i, p) in e.paths().iter().enumerate() {
+        let id = PathId(i as u16);
+        if e.is_active(id) && !p.is_up() {
+            return Err(format!("path {} is active but not up", p.name));
+        }
+    }
+    if let Some((_, up, ids)) = e.peer(crosslink::PeerId(0)) {
+        let any = ids.iter().any(|&id| e.path(id).is_some_and(|p| p.is_up()));
+        if up != any {
+            return Err(format!("peer up={up} but a path up={any}"));
+        }
+    }
+    Ok(())
+}
+
+/// Two engines, random operations from the input: time steps, loss per
+/// path and direction, junk and replayed datagrams, admin down. After the
+/// sequence, a clean second must bring every path up again.
+#[test]
+fn engine_sequences() {
+    let (ca, cb) = (engine_config(1), engine_config(2));
+    fuzz("engine", |input| {
+        let t0 = Instant::now();
+        let mut a = Engine::new(&ca, t0, 1);
+        let mut b = Engine::new(&cb, t0, 2);
+        let mut now = t0;
+        let mut admin_down = false;
+        // Per-direction loss masks (bit i: path i loses everything).
+        let (mut lose_ab, mut lose_ba) = (0u8, 0u8);
+        let mut bytes = input.iter().copied();
+        while let Some(op) = bytes.next() {
+            let arg = bytes.next().unwrap_or(0);
+            match op % 8 {
+                0 | 1 => now += Duration::from_micros(u64::from(arg) * 200),
+                2 => lose_ab = arg & 3,
+                3 => lose_ba = arg & 3,
+                4 => now += Duration::from_millis(u64::from(arg) * 10),
+                5 => {
+                    // Junk from a path's remote, with any TTL.
+                    let len = usize::from(arg % 64);
+                    let junk: Vec<u8> = bytes.by_ref().take(len).collect();
+                    let path = &ca.peers[0].paths[usize::from(arg % 2)];
+                    let from = SocketAddr::new(path.remote.ip(), 49152);
+                    let ttl = if arg & 0x80 != 0 {
+                        Some(255)
+                    } else {
+                        Some(arg)
+                    };
+                    let _ = a.handle_bfd_datagram(path.local.ip(), from, ttl, &junk, now);
+                }
+                6 => {
+                    let stranger = SocketAddr::new(IpAddr::from([198, 18, 21, 77]), 49152);
+                    let _ = a.handle_bfd_datagram(
+                        ca.peers[0].paths[0].local.ip(),
+                        stranger,
+                        Some(255),
+                        &[0x20, 0x40, 3, 24, 0, 0, 0, 1, 0, 0, 0, 0],
+                        now,
+                    );
+                }
+                _ => {
+                    if arg % 16 == 0 {
+                        a.set_admin_down_all(now);
+                        admin_down = true;
+                    }
+                }
+            }
+            exchange(&mut a, &mut b, now, lose_ab);
+            exchange(&mut b, &mut a, now, lose_ba);
+            while a.poll_event().is_some() {}
+            while b.poll_event().is_some() {}
+            let _ = a.poll_forwarding();
+            check_engine(&a, now)?;
+            check_engine(&b, now)?;
+        }
+        if admin_down {
+            return Ok(());
+        }
+        // Liveness: a clean 3 s (slow start is 1 s per packet) converges.
+        for _ in 0..600 {
+            now += Duration::from_millis(5);
+            exchange(&mut a, &mut b, now, 0);
+            exchange(&mut b, &mut a, now, 0);
+        }
+        for e in [&a, &b] {
+            if let Some(p) = e.paths().iter().find(|p| !p.is_up()) {
+                return Err(format!(
+                    "path {} not up after a clean 3 s: {:?}",
+                    p.name,
+                    p.session.state()
+                ));
+            }
+        }
+        let _ = State::Up;
+        Ok(())
+    });
+}
+
+/// Writes the seed corpus (run once by hand: `cargo test --test fuzz write_seeds -- --ignored`).
+#[test]
+#[ignore]
+fn write_seeds() {
+    let put = |target: &str, name: &str, bytes: &[u8]| {
+        let dir = corpus_dir(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), bytes).unwrap();
+    };
+    let udp4 = {
+        let mut p = vec![0u8; 48];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&48u16.to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&[198, 18, 10, 1]);
+        p[16..20].copy_from_slice(&[198, 18, 30, 2]);
+        p[20..22].copy_from_slice(&1000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&2000u16.to_be_bytes());
+        p[24..26].copy_from_slice(&28u16.to_be_bytes());
+        p
+    };
+    let mut tcp6 = vec![0u8; 60];
+    tcp6[0] = 0x60;
+    tcp6[4..6].copy_from_slice(&20u16.to_be_bytes());
+    tcp6[6] = 6;
+    tcp6[7] = 64;
+    tcp6[8] = 0x20;
+    tcp6[24] = 0x20;
+    tcp6[40..42].copy_from_slice(&443u16.to_be_bytes());
+    let mut frag4 = udp4.clone();
+    frag4[6] = 0x20; // more fragments
+    put("flow", "udp4", &udp4);
+    put("flow", "tcp6", &tcp6);
+    put("flow", "frag4", &frag4);
+    put("flow", "icmp4", &{
+        let mut p = udp4.clone();
+        p[9] = 1;
+        p
+    });
+
+    let mut buf = vec![0u8; HEADROOM + udp4.len()];
+    buf[HEADROOM..].copy_from_slice(&udp4);
+    let r = forward::encapsulate(&mut buf, udp4.len(), &Header::data(1)).unwrap();
+    let data = buf[r].to_vec();
+    put("overlay", "data", &data);
+    let dup = Header::data(2).with_peer_seq(PeerSeq {
+        instance: 7,
+        sequence: 3,
+    });
+    let r = forward::encapsulate(&mut buf, udp4.len(), &dup).unwrap();
+    put("overlay", "peer-seq", &buf[r]);
+    let mut echo = [0u8; BASE_LEN];
+    forward::emit_echo(forward::Echo::Request(42), &mut echo).unwrap();
+    put("overlay", "echo", &echo);
+    let keys = test_keys();
+    let sealer = Sealer {
+        keys: &keys,
+        epoch: 9,
+        salt: 3,
+    };
+    let mut sealed = vec![0u8; HEADROOM + udp4.len() + 16];
+    sealed[HEADROOM..HEADROOM + udp4.len()].copy_from_slice(&udp4);
+    let r = forward::seal_data(&mut sealed, udp4.len(), &Header::data(5), &sealer).unwrap();
+    put("overlay", "sealed", &sealed[r]);
+    sealed[HEADROOM..HEADROOM + udp4.len()].copy_from_slice(&udp4);
+    let r = forward::seal_data(&mut sealed, udp4.len(), &dup, &sealer).unwrap();
+    put("overlay", "sealed-peer-seq", &sealed[r]);
+    let mut ext = data.clone();
+    ext[2] = 24;
+    ext.splice(16..16, [0u8; 8]);
+    put("overlay", "extension", &ext);
+    put("sealed", "udp4", &udp4);
+    put("sealed", "tcp6", &tcp6);
+    put("sealed", "empty", &[]);
+
+    let pkt = ControlPacket {
+        version: 1,
+        diag: crosslink::bfd::Diag::None,
+        state: State::Down,
+        poll: false,
+        final_: false,
+        control_plane_independent: false,
+        auth_present: false,
+        demand: false,
+        multipoint: false,
+        detect_mult: 3,
+        my_discriminator: 0x1111,
+        your_discriminator: 0,
+        desired_min_tx_us: 1_000_000,
+        required_min_rx_us: 10_000,
+        required_min_echo_rx_us: 0,
+        auth: None,
+    };
+    for (name, state, your, poll) in [
+        ("down", State::Down, 0, false),
+        ("init", State::Init, 0x2222, false),
+        ("up-poll", State::Up, 0x2222, true),
+        ("admindown", State::AdminDown, 0x2222, false),
+    ] {
+        let p = ControlPacket {
+            state,
+            your_discriminator: your,
+            poll,
+            ..pkt.clone()
+        };
+        let mut out = [0u8; 64];
+        let n = p.emit(&mut out).unwrap();
+        put("bfd", name, &out[..n]);
+    }
+    let mut auth = [0u8; 64];
+    let n = pkt.emit(&mut auth).unwrap();
+    let mut a = auth[..n].to_vec();
+    a[1] |= 0x04; // A bit
+    a.extend_from_slice(&[1, 5, 1, b's', b'e', b'c']);
+    a[3] = a.len() as u8;
+    put("bfd", "auth-simple", &a);
+
+    let cfg_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    if let Ok(d) = std::fs::read_dir(&cfg_dir) {
+        for e in d.filter_map(|e| e.ok()) {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let text = std::fs::read(&p).unwrap();
+                if text.len() < 6000 {
+                    put("config", &p.file_name().unwrap().to_string_lossy(), &text);
+                }
+            }
+        }
+    }
+    put(
+        "config",
+        "keys.toml",
+        b"[gateway]\nname = \"g\"\n[[peer]]\nname = \"p\"\ntun = \"xl-p\"\nkey_file = \"/k\"\naccept_key_file = \"/k2\"\n[[peer.path]]\nname = \"a\"\nlocal = \"198.18.21.1:4800\"\nremote = \"198.18.21.2:4800\"\n",
+    );
+    // Engine op sequences: converge; lose path 1; junk; time jumps.
+    put(
+        "engine",
+        "converge",
+        &[0, 50, 4, 100, 0, 50, 4, 100, 0, 50, 4, 100],
+    );
+    put(
+        "engine",
+        "lossy",
+        &[4, 100, 2, 1, 0, 200, 4, 20, 3, 2, 4, 50, 2, 0, 4, 100],
+    );
+    put(
+        "engine",
+        "junk",
+        &[
+            5, 0x8c, 0x20, 0xc0, 3, 24, 0, 0, 0, 1, 0, 0, 0, 0, 6, 0, 5, 12,
+        ],
+    );
+    put("engine", "admin", &[2, 0, 3, 0, 7, 16, 2, 0, 3, 0]);
+}
