@@ -20,7 +20,7 @@
 //! lines.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -37,39 +37,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn say(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-fn allowed(test: &str, tools: &[(&str, &str)]) -> bool {
-    let required = std::env::var("CROSSLINK_NETNS_REQUIRED").as_deref() == Ok("1");
-    if !lab::is_root() {
-        assert!(
-            !required,
-            "interop tests are mandatory here but not running as root"
-        );
-        say(&format!(
-            "SKIPPED {test}: needs root for network namespaces \
-             (set CROSSLINK_NETNS_REQUIRED=1 to make this a failure)"
-        ));
-        return false;
-    }
-    for (tool, package) in tools {
-        if !Path::new(tool).exists() {
-            assert!(
-                !required,
-                "{tool} missing: install the Debian package {package}"
-            );
-            say(&format!(
-                "SKIPPED {test}: {tool} missing (package {package})"
-            ));
-            return false;
-        }
-    }
-    true
 }
 
 const FRR_TOOLS: [(&str, &str); 2] = [("/usr/lib/frr/bfdd", "frr"), ("/usr/bin/vtysh", "frr")];
@@ -473,7 +440,7 @@ fn check_stop(t: &mut Topo, who: &str) {
         .and_then(|v| v.split_whitespace().next())
         .unwrap_or("?")
         .to_string();
-    say(&format!(
+    lab::say(&format!(
         "REPORT interop {who}: peer stopped -> crosslink path down after {took:?} as seen \
          by polling (detection time {detect:?}, crosslink's own detection_ms={detection})"
     ));
@@ -495,7 +462,7 @@ fn frr_scenario(interval_ms: u64) {
     assert_eq!(peer["remote-id"], xl.local_discriminator, "{peer}");
     assert_eq!(peer["id"], xl.remote_discriminator, "{peer}");
     assert_eq!(xl.tx_interval_us, interval_ms * 1000);
-    say(&format!(
+    lab::say(&format!(
         "REPORT interop {who}: Up on both sides after {up:?} (FRR view: {})",
         peer["status"]
     ));
@@ -540,7 +507,7 @@ fn frr_scenario(interval_ms: u64) {
     assert!(t
         .xl_log()
         .contains("BFD timers applied with a poll sequence"));
-    say(&format!("REPORT interop {who}: timer changes on both sides via poll/final, no flap (transitions {})", before.transitions));
+    lab::say(&format!("REPORT interop {who}: timer changes on both sides via poll/final, no flap (transitions {})", before.transitions));
 
     // FRR's AdminDown: out of service, not a failure.
     let before = t.xl();
@@ -556,7 +523,7 @@ fn frr_scenario(interval_ms: u64) {
     assert_eq!(after.remote_admin_downs, before.remote_admin_downs + 1);
     assert!(!t.xl_status().peers[0].paths[0].active);
     assert!(t.xl_log().contains("administrative, not a failure"));
-    say(&format!("REPORT interop {who}: FRR shutdown (AdminDown) -> path down in {took:?}, failures unchanged ({})", after.failures));
+    lab::say(&format!("REPORT interop {who}: FRR shutdown (AdminDown) -> path down in {took:?}, failures unchanged ({})", after.failures));
     Frr::configure(&t, false, &["no shutdown"]);
     t.wait("Up again after no shutdown", ms(10_000), |t| {
         xl_up(t) && Frr::peer(t)["status"] == "up"
@@ -567,14 +534,14 @@ fn frr_scenario(interval_ms: u64) {
 
 #[test]
 fn frr_20ms() {
-    if allowed("frr_20ms", &FRR_TOOLS) {
+    if lab::test_gate("frr_20ms", &FRR_TOOLS) {
         frr_scenario(20);
     }
 }
 
 #[test]
 fn frr_300ms() {
-    if allowed("frr_300ms", &FRR_TOOLS) {
+    if lab::test_gate("frr_300ms", &FRR_TOOLS) {
         frr_scenario(300);
     }
 }
@@ -582,7 +549,7 @@ fn frr_300ms() {
 /// RFC 5883 multihop (UDP 4784) with crosslink passive: FRR starts the session.
 #[test]
 fn frr_multihop_with_crosslink_passive() {
-    if !allowed("frr_multihop_with_crosslink_passive", &FRR_TOOLS) {
+    if !lab::test_gate("frr_multihop_with_crosslink_passive", &FRR_TOOLS) {
         return;
     }
     let _g = serial();
@@ -596,7 +563,7 @@ fn frr_multihop_with_crosslink_passive() {
         xl_up(t) && Frr::peer(t)["status"] == "up"
     });
     assert_eq!(Frr::peer(&t)["multihop"], true);
-    say(&format!(
+    lab::say(&format!(
         "REPORT interop frr multihop 50ms x3, crosslink passive: Up after {up:?}"
     ));
     check_stop(&mut t, "frr multihop 50ms x3");
@@ -605,7 +572,7 @@ fn frr_multihop_with_crosslink_passive() {
 /// A passive crosslink and a passive FRR never start a session (§6.1): nobody speaks.
 #[test]
 fn passive_waits_for_the_peer() {
-    if !allowed("passive_waits_for_the_peer", &FRR_TOOLS) {
+    if !lab::test_gate("passive_waits_for_the_peer", &FRR_TOOLS) {
         return;
     }
     let _g = serial();
@@ -635,7 +602,7 @@ fn bird_scenario(interval_ms: u64) {
     let up = t.wait("Up on both sides", ms(10_000), |t| {
         xl_up(t) && Bird::session(t).is_some_and(|(s, _)| s == "Up")
     });
-    say(&format!(
+    lab::say(&format!(
         "REPORT interop {who}: Up on both sides after {up:?} (BIRD view: {:?})",
         Bird::session(&t)
     ));
@@ -670,7 +637,7 @@ fn bird_scenario(interval_ms: u64) {
         "flap on our timer change"
     );
     assert_eq!(Bird::session(&t).map(|s| s.0).as_deref(), Some("Up"));
-    say(&format!(
+    lab::say(&format!(
         "REPORT interop {who}: timer changes on both sides via poll/final, no flap"
     ));
 
@@ -679,14 +646,14 @@ fn bird_scenario(interval_ms: u64) {
 
 #[test]
 fn bird_20ms() {
-    if allowed("bird_20ms", &BIRD_TOOLS) {
+    if lab::test_gate("bird_20ms", &BIRD_TOOLS) {
         bird_scenario(20);
     }
 }
 
 #[test]
 fn bird_300ms() {
-    if allowed("bird_300ms", &BIRD_TOOLS) {
+    if lab::test_gate("bird_300ms", &BIRD_TOOLS) {
         bird_scenario(300);
     }
 }
@@ -695,7 +662,7 @@ fn bird_300ms() {
 /// must keep the session down (fail closed).
 #[test]
 fn bird_authentication_every_type() {
-    if !allowed("bird_authentication_every_type", &BIRD_TOOLS) {
+    if !lab::test_gate("bird_authentication_every_type", &BIRD_TOOLS) {
         return;
     }
     let _g = serial();
@@ -721,7 +688,7 @@ fn bird_authentication_every_type() {
         std::thread::sleep(ms(1500));
         assert_eq!(t.xl().transitions, 1, "{xl_kind}: flapped");
         assert!(!t.xl_log().contains(secret), "secret in the log");
-        say(&format!("REPORT interop bird 20ms x3 auth {xl_kind}: Up on both sides after {up:?}, stable 1.5 s"));
+        lab::say(&format!("REPORT interop bird 20ms x3 auth {xl_kind}: Up on both sides after {up:?}, stable 1.5 s"));
     }
     // Wrong secret: never Up, on either side.
     let mut t = Topo::new("authbad");
