@@ -224,6 +224,12 @@ fn loadavg() -> String {
 }
 
 fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary
+    // without it, where a minutes-long lab run is not wanted.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("throughput: a benchmark; run it with `cargo bench --bench throughput`");
+        return;
+    }
     if !lab::is_root() {
         println!("throughput bench skipped: needs root (network namespaces)");
         return;

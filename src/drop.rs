@@ -28,6 +28,9 @@ pub enum DropReason {
     BfdTtl,
     /// BFD packet from an address with no configured session.
     BfdUnknownSession,
+    /// BFD packet failing authentication: A bit absent while configured, present
+    /// while not, wrong type, key, digest or sequence number (RFC 5880 §6.7).
+    BfdAuth,
     /// `duplicate` policy: the second copy of a packet already delivered.
     Duplicate,
     /// `duplicate` policy: a packet too far behind the sequence window to tell.
@@ -46,7 +49,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -59,6 +62,7 @@ impl DropReason {
         DropReason::BfdRejected,
         DropReason::BfdTtl,
         DropReason::BfdUnknownSession,
+        DropReason::BfdAuth,
         DropReason::Duplicate,
         DropReason::DuplicateStale,
         DropReason::EchoStale,
@@ -82,6 +86,7 @@ impl DropReason {
             DropReason::BfdRejected => "bfd_rejected",
             DropReason::BfdTtl => "bfd_ttl",
             DropReason::BfdUnknownSession => "bfd_unknown_session",
+            DropReason::BfdAuth => "bfd_auth",
             DropReason::Duplicate => "duplicate",
             DropReason::DuplicateStale => "duplicate_stale",
             DropReason::EchoStale => "echo_stale",

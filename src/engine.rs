@@ -37,17 +37,36 @@
 //! the shell (a forwarding table, a metric handle) can never come to mean
 //! a different path. Unchanged paths keep their sessions untouched.
 
-use crate::bfd::{Session, SessionConfig, SessionEvent};
-use crate::config::{BfdConfig, Config, Hop, PathConfig, PeerConfig, Policy};
+use crate::bfd::{Auth, KeyError, Session, SessionConfig, SessionEvent, Transmit};
+use crate::config::{BfdAuthType, BfdConfig, Config, Hop, PathConfig, PeerConfig, Policy};
 use crate::drop::DropReason;
 use crate::steer::{Damping, Selection, Steering};
-use crate::wire::bfd::{ControlPacket, Diag, State};
+use crate::wire::bfd::{AuthType, ControlPacket, Diag, EmitError, State};
 use crate::wire::flow::mix;
 use crate::{PathId, PeerId};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// BFD secrets by file name, read by the shell (the engine does no I/O).
+pub type Secrets = HashMap<PathBuf, Vec<u8>>;
+
+/// Why a path's BFD authentication cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A path has BFD authentication configured but its secret was not supplied.
+    #[error("path {path}: BFD secret {} was not loaded", file.display())]
+    MissingSecret { path: String, file: PathBuf },
+    /// The secret does not fit the authentication type.
+    #[error("path {path}: BFD secret {}: {source}", file.display())]
+    BadSecret {
+        path: String,
+        file: PathBuf,
+        source: KeyError,
+    },
+}
 
 /// What the data plane needs to place packets: one selection per peer,
 /// indexed by [`PeerId`].
@@ -65,6 +84,9 @@ pub enum Event {
         from: State,
         to: State,
         diag: Diag,
+        /// The change was administrative (the peer said AdminDown, or we did),
+        /// not a failure: no detection, no failure count.
+        administrative: bool,
     },
     /// A peer's active path changed.
     Failover {
@@ -133,6 +155,11 @@ pub struct PathCore {
     block: Option<Block>,
     pub control_tx: u64,
     pub control_rx: u64,
+    /// Up -> not Up changes that were failures (detection expiry, or the peer saying
+    /// Down); administrative changes (AdminDown either way) are not counted.
+    pub failures: u64,
+    /// Times the peer took the session down administratively.
+    pub remote_admin_downs: u64,
     retired: bool,
 }
 
@@ -166,6 +193,8 @@ pub struct Engine {
     dirty: bool,
     next_tx: usize,
     seed: u64,
+    /// BFD secrets (RFC 5880 §6.7 keys) by file, for paths with `auth`.
+    secrets: Secrets,
 }
 
 impl Engine {
@@ -178,6 +207,7 @@ impl Engine {
             dirty: true,
             next_tx: 0,
             seed,
+            secrets: Secrets::new(),
         };
         for peer in &config.peers {
             engine.add_peer(peer, now);
@@ -203,21 +233,38 @@ impl Engine {
         Some(id)
     }
 
-    /// Adds a path to a live peer; its session starts Down.
+    /// Adds (or replaces) BFD secrets, by file name. Call before adding paths whose
+    /// `auth` names those files.
+    pub fn set_secrets(&mut self, secrets: Secrets) {
+        self.secrets.extend(secrets);
+    }
+
+    /// The authentication a path would get, or why it cannot: a path configured
+    /// with `auth` whose secret is missing or unusable is never added (fail closed).
+    pub fn check_path_auth(&self, path: &PathConfig) -> Result<(), EngineError> {
+        path_auth(&path.name, &path.bfd, &self.secrets, 0).map(drop)
+    }
+
+    /// Adds a path to a live peer; its session starts Down. `None` when the id
+    /// space is exhausted or the path's BFD secret is missing or unusable
+    /// ([`check_path_auth`](Self::check_path_auth) says which).
     pub fn add_path(&mut self, peer: PeerId, path: &PathConfig, now: Instant) -> Option<PathId> {
         let id = PathId(u16::try_from(self.paths.len()).ok()?);
         let disc = self.unique_discriminator(self.seed);
+        let initial_seq = (mix(self.seed ^ u64::from(disc) ^ 0xa17) >> 32) as u32;
+        let auth = path_auth(&path.name, &path.bfd, &self.secrets, initial_seq).ok()?;
         let core = self
             .peers
             .get_mut(usize::from(peer.0))
             .filter(|p| !p.retired)?;
         core.steering.add_path(id, path.priority, path.weight);
         core.paths.push(id);
-        let session = Session::new(
+        let mut session = Session::new(
             session_config(&path.bfd, disc),
             now,
             mix(self.seed ^ u64::from(disc)),
         );
+        session.set_auth(auth);
         self.paths.push(PathCore {
             peer,
             name: path.name.clone(),
@@ -231,6 +278,8 @@ impl Engine {
             block: None,
             control_tx: 0,
             control_rx: 0,
+            failures: 0,
+            remote_admin_downs: 0,
             retired: false,
         });
         self.dirty = true;
@@ -239,9 +288,9 @@ impl Engine {
 
     /// Removes a path: its flows move at once (like a failure, but with no
     /// detection time), its session goes AdminDown (RFC 5880 §6.8.16) and
-    /// the slot is retired. Returns the AdminDown packet for the shell to
-    /// send, since a retired path transmits nothing more.
-    pub fn remove_path(&mut self, id: PathId, now: Instant) -> Option<ControlPacket> {
+    /// the slot is retired. Returns the AdminDown packet (encoded and signed) for
+    /// the shell to send, since a retired path transmits nothing more.
+    pub fn remove_path(&mut self, id: PathId, now: Instant) -> Option<Transmit> {
         let path = self.paths.get(usize::from(id.0)).filter(|p| !p.retired)?;
         let peer = path.peer;
         let core = self.peers.get_mut(usize::from(peer.0))?;
@@ -252,14 +301,14 @@ impl Engine {
         self.dirty = true;
         let path = self.paths.get_mut(usize::from(id.0))?;
         path.session.set_admin_down(now);
-        let packet = path.session.poll_transmit(now);
+        let packet = path.session.poll_transmit_encoded(now).and_then(Result::ok);
         path.retired = true;
         self.drain_session(id, now);
         packet
     }
 
     /// Removes a peer and every path of it; returns the AdminDown packets.
-    pub fn remove_peer(&mut self, id: PeerId, now: Instant) -> Vec<(PathId, ControlPacket)> {
+    pub fn remove_peer(&mut self, id: PeerId, now: Instant) -> Vec<(PathId, Transmit)> {
         let Some(core) = self.peers.get(usize::from(id.0)).filter(|p| !p.retired) else {
             return Vec::new();
         };
@@ -332,9 +381,17 @@ impl Engine {
             return Err(DropReason::BfdTtl);
         }
         let packet = ControlPacket::parse(data).map_err(|_| DropReason::BfdMalformed)?;
+        // The bytes the Length field covers: what a keyed digest is computed over.
+        let raw = data.get(..wire_len(data)).unwrap_or(data);
         path.session
-            .handle_packet(&packet, now)
-            .map_err(|_| DropReason::BfdRejected)?;
+            .handle_datagram(&packet, raw, now)
+            .map_err(|e| {
+                if e.is_auth() {
+                    DropReason::BfdAuth
+                } else {
+                    DropReason::BfdRejected
+                }
+            })?;
         path.control_rx += 1;
         path.last_rx = Some(now);
         self.drain_session(id, now);
@@ -469,13 +526,26 @@ impl Engine {
         while let Some(SessionEvent::StateChange { from, to, diag, .. }) =
             self.paths[usize::from(id.0)].session.poll_event()
         {
+            let path = &mut self.paths[usize::from(id.0)];
+            // RFC 5880 §6.8.6: a received AdminDown takes the session Down with diag 3;
+            // it is the peer's decision, not a failure.
+            let administrative = to == State::AdminDown
+                || from == State::AdminDown
+                || (to == State::Down && path.session.remote_admin_down());
+            if from == State::Up && to != State::Up {
+                if administrative {
+                    path.remote_admin_downs += u64::from(to == State::Down);
+                } else {
+                    path.failures += 1;
+                }
+            }
             self.events.push_back(Event::PathState {
                 path: id,
                 from,
                 to,
                 diag,
+                administrative,
             });
-            let path = &mut self.paths[usize::from(id.0)];
             // Only a silent path has a detection time; a neighbor that says
             // it is down (or administratively down) is not a detection.
             let detection = (from == State::Up && diag == Diag::ControlDetectionExpired)
@@ -524,20 +594,43 @@ impl Engine {
     }
 
     /// The next control packet due, with the path to send it on.
-    pub fn poll_transmit(&mut self, now: Instant) -> Option<(PathId, ControlPacket)> {
+    /// A packet that cannot be encoded is reported as `Err` and not counted.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<(PathId, Result<Transmit, EmitError>)> {
         let n = self.paths.len();
         for k in 0..n {
             let i = (self.next_tx + k) % n;
             if self.paths[i].retired {
                 continue;
             }
-            if let Some(pkt) = self.paths[i].session.poll_transmit(now) {
+            if let Some(out) = self.paths[i].session.poll_transmit_encoded(now) {
                 self.next_tx = (i + 1) % n;
-                self.paths[i].control_tx += 1;
-                return Some((PathId(i as u16), pkt));
+                if out.is_ok() {
+                    self.paths[i].control_tx += 1;
+                }
+                return Some((PathId(i as u16), out));
             }
         }
         None
+    }
+
+    /// Changes a live path's BFD timers in place; a Poll Sequence announces them
+    /// (RFC 5880 §6.8.3), so the session stays Up. Returns whether anything changed.
+    pub fn set_timers(
+        &mut self,
+        id: PathId,
+        tx: Duration,
+        rx: Duration,
+        multiplier: u8,
+        now: Instant,
+    ) -> bool {
+        let Some(path) = self.paths.get_mut(usize::from(id.0)).filter(|p| !p.retired) else {
+            return false;
+        };
+        let before = (path.session.configured_timers(), path.session.detect_mult());
+        path.session.set_timers(tx, rx, multiplier, now);
+        let after = (path.session.configured_timers(), path.session.detect_mult());
+        self.drain_session(id, now);
+        before != after
     }
 
     /// The next event, oldest first.
@@ -624,6 +717,50 @@ impl Engine {
     }
 }
 
+/// The Length field of a datagram that parsed (so it is at least 24).
+fn wire_len(data: &[u8]) -> usize {
+    data.get(3).map_or(data.len(), |&l| usize::from(l))
+}
+
+fn auth_type(t: BfdAuthType) -> AuthType {
+    match t {
+        BfdAuthType::SimplePassword => AuthType::SimplePassword,
+        BfdAuthType::KeyedMd5 => AuthType::KeyedMd5,
+        BfdAuthType::MeticulousKeyedMd5 => AuthType::MeticulousKeyedMd5,
+        BfdAuthType::KeyedSha1 => AuthType::KeyedSha1,
+        BfdAuthType::MeticulousKeyedSha1 => AuthType::MeticulousKeyedSha1,
+    }
+}
+
+/// Checks a secret against an authentication type, naming the file on error.
+pub fn check_secret(auth_type_cfg: BfdAuthType, secret: &[u8]) -> Result<(), KeyError> {
+    Auth::new(auth_type(auth_type_cfg), 0, secret, 0).map(drop)
+}
+
+fn path_auth(
+    path: &str,
+    bfd: &BfdConfig,
+    secrets: &Secrets,
+    initial_seq: u32,
+) -> Result<Option<Auth>, EngineError> {
+    let Some(a) = &bfd.auth else {
+        return Ok(None);
+    };
+    let secret = secrets
+        .get(&a.secret_file)
+        .ok_or_else(|| EngineError::MissingSecret {
+            path: path.to_string(),
+            file: a.secret_file.clone(),
+        })?;
+    Auth::new(auth_type(a.auth_type), a.key_id, secret, initial_seq)
+        .map(Some)
+        .map_err(|source| EngineError::BadSecret {
+            path: path.to_string(),
+            file: a.secret_file.clone(),
+            source,
+        })
+}
+
 fn session_config(bfd: &BfdConfig, local_discriminator: u32) -> SessionConfig {
     SessionConfig {
         local_discriminator,
@@ -657,17 +794,15 @@ mod tests {
     /// (packets for paths `dst` no longer has are refused and ignored).
     fn exchange(src: &mut Engine, dst: &mut Engine, now: Instant) {
         src.handle_timeout(now);
-        while let Some((id, pkt)) = src.poll_transmit(now) {
-            deliver(src, dst, id, &pkt, now);
+        while let Some((id, out)) = src.poll_transmit(now) {
+            deliver(src, dst, id, out.expect("encode").as_bytes(), now);
         }
     }
 
-    fn deliver(src: &Engine, dst: &mut Engine, id: PathId, pkt: &ControlPacket, now: Instant) {
-        let mut buf = [0u8; 128];
-        let n = pkt.emit(&mut buf).expect("emit");
+    fn deliver(src: &Engine, dst: &mut Engine, id: PathId, bytes: &[u8], now: Instant) {
         let p = src.path(id).expect("path");
         let from = SocketAddr::new(p.local.ip(), 49152);
-        let _ = dst.handle_bfd_datagram(p.remote.ip(), from, Some(255), &buf[..n], now);
+        let _ = dst.handle_bfd_datagram(p.remote.ip(), from, Some(255), bytes, now);
     }
 
     fn run(a: &mut Engine, b: &mut Engine, t0: Instant, from_ms: u64, to_ms: u64) {
@@ -704,8 +839,9 @@ mod tests {
         let now = t0 + Duration::from_millis(3000);
         let p2 = id(&a, "p2");
         let admin_down = a.remove_path(p2, now).expect("AdminDown packet");
-        assert_eq!(admin_down.state, State::AdminDown);
-        deliver(&a, &mut b, p2, &admin_down, now);
+        let parsed = ControlPacket::parse(admin_down.as_bytes()).expect("parses");
+        assert_eq!(parsed.state, State::AdminDown);
+        deliver(&a, &mut b, p2, admin_down.as_bytes(), now);
         assert_eq!(snapshot(&b, "p2").2, State::Down, "b heard the AdminDown");
         b.remove_path(id(&b, "p2"), now).expect("AdminDown packet");
         assert!(a.path(p2).is_some_and(PathCore::is_retired));
@@ -745,7 +881,9 @@ mod tests {
         let peer = a.peer_by_name("p").expect("peer");
         let packets = a.remove_peer(peer, now);
         assert_eq!(packets.len(), 2);
-        assert!(packets.iter().all(|(_, p)| p.state == State::AdminDown));
+        assert!(packets.iter().all(|(_, p)| {
+            ControlPacket::parse(p.as_bytes()).is_ok_and(|c| c.state == State::AdminDown)
+        }));
         assert!(a.peer(peer).is_none() && a.peer_by_name("p").is_none());
         assert_eq!(a.forwarding().peers[0].active, None);
         let events: Vec<Event> = std::iter::from_fn(|| a.poll_event()).collect();
@@ -759,5 +897,207 @@ mod tests {
         assert_eq!(again, PeerId(1));
         run(&mut a, &mut b, t0, 3000, 5000);
         assert!(a.forwarding().peers[1].active.is_some());
+    }
+}
+
+#[cfg(test)]
+mod auth_and_admin_tests {
+    use super::*;
+
+    fn config(side: u8, auth: Option<&str>) -> Config {
+        let other = 3 - side;
+        let auth = auth.map_or(String::new(), |t| {
+            format!("auth = {{ type = \"{t}\", key_id = 3, secret_file = \"/k\" }}\n")
+        });
+        let text = format!(
+            "[gateway]\nname = \"g{side}\"\ncontrol_socket = \"/nonexistent.sock\"\n\
+             [bfd]\ntx_interval = \"10ms\"\nrx_interval = \"10ms\"\nmultiplier = 3\n{auth}\
+             [[peer]]\nname = \"p\"\ntun = \"xl-p\"\n  [[peer.path]]\n  name = \"p1\"\n  \
+             local = \"198.18.21.{side}:4800\"\n  remote = \"198.18.21.{other}:4800\"\n"
+        );
+        Config::parse(&text, "test").unwrap()
+    }
+
+    fn secrets(secret: &[u8]) -> Secrets {
+        Secrets::from([(PathBuf::from("/k"), secret.to_vec())])
+    }
+
+    fn engine(side: u8, auth: Option<&str>, secret: &[u8], t0: Instant) -> Engine {
+        let mut e = Engine::new(
+            &Config {
+                peers: Vec::new(),
+                ..config(side, auth)
+            },
+            t0,
+            1,
+        );
+        e.set_secrets(secrets(secret));
+        for peer in &config(side, auth).peers {
+            e.add_peer(peer, t0);
+        }
+        e
+    }
+
+    fn ip(side: u8) -> IpAddr {
+        format!("198.18.21.{side}").parse().unwrap()
+    }
+
+    /// Sends what `from` has due at `now` to `to` (on `to`'s side `side`).
+    fn deliver(from: &mut Engine, to: &mut Engine, side: u8, now: Instant) -> Vec<DropReason> {
+        from.handle_timeout(now);
+        let mut out = Vec::new();
+        while let Some((_, t)) = from.poll_transmit(now) {
+            out.push(t.unwrap().as_bytes().to_vec());
+        }
+        let src = SocketAddr::new(ip(3 - side), 49152);
+        out.iter()
+            .filter_map(|bytes| {
+                to.handle_bfd_datagram(ip(side), src, Some(255), bytes, now)
+                    .err()
+            })
+            .collect()
+    }
+
+    /// Delivers every due packet both ways at `now`; returns drop reasons seen.
+    fn exchange(a: &mut Engine, b: &mut Engine, now: Instant) -> Vec<DropReason> {
+        let mut drops = Vec::new();
+        for _ in 0..6 {
+            drops.extend(deliver(a, b, 2, now));
+            drops.extend(deliver(b, a, 1, now));
+        }
+        drops
+    }
+
+    fn pair(auth: Option<&str>, sa: &[u8], sb: &[u8], t0: Instant) -> (Engine, Engine) {
+        (engine(1, auth, sa, t0), engine(2, auth, sb, t0))
+    }
+
+    #[test]
+    fn missing_or_oversized_secret_refuses_the_path() {
+        let t0 = Instant::now();
+        let cfg = config(1, Some("keyed-md5"));
+        let path = &cfg.peers[0].paths[0];
+        let mut e = Engine::new(
+            &Config {
+                peers: Vec::new(),
+                ..cfg.clone()
+            },
+            t0,
+            1,
+        );
+        let peer = e.add_peer(
+            &PeerConfig {
+                paths: Vec::new(),
+                ..cfg.peers[0].clone()
+            },
+            t0,
+        );
+        let peer = peer.unwrap();
+        assert!(matches!(
+            e.check_path_auth(path),
+            Err(EngineError::MissingSecret { .. })
+        ));
+        assert!(e
+            .check_path_auth(path)
+            .unwrap_err()
+            .to_string()
+            .contains("/k"));
+        assert_eq!(e.add_path(peer, path, t0), None, "fail closed");
+        e.set_secrets(secrets(&[b'x'; 17]));
+        assert!(matches!(
+            e.check_path_auth(path),
+            Err(EngineError::BadSecret { .. })
+        ));
+        assert_eq!(e.add_path(peer, path, t0), None);
+        e.set_secrets(secrets(b"fine"));
+        assert!(e.check_path_auth(path).is_ok());
+        assert!(e.add_path(peer, path, t0).is_some());
+        assert!(check_secret(BfdAuthType::KeyedSha1, &[1; 20]).is_ok());
+        assert!(check_secret(BfdAuthType::KeyedMd5, &[1; 20]).is_err());
+    }
+
+    #[test]
+    fn authenticated_engines_come_up_and_wrong_key_is_dropped_as_auth() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = pair(Some("meticulous-keyed-sha1"), b"key", b"key", t0);
+        assert!(exchange(&mut a, &mut b, t0).is_empty());
+        assert!(a.paths()[0].is_up() && b.paths()[0].is_up());
+        let (mut a, mut b) = pair(Some("meticulous-keyed-sha1"), b"key", b"yek", t0);
+        let drops = exchange(&mut a, &mut b, t0);
+        assert!(!drops.is_empty() && drops.iter().all(|d| *d == DropReason::BfdAuth));
+        assert!(!a.paths()[0].is_up() && !b.paths()[0].is_up());
+        // One side without auth: never Up either, and counted as auth drops.
+        let mut c = engine(2, None, b"", t0);
+        let mut a = engine(1, Some("keyed-sha1"), b"key", t0);
+        let drops = exchange(&mut a, &mut c, t0);
+        assert!(!drops.is_empty() && drops.iter().all(|d| *d == DropReason::BfdAuth));
+        assert!(!a.paths()[0].is_up() && !c.paths()[0].is_up());
+    }
+
+    /// A received AdminDown takes the path out of service without a failure: no
+    /// detection time in the failover event, no failure count.
+    #[test]
+    fn remote_admin_down_is_not_a_failure() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = pair(None, b"", b"", t0);
+        exchange(&mut a, &mut b, t0);
+        assert!(a.paths()[0].is_up());
+        while a.poll_event().is_some() {}
+        let t1 = t0 + Duration::from_millis(5);
+        b.set_admin_down_all(t1);
+        exchange(&mut a, &mut b, t1);
+        assert!(!a.paths()[0].is_up());
+        assert!(!a.is_active(PathId(0)));
+        assert_eq!(a.paths()[0].failures, 0);
+        assert_eq!(a.paths()[0].remote_admin_downs, 1);
+        let events: Vec<Event> = std::iter::from_fn(|| a.poll_event()).collect();
+        assert!(events.iter().any(|e| matches!(
+            e,
+            Event::PathState {
+                to: State::Down,
+                administrative: true,
+                ..
+            }
+        )));
+        assert!(events.iter().any(|e| matches!(
+            e,
+            Event::Failover {
+                detection: None,
+                ..
+            }
+        )));
+        // A silent peer, by contrast, is a failure with a detection time.
+        let (mut a, mut b) = pair(None, b"", b"", t0);
+        exchange(&mut a, &mut b, t0);
+        let late = t0 + Duration::from_millis(200);
+        a.handle_timeout(late);
+        assert_eq!(a.paths()[0].failures, 1);
+        let events: Vec<Event> = std::iter::from_fn(|| a.poll_event()).collect();
+        assert!(events.iter().any(|e| matches!(
+            e,
+            Event::Failover {
+                detection: Some(_),
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn set_timers_polls_without_a_flap() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = pair(None, b"", b"", t0);
+        exchange(&mut a, &mut b, t0);
+        let before = a.paths()[0].session.transitions();
+        let ms = Duration::from_millis;
+        assert!(a.set_timers(PathId(0), ms(50), ms(10), 3, t0));
+        assert!(a.paths()[0].session.poll_active());
+        exchange(&mut a, &mut b, t0);
+        assert!(!a.paths()[0].session.poll_active());
+        assert_eq!(a.paths()[0].session.transitions(), before);
+        assert!(!a.set_timers(PathId(0), ms(50), ms(10), 3, t0), "unchanged");
+        assert!(
+            !a.set_timers(PathId(9), ms(50), ms(10), 3, t0),
+            "no such path"
+        );
     }
 }

@@ -257,6 +257,60 @@ pub fn is_root() -> bool {
     effective_uid() == Some(0)
 }
 
+/// Whether root-only tests must run here (`CROSSLINK_NETNS_REQUIRED=1`, set
+/// by `.ci/run`): then a missing privilege or tool fails the test instead of
+/// skipping it.
+pub fn netns_required() -> bool {
+    std::env::var("CROSSLINK_NETNS_REQUIRED").as_deref() == Ok("1")
+}
+
+/// Prints past the test harness's output capture, so the line shows in every run.
+pub fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Whether `tool` (a name looked up in PATH, /usr/sbin and /sbin, or a path) exists.
+pub fn tool_installed(tool: &str) -> bool {
+    if tool.contains('/') {
+        return Path::new(tool).is_file();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .any(|d| d.join(tool).is_file())
+}
+
+/// The gate of every root-only test: true when `test` can run (root, and
+/// every `(tool, Debian package)` installed). Otherwise it says why and
+/// returns false, or panics when [`netns_required`].
+pub fn test_gate(test: &str, tools: &[(&str, &str)]) -> bool {
+    if !is_root() {
+        return skip_or_fail(test, "needs root for network namespaces".to_string());
+    }
+    tool_gate(test, tools)
+}
+
+/// Like [`test_gate`] for tests that need tools but not root.
+pub fn tool_gate(test: &str, tools: &[(&str, &str)]) -> bool {
+    match tools.iter().find(|(tool, _)| !tool_installed(tool)) {
+        None => true,
+        Some((tool, package)) => {
+            skip_or_fail(test, format!("needs {tool} (Debian package {package})"))
+        }
+    }
+}
+
+fn skip_or_fail(test: &str, why: String) -> bool {
+    assert!(
+        !netns_required(),
+        "{test}: {why}, and CROSSLINK_NETNS_REQUIRED=1 makes this a failure"
+    );
+    say(&format!(
+        "SKIPPED {test}: {why} (set CROSSLINK_NETNS_REQUIRED=1 to make this a failure)"
+    ));
+    false
+}
+
 /// Runs a command, returning its stdout; a non-zero exit is an error carrying stderr.
 pub fn run(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}").replace('"', "");
@@ -792,6 +846,15 @@ impl Lab {
     }
 
     /// Stops a gateway with SIGTERM (SIGKILL after 3 s).
+    /// The process id of a running gateway (`ip netns exec` execs crosslink, so this
+    /// is crosslink's own pid), e.g. to read its threads' CPU time in `/proc`.
+    pub fn gateway_pid(&self, gw: Gw) -> Option<u32> {
+        self.gateways
+            .iter()
+            .find(|(g, _)| *g == gw)
+            .map(|(_, c)| c.id())
+    }
+
     pub fn stop_gateway(&mut self, gw: Gw) -> Option<ExitStatus> {
         let idx = self.gateways.iter().position(|(g, _)| *g == gw)?;
         let (_, mut child) = self.gateways.remove(idx);

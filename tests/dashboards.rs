@@ -16,23 +16,9 @@ fn configs() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")
 }
 
-fn say(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
 /// The promtool binary, or `None` (after saying so) when the check is skipped.
 fn promtool(test: &str) -> Option<&'static str> {
-    if Command::new("promtool").arg("--version").output().is_ok() {
-        return Some("promtool");
-    }
-    if std::env::var("CROSSLINK_NETNS_REQUIRED").as_deref() == Ok("1") {
-        panic!("promtool is required here (apt-get install prometheus) but not installed");
-    }
-    say(&format!(
-        "SKIPPED {test}: promtool not installed (Debian package prometheus)"
-    ));
-    None
+    crosslink::lab::tool_gate(test, &[("promtool", "prometheus")]).then_some("promtool")
 }
 
 /// Every `crosslink_*` name in a PromQL expression.
@@ -149,7 +135,7 @@ fn promtool_accepts_alert_rules() {
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    say(&format!(
+    crosslink::lab::say(&format!(
         "promtool check rules prometheus-alerts.yml: {}",
         text.trim()
     ));
@@ -184,7 +170,7 @@ fn promtool_parses_dashboard_expressions() {
     let _ = std::fs::remove_file(&path);
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    say(&format!(
+    crosslink::lab::say(&format!(
         "promtool check rules (dashboard expressions): {}",
         text.trim()
     ));
@@ -229,7 +215,7 @@ fn systemd_unit_is_complete_and_verifies() {
         .output()
         .is_err()
     {
-        say("SKIPPED systemd-analyze verify: systemd-analyze not installed");
+        crosslink::lab::say("SKIPPED systemd-analyze verify: systemd-analyze not installed");
         return;
     }
     let dir = std::env::temp_dir().join(format!("xl-unit-{}", std::process::id()));
@@ -249,7 +235,7 @@ fn systemd_unit_is_complete_and_verifies() {
         .lines()
         .filter(|l| l.contains("crosslink.service"))
         .collect();
-    say(&format!(
+    crosslink::lab::say(&format!(
         "systemd-analyze verify crosslink.service: {}",
         if findings.is_empty() {
             "no findings"

@@ -347,11 +347,10 @@ fn exchange(src: &mut Engine, dst: &mut Engine, now: Instant, lose: u8) {
         if lose & (1 << (id.0 % 8)) != 0 {
             continue;
         }
-        let mut buf = [0u8; 128];
-        let Ok(n) = pkt.emit(&mut buf) else { continue };
+        let Ok(t) = pkt else { continue };
         let Some(p) = src.path(id) else { continue };
         let from = SocketAddr::new(p.local.ip(), 49152);
-        let _ = dst.handle_bfd_datagram(p.remote.ip(), from, Some(255), &buf[..n], now);
+        let _ = dst.handle_bfd_datagram(p.remote.ip(), from, Some(255), t.as_bytes(), now);
     }
 }
 

@@ -17,27 +17,6 @@ const RATE: u32 = 1000;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// True when the test can run; false (after saying why) when it should be skipped.
-fn netns_allowed(test: &str) -> bool {
-    if lab::is_root() {
-        return true;
-    }
-    if std::env::var("CROSSLINK_NETNS_REQUIRED").as_deref() == Ok("1") {
-        panic!("netns tests are mandatory here but not running as root");
-    }
-    say(&format!(
-        "SKIPPED {test}: needs root for network namespaces \
-         (set CROSSLINK_NETNS_REQUIRED=1 to make this a failure)"
-    ));
-    false
-}
-
-/// Prints past the test harness's output capture, so the line shows in every run.
-fn say(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
 /// CROSSLINK_NETNS_STRICT=1: spurious BFD flaps (machine stalls) fail the test.
 fn strict() -> bool {
     std::env::var("CROSSLINK_NETNS_STRICT").as_deref() == Ok("1")
@@ -92,7 +71,7 @@ fn path1_state(s: &Value) -> Option<String> {
 
 #[test]
 fn failover_on_blackhole_and_revert_after_hold() {
-    if !netns_allowed("failover_on_blackhole_and_revert_after_hold") {
+    if !lab::test_gate("failover_on_blackhole_and_revert_after_hold", &[]) {
         return;
     }
     let _serial = serial();
@@ -163,7 +142,7 @@ fn failover_on_blackhole_and_revert_after_hold() {
     let sent = sender.stop().unwrap();
     let report = receiver.finish(Duration::from_secs(3)).unwrap();
     let num = |k: &str| report.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-    say(&format!(
+    lab::say(&format!(
         "netns failover: outage_ms={} lost={} sent={} reordered={} duplicates={} \
          max_gap_ms={:.1} failover_seen_ms={failover_ms} revert_after_up_ms={} \
          sender_max_late_us={}",
@@ -187,7 +166,7 @@ fn failover_on_blackhole_and_revert_after_hold() {
     let path2_after = path2_transitions(&lab);
     let flapped = path2_after != path2_before;
     if flapped {
-        say(&format!(
+        lab::say(&format!(
             "WARNING netns failover: spurious BFD flaps on the untouched path2 \
              (transitions gw-a, gw-b: {path2_before:?} -> {path2_after:?}); \
              revert-timing checks skipped (see the gateway logs)"
@@ -262,6 +241,8 @@ fn assert_fields(gw: Gw, status: &Value) {
             "local_state",
             "remote_state",
             "local_diag",
+            "remote_diag",
+            "max_tx_gap_us",
             "tx_interval_us",
             "detect_time_us",
             "rtt_us",
@@ -303,7 +284,7 @@ fn assert_fields(gw: Gw, status: &Value) {
 
 #[test]
 fn gateways_come_up_and_status_has_the_spec_fields() {
-    if !netns_allowed("gateways_come_up_and_status_has_the_spec_fields") {
+    if !lab::test_gate("gateways_come_up_and_status_has_the_spec_fields", &[]) {
         return;
     }
     let _serial = serial();
@@ -328,7 +309,7 @@ fn gateways_come_up_and_status_has_the_spec_fields() {
 
 #[test]
 fn sigterm_stops_cleanly_and_removes_the_tun() {
-    if !netns_allowed("sigterm_stops_cleanly_and_removes_the_tun") {
+    if !lab::test_gate("sigterm_stops_cleanly_and_removes_the_tun", &[]) {
         return;
     }
     let _serial = serial();
@@ -356,7 +337,7 @@ fn sigterm_stops_cleanly_and_removes_the_tun() {
 /// a 250 ms blackhole must show up as a ~250 ms outage.
 #[test]
 fn kernel_only_lab_measures_a_blackhole() {
-    if !netns_allowed("kernel_only_lab_measures_a_blackhole") {
+    if !lab::test_gate("kernel_only_lab_measures_a_blackhole", &[]) {
         return;
     }
     let _serial = serial();
@@ -373,7 +354,7 @@ fn kernel_only_lab_measures_a_blackhole() {
     sender.stop().unwrap();
     let report = receiver.finish(Duration::from_secs(3)).unwrap();
     let outage = report["longest_outage_ms"].as_f64().unwrap();
-    say(&format!(
+    lab::say(&format!(
         "netns kernel-only blackhole: outage_ms={outage} (cut for 250 ms)"
     ));
     assert_eq!(report["outage_count"], 1, "{report}");

@@ -16,13 +16,13 @@
 //! unless `CROSSLINK_NETNS_REQUIRED=1`. They run one at a time.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crosslink::lab::{self, run, terminate};
+use crosslink::lab::{self, run, say, terminate};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_crosslink");
@@ -32,35 +32,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn say(line: &str) {
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-/// True when the test can run; false (after saying why) when it is skipped.
-fn allowed(test: &str, tools: &[&str]) -> bool {
-    let required = std::env::var("CROSSLINK_NETNS_REQUIRED").as_deref() == Ok("1");
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| !in_path(t)).collect();
-    let why = if !lab::is_root() {
-        "needs root for network namespaces".to_string()
-    } else if !missing.is_empty() {
-        format!("needs {} installed", missing.join(", "))
-    } else {
-        return true;
-    };
-    assert!(!required, "{test}: {why} (CROSSLINK_NETNS_REQUIRED=1)");
-    say(&format!(
-        "SKIPPED {test}: {why} (set CROSSLINK_NETNS_REQUIRED=1 to make this a failure)"
-    ));
-    false
-}
-
-fn in_path(tool: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .any(|d| d.join(tool).is_file())
 }
 
 fn runs() -> usize {
@@ -633,6 +604,15 @@ fn measure_cuts(
         ));
     }
     (failover, totals(&reports))
+}
+
+/// True when the test can run: root, and `tools` installed.
+fn allowed(test: &str, tools: &[&str]) -> bool {
+    let with_packages: Vec<(&str, &str)> = tools
+        .iter()
+        .map(|&t| (t, if t == "nft" { "nftables" } else { t }))
+        .collect();
+    lab::test_gate(test, &with_packages)
 }
 
 #[test]

@@ -108,9 +108,7 @@ impl Sim {
             eng.handle_timeout(now);
             let mut out = Vec::new();
             while let Some((id, pkt)) = eng.poll_transmit(now) {
-                let mut buf = [0u8; 128];
-                let n = pkt.emit(&mut buf).unwrap();
-                out.push((id.0, buf[..n].to_vec()));
+                out.push((id.0, pkt.unwrap().as_bytes().to_vec()));
             }
             for (path, bytes) in out {
                 if !self.cut[usize::from(path)] {

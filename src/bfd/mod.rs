@@ -22,17 +22,23 @@
 //! }
 //! ```
 //!
-//! Not supported: Demand mode (packets with the D bit are discarded), the Echo function
-//! (we advertise Required Min Echo RX = 0), and authentication (packets with the A bit
-//! are discarded until a verifier is added; the codec keeps the raw auth section).
+//! Authentication (§6.7) is in [`auth`]: a session given an [`Auth`] signs what it
+//! sends ([`Session::encode`]) and accepts only packets that verify
+//! ([`Session::handle_datagram`]); a session without one refuses packets with the A bit.
+//!
+//! Not supported: Demand mode on our side (we never set the D bit; a peer's D bit is
+//! honoured as §6.6 says: we stop periodic transmission while both sides are Up), and
+//! the Echo function (we advertise Required Min Echo RX = 0).
 
+pub mod auth;
 mod rng;
 mod session;
 
 use std::time::Instant;
 
 pub use crate::wire::bfd::{Diag, State};
-pub use session::{next_state, Session, SessionConfig, SLOW_TX_INTERVAL};
+pub use auth::{Auth, AuthError, KeyError};
+pub use session::{next_state, Session, SessionConfig, Transmit, SLOW_TX_INTERVAL};
 
 /// Something the shell should know about; drained with [`Session::poll_event`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,12 +62,15 @@ pub enum RxError {
     /// Your Discriminator is zero but the State field is Init or Up.
     #[error("your discriminator is zero while the packet's state is {0:?}")]
     YourDiscriminatorZeroInUpInit(State),
-    /// The A bit does not match our configuration (no authentication configured).
+    /// The A bit is set but no authentication is configured.
     #[error("authentication present but not configured")]
     AuthMismatch,
-    /// The peer asks for Demand mode, which we do not support.
-    #[error("demand mode is not supported")]
-    DemandUnsupported,
+    /// Authentication is configured but the A bit is clear.
+    #[error("authentication configured but absent from the packet")]
+    AuthMissing,
+    /// The authentication section did not verify (§6.7).
+    #[error("authentication failed: {0}")]
+    Auth(AuthError),
     /// Both Poll and Final are set (forbidden by §6.5).
     #[error("poll and final bits both set")]
     PollAndFinal,
@@ -75,13 +84,22 @@ pub enum RxError {
 }
 
 impl RxError {
+    /// Whether this is an authentication failure (counted apart from other drops).
+    pub fn is_auth(&self) -> bool {
+        matches!(
+            self,
+            RxError::AuthMismatch | RxError::AuthMissing | RxError::Auth(_)
+        )
+    }
+
     /// Snake-case label for the drop-reason metric.
     pub fn reason(&self) -> &'static str {
         match self {
             RxError::YourDiscriminatorMismatch { .. } => "your_discriminator_mismatch",
             RxError::YourDiscriminatorZeroInUpInit(_) => "your_discriminator_zero",
             RxError::AuthMismatch => "auth_mismatch",
-            RxError::DemandUnsupported => "demand_unsupported",
+            RxError::AuthMissing => "auth_missing",
+            RxError::Auth(e) => e.reason(),
             RxError::PollAndFinal => "poll_and_final",
             RxError::BadVersion(_) => "bad_version",
             RxError::LocalAdminDown => "local_admin_down",

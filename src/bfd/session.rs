@@ -17,9 +17,10 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::auth::Auth;
 use super::rng::SplitMix64;
 use super::{RxError, SessionEvent};
-use crate::wire::bfd::{ControlPacket, Diag, State, BFD_VERSION};
+use crate::wire::bfd::{ControlPacket, Diag, EmitError, State, BFD_VERSION, MAX_PACKET_LEN};
 
 /// The minimum Desired Min TX Interval advertised while the session is not Up (§6.8.3).
 pub const SLOW_TX_INTERVAL: Duration = Duration::from_secs(1);
@@ -64,10 +65,17 @@ impl Timers {
 struct Remote {
     discr: u32,
     state: State,
+    diag: Diag,
     /// bfd.RemoteMinRxInterval; initialised to 1 µs as §6.8.1 requires ("1").
     min_rx: Duration,
     desired_min_tx: Duration,
+    /// The remote Desired Min TX used for the detection time. While the peer's Poll
+    /// Sequence announces a *faster* rate it still sends at the old one until it sees
+    /// our Final, so the slower value is kept until a packet without Poll arrives.
+    detect_tx: Duration,
     detect_mult: u8,
+    /// bfd.RemoteDemandMode (§6.8.1): the D bit of the last packet.
+    demand: bool,
 }
 
 impl Remote {
@@ -75,9 +83,12 @@ impl Remote {
         Remote {
             discr: 0,
             state: State::Down,
+            diag: Diag::None,
             min_rx: Duration::from_micros(1),
             desired_min_tx: Duration::ZERO,
+            detect_tx: Duration::ZERO,
             detect_mult: 0,
+            demand: false,
         }
     }
 }
@@ -102,8 +113,26 @@ pub struct Session {
     last_rx: Option<Instant>,
     transitions: u64,
     last_change: Option<Instant>,
+    /// Last transmission while Up, and the largest gap between two of them.
+    last_tx_up: Option<Instant>,
+    max_tx_gap: Duration,
     events: VecDeque<SessionEvent>,
     rng: SplitMix64,
+    /// bfd.AuthType and friends; `None` is bfd.AuthType = 0.
+    auth: Option<Auth>,
+}
+
+/// An encoded Control packet ready to send (signed when authentication is on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    bytes: [u8; MAX_PACKET_LEN],
+    len: usize,
+}
+
+impl Transmit {
+    pub fn as_bytes(&self) -> &[u8] {
+        self.bytes.get(..self.len).unwrap_or(&[])
+    }
 }
 
 fn to_us(d: Duration) -> u32 {
@@ -137,11 +166,26 @@ impl Session {
             last_rx: None,
             transitions: 0,
             last_change: None,
+            last_tx_up: None,
+            max_tx_gap: Duration::ZERO,
             events: VecDeque::new(),
             rng: SplitMix64::new(seed),
+            auth: None,
         };
         session.in_effect = session.advertised();
         session
+    }
+
+    /// Turns authentication on (§6.7) or off. With it on, only packets that carry a
+    /// valid auth section of the configured type and key are accepted — the session
+    /// cannot come Up without it — and every packet sent is signed.
+    pub fn set_auth(&mut self, auth: Option<Auth>) {
+        self.auth = auth;
+    }
+
+    /// Whether authentication is configured (bfd.AuthType nonzero).
+    pub fn auth_enabled(&self) -> bool {
+        self.auth.is_some()
     }
 
     // ----- inputs -----
@@ -150,15 +194,42 @@ impl Session {
     /// On `Err` the packet was discarded; the error names why (for the drop counter).
     /// [`RxError::LocalAdminDown`] is the one case where the remote's parameters were
     /// still recorded, as the RFC orders.
+    ///
+    /// Without the packet's bytes a keyed digest cannot be checked, so a session with
+    /// keyed authentication refuses everything here; use
+    /// [`handle_datagram`](Self::handle_datagram).
     pub fn handle_packet(&mut self, pkt: &ControlPacket, now: Instant) -> Result<(), RxError> {
+        self.receive(pkt, None, now)
+    }
+
+    /// Processes a received packet given both parsed and as bytes (the bytes are
+    /// needed to verify keyed MD5/SHA1 digests, §6.7.3–§6.7.4).
+    pub fn handle_datagram(
+        &mut self,
+        pkt: &ControlPacket,
+        raw: &[u8],
+        now: Instant,
+    ) -> Result<(), RxError> {
+        self.receive(pkt, Some(raw), now)
+    }
+
+    fn receive(
+        &mut self,
+        pkt: &ControlPacket,
+        raw: Option<&[u8]>,
+        now: Instant,
+    ) -> Result<(), RxError> {
         self.check_packet(pkt)?;
+        self.authenticate(pkt, raw, now)?;
         self.record_remote(pkt, now);
-        // "If the Final (F) bit is set and the local system sent a Poll, terminate the
-        // Poll Sequence" — and only now let the new intervals take effect.
+        // "If a Poll Sequence is being transmitted by the local system and the Final
+        // (F) bit in the received packet is set, the Poll Sequence MUST be terminated"
+        // — and only now do the new intervals take effect (§6.8.3).
         if pkt.final_ && self.poll_active {
             self.poll_active = false;
             self.in_effect = self.advertised();
         }
+        // "Update the transmit interval as described in section 6.8.2."
         self.pull_next_tx_forward(now);
         // "If bfd.SessionState is AdminDown, discard the packet."
         if self.state == State::AdminDown {
@@ -189,27 +260,51 @@ impl Session {
         if pkt.your_discriminator == 0 && matches!(pkt.state, State::Init | State::Up) {
             return Err(RxError::YourDiscriminatorZeroInUpInit(pkt.state));
         }
-        // No authentication is configured: "If the A bit is set and no authentication
-        // is in use (bfd.AuthType is zero), the packet MUST be discarded."
-        if pkt.auth_present || pkt.auth.is_some() {
-            return Err(RxError::AuthMismatch);
-        }
-        if pkt.demand {
-            return Err(RxError::DemandUnsupported);
-        }
+        // §6.5: "A BFD Control packet MUST NOT have both the Poll (P) and Final (F)
+        // bits set." Such a packet is malformed; discarding it is the safe reading.
         if pkt.poll && pkt.final_ {
             return Err(RxError::PollAndFinal);
         }
         Ok(())
     }
 
+    /// "If the A bit is set and no authentication is in use (bfd.AuthType is zero),
+    /// the packet MUST be discarded. If the A bit is clear and authentication is in
+    /// use, the packet MUST be discarded. If the A bit is set, the packet MUST be
+    /// authenticated under the rules of section 6.7" (§6.8.6).
+    fn authenticate(
+        &mut self,
+        pkt: &ControlPacket,
+        raw: Option<&[u8]>,
+        now: Instant,
+    ) -> Result<(), RxError> {
+        let detection_time = self.detection_time();
+        match (&mut self.auth, &pkt.auth) {
+            (None, None) if !pkt.auth_present => Ok(()),
+            (None, _) => Err(RxError::AuthMismatch),
+            (Some(_), None) => Err(RxError::AuthMissing),
+            (Some(auth), Some(section)) => auth
+                .verify(section, raw, pkt.detect_mult, detection_time, now)
+                .map_err(RxError::Auth),
+        }
+    }
+
     fn record_remote(&mut self, pkt: &ControlPacket, now: Instant) {
+        let desired_min_tx = from_us(pkt.desired_min_tx_us);
+        let detect_tx = if pkt.poll {
+            desired_min_tx.max(self.remote.detect_tx)
+        } else {
+            desired_min_tx
+        };
         self.remote = Remote {
             discr: pkt.my_discriminator,
             state: pkt.state,
+            diag: pkt.diag,
             min_rx: from_us(pkt.required_min_rx_us),
-            desired_min_tx: from_us(pkt.desired_min_tx_us),
+            desired_min_tx,
+            detect_tx,
             detect_mult: pkt.detect_mult,
+            demand: pkt.demand,
         };
         self.last_rx = Some(now);
     }
@@ -243,6 +338,7 @@ impl Session {
         self.last_rx = None;
         self.remote.discr = 0;
         self.remote.state = State::Down;
+        self.remote.demand = false;
         if matches!(self.state, State::Init | State::Up) {
             self.transition(State::Down, Diag::ControlDetectionExpired, now);
         }
@@ -264,9 +360,12 @@ impl Session {
         }
     }
 
-    /// Changes the local timers. While Up this begins a Poll Sequence and the change
-    /// takes full effect when the peer's Final arrives (§6.8.3); otherwise at once.
-    /// `detect_mult` zero is treated as 1; `desired_min_tx` zero as 1 µs.
+    /// Changes the local timers (§6.8.3): "If either bfd.DesiredMinTxInterval is changed
+    /// or bfd.RequiredMinRxInterval is changed, a Poll Sequence MUST be initiated".
+    /// While Up the old, safer values stay in effect until the peer's Final; in the
+    /// other states the new values apply at once (the Poll still announces them when
+    /// a peer is there to answer). `detect_mult` zero is treated as 1;
+    /// `desired_min_tx` zero as 1 µs. Nothing happens when nothing changed.
     pub fn set_timers(
         &mut self,
         desired_min_tx: Duration,
@@ -274,17 +373,30 @@ impl Session {
         detect_mult: u8,
         now: Instant,
     ) {
-        self.configured = Timers {
+        let configured = Timers {
             desired_min_tx: desired_min_tx.max(MIN_DESIRED_TX),
             required_min_rx,
         };
-        self.detect_mult = detect_mult.max(1);
-        if self.state == State::Up {
-            self.start_poll(now);
-        } else {
-            self.in_effect = self.advertised();
+        let detect_mult = detect_mult.max(1);
+        if configured == self.configured && detect_mult == self.detect_mult {
+            return;
+        }
+        self.configured = configured;
+        self.detect_mult = detect_mult;
+        match self.state {
+            State::Up => self.start_poll(now),
+            State::AdminDown => self.in_effect = self.advertised(),
+            State::Down | State::Init => {
+                self.in_effect = self.advertised();
+                self.poll_active = self.remote.discr != 0;
+            }
         }
         self.pull_next_tx_forward(now);
+    }
+
+    /// Makes a periodic packet due at `now` (e.g. to repeat an AdminDown).
+    pub fn transmit_now(&mut self, now: Instant) {
+        self.next_tx = Some(now);
     }
 
     // ----- outputs -----
@@ -308,6 +420,45 @@ impl Session {
     /// peer's Poll, then a periodic packet (with Poll set while our Poll Sequence runs).
     /// Call until it returns `None`.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<ControlPacket> {
+        let pkt = self.next_packet(now)?;
+        if self.state == State::Up {
+            if let Some(last) = self.last_tx_up {
+                self.max_tx_gap = self.max_tx_gap.max(now.saturating_duration_since(last));
+            }
+            self.last_tx_up = Some(now);
+        } else {
+            self.last_tx_up = None;
+        }
+        Some(pkt)
+    }
+
+    /// [`poll_transmit`](Self::poll_transmit), encoded and signed.
+    pub fn poll_transmit_encoded(&mut self, now: Instant) -> Option<Result<Transmit, EmitError>> {
+        let pkt = self.poll_transmit(now)?;
+        let mut t = Transmit {
+            bytes: [0; MAX_PACKET_LEN],
+            len: 0,
+        };
+        Some(self.encode(&pkt, &mut t.bytes).map(|len| {
+            t.len = len;
+            t
+        }))
+    }
+
+    /// Writes a packet from [`poll_transmit`](Self::poll_transmit) into `out` and, with
+    /// authentication on, signs it (§6.7). Returns the length.
+    pub fn encode(&self, pkt: &ControlPacket, out: &mut [u8]) -> Result<usize, EmitError> {
+        let n = pkt.emit(out)?;
+        if let Some(auth) = &self.auth {
+            let bytes = out.get_mut(..n).ok_or(EmitError::BufferTooSmall)?;
+            if !auth.seal(bytes) {
+                return Err(EmitError::BadAuth);
+            }
+        }
+        Ok(n)
+    }
+
+    fn next_packet(&mut self, now: Instant) -> Option<ControlPacket> {
         if self.final_due.take().is_some() {
             return Some(self.build_packet(false, true));
         }
@@ -343,6 +494,23 @@ impl Session {
         self.local_diag
     }
 
+    /// The diagnostic of the peer's last packet.
+    pub fn remote_diag(&self) -> Diag {
+        self.remote.diag
+    }
+
+    /// The largest gap between two consecutive packets sent while Up (including
+    /// Finals), measured with the `now` of the transmit calls: how punctual the
+    /// driver loop is.
+    pub fn max_tx_gap(&self) -> Duration {
+        self.max_tx_gap
+    }
+
+    /// Whether the peer asked for Demand mode (D bit) in its last packet.
+    pub fn remote_demand(&self) -> bool {
+        self.remote.demand
+    }
+
     /// bfd.RemoteDiscr; 0 while unknown.
     pub fn remote_discriminator(&self) -> u32 {
         self.remote.discr
@@ -356,10 +524,7 @@ impl Session {
     /// larger of our RequiredMinRxInterval (in effect) and the remote's last Desired
     /// Min TX Interval. Zero until the peer has been heard.
     pub fn detection_time(&self) -> Duration {
-        let interval = self
-            .in_effect
-            .required_min_rx
-            .max(self.remote.desired_min_tx);
+        let interval = self.in_effect.required_min_rx.max(self.remote.detect_tx);
         interval.saturating_mul(u32::from(self.remote.detect_mult))
     }
 
@@ -374,6 +539,11 @@ impl Session {
         self.advertised().desired_min_tx
     }
 
+    /// The remote's last Desired Min TX Interval (0 until heard).
+    pub fn remote_desired_min_tx(&self) -> Duration {
+        self.remote.desired_min_tx
+    }
+
     /// The remote's last Required Min RX Interval (1 µs until heard).
     pub fn remote_min_rx(&self) -> Duration {
         self.remote.min_rx
@@ -382,6 +552,14 @@ impl Session {
     /// The remote's last Detect Mult (0 until heard).
     pub fn remote_detect_mult(&self) -> u8 {
         self.remote.detect_mult
+    }
+
+    /// The configured (Desired Min TX, Required Min RX), as last set.
+    pub fn configured_timers(&self) -> (Duration, Duration) {
+        (
+            self.configured.desired_min_tx,
+            self.configured.required_min_rx,
+        )
     }
 
     pub fn detect_mult(&self) -> u8 {
@@ -456,12 +634,18 @@ impl Session {
         self.next_tx = Some(now);
     }
 
-    /// §6.8.6 / §6.8.7: "A system MUST NOT periodically transmit BFD Control packets if
+    /// §6.8.7: "A system MUST NOT periodically transmit BFD Control packets if
     /// bfd.RemoteDiscr is zero and the system is taking the Passive role", nor "if
-    /// bfd.RemoteMinRxInterval is zero".
+    /// bfd.RemoteMinRxInterval is zero", nor "if Demand mode is active on the remote
+    /// system (bfd.RemoteDemandMode is 1, bfd.SessionState is Up, and
+    /// bfd.RemoteSessionState is Up) and a Poll Sequence is not being transmitted".
     fn may_transmit_periodic(&self) -> bool {
         let passive_and_unheard = self.passive && self.remote.discr == 0;
-        !passive_and_unheard && !self.remote.min_rx.is_zero()
+        let remote_demand = self.remote.demand
+            && self.state == State::Up
+            && self.remote.state == State::Up
+            && !self.poll_active;
+        !passive_and_unheard && !self.remote.min_rx.is_zero() && !remote_demand
     }
 
     fn detection_deadline(&self) -> Option<Instant> {
@@ -497,8 +681,9 @@ impl Session {
         Duration::from_nanos(self.rng.in_range(lo, hi))
     }
 
-    fn build_packet(&self, poll: bool, final_: bool) -> ControlPacket {
+    fn build_packet(&mut self, poll: bool, final_: bool) -> ControlPacket {
         let adv = self.advertised();
+        let auth = self.auth.as_mut().map(Auth::next_section);
         ControlPacket {
             version: BFD_VERSION,
             diag: self.local_diag,
@@ -506,7 +691,7 @@ impl Session {
             poll,
             final_,
             control_plane_independent: false,
-            auth_present: false,
+            auth_present: auth.is_some(),
             demand: false,
             multipoint: false,
             detect_mult: self.detect_mult,
@@ -515,7 +700,7 @@ impl Session {
             desired_min_tx_us: to_us(adv.desired_min_tx),
             required_min_rx_us: to_us(adv.required_min_rx),
             required_min_echo_rx_us: 0,
-            auth: None,
+            auth,
         }
     }
 }

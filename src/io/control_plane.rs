@@ -16,12 +16,13 @@
 //! Everything else in the engine is left as it was.
 
 use super::{clock, sys, udp};
+use crate::bfd::Transmit;
 use crate::config::{PathConfig, PeerConfig};
-use crate::engine::{Engine, Event, Forwarding};
+use crate::engine::{Engine, Event, Forwarding, Secrets};
 use crate::telemetry::metrics::{Metrics, PathLabels};
 use crate::telemetry::status::{BfdStatus, PathStatus, PeerStatus, Status};
 use crate::telemetry::{DropCounters, PathCounters};
-use crate::wire::bfd::{ControlPacket, State};
+use crate::wire::bfd::State;
 use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
 use std::io::{self, Read};
@@ -71,6 +72,11 @@ pub struct Plan {
     pub add_rx: Vec<(IpAddr, UdpSocket)>,
     /// Local addresses no live path uses any more.
     pub remove_rx: Vec<IpAddr>,
+    /// Paths kept running whose BFD timers changed: (id, tx, rx, multiplier),
+    /// applied in place with a Poll Sequence (RFC 5880 §6.8.3).
+    pub set_timers: Vec<(PathId, Duration, Duration, u8)>,
+    /// BFD secrets (file -> content) for the paths added.
+    pub secrets: Secrets,
     /// The TUN of each added peer, by peer name, for carrier control.
     pub add_tuns: Vec<(String, Arc<SyncDevice>)>,
 }
@@ -179,7 +185,7 @@ impl BfdThread {
             let wake_index = fds.len() - 1;
             let now = clock::now();
             self.engine.handle_timeout(now);
-            self.flush(now, &mut buf);
+            self.flush(now);
             let timeout = self
                 .engine
                 .poll_timeout()
@@ -201,15 +207,15 @@ impl BfdThread {
     }
 
     /// Sends due control packets, logs events, publishes forwarding.
-    fn flush(&mut self, now: Instant, buf: &mut [u8]) {
-        while let Some((id, pkt)) = self.engine.poll_transmit(now) {
+    fn flush(&mut self, now: Instant) {
+        while let Some((id, out)) = self.engine.poll_transmit(now) {
             let i = usize::from(id.0);
             let (Some(path), Some(Some(sock))) = (self.engine.path(id), self.tx.get(i)) else {
                 continue;
             };
             let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
-            let sent = match pkt.emit(buf) {
-                Ok(n) => sock.send_to(&buf[..n], dst),
+            let sent = match out {
+                Ok(t) => sock.send_to(t.as_bytes(), dst),
                 Err(e) => {
                     error!(error = ?e, "BFD emit failed");
                     continue;
@@ -276,12 +282,18 @@ impl BfdThread {
                 from,
                 to,
                 diag,
+                administrative,
             } => {
                 let Some(p) = self.engine.path(path) else {
                     return;
                 };
                 let peer = self.engine.peer(p.peer).map_or("?", |(n, _, _)| n);
-                info!(peer, path = %p.name, from = from.as_str(), to = to.as_str(), diag = diag.as_str(), "path state");
+                let remote_diag = p.session.remote_diag().as_str();
+                if administrative {
+                    info!(peer, path = %p.name, from = from.as_str(), to = to.as_str(), diag = diag.as_str(), remote_diag, "path state (administrative, not a failure)");
+                } else {
+                    info!(peer, path = %p.name, from = from.as_str(), to = to.as_str(), diag = diag.as_str(), remote_diag, "path state");
+                }
                 if let Some(m) = self.metrics.path(usize::from(path.0)) {
                     m.set_state(from, to);
                     m.set_detection_time(p.session.detection_time());
@@ -400,8 +412,10 @@ impl BfdThread {
         let now = clock::now();
         self.engine.set_admin_down_all(now);
         let mut packets = Vec::new();
-        while let Some(p) = self.engine.poll_transmit(now) {
-            packets.push(p);
+        while let Some((id, out)) = self.engine.poll_transmit(now) {
+            if let Ok(t) = out {
+                packets.push((id, t));
+            }
         }
         self.send_final(&packets, Duration::from_millis(5));
         while let Some(ev) = self.engine.poll_event() {
@@ -411,13 +425,14 @@ impl BfdThread {
 
     /// Sends last packets (AdminDown) three times, `spacing` apart (no
     /// spacing on reload, where the other sessions must keep their slots).
-    fn send_final(&self, packets: &[(PathId, ControlPacket)], spacing: Duration) {
-        let mut buf = [0u8; 512];
+    /// The copies are identical: with meticulous authentication the peer accepts
+    /// the first that arrives and drops the others as replays, which is harmless.
+    fn send_final(&self, packets: &[(PathId, Transmit)], spacing: Duration) {
         let mut wire = Vec::new();
-        for (id, pkt) in packets {
-            if let (Some(path), Ok(n)) = (self.engine.path(*id), pkt.emit(&mut buf)) {
+        for (id, t) in packets {
+            if let Some(path) = self.engine.path(*id) {
                 let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
-                wire.push((usize::from(id.0), dst, buf[..n].to_vec()));
+                wire.push((usize::from(id.0), dst, t.as_bytes().to_vec()));
             }
         }
         for round in 0..3 {
@@ -461,6 +476,13 @@ impl BfdThread {
         }
         self.rx.retain(|(ip, _)| !plan.remove_rx.contains(ip));
         self.rx.extend(plan.add_rx);
+        for (id, tx, rx, mult) in plan.set_timers {
+            if self.engine.set_timers(id, tx, rx, mult, now) {
+                let name = self.engine.path(id).map_or("?", |p| p.name.as_str());
+                info!(path = %name, tx_us = tx.as_micros() as u64, rx_us = rx.as_micros() as u64, multiplier = mult, "BFD timers applied with a poll sequence");
+            }
+        }
+        self.engine.set_secrets(plan.secrets);
         let mut applied = Applied::default();
         for peer in &plan.add_peers {
             let tun = plan
@@ -473,7 +495,7 @@ impl BfdThread {
         for path in plan.add_paths {
             self.add_path(path, now, &mut applied);
         }
-        self.flush(now, &mut [0u8; 2048]);
+        self.flush(now);
         applied
     }
 
@@ -505,6 +527,10 @@ impl BfdThread {
             error!(peer = %new.peer, path = %c.name, "path added to an unknown peer");
             return;
         };
+        if let Err(e) = self.engine.check_path_auth(c) {
+            error!(peer = %new.peer, path = %c.name, error = %e, "path not added");
+            return;
+        }
         let Some(id) = self.engine.add_path(peer, c, now) else {
             error!(peer = %new.peer, path = %c.name, "too many paths; not added");
             return;
@@ -591,6 +617,11 @@ impl BfdThread {
                 local_state: s.state().as_str().to_string(),
                 remote_state: s.remote_state().as_str().to_string(),
                 local_diag: s.local_diag().as_str().to_string(),
+                remote_diag: s.remote_diag().as_str().to_string(),
+                max_tx_gap_us: s.max_tx_gap().as_micros() as u64,
+                auth: s.auth_enabled(),
+                failures: p.failures,
+                remote_admin_downs: p.remote_admin_downs,
                 local_discriminator: s.local_discriminator(),
                 remote_discriminator: s.remote_discriminator(),
                 tx_interval_us: s.tx_interval().as_micros() as u64,

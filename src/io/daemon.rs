@@ -19,7 +19,7 @@ use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
 use crate::config::{Config, ConfigError, PathConfig, PeerConfig, Policy};
 use crate::crypto::{self, EchoGuard, ReplayWindow};
 use crate::dedup::Window;
-use crate::engine::{Engine, Forwarding};
+use crate::engine::{check_secret, Engine, Forwarding, Secrets};
 use crate::forward::{HEADROOM, TRAILER};
 use crate::telemetry::metrics::{self, Metrics};
 use crate::telemetry::{control, DropCounters, PathCounters};
@@ -67,6 +67,7 @@ fn default_mtu(policy: Policy) -> u16 {
 pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     let config = Config::load(config_path)?;
     refuse_unsupported(&config)?;
+    let secrets = read_secrets(&config)?;
     if let Err(e) = super::sys::lock_memory() {
         tracing::warn!(error = %e, "could not lock memory (needs CAP_IPC_LOCK); paging may delay BFD");
     }
@@ -75,7 +76,53 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         .thread_name("crosslink-rt")
         .enable_all()
         .build()?;
-    rt.block_on(run_async(config, config_path.to_path_buf()))
+    rt.block_on(run_async(config, secrets, config_path.to_path_buf()))
+}
+
+/// Reads every BFD `auth.secret_file` (RFC 5880 §6.7 keys) and checks it fits its
+/// authentication type. Errors name the file; the content is never logged. A
+/// trailing line ending is not part of the secret.
+fn read_secrets(config: &Config) -> Result<Secrets, DaemonError> {
+    let mut secrets = Secrets::new();
+    let auths = config
+        .peers
+        .iter()
+        .flat_map(|p| p.paths.iter())
+        .filter_map(|p| p.bfd.auth.as_ref());
+    for auth in auths {
+        let file = &auth.secret_file;
+        if !secrets.contains_key(file) {
+            let raw = std::fs::read(file).map_err(|e| {
+                DaemonError::Setup(format!(
+                    "cannot read BFD secret file {}: {e}",
+                    file.display()
+                ))
+            })?;
+            secrets.insert(file.clone(), crate::bfd::auth::trim_secret(&raw).to_vec());
+        }
+        let secret = secrets.get(file).map_or(&[][..], Vec::as_slice);
+        check_secret(auth.auth_type, secret).map_err(|e| {
+            DaemonError::Setup(format!(
+                "BFD secret file {} for {}: {e}",
+                file.display(),
+                auth.auth_type.as_str()
+            ))
+        })?;
+    }
+    Ok(secrets)
+}
+
+/// Whether two path configs differ at most in their BFD timers, which a reload
+/// applies in place (Poll Sequence) instead of restarting the path.
+fn only_bfd_timers_differ(a: &PathConfig, b: &PathConfig) -> bool {
+    let strip = |p: &PathConfig| {
+        let mut p = p.clone();
+        p.bfd.tx_interval = Duration::ZERO;
+        p.bfd.rx_interval = Duration::ZERO;
+        p.bfd.multiplier = 0;
+        p
+    };
+    strip(a) == strip(b)
 }
 
 /// Settings this build cannot honour (running without them would silently
@@ -84,14 +131,6 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
 fn refuse_unsupported(config: &Config) -> Result<(), DaemonError> {
     for peer in &config.peers {
         keys::load(peer).map_err(DaemonError::Setup)?;
-        for path in &peer.paths {
-            if path.bfd.auth.is_some() {
-                return Err(DaemonError::Setup(format!(
-                    "peer {} path {}: bfd.auth: BFD authentication is not available in this version",
-                    peer.name, path.name
-                )));
-            }
-        }
     }
     Ok(())
 }
@@ -151,7 +190,11 @@ struct Pending {
     counters: Arc<PathCounters>,
 }
 
-async fn run_async(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
+async fn run_async(
+    config: Config,
+    secrets: Secrets,
+    config_path: PathBuf,
+) -> Result<(), DaemonError> {
     let endpoint = match &config.metrics {
         Some(m) => Some(metrics::install(m.listen).map_err(DaemonError::Setup)?),
         None => None,
@@ -217,7 +260,7 @@ async fn run_async(config: Config, config_path: PathBuf) -> Result<(), DaemonErr
             }
         },
     };
-    let problems = gw.apply(&config).await;
+    let problems = gw.apply(&config, secrets).await;
     if !problems.is_empty() {
         commands.shutdown().await;
         let _ = bfd_handle.join();
@@ -312,7 +355,12 @@ async fn watchdog(link: CommandLink, every: Duration) {
 async fn reload(path: &Path, running: &Config, gw: &mut Gateway) -> Option<Config> {
     let metrics = gw.shared.metrics.clone();
     let loaded = Config::load(path).map_err(DaemonError::from);
-    let new = match loaded.and_then(|c| refuse_unsupported(&c).map(|()| c)) {
+    let checked = loaded.and_then(|c| {
+        refuse_unsupported(&c)?;
+        let secrets = read_secrets(&c)?;
+        Ok((c, secrets))
+    });
+    let (new, secrets) = match checked {
         Ok(new) => new,
         Err(e) => {
             metrics.set_reload_ok(false);
@@ -342,7 +390,7 @@ async fn reload(path: &Path, running: &Config, gw: &mut Gateway) -> Option<Confi
             );
         }
     }
-    let problems = gw.apply(&new).await;
+    let problems = gw.apply(&new, secrets).await;
     metrics.set_reload_ok(problems.is_empty());
     if problems.is_empty() {
         info!("reload applied");
@@ -374,8 +422,11 @@ fn restart_key(peer: &PeerConfig) -> PeerConfig {
 impl Gateway {
     /// Brings the running gateway to `want`, touching only what differs.
     /// Returns what could not be done (empty: all of it was).
-    async fn apply(&mut self, want: &Config) -> Vec<String> {
-        let mut plan = Plan::default();
+    async fn apply(&mut self, want: &Config, secrets: Secrets) -> Vec<String> {
+        let mut plan = Plan {
+            secrets,
+            ..Plan::default()
+        };
         let mut problems = Vec::new();
         // 1. Take out what goes away or changes.
         let mut doomed_peers = Vec::new();
@@ -387,10 +438,27 @@ impl Gateway {
                         self.update_routes(&mut peer, &w.routes, &mut problems)
                             .await;
                     }
-                    let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut peer.paths)
-                        .into_iter()
-                        .partition(|r| w.path(&r.config.name) == Some(&r.config));
+                    let (keep, gone): (Vec<_>, Vec<_>) =
+                        std::mem::take(&mut peer.paths).into_iter().partition(|r| {
+                            w.path(&r.config.name)
+                                .is_some_and(|n| only_bfd_timers_differ(n, &r.config))
+                        });
                     peer.paths = keep;
+                    for r in &mut peer.paths {
+                        let Some(n) = w.path(&r.config.name) else {
+                            continue;
+                        };
+                        if *n != r.config {
+                            let b = &n.bfd;
+                            plan.set_timers.push((
+                                r.id,
+                                b.tx_interval,
+                                b.rx_interval,
+                                b.multiplier,
+                            ));
+                            r.config = n.clone();
+                        }
+                    }
                     if !gone.is_empty() || peer.paths.len() != w.paths.len() {
                         peer.park();
                     }

@@ -3,6 +3,7 @@
 //! reload that changes a peer's `routes` adds and deletes them in place.
 
 use crate::config::Prefix;
+use rtnetlink::packet_route::route::RouteMessage;
 use rtnetlink::{Handle, RouteMessageBuilder};
 use std::io;
 use std::net::IpAddr;
@@ -43,18 +44,9 @@ impl Netlink {
         prefix: &Prefix,
         metric: Option<u32>,
     ) -> io::Result<()> {
-        let mut builder = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(prefix.addr, prefix.len)
-            .map_err(|e| io::Error::other(format!("route {prefix}: {e}")))?
-            .output_interface(ifindex);
-        if let Some(m) = metric {
-            builder = builder.priority(m);
-        }
-        let msg = builder.build();
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
+        let msg = route_message(ifindex, prefix, metric)?;
+        let request = self.handle.route().add(msg).replace();
+        request
             .execute()
             .await
             .map_err(nl_err(format!("adding route {prefix}")))
@@ -67,14 +59,7 @@ impl Netlink {
         prefix: &Prefix,
         metric: Option<u32>,
     ) -> io::Result<()> {
-        let mut builder = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(prefix.addr, prefix.len)
-            .map_err(|e| io::Error::other(format!("route {prefix}: {e}")))?
-            .output_interface(ifindex);
-        if let Some(m) = metric {
-            builder = builder.priority(m);
-        }
-        let msg = builder.build();
+        let msg = route_message(ifindex, prefix, metric)?;
         self.handle
             .route()
             .del(msg)
@@ -82,4 +67,16 @@ impl Netlink {
             .await
             .map_err(nl_err(format!("deleting route {prefix}")))
     }
+}
+
+/// The route to `prefix` out of interface `ifindex`, with an optional metric.
+fn route_message(ifindex: u32, prefix: &Prefix, metric: Option<u32>) -> io::Result<RouteMessage> {
+    let mut builder = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(prefix.addr, prefix.len)
+        .map_err(|e| io::Error::other(format!("route {prefix}: {e}")))?
+        .output_interface(ifindex);
+    if let Some(m) = metric {
+        builder = builder.priority(m);
+    }
+    Ok(builder.build())
 }

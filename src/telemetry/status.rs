@@ -59,6 +59,21 @@ pub struct BfdStatus {
     pub local_state: String,
     pub remote_state: String,
     pub local_diag: String,
+    /// The diagnostic in the peer's last packet.
+    #[serde(default)]
+    pub remote_diag: String,
+    /// Largest gap between two control packets sent while Up, in microseconds.
+    #[serde(default)]
+    pub max_tx_gap_us: u64,
+    /// Whether RFC 5880 authentication is configured on the session.
+    #[serde(default)]
+    pub auth: bool,
+    /// Up -> Down changes that were failures (not administrative).
+    #[serde(default)]
+    pub failures: u64,
+    /// Times the peer took the session down with AdminDown (not failures).
+    #[serde(default)]
+    pub remote_admin_downs: u64,
     pub local_discriminator: u32,
     pub remote_discriminator: u32,
     pub tx_interval_us: u64,
@@ -195,6 +210,11 @@ mod tests {
                         local_state: "up".into(),
                         remote_state: "up".into(),
                         local_diag: "none".into(),
+                        remote_diag: "none".into(),
+                        max_tx_gap_us: 10_500,
+                        auth: false,
+                        failures: 0,
+                        remote_admin_downs: 0,
                         local_discriminator: 1,
                         remote_discriminator: 2,
                         tx_interval_us: 10_000,

@@ -3,52 +3,22 @@
 //! inside a lab namespace (curl).
 #![allow(dead_code)]
 
+pub use crosslink::lab::say;
 use crosslink::lab::{self, Host, Lab};
-use std::process::{Child, Command, Stdio};
+
+/// True when the test can run (root); says why and returns false otherwise.
+pub fn netns_allowed(test: &str) -> bool {
+    lab::test_gate(test, &[])
+}
+
+/// Whether `tool` (from Debian `package`) is installed; see [`lab::tool_gate`].
+pub fn tool_present(test: &str, tool: &str, package: &str) -> bool {
+    lab::tool_gate(test, &[(tool, package)])
+}
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_crosslink");
-
-/// True when the test can run; false (after saying why) when it should be skipped.
-pub fn netns_allowed(test: &str) -> bool {
-    if lab::is_root() {
-        return true;
-    }
-    if std::env::var("CROSSLINK_NETNS_REQUIRED").as_deref() == Ok("1") {
-        panic!("netns tests are mandatory here but not running as root");
-    }
-    say(&format!(
-        "SKIPPED {test}: needs root for network namespaces \
-         (set CROSSLINK_NETNS_REQUIRED=1 to make this a failure)"
-    ));
-    false
-}
-
-/// Whether a tool is installed; panics when missing under CROSSLINK_NETNS_REQUIRED=1.
-pub fn tool_present(test: &str, tool: &str, package: &str) -> bool {
-    if Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-    {
-        return true;
-    }
-    if std::env::var("CROSSLINK_NETNS_REQUIRED").as_deref() == Ok("1") {
-        panic!("{tool} is required here (apt-get install {package}) but not installed");
-    }
-    say(&format!(
-        "SKIPPED {test}: {tool} not installed (Debian package {package})"
-    ));
-    false
-}
-
-/// Prints past the test harness's output capture.
-pub fn say(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Owned(pub Option<Child>);

@@ -258,8 +258,9 @@ fn slow_rate_before_up_then_fast_rate_with_poll_final() {
     assert_eq!(poll.desired_min_tx_us, 10_000);
     a.handle_packet(&poll, t).unwrap(); // A Up, Final due
     assert!(a.is_up());
-    // A's detection time follows B's new fast Desired Min TX at once.
-    assert_eq!(a.detection_time(), 30 * MS);
+    // B's Poll announces its fast rate; until B has our Final it may still send at
+    // the slow one, so A keeps the slow detection time for now.
+    assert_eq!(a.detection_time(), 3 * SLOW_TX_INTERVAL);
     let fin = a.poll_transmit(t).unwrap();
     assert!(fin.final_ && !fin.poll);
     // B keeps polling until the Final arrives.
@@ -271,6 +272,9 @@ fn slow_rate_before_up_then_fast_rate_with_poll_final() {
     let t3 = t2 + 10 * MS;
     let p = b.poll_transmit(t3).unwrap();
     assert!(!p.poll);
+    // The first packet after B's Poll Sequence: A follows the fast rate.
+    a.handle_packet(&p, t3).unwrap();
+    assert_eq!(a.detection_time(), 30 * MS);
     // Periodic packets now ~10 ms apart.
     let gap = b.poll_timeout().unwrap() - t3;
     assert!(gap >= 7500 * US && gap <= 10 * MS, "{gap:?}");
@@ -459,15 +463,12 @@ fn mismatched_your_discriminator_is_rejected() {
 }
 
 #[test]
-fn auth_demand_and_poll_final_are_rejected() {
+fn auth_and_poll_final_are_rejected() {
     let base = Instant::now();
     let mut s = session_in(State::Down, base);
     let mut p = packet(State::Down, 2, 0);
     p.auth_present = true;
     assert_eq!(s.handle_packet(&p, base), Err(RxError::AuthMismatch));
-    let mut p = packet(State::Down, 2, 0);
-    p.demand = true;
-    assert_eq!(s.handle_packet(&p, base), Err(RxError::DemandUnsupported));
     let mut p = packet(State::Down, 2, 0);
     p.poll = true;
     p.final_ = true;
@@ -637,7 +638,8 @@ fn rx_error_reasons_are_snake_case() {
         },
         RxError::YourDiscriminatorZeroInUpInit(State::Up),
         RxError::AuthMismatch,
-        RxError::DemandUnsupported,
+        RxError::AuthMissing,
+        RxError::Auth(crate::bfd::AuthError::BadDigest),
         RxError::PollAndFinal,
         RxError::BadVersion(2),
         RxError::LocalAdminDown,
@@ -688,4 +690,300 @@ fn extreme_remote_intervals_do_not_panic() {
     s.handle_timeout(base + Duration::from_secs(1));
     let _ = s.poll_transmit(base);
     let _ = s.poll_timeout();
+}
+
+// ----- D bit, timers, punctuality -----
+
+/// §6.6/§6.8.7: a peer asking for Demand mode stops our periodic packets once both
+/// sides are Up; a Poll from it is still answered, and detection keeps running.
+#[test]
+fn remote_demand_bit_stops_periodic_transmission_when_both_up() {
+    let base = Instant::now();
+    let mut s = session_in(State::Up, base);
+    while s.poll_transmit(base).is_some() {}
+    let mut p = packet(State::Up, 2, 1);
+    p.demand = true;
+    s.handle_packet(&p, base).unwrap();
+    assert!(s.remote_demand());
+    // Our own poll (entering Up) is still running: it must finish first.
+    let mut fin = p.clone();
+    fin.final_ = true;
+    s.handle_packet(&fin, base).unwrap();
+    assert!(!s.poll_active());
+    assert_eq!(s.poll_transmit(base + 50 * MS), None, "no periodic packets");
+    let mut poll = p.clone();
+    poll.poll = true;
+    s.handle_packet(&poll, base + 60 * MS).unwrap();
+    let answer = s.poll_transmit(base + 60 * MS).expect("final");
+    assert!(answer.final_);
+    assert_eq!(s.poll_transmit(base + 200 * MS), None);
+    // The peer drops the D bit: periodic transmission resumes.
+    s.handle_packet(&packet(State::Up, 2, 1), base + 70 * MS)
+        .unwrap();
+    assert!(s.poll_transmit(base + 90 * MS).is_some());
+}
+
+/// While the peer's Poll announces a faster rate it still sends at the old one until
+/// our Final reaches it: the detection time keeps the slower rate until a packet
+/// without Poll arrives.
+#[test]
+fn peer_speeding_up_keeps_slow_detection_until_its_poll_ends() {
+    let base = Instant::now();
+    let mut s = Session::new(cfg(1), base, 3);
+    let mut slow = packet(State::Init, 2, 1);
+    slow.desired_min_tx_us = 300_000;
+    s.handle_packet(&slow, base).unwrap();
+    assert!(s.is_up());
+    assert_eq!(s.detection_time(), 900 * MS);
+    let mut poll = packet(State::Up, 2, 1);
+    poll.poll = true;
+    poll.desired_min_tx_us = 20_000;
+    s.handle_packet(&poll, base + MS).unwrap();
+    assert_eq!(s.detection_time(), 900 * MS, "held during the peer's poll");
+    let mut after = packet(State::Up, 2, 1);
+    after.desired_min_tx_us = 20_000;
+    s.handle_packet(&after, base + 2 * MS).unwrap();
+    assert_eq!(s.detection_time(), 60 * MS);
+    // Slowing down applies at once (the safe direction).
+    let mut slower = poll.clone();
+    slower.desired_min_tx_us = 500_000;
+    s.handle_packet(&slower, base + 3 * MS).unwrap();
+    assert_eq!(s.detection_time(), 1500 * MS);
+}
+
+/// §6.8.3: every timer change, in Up, goes through a Poll Sequence; no change, no Poll.
+#[test]
+fn every_timer_change_polls_and_no_change_does_not() {
+    let base = Instant::now();
+    let (mut a, mut b) = up_pair(base);
+    for (tx, rx, mult) in [
+        (20 * MS, 10 * MS, 3),
+        (20 * MS, 30 * MS, 3),
+        (20 * MS, 30 * MS, 5),
+        (5 * MS, 5 * MS, 2),
+    ] {
+        a.set_timers(tx, rx, mult, base);
+        assert!(a.poll_active(), "{tx:?} {rx:?} {mult}");
+        let sent = settle(&mut a, &mut b, base);
+        assert!(sent.iter().any(|p| p.poll) && sent.iter().any(|p| p.final_));
+        assert!(!a.poll_active());
+        assert!(a.is_up() && b.is_up());
+    }
+    let before = a.transitions();
+    a.set_timers(5 * MS, 5 * MS, 2, base);
+    assert!(!a.poll_active());
+    assert_eq!(a.transitions(), before);
+}
+
+#[test]
+fn max_tx_gap_tracks_sends_while_up() {
+    let base = Instant::now();
+    let (mut a, mut b) = up_pair(base);
+    assert_eq!(a.max_tx_gap(), Duration::ZERO);
+    let mut t = base;
+    for step in [5, 10, 7, 23, 4] {
+        t += step * MS;
+        a.transmit_now(t);
+        deliver(&mut a, &mut b, t);
+    }
+    assert_eq!(a.max_tx_gap(), 23 * MS);
+}
+
+// ----- events table -----
+
+#[derive(Clone, Copy, Debug)]
+enum Ev {
+    DetectionExpiry,
+    AdminDown,
+    AdminUp,
+}
+
+/// Every (state, event) pair that is not a received packet: detection time expiry,
+/// AdminDown set, AdminDown cleared. Together with the sixteen-pair table above this
+/// is the whole state machine.
+#[test]
+fn state_table_for_every_event() {
+    use State::*;
+    // (local, event) -> (new local, diag after)
+    let table = [
+        (
+            AdminDown,
+            Ev::DetectionExpiry,
+            AdminDown,
+            Diag::AdministrativelyDown,
+        ),
+        (
+            AdminDown,
+            Ev::AdminDown,
+            AdminDown,
+            Diag::AdministrativelyDown,
+        ),
+        (AdminDown, Ev::AdminUp, Down, Diag::None),
+        (Down, Ev::DetectionExpiry, Down, Diag::None),
+        (Down, Ev::AdminDown, AdminDown, Diag::AdministrativelyDown),
+        (Down, Ev::AdminUp, Down, Diag::None),
+        (
+            Init,
+            Ev::DetectionExpiry,
+            Down,
+            Diag::ControlDetectionExpired,
+        ),
+        (Init, Ev::AdminDown, AdminDown, Diag::AdministrativelyDown),
+        (Init, Ev::AdminUp, Init, Diag::None),
+        (Up, Ev::DetectionExpiry, Down, Diag::ControlDetectionExpired),
+        (Up, Ev::AdminDown, AdminDown, Diag::AdministrativelyDown),
+        (Up, Ev::AdminUp, Up, Diag::None),
+    ];
+    assert_eq!(table.len(), 12);
+    for (local, ev, want, diag) in table {
+        let base = Instant::now();
+        let mut s = session_in(local, base);
+        if local == Down {
+            // A Down session that heard a peer, so the detection timer is armed.
+            s.handle_packet(&packet(State::AdminDown, 2, 1), base)
+                .unwrap();
+        }
+        let before = s.transitions();
+        let at = base + Duration::from_secs(5);
+        match ev {
+            Ev::DetectionExpiry => s.handle_timeout(at),
+            Ev::AdminDown => s.set_admin_down(at),
+            Ev::AdminUp => s.set_admin_up(at),
+        }
+        assert_eq!(s.state(), want, "{local:?} + {ev:?}");
+        assert_eq!(s.local_diag(), diag, "{local:?} + {ev:?}");
+        assert_eq!(s.transitions(), before + u64::from(want != local));
+    }
+}
+
+// ----- authentication in the session -----
+
+use crate::bfd::auth::Auth;
+use crate::wire::bfd::AuthType;
+
+const ALL_AUTH: [AuthType; 5] = [
+    AuthType::SimplePassword,
+    AuthType::KeyedMd5,
+    AuthType::MeticulousKeyedMd5,
+    AuthType::KeyedSha1,
+    AuthType::MeticulousKeyedSha1,
+];
+
+fn auth_session(discr: u32, kind: AuthType, secret: &[u8], now: Instant) -> Session {
+    let mut s = Session::new(cfg(discr), now, u64::from(discr));
+    s.set_auth(Some(Auth::new(kind, 1, secret, discr * 1000).unwrap()));
+    s
+}
+
+/// Delivers through encode (signing) and handle_datagram (verifying).
+fn deliver_signed(from: &mut Session, to: &mut Session, now: Instant) -> Vec<Result<(), RxError>> {
+    let mut out = Vec::new();
+    while let Some(pkt) = from.poll_transmit(now) {
+        let mut buf = [0u8; 64];
+        let n = from.encode(&pkt, &mut buf).unwrap();
+        let parsed = ControlPacket::parse(&buf[..n]).unwrap();
+        out.push(to.handle_datagram(&parsed, &buf[..n], now));
+        assert!(out.len() < 10);
+    }
+    out
+}
+
+fn settle_signed(a: &mut Session, b: &mut Session, now: Instant) -> Vec<Result<(), RxError>> {
+    let mut all = Vec::new();
+    for _ in 0..10 {
+        let ab = deliver_signed(a, b, now);
+        let ba = deliver_signed(b, a, now);
+        if ab.is_empty() && ba.is_empty() {
+            break;
+        }
+        all.extend(ab);
+        all.extend(ba);
+    }
+    all
+}
+
+#[test]
+fn authenticated_sessions_come_up_for_every_type() {
+    for kind in ALL_AUTH {
+        let base = Instant::now();
+        let mut a = auth_session(1, kind, b"s3cret", base);
+        let mut b = auth_session(2, kind, b"s3cret", base);
+        let results = settle_signed(&mut a, &mut b, base);
+        assert!(results.iter().all(Result::is_ok), "{kind:?}: {results:?}");
+        assert!(a.is_up() && b.is_up(), "{kind:?}");
+        // And they stay up across many packets (sequence numbers advance).
+        let mut t = base;
+        for _ in 0..50 {
+            t += 10 * MS;
+            a.handle_timeout(t);
+            b.handle_timeout(t);
+            assert!(settle_signed(&mut a, &mut b, t).iter().all(Result::is_ok));
+        }
+        assert!(a.is_up() && b.is_up(), "{kind:?}");
+    }
+}
+
+#[test]
+fn wrong_secret_or_type_never_comes_up() {
+    for kind in ALL_AUTH {
+        let base = Instant::now();
+        let mut a = auth_session(1, kind, b"s3cret", base);
+        let mut b = auth_session(2, kind, b"other", base);
+        let results = settle_signed(&mut a, &mut b, base);
+        assert!(results.iter().all(|r| matches!(r, Err(RxError::Auth(_)))));
+        assert_eq!(
+            (a.state(), b.state()),
+            (State::Down, State::Down),
+            "{kind:?}"
+        );
+    }
+    let base = Instant::now();
+    let mut a = auth_session(1, AuthType::KeyedMd5, b"s", base);
+    let mut b = auth_session(2, AuthType::KeyedSha1, b"s", base);
+    settle_signed(&mut a, &mut b, base);
+    assert_eq!((a.state(), b.state()), (State::Down, State::Down));
+}
+
+/// Fail closed both ways: configured auth refuses packets without the A bit, an
+/// unauthenticated session refuses packets with it.
+#[test]
+fn auth_configured_on_one_side_only_never_comes_up() {
+    for kind in ALL_AUTH {
+        let base = Instant::now();
+        let mut a = auth_session(1, kind, b"s3cret", base);
+        let mut b = Session::new(cfg(2), base, 2);
+        let results = settle_signed(&mut a, &mut b, base);
+        assert!(results.contains(&Err(RxError::AuthMissing)), "{results:?}");
+        assert!(results.contains(&Err(RxError::AuthMismatch)), "{results:?}");
+        assert_eq!((a.state(), b.state()), (State::Down, State::Down));
+    }
+    // A keyed session cannot verify a packet handed over without its bytes.
+    let base = Instant::now();
+    let mut a = auth_session(1, AuthType::KeyedSha1, b"k", base);
+    let mut b = auth_session(2, AuthType::KeyedSha1, b"k", base);
+    let pkt = b.poll_transmit(base).unwrap();
+    assert_eq!(
+        a.handle_packet(&pkt, base),
+        Err(RxError::Auth(crate::bfd::AuthError::NoBytes))
+    );
+}
+
+#[test]
+fn meticulous_replay_is_refused() {
+    let base = Instant::now();
+    let mut a = auth_session(1, AuthType::MeticulousKeyedSha1, b"k", base);
+    let mut b = auth_session(2, AuthType::MeticulousKeyedSha1, b"k", base);
+    settle_signed(&mut a, &mut b, base);
+    assert!(a.is_up());
+    let t = base + 10 * MS;
+    b.transmit_now(t);
+    let pkt = b.poll_transmit(t).unwrap();
+    let mut buf = [0u8; 64];
+    let n = b.encode(&pkt, &mut buf).unwrap();
+    let parsed = ControlPacket::parse(&buf[..n]).unwrap();
+    assert_eq!(a.handle_datagram(&parsed, &buf[..n], t), Ok(()));
+    assert!(matches!(
+        a.handle_datagram(&parsed, &buf[..n], t),
+        Err(RxError::Auth(crate::bfd::AuthError::Sequence { .. }))
+    ));
 }
