@@ -10,6 +10,7 @@
 use crate::crypto::{self, Key, Keys};
 use crate::forward::{seal_data, Sealer, HEADROOM};
 use crate::probe::parse_duration;
+use crate::rng::Rng;
 use crate::wire::bfd::{ControlPacket, Diag, State};
 use crate::wire::overlay::Header;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -122,33 +123,12 @@ pub fn main(args: FloodArgs) -> i32 {
     }
 }
 
-/// xorshift64*: fast, and good enough for junk.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn fill(&mut self, out: &mut [u8]) {
-        for chunk in out.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
 fn send(a: &SendArgs) -> Result<u64, String> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let seed = crate::wire::flow::mix(u64::from(std::process::id()) ^ now.as_nanos() as u64);
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let replay = match (&a.kind, &a.replay) {
         (Kind::Replay, Some(p)) => read_capture(p)?,
         (Kind::Replay, None) => return Err("--kind replay needs --replay FILE".into()),
@@ -213,13 +193,13 @@ fn craft(a: &SendArgs, rng: &mut Rng, right: Option<&Key>, out: &mut [u8]) -> us
         Kind::Oversized => {
             let len = 1400 + rng.below(50) as usize;
             rng.fill(&mut out[..len]);
-            sealed_header(out, rng.next(), u32::MAX);
+            sealed_header(out, rng.next_u64(), u32::MAX);
             len
         }
         Kind::Plain => {
             let inner = 40;
             inner_ipv4(&mut out[HEADROOM..HEADROOM + inner]);
-            let header = Header::data(rng.next());
+            let header = Header::data(rng.next_u64());
             let framed = crate::forward::encapsulate(out, inner, &header);
             to_front(out, framed)
         }
@@ -302,8 +282,8 @@ fn bfd_wrong_disc(rng: &mut Rng, out: &mut [u8]) -> usize {
         demand: false,
         multipoint: false,
         detect_mult: 3,
-        my_discriminator: (rng.next() as u32) | 1,
-        your_discriminator: (rng.next() as u32) | 1,
+        my_discriminator: (rng.next_u64() as u32) | 1,
+        your_discriminator: (rng.next_u64() as u32) | 1,
         desired_min_tx_us: 10_000,
         required_min_rx_us: 10_000,
         required_min_echo_rx_us: 0,

@@ -47,6 +47,7 @@ pub mod forward;
 pub mod io;
 pub mod lab;
 pub mod probe;
+pub mod rng;
 pub mod steer;
 pub mod telemetry;
 pub mod wire;

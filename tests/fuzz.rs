@@ -17,6 +17,7 @@ use crosslink::config::Config;
 use crosslink::crypto::{Key, Keys, ReplayWindow};
 use crosslink::engine::Engine;
 use crosslink::forward::{self, Sealer, HEADROOM};
+use crosslink::rng::Rng;
 use crosslink::wire::bfd::ControlPacket;
 use crosslink::wire::flow::FlowKey;
 use crosslink::wire::overlay::{self, Header, PeerSeq, BASE_LEN};
@@ -26,71 +27,56 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 const MAX_LEN: usize = 4096;
 const INTERESTING: [u8; 10] = [0, 1, 2, 0x7f, 0x80, 0xff, 16, 24, 64, 255 - 16];
 
 fn mutate(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>]) {
-    let rounds = 1 + rng.below(4);
+    let rounds = 1 + rng.index(4);
     for _ in 0..rounds {
         let len = input.len();
-        match rng.below(9) {
+        match rng.index(9) {
             0 if len > 0 => {
-                let i = rng.below(len);
-                input[i] ^= 1 << rng.below(8);
+                let i = rng.index(len);
+                input[i] ^= 1 << rng.index(8);
             }
             1 if len > 0 => {
-                let i = rng.below(len);
-                input[i] = INTERESTING[rng.below(INTERESTING.len())];
+                let i = rng.index(len);
+                input[i] = INTERESTING[rng.index(INTERESTING.len())];
             }
             2 if len > 0 => {
-                let i = rng.below(len);
-                input[i] = rng.next() as u8;
+                let i = rng.index(len);
+                input[i] = rng.next_u64() as u8;
             }
             3 if len < MAX_LEN => {
-                let i = rng.below(len + 1);
-                let n = 1 + rng.below(16);
+                let i = rng.index(len + 1);
+                let n = 1 + rng.index(16);
                 for _ in 0..n {
-                    input.insert(i, rng.next() as u8);
+                    input.insert(i, rng.next_u64() as u8);
                 }
             }
             4 if len > 0 => {
-                let i = rng.below(len);
-                let n = 1 + rng.below((len - i).min(16));
+                let i = rng.index(len);
+                let n = 1 + rng.index((len - i).min(16));
                 input.drain(i..i + n);
             }
-            5 => input.truncate(rng.below(len + 1)),
+            5 => input.truncate(rng.index(len + 1)),
             6 if !corpus.is_empty() => {
-                let other = &corpus[rng.below(corpus.len())];
-                let at = rng.below(len + 1);
-                let from = rng.below(other.len() + 1);
+                let other = &corpus[rng.index(corpus.len())];
+                let at = rng.index(len + 1);
+                let from = rng.index(other.len() + 1);
                 input.truncate(at);
                 input.extend_from_slice(&other[from..]);
             }
             7 if len >= 2 => {
                 // Big-endian 16/32-bit fields: set one to a boundary value.
-                let i = rng.below(len - 1);
-                let v: u16 = [0, 1, 0xffff, 0x8000, len as u16][rng.below(5)];
+                let i = rng.index(len - 1);
+                let v: u16 = [0, 1, 0xffff, 0x8000, len as u16][rng.index(5)];
                 input[i..i + 2].copy_from_slice(&v.to_be_bytes());
             }
             _ => {
                 if len > 0 {
-                    let i = rng.below(len);
-                    let j = rng.below(len);
+                    let i = rng.index(len);
+                    let j = rng.index(len);
                     input.swap(i, j);
                 }
             }
@@ -160,7 +146,7 @@ fn fuzz(target: &str, body: impl Fn(&[u8]) -> Result<(), String>) {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64)
         ^ target.len() as u64;
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let budget = Duration::from_secs_f64(seconds());
     let start = Instant::now();
     let mut execs = corpus.len() as u64;
@@ -168,7 +154,7 @@ fn fuzz(target: &str, body: impl Fn(&[u8]) -> Result<(), String>) {
     while start.elapsed() < budget {
         for _ in 0..64 {
             input.clear();
-            input.extend_from_slice(&corpus[rng.below(corpus.len())]);
+            input.extend_from_slice(&corpus[rng.index(corpus.len())]);
             mutate(&mut rng, &mut input, &corpus);
             run(&input);
             execs += 1;

@@ -31,7 +31,6 @@
 //! the Echo function (we advertise Required Min Echo RX = 0).
 
 pub mod auth;
-mod rng;
 mod session;
 
 use std::time::Instant;

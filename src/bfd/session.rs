@@ -18,8 +18,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::auth::Auth;
-use super::rng::SplitMix64;
 use super::{RxError, SessionEvent};
+use crate::rng::Rng;
 use crate::wire::bfd::{ControlPacket, Diag, EmitError, State, BFD_VERSION, MAX_PACKET_LEN};
 
 /// The minimum Desired Min TX Interval advertised while the session is not Up (§6.8.3).
@@ -117,7 +117,7 @@ pub struct Session {
     last_tx_up: Option<Instant>,
     max_tx_gap: Duration,
     events: VecDeque<SessionEvent>,
-    rng: SplitMix64,
+    rng: Rng,
     /// bfd.AuthType and friends; `None` is bfd.AuthType = 0.
     auth: Option<Auth>,
 }
@@ -169,7 +169,7 @@ impl Session {
             last_tx_up: None,
             max_tx_gap: Duration::ZERO,
             events: VecDeque::new(),
-            rng: SplitMix64::new(seed),
+            rng: Rng::new(seed),
             auth: None,
         };
         session.in_effect = session.advertised();
