@@ -142,6 +142,15 @@ impl fmt::Display for LabPath {
     }
 }
 
+/// A direction of travel on a path, for one-way faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From gateway A to gateway B.
+    AToB,
+    /// From gateway B to gateway A.
+    BToA,
+}
+
 /// A namespace of the lab.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Host {
@@ -609,14 +618,16 @@ impl Lab {
         cmd
     }
 
-    fn ip_in(&self, host: Host, args: &[&str]) -> Result<String> {
+    /// `ip -n <ns> ARGS` in a host's namespace.
+    pub fn ip_in(&self, host: Host, args: &[&str]) -> Result<String> {
         let ns = self.ns(host);
         let mut all = vec!["-n", ns.as_str()];
         all.extend_from_slice(args);
         ip(&all)
     }
 
-    fn sh_in(&self, host: Host, script: &str) -> Result<String> {
+    /// `sh -c SCRIPT` in a host's namespace.
+    pub fn sh_in(&self, host: Host, script: &str) -> Result<String> {
         run(self.command_in(host, "sh").args(["-c", script]))
     }
 
@@ -845,7 +856,6 @@ impl Lab {
         Ok(())
     }
 
-    /// Stops a gateway with SIGTERM (SIGKILL after 3 s).
     /// The process id of a running gateway (`ip netns exec` execs crosslink, so this
     /// is crosslink's own pid), e.g. to read its threads' CPU time in `/proc`.
     pub fn gateway_pid(&self, gw: Gw) -> Option<u32> {
@@ -855,10 +865,33 @@ impl Lab {
             .map(|(_, c)| c.id())
     }
 
+    /// Stops a gateway with SIGTERM (SIGKILL after 3 s).
     pub fn stop_gateway(&mut self, gw: Gw) -> Option<ExitStatus> {
         let idx = self.gateways.iter().position(|(g, _)| *g == gw)?;
         let (_, mut child) = self.gateways.remove(idx);
         terminate(&mut child, Duration::from_secs(3))
+    }
+
+    /// Kills a gateway with SIGKILL (no clean-up of its own) and reaps it.
+    pub fn kill_gateway(&mut self, gw: Gw) -> Option<ExitStatus> {
+        let idx = self.gateways.iter().position(|(g, _)| *g == gw)?;
+        let (_, mut child) = self.gateways.remove(idx);
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    /// Sends SIGHUP to a running gateway: it reloads its config file.
+    pub fn reload_gateway(&self, gw: Gw) -> Result<()> {
+        match self.gateway_pid(gw) {
+            Some(pid) if signal_pid(pid, "HUP") => Ok(()),
+            _ => Err(LabError::Other(format!("{gw} is not running"))),
+        }
+    }
+
+    /// Replaces a gateway's config file (read at the next start or reload).
+    pub fn write_config(&self, gw: Gw, text: &str) -> Result<()> {
+        let path = self.config_path(gw);
+        fs::write(&path, text).map_err(io_err(format!("writing {}", path.display())))
     }
 
     pub fn stop_gateways(&mut self) {
@@ -950,16 +983,47 @@ impl Lab {
     /// Drops every IP packet in and out of `path`'s veth on gateway A (nftables); the
     /// link keeps its carrier, so only BFD can notice.
     pub fn blackhole(&self, path: LabPath) -> Result<()> {
+        self.impair(path, &[Direction::AToB, Direction::BToA], "drop")
+    }
+
+    /// Drops the packets of `path` going one way only (filtered on gateway A); [`Lab::heal`]
+    /// removes it.
+    pub fn drop_one_way(&self, path: LabPath, direction: Direction) -> Result<()> {
+        self.impair(path, &[direction], "drop")
+    }
+
+    /// Drops `percent` % of `path`'s packets at random in each direction (nftables
+    /// `numgen random`); [`Lab::heal`] removes it.
+    pub fn random_loss(&self, path: LabPath, percent: u8) -> Result<()> {
+        let verdict = format!("numgen random mod 100 < {percent} drop");
+        self.impair(path, &[Direction::AToB, Direction::BToA], &verdict)
+    }
+
+    /// Replaces `path`'s impairment table on gateway A with one applying `verdict` (an
+    /// nftables statement) to the packets of the given directions.
+    fn impair(&self, path: LabPath, directions: &[Direction], verdict: &str) -> Result<()> {
+        self.heal(path)?;
         let dev = path.name();
         let table = Self::nft_table(path);
-        let script = format!(
-            "table inet {table} {{\n\
-             chain in {{ type filter hook prerouting priority -300; policy accept; iifname \"{dev}\" drop; }}\n\
-             chain post {{ type filter hook postrouting priority -300; policy accept; oifname \"{dev}\" drop; }}\n\
-             }}\n"
-        );
+        let mut script = format!("table inet {table} {{\n");
+        for d in directions {
+            let (chain, hook, dir) = match d {
+                Direction::BToA => ("in", "prerouting", "iifname"),
+                Direction::AToB => ("post", "postrouting", "oifname"),
+            };
+            script.push_str(&format!(
+                "chain {chain} {{ type filter hook {hook} priority -300; policy accept; \
+                 {dir} \"{dev}\" {verdict}; }}\n"
+            ));
+        }
+        script.push_str("}\n");
+        self.nft_script(Host::GwA, &script)
+    }
+
+    /// Loads an nftables script (`nft -f -`) in a host's namespace.
+    pub fn nft_script(&self, host: Host, script: &str) -> Result<()> {
         let mut child = self
-            .command_in(Host::GwA, "nft")
+            .command_in(host, "nft")
             .args(["-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -974,7 +1038,7 @@ impl Lab {
         let out = child.wait_with_output().map_err(io_err("running nft"))?;
         if !out.status.success() {
             return Err(LabError::Command {
-                cmd: format!("nft -f - (in {})", self.ns(Host::GwA)),
+                cmd: format!("nft -f - (in {})", self.ns(host)),
                 status: out.status.to_string(),
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             });
@@ -982,7 +1046,7 @@ impl Lab {
         Ok(())
     }
 
-    /// Removes the blackhole on `path` (no error if there was none).
+    /// Removes the blackhole (or other impairment) on `path` (no error if there was none).
     pub fn heal(&self, path: LabPath) -> Result<()> {
         let table = Self::nft_table(path);
         match run(self
@@ -1012,9 +1076,23 @@ impl Lab {
 
     /// Starts `crosslink probe recv` on the server on `port` and waits until it listens.
     pub fn start_receiver(&self, port: u16, max_duration: Duration) -> Result<ProbeReceiver> {
-        let mut cmd = self.command_in(Host::Server, &self.opts.binary);
+        self.start_receiver_at(
+            Host::Server,
+            SocketAddr::from((SERVER_ADDR, port)),
+            max_duration,
+        )
+    }
+
+    /// Starts `crosslink probe recv` in `host` on `bind` and waits until it listens.
+    pub fn start_receiver_at(
+        &self,
+        host: Host,
+        bind: SocketAddr,
+        max_duration: Duration,
+    ) -> Result<ProbeReceiver> {
+        let mut cmd = self.command_in(host, &self.opts.binary);
         cmd.args(["probe", "recv", "--bind"])
-            .arg(format!("{SERVER_ADDR}:{port}"))
+            .arg(bind.to_string())
             .arg("--duration")
             .arg(format!("{}ms", max_duration.as_millis()))
             .stdin(Stdio::null())
@@ -1060,9 +1138,21 @@ impl Lab {
         rate: u32,
         max_duration: Duration,
     ) -> Result<ProbeSender> {
-        let mut cmd = self.command_in(Host::Client, &self.opts.binary);
+        let to = SocketAddr::from((SERVER_ADDR, port));
+        self.start_sender_from(Host::Client, to, rate, max_duration)
+    }
+
+    /// Starts `crosslink probe send` in `host` towards `to`.
+    pub fn start_sender_from(
+        &self,
+        host: Host,
+        to: SocketAddr,
+        rate: u32,
+        max_duration: Duration,
+    ) -> Result<ProbeSender> {
+        let mut cmd = self.command_in(host, &self.opts.binary);
         cmd.args(["probe", "send", "--to"])
-            .arg(SocketAddr::from((SERVER_ADDR, port)).to_string())
+            .arg(to.to_string())
             .arg("--rate")
             .arg(rate.to_string())
             .arg("--duration")

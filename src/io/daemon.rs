@@ -650,6 +650,10 @@ impl Gateway {
         };
         let mtu = w.mtu.unwrap_or(default_mtu(w.policy) - trailer);
         let dev = tun::open(&w.tun, mtu)?;
+        // A leftover persistent device of this name goes away with us too.
+        if let Err(e) = sys::clear_tun_persist(&dev) {
+            warn!(tun = %w.tun, error = %e, "could not clear the TUN's persist flag");
+        }
         let index = dev.if_index()?;
         for a in &w.tun_addresses {
             self.shared.netlink.add_address(index, a).await?;

@@ -202,6 +202,16 @@ pub fn set_tun_carrier(tun: &impl AsRawFd, on: bool) -> io::Result<()> {
     cvt(r).map(|_| ())
 }
 
+/// Clears a TUN device's persist flag (TUNSETPERSIST 0), so the device
+/// goes away when crosslink closes it: a leftover persistent device of the
+/// same name is attached to, and then removed at stop like one of ours.
+pub fn clear_tun_persist(tun: &impl AsRawFd) -> io::Result<()> {
+    let off: libc::c_ulong = 0;
+    // SAFETY: TUNSETPERSIST takes its argument by value (no pointer is
+    // dereferenced); the fd is an open TUN device.
+    cvt(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, off) }).map(|_| ())
+}
+
 /// Sets the calling thread to SCHED_FIFO at `priority`.
 pub fn set_realtime_priority(priority: i32) -> io::Result<()> {
     let param = libc::sched_param {
