@@ -24,7 +24,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -1163,6 +1165,149 @@ impl Lab {
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.spawn().map_err(io_err("starting probe send"))?;
         Ok(ProbeSender { child })
+    }
+}
+
+/// A running iperf3 transfer, client -> server through the tunnel.
+pub struct Iperf {
+    client: Option<Child>,
+    server: Child,
+}
+
+impl Iperf {
+    /// Waits for the client to finish; returns the received rate (bit/s).
+    pub fn finish(mut self) -> Option<f64> {
+        let out = self.client.take()?.wait_with_output().ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.pointer("/end/sum_received/bits_per_second")
+            .and_then(Value::as_f64)
+    }
+}
+
+impl Drop for Iperf {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.as_mut() {
+            terminate(client, Duration::from_secs(2));
+        }
+        terminate(&mut self.server, Duration::from_secs(2));
+    }
+}
+
+impl Lab {
+    /// Starts `iperf3 -s` on the server and `iperf3 -c -P parallel -t secs
+    /// -J` on the client (TCP, as fast as it goes).
+    pub fn start_iperf3(&self, parallel: u32, secs: u64) -> Result<Iperf> {
+        let mut server = self.command_in(Host::Server, "iperf3");
+        server
+            .args(["-s", "-1", "-p", "5201", "-B", &SERVER_ADDR.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut server, 0);
+        let server = server.spawn().map_err(io_err("starting iperf3 -s"))?;
+        std::thread::sleep(Duration::from_millis(500));
+        let mut client = self.command_in(Host::Client, "iperf3");
+        client
+            .args(["-c", &SERVER_ADDR.to_string(), "-p", "5201", "-J"])
+            .args(["-P", &parallel.to_string(), "-t", &secs.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut client, 0);
+        let client = client.spawn().map_err(io_err("starting iperf3 -c"))?;
+        Ok(Iperf {
+            client: Some(client),
+            server,
+        })
+    }
+}
+
+/// Resident memory of a process (`VmRSS` in /proc/PID/status), in KiB.
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A reference for the platform's timer punctuality: a thread at SCHED_FIFO
+/// priority 50 (like crosslink's BFD thread) sleeping 1 ms at a time and
+/// recording how late it wakes. What it sees is what the kernel, the
+/// hypervisor and the neighbours allow at best; a BFD timeout during a
+/// lateness near the detection time is the host's, not crosslink's.
+pub struct ReferenceTimer {
+    stop: Arc<AtomicBool>,
+    worst_us: Arc<AtomicU64>,
+    window_us: Arc<AtomicU64>,
+    /// Wake-ups later than [`ReferenceTimer::STALL`].
+    stalls: Arc<AtomicU64>,
+    handle: Option<JoinHandle<bool>>,
+}
+
+impl ReferenceTimer {
+    /// A lateness that counts as a stall: two thirds of the 30 ms detection
+    /// time of BFD at 10 ms x 3, enough to make a session miss its deadline.
+    pub const STALL: Duration = Duration::from_millis(20);
+
+    pub fn start() -> ReferenceTimer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let worst_us = Arc::new(AtomicU64::new(0));
+        let window_us = Arc::new(AtomicU64::new(0));
+        let stalls = Arc::new(AtomicU64::new(0));
+        let (s, w, win) = (stop.clone(), worst_us.clone(), window_us.clone());
+        let st = stalls.clone();
+        let handle = std::thread::spawn(move || {
+            let fifo = crate::io::sys::set_realtime_priority(50).is_ok();
+            let step = Duration::from_millis(1);
+            while !s.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                std::thread::sleep(step);
+                let late = t.elapsed().saturating_sub(step).as_micros() as u64;
+                w.fetch_max(late, Ordering::Relaxed);
+                win.fetch_max(late, Ordering::Relaxed);
+                if late >= Self::STALL.as_micros() as u64 {
+                    st.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            fifo
+        });
+        ReferenceTimer {
+            stop,
+            worst_us,
+            window_us,
+            stalls,
+            handle: Some(handle),
+        }
+    }
+
+    /// Wake-ups so far later than [`ReferenceTimer::STALL`].
+    pub fn stalls(&self) -> u64 {
+        self.stalls.load(Ordering::Relaxed)
+    }
+
+    /// The worst lateness since the last call (or the start).
+    pub fn take_window(&self) -> Duration {
+        Duration::from_micros(self.window_us.swap(0, Ordering::Relaxed))
+    }
+
+    /// Stops the thread: the worst lateness of the whole run, and whether
+    /// real-time priority was granted.
+    pub fn stop(mut self) -> (Duration, bool) {
+        self.stop.store(true, Ordering::Relaxed);
+        let fifo = self
+            .handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or(false);
+        (
+            Duration::from_micros(self.worst_us.load(Ordering::Relaxed)),
+            fifo,
+        )
+    }
+}
+
+impl Drop for ReferenceTimer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
