@@ -3,7 +3,10 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use crosslink::config::Policy;
-use crosslink::forward::{classify, decapsulate, encapsulate, HEADROOM};
+use crosslink::crypto::{Key, Keys, ReplayWindow};
+use crosslink::forward::{
+    classify, decapsulate, encapsulate, open, seal_data, Sealer, HEADROOM, TRAILER,
+};
 use crosslink::steer::Selection;
 use crosslink::wire::overlay::Header;
 use crosslink::PathId;
@@ -19,11 +22,13 @@ fn packet(flow: u32, size: usize) -> Vec<u8> {
     out
 }
 
-fn selection(policy: Policy) -> Selection {
+/// Three eligible paths; `weighted` gives the third twice the weight.
+fn selection(policy: Policy, weighted: bool) -> Selection {
+    let third = if weighted { 2 } else { 1 };
     Selection {
         policy,
         active: Some(PathId(0)),
-        eligible: vec![(PathId(0), 1), (PathId(1), 1), (PathId(2), 2)],
+        eligible: vec![(PathId(0), 1), (PathId(1), 1), (PathId(2), third)],
     }
 }
 
@@ -42,10 +47,15 @@ fn outbound(c: &mut Criterion) {
                     b
                 })
                 .collect();
-            for policy in [Policy::ActiveBackup, Policy::Balance] {
-                let sel = selection(policy);
+            let cases = [
+                (Policy::ActiveBackup, false, "active-backup"),
+                (Policy::Balance, false, "balance"),
+                (Policy::Balance, true, "balance-weighted"),
+            ];
+            for (policy, weighted, name) in cases {
+                let sel = selection(policy, weighted);
                 g.throughput(Throughput::Elements(1));
-                let id = BenchmarkId::new(format!("{}/{}B", policy.as_str(), size), flows);
+                let id = BenchmarkId::new(format!("{name}/{size}B"), flows);
                 let mut i = 0usize;
                 g.bench_function(id, |b| {
                     b.iter(|| {
@@ -80,5 +90,49 @@ fn inbound(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, outbound, inbound);
+/// Sealing and opening (XChaCha20-Poly1305) a data packet, per packet.
+fn sealed(c: &mut Criterion) {
+    let mut g = c.benchmark_group("sealed");
+    let keys = Keys::new(&Key::from_bytes([7; 32]), None);
+    let sealer = Sealer {
+        keys: &keys,
+        epoch: 1,
+        salt: 42,
+    };
+    for size in [64usize, 1400, 9000] {
+        let p = packet(7, size);
+        let mut buf = vec![0u8; HEADROOM + p.len() + TRAILER];
+        g.throughput(Throughput::Bytes(size as u64));
+        let mut seq = 0u64;
+        g.bench_function(BenchmarkId::new("seal", size), |b| {
+            b.iter(|| {
+                seq += 1;
+                buf[HEADROOM..HEADROOM + p.len()].copy_from_slice(&p);
+                black_box(seal_data(&mut buf, p.len(), &Header::data(seq), &sealer).is_ok())
+            })
+        });
+        let mut sealed: Vec<Vec<u8>> = (1..=1024u64)
+            .map(|s| {
+                buf[HEADROOM..HEADROOM + p.len()].copy_from_slice(&p);
+                let r = seal_data(&mut buf, p.len(), &Header::data(s), &sealer).expect("fits");
+                buf[r].to_vec()
+            })
+            .collect();
+        let originals = sealed.clone();
+        let mut i = 0usize;
+        g.bench_function(BenchmarkId::new("open", size), |b| {
+            b.iter(|| {
+                i = (i + 1) & 1023;
+                sealed[i].copy_from_slice(&originals[i]);
+                // A fresh window each time: the bench measures the cipher,
+                // not replay refusals.
+                let mut window = ReplayWindow::default();
+                black_box(open(&mut sealed[i], &keys, 42, &mut window).is_ok())
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, outbound, inbound, sealed);
 criterion_main!(benches);

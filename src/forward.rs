@@ -62,9 +62,9 @@ pub struct Placement {
 }
 
 /// Chooses the path for an inner packet.
+#[inline]
 pub fn classify(selection: &Selection, inner: &[u8]) -> Result<Placement, DropReason> {
-    let key = FlowKey::parse(inner).map_err(|_| DropReason::InnerMalformed)?;
-    let flow_hash = key.hash64();
+    let flow_hash = FlowKey::hash_of(inner).map_err(|_| DropReason::InnerMalformed)?;
     let path = selection.select(flow_hash).ok_or(DropReason::NoPath)?;
     Ok(Placement {
         path,

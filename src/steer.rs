@@ -342,6 +342,7 @@ pub struct Selection {
 
 impl Selection {
     /// The path for a flow, or `None` when the peer has no usable path.
+    #[inline]
     pub fn select(&self, flow_hash: u64) -> Option<PathId> {
         match self.policy {
             Policy::Balance => self.rendezvous(flow_hash),
@@ -359,10 +360,31 @@ impl Selection {
 
     /// Weighted rendezvous hashing: the path with the highest
     /// `weight / -ln(u)` wins, `u` uniform in (0, 1) from (flow, path).
+    ///
+    /// With equal weights the score grows with `u` alone, so the path with
+    /// the highest hash wins and no logarithm is needed (the same choice).
     fn rendezvous(&self, flow_hash: u64) -> Option<PathId> {
+        let score_of = |id: PathId| mix(flow_hash ^ (u64::from(id.0) << 48 | u64::from(id.0)));
+        let first = self.eligible.first().map(|&(_, w)| w);
+        if self.eligible.iter().all(|&(_, w)| Some(w) == first) {
+            let mut best: Option<(u64, PathId)> = None;
+            for &(id, _) in &self.eligible {
+                let score = score_of(id) >> 11;
+                if best.is_none_or(|(b, _)| score > b) {
+                    best = Some((score, id));
+                }
+            }
+            return best.map(|(_, id)| id);
+        }
+        self.rendezvous_weighted(flow_hash)
+    }
+
+    /// [`Self::rendezvous`] with the logarithm, for any weights.
+    fn rendezvous_weighted(&self, flow_hash: u64) -> Option<PathId> {
+        let score_of = |id: PathId| mix(flow_hash ^ (u64::from(id.0) << 48 | u64::from(id.0)));
         let mut best: Option<(f64, PathId)> = None;
         for &(id, weight) in &self.eligible {
-            let h = mix(flow_hash ^ (u64::from(id.0) << 48 | u64::from(id.0)));
+            let h = score_of(id);
             let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
             let score = f64::from(weight) / -u.ln();
             if best.is_none_or(|(b, _)| score > b) {
@@ -376,6 +398,25 @@ impl Selection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn equal_weights_choose_as_the_weighted_formula() {
+        for weight in [1, 5] {
+            let sel = Selection {
+                policy: Policy::Balance,
+                active: Some(PathId(2)),
+                eligible: vec![
+                    (PathId(2), weight),
+                    (PathId(0), weight),
+                    (PathId(7), weight),
+                ],
+            };
+            for flow in 0..20_000u64 {
+                let h = mix(flow);
+                assert_eq!(sel.rendezvous(h), sel.rendezvous_weighted(h), "flow {flow}");
+            }
+        }
+    }
 
     const A: PathId = PathId(0);
     const B: PathId = PathId(1);

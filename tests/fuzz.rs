@@ -290,7 +290,17 @@ fn bfd_packet() {
 #[test]
 fn flow_key() {
     fuzz("flow", |input| {
-        if let Ok(k) = FlowKey::parse(input) {
+        let fast = FlowKey::parse(input);
+        // The IPv4 fast path must agree with the general parser exactly.
+        let general = FlowKey::parse_general(input);
+        if fast != general {
+            return Err(format!("fast path {fast:?} but general parser {general:?}"));
+        }
+        let direct = FlowKey::hash_of(input).ok();
+        if direct != fast.as_ref().ok().map(FlowKey::hash64) {
+            return Err(format!("hash_of {direct:?} differs from the key's hash"));
+        }
+        if let Ok(k) = fast {
             let again = FlowKey::parse(input).map_err(|e| format!("{e:?}"))?;
             if again.hash64() != k.hash64() {
                 return Err("hash not deterministic".into());

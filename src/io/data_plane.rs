@@ -58,7 +58,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, error};
-use tun_rs::{InterruptEvent, SyncDevice};
+use tun_rs::{GROTable, InterruptEvent, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// Largest datagram handled (inner packet plus overlay header).
 pub const BUF_LEN: usize = 65_535 + HEADROOM + TRAILER;
@@ -70,8 +70,10 @@ const FLOW_IDLE: Duration = Duration::from_secs(30);
 const MAX_TRACKED_FLOWS: usize = 1 << 20;
 /// Send errors on one path are reported to the BFD thread at most this often.
 pub const SEND_ERROR_REPORT_INTERVAL: Duration = Duration::from_millis(5);
-/// Packets a sending thread reads from the TUN and sends per turn.
+/// Packets a sending thread reads from a plain TUN and sends per turn.
 const TX_BATCH: usize = 16;
+/// Packet buffers of a sending thread on a TUN with offloads.
+const TX_SEGMENTS: usize = 2 * IDEAL_BATCH_SIZE;
 /// Datagrams a receiving thread takes per system call (each buffer holds
 /// the largest datagram, [`BUF_LEN`]).
 const RX_BATCH: usize = 16;
@@ -129,11 +131,11 @@ impl TunOut {
     /// else the TUN holds without waiting, up to [`TX_BATCH`], frames them
     /// all and sends each path's run of datagrams together ([`Self::transmit`]).
     pub fn run(mut self) -> TunOut {
-        let mut slots: Vec<Vec<u8>> = (0..TX_BATCH).map(|_| vec![0u8; BUF_LEN]).collect();
+        let mut reader = TunReader::new(&self.tun);
         // A second copy (duplicate policy) of a sealed packet is sealed
         // from this plaintext copy.
-        let mut spare = vec![0u8; BUF_LEN];
-        let mut pending: Vec<Pending> = Vec::with_capacity(TX_BATCH);
+        let mut spare = vec![0u8; reader.slot_len];
+        let mut pending: Vec<Pending> = Vec::with_capacity(reader.slots.len());
         let gso = self
             .paths
             .iter()
@@ -142,25 +144,25 @@ impl TunOut {
         let mut batch = sys::SendBatch::new(gso);
         let mut last_sweep = clock::now();
         loop {
-            let Some(first) = slots.first_mut() else {
-                return self;
-            };
-            let read = self.tun.recv_intr_timeout(
-                &mut first[HEADROOM..BUF_LEN - TRAILER],
-                &self.interrupt,
-                Some(SWEEP_EVERY),
-            );
-            let n = match read {
-                Ok(n) => n,
+            let wait = self
+                .tun
+                .wait_readable_intr_timeout(&self.interrupt, Some(SWEEP_EVERY));
+            match wait {
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     last_sweep = clock::now();
                     self.flows.sweep(last_sweep, &self.paths);
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted && self.interrupt.is_trigger() => {
-                    return self
-                }
+                Err(_) if self.interrupt.is_trigger() => return self,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    error!(error = %e, "TUN wait failed; forwarding for this peer stopped");
+                    return self;
+                }
+            }
+            let count = match reader.fill(&self.tun, &self.drops) {
+                Ok(n) => n,
                 Err(e) => {
                     error!(error = %e, "TUN read failed; forwarding for this peer stopped");
                     return self;
@@ -170,23 +172,19 @@ impl TunOut {
             let forwarding = self.forwarding.load();
             let keys = self.keys.load();
             let keys = keys.as_deref();
-            let selection = forwarding.peers.get(usize::from(self.peer.0));
-            let mut len = n;
-            for slot in 0..TX_BATCH {
-                if slot > 0 {
-                    // The TUN is non-blocking: this only takes what is queued.
-                    let Some(buf) = slots.get_mut(slot) else {
-                        break;
-                    };
-                    match self.tun.recv(&mut buf[HEADROOM..BUF_LEN - TRAILER]) {
-                        Ok(n) => len = n,
-                        Err(_) => break,
-                    }
-                }
-                let (Some(selection), Some(buf)) = (selection, slots.get_mut(slot)) else {
+            let Some(selection) = forwarding.peers.get(usize::from(self.peer.0)) else {
+                continue;
+            };
+            for slot in 0..count {
+                let len = reader.sizes.get(slot).copied().unwrap_or(0);
+                let Some(buf) = reader.slots.get_mut(slot) else {
+                    break;
+                };
+                let Some(inner) = buf.get(HEADROOM..HEADROOM + len) else {
+                    self.drops.count(DropReason::TooBig);
                     continue;
                 };
-                let placement = match classify(selection, &buf[HEADROOM..HEADROOM + len]) {
+                let placement = match classify(selection, inner) {
                     Ok(p) => p,
                     Err(reason) => {
                         self.drops.count(reason);
@@ -203,9 +201,11 @@ impl TunOut {
                 });
                 if let Some(copy) = placement.copy {
                     let whole = HEADROOM + len;
-                    spare[..whole].copy_from_slice(&buf[..whole]);
-                    if let Some(range) = self.frame(copy, &mut spare, len, peer_seq, keys) {
-                        self.transmit(copy, &[&spare[range]], &[len], &mut batch, now);
+                    if let (Some(to), Some(from)) = (spare.get_mut(..whole), buf.get(..whole)) {
+                        to.copy_from_slice(from);
+                        if let Some(range) = self.frame(copy, &mut spare, len, peer_seq, keys) {
+                            self.transmit(copy, &[&spare[range]], &[len], &mut batch, now);
+                        }
                     }
                 }
                 if let Some(range) = self.frame(placement.path, buf, len, peer_seq, keys) {
@@ -217,7 +217,7 @@ impl TunOut {
                     });
                 }
             }
-            self.flush(&mut pending, &slots, &mut batch, now);
+            self.flush(&mut pending, &reader.slots, &mut batch, now);
             if now.saturating_duration_since(last_sweep) >= SWEEP_EVERY {
                 last_sweep = now;
                 self.flows.sweep(now, &self.paths);
@@ -276,13 +276,14 @@ impl TunOut {
         batch: &mut sys::SendBatch,
         now: Instant,
     ) {
-        let mut datagrams: [&[u8]; TX_BATCH] = [&[]; TX_BATCH];
-        let mut lens = [0usize; TX_BATCH];
+        let mut datagrams: [&[u8]; SEND_RUN] = [&[]; SEND_RUN];
+        let mut lens = [0usize; SEND_RUN];
         let mut start = 0;
         while let Some(head) = pending.get(start) {
             let path = head.path;
             let run = pending[start..]
                 .iter()
+                .take(SEND_RUN)
                 .take_while(|p| p.path == path)
                 .count();
             for (k, p) in pending[start..start + run].iter().enumerate() {
@@ -364,7 +365,79 @@ impl TunOut {
 
 /// Most bytes one UDP GSO send carries (the IP length field's limit, with
 /// room for the headers).
-const GSO_MAX_BYTES: usize = 60_000;
+const GSO_MAX_BYTES: usize = 65_000;
+/// Most datagrams one UDP GSO send carries (the kernel's `UDP_MAX_SEGMENTS`
+/// was 64 before Linux 6.9).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Datagrams handed to one [`TunOut::transmit`] call.
+const SEND_RUN: usize = 64;
+
+/// Where a sending thread reads its TUN into: preallocated buffers, each
+/// holding one packet at offset [`HEADROOM`] with room for the tag behind.
+///
+/// With offloads, tun-rs reads a super-packet into `original` and cuts it
+/// into `slots` (each packet a full, checksummed IP packet of at most the
+/// MTU); the reader reads again while a whole super-packet still fits.
+/// Without, each read goes straight into a slot big enough for any packet.
+struct TunReader {
+    original: Vec<u8>,
+    slots: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    slot_len: usize,
+    /// Free slots needed for one more read.
+    refill: usize,
+}
+
+impl TunReader {
+    fn new(tun: &SyncDevice) -> TunReader {
+        let (slot_len, count, refill) = if tun.tcp_gso() {
+            // A segment is at most the MTU; a 64 KiB super-packet cut at a
+            // small MSS can make more than a hundred of them.
+            let mtu = tun.mtu().map_or(usize::from(u16::MAX), usize::from);
+            (HEADROOM + mtu + TRAILER + 64, TX_SEGMENTS, IDEAL_BATCH_SIZE)
+        } else {
+            (BUF_LEN, TX_BATCH, 1)
+        };
+        let original = match tun.tcp_gso() {
+            true => vec![0u8; VIRTIO_NET_HDR_LEN + usize::from(u16::MAX)],
+            false => Vec::new(),
+        };
+        TunReader {
+            original,
+            slots: (0..count).map(|_| vec![0u8; slot_len]).collect(),
+            sizes: vec![0; count],
+            slot_len,
+            refill,
+        }
+    }
+
+    /// Reads what the (non-blocking) TUN holds into the slots; returns how
+    /// many packets were read. A packet the kernel handed over malformed
+    /// (a super-packet that cannot be cut) is counted and skipped; only a
+    /// failing device is an error.
+    fn fill(&mut self, tun: &SyncDevice, drops: &DropCounters) -> io::Result<usize> {
+        let mut used = 0;
+        while self.slots.len() - used >= self.refill {
+            let (Some(slots), Some(sizes)) =
+                (self.slots.get_mut(used..), self.sizes.get_mut(used..))
+            else {
+                break;
+            };
+            match tun.recv_multiple(&mut self.original, slots, sizes, HEADROOM) {
+                Ok(n) => used += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error().is_none() => drops.count(DropReason::InnerMalformed),
+                Err(e) if used > 0 => {
+                    debug!(error = %e, "TUN read failed");
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(used)
+    }
+}
 
 /// How many datagrams at the start of `rest` can go as one UDP GSO send:
 /// a run of one size, plus one shorter last datagram (0 or 1: not worth it).
@@ -375,7 +448,7 @@ fn gso_run(rest: &[&[u8]]) -> usize {
     if size == 0 || size > usize::from(u16::MAX) {
         return 0;
     }
-    let most = (GSO_MAX_BYTES / size).min(rest.len());
+    let most = (GSO_MAX_BYTES / size).min(GSO_MAX_SEGMENTS).min(rest.len());
     let mut run = rest
         .iter()
         .take(most)
@@ -444,6 +517,10 @@ impl PathIn {
     /// Receives until told to stop, a burst per `recvmmsg`.
     pub fn run(mut self) {
         let mut batch = sys::RecvBatch::new(RX_BATCH, BUF_LEN);
+        let mut out = TunWriter::new(&self.tun);
+        if let Err(e) = sys::enable_udp_gro(self.socket.as_ref()) {
+            debug!(error = %e, "UDP GRO unavailable; datagrams arrive one by one");
+        }
         let mut next_echo = clock::now();
         while !self.stop.load(Ordering::Relaxed) {
             let now = clock::now();
@@ -476,31 +553,44 @@ impl PathIn {
             };
             let keys = self.keys.load_full();
             for i in 0..n {
-                match batch.get_mut(i) {
-                    Some((datagram, src)) => self.receive(datagram, src, keys.as_deref()),
-                    None => self.drops.count(DropReason::TooBig),
+                let Some((message, src, segment)) = batch.get_mut(i) else {
+                    self.drops.count(DropReason::TooBig);
+                    continue;
+                };
+                // A coalesced message holds datagrams of `segment` bytes
+                // (the last may be shorter), all from one source.
+                let segment = segment.unwrap_or(message.len()).max(1);
+                for datagram in message.chunks_mut(segment) {
+                    self.receive(datagram, src, keys.as_deref(), &mut out);
                 }
+                out.flush(&self.tun, &self.drops);
             }
         }
     }
 
-    fn receive(&mut self, datagram: &mut [u8], src: SocketAddr, keys: Option<&Keys>) {
+    fn receive(
+        &mut self,
+        datagram: &mut [u8],
+        src: SocketAddr,
+        keys: Option<&Keys>,
+        out: &mut TunWriter,
+    ) {
         if src != self.remote {
             return self.drops.count(DropReason::UnknownSource);
         }
         if let Some(keys) = keys {
-            return self.receive_sealed(keys, datagram);
+            return self.receive_sealed(keys, datagram, out);
         }
         if let Some(echo) = parse_echo(datagram) {
             return self.on_echo(echo);
         }
         match decapsulate(datagram) {
-            Ok((header, inner)) => self.deliver(header.peer_seq, inner),
+            Ok((header, inner)) => self.deliver(header.peer_seq, inner, out),
             Err(reason) => self.drops.count(reason),
         }
     }
 
-    fn deliver(&self, peer_seq: Option<PeerSeq>, inner: &[u8]) {
+    fn deliver(&self, peer_seq: Option<PeerSeq>, inner: &[u8], out: &mut TunWriter) {
         self.counters.count_rx(inner.len());
         if let Some(p) = peer_seq {
             match self.dedup.lock().check(p.instance, p.sequence) {
@@ -509,18 +599,82 @@ impl PathIn {
                 Verdict::TooOld => return self.drops.count(DropReason::DuplicateStale),
             }
         }
-        if self.tun.send(inner).is_err() {
-            self.drops.count(DropReason::TunWrite);
+        out.push(&self.tun, inner, &self.drops);
+    }
+}
+
+/// How a receiving thread writes inner packets to its peer's TUN.
+///
+/// With offloads, the packets of one received message (with UDP GRO, up to
+/// 64 KiB of datagrams from one sender, typically one flow's burst) are
+/// gathered, each behind room for the virtio-net header, and handed to
+/// tun-rs, whose GRO table coalesces consecutive segments of a TCP or UDP
+/// flow back into super-packets: one write and one pass up the stack per
+/// 64 KiB. A super-packet grows in its first packet's buffer, so the first
+/// buffer has room for 64 KiB and the others for one packet; all are kept
+/// and reused. Without offloads, each packet is written at once.
+struct TunWriter {
+    offload: bool,
+    bufs: Vec<Vec<u8>>,
+    used: usize,
+    gro: GROTable,
+}
+
+/// Room reserved for a buffer that is not the first of a message.
+const RX_PACKET_ROOM: usize = VIRTIO_NET_HDR_LEN + 2048;
+
+impl TunWriter {
+    fn new(tun: &SyncDevice) -> TunWriter {
+        TunWriter {
+            offload: tun.tcp_gso(),
+            bufs: vec![Vec::with_capacity(
+                2 * VIRTIO_NET_HDR_LEN + usize::from(u16::MAX),
+            )],
+            used: 0,
+            gro: GROTable::new(),
         }
+    }
+
+    fn push(&mut self, tun: &SyncDevice, inner: &[u8], drops: &DropCounters) {
+        if !self.offload {
+            if tun.send(inner).is_err() {
+                drops.count(DropReason::TunWrite);
+            }
+            return;
+        }
+        if self.used == self.bufs.len() {
+            let room = RX_PACKET_ROOM.max(VIRTIO_NET_HDR_LEN + inner.len());
+            self.bufs.push(Vec::with_capacity(room));
+        }
+        if let Some(buf) = self.bufs.get_mut(self.used) {
+            buf.clear();
+            buf.resize(VIRTIO_NET_HDR_LEN, 0);
+            buf.extend_from_slice(inner);
+            self.used += 1;
+        }
+    }
+
+    fn flush(&mut self, tun: &SyncDevice, drops: &DropCounters) {
+        let Some(bufs) = self.bufs.get_mut(..self.used) else {
+            return;
+        };
+        if !bufs.is_empty()
+            && tun
+                .send_multiple(&mut self.gro, bufs, VIRTIO_NET_HDR_LEN)
+                .is_err()
+        {
+            drops.count(DropReason::TunWrite);
+        }
+        self.used = 0;
     }
 }
 
 impl PathIn {
-    fn receive_sealed(&mut self, keys: &Keys, datagram: &mut [u8]) {
+    fn receive_sealed(&mut self, keys: &Keys, datagram: &mut [u8], out: &mut TunWriter) {
         match open(datagram, keys, self.salt_in, &mut self.window) {
             Ok(Opened::Data(header, range)) => {
                 let inner = datagram.get(range).unwrap_or_default();
-                self.deliver(header.peer_seq, inner);
+                self.deliver(header.peer_seq, inner, out);
             }
             Ok(Opened::Echo(Echo::Request(stamp), epoch)) => {
                 if self.echo_guard.request(epoch, stamp) {

@@ -246,6 +246,8 @@ pub struct RecvBatch {
     addrs: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
+    /// Per message: room for the `UDP_GRO` control message.
+    controls: Vec<[u64; 4]>,
     filled: usize,
 }
 
@@ -261,6 +263,7 @@ impl RecvBatch {
             addrs: vec![addr; count],
             iovs: vec![iov; count],
             hdrs: vec![hdr; count],
+            controls: vec![[0u64; 4]; count],
             filled: 0,
         }
     }
@@ -271,11 +274,12 @@ impl RecvBatch {
     pub fn recv(&mut self, sock: &impl AsRawFd) -> io::Result<usize> {
         self.filled = 0;
         let base = self.data.as_mut_ptr();
-        for (i, ((iov, hdr), addr)) in self
+        for (i, (((iov, hdr), addr), control)) in self
             .iovs
             .iter_mut()
             .zip(self.hdrs.iter_mut())
             .zip(self.addrs.iter_mut())
+            .zip(self.controls.iter_mut())
             .enumerate()
         {
             // SAFETY: i * stride + stride <= data.len() by construction.
@@ -285,8 +289,8 @@ impl RecvBatch {
             hdr.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             hdr.msg_hdr.msg_iov = iov;
             hdr.msg_hdr.msg_iovlen = 1;
-            hdr.msg_hdr.msg_control = std::ptr::null_mut();
-            hdr.msg_hdr.msg_controllen = 0;
+            hdr.msg_hdr.msg_control = control.as_mut_ptr().cast();
+            hdr.msg_hdr.msg_controllen = size_of::<[u64; 4]>();
             hdr.msg_hdr.msg_flags = 0;
             hdr.msg_len = 0;
         }
@@ -305,25 +309,60 @@ impl RecvBatch {
         Ok(self.filled)
     }
 
-    /// Datagram `i` of the last [`RecvBatch::recv`]: its bytes and source.
-    /// `None` past the end, for an unknown address family, or for a
-    /// datagram longer than the buffer (truncated).
-    pub fn get_mut(&mut self, i: usize) -> Option<(&mut [u8], SocketAddr)> {
+    /// Message `i` of the last [`RecvBatch::recv`]: its bytes, its source
+    /// and, when the kernel coalesced several datagrams into it (UDP GRO,
+    /// see [`enable_udp_gro`]), the size they were cut at (every datagram
+    /// but the last has this size). `None` past the end, for an unknown
+    /// address family, or for a message longer than the buffer (truncated).
+    pub fn get_mut(&mut self, i: usize) -> Option<(&mut [u8], SocketAddr, Option<usize>)> {
         if i >= self.filled {
             return None;
         }
         let hdr = self.hdrs.get(i)?;
-        if hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+        if hdr.msg_hdr.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
             return None;
         }
         let len = (hdr.msg_len as usize).min(self.stride);
+        let segment = gro_segment(&hdr.msg_hdr);
         let addr = self.addrs.get(i)?;
         // SAFETY: the kernel filled this sockaddr_storage in the last recvmmsg.
         let src = unsafe { sockaddr_to_std(addr) }?;
         let start = i * self.stride;
         let buf = self.data.get_mut(start..start + len)?;
-        Some((buf, src))
+        Some((buf, src, segment))
     }
+}
+
+/// `UDP_GRO` from linux/udp.h (Linux 5.0): receive coalesced datagrams.
+const UDP_GRO: libc::c_int = 104;
+
+/// Lets the kernel hand `sock`'s datagrams over coalesced (UDP GRO): a
+/// burst from one sender, equal-sized but the last, arrives as one message
+/// with the segment size in a control message, and a sender's UDP GSO
+/// send is delivered without ever being cut up. Fails on kernels without it.
+pub fn enable_udp_gro(sock: &impl AsRawFd) -> io::Result<()> {
+    setsockopt_int(sock.as_raw_fd(), libc::SOL_UDP, UDP_GRO, 1)
+}
+
+/// The `UDP_GRO` segment size of a received message, if any.
+fn gro_segment(msg: &libc::msghdr) -> Option<usize> {
+    if msg.msg_control.is_null() || msg.msg_controllen == 0 {
+        return None;
+    }
+    // SAFETY: msg_control/msg_controllen describe the buffer the kernel
+    // filled in the last recvmmsg (owned by the batch); CMSG_FIRSTHDR and
+    // CMSG_NXTHDR stay within it, and the data is read unaligned.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
+                let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                return usize::try_from(size).ok().filter(|&s| s > 0);
+            }
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+        }
+    }
+    None
 }
 
 /// Scratch headers for [`SendBatch::send`] (`sendmmsg(2)`): one system
