@@ -560,6 +560,10 @@ impl PathIn {
                 // A coalesced message holds datagrams of `segment` bytes
                 // (the last may be shorter), all from one source.
                 let segment = segment.unwrap_or(message.len()).max(1);
+                if message.is_empty() {
+                    // An empty datagram has no chunks, but is junk to count.
+                    self.receive(message, src, keys.as_deref(), &mut out);
+                }
                 for datagram in message.chunks_mut(segment) {
                     self.receive(datagram, src, keys.as_deref(), &mut out);
                 }
