@@ -13,8 +13,11 @@
 //! without the daemon).
 //!
 //! Faults are injected on gateway A: [`Lab::blackhole`] drops every IP packet in and
-//! out of a path's veth with nftables (the carrier stays up), [`Lab::link_down`] sets
-//! the veth down. [`Drop`] stops the gateways, kills whatever still runs in the
+//! out of a path's veth with nftables (the carrier stays up), [`Lab::drop_one_way`]
+//! only one direction, [`Lab::random_loss`] a share of each direction at random
+//! (`numgen random`), [`Lab::link_down`] sets the veth down; [`Lab::kill_gateway`],
+//! [`Lab::reload_gateway`] and [`Lab::write_config`] act on the daemons. Helpers for
+//! the benches: [`Lab::start_iperf3`], [`vm_rss_kib`], [`ReferenceTimer`]. [`Drop`] stops the gateways, kills whatever still runs in the
 //! namespaces, deletes them and the temp dir; [`Lab::new`] also removes namespaces left
 //! by a crashed run (same name, or an `xl-*` name whose process is gone).
 
