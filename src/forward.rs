@@ -295,11 +295,11 @@ mod tests {
     use crate::wire::overlay::{PeerSeq, BASE_LEN};
 
     fn sel(active: Option<PathId>) -> Selection {
-        Selection {
-            policy: Policy::ActiveBackup,
+        Selection::new(
+            Policy::ActiveBackup,
             active,
-            eligible: active.map(|a| vec![(a, 1)]).unwrap_or_default(),
-        }
+            active.map(|a| vec![(a, 1)]).unwrap_or_default(),
+        )
     }
 
     #[test]

@@ -136,11 +136,12 @@ impl TunOut {
         // from this plaintext copy.
         let mut spare = vec![0u8; reader.slot_len];
         let mut pending: Vec<Pending> = Vec::with_capacity(reader.slots.len());
-        let gso = self
-            .paths
-            .iter()
-            .flatten()
-            .all(|p| sys::udp_gso_supported(p.socket.as_ref()));
+        let gso = udp_gso_wanted()
+            && self
+                .paths
+                .iter()
+                .flatten()
+                .all(|p| sys::udp_gso_supported(p.socket.as_ref()));
         let mut batch = sys::SendBatch::new(gso);
         let mut last_sweep = clock::now();
         loop {
@@ -468,6 +469,12 @@ fn gso_run(rest: &[&[u8]]) -> usize {
     }
 }
 
+/// UDP GSO is used unless `CROSSLINK_UDP_GSO=0` (then every datagram is a
+/// packet of its own on the underlay, as with kernels without it).
+fn udp_gso_wanted() -> bool {
+    std::env::var("CROSSLINK_UDP_GSO").map_or(true, |v| v != "0")
+}
+
 /// Errors saying UDP GSO does not work here at all.
 fn gso_unusable(e: &io::Error) -> bool {
     matches!(
@@ -559,6 +566,10 @@ impl PathIn {
                 };
                 // A coalesced message holds datagrams of `segment` bytes
                 // (the last may be shorter), all from one source.
+                if message.is_empty() {
+                    // An empty datagram is junk too, and counted as such.
+                    self.receive(message, src, keys.as_deref(), &mut out);
+                }
                 let segment = segment.unwrap_or(message.len()).max(1);
                 for datagram in message.chunks_mut(segment) {
                     self.receive(datagram, src, keys.as_deref(), &mut out);
