@@ -426,7 +426,7 @@ mod tests {
         other[20] ^= 1;
         let ack = seg4(100, 0, 2, false);
         let udp = crate::wire::flow::tests::udp4([198, 18, 0, 1], [198, 18, 0, 2], 1, 2, 30);
-        let segs = vec![seg4(0, 100, 1, false), other, ack, udp];
+        let segs = [seg4(0, 100, 1, false), other, ack, udp];
         let pkts: Vec<&[u8]> = segs.iter().map(|s| &s[..]).collect();
         let mut trains = Vec::new();
         plan(&pkts, &mut trains);
