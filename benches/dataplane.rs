@@ -90,7 +90,7 @@ fn inbound(c: &mut Criterion) {
     g.finish();
 }
 
-/// Sealing and opening (XChaCha20-Poly1305) a data packet, per packet.
+/// Sealing and opening (AES-256-GCM) a data packet, per packet.
 fn sealed(c: &mut Criterion) {
     let mut g = c.benchmark_group("sealed");
     let keys = Keys::new(&Key::from_bytes([7; 32]), None);

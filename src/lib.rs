@@ -9,7 +9,7 @@
 //!  steer       per-peer path choice: active-backup, balance, duplicate; revert hold,
 //!              forced-down paths (carrier, send errors), flap damping
 //!  engine      the control plane: sessions + steering -> events, forwarding snapshots
-//!  crypto      data-plane AEAD (XChaCha20-Poly1305), key files, replay window
+//!  crypto      data-plane AEAD (AES-256-GCM, derived keys), key files, replay window
 //!  forward     per-packet work: classify, encapsulate, decapsulate, seal, open
 //!  coalesce    receive side: consecutive TCP segments -> one TUN super-packet
 //!  dedup       `duplicate` policy: per-peer sequence window, first copy wins
