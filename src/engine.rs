@@ -706,7 +706,7 @@ impl Engine {
         let Some(peer) = self.peers.get(usize::from(path.peer.0)) else {
             return false;
         };
-        match peer.steering.selection().policy {
+        match peer.steering.policy() {
             Policy::ActiveBackup => peer.steering.active() == Some(id),
             Policy::Balance => peer.steering.is_eligible(id),
             Policy::Duplicate => {

@@ -29,7 +29,7 @@
 //! plaintext and an unkeyed one refuses sealed messages
 //! ([`DropReason::SealMismatch`]).
 
-use crate::crypto::{self, Keys, ReplayWindow, TAG_LEN};
+use crate::crypto::{Keys, MessageId, ReplayWindow, TAG_LEN};
 use crate::drop::DropReason;
 use crate::steer::Selection;
 use crate::wire::flow::FlowKey;
@@ -48,7 +48,7 @@ pub struct Sealer<'a> {
     pub keys: &'a Keys,
     /// The sender's epoch (see [`crate::crypto`]).
     pub epoch: u32,
-    /// [`crypto::path_salt`] of (local, remote).
+    /// [`crate::crypto::path_salt`] of (local, remote).
     pub salt: u64,
 }
 
@@ -195,12 +195,12 @@ fn seal_in_place(
     hlen: usize,
     sealer: &Sealer,
 ) -> Result<(), DropReason> {
-    let nonce = crypto::nonce(
-        header.epoch,
-        header.sequence,
-        header.msg_type as u8,
-        sealer.salt,
-    );
+    let id = MessageId {
+        epoch: header.epoch,
+        msg_type: header.msg_type as u8,
+        salt: sealer.salt,
+        sequence: header.sequence,
+    };
     let body_end = datagram
         .len()
         .checked_sub(TRAILER)
@@ -208,7 +208,7 @@ fn seal_in_place(
         .ok_or(DropReason::TooBig)?;
     let (head, rest) = datagram.split_at_mut(hlen);
     let (payload, tail) = rest.split_at_mut(body_end - hlen);
-    let tag = sealer.keys.seal(&nonce, head, payload);
+    let tag = sealer.keys.seal(&id, head, payload);
     tail.copy_from_slice(&tag);
     Ok(())
 }
@@ -219,12 +219,12 @@ pub enum Opened {
     /// The header and the inner packet, decrypted in place, at this range
     /// of the datagram.
     Data(Header, Range<usize>),
-    /// An echo message and the sender's epoch (for [`crypto::EchoGuard`]).
+    /// An echo message and the sender's epoch (for [`crate::crypto::EchoGuard`]).
     Echo(Echo, u32),
 }
 
 /// Validates, authenticates and decrypts (in place) a datagram from a
-/// keyed peer. `salt` is [`crypto::path_salt`] of (remote, local). Data
+/// keyed peer. `salt` is [`crate::crypto::path_salt`] of (remote, local). Data
 /// passes the path's replay `window`, which moves only for messages that
 /// authenticate.
 pub fn open(
@@ -251,13 +251,18 @@ pub fn open(
             .check(header.epoch, header.sequence)
             .map_err(|_| DropReason::Replayed)?;
     }
-    let nonce = crypto::nonce(header.epoch, header.sequence, header.msg_type as u8, salt);
+    let id = MessageId {
+        epoch: header.epoch,
+        msg_type: header.msg_type as u8,
+        salt,
+        sequence: header.sequence,
+    };
     let (head, rest) = datagram.split_at_mut(hlen);
     let (payload, tail) = rest.split_at_mut(end - hlen);
     let tag: &[u8; TRAILER] = (&*tail)
         .try_into()
         .map_err(|_| DropReason::OverlayMalformed)?;
-    keys.open(&nonce, head, payload, tag)
+    keys.open(&id, head, payload, tag)
         .map_err(|_| DropReason::AuthFailed)?;
     match header.msg_type {
         MsgType::SealedEchoRequest => {
@@ -295,11 +300,11 @@ mod tests {
     use crate::wire::overlay::{PeerSeq, BASE_LEN};
 
     fn sel(active: Option<PathId>) -> Selection {
-        Selection {
-            policy: Policy::ActiveBackup,
+        Selection::new(
+            Policy::ActiveBackup,
             active,
-            eligible: active.map(|a| vec![(a, 1)]).unwrap_or_default(),
-        }
+            active.map(|a| vec![(a, 1)]).unwrap_or_default(),
+        )
     }
 
     #[test]
@@ -396,7 +401,7 @@ mod tests {
     }
 
     fn keys(b: u8) -> Keys {
-        Keys::new(&crypto::Key::from_bytes([b; 32]), None)
+        Keys::new(&crate::crypto::Key::from_bytes([b; 32]), None)
     }
 
     fn sealed(seq: u64, epoch: u32, k: &Keys, salt: u64) -> Vec<u8> {

@@ -203,6 +203,9 @@ pub struct LabOptions {
     /// Seal the data plane with this pre-shared key (the key file's text,
     /// see [`crate::crypto::Key::parse`]), written to `<dir>/peer.key`.
     pub key: Option<String>,
+    /// Extra environment for the gateway processes (for example
+    /// `CROSSLINK_UDP_GSO=0`).
+    pub gateway_env: Vec<(String, String)>,
 }
 
 impl LabOptions {
@@ -218,6 +221,7 @@ impl LabOptions {
             revert_hold: Duration::from_secs(2),
             bind_interfaces: false,
             key: None,
+            gateway_env: Vec::new(),
         }
     }
 
@@ -846,6 +850,7 @@ impl Lab {
             .try_clone()
             .map_err(io_err("duplicating the log file"))?;
         let mut cmd = self.command_in(gw.host(), &self.opts.binary);
+        cmd.envs(self.opts.gateway_env.iter().map(|(k, v)| (k, v)));
         cmd.arg("run")
             .arg("-c")
             .arg(self.config_path(gw))

@@ -9,8 +9,9 @@
 //!  steer       per-peer path choice: active-backup, balance, duplicate; revert hold,
 //!              forced-down paths (carrier, send errors), flap damping
 //!  engine      the control plane: sessions + steering -> events, forwarding snapshots
-//!  crypto      data-plane AEAD (XChaCha20-Poly1305), key files, replay window
+//!  crypto      data-plane AEAD (AES-256-GCM, derived keys), key files, replay window
 //!  forward     per-packet work: classify, encapsulate, decapsulate, seal, open
+//!  coalesce    receive side: consecutive TCP segments -> one TUN super-packet
 //!  dedup       `duplicate` policy: per-peer sequence window, first copy wins
 //!  io          the shell: TUN, sockets, netlink, threads, the clock
 //!  telemetry   counters, Prometheus metrics, status document, control socket
@@ -27,7 +28,11 @@
 //! overlay header in front, and the datagram leaves on the path's UDP
 //! socket. At the far gateway the path's `rx-*` thread checks the source
 //! is the path's configured remote, [`forward::decapsulate`] validates it,
-//! and the inner packet is written to that gateway's TUN.
+//! and the inner packet is written to that gateway's TUN ([`coalesce`]
+//! merges a burst of one TCP flow's segments into one write). With TUN
+//! offloads the kernel hands the `tun-*` thread TCP super-packets of up to
+//! 64 KiB, which it cuts into MTU-sized packets before classifying, and
+//! a path's datagrams leave with UDP GSO and arrive with UDP GRO.
 //!
 //! Meanwhile the `bfd` thread runs one BFD session per path in the
 //! [`engine::Engine`]. When a session leaves Up the engine's steering moves
@@ -36,6 +41,7 @@
 #![deny(unsafe_code)]
 
 pub mod bfd;
+pub mod coalesce;
 pub mod config;
 pub mod crypto;
 pub mod dedup;

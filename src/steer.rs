@@ -47,6 +47,7 @@
 use crate::config::Policy;
 use crate::wire::flow::mix;
 use crate::PathId;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The highest damping level: the hold is at most `revert_hold × 2^(MAX_DAMP_LEVEL-1)`.
@@ -292,6 +293,11 @@ impl Steering {
         Some(change)
     }
 
+    /// The peer's policy.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
     /// Eligible paths, best first (priority, then configuration order).
     fn ranked(&self) -> Vec<PathId> {
         let mut v: Vec<(u32, usize, PathId)> = self
@@ -323,13 +329,14 @@ impl Steering {
             .filter_map(|id| self.slots.iter().find(|s| s.id == *id))
             .map(|s| (s.id, s.weight))
             .collect();
-        Selection {
-            policy: self.policy,
-            active: self.active,
-            eligible,
-        }
+        Selection::new(self.policy, self.active, eligible)
     }
 }
+
+/// Buckets of the weighted `balance` table: flows are spread over this
+/// many buckets by the top bits of their hash.
+const BUCKETS: usize = 4096;
+const BUCKET_SHIFT: u32 = 64 - BUCKETS.trailing_zeros();
 
 /// A snapshot of one peer's steering, read by the forwarding threads.
 #[derive(Clone, Debug, PartialEq)]
@@ -338,14 +345,43 @@ pub struct Selection {
     pub active: Option<PathId>,
     /// Eligible paths with their weights, best first.
     pub eligible: Vec<(PathId, u32)>,
+    /// `balance` with unequal weights: each bucket's path, chosen by
+    /// weighted rendezvous hashing of the bucket's number when the snapshot
+    /// is built, so that the forwarding threads look a flow's path up
+    /// instead of taking a logarithm per path per packet. A path that
+    /// leaves or joins moves only its own buckets, as rendezvous hashing
+    /// moves only its own flows.
+    buckets: Option<Arc<[PathId]>>,
 }
 
 impl Selection {
+    /// A snapshot; builds the bucket table when `balance` has unequal weights.
+    pub fn new(policy: Policy, active: Option<PathId>, eligible: Vec<(PathId, u32)>) -> Selection {
+        let mut sel = Selection {
+            policy,
+            active,
+            eligible,
+            buckets: None,
+        };
+        let first = sel.eligible.first().map(|&(_, w)| w);
+        let equal = sel.eligible.iter().all(|&(_, w)| Some(w) == first);
+        if policy == Policy::Balance && !equal {
+            let table: Option<Vec<PathId>> = (0..BUCKETS as u64)
+                .map(|b| sel.rendezvous_weighted(mix(b)))
+                .collect();
+            sel.buckets = table.map(Arc::from);
+        }
+        sel
+    }
+
     /// The path for a flow, or `None` when the peer has no usable path.
     #[inline]
     pub fn select(&self, flow_hash: u64) -> Option<PathId> {
         match self.policy {
-            Policy::Balance => self.rendezvous(flow_hash),
+            Policy::Balance => match &self.buckets {
+                Some(table) => table.get((flow_hash >> BUCKET_SHIFT) as usize).copied(),
+                None => self.rendezvous(flow_hash),
+            },
             Policy::ActiveBackup | Policy::Duplicate => self.active,
         }
     }
@@ -399,18 +435,40 @@ impl Selection {
 mod tests {
     use super::*;
 
+    /// Unequal weights go through the bucket table: shares follow the
+    /// weights, and removing a path moves only the flows it carried.
+    #[test]
+    fn weighted_table_keeps_shares_and_moves_only_the_lost_path() {
+        let all = Selection::new(Policy::Balance, Some(A), vec![(A, 1), (B, 1), (C, 2)]);
+        let without_b = Selection::new(Policy::Balance, Some(A), vec![(A, 1), (C, 2)]);
+        let mut count = [0u32; 3];
+        for flow in 0..40_000u64 {
+            let h = mix(flow);
+            let p = all.select(h).unwrap();
+            count[usize::from(p.0)] += 1;
+            let q = without_b.select(h).unwrap();
+            if p != B {
+                assert_eq!(p, q, "flow {flow} moved off a path that stayed");
+            }
+        }
+        // Expected 10k / 10k / 20k, within 5 %.
+        for (n, want) in count.iter().zip([10_000u32, 10_000, 20_000]) {
+            assert!(n.abs_diff(want) < want / 20, "{count:?}");
+        }
+    }
+
     #[test]
     fn equal_weights_choose_as_the_weighted_formula() {
         for weight in [1, 5] {
-            let sel = Selection {
-                policy: Policy::Balance,
-                active: Some(PathId(2)),
-                eligible: vec![
+            let sel = Selection::new(
+                Policy::Balance,
+                Some(PathId(2)),
+                vec![
                     (PathId(2), weight),
                     (PathId(0), weight),
                     (PathId(7), weight),
                 ],
-            };
+            );
             for flow in 0..20_000u64 {
                 let h = mix(flow);
                 assert_eq!(sel.rendezvous(h), sel.rendezvous_weighted(h), "flow {flow}");

@@ -120,6 +120,9 @@ fn junk_on_data_and_bfd_ports_is_dropped_and_counted_while_traffic_flows() {
     opts.rx_interval = Duration::from_millis(50);
     opts.multiplier = 5;
     opts.key = Some(format!("{}\n", random_key_hex()));
+    // The capture below reads datagrams off a raw socket, which sees a UDP
+    // GSO send as one packet: send each datagram on its own.
+    opts.gateway_env = vec![("CROSSLINK_UDP_GSO".into(), "0".into())];
     let mut lab = Lab::new(opts).unwrap();
     lab.start_gateways().unwrap();
     lab.wait_paths_up(Duration::from_secs(15)).unwrap();

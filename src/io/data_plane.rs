@@ -35,6 +35,7 @@
 
 use super::control_plane::{Command, CommandLink};
 use super::{clock, sys, udp};
+use crate::coalesce::{self, Train, MAX_TRAIN_HEADER};
 use crate::config::Policy;
 use crate::crypto::{EchoGuard, Keys, ReplayWindow};
 use crate::dedup::{Verdict, Window};
@@ -51,14 +52,14 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, error};
-use tun_rs::{GROTable, InterruptEvent, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{InterruptEvent, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// Largest datagram handled (inner packet plus overlay header).
 pub const BUF_LEN: usize = 65_535 + HEADROOM + TRAILER;
@@ -136,11 +137,12 @@ impl TunOut {
         // from this plaintext copy.
         let mut spare = vec![0u8; reader.slot_len];
         let mut pending: Vec<Pending> = Vec::with_capacity(reader.slots.len());
-        let gso = self
-            .paths
-            .iter()
-            .flatten()
-            .all(|p| sys::udp_gso_supported(p.socket.as_ref()));
+        let gso = udp_gso_wanted()
+            && self
+                .paths
+                .iter()
+                .flatten()
+                .all(|p| sys::udp_gso_supported(p.socket.as_ref()));
         let mut batch = sys::SendBatch::new(gso);
         let mut last_sweep = clock::now();
         loop {
@@ -468,6 +470,12 @@ fn gso_run(rest: &[&[u8]]) -> usize {
     }
 }
 
+/// UDP GSO is used unless `CROSSLINK_UDP_GSO=0` (then every datagram is a
+/// packet of its own on the underlay, as with kernels without it).
+fn udp_gso_wanted() -> bool {
+    std::env::var("CROSSLINK_UDP_GSO").map_or(true, |v| v != "0")
+}
+
 /// Errors saying UDP GSO does not work here at all.
 fn gso_unusable(e: &io::Error) -> bool {
     matches!(
@@ -518,6 +526,7 @@ impl PathIn {
     pub fn run(mut self) {
         let mut batch = sys::RecvBatch::new(RX_BATCH, BUF_LEN);
         let mut out = TunWriter::new(&self.tun);
+        let mut inner: Vec<Range<usize>> = Vec::with_capacity(64);
         if let Err(e) = sys::enable_udp_gro(self.socket.as_ref()) {
             debug!(error = %e, "UDP GRO unavailable; datagrams arrive one by one");
         }
@@ -558,52 +567,76 @@ impl PathIn {
                     continue;
                 };
                 // A coalesced message holds datagrams of `segment` bytes
-                // (the last may be shorter), all from one source.
-                let segment = segment.unwrap_or(message.len()).max(1);
+                // (the last may be shorter), all from one source; the inner
+                // packets are opened in place and written together.
+                inner.clear();
                 if message.is_empty() {
-                    // An empty datagram has no chunks, but is junk to count.
-                    self.receive(message, src, keys.as_deref(), &mut out);
+                    // An empty datagram is junk too, and counted as such.
+                    let _ = self.receive(message, src, keys.as_deref());
                 }
-                for datagram in message.chunks_mut(segment) {
-                    self.receive(datagram, src, keys.as_deref(), &mut out);
+                let segment = segment.unwrap_or(message.len()).max(1);
+                for (k, datagram) in message.chunks_mut(segment).enumerate() {
+                    if let Some(r) = self.receive(datagram, src, keys.as_deref()) {
+                        let at = k * segment;
+                        inner.push(at + r.start..at + r.end);
+                    }
                 }
-                out.flush(&self.tun, &self.drops);
+                out.write(&self.tun, message, &inner, &self.drops);
             }
         }
     }
 
+    /// Validates one datagram: the inner packet's range in it, if it is
+    /// data to deliver (echo messages are answered here).
     fn receive(
         &mut self,
         datagram: &mut [u8],
         src: SocketAddr,
         keys: Option<&Keys>,
-        out: &mut TunWriter,
-    ) {
+    ) -> Option<Range<usize>> {
         if src != self.remote {
-            return self.drops.count(DropReason::UnknownSource);
+            self.drops.count(DropReason::UnknownSource);
+            return None;
         }
         if let Some(keys) = keys {
-            return self.receive_sealed(keys, datagram, out);
+            return self.receive_sealed(keys, datagram);
         }
         if let Some(echo) = parse_echo(datagram) {
-            return self.on_echo(echo);
+            self.on_echo(echo);
+            return None;
         }
         match decapsulate(datagram) {
-            Ok((header, inner)) => self.deliver(header.peer_seq, inner, out),
-            Err(reason) => self.drops.count(reason),
+            Ok((header, inner)) => {
+                let start = datagram.len() - inner.len();
+                let end = datagram.len();
+                self.deliverable(header.peer_seq, inner.len())
+                    .then_some(start..end)
+            }
+            Err(reason) => {
+                self.drops.count(reason);
+                None
+            }
         }
     }
 
-    fn deliver(&self, peer_seq: Option<PeerSeq>, inner: &[u8], out: &mut TunWriter) {
-        self.counters.count_rx(inner.len());
+    /// Counts a data packet and applies the duplicate window: whether it
+    /// goes to the TUN.
+    fn deliverable(&self, peer_seq: Option<PeerSeq>, len: usize) -> bool {
+        self.counters.count_rx(len);
         if let Some(p) = peer_seq {
             match self.dedup.lock().check(p.instance, p.sequence) {
                 Verdict::Deliver => {}
-                Verdict::Duplicate => return self.drops.count(DropReason::Duplicate),
-                Verdict::TooOld => return self.drops.count(DropReason::DuplicateStale),
+                Verdict::Duplicate => {
+                    self.drops.count(DropReason::Duplicate);
+                    return false;
+                }
+                Verdict::TooOld => {
+                    self.drops.count(DropReason::DuplicateStale);
+                    return false;
+                }
             }
         }
-        out.push(&self.tun, inner, &self.drops);
+        true
     }
 }
 
@@ -611,74 +644,80 @@ impl PathIn {
 ///
 /// With offloads, the packets of one received message (with UDP GRO, up to
 /// 64 KiB of datagrams from one sender, typically one flow's burst) are
-/// gathered, each behind room for the virtio-net header, and handed to
-/// tun-rs, whose GRO table coalesces consecutive segments of a TCP or UDP
-/// flow back into super-packets: one write and one pass up the stack per
-/// 64 KiB. A super-packet grows in its first packet's buffer, so the first
-/// buffer has room for 64 KiB and the others for one packet; all are kept
-/// and reused. Without offloads, each packet is written at once.
+/// grouped by [`coalesce::plan`]: consecutive segments of a TCP flow go to
+/// the TUN as one super-packet (one `writev` of the merged headers and the
+/// payloads where they lie, so one pass up the stack per 64 KiB and no
+/// copy), anything else one by one behind an all-zero virtio-net header.
+/// Without offloads, each packet is written as it is.
 struct TunWriter {
     offload: bool,
-    bufs: Vec<Vec<u8>>,
-    used: usize,
-    gro: GROTable,
+    trains: Vec<Train>,
+    header: [u8; MAX_TRAIN_HEADER],
 }
-
-/// Room reserved for a buffer that is not the first of a message.
-const RX_PACKET_ROOM: usize = VIRTIO_NET_HDR_LEN + 2048;
 
 impl TunWriter {
     fn new(tun: &SyncDevice) -> TunWriter {
         TunWriter {
             offload: tun.tcp_gso(),
-            bufs: vec![Vec::with_capacity(
-                2 * VIRTIO_NET_HDR_LEN + usize::from(u16::MAX),
-            )],
-            used: 0,
-            gro: GROTable::new(),
+            trains: Vec::new(),
+            header: [0; MAX_TRAIN_HEADER],
         }
     }
 
-    fn push(&mut self, tun: &SyncDevice, inner: &[u8], drops: &DropCounters) {
+    /// Writes the inner packets at `ranges` of `message`.
+    fn write(
+        &mut self,
+        tun: &SyncDevice,
+        message: &[u8],
+        ranges: &[Range<usize>],
+        drops: &DropCounters,
+    ) {
+        let packets: Vec<&[u8]> = ranges
+            .iter()
+            .filter_map(|r| message.get(r.clone()))
+            .collect();
         if !self.offload {
-            if tun.send(inner).is_err() {
-                drops.count(DropReason::TunWrite);
+            for p in packets {
+                if tun.send(p).is_err() {
+                    drops.count(DropReason::TunWrite);
+                }
             }
             return;
         }
-        if self.used == self.bufs.len() {
-            let room = RX_PACKET_ROOM.max(VIRTIO_NET_HDR_LEN + inner.len());
-            self.bufs.push(Vec::with_capacity(room));
+        coalesce::plan(&packets, &mut self.trains);
+        for t in &self.trains {
+            let Some(first) = packets.get(t.first) else {
+                continue;
+            };
+            let n = t.header(first, &mut self.header);
+            if n == 0 {
+                drops.count(DropReason::InnerMalformed);
+                continue;
+            }
+            let train = packets.get(t.first..t.first + t.count).unwrap_or_default();
+            let mut iov = Vec::with_capacity(1 + train.len());
+            iov.push(IoSlice::new(self.header.get(..n).unwrap_or_default()));
+            let skip = if t.count > 1 { t.headers } else { 0 };
+            iov.extend(
+                train
+                    .iter()
+                    .map(|p| IoSlice::new(p.get(skip..).unwrap_or_default())),
+            );
+            if tun.send_vectored(&iov).is_err() {
+                for _ in 0..t.count {
+                    drops.count(DropReason::TunWrite);
+                }
+            }
         }
-        if let Some(buf) = self.bufs.get_mut(self.used) {
-            buf.clear();
-            buf.resize(VIRTIO_NET_HDR_LEN, 0);
-            buf.extend_from_slice(inner);
-            self.used += 1;
-        }
-    }
-
-    fn flush(&mut self, tun: &SyncDevice, drops: &DropCounters) {
-        let Some(bufs) = self.bufs.get_mut(..self.used) else {
-            return;
-        };
-        if !bufs.is_empty()
-            && tun
-                .send_multiple(&mut self.gro, bufs, VIRTIO_NET_HDR_LEN)
-                .is_err()
-        {
-            drops.count(DropReason::TunWrite);
-        }
-        self.used = 0;
     }
 }
 
 impl PathIn {
-    fn receive_sealed(&mut self, keys: &Keys, datagram: &mut [u8], out: &mut TunWriter) {
+    fn receive_sealed(&mut self, keys: &Keys, datagram: &mut [u8]) -> Option<Range<usize>> {
         match open(datagram, keys, self.salt_in, &mut self.window) {
             Ok(Opened::Data(header, range)) => {
-                let inner = datagram.get(range).unwrap_or_default();
-                self.deliver(header.peer_seq, inner, out);
+                let deliver = self.deliverable(header.peer_seq, range.len());
+                return deliver.then_some(range);
             }
             Ok(Opened::Echo(Echo::Request(stamp), epoch)) => {
                 if self.echo_guard.request(epoch, stamp) {
@@ -696,6 +735,7 @@ impl PathIn {
             }
             Err(reason) => self.drops.count(reason),
         }
+        None
     }
 
     fn send_echo(&self, echo: Echo) {

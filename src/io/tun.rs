@@ -6,9 +6,10 @@
 //! a virtio-net header saying how to cut them, and takes such packets back
 //! with the same header, so that the stacks on both sides do their
 //! per-packet work once per 64 KiB instead of once per 1.4 KiB. The
-//! forwarding threads cut and coalesce with tun-rs (`recv_multiple`,
-//! `send_multiple` with a GRO table). A kernel that refuses the offloads
-//! gets a plain TUN, and `CROSSLINK_TUN_OFFLOAD=0` asks for one.
+//! sending threads cut super-packets with tun-rs (`recv_multiple`); the
+//! receiving threads merge what arrives with [`crate::coalesce`]. A
+//! kernel that refuses the offloads gets a plain TUN, and
+//! `CROSSLINK_TUN_OFFLOAD=0` asks for one.
 //!
 //! The descriptor is non-blocking: the sending thread waits for the first
 //! packet of a burst with an interruptible poll and then reads what else is
