@@ -345,17 +345,18 @@ pub struct Selection {
     pub active: Option<PathId>,
     /// Eligible paths with their weights, best first.
     pub eligible: Vec<(PathId, u32)>,
-    /// `balance` with unequal weights: each bucket's path, chosen by
-    /// weighted rendezvous hashing of the bucket's number when the snapshot
-    /// is built, so that the forwarding threads look a flow's path up
-    /// instead of taking a logarithm per path per packet. A path that
-    /// leaves or joins moves only its own buckets, as rendezvous hashing
-    /// moves only its own flows.
+    /// `balance` over several paths: each bucket's path, chosen by
+    /// (weighted) rendezvous hashing of the bucket's number when the
+    /// snapshot is built, so that the forwarding threads look a flow's path
+    /// up instead of hashing it once per path (and, with unequal weights,
+    /// taking a logarithm per path) for every packet. A path that leaves or
+    /// joins moves only its own buckets, as rendezvous hashing moves only
+    /// its own flows.
     buckets: Option<Arc<[PathId]>>,
 }
 
 impl Selection {
-    /// A snapshot; builds the bucket table when `balance` has unequal weights.
+    /// A snapshot; builds the bucket table for `balance` over several paths.
     pub fn new(policy: Policy, active: Option<PathId>, eligible: Vec<(PathId, u32)>) -> Selection {
         let mut sel = Selection {
             policy,
@@ -363,11 +364,9 @@ impl Selection {
             eligible,
             buckets: None,
         };
-        let first = sel.eligible.first().map(|&(_, w)| w);
-        let equal = sel.eligible.iter().all(|&(_, w)| Some(w) == first);
-        if policy == Policy::Balance && !equal {
+        if policy == Policy::Balance && sel.eligible.len() > 1 {
             let table: Option<Vec<PathId>> = (0..BUCKETS as u64)
-                .map(|b| sel.rendezvous_weighted(mix(b)))
+                .map(|b| sel.rendezvous(mix(b)))
                 .collect();
             sel.buckets = table.map(Arc::from);
         }
