@@ -22,9 +22,6 @@
 
 use std::fs;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crosslink::lab::{self, Gw, Host, Lab, LabOptions, LabPath, SERVER_ADDR};
@@ -107,36 +104,17 @@ fn has(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Starts the load; returns the processes to wait for / stop.
-fn start_load(lab: &Lab, load: &str, secs: u64) -> Vec<Child> {
+/// The load: an iperf3 transfer, or the built-in probe at a high rate.
+enum Load {
+    Iperf(lab::Iperf),
+    Probe(Vec<Child>),
+    None,
+}
+
+/// Starts the load.
+fn start_load(lab: &Lab, load: &str, secs: u64) -> Load {
     match load {
-        "iperf3" => {
-            let server = lab
-                .command_in(Host::Server, "iperf3")
-                .args(["-s", "-1", "-p", "5201"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("iperf3 -s");
-            std::thread::sleep(Duration::from_millis(500));
-            let client = lab
-                .command_in(Host::Client, "iperf3")
-                .args([
-                    "-c",
-                    &SERVER_ADDR.to_string(),
-                    "-p",
-                    "5201",
-                    "-P",
-                    "4",
-                    "-J",
-                ])
-                .args(["-t", &secs.to_string()])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("iperf3 -c");
-            vec![client, server]
-        }
+        "iperf3" => Load::Iperf(lab.start_iperf3(4, secs).expect("iperf3")),
         "probe" => {
             let _ = lab.start_receiver(9100, Duration::from_secs(secs + 5));
             // The receiver is dropped (killed) with the lab; only the load matters.
@@ -148,33 +126,10 @@ fn start_load(lab: &Lab, load: &str, secs: u64) -> Vec<Child> {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("probe send");
-            vec![sender]
+            Load::Probe(vec![sender])
         }
-        _ => Vec::new(),
+        _ => Load::None,
     }
-}
-
-fn iperf_rate(child: Child) -> Option<f64> {
-    let out = child.wait_with_output().ok()?;
-    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-    v.pointer("/end/sum_received/bits_per_second")
-        .and_then(Value::as_f64)
-}
-
-/// A SCHED_FIFO thread (priority 50, like crosslink's BFD thread) sleeping 1 ms at a
-/// time; returns the largest oversleep and whether real-time priority was granted.
-fn baseline_sleeper(stop: Arc<AtomicBool>) -> JoinHandle<(Duration, bool)> {
-    std::thread::spawn(move || {
-        let fifo = crosslink::io::sys::set_realtime_priority(50).is_ok();
-        let mut worst = Duration::ZERO;
-        let step = Duration::from_millis(1);
-        while !stop.load(Ordering::Relaxed) {
-            let t = Instant::now();
-            std::thread::sleep(step);
-            worst = worst.max(t.elapsed().saturating_sub(step));
-        }
-        (worst, fifo)
-    })
 }
 
 fn run_one(interval_ms: f64, args: &Args, load: &str) -> bool {
@@ -196,32 +151,31 @@ fn run_one(interval_ms: f64, args: &Args, load: &str) -> bool {
         .map(|&g| lab.status(g).expect("status"))
         .collect();
     let cpu0: Vec<Option<f64>> = pids.iter().map(|(_, p)| bfd_thread_cpu(*p)).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let sleeper = baseline_sleeper(stop.clone());
+    let sleeper = lab::ReferenceTimer::start();
     let start = Instant::now();
-    let mut procs = start_load(&lab, load, args.secs);
+    let procs = start_load(&lab, load, args.secs);
     // Watch for the whole run (and notice a dead gateway early).
     while start.elapsed() < Duration::from_secs(args.secs) {
         std::thread::sleep(Duration::from_secs(1));
         lab.check_gateways().expect("gateways alive");
     }
     let elapsed = start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let (worst_wake, fifo) = sleeper.join().unwrap_or((Duration::ZERO, false));
+    let (worst_wake, fifo) = sleeper.stop();
     let cpu1: Vec<Option<f64>> = pids.iter().map(|(_, p)| bfd_thread_cpu(*p)).collect();
     let after: Vec<Value> = Gw::ALL
         .iter()
         .map(|&g| lab.status(g).expect("status"))
         .collect();
-    let rate = if load == "iperf3" && !procs.is_empty() {
-        let client = procs.remove(0);
-        iperf_rate(client)
-    } else {
-        None
+    let rate = match procs {
+        Load::Iperf(iperf) => iperf.finish(),
+        Load::Probe(children) => {
+            for mut p in children {
+                let _ = lab::terminate(&mut p, Duration::from_secs(2));
+            }
+            None
+        }
+        Load::None => None,
     };
-    for mut p in procs {
-        let _ = lab::terminate(&mut p, Duration::from_secs(2));
-    }
     let mut clean = true;
     println!(
         "\ninterval {interval_ms} ms x 3, load {load} for {:.0} s{}",

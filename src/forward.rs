@@ -33,7 +33,7 @@ use crate::crypto::{Keys, MessageId, ReplayWindow, TAG_LEN};
 use crate::drop::DropReason;
 use crate::steer::Selection;
 use crate::wire::flow::FlowKey;
-use crate::wire::overlay::{Header, MsgType, OverlayError, MAX_LEN};
+use crate::wire::overlay::{Header, MsgType, OverlayError, BASE_LEN, MAX_LEN};
 use crate::PathId;
 use std::ops::Range;
 
@@ -59,6 +59,17 @@ pub struct Placement {
     /// A second copy's path (`duplicate` policy).
     pub copy: Option<PathId>,
     pub flow_hash: u64,
+}
+
+/// The largest inner packet that fits a path whose underlay MTU is
+/// `underlay` bytes: less the underlay's IP header (IPv4 or IPv6), UDP, the
+/// overlay header (with the `duplicate` extension if `extended`) and the
+/// tag when sealed.
+pub fn inner_mtu(underlay: u32, underlay_v6: bool, extended: bool, sealed: bool) -> u32 {
+    let ip = if underlay_v6 { 40 } else { 20 };
+    let overlay = if extended { HEADROOM } else { BASE_LEN };
+    let tag = if sealed { TRAILER } else { 0 };
+    underlay.saturating_sub((ip + 8 + overlay + tag) as u32)
 }
 
 /// Chooses the path for an inner packet.
@@ -297,7 +308,7 @@ mod tests {
     use super::*;
     use crate::config::Policy;
     use crate::wire::flow::tests::udp4;
-    use crate::wire::overlay::{PeerSeq, BASE_LEN};
+    use crate::wire::overlay::PeerSeq;
 
     fn sel(active: Option<PathId>) -> Selection {
         Selection::new(
@@ -305,6 +316,14 @@ mod tests {
             active,
             active.map(|a| vec![(a, 1)]).unwrap_or_default(),
         )
+    }
+
+    #[test]
+    fn inner_mtu_subtracts_every_header() {
+        assert_eq!(inner_mtu(1500, false, false, false), 1500 - 20 - 8 - 16);
+        assert_eq!(inner_mtu(1500, true, false, false), 1500 - 40 - 8 - 16);
+        assert_eq!(inner_mtu(9001, false, true, true), 9001 - 20 - 8 - 32 - 16);
+        assert_eq!(inner_mtu(10, true, true, true), 0);
     }
 
     #[test]

@@ -13,8 +13,11 @@
 //! without the daemon).
 //!
 //! Faults are injected on gateway A: [`Lab::blackhole`] drops every IP packet in and
-//! out of a path's veth with nftables (the carrier stays up), [`Lab::link_down`] sets
-//! the veth down. [`Drop`] stops the gateways, kills whatever still runs in the
+//! out of a path's veth with nftables (the carrier stays up), [`Lab::drop_one_way`]
+//! only one direction, [`Lab::random_loss`] a share of each direction at random
+//! (`numgen random`), [`Lab::link_down`] sets the veth down; [`Lab::kill_gateway`],
+//! [`Lab::reload_gateway`] and [`Lab::write_config`] act on the daemons. Helpers for
+//! the benches: [`Lab::start_iperf3`], [`vm_rss_kib`], [`ReferenceTimer`]. [`Drop`] stops the gateways, kills whatever still runs in the
 //! namespaces, deletes them and the temp dir; [`Lab::new`] also removes namespaces left
 //! by a crashed run (same name, or an `xl-*` name whose process is gone).
 
@@ -24,7 +27,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -140,6 +145,15 @@ impl fmt::Display for LabPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// A direction of travel on a path, for one-way faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From gateway A to gateway B.
+    AToB,
+    /// From gateway B to gateway A.
+    BToA,
 }
 
 /// A namespace of the lab.
@@ -613,14 +627,16 @@ impl Lab {
         cmd
     }
 
-    fn ip_in(&self, host: Host, args: &[&str]) -> Result<String> {
+    /// `ip -n <ns> ARGS` in a host's namespace.
+    pub fn ip_in(&self, host: Host, args: &[&str]) -> Result<String> {
         let ns = self.ns(host);
         let mut all = vec!["-n", ns.as_str()];
         all.extend_from_slice(args);
         ip(&all)
     }
 
-    fn sh_in(&self, host: Host, script: &str) -> Result<String> {
+    /// `sh -c SCRIPT` in a host's namespace.
+    pub fn sh_in(&self, host: Host, script: &str) -> Result<String> {
         run(self.command_in(host, "sh").args(["-c", script]))
     }
 
@@ -850,7 +866,6 @@ impl Lab {
         Ok(())
     }
 
-    /// Stops a gateway with SIGTERM (SIGKILL after 3 s).
     /// The process id of a running gateway (`ip netns exec` execs crosslink, so this
     /// is crosslink's own pid), e.g. to read its threads' CPU time in `/proc`.
     pub fn gateway_pid(&self, gw: Gw) -> Option<u32> {
@@ -860,10 +875,33 @@ impl Lab {
             .map(|(_, c)| c.id())
     }
 
+    /// Stops a gateway with SIGTERM (SIGKILL after 3 s).
     pub fn stop_gateway(&mut self, gw: Gw) -> Option<ExitStatus> {
         let idx = self.gateways.iter().position(|(g, _)| *g == gw)?;
         let (_, mut child) = self.gateways.remove(idx);
         terminate(&mut child, Duration::from_secs(3))
+    }
+
+    /// Kills a gateway with SIGKILL (no clean-up of its own) and reaps it.
+    pub fn kill_gateway(&mut self, gw: Gw) -> Option<ExitStatus> {
+        let idx = self.gateways.iter().position(|(g, _)| *g == gw)?;
+        let (_, mut child) = self.gateways.remove(idx);
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    /// Sends SIGHUP to a running gateway: it reloads its config file.
+    pub fn reload_gateway(&self, gw: Gw) -> Result<()> {
+        match self.gateway_pid(gw) {
+            Some(pid) if signal_pid(pid, "HUP") => Ok(()),
+            _ => Err(LabError::Other(format!("{gw} is not running"))),
+        }
+    }
+
+    /// Replaces a gateway's config file (read at the next start or reload).
+    pub fn write_config(&self, gw: Gw, text: &str) -> Result<()> {
+        let path = self.config_path(gw);
+        fs::write(&path, text).map_err(io_err(format!("writing {}", path.display())))
     }
 
     pub fn stop_gateways(&mut self) {
@@ -955,16 +993,47 @@ impl Lab {
     /// Drops every IP packet in and out of `path`'s veth on gateway A (nftables); the
     /// link keeps its carrier, so only BFD can notice.
     pub fn blackhole(&self, path: LabPath) -> Result<()> {
+        self.impair(path, &[Direction::AToB, Direction::BToA], "drop")
+    }
+
+    /// Drops the packets of `path` going one way only (filtered on gateway A); [`Lab::heal`]
+    /// removes it.
+    pub fn drop_one_way(&self, path: LabPath, direction: Direction) -> Result<()> {
+        self.impair(path, &[direction], "drop")
+    }
+
+    /// Drops `percent` % of `path`'s packets at random in each direction (nftables
+    /// `numgen random`); [`Lab::heal`] removes it.
+    pub fn random_loss(&self, path: LabPath, percent: u8) -> Result<()> {
+        let verdict = format!("numgen random mod 100 < {percent} drop");
+        self.impair(path, &[Direction::AToB, Direction::BToA], &verdict)
+    }
+
+    /// Replaces `path`'s impairment table on gateway A with one applying `verdict` (an
+    /// nftables statement) to the packets of the given directions.
+    fn impair(&self, path: LabPath, directions: &[Direction], verdict: &str) -> Result<()> {
+        self.heal(path)?;
         let dev = path.name();
         let table = Self::nft_table(path);
-        let script = format!(
-            "table inet {table} {{\n\
-             chain in {{ type filter hook prerouting priority -300; policy accept; iifname \"{dev}\" drop; }}\n\
-             chain post {{ type filter hook postrouting priority -300; policy accept; oifname \"{dev}\" drop; }}\n\
-             }}\n"
-        );
+        let mut script = format!("table inet {table} {{\n");
+        for d in directions {
+            let (chain, hook, dir) = match d {
+                Direction::BToA => ("in", "prerouting", "iifname"),
+                Direction::AToB => ("post", "postrouting", "oifname"),
+            };
+            script.push_str(&format!(
+                "chain {chain} {{ type filter hook {hook} priority -300; policy accept; \
+                 {dir} \"{dev}\" {verdict}; }}\n"
+            ));
+        }
+        script.push_str("}\n");
+        self.nft_script(Host::GwA, &script)
+    }
+
+    /// Loads an nftables script (`nft -f -`) in a host's namespace.
+    pub fn nft_script(&self, host: Host, script: &str) -> Result<()> {
         let mut child = self
-            .command_in(Host::GwA, "nft")
+            .command_in(host, "nft")
             .args(["-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -979,7 +1048,7 @@ impl Lab {
         let out = child.wait_with_output().map_err(io_err("running nft"))?;
         if !out.status.success() {
             return Err(LabError::Command {
-                cmd: format!("nft -f - (in {})", self.ns(Host::GwA)),
+                cmd: format!("nft -f - (in {})", self.ns(host)),
                 status: out.status.to_string(),
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             });
@@ -987,7 +1056,7 @@ impl Lab {
         Ok(())
     }
 
-    /// Removes the blackhole on `path` (no error if there was none).
+    /// Removes the blackhole (or other impairment) on `path` (no error if there was none).
     pub fn heal(&self, path: LabPath) -> Result<()> {
         let table = Self::nft_table(path);
         match run(self
@@ -1017,9 +1086,23 @@ impl Lab {
 
     /// Starts `crosslink probe recv` on the server on `port` and waits until it listens.
     pub fn start_receiver(&self, port: u16, max_duration: Duration) -> Result<ProbeReceiver> {
-        let mut cmd = self.command_in(Host::Server, &self.opts.binary);
+        self.start_receiver_at(
+            Host::Server,
+            SocketAddr::from((SERVER_ADDR, port)),
+            max_duration,
+        )
+    }
+
+    /// Starts `crosslink probe recv` in `host` on `bind` and waits until it listens.
+    pub fn start_receiver_at(
+        &self,
+        host: Host,
+        bind: SocketAddr,
+        max_duration: Duration,
+    ) -> Result<ProbeReceiver> {
+        let mut cmd = self.command_in(host, &self.opts.binary);
         cmd.args(["probe", "recv", "--bind"])
-            .arg(format!("{SERVER_ADDR}:{port}"))
+            .arg(bind.to_string())
             .arg("--duration")
             .arg(format!("{}ms", max_duration.as_millis()))
             .stdin(Stdio::null())
@@ -1065,9 +1148,21 @@ impl Lab {
         rate: u32,
         max_duration: Duration,
     ) -> Result<ProbeSender> {
-        let mut cmd = self.command_in(Host::Client, &self.opts.binary);
+        let to = SocketAddr::from((SERVER_ADDR, port));
+        self.start_sender_from(Host::Client, to, rate, max_duration)
+    }
+
+    /// Starts `crosslink probe send` in `host` towards `to`.
+    pub fn start_sender_from(
+        &self,
+        host: Host,
+        to: SocketAddr,
+        rate: u32,
+        max_duration: Duration,
+    ) -> Result<ProbeSender> {
+        let mut cmd = self.command_in(host, &self.opts.binary);
         cmd.args(["probe", "send", "--to"])
-            .arg(SocketAddr::from((SERVER_ADDR, port)).to_string())
+            .arg(to.to_string())
             .arg("--rate")
             .arg(rate.to_string())
             .arg("--duration")
@@ -1078,6 +1173,149 @@ impl Lab {
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.spawn().map_err(io_err("starting probe send"))?;
         Ok(ProbeSender { child })
+    }
+}
+
+/// A running iperf3 transfer, client -> server through the tunnel.
+pub struct Iperf {
+    client: Option<Child>,
+    server: Child,
+}
+
+impl Iperf {
+    /// Waits for the client to finish; returns the received rate (bit/s).
+    pub fn finish(mut self) -> Option<f64> {
+        let out = self.client.take()?.wait_with_output().ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.pointer("/end/sum_received/bits_per_second")
+            .and_then(Value::as_f64)
+    }
+}
+
+impl Drop for Iperf {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.as_mut() {
+            terminate(client, Duration::from_secs(2));
+        }
+        terminate(&mut self.server, Duration::from_secs(2));
+    }
+}
+
+impl Lab {
+    /// Starts `iperf3 -s` on the server and `iperf3 -c -P parallel -t secs
+    /// -J` on the client (TCP, as fast as it goes).
+    pub fn start_iperf3(&self, parallel: u32, secs: u64) -> Result<Iperf> {
+        let mut server = self.command_in(Host::Server, "iperf3");
+        server
+            .args(["-s", "-1", "-p", "5201", "-B", &SERVER_ADDR.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut server, 0);
+        let server = server.spawn().map_err(io_err("starting iperf3 -s"))?;
+        std::thread::sleep(Duration::from_millis(500));
+        let mut client = self.command_in(Host::Client, "iperf3");
+        client
+            .args(["-c", &SERVER_ADDR.to_string(), "-p", "5201", "-J"])
+            .args(["-P", &parallel.to_string(), "-t", &secs.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut client, 0);
+        let client = client.spawn().map_err(io_err("starting iperf3 -c"))?;
+        Ok(Iperf {
+            client: Some(client),
+            server,
+        })
+    }
+}
+
+/// Resident memory of a process (`VmRSS` in /proc/PID/status), in KiB.
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A reference for the platform's timer punctuality: a thread at SCHED_FIFO
+/// priority 50 (like crosslink's BFD thread) sleeping 1 ms at a time and
+/// recording how late it wakes. What it sees is what the kernel, the
+/// hypervisor and the neighbours allow at best; a BFD timeout during a
+/// lateness near the detection time is the host's, not crosslink's.
+pub struct ReferenceTimer {
+    stop: Arc<AtomicBool>,
+    worst_us: Arc<AtomicU64>,
+    window_us: Arc<AtomicU64>,
+    /// Wake-ups later than [`ReferenceTimer::STALL`].
+    stalls: Arc<AtomicU64>,
+    handle: Option<JoinHandle<bool>>,
+}
+
+impl ReferenceTimer {
+    /// A lateness that counts as a stall: two thirds of the 30 ms detection
+    /// time of BFD at 10 ms x 3, enough to make a session miss its deadline.
+    pub const STALL: Duration = Duration::from_millis(20);
+
+    pub fn start() -> ReferenceTimer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let worst_us = Arc::new(AtomicU64::new(0));
+        let window_us = Arc::new(AtomicU64::new(0));
+        let stalls = Arc::new(AtomicU64::new(0));
+        let (s, w, win) = (stop.clone(), worst_us.clone(), window_us.clone());
+        let st = stalls.clone();
+        let handle = std::thread::spawn(move || {
+            let fifo = crate::io::sys::set_realtime_priority(50).is_ok();
+            let step = Duration::from_millis(1);
+            while !s.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                std::thread::sleep(step);
+                let late = t.elapsed().saturating_sub(step).as_micros() as u64;
+                w.fetch_max(late, Ordering::Relaxed);
+                win.fetch_max(late, Ordering::Relaxed);
+                if late >= Self::STALL.as_micros() as u64 {
+                    st.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            fifo
+        });
+        ReferenceTimer {
+            stop,
+            worst_us,
+            window_us,
+            stalls,
+            handle: Some(handle),
+        }
+    }
+
+    /// Wake-ups so far later than [`ReferenceTimer::STALL`].
+    pub fn stalls(&self) -> u64 {
+        self.stalls.load(Ordering::Relaxed)
+    }
+
+    /// The worst lateness since the last call (or the start).
+    pub fn take_window(&self) -> Duration {
+        Duration::from_micros(self.window_us.swap(0, Ordering::Relaxed))
+    }
+
+    /// Stops the thread: the worst lateness of the whole run, and whether
+    /// real-time priority was granted.
+    pub fn stop(mut self) -> (Duration, bool) {
+        self.stop.store(true, Ordering::Relaxed);
+        let fifo = self
+            .handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or(false);
+        (
+            Duration::from_micros(self.worst_us.load(Ordering::Relaxed)),
+            fifo,
+        )
+    }
+}
+
+impl Drop for ReferenceTimer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 

@@ -26,8 +26,9 @@ const KIND_STOP: u8 = 1;
 pub const HEADER_LEN: usize = 40;
 /// Sequence numbers above this are ignored (bounds the receiver's memory).
 const MAX_SEQ: u64 = 50_000_000;
-/// Outages listed individually in the report.
-const MAX_LISTED_OUTAGES: usize = 50;
+/// Outages listed individually in the report (enough for a few seconds of
+/// random loss at 1000 packets/s, so each can be attributed by its time).
+const MAX_LISTED_OUTAGES: usize = 2000;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProbeArgs {

@@ -362,3 +362,64 @@ fn kernel_only_lab_measures_a_blackhole() {
     assert_eq!(report["duplicates"], 0, "{report}");
     assert!(report["sent"].as_u64().unwrap() >= 1000, "{report}");
 }
+
+/// The TUN's MTU follows from the paths (1500-byte IPv4 veths: 1500 less 20
+/// IPv4, 8 UDP and 16 overlay bytes), and an inner packet above it gets
+/// ICMP "fragmentation needed" from the gateway while one at it crosses.
+#[test]
+fn inner_mtu_follows_the_paths_and_too_big_gets_icmp() {
+    if !lab::test_gate(
+        "inner_mtu_follows_the_paths_and_too_big_gets_icmp",
+        &[("ping", "iputils-ping")],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new(LabOptions::new("mtu", BIN)).unwrap();
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    let link = lab::run(
+        lab.command_in(Host::GwA, "ip")
+            .args(["-j", "link", "show", "xl-b"]),
+    )
+    .unwrap();
+    let link: Value = serde_json::from_str(&link).unwrap();
+    let mtu = link[0]["mtu"].as_u64().unwrap();
+    assert_eq!(mtu, 1500 - 20 - 8 - 16, "TUN MTU");
+    let server = lab::SERVER_ADDR.to_string();
+    let ping = |size: u64| {
+        lab.command_in(Host::Client, "ping")
+            .args(["-n", "-c", "1", "-W", "2", "-M", "do", "-s"])
+            .arg((size - 28).to_string())
+            .arg(&server)
+            .output()
+            .unwrap()
+    };
+    let fits = ping(mtu);
+    assert!(
+        fits.status.success(),
+        "a {mtu}-byte packet should cross: {}",
+        String::from_utf8_lossy(&fits.stdout)
+    );
+    let too_big = ping(mtu + 1);
+    let text = String::from_utf8_lossy(&too_big.stdout).to_string()
+        + &String::from_utf8_lossy(&too_big.stderr);
+    assert!(
+        !too_big.status.success(),
+        "{} bytes crossed: {text}",
+        mtu + 1
+    );
+    assert!(
+        text.contains(&format!("mtu = {mtu}")) || text.contains(&format!("mtu={mtu}")),
+        "expected ICMP fragmentation needed naming mtu {mtu}: {text}"
+    );
+    println!(
+        "netns mtu: TUN mtu={mtu}; {} bytes crossed, {} bytes got: {}",
+        mtu,
+        mtu + 1,
+        text.lines()
+            .find(|l| l.contains("mtu"))
+            .unwrap_or("")
+            .trim()
+    );
+}

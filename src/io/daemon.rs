@@ -20,11 +20,10 @@ use crate::config::{Config, ConfigError, PathConfig, PeerConfig, Policy};
 use crate::crypto::{self, EchoGuard, ReplayWindow};
 use crate::dedup::Window;
 use crate::engine::{check_secret, Engine, Forwarding, Secrets};
-use crate::forward::{HEADROOM, TRAILER};
+use crate::forward;
 use crate::telemetry::metrics::{self, Metrics};
 use crate::telemetry::{control, DropCounters, PathCounters};
 use crate::wire::flow::mix;
-use crate::wire::overlay::BASE_LEN;
 use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -53,14 +52,35 @@ pub enum DaemonError {
     Setup(String),
 }
 
-/// Default inner MTU: a 1500-byte underlay less IPv6 + UDP + overlay
-/// headers; `duplicate` adds the peer-sequence extension to every header.
-fn default_mtu(policy: Policy) -> u16 {
-    let header = match policy {
-        Policy::Duplicate => HEADROOM,
-        _ => BASE_LEN,
-    };
-    1500 - 40 - 8 - header as u16
+/// Underlay MTU assumed for a path whose route cannot be asked (its local
+/// address not there yet, say).
+const FALLBACK_UNDERLAY_MTU: u32 = 1500;
+
+/// Default inner MTU of a peer: what fits every one of its paths, from
+/// the MTU of each path's route (the outgoing interface's, or less if path
+/// MTU discovery learnt less) less that path's headers (see
+/// [`crate::forward::inner_mtu`]); at least the IPv4 minimum of 576 (1280
+/// with IPv6 inside), at most 65535.
+fn default_mtu(w: &PeerConfig) -> u16 {
+    let extended = w.policy == Policy::Duplicate;
+    let sealed = w.key_file.is_some();
+    let fits = w
+        .paths
+        .iter()
+        .map(|p| {
+            let underlay = sys::route_mtu(p.local, p.remote).unwrap_or_else(|e| {
+                warn!(path = %p.name, error = %e, "no route MTU; assuming {FALLBACK_UNDERLAY_MTU}");
+                FALLBACK_UNDERLAY_MTU
+            });
+            forward::inner_mtu(underlay, p.remote.is_ipv6(), extended, sealed)
+        })
+        .min()
+        .unwrap_or_else(|| forward::inner_mtu(FALLBACK_UNDERLAY_MTU, true, extended, sealed));
+    let floor = if w.has_ipv6() { 1280 } else { 576 };
+    if fits < floor {
+        warn!(peer = %w.name, fits, floor, "the paths' MTU leaves less than the minimum inner MTU; inner packets above {fits} bytes will be fragmented on the underlay");
+    }
+    u16::try_from(fits.max(floor)).unwrap_or(u16::MAX)
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -643,13 +663,12 @@ impl Gateway {
 
     /// Opens a new peer's TUN with its addresses and routes.
     async fn open_peer(&self, w: &PeerConfig) -> io::Result<PeerRun> {
-        let trailer = if w.key_file.is_some() {
-            TRAILER as u16
-        } else {
-            0
-        };
-        let mtu = w.mtu.unwrap_or(default_mtu(w.policy) - trailer);
+        let mtu = w.mtu.unwrap_or_else(|| default_mtu(w));
         let dev = tun::open(&w.tun, mtu)?;
+        // A leftover persistent device of this name goes away with us too.
+        if let Err(e) = sys::clear_tun_persist(&dev) {
+            warn!(tun = %w.tun, error = %e, "could not clear the TUN's persist flag");
+        }
         let index = dev.if_index()?;
         for a in &w.tun_addresses {
             self.shared.netlink.add_address(index, a).await?;

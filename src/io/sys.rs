@@ -202,6 +202,16 @@ pub fn set_tun_carrier(tun: &impl AsRawFd, on: bool) -> io::Result<()> {
     cvt(r).map(|_| ())
 }
 
+/// Clears a TUN device's persist flag (TUNSETPERSIST 0), so the device
+/// goes away when crosslink closes it: a leftover persistent device of the
+/// same name is attached to, and then removed at stop like one of ours.
+pub fn clear_tun_persist(tun: &impl AsRawFd) -> io::Result<()> {
+    let off: libc::c_ulong = 0;
+    // SAFETY: TUNSETPERSIST takes its argument by value (no pointer is
+    // dereferenced); the fd is an open TUN device.
+    cvt(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, off) }).map(|_| ())
+}
+
 /// Sets the calling thread to SCHED_FIFO at `priority`.
 pub fn set_realtime_priority(priority: i32) -> io::Result<()> {
     let param = libc::sched_param {
@@ -321,6 +331,36 @@ impl RecvBatch {
         let buf = self.data.get_mut(start..start + len)?;
         Some((buf, src, segment))
     }
+}
+
+/// The MTU of the route from `local` to `remote` as the kernel sees it now
+/// (`IP_MTU` / `IPV6_MTU` of a connected UDP socket: the outgoing
+/// interface's MTU, or a smaller one learnt by path MTU discovery).
+pub fn route_mtu(local: SocketAddr, remote: SocketAddr) -> io::Result<u32> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let v6 = remote.is_ipv6();
+    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+    let sock = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    sock.bind(&SocketAddr::new(local.ip(), 0).into())?;
+    sock.connect(&remote.into())?;
+    let (level, name) = match v6 {
+        true => (libc::IPPROTO_IPV6, libc::IPV6_MTU),
+        false => (libc::IPPROTO_IP, libc::IP_MTU),
+    };
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: passes a live c_int and its size; the kernel writes at most len bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    cvt(r)?;
+    u32::try_from(value).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
 }
 
 /// `UDP_GRO` from linux/udp.h (Linux 5.0): receive coalesced datagrams.
