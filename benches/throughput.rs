@@ -1,7 +1,9 @@
 //! Throughput of the data plane against kernel forwarding, in one run and one
 //! topology: the netns lab of [`crosslink::lab`] (client - gw-a - path1 -
 //! gw-b - server), routed once by the kernel (`kernel_only`), once through
-//! crosslink in cleartext and once through crosslink with a key.
+//! crosslink in cleartext, once through crosslink with a key and, if
+//! `boringtun-cli` is installed (`cargo install boringtun-cli`), once through
+//! a userspace WireGuard tunnel between the gateways (see `boringtun.rs`).
 //!
 //! For each it measures, with iperf3: one TCP stream, 8 TCP streams (`-P 8`)
 //! and small-packet UDP (`-u -l 64 -b 0`, packets per second delivered), and
@@ -11,9 +13,15 @@
 //!
 //! Run as root: `cargo bench --bench throughput`. Knobs (environment):
 //! `XL_BENCH_RUNS` (default 3), `XL_BENCH_SECONDS` per test (default 5),
-//! `XL_BENCH_MODES` (comma list of kernel,plain,keyed; default all three),
-//! `XL_BENCH_COMPARE` (a second crosslink binary measured alongside), `CROSSLINK_BIN` (default `target/release/crosslink`, built if
-//! missing). Not root or no iperf3: prints why and exits 0.
+//! `XL_BENCH_MODES` (comma list of kernel,plain,keyed,boringtun; default all
+//! available), `XL_BENCH_COMPARE` (a second crosslink binary measured
+//! alongside), `CROSSLINK_BIN` (default `target/release/crosslink`, built if
+//! missing), `XL_BENCH_BORINGTUN` (the `boringtun-cli` to use; default from
+//! PATH or `~/.cargo/bin`). Not root or no iperf3: prints why and exits 0;
+//! no boringtun: says so and measures the other modes.
+
+#[path = "throughput/boringtun.rs"]
+mod boringtun;
 
 use crosslink::lab::{self, Host, Lab, LabOptions, SERVER_ADDR};
 use serde_json::Value;
@@ -29,9 +37,11 @@ enum Kind {
     Kernel,
     Plain,
     Keyed,
+    Boringtun,
 }
 
-/// What forwards between the gateways, and with which binary.
+/// What forwards between the gateways, and with which binary (crosslink,
+/// or `boringtun-cli` for [`Kind::Boringtun`]).
 #[derive(Clone)]
 struct Mode {
     kind: Kind,
@@ -96,8 +106,11 @@ fn binary() -> Result<PathBuf, String> {
 
 /// The modes to measure; with `XL_BENCH_COMPARE=<other crosslink binary>`
 /// the crosslink modes are measured with that binary too (before/after).
+/// The boringtun mode is skipped, with a line saying so, when
+/// `boringtun-cli` is not installed.
 fn modes(bin: &std::path::Path) -> Vec<Mode> {
-    let wanted = std::env::var("XL_BENCH_MODES").unwrap_or_else(|_| "kernel,plain,keyed".into());
+    let wanted =
+        std::env::var("XL_BENCH_MODES").unwrap_or_else(|_| "kernel,plain,keyed,boringtun".into());
     let other = std::env::var_os("XL_BENCH_COMPARE").map(PathBuf::from);
     let mut out = Vec::new();
     for m in wanted.split(',') {
@@ -105,17 +118,32 @@ fn modes(bin: &std::path::Path) -> Vec<Mode> {
             "kernel" => (Kind::Kernel, "kernel"),
             "plain" => (Kind::Plain, "crosslink"),
             "keyed" => (Kind::Keyed, "crosslink+key"),
+            "boringtun" => (Kind::Boringtun, "boringtun"),
             other => {
                 eprintln!("unknown mode {other:?} ignored");
                 continue;
             }
         };
+        let mode_bin = if kind == Kind::Boringtun {
+            match boringtun::find() {
+                Ok(b) => b,
+                Err(why) => {
+                    println!(
+                        "boringtun: not installed (cargo install boringtun-cli), skipped ({why})"
+                    );
+                    continue;
+                }
+            }
+        } else {
+            bin.into()
+        };
         out.push(Mode {
             kind,
             name: name.into(),
-            bin: bin.into(),
+            bin: mode_bin,
         });
-        if let (Some(o), true) = (&other, kind != Kind::Kernel) {
+        let crosslink = matches!(kind, Kind::Plain | Kind::Keyed);
+        if let (Some(o), true) = (&other, crosslink) {
             out.push(Mode {
                 kind,
                 name: format!("{name}(cmp)"),
@@ -129,8 +157,8 @@ fn modes(bin: &std::path::Path) -> Vec<Mode> {
 /// Sets up one lab in `mode` and measures every test once.
 fn measure(mode: &Mode, seconds: u64) -> Result<Vec<f64>, String> {
     let mut opts = match mode.kind {
-        Kind::Kernel => LabOptions::kernel_only("tp", &mode.bin),
-        _ => LabOptions::new("tp", &mode.bin),
+        Kind::Kernel | Kind::Boringtun => LabOptions::kernel_only("tp", &mode.bin),
+        Kind::Plain | Kind::Keyed => LabOptions::new("tp", &mode.bin),
     };
     // Slow BFD: the bench is about forwarding, not detection.
     opts.tx_interval = Duration::from_millis(100);
@@ -139,11 +167,18 @@ fn measure(mode: &Mode, seconds: u64) -> Result<Vec<f64>, String> {
         opts.key = Some(BENCH_KEY.into());
     }
     let mut lab = Lab::new(opts).map_err(|e| e.to_string())?;
-    if mode.kind != Kind::Kernel {
-        lab.start_gateways().map_err(|e| e.to_string())?;
-        lab.wait_paths_up(Duration::from_secs(20))
-            .map_err(|e| e.to_string())?;
-    }
+    // Declared after the lab, so dropped (processes stopped, sockets
+    // removed) before the lab deletes the namespaces, on every return.
+    let tunnel = match mode.kind {
+        Kind::Kernel => None,
+        Kind::Boringtun => Some(boringtun::Tunnel::start(&lab, &mode.bin)?),
+        Kind::Plain | Kind::Keyed => {
+            lab.start_gateways().map_err(|e| e.to_string())?;
+            lab.wait_paths_up(Duration::from_secs(20))
+                .map_err(|e| e.to_string())?;
+            None
+        }
+    };
     let mut server = lab
         .command_in(Host::Server, "iperf3")
         .args(["-s", "-B", &SERVER_ADDR.to_string()])
@@ -162,7 +197,22 @@ fn measure(mode: &Mode, seconds: u64) -> Result<Vec<f64>, String> {
         }));
     }
     lab::terminate(&mut server, Duration::from_secs(2));
+    if let Some(t) = &tunnel {
+        check_tunnel_carried(t)?;
+    }
     Ok(out)
+}
+
+/// Fails unless at least 1 MB went into the WireGuard tunnel: the figures
+/// are then the tunnel's, not the kernel's route over path1.
+fn check_tunnel_carried(t: &boringtun::Tunnel) -> Result<(), String> {
+    let sent = t.tx_bytes()?;
+    if sent < 1_000_000 {
+        return Err(format!(
+            "only {sent} bytes went through the WireGuard tunnel"
+        ));
+    }
+    Ok(())
 }
 
 fn run_client(lab: &Lab, test: Test, seconds: u64) -> Result<f64, String> {
@@ -176,6 +226,9 @@ fn run_client(lab: &Lab, test: Test, seconds: u64) -> Result<f64, String> {
     )
     .map_err(|e| e.to_string())?;
     let v: Value = serde_json::from_str(&text).map_err(|e| format!("iperf3 JSON: {e}"))?;
+    if let Some(e) = v["error"].as_str() {
+        return Err(format!("iperf3: {e}"));
+    }
     let end = &v["end"];
     match test {
         Test::Tcp1 | Test::Tcp8 => end["sum_received"]["bits_per_second"]
