@@ -35,7 +35,7 @@
 
 use super::control_plane::{Command, CommandLink};
 use super::{clock, sys, udp};
-use crate::coalesce::{self, Train, MAX_TRAIN_HEADER};
+use crate::coalesce::{self, Train, MAX_TRAIN_HEADER, VNET_HDR_LEN};
 use crate::config::Policy;
 use crate::crypto::{EchoGuard, Keys, ReplayWindow};
 use crate::dedup::{Verdict, Window};
@@ -392,17 +392,19 @@ struct TunReader {
 
 impl TunReader {
     fn new(tun: &SyncDevice) -> TunReader {
-        let (slot_len, count, refill) = if tun.tcp_gso() {
+        let (slot_len, count, refill, original) = if tun.tcp_gso() {
             // A segment is at most the MTU; a 64 KiB super-packet cut at a
             // small MSS can make more than a hundred of them.
             let mtu = tun.mtu().map_or(usize::from(u16::MAX), usize::from);
-            (HEADROOM + mtu + TRAILER + 64, TX_SEGMENTS, IDEAL_BATCH_SIZE)
+            let original = vec![0u8; VIRTIO_NET_HDR_LEN + usize::from(u16::MAX)];
+            (
+                HEADROOM + mtu + TRAILER + 64,
+                TX_SEGMENTS,
+                IDEAL_BATCH_SIZE,
+                original,
+            )
         } else {
-            (BUF_LEN, TX_BATCH, 1)
-        };
-        let original = match tun.tcp_gso() {
-            true => vec![0u8; VIRTIO_NET_HDR_LEN + usize::from(u16::MAX)],
-            false => Vec::new(),
+            (BUF_LEN, TX_BATCH, 1, Vec::new())
         };
         TunReader {
             original,
@@ -672,19 +674,35 @@ impl TunWriter {
         ranges: &[Range<usize>],
         drops: &DropCounters,
     ) {
-        let packets: Vec<&[u8]> = ranges
-            .iter()
-            .filter_map(|r| message.get(r.clone()))
-            .collect();
-        if !self.offload {
-            for p in packets {
-                if tun.send(p).is_err() {
+        let packet = |r: &Range<usize>| message.get(r.clone()).unwrap_or_default();
+        match ranges {
+            [] => {}
+            // Plain TUN, or one packet (small-packet traffic): nothing to
+            // merge, no planning and no allocation.
+            _ if !self.offload => {
+                for r in ranges {
+                    if tun.send(packet(r)).is_err() {
+                        drops.count(DropReason::TunWrite);
+                    }
+                }
+            }
+            [one] => {
+                let zero = [0u8; VNET_HDR_LEN];
+                let iov = [IoSlice::new(&zero), IoSlice::new(packet(one))];
+                if tun.send_vectored(&iov).is_err() {
                     drops.count(DropReason::TunWrite);
                 }
             }
-            return;
+            _ => {
+                let packets: Vec<&[u8]> = ranges.iter().map(packet).collect();
+                self.write_trains(tun, &packets, drops);
+            }
         }
-        coalesce::plan(&packets, &mut self.trains);
+    }
+
+    /// Writes `packets` as [`coalesce::plan`] groups them, a `writev` per train.
+    fn write_trains(&mut self, tun: &SyncDevice, packets: &[&[u8]], drops: &DropCounters) {
+        coalesce::plan(packets, &mut self.trains);
         for t in &self.trains {
             let Some(first) = packets.get(t.first) else {
                 continue;
