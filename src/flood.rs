@@ -11,7 +11,7 @@ use crate::crypto::{self, Key, Keys};
 use crate::forward::{seal_data, Sealer, HEADROOM};
 use crate::probe::parse_duration;
 use crate::rng::Rng;
-use crate::wire::bfd::{ControlPacket, Diag, State};
+use crate::wire::bfd::{ControlPacket, State};
 use crate::wire::overlay::Header;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io::{Read, Write};
@@ -271,24 +271,9 @@ fn sealed_header(out: &mut [u8], sequence: u64, epoch: u32) {
 /// A BFD packet that parses but matches no session: Your Discriminator is
 /// random (never 0, which would be demultiplexed by address).
 fn bfd_wrong_disc(rng: &mut Rng, out: &mut [u8]) -> usize {
-    let p = ControlPacket {
-        version: 1,
-        diag: Diag::None,
-        state: State::Up,
-        poll: false,
-        final_: false,
-        control_plane_independent: false,
-        auth_present: false,
-        demand: false,
-        multipoint: false,
-        detect_mult: 3,
-        my_discriminator: (rng.next_u64() as u32) | 1,
-        your_discriminator: (rng.next_u64() as u32) | 1,
-        desired_min_tx_us: 10_000,
-        required_min_rx_us: 10_000,
-        required_min_echo_rx_us: 0,
-        auth: None,
-    };
+    let my = (rng.next_u64() as u32) | 1;
+    let your = (rng.next_u64() as u32) | 1;
+    let p = ControlPacket::new(State::Up, my, your, 10_000);
     p.emit(out).unwrap_or(0)
 }
 

@@ -531,22 +531,8 @@ fn write_seeds() {
     put("sealed", "empty", &[]);
 
     let pkt = ControlPacket {
-        version: 1,
-        diag: crosslink::bfd::Diag::None,
-        state: State::Down,
-        poll: false,
-        final_: false,
-        control_plane_independent: false,
-        auth_present: false,
-        demand: false,
-        multipoint: false,
-        detect_mult: 3,
-        my_discriminator: 0x1111,
-        your_discriminator: 0,
         desired_min_tx_us: 1_000_000,
-        required_min_rx_us: 10_000,
-        required_min_echo_rx_us: 0,
-        auth: None,
+        ..ControlPacket::new(State::Down, 0x1111, 0, 10_000)
     };
     for (name, state, your, poll) in [
         ("down", State::Down, 0, false),

@@ -358,6 +358,36 @@ fn be32(bytes: [u8; 4]) -> u32 {
 }
 
 impl ControlPacket {
+    /// A version 1 packet in `state` between the two discriminators, with
+    /// `interval_us` as both desired minimum TX and required minimum RX
+    /// interval, detect multiplier 3, no flags, no echo and no
+    /// authentication; change other fields with struct update syntax.
+    pub fn new(
+        state: State,
+        my_discriminator: u32,
+        your_discriminator: u32,
+        interval_us: u32,
+    ) -> ControlPacket {
+        ControlPacket {
+            version: BFD_VERSION,
+            diag: Diag::None,
+            state,
+            poll: false,
+            final_: false,
+            control_plane_independent: false,
+            auth_present: false,
+            demand: false,
+            multipoint: false,
+            detect_mult: 3,
+            my_discriminator,
+            your_discriminator,
+            desired_min_tx_us: interval_us,
+            required_min_rx_us: interval_us,
+            required_min_echo_rx_us: 0,
+            auth: None,
+        }
+    }
+
     /// Parses and validates a Control packet. Bytes beyond the Length field are ignored.
     pub fn parse(buf: &[u8]) -> Result<ControlPacket, ParseError> {
         let h: &[u8; HEADER_LEN] = buf

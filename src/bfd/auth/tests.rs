@@ -4,7 +4,7 @@
 //! with another MD5/SHA1 implementation.
 
 use super::*;
-use crate::wire::bfd::{ControlPacket, Diag, State, BFD_VERSION};
+use crate::wire::bfd::{ControlPacket, State};
 
 const T0: Duration = Duration::from_millis(0);
 const DETECT: Duration = Duration::from_millis(30);
@@ -56,22 +56,9 @@ fn hex(bytes: &[u8]) -> String {
 fn our_sealed(auth: &mut Auth) -> Vec<u8> {
     let section = auth.next_section();
     let pkt = ControlPacket {
-        version: BFD_VERSION,
-        diag: Diag::None,
-        state: State::Up,
-        poll: false,
-        final_: false,
-        control_plane_independent: false,
         auth_present: true,
-        demand: false,
-        multipoint: false,
-        detect_mult: 3,
-        my_discriminator: 1,
-        your_discriminator: 2,
-        desired_min_tx_us: 10_000,
-        required_min_rx_us: 10_000,
-        required_min_echo_rx_us: 0,
         auth: Some(section),
+        ..ControlPacket::new(State::Up, 1, 2, 10_000)
     };
     let mut buf = [0u8; 64];
     let n = pkt.emit(&mut buf).unwrap();

@@ -56,24 +56,7 @@ fn up_pair(base: Instant) -> (Session, Session) {
 }
 
 fn packet(state: State, my: u32, your: u32) -> ControlPacket {
-    ControlPacket {
-        version: BFD_VERSION,
-        diag: Diag::None,
-        state,
-        poll: false,
-        final_: false,
-        control_plane_independent: false,
-        auth_present: false,
-        demand: false,
-        multipoint: false,
-        detect_mult: 3,
-        my_discriminator: my,
-        your_discriminator: your,
-        desired_min_tx_us: 10_000,
-        required_min_rx_us: 10_000,
-        required_min_echo_rx_us: 0,
-        auth: None,
-    }
+    ControlPacket::new(state, my, your, 10_000)
 }
 
 fn events(s: &mut Session) -> Vec<(State, State, Diag)> {
