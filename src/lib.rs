@@ -54,6 +54,7 @@ pub mod io;
 pub mod lab;
 pub mod probe;
 pub mod rng;
+pub mod segment;
 pub mod steer;
 pub mod telemetry;
 pub mod wire;

@@ -299,9 +299,12 @@ impl TunOut {
         pending.clear();
     }
 
-    /// Sends datagrams (inner lengths `lens`) on path `id`: runs of equal
-    /// size as one UDP GSO send where the kernel can, the rest with
-    /// `sendmmsg`. A datagram the kernel refuses is counted and skipped.
+    /// Sends datagrams (inner lengths `lens`) on path `id` with one
+    /// `sendmmsg` where it can: runs of equal size as UDP GSO messages
+    /// ([`plan_messages`]), the rest one datagram per message. A message the
+    /// kernel refuses is counted and skipped; an `EINVAL` on a GSO message
+    /// (say a segment above the device MTU) sends that run plainly, and a
+    /// kernel or device without UDP GSO turns it off for good.
     fn transmit(
         &mut self,
         id: PathId,
@@ -313,47 +316,43 @@ impl TunOut {
         let Some(Some(path)) = self.paths.get_mut(usize::from(id.0)) else {
             return;
         };
+        // The plan's vector is kept in the batch between calls.
+        let mut messages = std::mem::take(&mut batch.plan);
+        plan_messages(datagrams, batch.gso, &mut messages);
         let mut next = 0;
-        let mut plain_once = false;
-        while let Some(rest) = datagrams.get(next..).filter(|r| !r.is_empty()) {
-            let run = match batch.gso && !plain_once {
-                true => gso_run(rest),
-                false => 0,
-            };
-            plain_once = false;
-            let sent = match run {
-                2.. => {
-                    let segment = rest.first().map_or(0, |d| d.len() as u16);
-                    let socket = path.socket.as_ref();
-                    match batch.send_segmented(socket, &rest[..run], segment, path.remote) {
-                        Ok(()) => Ok(run),
-                        Err(e) if gso_unusable(&e) => {
-                            // Not on this kernel or device: plain sends from now on.
-                            batch.gso = false;
-                            continue;
-                        }
-                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                            // Say a segment above the device MTU: this run plainly.
-                            plain_once = true;
-                            continue;
-                        }
-                        Err(e) => Err((e, run)),
-                    }
-                }
-                _ => batch
-                    .send(path.socket.as_ref(), rest, path.remote)
-                    .map_err(|e| (e, 1)),
-            };
-            match sent {
+        while next < messages.len() {
+            let todo = &messages[next..];
+            let socket = path.socket.as_ref();
+            match batch.send_messages(socket, datagrams, todo, path.remote) {
                 Ok(sent) => {
-                    for len in lens.iter().skip(next).take(sent) {
-                        path.counters.count_tx(*len);
+                    for m in todo.iter().take(sent) {
+                        for len in lens.iter().skip(m.first).take(m.count) {
+                            path.counters.count_tx(*len);
+                        }
                     }
-                    next += sent.max(1);
+                    next += sent.max(1).min(todo.len());
+                    if sent == 0 {
+                        // Nothing sent and no error: count the first as lost.
+                        self.drops.count(DropReason::PathSend);
+                    }
                 }
-                Err((e, lost)) => {
-                    next += lost;
-                    for _ in 0..lost {
+                Err(e) => {
+                    let Some(failed) = todo.first().copied() else {
+                        break;
+                    };
+                    if failed.segment.is_some() && gso_unusable(&e) {
+                        // Not on this kernel or device: plain sends from now on.
+                        batch.gso = false;
+                        let remaining = messages.len() - next;
+                        split_plainly(&mut messages, next, remaining);
+                        continue;
+                    }
+                    if failed.segment.is_some() && e.raw_os_error() == Some(libc::EINVAL) {
+                        split_plainly(&mut messages, next, 1);
+                        continue;
+                    }
+                    next += 1;
+                    for _ in 0..failed.count {
                         self.drops.count(DropReason::PathSend);
                     }
                     if udp::is_reachability_error(&e) && path.report_due(now) {
@@ -362,7 +361,52 @@ impl TunOut {
                 }
             }
         }
+        batch.plan = messages;
     }
+}
+
+/// Groups `datagrams` into the messages of one `sendmmsg`: with `gso`,
+/// each run [`gso_run`] finds becomes one UDP GSO message; everything
+/// else is a message of one datagram.
+fn plan_messages(datagrams: &[&[u8]], gso: bool, out: &mut Vec<sys::Message>) {
+    out.clear();
+    let mut first = 0;
+    while let Some(rest) = datagrams.get(first..).filter(|r| !r.is_empty()) {
+        let run = if gso { gso_run(rest) } else { 0 };
+        let message = match run {
+            2.. => sys::Message {
+                first,
+                count: run,
+                segment: rest.first().map(|d| d.len() as u16),
+            },
+            _ => sys::Message {
+                first,
+                count: 1,
+                segment: None,
+            },
+        };
+        out.push(message);
+        first += message.count;
+    }
+}
+
+/// Replaces the `count` messages from `at` on by one plain message per
+/// datagram.
+fn split_plainly(messages: &mut Vec<sys::Message>, at: usize, count: usize) {
+    let end = (at + count).min(messages.len());
+    let plain: Vec<sys::Message> = messages
+        .get(at..end)
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|m| {
+            (m.first..m.first + m.count).map(|first| sys::Message {
+                first,
+                count: 1,
+                segment: None,
+            })
+        })
+        .collect();
+    messages.splice(at..end, plain);
 }
 
 /// Most bytes one UDP GSO send carries (the IP length field's limit, with
@@ -371,8 +415,9 @@ const GSO_MAX_BYTES: usize = 65_000;
 /// Most datagrams one UDP GSO send carries (the kernel's `UDP_MAX_SEGMENTS`
 /// was 64 before Linux 6.9).
 const GSO_MAX_SEGMENTS: usize = 64;
-/// Datagrams handed to one [`TunOut::transmit`] call.
-const SEND_RUN: usize = 64;
+/// Datagrams handed to one [`TunOut::transmit`] call: a whole burst, so
+/// that no UDP GSO run is cut in two.
+const SEND_RUN: usize = TX_SEGMENTS;
 
 /// Where a sending thread reads its TUN into: preallocated buffers, each
 /// holding one packet at offset [`HEADROOM`] with room for the tag behind.
@@ -528,7 +573,10 @@ impl PathIn {
     pub fn run(mut self) {
         let mut batch = sys::RecvBatch::new(RX_BATCH, BUF_LEN);
         let mut out = TunWriter::new(&self.tun);
-        let mut inner: Vec<Range<usize>> = Vec::with_capacity(64);
+        // The inner packets of a burst: (message, range in it).
+        let mut inner: Vec<(usize, Range<usize>)> = Vec::with_capacity(RX_BATCH * 64);
+        // Room for the burst's packet slices, kept between bursts.
+        let mut spare: Vec<&'static [u8]> = Vec::with_capacity(RX_BATCH * 64);
         if let Err(e) = sys::enable_udp_gro(self.socket.as_ref()) {
             debug!(error = %e, "UDP GRO unavailable; datagrams arrive one by one");
         }
@@ -563,6 +611,7 @@ impl PathIn {
                 }
             };
             let keys = self.keys.load_full();
+            inner.clear();
             for i in 0..n {
                 let Some((message, src, segment)) = batch.get_mut(i) else {
                     self.drops.count(DropReason::TooBig);
@@ -570,8 +619,7 @@ impl PathIn {
                 };
                 // A coalesced message holds datagrams of `segment` bytes
                 // (the last may be shorter), all from one source; the inner
-                // packets are opened in place and written together.
-                inner.clear();
+                // packets are opened in place.
                 if message.is_empty() {
                     // An empty datagram is junk too, and counted as such.
                     let _ = self.receive(message, src, keys.as_deref());
@@ -580,11 +628,20 @@ impl PathIn {
                 for (k, datagram) in message.chunks_mut(segment).enumerate() {
                     if let Some(r) = self.receive(datagram, src, keys.as_deref()) {
                         let at = k * segment;
-                        inner.push(at + r.start..at + r.end);
+                        inner.push((i, at + r.start..at + r.end));
                     }
                 }
-                out.write(&self.tun, message, &inner, &self.drops);
             }
+            // The whole burst is written together: a far super-packet sent
+            // as two messages (UDP GSO stops at 64 KiB of datagrams, headers
+            // included) goes back into the TUN as one.
+            let mut packets = std::mem::take(&mut spare);
+            packets.extend(inner.iter().map(|(i, r)| {
+                let message = batch.message(*i).unwrap_or_default();
+                message.get(r.clone()).unwrap_or_default()
+            }));
+            out.write(&self.tun, &packets, &self.drops);
+            spare = recycle(packets);
         }
     }
 
@@ -666,37 +723,27 @@ impl TunWriter {
         }
     }
 
-    /// Writes the inner packets at `ranges` of `message`.
-    fn write(
-        &mut self,
-        tun: &SyncDevice,
-        message: &[u8],
-        ranges: &[Range<usize>],
-        drops: &DropCounters,
-    ) {
-        let packet = |r: &Range<usize>| message.get(r.clone()).unwrap_or_default();
-        match ranges {
+    /// Writes `packets` (in order).
+    fn write(&mut self, tun: &SyncDevice, packets: &[&[u8]], drops: &DropCounters) {
+        match packets {
             [] => {}
             // Plain TUN, or one packet (small-packet traffic): nothing to
-            // merge, no planning and no allocation.
+            // merge and no planning.
             _ if !self.offload => {
-                for r in ranges {
-                    if tun.send(packet(r)).is_err() {
+                for p in packets {
+                    if tun.send(p).is_err() {
                         drops.count(DropReason::TunWrite);
                     }
                 }
             }
             [one] => {
                 let zero = [0u8; VNET_HDR_LEN];
-                let iov = [IoSlice::new(&zero), IoSlice::new(packet(one))];
+                let iov = [IoSlice::new(&zero), IoSlice::new(one)];
                 if tun.send_vectored(&iov).is_err() {
                     drops.count(DropReason::TunWrite);
                 }
             }
-            _ => {
-                let packets: Vec<&[u8]> = ranges.iter().map(packet).collect();
-                self.write_trains(tun, &packets, drops);
-            }
+            _ => self.write_trains(tun, packets, drops),
         }
     }
 
@@ -797,6 +844,14 @@ impl PathIn {
     }
 }
 
+/// An emptied vector of borrowed slices, with its allocation, made free
+/// of the borrow (collecting from an empty iterator of the same layout
+/// reuses the allocation).
+fn recycle(mut v: Vec<&[u8]>) -> Vec<&'static [u8]> {
+    v.clear();
+    v.into_iter().map(|_| -> &'static [u8] { &[] }).collect()
+}
+
 /// Hasher for keys that are already well-mixed 64-bit hashes.
 #[derive(Default)]
 struct PassThrough(u64);
@@ -842,5 +897,101 @@ impl FlowTable {
                 p.counters.flows.store(n, Ordering::Relaxed);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(lens: &[usize]) -> Vec<Vec<u8>> {
+        lens.iter().map(|&n| vec![0u8; n]).collect()
+    }
+
+    fn plan(lens: &[usize], gso: bool) -> Vec<(usize, usize, Option<u16>)> {
+        let bufs = sizes(lens);
+        let datagrams: Vec<&[u8]> = bufs.iter().map(Vec::as_slice).collect();
+        let mut out = Vec::new();
+        plan_messages(&datagrams, gso, &mut out);
+        out.iter().map(|m| (m.first, m.count, m.segment)).collect()
+    }
+
+    #[test]
+    fn a_super_packet_goes_as_gso_runs_of_at_most_64_kib() {
+        // 46 segments of 1500 bytes and a short last one: 43 fit in 65,000 bytes.
+        let mut lens = vec![1500; 46];
+        lens.push(700);
+        assert_eq!(
+            plan(&lens, true),
+            vec![(0, 43, Some(1500)), (43, 4, Some(1500))]
+        );
+    }
+
+    #[test]
+    fn a_lone_small_datagram_does_not_stop_the_runs_behind_it() {
+        let lens = [80, 1500, 1500, 1500, 90, 1500, 1500];
+        assert_eq!(
+            plan(&lens, true),
+            vec![(0, 1, None), (1, 4, Some(1500)), (5, 2, Some(1500))]
+        );
+    }
+
+    #[test]
+    fn without_gso_every_datagram_is_a_message() {
+        let lens = [1500, 1500, 700];
+        assert_eq!(
+            plan(&lens, false),
+            vec![(0, 1, None), (1, 1, None), (2, 1, None)]
+        );
+        assert!(plan(&[], true).is_empty());
+    }
+
+    #[test]
+    fn a_refused_run_is_sent_plainly() {
+        let mut messages = vec![
+            sys::Message {
+                first: 0,
+                count: 1,
+                segment: None,
+            },
+            sys::Message {
+                first: 1,
+                count: 3,
+                segment: Some(1500),
+            },
+            sys::Message {
+                first: 4,
+                count: 2,
+                segment: Some(900),
+            },
+        ];
+        split_plainly(&mut messages, 1, 1);
+        let got: Vec<_> = messages
+            .iter()
+            .map(|m| (m.first, m.count, m.segment))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 1, None),
+                (1, 1, None),
+                (2, 1, None),
+                (3, 1, None),
+                (4, 2, Some(900))
+            ]
+        );
+        split_plainly(&mut messages, 4, 10);
+        assert_eq!(messages.len(), 6);
+        assert!(messages.iter().all(|m| m.count == 1 && m.segment.is_none()));
+    }
+
+    #[test]
+    fn recycled_vectors_keep_their_room() {
+        let data = vec![1u8; 10];
+        let mut v: Vec<&[u8]> = Vec::with_capacity(100);
+        v.push(&data);
+        let kept = recycle(v);
+        assert!(kept.is_empty());
+        assert!(kept.capacity() >= 100);
     }
 }

@@ -333,6 +333,20 @@ impl RecvBatch {
     }
 }
 
+impl RecvBatch {
+    /// The bytes of message `i` of the last [`RecvBatch::recv`] (what
+    /// [`RecvBatch::get_mut`] gave, possibly changed in place since).
+    pub fn message(&self, i: usize) -> Option<&[u8]> {
+        if i >= self.filled {
+            return None;
+        }
+        let hdr = self.hdrs.get(i)?;
+        let len = (hdr.msg_len as usize).min(self.stride);
+        let start = i * self.stride;
+        self.data.get(start..start + len)
+    }
+}
+
 /// The MTU of the route from `local` to `remote` as the kernel sees it now
 /// (`IP_MTU` / `IPV6_MTU` of a connected UDP socket: the outgoing
 /// interface's MTU, or a smaller one learnt by path MTU discovery).
@@ -395,14 +409,29 @@ fn gro_segment(msg: &libc::msghdr) -> Option<usize> {
     None
 }
 
-/// Scratch headers for [`SendBatch::send`] (`sendmmsg(2)`): one system
-/// call sends a burst of datagrams to one destination.
+/// One message of a [`SendBatch::send_messages`] call: `count` datagrams
+/// from `first` on; with `segment` set, sent as one UDP GSO message (every
+/// datagram but the last exactly `segment` bytes, the last at most that),
+/// else `count` is 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub first: usize,
+    pub count: usize,
+    pub segment: Option<u16>,
+}
+
+/// Scratch headers for `sendmmsg(2)`: one system call sends a burst of
+/// messages (plain datagrams and UDP GSO runs) to one destination.
 #[derive(Default)]
 pub struct SendBatch {
     hdrs: Vec<libc::mmsghdr>,
     iovs: Vec<libc::iovec>,
-    /// Whether [`SendBatch::send_segmented`] may be used (UDP GSO).
+    /// Per message: room for the `UDP_SEGMENT` control message.
+    controls: Vec<[u64; 4]>,
+    /// Whether messages may carry `UDP_SEGMENT` (UDP GSO).
     pub gso: bool,
+    /// Scratch for the caller's plan of messages, kept between bursts.
+    pub plan: Vec<Message>,
 }
 
 impl SendBatch {
@@ -414,44 +443,46 @@ impl SendBatch {
         }
     }
 
-    /// Sends `datagrams` with UDP GSO (see [`send_segmented`]).
-    pub fn send_segmented(
+    /// Sends `messages` (each some of `datagrams`, see [`Message`]) to
+    /// `dest` on `sock` with one `sendmmsg`. Returns how many messages were
+    /// sent (a prefix), or the error of the first one when none was.
+    pub fn send_messages(
         &mut self,
         sock: &impl AsRawFd,
         datagrams: &[&[u8]],
-        segment: u16,
-        dest: SocketAddr,
-    ) -> io::Result<()> {
-        send_segmented(sock, datagrams, segment, dest, &mut self.iovs)
-    }
-
-    /// Sends `datagrams` to `dest` on `sock` in one call. Returns how many
-    /// were sent (a prefix), or the error of the first one when none was.
-    pub fn send(
-        &mut self,
-        sock: &impl AsRawFd,
-        datagrams: &[&[u8]],
+        messages: &[Message],
         dest: SocketAddr,
     ) -> io::Result<usize> {
         let addr = socket2::SockAddr::from(dest);
-        self.hdrs.clear();
         self.iovs.clear();
         self.iovs.extend(datagrams.iter().map(|d| libc::iovec {
             iov_base: d.as_ptr() as *mut libc::c_void,
             iov_len: d.len(),
         }));
-        for iov in self.iovs.iter_mut() {
+        if self.controls.len() < messages.len() {
+            self.controls.resize(messages.len(), [0; 4]);
+        }
+        self.hdrs.clear();
+        for (m, control) in messages.iter().zip(self.controls.iter_mut()) {
+            if m.first + m.count > self.iovs.len() || m.count == 0 {
+                return Err(io::Error::from(io::ErrorKind::InvalidInput));
+            }
             // SAFETY: mmsghdr is plain data; all-zero is valid.
             let mut h: libc::mmsghdr = unsafe { zeroed() };
             h.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
             h.msg_hdr.msg_namelen = addr.len();
-            h.msg_hdr.msg_iov = iov;
-            h.msg_hdr.msg_iovlen = 1;
+            // SAFETY: first + count <= iovs.len(), checked above.
+            h.msg_hdr.msg_iov = unsafe { self.iovs.as_mut_ptr().add(m.first) };
+            h.msg_hdr.msg_iovlen = m.count;
+            if let Some(segment) = m.segment {
+                set_segment(&mut h.msg_hdr, control, segment)?;
+            }
             self.hdrs.push(h);
         }
-        // SAFETY: every header points at `addr`, an iovec in `self.iovs` (not
-        // resized after the pointers were taken) and a datagram borrowed for
-        // this call; vlen is the number of headers.
+        // SAFETY: every header points at `addr`, iovecs in `self.iovs` and
+        // control buffers in `self.controls` (neither resized after the
+        // pointers were taken) and datagrams borrowed for this call; vlen is
+        // the number of headers.
         let n = unsafe {
             libc::sendmmsg(
                 sock.as_raw_fd(),
@@ -464,48 +495,16 @@ impl SendBatch {
     }
 }
 
-/// `UDP_SEGMENT` from linux/udp.h (Linux 4.18): UDP generic segmentation.
-const UDP_SEGMENT: libc::c_int = 103;
-
-/// Whether the kernel can segment UDP sends on `sock` (UDP GSO). Asked with
-/// the socket option, because an older kernel silently ignores the
-/// per-message control and would send one oversized datagram.
-pub fn udp_gso_supported(sock: &impl AsRawFd) -> bool {
-    setsockopt_int(sock.as_raw_fd(), libc::SOL_UDP, UDP_SEGMENT, 0).is_ok()
-}
-
-/// Sends `datagrams` to `dest` with one `sendmsg(2)` and UDP GSO: every
-/// datagram but the last is `segment` bytes long, the last at most that;
-/// the kernel walks the stack once and cuts the payload at `segment`
-/// bytes. All are sent or none (the error).
-fn send_segmented(
-    sock: &impl AsRawFd,
-    datagrams: &[&[u8]],
-    segment: u16,
-    dest: SocketAddr,
-    iovs: &mut Vec<libc::iovec>,
-) -> io::Result<()> {
-    let addr = socket2::SockAddr::from(dest);
-    iovs.clear();
-    iovs.extend(datagrams.iter().map(|d| libc::iovec {
-        iov_base: d.as_ptr() as *mut libc::c_void,
-        iov_len: d.len(),
-    }));
-    // Room for one cmsghdr carrying a u16, 8-byte aligned.
-    let mut control = [0u64; 4];
-    // SAFETY: msghdr is plain data; every pointer set below outlives the call.
-    let mut msg: libc::msghdr = unsafe { zeroed() };
-    msg.msg_name = addr.as_ptr() as *mut libc::c_void;
-    msg.msg_namelen = addr.len();
-    msg.msg_iov = iovs.as_mut_ptr();
-    msg.msg_iovlen = iovs.len();
+/// Puts a `UDP_SEGMENT` control message of `segment` into `msg`, using
+/// `control` as its buffer.
+fn set_segment(msg: &mut libc::msghdr, control: &mut [u64; 4], segment: u16) -> io::Result<()> {
     msg.msg_control = control.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE is arithmetic.
     msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
     // SAFETY: the control buffer holds CMSG_SPACE(2) bytes (32 >= 24), so the
     // first header and its data are inside it.
     unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        let cmsg = libc::CMSG_FIRSTHDR(msg);
         if cmsg.is_null() {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
@@ -514,10 +513,15 @@ fn send_segmented(
         (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
     }
-    // SAFETY: fd is a live socket; msg points at buffers borrowed for the call.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
     Ok(())
+}
+
+/// `UDP_SEGMENT` from linux/udp.h (Linux 4.18): UDP generic segmentation.
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// Whether the kernel can segment UDP sends on `sock` (UDP GSO). Asked with
+/// the socket option, because an older kernel silently ignores the
+/// per-message control and would send one oversized datagram.
+pub fn udp_gso_supported(sock: &impl AsRawFd) -> bool {
+    setsockopt_int(sock.as_raw_fd(), libc::SOL_UDP, UDP_SEGMENT, 0).is_ok()
 }
