@@ -35,7 +35,7 @@
 
 use super::control_plane::{Command, CommandLink};
 use super::{clock, sys, udp};
-use crate::coalesce::{self, Train, MAX_TRAIN_HEADER, VNET_HDR_LEN};
+use crate::coalesce::{self, Train, MAX_TRAIN_HEADER};
 use crate::config::Policy;
 use crate::crypto::{EchoGuard, Keys, ReplayWindow};
 use crate::dedup::{Verdict, Window};
@@ -43,8 +43,9 @@ use crate::drop::DropReason;
 use crate::engine::Forwarding;
 use crate::forward::{
     classify, decapsulate, echo_rtt, emit_echo, encapsulate, open, parse_echo, seal_data,
-    seal_echo, Echo, Opened, Sealer, HEADROOM, TRAILER,
+    seal_echo, Echo, Opened, Placement, Sealer, HEADROOM, TRAILER,
 };
+use crate::segment::{finish_checksum, Cut, VnetHeader, MAX_HEADERS, VNET_HDR_LEN};
 use crate::telemetry::{DropCounters, PathCounters};
 use crate::wire::overlay::{Header, PeerSeq};
 use crate::{PathId, PeerId};
@@ -59,7 +60,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, error};
-use tun_rs::{InterruptEvent, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{InterruptEvent, SyncDevice};
 
 /// Largest datagram handled (inner packet plus overlay header).
 pub const BUF_LEN: usize = 65_535 + HEADROOM + TRAILER;
@@ -73,8 +74,10 @@ const MAX_TRACKED_FLOWS: usize = 1 << 20;
 pub const SEND_ERROR_REPORT_INTERVAL: Duration = Duration::from_millis(5);
 /// Packets a sending thread reads from a plain TUN and sends per turn.
 const TX_BATCH: usize = 16;
-/// Packet buffers of a sending thread on a TUN with offloads.
-const TX_SEGMENTS: usize = 2 * IDEAL_BATCH_SIZE;
+/// Slots of a sending thread on a TUN with offloads (a burst of
+/// super-packets cut at a small MSS can make more; see
+/// [`TunOut::cut_and_stage`]).
+const TX_SEGMENTS: usize = 256;
 /// Datagrams a receiving thread takes per system call (each buffer holds
 /// the largest datagram, [`BUF_LEN`]).
 const RX_BATCH: usize = 16;
@@ -116,12 +119,24 @@ pub struct TunOut {
     pub epoch: u32,
 }
 
-/// One framed datagram of a burst, waiting to be sent.
+/// One framed datagram of a burst, waiting to be sent: `range` of slot
+/// `slot` (overlay header, inner packet or its headers), then, when the
+/// payload was left where it was read, `body` of super-packet `body.0`.
 struct Pending {
     path: PathId,
     slot: usize,
     range: Range<usize>,
+    body: Option<(usize, Range<usize>)>,
     inner_len: usize,
+}
+
+/// A packet of a burst as it goes to [`TunOut::stage`]: what is already in
+/// its slot at [`HEADROOM`] (`in_slot` bytes: the whole packet, or the
+/// headers of a segment) and, for a segment, where its payload lies.
+struct Staged {
+    slot: usize,
+    in_slot: usize,
+    body: Option<(usize, Range<usize>)>,
 }
 
 impl TunOut {
@@ -129,8 +144,9 @@ impl TunOut {
     /// restart it with a changed path table (sequence numbers kept).
     ///
     /// Each turn waits (interruptibly) for one packet, then takes whatever
-    /// else the TUN holds without waiting, up to [`TX_BATCH`], frames them
-    /// all and sends each path's run of datagrams together ([`Self::transmit`]).
+    /// else the TUN holds without waiting ([`TunReader::fill`]), frames it
+    /// all and sends each path's run of datagrams together
+    /// ([`Self::transmit`]).
     pub fn run(mut self) -> TunOut {
         let mut reader = TunReader::new(&self.tun);
         // A second copy (duplicate policy) of a sealed packet is sealed
@@ -171,55 +187,42 @@ impl TunOut {
                 }
             };
             let now = clock::now();
-            let forwarding = self.forwarding.load();
-            let keys = self.keys.load();
-            let keys = keys.as_deref();
-            let Some(selection) = forwarding.peers.get(usize::from(self.peer.0)) else {
-                continue;
+            let turn = Turn {
+                forwarding: self.forwarding.load_full(),
+                keys: self.keys.load_full(),
+                now,
             };
-            for slot in 0..count {
-                let len = reader.sizes.get(slot).copied().unwrap_or(0);
-                let Some(buf) = reader.slots.get_mut(slot) else {
-                    break;
-                };
-                let Some(inner) = buf.get(HEADROOM..HEADROOM + len) else {
-                    self.drops.count(DropReason::TooBig);
-                    continue;
-                };
-                let placement = match classify(selection, inner) {
-                    Ok(p) => p,
-                    Err(reason) => {
-                        self.drops.count(reason);
-                        continue;
-                    }
-                };
-                self.flows.touch(placement.flow_hash, placement.path, now);
-                let peer_seq = (selection.policy == Policy::Duplicate).then(|| {
-                    self.peer_sequence = self.peer_sequence.wrapping_add(1);
-                    PeerSeq {
-                        instance: self.instance,
-                        sequence: self.peer_sequence,
-                    }
-                });
-                if let Some(copy) = placement.copy {
-                    let whole = HEADROOM + len;
-                    if let (Some(to), Some(from)) = (spare.get_mut(..whole), buf.get(..whole)) {
-                        to.copy_from_slice(from);
-                        if let Some(range) = self.frame(copy, &mut spare, len, peer_seq, keys) {
-                            self.transmit(copy, &[&spare[range]], &[len], &mut batch, now);
-                        }
-                    }
+            if reader.offload {
+                for s in 0..count {
+                    self.cut_and_stage(&mut reader, s, &turn, &mut spare, &mut pending, &mut batch);
                 }
-                if let Some(range) = self.frame(placement.path, buf, len, peer_seq, keys) {
-                    pending.push(Pending {
-                        path: placement.path,
+            } else {
+                for slot in 0..count {
+                    let len = reader.sizes.get(slot).copied().unwrap_or(0);
+                    let staged = Staged {
                         slot,
-                        range,
-                        inner_len: len,
-                    });
+                        in_slot: len,
+                        body: None,
+                    };
+                    let inner = reader
+                        .slots
+                        .get(slot)
+                        .and_then(|b| b.get(HEADROOM..HEADROOM + len));
+                    let Some(placement) = self.place(&turn, inner.unwrap_or_default()) else {
+                        continue;
+                    };
+                    self.stage(
+                        &mut reader,
+                        staged,
+                        &placement,
+                        &turn,
+                        &mut spare,
+                        &mut pending,
+                        &mut batch,
+                    );
                 }
             }
-            self.flush(&mut pending, &reader.slots, &mut batch, now);
+            self.flush(&mut pending, &reader, &mut batch, now);
             if now.saturating_duration_since(last_sweep) >= SWEEP_EVERY {
                 last_sweep = now;
                 self.flows.sweep(now, &self.paths);
@@ -227,13 +230,124 @@ impl TunOut {
         }
     }
 
-    /// Writes the overlay header (and seals) in place: the datagram's
-    /// range in `buf`, or `None` (counted) when it cannot be sent.
+    /// Where the flow of `inner` goes (counted and `None` if nowhere).
+    fn place(&mut self, turn: &Turn, inner: &[u8]) -> Option<Placement> {
+        let selection = turn.forwarding.peers.get(usize::from(self.peer.0))?;
+        match classify(selection, inner) {
+            Ok(p) => {
+                self.flows.touch(p.flow_hash, p.path, turn.now);
+                Some(p)
+            }
+            Err(reason) => {
+                self.drops.count(reason);
+                None
+            }
+        }
+    }
+
+    /// Cuts super-packet `s` of the reader ([`crate::segment`]) and stages
+    /// its packets. A cleartext, single-copy segment keeps its payload
+    /// where it was read: only its headers go to a slot.
+    fn cut_and_stage(
+        &mut self,
+        reader: &mut TunReader,
+        s: usize,
+        turn: &Turn,
+        spare: &mut [u8],
+        pending: &mut Vec<Pending>,
+        batch: &mut sys::SendBatch,
+    ) {
+        let Some(cut) = reader.cut(s) else {
+            self.drops.count(DropReason::InnerMalformed);
+            return;
+        };
+        let Some(packet) = reader.packet(s) else {
+            return;
+        };
+        let Some(placement) = self.place(turn, packet) else {
+            return;
+        };
+        let inline = turn.keys.is_some() || placement.copy.is_some();
+        let count = match cut {
+            Cut::Segments(segments) => segments.count(),
+            _ => 1,
+        };
+        for i in 0..count {
+            if reader.used == reader.slots.len() {
+                // Out of slots: send what is framed, then reuse them.
+                self.flush(pending, reader, batch, turn.now);
+                reader.used = 0;
+            }
+            let Some(staged) = reader.put(s, cut, i, inline) else {
+                self.drops.count(DropReason::TooBig);
+                continue;
+            };
+            self.stage(reader, staged, &placement, turn, spare, pending, batch);
+        }
+    }
+
+    /// Frames a staged packet for its path (and, under `duplicate`, sends
+    /// the second copy at once) and queues it.
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &mut self,
+        reader: &mut TunReader,
+        staged: Staged,
+        placement: &Placement,
+        turn: &Turn,
+        spare: &mut [u8],
+        pending: &mut Vec<Pending>,
+        batch: &mut sys::SendBatch,
+    ) {
+        let Some(selection) = turn.forwarding.peers.get(usize::from(self.peer.0)) else {
+            return;
+        };
+        let keys = turn.keys.as_deref();
+        let peer_seq = (selection.policy == Policy::Duplicate).then(|| {
+            self.peer_sequence = self.peer_sequence.wrapping_add(1);
+            PeerSeq {
+                instance: self.instance,
+                sequence: self.peer_sequence,
+            }
+        });
+        let body_len = staged.body.as_ref().map_or(0, |(_, r)| r.len());
+        let inner_len = staged.in_slot + body_len;
+        let Some(buf) = reader.slots.get_mut(staged.slot) else {
+            return;
+        };
+        if let Some(copy) = placement.copy {
+            // Staged inline (see cut_and_stage): the whole packet is in the slot.
+            let whole = HEADROOM + staged.in_slot;
+            if let (Some(to), Some(from)) = (spare.get_mut(..whole), buf.get(..whole)) {
+                to.copy_from_slice(from);
+                if let Some(range) = self.frame(copy, spare, staged.in_slot, peer_seq, keys) {
+                    let d = [sys::Datagram {
+                        head: spare.get(range).unwrap_or_default(),
+                        body: &[],
+                    }];
+                    self.transmit(copy, &d, &[inner_len], batch, turn.now);
+                }
+            }
+        }
+        if let Some(range) = self.frame(placement.path, buf, staged.in_slot, peer_seq, keys) {
+            pending.push(Pending {
+                path: placement.path,
+                slot: staged.slot,
+                range,
+                body: staged.body,
+                inner_len,
+            });
+        }
+    }
+
+    /// Writes the overlay header (and seals) in place in front of the
+    /// `in_slot` bytes at `buf[HEADROOM..]`: the framed range of `buf`, or
+    /// `None` (counted) when it cannot be sent.
     fn frame(
         &mut self,
         id: PathId,
         buf: &mut [u8],
-        inner_len: usize,
+        in_slot: usize,
         peer_seq: Option<PeerSeq>,
         keys: Option<&Keys>,
     ) -> Option<Range<usize>> {
@@ -253,9 +367,9 @@ impl TunOut {
                     epoch: self.epoch,
                     salt: path.salt,
                 };
-                seal_data(buf, inner_len, &header, &sealer)
+                seal_data(buf, in_slot, &header, &sealer)
             }
-            None => encapsulate(buf, inner_len, &header),
+            None => encapsulate(buf, in_slot, &header),
         };
         match framed {
             Ok(range) if range.end <= buf.len() => Some(range),
@@ -270,15 +384,16 @@ impl TunOut {
         }
     }
 
-    /// Sends the burst in order, run by run of datagrams on the same path (a flow keeps one path, so its packets keep their order).
+    /// Sends the burst in order, run by run of datagrams on the same path
+    /// (a flow keeps one path, so its packets keep their order).
     fn flush(
         &mut self,
         pending: &mut Vec<Pending>,
-        slots: &[Vec<u8>],
+        reader: &TunReader,
         batch: &mut sys::SendBatch,
         now: Instant,
     ) {
-        let mut datagrams: [&[u8]; SEND_RUN] = [&[]; SEND_RUN];
+        let mut datagrams = [sys::Datagram::default(); SEND_RUN];
         let mut lens = [0usize; SEND_RUN];
         let mut start = 0;
         while let Some(head) = pending.get(start) {
@@ -289,8 +404,18 @@ impl TunOut {
                 .take_while(|p| p.path == path)
                 .count();
             for (k, p) in pending[start..start + run].iter().enumerate() {
-                let bytes = slots.get(p.slot).and_then(|b| b.get(p.range.clone()));
-                datagrams[k] = bytes.unwrap_or_default();
+                let head = reader
+                    .slots
+                    .get(p.slot)
+                    .and_then(|b| b.get(p.range.clone()));
+                let body = p.body.as_ref().and_then(|(s, r)| {
+                    let packet = reader.packet(*s)?;
+                    packet.get(r.clone())
+                });
+                datagrams[k] = sys::Datagram {
+                    head: head.unwrap_or_default(),
+                    body: body.unwrap_or_default(),
+                };
                 lens[k] = p.inner_len;
             }
             self.transmit(path, &datagrams[..run], &lens[..run], batch, now);
@@ -308,7 +433,7 @@ impl TunOut {
     fn transmit(
         &mut self,
         id: PathId,
-        datagrams: &[&[u8]],
+        datagrams: &[sys::Datagram<'_>],
         lens: &[usize],
         batch: &mut sys::SendBatch,
         now: Instant,
@@ -368,7 +493,7 @@ impl TunOut {
 /// Groups `datagrams` into the messages of one `sendmmsg`: with `gso`,
 /// each run [`gso_run`] finds becomes one UDP GSO message; everything
 /// else is a message of one datagram.
-fn plan_messages(datagrams: &[&[u8]], gso: bool, out: &mut Vec<sys::Message>) {
+fn plan_messages(datagrams: &[sys::Datagram<'_>], gso: bool, out: &mut Vec<sys::Message>) {
     out.clear();
     let mut first = 0;
     while let Some(rest) = datagrams.get(first..).filter(|r| !r.is_empty()) {
@@ -418,79 +543,176 @@ const GSO_MAX_SEGMENTS: usize = 64;
 /// Datagrams handed to one [`TunOut::transmit`] call: a whole burst, so
 /// that no UDP GSO run is cut in two.
 const SEND_RUN: usize = TX_SEGMENTS;
+/// Super-packets a sending thread on a TUN with offloads reads per turn.
+const TX_SUPERS: usize = 4;
+/// Payloads shorter than this are copied next to their headers rather
+/// than sent from where they were read (a second piece costs more than
+/// the copy).
+const INLINE_BELOW: usize = 256;
 
-/// Where a sending thread reads its TUN into: preallocated buffers, each
-/// holding one packet at offset [`HEADROOM`] with room for the tag behind.
+/// What one turn of a sending thread works with: the forwarding snapshot
+/// and keys as they were when the burst was read.
+struct Turn {
+    forwarding: Arc<Forwarding>,
+    keys: Option<Arc<Keys>>,
+    now: Instant,
+}
+
+/// Where a sending thread reads its TUN into and frames its datagrams:
+/// buffers allocated once.
 ///
-/// With offloads, tun-rs reads a super-packet into `original` and cuts it
-/// into `slots` (each packet a full, checksummed IP packet of at most the
-/// MTU); the reader reads again while a whole super-packet still fits.
-/// Without, each read goes straight into a slot big enough for any packet.
+/// On a TUN with offloads, each read (a virtio-net header and a packet,
+/// maybe a super-packet of up to 64 KiB) goes into one of `supers`, and
+/// [`TunReader::put`] stages its packets in `slots` one by one: for a
+/// segment of a super-packet only its rewritten headers, unless asked to
+/// copy the payload too. On a plain TUN each read goes straight into a
+/// slot at [`HEADROOM`]. A slot has room for the overlay header in front,
+/// a whole packet of the MTU and the tag behind.
 struct TunReader {
-    original: Vec<u8>,
+    offload: bool,
+    supers: Vec<Vec<u8>>,
+    super_lens: Vec<usize>,
     slots: Vec<Vec<u8>>,
+    /// Plain TUN: the length of the packet in each slot.
     sizes: Vec<usize>,
     slot_len: usize,
-    /// Free slots needed for one more read.
-    refill: usize,
+    /// Offloads: slots staged so far in this burst.
+    used: usize,
 }
 
 impl TunReader {
     fn new(tun: &SyncDevice) -> TunReader {
-        let (slot_len, count, refill, original) = if tun.tcp_gso() {
-            // A segment is at most the MTU; a 64 KiB super-packet cut at a
-            // small MSS can make more than a hundred of them.
-            let mtu = tun.mtu().map_or(usize::from(u16::MAX), usize::from);
-            let original = vec![0u8; VIRTIO_NET_HDR_LEN + usize::from(u16::MAX)];
+        let offload = tun.tcp_gso();
+        let mtu = tun.mtu().map_or(usize::from(u16::MAX), usize::from);
+        let (slot_len, count, supers) = if offload {
             (
-                HEADROOM + mtu + TRAILER + 64,
+                HEADROOM + mtu.max(MAX_HEADERS) + TRAILER + 64,
                 TX_SEGMENTS,
-                IDEAL_BATCH_SIZE,
-                original,
+                TX_SUPERS,
             )
         } else {
-            (BUF_LEN, TX_BATCH, 1, Vec::new())
+            (BUF_LEN, TX_BATCH, 0)
         };
         TunReader {
-            original,
+            offload,
+            supers: (0..supers)
+                .map(|_| vec![0u8; VNET_HDR_LEN + usize::from(u16::MAX)])
+                .collect(),
+            super_lens: vec![0; supers],
             slots: (0..count).map(|_| vec![0u8; slot_len]).collect(),
             sizes: vec![0; count],
             slot_len,
-            refill,
+            used: 0,
         }
     }
 
-    /// Reads what the (non-blocking) TUN holds into the slots; returns how
-    /// many packets were read. A packet the kernel handed over malformed
-    /// (a super-packet that cannot be cut) is counted and skipped; only a
-    /// failing device is an error.
+    /// Reads what the (non-blocking) TUN holds, up to the buffers' count;
+    /// returns how many reads there were (super-packets with offloads,
+    /// packets without). Only a failing device is an error.
     fn fill(&mut self, tun: &SyncDevice, drops: &DropCounters) -> io::Result<usize> {
-        let mut used = 0;
-        while self.slots.len() - used >= self.refill {
-            let (Some(slots), Some(sizes)) =
-                (self.slots.get_mut(used..), self.sizes.get_mut(used..))
-            else {
+        self.used = 0;
+        let mut got = 0;
+        let reads = if self.offload {
+            self.supers.len()
+        } else {
+            self.slots.len()
+        };
+        while got < reads {
+            let buf = match self.offload {
+                true => self.supers.get_mut(got).map(|b| b.as_mut_slice()),
+                false => self.slots.get_mut(got).and_then(|b| b.get_mut(HEADROOM..)),
+            };
+            let Some(buf) = buf else {
                 break;
             };
-            match tun.recv_multiple(&mut self.original, slots, sizes, HEADROOM) {
-                Ok(n) => used += n,
+            match tun.recv(buf) {
+                Ok(n) if self.offload && n <= VNET_HDR_LEN => {
+                    drops.count(DropReason::InnerMalformed)
+                }
+                Ok(n) => {
+                    let lens = if self.offload {
+                        &mut self.super_lens
+                    } else {
+                        &mut self.sizes
+                    };
+                    if let Some(l) = lens.get_mut(got) {
+                        *l = n;
+                    }
+                    got += 1;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.raw_os_error().is_none() => drops.count(DropReason::InnerMalformed),
-                Err(e) if used > 0 => {
+                Err(e) if got > 0 => {
                     debug!(error = %e, "TUN read failed");
                     break;
                 }
                 Err(e) => return Err(e),
             }
         }
-        Ok(used)
+        Ok(got)
+    }
+
+    /// The packet of read `s` (behind its virtio-net header).
+    fn packet(&self, s: usize) -> Option<&[u8]> {
+        let len = *self.super_lens.get(s)?;
+        self.supers.get(s)?.get(VNET_HDR_LEN..len)
+    }
+
+    /// What read `s` needs ([`Cut::of`]); a pending checksum is finished
+    /// here, so the packet is then whole. `None`: malformed.
+    fn cut(&mut self, s: usize) -> Option<Cut> {
+        let len = *self.super_lens.get(s)?;
+        let raw = self.supers.get_mut(s)?.get_mut(..len)?;
+        let vnet = VnetHeader::parse(raw)?;
+        let packet = raw.get_mut(VNET_HDR_LEN..)?;
+        match Cut::of(&vnet, packet).ok()? {
+            Cut::Finish { start, offset } => {
+                finish_checksum(packet, start, offset).ok()?;
+                Some(Cut::Whole)
+            }
+            cut => Some(cut),
+        }
+    }
+
+    /// Stages packet `i` of read `s` (cut as `cut`) in the next free slot:
+    /// its headers (the whole packet, if it is not a segment or `inline`)
+    /// at [`HEADROOM`], the rest left in place. `None` if it does not fit.
+    fn put(&mut self, s: usize, cut: Cut, i: usize, inline: bool) -> Option<Staged> {
+        let slot_index = self.used;
+        let len = *self.super_lens.get(s)?;
+        let packet = self.supers.get(s)?.get(VNET_HDR_LEN..len)?;
+        let slot = self.slots.get_mut(slot_index)?.get_mut(HEADROOM..)?;
+        let (headers, body) = match cut {
+            Cut::Segments(segments) => {
+                let body = segments.header(packet, i, slot)?;
+                (segments.headers(), body)
+            }
+            _ => (0, 0..packet.len()),
+        };
+        let staged = if inline || body.len() <= INLINE_BELOW {
+            let payload = packet.get(body)?;
+            slot.get_mut(headers..headers + payload.len())?
+                .copy_from_slice(payload);
+            Staged {
+                slot: slot_index,
+                in_slot: headers + payload.len(),
+                body: None,
+            }
+        } else {
+            Staged {
+                slot: slot_index,
+                in_slot: headers,
+                body: Some((s, body)),
+            }
+        };
+        self.used += 1;
+        Some(staged)
     }
 }
 
 /// How many datagrams at the start of `rest` can go as one UDP GSO send:
 /// a run of one size, plus one shorter last datagram (0 or 1: not worth it).
-fn gso_run(rest: &[&[u8]]) -> usize {
+fn gso_run(rest: &[sys::Datagram<'_>]) -> usize {
     let Some(size) = rest.first().map(|d| d.len()) else {
         return 0;
     };
@@ -910,7 +1132,14 @@ mod tests {
 
     fn plan(lens: &[usize], gso: bool) -> Vec<(usize, usize, Option<u16>)> {
         let bufs = sizes(lens);
-        let datagrams: Vec<&[u8]> = bufs.iter().map(Vec::as_slice).collect();
+        // Headers and bodies in pieces, as the sending thread has them.
+        let datagrams: Vec<sys::Datagram> = bufs
+            .iter()
+            .map(|b| sys::Datagram {
+                head: &b[..b.len().min(60)],
+                body: &b[b.len().min(60)..],
+            })
+            .collect();
         let mut out = Vec::new();
         plan_messages(&datagrams, gso, &mut out);
         out.iter().map(|m| (m.first, m.count, m.segment)).collect()

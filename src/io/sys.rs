@@ -409,6 +409,26 @@ fn gro_segment(msg: &libc::msghdr) -> Option<usize> {
     None
 }
 
+/// A datagram to send, in two pieces: `head` (the overlay header, often
+/// with the inner headers) and `body` (possibly empty), which may lie in
+/// different buffers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Datagram<'a> {
+    pub head: &'a [u8],
+    pub body: &'a [u8],
+}
+
+impl Datagram<'_> {
+    /// Its length on the wire (UDP payload).
+    pub fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// One message of a [`SendBatch::send_messages`] call: `count` datagrams
 /// from `first` on; with `segment` set, sent as one UDP GSO message (every
 /// datagram but the last exactly `segment` bytes, the last at most that),
@@ -428,6 +448,8 @@ pub struct SendBatch {
     iovs: Vec<libc::iovec>,
     /// Per message: room for the `UDP_SEGMENT` control message.
     controls: Vec<[u64; 4]>,
+    /// Per message: its first iovec and how many.
+    spans: Vec<(usize, usize)>,
     /// Whether messages may carry `UDP_SEGMENT` (UDP GSO).
     pub gso: bool,
     /// Scratch for the caller's plan of messages, kept between bursts.
@@ -449,31 +471,51 @@ impl SendBatch {
     pub fn send_messages(
         &mut self,
         sock: &impl AsRawFd,
-        datagrams: &[&[u8]],
+        datagrams: &[Datagram<'_>],
         messages: &[Message],
         dest: SocketAddr,
     ) -> io::Result<usize> {
         let addr = socket2::SockAddr::from(dest);
+        // Each message's pieces, as (first iovec, count): the iovecs are all
+        // built before any pointer to them is taken.
         self.iovs.clear();
-        self.iovs.extend(datagrams.iter().map(|d| libc::iovec {
-            iov_base: d.as_ptr() as *mut libc::c_void,
-            iov_len: d.len(),
-        }));
+        self.spans.clear();
+        for m in messages {
+            let part = datagrams
+                .get(m.first..m.first + m.count)
+                .unwrap_or_default();
+            if part.is_empty() {
+                return Err(io::Error::from(io::ErrorKind::InvalidInput));
+            }
+            let first = self.iovs.len();
+            for d in part {
+                for piece in [d.head, d.body] {
+                    if !piece.is_empty() {
+                        self.iovs.push(libc::iovec {
+                            iov_base: piece.as_ptr() as *mut libc::c_void,
+                            iov_len: piece.len(),
+                        });
+                    }
+                }
+            }
+            self.spans.push((first, self.iovs.len() - first));
+        }
         if self.controls.len() < messages.len() {
             self.controls.resize(messages.len(), [0; 4]);
         }
         self.hdrs.clear();
-        for (m, control) in messages.iter().zip(self.controls.iter_mut()) {
-            if m.first + m.count > self.iovs.len() || m.count == 0 {
-                return Err(io::Error::from(io::ErrorKind::InvalidInput));
-            }
+        for ((m, control), &(first, count)) in messages
+            .iter()
+            .zip(self.controls.iter_mut())
+            .zip(&self.spans)
+        {
             // SAFETY: mmsghdr is plain data; all-zero is valid.
             let mut h: libc::mmsghdr = unsafe { zeroed() };
             h.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
             h.msg_hdr.msg_namelen = addr.len();
-            // SAFETY: first + count <= iovs.len(), checked above.
-            h.msg_hdr.msg_iov = unsafe { self.iovs.as_mut_ptr().add(m.first) };
-            h.msg_hdr.msg_iovlen = m.count;
+            // SAFETY: first + count <= iovs.len() by construction.
+            h.msg_hdr.msg_iov = unsafe { self.iovs.as_mut_ptr().add(first) };
+            h.msg_hdr.msg_iovlen = count;
             if let Some(segment) = m.segment {
                 set_segment(&mut h.msg_hdr, control, segment)?;
             }
