@@ -11,6 +11,8 @@
 //!  engine      the control plane: sessions + steering -> events, forwarding snapshots
 //!  crypto      data-plane AEAD (AES-256-GCM, derived keys), key files, replay window
 //!  forward     per-packet work: classify, encapsulate, decapsulate, seal, open
+//!  segment     send side: a TUN super-packet -> segments (rewritten headers,
+//!              payload left in place)
 //!  coalesce    receive side: consecutive TCP segments -> one TUN super-packet
 //!  dedup       `duplicate` policy: per-peer sequence window, first copy wins
 //!  io          the shell: TUN, sockets, netlink, threads, the clock
@@ -31,8 +33,9 @@
 //! and the inner packet is written to that gateway's TUN ([`coalesce`]
 //! merges a burst of one TCP flow's segments into one write). With TUN
 //! offloads the kernel hands the `tun-*` thread TCP super-packets of up to
-//! 64 KiB, which it cuts into MTU-sized packets before classifying, and
-//! a path's datagrams leave with UDP GSO and arrive with UDP GRO.
+//! 64 KiB, which it classifies once and cuts into MTU-sized segments
+//! ([`segment`]), and a path's datagrams leave with UDP GSO and arrive
+//! with UDP GRO.
 //!
 //! Meanwhile the `bfd` thread runs one BFD session per path in the
 //! [`engine::Engine`]. When a session leaves Up the engine's steering moves

@@ -1,9 +1,14 @@
 //! The forwarding threads.
 //!
-//! `tun-<peer>` ([`TunOut`]) reads the peer's TUN into a buffer at offset
-//! [`HEADROOM`], asks the current forwarding snapshot where the flow goes
-//! ([`classify`]), writes the overlay header in front ([`encapsulate`]) and
-//! sends the datagram on the path's socket. `rx-<path>` ([`PathIn`]) takes
+//! `tun-<peer>` ([`TunOut`]) reads the peer's TUN, asks the current
+//! forwarding snapshot where the flow goes ([`classify`]), writes the
+//! overlay header in front ([`encapsulate`]) and sends the datagram on the
+//! path's socket. On a TUN with offloads a read may be a super-packet,
+//! classified once and cut into segments ([`crate::segment`]); in the
+//! clear each segment goes out as two pieces, its headers (in a slot, behind
+//! [`HEADROOM`] for the overlay header) and its payload where it was read,
+//! so no payload byte is copied in user space. Sealing works in place, so a
+//! sealed segment is copied into its slot first. `rx-<path>` ([`PathIn`]) takes
 //! datagrams from the path's configured remote only, validates them
 //! ([`decapsulate`]) and writes the inner packet to the TUN; it also
 //! answers the peer's echo requests and, once a second, sends its own to
@@ -23,11 +28,13 @@
 //!
 //! Both directions work in bursts to save system calls (the time goes to
 //! the kernel's per-packet work, not to ours): `tun-*` reads what the TUN
-//! holds, up to [`TX_BATCH`] packets, and sends each path's run with UDP
-//! GSO (`UDP_SEGMENT`: one pass down the stack for a run of equal-sized
-//! datagrams) where the kernel has it, else with `sendmmsg`; `rx-*` takes
-//! up to [`RX_BATCH`] datagrams per `recvmmsg`. Buffers are allocated once
-//! per thread.
+//! holds, up to [`TX_SUPERS`] super-packets (or [`TX_BATCH`] packets on a
+//! plain TUN), and sends each path's datagrams with one `sendmmsg`, a run of
+//! equal-sized ones as one UDP GSO message (`UDP_SEGMENT`: one pass down
+//! the stack) where the kernel has it; `rx-*` takes up to [`RX_BATCH`]
+//! messages per `recvmmsg` and writes what they hold to the TUN together,
+//! merging one flow's segments across messages ([`coalesce`]). Buffers are
+//! allocated once per thread.
 //!
 //! A send that fails because the underlay cannot reach the far end is
 //! reported to the BFD thread (at most once per path every

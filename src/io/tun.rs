@@ -6,7 +6,7 @@
 //! a virtio-net header saying how to cut them, and takes such packets back
 //! with the same header, so that the stacks on both sides do their
 //! per-packet work once per 64 KiB instead of once per 1.4 KiB. The
-//! sending threads cut super-packets with tun-rs (`recv_multiple`); the
+//! sending threads cut super-packets with [`crate::segment`]; the
 //! receiving threads merge what arrives with [`crate::coalesce`]. A
 //! kernel that refuses the offloads gets a plain TUN, and
 //! `CROSSLINK_TUN_OFFLOAD=0` asks for one.
