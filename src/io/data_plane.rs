@@ -199,34 +199,42 @@ impl TunOut {
                 keys: self.keys.load_full(),
                 now,
             };
-            if reader.offload {
-                for s in 0..count {
-                    self.cut_and_stage(&mut reader, s, &turn, &mut spare, &mut pending, &mut batch);
-                }
-            } else {
-                for slot in 0..count {
-                    let len = reader.sizes.get(slot).copied().unwrap_or(0);
-                    let staged = Staged {
-                        slot,
-                        in_slot: len,
-                        body: None,
-                    };
-                    let inner = reader
-                        .slots
-                        .get(slot)
-                        .and_then(|b| b.get(HEADROOM..HEADROOM + len));
-                    let Some(placement) = self.place(&turn, inner.unwrap_or_default()) else {
-                        continue;
-                    };
-                    self.stage(
-                        &mut reader,
-                        staged,
-                        &placement,
-                        &turn,
-                        &mut spare,
-                        &mut pending,
-                        &mut batch,
-                    );
+            for r in 0..count {
+                match reader.reads.get(r).copied() {
+                    Some(Read::Super(s)) => {
+                        self.cut_and_stage(
+                            &mut reader,
+                            s,
+                            &turn,
+                            &mut spare,
+                            &mut pending,
+                            &mut batch,
+                        );
+                    }
+                    Some(Read::Slot(slot, len)) => {
+                        let staged = Staged {
+                            slot,
+                            in_slot: len,
+                            body: None,
+                        };
+                        let inner = reader
+                            .slots
+                            .get(slot)
+                            .and_then(|b| b.get(HEADROOM..HEADROOM + len));
+                        let Some(placement) = self.place(&turn, inner.unwrap_or_default()) else {
+                            continue;
+                        };
+                        self.stage(
+                            &mut reader,
+                            staged,
+                            &placement,
+                            &turn,
+                            &mut spare,
+                            &mut pending,
+                            &mut batch,
+                        );
+                    }
+                    None => break,
                 }
             }
             self.flush(&mut pending, &reader, &mut batch, now);
@@ -281,9 +289,10 @@ impl TunOut {
         };
         for i in 0..count {
             if reader.used == reader.slots.len() {
-                // Out of slots: send what is framed, then reuse them.
+                // Out of slots: send what is framed, then reuse them (not
+                // those of this turn's whole packets, still to be staged).
                 self.flush(pending, reader, batch, turn.now);
-                reader.used = 0;
+                reader.used = reader.whole;
             }
             let Some(staged) = reader.put(s, cut, i, inline) else {
                 self.drops.count(DropReason::TooBig);
@@ -565,26 +574,38 @@ struct Turn {
     now: Instant,
 }
 
+/// One read of a turn: a super-packet left where it was read (offloads),
+/// or a whole packet in a slot at [`HEADROOM`] (slot, length).
+#[derive(Clone, Copy, Debug)]
+enum Read {
+    Super(usize),
+    Slot(usize, usize),
+}
+
 /// Where a sending thread reads its TUN into and frames its datagrams:
 /// buffers allocated once.
 ///
-/// On a TUN with offloads, each read (a virtio-net header and a packet,
-/// maybe a super-packet of up to 64 KiB) goes into one of `supers`, and
-/// [`TunReader::put`] stages its packets in `slots` one by one: for a
-/// segment of a super-packet only its rewritten headers, unless asked to
-/// copy the payload too. On a plain TUN each read goes straight into a
-/// slot at [`HEADROOM`]. A slot has room for the overlay header in front,
+/// On a TUN with offloads, each read (a virtio-net header and a packet)
+/// goes into one of `supers`. A super-packet stays there, and
+/// [`TunReader::put`] stages its segments in `slots` one by one: only the
+/// rewritten headers, unless asked to copy the payload too. A whole packet
+/// (small-packet traffic, acknowledgements) is moved to a slot at once, so
+/// that a turn can take up to half the slots of them while still holding
+/// [`TX_SUPERS`] super-packets. On a plain TUN each read goes straight into
+/// a slot at [`HEADROOM`]. A slot has room for the overlay header in front,
 /// a whole packet of the MTU and the tag behind.
 struct TunReader {
     offload: bool,
     supers: Vec<Vec<u8>>,
     super_lens: Vec<usize>,
     slots: Vec<Vec<u8>>,
-    /// Plain TUN: the length of the packet in each slot.
-    sizes: Vec<usize>,
     slot_len: usize,
-    /// Offloads: slots staged so far in this burst.
+    /// This turn's reads, in order.
+    reads: Vec<Read>,
+    /// Slots taken so far in this turn.
     used: usize,
+    /// Slots holding this turn's whole packets (the first ones).
+    whole: usize,
 }
 
 impl TunReader {
@@ -607,56 +628,103 @@ impl TunReader {
                 .collect(),
             super_lens: vec![0; supers],
             slots: (0..count).map(|_| vec![0u8; slot_len]).collect(),
-            sizes: vec![0; count],
             slot_len,
+            reads: Vec::with_capacity(count),
             used: 0,
+            whole: 0,
         }
     }
 
-    /// Reads what the (non-blocking) TUN holds, up to the buffers' count;
-    /// returns how many reads there were (super-packets with offloads,
-    /// packets without). Only a failing device is an error.
+    /// Reads what the (non-blocking) TUN holds, as long as there is room
+    /// (see [`TunReader`]); returns how many reads there were. A packet
+    /// handed over malformed is counted and skipped; only a failing device
+    /// is an error.
     fn fill(&mut self, tun: &SyncDevice, drops: &DropCounters) -> io::Result<usize> {
+        self.reads.clear();
         self.used = 0;
-        let mut got = 0;
-        let reads = if self.offload {
-            self.supers.len()
-        } else {
-            self.slots.len()
-        };
-        while got < reads {
+        let mut supers = 0;
+        loop {
+            let room = match self.offload {
+                true => supers < self.supers.len() && self.used < self.slots.len() / 2,
+                false => self.used < self.slots.len(),
+            };
+            if !room {
+                break;
+            }
             let buf = match self.offload {
-                true => self.supers.get_mut(got).map(|b| b.as_mut_slice()),
-                false => self.slots.get_mut(got).and_then(|b| b.get_mut(HEADROOM..)),
+                true => self.supers.get_mut(supers).map(|b| b.as_mut_slice()),
+                false => self
+                    .slots
+                    .get_mut(self.used)
+                    .and_then(|b| b.get_mut(HEADROOM..)),
             };
             let Some(buf) = buf else {
                 break;
             };
             match tun.recv(buf) {
-                Ok(n) if self.offload && n <= VNET_HDR_LEN => {
-                    drops.count(DropReason::InnerMalformed)
+                Ok(n) if !self.offload => {
+                    self.reads.push(Read::Slot(self.used, n));
+                    self.used += 1;
                 }
-                Ok(n) => {
-                    let lens = if self.offload {
-                        &mut self.super_lens
-                    } else {
-                        &mut self.sizes
-                    };
-                    if let Some(l) = lens.get_mut(got) {
-                        *l = n;
-                    }
-                    got += 1;
-                }
+                Ok(n) => match self.keep(supers, n) {
+                    Ok(true) => supers += 1,
+                    Ok(false) => {}
+                    Err(reason) => drops.count(reason),
+                },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if got > 0 => {
+                Err(e) if !self.reads.is_empty() => {
                     debug!(error = %e, "TUN read failed");
                     break;
                 }
                 Err(e) => return Err(e),
             }
         }
-        Ok(got)
+        self.whole = self.used;
+        Ok(self.reads.len())
+    }
+
+    /// Files the `n` bytes just read into super-packet buffer `s`: a whole
+    /// packet that fits a slot moves to the next one (its checksum
+    /// finished if the kernel left that to us); anything else stays, as a
+    /// super-packet (returns true: the buffer is taken).
+    fn keep(&mut self, s: usize, n: usize) -> Result<bool, DropReason> {
+        let raw = self
+            .supers
+            .get_mut(s)
+            .and_then(|b| b.get_mut(..n))
+            .filter(|r| r.len() > VNET_HDR_LEN)
+            .ok_or(DropReason::InnerMalformed)?;
+        let vnet = VnetHeader::parse(raw).ok_or(DropReason::InnerMalformed)?;
+        let packet = raw
+            .get_mut(VNET_HDR_LEN..)
+            .ok_or(DropReason::InnerMalformed)?;
+        let room = self.slot_len - HEADROOM - TRAILER;
+        match Cut::of(&vnet, packet) {
+            Ok(Cut::Segments(_)) => {}
+            Ok(_) if packet.len() > room => {}
+            Ok(cut) => {
+                if let Cut::Finish { start, offset } = cut {
+                    finish_checksum(packet, start, offset)
+                        .map_err(|_| DropReason::InnerMalformed)?;
+                }
+                let slot = self
+                    .slots
+                    .get_mut(self.used)
+                    .and_then(|b| b.get_mut(HEADROOM..HEADROOM + packet.len()))
+                    .ok_or(DropReason::TooBig)?;
+                slot.copy_from_slice(packet);
+                self.reads.push(Read::Slot(self.used, packet.len()));
+                self.used += 1;
+                return Ok(false);
+            }
+            Err(_) => return Err(DropReason::InnerMalformed),
+        }
+        if let Some(l) = self.super_lens.get_mut(s) {
+            *l = n;
+        }
+        self.reads.push(Read::Super(s));
+        Ok(true)
     }
 
     /// The packet of read `s` (behind its virtio-net header).
