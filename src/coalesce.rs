@@ -21,9 +21,8 @@
 //! Anything else (a lone segment, other protocols) is a train of one,
 //! written as it came, behind an all-zero virtio-net header.
 
-/// Length of the virtio-net header in front of every TUN packet with
-/// offloads (`struct virtio_net_hdr`).
-pub const VNET_HDR_LEN: usize = 10;
+pub use crate::segment::VNET_HDR_LEN;
+use crate::segment::{fold, sum};
 /// Longest header [`Train::header`] writes: virtio-net header, IPv6 (the
 /// longer of the IP headers accepted) and TCP with full options.
 pub const MAX_TRAIN_HEADER: usize = VNET_HDR_LEN + 40 + 60;
@@ -229,7 +228,7 @@ impl Train {
             let total = (seg.ip_len + tcp_total) as u16;
             ip[2..4].copy_from_slice(&total.to_be_bytes());
             ip[10..12].fill(0);
-            let sum = !fold(sum16(&ip[..20], 0));
+            let sum = !fold(sum(&ip[..20], 0));
             ip[10..12].copy_from_slice(&sum.to_be_bytes());
             GSO_TCPV4
         };
@@ -240,7 +239,7 @@ impl Train {
         // The pseudo-header sum, not complemented: the kernel adds the TCP
         // header and payload and complements (CHECKSUM_PARTIAL).
         let addrs = if seg.v6 { &ip[8..40] } else { &ip[12..20] };
-        let pseudo = sum16(addrs, 0) + 6 + tcp_total as u64;
+        let pseudo = sum(addrs, 0) + 6 + tcp_total as u64;
         ip[t + 16..t + 18].copy_from_slice(&fold(pseudo).to_be_bytes());
         vnet[0] = NEEDS_CSUM;
         vnet[1] = gso_type;
@@ -250,26 +249,6 @@ impl Train {
         vnet[8..10].copy_from_slice(&16u16.to_ne_bytes());
         len
     }
-}
-
-/// The one's-complement sum of `bytes` as big-endian 16-bit words, added to
-/// `acc`, not folded.
-fn sum16(bytes: &[u8], mut acc: u64) -> u64 {
-    let mut words = bytes.chunks_exact(2);
-    for w in &mut words {
-        acc += u64::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    if let [last] = words.remainder() {
-        acc += u64::from(*last) << 8;
-    }
-    acc
-}
-
-fn fold(mut acc: u64) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
 }
 
 #[cfg(test)]
@@ -291,7 +270,7 @@ mod tests {
         out[4..6].copy_from_slice(&id.to_be_bytes());
         out[6] &= !0x40;
         out[10..12].fill(0);
-        let sum = !fold(sum16(&out[..20], 0));
+        let sum = !fold(sum(&out[..20], 0));
         out[10..12].copy_from_slice(&sum.to_be_bytes());
         out
     }
@@ -341,14 +320,14 @@ mod tests {
                     p[2..4].copy_from_slice(&total.to_be_bytes());
                     p[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
                     p[10..12].fill(0);
-                    let s = !fold(sum16(&p[..20], 0));
+                    let s = !fold(sum(&p[..20], 0));
                     p[10..12].copy_from_slice(&s.to_be_bytes());
                 }
                 let tcp_len = p.len() - ip_len;
                 let addrs = if v6 { &p[8..40] } else { &p[12..20] };
-                let pseudo = sum16(addrs, 0) + 6 + tcp_len as u64;
+                let pseudo = sum(addrs, 0) + 6 + tcp_len as u64;
                 p[ip_len + 16..ip_len + 18].fill(0);
-                let s = !fold(sum16(&p[ip_len..], pseudo));
+                let s = !fold(sum(&p[ip_len..], pseudo));
                 p[ip_len + 16..ip_len + 18].copy_from_slice(&s.to_be_bytes());
                 p
             })

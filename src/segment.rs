@@ -337,17 +337,21 @@ mod tests {
         }
     }
 
-    /// A TCP super-packet as the kernel hands it over: lengths of the
-    /// whole, the pseudo-header sum in the checksum field.
-    fn tcp_super(v6: bool, payload: usize, flags: u8) -> Vec<u8> {
-        let b = match v6 {
+    fn ip_builder(v6: bool) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+        match v6 {
             false => PacketBuilder::ipv4([198, 18, 10, 1], [198, 18, 30, 2], 64),
             true => PacketBuilder::ipv6(
                 [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
                 [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
                 64,
             ),
-        };
+        }
+    }
+
+    /// A TCP super-packet as the kernel hands it over: lengths of the
+    /// whole, the pseudo-header sum in the checksum field.
+    fn tcp_super(v6: bool, payload: usize, flags: u8) -> Vec<u8> {
+        let b = ip_builder(v6);
         let b = b
             .tcp(40_000, 5201, 0xffff_f000, 1000)
             .ack(77)
@@ -366,14 +370,7 @@ mod tests {
     }
 
     fn udp_super(v6: bool, payload: usize) -> Vec<u8> {
-        let b = match v6 {
-            false => PacketBuilder::ipv4([198, 18, 10, 1], [198, 18, 30, 2], 64),
-            true => PacketBuilder::ipv6(
-                [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
-                [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
-                64,
-            ),
-        };
+        let b = ip_builder(v6);
         let data: Vec<u8> = (0..payload).map(|i| (i * 31 % 256) as u8).collect();
         let mut out = Vec::new();
         b.udp(5000, 6000).write(&mut out, &data).unwrap();
