@@ -185,12 +185,12 @@ fn segment(c: &mut Criterion) {
     });
     g.bench_function("tun-rs-gso-split-64k", |bench| {
         let hdr = tun_rs::VirtioNetHdr {
-            flags: 1,
-            gso_type: 1,
-            hdr_len: 40,
-            gso_size: 1404,
-            csum_start: 20,
-            csum_offset: 16,
+            flags: vnet.flags,
+            gso_type: vnet.gso_type,
+            hdr_len: vnet.hdr_len,
+            gso_size: vnet.gso_size,
+            csum_start: vnet.csum_start,
+            csum_offset: vnet.csum_offset,
         };
         let mut input = packet.clone();
         let mut bufs = vec![vec![0u8; 1500]; 64];

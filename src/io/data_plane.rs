@@ -194,17 +194,21 @@ impl TunOut {
                 }
             };
             let now = clock::now();
+            let forwarding = self.forwarding.load_full();
+            let peer = forwarding.peers.get(usize::from(self.peer.0));
             let turn = Turn {
-                forwarding: self.forwarding.load_full(),
+                duplicate: peer.is_some_and(|p| p.policy == Policy::Duplicate),
+                forwarding,
                 keys: self.keys.load_full(),
                 now,
             };
             for r in 0..count {
                 match reader.reads.get(r).copied() {
-                    Some(Read::Super(s)) => {
+                    Some(Read::Super(s, cut)) => {
                         self.cut_and_stage(
                             &mut reader,
                             s,
+                            cut,
                             &turn,
                             &mut spare,
                             &mut pending,
@@ -260,22 +264,20 @@ impl TunOut {
         }
     }
 
-    /// Cuts super-packet `s` of the reader ([`crate::segment`]) and stages
+    /// Cuts super-packet `s` of the reader as `cut` says and stages
     /// its packets. A cleartext, single-copy segment keeps its payload
     /// where it was read: only its headers go to a slot.
+    #[allow(clippy::too_many_arguments)]
     fn cut_and_stage(
         &mut self,
         reader: &mut TunReader,
         s: usize,
+        cut: Cut,
         turn: &Turn,
         spare: &mut [u8],
         pending: &mut Vec<Pending>,
         batch: &mut sys::SendBatch,
     ) {
-        let Some(cut) = reader.cut(s) else {
-            self.drops.count(DropReason::InnerMalformed);
-            return;
-        };
         let Some(packet) = reader.packet(s) else {
             return;
         };
@@ -315,11 +317,8 @@ impl TunOut {
         pending: &mut Vec<Pending>,
         batch: &mut sys::SendBatch,
     ) {
-        let Some(selection) = turn.forwarding.peers.get(usize::from(self.peer.0)) else {
-            return;
-        };
         let keys = turn.keys.as_deref();
-        let peer_seq = (selection.policy == Policy::Duplicate).then(|| {
+        let peer_seq = turn.duplicate.then(|| {
             self.peer_sequence = self.peer_sequence.wrapping_add(1);
             PeerSeq {
                 instance: self.instance,
@@ -570,15 +569,18 @@ const INLINE_BELOW: usize = 256;
 /// and keys as they were when the burst was read.
 struct Turn {
     forwarding: Arc<Forwarding>,
+    /// The peer's policy is `duplicate`: packets carry a peer sequence.
+    duplicate: bool,
     keys: Option<Arc<Keys>>,
     now: Instant,
 }
 
-/// One read of a turn: a super-packet left where it was read (offloads),
-/// or a whole packet in a slot at [`HEADROOM`] (slot, length).
+/// One read of a turn: a super-packet left where it was read (offloads;
+/// with what it needs, its checksum already finished), or a whole packet
+/// in a slot at [`HEADROOM`] (slot, length).
 #[derive(Clone, Copy, Debug)]
 enum Read {
-    Super(usize),
+    Super(usize, Cut),
     Slot(usize, usize),
 }
 
@@ -700,14 +702,17 @@ impl TunReader {
             .get_mut(VNET_HDR_LEN..)
             .ok_or(DropReason::InnerMalformed)?;
         let room = self.slot_len - HEADROOM - TRAILER;
-        match Cut::of(&vnet, packet) {
-            Ok(Cut::Segments(_)) => {}
-            Ok(_) if packet.len() > room => {}
-            Ok(cut) => {
-                if let Cut::Finish { start, offset } = cut {
-                    finish_checksum(packet, start, offset)
-                        .map_err(|_| DropReason::InnerMalformed)?;
-                }
+        let cut = match Cut::of(&vnet, packet).map_err(|_| DropReason::InnerMalformed)? {
+            Cut::Finish { start, offset } => {
+                finish_checksum(packet, start, offset).map_err(|_| DropReason::InnerMalformed)?;
+                Cut::Whole
+            }
+            cut => cut,
+        };
+        match cut {
+            Cut::Segments(_) => {}
+            _ if packet.len() > room => {}
+            _ => {
                 let slot = self
                     .slots
                     .get_mut(self.used)
@@ -718,12 +723,11 @@ impl TunReader {
                 self.used += 1;
                 return Ok(false);
             }
-            Err(_) => return Err(DropReason::InnerMalformed),
         }
         if let Some(l) = self.super_lens.get_mut(s) {
             *l = n;
         }
-        self.reads.push(Read::Super(s));
+        self.reads.push(Read::Super(s, cut));
         Ok(true)
     }
 
@@ -731,22 +735,6 @@ impl TunReader {
     fn packet(&self, s: usize) -> Option<&[u8]> {
         let len = *self.super_lens.get(s)?;
         self.supers.get(s)?.get(VNET_HDR_LEN..len)
-    }
-
-    /// What read `s` needs ([`Cut::of`]); a pending checksum is finished
-    /// here, so the packet is then whole. `None`: malformed.
-    fn cut(&mut self, s: usize) -> Option<Cut> {
-        let len = *self.super_lens.get(s)?;
-        let raw = self.supers.get_mut(s)?.get_mut(..len)?;
-        let vnet = VnetHeader::parse(raw)?;
-        let packet = raw.get_mut(VNET_HDR_LEN..)?;
-        match Cut::of(&vnet, packet).ok()? {
-            Cut::Finish { start, offset } => {
-                finish_checksum(packet, start, offset).ok()?;
-                Some(Cut::Whole)
-            }
-            cut => Some(cut),
-        }
     }
 
     /// Stages packet `i` of read `s` (cut as `cut`) in the next free slot:
