@@ -3,7 +3,9 @@
 //! gw-b - server), routed once by the kernel (`kernel_only`), once through
 //! crosslink in cleartext, once through crosslink with a key and, if
 //! `boringtun-cli` is installed (`cargo install boringtun-cli`), once through
-//! a userspace WireGuard tunnel between the gateways (see `boringtun.rs`).
+//! a userspace WireGuard tunnel between the gateways (see `boringtun.rs`), and
+//! once through the kernel's own UDP tunnel, VXLAN (see `vxlan.rs`): the
+//! reference for what UDP encapsulation costs when nothing leaves the kernel.
 //!
 //! For each it measures, with iperf3: one TCP stream, 8 TCP streams (`-P 8`)
 //! and small-packet UDP (`-u -l 64 -b 0`, packets per second delivered), and
@@ -13,7 +15,7 @@
 //!
 //! Run as root: `cargo bench --bench throughput`. Knobs (environment):
 //! `XL_BENCH_RUNS` (default 3), `XL_BENCH_SECONDS` per test (default 5),
-//! `XL_BENCH_MODES` (comma list of kernel,plain,keyed,boringtun; default all
+//! `XL_BENCH_MODES` (comma list of kernel,plain,keyed,boringtun,vxlan; default all
 //! available), `XL_BENCH_COMPARE` (a second crosslink binary measured
 //! alongside), `CROSSLINK_BIN` (default `target/release/crosslink`, built if
 //! missing), `XL_BENCH_BORINGTUN` (the `boringtun-cli` to use; default from
@@ -22,6 +24,8 @@
 
 #[path = "throughput/boringtun.rs"]
 mod boringtun;
+#[path = "throughput/vxlan.rs"]
+mod vxlan;
 
 use crosslink::lab::{self, Host, Lab, LabOptions, SERVER_ADDR};
 use serde_json::Value;
@@ -38,6 +42,7 @@ enum Kind {
     Plain,
     Keyed,
     Boringtun,
+    Vxlan,
 }
 
 /// What forwards between the gateways, and with which binary (crosslink,
@@ -109,8 +114,8 @@ fn binary() -> Result<PathBuf, String> {
 /// The boringtun mode is skipped, with a line saying so, when
 /// `boringtun-cli` is not installed.
 fn modes(bin: &std::path::Path) -> Vec<Mode> {
-    let wanted =
-        std::env::var("XL_BENCH_MODES").unwrap_or_else(|_| "kernel,plain,keyed,boringtun".into());
+    let wanted = std::env::var("XL_BENCH_MODES")
+        .unwrap_or_else(|_| "kernel,plain,keyed,boringtun,vxlan".into());
     let other = std::env::var_os("XL_BENCH_COMPARE").map(PathBuf::from);
     let mut out = Vec::new();
     for m in wanted.split(',') {
@@ -119,6 +124,7 @@ fn modes(bin: &std::path::Path) -> Vec<Mode> {
             "plain" => (Kind::Plain, "crosslink"),
             "keyed" => (Kind::Keyed, "crosslink+key"),
             "boringtun" => (Kind::Boringtun, "boringtun"),
+            "vxlan" => (Kind::Vxlan, "kernel vxlan"),
             other => {
                 eprintln!("unknown mode {other:?} ignored");
                 continue;
@@ -157,7 +163,7 @@ fn modes(bin: &std::path::Path) -> Vec<Mode> {
 /// Sets up one lab in `mode` and measures every test once.
 fn measure(mode: &Mode, seconds: u64) -> Result<Vec<f64>, String> {
     let mut opts = match mode.kind {
-        Kind::Kernel | Kind::Boringtun => LabOptions::kernel_only("tp", &mode.bin),
+        Kind::Kernel | Kind::Boringtun | Kind::Vxlan => LabOptions::kernel_only("tp", &mode.bin),
         Kind::Plain | Kind::Keyed => LabOptions::new("tp", &mode.bin),
     };
     // Slow BFD: the bench is about forwarding, not detection.
@@ -171,6 +177,10 @@ fn measure(mode: &Mode, seconds: u64) -> Result<Vec<f64>, String> {
     // removed) before the lab deletes the namespaces, on every return.
     let tunnel = match mode.kind {
         Kind::Kernel => None,
+        Kind::Vxlan => {
+            vxlan::start(&lab)?;
+            None
+        }
         Kind::Boringtun => Some(boringtun::Tunnel::start(&lab, &mode.bin)?),
         Kind::Plain | Kind::Keyed => {
             lab.start_gateways().map_err(|e| e.to_string())?;
@@ -199,6 +209,12 @@ fn measure(mode: &Mode, seconds: u64) -> Result<Vec<f64>, String> {
     lab::terminate(&mut server, Duration::from_secs(2));
     if let Some(t) = &tunnel {
         check_tunnel_carried(t)?;
+    }
+    if mode.kind == Kind::Vxlan {
+        let sent = vxlan::tx_bytes(&lab)?;
+        if sent < 1_000_000 {
+            return Err(format!("only {sent} bytes went through the VXLAN tunnel"));
+        }
     }
     Ok(out)
 }
