@@ -483,7 +483,9 @@ fn tcp_role() {
 /// clear and sealed: the TUN super-packets are cut into segments with
 /// their own headers and checksums on one side, merged again on the other
 /// ([`crosslink::segment`], [`crosslink::coalesce`]), and nothing is
-/// dropped as malformed on the way.
+/// dropped as malformed on the way. The same holds with each offload the
+/// kernel might lack turned off: no TUN offloads, no UDP GSO, no UDP GRO,
+/// and none at all.
 #[test]
 fn tcp_stream_crosses_intact() {
     if !lab::test_gate("tcp_stream_crosses_intact", &[]) {
@@ -491,14 +493,27 @@ fn tcp_stream_crosses_intact() {
     }
     let _serial = serial();
     const BYTES: usize = 48 << 20;
+    const KEY: &str = "8d1e0c3a7b2d94e8a16c0f3b2e7d5a9c4b8e1f60d2c3a5b7e9f1d3c5a7b9e1f3";
     let want = digest(FNV_START, &stream_bytes(BYTES).collect::<Vec<u8>>());
     let exe = std::env::current_exe().unwrap();
-    for key in [
-        None,
-        Some("8d1e0c3a7b2d94e8a16c0f3b2e7d5a9c4b8e1f60d2c3a5b7e9f1d3c5a7b9e1f3"),
-    ] {
+    // (key, offloads turned off with their CROSSLINK_* variable)
+    let variants: [(Option<&str>, &[&str]); 6] = [
+        (None, &[]),
+        (Some(KEY), &[]),
+        (None, &["TUN_OFFLOAD"]),
+        (Some(KEY), &["UDP_GSO"]),
+        (None, &["UDP_GRO"]),
+        (Some(KEY), &["TUN_OFFLOAD", "UDP_GSO", "UDP_GRO"]),
+    ];
+    for (key, off) in variants {
         let mut opts = LabOptions::new("tcp", BIN);
         opts.key = key.map(str::to_string);
+        opts.gateway_env = off
+            .iter()
+            .map(|v| (format!("CROSSLINK_{v}"), "0".to_string()))
+            .collect();
+        let tun_offload = !off.contains(&"TUN_OFFLOAD")
+            && std::env::var("CROSSLINK_TUN_OFFLOAD").as_deref() != Ok("0");
         let mut lab = Lab::new(opts).unwrap();
         lab.start_gateways().unwrap();
         lab.wait_paths_up(Duration::from_secs(15)).unwrap();
@@ -527,21 +542,21 @@ fn tcp_stream_crosses_intact() {
         assert_eq!(
             line,
             format!("XL_TCP received={BYTES} digest={want:016x}"),
-            "sealed={}",
+            "sealed={} off={off:?}",
             key.is_some()
         );
         let drops = &lab.status(Gw::B).unwrap()["drops"];
         for reason in ["inner_malformed", "too_big", "tun_write"] {
             assert!(
                 drops.get(reason).is_none(),
-                "gw-b dropped {reason}: {drops}"
+                "gw-b dropped {reason} (off: {off:?}): {drops}"
             );
         }
         let drops = &lab.status(Gw::A).unwrap()["drops"];
         for reason in ["inner_malformed", "too_big", "path_send"] {
             assert!(
                 drops.get(reason).is_none(),
-                "gw-a dropped {reason}: {drops}"
+                "gw-a dropped {reason} (off: {off:?}): {drops}"
             );
         }
         let link = lab::run(
@@ -549,11 +564,37 @@ fn tcp_stream_crosses_intact() {
                 .args(["-d", "link", "show", "xl-b"]),
         )
         .unwrap();
-        if std::env::var("CROSSLINK_TUN_OFFLOAD").as_deref() != Ok("0") {
-            assert!(link.contains("vnet_hdr on"), "TUN without offloads: {link}");
+        assert_eq!(
+            link.contains("vnet_hdr on"),
+            tun_offload,
+            "TUN offloads wanted: {tun_offload}; {link}"
+        );
+        // Each gateway says which offloads its threads use.
+        let gso = !off.contains(&"UDP_GSO");
+        let gro = !off.contains(&"UDP_GRO");
+        for gw in [Gw::A, Gw::B] {
+            let log = std::fs::read_to_string(lab.log_path(gw)).unwrap_or_default();
+            let said = |what: &str, fields: &str| {
+                log.lines().any(|l| l.contains(what) && l.contains(fields))
+            };
+            assert!(
+                said(
+                    "sending from the TUN",
+                    &format!("tun_offloads={tun_offload} udp_gso={gso}")
+                ),
+                "{gw}: no sending line with offloads {tun_offload}/{gso}: {log}"
+            );
+            assert!(
+                said(
+                    "receiving into the TUN",
+                    &format!("udp_gro={gro} tun_offloads={tun_offload}")
+                ),
+                "{gw}: no receiving line with GRO {gro}: {log}"
+            );
         }
         println!(
-            "netns tcp: {} MiB crossed intact (sealed={}, TUN offloads={}) in {seconds:.2} s",
+            "netns tcp: {} MiB crossed intact (sealed={}, TUN offloads={}, off: {off:?}) \
+             in {seconds:.2} s",
             BYTES >> 20,
             key.is_some(),
             link.contains("vnet_hdr on")

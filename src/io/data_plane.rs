@@ -66,7 +66,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{debug, error};
+use tracing::{debug, error, info};
 use tun_rs::{InterruptEvent, SyncDevice};
 
 /// Largest datagram handled (inner packet plus overlay header).
@@ -167,6 +167,12 @@ impl TunOut {
                 .flatten()
                 .all(|p| sys::udp_gso_supported(p.socket.as_ref()));
         let mut batch = sys::SendBatch::new(gso);
+        info!(
+            thread = std::thread::current().name().unwrap_or(""),
+            tun_offloads = reader.offload,
+            udp_gso = gso,
+            "sending from the TUN"
+        );
         let mut last_sweep = clock::now();
         loop {
             let wait = self
@@ -808,6 +814,12 @@ fn udp_gso_wanted() -> bool {
     std::env::var("CROSSLINK_UDP_GSO").map_or(true, |v| v != "0")
 }
 
+/// UDP GRO is asked for unless `CROSSLINK_UDP_GRO=0` (then every datagram
+/// arrives as a message of its own, as on a kernel without it).
+fn udp_gro_wanted() -> bool {
+    std::env::var("CROSSLINK_UDP_GRO").map_or(true, |v| v != "0")
+}
+
 /// Errors saying UDP GSO does not work here at all.
 fn gso_unusable(e: &io::Error) -> bool {
     matches!(
@@ -862,9 +874,22 @@ impl PathIn {
         let mut inner: Vec<(usize, Range<usize>)> = Vec::with_capacity(RX_BATCH * 64);
         // Room for the burst's packet slices, kept between bursts.
         let mut spare: Vec<&'static [u8]> = Vec::with_capacity(RX_BATCH * 64);
-        if let Err(e) = sys::enable_udp_gro(self.socket.as_ref()) {
-            debug!(error = %e, "UDP GRO unavailable; datagrams arrive one by one");
-        }
+        let gro = match udp_gro_wanted() {
+            false => false,
+            true => match sys::enable_udp_gro(self.socket.as_ref()) {
+                Ok(()) => true,
+                Err(e) => {
+                    debug!(error = %e, "UDP GRO unavailable; datagrams arrive one by one");
+                    false
+                }
+            },
+        };
+        info!(
+            thread = std::thread::current().name().unwrap_or(""),
+            udp_gro = gro,
+            tun_offloads = out.offload,
+            "receiving into the TUN"
+        );
         let mut next_echo = clock::now();
         while !self.stop.load(Ordering::Relaxed) {
             let now = clock::now();
