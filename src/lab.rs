@@ -91,6 +91,24 @@ impl Gw {
             Gw::B => Host::GwB,
         }
     }
+
+    /// The gateway at the other end of the paths.
+    pub fn other(self) -> Gw {
+        match self {
+            Gw::A => Gw::B,
+            Gw::B => Gw::A,
+        }
+    }
+
+    /// The gateway's tunnel address and the far LAN routed into the tunnel
+    /// (crosslink's TUN in the lab configs; the other tunnels of the
+    /// throughput bench use the same).
+    pub fn tunnel(self) -> (&'static str, &'static str) {
+        match self {
+            Gw::A => ("198.18.99.1/30", "198.18.30.0/24"),
+            Gw::B => ("198.18.99.2/30", "198.18.10.0/24"),
+        }
+    }
 }
 
 impl fmt::Display for Gw {
@@ -754,14 +772,12 @@ impl Lab {
     /// The config file of a gateway.
     pub fn config_text(&self, gw: Gw) -> String {
         let o = &self.opts;
-        let (peer, tun, route, tun_addr) = match gw {
-            Gw::A => ("b", "xl-b", "198.18.30.0/24", "198.18.99.1/30"),
-            Gw::B => ("a", "xl-a", "198.18.10.0/24", "198.18.99.2/30"),
+        let (peer, tun) = match gw {
+            Gw::A => ("b", "xl-b"),
+            Gw::B => ("a", "xl-a"),
         };
-        let other = match gw {
-            Gw::A => Gw::B,
-            Gw::B => Gw::A,
-        };
+        let (tun_addr, route) = gw.tunnel();
+        let other = gw.other();
         let mut text = format!(
             "# crosslink lab: {gw} (written by crosslink::lab)\n\
              [gateway]\nname = \"{gw}\"\ncontrol_socket = \"{sock}\"\n\n\

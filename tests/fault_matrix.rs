@@ -277,7 +277,7 @@ fn stalled(lab: &Lab, untouched: LabPath, before: [u64; 2], test: &str) -> bool 
 // Cut the active path, heal it
 // ---------------------------------------------------------------------------
 
-type Fault<'a> = &'a dyn Fn(&Lab);
+type Fault<'a> = &'a dyn Fn(&mut Lab);
 
 /// Cuts path1 (the active path) with `cut`, waits until both gateways carry
 /// both directions on path2, looks at both gateways' status with `inspect`
@@ -576,21 +576,6 @@ fn f4_random_loss_30_percent() {
     record(row);
 }
 
-/// Polls both gateways until BFD has `p` up on both, for at most `timeout`.
-fn bfd_up_on_both(l: &Lab, p: LabPath, timeout: Duration) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if Gw::ALL
-            .iter()
-            .all(|g| l.poll(*g).is_ok_and(|s| state(&s, p) == "up"))
-        {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
-}
-
 /// path1 flaps: each time BFD has it up again, it stays up for 200 ms and is then
 /// blackholed for 200 ms. A session that is not Up sends one control packet a
 /// second (RFC 5880 section 6.8.3), so with a fixed 200 ms on/off rhythm whether
@@ -615,10 +600,12 @@ fn f5_flapping() {
                 break;
             }
             l.heal(P1).unwrap();
-            assert!(
-                bfd_up_on_both(l, P1, Duration::from_secs(5)),
-                "path1 did not come back up after a heal"
-            );
+            l.wait_for(
+                "path1 up again after a heal",
+                Duration::from_secs(5),
+                |_, s| state(s, P1) == "up",
+            )
+            .unwrap();
             std::thread::sleep(Duration::from_millis(200));
         }
     });
@@ -797,7 +784,7 @@ fn f7b_local_killed_and_restarted() {
     // Worse than what SIGKILL leaves (the kernel removes crosslink's own
     // TUN with its last descriptor): a persistent device of the same name,
     // left by someone else. crosslink takes it over and removes it at stop.
-    let leftover = |l: &Lab| {
+    let leftover = |l: &mut Lab| {
         let tun = tun_name(Gw::A);
         l.ip_in(Host::GwA, &["tuntap", "add", "dev", tun, "mode", "tun"])
             .unwrap();

@@ -48,22 +48,6 @@ fn keys(gw: Gw) -> (&'static str, &'static str) {
     }
 }
 
-fn other(gw: Gw) -> Gw {
-    match gw {
-        Gw::A => Gw::B,
-        Gw::B => Gw::A,
-    }
-}
-
-/// (tunnel address, far LAN routed into the tunnel) of a gateway; the same
-/// as crosslink's TUN in the lab configs.
-fn addressing(gw: Gw) -> (&'static str, &'static str) {
-    match gw {
-        Gw::A => ("198.18.99.1/30", "198.18.30.0/24"),
-        Gw::B => ("198.18.99.2/30", "198.18.10.0/24"),
-    }
-}
-
 /// `boringtun-cli` to use: `XL_BENCH_BORINGTUN`, else PATH, else
 /// `~/.cargo/bin`. `Err` says where it was looked for.
 pub fn find() -> Result<PathBuf, String> {
@@ -158,15 +142,15 @@ impl Tunnel {
     /// and the route to the far LAN.
     fn configure(&self, lab: &Lab, gw: Gw) -> Result<(), String> {
         let (private, _) = keys(gw);
-        let (_, peer_public) = keys(other(gw));
-        let (addr, far_lan) = addressing(gw);
-        let (peer_addr, _) = addressing(other(gw));
+        let (_, peer_public) = keys(gw.other());
+        let (addr, far_lan) = gw.tunnel();
+        let (peer_addr, _) = gw.other().tunnel();
         let peer_host = peer_addr.split('/').next().unwrap_or(peer_addr);
         let set = format!(
             "set=1\nprivate_key={private}\nlisten_port={WG_PORT}\nreplace_peers=true\n\
              public_key={peer_public}\nendpoint={}:{WG_PORT}\nreplace_allowed_ips=true\n\
              allowed_ip={peer_host}/32\nallowed_ip={}\n\n",
-            LabPath::Path1.addr(other(gw)),
+            LabPath::Path1.addr(gw.other()),
             far_lan,
         );
         let answer = uapi(&socket_path(&ifname(gw)), &set)?;
@@ -188,7 +172,7 @@ impl Tunnel {
     /// Pokes the tunnel from gw-a (one UDP datagram to gw-b's tunnel address)
     /// until gw-a's UAPI reports a handshake.
     fn wait_handshake(&self, lab: &Lab, timeout: Duration) -> Result<(), String> {
-        let (peer, _) = addressing(Gw::B);
+        let (peer, _) = Gw::B.tunnel();
         let peer = peer.split('/').next().unwrap_or(peer);
         let poke = format!("echo poke > /dev/udp/{peer}/9");
         let deadline = Instant::now() + timeout;

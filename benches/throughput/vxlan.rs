@@ -17,34 +17,19 @@ use crosslink::lab::{self, Gw, Lab, LabPath};
 /// The device name (one per namespace).
 const DEV: &str = "xlvx";
 
-/// (tunnel address, far LAN) of a gateway, as crosslink's TUN in the lab.
-fn addressing(gw: Gw) -> (&'static str, &'static str) {
-    match gw {
-        Gw::A => ("198.18.99.1/30", "198.18.30.0/24"),
-        Gw::B => ("198.18.99.2/30", "198.18.10.0/24"),
-    }
-}
-
-fn other(gw: Gw) -> Gw {
-    match gw {
-        Gw::A => Gw::B,
-        Gw::B => Gw::A,
-    }
-}
-
 /// Builds the tunnel on both gateways and routes the LANs into it. `Err`
 /// says why (for example a kernel built without VXLAN).
 pub fn start(lab: &Lab) -> Result<(), String> {
-    for gw in [Gw::A, Gw::B] {
+    for gw in Gw::ALL {
         let ip = |args: &[&str]| -> Result<(), String> {
             lab::run(lab.command_in(gw.host(), "ip").args(args))
                 .map(drop)
                 .map_err(|e| e.to_string())
         };
         let local = LabPath::Path1.addr(gw).to_string();
-        let remote = LabPath::Path1.addr(other(gw)).to_string();
-        let (addr, far_lan) = addressing(gw);
-        let (peer_addr, _) = addressing(other(gw));
+        let remote = LabPath::Path1.addr(gw.other()).to_string();
+        let (addr, far_lan) = gw.tunnel();
+        let (peer_addr, _) = gw.other().tunnel();
         let via = peer_addr.split('/').next().unwrap_or(peer_addr);
         ip(&[
             "link", "add", DEV, "type", "vxlan", "id", "1", "local", &local, "remote", &remote,

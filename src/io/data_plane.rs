@@ -739,8 +739,7 @@ impl TunReader {
 
     /// The packet of read `s` (behind its virtio-net header).
     fn packet(&self, s: usize) -> Option<&[u8]> {
-        let len = *self.super_lens.get(s)?;
-        self.supers.get(s)?.get(VNET_HDR_LEN..len)
+        super_packet(&self.supers, &self.super_lens, s)
     }
 
     /// Stages packet `i` of read `s` (cut as `cut`) in the next free slot:
@@ -748,8 +747,8 @@ impl TunReader {
     /// at [`HEADROOM`], the rest left in place. `None` if it does not fit.
     fn put(&mut self, s: usize, cut: Cut, i: usize, inline: bool) -> Option<Staged> {
         let slot_index = self.used;
-        let len = *self.super_lens.get(s)?;
-        let packet = self.supers.get(s)?.get(VNET_HDR_LEN..len)?;
+        // Borrowed apart from the slots, which are written.
+        let packet = super_packet(&self.supers, &self.super_lens, s)?;
         let slot = self.slots.get_mut(slot_index)?.get_mut(HEADROOM..)?;
         let (headers, body) = match cut {
             Cut::Segments(segments) => {
@@ -777,6 +776,11 @@ impl TunReader {
         self.used += 1;
         Some(staged)
     }
+}
+
+/// The packet in super-packet buffer `s` (behind its virtio-net header).
+fn super_packet<'a>(supers: &'a [Vec<u8>], lens: &[usize], s: usize) -> Option<&'a [u8]> {
+    supers.get(s)?.get(VNET_HDR_LEN..*lens.get(s)?)
 }
 
 /// How many datagrams at the start of `rest` can go as one UDP GSO send:

@@ -331,9 +331,7 @@ impl RecvBatch {
         let buf = self.data.get_mut(start..start + len)?;
         Some((buf, src, segment))
     }
-}
 
-impl RecvBatch {
     /// The bytes of message `i` of the last [`RecvBatch::recv`] (what
     /// [`RecvBatch::get_mut`] gave, possibly changed in place since).
     pub fn message(&self, i: usize) -> Option<&[u8]> {
