@@ -464,6 +464,38 @@ impl ReplayWindow {
     }
 }
 
+/// Where [`crate::forward::open`] checks and records a path's sequence
+/// numbers: a window of one receiver, or one shared by the lanes that
+/// receive the path (each datagram, identified by its authenticated lane,
+/// always reaches the same lane, so the check and the commit of one
+/// datagram never race with those of the same datagram).
+pub trait Replays {
+    /// [`ReplayWindow::check`].
+    fn check(&self, epoch: u32, sequence: u64) -> Result<(), Replay>;
+    /// [`ReplayWindow::commit`].
+    fn commit(&mut self, epoch: u32, sequence: u64);
+}
+
+impl Replays for ReplayWindow {
+    fn check(&self, epoch: u32, sequence: u64) -> Result<(), Replay> {
+        ReplayWindow::check(self, epoch, sequence)
+    }
+
+    fn commit(&mut self, epoch: u32, sequence: u64) {
+        ReplayWindow::commit(self, epoch, sequence);
+    }
+}
+
+impl Replays for std::sync::Arc<parking_lot::Mutex<ReplayWindow>> {
+    fn check(&self, epoch: u32, sequence: u64) -> Result<(), Replay> {
+        self.lock().check(epoch, sequence)
+    }
+
+    fn commit(&mut self, epoch: u32, sequence: u64) {
+        self.lock().commit(epoch, sequence);
+    }
+}
+
 /// Replay protection for sealed echo messages, whose sequence field is a
 /// stamp rather than a counter: a request must carry a newer (epoch,
 /// stamp) than any request accepted before (senders stamp with a clock

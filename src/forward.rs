@@ -29,7 +29,7 @@
 //! plaintext and an unkeyed one refuses sealed messages
 //! ([`DropReason::SealMismatch`]).
 
-use crate::crypto::{Keys, MessageId, ReplayWindow, TAG_LEN};
+use crate::crypto::{Keys, MessageId, Replays, TAG_LEN};
 use crate::drop::DropReason;
 use crate::steer::Selection;
 use crate::wire::flow::FlowKey;
@@ -242,7 +242,7 @@ pub fn open(
     datagram: &mut [u8],
     keys: &Keys,
     salt: u64,
-    window: &mut ReplayWindow,
+    window: &mut impl Replays,
 ) -> Result<Opened, DropReason> {
     let (header, hlen) = Header::parse(datagram).map_err(|e| match e {
         OverlayError::BadVersion(_) | OverlayError::BadType(_) => DropReason::OverlayUnsupported,
@@ -307,6 +307,7 @@ fn check_inner(inner: &[u8]) -> Result<(), DropReason> {
 mod tests {
     use super::*;
     use crate::config::Policy;
+    use crate::crypto::ReplayWindow;
     use crate::wire::flow::tests::udp4;
     use crate::wire::overlay::PeerSeq;
 
@@ -436,6 +437,26 @@ mod tests {
         assert_eq!(r.len(), BASE_LEN + inner.len() + TRAILER);
         assert_ne!(&buf[HEADROOM..HEADROOM + inner.len()], &inner[..]);
         buf[r].to_vec()
+    }
+
+    #[test]
+    fn lanes_sharing_a_window_refuse_what_either_has_seen() {
+        let k = keys(1);
+        let shared = std::sync::Arc::new(parking_lot::Mutex::new(ReplayWindow::default()));
+        let (mut lane0, mut lane1) = (shared.clone(), shared);
+        // Lane 0 receives epoch 9 traffic; lane 1 has received nothing.
+        assert!(open(&mut sealed(1, 9, &k, 5), &k, 5, &mut lane0).is_ok());
+        assert!(open(&mut sealed(2, 9, &k, 5), &k, 5, &mut lane1).is_ok());
+        // A replay, and a datagram of an older epoch, are refused on the
+        // lane that never saw the original or the newer epoch.
+        for (seq, epoch) in [(1, 9), (2, 9), (50, 8)] {
+            let mut d = sealed(seq, epoch, &k, 5);
+            assert_eq!(
+                open(&mut d, &k, 5, &mut lane1),
+                Err(DropReason::Replayed),
+                "{seq}/{epoch}"
+            );
+        }
     }
 
     #[test]

@@ -13,8 +13,9 @@
 //! the TUN queue).
 
 use super::control_plane::{BfdThread, Command, CommandLink, Meta, NewPath, Plan};
-use super::data_plane::{FlowTable, PathIn, PathOut, SharedKeys, TunOut};
+use super::data_plane::{self, FlowTable, Lane, PathIn, PathOut, SharedKeys, TunOut};
 use super::linkwatch::{self, LinkWatch, WatchedPath};
+use super::wake::Doorbell;
 use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
 use crate::config::{Config, ConfigError, PathConfig, PeerConfig, Policy};
 use crate::crypto::{self, EchoGuard, ReplayWindow};
@@ -31,7 +32,7 @@ use std::io;
 use std::net::{IpAddr, UdpSocket};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -39,7 +40,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
-use tun_rs::{InterruptEvent, SyncDevice};
+use tun_rs::SyncDevice;
 
 /// Why the daemon could not run.
 #[derive(Debug, Error)]
@@ -155,26 +156,32 @@ fn refuse_unsupported(config: &Config) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// A running path: its data socket and receive thread.
+/// A running path (its sockets are in the peer's lanes).
 struct PathRun {
     id: PathId,
     config: PathConfig,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
 }
 
-/// A running peer: its TUN, sending thread and paths.
+/// A running lane: its thread and the doorbell that stops it.
+struct LaneRun {
+    thread: JoinHandle<Lane>,
+    doorbell: Arc<Doorbell>,
+}
+
+/// A running peer: its TUN, forwarding lanes and paths.
 struct PeerRun {
     id: PeerId,
     config: PeerConfig,
+    /// The TUN's first queue (the device).
     tun: Arc<SyncDevice>,
     ifindex: u32,
-    interrupt: Arc<InterruptEvent>,
-    sender: Option<JoinHandle<TunOut>>,
+    /// How many lanes (TUN queues) the peer has.
+    lanes: usize,
+    running: Vec<LaneRun>,
     /// The peer's keys, shared with its threads; swapped on reload.
     keys: SharedKeys,
-    /// The sending thread's state while it is stopped for a change.
-    parked: Option<TunOut>,
+    /// The lanes' state while they are stopped for a change.
+    parked: Vec<Lane>,
     paths: Vec<PathRun>,
     /// `duplicate`: the window shared by the receive threads of the paths.
     dedup: Arc<Mutex<Window>>,
@@ -206,7 +213,8 @@ struct Gateway {
 struct Pending {
     peer: String,
     config: PathConfig,
-    socket: Arc<UdpSocket>,
+    /// One per lane of the peer, or one that lane 0 reads (see [`open_path`]).
+    sockets: Vec<Arc<UdpSocket>>,
     counters: Arc<PathCounters>,
 }
 
@@ -450,7 +458,6 @@ impl Gateway {
         let mut problems = Vec::new();
         // 1. Take out what goes away or changes.
         let mut doomed_peers = Vec::new();
-        let mut doomed_paths = Vec::new();
         for mut peer in std::mem::take(&mut self.peers) {
             match want.peers.iter().find(|p| p.name == peer.config.name) {
                 Some(w) if restart_key(w) == restart_key(&peer.config) => {
@@ -485,12 +492,16 @@ impl Gateway {
                     for r in gone {
                         info!(peer = %w.name, path = %r.config.name, "reload: stopping path");
                         plan.remove_paths.push(r.id);
-                        if let Some(t) = peer.parked.as_mut() {
-                            if let Some(slot) = t.paths.get_mut(usize::from(r.id.0)) {
+                        // Closes the path's sockets (they go with the lanes' ends).
+                        for lane in &mut peer.parked {
+                            let i = usize::from(r.id.0);
+                            if let Some(slot) = lane.out.paths.get_mut(i) {
+                                *slot = None;
+                            }
+                            if let Some(slot) = lane.ins.get_mut(i) {
                                 *slot = None;
                             }
                         }
-                        doomed_paths.push(r);
                     }
                     self.peers.push(peer);
                 }
@@ -501,7 +512,6 @@ impl Gateway {
                 }
             }
         }
-        stop_paths(&mut doomed_paths);
         for mut peer in doomed_peers {
             peer.stop();
         }
@@ -529,7 +539,7 @@ impl Gateway {
                 if peer.paths.iter().any(|r| r.config.name == path.name) {
                     continue;
                 }
-                match open_path(&w.name, path, want) {
+                match open_path(&w.name, path, want, peer.lanes) {
                     Ok((p, bfd_tx)) => {
                         peer.park();
                         plan.add_paths.push(NewPath {
@@ -664,9 +674,13 @@ impl Gateway {
     /// Opens a new peer's TUN with its addresses and routes.
     async fn open_peer(&self, w: &PeerConfig) -> io::Result<PeerRun> {
         let mtu = w.mtu.unwrap_or_else(|| default_mtu(w));
-        let dev = tun::open(&w.tun, mtu)?;
+        let queues = tun::open(&w.tun, mtu, data_plane::lanes_wanted())?;
+        let queues: Vec<Arc<SyncDevice>> = queues.into_iter().map(Arc::new).collect();
+        let Some(dev) = queues.first().cloned() else {
+            return Err(io::Error::other("TUN opened without a queue"));
+        };
         // A leftover persistent device of this name goes away with us too.
-        if let Err(e) = sys::clear_tun_persist(&dev) {
+        if let Err(e) = sys::clear_tun_persist(dev.as_ref()) {
             warn!(tun = %w.tun, error = %e, "could not clear the TUN's persist flag");
         }
         let index = dev.if_index()?;
@@ -680,36 +694,45 @@ impl Gateway {
                 .await?;
         }
         // No path is up yet: carrier off until the first one is (cloud failover).
-        if let Err(e) = sys::set_tun_carrier(&dev, false) {
+        if let Err(e) = sys::set_tun_carrier(dev.as_ref(), false) {
             warn!(tun = %w.tun, error = %e, "could not turn TUN carrier off");
         }
-        info!(peer = %w.name, tun = %w.tun, mtu, routes = w.routes.len(), "TUN up");
-        let tun = Arc::new(dev);
-        let interrupt = Arc::new(InterruptEvent::new()?);
+        info!(peer = %w.name, tun = %w.tun, mtu, routes = w.routes.len(), lanes = queues.len(), "TUN up");
         let keys = SharedKeys::default();
-        let parked = TunOut {
-            peer: UNASSIGNED,
-            tun: tun.clone(),
-            forwarding: self.shared.forwarding.clone(),
-            paths: Vec::new(),
-            drops: self.shared.drops.clone(),
-            interrupt: interrupt.clone(),
-            flows: FlowTable::default(),
-            keys: keys.clone(),
-            epoch: self.shared.epoch,
-            commands: self.shared.commands.clone(),
-            instance: (mix(self.shared.stamp_key ^ clock::nanos() ^ 0x6475_706c) >> 32) as u32,
-            peer_sequence: 0,
-        };
+        let instance = (mix(self.shared.stamp_key ^ clock::nanos() ^ 0x6475_706c) >> 32) as u32;
+        let peer_sequence = Arc::new(AtomicU64::new(0));
+        let doorbell = Arc::new(Doorbell::new()?);
+        let parked = queues
+            .iter()
+            .enumerate()
+            .map(|(lane, queue)| Lane {
+                out: TunOut {
+                    peer: UNASSIGNED,
+                    lane,
+                    tun: queue.clone(),
+                    forwarding: self.shared.forwarding.clone(),
+                    paths: Vec::new(),
+                    drops: self.shared.drops.clone(),
+                    flows: FlowTable::default(),
+                    keys: keys.clone(),
+                    epoch: self.shared.epoch,
+                    commands: self.shared.commands.clone(),
+                    instance,
+                    peer_sequence: peer_sequence.clone(),
+                },
+                ins: Vec::new(),
+                doorbell: doorbell.clone(),
+            })
+            .collect();
         Ok(PeerRun {
             keys,
             id: UNASSIGNED,
             config: bare(w),
-            tun,
+            tun: dev,
             ifindex: index,
-            interrupt,
-            sender: None,
-            parked: Some(parked),
+            lanes: queues.len(),
+            running: Vec::new(),
+            parked,
             paths: Vec::new(),
             dedup: Arc::new(Mutex::new(Window::new())),
         })
@@ -752,64 +775,66 @@ impl Gateway {
         }
     }
 
-    /// Starts a new path's receive thread and gives it to its peer's sender.
+    /// Gives a new path's sockets to its peer's (parked) lanes.
     fn start_path(&mut self, p: Pending, id: PathId) {
         let Some(peer) = self.peers.iter_mut().find(|r| r.config.name == p.peer) else {
             return;
         };
-        let stop = Arc::new(AtomicBool::new(false));
         let rtt = self
             .shared
             .metrics
             .path(usize::from(id.0))
             .map_or_else(::metrics::Histogram::noop, |m| m.rtt.clone());
-        let rx = PathIn {
-            socket: p.socket.clone(),
-            remote: p.config.remote,
-            tun: peer.tun.clone(),
-            counters: p.counters.clone(),
-            drops: self.shared.drops.clone(),
-            stop: stop.clone(),
-            rtt,
-            stamp_key: self.shared.stamp_key,
-            keys: peer.keys.clone(),
-            epoch: self.shared.epoch,
-            salt_out: crypto::path_salt(p.config.local, p.config.remote),
-            salt_in: crypto::path_salt(p.config.remote, p.config.local),
-            window: ReplayWindow::default(),
-            echo_guard: EchoGuard::default(),
-            dedup: peer.dedup.clone(),
-        };
-        let thread = std::thread::Builder::new()
-            .name(format!("rx-{}", p.config.name))
-            .spawn(move || rx.run());
-        let thread = match thread {
-            Ok(t) => Some(t),
-            Err(e) => {
-                error!(path = %p.config.name, error = %e, "cannot start receive thread");
-                None
+        let sequence = Arc::new(AtomicU64::new(0));
+        let window = Arc::new(Mutex::new(ReplayWindow::default()));
+        let i = usize::from(id.0);
+        for lane in &mut peer.parked {
+            let k = lane.out.lane;
+            let Some(socket) = p.sockets.get(k).or(p.sockets.first()) else {
+                continue;
+            };
+            let slots = i + 1;
+            if lane.out.paths.len() < slots {
+                lane.out.paths.resize_with(slots, || None);
             }
-        };
-        if let Some(t) = peer.parked.as_mut() {
-            let i = usize::from(id.0);
-            if t.paths.len() <= i {
-                t.paths.resize_with(i + 1, || None);
+            if lane.ins.len() < slots {
+                lane.ins.resize_with(slots, || None);
             }
-            t.paths[i] = Some(PathOut {
+            lane.out.paths[i] = Some(PathOut {
                 id,
-                socket: p.socket,
+                socket: socket.clone(),
                 remote: p.config.remote,
-                counters: p.counters,
-                sequence: 0,
+                counters: p.counters.clone(),
+                sequence: sequence.clone(),
                 salt: crypto::path_salt(p.config.local, p.config.remote),
                 last_error_report: None,
+                flows_counted: 0,
+            });
+            // A path with one socket is read by lane 0 only.
+            if p.sockets.get(k).is_none() {
+                continue;
+            }
+            lane.ins[i] = Some(PathIn {
+                socket: socket.clone(),
+                remote: p.config.remote,
+                tun: lane.out.tun.clone(),
+                counters: p.counters.clone(),
+                drops: self.shared.drops.clone(),
+                probe: k == 0,
+                rtt: rtt.clone(),
+                stamp_key: self.shared.stamp_key,
+                keys: peer.keys.clone(),
+                epoch: self.shared.epoch,
+                salt_out: crypto::path_salt(p.config.local, p.config.remote),
+                salt_in: crypto::path_salt(p.config.remote, p.config.local),
+                window: window.clone(),
+                echo_guard: EchoGuard::default(),
+                dedup: peer.dedup.clone(),
             });
         }
         peer.paths.push(PathRun {
             id,
             config: p.config,
-            stop,
-            thread,
         });
     }
 
@@ -824,10 +849,23 @@ impl Gateway {
 /// Not yet given an id by the engine.
 const UNASSIGNED: PeerId = PeerId(u16::MAX);
 
-/// Opens a path's data socket and BFD transmit socket.
-fn open_path(peer: &str, p: &PathConfig, want: &Config) -> io::Result<(Pending, UdpSocket)> {
-    let sock = udp::data_socket(p.local, p.interface.as_deref())?;
-    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+/// Opens a path's data sockets (one per lane, sharing the port, each
+/// receiving the datagrams that name its lane; one only, read by lane 0,
+/// where the kernel cannot steer by lane) and BFD transmit socket.
+fn open_path(
+    peer: &str,
+    p: &PathConfig,
+    want: &Config,
+    lanes: usize,
+) -> io::Result<(Pending, UdpSocket)> {
+    let sockets = match udp::data_sockets(p.local, p.interface.as_deref(), lanes) {
+        Ok(s) => s,
+        Err(e) if lanes > 1 => {
+            warn!(peer, path = %p.name, error = %e, "no socket per lane; lane 0 receives the path");
+            udp::data_sockets(p.local, p.interface.as_deref(), 1)?
+        }
+        Err(e) => return Err(e),
+    };
     let index = want
         .peers
         .iter()
@@ -839,54 +877,49 @@ fn open_path(peer: &str, p: &PathConfig, want: &Config) -> io::Result<(Pending, 
     let pending = Pending {
         peer: peer.to_string(),
         config: p.clone(),
-        socket: Arc::new(sock),
+        sockets: sockets.into_iter().map(Arc::new).collect(),
         counters: Arc::default(),
     };
     Ok((pending, bfd_tx))
 }
 
-/// Stops receive threads (each notices within its 200 ms read timeout).
-fn stop_paths(paths: &mut [PathRun]) {
-    for p in paths.iter() {
-        p.stop.store(true, Ordering::Relaxed);
-    }
-    for p in paths.iter_mut() {
-        if let Some(t) = p.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 impl PeerRun {
-    /// Stops the sending thread and keeps its state for a restart.
+    /// Stops the lanes and keeps their state for a restart.
     fn park(&mut self) {
-        if let Some(t) = self.sender.take() {
-            let _ = self.interrupt.trigger();
-            if let Ok(out) = t.join() {
-                self.parked = Some(out);
+        for lane in &self.running {
+            let _ = lane.doorbell.ring();
+        }
+        for lane in std::mem::take(&mut self.running) {
+            if let Ok(l) = lane.thread.join() {
+                self.parked.push(l);
             }
         }
     }
 
-    /// (Re)starts the sending thread from its parked state.
+    /// (Re)starts the lanes from their parked state.
     fn unpark(&mut self) -> io::Result<()> {
-        let Some(mut out) = self.parked.take() else {
+        if self.parked.is_empty() {
             return Ok(());
-        };
-        self.interrupt = Arc::new(InterruptEvent::new()?);
-        out.interrupt = self.interrupt.clone();
-        out.peer = self.id;
-        let thread = std::thread::Builder::new()
-            .name(format!("tun-{}", self.config.name))
-            .spawn(move || out.run())?;
-        self.sender = Some(thread);
+        }
+        let doorbell = Arc::new(Doorbell::new()?);
+        for mut lane in std::mem::take(&mut self.parked) {
+            lane.doorbell = doorbell.clone();
+            lane.out.peer = self.id;
+            let name = format!("fwd{}-{}", lane.out.lane, self.config.name);
+            let thread = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || lane.run())?;
+            self.running.push(LaneRun {
+                thread,
+                doorbell: doorbell.clone(),
+            });
+        }
         Ok(())
     }
 
     /// Stops every thread of the peer; dropping it then closes the TUN.
     fn stop(&mut self) {
         self.park();
-        self.parked = None;
-        stop_paths(&mut self.paths);
+        self.parked.clear();
     }
 }

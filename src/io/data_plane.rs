@@ -41,6 +41,7 @@
 //! [`SEND_ERROR_REPORT_INTERVAL`]), which marks the path suspect.
 
 use super::control_plane::{Command, CommandLink};
+use super::wake::{Doorbell, PollSet};
 use super::{clock, sys, udp};
 use crate::coalesce::{self, Train, MAX_TRAIN_HEADER};
 use crate::config::Policy;
@@ -54,7 +55,7 @@ use crate::forward::{
 };
 use crate::segment::{finish_checksum, Cut, VnetHeader, MAX_HEADERS, VNET_HDR_LEN};
 use crate::telemetry::{DropCounters, PathCounters};
-use crate::wire::overlay::{Header, PeerSeq};
+use crate::wire::overlay::{Header, PeerSeq, MAX_LANES};
 use crate::{PathId, PeerId};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
@@ -63,11 +64,12 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, IoSlice};
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, error, info};
-use tun_rs::{InterruptEvent, SyncDevice};
+use tun_rs::SyncDevice;
 
 /// Largest datagram handled (inner packet plus overlay header).
 pub const BUF_LEN: usize = 65_535 + HEADROOM + TRAILER;
@@ -95,32 +97,42 @@ const ECHO_INTERVAL: Duration = Duration::from_secs(1);
 /// Replies older than this are ignored.
 const ECHO_MAX_AGE: Duration = Duration::from_secs(10);
 
-/// A path as the sending thread sees it.
+/// A path as a lane's sending half sees it.
 pub struct PathOut {
     pub id: PathId,
+    /// The lane's socket of the path (any of them may send).
     pub socket: Arc<UdpSocket>,
     pub remote: SocketAddr,
     pub counters: Arc<PathCounters>,
-    pub sequence: u64,
+    /// The path's last sequence number, shared by the peer's lanes (the
+    /// nonce of a sealed datagram: never twice).
+    pub sequence: Arc<AtomicU64>,
     pub last_error_report: Option<Instant>,
     /// [`crate::crypto::path_salt`] of (local, remote).
     pub salt: u64,
+    /// The flows this lane counted on the path at its last sweep (its share
+    /// of `counters.flows`).
+    pub flows_counted: u64,
 }
 
-/// Reads a peer's TUN and sends each packet on its path.
+/// The sending half of a lane: reads the lane's TUN queue and sends each
+/// packet on its path.
 pub struct TunOut {
     pub peer: PeerId,
+    /// This lane's number, written in every data header ([`Header::with_lane`]).
+    pub lane: usize,
+    /// This lane's queue of the peer's TUN.
     pub tun: Arc<SyncDevice>,
     pub forwarding: Arc<ArcSwap<Forwarding>>,
     pub paths: Vec<Option<PathOut>>,
     pub drops: Arc<DropCounters>,
-    pub interrupt: Arc<InterruptEvent>,
     pub flows: FlowTable,
     /// Where send errors are reported.
     pub commands: CommandLink,
-    /// `duplicate`: this sender's instance number and the peer's last sequence.
+    /// `duplicate`: this sender's instance number and the peer's last
+    /// sequence (shared by the peer's lanes).
     pub instance: u32,
-    pub peer_sequence: u64,
+    pub peer_sequence: Arc<AtomicU64>,
     pub keys: SharedKeys,
     /// This run's epoch (see [`crate::crypto`]).
     pub epoch: u32,
@@ -146,113 +158,176 @@ struct Staged {
     body: Option<(usize, Range<usize>)>,
 }
 
-impl TunOut {
-    /// Forwards until interrupted; gives itself back so that a reload can
-    /// restart it with a changed path table (sequence numbers kept).
+/// A forwarding lane of a peer: one thread that reads its queue of the
+/// peer's TUN and sends on the paths ([`TunOut`]), and receives on its
+/// socket of every path and writes to the same queue ([`PathIn`]).
+///
+/// Both directions of a flow stay with one lane: the TUN puts a flow's
+/// packets in the queue that last wrote the flow's packets (the kernel's
+/// automatic steering, by a hash that is the same both ways), and every
+/// datagram names its sender's lane, by which the far gateway's sockets
+/// hand it to the lane of the same number ([`crate::io::udp::data_sockets`]).
+/// So a TCP acknowledgement that writing a burst to the TUN produces is
+/// waiting in the lane's queue when the write returns, and goes out without
+/// waking another thread.
+pub struct Lane {
+    pub out: TunOut,
+    /// This lane's end of each path, by path id (`None`: no such path, or
+    /// the path has one socket, which lane 0 reads).
+    pub ins: Vec<Option<PathIn>>,
+    /// Rung to stop the lane.
+    pub doorbell: Arc<Doorbell>,
+}
+
+impl Lane {
+    /// Forwards until the doorbell rings; gives itself back so that a
+    /// reload can restart it with a changed path table (sequence numbers,
+    /// replay windows and flows kept).
     ///
-    /// Each turn waits (interruptibly) for one packet, then takes whatever
-    /// else the TUN holds without waiting ([`TunReader::fill`]), frames it
-    /// all and sends each path's run of datagrams together
-    /// ([`Self::transmit`]).
-    pub fn run(mut self) -> TunOut {
-        let mut reader = TunReader::new(&self.tun);
-        // A second copy (duplicate policy) of a sealed packet is sealed
-        // from this plaintext copy.
-        let mut spare = vec![0u8; reader.slot_len];
-        let mut pending: Vec<Pending> = Vec::with_capacity(reader.slots.len());
+    /// Each turn waits for the TUN queue, a socket or the next timer, then
+    /// takes one burst from each that is ready.
+    pub fn run(mut self) -> Lane {
+        let mut tx = self.out.start();
+        let mut rx: Vec<Option<RxState>> = self
+            .ins
+            .iter()
+            .map(|p| p.as_ref().map(PathIn::start))
+            .collect();
+        let present: Vec<usize> = (0..self.ins.len())
+            .filter(|&i| self.ins.get(i).is_some_and(Option::is_some))
+            .collect();
+        let mut set = PollSet::default();
+        set.watch(
+            [self.doorbell.as_raw_fd(), self.out.tun.as_raw_fd()]
+                .into_iter()
+                .chain(present.iter().filter_map(|&i| {
+                    let p = self.ins.get(i)?.as_ref()?;
+                    Some(p.socket.as_raw_fd())
+                })),
+        );
+        let mut next_sweep = clock::now() + SWEEP_EVERY;
+        loop {
+            let now = clock::now();
+            if now >= next_sweep {
+                next_sweep = now + SWEEP_EVERY;
+                self.out.flows.sweep(now, &mut self.out.paths);
+            }
+            let mut next = next_sweep;
+            for (p, r) in self.ins.iter_mut().zip(rx.iter_mut()) {
+                if let (Some(p), Some(r)) = (p, r) {
+                    next = next.min(p.tick(r, now));
+                }
+            }
+            if let Err(e) = set.wait(next.saturating_duration_since(now)) {
+                error!(error = %e, "poll failed; forwarding for this lane stopped");
+                return self;
+            }
+            if set.ready(0) {
+                return self;
+            }
+            if set.ready(1) {
+                if let Err(e) = self.out.turn(&mut tx) {
+                    error!(error = %e, "TUN read failed; forwarding for this lane stopped");
+                    return self;
+                }
+            }
+            for (k, &i) in present.iter().enumerate() {
+                if !set.ready(2 + k) {
+                    continue;
+                }
+                if let (Some(Some(p)), Some(Some(r))) = (self.ins.get_mut(i), rx.get_mut(i)) {
+                    p.turn(r);
+                }
+            }
+        }
+    }
+}
+
+/// What a lane's sending half works with between turns: buffers allocated
+/// once.
+struct TxState {
+    reader: TunReader,
+    /// A second copy (duplicate policy) of a sealed packet is sealed
+    /// from this plaintext copy.
+    spare: Vec<u8>,
+    pending: Vec<Pending>,
+    batch: sys::SendBatch,
+}
+
+impl TunOut {
+    /// Allocates the buffers of the sending half and says which offloads it
+    /// uses.
+    fn start(&self) -> TxState {
+        let reader = TunReader::new(&self.tun);
         let gso = udp_gso_wanted()
             && self
                 .paths
                 .iter()
                 .flatten()
                 .all(|p| sys::udp_gso_supported(p.socket.as_ref()));
-        let mut batch = sys::SendBatch::new(gso);
         info!(
             thread = std::thread::current().name().unwrap_or(""),
+            lane = self.lane,
             tun_offloads = reader.offload,
             udp_gso = gso,
             "sending from the TUN"
         );
-        let mut last_sweep = clock::now();
-        loop {
-            let wait = self
-                .tun
-                .wait_readable_intr_timeout(&self.interrupt, Some(SWEEP_EVERY));
-            match wait {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    last_sweep = clock::now();
-                    self.flows.sweep(last_sweep, &self.paths);
-                    continue;
+        TxState {
+            spare: vec![0u8; reader.slot_len],
+            pending: Vec::with_capacity(reader.slots.len()),
+            batch: sys::SendBatch::new(gso),
+            reader,
+        }
+    }
+
+    /// Takes whatever the TUN queue holds ([`TunReader::fill`]), frames it
+    /// all and sends each path's run of datagrams together
+    /// ([`Self::transmit`]). Only a failing device is an error.
+    fn turn(&mut self, tx: &mut TxState) -> io::Result<()> {
+        let TxState {
+            reader,
+            spare,
+            pending,
+            batch,
+        } = tx;
+        let count = reader.fill(&self.tun, &self.drops)?;
+        if count == 0 {
+            return Ok(());
+        }
+        let now = clock::now();
+        let forwarding = self.forwarding.load_full();
+        let peer = forwarding.peers.get(usize::from(self.peer.0));
+        let turn = Turn {
+            duplicate: peer.is_some_and(|p| p.policy == Policy::Duplicate),
+            forwarding,
+            keys: self.keys.load_full(),
+            now,
+        };
+        for r in 0..count {
+            match reader.reads.get(r).copied() {
+                Some(Read::Super(s, cut)) => {
+                    self.cut_and_stage(reader, s, cut, &turn, spare, pending, batch);
                 }
-                Err(_) if self.interrupt.is_trigger() => return self,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    error!(error = %e, "TUN wait failed; forwarding for this peer stopped");
-                    return self;
+                Some(Read::Slot(slot, len)) => {
+                    let staged = Staged {
+                        slot,
+                        in_slot: len,
+                        body: None,
+                    };
+                    let inner = reader
+                        .slots
+                        .get(slot)
+                        .and_then(|b| b.get(HEADROOM..HEADROOM + len));
+                    let Some(placement) = self.place(&turn, inner.unwrap_or_default()) else {
+                        continue;
+                    };
+                    self.stage(reader, staged, &placement, &turn, spare, pending, batch);
                 }
-            }
-            let count = match reader.fill(&self.tun, &self.drops) {
-                Ok(n) => n,
-                Err(e) => {
-                    error!(error = %e, "TUN read failed; forwarding for this peer stopped");
-                    return self;
-                }
-            };
-            let now = clock::now();
-            let forwarding = self.forwarding.load_full();
-            let peer = forwarding.peers.get(usize::from(self.peer.0));
-            let turn = Turn {
-                duplicate: peer.is_some_and(|p| p.policy == Policy::Duplicate),
-                forwarding,
-                keys: self.keys.load_full(),
-                now,
-            };
-            for r in 0..count {
-                match reader.reads.get(r).copied() {
-                    Some(Read::Super(s, cut)) => {
-                        self.cut_and_stage(
-                            &mut reader,
-                            s,
-                            cut,
-                            &turn,
-                            &mut spare,
-                            &mut pending,
-                            &mut batch,
-                        );
-                    }
-                    Some(Read::Slot(slot, len)) => {
-                        let staged = Staged {
-                            slot,
-                            in_slot: len,
-                            body: None,
-                        };
-                        let inner = reader
-                            .slots
-                            .get(slot)
-                            .and_then(|b| b.get(HEADROOM..HEADROOM + len));
-                        let Some(placement) = self.place(&turn, inner.unwrap_or_default()) else {
-                            continue;
-                        };
-                        self.stage(
-                            &mut reader,
-                            staged,
-                            &placement,
-                            &turn,
-                            &mut spare,
-                            &mut pending,
-                            &mut batch,
-                        );
-                    }
-                    None => break,
-                }
-            }
-            self.flush(&mut pending, &reader, &mut batch, now);
-            if now.saturating_duration_since(last_sweep) >= SWEEP_EVERY {
-                last_sweep = now;
-                self.flows.sweep(now, &self.paths);
+                None => break,
             }
         }
+        self.flush(pending, reader, batch, now);
+        Ok(())
     }
 
     /// Where the flow of `inner` goes (counted and `None` if nowhere).
@@ -324,12 +399,9 @@ impl TunOut {
         batch: &mut sys::SendBatch,
     ) {
         let keys = turn.keys.as_deref();
-        let peer_seq = turn.duplicate.then(|| {
-            self.peer_sequence = self.peer_sequence.wrapping_add(1);
-            PeerSeq {
-                instance: self.instance,
-                sequence: self.peer_sequence,
-            }
+        let peer_seq = turn.duplicate.then(|| PeerSeq {
+            instance: self.instance,
+            sequence: self.peer_sequence.fetch_add(1, Ordering::Relaxed) + 1,
         });
         let body_len = staged.body.as_ref().map_or(0, |(_, r)| r.len());
         let inner_len = staged.in_slot + body_len;
@@ -376,8 +448,8 @@ impl TunOut {
             self.drops.count(DropReason::NoPath);
             return None;
         };
-        path.sequence += 1;
-        let mut header = Header::data(path.sequence);
+        let sequence = path.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut header = Header::data(sequence).with_lane(self.lane);
         if let Some(p) = peer_seq {
             header = header.with_peer_seq(p);
         }
@@ -812,6 +884,24 @@ fn gso_run(rest: &[sys::Datagram<'_>]) -> usize {
     }
 }
 
+/// Forwarding lanes per peer: `CROSSLINK_LANES` (1 to
+/// [`crate::wire::overlay::MAX_LANES`]) if set, else one per CPU, at most
+/// [`DEFAULT_MAX_LANES`].
+pub fn lanes_wanted() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    lanes_from(std::env::var("CROSSLINK_LANES").ok().as_deref(), cpus)
+}
+
+/// Lanes a peer gets by default on a machine with many CPUs.
+pub const DEFAULT_MAX_LANES: usize = 4;
+
+fn lanes_from(var: Option<&str>, cpus: usize) -> usize {
+    match var.and_then(|v| v.trim().parse::<usize>().ok()) {
+        Some(n) => n.clamp(1, MAX_LANES),
+        None => cpus.clamp(1, DEFAULT_MAX_LANES),
+    }
+}
+
 /// UDP GSO is used unless `CROSSLINK_UDP_GSO=0` (then every datagram is a
 /// packet of its own on the underlay, as with kernels without it).
 fn udp_gso_wanted() -> bool {
@@ -844,14 +934,18 @@ impl PathOut {
     }
 }
 
-/// Receives a path's datagrams and writes the inner packets to the TUN.
+/// A lane's receiving end of a path: takes the datagrams of the lane's
+/// socket and writes the inner packets to the lane's TUN queue.
 pub struct PathIn {
+    /// The lane's socket of the path.
     pub socket: Arc<UdpSocket>,
     pub remote: SocketAddr,
+    /// The lane's queue of the peer's TUN.
     pub tun: Arc<SyncDevice>,
     pub counters: Arc<PathCounters>,
     pub drops: Arc<DropCounters>,
-    pub stop: Arc<AtomicBool>,
+    /// Whether this end measures the path's round-trip time (one lane does).
+    pub probe: bool,
     /// The peer's duplicate-suppression window, shared by its paths.
     pub dedup: Arc<Mutex<Window>>,
     /// Where measured round-trip times go.
@@ -865,19 +959,29 @@ pub struct PathIn {
     pub salt_out: u64,
     /// [`crate::crypto::path_salt`] of (remote, local), for what we receive.
     pub salt_in: u64,
-    pub window: ReplayWindow,
+    /// The path's replay window, shared by the peer's lanes.
+    pub window: Arc<Mutex<ReplayWindow>>,
     pub echo_guard: EchoGuard,
 }
 
+/// What a lane's receiving end of a path works with between turns:
+/// buffers allocated once.
+struct RxState {
+    batch: sys::RecvBatch,
+    out: TunWriter,
+    /// The inner packets of a burst: (message, range in it).
+    inner: Vec<(usize, Range<usize>)>,
+    /// Room for the burst's packet slices, kept between bursts.
+    spare: Vec<&'static [u8]>,
+    /// When the next echo request is due.
+    next_echo: Instant,
+}
+
 impl PathIn {
-    /// Receives until told to stop, a burst per `recvmmsg`.
-    pub fn run(mut self) {
-        let mut batch = sys::RecvBatch::new(RX_BATCH, BUF_LEN);
-        let mut out = TunWriter::new(&self.tun);
-        // The inner packets of a burst: (message, range in it).
-        let mut inner: Vec<(usize, Range<usize>)> = Vec::with_capacity(RX_BATCH * 64);
-        // Room for the burst's packet slices, kept between bursts.
-        let mut spare: Vec<&'static [u8]> = Vec::with_capacity(RX_BATCH * 64);
+    /// Asks for UDP GRO, allocates the buffers and says which offloads this
+    /// end uses.
+    fn start(&self) -> RxState {
+        let out = TunWriter::new(&self.tun);
         let gro = match udp_gro_wanted() {
             false => false,
             true => match sys::enable_udp_gro(self.socket.as_ref()) {
@@ -890,73 +994,95 @@ impl PathIn {
         };
         info!(
             thread = std::thread::current().name().unwrap_or(""),
+            remote = %self.remote,
             udp_gro = gro,
             tun_offloads = out.offload,
             "receiving into the TUN"
         );
-        let mut next_echo = clock::now();
-        while !self.stop.load(Ordering::Relaxed) {
-            let now = clock::now();
-            if now >= next_echo {
-                next_echo = now + ECHO_INTERVAL;
-                // Sealed stamps need no obscuring, and must increase (EchoGuard).
-                let stamp = match self.keys.load().is_some() {
-                    true => clock::nanos(),
-                    false => clock::nanos() ^ self.stamp_key,
-                };
-                self.echo_guard.sent(stamp);
-                self.send_echo(Echo::Request(stamp));
-            }
-            let n = match batch.recv(self.socket.as_ref()) {
-                Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => {
-                    debug!(error = %e, "path receive error");
-                    continue;
-                }
-            };
-            let keys = self.keys.load_full();
-            inner.clear();
-            for i in 0..n {
-                let Some((message, src, segment)) = batch.get_mut(i) else {
-                    self.drops.count(DropReason::TooBig);
-                    continue;
-                };
-                // A coalesced message holds datagrams of `segment` bytes
-                // (the last may be shorter), all from one source; the inner
-                // packets are opened in place.
-                if message.is_empty() {
-                    // An empty datagram is junk too, and counted as such.
-                    let _ = self.receive(message, src, keys.as_deref());
-                }
-                let segment = segment.unwrap_or(message.len()).max(1);
-                for (k, datagram) in message.chunks_mut(segment).enumerate() {
-                    if let Some(r) = self.receive(datagram, src, keys.as_deref()) {
-                        let at = k * segment;
-                        inner.push((i, at + r.start..at + r.end));
-                    }
-                }
-            }
-            // The whole burst is written together: a far super-packet sent
-            // as two messages (UDP GSO stops at 64 KiB of datagrams, headers
-            // included) goes back into the TUN as one.
-            let mut packets = std::mem::take(&mut spare);
-            packets.extend(inner.iter().map(|(i, r)| {
-                let message = batch.message(*i).unwrap_or_default();
-                message.get(r.clone()).unwrap_or_default()
-            }));
-            out.write(&self.tun, &packets, &self.drops);
-            spare = recycle(packets);
+        RxState {
+            batch: sys::RecvBatch::new(RX_BATCH, BUF_LEN),
+            out,
+            inner: Vec::with_capacity(RX_BATCH * 64),
+            spare: Vec::with_capacity(RX_BATCH * 64),
+            next_echo: clock::now(),
         }
+    }
+
+    /// Sends an echo request if one is due; returns when the next one is.
+    fn tick(&mut self, rx: &mut RxState, now: Instant) -> Instant {
+        if self.probe && now >= rx.next_echo {
+            rx.next_echo = now + ECHO_INTERVAL;
+            // Sealed stamps need no obscuring, and must increase (EchoGuard).
+            let stamp = match self.keys.load().is_some() {
+                true => clock::nanos(),
+                false => clock::nanos() ^ self.stamp_key,
+            };
+            self.echo_guard.sent(stamp);
+            self.send_echo(Echo::Request(stamp));
+        }
+        match self.probe {
+            true => rx.next_echo,
+            false => now + ECHO_INTERVAL,
+        }
+    }
+
+    /// Takes what the socket holds (a burst per `recvmmsg`, without
+    /// waiting) and writes the inner packets to the TUN.
+    fn turn(&mut self, rx: &mut RxState) {
+        let RxState {
+            batch,
+            out,
+            inner,
+            spare,
+            ..
+        } = rx;
+        let n = match batch.recv_queued(self.socket.as_ref()) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                return
+            }
+            Err(e) => {
+                debug!(error = %e, "path receive error");
+                return;
+            }
+        };
+        let keys = self.keys.load_full();
+        inner.clear();
+        for i in 0..n {
+            let Some((message, src, segment)) = batch.get_mut(i) else {
+                self.drops.count(DropReason::TooBig);
+                continue;
+            };
+            // A coalesced message holds datagrams of `segment` bytes
+            // (the last may be shorter), all from one source; the inner
+            // packets are opened in place.
+            if message.is_empty() {
+                // An empty datagram is junk too, and counted as such.
+                let _ = self.receive(message, src, keys.as_deref());
+            }
+            let segment = segment.unwrap_or(message.len()).max(1);
+            for (k, datagram) in message.chunks_mut(segment).enumerate() {
+                if let Some(r) = self.receive(datagram, src, keys.as_deref()) {
+                    let at = k * segment;
+                    inner.push((i, at + r.start..at + r.end));
+                }
+            }
+        }
+        // The whole burst is written together: a far super-packet sent
+        // as two messages (UDP GSO stops at 64 KiB of datagrams, headers
+        // included) goes back into the TUN as one.
+        let mut packets = std::mem::take(spare);
+        packets.extend(inner.iter().map(|(i, r)| {
+            let message = batch.message(*i).unwrap_or_default();
+            message.get(r.clone()).unwrap_or_default()
+        }));
+        out.write(&self.tun, &packets, &self.drops);
+        *spare = recycle(packets);
     }
 
     /// Validates one datagram: the inner packet's range in it, if it is
@@ -1197,7 +1323,9 @@ impl FlowTable {
         }
     }
 
-    fn sweep(&mut self, now: Instant, paths: &[Option<PathOut>]) {
+    /// Forgets idle flows and adds this lane's change in active flows to
+    /// each path's count (the lanes of a peer share the counters).
+    fn sweep(&mut self, now: Instant, paths: &mut [Option<PathOut>]) {
         self.flows
             .retain(|_, (_, seen)| now.saturating_duration_since(*seen) < FLOW_IDLE);
         let mut per_path = vec![0u64; paths.len()];
@@ -1206,9 +1334,14 @@ impl FlowTable {
                 *c += 1;
             }
         }
-        for (p, n) in paths.iter().zip(per_path) {
+        for (p, n) in paths.iter_mut().zip(per_path) {
             if let Some(p) = p {
-                p.counters.flows.store(n, Ordering::Relaxed);
+                let before = std::mem::replace(&mut p.flows_counted, n);
+                if n >= before {
+                    p.counters.flows.fetch_add(n - before, Ordering::Relaxed);
+                } else {
+                    p.counters.flows.fetch_sub(before - n, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -1304,6 +1437,17 @@ mod tests {
         split_plainly(&mut messages, 4, 10);
         assert_eq!(messages.len(), 6);
         assert!(messages.iter().all(|m| m.count == 1 && m.segment.is_none()));
+    }
+
+    #[test]
+    fn lanes_follow_the_cpus_or_the_variable() {
+        assert_eq!(lanes_from(None, 1), 1);
+        assert_eq!(lanes_from(None, 2), 2);
+        assert_eq!(lanes_from(None, 64), DEFAULT_MAX_LANES);
+        assert_eq!(lanes_from(Some("3"), 2), 3);
+        assert_eq!(lanes_from(Some("0"), 2), 1);
+        assert_eq!(lanes_from(Some("99"), 2), MAX_LANES);
+        assert_eq!(lanes_from(Some("many"), 2), 2);
     }
 
     #[test]

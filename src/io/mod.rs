@@ -28,3 +28,4 @@ pub mod notify;
 pub mod sys;
 pub mod tun;
 pub mod udp;
+pub mod wake;

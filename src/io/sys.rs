@@ -2,10 +2,13 @@
 //! TTL (for GTSM), waiting on several sockets with a nanosecond timeout,
 //! batched datagram receive and send for the forwarding threads (recvmmsg,
 //! sendmmsg: one system call per burst instead of per packet),
-//! TUN carrier control, and real-time scheduling. This is the only module
-//! with `unsafe`; each block is one libc call on a buffer it owns.
+//! TUN carrier control, real-time scheduling, and steering a reuseport
+//! group's datagrams by lane (classic BPF). With [`super::wake`] (`poll`
+//! and `eventfd`), the only module with `unsafe`; each block is one libc
+//! call on a buffer it owns.
 #![allow(unsafe_code)]
 
+use crate::wire::overlay;
 use std::io;
 use std::mem::{size_of, zeroed, MaybeUninit};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -272,6 +275,16 @@ impl RecvBatch {
     /// and takes whatever else is queued, up to the batch size. Returns how
     /// many were received.
     pub fn recv(&mut self, sock: &impl AsRawFd) -> io::Result<usize> {
+        self.recv_with(sock, libc::MSG_WAITFORONE)
+    }
+
+    /// Takes what is queued, up to the batch size, without waiting
+    /// (`WouldBlock` if nothing is).
+    pub fn recv_queued(&mut self, sock: &impl AsRawFd) -> io::Result<usize> {
+        self.recv_with(sock, libc::MSG_DONTWAIT)
+    }
+
+    fn recv_with(&mut self, sock: &impl AsRawFd, flags: libc::c_int) -> io::Result<usize> {
         self.filled = 0;
         let base = self.data.as_mut_ptr();
         for (i, (((iov, hdr), addr), control)) in self
@@ -295,13 +308,13 @@ impl RecvBatch {
             hdr.msg_len = 0;
         }
         // SAFETY: every header points at buffers owned by self that outlive the call;
-        // vlen is the number of headers. MSG_WAITFORONE: block for the first only.
+        // vlen is the number of headers.
         let n = unsafe {
             libc::recvmmsg(
                 sock.as_raw_fd(),
                 self.hdrs.as_mut_ptr(),
                 self.hdrs.len() as libc::c_uint,
-                libc::MSG_WAITFORONE,
+                flags,
                 std::ptr::null_mut(),
             )
         };
@@ -564,4 +577,244 @@ const UDP_SEGMENT: libc::c_int = 103;
 /// per-message control and would send one oversized datagram.
 pub fn udp_gso_supported(sock: &impl AsRawFd) -> bool {
     setsockopt_int(sock.as_raw_fd(), libc::SOL_UDP, UDP_SEGMENT, 0).is_ok()
+}
+
+/// The most lanes [`steer_by_lane`] can steer: the lane is a 3-bit field.
+pub use crate::wire::overlay::MAX_LANES;
+
+/// Offset of the overlay header's Flags byte in the UDP payload.
+const FLAGS_OFFSET: u32 = overlay::FLAGS_AT as u32;
+/// The lane field of the Flags byte: `(flags >> LANE_SHIFT) & LANE_MASK`.
+const LANE_SHIFT: u32 = overlay::LANE_SHIFT;
+const LANE_MASK: u32 = (overlay::LANE_MASK >> overlay::LANE_SHIFT) as u32;
+
+/// A classic BPF instruction without jump targets.
+const fn bpf_stmt(code: u32, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+/// A classic BPF conditional jump: `jt` / `jf` instructions forward.
+const fn bpf_jump(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
+/// The program [`steer_by_lane`] attaches: returns
+/// `((payload[3] >> 4) & 7) % lanes`, or 0 for a payload shorter than
+/// 4 bytes. For a UDP reuseport group the kernel runs it with the UDP
+/// header pulled, so offset 0 and `len` are those of the UDP payload (see
+/// the `load_origin_*` tests).
+fn lane_program(lanes: u32) -> [libc::sock_filter; 8] {
+    use libc::{BPF_A, BPF_ABS, BPF_ALU, BPF_AND, BPF_B, BPF_JGE, BPF_JMP, BPF_K, BPF_LD};
+    use libc::{BPF_LEN, BPF_MOD, BPF_RET, BPF_RSH, BPF_W};
+    [
+        // 0: A = UDP payload length.
+        bpf_stmt(BPF_LD | BPF_W | BPF_LEN, 0),
+        // 1: no Flags byte: go to 7 (socket 0).
+        bpf_jump(BPF_JMP | BPF_JGE | BPF_K, FLAGS_OFFSET + 1, 0, 5),
+        // 2: A = Flags.
+        bpf_stmt(BPF_LD | BPF_B | BPF_ABS, FLAGS_OFFSET),
+        // 3-4: A = lane.
+        bpf_stmt(BPF_ALU | BPF_RSH | BPF_K, LANE_SHIFT),
+        bpf_stmt(BPF_ALU | BPF_AND | BPF_K, LANE_MASK),
+        // 5: A = lane % lanes (lanes >= 1, checked by the caller).
+        bpf_stmt(BPF_ALU | BPF_MOD | BPF_K, lanes),
+        // 6: the index of the socket in the group.
+        bpf_stmt(BPF_RET | BPF_A, 0),
+        // 7: too short.
+        bpf_stmt(BPF_RET | BPF_K, 0),
+    ]
+}
+
+/// Attaches `program` to the reuseport group of `sock` (which must have
+/// `SO_REUSEPORT` set): the kernel runs it for each datagram and delivers
+/// to the socket whose index in the group it returns (an index past the
+/// end falls back to the kernel's hash). The kernel copies the program.
+fn attach_reuseport_cbpf(sock: &impl AsRawFd, program: &[libc::sock_filter]) -> io::Result<()> {
+    let len = u16::try_from(program.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "BPF program too long"))?;
+    let prog = libc::sock_fprog {
+        len,
+        // The kernel only reads through this pointer.
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: passes a pointer to a live sock_fprog and its exact size; the
+    // fprog points at `len` instructions of `program`, which outlives the
+    // call, and the kernel copies them before returning.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    cvt(r).map(|_| ())
+}
+
+/// Makes the kernel pick, for each datagram to `sock`'s reuseport group,
+/// the socket of index `lane % lanes`, where the lane is bits 4..=6 of the
+/// overlay header's Flags byte (byte 3 of the UDP payload). Datagrams too
+/// short to hold the Flags byte go to socket 0.
+///
+/// A socket's index is the order in which it joined the group (bound);
+/// when a socket leaves, the kernel moves the last one into its place.
+/// `sock` must be bound with `SO_REUSEPORT`; the program applies to the
+/// whole group, including sockets that join later. `lanes` must be
+/// 1..=[`MAX_LANES`], else `InvalidInput`.
+pub fn steer_by_lane(sock: &impl AsRawFd, lanes: usize) -> io::Result<()> {
+    if !(1..=MAX_LANES).contains(&lanes) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("lanes must be 1..={MAX_LANES}, not {lanes}"),
+        ));
+    }
+    let lanes = u32::try_from(lanes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    attach_reuseport_cbpf(sock, &lane_program(lanes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::net::UdpSocket;
+
+    const WAIT: Duration = Duration::from_secs(2);
+
+    /// `count` sockets in one reuseport group on `ip` (port 0), in group
+    /// order, or `None` if `ip` cannot be bound here.
+    fn group(ip: IpAddr, count: usize) -> Option<Vec<UdpSocket>> {
+        let mut socks: Vec<UdpSocket> = Vec::new();
+        let mut addr = SocketAddr::new(ip, 0);
+        for _ in 0..count {
+            let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+                .expect("socket");
+            s.set_reuse_port(true).expect("SO_REUSEPORT");
+            if let Err(e) = s.bind(&addr.into()) {
+                assert!(socks.is_empty(), "binding {addr}: {e}");
+                println!("skipping {ip}: cannot bind: {e}");
+                return None;
+            }
+            let s: UdpSocket = s.into();
+            addr = s.local_addr().expect("local_addr");
+            s.set_nonblocking(true).expect("nonblocking");
+            socks.push(s);
+        }
+        Some(socks)
+    }
+
+    /// Sends `payload` to the group and returns the index of the socket
+    /// that received it (exactly one must).
+    fn receiver(socks: &[UdpSocket], payload: &[u8]) -> usize {
+        let to = socks[0].local_addr().expect("local_addr");
+        let tx = UdpSocket::bind(SocketAddr::new(to.ip(), 0)).expect("sender");
+        tx.send_to(payload, to).expect("send");
+        let fds: Vec<RawFd> = socks.iter().map(|s| s.as_raw_fd()).collect();
+        let mut ready = Vec::new();
+        wait_readable(&fds, Some(WAIT), &mut ready).expect("poll");
+        assert_eq!(
+            ready.len(),
+            1,
+            "datagram not received by exactly one socket"
+        );
+        let mut buf = [0u8; 64];
+        let (n, _) = socks[ready[0]].recv_from(&mut buf).expect("recv");
+        assert_eq!(&buf[..n], payload);
+        ready[0]
+    }
+
+    /// Which socket gets each payload with `program` attached to a
+    /// two-socket group on `ip`.
+    fn probe(ip: IpAddr, program: &[libc::sock_filter], payloads: &[&[u8]]) -> Option<Vec<usize>> {
+        let socks = group(ip, 2)?;
+        attach_reuseport_cbpf(&socks[0], program).expect("attach");
+        Some(payloads.iter().map(|p| receiver(&socks, p)).collect())
+    }
+
+    fn loopbacks() -> [IpAddr; 2] {
+        [Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
+    }
+
+    /// `ldb [0]; ret a`: the socket is byte 0 of what the program sees. It
+    /// follows byte 0 of the UDP payload, not the UDP or IP header.
+    #[test]
+    fn load_origin_is_udp_payload() {
+        let program = [
+            bpf_stmt(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0),
+            bpf_stmt(libc::BPF_RET | libc::BPF_A, 0),
+        ];
+        let payloads: [&[u8]; 6] = [&[1, 0], &[0, 1], &[1; 8], &[0; 8], &[1; 20], &[0; 20]];
+        for ip in loopbacks() {
+            if let Some(got) = probe(ip, &program, &payloads) {
+                assert_eq!(got, [1, 0, 1, 0, 1, 0], "{ip}");
+            }
+        }
+    }
+
+    /// `ld len; jeq #12`: the length the program sees is that of the UDP
+    /// payload (without the 8-byte UDP header).
+    #[test]
+    fn load_origin_len_is_udp_payload_len() {
+        let program = [
+            bpf_stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_LEN, 0),
+            bpf_jump(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 12, 0, 1),
+            bpf_stmt(libc::BPF_RET | libc::BPF_K, 1),
+            bpf_stmt(libc::BPF_RET | libc::BPF_K, 0),
+        ];
+        let payloads: [&[u8]; 3] = [&[0; 12], &[0; 4], &[0; 20]];
+        for ip in loopbacks() {
+            if let Some(got) = probe(ip, &program, &payloads) {
+                assert_eq!(got, [1, 0, 0], "{ip}");
+            }
+        }
+    }
+
+    #[test]
+    fn steer_by_lane_rejects_bad_lane_counts() {
+        let socks = group(Ipv4Addr::LOCALHOST.into(), 1).expect("bind 127.0.0.1");
+        for lanes in [0, MAX_LANES + 1, 9, usize::MAX] {
+            let e = steer_by_lane(&socks[0], lanes).expect_err("bad lane count accepted");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "lanes {lanes}");
+        }
+        for lanes in 1..=MAX_LANES {
+            steer_by_lane(&socks[0], lanes).expect("valid lane count");
+        }
+    }
+
+    /// Every lane goes to socket `lane % lanes`, whatever the other bits
+    /// of the Flags byte; short datagrams go to socket 0.
+    #[test]
+    fn steer_by_lane_picks_lane_modulo_lanes() {
+        for ip in loopbacks() {
+            for lanes in [3usize, 8] {
+                let Some(socks) = group(ip, lanes) else {
+                    continue;
+                };
+                steer_by_lane(&socks[0], lanes).expect("attach");
+                for lane in 0..8u8 {
+                    for other in [0x00, 0x01, 0x08, 0x80, 0x89] {
+                        let mut buf = [0u8; 16];
+                        buf[3] = (lane << 4) | other;
+                        let got = receiver(&socks, &buf);
+                        assert_eq!(got, usize::from(lane) % lanes, "{ip} lanes {lanes}");
+                    }
+                }
+                for short in [&[][..], &[0x70][..], &[0x70, 0x70, 0x70][..]] {
+                    assert_eq!(receiver(&socks, short), 0, "{ip} short {short:?}");
+                }
+                // Exactly the Flags byte: its lane counts.
+                assert_eq!(receiver(&socks, &[0, 0, 0, 0x20]), 2 % lanes, "{ip}");
+            }
+        }
+    }
 }

@@ -11,34 +11,65 @@
 //! kernel that refuses the offloads gets a plain TUN, and
 //! `CROSSLINK_TUN_OFFLOAD=0` asks for one.
 //!
-//! The descriptor is non-blocking: the sending thread waits for the first
-//! packet of a burst with an interruptible poll and then reads what else is
-//! queued without a poll per packet.
+//! A peer with several forwarding lanes gets a multiqueue TUN, one queue
+//! per lane ([`crate::io::data_plane::Lane`]). The kernel puts each flow's
+//! packets in the queue that last wrote packets of the same flow (either
+//! direction), and otherwise spreads flows by hash.
+//!
+//! Every queue's descriptor is non-blocking: a lane waits for it with
+//! `poll`, then reads what is queued without a poll per packet.
 
 use std::io;
 use tracing::warn;
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 /// Creates (and brings up) the TUN device `name`, with offloads if the
-/// kernel has them and they are not turned off.
-pub fn open(name: &str, mtu: u16) -> io::Result<SyncDevice> {
+/// kernel has them and they are not turned off, and with `queues` queues
+/// (one per forwarding lane; fewer if the kernel refuses, at least one).
+/// The first queue is the device's main descriptor.
+pub fn open(name: &str, mtu: u16, queues: usize) -> io::Result<Vec<SyncDevice>> {
     let wanted = std::env::var("CROSSLINK_TUN_OFFLOAD").map_or(true, |v| v != "0");
-    if wanted {
-        match build(name, mtu, true) {
-            Ok(dev) => return Ok(dev),
-            Err(e) => warn!(tun = name, error = %e, "TUN offloads unavailable; plain TUN"),
+    let multi = queues > 1;
+    let first = match wanted {
+        true => build(name, mtu, true, multi).or_else(|e| {
+            warn!(tun = name, error = %e, "TUN offloads unavailable; plain TUN");
+            build(name, mtu, false, multi)
+        }),
+        false => build(name, mtu, false, multi),
+    };
+    let first = match first {
+        Ok(dev) => dev,
+        Err(e) if multi => {
+            warn!(tun = name, error = %e, "multiqueue TUN unavailable; one forwarding lane");
+            return open(name, mtu, 1);
+        }
+        Err(e) => return Err(e),
+    };
+    let mut devs = Vec::with_capacity(queues);
+    for _ in 1..queues {
+        match first
+            .try_clone()
+            .and_then(|q| q.set_nonblocking(true).map(|()| q))
+        {
+            Ok(q) => devs.push(q),
+            Err(e) => {
+                warn!(tun = name, error = %e, queues = devs.len() + 1, "could not open every TUN queue");
+                break;
+            }
         }
     }
-    build(name, mtu, false)
+    devs.insert(0, first);
+    Ok(devs)
 }
 
-fn build(name: &str, mtu: u16, offload: bool) -> io::Result<SyncDevice> {
+fn build(name: &str, mtu: u16, offload: bool, multi_queue: bool) -> io::Result<SyncDevice> {
     DeviceBuilder::new()
         .name(name)
         .mtu(mtu)
         .packet_information(false)
         .with(|b| {
             b.offload(offload);
+            b.multi_queue(multi_queue);
         })
         .enable(true)
         .build_sync()

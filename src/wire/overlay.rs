@@ -31,6 +31,15 @@
 //! +---------------------------------------------------------------+
 //! ```
 //!
+//! Flags: bit 0 ([`FLAG_PEER_SEQ`]) says the extension below follows;
+//! bits 4 to 6 ([`LANE_MASK`]) carry the sender's lane, 0 to 7: the
+//! forwarding thread of the sender that the datagram's flow belongs to.
+//! A receiver with several lanes hands the datagram to its own lane of
+//! that number (modulo its lane count), so that both directions of a flow
+//! stay with one thread on each side ([`crate::io::data_plane`]); it
+//! changes nothing else, and a receiver that does not know it ignores it.
+//! Bits 1 to 3 and 7 are reserved (0).
+//!
 //! The format grows without breaking old receivers: the header length
 //! says where the inner packet starts, so a newer sender can append
 //! extensions (a duplicate-suppression sequence, an authentication tag
@@ -50,6 +59,14 @@ pub const PEER_SEQ_LEN: usize = 16;
 pub const MAX_LEN: usize = BASE_LEN + PEER_SEQ_LEN;
 /// Flag: the peer-sequence extension follows the fixed header.
 pub const FLAG_PEER_SEQ: u8 = 0x01;
+/// Flags bits holding the sender's lane.
+pub const LANE_MASK: u8 = 0x70;
+/// Where the lane starts in the flags byte.
+pub const LANE_SHIFT: u32 = 4;
+/// Lanes the flags can name.
+pub const MAX_LANES: usize = 8;
+/// Offset of the flags byte in a datagram.
+pub const FLAGS_AT: usize = 3;
 
 /// What the datagram carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +164,18 @@ impl Header {
         self.flags |= FLAG_PEER_SEQ;
         self.peer_seq = Some(peer_seq);
         self
+    }
+
+    /// Sets the sender's lane (taken modulo [`MAX_LANES`]).
+    pub fn with_lane(mut self, lane: usize) -> Self {
+        let lane = (lane % MAX_LANES) as u8;
+        self.flags = (self.flags & !LANE_MASK) | (lane << LANE_SHIFT);
+        self
+    }
+
+    /// The sender's lane.
+    pub fn lane(&self) -> usize {
+        usize::from((self.flags & LANE_MASK) >> LANE_SHIFT)
     }
 
     /// The header's length on the wire.
@@ -271,6 +300,29 @@ mod tests {
             Err(OverlayError::BadHeaderLength)
         );
         assert_eq!(h.emit(&mut [0u8; 20]), Err(OverlayError::BufferTooSmall));
+    }
+
+    #[test]
+    fn lane_travels_in_flags_bits_4_to_6() {
+        for lane in 0..MAX_LANES {
+            let h = Header::data(3)
+                .with_peer_seq(PeerSeq {
+                    instance: 1,
+                    sequence: 2,
+                })
+                .with_lane(lane);
+            let mut buf = [0u8; 40];
+            h.emit(&mut buf).unwrap();
+            assert_eq!(buf[FLAGS_AT], FLAG_PEER_SEQ | (lane as u8) << 4);
+            let (back, _) = Header::parse(&buf).unwrap();
+            assert_eq!(back.lane(), lane);
+            assert_eq!(back.peer_seq, h.peer_seq);
+        }
+        // Beyond the field: modulo, never into another bit.
+        assert_eq!(Header::data(1).with_lane(9).lane(), 1);
+        assert_eq!(Header::data(1).with_lane(9).flags & !LANE_MASK, 0);
+        // A header of a sender without lanes is lane 0.
+        assert_eq!(Header::data(1).lane(), 0);
     }
 
     #[test]
