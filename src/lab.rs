@@ -224,6 +224,8 @@ pub struct LabOptions {
     /// Extra environment for the gateway processes (for example
     /// `CROSSLINK_UDP_GSO=0`).
     pub gateway_env: Vec<(String, String)>,
+    /// Extra environment for one gateway only, after `gateway_env`.
+    pub one_gateway_env: Vec<(Gw, String, String)>,
 }
 
 impl LabOptions {
@@ -240,6 +242,7 @@ impl LabOptions {
             bind_interfaces: false,
             key: None,
             gateway_env: Vec::new(),
+            one_gateway_env: Vec::new(),
         }
     }
 
@@ -867,6 +870,13 @@ impl Lab {
             .map_err(io_err("duplicating the log file"))?;
         let mut cmd = self.command_in(gw.host(), &self.opts.binary);
         cmd.envs(self.opts.gateway_env.iter().map(|(k, v)| (k, v)));
+        cmd.envs(
+            self.opts
+                .one_gateway_env
+                .iter()
+                .filter(|(g, _, _)| *g == gw)
+                .map(|(_, k, v)| (k, v)),
+        );
         cmd.arg("run")
             .arg("-c")
             .arg(self.config_path(gw))
@@ -1244,6 +1254,32 @@ impl Lab {
             server,
         })
     }
+}
+
+/// CPU time (user and system, in clock ticks) of each thread of process
+/// `pid` whose name starts with `prefix`, by thread name.
+pub fn thread_ticks(pid: u32, prefix: &str) -> Vec<(String, u64)> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, u64)> = tasks
+        .flatten()
+        .filter_map(|t| {
+            let comm = fs::read_to_string(t.path().join("comm")).ok()?;
+            let comm = comm.trim().to_string();
+            if !comm.starts_with(prefix) {
+                return None;
+            }
+            let stat = fs::read_to_string(t.path().join("stat")).ok()?;
+            // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some((comm, ticks))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// Resident memory of a process (`VmRSS` in /proc/PID/status), in KiB.

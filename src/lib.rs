@@ -24,23 +24,26 @@
 //! # A packet's way
 //!
 //! An application on the gateway host (or behind it) sends to a prefix
-//! routed into a peer's TUN. The peer's `tun-*` thread reads the packet,
-//! [`forward::classify`] hashes its flow and asks the peer's current
-//! [`steer::Selection`] for a path, [`forward::encapsulate`] puts the
-//! overlay header in front, and the datagram leaves on the path's UDP
-//! socket. At the far gateway the path's `rx-*` thread checks the source
-//! is the path's configured remote, [`forward::decapsulate`] validates it,
-//! and the inner packet is written to that gateway's TUN ([`coalesce`]
-//! merges a burst of one TCP flow's segments into one write). With TUN
-//! offloads the kernel hands the `tun-*` thread TCP super-packets of up to
-//! 64 KiB, which it classifies once and cuts into MTU-sized segments
-//! ([`segment`]), and a path's datagrams leave with UDP GSO and arrive
-//! with UDP GRO.
+//! routed into a peer's TUN. The flow's lane thread (`fwd<n>-*`, one per
+//! TUN queue) reads the packet, [`forward::classify`] hashes its flow and
+//! asks the peer's current [`steer::Selection`] for a path,
+//! [`forward::encapsulate`] puts the overlay header (naming the lane) in
+//! front, and the datagram leaves on the path's UDP socket. At the far
+//! gateway the kernel hands it to the socket of the lane of that number,
+//! whose thread checks the source is the path's configured remote,
+//! [`forward::decapsulate`] validates it, and the inner packet is written
+//! to that lane's queue of the TUN ([`coalesce`] merges a burst of one TCP
+//! flow's segments into one write); the flow's return traffic comes back
+//! through the same queue, so both directions of a flow stay with one
+//! thread on each gateway. With TUN offloads the kernel hands the lane TCP
+//! super-packets of up to 64 KiB, which it classifies once and cuts into
+//! MTU-sized segments ([`segment`]), and a path's datagrams leave with UDP
+//! GSO and arrive with UDP GRO.
 //!
 //! Meanwhile the `bfd` thread runs one BFD session per path in the
 //! [`engine::Engine`]. When a session leaves Up the engine's steering moves
 //! the peer's flows at once and publishes a new forwarding snapshot, which
-//! the `tun-*` threads pick up on their next packet.
+//! the lanes pick up on their next packet.
 #![deny(unsafe_code)]
 
 pub mod bfd;

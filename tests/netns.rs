@@ -485,7 +485,9 @@ fn tcp_role() {
 /// ([`crosslink::segment`], [`crosslink::coalesce`]), and nothing is
 /// dropped as malformed on the way. The same holds with each offload the
 /// kernel might lack turned off: no TUN offloads, no UDP GSO, no UDP GRO,
-/// and none at all.
+/// and none at all; and between gateways with different lane counts (3 and
+/// 1), where the flow's two directions settle on the lanes the datagrams
+/// name.
 #[test]
 fn tcp_stream_crosses_intact() {
     if !lab::test_gate("tcp_stream_crosses_intact", &[]) {
@@ -496,22 +498,31 @@ fn tcp_stream_crosses_intact() {
     const KEY: &str = "8d1e0c3a7b2d94e8a16c0f3b2e7d5a9c4b8e1f60d2c3a5b7e9f1d3c5a7b9e1f3";
     let want = digest(FNV_START, &stream_bytes(BYTES).collect::<Vec<u8>>());
     let exe = std::env::current_exe().unwrap();
-    // (key, offloads turned off with their CROSSLINK_* variable)
-    let variants: [(Option<&str>, &[&str]); 6] = [
-        (None, &[]),
-        (Some(KEY), &[]),
-        (None, &["TUN_OFFLOAD"]),
-        (Some(KEY), &["UDP_GSO"]),
-        (None, &["UDP_GRO"]),
-        (Some(KEY), &["TUN_OFFLOAD", "UDP_GSO", "UDP_GRO"]),
+    // (key, offloads turned off with their CROSSLINK_* variable, lanes of
+    // gw-a and gw-b: None for the default)
+    type Variant<'a> = (Option<&'a str>, &'a [&'a str], Option<(u8, u8)>);
+    let variants: [Variant; 7] = [
+        (None, &[], None),
+        (Some(KEY), &[], None),
+        (None, &["TUN_OFFLOAD"], None),
+        (Some(KEY), &["UDP_GSO"], None),
+        (None, &["UDP_GRO"], None),
+        (Some(KEY), &["TUN_OFFLOAD", "UDP_GSO", "UDP_GRO"], None),
+        (Some(KEY), &[], Some((3, 1))),
     ];
-    for (key, off) in variants {
+    for (key, off, lanes) in variants {
         let mut opts = LabOptions::new("tcp", BIN);
         opts.key = key.map(str::to_string);
         opts.gateway_env = off
             .iter()
             .map(|v| (format!("CROSSLINK_{v}"), "0".to_string()))
             .collect();
+        if let Some((a, b)) = lanes {
+            for (gw, n) in [(Gw::A, a), (Gw::B, b)] {
+                opts.one_gateway_env
+                    .push((gw, "CROSSLINK_LANES".into(), n.to_string()));
+            }
+        }
         let tun_offload = !off.contains(&"TUN_OFFLOAD")
             && std::env::var("CROSSLINK_TUN_OFFLOAD").as_deref() != Ok("0");
         let mut lab = Lab::new(opts).unwrap();
@@ -542,9 +553,18 @@ fn tcp_stream_crosses_intact() {
         assert_eq!(
             line,
             format!("XL_TCP received={BYTES} digest={want:016x}"),
-            "sealed={} off={off:?}",
+            "sealed={} off={off:?} lanes={lanes:?}",
             key.is_some()
         );
+        if let Some((a, b)) = lanes {
+            for (gw, n) in [(Gw::A, a), (Gw::B, b)] {
+                let log = std::fs::read_to_string(lab.log_path(gw)).unwrap_or_default();
+                assert!(
+                    log.contains(&format!("lanes={n}")),
+                    "{gw}: not {n} lanes: {log}"
+                );
+            }
+        }
         let drops = &lab.status(Gw::B).unwrap()["drops"];
         for reason in ["inner_malformed", "too_big", "tun_write"] {
             assert!(
@@ -593,11 +613,88 @@ fn tcp_stream_crosses_intact() {
             );
         }
         println!(
-            "netns tcp: {} MiB crossed intact (sealed={}, TUN offloads={}, off: {off:?}) \
-             in {seconds:.2} s",
+            "netns tcp: {} MiB crossed intact (sealed={}, TUN offloads={}, off: {off:?}, \
+             lanes: {lanes:?}) in {seconds:.2} s",
             BYTES >> 20,
             key.is_some(),
             link.contains("vnet_hdr on")
+        );
+    }
+}
+
+/// Forwarding lanes: one TCP stream is carried by one lane on each
+/// gateway, the lane of the same number on both (each datagram names its
+/// sender's lane and the far gateway's sockets hand it to that lane; the
+/// TUN keeps the flow's return traffic in the queue of the lane that wrote
+/// it), so the other lane stays idle; sixteen streams keep every lane busy.
+/// Measured as the CPU time of the lane threads (`fwd<lane>-<peer>`).
+#[test]
+fn lanes_keep_a_flow_on_one_thread_and_spread_many() {
+    if !lab::test_gate(
+        "lanes_keep_a_flow_on_one_thread_and_spread_many",
+        &[("iperf3", "iperf3")],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let mut opts = LabOptions::new("lanes", BIN);
+    opts.gateway_env = vec![("CROSSLINK_LANES".into(), "2".into())];
+    let mut lab = Lab::new(opts).unwrap();
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    // Per gateway, the CPU ticks of lanes 0 and 1 while `parallel` streams run.
+    let lane_work = |lab: &Lab, parallel: u32| -> Vec<[u64; 2]> {
+        let ticks = |gw: Gw| -> [u64; 2] {
+            let pid = lab.gateway_pid(gw).unwrap();
+            let t = lab::thread_ticks(pid, "fwd");
+            let lane = |k: usize| {
+                t.iter()
+                    .find(|(name, _)| name.starts_with(&format!("fwd{k}-")))
+                    .map(|(_, v)| *v)
+                    .unwrap_or_else(|| panic!("{gw}: no lane {k} thread in {t:?}"))
+            };
+            [lane(0), lane(1)]
+        };
+        let before = [ticks(Gw::A), ticks(Gw::B)];
+        let rate = lab
+            .start_iperf3(parallel, 3)
+            .unwrap()
+            .finish()
+            .unwrap_or(0.0);
+        assert!(rate > 0.0, "iperf3 -P {parallel} moved nothing");
+        let after = [ticks(Gw::A), ticks(Gw::B)];
+        let work: Vec<[u64; 2]> = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| [a[0] - b[0], a[1] - b[1]])
+            .collect();
+        println!(
+            "netns lanes: {parallel} stream(s) at {:.2} Gbit/s; lane CPU ticks gw-a {:?} gw-b {:?}",
+            rate / 1e9,
+            work[0],
+            work[1]
+        );
+        work
+    };
+    let one = lane_work(&lab, 1);
+    let busy: Vec<usize> = one
+        .iter()
+        .map(|w| if w[0] >= w[1] { 0 } else { 1 })
+        .collect();
+    for (gw, (w, &b)) in [Gw::A, Gw::B].iter().zip(one.iter().zip(&busy)) {
+        assert!(w[b] >= 20, "{gw}: the stream's lane barely ran: {w:?}");
+        assert!(
+            w[1 - b] * 10 <= w[b] + 30,
+            "{gw}: one stream kept two lanes busy: {w:?}"
+        );
+    }
+    assert_eq!(busy[0], busy[1], "the stream took different lanes: {one:?}");
+    let many = lane_work(&lab, 16);
+    for (gw, w) in [Gw::A, Gw::B].iter().zip(&many) {
+        let total = w[0] + w[1];
+        assert!(
+            w[0] * 100 >= total * 3 && w[1] * 100 >= total * 3,
+            "{gw}: sixteen streams left a lane idle: {w:?}"
         );
     }
 }

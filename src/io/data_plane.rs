@@ -1,40 +1,48 @@
-//! The forwarding threads.
+//! The forwarding threads: the lanes.
 //!
-//! `tun-<peer>` ([`TunOut`]) reads the peer's TUN, asks the current
-//! forwarding snapshot where the flow goes ([`classify`]), writes the
-//! overlay header in front ([`encapsulate`]) and sends the datagram on the
-//! path's socket. On a TUN with offloads a read may be a super-packet,
+//! A peer has one [`Lane`] per queue of its (multiqueue) TUN, each a
+//! thread `fwd<n>-<peer>` that carries both directions of its flows: the
+//! kernel puts a flow's packets in the queue that last wrote packets of
+//! the same flow, and the far gateway hands each datagram to the lane it
+//! names (see [`Lane`]). A lane has two halves.
+//!
+//! The sending half ([`TunOut`]) reads the lane's TUN queue, asks the
+//! current forwarding snapshot where the flow goes ([`classify`]), writes
+//! the overlay header in front ([`encapsulate`]) and sends the datagram on
+//! the path's socket. On a TUN with offloads a read may be a super-packet,
 //! classified once and cut into segments ([`crate::segment`]); in the
 //! clear each segment goes out as two pieces, its headers (in a slot, behind
 //! [`HEADROOM`] for the overlay header) and its payload where it was read,
 //! so no payload byte is copied in user space. Sealing works in place, so a
-//! sealed segment is copied into its slot first. `rx-<path>` ([`PathIn`]) takes
-//! datagrams from the path's configured remote only, validates them
-//! ([`decapsulate`]) and writes the inner packet to the TUN; it also
-//! answers the peer's echo requests and, once a second, sends its own to
-//! measure the path's round-trip time ([`crate::forward::Echo`]).
+//! sealed segment is copied into its slot first. The receiving half, one
+//! [`PathIn`] per path, takes datagrams from the path's configured remote
+//! only, validates them ([`decapsulate`]) and writes the inner packet to
+//! the lane's TUN queue; lane 0 also answers the peer's echo requests and,
+//! once a second, sends its own to measure the path's round-trip time
+//! ([`crate::forward::Echo`]).
 //!
-//! For a peer with a key, both threads read the peer's [`Keys`] from a
-//! shared [`ArcSwapOption`] on every packet (a reload swaps it without
-//! stopping anything) and use the sealed messages ([`seal_data`],
-//! [`seal_echo`], [`open`]); each `rx-*` thread owns its path's replay
-//! window.
+//! For a peer with a key, the lanes read the peer's [`Keys`] from a shared
+//! [`ArcSwapOption`] on every turn (a reload swaps it without stopping
+//! anything) and use the sealed messages ([`seal_data`], [`seal_echo`],
+//! [`open`]). A path's sequence numbers (the nonces) come from one counter
+//! that its lanes share, and its replay window is shared too (behind a
+//! mutex held for the check and for the commit, not for the decryption).
 //!
-//! Under `duplicate` the sending thread numbers the peer's packets (one
-//! counter per peer, next to a random instance number) and the receive
-//! threads of all the peer's paths share one [`Window`] behind a mutex,
-//! held only for the bitmap check: the first copy is written to the TUN,
-//! the second is dropped and counted as `duplicate`.
+//! Under `duplicate` the lanes number the peer's packets (one counter per
+//! peer, next to a random instance number) and the receiving halves share
+//! one [`Window`] behind a mutex, held only for the bitmap check: the first
+//! copy is written to the TUN, the second is dropped and counted as
+//! `duplicate`.
 //!
 //! Both directions work in bursts to save system calls (the time goes to
-//! the kernel's per-packet work, not to ours): `tun-*` reads what the TUN
-//! holds, up to [`TX_SUPERS`] super-packets (or [`TX_BATCH`] packets on a
-//! plain TUN), and sends each path's datagrams with one `sendmmsg`, a run of
-//! equal-sized ones as one UDP GSO message (`UDP_SEGMENT`: one pass down
-//! the stack) where the kernel has it; `rx-*` takes up to [`RX_BATCH`]
-//! messages per `recvmmsg` and writes what they hold to the TUN together,
-//! merging one flow's segments across messages ([`coalesce`]). Buffers are
-//! allocated once per thread.
+//! the kernel's per-packet work, not to ours): a turn reads what the TUN
+//! queue holds, up to [`TX_SUPERS`] super-packets (or [`TX_BATCH`] packets
+//! on a plain TUN), and sends each path's datagrams with one `sendmmsg`, a
+//! run of equal-sized ones as one UDP GSO message (`UDP_SEGMENT`: one pass
+//! down the stack) where the kernel has it; and takes up to [`RX_BATCH`]
+//! messages per `recvmmsg` from each path and writes what they hold to the
+//! TUN together, merging one flow's segments across messages
+//! ([`coalesce`]). Buffers are allocated once per lane.
 //!
 //! A send that fails because the underlay cannot reach the far end is
 //! reported to the BFD thread (at most once per path every
@@ -169,7 +177,13 @@ struct Staged {
 /// hand it to the lane of the same number ([`crate::io::udp::data_sockets`]).
 /// So a TCP acknowledgement that writing a burst to the TUN produces is
 /// waiting in the lane's queue when the write returns, and goes out without
-/// waking another thread.
+/// waking another thread. A flow that first meets a gateway with another
+/// lane count moves once, to the lane its datagrams come back on, and stays.
+///
+/// While there is traffic the lane goes round its TUN queue and sockets
+/// without waiting (a read that finds nothing costs less than a `poll`
+/// per turn); once a round finds nothing it sleeps in `poll` until one of
+/// them, a timer or the doorbell wakes it.
 pub struct Lane {
     pub out: TunOut,
     /// This lane's end of each path, by path id (`None`: no such path, or
@@ -184,8 +198,8 @@ impl Lane {
     /// reload can restart it with a changed path table (sequence numbers,
     /// replay windows and flows kept).
     ///
-    /// Each turn waits for the TUN queue, a socket or the next timer, then
-    /// takes one burst from each that is ready.
+    /// Each round takes one burst from the TUN queue and from each socket
+    /// (after a `poll`, only from those that are ready).
     pub fn run(mut self) -> Lane {
         let mut tx = self.out.start();
         let mut rx: Vec<Option<RxState>> = self
@@ -206,6 +220,7 @@ impl Lane {
                 })),
         );
         let mut next_sweep = clock::now() + SWEEP_EVERY;
+        let mut busy = false;
         loop {
             let now = clock::now();
             if now >= next_sweep {
@@ -218,26 +233,36 @@ impl Lane {
                     next = next.min(p.tick(r, now));
                 }
             }
-            if let Err(e) = set.wait(next.saturating_duration_since(now)) {
-                error!(error = %e, "poll failed; forwarding for this lane stopped");
-                return self;
-            }
-            if set.ready(0) {
-                return self;
-            }
-            if set.ready(1) {
-                if let Err(e) = self.out.turn(&mut tx) {
-                    error!(error = %e, "TUN read failed; forwarding for this lane stopped");
+            if !busy {
+                if let Err(e) = set.wait(next.saturating_duration_since(now)) {
+                    error!(error = %e, "poll failed; forwarding for this lane stopped");
+                    return self;
+                }
+                if set.ready(0) {
                     return self;
                 }
             }
+            let mut done = 0;
+            if busy || set.ready(1) {
+                match self.out.turn(&mut tx) {
+                    Ok(n) => done += n,
+                    Err(e) => {
+                        error!(error = %e, "TUN read failed; forwarding for this lane stopped");
+                        return self;
+                    }
+                }
+            }
             for (k, &i) in present.iter().enumerate() {
-                if !set.ready(2 + k) {
+                if !busy && !set.ready(2 + k) {
                     continue;
                 }
                 if let (Some(Some(p)), Some(Some(r))) = (self.ins.get_mut(i), rx.get_mut(i)) {
-                    p.turn(r);
+                    done += p.turn(r);
                 }
+            }
+            busy = done > 0;
+            if busy && self.doorbell.is_rung() {
+                return self;
             }
         }
     }
@@ -283,7 +308,7 @@ impl TunOut {
     /// Takes whatever the TUN queue holds ([`TunReader::fill`]), frames it
     /// all and sends each path's run of datagrams together
     /// ([`Self::transmit`]). Only a failing device is an error.
-    fn turn(&mut self, tx: &mut TxState) -> io::Result<()> {
+    fn turn(&mut self, tx: &mut TxState) -> io::Result<usize> {
         let TxState {
             reader,
             spare,
@@ -292,7 +317,7 @@ impl TunOut {
         } = tx;
         let count = reader.fill(&self.tun, &self.drops)?;
         if count == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let now = clock::now();
         let forwarding = self.forwarding.load_full();
@@ -327,7 +352,7 @@ impl TunOut {
             }
         }
         self.flush(pending, reader, batch, now);
-        Ok(())
+        Ok(count)
     }
 
     /// Where the flow of `inner` goes (counted and `None` if nowhere).
@@ -1028,7 +1053,7 @@ impl PathIn {
 
     /// Takes what the socket holds (a burst per `recvmmsg`, without
     /// waiting) and writes the inner packets to the TUN.
-    fn turn(&mut self, rx: &mut RxState) {
+    fn turn(&mut self, rx: &mut RxState) -> usize {
         let RxState {
             batch,
             out,
@@ -1044,11 +1069,11 @@ impl PathIn {
                     io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                 ) =>
             {
-                return
+                return 0
             }
             Err(e) => {
                 debug!(error = %e, "path receive error");
-                return;
+                return 0;
             }
         };
         let keys = self.keys.load_full();
@@ -1083,6 +1108,7 @@ impl PathIn {
         }));
         out.write(&self.tun, &packets, &self.drops);
         *spare = recycle(packets);
+        n
     }
 
     /// Validates one datagram: the inner packet's range in it, if it is

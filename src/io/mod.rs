@@ -5,17 +5,20 @@
 //! - `bfd`: owns the [`crate::engine::Engine`] and every BFD socket; waits
 //!   in `ppoll` for the next control packet or deadline, runs at SCHED_FIFO
 //!   where permitted, and publishes each new forwarding snapshot.
-//! - `tun-<peer>`: reads the peer's TUN, places each packet on a path and
-//!   sends it (see [`crate::forward`]).
-//! - `rx-<path>`: receives a path's datagrams and writes them to the TUN;
-//!   answers the peer's echo requests and measures the path's RTT.
+//! - `fwd<n>-<peer>`: lane `n` of the peer ([`data_plane::Lane`]; one per
+//!   CPU, at most 4, or `CROSSLINK_LANES`): reads its queue of the peer's
+//!   TUN, places each packet on a path and sends it (see
+//!   [`crate::forward`]), and receives the datagrams of every path that name
+//!   its lane and writes them to the same queue; lane 0 also answers the
+//!   peer's echo requests and measures each path's RTT.
 //! - the tokio runtime: signals (SIGHUP reload, see [`daemon`]), the
 //!   control socket, netlink (including the carrier and address watch,
 //!   [`linkwatch`]), metrics, systemd notifications ([`notify`]).
 //!
-//! A reload starts and stops `rx-<path>` threads for added and removed
-//! paths, and restarts a peer's `tun-<peer>` thread when its path set
-//! changed; the `bfd` thread applies the change to the engine in one step.
+//! A reload restarts a peer's lanes when its path set changed (opening
+//! and closing the sockets of added and removed paths in between, and
+//! keeping sequence numbers, replay windows and flows); the `bfd` thread
+//! applies the change to the engine in one step.
 
 pub mod clock;
 pub mod control_plane;

@@ -6,12 +6,15 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// An `eventfd` that, once rung, stays readable: the lane's stop signal.
 #[derive(Debug)]
 pub struct Doorbell {
     fd: OwnedFd,
+    /// Set when rung: a lane busy with traffic checks it without a poll.
+    rung: AtomicBool,
 }
 
 impl Doorbell {
@@ -24,11 +27,13 @@ impl Doorbell {
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         Ok(Doorbell {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            rung: AtomicBool::new(false),
         })
     }
 
     /// Makes the doorbell readable (for good).
     pub fn ring(&self) -> io::Result<()> {
+        self.rung.store(true, Ordering::Relaxed);
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64.
         let r = unsafe {
@@ -42,6 +47,13 @@ impl Doorbell {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+impl Doorbell {
+    /// Whether the doorbell was rung (no system call).
+    pub fn is_rung(&self) -> bool {
+        self.rung.load(Ordering::Relaxed)
     }
 }
 
@@ -104,7 +116,9 @@ mod tests {
         set.watch([bell.as_raw_fd()]);
         set.wait(Duration::from_millis(1)).unwrap();
         assert!(!set.ready(0));
+        assert!(!bell.is_rung());
         bell.ring().unwrap();
+        assert!(bell.is_rung());
         for _ in 0..2 {
             set.wait(Duration::from_secs(5)).unwrap();
             assert!(set.ready(0));
