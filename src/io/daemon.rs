@@ -4,13 +4,13 @@
 //! Start-up and SIGHUP reload are one mechanism: `Gateway::apply` compares
 //! the wanted configuration with what is running, peer by peer and path by
 //! path (keyed by name), and changes only the difference. Start-up is the
-//! difference from nothing. An unchanged path keeps its BFD session, its
-//! sockets and its receive thread; an unchanged peer keeps its TUN. Routes
-//! are added and deleted in place; a peer whose other settings changed
-//! (TUN, addresses, policy...) is restarted with all its paths; a changed path is restarted alone; a peer
-//! whose path set changed gets its sending thread restarted with the new
-//! path table (a pause of microseconds, nothing dropped: packets wait in
-//! the TUN queue).
+//! difference from nothing. An unchanged path keeps its BFD session and
+//! its sockets; an unchanged peer keeps its TUN. Routes are added and
+//! deleted in place; a peer whose other settings changed (TUN, addresses,
+//! policy...) is restarted with all its paths; a changed path is restarted
+//! alone; a peer whose path set changed gets its lanes restarted with the
+//! new path table (a pause of microseconds, nothing dropped: packets wait
+//! in the TUN queues and socket buffers).
 
 use super::control_plane::{BfdThread, Command, CommandLink, Meta, NewPath, Plan};
 use super::data_plane::{self, FlowTable, Lane, PathIn, PathOut, SharedKeys, TunOut};

@@ -95,6 +95,10 @@ const TX_BATCH: usize = 16;
 /// super-packets cut at a small MSS can make more; see
 /// [`TunOut::cut_and_stage`]).
 const TX_SEGMENTS: usize = 256;
+/// A busy lane looks at its idle sources (with a `poll` that does not
+/// wait) once per this many rounds, and otherwise reads only those that
+/// gave something in the last round.
+const POLL_EVERY: u32 = 4;
 /// Datagrams a receiving thread takes per system call (each buffer holds
 /// the largest datagram, [`BUF_LEN`]).
 const RX_BATCH: usize = 16;
@@ -180,10 +184,11 @@ struct Staged {
 /// waking another thread. A flow that first meets a gateway with another
 /// lane count moves once, to the lane its datagrams come back on, and stays.
 ///
-/// While there is traffic the lane goes round its TUN queue and sockets
-/// without waiting (a read that finds nothing costs less than a `poll`
-/// per turn); once a round finds nothing it sleeps in `poll` until one of
-/// them, a timer or the doorbell wakes it.
+/// While there is traffic the lane reads again, without a `poll`, the
+/// sources (its TUN queue, its sockets) that gave something in the last
+/// round, and looks at the others with a `poll` that does not wait every
+/// [`POLL_EVERY`] rounds; once a round finds nothing it sleeps in `poll`
+/// until a source, a timer or the doorbell wakes it.
 pub struct Lane {
     pub out: TunOut,
     /// This lane's end of each path, by path id (`None`: no such path, or
@@ -198,8 +203,8 @@ impl Lane {
     /// reload can restart it with a changed path table (sequence numbers,
     /// replay windows and flows kept).
     ///
-    /// Each round takes one burst from the TUN queue and from each socket
-    /// (after a `poll`, only from those that are ready).
+    /// Each round takes one burst from each source that is ready or was
+    /// in the last round.
     pub fn run(mut self) -> Lane {
         let mut tx = self.out.start();
         let mut rx: Vec<Option<RxState>> = self
@@ -220,7 +225,11 @@ impl Lane {
                 })),
         );
         let mut next_sweep = clock::now() + SWEEP_EVERY;
-        let mut busy = false;
+        // Sources (0: the TUN queue, 1 + k: socket k) that gave something
+        // in the last round, and rounds since the last poll.
+        let sources = 1 + present.len();
+        let mut hot = vec![false; sources];
+        let mut unpolled = 0;
         loop {
             let now = clock::now();
             if now >= next_sweep {
@@ -233,36 +242,50 @@ impl Lane {
                     next = next.min(p.tick(r, now));
                 }
             }
-            if !busy {
-                if let Err(e) = set.wait(next.saturating_duration_since(now)) {
+            let busy = hot.contains(&true);
+            if !busy || unpolled >= POLL_EVERY {
+                // Idle: sleep until something is ready. Busy: look (without
+                // waiting) at the sources that gave nothing last round too.
+                let wait = match busy {
+                    true => Duration::ZERO,
+                    false => next.saturating_duration_since(now),
+                };
+                if let Err(e) = set.wait(wait) {
                     error!(error = %e, "poll failed; forwarding for this lane stopped");
                     return self;
                 }
-                if set.ready(0) {
+                if set.ready(0) || self.doorbell.is_rung() {
                     return self;
                 }
+                for (i, h) in hot.iter_mut().enumerate() {
+                    *h = *h || set.ready(1 + i);
+                }
+                unpolled = 0;
+            } else {
+                unpolled += 1;
             }
-            let mut done = 0;
-            if busy || set.ready(1) {
+            // Sockets first: what a write to the TUN makes the local stack
+            // send back (a TCP acknowledgement, the next data a sender had
+            // waiting for one) is in the TUN queue when the write returns,
+            // and leaves in the same round.
+            let mut wrote = false;
+            for (k, &i) in present.iter().enumerate() {
+                let Some(h) = hot.get_mut(1 + k).filter(|h| **h) else {
+                    continue;
+                };
+                if let (Some(Some(p)), Some(Some(r))) = (self.ins.get_mut(i), rx.get_mut(i)) {
+                    *h = p.turn(r) > 0;
+                    wrote |= *h;
+                }
+            }
+            if wrote || hot.first().copied().unwrap_or(false) {
                 match self.out.turn(&mut tx) {
-                    Ok(n) => done += n,
+                    Ok(n) => hot[0] = n > 0,
                     Err(e) => {
                         error!(error = %e, "TUN read failed; forwarding for this lane stopped");
                         return self;
                     }
                 }
-            }
-            for (k, &i) in present.iter().enumerate() {
-                if !busy && !set.ready(2 + k) {
-                    continue;
-                }
-                if let (Some(Some(p)), Some(Some(r))) = (self.ins.get_mut(i), rx.get_mut(i)) {
-                    done += p.turn(r);
-                }
-            }
-            busy = done > 0;
-            if busy && self.doorbell.is_rung() {
-                return self;
             }
         }
     }

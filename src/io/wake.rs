@@ -80,13 +80,15 @@ impl PollSet {
         }));
     }
 
-    /// Waits until a descriptor is ready or `timeout` passes (an
-    /// interrupted wait returns as if it timed out).
+    /// Waits until a descriptor is ready or `timeout` (rounded up to whole
+    /// milliseconds) passes; an interrupted wait returns as if it timed out.
     pub fn wait(&mut self, timeout: Duration) -> io::Result<()> {
         for p in &mut self.fds {
             p.revents = 0;
         }
-        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // Rounded up: a timer due in 0.4 ms is not polled for 0 ms.
+        let ms = libc::c_int::try_from(timeout.as_nanos().div_ceil(1_000_000))
+            .unwrap_or(libc::c_int::MAX);
         // SAFETY: fds is a live array of fds.len() pollfd structures.
         let r = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, ms) };
         if r < 0 {
