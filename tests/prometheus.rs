@@ -165,8 +165,14 @@ fn promtool_finds_nothing_and_rtt_is_measured() {
         got
     });
     let (mut lab, mut gw_a) = start_lab_with("pt", &["--log-format", "json"], &env);
-    // The first scrape: every series is there.
-    let first = wait_for("first scrape", Duration::from_secs(10), || scrape(&lab));
+    // The first scrape once a path carries the peer (the failover counter,
+    // labelled by the change, exists from the first one, none -> path1):
+    // every series is there.
+    let first = wait_for(
+        "first scrape with a path up",
+        Duration::from_secs(10),
+        || scrape(&lab).filter(|t| t.contains("crosslink_failovers_total{")),
+    );
     check_exposition(&first);
     let (ok, report) = promtool_check(&first);
     say(&format!(
