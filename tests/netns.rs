@@ -699,6 +699,77 @@ fn lanes_keep_a_flow_on_one_thread_and_spread_many() {
     }
 }
 
+/// A second daemon on a gateway is refused before it touches anything of
+/// the running one: with the same configuration by the control socket,
+/// with another control socket by the TUN (a multiqueue TUN would let it
+/// attach more queues and silently take a share of the traffic). The
+/// running gateway's paths stay up and it keeps forwarding.
+#[test]
+fn a_second_daemon_is_refused_and_disturbs_nothing() {
+    if !lab::test_gate("a_second_daemon_is_refused_and_disturbs_nothing", &[]) {
+        return;
+    }
+    let _serial = serial();
+    let mut opts = LabOptions::new("dup", BIN);
+    opts.gateway_env = vec![("CROSSLINK_LANES".into(), "2".into())];
+    let mut lab = Lab::new(opts).unwrap();
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    let log_before = std::fs::read_to_string(lab.log_path(Gw::A)).unwrap_or_default();
+    let config = std::fs::read_to_string(lab.config_path(Gw::A)).unwrap();
+    let other_socket = lab.dir().join("second.sock");
+    let other = config.replace(
+        &format!("control_socket = \"{}\"", lab.socket_path(Gw::A).display()),
+        &format!("control_socket = \"{}\"", other_socket.display()),
+    );
+    assert_ne!(other, config, "control socket line not found in {config}");
+    let other_path = lab.dir().join("second.toml");
+    std::fs::write(&other_path, other).unwrap();
+    for (path, says) in [
+        (lab.config_path(Gw::A), "is in use by a running crosslink"),
+        (other_path, "is another crosslink using it?"),
+    ] {
+        let mut cmd = lab.command_in(Host::GwA, BIN);
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let end = Instant::now() + Duration::from_secs(15);
+        while child.try_wait().unwrap().is_none() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a second daemon ran: {text}");
+        assert!(
+            text.contains(says),
+            "not refused for the right reason: {text}"
+        );
+        assert!(!other_socket.exists(), "the refused daemon left its socket");
+    }
+    // The running gateway saw nothing: no path changed, and it forwards.
+    std::thread::sleep(Duration::from_millis(300));
+    let log_after = std::fs::read_to_string(lab.log_path(Gw::A)).unwrap_or_default();
+    let news = log_after.get(log_before.len()..).unwrap_or_default();
+    assert!(
+        !news.contains("path state"),
+        "the running gateway's paths changed: {news}"
+    );
+    let receiver = lab.start_receiver(5998, Duration::from_secs(20)).unwrap();
+    let sender = lab
+        .start_sender(5998, 500, Duration::from_secs(20))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    sender.stop().unwrap();
+    let report = receiver.finish(Duration::from_secs(5)).unwrap();
+    assert_eq!(report["lost"].as_u64(), Some(0), "{report}");
+    assert!(report["received"].as_u64().unwrap_or(0) > 0, "{report}");
+}
+
 trait WaitOutput {
     fn wait_with_output_timeout(self) -> String;
 }

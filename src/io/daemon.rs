@@ -223,6 +223,10 @@ async fn run_async(
     secrets: Secrets,
     config_path: PathBuf,
 ) -> Result<(), DaemonError> {
+    // First of all, so that a second daemon with this configuration stops
+    // here, before it touches the TUNs and sockets of the running one.
+    let control_path = config.gateway.control_socket.clone();
+    let listener = control::bind(&control_path)?;
     let endpoint = match &config.metrics {
         Some(m) => Some(metrics::install(m.listen).map_err(DaemonError::Setup)?),
         None => None,
@@ -293,12 +297,11 @@ async fn run_async(
         commands.shutdown().await;
         let _ = bfd_handle.join();
         gw.stop_all();
+        let _ = std::fs::remove_file(&control_path);
         return Err(DaemonError::Setup(problems.join("; ")));
     }
 
     // Metrics, control socket.
-    let control_path = config.gateway.control_socket.clone();
-    let listener = control::bind(&control_path)?;
     let status_link = commands.clone();
     let control_task = tokio::spawn(control::serve(listener, move || {
         let link = status_link.clone();

@@ -224,6 +224,15 @@ pub fn set_realtime_priority(priority: i32) -> io::Result<()> {
     cvt(unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) }).map(|_| ())
 }
 
+/// Whether this network namespace has an interface called `name`.
+pub fn interface_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: passes a NUL-terminated string that lives across the call.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
 /// The IP address family of a socket address, for socket options.
 pub fn is_v6(ip: IpAddr) -> bool {
     ip.is_ipv6()

@@ -28,6 +28,22 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 /// (one per forwarding lane; fewer if the kernel refuses, at least one).
 /// The first queue is the device's main descriptor.
 pub fn open(name: &str, mtu: u16, queues: usize) -> io::Result<Vec<SyncDevice>> {
+    if queues > 1 && super::sys::interface_exists(name) {
+        // Taken over with one queue: a leftover device nobody holds can be,
+        // one that a process holds cannot (a multiqueue TUN would take
+        // another queue, silently sharing the traffic of, say, a second
+        // crosslink).
+        warn!(
+            tun = name,
+            "the TUN device exists already; taking it over with one lane"
+        );
+        return open(name, mtu, 1).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{e} (the device exists: is another crosslink using it?)"),
+            )
+        });
+    }
     let wanted = std::env::var("CROSSLINK_TUN_OFFLOAD").map_or(true, |v| v != "0");
     let multi = queues > 1;
     let first = match wanted {
