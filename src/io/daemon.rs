@@ -15,7 +15,7 @@
 use super::control_plane::{BfdThread, Command, CommandLink, Meta, NewPath, Plan};
 use super::data_plane::{self, FlowTable, Lane, PathIn, PathOut, SharedKeys, TunOut};
 use super::linkwatch::{self, LinkWatch, WatchedPath};
-use super::wake::Doorbell;
+use super::sys::Doorbell;
 use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
 use crate::config::{Config, ConfigError, PathConfig, PeerConfig, Policy};
 use crate::crypto::{self, EchoGuard, ReplayWindow};

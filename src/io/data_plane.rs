@@ -49,7 +49,7 @@
 //! [`SEND_ERROR_REPORT_INTERVAL`]), which marks the path suspect.
 
 use super::control_plane::{Command, CommandLink};
-use super::wake::{Doorbell, PollSet};
+use super::sys::{Doorbell, PollSet};
 use super::{clock, sys, udp};
 use crate::coalesce::{self, Train, MAX_TRAIN_HEADER};
 use crate::config::Policy;
@@ -250,7 +250,7 @@ impl Lane {
                     true => Duration::ZERO,
                     false => next.saturating_duration_since(now),
                 };
-                if let Err(e) = set.wait(wait) {
+                if let Err(e) = set.wait(Some(wait)) {
                     error!(error = %e, "poll failed; forwarding for this lane stopped");
                     return self;
                 }

@@ -31,4 +31,3 @@ pub mod notify;
 pub mod sys;
 pub mod tun;
 pub mod udp;
-pub mod wake;

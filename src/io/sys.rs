@@ -3,16 +3,18 @@
 //! batched datagram receive and send for the forwarding threads (recvmmsg,
 //! sendmmsg: one system call per burst instead of per packet),
 //! TUN carrier control, real-time scheduling, and steering a reuseport
-//! group's datagrams by lane (classic BPF). With [`super::wake`] (`poll`
-//! and `eventfd`), the only module with `unsafe`; each block is one libc
-//! call on a buffer it owns.
+//! group's datagrams by lane (classic BPF), and what a forwarding lane
+//! waits on (a `poll` set, and an `eventfd` doorbell that stops it). This
+//! is the only module with `unsafe`; each block is one libc call on a
+//! buffer it owns.
 #![allow(unsafe_code)]
 
 use crate::wire::overlay;
 use std::io;
 use std::mem::{size_of, zeroed, MaybeUninit};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -148,43 +150,120 @@ pub fn wait_readable(
     ready: &mut Vec<usize>,
 ) -> io::Result<()> {
     ready.clear();
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
+    let mut set = PollSet::default();
+    set.watch(fds.iter().copied());
+    set.wait(timeout)?;
+    ready.extend((0..fds.len()).filter(|&i| set.ready(i)));
+    Ok(())
+}
+
+/// An `eventfd` that, once rung, stays readable: the lane's stop signal.
+#[derive(Debug)]
+pub struct Doorbell {
+    fd: OwnedFd,
+    /// Set when rung: a lane busy with traffic checks it without a poll.
+    rung: AtomicBool,
+}
+
+impl Doorbell {
+    pub fn new() -> io::Result<Doorbell> {
+        // SAFETY: plain system call; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        Ok(Doorbell {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            rung: AtomicBool::new(false),
+        })
+    }
+
+    /// Makes the doorbell readable (for good).
+    pub fn ring(&self) -> io::Result<()> {
+        self.rung.store(true, Ordering::Relaxed);
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64.
+        let r = unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                (&one as *const u64).cast(),
+                size_of::<u64>(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Doorbell {
+    /// Whether the doorbell was rung (no system call).
+    pub fn is_rung(&self) -> bool {
+        self.rung.load(Ordering::Relaxed)
+    }
+}
+
+impl AsRawFd for Doorbell {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// A `poll` set kept between calls (no allocation per wait).
+#[derive(Default)]
+pub struct PollSet {
+    fds: Vec<libc::pollfd>,
+}
+
+impl PollSet {
+    /// Replaces the set with `fds`, each watched for input.
+    pub fn watch(&mut self, fds: impl IntoIterator<Item = RawFd>) {
+        self.fds.clear();
+        self.fds.extend(fds.into_iter().map(|fd| libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
-        })
-        .collect();
-    let ts = timeout.map(|t| libc::timespec {
-        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
-    });
-    let tsp = ts
-        .as_ref()
-        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: pfds and ts live across the call; the length matches.
-    let r = unsafe {
-        libc::ppoll(
-            pfds.as_mut_ptr(),
-            pfds.len() as libc::nfds_t,
-            tsp,
-            std::ptr::null(),
-        )
-    };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(());
-        }
-        return Err(e);
+        }));
     }
-    for (i, p) in pfds.iter().enumerate() {
-        if p.revents != 0 {
-            ready.push(i);
+
+    /// Waits until a descriptor is ready or `timeout` passes (`None`: no
+    /// limit); an interrupted wait returns as if it timed out.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        for p in &mut self.fds {
+            p.revents = 0;
         }
+        let ts = timeout.map(|t| libc::timespec {
+            tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+        });
+        let tsp = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: fds and ts live across the call; the length matches.
+        let r = unsafe {
+            libc::ppoll(
+                self.fds.as_mut_ptr(),
+                self.fds.len() as libc::nfds_t,
+                tsp,
+                std::ptr::null(),
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Whether descriptor `i` (in [`PollSet::watch`] order) is ready: readable,
+    /// or in error (which the next read reports).
+    pub fn ready(&self, i: usize) -> bool {
+        self.fds.get(i).is_some_and(|p| p.revents != 0)
+    }
 }
 
 /// Turns a TUN device's carrier on or off (`TUNSETCARRIER`, Linux 4.19+).
@@ -695,6 +774,23 @@ pub fn steer_by_lane(sock: &impl AsRawFd, lanes: usize) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rung_doorbell_stays_readable() {
+        let bell = Doorbell::new().unwrap();
+        let mut set = PollSet::default();
+        set.watch([bell.as_raw_fd()]);
+        set.wait(Some(Duration::from_millis(1))).unwrap();
+        assert!(!set.ready(0));
+        assert!(!bell.is_rung());
+        bell.ring().unwrap();
+        assert!(bell.is_rung());
+        for _ in 0..2 {
+            set.wait(Some(Duration::from_secs(5))).unwrap();
+            assert!(set.ready(0));
+        }
+        assert!(!set.ready(1));
+    }
     use socket2::{Domain, Protocol, Socket, Type};
     use std::net::UdpSocket;
 
