@@ -564,6 +564,24 @@ fn tcp_stream_crosses_intact() {
                     "{gw}: not {n} lanes: {log}"
                 );
             }
+            // The stream's one flow moved to the lane it came back on
+            // (unless it started there): gw-a counts it once, not once per
+            // lane it used, as soon as its lanes have swept (every second).
+            let flows = |s: &Value| -> u64 {
+                s["peers"][0]["paths"]
+                    .as_array()
+                    .map(|ps| ps.iter().filter_map(|p| p["flows"].as_u64()).sum())
+                    .unwrap_or(0)
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let counted = loop {
+                let n = flows(&lab.status(Gw::A).unwrap());
+                if n == 1 || Instant::now() > deadline {
+                    break n;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            assert_eq!(counted, 1, "gw-a's flows over {a} lanes");
         }
         let drops = &lab.status(Gw::B).unwrap()["drops"];
         for reason in ["inner_malformed", "too_big", "tun_write"] {

@@ -13,7 +13,7 @@
 //! in the TUN queues and socket buffers).
 
 use super::control_plane::{BfdThread, Command, CommandLink, Meta, NewPath, Plan};
-use super::data_plane::{self, FlowTable, Lane, PathIn, PathOut, SharedKeys, TunOut};
+use super::data_plane::{self, FlowClaims, FlowTable, Lane, PathIn, PathOut, SharedKeys, TunOut};
 use super::linkwatch::{self, LinkWatch, WatchedPath};
 use super::sys::Doorbell;
 use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
@@ -705,6 +705,7 @@ impl Gateway {
         let instance = (mix(self.shared.stamp_key ^ clock::nanos() ^ 0x6475_706c) >> 32) as u32;
         let peer_sequence = Arc::new(AtomicU64::new(0));
         let doorbell = Arc::new(Doorbell::new()?);
+        let claims = Arc::new(FlowClaims::new(queues.len()));
         let parked = queues
             .iter()
             .enumerate()
@@ -716,7 +717,7 @@ impl Gateway {
                     forwarding: self.shared.forwarding.clone(),
                     paths: Vec::new(),
                     drops: self.shared.drops.clone(),
-                    flows: FlowTable::default(),
+                    flows: FlowTable::new(lane, claims.clone()),
                     keys: keys.clone(),
                     epoch: self.shared.epoch,
                     commands: self.shared.commands.clone(),
