@@ -13,6 +13,14 @@
 //! medians to kernel forwarding. The modes are interleaved run by run so
 //! that a change in the machine's load hits all of them alike.
 //!
+//! It also prints what each test cost in CPU time, all CPUs together (from
+//! `/proc/stat`, so the end hosts' share is in it as it is in kernel
+//! forwarding's): microseconds per 64 KiB delivered for TCP, per packet
+//! delivered for UDP, and as a multiple of kernel forwarding's cost. On a
+//! shared machine this moves far less from run to run than the throughput,
+//! and where the CPUs are the limit, the throughput ratio is about the
+//! inverse of the cost ratio.
+//!
 //! Run as root: `cargo bench --bench throughput`. Knobs (environment):
 //! `XL_BENCH_RUNS` (default 3), `XL_BENCH_SECONDS` per test (default 5),
 //! `XL_BENCH_MODES` (comma list of kernel,plain,keyed,boringtun,vxlan; default all
@@ -61,8 +69,31 @@ enum Test {
     Udp64,
 }
 
+/// One test's outcome: its figure (Gbit/s or kpps) and the CPU time it
+/// took per unit delivered (µs per 64 KiB, or per packet).
+#[derive(Clone, Copy)]
+struct Figure {
+    rate: f64,
+    cost: f64,
+}
+
+impl Figure {
+    const FAILED: Figure = Figure {
+        rate: f64::NAN,
+        cost: f64::NAN,
+    };
+}
+
 impl Test {
     const ALL: [Test; 3] = [Test::Tcp1, Test::Tcp8, Test::Udp64];
+
+    fn cost_name(self) -> &'static str {
+        match self {
+            Test::Tcp1 => "tcp x1 (CPU us per 64 KiB)",
+            Test::Tcp8 => "tcp x8 (CPU us per 64 KiB)",
+            Test::Udp64 => "udp 64B (CPU us per packet)",
+        }
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -161,7 +192,7 @@ fn modes(bin: &std::path::Path) -> Vec<Mode> {
 }
 
 /// Sets up one lab in `mode` and measures every test once.
-fn measure(mode: &Mode, seconds: u64) -> Result<Vec<f64>, String> {
+fn measure(mode: &Mode, seconds: u64) -> Result<Vec<Figure>, String> {
     let mut opts = match mode.kind {
         Kind::Kernel | Kind::Boringtun | Kind::Vxlan => LabOptions::kernel_only("tp", &mode.bin),
         Kind::Plain | Kind::Keyed => LabOptions::new("tp", &mode.bin),
@@ -203,7 +234,7 @@ fn measure(mode: &Mode, seconds: u64) -> Result<Vec<f64>, String> {
         let r = run_client(&lab, test, seconds);
         out.push(r.unwrap_or_else(|e| {
             eprintln!("{} {}: {e}", mode.name, test.name());
-            f64::NAN
+            Figure::FAILED
         }));
     }
     lab::terminate(&mut server, Duration::from_secs(2));
@@ -231,9 +262,32 @@ fn check_tunnel_carried(t: &boringtun::Tunnel) -> Result<(), String> {
     Ok(())
 }
 
-fn run_client(lab: &Lab, test: Test, seconds: u64) -> Result<f64, String> {
+/// CPU time spent so far by all CPUs, in seconds (`/proc/stat`: user,
+/// nice, system, irq, softirq and steal; not idle or I/O wait).
+fn cpu_busy() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse::<u64>().ok())
+                .enumerate()
+                .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 5 | 6 | 7))
+                .map(|(_, v)| v)
+                .sum()
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / hz.max(1) as f64
+}
+
+fn run_client(lab: &Lab, test: Test, seconds: u64) -> Result<Figure, String> {
     let t = seconds.to_string();
     let limit = (seconds + 20).to_string();
+    let busy = cpu_busy();
     let text = lab::run(
         lab.command_in(Host::Client, "timeout")
             .args([limit.as_str(), "iperf3", "-c", &SERVER_ADDR.to_string()])
@@ -241,16 +295,23 @@ fn run_client(lab: &Lab, test: Test, seconds: u64) -> Result<f64, String> {
             .args(test.args()),
     )
     .map_err(|e| e.to_string())?;
+    let cpu = cpu_busy() - busy;
     let v: Value = serde_json::from_str(&text).map_err(|e| format!("iperf3 JSON: {e}"))?;
     if let Some(e) = v["error"].as_str() {
         return Err(format!("iperf3: {e}"));
     }
     let end = &v["end"];
     match test {
-        Test::Tcp1 | Test::Tcp8 => end["sum_received"]["bits_per_second"]
-            .as_f64()
-            .map(|b| b / 1e9)
-            .ok_or_else(|| format!("no sum_received in {end}")),
+        Test::Tcp1 | Test::Tcp8 => {
+            let sum = &end["sum_received"];
+            match (sum["bits_per_second"].as_f64(), sum["bytes"].as_f64()) {
+                (Some(bps), Some(bytes)) => Ok(Figure {
+                    rate: bps / 1e9,
+                    cost: cpu * 1e6 / (bytes / 65536.0),
+                }),
+                _ => Err(format!("no sum_received in {end}")),
+            }
+        }
         Test::Udp64 => {
             // Delivered packets: the receiver's count if reported, else sent - lost.
             let sum = if end["sum_received"]["packets"].is_u64() {
@@ -263,7 +324,10 @@ fn run_client(lab: &Lab, test: Test, seconds: u64) -> Result<f64, String> {
             let secs = sum["seconds"].as_f64().unwrap_or(f64::NAN);
             let pps = (packets - lost) / secs;
             if pps.is_finite() {
-                Ok(pps / 1e3)
+                Ok(Figure {
+                    rate: pps / 1e3,
+                    cost: cpu * 1e6 / (packets - lost),
+                })
             } else {
                 Err(format!("no UDP sum in {end}"))
             }
@@ -333,7 +397,10 @@ fn main() {
         for (m, mode) in modes.iter().enumerate() {
             match measure(mode, seconds) {
                 Ok(figures) => {
-                    let shown: Vec<String> = figures.iter().map(|f| format!("{f:.3}")).collect();
+                    let shown: Vec<String> = figures
+                        .iter()
+                        .map(|f| format!("{:.3} ({:.1} us)", f.rate, f.cost))
+                        .collect();
                     eprintln!("run {run} {:<19} {}", mode.name, shown.join("  "));
                     for (t, f) in figures.into_iter().enumerate() {
                         results[m][t].push(f);
@@ -345,20 +412,35 @@ fn main() {
     }
     println!("load at the end: {}", loadavg());
     let kernel = modes.iter().position(|m| m.kind == Kind::Kernel);
+    let rates = |m: usize, t: usize| -> Vec<f64> {
+        results[m][t].iter().map(|f: &Figure| f.rate).collect()
+    };
+    let costs = |m: usize, t: usize| -> Vec<f64> {
+        results[m][t].iter().map(|f: &Figure| f.cost).collect()
+    };
     for (t, test) in Test::ALL.iter().enumerate() {
-        println!("{}", test.name());
-        for (m, mode) in modes.iter().enumerate() {
-            let (min, med, max) = stats(&results[m][t]);
-            let ratio = kernel
-                .map(|k| {
-                    let (_, kmed, _) = stats(&results[k][t]);
-                    format!("{:.3} x kernel", med / kmed)
-                })
-                .unwrap_or_default();
-            println!(
-                "  {:<19} min {min:>9.3}  median {med:>9.3}  max {max:>9.3}   {ratio}",
-                mode.name
-            );
-        }
+        table(test.name(), &modes, kernel, |m| rates(m, t));
+    }
+    for (t, test) in Test::ALL.iter().enumerate() {
+        table(test.cost_name(), &modes, kernel, |m| costs(m, t));
+    }
+}
+
+/// Prints one figure of every mode: min/median/max over the runs, and the
+/// median as a multiple of kernel forwarding's.
+fn table(name: &str, modes: &[Mode], kernel: Option<usize>, figures: impl Fn(usize) -> Vec<f64>) {
+    println!("{name}");
+    for (m, mode) in modes.iter().enumerate() {
+        let (min, med, max) = stats(&figures(m));
+        let ratio = kernel
+            .map(|k| {
+                let (_, kmed, _) = stats(&figures(k));
+                format!("{:.3} x kernel", med / kmed)
+            })
+            .unwrap_or_default();
+        println!(
+            "  {:<19} min {min:>9.3}  median {med:>9.3}  max {max:>9.3}   {ratio}",
+            mode.name
+        );
     }
 }

@@ -11,7 +11,15 @@
 //! [`plan`] groups the inner packets (in arrival order) into [`Train`]s:
 //! segments that Linux's own TCP GRO would merge (same addresses, ports,
 //! IP and TCP header fields, consecutive sequence numbers, equal sizes
-//! but the last, only ACK set with PSH allowed on the last). [`Train::header`]
+//! but the last, only ACK set with PSH allowed on the last, and a correct
+//! TCP checksum). The checksum matters because a train's checksum is
+//! computed afresh by the kernel: a segment damaged before it reached the
+//! far gateway must not have its damage vouched for. So a segment joins a
+//! train only if its checksum is good: known good (the far gateway computed
+//! it, or its kernel had verified it, and said so in the overlay header,
+//! see [`crate::wire::overlay::FLAG_CHECKSUM_OK`]) or checked here, as
+//! Linux's GRO checks it. A damaged one is written alone, as it came, and
+//! the receiving host drops it. [`Train::header`]
 //! writes what goes in front of the train's payloads: the virtio-net
 //! header, then the first segment's IP and TCP headers with the lengths of
 //! the whole, a fresh IPv4 header checksum, and the TCP checksum field
@@ -156,20 +164,46 @@ fn same_headers(prev: &[u8], p: &Segment, next: &[u8]) -> bool {
     ip_same && tcp_same
 }
 
+/// Whether the TCP checksum of segment `p` (parsed as `s`) is correct.
+fn checksum_ok(p: &[u8], s: &Segment) -> bool {
+    let addrs = if s.v6 { p.get(8..40) } else { p.get(12..20) };
+    match (addrs, p.get(s.ip_len..)) {
+        (Some(addrs), Some(tcp)) => {
+            let pseudo = sum(addrs, 0) + 6 + tcp.len() as u64;
+            fold(sum(tcp, pseudo)) == 0xffff
+        }
+        _ => false,
+    }
+}
+
 /// Groups `packets` into trains, in order, into `out` (cleared first).
-pub fn plan(packets: &[&[u8]], out: &mut Vec<Train>) {
+/// `trusted[i]` says that packet `i`'s checksum is known to be good (the
+/// sender vouched for it); the others' are checked before they join a
+/// train (only then: a packet that stays alone is not checked).
+pub fn plan(packets: &[&[u8]], trusted: &[bool], out: &mut Vec<Train>) {
     out.clear();
+    let good = |i: usize, p: &[u8], s: &Segment| {
+        trusted.get(i).copied().unwrap_or(false) || checksum_ok(p, s)
+    };
+    // The last packet, if the next may join its train, and whether the
+    // train's first packet has been found good.
     let mut last: Option<(usize, Segment)> = None;
+    let mut first_good = false;
     for (i, &pkt) in packets.iter().enumerate() {
         let seg = Segment::parse(pkt);
         if let (Some(train), Some((prev_i, prev)), Some(s)) = (out.last_mut(), last, seg) {
             let prev_pkt = packets.get(prev_i).copied().unwrap_or_default();
             if train.count > 0 && continues(prev_pkt, &prev, pkt, &s, train) {
-                train.count += 1;
-                train.payload += s.payload;
-                train.push = s.flags & TCP_PSH != 0;
-                last = Some((i, s));
-                continue;
+                if train.count == 1 {
+                    first_good = good(prev_i, prev_pkt, &prev);
+                }
+                if first_good && good(i, pkt, &s) {
+                    train.count += 1;
+                    train.payload += s.payload;
+                    train.push = s.flags & TCP_PSH != 0;
+                    last = Some((i, s));
+                    continue;
+                }
             }
         }
         out.push(match seg {
@@ -337,7 +371,7 @@ mod tests {
     fn check_round_trip(segs: &[Vec<u8>], want_counts: &[usize]) {
         let pkts: Vec<&[u8]> = segs.iter().map(|s| &s[..]).collect();
         let mut trains = Vec::new();
-        plan(&pkts, &mut trains);
+        plan(&pkts, &[], &mut trains);
         let counts: Vec<usize> = trains.iter().map(|t| t.count).collect();
         assert_eq!(counts, want_counts);
         let mut back = Vec::new();
@@ -408,11 +442,63 @@ mod tests {
         let segs = [seg4(0, 100, 1, false), other, ack, udp];
         let pkts: Vec<&[u8]> = segs.iter().map(|s| &s[..]).collect();
         let mut trains = Vec::new();
-        plan(&pkts, &mut trains);
+        plan(&pkts, &[], &mut trains);
         assert_eq!(
             trains.iter().map(|t| t.count).collect::<Vec<_>>(),
             [1, 1, 1, 1]
         );
+    }
+
+    /// `p` with one payload bit flipped (its checksum now wrong).
+    fn damaged(mut p: Vec<u8>) -> Vec<u8> {
+        if let Some(b) = p.last_mut() {
+            *b ^= 0x10;
+        }
+        p
+    }
+
+    #[test]
+    fn a_damaged_segment_is_not_merged_unless_vouched_for() {
+        let segs: Vec<Vec<u8>> = (0..5u32)
+            .map(|i| {
+                let s = seg4(i * 100, 100, i as u16, false);
+                if i == 2 {
+                    damaged(s)
+                } else {
+                    s
+                }
+            })
+            .collect();
+        let pkts: Vec<&[u8]> = segs.iter().map(|s| &s[..]).collect();
+        let mut trains = Vec::new();
+        // Checked here: the damaged one goes alone, as it came.
+        plan(&pkts, &[], &mut trains);
+        let shape: Vec<(usize, usize)> = trains.iter().map(|t| (t.first, t.count)).collect();
+        assert_eq!(shape, [(0, 2), (2, 1), (3, 2)]);
+        let mut hdr = [0u8; MAX_TRAIN_HEADER];
+        assert_eq!(trains[1].header(pkts[2], &mut hdr), VNET_HDR_LEN);
+        assert_eq!(
+            hdr[..VNET_HDR_LEN],
+            [0; VNET_HDR_LEN],
+            "no checksum asked for"
+        );
+        // A damaged first segment does not start a train either.
+        plan(&pkts[2..], &[], &mut trains);
+        let shape: Vec<(usize, usize)> = trains.iter().map(|t| (t.first, t.count)).collect();
+        assert_eq!(shape, [(0, 1), (1, 2)]);
+        // Vouched for by the sender: not checked again, merged.
+        plan(&pkts, &[true; 5], &mut trains);
+        assert_eq!(trains.iter().map(|t| t.count).collect::<Vec<_>>(), [5]);
+        // IPv6 alike.
+        let segs = [seg6(0, 100), damaged(seg6(100, 100)), seg6(200, 100)];
+        let pkts: Vec<&[u8]> = segs.iter().map(|s| &s[..]).collect();
+        plan(&pkts, &[], &mut trains);
+        assert_eq!(
+            trains.iter().map(|t| t.count).collect::<Vec<_>>(),
+            [1, 1, 1]
+        );
+        plan(&pkts, &[false, true, false], &mut trains);
+        assert_eq!(trains.iter().map(|t| t.count).collect::<Vec<_>>(), [3]);
     }
 
     #[test]
@@ -422,7 +508,7 @@ mod tests {
             .collect();
         let pkts: Vec<&[u8]> = segs.iter().map(|s| &s[..]).collect();
         let mut trains = Vec::new();
-        plan(&pkts, &mut trains);
+        plan(&pkts, &[], &mut trains);
         assert!(trains.iter().all(|t| t.headers + t.payload <= 65_535));
         assert_eq!(trains.iter().map(|t| t.count).sum::<usize>(), 50);
         assert_eq!(trains.len(), 2);
@@ -441,7 +527,7 @@ mod tests {
             }
             let pkts = [&base[..], &p[..], &p[..]];
             let mut trains = Vec::new();
-            plan(&pkts, &mut trains);
+            plan(&pkts, &[], &mut trains);
             for t in &trains {
                 let mut hdr = [0u8; MAX_TRAIN_HEADER];
                 let _ = t.header(pkts[t.first], &mut hdr);

@@ -33,6 +33,7 @@ pub const VNET_HDR_LEN: usize = 10;
 pub const MAX_HEADERS: usize = 256;
 
 const NEEDS_CSUM: u8 = 1;
+const DATA_VALID: u8 = 2;
 const GSO_NONE: u8 = 0;
 const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
@@ -54,6 +55,14 @@ pub struct VnetHeader {
 }
 
 impl VnetHeader {
+    /// Whether the packet's transport checksum is known to be good once
+    /// [`Cut`] has been done: the kernel left it (or, for a super-packet,
+    /// the segments' checksums) to be computed (`NEEDS_CSUM`), or had
+    /// verified it (`DATA_VALID`). Otherwise nobody has checked it.
+    pub fn checksum_known(&self) -> bool {
+        self.flags & (NEEDS_CSUM | DATA_VALID) != 0
+    }
+
     /// Reads the header from the first [`VNET_HDR_LEN`] bytes of `b`.
     pub fn parse(b: &[u8]) -> Option<VnetHeader> {
         let b: &[u8; VNET_HDR_LEN] = b.get(..VNET_HDR_LEN)?.try_into().ok()?;

@@ -479,6 +479,125 @@ fn tcp_role() {
     }
 }
 
+/// Not a test on its own: sends the bursts of
+/// [`damaged_segments_stay_damaged`] from the client's namespace
+/// (`XL_RAW_BURSTS` bursts of `XL_RAW_SEGMENTS` consecutive TCP segments
+/// of one flow to the server, segment `XL_RAW_DAMAGED` of each with a
+/// payload bit flipped after its checksum was computed).
+#[test]
+fn raw_role() {
+    let Ok(bursts) = std::env::var("XL_RAW_BURSTS") else {
+        return;
+    };
+    let bursts: u16 = bursts.parse().unwrap();
+    let segments: u32 = std::env::var("XL_RAW_SEGMENTS").unwrap().parse().unwrap();
+    let damaged: u32 = std::env::var("XL_RAW_DAMAGED").unwrap().parse().unwrap();
+    let raw = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+    )
+    .unwrap();
+    let to = socket2::SockAddr::from(std::net::SocketAddrV4::new(lab::SERVER_ADDR, 0));
+    const LEN: u32 = 1000;
+    for b in 0..bursts {
+        let packets: Vec<Vec<u8>> = (0..segments)
+            .map(|i| {
+                let payload: Vec<u8> = (0..LEN).map(|k| (k + i) as u8).collect();
+                let mut p = Vec::new();
+                etherparse::PacketBuilder::ipv4(
+                    lab::CLIENT_ADDR.octets(),
+                    lab::SERVER_ADDR.octets(),
+                    64,
+                )
+                .tcp(40_000 + b, 5998, 1_000_000 + i * LEN, 1000)
+                .ack(1)
+                .write(&mut p, &payload)
+                .unwrap();
+                if i == damaged {
+                    *p.last_mut().unwrap() ^= 0x10;
+                }
+                p
+            })
+            .collect();
+        for p in &packets {
+            raw.send_to(p, &to).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("XL_RAW sent");
+}
+
+/// The server namespace's TCP checksum error count (`InCsumErrors`).
+fn tcp_checksum_errors(lab: &Lab) -> u64 {
+    let snmp = lab::run(lab.command_in(Host::Server, "cat").arg("/proc/net/snmp")).unwrap();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "InCsumErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap()
+}
+
+/// A TCP segment damaged before it reaches crosslink stays damaged: the far
+/// gateway merges consecutive segments into one super-packet whose checksum
+/// the kernel computes afresh, so a segment whose checksum nobody vouched
+/// for is checked before it is merged, and a bad one is written alone, as
+/// it came, for the receiving host to drop. The client sends bursts of
+/// consecutive segments of one flow (raw packets, so no kernel vouches for
+/// them) with one segment damaged in each; every damaged one must reach
+/// the server's TCP as a checksum error, in the clear and sealed.
+#[test]
+fn damaged_segments_stay_damaged() {
+    if !lab::test_gate("damaged_segments_stay_damaged", &[]) {
+        return;
+    }
+    let _serial = serial();
+    const BURSTS: u64 = 40;
+    const KEY: &str = "8d1e0c3a7b2d94e8a16c0f3b2e7d5a9c4b8e1f60d2c3a5b7e9f1d3c5a7b9e1f3";
+    let exe = std::env::current_exe().unwrap();
+    for key in [None, Some(KEY)] {
+        let mut opts = LabOptions::new("csum", BIN);
+        opts.key = key.map(str::to_string);
+        let mut lab = Lab::new(opts).unwrap();
+        lab.start_gateways().unwrap();
+        lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+        let before = tcp_checksum_errors(&lab);
+        let out = lab::run(
+            lab.command_in(Host::Client, &exe)
+                .args(["--exact", "raw_role", "--nocapture", "--test-threads=1"])
+                .env("XL_RAW_BURSTS", BURSTS.to_string())
+                .env("XL_RAW_SEGMENTS", "8")
+                .env("XL_RAW_DAMAGED", "3"),
+        )
+        .unwrap();
+        assert!(out.contains("XL_RAW sent"), "raw sender: {out}");
+        // Everything was sent before the role returned; give the far side a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let counted = loop {
+            let n = tcp_checksum_errors(&lab) - before;
+            if n >= BURSTS || Instant::now() > deadline {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let drops = &lab.status(Gw::B).unwrap()["drops"];
+        println!(
+            "netns csum: sealed={} {counted} of {BURSTS} damaged segments reached the server as checksum errors; gw-b drops {drops}",
+            key.is_some()
+        );
+        assert_eq!(
+            counted,
+            BURSTS,
+            "sealed={}: damaged segments were passed as good",
+            key.is_some()
+        );
+        lab.check_gateways().unwrap();
+    }
+}
+
 /// A bulk TCP transfer through the tunnel arrives byte for byte, in the
 /// clear and sealed: the TUN super-packets are cut into segments with
 /// their own headers and checksums on one side, merged again on the other

@@ -169,6 +169,8 @@ struct Staged {
     slot: usize,
     in_slot: usize,
     body: Option<(usize, Range<usize>)>,
+    /// Its transport checksum is known to be good ([`Read`]).
+    checksum_ok: bool,
 }
 
 /// A forwarding lane of a peer: one thread that reads its queue of the
@@ -354,14 +356,16 @@ impl TunOut {
         };
         for r in 0..count {
             match reader.reads.get(r).copied() {
-                Some(Read::Super(s, cut)) => {
-                    self.cut_and_stage(reader, s, cut, &turn, spare, pending, batch);
+                Some(Read::Super(s, cut, checksum_ok)) => {
+                    let read = (s, cut, checksum_ok);
+                    self.cut_and_stage(reader, read, &turn, spare, pending, batch);
                 }
-                Some(Read::Slot(slot, len)) => {
+                Some(Read::Slot(slot, len, checksum_ok)) => {
                     let staged = Staged {
                         slot,
                         in_slot: len,
                         body: None,
+                        checksum_ok,
                     };
                     let inner = reader
                         .slots
@@ -395,14 +399,13 @@ impl TunOut {
     }
 
     /// Cuts super-packet `s` of the reader as `cut` says and stages
-    /// its packets. A cleartext, single-copy segment keeps its payload
-    /// where it was read: only its headers go to a slot.
-    #[allow(clippy::too_many_arguments)]
+    /// its packets (their checksums known good or not, as
+    /// [`Read::Super`] says). A cleartext, single-copy segment keeps its
+    /// payload where it was read: only its headers go to a slot.
     fn cut_and_stage(
         &mut self,
         reader: &mut TunReader,
-        s: usize,
-        cut: Cut,
+        (s, cut, checksum_ok): (usize, Cut, bool),
         turn: &Turn,
         spare: &mut [u8],
         pending: &mut Vec<Pending>,
@@ -426,7 +429,7 @@ impl TunOut {
                 self.flush(pending, reader, batch, turn.now);
                 reader.used = reader.whole;
             }
-            let Some(staged) = reader.put(s, cut, i, inline) else {
+            let Some(staged) = reader.put(s, cut, i, inline, checksum_ok) else {
                 self.drops.count(DropReason::TooBig);
                 continue;
             };
@@ -462,7 +465,8 @@ impl TunOut {
             let whole = HEADROOM + staged.in_slot;
             if let (Some(to), Some(from)) = (spare.get_mut(..whole), buf.get(..whole)) {
                 to.copy_from_slice(from);
-                if let Some(range) = self.frame(copy, spare, staged.in_slot, peer_seq, keys) {
+                let framing = (peer_seq, staged.checksum_ok);
+                if let Some(range) = self.frame(copy, spare, staged.in_slot, framing, keys) {
                     let d = [sys::Datagram {
                         head: spare.get(range).unwrap_or_default(),
                         body: &[],
@@ -471,7 +475,8 @@ impl TunOut {
                 }
             }
         }
-        if let Some(range) = self.frame(placement.path, buf, staged.in_slot, peer_seq, keys) {
+        let framing = (peer_seq, staged.checksum_ok);
+        if let Some(range) = self.frame(placement.path, buf, staged.in_slot, framing, keys) {
             pending.push(Pending {
                 path: placement.path,
                 slot: staged.slot,
@@ -482,15 +487,16 @@ impl TunOut {
         }
     }
 
-    /// Writes the overlay header (and seals) in place in front of the
-    /// `in_slot` bytes at `buf[HEADROOM..]`: the framed range of `buf`, or
-    /// `None` (counted) when it cannot be sent.
+    /// Writes the overlay header (with the peer sequence, if any, and
+    /// whether the inner checksum is known good) and seals, in place in
+    /// front of the `in_slot` bytes at `buf[HEADROOM..]`: the framed range
+    /// of `buf`, or `None` (counted) when it cannot be sent.
     fn frame(
         &mut self,
         id: PathId,
         buf: &mut [u8],
         in_slot: usize,
-        peer_seq: Option<PeerSeq>,
+        (peer_seq, checksum_ok): (Option<PeerSeq>, bool),
         keys: Option<&Keys>,
     ) -> Option<Range<usize>> {
         let Some(Some(path)) = self.paths.get_mut(usize::from(id.0)) else {
@@ -498,7 +504,9 @@ impl TunOut {
             return None;
         };
         let sequence = path.sequence.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut header = Header::data(sequence).with_lane(self.lane);
+        let mut header = Header::data(sequence)
+            .with_lane(self.lane)
+            .with_checksum_ok(checksum_ok);
         if let Some(p) = peer_seq {
             header = header.with_peer_seq(p);
         }
@@ -704,11 +712,13 @@ struct Turn {
 
 /// One read of a turn: a super-packet left where it was read (offloads;
 /// with what it needs, its checksum already finished), or a whole packet
-/// in a slot at [`HEADROOM`] (slot, length).
+/// in a slot at [`HEADROOM`] (slot, length); with whether its transport
+/// checksum (or its segments', once cut) is known to be good
+/// ([`VnetHeader::checksum_known`]; never on a plain TUN).
 #[derive(Clone, Copy, Debug)]
 enum Read {
-    Super(usize, Cut),
-    Slot(usize, usize),
+    Super(usize, Cut, bool),
+    Slot(usize, usize, bool),
 }
 
 /// Where a sending thread reads its TUN into and frames its datagrams:
@@ -792,7 +802,7 @@ impl TunReader {
             };
             match tun.recv(buf) {
                 Ok(n) if !self.offload => {
-                    self.reads.push(Read::Slot(self.used, n));
+                    self.reads.push(Read::Slot(self.used, n, false));
                     self.used += 1;
                 }
                 Ok(n) => match self.keep(supers, n) {
@@ -829,6 +839,7 @@ impl TunReader {
             .get_mut(VNET_HDR_LEN..)
             .ok_or(DropReason::InnerMalformed)?;
         let room = self.slot_len - HEADROOM - TRAILER;
+        let known = vnet.checksum_known();
         let cut = match Cut::of(&vnet, packet).map_err(|_| DropReason::InnerMalformed)? {
             Cut::Finish { start, offset } => {
                 finish_checksum(packet, start, offset).map_err(|_| DropReason::InnerMalformed)?;
@@ -846,7 +857,7 @@ impl TunReader {
                     .and_then(|b| b.get_mut(HEADROOM..HEADROOM + packet.len()))
                     .ok_or(DropReason::TooBig)?;
                 slot.copy_from_slice(packet);
-                self.reads.push(Read::Slot(self.used, packet.len()));
+                self.reads.push(Read::Slot(self.used, packet.len(), known));
                 self.used += 1;
                 return Ok(false);
             }
@@ -854,7 +865,9 @@ impl TunReader {
         if let Some(l) = self.super_lens.get_mut(s) {
             *l = n;
         }
-        self.reads.push(Read::Super(s, cut));
+        // Segments get checksums computed here.
+        let checksum_ok = known || matches!(cut, Cut::Segments(_));
+        self.reads.push(Read::Super(s, cut, checksum_ok));
         Ok(true)
     }
 
@@ -866,7 +879,14 @@ impl TunReader {
     /// Stages packet `i` of read `s` (cut as `cut`) in the next free slot:
     /// its headers (the whole packet, if it is not a segment or `inline`)
     /// at [`HEADROOM`], the rest left in place. `None` if it does not fit.
-    fn put(&mut self, s: usize, cut: Cut, i: usize, inline: bool) -> Option<Staged> {
+    fn put(
+        &mut self,
+        s: usize,
+        cut: Cut,
+        i: usize,
+        inline: bool,
+        checksum_ok: bool,
+    ) -> Option<Staged> {
         let slot_index = self.used;
         // Borrowed apart from the slots, which are written.
         let packet = super_packet(&self.supers, &self.super_lens, s)?;
@@ -886,12 +906,14 @@ impl TunReader {
                 slot: slot_index,
                 in_slot: headers + payload.len(),
                 body: None,
+                checksum_ok,
             }
         } else {
             Staged {
                 slot: slot_index,
                 in_slot: headers,
                 body: Some((s, body)),
+                checksum_ok,
             }
         };
         self.used += 1;
@@ -1018,10 +1040,13 @@ pub struct PathIn {
 struct RxState {
     batch: sys::RecvBatch,
     out: TunWriter,
-    /// The inner packets of a burst: (message, range in it).
-    inner: Vec<(usize, Range<usize>)>,
+    /// The inner packets of a burst: (message, range in it, whether the
+    /// sender vouched for its checksum).
+    inner: Vec<(usize, Range<usize>, bool)>,
     /// Room for the burst's packet slices, kept between bursts.
     spare: Vec<&'static [u8]>,
+    /// Whether the sender vouched for each packet's checksum.
+    trusted: Vec<bool>,
     /// When the next echo request is due.
     next_echo: Instant,
 }
@@ -1053,6 +1078,7 @@ impl PathIn {
             out,
             inner: Vec::with_capacity(RX_BATCH * 64),
             spare: Vec::with_capacity(RX_BATCH * 64),
+            trusted: Vec::with_capacity(RX_BATCH * 64),
             next_echo: clock::now(),
         }
     }
@@ -1083,6 +1109,7 @@ impl PathIn {
             out,
             inner,
             spare,
+            trusted,
             ..
         } = rx;
         let n = match batch.recv_queued(self.socket.as_ref()) {
@@ -1116,9 +1143,9 @@ impl PathIn {
             }
             let segment = segment.unwrap_or(message.len()).max(1);
             for (k, datagram) in message.chunks_mut(segment).enumerate() {
-                if let Some(r) = self.receive(datagram, src, keys.as_deref()) {
+                if let Some((r, checksum_ok)) = self.receive(datagram, src, keys.as_deref()) {
                     let at = k * segment;
-                    inner.push((i, at + r.start..at + r.end));
+                    inner.push((i, at + r.start..at + r.end, checksum_ok));
                 }
             }
         }
@@ -1126,23 +1153,26 @@ impl PathIn {
         // as two messages (UDP GSO stops at 64 KiB of datagrams, headers
         // included) goes back into the TUN as one.
         let mut packets = std::mem::take(spare);
-        packets.extend(inner.iter().map(|(i, r)| {
+        packets.extend(inner.iter().map(|(i, r, _)| {
             let message = batch.message(*i).unwrap_or_default();
             message.get(r.clone()).unwrap_or_default()
         }));
-        out.write(&self.tun, &packets, &self.drops);
+        trusted.clear();
+        trusted.extend(inner.iter().map(|(_, _, ok)| *ok));
+        out.write(&self.tun, &packets, trusted, &self.drops);
         *spare = recycle(packets);
         n
     }
 
     /// Validates one datagram: the inner packet's range in it, if it is
-    /// data to deliver (echo messages are answered here).
+    /// data to deliver, and whether the sender vouched for its checksum
+    /// (echo messages are answered here).
     fn receive(
         &mut self,
         datagram: &mut [u8],
         src: SocketAddr,
         keys: Option<&Keys>,
-    ) -> Option<Range<usize>> {
+    ) -> Option<(Range<usize>, bool)> {
         if src != self.remote {
             self.drops.count(DropReason::UnknownSource);
             return None;
@@ -1159,7 +1189,7 @@ impl PathIn {
                 let start = datagram.len() - inner.len();
                 let end = datagram.len();
                 self.deliverable(header.peer_seq, inner.len())
-                    .then_some(start..end)
+                    .then_some((start..end, header.checksum_ok()))
             }
             Err(reason) => {
                 self.drops.count(reason);
@@ -1216,8 +1246,15 @@ impl TunWriter {
         }
     }
 
-    /// Writes `packets` (in order).
-    fn write(&mut self, tun: &SyncDevice, packets: &[&[u8]], drops: &DropCounters) {
+    /// Writes `packets` (in order); `trusted` says which ones' checksums
+    /// their sender vouched for.
+    fn write(
+        &mut self,
+        tun: &SyncDevice,
+        packets: &[&[u8]],
+        trusted: &[bool],
+        drops: &DropCounters,
+    ) {
         match packets {
             [] => {}
             // Plain TUN, or one packet (small-packet traffic): nothing to
@@ -1236,13 +1273,19 @@ impl TunWriter {
                     drops.count(DropReason::TunWrite);
                 }
             }
-            _ => self.write_trains(tun, packets, drops),
+            _ => self.write_trains(tun, packets, trusted, drops),
         }
     }
 
     /// Writes `packets` as [`coalesce::plan`] groups them, a `writev` per train.
-    fn write_trains(&mut self, tun: &SyncDevice, packets: &[&[u8]], drops: &DropCounters) {
-        coalesce::plan(packets, &mut self.trains);
+    fn write_trains(
+        &mut self,
+        tun: &SyncDevice,
+        packets: &[&[u8]],
+        trusted: &[bool],
+        drops: &DropCounters,
+    ) {
+        coalesce::plan(packets, trusted, &mut self.trains);
         for t in &self.trains {
             let Some(first) = packets.get(t.first) else {
                 continue;
@@ -1272,11 +1315,11 @@ impl TunWriter {
 }
 
 impl PathIn {
-    fn receive_sealed(&mut self, keys: &Keys, datagram: &mut [u8]) -> Option<Range<usize>> {
+    fn receive_sealed(&mut self, keys: &Keys, datagram: &mut [u8]) -> Option<(Range<usize>, bool)> {
         match open(datagram, keys, self.salt_in, &mut self.window) {
             Ok(Opened::Data(header, range)) => {
                 let deliver = self.deliverable(header.peer_seq, range.len());
-                return deliver.then_some(range);
+                return deliver.then_some((range, header.checksum_ok()));
             }
             Ok(Opened::Echo(Echo::Request(stamp), epoch)) => {
                 if self.echo_guard.request(epoch, stamp) {

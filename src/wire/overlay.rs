@@ -32,13 +32,19 @@
 //! ```
 //!
 //! Flags: bit 0 ([`FLAG_PEER_SEQ`]) says the extension below follows;
+//! bit 1 ([`FLAG_CHECKSUM_OK`]) says the sender vouches for the inner
+//! packet's transport checksum (it computed it, cutting a super-packet
+//! or finishing what its kernel left to finish, or its kernel had
+//! verified it), so that the receiver may merge the packet into a
+//! super-packet without checking it again ([`crate::coalesce`]); a
+//! receiver that does not know it checks, or does not merge;
 //! bits 4 to 6 ([`LANE_MASK`]) carry the sender's lane, 0 to 7: the
 //! forwarding thread of the sender that the datagram's flow belongs to.
 //! A receiver with several lanes hands the datagram to its own lane of
 //! that number (modulo its lane count), so that both directions of a flow
 //! stay with one thread on each side ([`crate::io::data_plane`]); it
 //! changes nothing else, and a receiver that does not know it ignores it.
-//! Bits 1 to 3 and 7 are reserved (0).
+//! Bits 2, 3 and 7 are reserved (0).
 //!
 //! The format grows without breaking old receivers: the header length
 //! says where the inner packet starts, so a newer sender can append
@@ -59,6 +65,8 @@ pub const PEER_SEQ_LEN: usize = 16;
 pub const MAX_LEN: usize = BASE_LEN + PEER_SEQ_LEN;
 /// Flag: the peer-sequence extension follows the fixed header.
 pub const FLAG_PEER_SEQ: u8 = 0x01;
+/// Flag: the sender vouches for the inner packet's transport checksum.
+pub const FLAG_CHECKSUM_OK: u8 = 0x02;
 /// Flags bits holding the sender's lane.
 pub const LANE_MASK: u8 = 0x70;
 /// Where the lane starts in the flags byte.
@@ -171,6 +179,21 @@ impl Header {
         let lane = (lane % MAX_LANES) as u8;
         self.flags = (self.flags & !LANE_MASK) | (lane << LANE_SHIFT);
         self
+    }
+
+    /// Says whether the sender vouches for the inner packet's transport
+    /// checksum ([`FLAG_CHECKSUM_OK`]).
+    pub fn with_checksum_ok(mut self, ok: bool) -> Self {
+        self.flags = match ok {
+            true => self.flags | FLAG_CHECKSUM_OK,
+            false => self.flags & !FLAG_CHECKSUM_OK,
+        };
+        self
+    }
+
+    /// Whether the sender vouches for the inner packet's transport checksum.
+    pub fn checksum_ok(&self) -> bool {
+        self.flags & FLAG_CHECKSUM_OK != 0
     }
 
     /// The sender's lane.
@@ -323,6 +346,25 @@ mod tests {
         assert_eq!(Header::data(1).with_lane(9).flags & !LANE_MASK, 0);
         // A header of a sender without lanes is lane 0.
         assert_eq!(Header::data(1).lane(), 0);
+    }
+
+    #[test]
+    fn the_checksum_vouch_is_bit_1_and_leaves_the_rest_alone() {
+        let h = Header::data(3).with_lane(5).with_checksum_ok(true);
+        let mut buf = [0u8; 16];
+        h.emit(&mut buf).unwrap();
+        assert_eq!(buf[FLAGS_AT], FLAG_CHECKSUM_OK | 5 << 4);
+        let (back, _) = Header::parse(&buf).unwrap();
+        assert!(back.checksum_ok());
+        assert_eq!(back.lane(), 5);
+        assert_eq!(back.peer_seq, None);
+        let off = back.with_checksum_ok(false);
+        assert!(!off.checksum_ok());
+        assert_eq!(off.lane(), 5);
+        assert!(
+            !Header::data(1).checksum_ok(),
+            "not vouched for unless said"
+        );
     }
 
     #[test]
