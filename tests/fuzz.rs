@@ -385,6 +385,82 @@ fn segment() {
     });
 }
 
+/// Whether `p` is a TCP segment whose checksum etherparse finds right.
+fn tcp_checksum_right(p: &[u8]) -> bool {
+    let Ok(parsed) = etherparse::SlicedPacket::from_ip(p) else {
+        return false;
+    };
+    let Some(etherparse::TransportSlice::Tcp(tcp)) = parsed.transport else {
+        return false;
+    };
+    let want = match parsed.net {
+        Some(etherparse::NetSlice::Ipv4(ip)) => {
+            tcp.calc_checksum_ipv4(ip.header().source(), ip.header().destination())
+        }
+        Some(etherparse::NetSlice::Ipv6(ip)) => {
+            tcp.calc_checksum_ipv6(ip.header().source(), ip.header().destination())
+        }
+        _ => return false,
+    };
+    want.is_ok_and(|w| w == tcp.checksum())
+}
+
+/// Receive-side coalescing (input: a byte of "sender vouched" bits, then
+/// packets, each behind a 2-byte big-endian length): never panics; the
+/// trains take the packets in order, each once; a merged train stays
+/// within the IP length limit, asks for TCP segmentation, and holds no
+/// packet with a wrong checksum that its sender did not vouch for.
+#[test]
+fn coalesce() {
+    use crosslink::coalesce::{plan, MAX_TRAIN_HEADER, VNET_HDR_LEN};
+    fuzz("coalesce", |input| {
+        let Some((&vouched, mut rest)) = input.split_first() else {
+            return Ok(());
+        };
+        let mut packets = Vec::new();
+        while let [a, b, tail @ ..] = rest {
+            let n = usize::from(u16::from_be_bytes([*a, *b])).min(tail.len());
+            packets.push(&tail[..n]);
+            rest = &tail[n..];
+        }
+        let trusted: Vec<bool> = (0..packets.len())
+            .map(|i| vouched & (1 << (i % 8)) != 0)
+            .collect();
+        let mut trains = Vec::new();
+        plan(&packets, &trusted, &mut trains);
+        let mut next = 0;
+        for t in &trains {
+            if t.first != next || t.count == 0 {
+                return Err(format!(
+                    "train at {} of {}, expected at {next}",
+                    t.first, t.count
+                ));
+            }
+            next += t.count;
+            let mut header = [0u8; MAX_TRAIN_HEADER];
+            let n = t.header(packets[t.first], &mut header);
+            if t.count == 1 {
+                if n != VNET_HDR_LEN || header[..n] != [0; VNET_HDR_LEN] {
+                    return Err("a lone packet is not written as it came".into());
+                }
+                continue;
+            }
+            if n <= VNET_HDR_LEN || t.headers + t.payload > 65_535 || header[0] != 1 {
+                return Err(format!("train of {} has a bad header ({n} bytes)", t.count));
+            }
+            for i in t.first..t.first + t.count {
+                if !trusted[i] && !tcp_checksum_right(packets[i]) {
+                    return Err(format!("packet {i}, its checksum wrong, was merged"));
+                }
+            }
+        }
+        if next != packets.len() {
+            return Err(format!("trains hold {next} of {} packets", packets.len()));
+        }
+        Ok(())
+    });
+}
+
 #[test]
 fn config() {
     fuzz("config", |input| {
@@ -647,6 +723,38 @@ fn write_seeds() {
     let mut seed = vnet(0, 0, 20, 6);
     seed.extend_from_slice(&udp4);
     put("segment", "csum", &seed);
+    // coalesce: a byte of vouched-for bits, then length-prefixed packets:
+    // consecutive segments of one flow, IPv4 and IPv6, one damaged.
+    let segment = |v6: bool, seq: u32, damage: bool| {
+        let b = if v6 {
+            etherparse::PacketBuilder::ipv6([0x20; 16], [0x21; 16], 64)
+        } else {
+            etherparse::PacketBuilder::ipv4([198, 18, 10, 1], [198, 18, 30, 2], 64)
+        };
+        let payload = vec![seq as u8; 100];
+        let mut p = Vec::new();
+        b.tcp(40_000, 5201, seq, 1000)
+            .ack(1)
+            .write(&mut p, &payload)
+            .unwrap();
+        if damage {
+            *p.last_mut().unwrap() ^= 1;
+        }
+        p
+    };
+    for (name, v6, vouched) in [
+        ("tcp4", false, 0u8),
+        ("tcp6", true, 0),
+        ("vouched", false, 0xff),
+    ] {
+        let mut seed = vec![vouched];
+        for i in 0..5u32 {
+            let p = segment(v6, i * 100, i == 2);
+            seed.extend_from_slice(&(p.len() as u16).to_be_bytes());
+            seed.extend_from_slice(&p);
+        }
+        put("coalesce", name, &seed);
+    }
     put("sealed", "udp4", &udp4);
     put("sealed", "tcp6", &tcp6);
     put("sealed", "empty", &[]);
