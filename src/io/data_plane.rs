@@ -42,7 +42,11 @@
 //! down the stack) where the kernel has it; and takes up to [`RX_BATCH`]
 //! messages per `recvmmsg` from each path and writes what they hold to the
 //! TUN together, merging one flow's segments across messages
-//! ([`coalesce`]). Buffers are allocated once per lane.
+//! ([`coalesce`]). Buffers are allocated once per lane. The sending half
+//! vouches, in the overlay header, for the checksums it computed (cutting)
+//! or its kernel computed or verified; the receiving half merges a segment
+//! nobody vouched for only once it has checked it, because the kernel
+//! computes a merged packet's checksum afresh.
 //!
 //! A send that fails because the underlay cannot reach the far end is
 //! reported to the BFD thread (at most once per path every
