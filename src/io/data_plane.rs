@@ -455,10 +455,15 @@ impl TunOut {
         batch: &mut sys::SendBatch,
     ) {
         let keys = turn.keys.as_deref();
-        let peer_seq = turn.duplicate.then(|| PeerSeq {
-            instance: self.instance,
-            sequence: self.peer_sequence.fetch_add(1, Ordering::Relaxed) + 1,
-        });
+        // What the packet's headers say on every path; `frame` adds the
+        // path's sequence number and the lane.
+        let mut header = Header::data(0).with_checksum_ok(staged.checksum_ok);
+        if turn.duplicate {
+            header = header.with_peer_seq(PeerSeq {
+                instance: self.instance,
+                sequence: self.peer_sequence.fetch_add(1, Ordering::Relaxed) + 1,
+            });
+        }
         let body_len = staged.body.as_ref().map_or(0, |(_, r)| r.len());
         let inner_len = staged.in_slot + body_len;
         let Some(buf) = reader.slots.get_mut(staged.slot) else {
@@ -469,8 +474,7 @@ impl TunOut {
             let whole = HEADROOM + staged.in_slot;
             if let (Some(to), Some(from)) = (spare.get_mut(..whole), buf.get(..whole)) {
                 to.copy_from_slice(from);
-                let framing = (peer_seq, staged.checksum_ok);
-                if let Some(range) = self.frame(copy, spare, staged.in_slot, framing, keys) {
+                if let Some(range) = self.frame(copy, spare, staged.in_slot, header, keys) {
                     let d = [sys::Datagram {
                         head: spare.get(range).unwrap_or_default(),
                         body: &[],
@@ -479,8 +483,7 @@ impl TunOut {
                 }
             }
         }
-        let framing = (peer_seq, staged.checksum_ok);
-        if let Some(range) = self.frame(placement.path, buf, staged.in_slot, framing, keys) {
+        if let Some(range) = self.frame(placement.path, buf, staged.in_slot, header, keys) {
             pending.push(Pending {
                 path: placement.path,
                 slot: staged.slot,
@@ -491,29 +494,26 @@ impl TunOut {
         }
     }
 
-    /// Writes the overlay header (with the peer sequence, if any, and
-    /// whether the inner checksum is known good) and seals, in place in
-    /// front of the `in_slot` bytes at `buf[HEADROOM..]`: the framed range
-    /// of `buf`, or `None` (counted) when it cannot be sent.
+    /// Writes `header` with path `id`'s next sequence number and this
+    /// lane (and seals) in place in front of the `in_slot` bytes at
+    /// `buf[HEADROOM..]`: the framed range of `buf`, or `None` (counted)
+    /// when it cannot be sent.
     fn frame(
         &mut self,
         id: PathId,
         buf: &mut [u8],
         in_slot: usize,
-        (peer_seq, checksum_ok): (Option<PeerSeq>, bool),
+        header: Header,
         keys: Option<&Keys>,
     ) -> Option<Range<usize>> {
         let Some(Some(path)) = self.paths.get_mut(usize::from(id.0)) else {
             self.drops.count(DropReason::NoPath);
             return None;
         };
-        let sequence = path.sequence.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut header = Header::data(sequence)
-            .with_lane(self.lane)
-            .with_checksum_ok(checksum_ok);
-        if let Some(p) = peer_seq {
-            header = header.with_peer_seq(p);
-        }
+        let header = Header {
+            sequence: path.sequence.fetch_add(1, Ordering::Relaxed) + 1,
+            ..header.with_lane(self.lane)
+        };
         let framed = match keys {
             Some(keys) => {
                 let sealer = Sealer {
