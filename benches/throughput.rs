@@ -412,17 +412,17 @@ fn main() {
     }
     println!("load at the end: {}", loadavg());
     let kernel = modes.iter().position(|m| m.kind == Kind::Kernel);
-    let rates = |m: usize, t: usize| -> Vec<f64> {
-        results[m][t].iter().map(|f: &Figure| f.rate).collect()
-    };
-    let costs = |m: usize, t: usize| -> Vec<f64> {
-        results[m][t].iter().map(|f: &Figure| f.cost).collect()
+    // One figure of every run of mode `m` in test `t`.
+    let column = |m: usize, t: usize, figure: fn(&Figure) -> f64| -> Vec<f64> {
+        results[m][t].iter().map(figure).collect()
     };
     for (t, test) in Test::ALL.iter().enumerate() {
-        table(test.name(), &modes, kernel, |m| rates(m, t));
+        table(test.name(), &modes, kernel, |m| column(m, t, |f| f.rate));
     }
     for (t, test) in Test::ALL.iter().enumerate() {
-        table(test.cost_name(), &modes, kernel, |m| costs(m, t));
+        table(test.cost_name(), &modes, kernel, |m| {
+            column(m, t, |f| f.cost)
+        });
     }
 }
 

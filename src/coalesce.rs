@@ -186,26 +186,30 @@ pub fn plan(packets: &[&[u8]], trusted: &[bool], out: &mut Vec<Train>) {
         trusted.get(i).copied().unwrap_or(false) || checksum_ok(p, s)
     };
     // The last packet, if the next may join its train, and whether the
-    // train's first packet has been found good.
+    // train's first packet is good (`None`: not checked yet). Each packet
+    // is checked at most once.
     let mut last: Option<(usize, Segment)> = None;
-    let mut first_good = false;
+    let mut first_good: Option<bool> = None;
     for (i, &pkt) in packets.iter().enumerate() {
         let seg = Segment::parse(pkt);
+        let mut checked = None;
         if let (Some(train), Some((prev_i, prev)), Some(s)) = (out.last_mut(), last, seg) {
             let prev_pkt = packets.get(prev_i).copied().unwrap_or_default();
-            if train.count > 0 && continues(prev_pkt, &prev, pkt, &s, train) {
-                if train.count == 1 {
-                    first_good = good(prev_i, prev_pkt, &prev);
-                }
-                if first_good && good(i, pkt, &s) {
+            if train.count > 0
+                && continues(prev_pkt, &prev, pkt, &s, train)
+                && *first_good.get_or_insert_with(|| good(prev_i, prev_pkt, &prev))
+            {
+                if good(i, pkt, &s) {
                     train.count += 1;
                     train.payload += s.payload;
                     train.push = s.flags & TCP_PSH != 0;
                     last = Some((i, s));
                     continue;
                 }
+                checked = Some(false);
             }
         }
+        first_good = checked;
         out.push(match seg {
             Some(s) => Train {
                 first: i,
