@@ -23,7 +23,7 @@
 //!
 //! Run as root: `cargo bench --bench throughput`. Knobs (environment):
 //! `XL_BENCH_RUNS` (default 3), `XL_BENCH_SECONDS` per test (default 5),
-//! `XL_BENCH_MODES` (comma list of kernel,plain,keyed,boringtun,vxlan; default all
+//! `XL_BENCH_MODES` (comma list of kernel,plain,fast,keyed,boringtun,vxlan; default all
 //! available), `XL_BENCH_COMPARE` (a second crosslink binary measured
 //! alongside), `CROSSLINK_BIN` (default `target/release/crosslink`, built if
 //! missing), `XL_BENCH_BORINGTUN` (the `boringtun-cli` to use; default from
@@ -48,6 +48,7 @@ const BENCH_KEY: &str = "5f1e0c3a7b2d94e8a16c0f3b2e7d5a9c4b8e1f60d2c3a5b7e9f1d3c
 enum Kind {
     Kernel,
     Plain,
+    Fast,
     Keyed,
     Boringtun,
     Vxlan,
@@ -146,13 +147,14 @@ fn binary() -> Result<PathBuf, String> {
 /// `boringtun-cli` is not installed.
 fn modes(bin: &std::path::Path) -> Vec<Mode> {
     let wanted = std::env::var("XL_BENCH_MODES")
-        .unwrap_or_else(|_| "kernel,plain,keyed,boringtun,vxlan".into());
+        .unwrap_or_else(|_| "kernel,plain,fast,keyed,boringtun,vxlan".into());
     let other = std::env::var_os("XL_BENCH_COMPARE").map(PathBuf::from);
     let mut out = Vec::new();
     for m in wanted.split(',') {
         let (kind, name) = match m.trim() {
             "kernel" => (Kind::Kernel, "kernel"),
             "plain" => (Kind::Plain, "crosslink"),
+            "fast" => (Kind::Fast, "crosslink fast path"),
             "keyed" => (Kind::Keyed, "crosslink+key"),
             "boringtun" => (Kind::Boringtun, "boringtun"),
             "vxlan" => (Kind::Vxlan, "kernel vxlan"),
@@ -179,7 +181,7 @@ fn modes(bin: &std::path::Path) -> Vec<Mode> {
             name: name.into(),
             bin: mode_bin,
         });
-        let crosslink = matches!(kind, Kind::Plain | Kind::Keyed);
+        let crosslink = matches!(kind, Kind::Plain | Kind::Fast | Kind::Keyed);
         if let (Some(o), true) = (&other, crosslink) {
             out.push(Mode {
                 kind,
@@ -195,8 +197,9 @@ fn modes(bin: &std::path::Path) -> Vec<Mode> {
 fn measure(mode: &Mode, seconds: u64) -> Result<Vec<Figure>, String> {
     let mut opts = match mode.kind {
         Kind::Kernel | Kind::Boringtun | Kind::Vxlan => LabOptions::kernel_only("tp", &mode.bin),
-        Kind::Plain | Kind::Keyed => LabOptions::new("tp", &mode.bin),
+        Kind::Plain | Kind::Fast | Kind::Keyed => LabOptions::new("tp", &mode.bin),
     };
+    opts.fast_path = mode.kind == Kind::Fast;
     // Slow BFD: the bench is about forwarding, not detection.
     opts.tx_interval = Duration::from_millis(100);
     opts.rx_interval = Duration::from_millis(100);
@@ -213,7 +216,7 @@ fn measure(mode: &Mode, seconds: u64) -> Result<Vec<Figure>, String> {
             None
         }
         Kind::Boringtun => Some(boringtun::Tunnel::start(&lab, &mode.bin)?),
-        Kind::Plain | Kind::Keyed => {
+        Kind::Plain | Kind::Fast | Kind::Keyed => {
             lab.start_gateways().map_err(|e| e.to_string())?;
             lab.wait_paths_up(Duration::from_secs(20))
                 .map_err(|e| e.to_string())?;

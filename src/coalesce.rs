@@ -40,6 +40,7 @@ const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
+const TCP_FIN: u8 = 0x01;
 
 /// Consecutive packets written to the TUN as one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,6 +234,32 @@ pub fn plan(packets: &[&[u8]], trusted: &[bool], out: &mut Vec<Train>) {
 }
 
 impl Train {
+    /// A TCP super-packet longer than `mtu` that arrived whole (a far
+    /// fast path, [`crate::io::fastpath`], sends it as one UDP tunnel
+    /// packet, and nothing on the way cut it: a veth pair, a virtual NIC
+    /// passing offloads through), as the train of the segments that fit
+    /// `mtu`: [`Train::header`] then writes the virtio-net header that has
+    /// the kernel cut it, and the packet's payload follows. `None` if it is
+    /// not such a packet.
+    pub fn whole(packet: &[u8], mtu: usize) -> Option<Train> {
+        let s = Segment::parse(packet)?;
+        let headers = s.ip_len + s.tcp_len;
+        let segment = mtu.checked_sub(headers).filter(|&n| n > 0)?;
+        // ACK with PSH or FIN, which segmentation leaves on the last
+        // segment only; not CWR, which would need the ECN segmentation type.
+        if packet.len() <= mtu || s.flags & !(TCP_PSH | TCP_FIN) != TCP_ACK {
+            return None;
+        }
+        Some(Train {
+            first: 0,
+            count: s.payload.div_ceil(segment),
+            headers,
+            segment,
+            payload: s.payload,
+            push: s.flags & TCP_PSH != 0,
+        })
+    }
+
     /// Writes the train's header into `out` from its first packet: for a
     /// train of one, an all-zero virtio-net header (the packet follows
     /// whole); for more, the virtio-net header asking for TCP segmentation
@@ -370,6 +397,33 @@ mod tests {
                 p
             })
             .collect()
+    }
+
+    #[test]
+    fn a_whole_super_packet_is_cut_at_the_mtu() {
+        let mtu = 1456;
+        let whole = seg4(1000, 5000, 7, true);
+        let t = Train::whole(&whole, mtu).expect("a TCP super-packet");
+        assert_eq!((t.segment, t.count, t.headers), (mtu - 40, 4, 40));
+        let mut hdr = [0u8; MAX_TRAIN_HEADER];
+        let n = t.header(&whole, &mut hdr);
+        assert_eq!(hdr[1], GSO_TCPV4);
+        let back = resegment(&hdr[..n], &whole[t.headers..]);
+        let want: Vec<Vec<u8>> = (0..4u16)
+            .map(|i| {
+                let seq = 1000 + u32::from(i) * 1416;
+                let len = if i == 3 { 5000 - 3 * 1416 } else { 1416 };
+                seg4(seq, len, 7 + i, i == 3)
+            })
+            .collect();
+        assert_eq!(back, want);
+        // One that fits, and anything but a TCP segment with ACK, stays as it is.
+        assert!(Train::whole(&seg4(0, 1000, 1, false), mtu).is_none());
+        let mut syn = whole.clone();
+        syn[20 + 13] |= 0x02;
+        assert!(Train::whole(&syn, mtu).is_none());
+        assert!(Train::whole(&whole[..20], mtu).is_none());
+        assert!(Train::whole(&whole, 30).is_none());
     }
 
     fn check_round_trip(segs: &[Vec<u8>], want_counts: &[usize]) {

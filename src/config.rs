@@ -301,6 +301,9 @@ pub struct PeerConfig {
     /// routed through two peers, the second one as a backup that takes over
     /// when the first peer's TUN loses carrier.
     pub route_metric: Option<u32>,
+    /// Send through the kernel fast path ([`crate::io::fastpath`]) rather
+    /// than the lanes, when a path is up.
+    pub fast_path: bool,
     pub paths: Vec<PathConfig>,
 }
 
@@ -511,6 +514,9 @@ fn peer_summary(out: &mut String, peer: &PeerConfig, default_auth: Option<&BfdAu
     }
     if let Some(metric) = peer.route_metric {
         out.push_str(&format!(" route_metric {metric}"));
+    }
+    if peer.fast_path {
+        out.push_str(" fast_path");
     }
     out.push_str(&format!(
         ", policy {}, revert_hold {}, {}\n",
@@ -771,6 +777,8 @@ struct RawPeer {
     mtu: Option<u16>,
     route_metric: Option<u32>,
     #[serde(default)]
+    fast_path: bool,
+    #[serde(default)]
     path: Vec<RawPath>,
 }
 
@@ -990,6 +998,9 @@ fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResult<PeerConf
             return invalid(at, &[k("path"), Seg::Index(i), k("name")], msg);
         }
     }
+    if p.fast_path {
+        check_fast_path(p.key_file.is_some(), p.policy, &paths, at)?;
+    }
     Ok(PeerConfig {
         name: p.name,
         tun: p.tun,
@@ -1001,8 +1012,41 @@ fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResult<PeerConf
         accept_key_file: p.accept_key_file,
         mtu: p.mtu,
         route_metric: p.route_metric,
+        fast_path: p.fast_path,
         paths,
     })
+}
+
+/// What the kernel fast path can carry: cleartext, one active path at a
+/// time, IPv4 underlay from a concrete local address.
+fn check_fast_path(keyed: bool, policy: Policy, paths: &[PathConfig], at: &[Seg]) -> VResult<()> {
+    let why = if keyed {
+        Some("needs a cleartext peer (no key_file): sealing stays in user space".to_string())
+    } else if policy != Policy::ActiveBackup {
+        Some(format!(
+            "needs policy \"active-backup\" (this peer's is \"{policy}\")"
+        ))
+    } else if paths.len() > crate::io::fastpath::MAX_PATHS {
+        Some(format!(
+            "carries at most {} paths per peer",
+            crate::io::fastpath::MAX_PATHS
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        return invalid(at, &[k("fast_path")], why);
+    }
+    for (i, path) in paths.iter().enumerate() {
+        if !path.local.is_ipv4() || path.local.ip().is_unspecified() {
+            let msg = format!(
+                "fast_path needs an IPv4 underlay from a concrete local address, not {}",
+                path.local
+            );
+            return invalid(at, &[k("path"), Seg::Index(i), k("local")], msg);
+        }
+    }
+    Ok(())
 }
 
 fn check_routes(routes: &[Prefix], at: &[Seg]) -> VResult<()> {
@@ -2089,6 +2133,40 @@ mtu = 1400
             "  remote = \"192.0.2.2:4800\"\n  weight = -1\n",
         );
         assert_err(&text, 12, "peer.gcp.path.cci-1.weight", "u32");
+    }
+
+    #[test]
+    fn fast_path_only_where_the_kernel_can_carry_it() {
+        let with =
+            |extra: &str| base_with("tun = \"xl-gcp\"\n", &format!("tun = \"xl-gcp\"\n{extra}"));
+        let c = ok(&with("fast_path = true\n"));
+        assert!(c.peers[0].fast_path);
+        assert!(!c.peers[1].fast_path);
+        assert!(Config::summary(&c).contains("fast_path"));
+        assert!(!ok(&with("")).peers[0].fast_path);
+        assert_err(
+            &with("fast_path = true\nkey_file = \"/k\"\n"),
+            7,
+            "peer.gcp.fast_path",
+            "cleartext",
+        );
+        assert_err(
+            &with("fast_path = true\npolicy = \"balance\"\n"),
+            7,
+            "peer.gcp.fast_path",
+            "active-backup",
+        );
+        let v6 = with("fast_path = true\n")
+            .replace("192.0.2.1:4800", "[2001:db8::1]:4800")
+            .replace("192.0.2.2:4800", "[2001:db8::2]:4800");
+        assert_err(&v6, 11, "peer.gcp.path.cci-1.local", "IPv4");
+        let any = with("fast_path = true\n").replace("192.0.2.1:4800", "0.0.0.0:4800");
+        assert_err(
+            &any,
+            11,
+            "peer.gcp.path.cci-1.local",
+            "concrete local address",
+        );
     }
 
     #[test]

@@ -226,6 +226,8 @@ pub struct LabOptions {
     pub gateway_env: Vec<(String, String)>,
     /// Extra environment for one gateway only, after `gateway_env`.
     pub one_gateway_env: Vec<(Gw, String, String)>,
+    /// `fast_path = true` on both gateways' peer ([`crate::io::fastpath`]).
+    pub fast_path: bool,
 }
 
 impl LabOptions {
@@ -243,6 +245,7 @@ impl LabOptions {
             key: None,
             gateway_env: Vec::new(),
             one_gateway_env: Vec::new(),
+            fast_path: false,
         }
     }
 
@@ -786,8 +789,9 @@ impl Lab {
              [gateway]\nname = \"{gw}\"\ncontrol_socket = \"{sock}\"\n\n\
              [bfd]\ntx_interval = \"{tx}\"\nrx_interval = \"{rx}\"\nmultiplier = {mult}\n\n\
              [[peer]]\nname = \"{peer}\"\ntun = \"{tun}\"\ntun_addresses = [\"{tun_addr}\"]\n\
-             routes = [\"{route}\"]\npolicy = \"active-backup\"\nrevert_hold = \"{hold}\"\n{key}",
+             routes = [\"{route}\"]\npolicy = \"active-backup\"\nrevert_hold = \"{hold}\"\n{key}{fast}",
             sock = self.socket_path(gw).display(),
+            fast = if o.fast_path { "fast_path = true\n" } else { "" },
             key = match &o.key {
                 Some(_) => format!("key_file = \"{}\"\n", self.key_path().display()),
                 None => String::new(),
@@ -1037,10 +1041,58 @@ impl Lab {
 
     /// Replaces `path`'s impairment table on gateway A with one applying `verdict` (an
     /// nftables statement) to the packets of the given directions.
+    ///
+    /// With the fast path, whose BPF programs send and receive beside the
+    /// netfilter hooks, the packets are dropped where the wire would lose
+    /// them instead: a root queue of length 0 on the sending gateway's path
+    /// device, which every packet leaving it passes (a drop only: other
+    /// verdicts are refused).
     fn impair(&self, path: LabPath, directions: &[Direction], verdict: &str) -> Result<()> {
         self.heal(path)?;
         let dev = path.name();
         let table = Self::nft_table(path);
+        if self.opts.fast_path {
+            if verdict != "drop" {
+                return Err(LabError::Other(format!(
+                    "a fast-path lab can only drop all of a path's packets, not \"{verdict}\""
+                )));
+            }
+            // Both directions at once (two processes started together), as
+            // a cut does: one after the other, the second would start the
+            // far end's detection late and lengthen the outage measured.
+            let mut children = Vec::new();
+            for d in directions {
+                let host = match d {
+                    Direction::AToB => Host::GwA,
+                    Direction::BToA => Host::GwB,
+                };
+                let child = self
+                    .command_in(host, "tc")
+                    .args([
+                        "qdisc", "replace", "dev", dev, "root", "pfifo", "limit", "0",
+                    ])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .map_err(io_err("running tc"))?;
+                children.push((host, child));
+            }
+            for (host, child) in children {
+                let out = child.wait_with_output().map_err(io_err("running tc"))?;
+                if !out.status.success() {
+                    return Err(LabError::Command {
+                        cmd: format!(
+                            "tc qdisc replace dev {dev} root pfifo limit 0 (in {})",
+                            self.ns(host)
+                        ),
+                        status: out.status.to_string(),
+                        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                    });
+                }
+            }
+            return Ok(());
+        }
         let mut script = format!("table inet {table} {{\n");
         for d in directions {
             let (chain, hook, dir) = match d {
@@ -1085,6 +1137,18 @@ impl Lab {
     /// Removes the blackhole (or other impairment) on `path` (no error if there was none).
     pub fn heal(&self, path: LabPath) -> Result<()> {
         let table = Self::nft_table(path);
+        if self.opts.fast_path {
+            for host in [Host::GwA, Host::GwB] {
+                // No error when there is no such queue.
+                let _ = run(self.command_in(host, "tc").args([
+                    "qdisc",
+                    "del",
+                    "dev",
+                    path.name(),
+                    "root",
+                ]));
+            }
+        }
         match run(self
             .command_in(Host::GwA, "nft")
             .args(["delete", "table", "inet", &table]))

@@ -74,13 +74,42 @@ fn failover_on_blackhole_and_revert_after_hold() {
     if !lab::test_gate("failover_on_blackhole_and_revert_after_hold", &[]) {
         return;
     }
+    failover_on_blackhole(false);
+}
+
+/// The same with the kernel fast path on both gateways
+/// ([`crosslink::io::fastpath`]): the BPF programs carry the stream (the
+/// TUN's own transmit counter stays still: the lanes never see it), their
+/// counters reach the status, and a failover moves them with the lanes.
+#[test]
+fn fast_path_fails_over_on_blackhole_and_reverts() {
+    if !lab::test_gate("fast_path_fails_over_on_blackhole_and_reverts", &[]) {
+        return;
+    }
+    failover_on_blackhole(true);
+}
+
+/// Packets the TUN of `gw` handed to the lanes (its transmit counter).
+fn tun_tx_packets(lab: &Lab, gw: Gw) -> u64 {
+    let (host, tun) = match gw {
+        Gw::A => (Host::GwA, "xl-b"),
+        Gw::B => (Host::GwB, "xl-a"),
+    };
+    let path = format!("/sys/class/net/{tun}/statistics/tx_packets");
+    let out = lab::run(lab.command_in(host, "cat").arg(path)).unwrap_or_default();
+    out.trim().parse().unwrap_or(u64::MAX)
+}
+
+fn failover_on_blackhole(fast: bool) {
     let _serial = serial();
     let hold = Duration::from_secs(1);
-    let mut opts = LabOptions::new("fo", BIN);
+    let mut opts = LabOptions::new(if fast { "ffo" } else { "fo" }, BIN);
     opts.revert_hold = hold;
+    opts.fast_path = fast;
     let mut lab = Lab::new(opts).unwrap();
     lab.start_gateways().unwrap();
     lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    let tun_before = tun_tx_packets(&lab, Gw::A);
 
     let path2_transitions = |lab: &Lab| {
         Gw::ALL.map(|gw| {
@@ -142,10 +171,12 @@ fn failover_on_blackhole_and_revert_after_hold() {
     let sent = sender.stop().unwrap();
     let report = receiver.finish(Duration::from_secs(3)).unwrap();
     let num = |k: &str| report.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    let tun_after = tun_tx_packets(&lab, Gw::A);
     lab::say(&format!(
-        "netns failover: outage_ms={} lost={} sent={} reordered={} duplicates={} \
+        "netns failover{}: outage_ms={} lost={} sent={} reordered={} duplicates={} \
          max_gap_ms={:.1} failover_seen_ms={failover_ms} revert_after_up_ms={} \
-         sender_max_late_us={}",
+         sender_max_late_us={} tun_tx={}",
+        if fast { " (fast path)" } else { "" },
         num("longest_outage_ms"),
         num("lost"),
         num("sent"),
@@ -156,8 +187,24 @@ fn failover_on_blackhole_and_revert_after_hold() {
         sent.get("max_late_us")
             .and_then(Value::as_f64)
             .unwrap_or(f64::NAN),
+        tun_after.saturating_sub(tun_before),
     ));
     eprintln!("probe report: {report}\nsender report: {sent}");
+    if fast {
+        let log = std::fs::read_to_string(lab.log_path(Gw::A)).unwrap_or_default();
+        assert!(log.contains("fast path attached"), "gw-a: {log}");
+        // A few packets may reach the lanes before the first path is up.
+        let through_lanes = tun_after.saturating_sub(tun_before);
+        assert!(
+            through_lanes < 100,
+            "the lanes carried {through_lanes} packets of the stream, not the fast path"
+        );
+    } else {
+        assert!(
+            tun_after.saturating_sub(tun_before) >= 3000,
+            "the lanes should carry the stream: {tun_before} -> {tun_after}"
+        );
+    }
     // path2 is never touched: any BFD transition on it is a spurious flap, seen when
     // the whole machine stalls for longer than the 30 ms detection time (both daemons
     // time out at the same instant). A flap of both paths makes path1 eligible at once
@@ -548,7 +595,8 @@ fn tcp_checksum_errors(lab: &Lab) -> u64 {
 /// it came, for the receiving host to drop. The client sends bursts of
 /// consecutive segments of one flow (raw packets, so no kernel vouches for
 /// them) with one segment damaged in each; every damaged one must reach
-/// the server's TCP as a checksum error, in the clear and sealed.
+/// the server's TCP as a checksum error, in the clear, sealed and through
+/// the kernel fast path.
 #[test]
 fn damaged_segments_stay_damaged() {
     if !lab::test_gate("damaged_segments_stay_damaged", &[]) {
@@ -558,9 +606,11 @@ fn damaged_segments_stay_damaged() {
     const BURSTS: u64 = 40;
     const KEY: &str = "8d1e0c3a7b2d94e8a16c0f3b2e7d5a9c4b8e1f60d2c3a5b7e9f1d3c5a7b9e1f3";
     let exe = std::env::current_exe().unwrap();
-    for key in [None, Some(KEY)] {
+    // (key, kernel fast path)
+    for (key, fast) in [(None, false), (Some(KEY), false), (None, true)] {
         let mut opts = LabOptions::new("csum", BIN);
         opts.key = key.map(str::to_string);
+        opts.fast_path = fast;
         let mut lab = Lab::new(opts).unwrap();
         lab.start_gateways().unwrap();
         lab.wait_paths_up(Duration::from_secs(15)).unwrap();
@@ -585,13 +635,13 @@ fn damaged_segments_stay_damaged() {
         };
         let drops = &lab.status(Gw::B).unwrap()["drops"];
         println!(
-            "netns csum: sealed={} {counted} of {BURSTS} damaged segments reached the server as checksum errors; gw-b drops {drops}",
+            "netns csum: sealed={} fast path={fast} {counted} of {BURSTS} damaged segments reached the server as checksum errors; gw-b drops {drops}",
             key.is_some()
         );
         assert_eq!(
             counted,
             BURSTS,
-            "sealed={}: damaged segments were passed as good",
+            "sealed={} fast path={fast}: damaged segments were passed as good",
             key.is_some()
         );
         lab.check_gateways().unwrap();
@@ -618,20 +668,27 @@ fn tcp_stream_crosses_intact() {
     let want = digest(FNV_START, &stream_bytes(BYTES).collect::<Vec<u8>>());
     let exe = std::env::current_exe().unwrap();
     // (key, offloads turned off with their CROSSLINK_* variable, lanes of
-    // gw-a and gw-b: None for the default)
-    type Variant<'a> = (Option<&'a str>, &'a [&'a str], Option<(u8, u8)>);
-    let variants: [Variant; 7] = [
-        (None, &[], None),
-        (Some(KEY), &[], None),
-        (None, &["TUN_OFFLOAD"], None),
-        (Some(KEY), &["UDP_GSO"], None),
-        (None, &["UDP_GRO"], None),
-        (Some(KEY), &["TUN_OFFLOAD", "UDP_GSO", "UDP_GRO"], None),
-        (Some(KEY), &[], Some((3, 1))),
+    // gw-a and gw-b: None for the default, the kernel fast path)
+    type Variant<'a> = (Option<&'a str>, &'a [&'a str], Option<(u8, u8)>, bool);
+    let variants: [Variant; 8] = [
+        (None, &[], None, false),
+        (Some(KEY), &[], None, false),
+        (None, &["TUN_OFFLOAD"], None, false),
+        (Some(KEY), &["UDP_GSO"], None, false),
+        (None, &["UDP_GRO"], None, false),
+        (
+            Some(KEY),
+            &["TUN_OFFLOAD", "UDP_GSO", "UDP_GRO"],
+            None,
+            false,
+        ),
+        (Some(KEY), &[], Some((3, 1)), false),
+        (None, &[], None, true),
     ];
-    for (key, off, lanes) in variants {
+    for (key, off, lanes, fast) in variants {
         let mut opts = LabOptions::new("tcp", BIN);
         opts.key = key.map(str::to_string);
+        opts.fast_path = fast;
         opts.gateway_env = off
             .iter()
             .map(|v| (format!("CROSSLINK_{v}"), "0".to_string()))
@@ -647,6 +704,7 @@ fn tcp_stream_crosses_intact() {
         let mut lab = Lab::new(opts).unwrap();
         lab.start_gateways().unwrap();
         lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+        let tun_before = Gw::ALL.map(|gw| tun_tx_packets(&lab, gw));
         let addr = format!("{}:5999", lab::SERVER_ADDR);
         let role = |host: Host, role: &str| {
             let mut c = lab.command_in(host, &exe);
@@ -672,9 +730,25 @@ fn tcp_stream_crosses_intact() {
         assert_eq!(
             line,
             format!("XL_TCP received={BYTES} digest={want:016x}"),
-            "sealed={} off={off:?} lanes={lanes:?}",
+            "sealed={} off={off:?} lanes={lanes:?} fast={fast}",
             key.is_some()
         );
+        // With the fast path, the TUNs hand the lanes (almost) nothing:
+        // the stream's 35 000 segments and their acknowledgements go
+        // through the BPF programs.
+        let through_lanes = Gw::ALL.map(|gw| tun_tx_packets(&lab, gw));
+        let through_lanes = [0, 1].map(|i| through_lanes[i].saturating_sub(tun_before[i]));
+        if fast {
+            assert!(
+                through_lanes.iter().all(|&n| n < 100),
+                "the lanes carried {through_lanes:?} packets (gw-a, gw-b)"
+            );
+        } else {
+            assert!(
+                through_lanes[0] > 100,
+                "gw-a's lanes carried {through_lanes:?}"
+            );
+        }
         if let Some((a, b)) = lanes {
             for (gw, n) in [(Gw::A, a), (Gw::B, b)] {
                 let log = std::fs::read_to_string(lab.log_path(gw)).unwrap_or_default();
@@ -751,7 +825,7 @@ fn tcp_stream_crosses_intact() {
         }
         println!(
             "netns tcp: {} MiB crossed intact (sealed={}, TUN offloads={}, off: {off:?}, \
-             lanes: {lanes:?}) in {seconds:.2} s",
+             lanes: {lanes:?}, fast path: {fast}) in {seconds:.2} s",
             BYTES >> 20,
             key.is_some(),
             link.contains("vnet_hdr on")

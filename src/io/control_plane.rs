@@ -15,6 +15,7 @@
 //! closes) and those to add, with sockets the shell has already opened.
 //! Everything else in the engine is left as it was.
 
+use super::fastpath::{self, FastPath};
 use super::{clock, sys, udp};
 use crate::bfd::Transmit;
 use crate::config::{PathConfig, PeerConfig};
@@ -77,8 +78,9 @@ pub struct Plan {
     pub set_timers: Vec<(PathId, Duration, Duration, u8)>,
     /// BFD secrets (file -> content) for the paths added.
     pub secrets: Secrets,
-    /// The TUN of each added peer, by peer name, for carrier control.
-    pub add_tuns: Vec<(String, Arc<SyncDevice>)>,
+    /// The TUN of each added peer, by peer name, for carrier control, and
+    /// its fast path if it has one.
+    pub add_tuns: Vec<(String, Arc<SyncDevice>, Option<Arc<FastPath>>)>,
 }
 
 /// The ids the engine gave to what a [`Plan`] added.
@@ -167,7 +169,16 @@ pub struct BfdThread {
     pub meta: Meta,
     /// Each peer's TUN, indexed by [`PeerId`], for carrier control.
     pub tuns: Vec<Option<Arc<SyncDevice>>>,
+    /// Each peer's fast path, indexed by [`PeerId`]: steered with every
+    /// forwarding snapshot, its counters added to the paths'.
+    pub fast: Vec<Option<Arc<FastPath>>>,
+    /// When the fast paths' counters were last collected.
+    pub fast_collected: Option<Instant>,
 }
+
+/// How often the fast paths' counters are added to the paths' (and their
+/// interfaces looked up again).
+const FAST_PATH_INTERVAL: Duration = Duration::from_millis(500);
 
 impl BfdThread {
     pub fn run(mut self) {
@@ -246,7 +257,18 @@ impl BfdThread {
                     m.set_active(self.engine.is_active(PathId(i as u16)));
                 }
             }
+            self.steer_fast_paths(&f, false);
             self.forwarding.store(f);
+        }
+        if self.fast.iter().any(Option::is_some)
+            && self
+                .fast_collected
+                .is_none_or(|t| now.saturating_duration_since(t) >= FAST_PATH_INTERVAL)
+        {
+            self.fast_collected = Some(now);
+            self.collect_fast_paths();
+            let f = self.forwarding.load_full();
+            self.steer_fast_paths(&f, true);
         }
         if any {
             self.export_damping();
@@ -260,6 +282,74 @@ impl BfdThread {
                 continue;
             };
             m.set_damping(d.flaps, d.level, d.until.is_some(), p.blocked().is_some());
+        }
+    }
+
+    /// Points each fast path at its peer's active path (or at none: the
+    /// lanes take everything), and has it receive on all the peer's paths.
+    /// `force` writes the sending program's configuration even if the path
+    /// did not change, with its interface looked up again.
+    fn steer_fast_paths(&self, f: &Forwarding, force: bool) {
+        for (i, fast) in self.fast.iter().enumerate() {
+            let Some(fast) = fast else {
+                continue;
+            };
+            let active = f.peers.get(i).and_then(|s| s.active);
+            let route = active.and_then(|id| {
+                let p = self.engine.path(id)?;
+                fastpath::route(id, p.local, p.remote)
+            });
+            let peer = self.engine.peer(PeerId(i as u16));
+            let name = peer.map_or("?", |(n, _, _)| n);
+            match fast.set(route, force) {
+                Ok(()) => {}
+                // The periodic look-up repeats the error every time: logged
+                // when the forwarding changes only.
+                Err(e) if force => debug!(peer = name, error = %e, "fast path not steered"),
+                Err(e) => {
+                    warn!(peer = name, error = %e, "fast path not steered; the lanes carry the traffic")
+                }
+            }
+            {
+                let paths: Vec<_> = peer
+                    .map(|(_, _, ids)| ids)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|&id| {
+                        let p = self.engine.path(id)?;
+                        fastpath::route(id, p.local, p.remote)
+                    })
+                    .collect();
+                if let Err(e) = fast.receive(&paths) {
+                    debug!(peer = name, error = %e, "fast path not receiving on every path; the lanes receive the rest");
+                }
+            }
+        }
+    }
+
+    /// Adds what the fast paths sent to the paths' counters.
+    fn collect_fast_paths(&self) {
+        for (i, fast) in self.fast.iter().enumerate() {
+            let Some(fast) = fast else {
+                continue;
+            };
+            let Some((_, _, paths)) = self.engine.peer(PeerId(i as u16)) else {
+                continue;
+            };
+            for &id in paths {
+                let Some(Some(c)) = self.counters.get(usize::from(id.0)) else {
+                    continue;
+                };
+                match fast.take(id) {
+                    Ok(m) => {
+                        c.tx_packets.fetch_add(m.tx_packets, Ordering::Relaxed);
+                        c.tx_bytes.fetch_add(m.tx_bytes, Ordering::Relaxed);
+                        c.rx_packets.fetch_add(m.rx_packets, Ordering::Relaxed);
+                        c.rx_bytes.fetch_add(m.rx_bytes, Ordering::Relaxed);
+                    }
+                    Err(e) => debug!(error = %e, "fast path counters unreadable"),
+                }
+            }
         }
     }
 
@@ -384,6 +474,7 @@ impl BfdThread {
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
                 Command::Status(reply) => {
+                    self.collect_fast_paths();
                     let _ = reply.send(self.status());
                 }
                 Command::Shutdown(reply) => {
@@ -462,6 +553,9 @@ impl BfdThread {
             if let Some(t) = self.tuns.get_mut(usize::from(id.0)) {
                 *t = None;
             }
+            if let Some(t) = self.fast.get_mut(usize::from(id.0)) {
+                *t = None;
+            }
             let paths = self.engine.peer(id).map(|(_, _, p)| p.to_vec());
             for path in paths.unwrap_or_default() {
                 self.metrics.remove_path(usize::from(path.0));
@@ -485,12 +579,13 @@ impl BfdThread {
         self.engine.set_secrets(plan.secrets);
         let mut applied = Applied::default();
         for peer in &plan.add_peers {
-            let tun = plan
+            let (tun, fast) = plan
                 .add_tuns
                 .iter()
-                .find(|(name, _)| *name == peer.name)
-                .map(|(_, t)| t.clone());
-            self.add_peer(peer, tun, now, &mut applied);
+                .find(|(name, _, _)| *name == peer.name)
+                .map(|(_, t, f)| (Some(t.clone()), f.clone()))
+                .unwrap_or_default();
+            self.add_peer(peer, tun, fast, now, &mut applied);
         }
         for path in plan.add_paths {
             self.add_path(path, now, &mut applied);
@@ -503,6 +598,7 @@ impl BfdThread {
         &mut self,
         peer: &PeerConfig,
         tun: Option<Arc<SyncDevice>>,
+        fast: Option<Arc<FastPath>>,
         now: Instant,
         applied: &mut Applied,
     ) {
@@ -516,6 +612,7 @@ impl BfdThread {
         };
         self.metrics.add_peer(usize::from(id.0), &peer.name);
         *slot(&mut self.tuns, usize::from(id.0)) = tun;
+        *slot(&mut self.fast, usize::from(id.0)) = fast;
         *slot(&mut self.meta.peers, usize::from(id.0)) =
             Some((peer.tun.clone(), peer.policy.as_str().to_string()));
         applied.peers.push((peer.name.clone(), id));

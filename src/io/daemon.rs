@@ -14,6 +14,7 @@
 
 use super::control_plane::{BfdThread, Command, CommandLink, Meta, NewPath, Plan};
 use super::data_plane::{self, FlowClaims, FlowTable, Lane, PathIn, PathOut, SharedKeys, TunOut};
+use super::fastpath::FastPath;
 use super::linkwatch::{self, LinkWatch, WatchedPath};
 use super::sys::Doorbell;
 use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
@@ -185,6 +186,8 @@ struct PeerRun {
     paths: Vec<PathRun>,
     /// `duplicate`: the window shared by the receive threads of the paths.
     dedup: Arc<Mutex<Window>>,
+    /// The kernel fast path on the TUN's egress (`fast_path = true`).
+    fast: Option<Arc<FastPath>>,
 }
 
 /// What every thread shares.
@@ -258,6 +261,8 @@ async fn run_async(
         counters: Vec::new(),
         drops: drops.clone(),
         tuns: Vec::new(),
+        fast: Vec::new(),
+        fast_collected: None,
         meta: Meta {
             gateway: config.gateway.name.clone(),
             started: now,
@@ -527,7 +532,8 @@ impl Gateway {
                 None => match self.open_peer(w).await {
                     Ok(peer) => {
                         plan.add_peers.push(bare(w));
-                        plan.add_tuns.push((w.name.clone(), peer.tun.clone()));
+                        plan.add_tuns
+                            .push((w.name.clone(), peer.tun.clone(), peer.fast.clone()));
                         self.peers.push(peer);
                         self.peers.len() - 1
                     }
@@ -701,6 +707,24 @@ impl Gateway {
             warn!(tun = %w.tun, error = %e, "could not turn TUN carrier off");
         }
         info!(peer = %w.name, tun = %w.tun, mtu, routes = w.routes.len(), lanes = queues.len(), "TUN up");
+        let fast = match w.fast_path {
+            false => None,
+            true => match FastPath::attach(index) {
+                Ok(f) => {
+                    info!(peer = %w.name, tun = %w.tun, "fast path attached to the TUN's egress");
+                    Some(Arc::new(f))
+                }
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!(
+                            "fast_path: could not attach the BPF program to {} (needs Linux 6.6 or later, and CAP_BPF and CAP_NET_ADMIN): {e}",
+                            w.tun
+                        ),
+                    ))
+                }
+            },
+        };
         let keys = SharedKeys::default();
         let instance = (mix(self.shared.stamp_key ^ clock::nanos() ^ 0x6475_706c) >> 32) as u32;
         let peer_sequence = Arc::new(AtomicU64::new(0));
@@ -739,6 +763,7 @@ impl Gateway {
             parked,
             paths: Vec::new(),
             dedup: Arc::new(Mutex::new(Window::new())),
+            fast,
         })
     }
 

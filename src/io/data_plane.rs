@@ -1045,8 +1045,9 @@ struct RxState {
     batch: sys::RecvBatch,
     out: TunWriter,
     /// The inner packets of a burst: (message, range in it, whether the
-    /// sender vouched for its checksum).
-    inner: Vec<(usize, Range<usize>, bool)>,
+    /// sender vouched for its checksum, whether it is longer than the TUN's
+    /// MTU: a super-packet that came whole).
+    inner: Vec<(usize, Range<usize>, bool, bool)>,
     /// Room for the burst's packet slices, kept between bursts.
     spare: Vec<&'static [u8]>,
     /// Whether the sender vouched for each packet's checksum.
@@ -1149,7 +1150,8 @@ impl PathIn {
             for (k, datagram) in message.chunks_mut(segment).enumerate() {
                 if let Some((r, checksum_ok)) = self.receive(datagram, src, keys.as_deref()) {
                     let at = k * segment;
-                    inner.push((i, at + r.start..at + r.end, checksum_ok));
+                    let whole = r.len() > out.mtu;
+                    inner.push((i, at + r.start..at + r.end, checksum_ok, whole));
                 }
             }
         }
@@ -1157,13 +1159,34 @@ impl PathIn {
         // as two messages (UDP GSO stops at 64 KiB of datagrams, headers
         // included) goes back into the TUN as one.
         let mut packets = std::mem::take(spare);
-        packets.extend(inner.iter().map(|(i, r, _)| {
+        packets.extend(inner.iter().map(|(i, r, _, _)| {
             let message = batch.message(*i).unwrap_or_default();
             message.get(r.clone()).unwrap_or_default()
         }));
         trusted.clear();
-        trusted.extend(inner.iter().map(|(_, _, ok)| *ok));
-        out.write(&self.tun, &packets, trusted, &self.drops);
+        trusted.extend(inner.iter().map(|(_, _, ok, _)| *ok));
+        // In order: the packets before a whole super-packet, then it.
+        let mut start = 0;
+        for (k, (_, _, _, whole)) in inner.iter().enumerate() {
+            if let (true, Some(p)) = (whole, packets.get(k)) {
+                let before = packets.get(start..k).unwrap_or_default();
+                out.write(
+                    &self.tun,
+                    before,
+                    trusted.get(start..k).unwrap_or_default(),
+                    &self.drops,
+                );
+                out.write_whole(&self.tun, p, &self.drops);
+                start = k + 1;
+            }
+        }
+        let rest = packets.get(start..).unwrap_or_default();
+        out.write(
+            &self.tun,
+            rest,
+            trusted.get(start..).unwrap_or_default(),
+            &self.drops,
+        );
         *spare = recycle(packets);
         n
     }
@@ -1234,6 +1257,8 @@ impl PathIn {
 /// Without offloads, each packet is written as it is.
 struct TunWriter {
     offload: bool,
+    /// The TUN's MTU.
+    mtu: usize,
     trains: Vec<Train>,
     header: [u8; MAX_TRAIN_HEADER],
     /// The pieces of one `writev`, kept empty between writes (see [`recycle_iov`]).
@@ -1244,6 +1269,7 @@ impl TunWriter {
     fn new(tun: &SyncDevice) -> TunWriter {
         TunWriter {
             offload: tun.tcp_gso(),
+            mtu: tun.mtu().map_or(usize::from(u16::MAX), usize::from),
             trains: Vec::new(),
             header: [0; MAX_TRAIN_HEADER],
             iov: Vec::new(),
@@ -1278,6 +1304,30 @@ impl TunWriter {
                 }
             }
             _ => self.write_trains(tun, packets, trusted, drops),
+        }
+    }
+
+    /// Writes one packet longer than the TUN's MTU: a super-packet that
+    /// arrived whole, with the virtio-net header that has the kernel cut
+    /// it at the MTU.
+    fn write_whole(&mut self, tun: &SyncDevice, packet: &[u8], drops: &DropCounters) {
+        let train = match self.offload {
+            true => Train::whole(packet, self.mtu),
+            false => None,
+        };
+        let Some(t) = train else {
+            // Not a TCP super-packet the TUN can take: as it is, which the
+            // kernel refuses if it is longer than the TUN's MTU.
+            return self.write(tun, &[packet], &[false], drops);
+        };
+        let n = t.header(packet, &mut self.header);
+        let payload = packet.get(t.headers..).unwrap_or_default();
+        let iov = [
+            IoSlice::new(self.header.get(..n).unwrap_or_default()),
+            IoSlice::new(payload),
+        ];
+        if n == 0 || tun.send_vectored(&iov).is_err() {
+            drops.count(DropReason::TunWrite);
         }
     }
 

@@ -15,6 +15,11 @@
 //!   control socket, netlink (including the carrier and address watch,
 //!   [`linkwatch`]), metrics, systemd notifications ([`notify`]).
 //!
+//! A peer with `fast_path` also has two BPF programs in the kernel
+//! ([`fastpath`]), on its TUN's egress and its paths' interfaces' ingress,
+//! which carry its cleartext traffic without a thread; the `bfd` thread
+//! steers them with every forwarding snapshot.
+//!
 //! A reload restarts a peer's lanes when its path set changed (opening
 //! and closing the sockets of added and removed paths in between, and
 //! keeping sequence numbers, replay windows and flows); the `bfd` thread
@@ -24,6 +29,7 @@ pub mod clock;
 pub mod control_plane;
 pub mod daemon;
 pub mod data_plane;
+pub mod fastpath;
 pub mod keys;
 pub mod linkwatch;
 pub mod netlink;

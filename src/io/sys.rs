@@ -5,8 +5,8 @@
 //! TUN carrier control, real-time scheduling, and steering a reuseport
 //! group's datagrams by lane (classic BPF), and what a forwarding lane
 //! waits on (a `poll` set, and an `eventfd` doorbell that stops it). This
-//! is the only module with `unsafe`; each block is one libc call on a
-//! buffer it owns.
+//! and [`super::fastpath`] (the `bpf` system call) are the only modules
+//! with `unsafe`; each block is one libc call on a buffer it owns.
 #![allow(unsafe_code)]
 
 use crate::wire::overlay;
