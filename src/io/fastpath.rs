@@ -48,7 +48,7 @@
 use crate::PathId;
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddrV4};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
@@ -846,19 +846,15 @@ impl FastPath {
 
 /// The route for `local` -> `remote`, when the fast path can carry it
 /// (IPv4 on both ends, a concrete local address).
-pub fn route(
-    path: PathId,
-    local: std::net::SocketAddr,
-    remote: std::net::SocketAddr,
-) -> Option<Route> {
+pub fn route(path: PathId, local: SocketAddr, remote: SocketAddr) -> Option<Route> {
     match (local, remote) {
-        (std::net::SocketAddr::V4(l), std::net::SocketAddr::V4(r))
-            if !l.ip().is_unspecified() && IpAddr::V4(*r.ip()) != IpAddr::V4(0.into()) =>
+        (SocketAddr::V4(local), SocketAddr::V4(remote))
+            if !local.ip().is_unspecified() && !remote.ip().is_unspecified() =>
         {
             Some(Route {
                 path,
-                local: l,
-                remote: r,
+                local,
+                remote,
             })
         }
         _ => None,
