@@ -177,6 +177,21 @@ fn checksum_ok(p: &[u8], s: &Segment) -> bool {
     }
 }
 
+/// Whether the TCP checksum field of segment `p` (parsed as `s`) holds
+/// only the pseudo-header sum: the checksum was left for an offload to
+/// finish (`CHECKSUM_PARTIAL`), as a super-packet's is until it is cut.
+fn checksum_left_to_offload(p: &[u8], s: &Segment) -> bool {
+    let addrs = if s.v6 { p.get(8..40) } else { p.get(12..20) };
+    let field = p.get(s.ip_len + 16..s.ip_len + 18);
+    match (addrs, field) {
+        (Some(addrs), Some(f)) => {
+            let tcp_len = (p.len() - s.ip_len) as u64;
+            u16::from_be_bytes([f[0], f[1]]) == fold(sum(addrs, 0) + 6 + tcp_len)
+        }
+        _ => false,
+    }
+}
+
 /// Groups `packets` into trains, in order, into `out` (cleared first).
 /// `trusted[i]` says that packet `i`'s checksum is known to be good (the
 /// sender vouched for it); the others' are checked before they join a
@@ -241,13 +256,21 @@ impl Train {
     /// `mtu`: [`Train::header`] then writes the virtio-net header that has
     /// the kernel cut it, and the packet's payload follows. `None` if it is
     /// not such a packet.
-    pub fn whole(packet: &[u8], mtu: usize) -> Option<Train> {
+    ///
+    /// Its checksum is recomputed by the kernel, so, as for merging, it
+    /// must be known good (`trusted`: the sender vouched for it), or be
+    /// checked here, or have been left for an offload to finish (the field
+    /// holds the pseudo-header sum), as a super-packet's is.
+    pub fn whole(packet: &[u8], mtu: usize, trusted: bool) -> Option<Train> {
         let s = Segment::parse(packet)?;
         let headers = s.ip_len + s.tcp_len;
         let segment = mtu.checked_sub(headers).filter(|&n| n > 0)?;
         // ACK with PSH or FIN, which segmentation leaves on the last
         // segment only; not CWR, which would need the ECN segmentation type.
         if packet.len() <= mtu || s.flags & !(TCP_PSH | TCP_FIN) != TCP_ACK {
+            return None;
+        }
+        if !(trusted || checksum_left_to_offload(packet, &s) || checksum_ok(packet, &s)) {
             return None;
         }
         Some(Train {
@@ -403,7 +426,7 @@ mod tests {
     fn a_whole_super_packet_is_cut_at_the_mtu() {
         let mtu = 1456;
         let whole = seg4(1000, 5000, 7, true);
-        let t = Train::whole(&whole, mtu).expect("a TCP super-packet");
+        let t = Train::whole(&whole, mtu, false).expect("a TCP super-packet");
         assert_eq!((t.segment, t.count, t.headers), (mtu - 40, 4, 40));
         let mut hdr = [0u8; MAX_TRAIN_HEADER];
         let n = t.header(&whole, &mut hdr);
@@ -417,13 +440,25 @@ mod tests {
             })
             .collect();
         assert_eq!(back, want);
+        // With its checksum left to an offload (the pseudo-header sum), as a
+        // fast path sends it: cut all the same.
+        let mut partial = whole.clone();
+        let pseudo = fold(sum(&partial[12..20], 0) + 6 + (partial.len() - 20) as u64);
+        partial[36..38].copy_from_slice(&pseudo.to_be_bytes());
+        assert_eq!(Train::whole(&partial, mtu, false), Some(t));
+        // A damaged one is left as it is (the kernel would vouch for it by
+        // computing its checksum afresh), unless its sender vouched for it.
+        let mut damaged = whole.clone();
+        *damaged.last_mut().unwrap() ^= 0x10;
+        assert!(Train::whole(&damaged, mtu, false).is_none());
+        assert!(Train::whole(&damaged, mtu, true).is_some());
         // One that fits, and anything but a TCP segment with ACK, stays as it is.
-        assert!(Train::whole(&seg4(0, 1000, 1, false), mtu).is_none());
+        assert!(Train::whole(&seg4(0, 1000, 1, false), mtu, true).is_none());
         let mut syn = whole.clone();
         syn[20 + 13] |= 0x02;
-        assert!(Train::whole(&syn, mtu).is_none());
-        assert!(Train::whole(&whole[..20], mtu).is_none());
-        assert!(Train::whole(&whole, 30).is_none());
+        assert!(Train::whole(&syn, mtu, true).is_none());
+        assert!(Train::whole(&whole[..20], mtu, true).is_none());
+        assert!(Train::whole(&whole, 30, true).is_none());
     }
 
     fn check_round_trip(segs: &[Vec<u8>], want_counts: &[usize]) {

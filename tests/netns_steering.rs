@@ -384,6 +384,18 @@ fn two_gateways(tag: &str, policy: &str, family: Family, hold: &str) -> Net {
 
 /// [`two_gateways`] with BFD at `interval` x 3.
 fn two_gateways_bfd(tag: &str, policy: &str, family: Family, hold: &str, interval: &str) -> Net {
+    two_gateways_with(tag, policy, family, hold, interval, "")
+}
+
+/// [`two_gateways_bfd`] with `peer_extra` (config lines) in both peers.
+fn two_gateways_with(
+    tag: &str,
+    policy: &str,
+    family: Family,
+    hold: &str,
+    interval: &str,
+    peer_extra: &str,
+) -> Net {
     let mut net = Net::new(tag);
     for r in ["c", "a", "b", "s"] {
         net.add_ns(r);
@@ -423,7 +435,7 @@ fn two_gateways_bfd(tag: &str, policy: &str, family: Family, hold: &str, interva
             "[gateway]\nname = \"gw-{me}\"\ncontrol_socket = \"{}\"\n\n\
              [bfd]\ntx_interval = \"{interval}\"\nrx_interval = \"{interval}\"\nmultiplier = 3\n\n\
              [[peer]]\nname = \"{other}\"\ntun = \"xl-{other}\"\nroutes = [{routes}]\n\
-             policy = \"{policy}\"\nrevert_hold = \"{hold}\"\n",
+             policy = \"{policy}\"\nrevert_hold = \"{hold}\"\n{peer_extra}",
             net.socket(me).display()
         );
         for (i, p) in PATHS.iter().enumerate() {
@@ -822,6 +834,83 @@ fn duplicate_loses_nothing_on_a_blackhole() {
     assert!(
         num(&v6, "lost") == 0.0 || (spurious_flaps(&net, runs() as u64) && !strict()),
         "{v6}"
+    );
+}
+
+/// The kernel fast path carries IPv4 and IPv6 inner packets over an IPv4
+/// underlay, both ways (UDP probe streams to the server, TCP from iperf3
+/// with its acknowledgements back), without the lanes: the TUNs hand them
+/// (almost) nothing.
+#[test]
+fn fast_path_carries_both_inner_families() {
+    if !allowed("fast_path_carries_both_inner_families", &["iperf3"]) {
+        return;
+    }
+    let _s = serial();
+    let net = two_gateways_with(
+        "fp",
+        "active-backup",
+        Family::V4,
+        "200ms",
+        "10ms",
+        "fast_path = true\n",
+    );
+    let tun_tx = |gw: &str, tun: &str| -> u64 {
+        let out = net.sh(
+            gw,
+            &format!("cat /sys/class/net/{tun}/statistics/tx_packets"),
+        );
+        out.trim().parse().unwrap_or(u64::MAX)
+    };
+    let before = [tun_tx("a", "xl-b"), tun_tx("b", "xl-a")];
+    for (to, from) in [
+        ("198.18.30.2:9001", "198.18.10.1:0"),
+        ("[2001:2:0:30::2]:9001", "[2001:2:0:10::1]:0"),
+    ] {
+        let receiver = net.receiver("s", to);
+        let sender = net.sender("c", to, from);
+        std::thread::sleep(Duration::from_millis(1000));
+        let r = finish(sender, receiver);
+        eprintln!("fast path probe to {to}: {r}");
+        assert!(num(&r, "received") > 1000.0, "{to}: {r}");
+        assert_eq!(num(&r, "lost"), 0.0, "{to}: {r}");
+    }
+    for server in ["198.18.30.2", "2001:2:0:30::2"] {
+        let out = net.sh(
+            "c",
+            &format!(
+                "ip netns exec {} iperf3 -s -1 -D -B {server} >/dev/null 2>&1; sleep 0.3; \
+                 iperf3 -c {server} -t 1 -J",
+                net.ns("s")
+            ),
+        );
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let bits = v
+            .pointer("/end/sum_received/bits_per_second")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0);
+        say(&format!(
+            "fast path: iperf3 to {server}: {:.2} Gbit/s",
+            bits / 1e9
+        ));
+        assert!(bits > 100e6, "iperf3 to {server}: {out}");
+    }
+    let after = [tun_tx("a", "xl-b"), tun_tx("b", "xl-a")];
+    let lanes = [
+        after[0].saturating_sub(before[0]),
+        after[1].saturating_sub(before[1]),
+    ];
+    assert!(
+        lanes.iter().all(|&n| n < 100),
+        "the lanes carried {lanes:?} packets (gw-a, gw-b), not the fast path"
+    );
+    let a = net.status("a").unwrap();
+    assert!(
+        path_json(&a, 0, "path1")["tx_packets"]
+            .as_u64()
+            .unwrap_or(0)
+            > 4000,
+        "the fast path's counters did not reach the status: {a}"
     );
 }
 

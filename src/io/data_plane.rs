@@ -1167,7 +1167,7 @@ impl PathIn {
         trusted.extend(inner.iter().map(|(_, _, ok, _)| *ok));
         // In order: the packets before a whole super-packet, then it.
         let mut start = 0;
-        for (k, (_, _, _, whole)) in inner.iter().enumerate() {
+        for (k, (_, _, ok, whole)) in inner.iter().enumerate() {
             if let (true, Some(p)) = (whole, packets.get(k)) {
                 let before = packets.get(start..k).unwrap_or_default();
                 out.write(
@@ -1176,7 +1176,7 @@ impl PathIn {
                     trusted.get(start..k).unwrap_or_default(),
                     &self.drops,
                 );
-                out.write_whole(&self.tun, p, &self.drops);
+                out.write_whole(&self.tun, p, *ok, &self.drops);
                 start = k + 1;
             }
         }
@@ -1309,16 +1309,23 @@ impl TunWriter {
 
     /// Writes one packet longer than the TUN's MTU: a super-packet that
     /// arrived whole, with the virtio-net header that has the kernel cut
-    /// it at the MTU.
-    fn write_whole(&mut self, tun: &SyncDevice, packet: &[u8], drops: &DropCounters) {
+    /// it at the MTU (see [`Train::whole`]; `trusted`: its sender vouched
+    /// for its checksum).
+    fn write_whole(
+        &mut self,
+        tun: &SyncDevice,
+        packet: &[u8],
+        trusted: bool,
+        drops: &DropCounters,
+    ) {
         let train = match self.offload {
-            true => Train::whole(packet, self.mtu),
+            true => Train::whole(packet, self.mtu, trusted),
             false => None,
         };
         let Some(t) = train else {
-            // Not a TCP super-packet the TUN can take: as it is, which the
-            // kernel refuses if it is longer than the TUN's MTU.
-            return self.write(tun, &[packet], &[false], drops);
+            // Not a TCP super-packet the TUN can take (or a damaged one): as
+            // it is, which the kernel answers as too big for the route on.
+            return self.write(tun, &[packet], &[trusted], drops);
         };
         let n = t.header(packet, &mut self.header);
         let payload = packet.get(t.headers..).unwrap_or_default();
