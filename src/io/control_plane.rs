@@ -259,6 +259,7 @@ impl BfdThread {
             }
             self.steer_fast_paths(&f, false);
             self.forwarding.store(f);
+            self.fast_paths_receive();
         }
         if self.fast.iter().any(Option::is_some)
             && self
@@ -269,6 +270,7 @@ impl BfdThread {
             self.collect_fast_paths();
             let f = self.forwarding.load_full();
             self.steer_fast_paths(&f, true);
+            self.fast_paths_receive();
         }
         if any {
             self.export_damping();
@@ -286,9 +288,9 @@ impl BfdThread {
     }
 
     /// Points each fast path at its peer's active path (or at none: the
-    /// lanes take everything), and has it receive on all the peer's paths.
-    /// `force` writes the sending program's configuration even if the path
-    /// did not change, with its interface looked up again.
+    /// lanes take everything). `force` writes the sending program's
+    /// configuration even if the path did not change, with its interface
+    /// looked up again.
     fn steer_fast_paths(&self, f: &Forwarding, force: bool) {
         for (i, fast) in self.fast.iter().enumerate() {
             let Some(fast) = fast else {
@@ -299,8 +301,10 @@ impl BfdThread {
                 let p = self.engine.path(id)?;
                 fastpath::route(id, p.local, p.remote)
             });
-            let peer = self.engine.peer(PeerId(i as u16));
-            let name = peer.map_or("?", |(n, _, _)| n);
+            let name = self
+                .engine
+                .peer(PeerId(i as u16))
+                .map_or("?", |(n, _, _)| n);
             match fast.set(route, force) {
                 Ok(()) => {}
                 // The periodic look-up repeats the error every time: logged
@@ -310,19 +314,28 @@ impl BfdThread {
                     warn!(peer = name, error = %e, "fast path not steered; the lanes carry the traffic")
                 }
             }
-            {
-                let paths: Vec<_> = peer
-                    .map(|(_, _, ids)| ids)
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|&id| {
-                        let p = self.engine.path(id)?;
-                        fastpath::route(id, p.local, p.remote)
-                    })
-                    .collect();
-                if let Err(e) = fast.receive(&paths) {
-                    debug!(peer = name, error = %e, "fast path not receiving on every path; the lanes receive the rest");
-                }
+        }
+    }
+
+    /// Has each fast path receive on all its peer's paths (their
+    /// interfaces looked up again).
+    fn fast_paths_receive(&self) {
+        for (i, fast) in self.fast.iter().enumerate() {
+            let Some(fast) = fast else {
+                continue;
+            };
+            let Some((name, _, ids)) = self.engine.peer(PeerId(i as u16)) else {
+                continue;
+            };
+            let paths: Vec<_> = ids
+                .iter()
+                .filter_map(|&id| {
+                    let p = self.engine.path(id)?;
+                    fastpath::route(id, p.local, p.remote)
+                })
+                .collect();
+            if let Err(e) = fast.receive(&paths) {
+                debug!(peer = name, error = %e, "fast path not receiving on every path; the lanes receive the rest");
             }
         }
     }
