@@ -285,6 +285,49 @@ fn reload_applies_only_the_difference() {
         "peer restart: TUN xl-b -> xl-b2, gw-b path1 transitions {b_before} -> {b_after}"
     ));
 
+    // 3b. A peer-level change that keeps the TUN's name (here its MTU)
+    // restarts the peer too: the old device must be gone before the new
+    // one is made under the same name.
+    let remtu = config(&lab, Gw::A, true).replace("tun = \"xl-b\"", "tun = \"xl-b2\"\nmtu = 1400");
+    std::fs::write(lab.config_path(Gw::A), remtu).unwrap();
+    hup(&gws[0]);
+    let tun_mtu = || {
+        lab::run(std::process::Command::new("ip").args(["-n", &ns, "-o", "link", "show", "xl-b2"]))
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !tun_mtu().contains("mtu 1400") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        tun_mtu().contains("mtu 1400"),
+        "TUN not remade with the new MTU: {}",
+        tun_mtu()
+    );
+    lab.wait_for(
+        "paths up after the restart under the same TUN name",
+        Duration::from_secs(15),
+        |_, s| {
+            ["path1", "path3"]
+                .iter()
+                .all(|p| path(s, p).is_some_and(|x| x["state"] == "up"))
+        },
+    )
+    .unwrap();
+    let routes =
+        lab::run(std::process::Command::new("ip").args(["-n", &ns, "route", "show"])).unwrap();
+    assert!(
+        routes.contains("dev xl-b2"),
+        "route lost in the restart: {routes}"
+    );
+    let m = scrape(&lab);
+    assert_eq!(
+        sample(&m, "crosslink_config_last_reload_successful"),
+        Some(1.0),
+        "the restart under the same TUN name was not applied in full"
+    );
+    say("peer restart under the same TUN name (mtu 1400): TUN remade, paths up");
+
     // 4. A clean stop: AdminDown on every path, TUN and routes gone.
     let status = gws[0].stop();
     assert!(

@@ -32,7 +32,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
@@ -167,11 +167,14 @@ pub struct BfdThread {
     pub counters: Vec<Option<Arc<PathCounters>>>,
     pub drops: Arc<DropCounters>,
     pub meta: Meta,
-    /// Each peer's TUN, indexed by [`PeerId`], for carrier control.
-    pub tuns: Vec<Option<Arc<SyncDevice>>>,
+    /// Each peer's TUN, indexed by [`PeerId`], for carrier control. Weak:
+    /// the shell's peer owns it, and a peer restarted under the same TUN
+    /// name must have let go of its device before the new one is made.
+    pub tuns: Vec<Option<Weak<SyncDevice>>>,
     /// Each peer's fast path, indexed by [`PeerId`]: steered with every
-    /// forwarding snapshot, its counters added to the paths'.
-    pub fast: Vec<Option<Arc<FastPath>>>,
+    /// forwarding snapshot, its counters added to the paths'. Weak, like
+    /// `tuns`: its programs go with the peer.
+    pub fast: Vec<Option<Weak<FastPath>>>,
     /// When the fast paths' counters were last collected.
     pub fast_collected: Option<Instant>,
 }
@@ -293,7 +296,7 @@ impl BfdThread {
     /// looked up again.
     fn steer_fast_paths(&self, f: &Forwarding, force: bool) {
         for (i, fast) in self.fast.iter().enumerate() {
-            let Some(fast) = fast else {
+            let Some(fast) = fast.as_ref().and_then(Weak::upgrade) else {
                 continue;
             };
             let active = f.peers.get(i).and_then(|s| s.active);
@@ -321,7 +324,7 @@ impl BfdThread {
     /// interfaces looked up again).
     fn fast_paths_receive(&self) {
         for (i, fast) in self.fast.iter().enumerate() {
-            let Some(fast) = fast else {
+            let Some(fast) = fast.as_ref().and_then(Weak::upgrade) else {
                 continue;
             };
             let Some((name, _, ids)) = self.engine.peer(PeerId(i as u16)) else {
@@ -343,7 +346,7 @@ impl BfdThread {
     /// Adds what the fast paths sent to the paths' counters.
     fn collect_fast_paths(&self) {
         for (i, fast) in self.fast.iter().enumerate() {
-            let Some(fast) = fast else {
+            let Some(fast) = fast.as_ref().and_then(Weak::upgrade) else {
                 continue;
             };
             let Some((_, _, paths)) = self.engine.peer(PeerId(i as u16)) else {
@@ -368,11 +371,15 @@ impl BfdThread {
 
     /// Cloud failover: carrier follows whether the peer has a usable path.
     fn set_carrier(&self, peer: PeerId, up: bool) {
-        let Some(Some(tun)) = self.tuns.get(usize::from(peer.0)) else {
+        let Some(tun) = self
+            .tuns
+            .get(usize::from(peer.0))
+            .and_then(|t| t.as_ref()?.upgrade())
+        else {
             return;
         };
         let name = self.engine.peer(peer).map_or("?", |(n, _, _)| n);
-        match sys::set_tun_carrier(&**tun, up) {
+        match sys::set_tun_carrier(&*tun, up) {
             Ok(()) => info!(peer = name, carrier = up, "TUN carrier set"),
             Err(e) => warn!(peer = name, error = %e, "could not set TUN carrier"),
         }
@@ -624,8 +631,8 @@ impl BfdThread {
             return;
         };
         self.metrics.add_peer(usize::from(id.0), &peer.name);
-        *slot(&mut self.tuns, usize::from(id.0)) = tun;
-        *slot(&mut self.fast, usize::from(id.0)) = fast;
+        *slot(&mut self.tuns, usize::from(id.0)) = tun.as_ref().map(Arc::downgrade);
+        *slot(&mut self.fast, usize::from(id.0)) = fast.as_ref().map(Arc::downgrade);
         *slot(&mut self.meta.peers, usize::from(id.0)) =
             Some((peer.tun.clone(), peer.policy.as_str().to_string()));
         applied.peers.push((peer.name.clone(), id));
