@@ -290,24 +290,29 @@ impl BfdThread {
         }
     }
 
+    /// The peers that have a fast path, with it.
+    fn fast_paths(&self) -> impl Iterator<Item = (PeerId, Arc<FastPath>)> + '_ {
+        self.fast.iter().enumerate().filter_map(|(i, f)| {
+            let f = f.as_ref()?.upgrade()?;
+            Some((PeerId(i as u16), f))
+        })
+    }
+
+    /// Where a fast path sends on path `id`, if it can.
+    fn fast_route(&self, id: PathId) -> Option<fastpath::Route> {
+        let p = self.engine.path(id)?;
+        fastpath::route(id, p.local, p.remote)
+    }
+
     /// Points each fast path at its peer's active path (or at none: the
     /// lanes take everything). `force` writes the sending program's
     /// configuration even if the path did not change, with its interface
     /// looked up again.
     fn steer_fast_paths(&self, f: &Forwarding, force: bool) {
-        for (i, fast) in self.fast.iter().enumerate() {
-            let Some(fast) = fast.as_ref().and_then(Weak::upgrade) else {
-                continue;
-            };
-            let active = f.peers.get(i).and_then(|s| s.active);
-            let route = active.and_then(|id| {
-                let p = self.engine.path(id)?;
-                fastpath::route(id, p.local, p.remote)
-            });
-            let name = self
-                .engine
-                .peer(PeerId(i as u16))
-                .map_or("?", |(n, _, _)| n);
+        for (peer, fast) in self.fast_paths() {
+            let active = f.peers.get(usize::from(peer.0)).and_then(|s| s.active);
+            let route = active.and_then(|id| self.fast_route(id));
+            let name = self.engine.peer(peer).map_or("?", |(n, _, _)| n);
             match fast.set(route, force) {
                 Ok(()) => {}
                 // The periodic look-up repeats the error every time: logged
@@ -323,20 +328,11 @@ impl BfdThread {
     /// Has each fast path receive on all its peer's paths (their
     /// interfaces looked up again).
     fn fast_paths_receive(&self) {
-        for (i, fast) in self.fast.iter().enumerate() {
-            let Some(fast) = fast.as_ref().and_then(Weak::upgrade) else {
+        for (peer, fast) in self.fast_paths() {
+            let Some((name, _, ids)) = self.engine.peer(peer) else {
                 continue;
             };
-            let Some((name, _, ids)) = self.engine.peer(PeerId(i as u16)) else {
-                continue;
-            };
-            let paths: Vec<_> = ids
-                .iter()
-                .filter_map(|&id| {
-                    let p = self.engine.path(id)?;
-                    fastpath::route(id, p.local, p.remote)
-                })
-                .collect();
+            let paths: Vec<_> = ids.iter().filter_map(|&id| self.fast_route(id)).collect();
             if let Err(e) = fast.receive(&paths) {
                 debug!(peer = name, error = %e, "fast path not receiving on every path; the lanes receive the rest");
             }
@@ -345,11 +341,8 @@ impl BfdThread {
 
     /// Adds what the fast paths sent to the paths' counters.
     fn collect_fast_paths(&self) {
-        for (i, fast) in self.fast.iter().enumerate() {
-            let Some(fast) = fast.as_ref().and_then(Weak::upgrade) else {
-                continue;
-            };
-            let Some((_, _, paths)) = self.engine.peer(PeerId(i as u16)) else {
+        for (peer, fast) in self.fast_paths() {
+            let Some((_, _, paths)) = self.engine.peer(peer) else {
                 continue;
             };
             for &id in paths {

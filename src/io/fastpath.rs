@@ -554,27 +554,41 @@ fn map_create(kind: u32, key: usize, value: usize, entries: usize) -> io::Result
     fd_of(bpf(BPF_MAP_CREATE, &mut a)?)
 }
 
-fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> io::Result<()> {
+/// One map element command: `key`, and `value` where the command has one.
+fn map_elem(
+    cmd: libc::c_long,
+    map: &OwnedFd,
+    key: &[u8],
+    value: Option<*mut u8>,
+) -> io::Result<()> {
     let mut a = [0u8; 32];
     put32(&mut a, 0, map.as_raw_fd() as u32);
     put64(&mut a, 8, key.as_ptr() as u64);
-    put64(&mut a, 16, value.as_ptr() as u64);
-    bpf(BPF_MAP_UPDATE_ELEM, &mut a).map(|_| ())
+    put64(&mut a, 16, value.map_or(0, |v| v as u64));
+    bpf(cmd, &mut a).map(|_| ())
+}
+
+fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> io::Result<()> {
+    // The kernel only reads the value of an update.
+    map_elem(
+        BPF_MAP_UPDATE_ELEM,
+        map,
+        key,
+        Some(value.as_ptr().cast_mut()),
+    )
 }
 
 fn map_delete(map: &OwnedFd, key: &[u8]) -> io::Result<()> {
-    let mut a = [0u8; 32];
-    put32(&mut a, 0, map.as_raw_fd() as u32);
-    put64(&mut a, 8, key.as_ptr() as u64);
-    bpf(BPF_MAP_DELETE_ELEM, &mut a).map(|_| ())
+    map_elem(BPF_MAP_DELETE_ELEM, map, key, None)
 }
 
 fn map_lookup(map: &OwnedFd, key: u32, value: &mut [u8]) -> io::Result<()> {
-    let mut a = [0u8; 32];
-    put32(&mut a, 0, map.as_raw_fd() as u32);
-    put64(&mut a, 8, &key as *const u32 as u64);
-    put64(&mut a, 16, value.as_mut_ptr() as u64);
-    bpf(BPF_MAP_LOOKUP_ELEM, &mut a).map(|_| ())
+    map_elem(
+        BPF_MAP_LOOKUP_ELEM,
+        map,
+        &key.to_ne_bytes(),
+        Some(value.as_mut_ptr()),
+    )
 }
 
 fn prog_load(insns: &[Insn]) -> io::Result<OwnedFd> {
@@ -689,13 +703,24 @@ struct State {
 }
 
 impl State {
+    /// The counter slot of `path`: its own, or the lowest free one. A slot
+    /// keeps its totals in `seen` when it passes to another path, so that
+    /// each path is counted what moved while it held the slot.
     fn slot(&mut self, path: PathId) -> io::Result<u32> {
-        let next = self.slots.len() as u32;
-        let slot = *self.slots.entry(path).or_insert(next);
-        match (slot as usize) < MAX_PATHS {
-            true => Ok(slot),
-            false => Err(io::Error::other("too many paths for the fast path")),
+        if let Some(&slot) = self.slots.get(&path) {
+            return Ok(slot);
         }
+        let free = (0..MAX_PATHS as u32).find(|s| !self.slots.values().any(|v| v == s));
+        let slot = free.ok_or_else(|| io::Error::other("too many paths for the fast path"))?;
+        self.slots.insert(path, slot);
+        Ok(slot)
+    }
+
+    /// Frees the slots of paths the peer no longer has (a reload removed
+    /// them), for the paths a later reload adds.
+    fn keep_slots(&mut self, paths: &[Route]) {
+        self.slots
+            .retain(|id, _| paths.iter().any(|r| r.path == *id));
     }
 }
 
@@ -809,6 +834,7 @@ impl FastPath {
             map_delete(&self.rx_paths, gone)?;
         }
         st.keys = keys;
+        st.keep_slots(paths);
         result
     }
 
@@ -934,6 +960,30 @@ mod tests {
         assert_eq!(hdr.msg_type, crate::wire::overlay::MsgType::Data);
         assert_eq!(rest, &packet[..]);
         assert!(!hdr.checksum_ok());
+    }
+
+    #[test]
+    fn counter_slots_of_removed_paths_are_reused() {
+        let route = |id: u16| Route {
+            path: PathId(id),
+            local: "198.18.1.1:4800".parse().unwrap(),
+            remote: "198.18.1.2:4800".parse().unwrap(),
+        };
+        let mut st = State::default();
+        assert_eq!(st.slot(PathId(0)).unwrap(), 0);
+        assert_eq!(st.slot(PathId(1)).unwrap(), 1);
+        assert_eq!(st.slot(PathId(0)).unwrap(), 0);
+        // Reloads that replace path 1 again and again, far more often than
+        // there are slots: the peer keeps two slots.
+        for id in 2..(3 * MAX_PATHS as u16) {
+            st.keep_slots(&[route(0), route(id)]);
+            assert_eq!(st.slot(PathId(id)).unwrap(), 1, "path {id}");
+        }
+        // More paths at once than slots: refused.
+        for id in 100..100 + MAX_PATHS as u16 - 2 {
+            st.slot(PathId(id)).unwrap();
+        }
+        assert!(st.slot(PathId(999)).is_err());
     }
 
     #[test]
