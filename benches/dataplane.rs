@@ -4,12 +4,12 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use crosslink::config::Policy;
-use crosslink::crypto::{Key, Keys, ReplayWindow};
-use crosslink::forward::{
+use crosslink::core::crypto::{Key, Keys, ReplayWindow};
+use crosslink::core::forward::{
     classify, decapsulate, encapsulate, open, seal_data, Sealer, HEADROOM, TRAILER,
 };
-use crosslink::steer::Selection;
-use crosslink::wire::overlay::Header;
+use crosslink::core::steer::Selection;
+use crosslink::core::wire::overlay::Header;
 use crosslink::PathId;
 use etherparse::PacketBuilder;
 use std::hint::black_box;
@@ -156,7 +156,7 @@ fn snapshot(c: &mut Criterion) {
 /// checksums of all segments (the payload is not copied), next to the
 /// same with tun-rs's cutter, which copies each segment out.
 fn segment(c: &mut Criterion) {
-    use crosslink::segment::{Cut, VnetHeader, MAX_HEADERS};
+    use crosslink::core::segment::{Cut, VnetHeader, MAX_HEADERS};
     let b = PacketBuilder::ipv4([198, 18, 10, 1], [198, 18, 30, 2], 64)
         .tcp(40_000, 5201, 1, 1000)
         .ack(1);

@@ -46,29 +46,10 @@
 //! the lanes pick up on their next packet.
 #![deny(unsafe_code)]
 
-pub mod bfd;
-pub mod coalesce;
 pub mod config;
-pub mod crypto;
-pub mod dedup;
-pub mod demo;
-pub mod drop;
-pub mod engine;
-pub mod flood;
-pub mod forward;
+pub mod core;
 pub mod io;
 pub mod lab;
-pub mod probe;
-pub mod rng;
-pub mod segment;
-pub mod steer;
 pub mod telemetry;
-pub mod wire;
 
-/// A peer's index in the configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PeerId(pub u16);
-
-/// A path's index among all the gateway's paths, in configuration order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PathId(pub u16);
+pub use crate::core::{PathId, PeerId};

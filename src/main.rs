@@ -51,13 +51,13 @@ enum Command {
         interval: std::time::Duration,
     },
     /// Build a throwaway lab, fail a path and show the failover (needs root).
-    Demo(crosslink::demo::DemoArgs),
+    Demo(crosslink::lab::demo::DemoArgs),
     /// Traffic probe used by the demo and the tests.
     #[command(hide = true)]
-    Probe(crosslink::probe::ProbeArgs),
+    Probe(crosslink::lab::probe::ProbeArgs),
     /// Junk generator used by the bad-input tests.
     #[command(hide = true)]
-    Flood(crosslink::flood::FloodArgs),
+    Flood(crosslink::lab::flood::FloodArgs),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -90,9 +90,9 @@ fn main() -> ExitCode {
         Command::Status {
             socket, interval, ..
         } => watch(&socket, interval),
-        Command::Demo(args) => code(crosslink::demo::main(args)),
-        Command::Probe(args) => code(crosslink::probe::main(args)),
-        Command::Flood(args) => code(crosslink::flood::main(args)),
+        Command::Demo(args) => code(crosslink::lab::demo::main(args)),
+        Command::Probe(args) => code(crosslink::lab::probe::main(args)),
+        Command::Flood(args) => code(crosslink::lab::flood::main(args)),
     }
 }
 

@@ -623,7 +623,7 @@ fn f5_flapping() {
     }
     // After the flapping, path1 returns by itself, after the damped hold
     // (at most revert_hold x 32), not before.
-    let hold = crosslink::steer::damped_hold(HOLD, level as u32).as_secs_f64() * 1e3;
+    let hold = crosslink::core::steer::damped_hold(HOLD, level as u32).as_secs_f64() * 1e3;
     say(&format!(
         "REPORT fault_matrix flapping_200ms damped_hold_ms={hold:.0} back_after_ms={:.0}",
         row.recovery_ms

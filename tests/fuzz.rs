@@ -12,15 +12,15 @@
 //! Reproduce one input: `CROSSLINK_FUZZ_INPUT=path cargo test --test fuzz <target>`.
 //! Each target prints one line: `fuzz <target>: N executions in S s (corpus C)`.
 
-use crosslink::bfd::{Session, SessionConfig, State};
 use crosslink::config::Config;
-use crosslink::crypto::{Key, Keys, ReplayWindow};
-use crosslink::engine::Engine;
-use crosslink::forward::{self, Sealer, HEADROOM};
-use crosslink::rng::Rng;
-use crosslink::wire::bfd::ControlPacket;
-use crosslink::wire::flow::FlowKey;
-use crosslink::wire::overlay::{self, Header, PeerSeq, BASE_LEN};
+use crosslink::core::bfd::{Session, SessionConfig, State};
+use crosslink::core::crypto::{Key, Keys, ReplayWindow};
+use crosslink::core::engine::Engine;
+use crosslink::core::forward::{self, Sealer, HEADROOM};
+use crosslink::core::rng::Rng;
+use crosslink::core::wire::bfd::ControlPacket;
+use crosslink::core::wire::flow::FlowKey;
+use crosslink::core::wire::overlay::{self, Header, PeerSeq, BASE_LEN};
 use crosslink::PathId;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -230,7 +230,7 @@ fn sealed() {
             || matches!(input.first().map(|b| b >> 4), Some(6) if input.len() >= 40);
         match (&opened, ip) {
             (Ok(forward::Opened::Data(_, r)), true) if copy[r.clone()] == *input => {}
-            (Err(crosslink::drop::DropReason::InnerMalformed), false) => {}
+            (Err(crosslink::core::drop::DropReason::InnerMalformed), false) => {}
             _ => return Err(format!("sealed input did not open to itself: {opened:?}")),
         }
         // Flip one bit anywhere: must not open.
@@ -317,7 +317,7 @@ fn flow_key() {
 /// the bytes are the same.
 #[test]
 fn segment() {
-    use crosslink::segment::{finish_checksum, Cut, VnetHeader, MAX_HEADERS, VNET_HDR_LEN};
+    use crosslink::core::segment::{finish_checksum, Cut, VnetHeader, MAX_HEADERS, VNET_HDR_LEN};
     fuzz("segment", |input| {
         let Some(vnet) = VnetHeader::parse(input) else {
             return Ok(());
@@ -412,7 +412,7 @@ fn tcp_checksum_right(p: &[u8]) -> bool {
 /// packet with a wrong checksum that its sender did not vouch for.
 #[test]
 fn coalesce() {
-    use crosslink::coalesce::{plan, MAX_TRAIN_HEADER, VNET_HDR_LEN};
+    use crosslink::core::coalesce::{plan, MAX_TRAIN_HEADER, VNET_HDR_LEN};
     fuzz("coalesce", |input| {
         let Some((&vouched, mut rest)) = input.split_first() else {
             return Ok(());

@@ -651,7 +651,7 @@ fn damaged_segments_stay_damaged() {
 /// A bulk TCP transfer through the tunnel arrives byte for byte, in the
 /// clear and sealed: the TUN super-packets are cut into segments with
 /// their own headers and checksums on one side, merged again on the other
-/// ([`crosslink::segment`], [`crosslink::coalesce`]), and nothing is
+/// ([`crosslink::core::segment`], [`crosslink::core::coalesce`]), and nothing is
 /// dropped as malformed on the way. The same holds with each offload the
 /// kernel might lack turned off: no TUN offloads, no UDP GSO, no UDP GRO,
 /// and none at all; and between gateways with different lane counts (3 and

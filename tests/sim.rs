@@ -3,9 +3,9 @@
 //! the same result on every run, so the bounds here can be tight.
 
 use crosslink::config::Config;
-use crosslink::engine::{Engine, Event, Forwarding};
-use crosslink::forward::{classify, decapsulate, encapsulate, HEADROOM};
-use crosslink::wire::overlay::Header;
+use crosslink::core::engine::{Engine, Event, Forwarding};
+use crosslink::core::forward::{classify, decapsulate, encapsulate, HEADROOM};
+use crosslink::core::wire::overlay::Header;
 use crosslink::PathId;
 use etherparse::PacketBuilder;
 use std::cmp::Reverse;
@@ -327,7 +327,7 @@ fn missing(received: &[(u64, u16)], from: u64, to: u64) -> Vec<u64> {
 
 #[test]
 fn carrier_loss_fails_over_at_once_and_returns_only_after_bfd() {
-    use crosslink::engine::BlockCause;
+    use crosslink::core::engine::BlockCause;
     let mut sim = Sim::new("1s", "10ms", 3);
     sim.run_until(Duration::from_secs(5), false);
     sim.run_until(Duration::from_secs(6), true);
@@ -367,7 +367,7 @@ fn carrier_loss_fails_over_at_once_and_returns_only_after_bfd() {
 
 #[test]
 fn send_errors_make_a_path_suspect_until_bfd_works_again() {
-    use crosslink::engine::BlockCause;
+    use crosslink::core::engine::BlockCause;
     let mut sim = Sim::new("1s", "10ms", 3);
     sim.run_until(Duration::from_secs(5), false);
     let now = sim.instant();

@@ -17,13 +17,13 @@
 
 use super::fastpath::{self, FastPath};
 use super::{clock, sys, udp};
-use crate::bfd::Transmit;
 use crate::config::{PathConfig, PeerConfig};
-use crate::engine::{Engine, Event, Forwarding, Secrets};
+use crate::core::bfd::Transmit;
+use crate::core::engine::{Engine, Event, Forwarding, Secrets};
+use crate::core::wire::bfd::State;
 use crate::telemetry::metrics::{Metrics, PathLabels};
 use crate::telemetry::status::{BfdStatus, PathStatus, PeerStatus, Status};
 use crate::telemetry::{DropCounters, PathCounters};
-use crate::wire::bfd::State;
 use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
 use std::io::{self, Read};
@@ -691,7 +691,7 @@ impl BfdThread {
                 .saturating_duration_since(self.meta.started)
                 .as_secs(),
             peers,
-            drops: crate::drop::DropReason::ALL
+            drops: crate::core::drop::DropReason::ALL
                 .iter()
                 .map(|&r| (r.as_str().to_string(), self.drops.get(r)))
                 .filter(|&(_, n)| n > 0)

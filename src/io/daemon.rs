@@ -13,19 +13,19 @@
 //! in the TUN queues and socket buffers).
 
 use super::control_plane::{BfdThread, Command, CommandLink, Meta, NewPath, Plan};
-use super::data_plane::{self, FlowClaims, FlowTable, Lane, PathIn, PathOut, SharedKeys, TunOut};
 use super::fastpath::FastPath;
+use super::lanes::{self, FlowClaims, FlowTable, Lane, PathIn, PathOut, SharedKeys, TunOut};
 use super::linkwatch::{self, LinkWatch, WatchedPath};
 use super::sys::Doorbell;
 use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
 use crate::config::{Config, ConfigError, PathConfig, PeerConfig, Policy};
-use crate::crypto::{self, EchoGuard, ReplayWindow};
-use crate::dedup::Window;
-use crate::engine::{check_secret, Engine, Forwarding, Secrets};
-use crate::forward;
+use crate::core::crypto::{self, EchoGuard, ReplayWindow};
+use crate::core::dedup::Window;
+use crate::core::engine::{check_secret, Engine, Forwarding, Secrets};
+use crate::core::forward;
+use crate::core::wire::flow::mix;
 use crate::telemetry::metrics::{self, Metrics};
 use crate::telemetry::{control, DropCounters, PathCounters};
-use crate::wire::flow::mix;
 use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -61,7 +61,7 @@ const FALLBACK_UNDERLAY_MTU: u32 = 1500;
 /// Default inner MTU of a peer: what fits every one of its paths, from
 /// the MTU of each path's route (the outgoing interface's, or less if path
 /// MTU discovery learnt less) less that path's headers (see
-/// [`crate::forward::inner_mtu`]); at least the IPv4 minimum of 576 (1280
+/// [`crate::core::forward::inner_mtu`]); at least the IPv4 minimum of 576 (1280
 /// with IPv6 inside), at most 65535.
 fn default_mtu(w: &PeerConfig) -> u16 {
     let extended = w.policy == Policy::Duplicate;
@@ -120,7 +120,10 @@ fn read_secrets(config: &Config) -> Result<Secrets, DaemonError> {
                     file.display()
                 ))
             })?;
-            secrets.insert(file.clone(), crate::bfd::auth::trim_secret(&raw).to_vec());
+            secrets.insert(
+                file.clone(),
+                crate::core::bfd::auth::trim_secret(&raw).to_vec(),
+            );
         }
         let secret = secrets.get(file).map_or(&[][..], Vec::as_slice);
         check_secret(auth.auth_type, secret).map_err(|e| {
@@ -198,7 +201,7 @@ struct Shared {
     drops: Arc<DropCounters>,
     netlink: Netlink,
     stamp_key: u64,
-    /// This run's epoch: its start in Unix seconds (see [`crate::crypto`]).
+    /// This run's epoch: its start in Unix seconds (see [`crate::core::crypto`]).
     epoch: u32,
 }
 
@@ -599,7 +602,7 @@ impl Gateway {
     /// (Re)reads every peer's key files and gives the keys to its threads;
     /// a peer whose files do not load keeps the keys it has. Sealed
     /// traffic starts only once this run's epoch second is over, so that
-    /// no later run can reuse it (see [`crate::crypto`]).
+    /// no later run can reuse it (see [`crate::core::crypto`]).
     async fn set_keys(&mut self, want: &Config) -> Vec<String> {
         let mut problems = Vec::new();
         if want.peers.iter().any(|p| p.key_file.is_some()) {
@@ -683,7 +686,7 @@ impl Gateway {
     /// Opens a new peer's TUN with its addresses and routes.
     async fn open_peer(&self, w: &PeerConfig) -> io::Result<PeerRun> {
         let mtu = w.mtu.unwrap_or_else(|| default_mtu(w));
-        let queues = tun::open(&w.tun, mtu, data_plane::lanes_wanted())?;
+        let queues = tun::open(&w.tun, mtu, lanes::lanes_wanted())?;
         let queues: Vec<Arc<SyncDevice>> = queues.into_iter().map(Arc::new).collect();
         let Some(dev) = queues.first().cloned() else {
             return Err(io::Error::other("TUN opened without a queue"));

@@ -17,11 +17,11 @@
 //! What the program writes, per packet: outer IPv4 (DF, TTL 64, no
 //! options), UDP from the path's local to its remote port (checksum 0, as
 //! IPv4 allows: the inner packet keeps its own), and the 16-byte overlay
-//! header of a [`crate::wire::overlay::MsgType::Data`] message with the
+//! header of a [`crate::core::wire::overlay::MsgType::Data`] message with the
 //! sequence number 0 (a cleartext receiver does not read it) and the lane
 //! bits taken from the flow's hash, so that the far gateway's lanes share
 //! the flows. It does not vouch for checksums
-//! ([`crate::wire::overlay::FLAG_CHECKSUM_OK`]): a forwarded packet nobody
+//! ([`crate::core::wire::overlay::FLAG_CHECKSUM_OK`]): a forwarded packet nobody
 //! checked may come through it.
 //!
 //! What it leaves to the lanes (the packet goes on into the TUN, as
@@ -34,7 +34,7 @@
 //! snapshot, so a failover moves the fast path as fast as it moves the
 //! lanes, and adds the program's per-path counters (a per-CPU map) to the
 //! paths' counters. The receiving half stays in user space (see
-//! [`super::data_plane`]): the kernel's receive-side offloads make it far
+//! [`super::lanes`]): the kernel's receive-side offloads make it far
 //! cheaper than the sending half, and decapsulating a GSO packet in BPF
 //! leaves it marked as a tunnel packet on the kernels of today, which
 //! breaks its segmentation further on.
@@ -496,9 +496,9 @@ pub fn config_value(route: &Route, ifindex: u32, slot: u32) -> [u8; cfg::LEN] {
     h[20..22].copy_from_slice(&route.local.port().to_be_bytes());
     h[22..24].copy_from_slice(&route.remote.port().to_be_bytes());
     let o = &mut h[28..];
-    o[0] = crate::wire::overlay::VERSION;
-    o[1] = crate::wire::overlay::MsgType::Data as u8;
-    o[2] = crate::wire::overlay::BASE_LEN as u8;
+    o[0] = crate::core::wire::overlay::VERSION;
+    o[1] = crate::core::wire::overlay::MsgType::Data as u8;
+    o[2] = crate::core::wire::overlay::BASE_LEN as u8;
     let base: u32 = h[..20]
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
@@ -956,8 +956,8 @@ mod tests {
         let mut packet = Vec::new();
         inner.write(&mut packet, &[7; 10]).expect("inner packet");
         dgram.extend_from_slice(&packet);
-        let (hdr, rest) = crate::forward::decapsulate(&dgram).expect("overlay");
-        assert_eq!(hdr.msg_type, crate::wire::overlay::MsgType::Data);
+        let (hdr, rest) = crate::core::forward::decapsulate(&dgram).expect("overlay");
+        assert_eq!(hdr.msg_type, crate::core::wire::overlay::MsgType::Data);
         assert_eq!(rest, &packet[..]);
         assert!(!hdr.checksum_ok());
     }

@@ -1,4 +1,4 @@
-//! Reading a peer's key files (format in [`crate::crypto::Key::parse`]).
+//! Reading a peer's key files (format in [`crate::core::crypto::Key::parse`]).
 //!
 //! A key file should be readable by the daemon's user only; one that the
 //! group or others can read still works, with a warning, so that a
@@ -6,7 +6,7 @@
 //! part of the file's content is ever logged or put in an error.
 
 use crate::config::PeerConfig;
-use crate::crypto::{Key, Keys};
+use crate::core::crypto::{Key, Keys};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use tracing::warn;

@@ -2,13 +2,13 @@
 //! and the clock. It moves bytes between the world and the sans-IO core.
 //!
 //! Threads of a running gateway:
-//! - `bfd`: owns the [`crate::engine::Engine`] and every BFD socket; waits
+//! - `bfd`: owns the [`crate::core::engine::Engine`] and every BFD socket; waits
 //!   in `ppoll` for the next control packet or deadline, runs at SCHED_FIFO
 //!   where permitted, and publishes each new forwarding snapshot.
-//! - `fwd<n>-<peer>`: lane `n` of the peer ([`data_plane::Lane`]; one per
+//! - `fwd<n>-<peer>`: lane `n` of the peer ([`lanes::Lane`]; one per
 //!   CPU, at most 4, or `CROSSLINK_LANES`): reads its queue of the peer's
 //!   TUN, places each packet on a path and sends it (see
-//!   [`crate::forward`]), and receives the datagrams of every path that name
+//!   [`crate::core::forward`]), and receives the datagrams of every path that name
 //!   its lane and writes them to the same queue; lane 0 also answers the
 //!   peer's echo requests and measures each path's RTT.
 //! - the tokio runtime: signals (SIGHUP reload, see [`daemon`]), the
@@ -28,9 +28,9 @@
 pub mod clock;
 pub mod control_plane;
 pub mod daemon;
-pub mod data_plane;
 pub mod fastpath;
 pub mod keys;
+pub mod lanes;
 pub mod linkwatch;
 pub mod netlink;
 pub mod notify;

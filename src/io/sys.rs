@@ -9,7 +9,7 @@
 //! with `unsafe`; each block is one libc call on a buffer it owns.
 #![allow(unsafe_code)]
 
-use crate::wire::overlay;
+use crate::core::wire::overlay;
 use std::io;
 use std::mem::{size_of, zeroed, MaybeUninit};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -668,7 +668,7 @@ pub fn udp_gso_supported(sock: &impl AsRawFd) -> bool {
 }
 
 /// The most lanes [`steer_by_lane`] can steer: the lane is a 3-bit field.
-pub use crate::wire::overlay::MAX_LANES;
+pub use crate::core::wire::overlay::MAX_LANES;
 
 /// Offset of the overlay header's Flags byte in the UDP payload.
 const FLAGS_OFFSET: u32 = overlay::FLAGS_AT as u32;

@@ -6,13 +6,13 @@
 //! a virtio-net header saying how to cut them, and takes such packets back
 //! with the same header, so that the stacks on both sides do their
 //! per-packet work once per 64 KiB instead of once per 1.4 KiB. The
-//! sending threads cut super-packets with [`crate::segment`]; the
-//! receiving threads merge what arrives with [`crate::coalesce`]. A
+//! sending threads cut super-packets with [`crate::core::segment`]; the
+//! receiving threads merge what arrives with [`crate::core::coalesce`]. A
 //! kernel that refuses the offloads gets a plain TUN, and
 //! `CROSSLINK_TUN_OFFLOAD=0` asks for one.
 //!
 //! A peer with several forwarding lanes gets a multiqueue TUN, one queue
-//! per lane ([`crate::io::data_plane::Lane`]). The kernel puts each flow's
+//! per lane ([`crate::io::lanes::Lane`]). The kernel puts each flow's
 //! packets in the queue that last wrote packets of the same flow (either
 //! direction), and otherwise spreads flows by hash.
 //!

@@ -14,8 +14,8 @@
 //! stays until restart.
 
 use super::{DropCounters, PathCounters};
-use crate::drop::DropReason;
-use crate::wire::bfd::State;
+use crate::core::drop::DropReason;
+use crate::core::wire::bfd::State;
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
     Gauge, Histogram, Unit,

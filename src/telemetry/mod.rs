@@ -6,7 +6,7 @@ pub mod log;
 pub mod metrics;
 pub mod status;
 
-use crate::drop::DropReason;
+use crate::core::drop::DropReason;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Per-path data counters, written by the forwarding threads (relaxed

@@ -17,7 +17,7 @@
 //! far gateway must not have its damage vouched for. So a segment joins a
 //! train only if its checksum is good: known good (the far gateway computed
 //! it, or its kernel had verified it, and said so in the overlay header,
-//! see [`crate::wire::overlay::FLAG_CHECKSUM_OK`]) or checked here, as
+//! see [`crate::core::wire::overlay::FLAG_CHECKSUM_OK`]) or checked here, as
 //! Linux's GRO checks it. A damaged one is written alone, as it came, and
 //! the receiving host drops it. [`Train::header`]
 //! writes what goes in front of the train's payloads: the virtio-net
@@ -29,8 +29,8 @@
 //! Anything else (a lone segment, other protocols) is a train of one,
 //! written as it came, behind an all-zero virtio-net header.
 
-pub use crate::segment::VNET_HDR_LEN;
-use crate::segment::{fold, sum};
+pub use crate::core::segment::VNET_HDR_LEN;
+use crate::core::segment::{fold, sum};
 /// Longest header [`Train::header`] writes: virtio-net header, IPv6 (the
 /// longer of the IP headers accepted) and TCP with full options.
 pub const MAX_TRAIN_HEADER: usize = VNET_HDR_LEN + 40 + 60;
@@ -531,7 +531,7 @@ mod tests {
         let mut other = seg4(100, 100, 2, false);
         other[20] ^= 1;
         let ack = seg4(100, 0, 2, false);
-        let udp = crate::wire::flow::tests::udp4([198, 18, 0, 1], [198, 18, 0, 2], 1, 2, 30);
+        let udp = crate::core::wire::flow::tests::udp4([198, 18, 0, 1], [198, 18, 0, 2], 1, 2, 30);
         let segs = [seg4(0, 100, 1, false), other, ack, udp];
         let pkts: Vec<&[u8]> = segs.iter().map(|s| &s[..]).collect();
         let mut trains = Vec::new();
@@ -609,7 +609,7 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        let mut rng = crate::rng::Rng::new(5);
+        let mut rng = crate::core::rng::Rng::new(5);
         let base = seg4(0, 64, 1, false);
         for _ in 0..20_000 {
             let mut p = base.clone();

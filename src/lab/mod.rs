@@ -21,6 +21,10 @@
 //! namespaces, deletes them and the temp dir; [`Lab::new`] also removes namespaces left
 //! by a crashed run (same name, or an `xl-*` name whose process is gone).
 
+pub mod demo;
+pub mod flood;
+pub mod probe;
+
 use std::fmt;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -219,7 +223,7 @@ pub struct LabOptions {
     /// Put `interface = "pathN"` on every path (carrier-loss detection).
     pub bind_interfaces: bool,
     /// Seal the data plane with this pre-shared key (the key file's text,
-    /// see [`crate::crypto::Key::parse`]), written to `<dir>/peer.key`.
+    /// see [`crate::core::crypto::Key::parse`]), written to `<dir>/peer.key`.
     pub key: Option<String>,
     /// Extra environment for the gateway processes (for example
     /// `CROSSLINK_UDP_GSO=0`).

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+use crate::lab::probe::parse_duration;
 use crate::lab::{self, Gw, Lab, LabOptions, LabPath, StatusClient};
-use crate::probe::parse_duration;
 
 /// UDP port of the demo's traffic stream on the server.
 const PROBE_PORT: u16 = 9000;
@@ -71,7 +71,7 @@ pub fn main(args: DemoArgs) -> i32 {
             return 2;
         }
     };
-    let stop = match crate::probe::stop_flag_on_signals() {
+    let stop = match crate::lab::probe::stop_flag_on_signals() {
         Ok(flag) => flag,
         Err(e) => {
             eprintln!("crosslink demo: cannot install signal handlers: {e}");

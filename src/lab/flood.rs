@@ -7,12 +7,12 @@
 //! gateway counted every one of them. `capture` records datagrams a
 //! gateway really received, for `--kind replay`.
 
-use crate::crypto::{self, Key, Keys};
-use crate::forward::{seal_data, Sealer, HEADROOM};
-use crate::probe::parse_duration;
-use crate::rng::Rng;
-use crate::wire::bfd::{ControlPacket, State};
-use crate::wire::overlay::Header;
+use crate::core::crypto::{self, Key, Keys};
+use crate::core::forward::{seal_data, Sealer, HEADROOM};
+use crate::core::rng::Rng;
+use crate::core::wire::bfd::{ControlPacket, State};
+use crate::core::wire::overlay::Header;
+use crate::lab::probe::parse_duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -127,7 +127,7 @@ fn send(a: &SendArgs) -> Result<u64, String> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let seed = crate::wire::flow::mix(u64::from(std::process::id()) ^ now.as_nanos() as u64);
+    let seed = crate::core::wire::flow::mix(u64::from(std::process::id()) ^ now.as_nanos() as u64);
     let mut rng = Rng::new(seed);
     let replay = match (&a.kind, &a.replay) {
         (Kind::Replay, Some(p)) => read_capture(p)?,
@@ -180,7 +180,7 @@ fn craft(a: &SendArgs, rng: &mut Rng, right: Option<&Key>, out: &mut [u8]) -> us
         Kind::Random => {
             let len = 16 + rng.below(1385) as usize;
             rng.fill(&mut out[..len]);
-            if out[0] == crate::wire::overlay::VERSION {
+            if out[0] == crate::core::wire::overlay::VERSION {
                 out[0] = 0xee;
             }
             len
@@ -200,7 +200,7 @@ fn craft(a: &SendArgs, rng: &mut Rng, right: Option<&Key>, out: &mut [u8]) -> us
             let inner = 40;
             inner_ipv4(&mut out[HEADROOM..HEADROOM + inner]);
             let header = Header::data(rng.next_u64());
-            let framed = crate::forward::encapsulate(out, inner, &header);
+            let framed = crate::core::forward::encapsulate(out, inner, &header);
             to_front(out, framed)
         }
         Kind::WrongKey | Kind::Stale | Kind::Forged => {
@@ -245,7 +245,7 @@ fn craft(a: &SendArgs, rng: &mut Rng, right: Option<&Key>, out: &mut [u8]) -> us
 /// Moves a framed datagram to the start of `out`; returns its length.
 fn to_front(
     out: &mut [u8],
-    framed: Result<std::ops::Range<usize>, crate::drop::DropReason>,
+    framed: Result<std::ops::Range<usize>, crate::core::drop::DropReason>,
 ) -> usize {
     match framed {
         Ok(r) => {
@@ -259,7 +259,7 @@ fn to_front(
 
 fn sealed_header(out: &mut [u8], sequence: u64, epoch: u32) {
     let h = Header {
-        msg_type: crate::wire::overlay::MsgType::SealedData,
+        msg_type: crate::core::wire::overlay::MsgType::SealedData,
         flags: 0,
         epoch,
         sequence: sequence >> 8,

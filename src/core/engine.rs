@@ -37,12 +37,12 @@
 //! the shell (a forwarding table, a metric handle) can never come to mean
 //! a different path. Unchanged paths keep their sessions untouched.
 
-use crate::bfd::{Auth, KeyError, Session, SessionConfig, SessionEvent, Transmit};
 use crate::config::{BfdAuthType, BfdConfig, Config, Hop, PathConfig, PeerConfig, Policy};
-use crate::drop::DropReason;
-use crate::steer::{Damping, Selection, Steering};
-use crate::wire::bfd::{AuthType, ControlPacket, Diag, EmitError, State};
-use crate::wire::flow::mix;
+use crate::core::bfd::{Auth, KeyError, Session, SessionConfig, SessionEvent, Transmit};
+use crate::core::drop::DropReason;
+use crate::core::steer::{Damping, Selection, Steering};
+use crate::core::wire::bfd::{AuthType, ControlPacket, Diag, EmitError, State};
+use crate::core::wire::flow::mix;
 use crate::{PathId, PeerId};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};

@@ -4,7 +4,7 @@
 //! with another MD5/SHA1 implementation.
 
 use super::*;
-use crate::wire::bfd::{ControlPacket, State};
+use crate::core::wire::bfd::{ControlPacket, State};
 
 const T0: Duration = Duration::from_millis(0);
 const DETECT: Duration = Duration::from_millis(30);

@@ -29,11 +29,11 @@
 //! plaintext and an unkeyed one refuses sealed messages
 //! ([`DropReason::SealMismatch`]).
 
-use crate::crypto::{Keys, MessageId, Replays, TAG_LEN};
-use crate::drop::DropReason;
-use crate::steer::Selection;
-use crate::wire::flow::FlowKey;
-use crate::wire::overlay::{Header, MsgType, OverlayError, BASE_LEN, MAX_LEN};
+use crate::core::crypto::{Keys, MessageId, Replays, TAG_LEN};
+use crate::core::drop::DropReason;
+use crate::core::steer::Selection;
+use crate::core::wire::flow::FlowKey;
+use crate::core::wire::overlay::{Header, MsgType, OverlayError, BASE_LEN, MAX_LEN};
 use crate::PathId;
 use std::ops::Range;
 
@@ -46,9 +46,9 @@ pub const TRAILER: usize = TAG_LEN;
 #[derive(Clone, Copy, Debug)]
 pub struct Sealer<'a> {
     pub keys: &'a Keys,
-    /// The sender's epoch (see [`crate::crypto`]).
+    /// The sender's epoch (see [`crate::core::crypto`]).
     pub epoch: u32,
-    /// [`crate::crypto::path_salt`] of (local, remote).
+    /// [`crate::core::crypto::path_salt`] of (local, remote).
     pub salt: u64,
 }
 
@@ -230,12 +230,12 @@ pub enum Opened {
     /// The header and the inner packet, decrypted in place, at this range
     /// of the datagram.
     Data(Header, Range<usize>),
-    /// An echo message and the sender's epoch (for [`crate::crypto::EchoGuard`]).
+    /// An echo message and the sender's epoch (for [`crate::core::crypto::EchoGuard`]).
     Echo(Echo, u32),
 }
 
 /// Validates, authenticates and decrypts (in place) a datagram from a
-/// keyed peer. `salt` is [`crate::crypto::path_salt`] of (remote, local). Data
+/// keyed peer. `salt` is [`crate::core::crypto::path_salt`] of (remote, local). Data
 /// passes the path's replay `window`, which moves only for messages that
 /// authenticate.
 pub fn open(
@@ -307,9 +307,9 @@ fn check_inner(inner: &[u8]) -> Result<(), DropReason> {
 mod tests {
     use super::*;
     use crate::config::Policy;
-    use crate::crypto::ReplayWindow;
-    use crate::wire::flow::tests::udp4;
-    use crate::wire::overlay::PeerSeq;
+    use crate::core::crypto::ReplayWindow;
+    use crate::core::wire::flow::tests::udp4;
+    use crate::core::wire::overlay::PeerSeq;
 
     fn sel(active: Option<PathId>) -> Selection {
         Selection::new(
@@ -342,7 +342,7 @@ mod tests {
 
     #[test]
     fn encap_decap_with_peer_sequence() {
-        use crate::wire::overlay::PeerSeq;
+        use crate::core::wire::overlay::PeerSeq;
         let inner = udp4([198, 18, 10, 1], [198, 18, 30, 2], 1000, 2000, 100);
         let mut buf = vec![0u8; 2048];
         buf[HEADROOM..HEADROOM + inner.len()].copy_from_slice(&inner);
@@ -395,7 +395,7 @@ mod tests {
     fn echo_messages() {
         let mut buf = [0u8; 64];
         let n = emit_echo(Echo::Request(123), &mut buf).unwrap();
-        assert_eq!(n, crate::wire::overlay::BASE_LEN);
+        assert_eq!(n, crate::core::wire::overlay::BASE_LEN);
         assert_eq!(parse_echo(&buf[..n]), Some(Echo::Request(123)));
         // An echo is not data.
         assert_eq!(
@@ -421,7 +421,7 @@ mod tests {
     }
 
     fn keys(b: u8) -> Keys {
-        Keys::new(&crate::crypto::Key::from_bytes([b; 32]), None)
+        Keys::new(&crate::core::crypto::Key::from_bytes([b; 32]), None)
     }
 
     fn sealed(seq: u64, epoch: u32, k: &Keys, salt: u64) -> Vec<u8> {

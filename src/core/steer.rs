@@ -16,7 +16,7 @@
 //!   path becomes eligible again (after `revert_hold`) it takes back the
 //!   flows that hash to it.
 //! - `duplicate`: every packet goes to the two best eligible paths (the
-//!   receiver keeps the first copy, see [`crate::dedup`]).
+//!   receiver keeps the first copy, see [`crate::core::dedup`]).
 //!
 //! Recovery under `balance` is a deliberate choice: rendezvous hashing is
 //! stateless, so when a path becomes eligible again it takes back exactly
@@ -45,7 +45,7 @@
 //! damped or not.
 
 use crate::config::Policy;
-use crate::wire::flow::mix;
+use crate::core::wire::flow::mix;
 use crate::PathId;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

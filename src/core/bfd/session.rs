@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use super::auth::Auth;
 use super::{RxError, SessionEvent};
-use crate::rng::Rng;
-use crate::wire::bfd::{ControlPacket, Diag, EmitError, State, BFD_VERSION, MAX_PACKET_LEN};
+use crate::core::rng::Rng;
+use crate::core::wire::bfd::{ControlPacket, Diag, EmitError, State, BFD_VERSION, MAX_PACKET_LEN};
 
 /// The minimum Desired Min TX Interval advertised while the session is not Up (§6.8.3).
 pub const SLOW_TX_INTERVAL: Duration = Duration::from_secs(1);
@@ -93,7 +93,7 @@ impl Remote {
     }
 }
 
-/// A sans-IO BFD session (asynchronous mode). See the module docs of [`crate::bfd`].
+/// A sans-IO BFD session (asynchronous mode). See the module docs of [`crate::core::bfd`].
 #[derive(Clone, Debug)]
 pub struct Session {
     local_discr: u32,

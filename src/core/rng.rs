@@ -2,7 +2,7 @@
 //! cryptographic: it spreads BFD transmissions in time (RFC 5880 §6.8.7)
 //! and drives the fuzzer and the junk generator of the bad-input tests.
 
-use crate::wire::flow::mix;
+use crate::core::wire::flow::mix;
 
 /// SplitMix64: every output is the splitmix finaliser of a counter.
 #[derive(Clone, Debug)]

@@ -1,7 +1,7 @@
 //! Session tests: scripted exchanges at explicit times, packets going through the codec.
 
 use super::*;
-use crate::bfd::{RxError, SessionEvent};
+use crate::core::bfd::{RxError, SessionEvent};
 
 const MS: Duration = Duration::from_millis(1);
 const US: Duration = Duration::from_micros(1);
@@ -622,7 +622,7 @@ fn rx_error_reasons_are_snake_case() {
         RxError::YourDiscriminatorZeroInUpInit(State::Up),
         RxError::AuthMismatch,
         RxError::AuthMissing,
-        RxError::Auth(crate::bfd::AuthError::BadDigest),
+        RxError::Auth(crate::core::bfd::AuthError::BadDigest),
         RxError::PollAndFinal,
         RxError::BadVersion(2),
         RxError::LocalAdminDown,
@@ -841,8 +841,8 @@ fn state_table_for_every_event() {
 
 // ----- authentication in the session -----
 
-use crate::bfd::auth::Auth;
-use crate::wire::bfd::AuthType;
+use crate::core::bfd::auth::Auth;
+use crate::core::wire::bfd::AuthType;
 
 const ALL_AUTH: [AuthType; 5] = [
     AuthType::SimplePassword,
@@ -947,7 +947,7 @@ fn auth_configured_on_one_side_only_never_comes_up() {
     let pkt = b.poll_transmit(base).unwrap();
     assert_eq!(
         a.handle_packet(&pkt, base),
-        Err(RxError::Auth(crate::bfd::AuthError::NoBytes))
+        Err(RxError::Auth(crate::core::bfd::AuthError::NoBytes))
     );
 }
 
@@ -967,6 +967,6 @@ fn meticulous_replay_is_refused() {
     assert_eq!(a.handle_datagram(&parsed, &buf[..n], t), Ok(()));
     assert!(matches!(
         a.handle_datagram(&parsed, &buf[..n], t),
-        Err(RxError::Auth(crate::bfd::AuthError::Sequence { .. }))
+        Err(RxError::Auth(crate::core::bfd::AuthError::Sequence { .. }))
     ));
 }

@@ -18,7 +18,7 @@
 //! ```
 //!
 //! Extension defined so far, present when flag [`FLAG_PEER_SEQ`] is set
-//! (sent only under the `duplicate` policy, see [`crate::dedup`]), 16
+//! (sent only under the `duplicate` policy, see [`crate::core::dedup`]), 16
 //! bytes right after the fixed header:
 //!
 //! ```text
@@ -36,13 +36,13 @@
 //! packet's transport checksum (it computed it, cutting a super-packet
 //! or finishing what its kernel left to finish, or its kernel had
 //! verified it), so that the receiver may merge the packet into a
-//! super-packet without checking it again ([`crate::coalesce`]); a
+//! super-packet without checking it again ([`crate::core::coalesce`]); a
 //! receiver that does not know it checks, or does not merge;
 //! bits 4 to 6 ([`LANE_MASK`]) carry the sender's lane, 0 to 7: the
 //! forwarding thread of the sender that the datagram's flow belongs to.
 //! A receiver with several lanes hands the datagram to its own lane of
 //! that number (modulo its lane count), so that both directions of a flow
-//! stay with one thread on each side ([`crate::io::data_plane`]); it
+//! stay with one thread on each side ([`crate::io::lanes`]); it
 //! changes nothing else, and a receiver that does not know it ignores it.
 //! Bits 2, 3 and 7 are reserved (0).
 //!
@@ -90,7 +90,7 @@ pub enum MsgType {
     EchoReply = 3,
     /// [`MsgType::Data`] sealed with the peer's key: the payload is the
     /// encrypted inner packet followed by a 16-byte tag
-    /// ([`crate::crypto`]). A distinct type, so that a sealed payload is
+    /// ([`crate::core::crypto`]). A distinct type, so that a sealed payload is
     /// never mistaken for a plaintext one or the other way round.
     SealedData = 4,
     /// [`MsgType::EchoRequest`], authenticated (payload: the tag only).

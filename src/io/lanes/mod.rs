@@ -10,7 +10,7 @@
 //! current forwarding snapshot where the flow goes ([`classify`]), writes
 //! the overlay header in front ([`encapsulate`]) and sends the datagram on
 //! the path's socket. On a TUN with offloads a read may be a super-packet,
-//! classified once and cut into segments ([`crate::segment`]); in the
+//! classified once and cut into segments ([`crate::core::segment`]); in the
 //! clear each segment goes out as two pieces, its headers (in a slot, behind
 //! [`HEADROOM`] for the overlay header) and its payload where it was read,
 //! so no payload byte is copied in user space. Sealing works in place, so a
@@ -19,7 +19,7 @@
 //! only, validates them ([`decapsulate`]) and writes the inner packet to
 //! the lane's TUN queue; lane 0 also answers the peer's echo requests and,
 //! once a second, sends its own to measure the path's round-trip time
-//! ([`crate::forward::Echo`]).
+//! ([`crate::core::forward::Echo`]).
 //!
 //! For a peer with a key, the lanes read the peer's [`Keys`] from a shared
 //! [`ArcSwapOption`] on every turn (a reload swaps it without stopping
@@ -55,19 +55,19 @@
 use super::control_plane::{Command, CommandLink};
 use super::sys::{Doorbell, PollSet};
 use super::{clock, sys, udp};
-use crate::coalesce::{self, Train, MAX_TRAIN_HEADER};
 use crate::config::Policy;
-use crate::crypto::{EchoGuard, Keys, ReplayWindow};
-use crate::dedup::{Verdict, Window};
-use crate::drop::DropReason;
-use crate::engine::Forwarding;
-use crate::forward::{
+use crate::core::coalesce::{self, Train, MAX_TRAIN_HEADER};
+use crate::core::crypto::{EchoGuard, Keys, ReplayWindow};
+use crate::core::dedup::{Verdict, Window};
+use crate::core::drop::DropReason;
+use crate::core::engine::Forwarding;
+use crate::core::forward::{
     classify, decapsulate, echo_rtt, emit_echo, encapsulate, open, parse_echo, seal_data,
     seal_echo, Echo, Opened, Placement, Sealer, HEADROOM, TRAILER,
 };
-use crate::segment::{finish_checksum, Cut, VnetHeader, MAX_HEADERS, VNET_HDR_LEN};
+use crate::core::segment::{finish_checksum, Cut, VnetHeader, MAX_HEADERS, VNET_HDR_LEN};
+use crate::core::wire::overlay::{Header, PeerSeq, MAX_LANES};
 use crate::telemetry::{DropCounters, PathCounters};
-use crate::wire::overlay::{Header, PeerSeq, MAX_LANES};
 use crate::{PathId, PeerId};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
@@ -125,7 +125,7 @@ pub struct PathOut {
     /// nonce of a sealed datagram: never twice).
     pub sequence: Arc<AtomicU64>,
     pub last_error_report: Option<Instant>,
-    /// [`crate::crypto::path_salt`] of (local, remote).
+    /// [`crate::core::crypto::path_salt`] of (local, remote).
     pub salt: u64,
     /// The flows this lane counted on the path at its last sweep (its share
     /// of `counters.flows`).
@@ -151,7 +151,7 @@ pub struct TunOut {
     pub instance: u32,
     pub peer_sequence: Arc<AtomicU64>,
     pub keys: SharedKeys,
-    /// This run's epoch (see [`crate::crypto`]).
+    /// This run's epoch (see [`crate::core::crypto`]).
     pub epoch: u32,
 }
 
@@ -960,7 +960,7 @@ fn gso_run(rest: &[sys::Datagram<'_>]) -> usize {
 }
 
 /// Forwarding lanes per peer: `CROSSLINK_LANES` (1 to
-/// [`crate::wire::overlay::MAX_LANES`]) if set, else one per CPU, at most
+/// [`crate::core::wire::overlay::MAX_LANES`]) if set, else one per CPU, at most
 /// [`DEFAULT_MAX_LANES`].
 pub fn lanes_wanted() -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
@@ -1030,9 +1030,9 @@ pub struct PathIn {
     pub stamp_key: u64,
     pub keys: SharedKeys,
     pub epoch: u32,
-    /// [`crate::crypto::path_salt`] of (local, remote), for what we send.
+    /// [`crate::core::crypto::path_salt`] of (local, remote), for what we send.
     pub salt_out: u64,
-    /// [`crate::crypto::path_salt`] of (remote, local), for what we receive.
+    /// [`crate::core::crypto::path_salt`] of (remote, local), for what we receive.
     pub salt_in: u64,
     /// The path's replay window, shared by the peer's lanes.
     pub window: Arc<Mutex<ReplayWindow>>,

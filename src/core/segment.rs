@@ -3,7 +3,7 @@
 //! With offloads, a TUN read yields a virtio-net header and a packet that
 //! may be a TCP or UDP "super-packet" of up to 64 KiB, to be cut into
 //! segments of `gso_size` payload bytes before it goes on a path (the far
-//! gateway merges them again, see [`crate::coalesce`]). [`Cut::of`] reads the
+//! gateway merges them again, see [`crate::core::coalesce`]). [`Cut::of`] reads the
 //! virtio-net header and says what the packet needs:
 //!
 //! - nothing ([`Cut::Whole`]);
@@ -572,7 +572,7 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        let mut rng = crate::rng::Rng::new(7);
+        let mut rng = crate::core::rng::Rng::new(7);
         for _ in 0..20_000 {
             let len = rng.below(200) as usize;
             let mut p: Vec<u8> = (0..len).map(|_| rng.below(256) as u8).collect();

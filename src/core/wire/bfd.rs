@@ -3,7 +3,7 @@
 //! [`ControlPacket::parse`] performs the packet-level checks of §6.8.6 (version, length,
 //! detect multiplier, multipoint, my discriminator, auth section shape). The checks that
 //! need session context (your discriminator, state, authentication) belong to
-//! [`crate::bfd::Session::handle_packet`].
+//! [`crate::core::bfd::Session::handle_packet`].
 //!
 //! ```text
 //!  0                   1                   2                   3

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use md5::{Digest as _, Md5};
 use sha1::Sha1;
 
-use crate::wire::bfd::{AuthSection, AuthType, HEADER_LEN};
+use crate::core::wire::bfd::{AuthSection, AuthType, HEADER_LEN};
 
 /// Digest field offset inside a packet with a keyed auth section (§4.3, §4.4):
 /// header, then Type, Len, Key ID, Reserved, Sequence Number.

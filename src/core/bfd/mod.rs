@@ -35,7 +35,7 @@ mod session;
 
 use std::time::Instant;
 
-pub use crate::wire::bfd::{Diag, State};
+pub use crate::core::wire::bfd::{Diag, State};
 pub use auth::{Auth, AuthError, KeyError};
 pub use session::{next_state, Session, SessionConfig, Transmit, SLOW_TX_INTERVAL};
 
