@@ -55,7 +55,7 @@ use std::sync::Mutex;
 /// Bytes the fast path puts in front of an inner packet: IPv4, UDP, overlay.
 pub const OVERHEAD: usize = 20 + 8 + 16;
 /// Paths of one peer the fast path keeps counters for.
-pub const MAX_PATHS: usize = 32;
+pub const MAX_PATHS: usize = crate::config::FAST_PATH_MAX_PATHS;
 /// The longest inner packet the program encapsulates: the outer IPv4
 /// length field must still hold the whole.
 pub const MAX_INNER: u32 = 65_535 - OVERHEAD as u32;

@@ -1,0 +1,292 @@
+//! The validated, typed configuration that the rest of the daemon reads:
+//! every default resolved, every value checked.
+
+use super::*;
+
+// ---------------------------------------------------------------------------------------
+// Public, validated types
+// ---------------------------------------------------------------------------------------
+
+/// A validated configuration, with every default resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    /// `None` when the `[metrics]` table is absent: no metrics endpoint.
+    pub metrics: Option<MetricsConfig>,
+    /// The gateway-wide `[bfd]` defaults, resolved. Each path carries its own merged copy.
+    pub bfd: BfdConfig,
+    pub peers: Vec<PeerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    pub name: String,
+    pub control_socket: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+/// BFD encapsulation: RFC 5881 single hop (UDP 3784, TTL 255) or RFC 5883 multihop (UDP 4784).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hop {
+    #[default]
+    Single,
+    Multi,
+}
+
+impl Hop {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hop::Single => "single",
+            Hop::Multi => "multi",
+        }
+    }
+
+    /// The BFD control packet destination port for this mode.
+    pub fn udp_port(self) -> u16 {
+        match self {
+            Hop::Single => 3784,
+            Hop::Multi => 4784,
+        }
+    }
+}
+
+/// RFC 5880 section 4.1 authentication types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BfdAuthType {
+    SimplePassword,
+    KeyedMd5,
+    MeticulousKeyedMd5,
+    KeyedSha1,
+    MeticulousKeyedSha1,
+}
+
+impl BfdAuthType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BfdAuthType::SimplePassword => "simple-password",
+            BfdAuthType::KeyedMd5 => "keyed-md5",
+            BfdAuthType::MeticulousKeyedMd5 => "meticulous-keyed-md5",
+            BfdAuthType::KeyedSha1 => "keyed-sha1",
+            BfdAuthType::MeticulousKeyedSha1 => "meticulous-keyed-sha1",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BfdAuthConfig {
+    pub auth_type: BfdAuthType,
+    pub key_id: u8,
+    /// Not read at parse time; see [`Config::check_files`].
+    pub secret_file: PathBuf,
+}
+
+/// Resolved BFD session parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BfdConfig {
+    /// Desired Min TX Interval.
+    pub tx_interval: Duration,
+    /// Required Min RX Interval.
+    pub rx_interval: Duration,
+    /// Detect Mult.
+    pub multiplier: u8,
+    pub hop: Hop,
+    /// Passive role (RFC 5880 section 6.1): wait for the remote system to speak first.
+    pub passive: bool,
+    /// Multihop only: minimum TTL accepted on received control packets.
+    pub min_ttl: u8,
+    pub auth: Option<BfdAuthConfig>,
+}
+
+impl Default for BfdConfig {
+    fn default() -> Self {
+        BfdConfig {
+            tx_interval: DEFAULT_BFD_INTERVAL,
+            rx_interval: DEFAULT_BFD_INTERVAL,
+            multiplier: DEFAULT_BFD_MULTIPLIER,
+            hop: Hop::Single,
+            passive: false,
+            min_ttl: DEFAULT_MIN_TTL,
+            auth: None,
+        }
+    }
+}
+
+/// How a peer's flows are spread over its paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    #[default]
+    ActiveBackup,
+    Balance,
+    Duplicate,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::ActiveBackup => "active-backup",
+            Policy::Balance => "balance",
+            Policy::Duplicate => "duplicate",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An IP prefix such as `10.20.0.0/16` or `fd00::/64`. Parsing checks the length against
+/// the family but allows host bits (an interface address keeps them); routes are checked
+/// with [`Prefix::is_network`] during validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Prefix {
+    /// The family's maximum length: 32 or 128.
+    pub fn max_len(addr: IpAddr) -> u8 {
+        match addr {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
+        }
+    }
+
+    pub fn is_ipv6(&self) -> bool {
+        self.addr.is_ipv6()
+    }
+
+    /// The prefix with its host bits cleared.
+    pub fn network(&self) -> Prefix {
+        let addr = match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
+        Prefix {
+            addr,
+            len: self.len,
+        }
+    }
+
+    /// True when no host bits are set.
+    pub fn is_network(&self) -> bool {
+        self.network().addr == self.addr
+    }
+
+    /// True when `addr` is inside this prefix.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        let other = Prefix {
+            addr,
+            len: self.len,
+        };
+        addr.is_ipv4() == self.addr.is_ipv4() && other.network().addr == self.network().addr
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Prefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!("invalid prefix \"{s}\": expected ADDRESS/LENGTH, e.g. \"10.20.0.0/16\" or \"fd00::/64\"")
+        };
+        let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let max = Prefix::max_len(addr);
+        match len.parse::<u8>() {
+            Ok(len) if len <= max => Ok(Prefix { addr, len }),
+            _ => Err(format!(
+                "invalid prefix \"{s}\": length must be 0..={max} for this address family"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Prefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(FromStrVisitor::<Prefix>::new(
+            "a prefix string like \"10.20.0.0/16\"",
+        ))
+    }
+}
+
+/// One remote site or cloud, reached through its own TUN over one or more paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub name: String,
+    pub tun: String,
+    pub tun_addresses: Vec<Prefix>,
+    pub routes: Vec<Prefix>,
+    pub policy: Policy,
+    pub revert_hold: Duration,
+    pub key_file: Option<PathBuf>,
+    /// A second key accepted on receive (never used to send), for key
+    /// rotation; requires `key_file`.
+    pub accept_key_file: Option<PathBuf>,
+    /// Inner MTU override for the TUN.
+    pub mtu: Option<u16>,
+    /// Metric (priority) of the routes installed via the TUN; `None` leaves
+    /// the kernel default (0). A lower metric wins, so the same prefix can be
+    /// routed through two peers, the second one as a backup that takes over
+    /// when the first peer's TUN loses carrier.
+    pub route_metric: Option<u32>,
+    /// Send through the kernel fast path ([`crate::io::fastpath`]) rather
+    /// than the lanes, when a path is up.
+    pub fast_path: bool,
+    pub paths: Vec<PathConfig>,
+}
+
+impl PeerConfig {
+    /// True when any TUN address or route is IPv6.
+    pub fn has_ipv6(&self) -> bool {
+        self.tun_addresses
+            .iter()
+            .chain(&self.routes)
+            .any(Prefix::is_ipv6)
+    }
+
+    pub fn path(&self, name: &str) -> Option<&PathConfig> {
+        self.paths.iter().find(|p| p.name == name)
+    }
+}
+
+/// One pair of underlay endpoints, with its BFD session parameters resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathConfig {
+    pub name: String,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub interface: Option<String>,
+    /// Active-backup: lowest healthy wins. Defaults to the 1-based position in the peer.
+    pub priority: u32,
+    /// Balance: share of new flows. At least 1.
+    pub weight: u32,
+    /// Gateway `[bfd]` merged with this path's `[peer.path.bfd]`, key by key.
+    pub bfd: BfdConfig,
+}
