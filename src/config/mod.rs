@@ -3,17 +3,17 @@
 //! The file format is the one in the product specification (`[gateway]`, `[metrics]`,
 //! `[bfd]`, `[[peer]]`, `[[peer.path]]`, `[peer.path.bfd]`). Loading happens in three steps:
 //!
-//! 1. `toml` deserializes the text ([`parse`]) into private `Raw*` structs that mirror the file
+//! 1. `toml` deserializes the text (`parse`) into private `Raw*` structs that mirror the file
 //!    one to one (`deny_unknown_fields`, so a typo is an error). Values with a syntax of
 //!    their own (durations, prefixes, socket addresses, enums) are checked here, by their
 //!    `Deserialize` impls, so the error carries the byte span of the offending value.
-//! 2. [`validate`] checks the rules that span several values (ranges, uniqueness, address
+//! 2. `validate` checks the rules that span several values (ranges, uniqueness, address
 //!    families) and resolves defaults, including the per-path BFD settings: the gateway's
 //!    `[bfd]` merged key by key with the path's `[peer.path.bfd]`, and builds the
-//!    typed [`Config`] ([`types`]) that the rest of the daemon reads.
+//!    typed [`Config`] (`types`) that the rest of the daemon reads.
 //! 3. Any error is turned into a [`ConfigError`] naming file, line and key. Step 1 errors
 //!    carry a byte offset, which is mapped back to a key path by walking the span-keeping
-//!    `toml_edit::Document` ([`parse`] too); step 2 errors carry a key path, which is located in the same
+//!    `toml_edit::Document` (`parse` too); step 2 errors carry a key path, which is located in the same
 //!    document. Array-of-table entries are named by their `name` key when they have one,
 //!    so keys read `peer.gcp.path.cci-1.remote` rather than `peer[0].path[0].remote`.
 //!

@@ -36,10 +36,10 @@
 //!
 //! Both directions work in bursts to save system calls (the time goes to
 //! the kernel's per-packet work, not to ours): a turn reads what the TUN
-//! queue holds, up to [`TX_SUPERS`] super-packets (or [`TX_BATCH`] packets
+//! queue holds, up to `TX_SUPERS` super-packets (or `TX_BATCH` packets
 //! on a plain TUN), and sends each path's datagrams with one `sendmmsg`, a
 //! run of equal-sized ones as one UDP GSO message (`UDP_SEGMENT`: one pass
-//! down the stack) where the kernel has it; and takes up to [`RX_BATCH`]
+//! down the stack) where the kernel has it; and takes up to `RX_BATCH`
 //! messages per `recvmmsg` from each path and writes what they hold to the
 //! TUN together, merging one flow's segments across messages
 //! ([`coalesce`]). Buffers are allocated once per lane. The sending half

@@ -1,0 +1,170 @@
+//! Faults on a path, injected on gateway A: a blackhole and one-way drops
+//! with nftables (the carrier stays up, as in a real cloud failure), random
+//! loss (`numgen random`), and the carrier itself (`ip link set down`).
+
+use super::*;
+
+impl Lab {
+    pub(super) fn nft_table(path: LabPath) -> String {
+        format!("xl_lab_{}", path.name())
+    }
+
+    /// Drops every IP packet in and out of `path`'s veth on gateway A (nftables); the
+    /// link keeps its carrier, so only BFD can notice.
+    pub fn blackhole(&self, path: LabPath) -> Result<()> {
+        self.impair(path, &[Direction::AToB, Direction::BToA], "drop")
+    }
+
+    /// Drops the packets of `path` going one way only (filtered on gateway A); [`Lab::heal`]
+    /// removes it.
+    pub fn drop_one_way(&self, path: LabPath, direction: Direction) -> Result<()> {
+        self.impair(path, &[direction], "drop")
+    }
+
+    /// Drops `percent` % of `path`'s packets at random in each direction (nftables
+    /// `numgen random`); [`Lab::heal`] removes it.
+    pub fn random_loss(&self, path: LabPath, percent: u8) -> Result<()> {
+        let verdict = format!("numgen random mod 100 < {percent} drop");
+        self.impair(path, &[Direction::AToB, Direction::BToA], &verdict)
+    }
+
+    /// Replaces `path`'s impairment table on gateway A with one applying `verdict` (an
+    /// nftables statement) to the packets of the given directions.
+    ///
+    /// With the fast path, whose BPF programs send and receive beside the
+    /// netfilter hooks, the packets are dropped where the wire would lose
+    /// them instead: a root queue of length 0 on the sending gateway's path
+    /// device, which every packet leaving it passes (a drop only: other
+    /// verdicts are refused).
+    pub(super) fn impair(
+        &self,
+        path: LabPath,
+        directions: &[Direction],
+        verdict: &str,
+    ) -> Result<()> {
+        self.heal(path)?;
+        let dev = path.name();
+        let table = Self::nft_table(path);
+        if self.opts.fast_path {
+            if verdict != "drop" {
+                return Err(LabError::Other(format!(
+                    "a fast-path lab can only drop all of a path's packets, not \"{verdict}\""
+                )));
+            }
+            // Both directions at once (two processes started together), as
+            // a cut does: one after the other, the second would start the
+            // far end's detection late and lengthen the outage measured.
+            let mut children = Vec::new();
+            for d in directions {
+                let host = match d {
+                    Direction::AToB => Host::GwA,
+                    Direction::BToA => Host::GwB,
+                };
+                let child = self
+                    .command_in(host, "tc")
+                    .args([
+                        "qdisc", "replace", "dev", dev, "root", "pfifo", "limit", "0",
+                    ])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .map_err(io_err("running tc"))?;
+                children.push((host, child));
+            }
+            for (host, child) in children {
+                let out = child.wait_with_output().map_err(io_err("running tc"))?;
+                if !out.status.success() {
+                    return Err(LabError::Command {
+                        cmd: format!(
+                            "tc qdisc replace dev {dev} root pfifo limit 0 (in {})",
+                            self.ns(host)
+                        ),
+                        status: out.status.to_string(),
+                        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                    });
+                }
+            }
+            return Ok(());
+        }
+        let mut script = format!("table inet {table} {{\n");
+        for d in directions {
+            let (chain, hook, dir) = match d {
+                Direction::BToA => ("in", "prerouting", "iifname"),
+                Direction::AToB => ("post", "postrouting", "oifname"),
+            };
+            script.push_str(&format!(
+                "chain {chain} {{ type filter hook {hook} priority -300; policy accept; \
+                 {dir} \"{dev}\" {verdict}; }}\n"
+            ));
+        }
+        script.push_str("}\n");
+        self.nft_script(Host::GwA, &script)
+    }
+
+    /// Loads an nftables script (`nft -f -`) in a host's namespace.
+    pub fn nft_script(&self, host: Host, script: &str) -> Result<()> {
+        let mut child = self
+            .command_in(host, "nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io_err("running nft"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .map_err(io_err("writing the nft script"))?;
+        }
+        let out = child.wait_with_output().map_err(io_err("running nft"))?;
+        if !out.status.success() {
+            return Err(LabError::Command {
+                cmd: format!("nft -f - (in {})", self.ns(host)),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes the blackhole (or other impairment) on `path` (no error if there was none).
+    pub fn heal(&self, path: LabPath) -> Result<()> {
+        let table = Self::nft_table(path);
+        if self.opts.fast_path {
+            for host in [Host::GwA, Host::GwB] {
+                // No error when there is no such queue.
+                let _ = run(self.command_in(host, "tc").args([
+                    "qdisc",
+                    "del",
+                    "dev",
+                    path.name(),
+                    "root",
+                ]));
+            }
+        }
+        match run(self
+            .command_in(Host::GwA, "nft")
+            .args(["delete", "table", "inet", &table]))
+        {
+            Ok(_) => Ok(()),
+            Err(LabError::Command { stderr, .. })
+                if stderr.contains("No such file") || stderr.contains("does not exist") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets `path`'s veth down on gateway A (both ends lose carrier).
+    pub fn link_down(&self, path: LabPath) -> Result<()> {
+        self.ip_in(Host::GwA, &["link", "set", path.name(), "down"])
+            .map(drop)
+    }
+
+    pub fn link_up(&self, path: LabPath) -> Result<()> {
+        self.ip_in(Host::GwA, &["link", "set", path.name(), "up"])
+            .map(drop)
+    }
+}
