@@ -192,16 +192,35 @@ fn overlay() {
                 return Err("inner longer than datagram".into());
             }
         }
-        let _ = forward::parse_echo(input);
+        let mut copy = input.to_vec();
+        if let Ok(forward::Message::Data(_, r)) = forward::receive(&mut copy, None) {
+            if r.end > copy.len() {
+                return Err("received range out of bounds".into());
+            }
+        }
         let mut copy = input.to_vec();
         let mut window = ReplayWindow::default();
-        if let Ok(forward::Opened::Data(_, r)) = forward::open(&mut copy, &keys, 3, &mut window) {
+        if let Ok(forward::Message::Data(_, r)) = open(&mut copy, &keys, &mut window) {
             if r.end > copy.len() {
                 return Err("opened range out of bounds".into());
             }
         }
         Ok(())
     });
+}
+
+/// [`forward::receive`] for a keyed peer, with the salt the targets seal with.
+fn open(
+    datagram: &mut [u8],
+    keys: &Keys,
+    window: &mut ReplayWindow,
+) -> Result<forward::Message, crosslink::core::drop::DropReason> {
+    let opener = forward::Opener {
+        keys,
+        salt: 3,
+        window,
+    };
+    forward::receive(datagram, Some(opener))
 }
 
 /// Sealed datagrams that open, mutated: nothing but the original opens.
@@ -225,11 +244,11 @@ fn sealed() {
         let sealed = buf[r].to_vec();
         let mut window = ReplayWindow::default();
         let mut copy = sealed.clone();
-        let opened = forward::open(&mut copy, &keys, 3, &mut window);
+        let opened = open(&mut copy, &keys, &mut window);
         let ip = matches!(input.first().map(|b| b >> 4), Some(4) if input.len() >= 20)
             || matches!(input.first().map(|b| b >> 4), Some(6) if input.len() >= 40);
         match (&opened, ip) {
-            (Ok(forward::Opened::Data(_, r)), true) if copy[r.clone()] == *input => {}
+            (Ok(forward::Message::Data(_, r)), true) if copy[r.clone()] == *input => {}
             (Err(crosslink::core::drop::DropReason::InnerMalformed), false) => {}
             _ => return Err(format!("sealed input did not open to itself: {opened:?}")),
         }
@@ -238,7 +257,7 @@ fn sealed() {
         let mut bad = sealed.clone();
         bad[bit / 8] ^= 1 << (bit % 8);
         let mut w2 = ReplayWindow::default();
-        if let Ok(o) = forward::open(&mut bad, &keys, 3, &mut w2) {
+        if let Ok(o) = open(&mut bad, &keys, &mut w2) {
             return Err(format!("a one-bit change at {bit} still opened: {o:?}"));
         }
         Ok(())

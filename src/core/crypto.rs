@@ -464,7 +464,7 @@ impl ReplayWindow {
     }
 }
 
-/// Where [`crate::core::forward::open`] checks and records a path's sequence
+/// Where [`crate::core::forward::receive`] checks and records a path's sequence
 /// numbers: a window of one receiver, or one shared by the lanes that
 /// receive the path (each datagram, identified by its authenticated lane,
 /// always reaches the same lane, so the check and the commit of one

@@ -9,9 +9,12 @@
 //! a shorter header simply starts later in the buffer.
 //!
 //! Inbound, a path's receive thread checks the datagram came from the
-//! path's configured remote, and [`decapsulate`] validates the overlay
-//! header and the inner IP header before the inner packet is written to
-//! the peer's TUN.
+//! path's configured remote and hands it to [`receive`], which parses the
+//! overlay header once and dispatches on the message type: a [`Message`]
+//! says what the datagram is (data, with the inner IP header checked
+//! before the inner packet is written to the peer's TUN; an echo), or a
+//! [`DropReason`] why it is refused. [`decapsulate`] is the same for
+//! plaintext data alone.
 //!
 //! Besides data, a path carries echo messages that measure its round-trip
 //! time: once a second the path's receive thread sends an
@@ -23,8 +26,8 @@
 //! A peer with a key uses the sealed variants instead: [`seal_data`] and
 //! [`seal_echo`] encrypt and authenticate in place (the header, with any
 //! extension, is the associated data; the tag goes after the payload,
-//! [`TRAILER`] bytes), and [`open`] checks the replay window,
-//! authenticates, decrypts in place and tells data from echo. Plaintext
+//! [`TRAILER`] bytes), and [`receive`] with an [`Opener`] checks the
+//! replay window, authenticates and decrypts in place. Plaintext
 //! and sealed messages have distinct types, so a keyed peer refuses
 //! plaintext and an unkeyed one refuses sealed messages
 //! ([`DropReason::SealMismatch`]).
@@ -105,21 +108,77 @@ pub fn encapsulate(
     Ok(start..end)
 }
 
-/// Validates a received datagram and returns its header and inner packet.
-pub fn decapsulate(datagram: &[u8]) -> Result<(Header, &[u8]), DropReason> {
-    let (header, offset) = Header::parse(datagram).map_err(|e| match e {
+/// The overlay header of a received datagram and its length, or why the
+/// datagram is refused.
+fn parse(datagram: &[u8]) -> Result<(Header, usize), DropReason> {
+    Header::parse(datagram).map_err(|e| match e {
         OverlayError::BadVersion(_) | OverlayError::BadType(_) => DropReason::OverlayUnsupported,
         _ => DropReason::OverlayMalformed,
-    })?;
-    if header.msg_type.is_sealed() {
-        return Err(DropReason::SealMismatch);
+    })
+}
+
+/// A message received on a path, parsed once: one variant per kind of
+/// message, each with what the receiver needs of it. Kinds to come
+/// (quality feedback, probes, parity, handshake) are variants of their own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// An inner packet to deliver: the header, and the packet's range in
+    /// the datagram (decrypted in place when it came sealed).
+    Data(Header, Range<usize>),
+    /// An echo message and the sender's epoch (for
+    /// [`crate::core::crypto::EchoGuard`]; 0 in the clear).
+    Echo(Echo, u32),
+}
+
+/// What a receiver of a keyed peer opens sealed messages with on one path.
+pub struct Opener<'a> {
+    pub keys: &'a Keys,
+    /// [`crate::core::crypto::path_salt`] of (remote, local).
+    pub salt: u64,
+    /// The path's replay window, which moves only for data that
+    /// authenticates.
+    pub window: &'a mut dyn Replays,
+}
+
+/// The one entry for a datagram received on a path: parses the overlay
+/// header once and dispatches on the message type. Without an `opener` (a
+/// peer in the clear) only plaintext messages are accepted; with one (a
+/// keyed peer) only sealed ones, which are checked against the replay
+/// window (data), authenticated and decrypted in place.
+pub fn receive(datagram: &mut [u8], opener: Option<Opener<'_>>) -> Result<Message, DropReason> {
+    let (header, hlen) = parse(datagram)?;
+    match opener {
+        None => receive_clear(datagram, header, hlen),
+        Some(opener) => receive_sealed(datagram, header, hlen, opener),
     }
-    if header.msg_type != MsgType::Data {
-        return Err(DropReason::OverlayUnsupported);
+}
+
+/// Validates a received plaintext data datagram and returns its header
+/// and inner packet: [`receive`] in the clear, for data only.
+pub fn decapsulate(datagram: &[u8]) -> Result<(Header, &[u8]), DropReason> {
+    let (header, hlen) = parse(datagram)?;
+    match receive_clear(datagram, header, hlen)? {
+        Message::Data(header, range) => {
+            let inner = datagram.get(range).ok_or(DropReason::OverlayMalformed)?;
+            Ok((header, inner))
+        }
+        Message::Echo(..) => Err(DropReason::OverlayUnsupported),
     }
-    let inner = datagram.get(offset..).ok_or(DropReason::OverlayMalformed)?;
-    check_inner(inner)?;
-    Ok((header, inner))
+}
+
+fn receive_clear(datagram: &[u8], header: Header, hlen: usize) -> Result<Message, DropReason> {
+    match header.msg_type {
+        MsgType::Data => {
+            let inner = datagram.get(hlen..).ok_or(DropReason::OverlayMalformed)?;
+            check_inner(inner)?;
+            Ok(Message::Data(header, hlen..datagram.len()))
+        }
+        MsgType::EchoRequest => Ok(Message::Echo(Echo::Request(header.sequence), header.epoch)),
+        MsgType::EchoReply => Ok(Message::Echo(Echo::Reply(header.sequence), header.epoch)),
+        MsgType::SealedData | MsgType::SealedEchoRequest | MsgType::SealedEchoReply => {
+            Err(DropReason::SealMismatch)
+        }
+    }
 }
 
 /// An echo message received on a path.
@@ -129,16 +188,6 @@ pub enum Echo {
     Request(u64),
     /// The peer answers a request we stamped with this value.
     Reply(u64),
-}
-
-/// Recognises an echo message; `None` for data and for anything malformed,
-/// which [`decapsulate`] judges and counts.
-pub fn parse_echo(datagram: &[u8]) -> Option<Echo> {
-    match Header::parse(datagram) {
-        Ok((h, _)) if h.msg_type == MsgType::EchoRequest => Some(Echo::Request(h.sequence)),
-        Ok((h, _)) if h.msg_type == MsgType::EchoReply => Some(Echo::Reply(h.sequence)),
-        _ => None,
-    }
 }
 
 /// Writes an echo message into `out`; returns its length.
@@ -224,30 +273,14 @@ fn seal_in_place(
     Ok(())
 }
 
-/// A message received from a keyed peer, opened.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Opened {
-    /// The header and the inner packet, decrypted in place, at this range
-    /// of the datagram.
-    Data(Header, Range<usize>),
-    /// An echo message and the sender's epoch (for [`crate::core::crypto::EchoGuard`]).
-    Echo(Echo, u32),
-}
-
-/// Validates, authenticates and decrypts (in place) a datagram from a
-/// keyed peer. `salt` is [`crate::core::crypto::path_salt`] of (remote, local). Data
-/// passes the path's replay `window`, which moves only for messages that
-/// authenticate.
-pub fn open(
+/// Checks the replay window (data), authenticates and decrypts in place a
+/// message from a keyed peer, whose header `parse` read.
+fn receive_sealed(
     datagram: &mut [u8],
-    keys: &Keys,
-    salt: u64,
-    window: &mut impl Replays,
-) -> Result<Opened, DropReason> {
-    let (header, hlen) = Header::parse(datagram).map_err(|e| match e {
-        OverlayError::BadVersion(_) | OverlayError::BadType(_) => DropReason::OverlayUnsupported,
-        _ => DropReason::OverlayMalformed,
-    })?;
+    header: Header,
+    hlen: usize,
+    opener: Opener<'_>,
+) -> Result<Message, DropReason> {
     if !header.msg_type.is_sealed() {
         return Err(DropReason::SealMismatch);
     }
@@ -258,14 +291,15 @@ pub fn open(
         .ok_or(DropReason::OverlayMalformed)?;
     let is_data = header.msg_type == MsgType::SealedData;
     if is_data {
-        window
+        opener
+            .window
             .check(header.epoch, header.sequence)
             .map_err(|_| DropReason::Replayed)?;
     }
     let id = MessageId {
         epoch: header.epoch,
         msg_type: header.msg_type as u8,
-        salt,
+        salt: opener.salt,
         sequence: header.sequence,
     };
     let (head, rest) = datagram.split_at_mut(hlen);
@@ -273,17 +307,19 @@ pub fn open(
     let tag: &[u8; TRAILER] = (&*tail)
         .try_into()
         .map_err(|_| DropReason::OverlayMalformed)?;
-    keys.open(&id, head, payload, tag)
+    opener
+        .keys
+        .open(&id, head, payload, tag)
         .map_err(|_| DropReason::AuthFailed)?;
     match header.msg_type {
         MsgType::SealedEchoRequest => {
-            Ok(Opened::Echo(Echo::Request(header.sequence), header.epoch))
+            Ok(Message::Echo(Echo::Request(header.sequence), header.epoch))
         }
-        MsgType::SealedEchoReply => Ok(Opened::Echo(Echo::Reply(header.sequence), header.epoch)),
+        MsgType::SealedEchoReply => Ok(Message::Echo(Echo::Reply(header.sequence), header.epoch)),
         _ if is_data => {
-            window.commit(header.epoch, header.sequence);
+            opener.window.commit(header.epoch, header.sequence);
             check_inner(payload)?;
-            Ok(Opened::Data(header, hlen..end))
+            Ok(Message::Data(header, hlen..end))
         }
         _ => Err(DropReason::OverlayUnsupported),
     }
@@ -310,6 +346,24 @@ mod tests {
     use crate::core::crypto::ReplayWindow;
     use crate::core::wire::flow::tests::udp4;
     use crate::core::wire::overlay::PeerSeq;
+
+    /// [`receive`] for a keyed peer.
+    fn open(
+        datagram: &mut [u8],
+        keys: &Keys,
+        salt: u64,
+        window: &mut dyn Replays,
+    ) -> Result<Message, DropReason> {
+        receive(datagram, Some(Opener { keys, salt, window }))
+    }
+
+    /// The echo message [`receive`] sees in the clear, if it is one.
+    fn parse_echo(datagram: &[u8]) -> Option<Echo> {
+        match receive(&mut datagram.to_vec(), None) {
+            Ok(Message::Echo(echo, _)) => Some(echo),
+            _ => None,
+        }
+    }
 
     fn sel(active: Option<PathId>) -> Selection {
         Selection::new(
@@ -465,7 +519,7 @@ mod tests {
         let inner = udp4([198, 18, 10, 1], [198, 18, 30, 2], 1000, 2000, 64);
         let mut w = ReplayWindow::default();
         let mut d = sealed(1, 9, &k, 5);
-        let Opened::Data(h, r) = open(&mut d, &k, 5, &mut w).unwrap() else {
+        let Message::Data(h, r) = open(&mut d, &k, 5, &mut w).unwrap() else {
             panic!("not data")
         };
         assert_eq!(&d[r], &inner[..]);
@@ -536,7 +590,7 @@ mod tests {
         assert_eq!(parse_echo(&out[..n]), None);
         assert_eq!(
             open(&mut out[..n], &k, 11, &mut w),
-            Ok(Opened::Echo(Echo::Reply(77), 3))
+            Ok(Message::Echo(Echo::Reply(77), 3))
         );
         out[8] ^= 1; // the stamp is authenticated
         assert_eq!(
@@ -572,7 +626,7 @@ mod tests {
         bad[BASE_LEN + 15] ^= 1;
         let mut w = ReplayWindow::default();
         assert_eq!(open(&mut bad, &k, 1, &mut w), Err(DropReason::AuthFailed));
-        let Ok(Opened::Data(h, range)) = open(&mut d, &k, 1, &mut w) else {
+        let Ok(Message::Data(h, range)) = open(&mut d, &k, 1, &mut w) else {
             panic!("does not open")
         };
         assert_eq!(h.peer_seq, Some(ps));

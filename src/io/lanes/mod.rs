@@ -62,8 +62,8 @@ use crate::core::dedup::{Verdict, Window};
 use crate::core::drop::DropReason;
 use crate::core::engine::Forwarding;
 use crate::core::forward::{
-    classify, decapsulate, echo_rtt, emit_echo, encapsulate, open, parse_echo, seal_data,
-    seal_echo, Echo, Opened, Placement, Sealer, HEADROOM, TRAILER,
+    classify, echo_rtt, emit_echo, encapsulate, receive, seal_data, seal_echo, Echo, Message,
+    Opener, Placement, Sealer, HEADROOM, TRAILER,
 };
 use crate::core::segment::{finish_checksum, Cut, VnetHeader, MAX_HEADERS, VNET_HDR_LEN};
 use crate::core::wire::overlay::{Header, PeerSeq, MAX_LANES};

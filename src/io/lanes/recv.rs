@@ -216,19 +216,18 @@ impl PathIn {
             self.drops.count(DropReason::UnknownSource);
             return None;
         }
-        if let Some(keys) = keys {
-            return self.receive_sealed(keys, datagram);
-        }
-        if let Some(echo) = parse_echo(datagram) {
-            self.on_echo(echo);
-            return None;
-        }
-        match decapsulate(datagram) {
-            Ok((header, inner)) => {
-                let start = datagram.len() - inner.len();
-                let end = datagram.len();
-                self.deliverable(header.peer_seq, inner.len())
-                    .then_some((start..end, header.checksum_ok()))
+        let opener = keys.map(|keys| Opener {
+            keys,
+            salt: self.salt_in,
+            window: &mut self.window,
+        });
+        match receive(datagram, opener) {
+            Ok(Message::Data(header, range)) => self
+                .deliverable(header.peer_seq, range.len())
+                .then_some((range, header.checksum_ok())),
+            Ok(Message::Echo(echo, epoch)) => {
+                self.on_echo(echo, epoch, keys.is_some());
+                None
             }
             Err(reason) => {
                 self.drops.count(reason);
@@ -255,6 +254,63 @@ impl PathIn {
             }
         }
         true
+    }
+
+    fn send_echo(&self, echo: Echo) {
+        let mut msg = [0u8; HEADROOM + TRAILER];
+        let keys = self.keys.load_full();
+        let framed = match keys.as_deref() {
+            Some(keys) => {
+                let sealer = Sealer {
+                    keys,
+                    epoch: self.epoch,
+                    salt: self.salt_out,
+                };
+                seal_echo(echo, &mut msg, &sealer)
+            }
+            None => emit_echo(echo, &mut msg),
+        };
+        if let Ok(n) = framed {
+            if self.socket.send_to(&msg[..n], self.remote).is_err() {
+                self.drops.count(DropReason::PathSend);
+            }
+        }
+    }
+
+    /// Answers an echo request, or times the reply to one of ours. A sealed
+    /// echo passes the echo guard first (a request must be newer than the
+    /// last one, a reply must answer a request we sent).
+    fn on_echo(&mut self, echo: Echo, epoch: u32, sealed: bool) {
+        match (echo, sealed) {
+            (Echo::Request(stamp), false) => self.send_echo(Echo::Reply(stamp)),
+            (Echo::Reply(stamp), false) => self.record_rtt(stamp ^ self.stamp_key),
+            (Echo::Request(stamp), true) => {
+                if self.echo_guard.request(epoch, stamp) {
+                    self.send_echo(Echo::Reply(stamp));
+                } else {
+                    self.drops.count(DropReason::Replayed);
+                }
+            }
+            (Echo::Reply(stamp), true) => {
+                if self.echo_guard.reply(stamp) {
+                    self.record_rtt(stamp);
+                } else {
+                    self.drops.count(DropReason::EchoStale);
+                }
+            }
+        }
+    }
+
+    /// Records the round trip of a reply to the request stamped `sent`.
+    fn record_rtt(&self, sent: u64) {
+        let max = ECHO_MAX_AGE.as_nanos() as u64;
+        match echo_rtt(sent, clock::nanos(), max) {
+            Some(ns) => {
+                self.counters.rtt_ns.store(ns.max(1), Ordering::Relaxed);
+                self.rtt.record(Duration::from_nanos(ns).as_secs_f64());
+            }
+            None => self.drops.count(DropReason::EchoStale),
+        }
     }
 }
 
@@ -383,73 +439,6 @@ impl TunWriter {
                 }
             }
             self.iov = recycle_iov(iov);
-        }
-    }
-}
-
-impl PathIn {
-    fn receive_sealed(&mut self, keys: &Keys, datagram: &mut [u8]) -> Option<(Range<usize>, bool)> {
-        match open(datagram, keys, self.salt_in, &mut self.window) {
-            Ok(Opened::Data(header, range)) => {
-                let deliver = self.deliverable(header.peer_seq, range.len());
-                return deliver.then_some((range, header.checksum_ok()));
-            }
-            Ok(Opened::Echo(Echo::Request(stamp), epoch)) => {
-                if self.echo_guard.request(epoch, stamp) {
-                    self.send_echo(Echo::Reply(stamp));
-                } else {
-                    self.drops.count(DropReason::Replayed);
-                }
-            }
-            Ok(Opened::Echo(Echo::Reply(stamp), _)) => {
-                if self.echo_guard.reply(stamp) {
-                    self.record_rtt(stamp);
-                } else {
-                    self.drops.count(DropReason::EchoStale);
-                }
-            }
-            Err(reason) => self.drops.count(reason),
-        }
-        None
-    }
-
-    fn send_echo(&self, echo: Echo) {
-        let mut msg = [0u8; HEADROOM + TRAILER];
-        let keys = self.keys.load_full();
-        let framed = match keys.as_deref() {
-            Some(keys) => {
-                let sealer = Sealer {
-                    keys,
-                    epoch: self.epoch,
-                    salt: self.salt_out,
-                };
-                seal_echo(echo, &mut msg, &sealer)
-            }
-            None => emit_echo(echo, &mut msg),
-        };
-        if let Ok(n) = framed {
-            if self.socket.send_to(&msg[..n], self.remote).is_err() {
-                self.drops.count(DropReason::PathSend);
-            }
-        }
-    }
-
-    fn on_echo(&self, echo: Echo) {
-        match echo {
-            Echo::Request(stamp) => self.send_echo(Echo::Reply(stamp)),
-            Echo::Reply(stamp) => self.record_rtt(stamp ^ self.stamp_key),
-        }
-    }
-
-    /// Records the round trip of a reply to the request stamped `sent`.
-    fn record_rtt(&self, sent: u64) {
-        let max = ECHO_MAX_AGE.as_nanos() as u64;
-        match echo_rtt(sent, clock::nanos(), max) {
-            Some(ns) => {
-                self.counters.rtt_ns.store(ns.max(1), Ordering::Relaxed);
-                self.rtt.record(Duration::from_nanos(ns).as_secs_f64());
-            }
-            None => self.drops.count(DropReason::EchoStale),
         }
     }
 }
