@@ -1,3 +1,6 @@
+//! The configuration's tests: every rule, default and error message, with the
+//! file line and key each error names.
+
 use super::*;
 
 /// Two peers, three paths; line numbers matter to the tests below.

@@ -27,7 +27,7 @@ impl Hasher for PassThrough {
 
 /// Recently seen flows per path, for `flows` in status and metrics: a
 /// lane's share (the flows it sent from its TUN queue in the last
-/// [`FLOW_IDLE`]).
+/// `FLOW_IDLE`).
 ///
 /// A flow that moves to another lane (it meets a gateway with another lane
 /// count, see [`Lane`]) would be counted by both lanes until it went idle

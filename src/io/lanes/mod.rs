@@ -4,7 +4,8 @@
 //! thread `fwd<n>-<peer>` that carries both directions of its flows: the
 //! kernel puts a flow's packets in the queue that last wrote packets of
 //! the same flow, and the far gateway hands each datagram to the lane it
-//! names (see [`Lane`]). A lane has two halves.
+//! names (see [`Lane`]). A lane has two halves, each in a file of its own:
+//! `send.rs` and `recv.rs`; `flows.rs` keeps the flows it has seen.
 //!
 //! The sending half ([`TunOut`]) reads the lane's TUN queue, asks the
 //! current forwarding snapshot where the flow goes ([`classify`]), writes
@@ -16,15 +17,16 @@
 //! so no payload byte is copied in user space. Sealing works in place, so a
 //! sealed segment is copied into its slot first. The receiving half, one
 //! [`PathIn`] per path, takes datagrams from the path's configured remote
-//! only, validates them ([`decapsulate`]) and writes the inner packet to
-//! the lane's TUN queue; lane 0 also answers the peer's echo requests and,
+//! only, parses each once and dispatches on what it is ([`receive`]: data,
+//! an echo, or why it is dropped) and writes the inner packets to the
+//! lane's TUN queue; lane 0 also answers the peer's echo requests and,
 //! once a second, sends its own to measure the path's round-trip time
 //! ([`crate::core::forward::Echo`]).
 //!
 //! For a peer with a key, the lanes read the peer's [`Keys`] from a shared
 //! [`ArcSwapOption`] on every turn (a reload swaps it without stopping
 //! anything) and use the sealed messages ([`seal_data`], [`seal_echo`],
-//! [`open`]). A path's sequence numbers (the nonces) come from one counter
+//! and [`receive`] with an [`Opener`]). A path's sequence numbers (the nonces) come from one counter
 //! that its lanes share, and its replay window is shared too (behind a
 //! mutex held for the check and for the commit, not for the decryption).
 //!
@@ -121,7 +123,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// While there is traffic the lane reads again, without a `poll`, the
 /// sources (its TUN queue, its sockets) that gave something in the last
 /// round, and looks at the others with a `poll` that does not wait every
-/// [`POLL_EVERY`] rounds; once a round finds nothing it sleeps in `poll`
+/// `POLL_EVERY` rounds; once a round finds nothing it sleeps in `poll`
 /// until a source, a timer or the doorbell wakes it.
 pub struct Lane {
     pub out: TunOut,
