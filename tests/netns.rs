@@ -853,6 +853,14 @@ fn lanes_keep_a_flow_on_one_thread_and_spread_many() {
     let mut lab = Lab::new(opts).unwrap();
     lab.start_gateways().unwrap();
     lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    // BFD can come up before the lane threads are started: wait for them.
+    for gw in [Gw::A, Gw::B] {
+        let pid = lab.gateway_pid(gw).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lab::thread_ticks(pid, "fwd").len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     // Per gateway, the CPU ticks of lanes 0 and 1 while `parallel` streams run.
     let lane_work = |lab: &Lab, parallel: u32| -> Vec<[u64; 2]> {
         let ticks = |gw: Gw| -> [u64; 2] {
