@@ -40,6 +40,15 @@ pub const DEFAULT_BFD_MULTIPLIER: u8 = 3;
 pub const DEFAULT_MIN_TTL: u8 = 254;
 /// Default time a recovered path must stay up before flows return to it.
 pub const DEFAULT_REVERT_HOLD: Duration = Duration::from_secs(2);
+/// Default largest loss ratio of a path's sending direction: 1 %, in millionths.
+pub const DEFAULT_MAX_LOSS_PPM: u32 = 10_000;
+/// Default time a degraded path must stay good before it carries traffic again.
+pub const DEFAULT_SLA_HOLD: Duration = Duration::from_secs(10);
+/// Default time between two path-quality probes: 100 a second, enough to
+/// see a 2 % loss within a second on a path that carries nothing else.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(10);
+/// Default moves of a peer's traffic for quality allowed per minute.
+pub const DEFAULT_MAX_MOVES_PER_MINUTE: u32 = 6;
 
 const MIN_BFD_INTERVAL: Duration = Duration::from_millis(1);
 const MAX_BFD_INTERVAL: Duration = Duration::from_secs(60);

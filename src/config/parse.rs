@@ -167,6 +167,66 @@ impl<'de> Deserialize<'de> for Addr {
     }
 }
 
+/// A ratio written as a percentage (`"1%"`, `"0.5%"`), in millionths.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Percent(pub(super) u32);
+
+impl FromStr for Percent {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid percentage \"{s}\": expected e.g. \"1%\" or \"0.5%\" (0% to 100%)");
+        let number = s.trim().strip_suffix('%').ok_or_else(bad)?;
+        let v: f64 = number.trim().parse().map_err(|_| bad())?;
+        if !(0.0..=100.0).contains(&v) {
+            return Err(bad());
+        }
+        Ok(Percent((v * 10_000.0).round() as u32))
+    }
+}
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(FromStrVisitor::<Percent>::new(
+            "a percentage string like \"1%\"",
+        ))
+    }
+}
+
+/// A limit: a duration, or `"off"` for none.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limit(pub(super) Option<Duration>);
+
+impl FromStr for Limit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim() == "off" {
+            return Ok(Limit(None));
+        }
+        parse_duration(s).map(|d| Limit(Some(d)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Limit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(FromStrVisitor::<Limit>::new(
+            "a duration string like \"50ms\", or \"off\"",
+        ))
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSla {
+    pub(super) max_loss: Option<Percent>,
+    pub(super) max_rtt: Option<Limit>,
+    pub(super) max_jitter: Option<Limit>,
+    pub(super) hold: Option<Dur>,
+    pub(super) probe_interval: Option<Dur>,
+    pub(super) max_moves_per_minute: Option<u32>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
@@ -230,6 +290,7 @@ pub(super) struct RawPeer {
     pub(super) route_metric: Option<u32>,
     #[serde(default)]
     pub(super) fast_path: bool,
+    pub(super) sla: Option<RawSla>,
     #[serde(default)]
     pub(super) path: Vec<RawPath>,
 }
@@ -244,6 +305,7 @@ pub(super) struct RawPath {
     pub(super) priority: Option<u32>,
     pub(super) weight: Option<u32>,
     pub(super) bfd: Option<RawBfd>,
+    pub(super) sla: Option<RawSla>,
 }
 
 // ---------------------------------------------------------------------------------------

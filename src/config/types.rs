@@ -259,6 +259,8 @@ pub struct PeerConfig {
     /// Send through the kernel fast path ([`crate::io::fastpath`]) rather
     /// than the lanes, when a path is up.
     pub fast_path: bool,
+    /// `[peer.sla]`, resolved: the paths' defaults.
+    pub sla: SlaConfig,
     pub paths: Vec<PathConfig>,
 }
 
@@ -289,4 +291,49 @@ pub struct PathConfig {
     pub weight: u32,
     /// Gateway `[bfd]` merged with this path's `[peer.path.bfd]`, key by key.
     pub bfd: BfdConfig,
+    /// The peer's `[peer.sla]` merged with this path's `[peer.path.sla]`.
+    pub sla: SlaConfig,
+}
+
+/// The service level a path must keep to carry traffic (`[peer.sla]`, any
+/// key overridable per path in `[peer.path.sla]`); see
+/// [`crate::core::quality`] for how it is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlaConfig {
+    /// Largest loss ratio in the path's sending direction, in millionths
+    /// (`max_loss = "1%"` is 10 000). 1 000 000 turns loss checks off.
+    pub max_loss_ppm: u32,
+    /// Largest round-trip time (median of the last 300 ms); `None`: no limit.
+    pub max_rtt: Option<Duration>,
+    /// Largest delay variation in the sending direction (RFC 3550 jitter);
+    /// `None`: no limit.
+    pub max_jitter: Option<Duration>,
+    /// How long a degraded path must have been good before it carries
+    /// traffic again (doubled for a path that keeps degrading).
+    pub hold: Duration,
+    /// Time between two probes on the path.
+    pub probe_interval: Duration,
+    /// Moves of the peer's traffic for quality (not for failure) allowed in
+    /// any minute; further ones wait.
+    pub max_moves_per_minute: u32,
+}
+
+impl SlaConfig {
+    /// The largest loss ratio, 0 to 1.
+    pub fn max_loss(&self) -> f64 {
+        f64::from(self.max_loss_ppm) / 1e6
+    }
+}
+
+impl Default for SlaConfig {
+    fn default() -> Self {
+        SlaConfig {
+            max_loss_ppm: DEFAULT_MAX_LOSS_PPM,
+            max_rtt: None,
+            max_jitter: None,
+            hold: DEFAULT_SLA_HOLD,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+            max_moves_per_minute: DEFAULT_MAX_MOVES_PER_MINUTE,
+        }
+    }
 }

@@ -126,6 +126,63 @@ pub(super) fn merge_bfd(base: &BfdConfig, over: &RawBfd, at: &[Seg]) -> VResult<
     Ok(b)
 }
 
+/// `base` with the keys `over` sets; `path_level`: per-path overrides,
+/// which may not set the peer-wide `max_moves_per_minute`.
+pub(super) fn merge_sla(
+    base: &SlaConfig,
+    over: &RawSla,
+    at: &[Seg],
+    path_level: bool,
+) -> VResult<SlaConfig> {
+    let mut sla = *base;
+    if let Some(Percent(ppm)) = over.max_loss {
+        if ppm == 0 {
+            return invalid(at, &[k("max_loss")], "must be more than 0% (\"100%\" turns loss checks off)");
+        }
+        sla.max_loss_ppm = ppm;
+    }
+    if let Some(Limit(l)) = over.max_rtt {
+        if l.is_some_and(|d| d.is_zero()) {
+            return invalid(at, &[k("max_rtt")], "must be more than 0 (or \"off\")");
+        }
+        sla.max_rtt = l;
+    }
+    if let Some(Limit(l)) = over.max_jitter {
+        if l.is_some_and(|d| d.is_zero()) {
+            return invalid(at, &[k("max_jitter")], "must be more than 0 (or \"off\")");
+        }
+        sla.max_jitter = l;
+    }
+    if let Some(Dur(h)) = over.hold {
+        if h > MAX_REVERT_HOLD {
+            let msg = format!("{} is too long: at most 1h", format_duration(h));
+            return invalid(at, &[k("hold")], msg);
+        }
+        sla.hold = h;
+    }
+    if let Some(Dur(i)) = over.probe_interval {
+        if !(MIN_BFD_INTERVAL..=Duration::from_secs(10)).contains(&i) {
+            let msg = format!(
+                "{} is out of range: must be between 1ms and 10s",
+                format_duration(i)
+            );
+            return invalid(at, &[k("probe_interval")], msg);
+        }
+        sla.probe_interval = i;
+    }
+    if let Some(m) = over.max_moves_per_minute {
+        if path_level {
+            return invalid(
+                at,
+                &[k("max_moves_per_minute")],
+                "is a peer setting: set it in [peer.sla]",
+            );
+        }
+        sla.max_moves_per_minute = m;
+    }
+    Ok(sla)
+}
+
 pub(super) fn check_ifname(name: &str, at: &[Seg], key: &str) -> VResult<()> {
     let problem = if name.is_empty() {
         Some("must not be empty".to_string())
@@ -191,6 +248,14 @@ pub(super) fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResu
     if p.path.is_empty() {
         return invalid(at, &[k("path")], "at least one [[peer.path]] is required");
     }
+    let sla = match &p.sla {
+        Some(over) => {
+            let mut sat = at.to_vec();
+            sat.push(k("sla"));
+            merge_sla(&SlaConfig::default(), over, &sat, false)?
+        }
+        None => SlaConfig::default(),
+    };
     let paths = p
         .path
         .into_iter()
@@ -198,7 +263,7 @@ pub(super) fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResu
         .map(|(i, raw)| {
             let mut pat = at.to_vec();
             pat.extend([k("path"), Seg::Index(i)]);
-            validate_path(raw, &pat, i, gw_bfd)
+            validate_path(raw, &pat, i, gw_bfd, &sla)
         })
         .collect::<VResult<Vec<_>>>()?;
     let mut names = HashSet::new();
@@ -223,6 +288,7 @@ pub(super) fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResu
         mtu: p.mtu,
         route_metric: p.route_metric,
         fast_path: p.fast_path,
+        sla,
         paths,
     })
 }
@@ -284,6 +350,7 @@ pub(super) fn validate_path(
     at: &[Seg],
     index: usize,
     gw_bfd: &BfdConfig,
+    peer_sla: &SlaConfig,
 ) -> VResult<PathConfig> {
     if p.name.trim().is_empty() {
         return invalid(at, &[k("name")], "must not be empty");
@@ -322,6 +389,14 @@ pub(super) fn validate_path(
         }
         None => gw_bfd.clone(),
     };
+    let sla = match &p.sla {
+        Some(over) => {
+            let mut sat = at.to_vec();
+            sat.push(k("sla"));
+            merge_sla(peer_sla, over, &sat, true)?
+        }
+        None => *peer_sla,
+    };
     Ok(PathConfig {
         name: p.name,
         local,
@@ -330,6 +405,7 @@ pub(super) fn validate_path(
         priority: p.priority.unwrap_or(default_priority),
         weight,
         bfd,
+        sla,
     })
 }
 

@@ -40,6 +40,7 @@
 use crate::config::{BfdAuthType, BfdConfig, Config, Hop, PathConfig, PeerConfig, Policy};
 use crate::core::bfd::{Auth, KeyError, Session, SessionConfig, SessionEvent, Transmit};
 use crate::core::drop::DropReason;
+use crate::core::quality::{Quality, Reason, Sample, Transition};
 use crate::core::steer::{Damping, Selection, Steering};
 use crate::core::wire::bfd::{AuthType, ControlPacket, Diag, EmitError, State};
 use crate::core::wire::flow::mix;
@@ -96,6 +97,14 @@ pub enum Event {
         /// Time from the last control packet heard on the failed path to
         /// the moment it was declared down (failures only).
         detection: Option<Duration>,
+        /// What moved the traffic.
+        cause: MoveCause,
+    },
+    /// A path's quality verdict changed (degraded, or good again), with the
+    /// figures that made it.
+    Quality {
+        path: PathId,
+        transition: Transition,
     },
     /// A peer gained its first usable path, or lost its last.
     PeerUp { peer: PeerId, up: bool },
@@ -104,6 +113,33 @@ pub enum Event {
         path: PathId,
         cause: Option<BlockCause>,
     },
+}
+
+/// What moved a peer's traffic from one path to another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MoveCause {
+    /// A path failed (BFD, carrier, address, send errors).
+    Down,
+    /// A path came (back) into service.
+    Up,
+    /// A path was degraded, for this reason.
+    Degraded(Reason),
+    /// A degraded path was good again for its hold.
+    Recovered,
+    /// A path was removed by a reload.
+    Removed,
+}
+
+impl MoveCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveCause::Down => "down",
+            MoveCause::Up => "up",
+            MoveCause::Degraded(r) => r.as_str(),
+            MoveCause::Recovered => "recovered",
+            MoveCause::Removed => "removed",
+        }
+    }
 }
 
 /// Why a path is out of service although BFD may still say Up.
@@ -135,6 +171,8 @@ struct Block {
 
 struct PeerCore {
     name: String,
+    /// The kernel fast path numbers no data datagram (quality from probes).
+    fast_path: bool,
     steering: Steering,
     paths: Vec<PathId>,
     up: bool,
@@ -160,6 +198,8 @@ pub struct PathCore {
     pub failures: u64,
     /// Times the peer took the session down administratively.
     pub remote_admin_downs: u64,
+    /// The path's measured quality and verdict.
+    pub quality: Quality,
     retired: bool,
 }
 
@@ -219,9 +259,12 @@ impl Engine {
     /// free slot. Returns `None` when the id space is exhausted.
     pub fn add_peer(&mut self, peer: &PeerConfig, now: Instant) -> Option<PeerId> {
         let id = PeerId(u16::try_from(self.peers.len()).ok()?);
+        let mut steering = Steering::new(peer.policy, peer.revert_hold, &[]);
+        steering.set_max_moves(peer.sla.max_moves_per_minute);
         self.peers.push(PeerCore {
             name: peer.name.clone(),
-            steering: Steering::new(peer.policy, peer.revert_hold, &[]),
+            fast_path: peer.fast_path,
+            steering,
             paths: Vec::new(),
             up: false,
             retired: false,
@@ -259,6 +302,7 @@ impl Engine {
             .filter(|p| !p.retired)?;
         core.steering.add_path(id, path.priority, path.weight);
         core.paths.push(id);
+        let quality = Quality::new(path.sla, !core.fast_path);
         let mut session = Session::new(
             session_config(&path.bfd, disc),
             now,
@@ -280,6 +324,7 @@ impl Engine {
             control_rx: 0,
             failures: 0,
             remote_admin_downs: 0,
+            quality,
             retired: false,
         });
         self.dirty = true;
@@ -296,7 +341,7 @@ impl Engine {
         let core = self.peers.get_mut(usize::from(peer.0))?;
         core.paths.retain(|p| *p != id);
         if let Some(change) = core.steering.remove_path(id) {
-            self.on_steering_change(peer, change.from, change.to, None);
+            self.on_steering_change(peer, change.from, change.to, None, MoveCause::Removed);
         }
         self.dirty = true;
         let path = self.paths.get_mut(usize::from(id.0))?;
@@ -489,7 +534,49 @@ impl Engine {
         let change = core.steering.handle_path_health(id, healthy, now);
         self.dirty |= core.steering.take_changed();
         if let Some(change) = change {
-            self.on_steering_change(peer, change.from, change.to, detection);
+            let cause = if healthy { MoveCause::Up } else { MoveCause::Down };
+            self.on_steering_change(peer, change.from, change.to, detection, cause);
+        }
+    }
+
+    /// A probe's reply on the path (from the shell's prober): measured,
+    /// then judged.
+    pub fn handle_quality_sample(&mut self, id: PathId, sample: &Sample, now: Instant) {
+        let Some(path) = self
+            .paths
+            .get_mut(usize::from(id.0))
+            .filter(|p| !p.retired && p.is_up())
+        else {
+            return;
+        };
+        path.quality.handle_sample(sample);
+        self.judge(id, now);
+    }
+
+    /// Judges a path's quality; a new verdict goes to the steering.
+    fn judge(&mut self, id: PathId, now: Instant) {
+        let Some(path) = self.paths.get_mut(usize::from(id.0)) else {
+            return;
+        };
+        let Some(transition) = path.quality.evaluate(now) else {
+            return;
+        };
+        let (peer, loss) = (path.peer, path.quality.loss_tx(now));
+        let degraded = path.quality.degraded();
+        self.events.push_back(Event::Quality {
+            path: id,
+            transition,
+        });
+        let Some(core) = self.peers.get_mut(usize::from(peer.0)) else {
+            return;
+        };
+        let change = core
+            .steering
+            .handle_path_quality(id, degraded.is_some(), loss, now);
+        self.dirty |= core.steering.take_changed();
+        if let Some(change) = change {
+            let cause = degraded.map_or(MoveCause::Recovered, MoveCause::Degraded);
+            self.on_steering_change(peer, change.from, change.to, None, cause);
         }
     }
 
@@ -513,13 +600,34 @@ impl Engine {
                 self.drain_session(PathId(i as u16), now);
             }
         }
+        for i in 0..self.paths.len() {
+            if !self.paths[i].retired
+                && self.paths[i]
+                    .quality
+                    .poll_timeout()
+                    .is_some_and(|t| t <= now)
+            {
+                self.judge(PathId(i as u16), now);
+            }
+        }
         for pi in 0..self.peers.len() {
             let change = self.peers[pi].steering.handle_timeout(now);
             self.dirty |= self.peers[pi].steering.take_changed();
             if let Some(change) = change {
-                self.on_steering_change(PeerId(pi as u16), change.from, change.to, None);
+                let cause = match change.to.is_some_and(|to| !self.is_degraded(to)) {
+                    true => MoveCause::Up,
+                    false => MoveCause::Recovered,
+                };
+                self.on_steering_change(PeerId(pi as u16), change.from, change.to, None, cause);
             }
         }
+    }
+
+    /// Whether the path is degraded in its peer's ranking.
+    fn is_degraded(&self, id: PathId) -> bool {
+        self.path(id)
+            .and_then(|p| self.peers.get(usize::from(p.peer.0)))
+            .is_some_and(|peer| peer.steering.is_degraded(id))
     }
 
     fn drain_session(&mut self, id: PathId, now: Instant) {
@@ -555,6 +663,9 @@ impl Engine {
                 path.down_since = None;
             } else if path.down_since.is_none() {
                 path.down_since = Some(now);
+                // What is measured after the path comes back is not
+                // comparable with what came before.
+                path.quality.rebase();
             }
             self.update_health(id, now, detection);
         }
@@ -566,6 +677,7 @@ impl Engine {
         from: Option<PathId>,
         to: Option<PathId>,
         detection: Option<Duration>,
+        cause: MoveCause,
     ) {
         self.dirty = true;
         self.events.push_back(Event::Failover {
@@ -573,6 +685,7 @@ impl Engine {
             from,
             to,
             detection,
+            cause,
         });
         let core = &mut self.peers[usize::from(peer.0)];
         let up = to.is_some();
@@ -590,7 +703,12 @@ impl Engine {
             .filter(|p| !p.retired)
             .filter_map(|p| p.session.poll_timeout());
         let steering = self.peers.iter().filter_map(|p| p.steering.poll_timeout());
-        sessions.chain(steering).min()
+        let quality = self
+            .paths
+            .iter()
+            .filter(|p| !p.retired)
+            .filter_map(|p| p.quality.poll_timeout());
+        sessions.chain(steering).chain(quality).min()
     }
 
     /// The next control packet due, with the path to send it on.

@@ -36,7 +36,9 @@ use crate::core::crypto::{Keys, MessageId, Replays, TAG_LEN};
 use crate::core::drop::DropReason;
 use crate::core::steer::Selection;
 use crate::core::wire::flow::FlowKey;
-use crate::core::wire::overlay::{Header, MsgType, OverlayError, BASE_LEN, MAX_LEN};
+use crate::core::wire::overlay::{
+    Header, MsgType, OverlayError, ProbeClass, ProbeReport, BASE_LEN, MAX_LEN,
+};
 use crate::PathId;
 use std::ops::Range;
 
@@ -128,6 +130,16 @@ pub enum Message {
     /// An echo message and the sender's epoch (for
     /// [`crate::core::crypto::EchoGuard`]; 0 in the clear).
     Echo(Echo, u32),
+    /// A path-quality probe to answer at once: its number, its class, the
+    /// datagram's length and the sender's epoch (0 in the clear).
+    Probe {
+        seq: u64,
+        class: ProbeClass,
+        len: usize,
+        epoch: u32,
+    },
+    /// The answer to one of our probes: its number and the far end's report.
+    ProbeReply { seq: u64, report: ProbeReport },
 }
 
 /// What a receiver of a keyed peer opens sealed messages with on one path.
@@ -162,7 +174,9 @@ pub fn decapsulate(datagram: &[u8]) -> Result<(Header, &[u8]), DropReason> {
             let inner = datagram.get(range).ok_or(DropReason::OverlayMalformed)?;
             Ok((header, inner))
         }
-        Message::Echo(..) => Err(DropReason::OverlayUnsupported),
+        Message::Echo(..) | Message::Probe { .. } | Message::ProbeReply { .. } => {
+            Err(DropReason::OverlayUnsupported)
+        }
     }
 }
 
@@ -175,8 +189,34 @@ fn receive_clear(datagram: &[u8], header: Header, hlen: usize) -> Result<Message
         }
         MsgType::EchoRequest => Ok(Message::Echo(Echo::Request(header.sequence), header.epoch)),
         MsgType::EchoReply => Ok(Message::Echo(Echo::Reply(header.sequence), header.epoch)),
-        MsgType::SealedData | MsgType::SealedEchoRequest | MsgType::SealedEchoReply => {
-            Err(DropReason::SealMismatch)
+        MsgType::ProbeRequest | MsgType::ProbeReply => {
+            let payload = datagram.get(hlen..).ok_or(DropReason::OverlayMalformed)?;
+            probe_message(&header, payload, datagram.len())
+        }
+        MsgType::SealedData
+        | MsgType::SealedEchoRequest
+        | MsgType::SealedEchoReply
+        | MsgType::SealedProbeRequest
+        | MsgType::SealedProbeReply => Err(DropReason::SealMismatch),
+    }
+}
+
+/// The probe message `header` and its (opened) `payload` carry; `len` is
+/// the datagram's length as received.
+fn probe_message(header: &Header, payload: &[u8], len: usize) -> Result<Message, DropReason> {
+    match header.msg_type {
+        MsgType::ProbeRequest | MsgType::SealedProbeRequest => Ok(Message::Probe {
+            seq: header.sequence,
+            class: ProbeClass::from_payload(payload),
+            len,
+            epoch: header.epoch,
+        }),
+        _ => {
+            let report = ProbeReport::parse(payload).map_err(|_| DropReason::OverlayMalformed)?;
+            Ok(Message::ProbeReply {
+                seq: header.sequence,
+                report,
+            })
         }
     }
 }
@@ -197,6 +237,84 @@ pub fn emit_echo(echo: Echo, out: &mut [u8]) -> Result<usize, DropReason> {
         Echo::Reply(stamp) => Header::echo(MsgType::EchoReply, stamp),
     };
     header.emit(out).map_err(|_| DropReason::TooBig)
+}
+
+/// Writes a probe request into `out`: `len` bytes in all (at least the
+/// header and the class byte; padding after it), sealed (then `len` less
+/// the tag is the header and payload) when a `sealer` is given. Returns
+/// its length.
+pub fn emit_probe(
+    seq: u64,
+    class: ProbeClass,
+    len: usize,
+    out: &mut [u8],
+    sealer: Option<&Sealer>,
+) -> Result<usize, DropReason> {
+    let trailer = if sealer.is_some() { TRAILER } else { 0 };
+    let payload_len = len
+        .saturating_sub(BASE_LEN + trailer)
+        .max(1);
+    emit_control(
+        (MsgType::ProbeRequest, MsgType::SealedProbeRequest),
+        seq,
+        payload_len,
+        |p| {
+            p.fill(0);
+            if let Some(b) = p.first_mut() {
+                *b = class as u8;
+            }
+        },
+        out,
+        sealer,
+    )
+}
+
+/// Writes the reply to probe `seq`, carrying `report`, into `out`; sealed
+/// when a `sealer` is given. Returns its length.
+pub fn emit_probe_reply(
+    seq: u64,
+    report: &ProbeReport,
+    out: &mut [u8],
+    sealer: Option<&Sealer>,
+) -> Result<usize, DropReason> {
+    emit_control(
+        (MsgType::ProbeReply, MsgType::SealedProbeReply),
+        seq,
+        ProbeReport::LEN,
+        |p| {
+            let _ = report.emit(p);
+        },
+        out,
+        sealer,
+    )
+}
+
+/// Frames a message of the path's own (probe) traffic: header, a payload
+/// of `payload_len` bytes that `fill` writes, and with a `sealer` the tag
+/// (the cleartext type of `types` in the clear, the sealed one otherwise).
+fn emit_control(
+    types: (MsgType, MsgType),
+    seq: u64,
+    payload_len: usize,
+    fill: impl FnOnce(&mut [u8]),
+    out: &mut [u8],
+    sealer: Option<&Sealer>,
+) -> Result<usize, DropReason> {
+    let header = Header {
+        msg_type: if sealer.is_some() { types.1 } else { types.0 },
+        epoch: sealer.map_or(0, |s| s.epoch),
+        ..Header::echo(types.0, seq)
+    };
+    let hlen = header.len();
+    let trailer = if sealer.is_some() { TRAILER } else { 0 };
+    let total = hlen + payload_len + trailer;
+    let datagram = out.get_mut(..total).ok_or(DropReason::TooBig)?;
+    header.emit(datagram).map_err(|_| DropReason::TooBig)?;
+    fill(&mut datagram[hlen..hlen + payload_len]);
+    if let Some(sealer) = sealer {
+        seal_in_place(datagram, &header, hlen, sealer)?;
+    }
+    Ok(total)
 }
 
 /// The round trip of a reply stamped `sent` and received at `now` (both in
@@ -302,6 +420,7 @@ fn receive_sealed(
         salt: opener.salt,
         sequence: header.sequence,
     };
+    let len = datagram.len();
     let (head, rest) = datagram.split_at_mut(hlen);
     let (payload, tail) = rest.split_at_mut(end - hlen);
     let tag: &[u8; TRAILER] = (&*tail)
@@ -316,6 +435,9 @@ fn receive_sealed(
             Ok(Message::Echo(Echo::Request(header.sequence), header.epoch))
         }
         MsgType::SealedEchoReply => Ok(Message::Echo(Echo::Reply(header.sequence), header.epoch)),
+        MsgType::SealedProbeRequest | MsgType::SealedProbeReply => {
+            probe_message(&header, payload, len)
+        }
         _ if is_data => {
             opener.window.commit(header.epoch, header.sequence);
             check_inner(payload)?;

@@ -16,6 +16,7 @@ pub mod dedup;
 pub mod drop;
 pub mod engine;
 pub mod forward;
+pub mod quality;
 pub mod rng;
 pub mod segment;
 pub mod steer;

@@ -30,6 +30,20 @@
 //! or address loss on the underlay interface, send errors): the engine
 //! reports the combination as one `healthy` bit.
 //!
+//! # Quality
+//!
+//! A healthy path may still be *degraded* ([`crate::core::quality`]: too
+//! much loss, a round trip or jitter past its limit, an MTU black hole). A
+//! degraded path is *demoted* when an eligible path that is not degraded
+//! and loses at most half as much exists (the margin: no move to a path
+//! nearly as bad): demoted paths come after all others (`active-backup`
+//! and `duplicate` use the best ones first) and `balance` leaves them out.
+//! When no path is better by that margin (every path as bad), nothing
+//! moves: the active path stays first. Quality moves are capped per
+//! minute (`max_moves_per_minute`); a change past the cap waits until the
+//! oldest move of the last minute is a minute old. Failures are never
+//! capped.
+//!
 //! # Flap damping
 //!
 //! A path that fails again and again would pull traffic back and forth on
@@ -47,6 +61,7 @@
 use crate::config::Policy;
 use crate::core::wire::flow::mix;
 use crate::PathId;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,7 +82,16 @@ struct Slot {
     healthy_since: Option<Instant>,
     level: u32,
     flaps: u64,
+    /// The quality verdict as last reported, and as applied to the ranking
+    /// (they differ while the move cap holds a change back).
+    degraded: bool,
+    applied: bool,
+    /// The path's sending loss ratio, for the margin.
+    loss: f64,
 }
+
+/// How long a quality move counts against the cap.
+pub const MOVE_WINDOW: Duration = Duration::from_secs(60);
 
 /// A path's flap damping, for status and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,9 +143,15 @@ pub struct Steering {
     revert_hold: Duration,
     slots: Vec<Slot>,
     active: Option<PathId>,
-    /// The eligible set last published, best first.
-    published: Vec<PathId>,
+    /// The eligible set last published, best first, with whether each is
+    /// demoted.
+    published: Vec<(PathId, bool)>,
     changed: bool,
+    /// Quality moves allowed per [`MOVE_WINDOW`], and when the last ones were.
+    max_moves: u32,
+    moves: VecDeque<Instant>,
+    /// A quality verdict waits for the cap.
+    pending: bool,
 }
 
 impl Steering {
@@ -139,6 +169,9 @@ impl Steering {
                 healthy_since: None,
                 level: 0,
                 flaps: 0,
+                degraded: false,
+                applied: false,
+                loss: 0.0,
             })
             .collect();
         Steering {
@@ -148,7 +181,63 @@ impl Steering {
             active: None,
             published: Vec::new(),
             changed: false,
+            max_moves: u32::MAX,
+            moves: VecDeque::new(),
+            pending: false,
         }
+    }
+
+    /// Caps the moves for quality in any minute (`max_moves_per_minute`).
+    pub fn set_max_moves(&mut self, per_minute: u32) {
+        self.max_moves = per_minute;
+    }
+
+    /// A path's quality verdict: degraded or not, and its sending loss
+    /// ratio (the margin compares paths by it).
+    pub fn handle_path_quality(
+        &mut self,
+        id: PathId,
+        degraded: bool,
+        loss: f64,
+        now: Instant,
+    ) -> Option<Change> {
+        let slot = self.slots.iter_mut().find(|s| s.id == id)?;
+        slot.loss = loss;
+        if slot.degraded == degraded {
+            return None;
+        }
+        slot.degraded = degraded;
+        self.apply_quality(now)
+    }
+
+    /// Applies the reported quality verdicts to the ranking, unless that
+    /// moves traffic and the cap is reached.
+    fn apply_quality(&mut self, now: Instant) -> Option<Change> {
+        while self
+            .moves
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) >= MOVE_WINDOW)
+        {
+            self.moves.pop_front();
+        }
+        let before: Vec<bool> = self.slots.iter().map(|s| s.applied).collect();
+        for s in &mut self.slots {
+            s.applied = s.degraded;
+        }
+        if self.ranked() == self.published {
+            self.pending = false;
+            return None;
+        }
+        if self.moves.len() >= self.max_moves as usize {
+            for (s, b) in self.slots.iter_mut().zip(before) {
+                s.applied = b;
+            }
+            self.pending = true;
+            return None;
+        }
+        self.pending = false;
+        self.moves.push_back(now);
+        self.recompute()
     }
 
     /// Whether the selection (the eligible set, not just the active path)
@@ -174,6 +263,9 @@ impl Steering {
             healthy_since: None,
             level: 0,
             flaps: 0,
+            degraded: false,
+            applied: false,
+            loss: 0.0,
         });
     }
 
@@ -251,8 +343,14 @@ impl Steering {
         })
     }
 
-    /// Promotes paths whose hold has expired.
+    /// Promotes paths whose hold has expired, and applies a quality
+    /// verdict that waited for the cap.
     pub fn handle_timeout(&mut self, now: Instant) -> Option<Change> {
+        if self.pending && self.poll_timeout().is_some_and(|t| t <= now) {
+            if let Some(change) = self.apply_quality(now) {
+                return Some(change);
+            }
+        }
         let mut promoted = false;
         for s in &mut self.slots {
             if let Some(at) = s.eligible_at {
@@ -272,7 +370,12 @@ impl Steering {
 
     /// When [`Steering::handle_timeout`] next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.slots.iter().filter_map(|s| s.eligible_at).min()
+        let cap = self
+            .moves
+            .front()
+            .filter(|_| self.pending)
+            .map(|&t| t + MOVE_WINDOW);
+        self.slots.iter().filter_map(|s| s.eligible_at).chain(cap).min()
     }
 
     fn recompute(&mut self) -> Option<Change> {
@@ -281,7 +384,7 @@ impl Steering {
             self.published = ranked;
             self.changed = true;
         }
-        let best = self.published.first().copied();
+        let best = self.published.first().map(|&(id, _)| id);
         if best == self.active {
             return None;
         }
@@ -298,17 +401,36 @@ impl Steering {
         self.policy
     }
 
-    /// Eligible paths, best first (priority, then configuration order).
-    fn ranked(&self) -> Vec<PathId> {
-        let mut v: Vec<(u32, usize, PathId)> = self
-            .slots
+    /// Eligible paths, best first, each with whether it is demoted:
+    /// paths not demoted first, then by priority and configuration order.
+    /// When some eligible path is degraded but none is demoted (no path is
+    /// better by the margin), the active path stays first: nothing moves.
+    fn ranked(&self) -> Vec<(PathId, bool)> {
+        let eligible: Vec<(usize, &Slot)> =
+            self.slots.iter().enumerate().filter(|(_, s)| s.eligible).collect();
+        let demoted = |s: &Slot| {
+            s.applied
+                && eligible
+                    .iter()
+                    .any(|(_, o)| !o.applied && o.loss <= s.loss * 0.5)
+        };
+        let mut v: Vec<(bool, bool, u32, usize, PathId)> = eligible
             .iter()
-            .enumerate()
-            .filter(|(_, s)| s.eligible)
-            .map(|(i, s)| (s.priority, i, s.id))
+            .map(|&(i, s)| (demoted(s), false, s.priority, i, s.id))
             .collect();
-        v.sort_unstable();
-        v.into_iter().map(|(_, _, id)| id).collect()
+        let stay = v.iter().all(|r| !r.0) && eligible.iter().any(|(_, s)| s.applied);
+        if stay {
+            for r in &mut v {
+                r.1 = Some(r.4) != self.active;
+            }
+        }
+        v.sort_unstable_by_key(|&(d, not_active, prio, i, _)| (d, not_active, prio, i));
+        v.into_iter().map(|(d, _, _, _, id)| (id, d)).collect()
+    }
+
+    /// Whether the path is degraded in the ranking now.
+    pub fn is_degraded(&self, id: PathId) -> bool {
+        self.slots.iter().any(|s| s.id == id && s.applied)
     }
 
     /// The best eligible path (all traffic, for `active-backup`).
@@ -326,7 +448,8 @@ impl Steering {
         let ranked = self.ranked();
         let eligible = ranked
             .iter()
-            .filter_map(|id| self.slots.iter().find(|s| s.id == *id))
+            .filter(|&&(_, demoted)| !(demoted && self.policy == Policy::Balance))
+            .filter_map(|(id, _)| self.slots.iter().find(|s| s.id == *id))
             .map(|s| (s.id, s.weight))
             .collect();
         Selection::new(self.policy, self.active, eligible)

@@ -20,9 +20,11 @@ use super::{clock, sys, udp};
 use crate::config::{PathConfig, PeerConfig};
 use crate::core::bfd::Transmit;
 use crate::core::engine::{Engine, Event, Forwarding, Secrets};
+use crate::core::engine::MoveCause;
+use crate::core::quality::{Sample, Transition};
 use crate::core::wire::bfd::State;
 use crate::telemetry::metrics::{Metrics, PathLabels};
-use crate::telemetry::status::{BfdStatus, PathStatus, PeerStatus, Status};
+use crate::telemetry::status::{BfdStatus, PathStatus, PeerStatus, QualityStatus, Status};
 use crate::telemetry::{DropCounters, PathCounters};
 use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
@@ -50,6 +52,8 @@ pub enum Command {
     },
     /// Sending on the path failed with a reachability error.
     SendError(PathId),
+    /// A probe's reply came back on the path (from its lane 0).
+    Quality(PathId, Box<Sample>),
     Apply(Box<Plan>, oneshot::Sender<Applied>),
 }
 
@@ -177,7 +181,12 @@ pub struct BfdThread {
     pub fast: Vec<Option<Weak<FastPath>>>,
     /// When the fast paths' counters were last collected.
     pub fast_collected: Option<Instant>,
+    /// When the paths' quality was last copied to the metrics.
+    pub quality_exported: Option<Instant>,
 }
+
+/// How often the paths' quality figures are copied to the metrics.
+const QUALITY_EXPORT_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How often the fast paths' counters are added to the paths' (and their
 /// interfaces looked up again).
@@ -277,6 +286,30 @@ impl BfdThread {
         }
         if any {
             self.export_damping();
+        }
+        if self
+            .quality_exported
+            .is_none_or(|t| now.saturating_duration_since(t) >= QUALITY_EXPORT_INTERVAL)
+        {
+            self.quality_exported = Some(now);
+            self.export_quality(now);
+        }
+    }
+
+    /// Each path's quality figures to its gauges.
+    fn export_quality(&self, now: Instant) {
+        for (i, p) in self.engine.paths().iter().enumerate() {
+            if p.is_retired() {
+                continue;
+            }
+            if let Some(m) = self.metrics.path(i) {
+                let f = p.quality.figures(now);
+                m.set_quality(
+                    (f.loss_tx, f.loss_rx),
+                    (f.jitter_tx, f.jitter_rx),
+                    p.quality.degraded().is_some(),
+                );
+            }
         }
     }
 
@@ -408,6 +441,7 @@ impl BfdThread {
                 from,
                 to,
                 detection,
+                cause,
             } => {
                 let name = |id: Option<PathId>| {
                     id.and_then(|i| self.engine.path(i))
@@ -419,16 +453,21 @@ impl BfdThread {
                     .and_then(|i| self.counters.get(usize::from(i.0)))
                     .and_then(Option::as_ref)
                     .map_or(0, |c| c.flows.load(Ordering::Relaxed));
-                match detection {
-                    Some(d) => {
-                        warn!(peer = peer_name, from = %from_name, to = %to_name, detection_ms = d.as_secs_f64() * 1e3, flows, "failover")
+                let cause_name = cause.as_str();
+                match (detection, cause) {
+                    (Some(d), _) => {
+                        warn!(peer = peer_name, from = %from_name, to = %to_name, detection_ms = d.as_secs_f64() * 1e3, flows, cause = cause_name, "failover")
                     }
-                    None => {
-                        info!(peer = peer_name, from = %from_name, to = %to_name, flows, "active path changed")
+                    (None, MoveCause::Degraded(_)) => {
+                        warn!(peer = peer_name, from = %from_name, to = %to_name, flows, cause = cause_name, "traffic moved off a degraded path")
+                    }
+                    (None, _) => {
+                        info!(peer = peer_name, from = %from_name, to = %to_name, flows, cause = cause_name, "active path changed")
                     }
                 }
                 self.metrics
                     .record_failover(usize::from(peer.0), &from_name, &to_name, detection);
+                self.metrics.record_move(usize::from(peer.0), cause_name);
             }
             Event::PeerUp { peer, up } => {
                 let name = self.engine.peer(peer).map_or("?", |(n, _, _)| n);
@@ -439,6 +478,23 @@ impl BfdThread {
                 }
                 self.metrics.set_peer_up(usize::from(peer.0), up);
                 self.set_carrier(peer, up);
+            }
+            Event::Quality { path, transition } => {
+                let Some(p) = self.engine.path(path) else {
+                    return;
+                };
+                let peer = self.engine.peer(p.peer).map_or("?", |(n, _, _)| n);
+                let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1e3);
+                let pct = |r: Option<f64>| r.map_or(-1.0, |r| r * 100.0);
+                match transition {
+                    Transition::Degraded(reason, f) => {
+                        warn!(peer, path = %p.name, reason = reason.as_str(), loss_tx_pct = pct(f.loss_tx), loss_rx_pct = pct(f.loss_rx), rtt_ms = ms(f.rtt), jitter_ms = ms(f.jitter_tx), large_probes_lost = f.large_lost_run, "path degraded")
+                    }
+                    Transition::Recovered(f) => {
+                        info!(peer, path = %p.name, loss_tx_pct = pct(f.loss_tx), loss_rx_pct = pct(f.loss_rx), rtt_ms = ms(f.rtt), jitter_ms = ms(f.jitter_tx), "path quality good again")
+                    }
+                }
+                self.export_quality(clock::now());
             }
             Event::PathBlock { path, cause } => {
                 let Some(p) = self.engine.path(path) else {
@@ -500,6 +556,10 @@ impl BfdThread {
                 }
                 Command::SendError(path) => {
                     self.engine.handle_send_error(path, clock::now());
+                }
+                Command::Quality(path, sample) => {
+                    self.engine
+                        .handle_quality_sample(path, &sample, clock::now());
                 }
                 Command::Apply(plan, reply) => {
                     let applied = self.apply(*plan);
@@ -746,11 +806,33 @@ impl BfdThread {
             flaps: damping.map_or(0, |d| d.flaps),
             damping_level: damping.map_or(0, |d| d.level),
             damped_until_unix: damping.and_then(|d| d.until).map(clock::unix_seconds),
+            quality: self.quality_status(id),
             tx_packets: load(&c.tx_packets),
             rx_packets: load(&c.rx_packets),
             tx_bytes: load(&c.tx_bytes),
             rx_bytes: load(&c.rx_bytes),
         })
+    }
+}
+
+impl BfdThread {
+    fn quality_status(&self, id: PathId) -> QualityStatus {
+        let Some(p) = self.engine.path(id) else {
+            return QualityStatus::default();
+        };
+        let f = p.quality.figures(clock::now());
+        let us = |d: Option<Duration>| d.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let reason = p.quality.degraded();
+        QualityStatus {
+            loss_ratio_tx: f.loss_tx,
+            loss_ratio_rx: f.loss_rx,
+            rtt_us: us(f.rtt),
+            jitter_us: us(f.jitter_tx),
+            jitter_rx_us: us(f.jitter_rx),
+            reorder_ratio: f.reorder,
+            degraded: reason.is_some(),
+            degraded_reason: reason.map(|r| r.as_str().to_string()),
+        }
     }
 }
 

@@ -23,6 +23,8 @@ use crate::core::crypto::{self, EchoGuard, ReplayWindow};
 use crate::core::dedup::Window;
 use crate::core::engine::{check_secret, Engine, Forwarding, Secrets};
 use crate::core::forward;
+use crate::core::quality::{Prober, Reflector};
+use crate::core::wire::overlay;
 use crate::core::wire::flow::mix;
 use crate::telemetry::metrics::{self, Metrics};
 use crate::telemetry::{control, DropCounters, PathCounters};
@@ -176,6 +178,8 @@ struct LaneRun {
 struct PeerRun {
     id: PeerId,
     config: PeerConfig,
+    /// The TUN's MTU.
+    mtu: u16,
     /// The TUN's first queue (the device).
     tun: Arc<SyncDevice>,
     ifindex: u32,
@@ -266,6 +270,7 @@ async fn run_async(
         tuns: Vec::new(),
         fast: Vec::new(),
         fast_collected: None,
+        quality_exported: None,
         meta: Meta {
             gateway: config.gateway.name.clone(),
             started: now,
@@ -758,6 +763,7 @@ impl Gateway {
         Ok(PeerRun {
             keys,
             id: UNASSIGNED,
+            mtu,
             config: bare(w),
             tun: dev,
             ifindex: index,
@@ -820,6 +826,12 @@ impl Gateway {
         let sequence = Arc::new(AtomicU64::new(0));
         let window = Arc::new(Mutex::new(ReplayWindow::default()));
         let i = usize::from(id.0);
+        // A large probe is as long as the path's largest data datagram.
+        let header = match peer.config.policy {
+            Policy::Duplicate => overlay::MAX_LEN,
+            _ => overlay::BASE_LEN,
+        };
+        let large_probe = usize::from(peer.mtu) + header;
         for lane in &mut peer.parked {
             let k = lane.out.lane;
             let Some(socket) = p.sockets.get(k).or(p.sockets.first()) else {
@@ -852,9 +864,13 @@ impl Gateway {
                 tun: lane.out.tun.clone(),
                 counters: p.counters.clone(),
                 drops: self.shared.drops.clone(),
-                probe: k == 0,
+                id,
+                prober: (k == 0).then(|| Prober::new(p.config.sla.probe_interval)),
+                reflector: Reflector::default(),
+                large_probe,
+                probe_window: ReplayWindow::default(),
+                commands: self.shared.commands.clone(),
                 rtt: rtt.clone(),
-                stamp_key: self.shared.stamp_key,
                 keys: peer.keys.clone(),
                 epoch: self.shared.epoch,
                 salt_out: crypto::path_salt(p.config.local, p.config.remote),

@@ -71,6 +71,22 @@ pub const METRICS: &[(&str, &str)] = &[
     ("crosslink_failover_detection_seconds", "histogram"),
     ("crosslink_flows_active", "gauge"),
     ("crosslink_config_last_reload_successful", "gauge"),
+    ("crosslink_path_loss_ratio", "gauge"),
+    ("crosslink_path_jitter_seconds", "gauge"),
+    ("crosslink_path_degraded", "gauge"),
+    ("crosslink_path_moves_total", "counter"),
+];
+
+/// The causes of `crosslink_path_moves_total`, registered at 0 per peer.
+pub const MOVE_CAUSES: [&str; 8] = [
+    "down",
+    "up",
+    "loss",
+    "rtt",
+    "jitter",
+    "mtu",
+    "recovered",
+    "removed",
 ];
 
 /// Counters and gauges not touched for this long leave `/metrics`.
@@ -208,6 +224,23 @@ fn describe() {
         "crosslink_config_last_reload_successful",
         "1 when the last configuration load succeeded."
     );
+    describe_gauge!(
+        "crosslink_path_loss_ratio",
+        "Share of the path's packets lost over the last 3 s, per direction (tx: what this gateway sends)."
+    );
+    describe_gauge!(
+        "crosslink_path_jitter_seconds",
+        Unit::Seconds,
+        "Delay variation of the path's probes (RFC 3550 jitter), per direction."
+    );
+    describe_gauge!(
+        "crosslink_path_degraded",
+        "1 while the path breaks its service level (loss, rtt, jitter, mtu), whatever the reason."
+    );
+    describe_counter!(
+        "crosslink_path_moves_total",
+        "Changes of a peer's active path, by cause (down, up, loss, rtt, jitter, mtu, recovered, removed)."
+    );
 }
 
 /// Handles for one path.
@@ -233,12 +266,18 @@ pub struct PathMetrics {
     damping_level: Gauge,
     flaps: Counter,
     blocked: Gauge,
+    loss_tx: Gauge,
+    loss_rx: Gauge,
+    jitter_tx: Gauge,
+    jitter_rx: Gauge,
+    degraded: Gauge,
 }
 
 struct PeerMetrics {
     name: String,
     up: Gauge,
     detection: Histogram,
+    moves: Vec<Counter>,
 }
 
 /// Everything the daemon exports. Peers and paths are slots indexed by
@@ -305,10 +344,19 @@ impl Metrics {
         up.set(0.0);
         let detection =
             histogram!("crosslink_failover_detection_seconds", "peer" => name.to_string());
+        let moves = MOVE_CAUSES
+            .iter()
+            .map(|&cause| {
+                let c = counter!("crosslink_path_moves_total", "peer" => name.to_string(), "cause" => cause);
+                c.absolute(0);
+                c
+            })
+            .collect();
         *slot(&mut self.peers.write(), id) = Some(PeerMetrics {
             name: name.to_string(),
             up,
             detection,
+            moves,
         });
     }
 
@@ -344,6 +392,9 @@ impl Metrics {
         }
         for p in self.peers.read().iter().flatten() {
             p.up.increment(0.0);
+            for c in &p.moves {
+                c.increment(0);
+            }
         }
         for c in self.failovers.lock().values() {
             c.increment(0);
@@ -381,6 +432,21 @@ impl Metrics {
             .increment(1);
         if let Some(d) = detection {
             p.detection.record(d.as_secs_f64());
+        }
+    }
+
+    /// A move of the peer's traffic, by cause (one of [`MOVE_CAUSES`]).
+    pub fn record_move(&self, peer: usize, cause: &str) {
+        let peers = self.peers.read();
+        let Some(Some(p)) = peers.get(peer) else {
+            return;
+        };
+        if let Some(c) = MOVE_CAUSES
+            .iter()
+            .position(|&k| k == cause)
+            .and_then(|i| p.moves.get(i))
+        {
+            c.increment(1);
         }
     }
 
@@ -431,6 +497,11 @@ impl PathMetrics {
             damping_level: gauge!("crosslink_path_damping_level", &labels),
             flaps: counter!("crosslink_path_flaps_total", &labels),
             blocked: gauge!("crosslink_path_blocked", &labels),
+            loss_tx: gauge!("crosslink_path_loss_ratio", "peer" => peer.clone(), "path" => path.clone(), "direction" => "tx"),
+            loss_rx: gauge!("crosslink_path_loss_ratio", "peer" => peer.clone(), "path" => path.clone(), "direction" => "rx"),
+            jitter_tx: gauge!("crosslink_path_jitter_seconds", "peer" => peer.clone(), "path" => path.clone(), "direction" => "tx"),
+            jitter_rx: gauge!("crosslink_path_jitter_seconds", "peer" => peer.clone(), "path" => path.clone(), "direction" => "rx"),
+            degraded: gauge!("crosslink_path_degraded", &labels),
             counters,
             peer,
             path,
@@ -441,9 +512,26 @@ impl PathMetrics {
         m.damped.set(0.0);
         m.damping_level.set(0.0);
         m.blocked.set(0.0);
+        for g in [&m.loss_tx, &m.loss_rx, &m.jitter_tx, &m.jitter_rx, &m.degraded] {
+            g.set(0.0);
+        }
         m.flaps.absolute(0);
         m.sync();
         m
+    }
+
+    /// The path's measured quality (`None`: not measured yet, shown as 0).
+    pub fn set_quality(
+        &self,
+        loss: (Option<f64>, Option<f64>),
+        jitter: (Option<Duration>, Option<Duration>),
+        degraded: bool,
+    ) {
+        self.loss_tx.set(loss.0.unwrap_or(0.0));
+        self.loss_rx.set(loss.1.unwrap_or(0.0));
+        self.jitter_tx.set(jitter.0.map_or(0.0, |d| d.as_secs_f64()));
+        self.jitter_rx.set(jitter.1.map_or(0.0, |d| d.as_secs_f64()));
+        self.degraded.set(f64::from(u8::from(degraded)));
     }
 
     /// Flap damping and fast-signal state of the path.
@@ -470,6 +558,11 @@ impl PathMetrics {
             &self.damped,
             &self.damping_level,
             &self.blocked,
+            &self.loss_tx,
+            &self.loss_rx,
+            &self.jitter_tx,
+            &self.jitter_rx,
+            &self.degraded,
         ] {
             g.increment(0.0);
         }

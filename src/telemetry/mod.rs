@@ -21,6 +21,8 @@ pub struct PathCounters {
     pub flows: AtomicU64,
     /// Last measured round-trip time in nanoseconds (0: none yet).
     pub rtt_ns: AtomicU64,
+    /// The highest data sequence number received (for the far end's loss).
+    pub rx_seq_high: AtomicU64,
 }
 
 impl PathCounters {

@@ -48,10 +48,33 @@ pub struct PathStatus {
     /// While damped: when the path may carry traffic again.
     #[serde(default)]
     pub damped_until_unix: Option<u64>,
+    /// What the path's probes and data measure, and the verdict.
+    #[serde(default)]
+    pub quality: QualityStatus,
     pub tx_packets: u64,
     pub rx_packets: u64,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+}
+
+/// A path's quality (see `crate::core::quality`): loss ratios over the last
+/// 3 s per direction (tx: what this gateway sends), the median round trip
+/// of the probes, their delay variation each way, the share of replies that
+/// came out of order, and whether the path breaks its service level.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct QualityStatus {
+    pub loss_ratio_tx: Option<f64>,
+    pub loss_ratio_rx: Option<f64>,
+    pub rtt_us: Option<u64>,
+    /// Sending direction.
+    pub jitter_us: Option<u64>,
+    #[serde(default)]
+    pub jitter_rx_us: Option<u64>,
+    #[serde(default)]
+    pub reorder_ratio: Option<f64>,
+    pub degraded: bool,
+    /// "loss", "rtt", "jitter" or "mtu" while degraded.
+    pub degraded_reason: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -107,24 +130,36 @@ impl Status {
             );
             let _ = writeln!(
                 s,
-                "  {:<14} {:<16} {:<6} {:>5} {:>9} {:>8} {:>9} {:>10} {:>10}  LOCAL -> REMOTE",
+                "  {:<14} {:<16} {:<6} {:>5} {:>9} {:>13} {:>8} {:>9} {:>10} {:>10}  LOCAL -> REMOTE",
                 "PATH",
                 "STATE",
                 "ACTIVE",
                 "FLOWS",
                 "RTT",
+                "LOSS TX/RX",
                 "DETECT",
                 "CHANGED",
                 "TX PKTS",
                 "RX PKTS",
             );
             for p in &peer.paths {
-                let rtt = p.bfd.rtt_us.map_or("-".to_string(), micros);
+                let rtt = p
+                    .quality
+                    .rtt_us
+                    .or(p.bfd.rtt_us)
+                    .map_or("-".to_string(), micros);
+                let loss = format!(
+                    "{}/{}",
+                    percent(p.quality.loss_ratio_tx),
+                    percent(p.quality.loss_ratio_rx)
+                );
                 let changed = p.bfd.last_change_unix.map_or("-".to_string(), |t| {
                     format!("{} ago", human_age(now_unix.saturating_sub(t)))
                 });
                 let state = if let Some(cause) = &p.blocked {
                     format!("{} ({cause})", p.state)
+                } else if let Some(reason) = &p.quality.degraded_reason {
+                    format!("{} ({reason})", p.state)
                 } else if p.damped_until_unix.is_some() {
                     format!("{} (damped)", p.state)
                 } else if p.bfd.local_diag != "none" && p.state != "up" {
@@ -134,12 +169,13 @@ impl Status {
                 };
                 let _ = writeln!(
                     s,
-                    "  {:<14} {:<16} {:<6} {:>5} {:>9} {:>8} {:>9} {:>10} {:>10}  {} -> {}",
+                    "  {:<14} {:<16} {:<6} {:>5} {:>9} {:>13} {:>8} {:>9} {:>10} {:>10}  {} -> {}",
                     p.name,
                     state,
                     if p.active { "*" } else { "" },
                     p.flows,
                     rtt,
+                    loss,
                     micros(p.bfd.detect_time_us),
                     changed,
                     p.tx_packets,
@@ -159,6 +195,15 @@ fn short_diag(d: &str) -> &str {
         "neighbor_down" => "nbr down",
         "admin_down" => "admin",
         other => other,
+    }
+}
+
+fn percent(ratio: Option<f64>) -> String {
+    match ratio {
+        None => "-".to_string(),
+        Some(0.0) => "0%".to_string(),
+        Some(r) if r < 0.001 => "<0.1%".to_string(),
+        Some(r) => format!("{:.1}%", r * 100.0),
     }
 }
 
@@ -229,6 +274,16 @@ mod tests {
                     flaps: 2,
                     damping_level: 1,
                     damped_until_unix: None,
+                    quality: QualityStatus {
+                        loss_ratio_tx: Some(0.052),
+                        loss_ratio_rx: Some(0.0),
+                        rtt_us: Some(180),
+                        jitter_us: Some(20),
+                        jitter_rx_us: Some(15),
+                        reorder_ratio: Some(0.0),
+                        degraded: true,
+                        degraded_reason: Some("loss".into()),
+                    },
                     tx_packets: 1000,
                     rx_packets: 998,
                     tx_bytes: 0,
@@ -265,8 +320,19 @@ mod tests {
             "flaps",
             "damping_level",
             "damped_until_unix",
+            "quality",
         ] {
             assert!(path.get(k).is_some(), "{k}");
+        }
+        for k in [
+            "loss_ratio_tx",
+            "loss_ratio_rx",
+            "rtt_us",
+            "jitter_us",
+            "degraded",
+            "degraded_reason",
+        ] {
+            assert!(path["quality"].get(k).is_some(), "quality.{k}");
         }
         for k in [
             "local_state",
@@ -289,5 +355,7 @@ mod tests {
         assert!(t.contains("cci-1"));
         assert!(t.contains("60s ago"));
         assert!(t.contains("30ms"));
+        assert!(t.contains("up (loss)"), "{t}");
+        assert!(t.contains("5.2%/0%"), "{t}");
     }
 }

@@ -97,6 +97,19 @@ pub enum MsgType {
     SealedEchoRequest = 5,
     /// [`MsgType::EchoReply`], authenticated (payload: the tag only).
     SealedEchoReply = 6,
+    /// A path-quality probe: the sequence field carries the sender's probe
+    /// number (per path, counting up); the payload is a [`ProbeClass`] byte
+    /// and padding, so that a large probe is as long as the path's largest
+    /// data datagram. The receiver answers each at once with a
+    /// [`MsgType::ProbeReply`] carrying the same number and a
+    /// [`ProbeReport`] ([`crate::core::quality`]).
+    ProbeRequest = 7,
+    /// The answer to a [`MsgType::ProbeRequest`]: payload a [`ProbeReport`].
+    ProbeReply = 8,
+    /// [`MsgType::ProbeRequest`], sealed (payload encrypted, then the tag).
+    SealedProbeRequest = 9,
+    /// [`MsgType::ProbeReply`], sealed (payload encrypted, then the tag).
+    SealedProbeReply = 10,
 }
 
 impl MsgType {
@@ -104,7 +117,11 @@ impl MsgType {
     pub fn is_sealed(self) -> bool {
         matches!(
             self,
-            MsgType::SealedData | MsgType::SealedEchoRequest | MsgType::SealedEchoReply
+            MsgType::SealedData
+                | MsgType::SealedEchoRequest
+                | MsgType::SealedEchoReply
+                | MsgType::SealedProbeRequest
+                | MsgType::SealedProbeReply
         )
     }
 
@@ -116,6 +133,10 @@ impl MsgType {
             4 => Some(MsgType::SealedData),
             5 => Some(MsgType::SealedEchoRequest),
             6 => Some(MsgType::SealedEchoReply),
+            7 => Some(MsgType::ProbeRequest),
+            8 => Some(MsgType::ProbeReply),
+            9 => Some(MsgType::SealedProbeRequest),
+            10 => Some(MsgType::SealedProbeReply),
             _ => None,
         }
     }
@@ -288,6 +309,100 @@ impl Header {
     }
 }
 
+/// Which kind of probe a [`MsgType::ProbeRequest`] is (its first payload
+/// byte): the receiver counts each kind apart, so that the loss of large
+/// probes alone (an MTU black hole) is told from loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeClass {
+    /// A short probe: loss, round trip and delay variation.
+    Small = 0,
+    /// A probe as long as the path's largest data datagram.
+    Large = 1,
+}
+
+impl ProbeClass {
+    /// The class a request's payload names; an unknown byte counts as
+    /// small (a newer sender's class an older receiver does not know).
+    pub fn from_payload(payload: &[u8]) -> ProbeClass {
+        match payload.first() {
+            Some(1) => ProbeClass::Large,
+            _ => ProbeClass::Small,
+        }
+    }
+}
+
+/// What the receiver of probes reports in each [`MsgType::ProbeReply`]:
+/// cumulative counts of what it received on the path from the prober's
+/// side, so that a lost reply loses nothing but its own sample.
+///
+/// ```text
+/// +---------------------------------------------------------------+
+/// +           Small probes received (u64, cumulative)             +
+/// +---------------------------------------------------------------+
+/// +           Large probes received (u64, cumulative)             +
+/// +---------------------------------------------------------------+
+/// +      Receive time of the request (u64, ns, receiver's clock)  +
+/// +---------------------------------------------------------------+
+/// +        Data datagrams received on the path (u64, cumulative)  +
+/// +---------------------------------------------------------------+
+/// +     Highest data sequence number received on the path (u64)   +
+/// +---------------------------------------------------------------+
+/// |   Length of the request as received (u32)                     |
+/// +---------------------------------------------------------------+
+/// |                          Reserved (0)                         |
+/// +---------------------------------------------------------------+
+/// ```
+///
+/// Only differences between two reports mean anything: the receive time
+/// is on the receiver's clock (its delay variation is what counts), and
+/// the counts start at the receiver's start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeReport {
+    pub small_received: u64,
+    pub large_received: u64,
+    pub received_at_ns: u64,
+    pub data_received: u64,
+    pub data_seq_high: u64,
+    pub request_len: u32,
+}
+
+impl ProbeReport {
+    /// Its length on the wire.
+    pub const LEN: usize = 48;
+
+    /// Parses a report from a reply's payload (longer payloads: the rest
+    /// is a newer sender's and skipped).
+    pub fn parse(buf: &[u8]) -> Result<ProbeReport, OverlayError> {
+        let b: &[u8; Self::LEN] = buf
+            .get(..Self::LEN)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(OverlayError::Truncated)?;
+        Ok(ProbeReport {
+            small_received: be_u64(&b[0..8]),
+            large_received: be_u64(&b[8..16]),
+            received_at_ns: be_u64(&b[16..24]),
+            data_received: be_u64(&b[24..32]),
+            data_seq_high: be_u64(&b[32..40]),
+            request_len: u32::from_be_bytes([b[40], b[41], b[42], b[43]]),
+        })
+    }
+
+    /// Writes the report into the first [`ProbeReport::LEN`] bytes of `out`.
+    pub fn emit(&self, out: &mut [u8]) -> Result<usize, OverlayError> {
+        let b = out
+            .get_mut(..Self::LEN)
+            .ok_or(OverlayError::BufferTooSmall)?;
+        b[0..8].copy_from_slice(&self.small_received.to_be_bytes());
+        b[8..16].copy_from_slice(&self.large_received.to_be_bytes());
+        b[16..24].copy_from_slice(&self.received_at_ns.to_be_bytes());
+        b[24..32].copy_from_slice(&self.data_received.to_be_bytes());
+        b[32..40].copy_from_slice(&self.data_seq_high.to_be_bytes());
+        b[40..44].copy_from_slice(&self.request_len.to_be_bytes());
+        b[44..48].fill(0);
+        Ok(Self::LEN)
+    }
+}
+
 fn be_u64(b: &[u8]) -> u64 {
     let mut v = [0u8; 8];
     if let Some(src) = b.get(..8) {
@@ -436,8 +551,8 @@ mod tests {
         let mut t = good;
         t[1] = 0;
         assert_eq!(Header::parse(&t), Err(OverlayError::BadType(0)));
-        t[1] = 9;
-        assert_eq!(Header::parse(&t), Err(OverlayError::BadType(9)));
+        t[1] = 11;
+        assert_eq!(Header::parse(&t), Err(OverlayError::BadType(11)));
         t[1] = 4;
         assert_eq!(Header::parse(&t).unwrap().0.msg_type, MsgType::SealedData);
         assert!(MsgType::SealedData.is_sealed() && !MsgType::Data.is_sealed());
@@ -450,5 +565,43 @@ mod tests {
             Header::data(1).emit(&mut [0u8; 4]),
             Err(OverlayError::BufferTooSmall)
         );
+    }
+
+    #[test]
+    fn probe_report_round_trip_and_truncation() {
+        let r = ProbeReport {
+            small_received: 1,
+            large_received: 2,
+            received_at_ns: u64::MAX - 3,
+            data_received: 4,
+            data_seq_high: 5,
+            request_len: 1500,
+        };
+        let mut buf = [0xffu8; ProbeReport::LEN + 4];
+        assert_eq!(r.emit(&mut buf), Ok(ProbeReport::LEN));
+        assert_eq!(ProbeReport::parse(&buf), Ok(r));
+        assert_eq!(&buf[44..48], &[0, 0, 0, 0], "reserved is zero");
+        assert_eq!(
+            ProbeReport::parse(&buf[..ProbeReport::LEN - 1]),
+            Err(OverlayError::Truncated)
+        );
+        assert_eq!(
+            r.emit(&mut [0u8; 10]),
+            Err(OverlayError::BufferTooSmall)
+        );
+    }
+
+    #[test]
+    fn probe_types_parse_and_seal_as_their_pairs() {
+        for (t, sealed) in [(7u8, false), (8, false), (9, true), (10, true)] {
+            let m = MsgType::from_u8(t).unwrap();
+            assert_eq!(m as u8, t);
+            assert_eq!(m.is_sealed(), sealed);
+        }
+        assert_eq!(MsgType::from_u8(11), None);
+        assert_eq!(ProbeClass::from_payload(&[1, 0]), ProbeClass::Large);
+        assert_eq!(ProbeClass::from_payload(&[0]), ProbeClass::Small);
+        assert_eq!(ProbeClass::from_payload(&[7]), ProbeClass::Small);
+        assert_eq!(ProbeClass::from_payload(&[]), ProbeClass::Small);
     }
 }

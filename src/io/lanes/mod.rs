@@ -64,11 +64,12 @@ use crate::core::dedup::{Verdict, Window};
 use crate::core::drop::DropReason;
 use crate::core::engine::Forwarding;
 use crate::core::forward::{
-    classify, echo_rtt, emit_echo, encapsulate, receive, seal_data, seal_echo, Echo, Message,
-    Opener, Placement, Sealer, HEADROOM, TRAILER,
+    classify, emit_echo, emit_probe, emit_probe_reply, encapsulate, receive, seal_data,
+    seal_echo, Echo, Message, Opener, Placement, Sealer, HEADROOM, TRAILER,
 };
+use crate::core::quality::{DataCounts, Prober, Reflector};
 use crate::core::segment::{finish_checksum, Cut, VnetHeader, MAX_HEADERS, VNET_HDR_LEN};
-use crate::core::wire::overlay::{Header, PeerSeq, MAX_LANES};
+use crate::core::wire::overlay::{Header, PeerSeq, ProbeClass, ProbeReport, MAX_LANES};
 use crate::telemetry::{DropCounters, PathCounters};
 use crate::{PathId, PeerId};
 use arc_swap::{ArcSwap, ArcSwapOption};

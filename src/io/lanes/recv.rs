@@ -1,19 +1,23 @@
 //! The receiving half of a lane ([`PathIn`], one per path): takes the
 //! path's datagrams from its configured remote only, parses each once and
 //! dispatches on its kind ([`crate::core::forward::receive`]: data to
-//! deliver, echo to answer or time), applies the `duplicate` window, and
-//! writes what it delivers to the lane's TUN queue ([`TunWriter`], merging
-//! one flow's segments into super-packets).
+//! deliver, a probe or an echo to answer, the reply to one of our probes),
+//! applies the `duplicate` window, and writes what it delivers to the lane's
+//! TUN queue ([`TunWriter`], merging one flow's segments into
+//! super-packets).
+//!
+//! Lane 0's end of each path also probes it ([`crate::core::quality`]): it
+//! sends what its [`Prober`] says when it is due, answers the far end's
+//! probes from its [`Reflector`], and hands each reply's sample to the BFD
+//! thread, whose engine judges the path.
 
 use super::*;
 
 /// Datagrams a receiving thread takes per system call (each buffer holds
 /// the largest datagram, [`BUF_LEN`]).
 pub(super) const RX_BATCH: usize = 16;
-/// How often each path measures its round-trip time.
-pub(super) const ECHO_INTERVAL: Duration = Duration::from_secs(1);
-/// Replies older than this are ignored.
-pub(super) const ECHO_MAX_AGE: Duration = Duration::from_secs(10);
+/// How long a lane that does not probe sleeps between ticks.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// UDP GRO is asked for unless `CROSSLINK_UDP_GRO=0` (then every datagram
 /// arrives as a message of its own, as on a kernel without it).
@@ -31,15 +35,24 @@ pub struct PathIn {
     pub tun: Arc<SyncDevice>,
     pub counters: Arc<PathCounters>,
     pub drops: Arc<DropCounters>,
-    /// Whether this end measures the path's round-trip time (one lane does).
-    pub probe: bool,
+    /// The path's id, for the samples sent to the BFD thread.
+    pub id: PathId,
+    /// This end's probes, when it is the one that probes the path (lane 0).
+    pub prober: Option<Prober>,
+    /// Answers the far end's probes (they name lane 0, so lane 0's does).
+    pub reflector: Reflector,
+    /// The length of a large probe (the path's largest data datagram,
+    /// without a tag).
+    pub large_probe: usize,
+    /// Sealed probe requests pass this window (a replayed one is not
+    /// answered: it would count as received).
+    pub probe_window: ReplayWindow,
+    /// Where probe samples go (the BFD thread).
+    pub commands: CommandLink,
     /// The peer's duplicate-suppression window, shared by its paths.
     pub dedup: Arc<Mutex<Window>>,
     /// Where measured round-trip times go.
     pub rtt: metrics::Histogram,
-    /// XORed into echo stamps, so that a forged reply does not decode to a
-    /// plausible send time.
-    pub stamp_key: u64,
     pub keys: SharedKeys,
     pub epoch: u32,
     /// [`crate::core::crypto::path_salt`] of (local, remote), for what we send.
@@ -64,8 +77,8 @@ pub(super) struct RxState {
     pub(super) spare: Vec<&'static [u8]>,
     /// Whether the sender vouched for each packet's checksum.
     pub(super) trusted: Vec<bool>,
-    /// When the next echo request is due.
-    pub(super) next_echo: Instant,
+    /// A probe or probe reply being framed.
+    pub(super) probe: Vec<u8>,
 }
 
 impl PathIn {
@@ -96,25 +109,39 @@ impl PathIn {
             inner: Vec::with_capacity(RX_BATCH * 64),
             spare: Vec::with_capacity(RX_BATCH * 64),
             trusted: Vec::with_capacity(RX_BATCH * 64),
-            next_echo: clock::now(),
+            probe: vec![0; (self.large_probe + TRAILER).max(HEADROOM + TRAILER + ProbeReport::LEN)],
         }
     }
 
-    /// Sends an echo request if one is due; returns when the next one is.
+    /// Sends a probe if one is due; returns when the next one is.
     pub(super) fn tick(&mut self, rx: &mut RxState, now: Instant) -> Instant {
-        if self.probe && now >= rx.next_echo {
-            rx.next_echo = now + ECHO_INTERVAL;
-            // Sealed stamps need no obscuring, and must increase (EchoGuard).
-            let stamp = match self.keys.load().is_some() {
-                true => clock::nanos(),
-                false => clock::nanos() ^ self.stamp_key,
+        let Some(prober) = self.prober.as_mut() else {
+            return now + IDLE_TICK;
+        };
+        let due = prober.poll_probe(now);
+        let next = prober.poll_timeout().unwrap_or(now + IDLE_TICK);
+        if let Some(p) = due {
+            let len = match p.class {
+                ProbeClass::Small => 0,
+                ProbeClass::Large => self.large_probe,
             };
-            self.echo_guard.sent(stamp);
-            self.send_echo(Echo::Request(stamp));
+            let keys = self.keys.load_full();
+            let sealer = keys.as_deref().map(|keys| Sealer {
+                keys,
+                epoch: self.epoch,
+                salt: self.salt_out,
+            });
+            let len = len + sealer.map_or(0, |_| TRAILER);
+            if let Ok(n) = emit_probe(p.seq, p.class, len, &mut rx.probe, sealer.as_ref()) {
+                self.send(&rx.probe[..n]);
+            }
         }
-        match self.probe {
-            true => rx.next_echo,
-            false => now + ECHO_INTERVAL,
+        next
+    }
+
+    fn send(&self, datagram: &[u8]) {
+        if self.socket.send_to(datagram, self.remote).is_err() {
+            self.drops.count(DropReason::PathSend);
         }
     }
 
@@ -223,10 +250,23 @@ impl PathIn {
         });
         match receive(datagram, opener) {
             Ok(Message::Data(header, range)) => self
-                .deliverable(header.peer_seq, range.len())
+                .deliverable(&header, range.len())
                 .then_some((range, header.checksum_ok())),
             Ok(Message::Echo(echo, epoch)) => {
                 self.on_echo(echo, epoch, keys.is_some());
+                None
+            }
+            Ok(Message::Probe {
+                seq,
+                class,
+                len,
+                epoch,
+            }) => {
+                self.on_probe(seq, class, len, epoch, keys);
+                None
+            }
+            Ok(Message::ProbeReply { seq, report }) => {
+                self.on_probe_reply(seq, report);
                 None
             }
             Err(reason) => {
@@ -238,9 +278,12 @@ impl PathIn {
 
     /// Counts a data packet and applies the duplicate window: whether it
     /// goes to the TUN.
-    fn deliverable(&self, peer_seq: Option<PeerSeq>, len: usize) -> bool {
+    fn deliverable(&self, header: &Header, len: usize) -> bool {
         self.counters.count_rx(len);
-        if let Some(p) = peer_seq {
+        self.counters
+            .rx_seq_high
+            .fetch_max(header.sequence, Ordering::Relaxed);
+        if let Some(p) = header.peer_seq {
             match self.dedup.lock().check(p.instance, p.sequence) {
                 Verdict::Deliver => {}
                 Verdict::Duplicate => {
@@ -271,19 +314,17 @@ impl PathIn {
             None => emit_echo(echo, &mut msg),
         };
         if let Ok(n) = framed {
-            if self.socket.send_to(&msg[..n], self.remote).is_err() {
-                self.drops.count(DropReason::PathSend);
-            }
+            self.send(&msg[..n]);
         }
     }
 
-    /// Answers an echo request, or times the reply to one of ours. A sealed
-    /// echo passes the echo guard first (a request must be newer than the
-    /// last one, a reply must answer a request we sent).
+    /// Answers an echo request (older gateways measure round trips with
+    /// them; this one probes instead, so a reply answers nothing of ours).
+    /// A sealed request passes the echo guard first (it must be newer than
+    /// the last one).
     fn on_echo(&mut self, echo: Echo, epoch: u32, sealed: bool) {
         match (echo, sealed) {
             (Echo::Request(stamp), false) => self.send_echo(Echo::Reply(stamp)),
-            (Echo::Reply(stamp), false) => self.record_rtt(stamp ^ self.stamp_key),
             (Echo::Request(stamp), true) => {
                 if self.echo_guard.request(epoch, stamp) {
                     self.send_echo(Echo::Reply(stamp));
@@ -291,26 +332,67 @@ impl PathIn {
                     self.drops.count(DropReason::Replayed);
                 }
             }
-            (Echo::Reply(stamp), true) => {
-                if self.echo_guard.reply(stamp) {
-                    self.record_rtt(stamp);
-                } else {
-                    self.drops.count(DropReason::EchoStale);
-                }
-            }
+            (Echo::Reply(_), _) => self.drops.count(DropReason::EchoStale),
         }
     }
 
-    /// Records the round trip of a reply to the request stamped `sent`.
-    fn record_rtt(&self, sent: u64) {
-        let max = ECHO_MAX_AGE.as_nanos() as u64;
-        match echo_rtt(sent, clock::nanos(), max) {
-            Some(ns) => {
-                self.counters.rtt_ns.store(ns.max(1), Ordering::Relaxed);
-                self.rtt.record(Duration::from_nanos(ns).as_secs_f64());
-            }
-            None => self.drops.count(DropReason::EchoStale),
+    /// The path's data counts, as the far end's probes report them.
+    fn data_counts(&self) -> DataCounts {
+        DataCounts {
+            received: self.counters.rx_packets.load(Ordering::Relaxed),
+            seq_high: self.counters.rx_seq_high.load(Ordering::Relaxed),
         }
+    }
+
+    /// Answers a probe at once with what this end received. A sealed one
+    /// must be new (its number past the path's probe window).
+    fn on_probe(
+        &mut self,
+        seq: u64,
+        class: ProbeClass,
+        len: usize,
+        epoch: u32,
+        keys: Option<&Keys>,
+    ) {
+        if keys.is_some() {
+            if self.probe_window.check(epoch, seq).is_err() {
+                self.drops.count(DropReason::Replayed);
+                return;
+            }
+            self.probe_window.commit(epoch, seq);
+        }
+        let report = self
+            .reflector
+            .reflect(class, len, clock::nanos(), self.data_counts());
+        let sealer = keys.map(|keys| Sealer {
+            keys,
+            epoch: self.epoch,
+            salt: self.salt_out,
+        });
+        let mut msg = [0u8; HEADROOM + ProbeReport::LEN + TRAILER];
+        if let Ok(n) = emit_probe_reply(seq, &report, &mut msg, sealer.as_ref()) {
+            self.send(&msg[..n]);
+        }
+    }
+
+    /// A reply to one of our probes: its round trip to the metrics, its
+    /// sample to the BFD thread.
+    fn on_probe_reply(&mut self, seq: u64, report: ProbeReport) {
+        let local = self.data_counts();
+        let Some(prober) = self.prober.as_mut() else {
+            self.drops.count(DropReason::EchoStale);
+            return;
+        };
+        let now = clock::now();
+        let Some(sample) = prober.handle_reply(seq, report, local, now) else {
+            self.drops.count(DropReason::EchoStale);
+            return;
+        };
+        let rtt = now.saturating_duration_since(sample.sent_at);
+        let ns = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX);
+        self.counters.rtt_ns.store(ns.max(1), Ordering::Relaxed);
+        self.rtt.record(rtt.as_secs_f64());
+        self.commands.send(Command::Quality(self.id, Box::new(sample)));
     }
 }
 

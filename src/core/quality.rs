@@ -1,0 +1,755 @@
+//! Path quality, sans-IO: how every path performs in each direction, all
+//! the time, and whether it is good enough to carry traffic.
+//!
+//! BFD tells a live path from a dead one. The failures that cost most on
+//! private cloud links are partial: a path that loses a few percent of its
+//! packets, one whose latency jumps, one that drops only large packets (an
+//! MTU black hole). BFD stays Up through all of them. This module measures
+//! them and judges each path against its service level
+//! ([`crate::config::SlaConfig`]); the steering ([`crate::core::steer`])
+//! takes a *degraded* path out of service while a better one exists.
+//!
+//! # Measuring
+//!
+//! Each path's receiving lane 0 runs a [`Prober`]: every `probe_interval`
+//! (10 ms by default) it sends a probe request, every tenth one as long as
+//! the path's largest data datagram. The far end's [`Reflector`] answers
+//! each at once with a [`ProbeReport`]: cumulative counts of the small and
+//! large probes and of the data datagrams it received on the path, the
+//! highest data sequence number it saw, and when the request arrived (its
+//! own clock). A reply becomes a [`Sample`] for the path's [`Quality`],
+//! which the engine owns. Counts are cumulative so that a lost reply loses
+//! only its own sample; between two samples:
+//!
+//! - **loss, sending direction**: probes sent against probes the far end
+//!   received, and data datagrams numbered against those it received (on a
+//!   busy path thousands of samples a second: a brownout is seen in
+//!   milliseconds, not seconds);
+//! - **loss, receiving direction**: replies the far end sent against those
+//!   received, and the local data counters (highest sequence against count);
+//! - **round-trip time**: reply time less send time;
+//! - **delay variation** each way (RFC 3550 section 6.4.1 jitter): the far
+//!   end's receive stamps against our send times, our receive times
+//!   against its stamps (no synchronised clocks needed: only differences);
+//! - **large packets**: large probes sent against received;
+//! - **reordering**: replies that arrive after a later one.
+//!
+//! Per-packet work in the data plane is one more counter (the highest data
+//! sequence received); everything else is per probe, outside the data path.
+//! The kernel fast path numbers nothing (its data datagrams carry sequence
+//! 0), so for a `fast_path` peer loss comes from the probes alone.
+//!
+//! # Judging
+//!
+//! A path is **degraded** as soon as one of these holds (quick to leave):
+//!
+//! - *loss*: over the last 100 ms, 300 ms, 1 s or 3 s, at least
+//!   [`MIN_LOST`] packets lost and the lower bound of the loss ratio's
+//!   Wilson score interval at z = 3 (99.87 % one-sided) above `max_loss`.
+//!   The bound makes a short, lucky run of losses on a good path count for
+//!   nothing (0.1 % random loss never trips a 1 % threshold) while 5 % on a
+//!   2000 packet/s path trips it within about 100 ms.
+//! - *mtu*: the last [`MTU_RUN`] large probes were lost while small ones
+//!   passed (and then a loss seen with no small probe lost is an MTU loss);
+//! - *rtt*: the median round trip of the last 300 ms above `max_rtt`;
+//! - *jitter*: the sending direction's jitter above `max_jitter`.
+//!
+//! It is **good again** only after every measure has stayed good, with a
+//! margin (loss at most half of `max_loss` over 3 s, round trip and jitter
+//! at most 90 % of theirs, large probes passing), for `hold` (10 s by
+//! default), doubled each time the path degrades again within
+//! [`FLAP_WINDOW`] of its last recovery, up to 8 times (slow to come back).
+//! The steering adds the rest: a margin before a move, a cap on moves per
+//! minute, and no move when every path is as bad.
+
+use crate::config::SlaConfig;
+use crate::core::wire::overlay::{ProbeClass, ProbeReport};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Every this many probes, one is large.
+pub const LARGE_EVERY: u64 = 10;
+/// Probes remembered for their replies (10 s at the default interval).
+const RING: usize = 1024;
+/// Loss is counted in buckets of this length.
+const BUCKET: Duration = Duration::from_millis(50);
+/// The windows, in buckets, over which loss may degrade a path.
+const TRIGGER_WINDOWS: [usize; 4] = [2, 6, 20, 60];
+/// The window, in buckets, over which a recovering path's loss is judged
+/// and the status reports loss.
+const GOOD_WINDOW: usize = 60;
+/// Fewest packets lost before loss may degrade a path.
+pub const MIN_LOST: u64 = 3;
+/// The z of the Wilson bound (one-sided 99.87 %).
+const Z: f64 = 3.0;
+/// Large probes lost in a row that make an MTU black hole.
+pub const MTU_RUN: u64 = 3;
+/// The round trip is the median of this recent window...
+const RTT_WINDOW: Duration = Duration::from_millis(300);
+/// ... of at least this many samples.
+const RTT_MIN_SAMPLES: usize = 3;
+/// A path that degrades again this soon after recovering is flapping.
+pub const FLAP_WINDOW: Duration = Duration::from_secs(60);
+/// The hold of a flapping path doubles up to `2^MAX_LEVEL` times.
+const MAX_LEVEL: u32 = 3;
+/// Jitter samples before jitter may degrade a path.
+const JITTER_MIN_SAMPLES: u64 = 16;
+
+/// Why a path is degraded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Loss,
+    Rtt,
+    Jitter,
+    Mtu,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Loss => "loss",
+            Reason::Rtt => "rtt",
+            Reason::Jitter => "jitter",
+            Reason::Mtu => "mtu",
+        }
+    }
+}
+
+/// A probe to send now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub seq: u64,
+    pub class: ProbeClass,
+}
+
+/// Data datagrams received on a path, as the lanes count them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataCounts {
+    pub received: u64,
+    /// The highest data sequence number received.
+    pub seq_high: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Sent {
+    seq: u64,
+    at: Instant,
+    class: ProbeClass,
+    /// Small and large probes sent up to and including this one.
+    small_sent: u64,
+    large_sent: u64,
+}
+
+/// What one probe's reply tells: its own timing, and cumulative counts of
+/// both ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub seq: u64,
+    pub class: ProbeClass,
+    pub sent_at: Instant,
+    pub received_at: Instant,
+    /// Small and large probes sent up to and including this one.
+    pub small_sent: u64,
+    pub large_sent: u64,
+    /// Replies received up to and including this one.
+    pub replies: u64,
+    /// The far end's counts when it answered.
+    pub report: ProbeReport,
+    /// This end's data counts for the path when the reply arrived.
+    pub local: DataCounts,
+}
+
+/// The sending end of a path's probes (sans-IO: the shell sends what
+/// [`Prober::poll_probe`] says and hands back each reply).
+#[derive(Clone, Debug)]
+pub struct Prober {
+    interval: Duration,
+    next_at: Option<Instant>,
+    seq: u64,
+    small_sent: u64,
+    large_sent: u64,
+    replies: u64,
+    ring: Vec<Option<Sent>>,
+}
+
+impl Prober {
+    pub fn new(interval: Duration) -> Prober {
+        Prober {
+            interval: interval.max(Duration::from_micros(100)),
+            next_at: None,
+            seq: 0,
+            small_sent: 0,
+            large_sent: 0,
+            replies: 0,
+            ring: vec![None; RING],
+        }
+    }
+
+    /// The probe to send now, if one is due. A late call sends one probe,
+    /// not a burst to catch up.
+    pub fn poll_probe(&mut self, now: Instant) -> Option<Probe> {
+        if self.next_at.is_some_and(|t| now < t) {
+            return None;
+        }
+        self.next_at = Some(match self.next_at {
+            Some(t) if now.saturating_duration_since(t) < self.interval => t + self.interval,
+            _ => now + self.interval,
+        });
+        self.seq += 1;
+        let class = if self.seq % LARGE_EVERY == 0 {
+            self.large_sent += 1;
+            ProbeClass::Large
+        } else {
+            self.small_sent += 1;
+            ProbeClass::Small
+        };
+        let slot = (self.seq % RING as u64) as usize;
+        if let Some(s) = self.ring.get_mut(slot) {
+            *s = Some(Sent {
+                seq: self.seq,
+                at: now,
+                class,
+                small_sent: self.small_sent,
+                large_sent: self.large_sent,
+            });
+        }
+        Some(Probe {
+            seq: self.seq,
+            class,
+        })
+    }
+
+    /// When the next probe is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_at
+    }
+
+    /// A reply to probe `seq` arrived at `now`: the sample it makes, or
+    /// `None` for a reply to no probe of ours (unknown, answered already,
+    /// or older than the probes remembered).
+    pub fn handle_reply(
+        &mut self,
+        seq: u64,
+        report: ProbeReport,
+        local: DataCounts,
+        now: Instant,
+    ) -> Option<Sample> {
+        let slot = self.ring.get_mut((seq % RING as u64) as usize)?;
+        let sent = slot.take_if(|s| s.seq == seq)?;
+        self.replies += 1;
+        Some(Sample {
+            seq,
+            class: sent.class,
+            sent_at: sent.at,
+            received_at: now,
+            small_sent: sent.small_sent,
+            large_sent: sent.large_sent,
+            replies: self.replies,
+            report,
+            local,
+        })
+    }
+}
+
+/// The answering end of a path's probes: counts what it received and
+/// reports it in each reply.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reflector {
+    small: u64,
+    large: u64,
+}
+
+impl Reflector {
+    /// The report for a request of `class` and `len` bytes received at
+    /// `now_ns` (this end's clock), with the path's data counts.
+    pub fn reflect(
+        &mut self,
+        class: ProbeClass,
+        len: usize,
+        now_ns: u64,
+        data: DataCounts,
+    ) -> ProbeReport {
+        match class {
+            ProbeClass::Small => self.small += 1,
+            ProbeClass::Large => self.large += 1,
+        }
+        ProbeReport {
+            small_received: self.small,
+            large_received: self.large,
+            received_at_ns: now_ns,
+            data_received: data.received,
+            data_seq_high: data.seq_high,
+            request_len: u32::try_from(len).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+/// Packets expected and lost in one bucket of time. Losses are signed: a
+/// packet late past its sample (reordered) counts as lost in one and found
+/// in the next, and the counts are cumulative, so sums over a window come
+/// out right.
+#[derive(Clone, Copy, Debug, Default)]
+struct Bucket {
+    start: Option<Instant>,
+    /// Sending direction: data and small probes.
+    tx_expected: u64,
+    tx_lost: i64,
+    /// Of which small probes alone.
+    probe_lost: i64,
+    /// Receiving direction: replies and local data.
+    rx_expected: u64,
+    rx_lost: i64,
+}
+
+/// Sums over the last buckets.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Sums {
+    tx_expected: u64,
+    tx_lost: u64,
+    probe_lost: u64,
+    rx_expected: u64,
+    rx_lost: u64,
+}
+
+/// A path's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Good,
+    Degraded {
+        reason: Reason,
+        /// Since when every measure has been good (with margin).
+        good_since: Option<Instant>,
+    },
+}
+
+/// A change of a path's verdict.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Transition {
+    Degraded(Reason, Figures),
+    Recovered(Figures),
+}
+
+/// A path's measured figures, for status, metrics and logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Figures {
+    /// Loss ratios over the last 3 s, `None` before anything was measured.
+    pub loss_tx: Option<f64>,
+    pub loss_rx: Option<f64>,
+    /// Median round trip of the last 300 ms (or the last one measured).
+    pub rtt: Option<Duration>,
+    /// RFC 3550 jitter, each way.
+    pub jitter_tx: Option<Duration>,
+    pub jitter_rx: Option<Duration>,
+    /// Replies that came after a later one, as a share of replies.
+    pub reorder: Option<f64>,
+    /// Large probes lost in a row (an MTU black hole shows here).
+    pub large_lost_run: u64,
+}
+
+/// One path's quality: the estimates and the verdict (sans-IO; the engine
+/// owns one per path and feeds it samples).
+#[derive(Clone, Debug)]
+pub struct Quality {
+    sla: SlaConfig,
+    /// Whether data sequence numbers count (not with the kernel fast path).
+    data_counts: bool,
+    last: Option<Sample>,
+    buckets: VecDeque<Bucket>,
+    rtts: VecDeque<(Instant, Duration)>,
+    jitter_tx: f64,
+    jitter_rx: f64,
+    jitter_samples: u64,
+    large_lost_run: u64,
+    large_seen: bool,
+    replies: u64,
+    reordered: u64,
+    state: State,
+    level: u32,
+    recovered_at: Option<Instant>,
+}
+
+/// The lower bound of the Wilson score interval of `lost` in `n` at [`Z`].
+pub fn wilson_lower(lost: u64, n: u64) -> f64 {
+    if n == 0 {
+        return 0.0;
+    }
+    let n = n as f64;
+    let p = lost.min(n as u64) as f64 / n;
+    let z2 = Z * Z;
+    let centre = p + z2 / (2.0 * n);
+    let spread = Z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((centre - spread) / (1.0 + z2 / n)).max(0.0)
+}
+
+/// RFC 3550 section 6.4.1: `J += (|D| - J) / 16`.
+fn jitter_step(j: f64, d: f64) -> f64 {
+    j + (d.abs() - j) / 16.0
+}
+
+/// Nanoseconds from `a` to `b`, negative when `b` is earlier.
+fn signed_nanos(a: Instant, b: Instant) -> f64 {
+    if b >= a {
+        b.duration_since(a).as_nanos() as f64
+    } else {
+        -(a.duration_since(b).as_nanos() as f64)
+    }
+}
+
+fn ratio(lost: u64, expected: u64) -> Option<f64> {
+    (expected > 0).then(|| lost.min(expected) as f64 / expected as f64)
+}
+
+impl Quality {
+    /// `data_counts`: the path's data datagrams carry sequence numbers
+    /// that count (false for a kernel fast-path peer).
+    pub fn new(sla: SlaConfig, data_counts: bool) -> Quality {
+        Quality {
+            sla,
+            data_counts,
+            last: None,
+            buckets: VecDeque::new(),
+            rtts: VecDeque::new(),
+            jitter_tx: 0.0,
+            jitter_rx: 0.0,
+            jitter_samples: 0,
+            large_lost_run: 0,
+            large_seen: false,
+            replies: 0,
+            reordered: 0,
+            state: State::Good,
+            level: 0,
+            recovered_at: None,
+        }
+    }
+
+    /// A new service level (configuration reload); the measurements stay.
+    pub fn set_sla(&mut self, sla: SlaConfig) {
+        self.sla = sla;
+    }
+
+    pub fn sla(&self) -> &SlaConfig {
+        &self.sla
+    }
+
+    /// Forgets the baselines and history (the path went down: what comes
+    /// after is not comparable); the verdict stays.
+    pub fn rebase(&mut self) {
+        self.last = None;
+        self.buckets.clear();
+        self.rtts.clear();
+        self.jitter_samples = 0;
+        self.large_lost_run = 0;
+        if let State::Degraded { reason, .. } = self.state {
+            self.state = State::Degraded {
+                reason,
+                good_since: None,
+            };
+        }
+    }
+
+    /// Why the path is degraded, if it is.
+    pub fn degraded(&self) -> Option<Reason> {
+        match self.state {
+            State::Good => None,
+            State::Degraded { reason, .. } => Some(reason),
+        }
+    }
+
+    /// The bucket for time `now`, opened if needed; old ones dropped.
+    fn bucket(&mut self, now: Instant) -> &mut Bucket {
+        let keep = (self.sla.hold.as_millis() / BUCKET.as_millis()).max(GOOD_WINDOW as u128 + 2);
+        let fresh = self
+            .buckets
+            .back()
+            .and_then(|b| b.start)
+            .is_none_or(|s| now.saturating_duration_since(s) >= BUCKET);
+        if fresh {
+            self.buckets.push_back(Bucket {
+                start: Some(now),
+                ..Bucket::default()
+            });
+            while self.buckets.len() as u128 > keep {
+                self.buckets.pop_front();
+            }
+        }
+        self.buckets
+            .back_mut()
+            .expect("a bucket was just pushed or exists")
+    }
+
+    /// Sums of the last `n` buckets that lie within `n` bucket lengths of
+    /// `now`.
+    fn sums(&self, now: Instant, n: usize) -> Sums {
+        let span = BUCKET * n as u32;
+        let (mut tx, mut tx_lost, mut probe_lost, mut rx, mut rx_lost) = (0, 0i64, 0i64, 0, 0i64);
+        for b in self.buckets.iter().rev() {
+            if b.start.is_none_or(|t| now.saturating_duration_since(t) >= span) {
+                break;
+            }
+            tx += b.tx_expected;
+            tx_lost += b.tx_lost;
+            probe_lost += b.probe_lost;
+            rx += b.rx_expected;
+            rx_lost += b.rx_lost;
+        }
+        let clamp = |lost: i64, of: u64| (lost.max(0) as u64).min(of);
+        Sums {
+            tx_expected: tx,
+            tx_lost: clamp(tx_lost, tx),
+            probe_lost: clamp(probe_lost, tx),
+            rx_expected: rx,
+            rx_lost: clamp(rx_lost, rx),
+        }
+    }
+
+    /// Takes in one probe's sample.
+    pub fn handle_sample(&mut self, s: &Sample) {
+        let now = s.received_at;
+        self.replies += 1;
+        let rtt = s.received_at.saturating_duration_since(s.sent_at);
+        self.rtts.push_back((now, rtt));
+        while self
+            .rtts
+            .front()
+            .is_some_and(|&(t, _)| now.saturating_duration_since(t) > RTT_WINDOW * 4)
+            && self.rtts.len() > RTT_MIN_SAMPLES
+        {
+            self.rtts.pop_front();
+        }
+        let Some(prev) = self.last else {
+            self.last = Some(*s);
+            return;
+        };
+        if s.seq <= prev.seq {
+            self.reordered += 1;
+            return;
+        }
+        let (r, p) = (&s.report, &prev.report);
+        let deltas = (
+            s.small_sent.checked_sub(prev.small_sent),
+            s.large_sent.checked_sub(prev.large_sent),
+            s.replies.checked_sub(prev.replies),
+            r.small_received.checked_sub(p.small_received),
+            r.large_received.checked_sub(p.large_received),
+        );
+        let (Some(small_sent), Some(large_sent), Some(replies), Some(small_got), Some(large_got)) =
+            deltas
+        else {
+            // The far end restarted (its counts went back): a new baseline.
+            self.last = Some(*s);
+            return;
+        };
+        let data_tx = self.data_delta(
+            (r.data_seq_high, r.data_received),
+            (p.data_seq_high, p.data_received),
+        );
+        let data_rx = self.data_delta(
+            (s.local.seq_high, s.local.received),
+            (prev.local.seq_high, prev.local.received),
+        );
+        let signed = |a: u64, b: u64| (a as i64).wrapping_sub(b as i64);
+        let small_lost = signed(small_sent, small_got);
+        let answered = small_got + large_got;
+        let b = self.bucket(now);
+        b.probe_lost += small_lost;
+        b.tx_expected += small_sent;
+        b.tx_lost += small_lost;
+        b.rx_expected += answered;
+        b.rx_lost += signed(answered, replies);
+        if let Some((expected, got)) = data_tx {
+            b.tx_expected += expected;
+            b.tx_lost += signed(expected, got);
+        }
+        if let Some((expected, got)) = data_rx {
+            b.rx_expected += expected;
+            b.rx_lost += signed(expected, got);
+        }
+        if large_sent > 0 {
+            if large_got == 0 {
+                self.large_lost_run += large_sent;
+            } else {
+                self.large_lost_run = 0;
+                self.large_seen = true;
+            }
+        }
+        // Delay variation, each way (only between consecutive probes).
+        if s.seq == prev.seq + 1 {
+            let far = r.received_at_ns as f64 - p.received_at_ns as f64;
+            let d_tx = far - signed_nanos(prev.sent_at, s.sent_at);
+            let d_rx = signed_nanos(prev.received_at, s.received_at) - far;
+            self.jitter_tx = jitter_step(self.jitter_tx, d_tx / 1e9);
+            self.jitter_rx = jitter_step(self.jitter_rx, d_rx / 1e9);
+            self.jitter_samples += 1;
+        }
+        self.last = Some(*s);
+    }
+
+    /// (expected, received) data datagrams between two (highest sequence,
+    /// count) readings, when they make sense: sequence numbers that count
+    /// (received far beyond numbered means they do not: a sender whose
+    /// kernel fast path numbers nothing).
+    fn data_delta(&self, now: (u64, u64), before: (u64, u64)) -> Option<(u64, u64)> {
+        if !self.data_counts {
+            return None;
+        }
+        let expected = now.0.checked_sub(before.0)?;
+        let got = now.1.checked_sub(before.1)?;
+        (expected > 0 && got <= expected.saturating_mul(2) + 16).then_some((expected, got))
+    }
+
+    /// The median round trip of the recent `window`.
+    fn rtt_median(&self, now: Instant, window: Duration) -> Option<Duration> {
+        let mut v: Vec<Duration> = self
+            .rtts
+            .iter()
+            .filter(|(t, _)| now.saturating_duration_since(*t) <= window)
+            .map(|&(_, r)| r)
+            .collect();
+        if v.len() < RTT_MIN_SAMPLES {
+            return None;
+        }
+        v.sort_unstable();
+        v.get(v.len() / 2).copied()
+    }
+
+    /// What degrades the path now, if anything (MTU before loss, so that
+    /// the losses of a black hole are named for it).
+    fn trigger(&self, now: Instant) -> Option<Reason> {
+        if self.large_lost_run >= MTU_RUN {
+            return Some(Reason::Mtu);
+        }
+        let max_loss = self.sla.max_loss();
+        for n in TRIGGER_WINDOWS {
+            let s = self.sums(now, n);
+            if s.tx_lost >= MIN_LOST && wilson_lower(s.tx_lost, s.tx_expected) > max_loss {
+                if self.large_lost_run > 0 && s.probe_lost == 0 {
+                    return Some(Reason::Mtu);
+                }
+                return Some(Reason::Loss);
+            }
+        }
+        if let (Some(max), Some(rtt)) = (self.sla.max_rtt, self.rtt_median(now, RTT_WINDOW)) {
+            if rtt > max {
+                return Some(Reason::Rtt);
+            }
+        }
+        if let Some(max) = self.sla.max_jitter {
+            if self.jitter_samples >= JITTER_MIN_SAMPLES && self.jitter_tx > max.as_secs_f64() {
+                return Some(Reason::Jitter);
+            }
+        }
+        None
+    }
+
+    /// Whether every measure is good with margin (a degraded path's way
+    /// back).
+    fn good_with_margin(&self, now: Instant, reason: Reason) -> bool {
+        let s = self.sums(now, GOOD_WINDOW);
+        let loss_ok = ratio(s.tx_lost, s.tx_expected).is_none_or(|l| l <= self.sla.max_loss() / 2.0);
+        let rtt_ok = match (self.sla.max_rtt, self.rtt_median(now, Duration::from_secs(1))) {
+            (Some(max), Some(rtt)) => rtt.as_secs_f64() <= max.as_secs_f64() * 0.9,
+            (Some(_), None) => reason != Reason::Rtt,
+            (None, _) => true,
+        };
+        let jitter_ok = self
+            .sla
+            .max_jitter
+            .is_none_or(|max| self.jitter_tx <= max.as_secs_f64() * 0.9);
+        let mtu_ok = reason != Reason::Mtu || (self.large_lost_run == 0 && self.large_seen);
+        loss_ok && rtt_ok && jitter_ok && mtu_ok
+    }
+
+    /// The hold a degraded path waits out now.
+    fn hold(&self) -> Duration {
+        self.sla
+            .hold
+            .saturating_mul(1 << self.level.saturating_sub(1).min(MAX_LEVEL))
+    }
+
+    /// Judges the path at `now`; a change of verdict, if any.
+    pub fn evaluate(&mut self, now: Instant) -> Option<Transition> {
+        match self.state {
+            State::Good => {
+                let reason = self.trigger(now)?;
+                let flapping = self
+                    .recovered_at
+                    .is_some_and(|t| now.saturating_duration_since(t) < FLAP_WINDOW);
+                self.level = if flapping {
+                    (self.level + 1).min(MAX_LEVEL + 1)
+                } else {
+                    1
+                };
+                if reason == Reason::Mtu {
+                    self.large_seen = false;
+                }
+                self.state = State::Degraded {
+                    reason,
+                    good_since: None,
+                };
+                Some(Transition::Degraded(reason, self.figures(now)))
+            }
+            State::Degraded { reason, good_since } => {
+                let good = self.trigger(now).is_none() && self.good_with_margin(now, reason);
+                if !good {
+                    self.state = State::Degraded {
+                        reason,
+                        good_since: None,
+                    };
+                    return None;
+                }
+                let since = good_since.unwrap_or(now);
+                if now.saturating_duration_since(since) >= self.hold() {
+                    self.state = State::Good;
+                    self.recovered_at = Some(now);
+                    return Some(Transition::Recovered(self.figures(now)));
+                }
+                self.state = State::Degraded {
+                    reason,
+                    good_since: Some(since),
+                };
+                None
+            }
+        }
+    }
+
+    /// When [`Quality::evaluate`] next has work without a new sample (a
+    /// recovering path's hold ending).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Degraded {
+                good_since: Some(t),
+                ..
+            } => Some(t + self.hold()),
+            _ => None,
+        }
+    }
+
+    /// The sending direction's loss ratio over the last second (the
+    /// steering's margin compares paths by it).
+    pub fn loss_tx(&self, now: Instant) -> f64 {
+        let s = self.sums(now, 20);
+        ratio(s.tx_lost, s.tx_expected).unwrap_or(0.0)
+    }
+
+    /// The measured figures.
+    pub fn figures(&self, now: Instant) -> Figures {
+        let s = self.sums(now, GOOD_WINDOW);
+        let jitter = |j: f64| {
+            (self.jitter_samples > 0).then(|| Duration::from_secs_f64(j.clamp(0.0, 3600.0)))
+        };
+        Figures {
+            loss_tx: ratio(s.tx_lost, s.tx_expected),
+            loss_rx: ratio(s.rx_lost, s.rx_expected),
+            rtt: self
+                .rtt_median(now, RTT_WINDOW)
+                .or_else(|| self.rtts.back().map(|&(_, r)| r)),
+            jitter_tx: jitter(self.jitter_tx),
+            jitter_rx: jitter(self.jitter_rx),
+            reorder: (self.replies > 0).then(|| self.reordered as f64 / self.replies as f64),
+            large_lost_run: self.large_lost_run,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

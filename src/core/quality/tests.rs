@@ -1,0 +1,403 @@
+//! Path quality on a simulated path: a prober, the far end's reflector and
+//! data streams both ways, with seeded loss, delay and jitter per direction,
+//! stepped a millisecond at a time.
+
+use super::*;
+use crate::core::rng::Rng;
+
+/// One direction's impairments.
+#[derive(Clone, Copy, Debug, Default)]
+struct Dir {
+    loss: f64,
+    /// Large probes are dropped (an MTU black hole).
+    drop_large: bool,
+    delay_ms: u64,
+    jitter_ms: u64,
+}
+
+struct Sim {
+    t0: Instant,
+    ms: u64,
+    rng: Rng,
+    prober: Prober,
+    reflector: Reflector,
+    q: Quality,
+    fwd: Dir,
+    rev: Dir,
+    /// Data packets per second each way.
+    pps: u64,
+    a_seq: u64,
+    b_seq: u64,
+    /// What B received of A's data, and A of B's.
+    at_b: DataCounts,
+    at_a: DataCounts,
+    to_b: Vec<(u64, Probe)>,
+    to_a: Vec<(u64, u64, ProbeReport)>,
+    transitions: Vec<(u64, Transition)>,
+}
+
+fn sla() -> SlaConfig {
+    SlaConfig::default()
+}
+
+impl Sim {
+    fn new(seed: u64, sla: SlaConfig, pps: u64) -> Sim {
+        Sim {
+            t0: Instant::now(),
+            ms: 0,
+            rng: Rng::new(seed),
+            prober: Prober::new(sla.probe_interval),
+            reflector: Reflector::default(),
+            q: Quality::new(sla, true),
+            fwd: Dir::default(),
+            rev: Dir::default(),
+            pps,
+            a_seq: 0,
+            b_seq: 0,
+            at_b: DataCounts::default(),
+            at_a: DataCounts::default(),
+            to_b: Vec::new(),
+            to_a: Vec::new(),
+            transitions: Vec::new(),
+        }
+    }
+
+    fn now(&self) -> Instant {
+        self.t0 + Duration::from_millis(self.ms)
+    }
+
+    fn lost(&mut self, loss: f64) -> bool {
+        loss > 0.0 && (self.rng.below(1_000_000) as f64) < loss * 1e6
+    }
+
+    fn delay(&mut self, d: Dir) -> u64 {
+        d.delay_ms + if d.jitter_ms > 0 { self.rng.below(d.jitter_ms + 1) } else { 0 }
+    }
+
+    /// Data packets sent in millisecond `ms` at `pps`.
+    fn data_this_ms(&self) -> u64 {
+        (self.ms + 1) * self.pps / 1000 - self.ms * self.pps / 1000
+    }
+
+    fn step(&mut self) {
+        let now = self.now();
+        for _ in 0..self.data_this_ms() {
+            self.a_seq += 1;
+            if !self.lost(self.fwd.loss) {
+                self.at_b.received += 1;
+                self.at_b.seq_high = self.at_b.seq_high.max(self.a_seq);
+            }
+            self.b_seq += 1;
+            if !self.lost(self.rev.loss) {
+                self.at_a.received += 1;
+                self.at_a.seq_high = self.at_a.seq_high.max(self.b_seq);
+            }
+        }
+        if let Some(p) = self.prober.poll_probe(now) {
+            let dropped = p.class == ProbeClass::Large && self.fwd.drop_large;
+            if !dropped && !self.lost(self.fwd.loss) {
+                let at = self.ms + self.delay(self.fwd);
+                self.to_b.push((at, p));
+            }
+        }
+        let ms = self.ms;
+        let (arrived, waiting): (Vec<_>, Vec<_>) = self.to_b.drain(..).partition(|(at, _)| *at <= ms);
+        self.to_b = waiting;
+        for (_, p) in arrived {
+            let len = if p.class == ProbeClass::Large { 1500 } else { 64 };
+            let report = self.reflector.reflect(p.class, len, ms * 1_000_000, self.at_b);
+            if !self.lost(self.rev.loss) {
+                let at = ms + self.delay(self.rev);
+                self.to_a.push((at, p.seq, report));
+            }
+        }
+        let (arrived, waiting): (Vec<_>, Vec<_>) = self.to_a.drain(..).partition(|(at, _, _)| *at <= ms);
+        self.to_a = waiting;
+        for (_, seq, report) in arrived {
+            if let Some(s) = self.prober.handle_reply(seq, report, self.at_a, now) {
+                self.q.handle_sample(&s);
+                self.judge(now);
+            }
+        }
+        if ms % 10 == 0 {
+            self.judge(now);
+        }
+        self.ms += 1;
+    }
+
+    fn judge(&mut self, now: Instant) {
+        if let Some(t) = self.q.evaluate(now) {
+            self.transitions.push((self.ms, t));
+        }
+    }
+
+    fn run_ms(&mut self, ms: u64) {
+        for _ in 0..ms {
+            self.step();
+        }
+    }
+
+    /// When (ms) the path was first degraded after `from`, and why.
+    fn degraded_after(&self, from: u64) -> Option<(u64, Reason)> {
+        self.transitions.iter().find_map(|&(at, t)| match t {
+            Transition::Degraded(r, _) if at >= from => Some((at - from, r)),
+            _ => None,
+        })
+    }
+
+    fn count(&self, degraded: bool) -> usize {
+        self.transitions
+            .iter()
+            .filter(|(_, t)| matches!(t, Transition::Degraded(..)) == degraded)
+            .count()
+    }
+}
+
+#[test]
+fn a_clean_path_stays_good_and_reads_zero() {
+    let mut sim = Sim::new(1, sla(), 2000);
+    sim.fwd.delay_ms = 5;
+    sim.rev.delay_ms = 5;
+    sim.run_ms(20_000);
+    assert!(sim.transitions.is_empty(), "{:?}", sim.transitions);
+    let f = sim.q.figures(sim.now());
+    assert_eq!(f.loss_tx, Some(0.0));
+    assert_eq!(f.loss_rx, Some(0.0));
+    let rtt = f.rtt.unwrap();
+    assert!(rtt >= Duration::from_millis(9) && rtt <= Duration::from_millis(11), "{rtt:?}");
+    assert_eq!(f.large_lost_run, 0);
+}
+
+#[test]
+fn five_percent_loss_on_a_busy_path_is_seen_within_300_ms() {
+    for seed in 1..=5 {
+        let mut sim = Sim::new(seed, sla(), 2000);
+        sim.run_ms(3000);
+        sim.fwd.loss = 0.05;
+        sim.run_ms(2000);
+        let (after, reason) = sim.degraded_after(3000).expect("degraded");
+        assert_eq!(reason, Reason::Loss);
+        assert!(after <= 300, "seed {seed}: degraded after {after} ms");
+    }
+}
+
+#[test]
+fn two_percent_loss_on_a_busy_path_is_seen_within_a_second() {
+    for seed in 1..=5 {
+        let mut sim = Sim::new(seed, sla(), 2000);
+        sim.run_ms(3000);
+        sim.fwd.loss = 0.02;
+        sim.run_ms(3000);
+        let (after, reason) = sim.degraded_after(3000).expect("degraded");
+        assert_eq!(reason, Reason::Loss);
+        assert!(after <= 1000, "seed {seed}: degraded after {after} ms");
+    }
+}
+
+#[test]
+fn loss_on_an_idle_path_is_seen_from_the_probes_alone() {
+    let mut sim = Sim::new(3, sla(), 0);
+    sim.run_ms(2000);
+    sim.fwd.loss = 0.05;
+    sim.run_ms(5000);
+    let (after, reason) = sim.degraded_after(2000).expect("degraded");
+    assert_eq!(reason, Reason::Loss);
+    assert!(after <= 4000, "degraded after {after} ms");
+}
+
+#[test]
+fn a_tenth_of_a_percent_never_trips_one_percent() {
+    // Ten simulated minutes at 2000 packets/s each way plus probes, three seeds.
+    for seed in 11..=13 {
+        let mut sim = Sim::new(seed, sla(), 2000);
+        sim.fwd.loss = 0.001;
+        sim.rev.loss = 0.001;
+        sim.run_ms(600_000);
+        assert!(
+            sim.transitions.is_empty(),
+            "seed {seed}: {:?}",
+            sim.transitions.first()
+        );
+        let f = sim.q.figures(sim.now());
+        assert!(f.loss_tx.unwrap() < 0.005, "{f:?}");
+    }
+}
+
+#[test]
+fn loss_in_the_receiving_direction_only_is_reported_not_acted_on() {
+    let mut sim = Sim::new(4, sla(), 2000);
+    sim.rev.loss = 0.05;
+    sim.run_ms(5000);
+    assert!(sim.transitions.is_empty(), "{:?}", sim.transitions);
+    let f = sim.q.figures(sim.now());
+    let rx = f.loss_rx.unwrap();
+    assert!((0.03..0.07).contains(&rx), "receive loss {rx}");
+    assert!(f.loss_tx.unwrap() < 0.005, "{f:?}");
+}
+
+#[test]
+fn bursts_of_loss_degrade_a_path() {
+    // Gilbert-style: 40 ms of total loss every 2 s (2 % on average).
+    let mut sim = Sim::new(5, sla(), 2000);
+    sim.run_ms(2000);
+    for _ in 0..3 {
+        sim.fwd.loss = 1.0;
+        sim.run_ms(40);
+        sim.fwd.loss = 0.0;
+        sim.run_ms(1960);
+    }
+    let (after, reason) = sim.degraded_after(2000).expect("degraded");
+    assert_eq!(reason, Reason::Loss);
+    assert!(after <= 100, "degraded after {after} ms");
+}
+
+#[test]
+fn an_mtu_black_hole_is_named_for_what_it_is() {
+    let mut sim = Sim::new(6, sla(), 2000);
+    sim.run_ms(2000);
+    sim.fwd.drop_large = true;
+    sim.run_ms(2000);
+    let (after, reason) = sim.degraded_after(2000).expect("degraded");
+    assert_eq!(reason, Reason::Mtu);
+    assert!(after <= 1000, "degraded after {after} ms");
+    // Back only once large probes pass again, and after the hold.
+    sim.run_ms(15_000);
+    assert_eq!(sim.count(false), 0, "recovered with the black hole in place");
+    sim.fwd.drop_large = false;
+    sim.run_ms(12_000);
+    assert_eq!(sim.count(false), 1, "{:?}", sim.transitions);
+}
+
+#[test]
+fn a_latency_step_past_max_rtt_is_acted_on_within_a_second() {
+    let with_limit = SlaConfig {
+        max_rtt: Some(Duration::from_millis(20)),
+        ..sla()
+    };
+    let mut sim = Sim::new(7, with_limit, 2000);
+    sim.fwd.delay_ms = 1;
+    sim.rev.delay_ms = 1;
+    sim.run_ms(2000);
+    sim.fwd.delay_ms = 31;
+    sim.run_ms(2000);
+    let (after, reason) = sim.degraded_after(2000).expect("degraded");
+    assert_eq!(reason, Reason::Rtt);
+    assert!(after <= 1000, "degraded after {after} ms");
+    // Without a limit, the same step is only reported.
+    let mut sim = Sim::new(7, sla(), 2000);
+    sim.run_ms(2000);
+    sim.fwd.delay_ms = 31;
+    sim.run_ms(2000);
+    assert!(sim.transitions.is_empty());
+    let rtt = sim.q.figures(sim.now()).rtt.unwrap();
+    assert!(rtt >= Duration::from_millis(30), "{rtt:?}");
+}
+
+#[test]
+fn jitter_past_max_jitter_degrades_and_is_measured_per_direction() {
+    let with_limit = SlaConfig {
+        max_jitter: Some(Duration::from_millis(5)),
+        ..sla()
+    };
+    let mut sim = Sim::new(8, with_limit, 0);
+    sim.fwd.delay_ms = 10;
+    sim.rev.delay_ms = 10;
+    sim.run_ms(2000);
+    assert!(sim.transitions.is_empty());
+    sim.fwd.jitter_ms = 40;
+    sim.run_ms(3000);
+    let (_, reason) = sim.degraded_after(2000).expect("degraded");
+    assert_eq!(reason, Reason::Jitter);
+    let f = sim.q.figures(sim.now());
+    let (tx, rx) = (f.jitter_tx.unwrap(), f.jitter_rx.unwrap());
+    assert!(tx > Duration::from_millis(5), "tx jitter {tx:?}");
+    assert!(rx < tx, "the receiving direction has none of its own: {rx:?} vs {tx:?}");
+}
+
+#[test]
+fn recovery_waits_for_the_hold_and_doubles_for_a_flapping_path() {
+    let mut sim = Sim::new(9, sla(), 2000);
+    sim.run_ms(1000);
+    sim.fwd.loss = 0.05;
+    sim.run_ms(1000);
+    assert_eq!(sim.count(true), 1);
+    sim.fwd.loss = 0.0;
+    let healed = sim.ms;
+    sim.run_ms(9_000);
+    assert_eq!(sim.count(false), 0, "back before the 10 s hold");
+    sim.run_ms(6_000);
+    let back = sim
+        .transitions
+        .iter()
+        .find_map(|&(at, t)| matches!(t, Transition::Recovered(_)).then_some(at))
+        .expect("recovered");
+    assert!(back - healed >= 10_000 && back - healed <= 14_000, "{}", back - healed);
+    // Degraded again within a minute: the hold doubles.
+    sim.fwd.loss = 0.05;
+    sim.run_ms(1000);
+    sim.fwd.loss = 0.0;
+    let healed = sim.ms;
+    sim.run_ms(15_000);
+    assert_eq!(sim.count(false), 1, "back before the doubled hold");
+    sim.run_ms(10_000);
+    assert_eq!(sim.count(false), 2);
+    assert!(sim.transitions.last().unwrap().0 - healed >= 20_000);
+}
+
+#[test]
+fn a_flapping_brownout_degrades_once_and_does_not_come_back_during_it() {
+    let mut sim = Sim::new(10, sla(), 2000);
+    sim.run_ms(2000);
+    for _ in 0..5 {
+        sim.fwd.loss = 0.05;
+        sim.run_ms(1000);
+        sim.fwd.loss = 0.0;
+        sim.run_ms(1000);
+    }
+    assert_eq!(sim.count(true), 1, "{:?}", sim.transitions);
+    assert_eq!(sim.count(false), 0);
+}
+
+#[test]
+fn the_far_end_restarting_is_a_new_baseline_not_loss() {
+    let mut sim = Sim::new(12, sla(), 2000);
+    sim.run_ms(2000);
+    sim.reflector = Reflector::default();
+    sim.at_b = DataCounts::default();
+    sim.run_ms(2000);
+    assert!(sim.transitions.is_empty(), "{:?}", sim.transitions);
+}
+
+#[test]
+fn replies_to_unknown_or_repeated_probes_make_no_sample() {
+    let t0 = Instant::now();
+    let mut p = Prober::new(Duration::from_millis(10));
+    let probe = p.poll_probe(t0).unwrap();
+    assert_eq!(p.poll_probe(t0 + Duration::from_millis(5)), None, "not due yet");
+    let r = ProbeReport::default();
+    let d = DataCounts::default();
+    assert!(p.handle_reply(probe.seq + 1, r, d, t0).is_none(), "never sent");
+    assert!(p.handle_reply(probe.seq, r, d, t0).is_some());
+    assert!(p.handle_reply(probe.seq, r, d, t0).is_none(), "answered twice");
+    // A late caller gets one probe, not a burst.
+    let later = t0 + Duration::from_secs(5);
+    assert!(p.poll_probe(later).is_some());
+    assert!(p.poll_probe(later).is_none());
+    // Every tenth probe is large.
+    let classes: Vec<_> = (1..=20)
+        .filter_map(|i| p.poll_probe(later + Duration::from_millis(10 * i)))
+        .map(|p| p.class)
+        .collect();
+    assert_eq!(classes.iter().filter(|c| **c == ProbeClass::Large).count(), 2);
+}
+
+#[test]
+fn the_wilson_bound_separates_noise_from_loss() {
+    // 0.4 % seen in 1000: nothing sure above 1 %.
+    assert!(wilson_lower(4, 1000) < 0.01);
+    // 5 % seen in 200: surely above 1 %.
+    assert!(wilson_lower(10, 200) > 0.01);
+    assert_eq!(wilson_lower(0, 0), 0.0);
+    assert_eq!(wilson_lower(0, 100), 0.0);
+    assert!(wilson_lower(100, 100) > 0.9);
+}
