@@ -622,7 +622,9 @@ impl Quality {
         for n in TRIGGER_WINDOWS {
             let s = self.sums(now, n);
             if s.tx_lost >= MIN_LOST && wilson_lower(s.tx_lost, s.tx_expected) > max_loss {
-                if self.large_lost_run > 0 && s.probe_lost == 0 {
+                // Large probes lost while no small one was for a second:
+                // the losses are large packets', an MTU black hole.
+                if self.large_lost_run >= 2 && self.sums(now, 20).probe_lost == 0 {
                     return Some(Reason::Mtu);
                 }
                 return Some(Reason::Loss);

@@ -28,6 +28,13 @@ impl Lab {
         self.impair(path, &[Direction::AToB, Direction::BToA], &verdict)
     }
 
+    /// Drops `per_mille` in 1000 of `path`'s packets at random in each
+    /// direction (finer than [`Lab::random_loss`]); [`Lab::heal`] removes it.
+    pub fn loss_per_mille(&self, path: LabPath, per_mille: u16) -> Result<()> {
+        let verdict = format!("numgen random mod 1000 < {per_mille} drop");
+        self.impair(path, &[Direction::AToB, Direction::BToA], &verdict)
+    }
+
     /// Replaces `path`'s impairment table on gateway A with one applying `verdict` (an
     /// nftables statement) to the packets of the given directions.
     ///

@@ -114,6 +114,9 @@ pub struct LabOptions {
     pub one_gateway_env: Vec<(Gw, String, String)>,
     /// `fast_path = true` on both gateways' peer ([`crate::io::fastpath`]).
     pub fast_path: bool,
+    /// `[peer.sla]` keys for both gateways' peer (TOML lines, e.g.
+    /// `hold = "3s"`); empty: the defaults.
+    pub sla: Vec<String>,
 }
 
 impl LabOptions {
@@ -132,6 +135,7 @@ impl LabOptions {
             gateway_env: Vec::new(),
             one_gateway_env: Vec::new(),
             fast_path: false,
+            sla: Vec::new(),
         }
     }
 

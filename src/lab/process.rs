@@ -159,6 +159,14 @@ impl StatusClient {
             .map_err(|e| LabError::Other(format!("cannot encode status: {e}")))
     }
 
+    /// Runs `crosslink status -s SOCKET`: the human table.
+    pub fn table(&self) -> Result<String> {
+        run(Command::new(&self.binary)
+            .arg("status")
+            .arg("-s")
+            .arg(&self.socket))
+    }
+
     /// Runs `crosslink status -s SOCKET --json`, the command users and scripts run.
     pub fn status(&self) -> Result<Value> {
         let out = run(Command::new(&self.binary)
@@ -334,6 +342,11 @@ impl Lab {
     /// `crosslink status --json` of a gateway (runs the command).
     pub fn status(&self, gw: Gw) -> Result<Value> {
         self.status_client(gw).status()
+    }
+
+    /// The human status table (`crosslink status`).
+    pub fn status_table(&self, gw: Gw) -> Result<String> {
+        self.status_client(gw).table()
     }
 
     /// The same document straight from the control socket; for tight polling loops.

@@ -305,6 +305,12 @@ impl Lab {
             mult = o.multiplier,
             hold = config_duration(o.revert_hold),
         );
+        if !o.sla.is_empty() {
+            text.push_str("\n  [peer.sla]\n");
+            for line in &o.sla {
+                text.push_str(&format!("  {line}\n"));
+            }
+        }
         for path in LabPath::ALL {
             text.push_str(&format!(
                 "\n  [[peer.path]]\n  name = \"{name}\"\n  local = \"{local}:{DATA_PORT}\"\n  \
