@@ -20,7 +20,7 @@ use crosslink::core::forward::{self, Sealer, HEADROOM};
 use crosslink::core::rng::Rng;
 use crosslink::core::wire::bfd::ControlPacket;
 use crosslink::core::wire::flow::FlowKey;
-use crosslink::core::wire::overlay::{self, Header, PeerSeq, BASE_LEN};
+use crosslink::core::wire::overlay::{self, Header, PeerSeq, ProbeClass, ProbeReport, BASE_LEN};
 use crosslink::PathId;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -624,6 +624,64 @@ fn engine_sequences() {
     });
 }
 
+/// Path quality fed arbitrary probe replies: 49-byte steps, a byte of time
+/// (ms) then a report as the far end would send it. Invariants: nothing
+/// panics, loss ratios stay in [0, 1], a round trip is never longer than
+/// the run, and a judged path's next deadline is never in the past.
+#[test]
+fn quality() {
+    use crosslink::config::SlaConfig;
+    use crosslink::core::quality::{DataCounts, Prober, Quality};
+    use crosslink::core::wire::overlay::ProbeReport;
+    fuzz("quality", |input| {
+        let t0 = Instant::now();
+        let sla = SlaConfig {
+            max_rtt: Some(Duration::from_millis(5)),
+            max_jitter: Some(Duration::from_millis(1)),
+            ..SlaConfig::default()
+        };
+        let mut prober = Prober::new(Duration::from_millis(10));
+        let mut q = Quality::new(sla, true);
+        let mut now = t0;
+        for (i, step) in input.chunks(1 + ProbeReport::LEN).enumerate() {
+            now += Duration::from_millis(u64::from(step[0]));
+            let Some(probe) = prober.poll_probe(now) else {
+                continue;
+            };
+            let Ok(report) = ProbeReport::parse(&step[1..]) else {
+                break;
+            };
+            let local = DataCounts {
+                received: report.data_received ^ i as u64,
+                seq_high: report.data_seq_high.rotate_left(7),
+            };
+            if let Some(sample) = prober.handle_reply(probe.seq, report, local, now) {
+                q.handle_sample(&sample);
+            }
+            q.evaluate(now);
+            if let Some(t) = q.poll_timeout() {
+                if t + Duration::from_secs(3600) < now {
+                    return Err(format!("deadline {:?} before now", now - t));
+                }
+            }
+            let f = q.figures(now);
+            for r in [f.loss_tx, f.loss_rx, f.reorder].into_iter().flatten() {
+                if !(0.0..=1.0).contains(&r) {
+                    return Err(format!("ratio {r} out of range: {f:?}"));
+                }
+            }
+            if f.rtt.is_some_and(|r| r > now - t0) {
+                return Err(format!("round trip longer than the run: {f:?}"));
+            }
+            let loss = q.loss_tx(now);
+            if !(0.0..=1.0).contains(&loss) {
+                return Err(format!("loss_tx {loss}"));
+            }
+        }
+        Ok(())
+    });
+}
+
 /// Writes the seed corpus (run once by hand: `cargo test --test fuzz write_seeds -- --ignored`).
 #[test]
 #[ignore]
@@ -696,6 +754,42 @@ fn write_seeds() {
     ext[2] = 24;
     ext.splice(16..16, [0u8; 8]);
     put("overlay", "extension", &ext);
+    let mut probe = vec![0u8; 1200];
+    let n = forward::emit_probe(9, ProbeClass::Large, 1200, &mut probe, None).unwrap();
+    put("overlay", "probe", &probe[..n]);
+    let report = ProbeReport {
+        small_received: 90,
+        large_received: 10,
+        received_at_ns: 1_000_000,
+        data_received: 2000,
+        data_seq_high: 2010,
+        request_len: 64,
+    };
+    let mut reply = vec![0u8; 128];
+    let n = forward::emit_probe_reply(9, &report, &mut reply, Some(&sealer)).unwrap();
+    put("overlay", "sealed-probe-reply", &reply[..n]);
+    // quality: steps of a time byte and a report, counting up; then a
+    // lossy stretch and a far end that restarts.
+    let mut steps = Vec::new();
+    for i in 0..40u64 {
+        let r = ProbeReport {
+            small_received: i - i / 10 - i / 7,
+            large_received: i / 10,
+            received_at_ns: i * 10_000_000 + (i % 3) * 400_000,
+            data_received: i * 19,
+            data_seq_high: i * 20,
+            request_len: if i % 10 == 0 { 1472 } else { 17 },
+        };
+        steps.push(10u8);
+        let mut b = [0u8; ProbeReport::LEN];
+        r.emit(&mut b).unwrap();
+        steps.extend_from_slice(&b);
+    }
+    put("quality", "lossy", &steps);
+    let mut restart = steps.clone();
+    restart.extend_from_slice(&[10u8]);
+    restart.extend_from_slice(&[0u8; ProbeReport::LEN]);
+    put("quality", "restart", &restart);
     // segment: virtio-net header (host order) + packet.
     let vnet = |gso_type: u8, gso_size: u16, start: u16, offset: u16| {
         let mut h = vec![1u8, gso_type];

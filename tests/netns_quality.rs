@@ -37,7 +37,7 @@ fn lab(tag: &str) -> Lab {
     lab
 }
 
-fn quality<'a>(s: &'a Value, path: LabPath) -> Option<&'a Value> {
+fn quality(s: &Value, path: LabPath) -> Option<&Value> {
     lab::path_status(s, path).and_then(|p| p.get("quality"))
 }
 
@@ -95,7 +95,10 @@ fn quality_cases() -> Vec<(u8, f64)> {
 
 #[test]
 fn a_brownout_on_the_carrying_path_is_left_and_costs_little() {
-    if !lab::test_gate("a_brownout_on_the_carrying_path_is_left_and_costs_little", &[]) {
+    if !lab::test_gate(
+        "a_brownout_on_the_carrying_path_is_left_and_costs_little",
+        &[],
+    ) {
         return;
     }
     let _serial = serial();
@@ -117,7 +120,9 @@ fn a_brownout_on_the_carrying_path_is_left_and_costs_little() {
         let lost = report["lost"].as_f64().unwrap_or(f64::NAN);
         let received = report["received"].as_f64().unwrap_or(f64::NAN);
         let lost_pct = 100.0 * lost / (lost + received);
-        let q = quality(&during, LabPath::Path1).cloned().unwrap_or_default();
+        let q = quality(&during, LabPath::Path1)
+            .cloned()
+            .unwrap_or_default();
         let left_ms = left.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
         lab::say(&format!(
             "REPORT quality brownout loss_pct={percent} stream_lost_pct={lost_pct:.3} left_after_ms={left_ms:.0} moves={} sent={} path1_quality={q} cmd=\"cargo test --test netns_quality\"",
@@ -127,9 +132,8 @@ fn a_brownout_on_the_carrying_path_is_left_and_costs_little() {
         if std::env::var("CROSSLINK_QUALITY_LOG").is_ok() {
             eprintln!("{}", lab.log_tail(Gw::A, 40));
         }
-        let left = left.unwrap_or_else(|| {
-            panic!("{percent}% loss: path1 was never left; gw-a: {during}")
-        });
+        let left =
+            left.unwrap_or_else(|| panic!("{percent}% loss: path1 was never left; gw-a: {during}"));
         assert!(
             left < Duration::from_secs(3),
             "{percent}% loss: path1 left after {left:?}"

@@ -175,7 +175,8 @@ impl FromStr for Percent {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("invalid percentage \"{s}\": expected e.g. \"1%\" or \"0.5%\" (0% to 100%)");
+        let bad =
+            || format!("invalid percentage \"{s}\": expected e.g. \"1%\" or \"0.5%\" (0% to 100%)");
         let number = s.trim().strip_suffix('%').ok_or_else(bad)?;
         let v: f64 = number.trim().parse().map_err(|_| bad())?;
         if !(0.0..=100.0).contains(&v) {
@@ -204,7 +205,9 @@ impl FromStr for Limit {
         if s.trim() == "off" {
             return Ok(Limit(None));
         }
-        parse_duration(s).map(|d| Limit(Some(d)))
+        parse_duration(s)
+            .map(|d| Limit(Some(d)))
+            .map_err(|e| format!("{e}; or \"off\" for no limit"))
     }
 }
 

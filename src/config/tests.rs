@@ -1010,3 +1010,105 @@ fn truncated_or_mangled_input_never_panics() {
         }
     }
 }
+
+// --- path quality: [peer.sla] and [peer.path.sla] --------------------------------
+
+#[test]
+fn sla_defaults_and_per_path_overrides() {
+    let c = ok(BASE);
+    assert!(c.peers[0]
+        .paths
+        .iter()
+        .all(|p| p.sla == SlaConfig::default()));
+    let d = SlaConfig::default();
+    assert_eq!(d.max_loss_ppm, 10_000, "1 %");
+    assert_eq!((d.max_rtt, d.max_jitter), (None, None));
+    assert_eq!(d.hold, Duration::from_secs(10));
+    assert_eq!(d.probe_interval, Duration::from_millis(10));
+    let text = base_with(
+        "tun = \"xl-gcp\"\n",
+        "tun = \"xl-gcp\"\n\n[peer.sla]\nmax_loss = \"0.5%\"\nmax_rtt = \"50ms\"\nhold = \"30s\"\nmax_moves_per_minute = 2\n",
+    )
+    .replacen(
+        "  name = \"cci-1\"\n",
+        "  name = \"cci-1\"\n  sla = { max_rtt = \"off\", max_jitter = \"5ms\", max_loss = \"2%\" }\n",
+        1,
+    );
+    let c = ok(&text);
+    let gcp = &c.peers[0];
+    assert_eq!(gcp.sla.max_loss_ppm, 5_000);
+    assert_eq!(gcp.sla.max_moves_per_minute, 2);
+    let (one, two) = (&gcp.paths[0].sla, &gcp.paths[1].sla);
+    assert_eq!(one.max_loss_ppm, 20_000);
+    assert_eq!(one.max_rtt, None, "\"off\" lifts the peer's limit");
+    assert_eq!(one.max_jitter, Some(Duration::from_millis(5)));
+    assert_eq!(one.hold, Duration::from_secs(30), "the rest from the peer");
+    assert_eq!(two.max_rtt, Some(Duration::from_millis(50)));
+    assert_eq!(two.max_loss_ppm, 5_000);
+    assert_eq!(c.peers[1].paths[0].sla, SlaConfig::default(), "per peer");
+}
+
+#[test]
+fn sla_errors_name_the_key() {
+    let peer_sla = |line: &str| {
+        base_with(
+            "tun = \"xl-gcp\"\n",
+            &format!("tun = \"xl-gcp\"\n\n[peer.sla]\n{line}\n"),
+        )
+    };
+    assert_err(
+        &peer_sla("max_loss = \"1\""),
+        9,
+        "peer.gcp.sla.max_loss",
+        "percentage",
+    );
+    assert_err(
+        &peer_sla("max_loss = \"120%\""),
+        9,
+        "peer.gcp.sla.max_loss",
+        "percentage",
+    );
+    assert_err(
+        &peer_sla("max_loss = \"0%\""),
+        9,
+        "peer.gcp.sla.max_loss",
+        "more than 0%",
+    );
+    assert_err(
+        &peer_sla("max_rtt = \"0ms\""),
+        9,
+        "peer.gcp.sla.max_rtt",
+        "more than 0",
+    );
+    assert_err(
+        &peer_sla("max_rtt = \"soon\""),
+        9,
+        "peer.gcp.sla.max_rtt",
+        "\"off\"",
+    );
+    assert_err(
+        &peer_sla("probe_interval = \"1m\""),
+        9,
+        "peer.gcp.sla.probe_interval",
+        "between 1ms and 10s",
+    );
+    assert_err(
+        &peer_sla("hold = \"2h\""),
+        9,
+        "peer.gcp.sla.hold",
+        "at most 1h",
+    );
+    assert_err(
+        &peer_sla("max_los = \"1%\""),
+        9,
+        "peer.gcp.sla.max_los",
+        "unknown field",
+    );
+    let path_moves = base_with(
+        "  name = \"cci-1\"\n",
+        "  name = \"cci-1\"\n  sla = { max_moves_per_minute = 3 }\n",
+    );
+    let e = err(&path_moves);
+    assert_eq!(e.key, "peer.gcp.path.cci-1.sla.max_moves_per_minute", "{e}");
+    assert!(e.message.contains("peer setting"), "{e}");
+}

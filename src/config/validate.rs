@@ -137,7 +137,11 @@ pub(super) fn merge_sla(
     let mut sla = *base;
     if let Some(Percent(ppm)) = over.max_loss {
         if ppm == 0 {
-            return invalid(at, &[k("max_loss")], "must be more than 0% (\"100%\" turns loss checks off)");
+            return invalid(
+                at,
+                &[k("max_loss")],
+                "must be more than 0% (\"100%\" turns loss checks off)",
+            );
         }
         sla.max_loss_ppm = ppm;
     }

@@ -37,7 +37,9 @@
 //! the shell (a forwarding table, a metric handle) can never come to mean
 //! a different path. Unchanged paths keep their sessions untouched.
 
-use crate::config::{BfdAuthType, BfdConfig, Config, Hop, PathConfig, PeerConfig, Policy};
+use crate::config::{
+    BfdAuthType, BfdConfig, Config, Hop, PathConfig, PeerConfig, Policy, SlaConfig,
+};
 use crate::core::bfd::{Auth, KeyError, Session, SessionConfig, SessionEvent, Transmit};
 use crate::core::drop::DropReason;
 use crate::core::quality::{Quality, Reason, Sample, Transition};
@@ -534,7 +536,11 @@ impl Engine {
         let change = core.steering.handle_path_health(id, healthy, now);
         self.dirty |= core.steering.take_changed();
         if let Some(change) = change {
-            let cause = if healthy { MoveCause::Up } else { MoveCause::Down };
+            let cause = if healthy {
+                MoveCause::Up
+            } else {
+                MoveCause::Down
+            };
             self.on_steering_change(peer, change.from, change.to, detection, cause);
         }
     }
@@ -749,6 +755,18 @@ impl Engine {
         let after = (path.session.configured_timers(), path.session.detect_mult());
         self.drain_session(id, now);
         before != after
+    }
+
+    /// A kept path's new service level (configuration reload), applied in
+    /// place; its peer's move cap comes with it.
+    pub fn set_sla(&mut self, id: PathId, sla: SlaConfig) {
+        let Some(path) = self.paths.get_mut(usize::from(id.0)).filter(|p| !p.retired) else {
+            return;
+        };
+        path.quality.set_sla(sla);
+        if let Some(core) = self.peers.get_mut(usize::from(path.peer.0)) {
+            core.steering.set_max_moves(sla.max_moves_per_minute);
+        }
     }
 
     /// The next event, oldest first.

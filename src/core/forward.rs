@@ -251,9 +251,7 @@ pub fn emit_probe(
     sealer: Option<&Sealer>,
 ) -> Result<usize, DropReason> {
     let trailer = if sealer.is_some() { TRAILER } else { 0 };
-    let payload_len = len
-        .saturating_sub(BASE_LEN + trailer)
-        .max(1);
+    let payload_len = len.saturating_sub(BASE_LEN + trailer).max(1);
     emit_control(
         (MsgType::ProbeRequest, MsgType::SealedProbeRequest),
         seq,

@@ -92,6 +92,10 @@ const RTT_MIN_SAMPLES: usize = 3;
 pub const FLAP_WINDOW: Duration = Duration::from_secs(60);
 /// The hold of a flapping path doubles up to `2^MAX_LEVEL` times.
 const MAX_LEVEL: u32 = 3;
+/// The largest count believed between two samples (16 million packets:
+/// far more than any path carries between two probes); a report past it is
+/// a new baseline.
+const MAX_DELTA: u64 = 1 << 24;
 /// Jitter samples before jitter may degrade a path.
 const JITTER_MIN_SAMPLES: u64 = 16;
 
@@ -483,7 +487,9 @@ impl Quality {
         let span = BUCKET * n as u32;
         let (mut tx, mut tx_lost, mut probe_lost, mut rx, mut rx_lost) = (0, 0i64, 0i64, 0, 0i64);
         for b in self.buckets.iter().rev() {
-            if b.start.is_none_or(|t| now.saturating_duration_since(t) >= span) {
+            if b.start
+                .is_none_or(|t| now.saturating_duration_since(t) >= span)
+            {
                 break;
             }
             tx += b.tx_expected;
@@ -539,6 +545,14 @@ impl Quality {
             self.last = Some(*s);
             return;
         };
+        if [small_sent, large_sent, replies, small_got, large_got]
+            .iter()
+            .any(|&d| d > MAX_DELTA)
+        {
+            // Counts no path could make between two probes: not believed.
+            self.last = Some(*s);
+            return;
+        }
         let data_tx = self.data_delta(
             (r.data_seq_high, r.data_received),
             (p.data_seq_high, p.data_received),
@@ -547,22 +561,23 @@ impl Quality {
             (s.local.seq_high, s.local.received),
             (prev.local.seq_high, prev.local.received),
         );
-        let signed = |a: u64, b: u64| (a as i64).wrapping_sub(b as i64);
+        // Every delta is at most MAX_DELTA, so none of this overflows.
+        let signed = |a: u64, b: u64| a as i64 - b as i64;
         let small_lost = signed(small_sent, small_got);
         let answered = small_got + large_got;
         let b = self.bucket(now);
-        b.probe_lost += small_lost;
-        b.tx_expected += small_sent;
-        b.tx_lost += small_lost;
-        b.rx_expected += answered;
-        b.rx_lost += signed(answered, replies);
+        b.probe_lost = b.probe_lost.saturating_add(small_lost);
+        b.tx_expected = b.tx_expected.saturating_add(small_sent);
+        b.tx_lost = b.tx_lost.saturating_add(small_lost);
+        b.rx_expected = b.rx_expected.saturating_add(answered);
+        b.rx_lost = b.rx_lost.saturating_add(signed(answered, replies));
         if let Some((expected, got)) = data_tx {
-            b.tx_expected += expected;
-            b.tx_lost += signed(expected, got);
+            b.tx_expected = b.tx_expected.saturating_add(expected);
+            b.tx_lost = b.tx_lost.saturating_add(signed(expected, got));
         }
         if let Some((expected, got)) = data_rx {
-            b.rx_expected += expected;
-            b.rx_lost += signed(expected, got);
+            b.rx_expected = b.rx_expected.saturating_add(expected);
+            b.rx_lost = b.rx_lost.saturating_add(signed(expected, got));
         }
         if large_sent > 0 {
             if large_got == 0 {
@@ -577,8 +592,11 @@ impl Quality {
             let far = r.received_at_ns as f64 - p.received_at_ns as f64;
             let d_tx = far - signed_nanos(prev.sent_at, s.sent_at);
             let d_rx = signed_nanos(prev.received_at, s.received_at) - far;
-            self.jitter_tx = jitter_step(self.jitter_tx, d_tx / 1e9);
-            self.jitter_rx = jitter_step(self.jitter_rx, d_rx / 1e9);
+            // A difference past 10 s is no delay variation (a far end's
+            // clock step): bounded so that it cannot swamp the estimate.
+            let bound = |d: f64| (d / 1e9).clamp(-10.0, 10.0);
+            self.jitter_tx = jitter_step(self.jitter_tx, bound(d_tx));
+            self.jitter_rx = jitter_step(self.jitter_rx, bound(d_rx));
             self.jitter_samples += 1;
         }
         self.last = Some(*s);
@@ -594,7 +612,8 @@ impl Quality {
         }
         let expected = now.0.checked_sub(before.0)?;
         let got = now.1.checked_sub(before.1)?;
-        (expected > 0 && got <= expected.saturating_mul(2) + 16).then_some((expected, got))
+        (expected > 0 && expected <= MAX_DELTA && got <= expected.saturating_mul(2) + 16)
+            .then_some((expected, got))
     }
 
     /// The median round trip of the recent `window`.
@@ -647,8 +666,12 @@ impl Quality {
     /// back).
     fn good_with_margin(&self, now: Instant, reason: Reason) -> bool {
         let s = self.sums(now, GOOD_WINDOW);
-        let loss_ok = ratio(s.tx_lost, s.tx_expected).is_none_or(|l| l <= self.sla.max_loss() / 2.0);
-        let rtt_ok = match (self.sla.max_rtt, self.rtt_median(now, Duration::from_secs(1))) {
+        let loss_ok =
+            ratio(s.tx_lost, s.tx_expected).is_none_or(|l| l <= self.sla.max_loss() / 2.0);
+        let rtt_ok = match (
+            self.sla.max_rtt,
+            self.rtt_median(now, Duration::from_secs(1)),
+        ) {
             (Some(max), Some(rtt)) => rtt.as_secs_f64() <= max.as_secs_f64() * 0.9,
             (Some(_), None) => reason != Reason::Rtt,
             (None, _) => true,

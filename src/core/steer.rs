@@ -36,8 +36,9 @@
 //! much loss, a round trip or jitter past its limit, an MTU black hole). A
 //! degraded path is *demoted* when an eligible path that is not degraded
 //! and loses at most half as much exists (the margin: no move to a path
-//! nearly as bad): demoted paths come after all others (`active-backup`
-//! and `duplicate` use the best ones first) and `balance` leaves them out.
+//! nearly as bad): the paths better by that margin come first, demoted
+//! paths after all others (`active-backup` and `duplicate` use the best
+//! ones first) and `balance` leaves them out.
 //! When no path is better by that margin (every path as bad), nothing
 //! moves: the active path stays first. Quality moves are capped per
 //! minute (`max_moves_per_minute`); a change past the cap waits until the
@@ -375,7 +376,11 @@ impl Steering {
             .front()
             .filter(|_| self.pending)
             .map(|&t| t + MOVE_WINDOW);
-        self.slots.iter().filter_map(|s| s.eligible_at).chain(cap).min()
+        self.slots
+            .iter()
+            .filter_map(|s| s.eligible_at)
+            .chain(cap)
+            .min()
     }
 
     fn recompute(&mut self) -> Option<Change> {
@@ -406,26 +411,39 @@ impl Steering {
     /// When some eligible path is degraded but none is demoted (no path is
     /// better by the margin), the active path stays first: nothing moves.
     fn ranked(&self) -> Vec<(PathId, bool)> {
-        let eligible: Vec<(usize, &Slot)> =
-            self.slots.iter().enumerate().filter(|(_, s)| s.eligible).collect();
-        let demoted = |s: &Slot| {
-            s.applied
-                && eligible
-                    .iter()
-                    .any(|(_, o)| !o.applied && o.loss <= s.loss * 0.5)
-        };
-        let mut v: Vec<(bool, bool, u32, usize, PathId)> = eligible
+        let eligible: Vec<(usize, &Slot)> = self
+            .slots
             .iter()
-            .map(|&(i, s)| (demoted(s), false, s.priority, i, s.id))
+            .enumerate()
+            .filter(|(_, s)| s.eligible)
             .collect();
-        let stay = v.iter().all(|r| !r.0) && eligible.iter().any(|(_, s)| s.applied);
+        let better = |o: &Slot, than: &Slot| !o.applied && o.loss <= than.loss * 0.5;
+        let demoted: Vec<bool> = eligible
+            .iter()
+            .map(|(_, s)| s.applied && eligible.iter().any(|(_, o)| better(o, s)))
+            .collect();
+        // A path better by the margin than a demoted one goes before one
+        // that is merely not degraded.
+        let fallback = |s: &Slot| {
+            demoted.iter().any(|d| *d)
+                && !eligible
+                    .iter()
+                    .zip(&demoted)
+                    .any(|((_, d), &is)| is && better(s, d))
+        };
+        let mut v: Vec<(bool, bool, bool, u32, usize, PathId)> = eligible
+            .iter()
+            .zip(&demoted)
+            .map(|(&(i, s), &d)| (d, !d && fallback(s), false, s.priority, i, s.id))
+            .collect();
+        let stay = !demoted.iter().any(|d| *d) && eligible.iter().any(|(_, s)| s.applied);
         if stay {
             for r in &mut v {
-                r.1 = Some(r.4) != self.active;
+                r.2 = Some(r.5) != self.active;
             }
         }
-        v.sort_unstable_by_key(|&(d, not_active, prio, i, _)| (d, not_active, prio, i));
-        v.into_iter().map(|(d, _, _, _, id)| (id, d)).collect()
+        v.sort_unstable_by_key(|&(d, f, not_active, prio, i, _)| (d, f, not_active, prio, i));
+        v.into_iter().map(|(d, _, _, _, _, id)| (id, d)).collect()
     }
 
     /// Whether the path is degraded in the ranking now.
@@ -938,5 +956,142 @@ mod tests {
             s.handle_path_health(A, true, t);
             assert_eq!(s.active(), Some(A));
         }
+    }
+
+    /// Three healthy, eligible paths under `policy`.
+    fn three_up(policy: Policy, t0: Instant) -> Steering {
+        let mut s = Steering::new(policy, Duration::ZERO, &[(A, 1, 1), (B, 2, 1), (C, 3, 1)]);
+        for id in [A, B, C] {
+            s.handle_path_health(id, true, t0);
+        }
+        s
+    }
+
+    #[test]
+    fn a_degraded_active_path_gives_way_to_the_best_good_one() {
+        let t0 = Instant::now();
+        let mut s = three_up(Policy::ActiveBackup, t0);
+        assert_eq!(s.active(), Some(A));
+        let change = s.handle_path_quality(A, true, 0.05, t0);
+        assert_eq!(
+            change,
+            Some(Change {
+                from: Some(A),
+                to: Some(B)
+            })
+        );
+        assert!(s.is_degraded(A));
+        // Good again: back to the best priority.
+        let change = s.handle_path_quality(A, false, 0.0, t0 + Duration::from_secs(1));
+        assert_eq!(
+            change,
+            Some(Change {
+                from: Some(B),
+                to: Some(A)
+            })
+        );
+    }
+
+    #[test]
+    fn no_move_to_a_path_that_is_not_better_by_the_margin() {
+        let t0 = Instant::now();
+        let mut s = three_up(Policy::ActiveBackup, t0);
+        // B and C lose 3 % and 4 % without being degraded; A is degraded at 5 %.
+        s.handle_path_quality(B, false, 0.03, t0);
+        s.handle_path_quality(C, false, 0.04, t0);
+        assert_eq!(s.handle_path_quality(A, true, 0.05, t0), None);
+        assert_eq!(s.active(), Some(A));
+        // C clears up: it is better by the margin, so the traffic goes there.
+        s.handle_path_quality(C, false, 0.0, t0);
+        assert_eq!(
+            s.handle_path_quality(A, true, 0.05, t0),
+            None,
+            "no new verdict"
+        );
+        assert_eq!(s.active(), Some(A), "a loss figure alone moves nothing");
+        s.handle_path_quality(A, false, 0.05, t0);
+        let change = s.handle_path_quality(A, true, 0.05, t0);
+        assert_eq!(
+            change,
+            Some(Change {
+                from: Some(A),
+                to: Some(C)
+            })
+        );
+    }
+
+    #[test]
+    fn when_every_path_is_degraded_nothing_moves() {
+        let t0 = Instant::now();
+        let mut s = three_up(Policy::ActiveBackup, t0);
+        s.handle_path_quality(A, true, 0.05, t0);
+        assert_eq!(s.active(), Some(B));
+        s.handle_path_quality(C, true, 0.05, t0);
+        // B degrades too: every path is as bad, B keeps the traffic.
+        assert_eq!(s.handle_path_quality(B, true, 0.05, t0), None);
+        assert_eq!(s.active(), Some(B));
+        // A recovers: it takes the traffic back.
+        let change = s.handle_path_quality(A, false, 0.0, t0);
+        assert_eq!(
+            change,
+            Some(Change {
+                from: Some(B),
+                to: Some(A)
+            })
+        );
+    }
+
+    #[test]
+    fn quality_moves_are_capped_per_minute_and_failures_are_not() {
+        let t0 = Instant::now();
+        let mut s = three_up(Policy::ActiveBackup, t0);
+        s.set_max_moves(2);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert!(s.handle_path_quality(A, true, 0.05, at(0)).is_some());
+        assert!(s.handle_path_quality(A, false, 0.0, at(10)).is_some());
+        // The third quality move within a minute waits.
+        assert_eq!(s.handle_path_quality(A, true, 0.05, at(20)), None);
+        assert_eq!(s.active(), Some(A));
+        assert_eq!(s.poll_timeout(), Some(at(60_000)));
+        // A failure is not capped (and ranks with the verdicts applied so far).
+        let change = s.handle_path_health(A, false, at(30));
+        assert_eq!(
+            change,
+            Some(Change {
+                from: Some(A),
+                to: Some(B)
+            })
+        );
+        s.handle_path_health(A, true, at(40));
+        assert_eq!(s.active(), Some(A), "no hold: A is back");
+        // Once the first move is a minute old, the waiting verdict applies.
+        assert_eq!(s.handle_timeout(at(59_999)), None);
+        let change = s.handle_timeout(at(60_000));
+        assert_eq!(
+            change,
+            Some(Change {
+                from: Some(A),
+                to: Some(B)
+            })
+        );
+    }
+
+    #[test]
+    fn balance_leaves_degraded_paths_out_and_duplicate_uses_them_last() {
+        let t0 = Instant::now();
+        let mut s = three_up(Policy::Balance, t0);
+        s.handle_path_quality(B, true, 0.05, t0);
+        let sel = s.selection();
+        assert_eq!(sel.eligible, vec![(A, 1), (C, 1)]);
+        for flow in 0..1000u64 {
+            assert_ne!(sel.select(mix(flow)), Some(B));
+        }
+        let mut s = three_up(Policy::Duplicate, t0);
+        s.handle_path_quality(A, true, 0.05, t0);
+        let sel = s.selection();
+        assert_eq!((sel.active, sel.duplicate_path()), (Some(B), Some(C)));
+        s.handle_path_quality(C, true, 0.05, t0);
+        let sel = s.selection();
+        assert_eq!((sel.active, sel.duplicate_path()), (Some(B), Some(A)));
     }
 }

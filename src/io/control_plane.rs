@@ -17,10 +17,10 @@
 
 use super::fastpath::{self, FastPath};
 use super::{clock, sys, udp};
-use crate::config::{PathConfig, PeerConfig};
+use crate::config::{PathConfig, PeerConfig, SlaConfig};
 use crate::core::bfd::Transmit;
-use crate::core::engine::{Engine, Event, Forwarding, Secrets};
 use crate::core::engine::MoveCause;
+use crate::core::engine::{Engine, Event, Forwarding, Secrets};
 use crate::core::quality::{Sample, Transition};
 use crate::core::wire::bfd::State;
 use crate::telemetry::metrics::{Metrics, PathLabels};
@@ -80,6 +80,8 @@ pub struct Plan {
     /// Paths kept running whose BFD timers changed: (id, tx, rx, multiplier),
     /// applied in place with a Poll Sequence (RFC 5880 §6.8.3).
     pub set_timers: Vec<(PathId, Duration, Duration, u8)>,
+    /// Paths kept running whose service level changed.
+    pub set_sla: Vec<(PathId, SlaConfig)>,
     /// BFD secrets (file -> content) for the paths added.
     pub secrets: Secrets,
     /// The TUN of each added peer, by peer name, for carrier control, and
@@ -648,6 +650,9 @@ impl BfdThread {
                 let name = self.engine.path(id).map_or("?", |p| p.name.as_str());
                 info!(path = %name, tx_us = tx.as_micros() as u64, rx_us = rx.as_micros() as u64, multiplier = mult, "BFD timers applied with a poll sequence");
             }
+        }
+        for (id, sla) in plan.set_sla {
+            self.engine.set_sla(id, sla);
         }
         self.engine.set_secrets(plan.secrets);
         let mut applied = Applied::default();

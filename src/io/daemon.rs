@@ -18,14 +18,14 @@ use super::lanes::{self, FlowClaims, FlowTable, Lane, PathIn, PathOut, SharedKey
 use super::linkwatch::{self, LinkWatch, WatchedPath};
 use super::sys::Doorbell;
 use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
-use crate::config::{Config, ConfigError, PathConfig, PeerConfig, Policy};
+use crate::config::{Config, ConfigError, PathConfig, PeerConfig, Policy, SlaConfig};
 use crate::core::crypto::{self, EchoGuard, ReplayWindow};
 use crate::core::dedup::Window;
 use crate::core::engine::{check_secret, Engine, Forwarding, Secrets};
 use crate::core::forward;
 use crate::core::quality::{Prober, Reflector};
-use crate::core::wire::overlay;
 use crate::core::wire::flow::mix;
+use crate::core::wire::overlay;
 use crate::telemetry::metrics::{self, Metrics};
 use crate::telemetry::{control, DropCounters, PathCounters};
 use crate::{PathId, PeerId};
@@ -147,6 +147,9 @@ fn only_bfd_timers_differ(a: &PathConfig, b: &PathConfig) -> bool {
         p.bfd.tx_interval = Duration::ZERO;
         p.bfd.rx_interval = Duration::ZERO;
         p.bfd.multiplier = 0;
+        // The service level changes in place too (a running prober keeps
+        // its probe interval until the path restarts).
+        p.sla = SlaConfig::default();
         p
     };
     strip(a) == strip(b)
@@ -459,6 +462,7 @@ fn restart_key(peer: &PeerConfig) -> PeerConfig {
         routes: Vec::new(),
         key_file: None,
         accept_key_file: None,
+        sla: SlaConfig::default(),
         ..bare(peer)
     }
 }
@@ -499,6 +503,7 @@ impl Gateway {
                                 b.rx_interval,
                                 b.multiplier,
                             ));
+                            plan.set_sla.push((r.id, n.sla));
                             r.config = n.clone();
                         }
                     }

@@ -512,7 +512,13 @@ impl PathMetrics {
         m.damped.set(0.0);
         m.damping_level.set(0.0);
         m.blocked.set(0.0);
-        for g in [&m.loss_tx, &m.loss_rx, &m.jitter_tx, &m.jitter_rx, &m.degraded] {
+        for g in [
+            &m.loss_tx,
+            &m.loss_rx,
+            &m.jitter_tx,
+            &m.jitter_rx,
+            &m.degraded,
+        ] {
             g.set(0.0);
         }
         m.flaps.absolute(0);
@@ -529,8 +535,10 @@ impl PathMetrics {
     ) {
         self.loss_tx.set(loss.0.unwrap_or(0.0));
         self.loss_rx.set(loss.1.unwrap_or(0.0));
-        self.jitter_tx.set(jitter.0.map_or(0.0, |d| d.as_secs_f64()));
-        self.jitter_rx.set(jitter.1.map_or(0.0, |d| d.as_secs_f64()));
+        self.jitter_tx
+            .set(jitter.0.map_or(0.0, |d| d.as_secs_f64()));
+        self.jitter_rx
+            .set(jitter.1.map_or(0.0, |d| d.as_secs_f64()));
         self.degraded.set(f64::from(u8::from(degraded)));
     }
 

@@ -71,7 +71,12 @@ impl Sim {
     }
 
     fn delay(&mut self, d: Dir) -> u64 {
-        d.delay_ms + if d.jitter_ms > 0 { self.rng.below(d.jitter_ms + 1) } else { 0 }
+        d.delay_ms
+            + if d.jitter_ms > 0 {
+                self.rng.below(d.jitter_ms + 1)
+            } else {
+                0
+            }
     }
 
     /// Data packets sent in millisecond `ms` at `pps`.
@@ -101,17 +106,25 @@ impl Sim {
             }
         }
         let ms = self.ms;
-        let (arrived, waiting): (Vec<_>, Vec<_>) = self.to_b.drain(..).partition(|(at, _)| *at <= ms);
+        let (arrived, waiting): (Vec<_>, Vec<_>) =
+            self.to_b.drain(..).partition(|(at, _)| *at <= ms);
         self.to_b = waiting;
         for (_, p) in arrived {
-            let len = if p.class == ProbeClass::Large { 1500 } else { 64 };
-            let report = self.reflector.reflect(p.class, len, ms * 1_000_000, self.at_b);
+            let len = if p.class == ProbeClass::Large {
+                1500
+            } else {
+                64
+            };
+            let report = self
+                .reflector
+                .reflect(p.class, len, ms * 1_000_000, self.at_b);
             if !self.lost(self.rev.loss) {
                 let at = ms + self.delay(self.rev);
                 self.to_a.push((at, p.seq, report));
             }
         }
-        let (arrived, waiting): (Vec<_>, Vec<_>) = self.to_a.drain(..).partition(|(at, _, _)| *at <= ms);
+        let (arrived, waiting): (Vec<_>, Vec<_>) =
+            self.to_a.drain(..).partition(|(at, _, _)| *at <= ms);
         self.to_a = waiting;
         for (_, seq, report) in arrived {
             if let Some(s) = self.prober.handle_reply(seq, report, self.at_a, now) {
@@ -164,7 +177,10 @@ fn a_clean_path_stays_good_and_reads_zero() {
     assert_eq!(f.loss_tx, Some(0.0));
     assert_eq!(f.loss_rx, Some(0.0));
     let rtt = f.rtt.unwrap();
-    assert!(rtt >= Duration::from_millis(9) && rtt <= Duration::from_millis(11), "{rtt:?}");
+    assert!(
+        rtt >= Duration::from_millis(9) && rtt <= Duration::from_millis(11),
+        "{rtt:?}"
+    );
     assert_eq!(f.large_lost_run, 0);
 }
 
@@ -262,7 +278,11 @@ fn an_mtu_black_hole_is_named_for_what_it_is() {
     assert!(after <= 1000, "degraded after {after} ms");
     // Back only once large probes pass again, and after the hold.
     sim.run_ms(15_000);
-    assert_eq!(sim.count(false), 0, "recovered with the black hole in place");
+    assert_eq!(
+        sim.count(false),
+        0,
+        "recovered with the black hole in place"
+    );
     sim.fwd.drop_large = false;
     sim.run_ms(12_000);
     assert_eq!(sim.count(false), 1, "{:?}", sim.transitions);
@@ -311,7 +331,10 @@ fn jitter_past_max_jitter_degrades_and_is_measured_per_direction() {
     let f = sim.q.figures(sim.now());
     let (tx, rx) = (f.jitter_tx.unwrap(), f.jitter_rx.unwrap());
     assert!(tx > Duration::from_millis(5), "tx jitter {tx:?}");
-    assert!(rx < tx, "the receiving direction has none of its own: {rx:?} vs {tx:?}");
+    assert!(
+        rx < tx,
+        "the receiving direction has none of its own: {rx:?} vs {tx:?}"
+    );
 }
 
 #[test]
@@ -331,7 +354,11 @@ fn recovery_waits_for_the_hold_and_doubles_for_a_flapping_path() {
         .iter()
         .find_map(|&(at, t)| matches!(t, Transition::Recovered(_)).then_some(at))
         .expect("recovered");
-    assert!(back - healed >= 10_000 && back - healed <= 14_000, "{}", back - healed);
+    assert!(
+        back - healed >= 10_000 && back - healed <= 14_000,
+        "{}",
+        back - healed
+    );
     // Degraded again within a minute: the hold doubles.
     sim.fwd.loss = 0.05;
     sim.run_ms(1000);
@@ -373,12 +400,22 @@ fn replies_to_unknown_or_repeated_probes_make_no_sample() {
     let t0 = Instant::now();
     let mut p = Prober::new(Duration::from_millis(10));
     let probe = p.poll_probe(t0).unwrap();
-    assert_eq!(p.poll_probe(t0 + Duration::from_millis(5)), None, "not due yet");
+    assert_eq!(
+        p.poll_probe(t0 + Duration::from_millis(5)),
+        None,
+        "not due yet"
+    );
     let r = ProbeReport::default();
     let d = DataCounts::default();
-    assert!(p.handle_reply(probe.seq + 1, r, d, t0).is_none(), "never sent");
+    assert!(
+        p.handle_reply(probe.seq + 1, r, d, t0).is_none(),
+        "never sent"
+    );
     assert!(p.handle_reply(probe.seq, r, d, t0).is_some());
-    assert!(p.handle_reply(probe.seq, r, d, t0).is_none(), "answered twice");
+    assert!(
+        p.handle_reply(probe.seq, r, d, t0).is_none(),
+        "answered twice"
+    );
     // A late caller gets one probe, not a burst.
     let later = t0 + Duration::from_secs(5);
     assert!(p.poll_probe(later).is_some());
@@ -388,7 +425,10 @@ fn replies_to_unknown_or_repeated_probes_make_no_sample() {
         .filter_map(|i| p.poll_probe(later + Duration::from_millis(10 * i)))
         .map(|p| p.class)
         .collect();
-    assert_eq!(classes.iter().filter(|c| **c == ProbeClass::Large).count(), 2);
+    assert_eq!(
+        classes.iter().filter(|c| **c == ProbeClass::Large).count(),
+        2
+    );
 }
 
 #[test]

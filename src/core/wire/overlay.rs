@@ -585,10 +585,7 @@ mod tests {
             ProbeReport::parse(&buf[..ProbeReport::LEN - 1]),
             Err(OverlayError::Truncated)
         );
-        assert_eq!(
-            r.emit(&mut [0u8; 10]),
-            Err(OverlayError::BufferTooSmall)
-        );
+        assert_eq!(r.emit(&mut [0u8; 10]), Err(OverlayError::BufferTooSmall));
     }
 
     #[test]

@@ -64,8 +64,8 @@ use crate::core::dedup::{Verdict, Window};
 use crate::core::drop::DropReason;
 use crate::core::engine::Forwarding;
 use crate::core::forward::{
-    classify, emit_echo, emit_probe, emit_probe_reply, encapsulate, receive, seal_data,
-    seal_echo, Echo, Message, Opener, Placement, Sealer, HEADROOM, TRAILER,
+    classify, emit_echo, emit_probe, emit_probe_reply, encapsulate, receive, seal_data, seal_echo,
+    Echo, Message, Opener, Placement, Sealer, HEADROOM, TRAILER,
 };
 use crate::core::quality::{DataCounts, Prober, Reflector};
 use crate::core::segment::{finish_checksum, Cut, VnetHeader, MAX_HEADERS, VNET_HDR_LEN};

@@ -392,7 +392,8 @@ impl PathIn {
         let ns = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX);
         self.counters.rtt_ns.store(ns.max(1), Ordering::Relaxed);
         self.rtt.record(rtt.as_secs_f64());
-        self.commands.send(Command::Quality(self.id, Box::new(sample)));
+        self.commands
+            .send(Command::Quality(self.id, Box::new(sample)));
     }
 }
 
