@@ -270,6 +270,7 @@ fn peer_summary(out: &mut String, peer: &PeerConfig, default_auth: Option<&BfdAu
         join(&peer.routes)
     };
     out.push_str(&format!("  routes: {routes}\n"));
+    out.push_str(&format!("  sla: {}\n", sla_summary(&peer.sla)));
     for p in &peer.paths {
         let via = p
             .interface
@@ -286,5 +287,21 @@ fn peer_summary(out: &mut String, peer: &PeerConfig, default_auth: Option<&BfdAu
             p.weight,
             bfd_summary(&p.bfd, default_auth)
         ));
+        if p.sla != peer.sla {
+            out.push_str(&format!("    sla: {}\n", sla_summary(&p.sla)));
+        }
     }
+}
+
+fn sla_summary(s: &SlaConfig) -> String {
+    let limit = |d: Option<Duration>| d.map_or("off".to_string(), format_duration);
+    format!(
+        "max_loss {}%, max_rtt {}, max_jitter {}, hold {}, probes every {}, at most {} moves a minute",
+        f64::from(s.max_loss_ppm) / 10_000.0,
+        limit(s.max_rtt),
+        limit(s.max_jitter),
+        format_duration(s.hold),
+        format_duration(s.probe_interval),
+        s.max_moves_per_minute
+    )
 }
