@@ -1,6 +1,7 @@
 //! Faults on a path, injected on gateway A: a blackhole and one-way drops
 //! with nftables (the carrier stays up, as in a real cloud failure), random
-//! loss (`numgen random`), and the carrier itself (`ip link set down`).
+//! loss (`numgen random`), and the carrier itself (`ip link set down`). Delay
+//! is in `relay`.
 
 use super::*;
 
@@ -42,7 +43,7 @@ impl Lab {
         directions: &[Direction],
         verdict: &str,
     ) -> Result<()> {
-        self.heal(path)?;
+        self.heal_impairment(path)?;
         let dev = path.name();
         let table = Self::nft_table(path);
         if self.opts.fast_path {
@@ -128,9 +129,18 @@ impl Lab {
         Ok(())
     }
 
-    /// Removes the blackhole (or other impairment) on `path` (no error if there was none).
+    /// Removes every fault on `path`: the nftables faults (blackhole, one-way
+    /// and random drops) and the delay relays
+    /// ([`Lab::delay`]). No error if there was none.
     pub fn heal(&self, path: LabPath) -> Result<()> {
-        let table = Self::nft_table(path);
+        let relays = self.remove_relays(path);
+        self.heal_impairment(path)?;
+        relays
+    }
+
+    /// Removes the impairment `impair` set (its table, or the
+    /// fast path's queues), leaving the delay.
+    fn heal_impairment(&self, path: LabPath) -> Result<()> {
         if self.opts.fast_path {
             for host in [Host::GwA, Host::GwB] {
                 // No error when there is no such queue.
@@ -143,9 +153,14 @@ impl Lab {
                 ]));
             }
         }
+        self.delete_nft_table(Host::GwA, &Self::nft_table(path))
+    }
+
+    /// Deletes an nftables table of the lab's (no error if there is none).
+    fn delete_nft_table(&self, host: Host, table: &str) -> Result<()> {
         match run(self
-            .command_in(Host::GwA, "nft")
-            .args(["delete", "table", "inet", &table]))
+            .command_in(host, "nft")
+            .args(["delete", "table", "inet", table]))
         {
             Ok(_) => Ok(()),
             Err(LabError::Command { stderr, .. })

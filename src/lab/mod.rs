@@ -32,6 +32,7 @@
 pub mod demo;
 pub mod flood;
 pub mod probe;
+pub mod relay;
 
 use std::fmt;
 use std::fs;
@@ -163,6 +164,9 @@ pub struct Lab {
     dir: PathBuf,
     namespaces: Vec<String>,
     gateways: Vec<(Gw, Child)>,
+    /// The delaying relays ([`Lab::delay`]); behind a lock so that the
+    /// faults keep taking `&self`.
+    relays: std::sync::Mutex<Vec<relay::RelayProc>>,
     keep_dir: bool,
 }
 
@@ -178,6 +182,7 @@ impl Drop for Lab {
                 );
             }
         }
+        self.stop_relays();
         for ns in std::mem::take(&mut self.namespaces).iter().rev() {
             remove_netns(ns);
         }
@@ -213,6 +218,7 @@ impl Lab {
             dir,
             namespaces: Vec::new(),
             gateways: Vec::new(),
+            relays: std::sync::Mutex::new(Vec::new()),
             keep_dir: std::env::var_os("CROSSLINK_LAB_KEEP").is_some(),
         };
         sweep_stale_namespaces();
