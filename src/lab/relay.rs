@@ -16,8 +16,9 @@
 //! earlier than the packet before it (`max(previous release, arrival +
 //! delay ± jitter)`), so a direction stays in order as on a real link; with
 //! jitter that makes the mean delay somewhat larger than `delay`. Arrival is
-//! when the relay reads the packet; the queue is polled every
-//! [`POLL`] at most, which bounds the error.
+//! when the relay reads the packet, woken by epoll as the kernel queues it;
+//! it sleeps until the next release (whole milliseconds in epoll, the last
+//! fraction in a precise sleep), and idle it sleeps.
 //!
 //! Commands on stdin, one a line, change the settings at run time; a packet
 //! already held keeps its release time, a later one gets the new settings
@@ -37,6 +38,7 @@
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
 use std::io::{self, BufRead};
+use std::os::fd::RawFd;
 use std::process::ChildStdin;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
@@ -45,10 +47,6 @@ use serde::Serialize;
 
 use super::probe::{parse_duration, stop_flag_on_signals};
 use super::*;
-
-/// How often, at most, the relay looks at its queue while it holds nothing
-/// due sooner: the resolution of the arrival times.
-pub const POLL: Duration = Duration::from_micros(500);
 
 /// The kernel queue's length: packets waiting for their verdict, held ones
 /// included. 2000 packet/s held 1 s fit twice.
@@ -354,7 +352,6 @@ fn serve(args: &RelayArgs) -> io::Result<()> {
             format!("delay and jitter are limited to {MAX_DELAY:?}"),
         ));
     }
-    let stop = stop_flag_on_signals()?;
     let n = args.queue;
     let with =
         |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
@@ -367,19 +364,7 @@ fn serve(args: &RelayArgs) -> io::Result<()> {
         .map_err(with("queue length"))?;
     queue.set_fail_open(n, false).map_err(with("fail-open"))?;
     queue.set_nonblocking(true);
-
-    let (tx, rx) = mpsc::channel::<Option<String>>();
-    std::thread::Builder::new()
-        .name("relay-stdin".into())
-        .spawn(move || {
-            for line in io::stdin().lock().lines() {
-                let Ok(line) = line else { break };
-                if tx.send(Some(line)).is_err() {
-                    return;
-                }
-            }
-            let _ = tx.send(None);
-        })?;
+    let socket = queue_socket_fd().map_err(with("finding the queue's socket"))?;
 
     let seed = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -402,22 +387,8 @@ fn serve(args: &RelayArgs) -> io::Result<()> {
         max_held: 0,
         errors: 0,
     };
-    eprintln!("ready queue={n}");
-    loop {
-        relay.take_arrivals(&mut queue);
-        relay.release(&mut queue, Some(Instant::now()));
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let wait = relay.next_release().map_or(POLL, |t| {
-            t.saturating_duration_since(Instant::now()).min(POLL)
-        });
-        match rx.recv_timeout(wait) {
-            Ok(Some(line)) => println!("{}", relay.command(&line)),
-            Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-        }
-    }
+    let served = relay_loop(&mut relay, &mut queue, socket);
+    // Whatever ended the loop, nothing stays held.
     relay.take_arrivals(&mut queue);
     relay.release(&mut queue, None);
     if let Err(e) = queue.unbind(n) {
@@ -427,7 +398,118 @@ fn serve(args: &RelayArgs) -> io::Result<()> {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("relay: cannot encode the counters: {e}"),
     }
-    Ok(())
+    served
+}
+
+/// The longest wait without a look at the stop flag (SIGTERM, SIGINT).
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
+/// Reads the queue when the kernel has packets for it (epoll), releases each
+/// held one at its time, and answers stdin's commands; returns on stdin's
+/// end, SIGTERM or SIGINT.
+fn relay_loop(relay: &mut Relay, queue: &mut nfq::Queue, socket: RawFd) -> io::Result<()> {
+    const QUEUE: mio::Token = mio::Token(0);
+    const WAKE: mio::Token = mio::Token(1);
+    let stop = stop_flag_on_signals()?;
+    let mut poll = mio::Poll::new()?;
+    poll.registry().register(
+        &mut mio::unix::SourceFd(&socket),
+        QUEUE,
+        mio::Interest::READABLE,
+    )?;
+    let waker = Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
+    let (tx, lines) = mpsc::channel::<Option<String>>();
+    std::thread::Builder::new()
+        .name("relay-stdin".into())
+        .spawn(move || {
+            for line in io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                if tx.send(Some(line)).is_err() {
+                    return;
+                }
+                let _ = waker.wake();
+            }
+            let _ = tx.send(None);
+            let _ = waker.wake();
+        })?;
+    let mut events = mio::Events::with_capacity(8);
+    eprintln!("ready queue={}", relay.queue_num);
+    loop {
+        relay.take_arrivals(queue);
+        relay.release(queue, Some(Instant::now()));
+        loop {
+            match lines.try_recv() {
+                Ok(Some(line)) => println!("{}", relay.command(&line)),
+                Ok(None) | Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
+                Err(mpsc::TryRecvError::Empty) => break,
+            }
+        }
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let wait = relay.next_release().map_or(IDLE_WAIT, |t| {
+            t.saturating_duration_since(Instant::now()).min(IDLE_WAIT)
+        });
+        // epoll counts whole milliseconds: wait that long at most, and the
+        // last fraction with a precise sleep (arrivals then wait for it).
+        if wait < Duration::from_millis(1) {
+            std::thread::sleep(wait);
+            continue;
+        }
+        let whole_ms = Duration::from_millis(u64::try_from(wait.as_millis()).unwrap_or(100));
+        match poll.poll(&mut events, Some(whole_ms)) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+            _ => {}
+        }
+    }
+}
+
+/// The descriptor of the process's one `NETLINK_NETFILTER` socket: nfq
+/// keeps its socket to itself, so the relay finds it among its own
+/// descriptors (`/proc/self/fd`) by the inodes the namespace's netlink
+/// table (`/proc/self/net/netlink`) lists for protocol 12.
+fn queue_socket_fd() -> io::Result<RawFd> {
+    const NETLINK_NETFILTER: &str = "12";
+    let table = fs::read_to_string("/proc/self/net/netlink")?;
+    let mut rows = table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>());
+    let header = rows.next().unwrap_or_default();
+    let column = |name: &str| header.iter().position(|h| *h == name);
+    let (Some(eth), Some(inode)) = (column("Eth"), column("Inode")) else {
+        return Err(io::Error::other(format!(
+            "unexpected /proc/self/net/netlink header {header:?}"
+        )));
+    };
+    let inodes: Vec<&str> = rows
+        .filter(|row| row.get(eth) == Some(&NETLINK_NETFILTER))
+        .filter_map(|row| row.get(inode).copied())
+        .collect();
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc/self/fd")?.flatten() {
+        let Ok(target) = fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy();
+        let Some(socket) = target
+            .strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+        else {
+            continue;
+        };
+        if inodes.contains(&socket) {
+            if let Ok(fd) = entry.file_name().to_string_lossy().parse::<RawFd>() {
+                found.push(fd);
+            }
+        }
+    }
+    match found.as_slice() {
+        [fd] => Ok(*fd),
+        other => Err(io::Error::other(format!(
+            "expected one netfilter netlink socket among the process's descriptors, found {}",
+            other.len()
+        ))),
+    }
 }
 
 /// The NFQUEUE number of a path's relay in one direction: path1 11 (A to B)
