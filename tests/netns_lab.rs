@@ -98,6 +98,7 @@ fn delay_raises_the_round_trip_and_steps_at_run_time() {
     // The relay in place at 0 ms adds next to nothing.
     lab.delay(p, Direction::AToB, Duration::ZERO, Duration::ZERO)
         .unwrap();
+    let relay_started = Instant::now();
     let relay0 = rtt(&lab, p, 10);
     assert!(
         relay0 < base + 10.0,
@@ -185,10 +186,35 @@ fn delay_raises_the_round_trip_and_steps_at_run_time() {
 
     // A dead relay fails closed: the path stops instead of losing its delay.
     let pid = lab.relay_pid(p, Direction::AToB).unwrap();
+    // What polling the queue costs: the relay's CPU time over its life.
+    let cpu_ticks: u64 = lab::thread_ticks(pid, "").iter().map(|(_, t)| t).sum();
+    let relay_life = relay_started.elapsed();
     assert!(lab::signal_pid(pid, "KILL"));
     std::thread::sleep(Duration::from_millis(200));
     let dead = ping_path(&lab, p, 5);
     assert!(dead.is_empty(), "traffic passed a killed relay: {dead:?}");
+
+    // SIGTERM stops a relay (a zombie until heal reaps it).
+    lab.delay(LabPath::Path2, Direction::BToA, MS, Duration::ZERO)
+        .unwrap();
+    let pid2 = lab.relay_pid(LabPath::Path2, Direction::BToA).unwrap();
+    assert!(lab::signal_pid(pid2, "TERM"));
+    let end = Instant::now() + Duration::from_secs(2);
+    let exited = loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid2}/stat")).unwrap_or_default();
+        if stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        {
+            break true;
+        }
+        if Instant::now() > end {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(exited, "the relay did not exit on SIGTERM");
+    lab.heal(LabPath::Path2).unwrap();
 
     lab.heal(p).unwrap();
     let healed = rtt(&lab, p, 10);
@@ -211,9 +237,11 @@ fn delay_raises_the_round_trip_and_steps_at_run_time() {
         "REPORT netns_lab delay: plain_rtt_ms={base:.3} relay_0ms_rtt_ms={relay0:.3} \
          delayed_30ms_rtt_ms={delayed:.3} added_ms={added:.1} step_before_ms={before:.3} \
          step_after_ms={after:.3} jitter_10ms_rtt_ms={lo:.1}..{hi:.1} healed_rtt_ms={healed:.3} \
-         relay_released={} relay_max_held={}",
+         relay_released={} relay_max_held={} relay_cpu_ms={} over {:.1} s",
         num("released"),
         num("max_held"),
+        cpu_ticks * 10,
+        relay_life.as_secs_f64(),
     ));
 }
 
