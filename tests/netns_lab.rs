@@ -175,6 +175,13 @@ fn delay_raises_the_round_trip_and_steps_at_run_time() {
         "30 ms ± 10 ms one way: round trips {lo}..{hi} ms (plain {base} ms)"
     );
 
+    // A bad command is refused and the relay goes on.
+    for bad in ["delay forever", "delay 30ms delay 1ms", "speed 5ms", ""] {
+        assert!(
+            lab.relay_command(p, Direction::AToB, bad).is_err(),
+            "{bad:?} was accepted"
+        );
+    }
     let stats = lab.relay_stats(p, Direction::AToB).unwrap();
     let num = |k: &str| stats.get(k).and_then(Value::as_u64).unwrap_or(0);
     // 10 + 80 + 10 + 20 echo requests went a -> b on path1.

@@ -9,7 +9,10 @@
 //! well as anything it forwards, as in the kernel-only lab). The relay bound
 //! to that queue copies only the packets' metadata, never their bytes, and
 //! holds each packet's verdict until its release time, then accepts it
-//! unchanged: the packet itself waits in the kernel.
+//! unchanged: the packet itself waits in the kernel. (So a datagram of the
+//! gateway's own, held going A to B, stays charged to its socket's send
+//! buffer meanwhile, as on an egress queue: the daemon's 4 MiB holds over a
+//! second of 2000 full-size datagrams a second.)
 //!
 //! Release time: arrival + delay + a jitter drawn uniformly from
 //! `[-jitter, +jitter]` (never before arrival), and, unless `--reorder`, no
@@ -422,8 +425,13 @@ fn relay_loop(relay: &mut Relay, queue: &mut nfq::Queue, socket: RawFd) -> io::R
     std::thread::Builder::new()
         .name("relay-stdin".into())
         .spawn(move || {
-            for line in io::stdin().lock().lines() {
-                let Ok(line) = line else { break };
+            // Bytes that are not UTF-8 make a line no command matches (an
+            // error answer), not the end of the relay.
+            let mut stdin = io::stdin().lock();
+            let mut buf = Vec::new();
+            while matches!(stdin.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                buf.clear();
                 if tx.send(Some(line)).is_err() {
                     return;
                 }
@@ -724,12 +732,22 @@ impl Lab {
     /// (JSON: `delay_us`, `jitter_us`, `received`, `released`, `held`,
     /// `max_held`, `errors`); an error if there is none.
     pub fn relay_stats(&self, path: LabPath, direction: Direction) -> Result<Value> {
+        self.relay_command(path, direction, "stats")
+    }
+
+    /// Sends a command line to the relay on `path` going `direction` (see
+    /// the module docs: `reorder on`, `jitter 2ms`, ...) and returns its
+    /// answer; a refused command is an error, and the relay goes on.
+    pub fn relay_command(&self, path: LabPath, direction: Direction, line: &str) -> Result<Value> {
+        if line.contains('\n') {
+            return Err(LabError::Other(format!("one line at a time: {line:?}")));
+        }
         let mut relays = self.relays.lock().unwrap_or_else(|e| e.into_inner());
         match relays
             .iter_mut()
             .find(|r| r.path == path && r.direction == direction)
         {
-            Some(relay) => relay.ask("stats"),
+            Some(relay) => relay.ask(line),
             None => Err(LabError::Other(format!("no relay on {path} {direction:?}"))),
         }
     }
