@@ -58,6 +58,9 @@ enum Command {
     /// Junk generator used by the bad-input tests.
     #[command(hide = true)]
     Flood(crosslink::lab::flood::FloodArgs),
+    /// Delaying relay (NFQUEUE) used by the lab's path-quality tests.
+    #[command(hide = true)]
+    Relay(crosslink::lab::relay::RelayArgs),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => code(crosslink::lab::demo::main(args)),
         Command::Probe(args) => code(crosslink::lab::probe::main(args)),
         Command::Flood(args) => code(crosslink::lab::flood::main(args)),
+        Command::Relay(args) => code(crosslink::lab::relay::main(args)),
     }
 }
 

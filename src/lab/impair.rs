@@ -1,12 +1,19 @@
 //! Faults on a path, injected on gateway A: a blackhole and one-way drops
 //! with nftables (the carrier stays up, as in a real cloud failure), random
-//! loss (`numgen random`), and the carrier itself (`ip link set down`).
+//! loss (`numgen random`), an MTU black hole (packets above a size dropped),
+//! and the carrier itself (`ip link set down`). Delay is in `relay`.
 
 use super::*;
 
 impl Lab {
     pub(super) fn nft_table(path: LabPath) -> String {
         format!("xl_lab_{}", path.name())
+    }
+
+    /// The table of [`Lab::drop_larger_than`], apart from the other faults'
+    /// so that it combines with them.
+    fn nft_big_table(path: LabPath) -> String {
+        format!("xl_lab_big_{}", path.name())
     }
 
     /// Drops every IP packet in and out of `path`'s veth on gateway A (nftables); the
@@ -49,7 +56,7 @@ impl Lab {
         directions: &[Direction],
         verdict: &str,
     ) -> Result<()> {
-        self.heal(path)?;
+        self.heal_impairment(path)?;
         let dev = path.name();
         let table = Self::nft_table(path);
         if self.opts.fast_path {
@@ -135,9 +142,56 @@ impl Lab {
         Ok(())
     }
 
-    /// Removes the blackhole (or other impairment) on `path` (no error if there was none).
+    /// Drops the IP packets larger than `bytes` in and out of `path`'s veth
+    /// on gateway A, both directions (an MTU black hole: no ICMP is sent
+    /// back); [`Lab::heal`] removes it. The size is the IP packet's, header
+    /// included and link header not, as `ping -s` plus 28 makes it: nftables'
+    /// `ip length` (IPv4's total length), and `ip6 length` (the payload
+    /// length) plus IPv6's 40-byte header. A GSO packet (the daemon's UDP
+    /// GSO batches) is measured whole before it is cut into datagrams, so
+    /// run the gateways with `CROSSLINK_UDP_GSO=0` when their datagrams
+    /// must meet the limit one by one. Refused in a fast-path lab, whose
+    /// packets pass netfilter by.
+    pub fn drop_larger_than(&self, path: LabPath, bytes: u16) -> Result<()> {
+        if self.opts.fast_path {
+            return Err(LabError::Other(
+                "a fast-path lab cannot drop large packets: its BPF programs send and \
+                 receive beside netfilter"
+                    .into(),
+            ));
+        }
+        let table = Self::nft_big_table(path);
+        self.delete_nft_table(Host::GwA, &table)?;
+        let dev = path.name();
+        let v6 = bytes.saturating_sub(40);
+        let mut script = format!("table inet {table} {{\n");
+        for (chain, hook, dir) in [
+            ("in", "prerouting", "iifname"),
+            ("post", "postrouting", "oifname"),
+        ] {
+            script.push_str(&format!(
+                "chain {chain} {{ type filter hook {hook} priority -300; policy accept; \
+                 {dir} \"{dev}\" ip length > {bytes} drop; \
+                 {dir} \"{dev}\" ip6 length > {v6} drop; }}\n"
+            ));
+        }
+        script.push_str("}\n");
+        self.nft_script(Host::GwA, &script)
+    }
+
+    /// Removes every fault on `path`: the nftables faults (blackhole, one-way
+    /// and random drops, the large-packet drop) and the delay relays
+    /// ([`Lab::delay`]). No error if there was none.
     pub fn heal(&self, path: LabPath) -> Result<()> {
-        let table = Self::nft_table(path);
+        let relays = self.remove_relays(path);
+        self.heal_impairment(path)?;
+        self.delete_nft_table(Host::GwA, &Self::nft_big_table(path))?;
+        relays
+    }
+
+    /// Removes the impairment `impair` set (its table, or the
+    /// fast path's queues), leaving the delay and the large-packet drop.
+    fn heal_impairment(&self, path: LabPath) -> Result<()> {
         if self.opts.fast_path {
             for host in [Host::GwA, Host::GwB] {
                 // No error when there is no such queue.
@@ -150,9 +204,14 @@ impl Lab {
                 ]));
             }
         }
+        self.delete_nft_table(Host::GwA, &Self::nft_table(path))
+    }
+
+    /// Deletes an nftables table of the lab's (no error if there is none).
+    fn delete_nft_table(&self, host: Host, table: &str) -> Result<()> {
         match run(self
-            .command_in(Host::GwA, "nft")
-            .args(["delete", "table", "inet", &table]))
+            .command_in(host, "nft")
+            .args(["delete", "table", "inet", table]))
         {
             Ok(_) => Ok(()),
             Err(LabError::Command { stderr, .. })

@@ -15,7 +15,13 @@
 //! Faults are injected on gateway A: [`Lab::blackhole`] drops every IP packet in and
 //! out of a path's veth with nftables (the carrier stays up), [`Lab::drop_one_way`]
 //! only one direction, [`Lab::random_loss`] a share of each direction at random
-//! (`numgen random`), [`Lab::link_down`] sets the veth down; [`Lab::kill_gateway`],
+//! (`numgen random`), [`Lab::drop_larger_than`] only the packets above a size (an
+//! MTU black hole, nftables `ip length`), [`Lab::delay`] holds one direction's
+//! packets for a delay with optional jitter, in order, changeable at run time (a
+//! latency step): the kernel has no netem, so an iptables rule queues them
+//! (NFQUEUE) to `crosslink relay` ([`relay`]) in gateway A's namespace, which
+//! holds each verdict until the packet's release time. [`Lab::heal`] removes all
+//! of these; [`Lab::link_down`] sets the veth down; [`Lab::kill_gateway`],
 //! [`Lab::reload_gateway`] and [`Lab::write_config`] act on the daemons. Helpers for
 //! the benches: [`Lab::start_iperf3`], [`vm_rss_kib`], [`ReferenceTimer`]. [`Drop`] stops the gateways, kills whatever still runs in the
 //! namespaces, deletes them and the temp dir; [`Lab::new`] also removes namespaces left
@@ -27,11 +33,15 @@
 //! namespace, the gateways' daemons, the root and tool gates of the tests),
 //! `traffic` (probe, iperf3, bench readings); beside them the programs the
 //! tests and the demo run: [`probe`] (the packet-loss probe), [`flood`] (the
-//! junk generator of the bad-input tests) and [`demo`] (`crosslink demo`).
+//! junk generator of the bad-input tests), [`relay`] (the delaying relay) and
+//! [`demo`] (`crosslink demo`). The delay and the large-packet drop act in
+//! netfilter, which the fast path's BPF programs pass by: a fast-path lab
+//! refuses them.
 
 pub mod demo;
 pub mod flood;
 pub mod probe;
+pub mod relay;
 
 use std::fmt;
 use std::fs;
@@ -167,6 +177,9 @@ pub struct Lab {
     dir: PathBuf,
     namespaces: Vec<String>,
     gateways: Vec<(Gw, Child)>,
+    /// The delaying relays ([`Lab::delay`]); behind a lock so that the
+    /// faults keep taking `&self`.
+    relays: std::sync::Mutex<Vec<relay::RelayProc>>,
     keep_dir: bool,
 }
 
@@ -182,6 +195,7 @@ impl Drop for Lab {
                 );
             }
         }
+        self.stop_relays();
         for ns in std::mem::take(&mut self.namespaces).iter().rev() {
             remove_netns(ns);
         }
@@ -217,6 +231,7 @@ impl Lab {
             dir,
             namespaces: Vec::new(),
             gateways: Vec::new(),
+            relays: std::sync::Mutex::new(Vec::new()),
             keep_dir: std::env::var_os("CROSSLINK_LAB_KEEP").is_some(),
         };
         sweep_stale_namespaces();
