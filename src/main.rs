@@ -61,6 +61,14 @@ enum Command {
     /// Delaying relay (NFQUEUE) used by the lab's path-quality tests.
     #[command(hide = true)]
     Relay(crosslink::lab::relay::RelayArgs),
+    /// Print a shell completion script (e.g. `crosslink completions bash`).
+    Completions {
+        /// Shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -97,6 +105,8 @@ fn main() -> ExitCode {
         Command::Probe(args) => code(crosslink::lab::probe::main(args)),
         Command::Flood(args) => code(crosslink::lab::flood::main(args)),
         Command::Relay(args) => code(crosslink::lab::relay::main(args)),
+        Command::Completions { shell } => print_doc(Ok(completions(shell))),
+        Command::Man => print_doc(man_page()),
     }
 }
 
@@ -198,5 +208,212 @@ fn status(socket: &std::path::Path, json: bool) -> ExitCode {
             eprintln!("crosslink: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The command line as users see it: `Cli` without its hidden subcommands
+/// (the test helpers and `man`), which clap_complete would otherwise offer.
+/// Subcommands come unbuilt, so each can still be adjusted (see `man_page`).
+fn public_command() -> clap::Command {
+    let full = <Cli as clap::CommandFactory>::command();
+    let mut cmd = clap::Command::new("crosslink")
+        .version(env!("CARGO_PKG_VERSION"))
+        .subcommand_required(true)
+        .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+    if let Some(about) = full.get_about() {
+        cmd = cmd.about(about.clone());
+    }
+    cmd
+}
+
+/// `crosslink completions SHELL`: the completion script for `shell`.
+fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut public_command(), "crosslink", &mut out);
+    out
+}
+
+/// `crosslink man`: crosslink(1) in roff, from the same clap definition as
+/// `--help`. One page: each command is a subsection of COMMANDS with its own
+/// synopsis and options (clap_mangen alone would refer to a page per
+/// command); the prose sections are written here.
+fn man_page() -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let man = clap_mangen::Man::new(public_command());
+    let mut out = Vec::new();
+    man.render_title(&mut out)?;
+    man.render_name_section(&mut out)?;
+    man.render_synopsis_section(&mut out)?;
+    out.extend_from_slice(MAN_DESCRIPTION.as_bytes());
+    man.render_options_section(&mut out)?;
+    writeln!(out, ".SH COMMANDS")?;
+    for sub in public_command().get_subcommands() {
+        let name = format!("crosslink {}", sub.get_name());
+        let sub = sub.clone().bin_name(name.clone()).disable_help_flag(true);
+        let page = clap_mangen::Man::new(sub);
+        let mut part = Vec::new();
+        page.render_description_section(&mut part)?;
+        writeln!(part, ".PP")?;
+        page.render_synopsis_section(&mut part)?;
+        page.render_options_section(&mut part)?;
+        writeln!(out, ".SS \"{name}\"")?;
+        // Under COMMANDS the parts are paragraphs, not sections.
+        for line in String::from_utf8_lossy(&part).lines() {
+            if !line.starts_with(".SH") {
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
+    out.extend_from_slice(MAN_TRAILER.as_bytes());
+    man.render_version_section(&mut out)?;
+    Ok(out)
+}
+
+fn print_doc(doc: std::io::Result<Vec<u8>>) -> ExitCode {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match doc.and_then(|d| stdout.write_all(&d).and_then(|()| stdout.flush())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("crosslink: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const MAN_DESCRIPTION: &str = r#".SH DESCRIPTION
+crosslink runs on a gateway host at each end of several private paths between two
+sites (a cloud interconnect, a VLAN attachment) and keeps the traffic between them
+flowing when one path dies.
+For each remote site (a \fIpeer\fR) it creates a TUN interface into which the kernel
+routes that peer's prefixes, carries each packet to the peer's gateway over one of
+several \fIpaths\fR in UDP, and checks every path with BFD (RFC 5880, 5881, 5883).
+When a path fails, its flows move to a surviving path within the BFD detection time.
+.PP
+The configuration is one TOML file.
+\fBcrosslink check\fR validates it without applying it;
+\fBcrosslink run\fR runs the daemon, normally under systemd (\fB\%crosslink.service\fR).
+"#;
+
+const MAN_TRAILER: &str = r#".SH SIGNALS
+.TP
+.B SIGHUP
+Re-read the configuration file and apply only the difference.
+An invalid file is refused and the running configuration kept.
+.TP
+.BR SIGTERM ", " SIGINT
+Send BFD AdminDown on every path, remove the TUN devices with their routes, and exit.
+.SH ENVIRONMENT
+.TP
+.B RUST_LOG
+Log filter of \fBcrosslink run\fR: \fBinfo\fR (the default), \fBdebug\fR, \fBwarn\fR, ...
+.SH FILES
+.TP
+.I /etc/crosslink/crosslink.toml
+The configuration that \fB\%crosslink.service\fR runs.
+The Debian package installs an example beside it,
+\fI/etc/crosslink/crosslink.toml.example\fR, and does not start the service.
+.TP
+.I /run/crosslink/crosslink.sock
+Default control socket (mode 0600), asked by \fBcrosslink status\fR;
+\fB\%control_socket\fR in \fB[gateway]\fR moves it.
+.TP
+.I /usr/share/crosslink/
+Grafana dashboard and Prometheus alert rules (Debian package).
+.SH EXIT STATUS
+0 on success, 1 on failure: for \fBcheck\fR, a file that does not parse or validate,
+or a file it names (a key) that cannot be read.
+.SH SEE ALSO
+.BR systemctl (1),
+.BR journalctl (1),
+and \fI/usr/share/doc/crosslink/README.md\fR
+(configuration keys, reload, metrics, encryption).
+"#;
+
+#[cfg(test)]
+mod doc_tests {
+    use super::{completions, man_page, public_command, Cli};
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_definitions_are_consistent() {
+        Cli::command().debug_assert();
+        public_command().debug_assert();
+    }
+
+    /// Each public command is a subsection with its options; hidden ones are absent.
+    #[test]
+    fn man_page_documents_every_command_and_option() {
+        let page = String::from_utf8(man_page().expect("rendered")).expect("utf-8");
+        assert!(page.contains("\n.TH crosslink 1 "), "{page}");
+        assert_eq!(page.matches(".TH ").count(), 1, "{page}");
+        for section in [
+            "NAME",
+            "SYNOPSIS",
+            "DESCRIPTION",
+            "COMMANDS",
+            "FILES",
+            "SEE ALSO",
+        ] {
+            assert!(
+                page.contains(&format!(".SH {section}\n")),
+                "no {section}:\n{page}"
+            );
+        }
+        // Only the sections above and the fixed ones: no SYNOPSIS or OPTIONS
+        // heading of a command's own page left in the middle of COMMANDS.
+        assert_eq!(page.matches(".SH SYNOPSIS").count(), 1, "{page}");
+        assert_eq!(page.matches(".SH OPTIONS").count(), 1, "{page}");
+        let mut commands = 0;
+        for sub in Cli::command().get_subcommands() {
+            let heading = format!(".SS \"crosslink {}\"\n", sub.get_name());
+            assert_eq!(page.contains(&heading), !sub.is_hide_set(), "{heading}");
+            if sub.is_hide_set() {
+                continue;
+            }
+            commands += 1;
+            let synopsis = format!("\\fBcrosslink {}\\fR", sub.get_name());
+            assert!(page.contains(&synopsis), "no {synopsis}:\n{page}");
+            for arg in sub.get_arguments().filter(|a| !a.is_hide_set()) {
+                let name = match arg.get_long() {
+                    Some(long) => format!("\\-\\-{}", long.replace('-', "\\-")),
+                    None => arg.get_id().as_str().to_uppercase(),
+                };
+                assert!(
+                    page.contains(&name),
+                    "crosslink {}: no {name}",
+                    sub.get_name()
+                );
+            }
+        }
+        assert!(commands >= 5, "{commands} commands");
+        assert!(page.contains("CROSSLINK_LOG_FORMAT"), "{page}");
+    }
+
+    #[test]
+    fn completions_offer_the_public_commands_and_options() {
+        use clap_complete::Shell;
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let script = String::from_utf8(completions(shell)).expect("utf-8");
+            // (fish names options without their dashes)
+            for word in [
+                "status",
+                "run",
+                "check",
+                "demo",
+                "completions",
+                "config",
+                "watch",
+            ] {
+                assert!(script.contains(word), "{shell}: no {word}");
+            }
+            for hidden in ["probe", "flood"] {
+                assert!(!script.contains(hidden), "{shell}: offers {hidden}");
+            }
+        }
+        let bash = String::from_utf8(completions(Shell::Bash)).expect("utf-8");
+        assert!(bash.contains("complete -F _crosslink"), "{bash}");
+        assert!(bash.contains("crosslink,status)"), "{bash}");
+        assert!(!bash.contains("crosslink,man)"), "{bash}");
     }
 }
