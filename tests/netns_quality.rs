@@ -10,7 +10,7 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crosslink::lab::{self, Gw, Lab, LabOptions, LabPath};
+use crosslink::lab::{self, Direction, Gw, Lab, LabOptions, LabPath};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_crosslink");
@@ -224,4 +224,99 @@ fn status_and_metrics_show_each_paths_quality() {
     // The table has the loss column.
     let table = lab.status_table(Gw::A).unwrap();
     assert!(table.contains("LOSS TX/RX"), "{table}");
+}
+
+#[test]
+fn a_latency_step_past_max_rtt_is_acted_on() {
+    if !lab::test_gate(
+        "a_latency_step_past_max_rtt_is_acted_on",
+        &[("iptables", "iptables")],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let mut opts = LabOptions::new("qrtt", BIN);
+    opts.sla = vec!["max_rtt = \"20ms\"".into(), "hold = \"3s\"".into()];
+    // BFD that outlasts a 30 ms step (a step delays the next packet by the
+    // step itself: at 10 ms x 3 BFD would fail the path first).
+    opts.tx_interval = Duration::from_millis(50);
+    opts.rx_interval = Duration::from_millis(50);
+    let mut lab = Lab::new(opts).unwrap();
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    lab.delay(
+        LabPath::Path1,
+        Direction::AToB,
+        Duration::ZERO,
+        Duration::ZERO,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(lab::path_active(&lab.poll(Gw::A).unwrap(), LabPath::Path1));
+    lab.delay(
+        LabPath::Path1,
+        Direction::AToB,
+        Duration::from_millis(30),
+        Duration::ZERO,
+    )
+    .unwrap();
+    let (changes, left) = watch(&lab, Duration::from_secs(3));
+    let s = lab.poll(Gw::A).unwrap();
+    let q = quality(&s, LabPath::Path1).cloned().unwrap_or_default();
+    let transitions = lab::path_status(&s, LabPath::Path1)
+        .and_then(|p| p.pointer("/bfd/transitions"))
+        .cloned();
+    lab::say(&format!(
+        "REPORT quality latency_step step_ms=30 max_rtt_ms=20 left_after_ms={:.0} moves={} path1_quality={q} bfd_transitions={transitions:?}",
+        left.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
+        changes.len()
+    ));
+    let left = left.expect("path1 left after the latency step");
+    assert!(left < Duration::from_secs(3), "left after {left:?}");
+    assert_eq!(q["degraded_reason"].as_str(), Some("rtt"), "{q}");
+    assert!(q["rtt_us"].as_u64().unwrap_or(0) >= 25_000, "{q}");
+    lab.heal(LabPath::Path1).unwrap();
+}
+
+#[test]
+fn a_path_that_drops_large_packets_is_left() {
+    if !lab::test_gate("a_path_that_drops_large_packets_is_left", &[]) {
+        return;
+    }
+    let _serial = serial();
+    let mut opts = LabOptions::new("qmtu", BIN);
+    // Single datagrams: a UDP GSO batch passes netfilter whole, and would be
+    // dropped for its total length.
+    opts.gateway_env = vec![("CROSSLINK_UDP_GSO".into(), "0".into())];
+    opts.sla = vec!["hold = \"3s\"".into()];
+    let mut lab = Lab::new(opts).unwrap();
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let receiver = lab.start_receiver(PORT, Duration::from_secs(30)).unwrap();
+    let sender = lab
+        .start_sender(PORT, RATE, Duration::from_secs(30))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    lab.drop_larger_than(LabPath::Path1, 1200).unwrap();
+    let (changes, left) = watch(&lab, Duration::from_secs(4));
+    let s = lab.poll(Gw::A).unwrap();
+    lab.heal(LabPath::Path1).unwrap();
+    sender.stop().unwrap();
+    let report = receiver.finish(Duration::from_secs(3)).unwrap();
+    let q = quality(&s, LabPath::Path1).cloned().unwrap_or_default();
+    lab::say(&format!(
+        "REPORT quality mtu_black_hole above_bytes=1200 left_after_ms={:.0} moves={} stream_lost={} path1_quality={q}",
+        left.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
+        changes.len(),
+        report["lost"],
+    ));
+    let left = left.expect("path1 left when it dropped large packets");
+    assert!(left < Duration::from_secs(3), "left after {left:?}");
+    assert_eq!(q["degraded_reason"].as_str(), Some("mtu"), "{q}");
+    assert_eq!(
+        report["lost"].as_u64(),
+        Some(0),
+        "small packets pass: {report}"
+    );
 }
