@@ -25,7 +25,9 @@
 //! `XL_BENCH_RUNS` (default 3), `XL_BENCH_SECONDS` per test (default 5),
 //! `XL_BENCH_MODES` (comma list of kernel,plain,fast,keyed,boringtun,vxlan; default all
 //! available), `XL_BENCH_COMPARE` (a second crosslink binary measured
-//! alongside), `CROSSLINK_BIN` (default `target/release/crosslink`, built if
+//! alongside), `XL_BENCH_ALT_SLA` (`[peer.sla]` lines separated by `;`,
+//! e.g. `probe_interval = "10s"`: each crosslink mode measured again with
+//! them, as `(alt)`, to see what a setting costs), `CROSSLINK_BIN` (default `target/release/crosslink`, built if
 //! missing), `XL_BENCH_BORINGTUN` (the `boringtun-cli` to use; default from
 //! PATH or `~/.cargo/bin`). Not root or no iperf3: prints why and exits 0;
 //! no boringtun: says so and measures the other modes.
@@ -61,6 +63,8 @@ struct Mode {
     kind: Kind,
     name: String,
     bin: PathBuf,
+    /// `[peer.sla]` lines for the gateways.
+    sla: Vec<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -149,6 +153,9 @@ fn modes(bin: &std::path::Path) -> Vec<Mode> {
     let wanted = std::env::var("XL_BENCH_MODES")
         .unwrap_or_else(|_| "kernel,plain,fast,keyed,boringtun,vxlan".into());
     let other = std::env::var_os("XL_BENCH_COMPARE").map(PathBuf::from);
+    let alt_sla: Option<Vec<String>> = std::env::var("XL_BENCH_ALT_SLA")
+        .ok()
+        .map(|v| v.split(';').map(|l| l.trim().to_string()).collect());
     let mut out = Vec::new();
     for m in wanted.split(',') {
         let (kind, name) = match m.trim() {
@@ -179,7 +186,8 @@ fn modes(bin: &std::path::Path) -> Vec<Mode> {
         out.push(Mode {
             kind,
             name: name.into(),
-            bin: mode_bin,
+            bin: mode_bin.clone(),
+            sla: Vec::new(),
         });
         let crosslink = matches!(kind, Kind::Plain | Kind::Fast | Kind::Keyed);
         if let (Some(o), true) = (&other, crosslink) {
@@ -187,6 +195,15 @@ fn modes(bin: &std::path::Path) -> Vec<Mode> {
                 kind,
                 name: format!("{name}(cmp)"),
                 bin: o.clone(),
+                sla: Vec::new(),
+            });
+        }
+        if let (Some(lines), true) = (&alt_sla, crosslink) {
+            out.push(Mode {
+                kind,
+                name: format!("{name}(alt)"),
+                bin: mode_bin,
+                sla: lines.clone(),
             });
         }
     }
@@ -200,6 +217,7 @@ fn measure(mode: &Mode, seconds: u64) -> Result<Vec<Figure>, String> {
         Kind::Plain | Kind::Fast | Kind::Keyed => LabOptions::new("tp", &mode.bin),
     };
     opts.fast_path = mode.kind == Kind::Fast;
+    opts.sla = mode.sla.clone();
     // Slow BFD: the bench is about forwarding, not detection.
     opts.tx_interval = Duration::from_millis(100);
     opts.rx_interval = Duration::from_millis(100);

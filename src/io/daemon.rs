@@ -874,6 +874,7 @@ impl Gateway {
                 reflector: Reflector::default(),
                 large_probe,
                 probe_window: ReplayWindow::default(),
+                pending: (0, 0, 0),
                 commands: self.shared.commands.clone(),
                 rtt: rtt.clone(),
                 keys: peer.keys.clone(),

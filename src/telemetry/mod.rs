@@ -30,10 +30,6 @@ impl PathCounters {
         self.tx_packets.fetch_add(1, Relaxed);
         self.tx_bytes.fetch_add(bytes as u64, Relaxed);
     }
-    pub fn count_rx(&self, bytes: usize) {
-        self.rx_packets.fetch_add(1, Relaxed);
-        self.rx_bytes.fetch_add(bytes as u64, Relaxed);
-    }
     /// The last round-trip time, if one was measured.
     pub fn rtt(&self) -> Option<std::time::Duration> {
         match self.rtt_ns.load(Relaxed) {

@@ -47,6 +47,10 @@ pub struct PathIn {
     /// Sealed probe requests pass this window (a replayed one is not
     /// answered: it would count as received).
     pub probe_window: ReplayWindow,
+    /// Data received in this turn, not yet added to `counters`: packets,
+    /// bytes, the highest sequence number (one atomic update per burst,
+    /// not per datagram).
+    pub pending: (u64, u64, u64),
     /// Where probe samples go (the BFD thread).
     pub commands: CommandLink,
     /// The peer's duplicate-suppression window, shared by its paths.
@@ -194,6 +198,7 @@ impl PathIn {
                 }
             }
         }
+        self.flush_counts();
         // The whole burst is written together: a far super-packet sent
         // as two messages (UDP GSO stops at 64 KiB of datagrams, headers
         // included) goes back into the TUN as one.
@@ -278,11 +283,11 @@ impl PathIn {
 
     /// Counts a data packet and applies the duplicate window: whether it
     /// goes to the TUN.
-    fn deliverable(&self, header: &Header, len: usize) -> bool {
-        self.counters.count_rx(len);
-        self.counters
-            .rx_seq_high
-            .fetch_max(header.sequence, Ordering::Relaxed);
+    fn deliverable(&mut self, header: &Header, len: usize) -> bool {
+        let (packets, bytes, high) = &mut self.pending;
+        *packets += 1;
+        *bytes += len as u64;
+        *high = (*high).max(header.sequence);
         if let Some(p) = header.peer_seq {
             match self.dedup.lock().check(p.instance, p.sequence) {
                 Verdict::Deliver => {}
@@ -336,8 +341,21 @@ impl PathIn {
         }
     }
 
+    /// Adds the turn's data to the path's counters.
+    fn flush_counts(&mut self) {
+        let (packets, bytes, high) = std::mem::take(&mut self.pending);
+        if packets > 0 {
+            self.counters
+                .rx_packets
+                .fetch_add(packets, Ordering::Relaxed);
+            self.counters.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.counters.rx_seq_high.fetch_max(high, Ordering::Relaxed);
+        }
+    }
+
     /// The path's data counts, as the far end's probes report them.
-    fn data_counts(&self) -> DataCounts {
+    fn data_counts(&mut self) -> DataCounts {
+        self.flush_counts();
         DataCounts {
             received: self.counters.rx_packets.load(Ordering::Relaxed),
             seq_high: self.counters.rx_seq_high.load(Ordering::Relaxed),
@@ -361,9 +379,8 @@ impl PathIn {
             }
             self.probe_window.commit(epoch, seq);
         }
-        let report = self
-            .reflector
-            .reflect(class, len, clock::nanos(), self.data_counts());
+        let data = self.data_counts();
+        let report = self.reflector.reflect(class, len, clock::nanos(), data);
         let sealer = keys.map(|keys| Sealer {
             keys,
             epoch: self.epoch,
