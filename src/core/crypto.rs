@@ -496,23 +496,17 @@ impl Replays for std::sync::Arc<parking_lot::Mutex<ReplayWindow>> {
     }
 }
 
-/// Replay protection for sealed echo messages, whose sequence field is a
-/// stamp rather than a counter: a request must carry a newer (epoch,
-/// stamp) than any request accepted before (senders stamp with a clock
-/// that only moves forward), and a reply must answer the request sent
-/// last, once.
+/// Replay protection for the sealed echo requests that older gateways
+/// send, whose sequence field is a stamp rather than a counter: a request
+/// must carry a newer (epoch, stamp) than any request accepted before
+/// (senders stamp with a clock that only moves forward). This gateway
+/// probes instead ([`crate::core::quality`]) and sends no echo requests.
 #[derive(Clone, Debug, Default)]
 pub struct EchoGuard {
     last_request: Option<(u32, u64)>,
-    outstanding: Option<u64>,
 }
 
 impl EchoGuard {
-    /// We sent a request stamped `stamp`.
-    pub fn sent(&mut self, stamp: u64) {
-        self.outstanding = Some(stamp);
-    }
-
     /// An authenticated request arrived: true if it is new (and answer it).
     pub fn request(&mut self, epoch: u32, stamp: u64) -> bool {
         let fresh = self.last_request.is_none_or(|last| (epoch, stamp) > last);
@@ -520,16 +514,6 @@ impl EchoGuard {
             self.last_request = Some((epoch, stamp));
         }
         fresh
-    }
-
-    /// An authenticated reply arrived: true if it answers our last request
-    /// and is the first to do so.
-    pub fn reply(&mut self, stamp: u64) -> bool {
-        let ours = self.outstanding == Some(stamp);
-        if ours {
-            self.outstanding = None;
-        }
-        ours
     }
 }
 
@@ -796,14 +780,6 @@ mod tests {
         assert!(g.request(5, 101));
         assert!(g.request(6, 1), "peer restarted");
         assert!(!g.request(5, 1_000_000), "earlier run");
-        assert!(!g.reply(7), "nothing sent yet");
-        g.sent(7);
-        assert!(!g.reply(8));
-        assert!(g.reply(7));
-        assert!(!g.reply(7), "replayed reply");
-        g.sent(9);
-        g.sent(10);
-        assert!(!g.reply(9), "superseded request");
     }
 
     #[test]

@@ -595,24 +595,16 @@ impl Engine {
 
     /// Runs every timer that is due.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let due = |t: Option<Instant>| t.is_some_and(|t| t <= now);
         for i in 0..self.paths.len() {
-            if !self.paths[i].retired
-                && self.paths[i]
-                    .session
-                    .poll_timeout()
-                    .is_some_and(|t| t <= now)
-            {
+            if self.paths[i].retired {
+                continue;
+            }
+            if due(self.paths[i].session.poll_timeout()) {
                 self.paths[i].session.handle_timeout(now);
                 self.drain_session(PathId(i as u16), now);
             }
-        }
-        for i in 0..self.paths.len() {
-            if !self.paths[i].retired
-                && self.paths[i]
-                    .quality
-                    .poll_timeout()
-                    .is_some_and(|t| t <= now)
-            {
+            if due(self.paths[i].quality.poll_timeout()) {
                 self.judge(PathId(i as u16), now);
             }
         }

@@ -16,12 +16,11 @@
 //! [`DropReason`] why it is refused. [`decapsulate`] is the same for
 //! plaintext data alone.
 //!
-//! Besides data, a path carries echo messages that measure its round-trip
-//! time: once a second the path's receive thread sends an
-//! [`Echo::Request`] stamped with its own clock, the peer answers with an
-//! [`Echo::Reply`] carrying the stamp back, and [`echo_rtt`] turns the
-//! stamp into a round-trip time. The stamp is opaque to the peer; the
-//! shell chooses (and may obscure) it, so this module stays clock-free.
+//! Besides data, a path carries its own measurements: probes and their
+//! replies ([`emit_probe`], [`emit_probe_reply`], [`Message::Probe`],
+//! [`Message::ProbeReply`]; what they measure is [`crate::core::quality`]'s),
+//! and the echo requests of older gateways, which are answered
+//! ([`Echo::Reply`] carries the request's stamp back).
 //!
 //! A peer with a key uses the sealed variants instead: [`seal_data`] and
 //! [`seal_echo`] encrypt and authenticate in place (the header, with any
@@ -315,14 +314,6 @@ fn emit_control(
     Ok(total)
 }
 
-/// The round trip of a reply stamped `sent` and received at `now` (both in
-/// the shell's nanoseconds). A stamp from the future or older than
-/// `max_age` is not ours (or too stale to mean anything): `None`.
-pub fn echo_rtt(sent: u64, now: u64, max_age: u64) -> Option<u64> {
-    let rtt = now.checked_sub(sent)?;
-    (rtt <= max_age).then_some(rtt)
-}
-
 /// Like [`encapsulate`], sealed: writes `header` as a
 /// [`MsgType::SealedData`] message of the sealer's epoch in front of the
 /// inner packet at `buf[HEADROOM..HEADROOM + inner_len]`, encrypts the
@@ -585,13 +576,6 @@ mod tests {
             emit_echo(Echo::Reply(1), &mut [0u8; 4]),
             Err(DropReason::TooBig)
         );
-    }
-
-    #[test]
-    fn echo_rtt_bounds() {
-        assert_eq!(echo_rtt(1_000, 1_500, 10_000), Some(500));
-        assert_eq!(echo_rtt(2_000, 1_500, 10_000), None);
-        assert_eq!(echo_rtt(0, 20_000, 10_000), None);
     }
 
     fn keys(b: u8) -> Keys {

@@ -372,7 +372,7 @@ pub struct Quality {
     recovered_at: Option<Instant>,
 }
 
-/// The lower bound of the Wilson score interval of `lost` in `n` at [`Z`].
+/// The lower bound of the Wilson score interval of `lost` in `n` at z = 3.
 pub fn wilson_lower(lost: u64, n: u64) -> f64 {
     if n == 0 {
         return 0.0;
