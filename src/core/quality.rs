@@ -357,6 +357,11 @@ pub struct Quality {
     sla: SlaConfig,
     /// Whether data sequence numbers count (not with the kernel fast path).
     data_counts: bool,
+    /// Whether the data counts of the sending and the receiving direction
+    /// have a baseline: after a rebase, the first interval in which data
+    /// arrives again is one (the sequence numbers lost while the path was
+    /// down must not count as loss once it is back).
+    data_armed: (bool, bool),
     last: Option<Sample>,
     buckets: VecDeque<Bucket>,
     rtts: VecDeque<(Instant, Duration)>,
@@ -399,6 +404,17 @@ fn signed_nanos(a: Instant, b: Instant) -> f64 {
     }
 }
 
+/// A data interval, once its direction has a baseline; the first interval
+/// that received data after a rebase makes the baseline instead.
+fn arm(armed: &mut bool, delta: Option<(u64, u64)>) -> Option<(u64, u64)> {
+    let (_, got) = delta?;
+    if *armed {
+        return delta;
+    }
+    *armed = got > 0;
+    None
+}
+
 fn ratio(lost: u64, expected: u64) -> Option<f64> {
     (expected > 0).then(|| lost.min(expected) as f64 / expected as f64)
 }
@@ -410,6 +426,7 @@ impl Quality {
         Quality {
             sla,
             data_counts,
+            data_armed: (false, false),
             last: None,
             buckets: VecDeque::new(),
             rtts: VecDeque::new(),
@@ -439,6 +456,7 @@ impl Quality {
     /// after is not comparable); the verdict stays.
     pub fn rebase(&mut self) {
         self.last = None;
+        self.data_armed = (false, false);
         self.buckets.clear();
         self.rtts.clear();
         self.jitter_samples = 0;
@@ -561,6 +579,8 @@ impl Quality {
             (s.local.seq_high, s.local.received),
             (prev.local.seq_high, prev.local.received),
         );
+        let data_tx = arm(&mut self.data_armed.0, data_tx);
+        let data_rx = arm(&mut self.data_armed.1, data_rx);
         // Every delta is at most MAX_DELTA, so none of this overflows.
         let signed = |a: u64, b: u64| a as i64 - b as i64;
         let small_lost = signed(small_sent, small_got);

@@ -386,6 +386,33 @@ fn a_flapping_brownout_degrades_once_and_does_not_come_back_during_it() {
 }
 
 #[test]
+fn what_an_outage_lost_is_not_counted_once_the_path_is_back() {
+    let mut sim = Sim::new(14, sla(), 2000);
+    sim.run_ms(2000);
+    // A cut: everything lost both ways; BFD notices after 30 ms, the
+    // engine rebases the path's quality and the traffic leaves the path.
+    sim.fwd.loss = 1.0;
+    sim.rev.loss = 1.0;
+    sim.run_ms(30);
+    sim.q.rebase();
+    sim.pps = 0;
+    sim.run_ms(470);
+    sim.fwd.loss = 0.0;
+    sim.rev.loss = 0.0;
+    // Back, idle for its revert hold, then carrying the traffic again: the
+    // first data numbers jump over what the cut lost.
+    sim.run_ms(300);
+    sim.pps = 2000;
+    sim.run_ms(3000);
+    let after: Vec<_> = sim
+        .transitions
+        .iter()
+        .filter(|(at, _)| *at >= 2030)
+        .collect();
+    assert!(after.is_empty(), "{after:?}");
+}
+
+#[test]
 fn the_far_end_restarting_is_a_new_baseline_not_loss() {
     let mut sim = Sim::new(12, sla(), 2000);
     sim.run_ms(2000);
