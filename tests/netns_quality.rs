@@ -385,3 +385,50 @@ fn a_fast_path_peer_measures_loss_from_its_probes() {
     assert_eq!(q["degraded_reason"].as_str(), Some("loss"), "{q}");
     assert!(lab::path_active(&s, LabPath::Path2), "{s}");
 }
+
+/// One TCP stream filling a rate-limited path (tbf, 300 Mbit/s, on both
+/// paths): the losses of its own queue are TCP's congestion signal, not a
+/// sick path, and must not move it back and forth.
+#[test]
+fn a_tcp_stream_filling_a_shaped_path_does_not_make_it_degraded() {
+    if !lab::test_gate(
+        "a_tcp_stream_filling_a_shaped_path_does_not_make_it_degraded",
+        &[("iperf3", "iperf3")],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let lab = lab("qtbf");
+    for path in LabPath::ALL {
+        for host in [crosslink::lab::Host::GwA, crosslink::lab::Host::GwB] {
+            lab.sh_in(
+                host,
+                &format!(
+                    "tc qdisc replace dev {} root tbf rate 300mbit burst 256kb latency 20ms",
+                    path.name()
+                ),
+            )
+            .unwrap();
+        }
+    }
+    let secs = 10;
+    let iperf = lab.start_iperf3(1, secs).unwrap();
+    let (changes, _) = watch(&lab, Duration::from_secs(secs + 1));
+    let rate = iperf.finish().unwrap_or(0.0);
+    let s = lab.poll(Gw::A).unwrap();
+    let degradations: usize = Gw::ALL
+        .iter()
+        .map(|&gw| lab.log_tail(gw, 100_000).matches("path degraded").count())
+        .sum();
+    lab::say(&format!(
+        "REPORT quality self_congestion tbf_mbit=300 tcp_mbit={:.0} degradations={degradations} moves={} path1_quality={}",
+        rate / 1e6,
+        changes.len(),
+        quality(&s, LabPath::Path1).cloned().unwrap_or_default()
+    ));
+    assert!(rate > 50e6, "the stream moved {rate} bit/s");
+    assert_eq!(
+        degradations, 0,
+        "congestion of our own stream degraded a path"
+    );
+}
