@@ -673,7 +673,16 @@ impl Lab {
         jitter: Duration,
     ) -> Result<RelayProc> {
         let queue = queue_number(path, direction);
-        let mut cmd = self.command_in(Host::GwA, &self.opts.binary);
+        // The relay stands for a wire: at real-time priority (below the
+        // gateways' BFD threads), so that a busy machine does not stretch
+        // the delay past a BFD detection time. Without `chrt`, as it is.
+        let mut cmd = if tool_installed("chrt") {
+            let mut c = self.command_in(Host::GwA, "chrt");
+            c.args(["-f", "40"]).arg(&self.opts.binary);
+            c
+        } else {
+            self.command_in(Host::GwA, &self.opts.binary)
+        };
         cmd.args(["relay", "--queue", &queue.to_string()])
             .arg("--delay")
             .arg(format!("{}us", delay.as_micros()))
