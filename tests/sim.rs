@@ -3,8 +3,10 @@
 //! the same result on every run, so the bounds here can be tight.
 
 use crosslink::config::Config;
-use crosslink::core::engine::{Engine, Event, Forwarding};
+use crosslink::core::engine::{Engine, Event, Forwarding, MoveCause};
 use crosslink::core::forward::{classify, decapsulate, encapsulate, HEADROOM};
+use crosslink::core::quality::{DataCounts, Prober, Reason, Reflector};
+use crosslink::core::rng::Rng;
 use crosslink::core::wire::overlay::Header;
 use crosslink::PathId;
 use etherparse::PacketBuilder;
@@ -70,6 +72,16 @@ struct Sim {
     queue: BinaryHeap<Reverse<InFlight>>,
     events_a: Vec<(Duration, Event)>,
     received: Vec<(u64, u16)>,
+    /// Per path: the share of data and probes lost each way (a brownout
+    /// that BFD survives).
+    brownout: [f64; 2],
+    rng: Rng,
+    /// A's probers and B's reflectors, per path; A's data numbered per
+    /// path, and what B received of it.
+    probers: [Prober; 2],
+    reflectors: [Reflector; 2],
+    path_seq: [u64; 2],
+    at_b: [DataCounts; 2],
 }
 
 fn local_ip(path: u16, side: u8) -> IpAddr {
@@ -93,6 +105,41 @@ impl Sim {
             queue: BinaryHeap::new(),
             events_a: Vec::new(),
             received: Vec::new(),
+            brownout: [0.0; 2],
+            rng: Rng::new(7),
+            probers: [0, 1].map(|_| Prober::new(Duration::from_millis(10))),
+            reflectors: [Reflector::default(); 2],
+            path_seq: [0; 2],
+            at_b: [DataCounts::default(); 2],
+        }
+    }
+
+    fn lost(&mut self, path: usize) -> bool {
+        let p = self.brownout[path];
+        self.cut[path] || (p > 0.0 && (self.rng.below(1_000_000) as f64) < p * 1e6)
+    }
+
+    /// A's probes on both paths that are due, answered at once by B's
+    /// reflectors (losses each way as the brownout says); each reply's
+    /// sample goes to A's engine.
+    fn probe(&mut self) {
+        let now = self.instant();
+        for i in 0..2 {
+            let Some(p) = self.probers[i].poll_probe(now) else {
+                continue;
+            };
+            if self.lost(i) {
+                continue;
+            }
+            let ns = self.now.as_nanos() as u64;
+            let report = self.reflectors[i].reflect(p.class, 64, ns, self.at_b[i]);
+            if self.lost(i) {
+                continue;
+            }
+            let sample = self.probers[i].handle_reply(p.seq, report, DataCounts::default(), now);
+            if let Some(sample) = sample {
+                self.a.handle_quality_sample(PathId(i as u16), &sample, now);
+            }
         }
     }
 
@@ -157,9 +204,16 @@ impl Sim {
         };
         let mut buf = vec![0u8; HEADROOM + inner.len()];
         buf[HEADROOM..].copy_from_slice(&inner);
-        let range = encapsulate(&mut buf, inner.len(), &Header::data(seq)).unwrap();
+        let i = usize::from(place.path.0);
+        self.path_seq[i] += 1;
+        let range = encapsulate(&mut buf, inner.len(), &Header::data(self.path_seq[i])).unwrap();
         let buf = buf[range].to_vec();
-        if !self.cut[usize::from(place.path.0)] {
+        if self.lost(i) {
+            return;
+        }
+        self.at_b[i].received += 1;
+        self.at_b[i].seq_high = self.path_seq[i];
+        {
             self.queue.push(Reverse(InFlight {
                 at: self.now + self.latency,
                 to_b: true,
@@ -187,8 +241,16 @@ impl Sim {
             } else {
                 Duration::MAX
             };
+            let next_probe = self
+                .probers
+                .iter()
+                .filter_map(|p| p.poll_timeout())
+                .map(|t| t.saturating_duration_since(self.t0))
+                .min()
+                .unwrap_or(Duration::ZERO);
             let next = next_engine
                 .min(next_msg)
+                .min(next_probe)
                 .max(self.now + Duration::from_nanos(1))
                 .min(next_data);
             if next > until {
@@ -199,6 +261,9 @@ impl Sim {
             while self.queue.peek().is_some_and(|m| m.0.at <= self.now) {
                 let m = self.queue.pop().unwrap().0;
                 self.deliver(m);
+            }
+            if self.now >= next_probe {
+                self.probe();
             }
             if stream && self.now == next_data {
                 self.send_data(self.now.as_millis() as u64);
@@ -387,4 +452,51 @@ fn send_errors_make_a_path_suspect_until_bfd_works_again() {
     assert_eq!(sim.a.path(PathId(0)).unwrap().blocked(), None);
     sim.run_until(Duration::from_secs(8), false);
     assert_eq!(sim.active(), Some(PathId(0)));
+}
+
+#[test]
+fn a_brownout_moves_the_stream_off_and_back_after_the_hold() {
+    let mut sim = Sim::new("1s", "10ms", 3);
+    sim.run_until(Duration::from_secs(5), false);
+    sim.run_until(Duration::from_secs(6), true);
+    assert_eq!(sim.active(), Some(PathId(0)));
+    // 5 % of path 1's data and probes lost each way; BFD survives.
+    sim.brownout[0] = 0.05;
+    let start = sim.now;
+    sim.run_until(Duration::from_secs(8), true);
+    assert_eq!(sim.active(), Some(PathId(1)));
+    assert!(sim.a.paths()[0].is_up(), "BFD kept path 1 up");
+    let moved = sim
+        .events_a
+        .iter()
+        .find_map(|(t, e)| match e {
+            Event::Failover {
+                from: Some(PathId(0)),
+                to: Some(PathId(1)),
+                cause,
+                ..
+            } => Some((*t, *cause)),
+            _ => None,
+        })
+        .expect("moved off path 1");
+    assert_eq!(moved.1, MoveCause::Degraded(Reason::Loss));
+    let after = moved.0 - start;
+    assert!(after <= Duration::from_millis(300), "left after {after:?}");
+    // The brownout ends: path 1 carries the stream again once it has been
+    // good for the hold (10 s), not before.
+    sim.brownout[0] = 0.0;
+    let healed = sim.now;
+    sim.run_until(healed + Duration::from_secs(9), true);
+    assert_eq!(sim.active(), Some(PathId(1)), "back before the hold");
+    sim.run_until(healed + Duration::from_secs(15), true);
+    assert_eq!(sim.active(), Some(PathId(0)));
+    let back = sim.events_a.iter().rev().find_map(|(_, e)| match e {
+        Event::Failover {
+            to: Some(PathId(0)),
+            cause,
+            ..
+        } => Some(*cause),
+        _ => None,
+    });
+    assert_eq!(back, Some(MoveCause::Recovered));
 }
