@@ -19,7 +19,9 @@
 //! highest data sequence number it saw, and when the request arrived (its
 //! own clock). A reply becomes a [`Sample`] for the path's [`Quality`],
 //! which the engine owns. Counts are cumulative so that a lost reply loses
-//! only its own sample; between two samples:
+//! only its own sample; between two samples (unless no reply came for five
+//! probe intervals: a stall of one of the hosts, or a total loss that BFD
+//! judges, whose losses are not a share of packets lost):
 //!
 //! - **loss, sending direction**: probes sent against probes the far end
 //!   received, and data datagrams numbered against those it received (on a
@@ -96,6 +98,10 @@ const MAX_LEVEL: u32 = 3;
 /// far more than any path carries between two probes); a report past it is
 /// a new baseline.
 const MAX_DELTA: u64 = 1 << 24;
+/// Replies that stop for this many probe intervals (and at least
+/// [`MIN_STALL`]) are a stall, not loss.
+const STALL_INTERVALS: u32 = 5;
+const MIN_STALL: Duration = Duration::from_millis(50);
 /// Jitter samples before jitter may degrade a path.
 const JITTER_MIN_SAMPLES: u64 = 16;
 
@@ -546,6 +552,14 @@ impl Quality {
         };
         if s.seq <= prev.seq {
             self.reordered += 1;
+            return;
+        }
+        // A gap with no reply for many probe intervals is a stall (of this
+        // host, the far one, or a total loss that BFD is there to judge),
+        // not a share of packets lost: what it lost is not loss accounting's.
+        let gap = s.received_at.saturating_duration_since(prev.received_at);
+        if gap > (self.sla.probe_interval * STALL_INTERVALS).max(MIN_STALL) {
+            self.last = Some(*s);
             return;
         }
         let (r, p) = (&s.report, &prev.report);
