@@ -952,17 +952,28 @@ fn redundant_gateways_with_frr() {
 
     let mut cases = Vec::new();
 
-    // (c) one path fails: gwA1-gwB1 over wan1.
+    // (c) one path fails: the one gwA1 sends on (gwB1 over wan1, unless path
+    // quality has chosen another).
     {
         let drops = sessions_dropped(&net);
         let traffic = Traffic::start(&net, 1);
         std::thread::sleep(Duration::from_millis(500));
         check_placement(&net);
-        net.blackhole("a1", "wan1", Some(&B1.wan_addr(1)));
+        let status = net.status("a1").unwrap_or_default();
+        let active = status["peers"][0]["paths"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["active"] == true))
+            .and_then(|p| p["name"].as_str())
+            .unwrap_or("b1-wan1")
+            .to_string();
+        let remote = if active.starts_with("b2") { B2 } else { B1 };
+        let wan: u8 = if active.ends_with('2') { 2 } else { 1 };
+        say(&format!("redundant: cutting gwA1's active path {active}"));
+        net.blackhole("a1", &format!("wan{wan}"), Some(&remote.wan_addr(wan)));
         std::thread::sleep(Duration::from_millis(1500));
         let nexthops = net.nexthops("ra", SITE_B).len();
         let (ts, tr, u, b) = traffic.stop();
-        net.heal("a1", "wan1");
+        net.heal("a1", &format!("wan{wan}"));
         let case = Case {
             name: "path_loss",
             tcp_gap_ms: num(&tr, "max_gap_ms"),
