@@ -31,7 +31,8 @@
 //! checks). Its rooms: `topology` (hosts, namespaces, links, the gateways'
 //! configs), `impair` (faults on a path), `process` (commands in a
 //! namespace, the gateways' daemons, the root and tool gates of the tests),
-//! `traffic` (probe, iperf3, bench readings); beside them the programs the
+//! `traffic` (probe, iperf3, bench readings), `frr` (FRRouting daemons in a
+//! namespace, for the redundant-gateway tests); beside them the programs the
 //! tests and the demo run: [`probe`] (the packet-loss probe), [`flood`] (the
 //! junk generator of the bad-input tests), [`relay`] (the delaying relay) and
 //! [`demo`] (`crosslink demo`). The delay and the large-packet drop act in
@@ -56,11 +57,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod frr;
 mod impair;
 mod process;
 mod topology;
 mod traffic;
 
+pub use frr::*;
 pub use process::*;
 pub use topology::*;
 pub use traffic::*;

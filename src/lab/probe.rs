@@ -9,6 +9,12 @@
 //! missing sequence numbers (an outage, `run × interval` long) and the largest gap
 //! between two arrivals. Both stop on SIGTERM/SIGINT; the sender then sends a few stop
 //! packets, which end the receiver too.
+//!
+//! `probe tcp-send` writes a paced TCP byte stream (a chunk every 500 µs, from a
+//! chosen source port if asked, so a test can place the flow on one ECMP nexthop);
+//! `probe tcp-recv` accepts one connection and reports the bytes read, the longest
+//! gap between two reads, and how the connection ended (`eof` when the sender closed
+//! it cleanly, `error` on a reset).
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -42,6 +48,37 @@ pub enum ProbeMode {
     Send(SendArgs),
     /// Receive the stream and print a JSON report.
     Recv(RecvArgs),
+    /// Send a paced TCP byte stream (one connection).
+    TcpSend(TcpSendArgs),
+    /// Accept one TCP connection, read it and print a JSON report (the longest
+    /// gap between two reads, how the connection ended).
+    TcpRecv(TcpRecvArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TcpSendArgs {
+    /// Destination address, IP:PORT.
+    #[arg(long)]
+    pub to: SocketAddr,
+    /// Bytes per second.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub rate: u32,
+    /// How long to send ("10s"); stops earlier on SIGTERM/SIGINT.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Local address to bind, IP:PORT (a fixed port picks the flow's hash).
+    #[arg(long, default_value = "0.0.0.0:0")]
+    pub bind: SocketAddr,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TcpRecvArgs {
+    /// Address to listen on, IP:PORT.
+    #[arg(long, default_value = "0.0.0.0:9100")]
+    pub bind: SocketAddr,
+    /// Give up after this long ("30s").
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -109,6 +146,8 @@ pub fn main(args: ProbeArgs) -> i32 {
     let result = match args.mode {
         ProbeMode::Send(a) => send(&a, &stop).map(|r| print_json(&r)),
         ProbeMode::Recv(a) => recv(&a, &stop).map(|r| print_json(&r)),
+        ProbeMode::TcpSend(a) => tcp_send(&a, &stop).map(|r| print_json(&r)),
+        ProbeMode::TcpRecv(a) => tcp_recv(&a, &stop).map(|r| print_json(&r)),
     };
     match result {
         Ok(()) => 0,
@@ -539,6 +578,150 @@ pub fn recv(args: &RecvArgs, stop: &AtomicBool) -> io::Result<RecvReport> {
         }
     };
     Ok(collector.report(stopped_by))
+}
+
+/// What `probe tcp-send` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpSendReport {
+    pub bytes: u64,
+    pub elapsed_ms: f64,
+    /// The write error that ended the stream (a reset), if any.
+    pub error: Option<String>,
+    pub stopped_by: &'static str,
+}
+
+/// Chunks of a paced TCP stream: one every 500 µs.
+const TCP_CHUNK_INTERVAL: Duration = Duration::from_micros(500);
+
+pub fn tcp_send(args: &TcpSendArgs, stop: &AtomicBool) -> io::Result<TcpSendReport> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(args.to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&args.bind.into())?;
+    socket.connect_timeout(&args.to.into(), Duration::from_secs(5))?;
+    let mut stream: std::net::TcpStream = socket.into();
+    stream.set_nodelay(true)?;
+    let per_chunk = (u64::from(args.rate) * 500 / 1_000_000).max(1) as usize;
+    let chunk = vec![0x5au8; per_chunk];
+    let start = Instant::now();
+    let mut report = TcpSendReport {
+        bytes: 0,
+        elapsed_ms: 0.0,
+        error: None,
+        stopped_by: "duration",
+    };
+    for n in 0u32.. {
+        let deadline = start + TCP_CHUNK_INTERVAL * n;
+        if deadline.duration_since(start) >= args.duration {
+            break;
+        }
+        if stop.load(Ordering::Relaxed) {
+            report.stopped_by = "signal";
+            break;
+        }
+        pace_until(deadline);
+        if let Err(e) = io::Write::write_all(&mut stream, &chunk) {
+            report.error = Some(e.to_string());
+            report.stopped_by = "error";
+            break;
+        }
+        report.bytes += chunk.len() as u64;
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    report.elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
+    Ok(report)
+}
+
+/// What `probe tcp-recv` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpRecvReport {
+    pub bytes: u64,
+    /// The longest time between two reads that returned data.
+    pub max_gap_ms: f64,
+    /// When that gap started, relative to the first byte.
+    pub max_gap_at_ms: Option<f64>,
+    pub elapsed_ms: f64,
+    /// "eof" (the sender closed cleanly), "error" (a reset), "signal" or "duration".
+    pub ended_by: &'static str,
+    pub error: Option<String>,
+}
+
+pub fn tcp_recv(args: &TcpRecvArgs, stop: &AtomicBool) -> io::Result<TcpRecvReport> {
+    let listener = std::net::TcpListener::bind(args.bind)?;
+    listener.set_nonblocking(true)?;
+    eprintln!("ready {}", listener.local_addr()?);
+    let end = Instant::now() + args.duration;
+    let mut report = TcpRecvReport {
+        bytes: 0,
+        max_gap_ms: 0.0,
+        max_gap_at_ms: None,
+        elapsed_ms: 0.0,
+        ended_by: "duration",
+        error: None,
+    };
+    let mut stream = loop {
+        if stop.load(Ordering::Relaxed) {
+            report.ended_by = "signal";
+            return Ok(report);
+        }
+        if Instant::now() >= end {
+            return Ok(report);
+        }
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_millis(20)))?;
+    let mut buf = vec![0u8; 65_536];
+    let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
+    let mut max_gap = Duration::ZERO;
+    report.ended_by = loop {
+        if stop.load(Ordering::Relaxed) {
+            break "signal";
+        }
+        if Instant::now() >= end {
+            break "duration";
+        }
+        match io::Read::read(&mut stream, &mut buf) {
+            Ok(0) => break "eof",
+            Ok(n) => {
+                let now = Instant::now();
+                let f = *first.get_or_insert(now);
+                if let Some(l) = last {
+                    let gap = now.saturating_duration_since(l);
+                    if gap > max_gap {
+                        max_gap = gap;
+                        report.max_gap_at_ms =
+                            Some(l.saturating_duration_since(f).as_secs_f64() * 1e3);
+                    }
+                }
+                last = Some(now);
+                report.bytes += n as u64;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                report.error = Some(e.to_string());
+                break "error";
+            }
+        }
+    };
+    report.max_gap_ms = max_gap.as_secs_f64() * 1e3;
+    report.elapsed_ms = first.map_or(0.0, |f| f.elapsed().as_secs_f64() * 1e3);
+    Ok(report)
 }
 
 #[cfg(test)]
