@@ -118,9 +118,26 @@ pub fn bfd_rx_socket(local: IpAddr, hop: Hop, interface: Option<&str>) -> io::Re
     Ok(sock)
 }
 
+/// Readies a path's data socket for QoS and ECN: the kernel reports each
+/// datagram's TOS / traffic class (the outer ECN field, for RFC 6040
+/// decapsulation), and what the socket sends without a per-message TOS
+/// (probes, echoes) carries `dscp` (0 when the path inherits the inner
+/// packets' DSCP).
+pub fn set_data_qos(sock: &UdpSocket, dscp: Option<u8>) -> io::Result<()> {
+    let v6 = sock.local_addr()?.is_ipv6();
+    sys::enable_recv_tos(sock, v6)?;
+    sys::set_tos(sock, v6, (dscp.unwrap_or(0) & 0x3f) << 2)
+}
+
 /// A path's BFD transmit socket: source port in 49152-65535 (RFC 5881 §4),
-/// TTL / hop limit 255.
-pub fn bfd_tx_socket(local: IpAddr, interface: Option<&str>, seed: u16) -> io::Result<UdpSocket> {
+/// TTL / hop limit 255, its packets marked with `dscp` (RFC 5881 and 5883
+/// leave it to the operator; routers send BFD as CS6, network control).
+pub fn bfd_tx_socket(
+    local: IpAddr,
+    interface: Option<&str>,
+    seed: u16,
+    dscp: u8,
+) -> io::Result<UdpSocket> {
     const FIRST: u16 = 49152;
     const COUNT: u16 = 16384;
     let mut last = None;
@@ -133,6 +150,7 @@ pub fn bfd_tx_socket(local: IpAddr, interface: Option<&str>, seed: u16) -> io::R
         } else {
             sock.set_ttl_v4(255)?;
         }
+        sys::set_tos(&sock, local.is_ipv6(), (dscp & 0x3f) << 2)?;
         match sock.bind(&addr.into()) {
             Ok(()) => {
                 let sock: UdpSocket = sock.into();
