@@ -297,6 +297,45 @@ mod tests {
         );
     }
 
+    /// BFD control packets leave with the configured DSCP (CS6 by
+    /// default), IPv4 and IPv6; a data socket sends probes with its
+    /// path's fixed DSCP and reports what arrives.
+    #[test]
+    fn bfd_and_data_sockets_are_marked() {
+        for ip in [
+            IpAddr::from(Ipv4Addr::LOCALHOST),
+            Ipv6Addr::LOCALHOST.into(),
+        ] {
+            let Ok(rx) = UdpSocket::bind(SocketAddr::new(ip, 0)) else {
+                println!("skipping {ip}: cannot bind");
+                continue;
+            };
+            set_data_qos(&rx, None).expect("data socket QoS");
+            rx.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            let to = rx.local_addr().expect("local_addr");
+            let bfd = bfd_tx_socket(ip, None, 7, 48).expect("BFD socket");
+            bfd.send_to(b"bfd", to).expect("send");
+            let data = UdpSocket::bind(SocketAddr::new(ip, 0)).expect("data");
+            set_data_qos(&data, Some(10)).expect("data socket QoS");
+            data.send_to(b"probe", to).expect("send");
+            let mut batch = sys::RecvBatch::new(4, 64);
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                let n = batch.recv(&rx).expect("recv");
+                for i in 0..n {
+                    let (bytes, _, _, tos) = batch.get_mut(i).expect("message");
+                    got.push((bytes.to_vec(), tos));
+                }
+            }
+            assert_eq!(
+                got,
+                vec![(b"bfd".to_vec(), 0xc0), (b"probe".to_vec(), 0x28)],
+                "{ip}"
+            );
+        }
+    }
+
     #[test]
     fn data_sockets_reject_bad_lane_counts() {
         let any = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0);
