@@ -13,7 +13,8 @@
 //! program leaves datagrams marked CE to the lanes), and both gateways on
 //! the fast path (gateway A's sending program inherits the inner TOS byte;
 //! no path mark: what it redirects passes netfilter by). Each prints a
-//! `REPORT qos <case>` line.
+//! `REPORT qos <case>` line. A TCP stream with ECN through the lanes'
+//! offloads, with CE marks on the path, prints `REPORT qos tcp`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -448,4 +449,70 @@ fn qos_and_ecn_on_the_underlay_fast_path() {
     }
     let _serial = serial();
     run_case(Case::Fast);
+}
+
+/// A TCP stream with ECN (both ends `tcp_ecn = 1`) through the lanes with
+/// their offloads (TUN super-packets cut into segments, UDP GSO and GRO,
+/// segments merged back into super-packets): path1 marks CE on one send in
+/// fifty; the marks reach the server's TCP, whose ECE reaches the client,
+/// and the stream goes on.
+#[test]
+fn ecn_marks_reach_a_tcp_stream_through_the_offloads() {
+    let test = "ecn_marks_reach_a_tcp_stream_through_the_offloads";
+    if !lab::test_gate(test, &[("nft", "nftables"), ("iperf3", "iperf3")]) {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new(LabOptions::new("qostcp", BIN)).unwrap();
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(20)).unwrap();
+    for host in [Host::Client, Host::Server] {
+        lab.sh_in(host, "echo 1 > /proc/sys/net/ipv4/tcp_ecn")
+            .unwrap();
+    }
+    lab.nft_script(
+        Host::Server,
+        &format!(
+            "table inet xlqos {{\n counter ce {{}}\n counter ect0 {{}}\n \
+             chain input {{ type filter hook input priority 0; policy accept;\n  \
+             ip saddr {CLIENT_ADDR} tcp dport 5201 ip ecn ce counter name \"ce\"\n  \
+             ip saddr {CLIENT_ADDR} tcp dport 5201 ip ecn ect0 counter name \"ect0\"\n }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    lab.nft_script(
+        Host::Client,
+        &format!(
+            "table inet xlqos {{\n counter ece {{}}\n \
+             chain input {{ type filter hook input priority 0; policy accept;\n  \
+             ip saddr {SERVER_ADDR} tcp sport 5201 tcp flags & ecn == ecn counter name \"ece\"\n }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    lab.nft_script(
+        Host::GwA,
+        &format!(
+            "table inet xlce {{\n chain out {{ type filter hook output priority 0; policy accept;\n  \
+             ip daddr {b} udp dport {port} numgen random mod 50 == 0 ip ecn set ce\n }}\n}}\n",
+            b = LabPath::Path1.addr(Gw::B),
+            port = lab::DATA_PORT
+        ),
+    )
+    .unwrap();
+    let rate = lab.start_iperf3(1, 3).unwrap().finish().unwrap_or(0.0);
+    let ce = nft_counter(&lab, Host::Server, "xlqos", "ce");
+    let ect0 = nft_counter(&lab, Host::Server, "xlqos", "ect0");
+    let ece = nft_counter(&lab, Host::Client, "xlqos", "ece");
+    let status = lab.status(Gw::B).unwrap();
+    lab::say(&format!(
+        "REPORT qos tcp: one ECN stream at {:.2} Gbit/s with 1 in 50 sends marked CE on path1: \
+         server got {ce} CE and {ect0} ECT(0) packets (after merging), the client {ece} ACKs \
+         with ECE; gw-b ce_on_not_ect {}",
+        rate / 1e9,
+        drops(&status, "ce_on_not_ect")
+    ));
+    assert!(rate > 0.0, "the stream moved nothing");
+    assert!(ect0 > 0, "no ECT(0) segment reached the server");
+    assert!(ce > 0, "no CE mark reached the server");
+    assert!(ece > 0, "the client never saw ECE");
 }
