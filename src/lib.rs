@@ -22,6 +22,7 @@
 //!    coalesce    receive side: consecutive TCP segments -> one TUN super-packet
 //!    dedup       `duplicate` policy: per-peer sequence window, first copy wins
 //!    crypto      data-plane AEAD (AES-256-GCM, derived keys), replay windows
+//!    ecn         outer DSCP/ECN of a datagram: RFC 6040 encapsulation and decapsulation
 //!    drop, rng   drop reasons (the metric's label); SplitMix64
 //!  io/         the shell: TUN, sockets, netlink, threads, the clock
 //!    lanes/      the forwarding threads: send (TUN -> paths), recv (paths -> TUN),

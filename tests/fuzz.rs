@@ -198,6 +198,22 @@ fn overlay() {
                 return Err("received range out of bounds".into());
             }
         }
+        // RFC 6040 on receive: under any outer ECN field, only the inner
+        // ECN bits (and an IPv4 header checksum) may change.
+        for outer in 0..4u8 {
+            let mut copy = input.to_vec();
+            if let Ok(forward::Message::Data(_, r)) =
+                forward::receive_marked(&mut copy, None, outer)
+            {
+                for (i, (a, b)) in input.iter().zip(&copy).enumerate() {
+                    let inner_at = i.wrapping_sub(r.start);
+                    let may = i >= r.start && (inner_at <= 1 || inner_at == 10 || inner_at == 11);
+                    if a != b && !may {
+                        return Err(format!("outer ECN {outer} changed byte {i}"));
+                    }
+                }
+            }
+        }
         let mut copy = input.to_vec();
         let mut window = ReplayWindow::default();
         if let Ok(forward::Message::Data(_, r)) = open(&mut copy, &keys, &mut window) {

@@ -38,6 +38,8 @@ pub const DEFAULT_BFD_INTERVAL: Duration = Duration::from_millis(10);
 pub const DEFAULT_BFD_MULTIPLIER: u8 = 3;
 /// Default minimum received TTL for multihop BFD (RFC 5883 leaves it to configuration).
 pub const DEFAULT_MIN_TTL: u8 = 254;
+/// Default DSCP of BFD control packets: CS6 (network control), as routers send BFD.
+pub const DEFAULT_BFD_DSCP: u8 = 48;
 /// Default time a recovered path must stay up before flows return to it.
 pub const DEFAULT_REVERT_HOLD: Duration = Duration::from_secs(2);
 /// Default largest loss ratio of a path's sending direction: 1 %, in millionths.

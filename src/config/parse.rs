@@ -264,6 +264,7 @@ pub(super) struct RawBfd {
     pub(super) passive: Option<bool>,
     pub(super) min_ttl: Option<u8>,
     pub(super) auth: Option<RawAuth>,
+    pub(super) dscp: Option<Dscp>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,6 +294,7 @@ pub(super) struct RawPeer {
     pub(super) route_metric: Option<u32>,
     #[serde(default)]
     pub(super) fast_path: bool,
+    pub(super) dscp: Option<Dscp>,
     pub(super) sla: Option<RawSla>,
     #[serde(default)]
     pub(super) path: Vec<RawPath>,
@@ -309,6 +311,7 @@ pub(super) struct RawPath {
     pub(super) weight: Option<u32>,
     pub(super) bfd: Option<RawBfd>,
     pub(super) sla: Option<RawSla>,
+    pub(super) dscp: Option<Dscp>,
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1112,3 +1112,59 @@ fn sla_errors_name_the_key() {
     assert_eq!(e.key, "peer.gcp.path.cci-1.sla.max_moves_per_minute", "{e}");
     assert!(e.message.contains("peer setting"), "{e}");
 }
+
+// --- QoS: dscp -----------------------------------------------------------------
+
+#[test]
+fn dscp_defaults_bfd_cs6_and_data_inherit() {
+    let c = ok(BASE);
+    assert_eq!(c.bfd.dscp, 48);
+    for p in c.peers.iter().flat_map(|p| &p.paths) {
+        assert_eq!(p.dscp, Dscp::Inherit);
+        assert_eq!(p.bfd.dscp, 48);
+    }
+}
+
+#[test]
+fn dscp_by_name_number_peer_and_path() {
+    let text = base_with("[gateway]", "[bfd]\ndscp = \"cs5\"\n\n[gateway]");
+    let text = text.replacen(
+        "tun = \"xl-gcp\"\n",
+        "tun = \"xl-gcp\"\ndscp = \"af41\"\n",
+        1,
+    );
+    let text = text.replacen(
+        "  remote = \"198.51.100.2:4800\"\n",
+        "  remote = \"198.51.100.2:4800\"\n  dscp = 46\n  [peer.path.bfd]\n  dscp = 0\n",
+        1,
+    );
+    let text = text.replacen("tun = \"xl-aws\"\n", "tun = \"xl-aws\"\ndscp = \"EF\"\n", 1);
+    let text = text.replacen(
+        "  remote = \"203.0.113.2:4800\"\n",
+        "  remote = \"203.0.113.2:4800\"\n  dscp = \"inherit\"\n",
+        1,
+    );
+    let c = ok(&text);
+    assert_eq!(c.bfd.dscp, 40);
+    let gcp = &c.peers[0];
+    assert_eq!(gcp.paths[0].dscp, Dscp::Fixed(34));
+    assert_eq!(gcp.paths[0].bfd.dscp, 40);
+    assert_eq!(gcp.paths[1].dscp, Dscp::Fixed(46));
+    assert_eq!(gcp.paths[1].bfd.dscp, 0);
+    assert_eq!(c.peers[1].paths[0].dscp, Dscp::Inherit);
+}
+
+#[test]
+fn dscp_errors_name_the_key() {
+    let bad = base_with("[gateway]", "[bfd]\ndscp = 64\n\n[gateway]");
+    assert_err(&bad, 2, "bfd.dscp", "invalid DSCP 64");
+    let bad = base_with("[gateway]", "[bfd]\ndscp = \"cs8\"\n\n[gateway]");
+    assert_err(&bad, 2, "bfd.dscp", "invalid DSCP \"cs8\"");
+    let bad = base_with("[gateway]", "[bfd]\ndscp = \"inherit\"\n\n[gateway]");
+    assert_err(&bad, 2, "bfd.dscp", "no inner packet");
+    let bad = base_with(
+        "  remote = \"192.0.2.2:4800\"\n",
+        "  remote = \"192.0.2.2:4800\"\n  dscp = -1\n",
+    );
+    assert_err(&bad, 12, "peer.gcp.path.cci-1.dscp", "invalid DSCP -1");
+}

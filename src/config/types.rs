@@ -101,6 +101,9 @@ pub struct BfdConfig {
     /// Multihop only: minimum TTL accepted on received control packets.
     pub min_ttl: u8,
     pub auth: Option<BfdAuthConfig>,
+    /// DSCP of the control packets sent (0..=63; default CS6, network
+    /// control).
+    pub dscp: u8,
 }
 
 impl Default for BfdConfig {
@@ -113,6 +116,7 @@ impl Default for BfdConfig {
             passive: false,
             min_ttl: DEFAULT_MIN_TTL,
             auth: None,
+            dscp: DEFAULT_BFD_DSCP,
         }
     }
 }
@@ -293,6 +297,113 @@ pub struct PathConfig {
     pub bfd: BfdConfig,
     /// The peer's `[peer.sla]` merged with this path's `[peer.path.sla]`.
     pub sla: SlaConfig,
+    /// The outer DSCP of the path's data datagrams: this path's `dscp`,
+    /// else the peer's, else inherited from each inner packet.
+    pub dscp: Dscp,
+}
+
+/// The DSCP written in the outer header of a data datagram (its ECN field
+/// always follows the inner packet's, RFC 6040).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Dscp {
+    /// The inner packet's DSCP (a kernel tunnel's `tos inherit`).
+    #[default]
+    Inherit,
+    /// This value, 0..=63.
+    Fixed(u8),
+}
+
+impl Dscp {
+    /// The fixed value, `None` for inherit.
+    pub fn fixed(self) -> Option<u8> {
+        match self {
+            Dscp::Inherit => None,
+            Dscp::Fixed(d) => Some(d),
+        }
+    }
+}
+
+/// The DSCP names accepted besides numbers (RFC 4594, RFC 5865, RFC 8622).
+const DSCP_NAMES: [(&str, u8); 24] = [
+    ("cs0", 0),
+    ("cs1", 8),
+    ("cs2", 16),
+    ("cs3", 24),
+    ("cs4", 32),
+    ("cs5", 40),
+    ("cs6", 48),
+    ("cs7", 56),
+    ("af11", 10),
+    ("af12", 12),
+    ("af13", 14),
+    ("af21", 18),
+    ("af22", 20),
+    ("af23", 22),
+    ("af31", 26),
+    ("af32", 28),
+    ("af33", 30),
+    ("af41", 34),
+    ("af42", 36),
+    ("af43", 38),
+    ("ef", 46),
+    ("va", 44),
+    ("le", 1),
+    ("default", 0),
+];
+
+const DSCP_HELP: &str =
+    "expected \"inherit\", a class name (\"cs0\"..\"cs7\", \"af11\"..\"af43\", \"ef\", \"va\", \"le\") or a number 0..63";
+
+impl FromStr for Dscp {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let name = s.trim().to_ascii_lowercase();
+        if name == "inherit" {
+            return Ok(Dscp::Inherit);
+        }
+        if let Some((_, v)) = DSCP_NAMES.iter().find(|(n, _)| *n == name) {
+            return Ok(Dscp::Fixed(*v));
+        }
+        match name.parse::<u8>() {
+            Ok(v) if v <= 63 => Ok(Dscp::Fixed(v)),
+            _ => Err(format!("invalid DSCP \"{s}\": {DSCP_HELP}")),
+        }
+    }
+}
+
+impl fmt::Display for Dscp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dscp::Inherit => f.write_str("inherit"),
+            Dscp::Fixed(d) => write!(f, "{d}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Dscp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Dscp;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"inherit\", a DSCP class name like \"cs6\", or a number 0..63")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dscp, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dscp, E> {
+                match u8::try_from(v) {
+                    Ok(d) if d <= 63 => Ok(Dscp::Fixed(d)),
+                    _ => Err(E::custom(format!("invalid DSCP {v}: {DSCP_HELP}"))),
+                }
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Dscp, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The service level a path must keep to carry traffic (`[peer.sla]`, any

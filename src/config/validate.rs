@@ -110,6 +110,17 @@ pub(super) fn merge_bfd(base: &BfdConfig, over: &RawBfd, at: &[Seg]) -> VResult<
     if let Some(h) = over.hop {
         b.hop = h;
     }
+    match over.dscp {
+        Some(Dscp::Fixed(d)) => b.dscp = d,
+        Some(Dscp::Inherit) => {
+            return invalid(
+                at,
+                &[k("dscp")],
+                "a BFD control packet has no inner packet to inherit from: give a class such as \"cs6\" or a number 0..63",
+            )
+        }
+        None => {}
+    }
     if let Some(p) = over.passive {
         b.passive = p;
     }
@@ -267,7 +278,7 @@ pub(super) fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResu
         .map(|(i, raw)| {
             let mut pat = at.to_vec();
             pat.extend([k("path"), Seg::Index(i)]);
-            validate_path(raw, &pat, i, gw_bfd, &sla)
+            validate_path(raw, &pat, i, gw_bfd, &sla, p.dscp.unwrap_or_default())
         })
         .collect::<VResult<Vec<_>>>()?;
     let mut names = HashSet::new();
@@ -355,6 +366,7 @@ pub(super) fn validate_path(
     index: usize,
     gw_bfd: &BfdConfig,
     peer_sla: &SlaConfig,
+    peer_dscp: Dscp,
 ) -> VResult<PathConfig> {
     if p.name.trim().is_empty() {
         return invalid(at, &[k("name")], "must not be empty");
@@ -410,6 +422,7 @@ pub(super) fn validate_path(
         weight,
         bfd,
         sla,
+        dscp: p.dscp.unwrap_or(peer_dscp),
     })
 }
 

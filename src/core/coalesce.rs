@@ -461,6 +461,40 @@ mod tests {
         assert!(Train::whole(&whole, 30, true).is_none());
     }
 
+    /// As Linux's GRO refuses to, a train never mixes ECN codepoints: a
+    /// segment whose ECN field a decapsulation set to CE (RFC 6040) starts
+    /// a train of its own, so its mark reaches the receiver; so does the
+    /// segment after it. IPv4 and IPv6.
+    #[test]
+    fn trains_do_not_mix_ecn_codepoints() {
+        let mut segs: Vec<Vec<u8>> = (0..5u16)
+            .map(|i| seg4(u32::from(i) * 1000, 1000, i + 1, false))
+            .collect();
+        for s in &mut segs {
+            s[1] = crate::core::ecn::ECT0;
+        }
+        let mut ce = segs.clone();
+        crate::core::ecn::decapsulate(crate::core::ecn::CE, &mut ce[2]).unwrap();
+        assert_eq!(ce[2][1], crate::core::ecn::CE);
+        let pkts: Vec<&[u8]> = ce.iter().map(|s| &s[..]).collect();
+        let mut trains = Vec::new();
+        plan(&pkts, &[true; 5], &mut trains);
+        let counts: Vec<usize> = trains.iter().map(|t| t.count).collect();
+        assert_eq!(counts, [2, 1, 2]);
+        let pkts: Vec<&[u8]> = segs.iter().map(|s| &s[..]).collect();
+        plan(&pkts, &[true; 5], &mut trains);
+        assert_eq!(trains.len(), 1, "same ECN: one train");
+        let mut v6: Vec<Vec<u8>> = (0..3u32).map(|i| seg6(i * 1000, 1000)).collect();
+        for s in &mut v6 {
+            s[1] |= crate::core::ecn::ECT0 << 4;
+        }
+        crate::core::ecn::decapsulate(crate::core::ecn::CE, &mut v6[1]).unwrap();
+        let pkts: Vec<&[u8]> = v6.iter().map(|s| &s[..]).collect();
+        plan(&pkts, &[true; 3], &mut trains);
+        let counts: Vec<usize> = trains.iter().map(|t| t.count).collect();
+        assert_eq!(counts, [1, 1, 1]);
+    }
+
     fn check_round_trip(segs: &[Vec<u8>], want_counts: &[usize]) {
         let pkts: Vec<&[u8]> = segs.iter().map(|s| &s[..]).collect();
         let mut trains = Vec::new();

@@ -45,11 +45,15 @@ pub enum DropReason {
     /// Plaintext message for a peer with a key, or sealed message for a
     /// peer without one.
     SealMismatch,
+    /// A data packet that is not ECN-capable (Not-ECT) whose outer header
+    /// arrived marked CE: RFC 6040 drops it (its sender could not react
+    /// to the congestion mark).
+    CeOnNotEct,
 }
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -69,6 +73,7 @@ impl DropReason {
         DropReason::AuthFailed,
         DropReason::Replayed,
         DropReason::SealMismatch,
+        DropReason::CeOnNotEct,
     ];
 
     /// The metric label.
@@ -93,6 +98,7 @@ impl DropReason {
             DropReason::AuthFailed => "auth_failed",
             DropReason::Replayed => "replayed",
             DropReason::SealMismatch => "seal_mismatch",
+            DropReason::CeOnNotEct => "ce_on_not_ect",
         }
     }
 

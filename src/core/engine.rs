@@ -189,6 +189,8 @@ pub struct PathCore {
     pub remote: SocketAddr,
     pub hop: Hop,
     pub min_ttl: u8,
+    /// The outer DSCP of its data datagrams; `None`: the inner packet's.
+    pub dscp: Option<u8>,
     pub session: Session,
     last_rx: Option<Instant>,
     down_since: Option<Instant>,
@@ -318,6 +320,7 @@ impl Engine {
             remote: path.remote,
             hop: path.bfd.hop,
             min_ttl: path.bfd.min_ttl,
+            dscp: path.dscp.fixed(),
             session,
             last_rx: None,
             down_since: Some(now),

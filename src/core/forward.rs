@@ -33,6 +33,7 @@
 
 use crate::core::crypto::{Keys, MessageId, Replays, TAG_LEN};
 use crate::core::drop::DropReason;
+use crate::core::ecn;
 use crate::core::steer::Selection;
 use crate::core::wire::flow::FlowKey;
 use crate::core::wire::overlay::{
@@ -157,11 +158,32 @@ pub struct Opener<'a> {
 /// keyed peer) only sealed ones, which are checked against the replay
 /// window (data), authenticated and decrypted in place.
 pub fn receive(datagram: &mut [u8], opener: Option<Opener<'_>>) -> Result<Message, DropReason> {
+    receive_marked(datagram, opener, 0)
+}
+
+/// [`receive`] of a datagram whose outer IP header carried the TOS (IPv4)
+/// or traffic class (IPv6) byte `outer_tos`: the inner packet of data
+/// (opened first, when sealed: the outer header is not authenticated) has
+/// its ECN field rewritten in place as RFC 6040 says
+/// ([`crate::core::ecn::decapsulate`]), or is refused
+/// ([`DropReason::CeOnNotEct`]).
+pub fn receive_marked(
+    datagram: &mut [u8],
+    opener: Option<Opener<'_>>,
+    outer_tos: u8,
+) -> Result<Message, DropReason> {
     let (header, hlen) = parse(datagram)?;
-    match opener {
+    let message = match opener {
         None => receive_clear(datagram, header, hlen),
         Some(opener) => receive_sealed(datagram, header, hlen, opener),
+    }?;
+    if let Message::Data(_, range) = &message {
+        let inner = datagram
+            .get_mut(range.clone())
+            .ok_or(DropReason::OverlayMalformed)?;
+        ecn::decapsulate(outer_tos, inner)?;
     }
+    Ok(message)
 }
 
 /// Validates a received plaintext data datagram and returns its header
@@ -735,6 +757,62 @@ mod tests {
         };
         assert_eq!(h.peer_seq, Some(ps));
         assert_eq!(&d[range], &inner[..]);
+    }
+
+    /// RFC 6040 on receive: a CE mark on the outer header reaches an ECT
+    /// inner packet, clear or sealed (after opening); a Not-ECT one is
+    /// refused; echoes are not touched.
+    #[test]
+    fn receive_applies_the_outer_ecn() {
+        let frame = |tos: u8| {
+            let mut inner = udp4([198, 18, 10, 1], [198, 18, 30, 2], 1000, 2000, 64);
+            inner[1] = tos;
+            let mut buf = vec![0u8; HEADROOM + inner.len()];
+            buf[HEADROOM..].copy_from_slice(&inner);
+            let r = encapsulate(&mut buf, inner.len(), &Header::data(1)).unwrap();
+            buf[r].to_vec()
+        };
+        let mut d = frame(0xb8 | ecn::ECT0);
+        let Ok(Message::Data(_, r)) = receive_marked(&mut d, None, 0x03) else {
+            panic!("not data")
+        };
+        assert_eq!(d[r.start + 1], 0xb8 | ecn::CE);
+        let mut d = frame(0xb8 | ecn::ECT0);
+        let Ok(Message::Data(_, r)) = receive_marked(&mut d, None, 0xba) else {
+            panic!("not data")
+        };
+        assert_eq!(d[r.start + 1], 0xb8 | ecn::ECT0);
+        let mut d = frame(0x00);
+        assert_eq!(
+            receive_marked(&mut d, None, ecn::CE),
+            Err(DropReason::CeOnNotEct)
+        );
+        let mut e = [0u8; 64];
+        let n = emit_echo(Echo::Request(1), &mut e).unwrap();
+        assert!(receive_marked(&mut e[..n], None, ecn::CE).is_ok());
+        // Sealed: the mark applies to the opened packet.
+        let k = keys(4);
+        let mut w = ReplayWindow::default();
+        let mut s = sealed(1, 9, &k, 5);
+        let opener = Opener {
+            keys: &k,
+            salt: 5,
+            window: &mut w,
+        };
+        assert_eq!(
+            receive_marked(&mut s, Some(opener), ecn::CE),
+            Err(DropReason::CeOnNotEct)
+        );
+        let mut s = sealed(2, 9, &k, 5);
+        let opener = Opener {
+            keys: &k,
+            salt: 5,
+            window: &mut w,
+        };
+        assert!(matches!(
+            receive_marked(&mut s, Some(opener), ecn::ECT0),
+            Ok(Message::Data(..))
+        ));
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod coalesce;
 pub mod crypto;
 pub mod dedup;
 pub mod drop;
+pub mod ecn;
 pub mod engine;
 pub mod forward;
 pub mod quality;

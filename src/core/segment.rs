@@ -456,6 +456,35 @@ mod tests {
         }
     }
 
+    /// Every segment keeps the super-packet's DSCP and ECN field (as TSO
+    /// does; only CWR is the first segment's alone), so its datagram's
+    /// outer header carries them too. IPv4 and IPv6.
+    #[test]
+    fn segments_keep_the_tos_byte() {
+        for v6 in [false, true] {
+            let (ip, gso) = if v6 { (40, GSO_TCPV6) } else { (20, GSO_TCPV4) };
+            let mut p = tcp_super(v6, 5000, 0x90);
+            if v6 {
+                p[0] = 0x6b;
+                p[1] = (p[1] & 0x0f) | 0xa0; // traffic class 0xb8 | ECT(0)
+            } else {
+                p[1] = 0xba;
+            }
+            let Cut::Segments(s) = Cut::of(&vnet(gso, 1404, ip, 16), &p).unwrap() else {
+                panic!("not cut");
+            };
+            for i in 0..s.count() {
+                let mut h = [0u8; MAX_HEADERS];
+                s.header(&p, i, &mut h).unwrap();
+                assert_eq!(
+                    crate::core::ecn::inner_tos(&h),
+                    Some(0xba),
+                    "v6 {v6} segment {i}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn segments_carry_valid_checksums_and_the_right_flags() {
         let p = tcp_super(false, 5000, 0x99); // CWR, ACK, PSH, FIN

@@ -336,7 +336,7 @@ impl BfdThread {
     /// Where a fast path sends on path `id`, if it can.
     fn fast_route(&self, id: PathId) -> Option<fastpath::Route> {
         let p = self.engine.path(id)?;
-        fastpath::route(id, p.local, p.remote)
+        fastpath::route(id, p.local, p.remote, p.dscp)
     }
 
     /// Points each fast path at its peer's active path (or at none: the

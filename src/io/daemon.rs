@@ -858,6 +858,7 @@ impl Gateway {
                 salt: crypto::path_salt(p.config.local, p.config.remote),
                 last_error_report: None,
                 flows_counted: 0,
+                dscp: p.config.dscp.fixed(),
             });
             // A path with one socket is read by lane 0 only.
             if p.sockets.get(k).is_none() {
@@ -927,7 +928,10 @@ fn open_path(
         .position(|q| q.local == p.local)
         .unwrap_or(0);
     let seed = (std::process::id() as u16).wrapping_add(index as u16 * 7919);
-    let bfd_tx = udp::bfd_tx_socket(p.local.ip(), p.interface.as_deref(), seed)?;
+    for s in &sockets {
+        udp::set_data_qos(s, p.dscp.fixed())?;
+    }
+    let bfd_tx = udp::bfd_tx_socket(p.local.ip(), p.interface.as_deref(), seed, p.bfd.dscp)?;
     let pending = Pending {
         peer: peer.to_string(),
         config: p.clone(),

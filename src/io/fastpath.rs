@@ -127,6 +127,9 @@ impl Asm {
     fn or(&mut self, d: u8, s: u8) {
         self.op(0x4f, d, s, 0, 0)
     }
+    fn and(&mut self, d: u8, s: u8) {
+        self.op(0x5f, d, s, 0, 0)
+    }
     fn lsh_imm(&mut self, d: u8, v: i32) {
         self.op(0x67, d, 0, 0, v)
     }
@@ -209,6 +212,7 @@ impl Asm {
 // Kernel helpers (include/uapi/linux/bpf.h).
 const MAP_LOOKUP_ELEM: i32 = 1;
 const SKB_STORE_BYTES: i32 = 9;
+const SKB_LOAD_BYTES: i32 = 26;
 const GET_HASH_RECALC: i32 = 34;
 const SKB_CHANGE_HEAD: i32 = 43;
 const SKB_ADJUST_ROOM: i32 = 50;
@@ -247,6 +251,11 @@ mod cfg {
     pub const CSUM_BASE: i16 = 12;
     /// The outer headers, [`super::OVERHEAD`] bytes.
     pub const TEMPLATE: i16 = 16;
+    /// u8: the bits of the inner TOS byte the outer one keeps (0xff: the
+    /// DSCP is inherited; 0x03: the ECN field only).
+    pub const TOS_MASK: i16 = 60;
+    /// u8: the bits the outer TOS byte gets besides (a fixed DSCP).
+    pub const TOS_SET: i16 = 61;
     pub const LEN: usize = 64;
 }
 
@@ -278,6 +287,31 @@ pub fn encap_program(config: RawFd, stats: RawFd) -> Option<Vec<Insn>> {
     a.jne_imm(R9, 0, "segs");
     a.mov_imm(R9, 1);
     a.label("segs");
+    // The outer TOS byte (RFC 6040 normal mode): the inner packet's ECN
+    // field, and its DSCP or the path's. IPv4: byte 1; IPv6: the traffic
+    // class, across bytes 0 and 1.
+    a.mov(R1, R6);
+    a.mov_imm(R2, 0);
+    a.mov(R3, FP);
+    a.add_imm(R3, -64);
+    a.mov_imm(R4, 2);
+    a.call(SKB_LOAD_BYTES);
+    a.jne_imm(R0, 0, "pass");
+    a.ldx_b(R1, FP, -64);
+    a.ldx_b(R2, FP, -63);
+    a.mov(R3, R1);
+    a.rsh_imm(R3, 4);
+    a.jeq_imm(R3, 4, "tos");
+    a.lsh_imm(R1, 4);
+    a.rsh_imm(R2, 4);
+    a.or(R2, R1);
+    a.and_imm(R2, 0xff);
+    a.label("tos");
+    a.ldx_b(R1, R7, cfg::TOS_MASK);
+    a.and(R2, R1);
+    a.ldx_b(R1, R7, cfg::TOS_SET);
+    a.or(R2, R1);
+    a.stx_dw(FP, -64, R2);
     // The lane bits, from the flow's hash.
     a.mov(R1, R6);
     a.call(GET_HASH_RECALC);
@@ -300,7 +334,11 @@ pub fn encap_program(config: RawFd, stats: RawFd) -> Option<Vec<Insn>> {
     }
     a.ldx_w(R1, R7, cfg::TEMPLATE + 40);
     a.stx_w(FP, hdr + 40, R1);
-    // IPv4 total length and header checksum.
+    // The TOS byte (the template's is 0).
+    a.ldx_dw(R5, FP, -64);
+    a.stx_b(FP, hdr + 1, R5);
+    // IPv4 total length and header checksum (the TOS is the low byte of
+    // the first 16-bit word).
     a.mov(R1, R8);
     a.add_imm(R1, over);
     a.mov(R2, R1);
@@ -308,6 +346,7 @@ pub fn encap_program(config: RawFd, stats: RawFd) -> Option<Vec<Insn>> {
     a.stx_h(FP, hdr + 2, R1);
     a.ldx_w(R3, R7, cfg::CSUM_BASE);
     a.add(R3, R2);
+    a.add(R3, R5);
     for _ in 0..2 {
         a.mov(R4, R3);
         a.rsh_imm(R4, 16);
@@ -385,8 +424,9 @@ pub const RX_KEY_LEN: usize = 12;
 /// that is a single packet goes into the TUN as if the TUN had received
 /// its inner packet, with its offload state (a checksum left to the
 /// hardware stays so, instead of reaching user space unfinished). A GSO
-/// packet, a sealed or numbered message, an echo, anything else: on to the
-/// socket and the lanes.
+/// packet, a sealed or numbered message, an echo, a datagram whose outer
+/// ECN field is ECT(1) or CE (RFC 6040 decapsulation is left to the
+/// lanes), anything else: on to the socket and the lanes.
 pub fn decap_program(paths: RawFd, stats: RawFd) -> Option<Vec<Insn>> {
     let mut a = Asm::default();
     a.mov(R6, R1);
@@ -403,6 +443,12 @@ pub fn decap_program(paths: RawFd, stats: RawFd) -> Option<Vec<Insn>> {
     a.jne_imm(R4, 0x45, "pass");
     a.ldx_b(R4, R2, 23);
     a.jne_imm(R4, 17, "pass");
+    // Outer ECN ECT(1) or CE (bit 0 set): the inner packet's ECN field may
+    // change (RFC 6040), which the lanes do; Not-ECT and ECT(0) never
+    // change it.
+    a.ldx_b(R4, R2, 15);
+    a.and_imm(R4, 1);
+    a.jne_imm(R4, 0, "pass");
     a.ldx_h(R4, R2, 20); // not a fragment
     a.and_imm(R4, 0xff3f);
     a.jne_imm(R4, 0, "pass");
@@ -476,6 +522,8 @@ pub struct Route {
     pub path: PathId,
     pub local: SocketAddrV4,
     pub remote: SocketAddrV4,
+    /// The outer DSCP; `None`: the inner packet's.
+    pub dscp: Option<u8>,
 }
 
 /// The configuration value for `route` through interface `ifindex`,
@@ -485,6 +533,14 @@ pub fn config_value(route: &Route, ifindex: u32, slot: u32) -> [u8; cfg::LEN] {
     v[0..4].copy_from_slice(&1u32.to_ne_bytes());
     v[4..8].copy_from_slice(&ifindex.to_ne_bytes());
     v[8..12].copy_from_slice(&slot.to_ne_bytes());
+    // The outer TOS byte is the program's: (inner & mask) | set; the
+    // template's is 0.
+    let (mask, set) = match route.dscp {
+        None => (0xff, 0),
+        Some(d) => (crate::core::ecn::ECN_MASK, (d & 0x3f) << 2),
+    };
+    v[cfg::TOS_MASK as usize] = mask;
+    v[cfg::TOS_SET as usize] = set;
     let t = cfg::TEMPLATE as usize;
     let h = &mut v[t..t + OVERHEAD];
     h[0] = 0x45;
@@ -872,7 +928,12 @@ impl FastPath {
 
 /// The route for `local` -> `remote`, when the fast path can carry it
 /// (IPv4 on both ends, a concrete local address).
-pub fn route(path: PathId, local: SocketAddr, remote: SocketAddr) -> Option<Route> {
+pub fn route(
+    path: PathId,
+    local: SocketAddr,
+    remote: SocketAddr,
+    dscp: Option<u8>,
+) -> Option<Route> {
     match (local, remote) {
         (SocketAddr::V4(local), SocketAddr::V4(remote))
             if !local.ip().is_unspecified() && !remote.ip().is_unspecified() =>
@@ -881,6 +942,7 @@ pub fn route(path: PathId, local: SocketAddr, remote: SocketAddr) -> Option<Rout
                 path,
                 local,
                 remote,
+                dscp,
             })
         }
         _ => None,
@@ -927,6 +989,7 @@ mod tests {
             path: PathId(0),
             local: "198.18.1.1:4800".parse().unwrap(),
             remote: "198.18.1.2:4801".parse().unwrap(),
+            dscp: None,
         };
         let v = config_value(&r, 7, 2);
         assert_eq!(u32::from_ne_bytes(v[4..8].try_into().unwrap()), 7);
@@ -962,12 +1025,43 @@ mod tests {
         assert!(!hdr.checksum_ok());
     }
 
+    /// The TOS byte the program writes, `(inner & mask) | set`: the inner
+    /// one, or the path's DSCP with the inner ECN field.
+    #[test]
+    fn the_outer_tos_follows_the_inner_or_the_path() {
+        let tos = |dscp: Option<u8>, inner: u8| {
+            let r = Route {
+                path: PathId(0),
+                local: "198.18.1.1:4800".parse().unwrap(),
+                remote: "198.18.1.2:4801".parse().unwrap(),
+                dscp,
+            };
+            let v = config_value(&r, 7, 2);
+            (inner & v[cfg::TOS_MASK as usize]) | v[cfg::TOS_SET as usize]
+        };
+        assert_eq!(tos(None, 0xb8), 0xb8);
+        assert_eq!(tos(None, 0x03), 0x03);
+        assert_eq!(tos(Some(8), 0xb9), 0x21);
+        assert_eq!(tos(Some(48), 0x00), 0xc0);
+        for inner in [0x00, 0x02, 0xb8, 0xbb] {
+            for dscp in [None, Some(10), Some(63)] {
+                let inner_packet = [0x45, inner];
+                assert_eq!(
+                    tos(dscp, inner),
+                    crate::core::ecn::outer_tos(&inner_packet, dscp),
+                    "same as the lanes"
+                );
+            }
+        }
+    }
+
     #[test]
     fn counter_slots_of_removed_paths_are_reused() {
         let route = |id: u16| Route {
             path: PathId(id),
             local: "198.18.1.1:4800".parse().unwrap(),
             remote: "198.18.1.2:4800".parse().unwrap(),
+            dscp: None,
         };
         let mut st = State::default();
         assert_eq!(st.slot(PathId(0)).unwrap(), 0);
@@ -992,19 +1086,22 @@ mod tests {
         assert!(route(
             id,
             "198.18.1.1:1".parse().unwrap(),
-            "198.18.1.2:1".parse().unwrap()
+            "198.18.1.2:1".parse().unwrap(),
+            None
         )
         .is_some());
         assert!(route(
             id,
             "0.0.0.0:1".parse().unwrap(),
-            "198.18.1.2:1".parse().unwrap()
+            "198.18.1.2:1".parse().unwrap(),
+            None
         )
         .is_none());
         assert!(route(
             id,
             "[2001:db8::1]:1".parse().unwrap(),
-            "[2001:db8::2]:1".parse().unwrap()
+            "[2001:db8::2]:1".parse().unwrap(),
+            None
         )
         .is_none());
     }

@@ -58,6 +58,36 @@ pub fn enable_recv_ttl(sock: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
     }
 }
 
+/// Sets the TOS (IPv4) or traffic class (IPv6) byte of what `sock` sends
+/// without a per-message one.
+pub fn set_tos(sock: &impl AsRawFd, ipv6: bool, tos: u8) -> io::Result<()> {
+    let (level, name) = tos_option(ipv6);
+    setsockopt_int(sock.as_raw_fd(), level, name, libc::c_int::from(tos))
+}
+
+/// Asks the kernel to report each datagram's TOS / traffic class byte
+/// (the outer DSCP and ECN field, see [`RecvBatch::get_mut`]).
+pub fn enable_recv_tos(sock: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        setsockopt_int(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_RECVTCLASS,
+            1,
+        )
+    } else {
+        setsockopt_int(sock.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVTOS, 1)
+    }
+}
+
+/// The socket option (and control message) of the TOS / traffic class.
+fn tos_option(ipv6: bool) -> (libc::c_int, libc::c_int) {
+    match ipv6 {
+        true => (libc::IPPROTO_IPV6, libc::IPV6_TCLASS),
+        false => (libc::IPPROTO_IP, libc::IP_TOS),
+    }
+}
+
 /// One received datagram.
 pub struct Received {
     pub len: usize,
@@ -337,8 +367,8 @@ pub struct RecvBatch {
     addrs: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
-    /// Per message: room for the `UDP_GRO` control message.
-    controls: Vec<[u64; 4]>,
+    /// Per message: room for the `UDP_GRO` and TOS control messages.
+    controls: Vec<[u64; 8]>,
     filled: usize,
 }
 
@@ -354,7 +384,7 @@ impl RecvBatch {
             addrs: vec![addr; count],
             iovs: vec![iov; count],
             hdrs: vec![hdr; count],
-            controls: vec![[0u64; 4]; count],
+            controls: vec![[0u64; 8]; count],
             filled: 0,
         }
     }
@@ -391,7 +421,7 @@ impl RecvBatch {
             hdr.msg_hdr.msg_iov = iov;
             hdr.msg_hdr.msg_iovlen = 1;
             hdr.msg_hdr.msg_control = control.as_mut_ptr().cast();
-            hdr.msg_hdr.msg_controllen = size_of::<[u64; 4]>();
+            hdr.msg_hdr.msg_controllen = size_of::<[u64; 8]>();
             hdr.msg_hdr.msg_flags = 0;
             hdr.msg_len = 0;
         }
@@ -415,7 +445,11 @@ impl RecvBatch {
     /// see [`enable_udp_gro`]), the size they were cut at (every datagram
     /// but the last has this size). `None` past the end, for an unknown
     /// address family, or for a message longer than the buffer (truncated).
-    pub fn get_mut(&mut self, i: usize) -> Option<(&mut [u8], SocketAddr, Option<usize>)> {
+    /// Also the TOS / traffic class byte of its IP header (0 when the
+    /// socket does not report it, see [`enable_recv_tos`]): the kernel's GRO
+    /// merges only datagrams whose TOS bytes are equal, so it is every
+    /// datagram's.
+    pub fn get_mut(&mut self, i: usize) -> Option<(&mut [u8], SocketAddr, Option<usize>, u8)> {
         if i >= self.filled {
             return None;
         }
@@ -424,13 +458,13 @@ impl RecvBatch {
             return None;
         }
         let len = (hdr.msg_len as usize).min(self.stride);
-        let segment = gro_segment(&hdr.msg_hdr);
+        let (segment, tos) = controls(&hdr.msg_hdr);
         let addr = self.addrs.get(i)?;
         // SAFETY: the kernel filled this sockaddr_storage in the last recvmmsg.
         let src = unsafe { sockaddr_to_std(addr) }?;
         let start = i * self.stride;
         let buf = self.data.get_mut(start..start + len)?;
-        Some((buf, src, segment))
+        Some((buf, src, segment, tos))
     }
 
     /// The bytes of message `i` of the last [`RecvBatch::recv`] (what
@@ -487,25 +521,40 @@ pub fn enable_udp_gro(sock: &impl AsRawFd) -> io::Result<()> {
     setsockopt_int(sock.as_raw_fd(), libc::SOL_UDP, UDP_GRO, 1)
 }
 
-/// The `UDP_GRO` segment size of a received message, if any.
-fn gro_segment(msg: &libc::msghdr) -> Option<usize> {
+/// The `UDP_GRO` segment size of a received message, if any, and its TOS /
+/// traffic class byte (0 if not reported).
+fn controls(msg: &libc::msghdr) -> (Option<usize>, u8) {
+    let (mut segment, mut tos) = (None, 0);
     if msg.msg_control.is_null() || msg.msg_controllen == 0 {
-        return None;
+        return (segment, tos);
     }
     // SAFETY: msg_control/msg_controllen describe the buffer the kernel
     // filled in the last recvmmsg (owned by the batch); CMSG_FIRSTHDR and
-    // CMSG_NXTHDR stay within it, and the data is read unaligned.
+    // CMSG_NXTHDR stay within it, and the data is read unaligned, no longer
+    // than the message's length says.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(msg);
         while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
-                let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
-                return usize::try_from(size).ok().filter(|&s| s > 0);
+            let (level, kind) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
+            let data = libc::CMSG_DATA(cmsg);
+            let int_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as usize;
+            if level == libc::SOL_UDP && kind == UDP_GRO {
+                let size = std::ptr::read_unaligned(data.cast::<libc::c_int>());
+                segment = usize::try_from(size).ok().filter(|&s| s > 0);
+            } else if level == libc::IPPROTO_IP && kind == libc::IP_TOS {
+                // One byte (IP_RECVTOS).
+                tos = std::ptr::read_unaligned(data.cast::<u8>());
+            } else if level == libc::IPPROTO_IPV6
+                && kind == libc::IPV6_TCLASS
+                && (*cmsg).cmsg_len as usize >= int_len
+            {
+                let v = std::ptr::read_unaligned(data.cast::<libc::c_int>());
+                tos = u8::try_from(v).unwrap_or(0);
             }
             cmsg = libc::CMSG_NXTHDR(msg, cmsg);
         }
     }
-    None
+    (segment, tos)
 }
 
 /// A datagram to send, in two pieces: `head` (the overlay header, often
@@ -515,6 +564,8 @@ fn gro_segment(msg: &libc::msghdr) -> Option<usize> {
 pub struct Datagram<'a> {
     pub head: &'a [u8],
     pub body: &'a [u8],
+    /// The TOS / traffic class byte of its IP header.
+    pub tos: u8,
 }
 
 impl Datagram<'_> {
@@ -531,12 +582,13 @@ impl Datagram<'_> {
 /// One message of a [`SendBatch::send_messages`] call: `count` datagrams
 /// from `first` on; with `segment` set, sent as one UDP GSO message (every
 /// datagram but the last exactly `segment` bytes, the last at most that),
-/// else `count` is 1.
+/// else `count` is 1; with the TOS / traffic class byte of all of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Message {
     pub first: usize,
     pub count: usize,
     pub segment: Option<u16>,
+    pub tos: u8,
 }
 
 /// Scratch headers for `sendmmsg(2)`: one system call sends a burst of
@@ -545,8 +597,8 @@ pub struct Message {
 pub struct SendBatch {
     hdrs: Vec<libc::mmsghdr>,
     iovs: Vec<libc::iovec>,
-    /// Per message: room for the `UDP_SEGMENT` control message.
-    controls: Vec<[u64; 4]>,
+    /// Per message: room for the `UDP_SEGMENT` and TOS control messages.
+    controls: Vec<[u64; 8]>,
     /// Per message: its first iovec and how many.
     spans: Vec<(usize, usize)>,
     /// Whether messages may carry `UDP_SEGMENT` (UDP GSO).
@@ -600,8 +652,9 @@ impl SendBatch {
             self.spans.push((first, self.iovs.len() - first));
         }
         if self.controls.len() < messages.len() {
-            self.controls.resize(messages.len(), [0; 4]);
+            self.controls.resize(messages.len(), [0; 8]);
         }
+        let v6 = dest.is_ipv6();
         self.hdrs.clear();
         for ((m, control), &(first, count)) in messages
             .iter()
@@ -615,9 +668,7 @@ impl SendBatch {
             // SAFETY: first + count <= iovs.len() by construction.
             h.msg_hdr.msg_iov = unsafe { self.iovs.as_mut_ptr().add(first) };
             h.msg_hdr.msg_iovlen = count;
-            if let Some(segment) = m.segment {
-                set_segment(&mut h.msg_hdr, control, segment)?;
-            }
+            set_controls(&mut h.msg_hdr, control, m.segment, (v6, m.tos))?;
             self.hdrs.push(h);
         }
         // SAFETY: every header points at `addr`, iovecs in `self.iovs` and
@@ -636,23 +687,55 @@ impl SendBatch {
     }
 }
 
-/// Puts a `UDP_SEGMENT` control message of `segment` into `msg`, using
-/// `control` as its buffer.
-fn set_segment(msg: &mut libc::msghdr, control: &mut [u64; 4], segment: u16) -> io::Result<()> {
+/// Puts the control messages of a message into `msg`, using `control` as
+/// their buffer: `UDP_SEGMENT` of `segment` if set, and the TOS (IPv4) or
+/// traffic class (IPv6, when `tos.0`) byte `tos.1`.
+fn set_controls(
+    msg: &mut libc::msghdr,
+    control: &mut [u64; 8],
+    segment: Option<u16>,
+    (v6, tos): (bool, u8),
+) -> io::Result<()> {
     msg.msg_control = control.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE is arithmetic.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
-    // SAFETY: the control buffer holds CMSG_SPACE(2) bytes (32 >= 24), so the
-    // first header and its data are inside it.
+    let (seg_space, tos_space) = unsafe {
+        (
+            libc::CMSG_SPACE(size_of::<u16>() as u32) as usize,
+            libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as usize,
+        )
+    };
+    let space = tos_space + if segment.is_some() { seg_space } else { 0 };
+    if space > size_of::<[u64; 8]>() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    control.fill(0);
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer (64 bytes, 8-aligned) holds `space` bytes
+    // (checked above: 24 + 24), so both headers and their data are inside
+    // it; CMSG_NXTHDR stays within msg_controllen.
     unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(msg);
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+        if let Some(segment) = segment {
+            if cmsg.is_null() {
+                return Err(io::Error::from(io::ErrorKind::InvalidInput));
+            }
+            (*cmsg).cmsg_level = libc::SOL_UDP;
+            (*cmsg).cmsg_type = UDP_SEGMENT;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+        }
         if cmsg.is_null() {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        (*cmsg).cmsg_level = libc::SOL_UDP;
-        (*cmsg).cmsg_type = UDP_SEGMENT;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
+        let (level, kind) = tos_option(v6);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as usize;
+        std::ptr::write_unaligned(
+            libc::CMSG_DATA(cmsg).cast::<libc::c_int>(),
+            libc::c_int::from(tos),
+        );
     }
     Ok(())
 }
@@ -881,6 +964,71 @@ mod tests {
             if let Some(got) = probe(ip, &program, &payloads) {
                 assert_eq!(got, [1, 0, 0], "{ip}");
             }
+        }
+    }
+
+    /// Each message leaves with its own TOS / traffic class (plain and UDP
+    /// GSO messages), the receiver is told each one's, and the kernel's UDP
+    /// GRO never merges datagrams of different TOS bytes into one message.
+    #[test]
+    fn tos_per_message_is_sent_and_reported() {
+        for ip in loopbacks() {
+            let v6 = ip.is_ipv6();
+            let Ok(rx) = UdpSocket::bind(SocketAddr::new(ip, 0)) else {
+                println!("skipping {ip}: cannot bind");
+                continue;
+            };
+            enable_recv_tos(&rx, v6).expect("recv tos");
+            let gro = enable_udp_gro(&rx).is_ok();
+            rx.set_read_timeout(Some(WAIT)).expect("timeout");
+            let tx = UdpSocket::bind(SocketAddr::new(ip, 0)).expect("sender");
+            let gso = udp_gso_supported(&tx);
+            // Datagrams of 200 bytes whose first byte is the TOS they go with.
+            let tos_of = [0x02u8, 0x02, 0x02, 0x03, 0x03, 0xb8, 0x00, 0xc0];
+            let bufs: Vec<Vec<u8>> = tos_of.iter().map(|&t| vec![t; 200]).collect();
+            let datagrams: Vec<Datagram> = bufs
+                .iter()
+                .zip(tos_of)
+                .map(|(b, tos)| Datagram {
+                    head: &b[..20],
+                    body: &b[20..],
+                    tos,
+                })
+                .collect();
+            let run = |first: usize, count: usize| Message {
+                first,
+                count,
+                segment: (gso && count > 1).then_some(200),
+                tos: tos_of[first],
+            };
+            let messages = if gso {
+                vec![run(0, 3), run(3, 2), run(5, 1), run(6, 1), run(7, 1)]
+            } else {
+                (0..tos_of.len()).map(|i| run(i, 1)).collect()
+            };
+            let mut batch = SendBatch::new(gso);
+            let to = rx.local_addr().expect("local_addr");
+            let sent = batch
+                .send_messages(&tx, &datagrams, &messages, to)
+                .expect("sendmmsg");
+            assert_eq!(sent, messages.len(), "{ip}");
+            let mut recv = RecvBatch::new(16, 4096);
+            let mut got = Vec::new();
+            while got.len() < tos_of.len() {
+                let n = recv.recv(&rx).expect("recvmmsg");
+                for i in 0..n {
+                    let (bytes, _, segment, tos) = recv.get_mut(i).expect("message");
+                    let segment = segment.unwrap_or(bytes.len());
+                    for d in bytes.chunks(segment) {
+                        assert_eq!(
+                            d[0], tos,
+                            "{ip} gro {gro}: datagram in a message of another TOS"
+                        );
+                        got.push(tos);
+                    }
+                }
+            }
+            assert_eq!(got, tos_of, "{ip} gso {gso} gro {gro}");
         }
     }
 

@@ -118,9 +118,26 @@ pub fn bfd_rx_socket(local: IpAddr, hop: Hop, interface: Option<&str>) -> io::Re
     Ok(sock)
 }
 
+/// Readies a path's data socket for QoS and ECN: the kernel reports each
+/// datagram's TOS / traffic class (the outer ECN field, for RFC 6040
+/// decapsulation), and what the socket sends without a per-message TOS
+/// (probes, echoes) carries `dscp` (0 when the path inherits the inner
+/// packets' DSCP).
+pub fn set_data_qos(sock: &UdpSocket, dscp: Option<u8>) -> io::Result<()> {
+    let v6 = sock.local_addr()?.is_ipv6();
+    sys::enable_recv_tos(sock, v6)?;
+    sys::set_tos(sock, v6, (dscp.unwrap_or(0) & 0x3f) << 2)
+}
+
 /// A path's BFD transmit socket: source port in 49152-65535 (RFC 5881 §4),
-/// TTL / hop limit 255.
-pub fn bfd_tx_socket(local: IpAddr, interface: Option<&str>, seed: u16) -> io::Result<UdpSocket> {
+/// TTL / hop limit 255, its packets marked with `dscp` (RFC 5881 and 5883
+/// leave it to the operator; routers send BFD as CS6, network control).
+pub fn bfd_tx_socket(
+    local: IpAddr,
+    interface: Option<&str>,
+    seed: u16,
+    dscp: u8,
+) -> io::Result<UdpSocket> {
     const FIRST: u16 = 49152;
     const COUNT: u16 = 16384;
     let mut last = None;
@@ -133,6 +150,7 @@ pub fn bfd_tx_socket(local: IpAddr, interface: Option<&str>, seed: u16) -> io::R
         } else {
             sock.set_ttl_v4(255)?;
         }
+        sys::set_tos(&sock, local.is_ipv6(), (dscp & 0x3f) << 2)?;
         match sock.bind(&addr.into()) {
             Ok(()) => {
                 let sock: UdpSocket = sock.into();
@@ -277,6 +295,45 @@ mod tests {
             again.map(drop).map_err(|e| e.kind()),
             Err(io::ErrorKind::AddrInUse)
         );
+    }
+
+    /// BFD control packets leave with the configured DSCP (CS6 by
+    /// default), IPv4 and IPv6; a data socket sends probes with its
+    /// path's fixed DSCP and reports what arrives.
+    #[test]
+    fn bfd_and_data_sockets_are_marked() {
+        for ip in [
+            IpAddr::from(Ipv4Addr::LOCALHOST),
+            Ipv6Addr::LOCALHOST.into(),
+        ] {
+            let Ok(rx) = UdpSocket::bind(SocketAddr::new(ip, 0)) else {
+                println!("skipping {ip}: cannot bind");
+                continue;
+            };
+            set_data_qos(&rx, None).expect("data socket QoS");
+            rx.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            let to = rx.local_addr().expect("local_addr");
+            let bfd = bfd_tx_socket(ip, None, 7, 48).expect("BFD socket");
+            bfd.send_to(b"bfd", to).expect("send");
+            let data = UdpSocket::bind(SocketAddr::new(ip, 0)).expect("data");
+            set_data_qos(&data, Some(10)).expect("data socket QoS");
+            data.send_to(b"probe", to).expect("send");
+            let mut batch = sys::RecvBatch::new(4, 64);
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                let n = batch.recv(&rx).expect("recv");
+                for i in 0..n {
+                    let (bytes, _, _, tos) = batch.get_mut(i).expect("message");
+                    got.push((bytes.to_vec(), tos));
+                }
+            }
+            assert_eq!(
+                got,
+                vec![(b"bfd".to_vec(), 0xc0), (b"probe".to_vec(), 0x28)],
+                "{ip}"
+            );
+        }
     }
 
     #[test]

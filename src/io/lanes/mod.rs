@@ -17,7 +17,7 @@
 //! so no payload byte is copied in user space. Sealing works in place, so a
 //! sealed segment is copied into its slot first. The receiving half, one
 //! [`PathIn`] per path, takes datagrams from the path's configured remote
-//! only, parses each once and dispatches on what it is ([`receive`]: data,
+//! only, parses each once and dispatches on what it is ([`receive_marked`]: data,
 //! an echo, or why it is dropped) and writes the inner packets to the
 //! lane's TUN queue; lane 0 also answers the peer's echo requests and,
 //! once a second, sends its own to measure the path's round-trip time
@@ -26,7 +26,7 @@
 //! For a peer with a key, the lanes read the peer's [`Keys`] from a shared
 //! [`ArcSwapOption`] on every turn (a reload swaps it without stopping
 //! anything) and use the sealed messages ([`seal_data`], [`seal_echo`],
-//! and [`receive`] with an [`Opener`]). A path's sequence numbers (the nonces) come from one counter
+//! and [`receive_marked`] with an [`Opener`]). A path's sequence numbers (the nonces) come from one counter
 //! that its lanes share, and its replay window is shared too (behind a
 //! mutex held for the check and for the commit, not for the decryption).
 //!
@@ -62,10 +62,11 @@ use crate::core::coalesce::{self, Train, MAX_TRAIN_HEADER};
 use crate::core::crypto::{EchoGuard, Keys, ReplayWindow};
 use crate::core::dedup::{Verdict, Window};
 use crate::core::drop::DropReason;
+use crate::core::ecn::outer_tos;
 use crate::core::engine::Forwarding;
 use crate::core::forward::{
-    classify, emit_echo, emit_probe, emit_probe_reply, encapsulate, receive, seal_data, seal_echo,
-    Echo, Message, Opener, Placement, Sealer, HEADROOM, TRAILER,
+    classify, emit_echo, emit_probe, emit_probe_reply, encapsulate, receive_marked, seal_data,
+    seal_echo, Echo, Message, Opener, Placement, Sealer, HEADROOM, TRAILER,
 };
 use crate::core::quality::{DataCounts, Prober, Reflector};
 use crate::core::segment::{finish_checksum, Cut, VnetHeader, MAX_HEADERS, VNET_HDR_LEN};

@@ -178,20 +178,20 @@ impl PathIn {
         let keys = self.keys.load_full();
         inner.clear();
         for i in 0..n {
-            let Some((message, src, segment)) = batch.get_mut(i) else {
+            let Some((message, src, segment, tos)) = batch.get_mut(i) else {
                 self.drops.count(DropReason::TooBig);
                 continue;
             };
             // A coalesced message holds datagrams of `segment` bytes
-            // (the last may be shorter), all from one source; the inner
-            // packets are opened in place.
+            // (the last may be shorter), all from one source and with one
+            // outer TOS byte; the inner packets are opened in place.
             if message.is_empty() {
                 // An empty datagram is junk too, and counted as such.
-                let _ = self.receive(message, src, keys.as_deref());
+                let _ = self.receive(message, src, tos, keys.as_deref());
             }
             let segment = segment.unwrap_or(message.len()).max(1);
             for (k, datagram) in message.chunks_mut(segment).enumerate() {
-                if let Some((r, checksum_ok)) = self.receive(datagram, src, keys.as_deref()) {
+                if let Some((r, checksum_ok)) = self.receive(datagram, src, tos, keys.as_deref()) {
                     let at = k * segment;
                     let whole = r.len() > out.mtu;
                     inner.push((i, at + r.start..at + r.end, checksum_ok, whole));
@@ -235,13 +235,15 @@ impl PathIn {
         n
     }
 
-    /// Validates one datagram: the inner packet's range in it, if it is
-    /// data to deliver, and whether the sender vouched for its checksum
-    /// (echo messages are answered here).
+    /// Validates one datagram, whose outer IP header had the TOS byte
+    /// `tos`: the inner packet's range in it (its ECN field as RFC 6040
+    /// says), if it is data to deliver, and whether the sender vouched for
+    /// its checksum (echo messages are answered here).
     fn receive(
         &mut self,
         datagram: &mut [u8],
         src: SocketAddr,
+        tos: u8,
         keys: Option<&Keys>,
     ) -> Option<(Range<usize>, bool)> {
         if src != self.remote {
@@ -253,7 +255,7 @@ impl PathIn {
             salt: self.salt_in,
             window: &mut self.window,
         });
-        match receive(datagram, opener) {
+        match receive_marked(datagram, opener, tos) {
             Ok(Message::Data(header, range)) => self
                 .deliverable(&header, range.len())
                 .then_some((range, header.checksum_ok())),

@@ -30,6 +30,8 @@ pub struct PathOut {
     /// The flows this lane counted on the path at its last sweep (its share
     /// of `counters.flows`).
     pub flows_counted: u64,
+    /// The outer DSCP of its data datagrams; `None`: the inner packet's.
+    pub dscp: Option<u8>,
 }
 
 /// The sending half of a lane: reads the lane's TUN queue and sends each
@@ -64,6 +66,8 @@ pub(super) struct Pending {
     pub(super) range: Range<usize>,
     pub(super) body: Option<(usize, Range<usize>)>,
     pub(super) inner_len: usize,
+    /// The outer TOS / traffic class byte ([`outer_tos`]).
+    pub(super) tos: u8,
 }
 
 /// A packet of a burst as it goes to [`TunOut::stage`]: what is already in
@@ -248,6 +252,19 @@ impl TunOut {
         let Some(buf) = reader.slots.get_mut(staged.slot) else {
             return;
         };
+        // The inner packet's headers are in the slot (read before sealing).
+        let inner = buf
+            .get(HEADROOM..HEADROOM + staged.in_slot)
+            .unwrap_or_default();
+        let tos_on = |id: PathId| {
+            let dscp = self
+                .paths
+                .get(usize::from(id.0))
+                .and_then(|p| p.as_ref()?.dscp);
+            outer_tos(inner, dscp)
+        };
+        let tos = tos_on(placement.path);
+        let copy_tos = placement.copy.map(tos_on);
         if let Some(copy) = placement.copy {
             // Staged inline (see cut_and_stage): the whole packet is in the slot.
             let whole = HEADROOM + staged.in_slot;
@@ -257,6 +274,7 @@ impl TunOut {
                     let d = [sys::Datagram {
                         head: spare.get(range).unwrap_or_default(),
                         body: &[],
+                        tos: copy_tos.unwrap_or(tos),
                     }];
                     self.transmit(copy, &d, &[inner_len], batch, turn.now);
                 }
@@ -269,6 +287,7 @@ impl TunOut {
                 range,
                 body: staged.body,
                 inner_len,
+                tos,
             });
         }
     }
@@ -348,6 +367,7 @@ impl TunOut {
                 datagrams[k] = sys::Datagram {
                     head: head.unwrap_or_default(),
                     body: body.unwrap_or_default(),
+                    tos: p.tos,
                 };
                 lens[k] = p.inner_len;
             }
@@ -440,11 +460,13 @@ pub(super) fn plan_messages(
                 first,
                 count: run,
                 segment: rest.first().map(|d| d.len() as u16),
+                tos: rest.first().map_or(0, |d| d.tos),
             },
             _ => sys::Message {
                 first,
                 count: 1,
                 segment: None,
+                tos: rest.first().map_or(0, |d| d.tos),
             },
         };
         out.push(message);
@@ -465,6 +487,7 @@ pub(super) fn split_plainly(messages: &mut Vec<sys::Message>, at: usize, count: 
                 first,
                 count: 1,
                 segment: None,
+                tos: m.tos,
             })
         })
         .collect();
@@ -718,9 +741,10 @@ pub(super) fn super_packet<'a>(
 }
 
 /// How many datagrams at the start of `rest` can go as one UDP GSO send:
-/// a run of one size, plus one shorter last datagram (0 or 1: not worth it).
+/// a run of one size and one TOS byte (one GSO send has one IP header to
+/// copy), plus one shorter last datagram (0 or 1: not worth it).
 pub(super) fn gso_run(rest: &[sys::Datagram<'_>]) -> usize {
-    let Some(size) = rest.first().map(|d| d.len()) else {
+    let Some((size, tos)) = rest.first().map(|d| (d.len(), d.tos)) else {
         return 0;
     };
     if size == 0 || size > usize::from(u16::MAX) {
@@ -730,12 +754,12 @@ pub(super) fn gso_run(rest: &[sys::Datagram<'_>]) -> usize {
     let mut run = rest
         .iter()
         .take(most)
-        .take_while(|d| d.len() == size)
+        .take_while(|d| d.len() == size && d.tos == tos)
         .count();
     if run < most
         && rest
             .get(run)
-            .is_some_and(|d| !d.is_empty() && d.len() < size)
+            .is_some_and(|d| !d.is_empty() && d.len() < size && d.tos == tos)
     {
         run += 1;
     }
@@ -781,18 +805,47 @@ mod tests {
     }
 
     fn plan(lens: &[usize], gso: bool) -> Vec<(usize, usize, Option<u16>)> {
+        plan_tos(lens, &vec![0; lens.len()], gso)
+            .into_iter()
+            .map(|(f, c, s, _)| (f, c, s))
+            .collect()
+    }
+
+    fn plan_tos(lens: &[usize], tos: &[u8], gso: bool) -> Vec<(usize, usize, Option<u16>, u8)> {
         let bufs = sizes(lens);
         // Headers and bodies in pieces, as the sending thread has them.
         let datagrams: Vec<sys::Datagram> = bufs
             .iter()
-            .map(|b| sys::Datagram {
+            .zip(tos)
+            .map(|(b, &tos)| sys::Datagram {
                 head: &b[..b.len().min(60)],
                 body: &b[b.len().min(60)..],
+                tos,
             })
             .collect();
         let mut out = Vec::new();
         plan_messages(&datagrams, gso, &mut out);
-        out.iter().map(|m| (m.first, m.count, m.segment)).collect()
+        out.iter()
+            .map(|m| (m.first, m.count, m.segment, m.tos))
+            .collect()
+    }
+
+    /// One GSO send has one outer header: a run stops where the TOS byte
+    /// (the inner DSCP or ECN copied out) changes.
+    #[test]
+    fn a_gso_run_keeps_one_tos() {
+        let lens = [1500, 1500, 1500, 1500, 1500, 700];
+        let tos = [0x02, 0x02, 0x03, 0x03, 0x03, 0x02];
+        assert_eq!(
+            plan_tos(&lens, &tos, true),
+            vec![
+                (0, 2, Some(1500), 0x02),
+                (2, 3, Some(1500), 0x03),
+                (5, 1, None, 0x02)
+            ]
+        );
+        let tos = [0xb8; 6];
+        assert_eq!(plan_tos(&lens, &tos, true), vec![(0, 6, Some(1500), 0xb8)]);
     }
 
     #[test]
@@ -832,16 +885,19 @@ mod tests {
                 first: 0,
                 count: 1,
                 segment: None,
+                tos: 0,
             },
             sys::Message {
                 first: 1,
                 count: 3,
                 segment: Some(1500),
+                tos: 0,
             },
             sys::Message {
                 first: 4,
                 count: 2,
                 segment: Some(900),
+                tos: 0,
             },
         ];
         split_plainly(&mut messages, 1, 1);
