@@ -198,7 +198,10 @@ fn light_random_loss_on_every_path_moves_nothing() {
     let sender = lab.start_sender(PORT, RATE, run).unwrap();
     let (changes, _) = watch(&lab, Duration::from_secs(secs));
     sender.stop().unwrap();
-    let report = receiver.finish(Duration::from_secs(3)).unwrap();
+    // A long run's report lists many short gaps: read what came, or say why not.
+    let report = receiver
+        .finish(Duration::from_secs(10))
+        .unwrap_or_else(|e| Value::String(format!("no stream report: {e}")));
     let s = lab.poll(Gw::A).unwrap();
     // Verdicts, on either gateway (a BFD flap of a loaded machine moves
     // traffic too, but is no quality decision).
