@@ -670,6 +670,7 @@ fn quality() {
             let local = DataCounts {
                 received: report.data_received ^ i as u64,
                 seq_high: report.data_seq_high.rotate_left(7),
+                ..DataCounts::default()
             };
             if let Some(sample) = prober.handle_reply(probe.seq, report, local, now) {
                 q.handle_sample(&sample);

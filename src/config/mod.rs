@@ -55,6 +55,8 @@ pub const DEFAULT_MAX_MOVES_PER_MINUTE: u32 = 6;
 const MIN_BFD_INTERVAL: Duration = Duration::from_millis(1);
 const MAX_BFD_INTERVAL: Duration = Duration::from_secs(60);
 const MAX_REVERT_HOLD: Duration = Duration::from_secs(3600);
+/// The longest `reorder_wait` accepted.
+const MAX_REORDER_WAIT: Duration = Duration::from_secs(1);
 const MIN_MTU_V4: u16 = 576;
 const MIN_MTU_V6: u16 = 1280;
 /// Linux `IFNAMSIZ` minus the terminating NUL.

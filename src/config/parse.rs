@@ -194,6 +194,75 @@ impl<'de> Deserialize<'de> for Percent {
     }
 }
 
+/// A rate in bits per second with a unit (`"300Mbit/s"`, `"1.5Gbit/s"`,
+/// `"800kbit/s"`, `"2000000bit/s"`), kept in bytes per second.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Rate(pub(super) u64);
+
+impl FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!(
+                "invalid rate \"{s}\": expected a number and a unit, e.g. \"300Mbit/s\", \"1Gbit/s\", \"800kbit/s\""
+            )
+        };
+        let t = s.trim();
+        let units = [
+            ("Gbit/s", 1e9),
+            ("Mbit/s", 1e6),
+            ("kbit/s", 1e3),
+            ("bit/s", 1.0),
+        ];
+        let (number, scale) = units
+            .iter()
+            .find_map(|(u, f)| t.strip_suffix(u).map(|n| (n.trim(), *f)))
+            .ok_or_else(bad)?;
+        let v: f64 = number.parse().map_err(|_| bad())?;
+        let bits = v * scale;
+        if !(8e3..=1e12).contains(&bits) {
+            return Err(format!(
+                "rate \"{s}\" is out of range: 8kbit/s to 1000Gbit/s"
+            ));
+        }
+        Ok(Rate((bits / 8.0).round() as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(FromStrVisitor::<Rate>::new(
+            "a rate string like \"300Mbit/s\"",
+        ))
+    }
+}
+
+/// A duration, or `"auto"` for one the gateway chooses.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Auto(pub(super) Option<Duration>);
+
+impl FromStr for Auto {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim() == "auto" {
+            return Ok(Auto(None));
+        }
+        parse_duration(s)
+            .map(|d| Auto(Some(d)))
+            .map_err(|e| format!("{e}; or \"auto\""))
+    }
+}
+
+impl<'de> Deserialize<'de> for Auto {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(FromStrVisitor::<Auto>::new(
+            "a duration string like \"20ms\", or \"auto\"",
+        ))
+    }
+}
+
 /// A limit: a duration, or `"off"` for none.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Limit(pub(super) Option<Duration>);
@@ -296,6 +365,7 @@ pub(super) struct RawPeer {
     pub(super) fast_path: bool,
     pub(super) dscp: Option<Dscp>,
     pub(super) sla: Option<RawSla>,
+    pub(super) reorder_wait: Option<Auto>,
     #[serde(default)]
     pub(super) path: Vec<RawPath>,
 }
@@ -312,6 +382,7 @@ pub(super) struct RawPath {
     pub(super) bfd: Option<RawBfd>,
     pub(super) sla: Option<RawSla>,
     pub(super) dscp: Option<Dscp>,
+    pub(super) rate: Option<Rate>,
 }
 
 // ---------------------------------------------------------------------------------------

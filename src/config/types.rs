@@ -129,6 +129,7 @@ pub enum Policy {
     ActiveBackup,
     Balance,
     Duplicate,
+    Aggregate,
 }
 
 impl Policy {
@@ -137,6 +138,7 @@ impl Policy {
             Policy::ActiveBackup => "active-backup",
             Policy::Balance => "balance",
             Policy::Duplicate => "duplicate",
+            Policy::Aggregate => "aggregate",
         }
     }
 }
@@ -265,6 +267,10 @@ pub struct PeerConfig {
     pub fast_path: bool,
     /// `[peer.sla]`, resolved: the paths' defaults.
     pub sla: SlaConfig,
+    /// `aggregate`: how long a receiving lane holds packets behind a gap;
+    /// `None` (`"auto"`): from the paths' delay difference
+    /// ([`crate::core::aggregate::reorder_wait`]).
+    pub reorder_wait: Option<Duration>,
     pub paths: Vec<PathConfig>,
 }
 
@@ -300,6 +306,9 @@ pub struct PathConfig {
     /// The outer DSCP of the path's data datagrams: this path's `dscp`,
     /// else the peer's, else inherited from each inner packet.
     pub dscp: Dscp,
+    /// `aggregate`: the path's rate in bytes per second (`rate =
+    /// "300Mbit/s"`), the scheduler's starting estimate and its ceiling.
+    pub rate: Option<u64>,
 }
 
 /// The DSCP written in the outer header of a data datagram (its ECN field

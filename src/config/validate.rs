@@ -288,6 +288,16 @@ pub(super) fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResu
             return invalid(at, &[k("path"), Seg::Index(i), k("name")], msg);
         }
     }
+    let reorder_wait = p.reorder_wait.and_then(|w| w.0);
+    if let Some(w) = reorder_wait {
+        if w.is_zero() || w > MAX_REORDER_WAIT {
+            let msg = format!(
+                "{} is out of range: more than 0 and at most 1s (or \"auto\")",
+                format_duration(w)
+            );
+            return invalid(at, &[k("reorder_wait")], msg);
+        }
+    }
     if p.fast_path {
         check_fast_path(p.key_file.is_some(), p.policy, &paths, at)?;
     }
@@ -304,6 +314,7 @@ pub(super) fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResu
         route_metric: p.route_metric,
         fast_path: p.fast_path,
         sla,
+        reorder_wait,
         paths,
     })
 }
@@ -423,6 +434,7 @@ pub(super) fn validate_path(
         bfd,
         sla,
         dscp: p.dscp.unwrap_or(peer_dscp),
+        rate: p.rate.map(|r| r.0),
     })
 }
 

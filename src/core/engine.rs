@@ -40,6 +40,7 @@
 use crate::config::{
     BfdAuthType, BfdConfig, Config, Hop, PathConfig, PeerConfig, Policy, SlaConfig,
 };
+use crate::core::aggregate::{reorder_wait, Board, Delivery, Estimator};
 use crate::core::bfd::{Auth, KeyError, Session, SessionConfig, SessionEvent, Transmit};
 use crate::core::drop::DropReason;
 use crate::core::quality::{Quality, Reason, Sample, Transition};
@@ -50,6 +51,7 @@ use crate::{PathId, PeerId};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -179,6 +181,8 @@ struct PeerCore {
     paths: Vec<PathId>,
     up: bool,
     retired: bool,
+    /// `reorder_wait`, if configured (else from the paths' round trips).
+    reorder_wait: Option<Duration>,
 }
 
 /// Per-path control state.
@@ -204,6 +208,10 @@ pub struct PathCore {
     pub remote_admin_downs: u64,
     /// The path's measured quality and verdict.
     pub quality: Quality,
+    /// Its rate and delay as `aggregate` sees them.
+    pub estimate: Estimator,
+    /// Its configured `rate` (bytes per second).
+    pub rate: Option<u64>,
     retired: bool,
 }
 
@@ -272,6 +280,7 @@ impl Engine {
             paths: Vec::new(),
             up: false,
             retired: false,
+            reorder_wait: peer.reorder_wait,
         });
         for path in &peer.paths {
             self.add_path(id, path, now)?;
@@ -330,10 +339,67 @@ impl Engine {
             failures: 0,
             remote_admin_downs: 0,
             quality,
+            estimate: Estimator::new(path.rate),
+            rate: path.rate,
             retired: false,
         });
+        self.new_board(peer);
         self.dirty = true;
         Some(id)
+    }
+
+    /// Gives the peer a new [`Board`] for its current paths (estimates
+    /// kept).
+    fn new_board(&mut self, peer: PeerId) {
+        let Some(core) = self.peers.get(usize::from(peer.0)) else {
+            return;
+        };
+        let paths: Vec<(PathId, Option<u64>)> = core
+            .paths
+            .iter()
+            .filter_map(|&id| {
+                let p = self.paths.get(usize::from(id.0))?;
+                Some((id, Some(p.estimate.rate())))
+            })
+            .collect();
+        let wait = self.wait_of(peer);
+        let board = Arc::new(Board::new(&paths, wait));
+        for bp in &board.paths {
+            if let Some(d) = self
+                .paths
+                .get(usize::from(bp.id.0))
+                .and_then(|p| p.estimate.delay())
+            {
+                bp.delay_ns.store(nanos(d), Ordering::Relaxed);
+            }
+        }
+        if let Some(core) = self.peers.get_mut(usize::from(peer.0)) {
+            core.steering.set_board(board);
+        }
+    }
+
+    /// The peer's reordering wait: configured, or from its working paths'
+    /// round trips.
+    fn wait_of(&self, peer: PeerId) -> Duration {
+        let Some(core) = self.peers.get(usize::from(peer.0)) else {
+            return reorder_wait(&[]);
+        };
+        if let Some(w) = core.reorder_wait {
+            return w;
+        }
+        let rtts: Vec<Duration> = core
+            .paths
+            .iter()
+            .filter_map(|&id| self.paths.get(usize::from(id.0)))
+            .filter(|p| p.is_healthy())
+            .filter_map(|p| p.estimate.delay().map(|d| d * 2))
+            .collect();
+        reorder_wait(&rtts)
+    }
+
+    /// The peer's path estimates, as the forwarding threads read them.
+    pub fn board(&self, peer: PeerId) -> Option<&Arc<Board>> {
+        self.peers.get(usize::from(peer.0))?.steering.board()
     }
 
     /// Removes a path: its flows move at once (like a failure, but with no
@@ -348,6 +414,7 @@ impl Engine {
         if let Some(change) = core.steering.remove_path(id) {
             self.on_steering_change(peer, change.from, change.to, None, MoveCause::Removed);
         }
+        self.new_board(peer);
         self.dirty = true;
         let path = self.paths.get_mut(usize::from(id.0))?;
         path.session.set_admin_down(now);
@@ -559,6 +626,23 @@ impl Engine {
             return;
         };
         path.quality.handle_sample(sample);
+        path.estimate.handle(Delivery {
+            at: sample.received_at,
+            received: sample.report.data_received,
+            seq_high: sample.report.data_seq_high,
+            sent_bytes: sample.local.sent_bytes,
+            sent_packets: sample.local.sent_packets,
+            rtt: sample.received_at.saturating_duration_since(sample.sent_at),
+        });
+        let (peer, rate, delay) = (path.peer, path.estimate.rate(), path.estimate.delay());
+        let wait = self.wait_of(peer);
+        if let Some(board) = self.board(peer) {
+            if let Some(bp) = board.path(id) {
+                bp.rate.store(rate, Ordering::Relaxed);
+                bp.delay_ns.store(delay.map_or(0, nanos), Ordering::Relaxed);
+            }
+            board.wait_ns.store(nanos(wait), Ordering::Relaxed);
+        }
         self.judge(id, now);
     }
 
@@ -667,6 +751,7 @@ impl Engine {
                 // What is measured after the path comes back is not
                 // comparable with what came before.
                 path.quality.rebase();
+                path.estimate.rebase();
             }
             self.update_health(id, now, detection);
         }
@@ -840,12 +925,17 @@ impl Engine {
         match peer.steering.policy() {
             Policy::ActiveBackup => peer.steering.active() == Some(id),
             Policy::Balance => peer.steering.is_eligible(id),
+            Policy::Aggregate => peer.steering.is_eligible(id) && !peer.steering.is_demoted(id),
             Policy::Duplicate => {
                 let sel = peer.steering.selection();
                 sel.active == Some(id) || sel.duplicate_path() == Some(id)
             }
         }
     }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The Length field of a datagram that parsed (so it is at least 24).

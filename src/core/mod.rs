@@ -9,6 +9,7 @@
 //! network with a virtual clock (`tests/sim.rs`), and the shell around
 //! them stays thin.
 
+pub mod aggregate;
 pub mod bfd;
 pub mod coalesce;
 pub mod crypto;
@@ -18,6 +19,7 @@ pub mod ecn;
 pub mod engine;
 pub mod forward;
 pub mod quality;
+pub mod reorder;
 pub mod rng;
 pub mod segment;
 pub mod steer;

@@ -138,6 +138,10 @@ pub struct DataCounts {
     pub received: u64,
     /// The highest data sequence number received.
     pub seq_high: u64,
+    /// Data datagrams and bytes (inner) sent on the path, for the
+    /// `aggregate` policy's rate estimate ([`crate::core::aggregate`]).
+    pub sent_packets: u64,
+    pub sent_bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -17,6 +17,10 @@
 //!   flows that hash to it.
 //! - `duplicate`: every packet goes to the two best eligible paths (the
 //!   receiver keeps the first copy, see [`crate::core::dedup`]).
+//! - `aggregate`: every flow uses every eligible path that is not demoted,
+//!   packet by packet, as the sending lane's [`crate::core::aggregate::Scheduler`]
+//!   places them; the receiver puts them back in order
+//!   ([`crate::core::reorder`]).
 //!
 //! Recovery under `balance` is a deliberate choice: rendezvous hashing is
 //! stateless, so when a path becomes eligible again it takes back exactly
@@ -60,6 +64,7 @@
 //! damped or not.
 
 use crate::config::Policy;
+use crate::core::aggregate::Board;
 use crate::core::wire::flow::mix;
 use crate::PathId;
 use std::collections::VecDeque;
@@ -153,6 +158,19 @@ pub struct Steering {
     moves: VecDeque<Instant>,
     /// A quality verdict waits for the cap.
     pending: bool,
+    /// The paths' estimates (rates, delays, the reordering wait), shared
+    /// with the forwarding threads.
+    board: Option<BoardRef>,
+}
+
+/// A [`Board`] in a snapshot (snapshots compare equal when they share it).
+#[derive(Clone, Debug)]
+pub struct BoardRef(pub Arc<Board>);
+
+impl PartialEq for BoardRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl Steering {
@@ -185,7 +203,20 @@ impl Steering {
             max_moves: u32::MAX,
             moves: VecDeque::new(),
             pending: false,
+            board: None,
         }
+    }
+
+    /// Shares the paths' estimates with the forwarding threads (a new
+    /// board when the path set changes).
+    pub fn set_board(&mut self, board: Arc<Board>) {
+        self.board = Some(BoardRef(board));
+        self.changed = true;
+    }
+
+    /// The board the snapshots carry.
+    pub fn board(&self) -> Option<&Arc<Board>> {
+        self.board.as_ref().map(|b| &b.0)
     }
 
     /// Caps the moves for quality in any minute (`max_moves_per_minute`).
@@ -446,6 +477,12 @@ impl Steering {
         v.into_iter().map(|(d, _, _, _, _, id)| (id, d)).collect()
     }
 
+    /// Whether the path is demoted now (a better path exists: `balance` and
+    /// `aggregate` leave it out).
+    pub fn is_demoted(&self, id: PathId) -> bool {
+        self.published.iter().any(|&(p, d)| p == id && d)
+    }
+
     /// Whether the path is degraded in the ranking now.
     pub fn is_degraded(&self, id: PathId) -> bool {
         self.slots.iter().any(|s| s.id == id && s.applied)
@@ -466,11 +503,15 @@ impl Steering {
         let ranked = self.ranked();
         let eligible = ranked
             .iter()
-            .filter(|&&(_, demoted)| !(demoted && self.policy == Policy::Balance))
+            .filter(|&&(_, demoted)| {
+                !(demoted && matches!(self.policy, Policy::Balance | Policy::Aggregate))
+            })
             .filter_map(|(id, _)| self.slots.iter().find(|s| s.id == *id))
             .map(|s| (s.id, s.weight))
             .collect();
-        Selection::new(self.policy, self.active, eligible)
+        let mut sel = Selection::new(self.policy, self.active, eligible);
+        sel.board = self.board.clone();
+        sel
     }
 }
 
@@ -494,6 +535,9 @@ pub struct Selection {
     /// joins moves only its own buckets, as rendezvous hashing moves only
     /// its own flows.
     buckets: Option<Arc<[PathId]>>,
+    /// The peer's path estimates (`aggregate`'s scheduler, every receiver's
+    /// reordering wait).
+    pub board: Option<BoardRef>,
 }
 
 impl Selection {
@@ -504,6 +548,7 @@ impl Selection {
             active,
             eligible,
             buckets: None,
+            board: None,
         };
         if policy == Policy::Balance && sel.eligible.len() > 1 {
             let table: Option<Vec<PathId>> = (0..BUCKETS as u64)
@@ -522,7 +567,20 @@ impl Selection {
                 Some(table) => table.get((flow_hash >> BUCKET_SHIFT) as usize).copied(),
                 None => self.rendezvous(flow_hash),
             },
-            Policy::ActiveBackup | Policy::Duplicate => self.active,
+            // `aggregate` places packet by packet (the lanes' scheduler);
+            // this is its path for what is placed per flow.
+            Policy::ActiveBackup | Policy::Duplicate | Policy::Aggregate => self.active,
+        }
+    }
+
+    /// The paths `aggregate` spreads over (none: place per flow, with
+    /// [`Self::select`]).
+    pub fn spread(&self) -> Option<(&Board, impl Iterator<Item = PathId> + '_)> {
+        match (self.policy, &self.board) {
+            (Policy::Aggregate, Some(b)) if self.eligible.len() > 1 => {
+                Some((b.0.as_ref(), self.eligible.iter().map(|&(id, _)| id)))
+            }
+            _ => None,
         }
     }
 

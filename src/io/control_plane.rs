@@ -24,8 +24,10 @@ use crate::core::engine::{Engine, Event, Forwarding, Secrets};
 use crate::core::quality::{Sample, Transition};
 use crate::core::wire::bfd::State;
 use crate::telemetry::metrics::{Metrics, PathLabels};
-use crate::telemetry::status::{BfdStatus, PathStatus, PeerStatus, QualityStatus, Status};
-use crate::telemetry::{DropCounters, PathCounters};
+use crate::telemetry::status::{
+    AggregateStatus, BfdStatus, PathStatus, PeerStatus, QualityStatus, ReorderStatus, Status,
+};
+use crate::telemetry::{DropCounters, PathCounters, ReorderCounters};
 use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
 use std::io::{self, Read};
@@ -87,6 +89,8 @@ pub struct Plan {
     /// The TUN of each added peer, by peer name, for carrier control, and
     /// its fast path if it has one.
     pub add_tuns: Vec<(String, Arc<SyncDevice>, Option<Arc<FastPath>>)>,
+    /// The new peers' resequencing counters (their lanes').
+    pub add_reorder: Vec<(String, Arc<ReorderCounters>)>,
 }
 
 /// The ids the engine gave to what a [`Plan`] added.
@@ -181,6 +185,8 @@ pub struct BfdThread {
     /// forwarding snapshot, its counters added to the paths'. Weak, like
     /// `tuns`: its programs go with the peer.
     pub fast: Vec<Option<Weak<FastPath>>>,
+    /// Each peer's lanes' resequencing counters, indexed by [`PeerId`].
+    pub reorder: Vec<Option<Arc<ReorderCounters>>>,
     /// When the fast paths' counters were last collected.
     pub fast_collected: Option<Instant>,
     /// When the paths' quality was last copied to the metrics.
@@ -663,7 +669,21 @@ impl BfdThread {
                 .find(|(name, _, _)| *name == peer.name)
                 .map(|(_, t, f)| (Some(t.clone()), f.clone()))
                 .unwrap_or_default();
+            let reorder = plan
+                .add_reorder
+                .iter()
+                .find(|(name, _)| *name == peer.name)
+                .map(|(_, r)| r.clone());
             self.add_peer(peer, tun, fast, now, &mut applied);
+            if let Some(id) = applied
+                .peers
+                .last()
+                .filter(|(n, _)| *n == peer.name)
+                .map(|p| p.1)
+            {
+                self.metrics.set_reorder(usize::from(id.0), reorder.clone());
+                *slot(&mut self.reorder, usize::from(id.0)) = reorder;
+            }
         }
         for path in plan.add_paths {
             self.add_path(path, now, &mut applied);
@@ -740,6 +760,7 @@ impl BfdThread {
             let paths: Vec<PathStatus> =
                 ids.iter().filter_map(|&id| self.path_status(id)).collect();
             let active_path = paths.iter().find(|p| p.active).map(|p| p.name.clone());
+            let reorder = self.reorder_status(PeerId(pi as u16));
             peers.push(PeerStatus {
                 name: name.to_string(),
                 tun,
@@ -747,6 +768,7 @@ impl BfdThread {
                 policy,
                 active_path,
                 paths,
+                reorder,
             });
         }
         Status {
@@ -812,6 +834,7 @@ impl BfdThread {
             damping_level: damping.map_or(0, |d| d.level),
             damped_until_unix: damping.and_then(|d| d.until).map(clock::unix_seconds),
             quality: self.quality_status(id),
+            aggregate: self.aggregate_status(id),
             tx_packets: load(&c.tx_packets),
             rx_packets: load(&c.rx_packets),
             tx_bytes: load(&c.tx_bytes),
@@ -821,6 +844,66 @@ impl BfdThread {
 }
 
 impl BfdThread {
+    /// What the peer's lanes did to put spread packets back in order (a
+    /// peer that never received any shows none).
+    fn reorder_status(&self, peer: PeerId) -> Option<ReorderStatus> {
+        let c = self.reorder.get(usize::from(peer.0))?.as_ref()?;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let board = self.engine.board(peer);
+        let wait = board.map_or(Duration::ZERO, |b| b.wait());
+        let policy_aggregate = self
+            .meta
+            .peers
+            .get(usize::from(peer.0))
+            .and_then(|p| p.as_ref())
+            .is_some_and(|(_, pol)| pol == "aggregate");
+        let held = load(&c.held);
+        if held == 0 && load(&c.late) == 0 && !policy_aggregate {
+            return None;
+        }
+        Some(ReorderStatus {
+            held,
+            reordered: load(&c.reordered),
+            gave_up: load(&c.gave_up),
+            late: load(&c.late),
+            buffered_packets: load(&c.occupancy),
+            buffered_bytes: load(&c.occupancy_bytes),
+            wait_us: u64::try_from(wait.as_micros()).unwrap_or(u64::MAX),
+        })
+    }
+
+    /// Under `aggregate`: the path's share of the packets sent, and its
+    /// estimated rate and one-way delay.
+    fn aggregate_status(&self, id: PathId) -> Option<AggregateStatus> {
+        let p = self.engine.path(id)?;
+        let aggregate = self
+            .meta
+            .peers
+            .get(usize::from(p.peer.0))
+            .and_then(|m| m.as_ref())
+            .is_some_and(|(_, pol)| pol == "aggregate");
+        if !aggregate {
+            return None;
+        }
+        let board = self.engine.board(p.peer)?;
+        let total: u64 = board
+            .paths
+            .iter()
+            .map(|b| b.picked.load(Ordering::Relaxed))
+            .sum();
+        let bp = board.path(id)?;
+        let picked = bp.picked.load(Ordering::Relaxed);
+        Some(AggregateStatus {
+            share: if total == 0 {
+                0.0
+            } else {
+                picked as f64 / total as f64
+            },
+            rate_bps: bp.rate.load(Ordering::Relaxed).saturating_mul(8),
+            delay_us: bp.delay_ns.load(Ordering::Relaxed) / 1000,
+        })
+    }
+
     fn quality_status(&self, id: PathId) -> QualityStatus {
         let Some(p) = self.engine.path(id) else {
             return QualityStatus::default();

@@ -14,11 +14,14 @@
 
 use super::control_plane::{BfdThread, Command, CommandLink, Meta, NewPath, Plan};
 use super::fastpath::FastPath;
-use super::lanes::{self, FlowClaims, FlowTable, Lane, PathIn, PathOut, SharedKeys, TunOut};
+use super::lanes::{
+    self, FlowClaims, FlowTable, Lane, LaneReorder, PathIn, PathOut, SharedKeys, TunOut,
+};
 use super::linkwatch::{self, LinkWatch, WatchedPath};
 use super::sys::Doorbell;
 use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
 use crate::config::{Config, ConfigError, PathConfig, PeerConfig, Policy, SlaConfig};
+use crate::core::aggregate::Scheduler;
 use crate::core::crypto::{self, EchoGuard, ReplayWindow};
 use crate::core::dedup::Window;
 use crate::core::engine::{check_secret, Engine, Forwarding, Secrets};
@@ -27,7 +30,7 @@ use crate::core::quality::{Prober, Reflector};
 use crate::core::wire::flow::mix;
 use crate::core::wire::overlay;
 use crate::telemetry::metrics::{self, Metrics};
-use crate::telemetry::{control, DropCounters, PathCounters};
+use crate::telemetry::{control, DropCounters, PathCounters, ReorderCounters};
 use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -66,7 +69,7 @@ const FALLBACK_UNDERLAY_MTU: u32 = 1500;
 /// [`crate::core::forward::inner_mtu`]); at least the IPv4 minimum of 576 (1280
 /// with IPv6 inside), at most 65535.
 fn default_mtu(w: &PeerConfig) -> u16 {
-    let extended = w.policy == Policy::Duplicate;
+    let extended = matches!(w.policy, Policy::Duplicate | Policy::Aggregate);
     let sealed = w.key_file.is_some();
     let fits = w
         .paths
@@ -196,6 +199,8 @@ struct PeerRun {
     paths: Vec<PathRun>,
     /// `duplicate`: the window shared by the receive threads of the paths.
     dedup: Arc<Mutex<Window>>,
+    /// What the lanes' resequencers did (packets spread by an `aggregate` sender).
+    reorder: Arc<ReorderCounters>,
     /// The kernel fast path on the TUN's egress (`fast_path = true`).
     fast: Option<Arc<FastPath>>,
 }
@@ -272,6 +277,7 @@ async fn run_async(
         drops: drops.clone(),
         tuns: Vec::new(),
         fast: Vec::new(),
+        reorder: Vec::new(),
         fast_collected: None,
         quality_exported: None,
         meta: Meta {
@@ -547,6 +553,8 @@ impl Gateway {
                         plan.add_peers.push(bare(w));
                         plan.add_tuns
                             .push((w.name.clone(), peer.tun.clone(), peer.fast.clone()));
+                        plan.add_reorder
+                            .push((w.name.clone(), peer.reorder.clone()));
                         self.peers.push(peer);
                         self.peers.len() - 1
                     }
@@ -741,6 +749,7 @@ impl Gateway {
         let keys = SharedKeys::default();
         let instance = (mix(self.shared.stamp_key ^ clock::nanos() ^ 0x6475_706c) >> 32) as u32;
         let peer_sequence = Arc::new(AtomicU64::new(0));
+        let reorder_counters = Arc::new(ReorderCounters::default());
         let doorbell = Arc::new(Doorbell::new()?);
         let claims = Arc::new(FlowClaims::new(queues.len()));
         let parked = queues
@@ -760,9 +769,12 @@ impl Gateway {
                     commands: self.shared.commands.clone(),
                     instance,
                     peer_sequence: peer_sequence.clone(),
+                    scheduler: Scheduler::new(),
+                    lane_sequence: 0,
                 },
                 ins: Vec::new(),
                 doorbell: doorbell.clone(),
+                reorder: Arc::new(Mutex::new(LaneReorder::new(reorder_counters.clone()))),
             })
             .collect();
         Ok(PeerRun {
@@ -777,6 +789,7 @@ impl Gateway {
             parked,
             paths: Vec::new(),
             dedup: Arc::new(Mutex::new(Window::new())),
+            reorder: reorder_counters,
             fast,
         })
     }
@@ -833,7 +846,7 @@ impl Gateway {
         let i = usize::from(id.0);
         // A large probe is as long as the path's largest data datagram.
         let header = match peer.config.policy {
-            Policy::Duplicate => overlay::MAX_LEN,
+            Policy::Duplicate | Policy::Aggregate => overlay::MAX_LEN,
             _ => overlay::BASE_LEN,
         };
         let large_probe = usize::from(peer.mtu) + header;
@@ -885,6 +898,8 @@ impl Gateway {
                 window: window.clone(),
                 echo_guard: EchoGuard::default(),
                 dedup: peer.dedup.clone(),
+                reorder: lane.reorder.clone(),
+                forwarding: None,
             });
         }
         peer.paths.push(PathRun {
@@ -963,6 +978,9 @@ impl PeerRun {
         for mut lane in std::mem::take(&mut self.parked) {
             lane.doorbell = doorbell.clone();
             lane.out.peer = self.id;
+            for p in lane.ins.iter_mut().flatten() {
+                p.forwarding = Some((lane.out.forwarding.clone(), self.id));
+            }
             let name = format!("fwd{}-{}", lane.out.lane, self.config.name);
             let thread = std::thread::Builder::new()
                 .name(name)

@@ -223,6 +223,43 @@ impl Lab {
         }
     }
 
+    /// Shapes `path` to `mbit` Mbit/s each way: a token bucket (`tc tbf`)
+    /// on each gateway's end, with a queue of 20 ms at that rate. Replaces
+    /// any qdisc there; [`Lab::unshape`] removes it.
+    pub fn shape(&self, path: LabPath, mbit: u32) -> Result<()> {
+        // A burst of 1 ms at the rate (at least 32 KiB: above one GSO
+        // segment run's worth of MTU packets, below a timer tick's worth).
+        let burst = (u64::from(mbit) * 1_000_000 / 8 / 1000).max(32 * 1024);
+        for host in [Host::GwA, Host::GwB] {
+            run(self.command_in(host, "tc").args([
+                "qdisc",
+                "replace",
+                "dev",
+                path.name(),
+                "root",
+                "tbf",
+                "rate",
+                &format!("{mbit}mbit"),
+                "burst",
+                &burst.to_string(),
+                "latency",
+                "20ms",
+            ]))?;
+        }
+        Ok(())
+    }
+
+    /// Removes [`Lab::shape`]'s token buckets.
+    pub fn unshape(&self, path: LabPath) -> Result<()> {
+        for host in [Host::GwA, Host::GwB] {
+            let _ =
+                run(self
+                    .command_in(host, "tc")
+                    .args(["qdisc", "del", "dev", path.name(), "root"]));
+        }
+        Ok(())
+    }
+
     /// Sets `path`'s veth down on gateway A (both ends lose carrier).
     pub fn link_down(&self, path: LabPath) -> Result<()> {
         self.ip_in(Host::GwA, &["link", "set", path.name(), "down"])

@@ -44,6 +44,7 @@ pub mod flood;
 pub mod probe;
 pub mod relay;
 
+use crate::config::Policy;
 use std::fmt;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -130,6 +131,13 @@ pub struct LabOptions {
     /// `[peer.sla]` keys for both gateways' peer (TOML lines, e.g.
     /// `hold = "3s"`); empty: the defaults.
     pub sla: Vec<String>,
+    /// Both gateways' peer policy (default `active-backup`).
+    pub policy: Policy,
+    /// Extra keys for both gateways' peer (TOML lines, e.g.
+    /// `reorder_wait = "30ms"`).
+    pub peer_extra: Vec<String>,
+    /// Extra keys for one path on both gateways (e.g. `rate = "300Mbit/s"`).
+    pub path_extra: Vec<(LabPath, String)>,
 }
 
 impl LabOptions {
@@ -149,6 +157,9 @@ impl LabOptions {
             one_gateway_env: Vec::new(),
             fast_path: false,
             sla: Vec::new(),
+            policy: Policy::ActiveBackup,
+            peer_extra: Vec::new(),
+            path_extra: Vec::new(),
         }
     }
 

@@ -293,9 +293,14 @@ impl Lab {
              [gateway]\nname = \"{gw}\"\ncontrol_socket = \"{sock}\"\n\n\
              [bfd]\ntx_interval = \"{tx}\"\nrx_interval = \"{rx}\"\nmultiplier = {mult}\n\n\
              [[peer]]\nname = \"{peer}\"\ntun = \"{tun}\"\ntun_addresses = [\"{tun_addr}\"]\n\
-             routes = [\"{route}\"]\npolicy = \"active-backup\"\nrevert_hold = \"{hold}\"\n{key}{fast}",
+             routes = [\"{route}\"]\npolicy = \"{policy}\"\nrevert_hold = \"{hold}\"\n{key}{fast}",
+            policy = o.policy,
             sock = self.socket_path(gw).display(),
-            fast = if o.fast_path { "fast_path = true\n" } else { "" },
+            fast = if o.fast_path {
+                "fast_path = true\n"
+            } else {
+                ""
+            },
             key = match &o.key {
                 Some(_) => format!("key_file = \"{}\"\n", self.key_path().display()),
                 None => String::new(),
@@ -305,6 +310,9 @@ impl Lab {
             mult = o.multiplier,
             hold = config_duration(o.revert_hold),
         );
+        for line in &o.peer_extra {
+            text.push_str(&format!("{line}\n"));
+        }
         if !o.sla.is_empty() {
             text.push_str("\n  [peer.sla]\n");
             for line in &o.sla {
@@ -322,6 +330,9 @@ impl Lab {
             ));
             if o.bind_interfaces {
                 text.push_str(&format!("  interface = \"{}\"\n", path.name()));
+            }
+            for (_, line) in o.path_extra.iter().filter(|(p, _)| *p == path) {
+                text.push_str(&format!("  {line}\n"));
             }
         }
         text

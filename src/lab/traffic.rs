@@ -80,6 +80,27 @@ impl Iperf {
         v.pointer("/end/sum_received/bits_per_second")
             .and_then(Value::as_f64)
     }
+
+    /// Waits for the client to finish; returns the received rate (bit/s)
+    /// and the sending rate of each reporting interval (one second unless
+    /// asked otherwise).
+    pub fn finish_intervals(mut self) -> Option<(f64, Vec<f64>)> {
+        let out = self.client.take()?.wait_with_output().ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let total = v
+            .pointer("/end/sum_received/bits_per_second")
+            .and_then(Value::as_f64)?;
+        let intervals = v
+            .get("intervals")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|i| i.pointer("/sum/bits_per_second").and_then(Value::as_f64))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some((total, intervals))
+    }
 }
 
 impl Drop for Iperf {

@@ -13,7 +13,7 @@
 //! timeout (a down path records no RTT), so a removed path's histogram
 //! stays until restart.
 
-use super::{DropCounters, PathCounters};
+use super::{DropCounters, PathCounters, ReorderCounters};
 use crate::core::drop::DropReason;
 use crate::core::wire::bfd::State;
 use metrics::{
@@ -75,6 +75,11 @@ pub const METRICS: &[(&str, &str)] = &[
     ("crosslink_path_jitter_seconds", "gauge"),
     ("crosslink_path_degraded", "gauge"),
     ("crosslink_path_moves_total", "counter"),
+    ("crosslink_reorder_held_total", "counter"),
+    ("crosslink_reorder_reordered_total", "counter"),
+    ("crosslink_reorder_gave_up_total", "counter"),
+    ("crosslink_reorder_late_total", "counter"),
+    ("crosslink_reorder_buffered_packets", "gauge"),
 ];
 
 /// The causes of `crosslink_path_moves_total`, registered at 0 per peer.
@@ -141,6 +146,26 @@ fn describe() {
         "1 when the peer has at least one path carrying traffic."
     );
     describe_gauge!("crosslink_path_up", "1 when the path's BFD session is Up.");
+    describe_counter!(
+        "crosslink_reorder_held_total",
+        "Packets of an aggregate sender held behind a gap until it filled or was given up."
+    );
+    describe_counter!(
+        "crosslink_reorder_reordered_total",
+        "Held packets delivered in order."
+    );
+    describe_counter!(
+        "crosslink_reorder_gave_up_total",
+        "Missing packets given up (lost, or later than the reordering wait)."
+    );
+    describe_counter!(
+        "crosslink_reorder_late_total",
+        "Packets that arrived after their gap was given up (delivered late)."
+    );
+    describe_gauge!(
+        "crosslink_reorder_buffered_packets",
+        "Packets held for reordering now."
+    );
     describe_gauge!(
         "crosslink_path_active",
         "1 when the path carries the peer's traffic."
@@ -278,6 +303,16 @@ struct PeerMetrics {
     up: Gauge,
     detection: Histogram,
     moves: Vec<Counter>,
+    /// The lanes' resequencing counters, and their series.
+    reorder: Option<(Arc<ReorderCounters>, ReorderMetrics)>,
+}
+
+struct ReorderMetrics {
+    held: Counter,
+    reordered: Counter,
+    gave_up: Counter,
+    late: Counter,
+    buffered: Gauge,
 }
 
 /// Everything the daemon exports. Peers and paths are slots indexed by
@@ -357,6 +392,26 @@ impl Metrics {
             up,
             detection,
             moves,
+            reorder: None,
+        });
+    }
+
+    /// Gives a peer's series its lanes' resequencing counters.
+    pub fn set_reorder(&self, id: usize, counters: Option<Arc<ReorderCounters>>) {
+        let mut peers = self.peers.write();
+        let Some(p) = peers.get_mut(id).and_then(Option::as_mut) else {
+            return;
+        };
+        p.reorder = counters.map(|c| {
+            let peer = p.name.clone();
+            let m = ReorderMetrics {
+                held: counter!("crosslink_reorder_held_total", "peer" => peer.clone()),
+                reordered: counter!("crosslink_reorder_reordered_total", "peer" => peer.clone()),
+                gave_up: counter!("crosslink_reorder_gave_up_total", "peer" => peer.clone()),
+                late: counter!("crosslink_reorder_late_total", "peer" => peer.clone()),
+                buffered: gauge!("crosslink_reorder_buffered_packets", "peer" => peer),
+            };
+            (c, m)
         });
     }
 
@@ -394,6 +449,13 @@ impl Metrics {
             p.up.increment(0.0);
             for c in &p.moves {
                 c.increment(0);
+            }
+            if let Some((c, m)) = &p.reorder {
+                m.held.absolute(c.held.load(Relaxed));
+                m.reordered.absolute(c.reordered.load(Relaxed));
+                m.gave_up.absolute(c.gave_up.load(Relaxed));
+                m.late.absolute(c.late.load(Relaxed));
+                m.buffered.set(c.occupancy.load(Relaxed) as f64);
             }
         }
         for c in self.failovers.lock().values() {

@@ -39,6 +39,23 @@ impl PathCounters {
     }
 }
 
+/// What a peer's receiving lanes did to put an `aggregate` sender's
+/// packets back in order ([`crate::core::reorder`]), summed over the lanes.
+#[derive(Debug, Default)]
+pub struct ReorderCounters {
+    /// Packets held behind a gap.
+    pub held: AtomicU64,
+    /// Held packets delivered in order once their gap filled.
+    pub reordered: AtomicU64,
+    /// Missing packets given up.
+    pub gave_up: AtomicU64,
+    /// Packets that came after their gap was given up (delivered late).
+    pub late: AtomicU64,
+    /// Packets held now, and their bytes.
+    pub occupancy: AtomicU64,
+    pub occupancy_bytes: AtomicU64,
+}
+
 /// Dropped packets by reason.
 #[derive(Debug, Default)]
 pub struct DropCounters([AtomicU64; DropReason::ALL.len()]);

@@ -23,6 +23,39 @@ pub struct PeerStatus {
     pub policy: String,
     pub active_path: Option<String>,
     pub paths: Vec<PathStatus>,
+    /// Packets an `aggregate` sender spread over the paths, put back in
+    /// order by this gateway's lanes (absent when none ever came).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reorder: Option<ReorderStatus>,
+}
+
+/// A peer's resequencing (`crate::core::reorder`), summed over its lanes.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReorderStatus {
+    /// Packets held behind a gap, since start.
+    pub held: u64,
+    /// Held packets delivered in order once their gap filled.
+    pub reordered: u64,
+    /// Missing packets given up (lost, or later than the wait).
+    pub gave_up: u64,
+    /// Packets that came after their gap was given up (delivered late).
+    pub late: u64,
+    /// Held now.
+    pub buffered_packets: u64,
+    pub buffered_bytes: u64,
+    /// How long a gap may hold packets back, microseconds.
+    pub wait_us: u64,
+}
+
+/// A path under `aggregate`: its share of the packets the lanes sent (a
+/// super-packet counts once) and what the scheduler believes of it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AggregateStatus {
+    pub share: f64,
+    /// Estimated rate, bits per second.
+    pub rate_bps: u64,
+    /// Estimated one-way delay (half the smoothed round trip), microseconds.
+    pub delay_us: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -51,6 +84,9 @@ pub struct PathStatus {
     /// What the path's probes and data measure, and the verdict.
     #[serde(default)]
     pub quality: QualityStatus,
+    /// Under `aggregate` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<AggregateStatus>,
     pub tx_packets: u64,
     pub rx_packets: u64,
     pub tx_bytes: u64,
@@ -242,6 +278,7 @@ mod tests {
                 up: true,
                 policy: "active-backup".into(),
                 active_path: Some("cci-1".into()),
+                reorder: None,
                 paths: vec![PathStatus {
                     name: "cci-1".into(),
                     state: "up".into(),
@@ -274,6 +311,7 @@ mod tests {
                     flaps: 2,
                     damping_level: 1,
                     damped_until_unix: None,
+                    aggregate: None,
                     quality: QualityStatus {
                         loss_ratio_tx: Some(0.052),
                         loss_ratio_rx: Some(0.0),

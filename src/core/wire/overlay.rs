@@ -18,8 +18,9 @@
 //! ```
 //!
 //! Extension defined so far, present when flag [`FLAG_PEER_SEQ`] is set
-//! (sent only under the `duplicate` policy, see [`crate::core::dedup`]), 16
-//! bytes right after the fixed header:
+//! (sent under the `duplicate` policy, see [`crate::core::dedup`], and
+//! under `aggregate` with [`FLAG_ORDERED`], see [`crate::core::reorder`]),
+//! 16 bytes right after the fixed header:
 //!
 //! ```text
 //! +---------------------------------------------------------------+
@@ -38,13 +39,17 @@
 //! verified it), so that the receiver may merge the packet into a
 //! super-packet without checking it again ([`crate::core::coalesce`]); a
 //! receiver that does not know it checks, or does not merge;
+//! bit 2 ([`FLAG_ORDERED`]) says the peer sequence numbers an `aggregate`
+//! stream, spread over several paths: the receiver puts the packets back
+//! in order rather than drop copies (a receiver that does not know it drops
+//! copies, which an `aggregate` sender never makes, and delivers out of order);
 //! bits 4 to 6 ([`LANE_MASK`]) carry the sender's lane, 0 to 7: the
 //! forwarding thread of the sender that the datagram's flow belongs to.
 //! A receiver with several lanes hands the datagram to its own lane of
 //! that number (modulo its lane count), so that both directions of a flow
 //! stay with one thread on each side ([`crate::io::lanes`]); it
 //! changes nothing else, and a receiver that does not know it ignores it.
-//! Bits 2, 3 and 7 are reserved (0).
+//! Bits 3 and 7 are reserved (0).
 //!
 //! The format grows without breaking old receivers: the header length
 //! says where the inner packet starts, so a newer sender can append
@@ -65,6 +70,8 @@ pub const PEER_SEQ_LEN: usize = 16;
 pub const MAX_LEN: usize = BASE_LEN + PEER_SEQ_LEN;
 /// Flag: the peer-sequence extension follows the fixed header.
 pub const FLAG_PEER_SEQ: u8 = 0x01;
+/// Flag: the peer sequence numbers an `aggregate` stream (resequence it).
+pub const FLAG_ORDERED: u8 = 0x04;
 /// Flag: the sender vouches for the inner packet's transport checksum.
 pub const FLAG_CHECKSUM_OK: u8 = 0x02;
 /// Flags bits holding the sender's lane.
@@ -193,6 +200,17 @@ impl Header {
         self.flags |= FLAG_PEER_SEQ;
         self.peer_seq = Some(peer_seq);
         self
+    }
+
+    /// Marks the peer sequence as an `aggregate` stream ([`FLAG_ORDERED`]).
+    pub fn ordered(mut self) -> Self {
+        self.flags |= FLAG_ORDERED;
+        self
+    }
+
+    /// Whether the peer sequence numbers an `aggregate` stream.
+    pub fn is_ordered(&self) -> bool {
+        self.flags & FLAG_ORDERED != 0 && self.peer_seq.is_some()
     }
 
     /// Sets the sender's lane (taken modulo [`MAX_LANES`]).

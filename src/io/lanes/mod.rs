@@ -36,6 +36,14 @@
 //! copy is written to the TUN, the second is dropped and counted as
 //! `duplicate`.
 //!
+//! Under `aggregate` each sending lane numbers its own packets (its
+//! instance number is the peer's plus the lane's) and asks its
+//! [`Scheduler`] which path each packet, or each super-packet whole, takes;
+//! each receiving lane keeps one [`Resequencer`] ([`LaneReorder`]) for the
+//! streams that reach it, shared by its ends of the paths (a mutex taken
+//! once per burst, never contended: one thread uses it), and writes what
+//! it holds back when a gap fills or is given up.
+//!
 //! Both directions work in bursts to save system calls (the time goes to
 //! the kernel's per-packet work, not to ours): a turn reads what the TUN
 //! queue holds, up to `TX_SUPERS` super-packets (or `TX_BATCH` packets
@@ -58,6 +66,7 @@ use super::control_plane::{Command, CommandLink};
 use super::sys::{Doorbell, PollSet};
 use super::{clock, sys, udp};
 use crate::config::Policy;
+use crate::core::aggregate::Scheduler;
 use crate::core::coalesce::{self, Train, MAX_TRAIN_HEADER};
 use crate::core::crypto::{EchoGuard, Keys, ReplayWindow};
 use crate::core::dedup::{Verdict, Window};
@@ -69,9 +78,10 @@ use crate::core::forward::{
     seal_echo, Echo, Message, Opener, Placement, Sealer, HEADROOM, TRAILER,
 };
 use crate::core::quality::{DataCounts, Prober, Reflector};
+use crate::core::reorder::{Held, Offer, ReorderStats, Resequencer};
 use crate::core::segment::{finish_checksum, Cut, VnetHeader, MAX_HEADERS, VNET_HDR_LEN};
 use crate::core::wire::overlay::{Header, PeerSeq, ProbeClass, ProbeReport, MAX_LANES};
-use crate::telemetry::{DropCounters, PathCounters};
+use crate::telemetry::{DropCounters, PathCounters, ReorderCounters};
 use crate::{PathId, PeerId};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
@@ -134,6 +144,65 @@ pub struct Lane {
     pub ins: Vec<Option<PathIn>>,
     /// Rung to stop the lane.
     pub doorbell: Arc<Doorbell>,
+    /// The lane's resequencer, shared by its ends of the paths.
+    pub reorder: Arc<Mutex<LaneReorder>>,
+}
+
+/// A receiving lane's [`Resequencer`], and what of its counts the peer's
+/// [`ReorderCounters`] have.
+pub struct LaneReorder {
+    pub r: Resequencer,
+    counters: Arc<ReorderCounters>,
+    published: ReorderStats,
+    occupancy: (usize, usize),
+}
+
+impl LaneReorder {
+    pub fn new(counters: Arc<ReorderCounters>) -> LaneReorder {
+        LaneReorder {
+            r: Resequencer::new(crate::core::aggregate::MIN_WAIT),
+            counters,
+            published: ReorderStats::default(),
+            occupancy: (0, 0),
+        }
+    }
+
+    /// Adds what changed since the last call to the peer's counters.
+    fn publish(&mut self) {
+        let now = self.r.stats();
+        if now != self.published {
+            let c = &self.counters;
+            let was = self.published;
+            c.held.fetch_add(now.held - was.held, Ordering::Relaxed);
+            c.reordered
+                .fetch_add(now.reordered - was.reordered, Ordering::Relaxed);
+            c.gave_up
+                .fetch_add(now.gave_up - was.gave_up, Ordering::Relaxed);
+            c.late.fetch_add(now.late - was.late, Ordering::Relaxed);
+            self.published = now;
+        }
+        let occ = (self.r.occupancy(), self.r.occupancy_bytes());
+        if occ != self.occupancy {
+            let c = &self.counters;
+            c.occupancy.fetch_add(occ.0 as u64, Ordering::Relaxed);
+            c.occupancy
+                .fetch_sub(self.occupancy.0 as u64, Ordering::Relaxed);
+            c.occupancy_bytes.fetch_add(occ.1 as u64, Ordering::Relaxed);
+            c.occupancy_bytes
+                .fetch_sub(self.occupancy.1 as u64, Ordering::Relaxed);
+            self.occupancy = occ;
+        }
+    }
+}
+
+impl Drop for LaneReorder {
+    fn drop(&mut self) {
+        let c = &self.counters;
+        c.occupancy
+            .fetch_sub(self.occupancy.0 as u64, Ordering::Relaxed);
+        c.occupancy_bytes
+            .fetch_sub(self.occupancy.1 as u64, Ordering::Relaxed);
+    }
 }
 
 impl Lane {
@@ -178,6 +247,26 @@ impl Lane {
             for (p, r) in self.ins.iter_mut().zip(rx.iter_mut()) {
                 if let (Some(p), Some(r)) = (p, r) {
                     next = next.min(p.tick(r, now));
+                }
+            }
+            // A gap that waited its bound: what it held goes out through
+            // the first end of a path (any writes to the lane's queue).
+            let due = self.reorder.lock().r.poll_timeout();
+            if let Some(due) = due {
+                if due <= now {
+                    let first = self
+                        .ins
+                        .iter_mut()
+                        .zip(rx.iter_mut())
+                        .find_map(|(p, r)| Some((p.as_mut()?, r.as_mut()?)));
+                    if let Some((p, r)) = first {
+                        p.give_up_gaps(r, now);
+                    }
+                    if let Some(d) = self.reorder.lock().r.poll_timeout() {
+                        next = next.min(d);
+                    }
+                } else {
+                    next = next.min(due);
                 }
             }
             let busy = hot.contains(&true);

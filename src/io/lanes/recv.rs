@@ -55,6 +55,11 @@ pub struct PathIn {
     pub commands: CommandLink,
     /// The peer's duplicate-suppression window, shared by its paths.
     pub dedup: Arc<Mutex<Window>>,
+    /// The lane's resequencer (`aggregate` senders), shared by its ends
+    /// of the paths.
+    pub reorder: Arc<Mutex<LaneReorder>>,
+    /// The peer's path estimates (the reordering wait), from the snapshot.
+    pub forwarding: Option<(Arc<ArcSwap<Forwarding>>, PeerId)>,
     /// Where measured round-trip times go.
     pub rtt: metrics::Histogram,
     pub keys: SharedKeys,
@@ -177,6 +182,11 @@ impl PathIn {
         };
         let keys = self.keys.load_full();
         inner.clear();
+        let now = clock::now();
+        // Taken at the first packet of an `aggregate` stream, for the burst.
+        let reorder = self.reorder.clone();
+        let mut held = None;
+        let mut released: Vec<Held> = Vec::new();
         for i in 0..n {
             let Some((message, src, segment, tos)) = batch.get_mut(i) else {
                 self.drops.count(DropReason::TooBig);
@@ -191,11 +201,46 @@ impl PathIn {
             }
             let segment = segment.unwrap_or(message.len()).max(1);
             for (k, datagram) in message.chunks_mut(segment).enumerate() {
-                if let Some((r, checksum_ok)) = self.receive(datagram, src, tos, keys.as_deref()) {
-                    let at = k * segment;
+                let Some((r, checksum_ok, ordered)) =
+                    self.receive(datagram, src, tos, keys.as_deref())
+                else {
+                    continue;
+                };
+                let at = k * segment;
+                if let Some((instance, seq)) = ordered {
+                    let guard = held.get_or_insert_with(|| {
+                        let mut g = reorder.lock();
+                        if let Some(w) = self.wait() {
+                            g.r.set_wait(w);
+                        }
+                        g
+                    });
+                    let packet = datagram.get(r.clone()).unwrap_or_default();
+                    match guard
+                        .r
+                        .offer(instance, seq, self.id, packet, checksum_ok, now)
+                    {
+                        Offer::Deliver | Offer::Late => {}
+                        Offer::Held | Offer::Duplicate => {
+                            if guard.r.has_ready() {
+                                let from = released.len();
+                                released.extend(guard.r.take_ready());
+                                inner.push((RELEASED, from..released.len(), false, false));
+                            }
+                            continue;
+                        }
+                    }
                     let whole = r.len() > out.mtu;
                     inner.push((i, at + r.start..at + r.end, checksum_ok, whole));
+                    if guard.r.has_ready() {
+                        let from = released.len();
+                        released.extend(guard.r.take_ready());
+                        inner.push((RELEASED, from..released.len(), false, false));
+                    }
+                    continue;
                 }
+                let whole = r.len() > out.mtu;
+                inner.push((i, at + r.start..at + r.end, checksum_ok, whole));
             }
         }
         self.flush_counts();
@@ -209,10 +254,26 @@ impl PathIn {
         }));
         trusted.clear();
         trusted.extend(inner.iter().map(|(_, _, ok, _)| *ok));
-        // In order: the packets before a whole super-packet, then it.
+        // In order: the packets before a whole super-packet (or packets
+        // released by the resequencer), then it (or them).
         let mut start = 0;
-        for (k, (_, _, ok, whole)) in inner.iter().enumerate() {
-            if let (true, Some(p)) = (whole, packets.get(k)) {
+        for (k, (i, range, ok, whole)) in inner.iter().enumerate() {
+            if *i == RELEASED {
+                let before = packets.get(start..k).unwrap_or_default();
+                out.write(
+                    &self.tun,
+                    before,
+                    trusted.get(start..k).unwrap_or_default(),
+                    &self.drops,
+                );
+                write_released(
+                    out,
+                    &self.tun,
+                    released.get(range.clone()).unwrap_or_default(),
+                    &self.drops,
+                );
+                start = k + 1;
+            } else if let (true, Some(p)) = (whole, packets.get(k)) {
                 let before = packets.get(start..k).unwrap_or_default();
                 out.write(
                     &self.tun,
@@ -232,7 +293,38 @@ impl PathIn {
             &self.drops,
         );
         *spare = recycle(packets);
+        if let Some(mut g) = held {
+            for h in released {
+                g.r.recycle(h);
+            }
+            g.publish();
+        }
         n
+    }
+
+    /// The peer's reordering wait now, from the snapshot's board.
+    fn wait(&self) -> Option<Duration> {
+        let (forwarding, peer) = self.forwarding.as_ref()?;
+        let f = forwarding.load();
+        let sel = f.peers.get(usize::from(peer.0))?;
+        Some(sel.board.as_ref()?.0.wait())
+    }
+
+    /// Gives up the gaps that waited their bound and writes what they held
+    /// back to the TUN.
+    pub(super) fn give_up_gaps(&mut self, rx: &mut RxState, now: Instant) {
+        let reorder = self.reorder.clone();
+        let mut g = reorder.lock();
+        if let Some(w) = self.wait() {
+            g.r.set_wait(w);
+        }
+        g.r.handle_timeout(now);
+        let released: Vec<Held> = g.r.take_ready().collect();
+        write_released(&mut rx.out, &self.tun, &released, &self.drops);
+        for h in released {
+            g.r.recycle(h);
+        }
+        g.publish();
     }
 
     /// Validates one datagram, whose outer IP header had the TOS byte
@@ -245,7 +337,7 @@ impl PathIn {
         src: SocketAddr,
         tos: u8,
         keys: Option<&Keys>,
-    ) -> Option<(Range<usize>, bool)> {
+    ) -> Option<Inner> {
         if src != self.remote {
             self.drops.count(DropReason::UnknownSource);
             return None;
@@ -256,9 +348,17 @@ impl PathIn {
             window: &mut self.window,
         });
         match receive_marked(datagram, opener, tos) {
-            Ok(Message::Data(header, range)) => self
-                .deliverable(&header, range.len())
-                .then_some((range, header.checksum_ok())),
+            Ok(Message::Data(header, range)) => {
+                let ordered = header
+                    .peer_seq
+                    .filter(|_| header.is_ordered())
+                    .map(|p| (p.instance, p.sequence));
+                self.deliverable(&header, range.len()).then_some((
+                    range,
+                    header.checksum_ok(),
+                    ordered,
+                ))
+            }
             Ok(Message::Echo(echo, epoch)) => {
                 self.on_echo(echo, epoch, keys.is_some());
                 None
@@ -290,7 +390,7 @@ impl PathIn {
         *packets += 1;
         *bytes += len as u64;
         *high = (*high).max(header.sequence);
-        if let Some(p) = header.peer_seq {
+        if let Some(p) = header.peer_seq.filter(|_| !header.is_ordered()) {
             match self.dedup.lock().check(p.instance, p.sequence) {
                 Verdict::Deliver => {}
                 Verdict::Duplicate => {
@@ -361,6 +461,8 @@ impl PathIn {
         DataCounts {
             received: self.counters.rx_packets.load(Ordering::Relaxed),
             seq_high: self.counters.rx_seq_high.load(Ordering::Relaxed),
+            sent_packets: self.counters.tx_packets.load(Ordering::Relaxed),
+            sent_bytes: self.counters.tx_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -414,6 +516,33 @@ impl PathIn {
         self.commands
             .send(Command::Quality(self.id, Box::new(sample)));
     }
+}
+
+/// A data packet to deliver: its range in the datagram, whether its sender
+/// vouched for its checksum, and its `aggregate` stream and number.
+type Inner = (Range<usize>, bool, Option<(u32, u64)>);
+
+/// Marks an entry of a burst's packets that stands for packets the
+/// resequencer released (their range in the burst's released packets).
+const RELEASED: usize = usize::MAX;
+
+/// Writes packets the resequencer released, in order (merged where they
+/// can be, like a burst's).
+fn write_released(out: &mut TunWriter, tun: &SyncDevice, released: &[Held], drops: &DropCounters) {
+    let mut start = 0;
+    let flush = |out: &mut TunWriter, group: &[Held]| {
+        let packets: Vec<&[u8]> = group.iter().map(|h| h.data.as_slice()).collect();
+        let trusted: Vec<bool> = group.iter().map(|h| h.checksum_ok).collect();
+        out.write(tun, &packets, &trusted, drops);
+    };
+    for (k, h) in released.iter().enumerate() {
+        if h.data.len() > out.mtu {
+            flush(out, released.get(start..k).unwrap_or_default());
+            out.write_whole(tun, &h.data, h.checksum_ok, drops);
+            start = k + 1;
+        }
+    }
+    flush(out, released.get(start..).unwrap_or_default());
 }
 
 /// How a receiving thread writes inner packets to its peer's TUN.

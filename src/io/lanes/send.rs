@@ -52,6 +52,10 @@ pub struct TunOut {
     /// sequence (shared by the peer's lanes).
     pub instance: u32,
     pub peer_sequence: Arc<AtomicU64>,
+    /// `aggregate`: where each packet goes, and this lane's last number
+    /// (its stream's instance number is `instance + lane`).
+    pub scheduler: Scheduler,
+    pub lane_sequence: u64,
     pub keys: SharedKeys,
     /// This run's epoch (see [`crate::core::crypto`]).
     pub epoch: u32,
@@ -137,6 +141,7 @@ impl TunOut {
         let peer = forwarding.peers.get(usize::from(self.peer.0));
         let turn = Turn {
             duplicate: peer.is_some_and(|p| p.policy == Policy::Duplicate),
+            aggregate: peer.is_some_and(|p| p.policy == Policy::Aggregate),
             forwarding,
             keys: self.keys.load_full(),
             now,
@@ -174,7 +179,14 @@ impl TunOut {
     fn place(&mut self, turn: &Turn, inner: &[u8]) -> Option<Placement> {
         let selection = turn.forwarding.peers.get(usize::from(self.peer.0))?;
         match classify(selection, inner) {
-            Ok(p) => {
+            Ok(mut p) => {
+                if let Some((board, paths)) = selection.spread() {
+                    // `aggregate`: this packet (a super-packet: all of it)
+                    // goes where it arrives first.
+                    if let Some(path) = self.scheduler.pick(board, paths, inner.len(), turn.now) {
+                        p.path = path;
+                    }
+                }
                 self.flows.touch(p.flow_hash, p.path, turn.now);
                 Some(p)
             }
@@ -246,6 +258,14 @@ impl TunOut {
                 instance: self.instance,
                 sequence: self.peer_sequence.fetch_add(1, Ordering::Relaxed) + 1,
             });
+        } else if turn.aggregate {
+            self.lane_sequence = self.lane_sequence.wrapping_add(1);
+            header = header
+                .with_peer_seq(PeerSeq {
+                    instance: self.instance.wrapping_add(self.lane as u32),
+                    sequence: self.lane_sequence,
+                })
+                .ordered();
         }
         let body_len = staged.body.as_ref().map_or(0, |(_, r)| r.len());
         let inner_len = staged.in_slot + body_len;
@@ -516,6 +536,8 @@ pub(super) struct Turn {
     pub(super) forwarding: Arc<Forwarding>,
     /// The peer's policy is `duplicate`: packets carry a peer sequence.
     pub(super) duplicate: bool,
+    /// The peer's policy is `aggregate`: packets carry the lane's sequence.
+    pub(super) aggregate: bool,
     pub(super) keys: Option<Arc<Keys>>,
     pub(super) now: Instant,
 }

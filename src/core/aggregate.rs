@@ -1,0 +1,307 @@
+//! The `aggregate` policy's sending half: which path each packet takes,
+//! and what the gateway knows of each path's capacity and delay, sans-IO.
+//!
+//! Under `aggregate` every flow of the peer uses every eligible path that
+//! is not demoted (degraded or down paths carry nothing, as under the
+//! other policies). A sending lane asks its [`Scheduler`] for each packet
+//! (or each super-packet, whose segments stay together: one UDP GSO send)
+//! which path gets it there first: the *earliest expected arrival* over
+//! the paths, each path modelled as a queue that drains at the path's
+//! estimated rate behind its one-way delay. A faster path takes more, a
+//! path with a longer delay is used only when the others' queues are
+//! longer than the difference, and a path that has just failed is out of
+//! the set at the next snapshot (BFD, carrier, send errors and quality all
+//! publish one).
+//!
+//! Each path's rate is learned by its [`Estimator`] from the path-quality
+//! probes' reports (what the far end received, every probe interval):
+//! when the path loses packets or its queueing delay rises while it
+//! carries data, what it delivered is its capacity; when it carries
+//! nearly its estimate without either, the estimate grows by a quarter
+//! every period. A configured `rate` is the starting point and a ceiling.
+//! The estimates, the delays and the receivers' reordering wait are
+//! published through a per-peer [`Board`] of atomics, so the forwarding
+//! threads read them without a new snapshot.
+
+use crate::PathId;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The rate assumed of a path with no configured rate, until measured
+/// (bytes per second: 1 Gbit/s).
+pub const DEFAULT_RATE: u64 = 125_000_000;
+/// The lowest estimate (bytes per second: 1 Mbit/s).
+pub const MIN_RATE: u64 = 125_000;
+/// The highest estimate (bytes per second: 100 Gbit/s).
+pub const MAX_RATE: u64 = 12_500_000_000;
+/// How often an estimate is revised.
+pub const ESTIMATE_PERIOD: Duration = Duration::from_millis(100);
+/// The shortest and longest automatic reordering wait.
+pub const MIN_WAIT: Duration = Duration::from_millis(5);
+pub const MAX_WAIT: Duration = Duration::from_millis(200);
+/// The automatic wait's margin over the paths' delay difference.
+pub const WAIT_MARGIN: Duration = Duration::from_millis(5);
+/// The model's queue of a path never holds more than this much time.
+const MAX_BACKLOG: f64 = 0.5;
+
+/// One path as the forwarding threads see it under `aggregate`.
+#[derive(Debug)]
+pub struct BoardPath {
+    pub id: PathId,
+    /// Estimated rate, bytes per second.
+    pub rate: AtomicU64,
+    /// Estimated one-way delay, nanoseconds.
+    pub delay_ns: AtomicU64,
+    /// Packets (super-packets count once) the lanes sent on it.
+    pub picked: AtomicU64,
+}
+
+/// A peer's paths' estimates, written by the BFD thread's engine and read
+/// by the lanes.
+#[derive(Debug)]
+pub struct Board {
+    pub paths: Vec<BoardPath>,
+    /// How long a receiving lane holds packets behind a gap, nanoseconds.
+    pub wait_ns: AtomicU64,
+}
+
+impl Board {
+    /// A board for `paths` (id, configured rate in bytes per second).
+    pub fn new(paths: &[(PathId, Option<u64>)], wait: Duration) -> Board {
+        Board {
+            paths: paths
+                .iter()
+                .map(|&(id, rate)| BoardPath {
+                    id,
+                    rate: AtomicU64::new(rate.unwrap_or(DEFAULT_RATE)),
+                    delay_ns: AtomicU64::new(0),
+                    picked: AtomicU64::new(0),
+                })
+                .collect(),
+            wait_ns: AtomicU64::new(nanos(wait)),
+        }
+    }
+
+    pub fn path(&self, id: PathId) -> Option<&BoardPath> {
+        self.paths.iter().find(|p| p.id == id)
+    }
+
+    pub fn wait(&self) -> Duration {
+        Duration::from_nanos(self.wait_ns.load(Ordering::Relaxed))
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A sending lane's model of each path's queue.
+#[derive(Clone, Debug, Default)]
+pub struct Scheduler {
+    queues: Vec<Queue>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Queue {
+    id: PathId,
+    /// Bytes the model has queued on the path.
+    backlog: f64,
+    at: Instant,
+}
+
+impl Scheduler {
+    pub fn new() -> Scheduler {
+        Scheduler::default()
+    }
+
+    /// The path among `eligible` (of `board`) where `len` bytes sent now
+    /// arrive first; queues them there.
+    pub fn pick(
+        &mut self,
+        board: &Board,
+        eligible: impl IntoIterator<Item = PathId>,
+        len: usize,
+        now: Instant,
+    ) -> Option<PathId> {
+        let mut best: Option<(f64, usize, PathId, f64)> = None;
+        for id in eligible {
+            let Some(p) = board.path(id) else {
+                continue;
+            };
+            let rate = p.rate.load(Ordering::Relaxed).max(MIN_RATE) as f64;
+            let delay = p.delay_ns.load(Ordering::Relaxed) as f64 / 1e9;
+            let q = match self.queues.iter().position(|q| q.id == id) {
+                Some(q) => q,
+                None => {
+                    self.queues.push(Queue {
+                        id,
+                        backlog: 0.0,
+                        at: now,
+                    });
+                    self.queues.len() - 1
+                }
+            };
+            let Some(queue) = self.queues.get_mut(q) else {
+                continue;
+            };
+            let drained = now.saturating_duration_since(queue.at).as_secs_f64() * rate;
+            queue.backlog = (queue.backlog - drained).clamp(0.0, rate * MAX_BACKLOG);
+            queue.at = now;
+            let arrival = delay + (queue.backlog + len as f64) / rate;
+            if best.is_none_or(|(b, _, _, _)| arrival < b) {
+                best = Some((arrival, q, id, rate));
+            }
+        }
+        let (_, q, id, _) = best?;
+        if let Some(queue) = self.queues.get_mut(q) {
+            queue.backlog += len as f64;
+        }
+        if let Some(p) = board.path(id) {
+            p.picked.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(id)
+    }
+}
+
+/// What one probe report says about the data on a path: cumulative
+/// counts, as [`crate::core::quality::Sample`] carries them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub at: Instant,
+    /// Data datagrams the far end received on the path.
+    pub received: u64,
+    /// The highest data sequence number it received (what we had sent).
+    pub seq_high: u64,
+    /// Data bytes and datagrams this end sent on the path.
+    pub sent_bytes: u64,
+    pub sent_packets: u64,
+    /// The probe's round trip.
+    pub rtt: Duration,
+}
+
+/// Why an estimate changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revision {
+    /// The path lost packets or queued: its capacity is what it delivered.
+    Congested,
+    /// It carried nearly its estimate cleanly: the estimate grows.
+    Grown,
+}
+
+/// One path's rate and delay estimate.
+#[derive(Clone, Debug)]
+pub struct Estimator {
+    /// Configured ceiling (bytes per second).
+    ceiling: Option<u64>,
+    rate: u64,
+    /// The start of the current period.
+    start: Option<Delivery>,
+    last: Option<Delivery>,
+    /// Smoothed one-way delay and the lowest round trip seen lately.
+    delay: Option<Duration>,
+    rtt_min: Option<(Duration, Instant)>,
+}
+
+impl Estimator {
+    pub fn new(ceiling: Option<u64>) -> Estimator {
+        Estimator {
+            ceiling,
+            rate: ceiling.unwrap_or(DEFAULT_RATE),
+            start: None,
+            last: None,
+            delay: None,
+            rtt_min: None,
+        }
+    }
+
+    /// Estimated rate, bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    /// Estimated one-way delay (half the smoothed round trip).
+    pub fn delay(&self) -> Option<Duration> {
+        self.delay
+    }
+
+    /// Forgets the period in progress (the path went down: its counts
+    /// restart with the far end's).
+    pub fn rebase(&mut self) {
+        self.start = None;
+        self.last = None;
+    }
+
+    /// Takes one probe report; revises the estimate once a period.
+    pub fn handle(&mut self, d: Delivery) -> Option<Revision> {
+        let half = d.rtt / 2;
+        self.delay = Some(match self.delay {
+            Some(old) => (old * 7 + half) / 8,
+            None => half,
+        });
+        // The lowest round trip of the last ten seconds: the path's own delay.
+        let stale = self
+            .rtt_min
+            .is_some_and(|(_, at)| d.at.saturating_duration_since(at) > Duration::from_secs(10));
+        if stale || self.rtt_min.is_none_or(|(m, _)| d.rtt <= m) {
+            self.rtt_min = Some((d.rtt, d.at));
+        }
+        if let Some(last) = self.last {
+            if d.received < last.received
+                || d.seq_high < last.seq_high
+                || d.sent_packets < last.sent_packets
+            {
+                // The far end restarted: start again.
+                self.start = None;
+            }
+        }
+        self.last = Some(d);
+        let Some(start) = self.start else {
+            self.start = Some(d);
+            return None;
+        };
+        let dt = d.at.saturating_duration_since(start.at);
+        if dt < ESTIMATE_PERIOD {
+            return None;
+        }
+        self.start = Some(d);
+        let sent = d.seq_high.saturating_sub(start.seq_high);
+        let delivered = d.received.saturating_sub(start.received);
+        let lost = sent.saturating_sub(delivered);
+        let bytes = d.sent_bytes.saturating_sub(start.sent_bytes);
+        let packets = d.sent_packets.saturating_sub(start.sent_packets);
+        if packets == 0 || sent == 0 {
+            return None;
+        }
+        let mean = bytes as f64 / packets as f64;
+        let secs = dt.as_secs_f64();
+        let sent_rate = bytes as f64 / secs;
+        let delivered_rate = delivered as f64 * mean / secs;
+        let queued = self
+            .rtt_min
+            .is_some_and(|(m, _)| d.rtt > m + (m / 2).max(Duration::from_millis(5)));
+        let lossy = lost >= 3 && lost * 100 > sent;
+        let ceiling = self.ceiling.unwrap_or(MAX_RATE);
+        if lossy || queued {
+            self.rate = (delivered_rate as u64).clamp(MIN_RATE, ceiling);
+            return Some(Revision::Congested);
+        }
+        if sent_rate >= 0.7 * self.rate as f64 && self.rate < ceiling {
+            self.rate = (self.rate.saturating_add(self.rate / 4)).clamp(MIN_RATE, ceiling);
+            return Some(Revision::Grown);
+        }
+        None
+    }
+}
+
+/// The automatic reordering wait for paths with these round trips: half
+/// the spread of the round trips (the one-way delay difference) plus
+/// [`WAIT_MARGIN`], within [`MIN_WAIT`]..=[`MAX_WAIT`].
+pub fn reorder_wait(rtts: &[Duration]) -> Duration {
+    let (Some(lo), Some(hi)) = (rtts.iter().min(), rtts.iter().max()) else {
+        return MIN_WAIT;
+    };
+    ((*hi - *lo) / 2 + WAIT_MARGIN).clamp(MIN_WAIT, MAX_WAIT)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,149 @@
+use super::*;
+
+const A: PathId = PathId(0);
+const B: PathId = PathId(1);
+
+fn board(rates: &[(PathId, u64)], delays_ms: &[u64]) -> Board {
+    let paths: Vec<(PathId, Option<u64>)> = rates.iter().map(|&(id, r)| (id, Some(r))).collect();
+    let b = Board::new(&paths, MIN_WAIT);
+    for (p, d) in b.paths.iter().zip(delays_ms) {
+        p.delay_ns.store(d * 1_000_000, Ordering::Relaxed);
+    }
+    b
+}
+
+/// Sends `total` bytes in packets of 1500 at `offered` bytes/s; the bytes
+/// each path got.
+fn run(b: &Board, offered: f64, total: usize) -> (f64, f64) {
+    let mut s = Scheduler::new();
+    let t0 = Instant::now();
+    let (mut a, mut bb) = (0.0, 0.0);
+    let mut sent = 0usize;
+    while sent < total {
+        let now = t0 + Duration::from_secs_f64(sent as f64 / offered);
+        match s.pick(b, [A, B], 1500, now) {
+            Some(A) => a += 1500.0,
+            Some(_) => bb += 1500.0,
+            None => panic!("no path"),
+        }
+        sent += 1500;
+    }
+    (a, bb)
+}
+
+#[test]
+fn equal_paths_share_equally() {
+    let b = board(&[(A, 37_500_000), (B, 37_500_000)], &[5, 5]);
+    let (a, bb) = run(&b, 75_000_000.0, 75_000_000);
+    let share = a / (a + bb);
+    assert!((0.48..=0.52).contains(&share), "share {share}");
+}
+
+#[test]
+fn shares_follow_the_rates() {
+    let b = board(&[(A, 37_500_000), (B, 12_500_000)], &[5, 5]);
+    let (a, bb) = run(&b, 50_000_000.0, 50_000_000);
+    let share = a / (a + bb);
+    assert!((0.72..=0.78).contains(&share), "share {share}");
+}
+
+#[test]
+fn a_light_load_takes_the_shorter_delay_only() {
+    let b = board(&[(A, 37_500_000), (B, 37_500_000)], &[5, 25]);
+    // 10 % of one path: the fast path's queue never reaches 20 ms.
+    let (a, bb) = run(&b, 3_750_000.0, 3_750_000);
+    assert_eq!(bb, 0.0, "{a} on A");
+}
+
+#[test]
+fn a_full_load_uses_both_paths_despite_the_delays() {
+    let b = board(&[(A, 37_500_000), (B, 37_500_000)], &[5, 25]);
+    let (a, bb) = run(&b, 75_000_000.0, 150_000_000);
+    let share = a / (a + bb);
+    assert!((0.45..=0.6).contains(&share), "share {share}");
+}
+
+#[test]
+fn only_eligible_paths_are_picked() {
+    let b = board(&[(A, 37_500_000), (B, 37_500_000)], &[5, 5]);
+    let mut s = Scheduler::new();
+    let now = Instant::now();
+    for _ in 0..100 {
+        assert_eq!(s.pick(&b, [B], 1500, now), Some(B));
+    }
+    assert_eq!(s.pick(&b, [], 1500, now), None);
+    assert_eq!(
+        b.path(B).map(|p| p.picked.load(Ordering::Relaxed)),
+        Some(100)
+    );
+}
+
+fn delivery(at: Instant, received: u64, seq: u64, pkts: u64, rtt_ms: u64) -> Delivery {
+    Delivery {
+        at,
+        received,
+        seq_high: seq,
+        sent_bytes: pkts * 1000,
+        sent_packets: pkts,
+        rtt: Duration::from_millis(rtt_ms),
+    }
+}
+
+#[test]
+fn a_lossy_busy_path_is_estimated_at_what_it_delivered() {
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    assert_eq!(e.handle(delivery(t, 0, 0, 0, 2)), None);
+    // 100 ms: 40 000 sent, 36 000 delivered (10 % dropped by a shaper).
+    let r = e.handle(delivery(t + ESTIMATE_PERIOD, 36_000, 40_000, 40_000, 2));
+    assert_eq!(r, Some(Revision::Congested));
+    // 36 000 packets of 1000 bytes in 0.1 s.
+    assert_eq!(e.rate(), 360_000_000);
+}
+
+#[test]
+fn a_queue_building_up_reads_as_congestion() {
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 2));
+    let r = e.handle(delivery(t + ESTIMATE_PERIOD, 1000, 1000, 1000, 20));
+    assert_eq!(r, Some(Revision::Congested));
+    assert_eq!(e.rate(), 10_000_000);
+}
+
+#[test]
+fn a_clean_path_near_its_estimate_grows_up_to_the_ceiling() {
+    let mut e = Estimator::new(Some(20_000_000));
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 2));
+    // Sending 18 MB/s (0.9 of the ceiling), nothing lost.
+    let r = e.handle(delivery(t + ESTIMATE_PERIOD, 1800, 1800, 1800, 2));
+    assert_eq!(r, None, "at its ceiling already");
+    assert_eq!(e.rate(), 20_000_000, "never above the ceiling");
+    let mut e = Estimator::new(None);
+    e.handle(delivery(t, 0, 0, 0, 2));
+    e.handle(delivery(t + ESTIMATE_PERIOD, 36_000, 40_000, 40_000, 2));
+    let before = e.rate();
+    let r = e.handle(delivery(t + ESTIMATE_PERIOD * 2, 72_000, 76_000, 76_000, 2));
+    assert_eq!(r, Some(Revision::Grown));
+    assert_eq!(e.rate(), before + before / 4);
+}
+
+#[test]
+fn an_idle_path_keeps_its_estimate() {
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 2));
+    assert_eq!(e.handle(delivery(t + ESTIMATE_PERIOD, 0, 0, 0, 2)), None);
+    assert_eq!(e.rate(), DEFAULT_RATE);
+}
+
+#[test]
+fn the_wait_covers_the_delay_difference() {
+    let ms = Duration::from_millis;
+    assert_eq!(reorder_wait(&[]), MIN_WAIT);
+    assert_eq!(reorder_wait(&[ms(1), ms(1)]), WAIT_MARGIN.max(MIN_WAIT));
+    // 5 ms and 25 ms one way: round trips 10 and 50 ms.
+    assert_eq!(reorder_wait(&[ms(10), ms(50)]), ms(20) + WAIT_MARGIN);
+    assert_eq!(reorder_wait(&[ms(1), ms(2000)]), MAX_WAIT);
+}

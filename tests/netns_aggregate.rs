@@ -1,0 +1,128 @@
+//! The `aggregate` policy on real sockets (root): one TCP stream through
+//! the gateways over two paths shaped with `tc tbf`, against
+//! `active-backup` over the same paths in the same run; and a path cut in
+//! the middle of the stream.
+//!
+//! Each case prints a `REPORT aggregate ...` line. The asserts are generous
+//! bounds (this machine is shared and noisy); the targets, and the
+//! benchmark that measures them (`benches/aggregate.rs`), are in the
+//! README (Aggregate).
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use crosslink::config::Policy;
+use crosslink::lab::{self, Lab, LabOptions, LabPath};
+
+const BIN: &str = env!("CARGO_BIN_EXE_crosslink");
+/// Each path's shaped rate in these tests (Mbit/s): low enough for a
+/// loaded 2-core machine to fill both.
+const MBIT: u32 = 100;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lab(tag: &str, policy: Policy) -> Lab {
+    let mut opts = LabOptions::new(tag, BIN);
+    opts.policy = policy;
+    opts.revert_hold = Duration::from_millis(500);
+    let mut lab = Lab::new(opts).unwrap();
+    for path in LabPath::ALL {
+        lab.shape(path, MBIT).unwrap();
+    }
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    lab
+}
+
+/// One TCP stream for `secs`: the received rate and each second's, Mbit/s.
+fn stream(lab: &Lab, secs: u64) -> (f64, Vec<f64>) {
+    let run = lab.start_iperf3(1, secs).unwrap();
+    let (total, intervals) = run.finish_intervals().expect("iperf3 report");
+    (total / 1e6, intervals.iter().map(|b| b / 1e6).collect())
+}
+
+#[test]
+fn one_stream_uses_both_shaped_paths() {
+    if !lab::test_gate(
+        "one_stream_uses_both_shaped_paths",
+        &[("iperf3", "iperf3"), ("tc", "iproute2")],
+    ) {
+        return;
+    }
+    let _g = serial();
+    let mut got = Vec::new();
+    for (tag, policy) in [("agab", Policy::ActiveBackup), ("agag", Policy::Aggregate)] {
+        let lab = lab(tag, policy);
+        let (mbit, _) = stream(&lab, 6);
+        let status = lab.poll(lab::Gw::A).unwrap();
+        let shares: Vec<String> = LabPath::ALL
+            .iter()
+            .filter_map(|&p| {
+                let a = lab::path_status(&status, p)?.get("aggregate")?;
+                Some(format!(
+                    "{}: share {:.2} rate {:.0} Mbit/s",
+                    p.name(),
+                    a.get("share")?.as_f64()?,
+                    a.get("rate_bps")?.as_f64()? / 1e6
+                ))
+            })
+            .collect();
+        println!(
+            "REPORT aggregate one stream policy={policy} paths=2x{MBIT}Mbit/s \
+             got={mbit:.0}Mbit/s ratio_to_sum={:.2} [{}]",
+            mbit / f64::from(2 * MBIT),
+            shares.join("; ")
+        );
+        got.push(mbit);
+    }
+    let (ab, ag) = (got[0], got[1]);
+    assert!(
+        ab < f64::from(MBIT) * 1.1,
+        "active-backup {ab:.0} Mbit/s: more than one shaped path?"
+    );
+    assert!(
+        ag > ab * 1.3,
+        "aggregate {ag:.0} Mbit/s is not well above active-backup's {ab:.0} Mbit/s"
+    );
+}
+
+#[test]
+fn a_path_cut_does_not_stall_the_stream() {
+    if !lab::test_gate(
+        "a_path_cut_does_not_stall_the_stream",
+        &[("iperf3", "iperf3"), ("tc", "iproute2")],
+    ) {
+        return;
+    }
+    let _g = serial();
+    let lab = lab("agcut", Policy::Aggregate);
+    let run = lab.start_iperf3(1, 8).unwrap();
+    // iperf3's client starts half a second after the server.
+    std::thread::sleep(Duration::from_millis(500 + 3000));
+    lab.blackhole(LabPath::Path1).unwrap();
+    let (total, intervals) = run.finish_intervals().expect("iperf3 report");
+    let mbit: Vec<f64> = intervals.iter().map(|b| b / 1e6).collect();
+    let shown: Vec<String> = mbit.iter().map(|m| format!("{m:.0}")).collect();
+    println!(
+        "REPORT aggregate path cut at 3 s: per second [{}] Mbit/s, mean {:.0} Mbit/s",
+        shown.join(" "),
+        total / 1e6
+    );
+    assert!(mbit.len() >= 7, "intervals: {mbit:?}");
+    // The second of the cut, and the ones after it: the stream goes on.
+    let after = &mbit[3..];
+    assert!(
+        after.iter().all(|&m| m > f64::from(MBIT) * 0.2),
+        "the stream stalled after the cut: {mbit:?}"
+    );
+    let last = mbit[mbit.len() - 2..].iter().sum::<f64>() / 2.0;
+    assert!(
+        last > f64::from(MBIT) * 0.6,
+        "not back to the surviving path's rate: {mbit:?}"
+    );
+}
