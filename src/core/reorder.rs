@@ -19,12 +19,19 @@
 //! - a gap is given up, and what is held behind it delivered, as soon as
 //!   it cannot fill any more: every path that carried the stream recently
 //!   has delivered a later packet (a path keeps its own packets in order,
-//!   so the missing one was lost), or the oldest held packet has waited
+//!   so the missing one was lost; a path this gateway no longer uses, down
+//!   or demoted, does not count: see [`Resequencer::set_live`]), or the
+//!   oldest held packet has waited
 //!   `wait` (a bound derived from the paths' delay difference, see
 //!   [`crate::core::aggregate::reorder_wait`]), or the held packets reach
 //!   [`MAX_HELD`] packets or [`MAX_HELD_BYTES`];
 //! - a packet behind the next expected number (its gap was given up) is
 //!   delivered anyway, late: TCP takes a late packet better than a lost one.
+//!   A late packet also says the wait was too short for these paths now
+//!   (their queues differ more than their base delays): the wait grows by
+//!   how late it was (up to [`MAX_BOOST`]), and the growth halves every
+//!   second without a late packet, as TCP's RACK widens its reordering
+//!   window when it sees a spurious retransmission.
 //!
 //! Memory is bounded per receiving lane: [`MAX_HELD`] packets and
 //! [`MAX_HELD_BYTES`] over all its streams, [`MAX_STREAMS`] streams (the
@@ -40,6 +47,11 @@ pub const MAX_HELD: usize = 4096;
 pub const MAX_HELD_BYTES: usize = 16 << 20;
 /// Streams (sending lanes, sender restarts) remembered per receiving lane.
 pub const MAX_STREAMS: usize = 16;
+/// The most a late packet lengthens the wait.
+pub const MAX_BOOST: Duration = Duration::from_millis(50);
+/// The growth of the wait halves each time this passes without a late packet.
+pub const BOOST_HALF_LIFE: Duration = Duration::from_secs(1);
+
 /// A path that delivered nothing of a stream for this long no longer
 /// counts when deciding that a gap is lost.
 pub const PATH_QUIET: Duration = Duration::from_millis(100);
@@ -107,6 +119,14 @@ pub struct Resequencer {
     held: usize,
     held_bytes: usize,
     wait: Duration,
+    /// What late packets added to the wait, and when it was last raised
+    /// or halved.
+    boost: Duration,
+    boost_at: Option<Instant>,
+    /// When a gap was last given up for its wait.
+    timed_out_at: Option<Instant>,
+    /// The paths in use (`None`: all); a gap never waits for another.
+    live: Option<Vec<PathId>>,
     stats: ReorderStats,
 }
 
@@ -119,6 +139,10 @@ impl Resequencer {
             held: 0,
             held_bytes: 0,
             wait,
+            boost: Duration::ZERO,
+            boost_at: None,
+            timed_out_at: None,
+            live: None,
             stats: ReorderStats::default(),
         }
     }
@@ -128,8 +152,31 @@ impl Resequencer {
         self.wait = wait;
     }
 
+    /// The paths that carry the peer's traffic now (BFD Up, not demoted):
+    /// a path that left them (it failed) delivers nothing more, so no gap
+    /// waits for it. What this releases becomes ready.
+    pub fn set_live<I>(&mut self, live: I, now: Instant)
+    where
+        I: IntoIterator<Item = PathId>,
+        I::IntoIter: Clone,
+    {
+        let live = live.into_iter();
+        if self
+            .live
+            .as_ref()
+            .is_some_and(|l| l.iter().copied().eq(live.clone()))
+        {
+            return;
+        }
+        self.live = Some(live.collect());
+        for i in 0..self.streams.len() {
+            self.settle(i, now);
+        }
+    }
+
+    /// The wait now: the bound set, and what late packets added.
     pub fn wait(&self) -> Duration {
-        self.wait
+        self.wait + self.boost
     }
 
     pub fn stats(&self) -> ReorderStats {
@@ -173,6 +220,7 @@ impl Resequencer {
         let ahead = serial_ahead(seq, s.next);
         let verdict = if ahead < 0 {
             self.stats.late += 1;
+            self.on_late(now);
             Offer::Late
         } else if ahead == 0 {
             s.next = s.next.wrapping_add(1);
@@ -239,24 +287,54 @@ impl Resequencer {
 
     /// When a gap is next given up for its wait.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let wait = self.wait();
         self.streams
             .iter()
             .filter_map(|s| s.since)
             .min()
-            .map(|t| t + self.wait)
+            .map(|t| t + wait)
+    }
+
+    /// A late packet: if a gap was given up for its wait lately, the wait
+    /// grows by how late this one came (a bit more).
+    fn on_late(&mut self, now: Instant) {
+        let Some(at) = self.timed_out_at else {
+            return;
+        };
+        let late = now.saturating_duration_since(at);
+        if late > BOOST_HALF_LIFE {
+            return;
+        }
+        self.boost = (self.boost + late + late / 4).min(MAX_BOOST);
+        self.boost_at = Some(now);
+    }
+
+    /// Halves the wait's growth for each [`BOOST_HALF_LIFE`] without a late
+    /// packet.
+    fn decay(&mut self, now: Instant) {
+        let Some(at) = self.boost_at else {
+            return;
+        };
+        if now.saturating_duration_since(at) >= BOOST_HALF_LIFE {
+            self.boost /= 2;
+            self.boost_at = (!self.boost.is_zero()).then_some(now);
+        }
     }
 
     /// Gives up the gaps that waited their bound; what they held becomes
     /// ready.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.decay(now);
+        let wait = self.wait();
         for i in 0..self.streams.len() {
             while self
                 .streams
                 .get(i)
                 .and_then(|s| s.since)
-                .is_some_and(|t| now.saturating_duration_since(t) >= self.wait)
+                .is_some_and(|t| now.saturating_duration_since(t) >= wait)
             {
                 self.skip_gap(i);
+                self.timed_out_at = Some(now);
             }
             self.settle(i, now);
         }
@@ -302,8 +380,9 @@ impl Resequencer {
             let next = s.next;
             let mut any = false;
             let mut all_past = true;
-            for (_, high, at) in &s.paths {
-                if now.saturating_duration_since(*at) < PATH_QUIET {
+            for (path, high, at) in &s.paths {
+                let live = self.live.as_ref().is_none_or(|l| l.contains(path));
+                if live && now.saturating_duration_since(*at) < PATH_QUIET {
                     any = true;
                     all_past &= serial_ahead(*high, next) > 0;
                 }

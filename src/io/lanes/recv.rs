@@ -208,13 +208,18 @@ impl PathIn {
                 };
                 let at = k * segment;
                 if let Some((instance, seq)) = ordered {
+                    let fresh = held.is_none();
                     let guard = held.get_or_insert_with(|| {
                         let mut g = reorder.lock();
-                        if let Some(w) = self.wait() {
-                            g.r.set_wait(w);
-                        }
+                        self.steer(&mut g.r, now);
                         g
                     });
+                    if fresh && guard.r.has_ready() {
+                        // A path left: what waited for it goes first.
+                        let from = released.len();
+                        released.extend(guard.r.take_ready());
+                        inner.push((RELEASED, from..released.len(), false, false));
+                    }
                     let packet = datagram.get(r.clone()).unwrap_or_default();
                     match guard
                         .r
@@ -302,12 +307,20 @@ impl PathIn {
         n
     }
 
-    /// The peer's reordering wait now, from the snapshot's board.
-    fn wait(&self) -> Option<Duration> {
-        let (forwarding, peer) = self.forwarding.as_ref()?;
+    /// Gives the resequencer the peer's reordering wait and the paths in
+    /// use now, from the snapshot.
+    fn steer(&self, r: &mut Resequencer, now: Instant) {
+        let Some((forwarding, peer)) = self.forwarding.as_ref() else {
+            return;
+        };
         let f = forwarding.load();
-        let sel = f.peers.get(usize::from(peer.0))?;
-        Some(sel.board.as_ref()?.0.wait())
+        let Some(sel) = f.peers.get(usize::from(peer.0)) else {
+            return;
+        };
+        if let Some(b) = sel.board.as_ref() {
+            r.set_wait(b.0.wait());
+        }
+        r.set_live(sel.eligible.iter().map(|&(id, _)| id), now);
     }
 
     /// Gives up the gaps that waited their bound and writes what they held
@@ -315,9 +328,7 @@ impl PathIn {
     pub(super) fn give_up_gaps(&mut self, rx: &mut RxState, now: Instant) {
         let reorder = self.reorder.clone();
         let mut g = reorder.lock();
-        if let Some(w) = self.wait() {
-            g.r.set_wait(w);
-        }
+        self.steer(&mut g.r, now);
         g.r.handle_timeout(now);
         let released: Vec<Held> = g.r.take_ready().collect();
         write_released(&mut rx.out, &self.tun, &released, &self.drops);
