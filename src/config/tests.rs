@@ -1168,3 +1168,73 @@ fn dscp_errors_name_the_key() {
     );
     assert_err(&bad, 12, "peer.gcp.path.cci-1.dscp", "invalid DSCP -1");
 }
+
+// --- aggregate: policy, rate, reorder_wait ------------------------------------------
+
+#[test]
+fn aggregate_policy_rate_and_reorder_wait() {
+    let text = base_with(
+        "tun = \"xl-gcp\"\n",
+        "tun = \"xl-gcp\"\npolicy = \"aggregate\"\nreorder_wait = \"30ms\"\n",
+    )
+    .replacen(
+        "name = \"cci-1\"\n",
+        "name = \"cci-1\"\n  rate = \"300Mbit/s\"\n",
+        1,
+    )
+    .replacen(
+        "name = \"cci-2\"\n",
+        "name = \"cci-2\"\n  rate = \"1.5Gbit/s\"\n",
+        1,
+    );
+    let c = ok(&text);
+    let gcp = &c.peers[0];
+    assert_eq!(gcp.policy, Policy::Aggregate);
+    assert_eq!(gcp.policy.as_str(), "aggregate");
+    assert_eq!(gcp.reorder_wait, Some(Duration::from_millis(30)));
+    assert_eq!(gcp.paths[0].rate, Some(37_500_000));
+    assert_eq!(gcp.paths[1].rate, Some(187_500_000));
+    // Defaults: the wait is automatic and no rate is assumed.
+    let aws = &c.peers[1];
+    assert_eq!(aws.reorder_wait, None);
+    assert_eq!(aws.paths[0].rate, None);
+    let auto = base_with(
+        "tun = \"xl-gcp\"\n",
+        "tun = \"xl-gcp\"\nreorder_wait = \"auto\"\n",
+    );
+    assert_eq!(ok(&auto).peers[0].reorder_wait, None);
+    for (rate, bytes) in [
+        ("800kbit/s", 100_000),
+        ("10 Mbit/s", 1_250_000),
+        ("8000bit/s", 1000),
+    ] {
+        let t = BASE.replacen(
+            "name = \"dx-1\"\n",
+            &format!("name = \"dx-1\"\n  rate = \"{rate}\"\n"),
+            1,
+        );
+        assert_eq!(ok(&t).peers[1].paths[0].rate, Some(bytes), "{rate}");
+    }
+}
+
+#[test]
+fn bad_rates_and_waits_are_refused_with_their_key() {
+    for rate in ["300", "300Mbps", "fast", "-1Mbit/s", "0bit/s", "2000Gbit/s"] {
+        let t = BASE.replacen(
+            "name = \"dx-1\"\n",
+            &format!("name = \"dx-1\"\n  rate = \"{rate}\"\n"),
+            1,
+        );
+        let e = err(&t);
+        assert!(e.key.ends_with("rate"), "{rate}: {e}");
+        assert!(e.message.contains("rate"), "{rate}: {e}");
+    }
+    for wait in ["0ms", "2s", "soon"] {
+        let t = base_with(
+            "tun = \"xl-gcp\"\n",
+            &format!("tun = \"xl-gcp\"\nreorder_wait = \"{wait}\"\n"),
+        );
+        let e = err(&t);
+        assert_eq!(e.key, "peer.gcp.reorder_wait", "{wait}: {e}");
+    }
+}

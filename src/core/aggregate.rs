@@ -41,6 +41,8 @@ pub const MIN_WAIT: Duration = Duration::from_millis(5);
 pub const MAX_WAIT: Duration = Duration::from_millis(200);
 /// The automatic wait's margin over the paths' delay difference.
 pub const WAIT_MARGIN: Duration = Duration::from_millis(5);
+/// How long a queue seen behind a probe marks the path as congested.
+pub const CONGESTION_MEMORY: Duration = Duration::from_secs(2);
 /// The model's queue of a path never holds more than this much time.
 const MAX_BACKLOG: f64 = 0.5;
 
@@ -200,6 +202,9 @@ pub struct Estimator {
     /// Smoothed one-way delay and the lowest round trip seen lately.
     delay: Option<Duration>,
     rtt_min: Option<(Duration, Instant)>,
+    /// When a probe last came back late behind a queue while the path
+    /// carried data.
+    queued_at: Option<Instant>,
 }
 
 impl Estimator {
@@ -211,7 +216,16 @@ impl Estimator {
             last: None,
             delay: None,
             rtt_min: None,
+            queued_at: None,
         }
+    }
+
+    /// Whether the path queues under its own data now (a probe came back
+    /// behind a queue within [`CONGESTION_MEMORY`]): its losses are then
+    /// congestion, which the scheduler handles, not a sick path.
+    pub fn congested(&self, now: Instant) -> bool {
+        self.queued_at
+            .is_some_and(|t| now.saturating_duration_since(t) < CONGESTION_MEMORY)
     }
 
     /// Estimated rate, bytes per second.
@@ -245,6 +259,12 @@ impl Estimator {
         if stale || self.rtt_min.is_none_or(|(m, _)| d.rtt <= m) {
             self.rtt_min = Some((d.rtt, d.at));
         }
+        let queue = |m: Duration| d.rtt > m + (m / 2).max(Duration::from_millis(5));
+        if let (Some(last), Some((m, _))) = (self.last, self.rtt_min) {
+            if d.sent_packets > last.sent_packets && queue(m) {
+                self.queued_at = Some(d.at);
+            }
+        }
         if let Some(last) = self.last {
             if d.received < last.received
                 || d.seq_high < last.seq_high
@@ -276,9 +296,7 @@ impl Estimator {
         let secs = dt.as_secs_f64();
         let sent_rate = bytes as f64 / secs;
         let delivered_rate = delivered as f64 * mean / secs;
-        let queued = self
-            .rtt_min
-            .is_some_and(|(m, _)| d.rtt > m + (m / 2).max(Duration::from_millis(5)));
+        let queued = self.rtt_min.is_some_and(|(m, _)| queue(m));
         let lossy = lost >= 3 && lost * 100 > sent;
         let ceiling = self.ceiling.unwrap_or(MAX_RATE);
         if lossy || queued {

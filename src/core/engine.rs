@@ -655,7 +655,14 @@ impl Engine {
             return;
         };
         let (peer, loss) = (path.peer, path.quality.loss_tx(now));
-        let degraded = path.quality.degraded();
+        // Loss behind a queue that the path's own data built is congestion
+        // (TCP and the `aggregate` scheduler handle it), not a sick path:
+        // measured and reported, but nothing moves for it.
+        let congested = path.estimate.congested(now);
+        let degraded = path
+            .quality
+            .degraded()
+            .filter(|r| !(congested && *r == Reason::Loss));
         self.events.push_back(Event::Quality {
             path: id,
             transition,
@@ -835,6 +842,32 @@ impl Engine {
         let after = (path.session.configured_timers(), path.session.detect_mult());
         self.drain_session(id, now);
         before != after
+    }
+
+    /// A kept path's new `rate` (configuration reload): its estimate starts
+    /// over from it.
+    pub fn set_rate(&mut self, id: PathId, rate: Option<u64>) {
+        let Some(path) = self.paths.get_mut(usize::from(id.0)) else {
+            return;
+        };
+        path.rate = rate;
+        path.estimate = Estimator::new(rate);
+        let (peer, start) = (path.peer, path.estimate.rate());
+        if let Some(bp) = self.board(peer).and_then(|b| b.path(id)) {
+            bp.rate.store(start, Ordering::Relaxed);
+        }
+    }
+
+    /// A kept peer's new `reorder_wait` (configuration reload).
+    pub fn set_reorder_wait(&mut self, peer: PeerId, wait: Option<Duration>) {
+        let Some(core) = self.peers.get_mut(usize::from(peer.0)) else {
+            return;
+        };
+        core.reorder_wait = wait;
+        let wait = self.wait_of(peer);
+        if let Some(board) = self.board(peer) {
+            board.wait_ns.store(nanos(wait), Ordering::Relaxed);
+        }
     }
 
     /// A kept path's new service level (configuration reload), applied in

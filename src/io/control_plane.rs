@@ -84,6 +84,10 @@ pub struct Plan {
     pub set_timers: Vec<(PathId, Duration, Duration, u8)>,
     /// Paths kept running whose service level changed.
     pub set_sla: Vec<(PathId, SlaConfig)>,
+    /// Paths kept running whose `aggregate` rate changed.
+    pub set_rates: Vec<(PathId, Option<u64>)>,
+    /// Peers kept running whose `reorder_wait` changed.
+    pub set_reorder_wait: Vec<(PeerId, Option<Duration>)>,
     /// BFD secrets (file -> content) for the paths added.
     pub secrets: Secrets,
     /// The TUN of each added peer, by peer name, for carrier control, and
@@ -656,6 +660,12 @@ impl BfdThread {
                 let name = self.engine.path(id).map_or("?", |p| p.name.as_str());
                 info!(path = %name, tx_us = tx.as_micros() as u64, rx_us = rx.as_micros() as u64, multiplier = mult, "BFD timers applied with a poll sequence");
             }
+        }
+        for (id, rate) in plan.set_rates {
+            self.engine.set_rate(id, rate);
+        }
+        for (id, wait) in plan.set_reorder_wait {
+            self.engine.set_reorder_wait(id, wait);
         }
         for (id, sla) in plan.set_sla {
             self.engine.set_sla(id, sla);

@@ -153,6 +153,8 @@ fn only_bfd_timers_differ(a: &PathConfig, b: &PathConfig) -> bool {
         // The service level changes in place too (a running prober keeps
         // its probe interval until the path restarts).
         p.sla = SlaConfig::default();
+        // So does the `aggregate` rate (the estimate starts over from it).
+        p.rate = None;
         p
     };
     strip(a) == strip(b)
@@ -469,6 +471,7 @@ fn restart_key(peer: &PeerConfig) -> PeerConfig {
         key_file: None,
         accept_key_file: None,
         sla: SlaConfig::default(),
+        reorder_wait: None,
         ..bare(peer)
     }
 }
@@ -487,6 +490,10 @@ impl Gateway {
         for mut peer in std::mem::take(&mut self.peers) {
             match want.peers.iter().find(|p| p.name == peer.config.name) {
                 Some(w) if restart_key(w) == restart_key(&peer.config) => {
+                    if w.reorder_wait != peer.config.reorder_wait {
+                        plan.set_reorder_wait.push((peer.id, w.reorder_wait));
+                        peer.config.reorder_wait = w.reorder_wait;
+                    }
                     if w.routes != peer.config.routes {
                         self.update_routes(&mut peer, &w.routes, &mut problems)
                             .await;
@@ -510,6 +517,9 @@ impl Gateway {
                                 b.multiplier,
                             ));
                             plan.set_sla.push((r.id, n.sla));
+                            if n.rate != r.config.rate {
+                                plan.set_rates.push((r.id, n.rate));
+                            }
                             r.config = n.clone();
                         }
                     }

@@ -147,3 +147,30 @@ fn the_wait_covers_the_delay_difference() {
     assert_eq!(reorder_wait(&[ms(10), ms(50)]), ms(20) + WAIT_MARGIN);
     assert_eq!(reorder_wait(&[ms(1), ms(2000)]), MAX_WAIT);
 }
+
+#[test]
+fn a_queue_under_its_own_data_marks_the_path_congested_for_a_while() {
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 2));
+    e.handle(delivery(t + PROBE, 100, 100, 100, 2));
+    assert!(!e.congested(t + PROBE));
+    // The round trip jumps while data flows: a queue of our own.
+    e.handle(delivery(t + PROBE * 2, 200, 200, 200, 25));
+    assert!(e.congested(t + PROBE * 2));
+    assert!(e.congested(t + PROBE * 2 + CONGESTION_MEMORY - PROBE));
+    assert!(!e.congested(t + PROBE * 2 + CONGESTION_MEMORY));
+}
+
+#[test]
+fn a_slow_probe_without_data_is_not_congestion() {
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 2));
+    e.handle(delivery(t + PROBE, 0, 0, 0, 2));
+    // Nothing sent: a longer round trip is the path's, not our queue.
+    e.handle(delivery(t + PROBE * 2, 0, 0, 0, 40));
+    assert!(!e.congested(t + PROBE * 2));
+}
+
+const PROBE: Duration = Duration::from_millis(10);
