@@ -97,10 +97,17 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// A packet stays on the path the last one took unless another gets it
+/// there this much sooner: runs of packets on one path, fewer of them
+/// ahead of a gap at the receiver (each one held there is copied).
+pub const STICK: Duration = Duration::from_millis(1);
+
 /// A sending lane's model of each path's queue.
 #[derive(Clone, Debug, Default)]
 pub struct Scheduler {
     queues: Vec<Queue>,
+    /// The path the last packet took.
+    last: Option<PathId>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -126,6 +133,7 @@ impl Scheduler {
         now: Instant,
     ) -> Option<PathId> {
         let mut best: Option<(f64, usize, PathId, f64)> = None;
+        let mut stay: Option<(f64, usize, PathId, f64)> = None;
         for id in eligible {
             let Some(p) = board.path(id) else {
                 continue;
@@ -153,8 +161,16 @@ impl Scheduler {
             if best.is_none_or(|(b, _, _, _)| arrival < b) {
                 best = Some((arrival, q, id, rate));
             }
+            if self.last == Some(id) {
+                stay = Some((arrival, q, id, rate));
+            }
         }
-        let (_, q, id, _) = best?;
+        let best = best?;
+        let (_, q, id, _) = match stay {
+            Some(s) if s.0 <= best.0 + STICK.as_secs_f64() => s,
+            _ => best,
+        };
+        self.last = Some(id);
         if let Some(queue) = self.queues.get_mut(q) {
             queue.backlog += len as f64;
         }
