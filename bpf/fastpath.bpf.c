@@ -66,7 +66,14 @@ struct config {
 	__u8 pad[2];
 };
 
+// The offsets `mod cfg` in fastpath.rs writes at.
 _Static_assert(sizeof(struct config) == 64, "config");
+_Static_assert(__builtin_offsetof(struct config, ifindex) == 4, "ifindex");
+_Static_assert(__builtin_offsetof(struct config, slot) == 8, "slot");
+_Static_assert(__builtin_offsetof(struct config, csum_base) == 12, "csum_base");
+_Static_assert(__builtin_offsetof(struct config, outer) == 16, "outer");
+_Static_assert(__builtin_offsetof(struct config, tos_mask) == 60, "tos_mask");
+_Static_assert(__builtin_offsetof(struct config, tos_set) == 61, "tos_set");
 
 // Datagrams and their bytes (overlay and inner packet), per path slot.
 struct counters {
@@ -82,6 +89,8 @@ struct rx_key {
 	__be16 sport;
 	__be16 dport;
 };
+
+_Static_assert(sizeof(struct rx_key) == 12, "RX_KEY_LEN");
 
 // What a known path's datagrams get: its counter slot and the TUN.
 struct rx_path {
@@ -124,7 +133,7 @@ struct {
 // interface. A GSO super-packet stays one, marked as a UDP tunnel packet:
 // whoever cuts it puts the outer headers in front of each segment.
 SEC("classifier")
-int encap(struct __sk_buff *skb)
+int xl_encap(struct __sk_buff *skb)
 {
 	if (skb->protocol != bpf_htons(ETH_P_IP) &&
 	    skb->protocol != bpf_htons(ETH_P_IPV6))
@@ -200,7 +209,7 @@ int encap(struct __sk_buff *skb)
 // 6040 decapsulation is left to the lanes), anything else: on to the
 // socket and the lanes.
 SEC("classifier")
-int decap(struct __sk_buff *skb)
+int xl_decap(struct __sk_buff *skb)
 {
 	if (skb->gso_size)
 		return TCX_NEXT;

@@ -8,7 +8,7 @@
 //! this module embeds), do the work; this module loads and attaches them
 //! with aya (tcx, Linux 6.6 or later) and keeps their maps.
 //!
-//! **Sending** (`encap`, on the egress of the peer's TUN): the program
+//! **Sending** (`xl_encap`, on the egress of the peer's TUN): the program
 //! puts the overlay header in front of each packet routed into the TUN and
 //! hands it to the active path's interface, before the TUN driver would
 //! have queued it for the lanes. A GSO super-packet stays one: the program
@@ -32,7 +32,7 @@
 //! super-packet so long that the overlay would push it past the 64 KiB an
 //! IPv4 length can say.
 //!
-//! **Receiving** (`decap`, on the ingress of each path's interface): a
+//! **Receiving** (`xl_decap`, on the ingress of each path's interface): a
 //! single cleartext data datagram from one of the peer's paths goes into
 //! the TUN as if the TUN had received its inner packet, with its offload
 //! state. Everything else (a GSO datagram, a sealed or numbered message, an
@@ -74,7 +74,8 @@ pub const MAX_PATHS: usize = crate::config::FAST_PATH_MAX_PATHS;
 /// length field must still hold the whole.
 pub const MAX_INNER: u32 = 65_535 - OVERHEAD as u32;
 
-/// Layout of the configuration map's one value (`struct config`).
+/// Layout of the configuration map's one value (`struct config`, whose C
+/// source asserts these offsets).
 mod cfg {
     /// u32: 1 when a path is set.
     pub const ENABLED: usize = 0;
@@ -259,7 +260,7 @@ impl Programs {
             .map_max_entries("rx_stats", slots)
             .load(OBJECT)
             .map_err(|e| aya_error("loading its object", e))?;
-        for name in ["encap", "decap"] {
+        for name in ["xl_encap", "xl_decap"] {
             Self::classifier(&mut ebpf, name)?
                 .load()
                 .map_err(|e| program_error(name, e))?;
@@ -383,7 +384,7 @@ impl FastPath {
     pub fn attach(tun: u32) -> io::Result<FastPath> {
         let mut progs = Programs::load()?;
         let egress = progs
-            .attach("encap", tun, TcAttachType::Egress)
+            .attach("xl_encap", tun, TcAttachType::Egress)
             .map_err(|e| {
                 io::Error::new(
                     e.kind(),
@@ -453,7 +454,7 @@ impl FastPath {
                 continue;
             };
             if let std::collections::hash_map::Entry::Vacant(e) = st.ingress.entry(ifindex) {
-                match st.progs.attach("decap", ifindex, TcAttachType::Ingress) {
+                match st.progs.attach("xl_decap", ifindex, TcAttachType::Ingress) {
                     Ok(link) => {
                         e.insert(link);
                     }
@@ -541,7 +542,7 @@ mod tests {
         let obj = aya_obj::Object::parse(OBJECT).expect("the object parses");
         let mut programs: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
         programs.sort_unstable();
-        assert_eq!(programs, ["decap", "encap"]);
+        assert_eq!(programs, ["xl_decap", "xl_encap"]);
         assert!(obj.btf.is_some(), "the object has BTF");
         let sizes = |name: &str| {
             let m = obj.maps.get(name).expect(name);
