@@ -57,8 +57,9 @@ struct config {
 	__u32 slot;
 	// Ones'-complement sum of `outer.ip` with TOS and length 0.
 	__u32 csum_base;
-	// The outer headers, TOS, lengths and IPv4 checksum 0.
-	struct outer outer;
+	// The outer headers, TOS, lengths and IPv4 checksum 0 (8-aligned: the
+	// program copies them in 8-byte words).
+	struct outer outer __attribute__((aligned(8)));
 	// The outer TOS byte is (inner TOS & tos_mask) | tos_set: 0xff, 0 to
 	// inherit the DSCP; 0x03 and the path's DSCP to set it.
 	__u8 tos_mask;
@@ -151,16 +152,11 @@ int xl_encap(struct __sk_buff *skb)
 	if (!segs)
 		segs = 1;
 
-	// The outer TOS byte (RFC 6040 normal mode): the inner ECN field, and
-	// the inner DSCP or the path's. IPv4: byte 1; IPv6: the traffic class,
-	// across bytes 0 and 1.
+	// The inner packet's first two bytes: its TOS byte (IPv4: byte 1) or
+	// traffic class (IPv6: across bytes 0 and 1).
 	__u8 first[2];
 	if (bpf_skb_load_bytes(skb, 0, first, sizeof(first)))
 		return TCX_NEXT;
-	__u8 tos = first[1];
-	if (first[0] >> 4 != 4)
-		tos = (__u8)(first[0] << 4 | first[1] >> 4);
-	tos = (tos & cfg->tos_mask) | cfg->tos_set;
 
 	// The far gateway's lane, from the flow's hash.
 	__u8 lane = (bpf_get_hash_recalc(skb) % OVERLAY_LANES)
@@ -173,7 +169,14 @@ int xl_encap(struct __sk_buff *skb)
 					BPF_F_ADJ_ROOM_ENCAP_L2(OVERLAY_LEN)))
 		return TCX_NEXT;
 
-	struct outer o;
+	// The outer TOS byte (RFC 6040 normal mode): the inner ECN field, and
+	// the inner DSCP or the path's.
+	__u8 tos = first[1];
+	if (first[0] >> 4 != 4)
+		tos = (__u8)(first[0] << 4 | first[1] >> 4);
+	tos = (tos & cfg->tos_mask) | cfg->tos_set;
+
+	struct outer o __attribute__((aligned(8)));
 	__builtin_memcpy(&o, &cfg->outer, sizeof(o));
 	__u32 total = len + OVERHEAD;
 	o.ip.tos = tos;
