@@ -89,6 +89,23 @@ fn fast_path_fails_over_on_blackhole_and_reverts() {
     failover_on_blackhole(true);
 }
 
+/// The kernel's verifier accepts both fast-path programs as compiled
+/// (`bpf/fastpath.bpf.o`), with their maps at the daemon's sizes: a program
+/// the verifier refuses fails here with the verifier's last word, not in a
+/// lab.
+#[test]
+fn fast_path_programs_pass_the_verifier() {
+    if !lab::test_gate("fast_path_programs_pass_the_verifier", &[]) {
+        return;
+    }
+    let progs = crosslink::io::fastpath::Programs::load();
+    assert!(
+        progs.is_ok(),
+        "{}",
+        progs.err().map(|e| e.to_string()).unwrap_or_default()
+    );
+}
+
 /// Packets the TUN of `gw` handed to the lanes (its transmit counter).
 fn tun_tx_packets(lab: &Lab, gw: Gw) -> u64 {
     let (host, tun) = match gw {

@@ -5,7 +5,7 @@
 //! TUN carrier control, real-time scheduling, and steering a reuseport
 //! group's datagrams by lane (classic BPF), and what a forwarding lane
 //! waits on (a `poll` set, and an `eventfd` doorbell that stops it). This
-//! and [`super::fastpath`] (the `bpf` system call) are the only modules
+//! and [`super::fastpath`] (`getifaddrs`, `if_indextoname`) are the only modules
 //! with `unsafe`; each block is one libc call on a buffer it owns.
 #![allow(unsafe_code)]
 

@@ -1,0 +1,279 @@
+// SPDX-License-Identifier: GPL-2.0
+//
+// crosslink's kernel fast path: the two tc programs of a cleartext peer
+// (`fast_path = true`). `src/io/fastpath.rs` loads them with aya, attaches
+// them with tcx (Linux 6.6 or later) and keeps their maps. See the module
+// documentation there and the README's "Kernel fast path" for what they do
+// and what they leave to the lanes.
+//
+// Build: `bash bpf/build` (Debian 12's clang 14); the object it writes,
+// fastpath.bpf.o, is committed and CI checks that it is this source's.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+// tcx verdicts (linux/bpf.h of 6.6; Debian 12's headers are 6.1).
+#define TCX_NEXT -1
+#define TCX_DROP 2
+#ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV6
+#define BPF_F_ADJ_ROOM_DECAP_L3_IPV6 (1ULL << 8)
+#endif
+
+// The overlay header (src/core/wire/overlay.rs).
+#define OVERLAY_VERSION 1
+#define OVERLAY_DATA 1
+#define OVERLAY_LEN 16
+#define OVERLAY_FLAG_PEER_SEQ 0x01
+#define OVERLAY_LANE_SHIFT 4
+#define OVERLAY_LANES 8
+
+// What the sending program puts in front of an inner packet: outer IPv4
+// (no options), UDP, overlay. `OVERHEAD` in fastpath.rs.
+struct outer {
+	struct iphdr ip;
+	struct udphdr udp;
+	__u8 overlay[OVERLAY_LEN];
+};
+
+#define OVERHEAD ((int)sizeof(struct outer))
+// The longest inner packet: the outer IPv4 length must still hold the whole.
+#define MAX_INNER (65535 - OVERHEAD)
+
+_Static_assert(sizeof(struct outer) == 44, "outer headers");
+
+// The sending program's configuration: the active path. One entry, written
+// by the BFD thread (`config_value` in fastpath.rs).
+struct config {
+	// 1 when a path is set; 0: everything goes on to the lanes.
+	__u32 enabled;
+	// The path's interface.
+	__u32 ifindex;
+	// The path's counter slot (tx_stats).
+	__u32 slot;
+	// Ones'-complement sum of `outer.ip` with TOS and length 0.
+	__u32 csum_base;
+	// The outer headers, TOS, lengths and IPv4 checksum 0 (8-aligned: the
+	// program copies them in 8-byte words).
+	struct outer outer __attribute__((aligned(8)));
+	// The outer TOS byte is (inner TOS & tos_mask) | tos_set: 0xff, 0 to
+	// inherit the DSCP; 0x03 and the path's DSCP to set it.
+	__u8 tos_mask;
+	__u8 tos_set;
+	__u8 pad[2];
+};
+
+// The offsets `mod cfg` in fastpath.rs writes at.
+_Static_assert(sizeof(struct config) == 64, "config");
+_Static_assert(__builtin_offsetof(struct config, ifindex) == 4, "ifindex");
+_Static_assert(__builtin_offsetof(struct config, slot) == 8, "slot");
+_Static_assert(__builtin_offsetof(struct config, csum_base) == 12, "csum_base");
+_Static_assert(__builtin_offsetof(struct config, outer) == 16, "outer");
+_Static_assert(__builtin_offsetof(struct config, tos_mask) == 60, "tos_mask");
+_Static_assert(__builtin_offsetof(struct config, tos_set) == 61, "tos_set");
+
+// Datagrams and their bytes (overlay and inner packet), per path slot.
+struct counters {
+	__u64 packets;
+	__u64 bytes;
+};
+
+// The receiving program's key: the datagram's addresses and ports, as they
+// lie in the packet (`rx_key` in fastpath.rs).
+struct rx_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+};
+
+_Static_assert(sizeof(struct rx_key) == 12, "RX_KEY_LEN");
+
+// What a known path's datagrams get: its counter slot and the TUN.
+struct rx_path {
+	__u32 slot;
+	__u32 tun;
+};
+
+// max_entries 1 is the loader's placeholder: it sets the number of path
+// slots (FAST_PATH_MAX_PATHS) before it creates the maps.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct counters);
+} tx_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1);
+	__type(key, struct rx_key);
+	__type(value, struct rx_path);
+} rx_paths SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct counters);
+} rx_stats SEC(".maps");
+
+// The egress of the peer's TUN: every IPv4 or IPv6 packet routed into it
+// gets the outer headers of the active path and leaves by that path's
+// interface. A GSO super-packet stays one, marked as a UDP tunnel packet:
+// whoever cuts it puts the outer headers in front of each segment.
+SEC("classifier")
+int xl_encap(struct __sk_buff *skb)
+{
+	if (skb->protocol != bpf_htons(ETH_P_IP) &&
+	    skb->protocol != bpf_htons(ETH_P_IPV6))
+		return TCX_NEXT;
+
+	__u32 zero = 0;
+	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg || !cfg->enabled)
+		return TCX_NEXT;
+
+	__u32 len = skb->len;
+	if (len > MAX_INNER)
+		return TCX_NEXT;
+	__u32 segs = skb->gso_segs;
+	if (!segs)
+		segs = 1;
+
+	// The inner packet's first two bytes: its TOS byte (IPv4: byte 1) or
+	// traffic class (IPv6: across bytes 0 and 1).
+	__u8 first[2];
+	if (bpf_skb_load_bytes(skb, 0, first, sizeof(first)))
+		return TCX_NEXT;
+
+	// The far gateway's lane, from the flow's hash.
+	__u8 lane = (bpf_get_hash_recalc(skb) % OVERLAY_LANES)
+		    << OVERLAY_LANE_SHIFT;
+
+	if (bpf_skb_adjust_room(skb, OVERHEAD, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO |
+					BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+					BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
+					BPF_F_ADJ_ROOM_ENCAP_L2(OVERLAY_LEN)))
+		return TCX_NEXT;
+
+	// The outer TOS byte (RFC 6040 normal mode): the inner ECN field, and
+	// the inner DSCP or the path's.
+	__u8 tos = first[1];
+	if (first[0] >> 4 != 4)
+		tos = (__u8)(first[0] << 4 | first[1] >> 4);
+	tos = (tos & cfg->tos_mask) | cfg->tos_set;
+
+	struct outer o __attribute__((aligned(8)));
+	__builtin_memcpy(&o, &cfg->outer, sizeof(o));
+	__u32 total = len + OVERHEAD;
+	o.ip.tos = tos;
+	o.ip.tot_len = bpf_htons(total);
+	// The TOS is the low byte of the header's first 16-bit word.
+	__u32 sum = cfg->csum_base + total + tos;
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	o.ip.check = bpf_htons(~sum & 0xffff);
+	o.udp.len = bpf_htons(total - sizeof(struct iphdr));
+	o.overlay[3] |= lane;
+	if (bpf_skb_store_bytes(skb, 0, &o, sizeof(o), 0))
+		return TCX_DROP;
+	// Room for the Ethernet header, which the neighbour code fills in.
+	if (bpf_skb_change_head(skb, ETH_HLEN, 0))
+		return TCX_DROP;
+
+	// Datagrams, and their overlay and inner bytes (not the inner headers
+	// that the segmentation repeats).
+	__u32 slot = cfg->slot;
+	struct counters *c = bpf_map_lookup_elem(&tx_stats, &slot);
+	if (c) {
+		c->packets += segs;
+		c->bytes += len + segs * OVERLAY_LEN;
+	}
+	return bpf_redirect_neigh(cfg->ifindex, NULL, 0, 0);
+}
+
+// The ingress of a path's interface: a single cleartext data datagram from
+// one of the peer's paths goes into the TUN as if the TUN had received its
+// inner packet, with its offload state. A GSO packet, a sealed or numbered
+// message, an echo, a datagram whose outer ECN field is ECT(1) or CE (RFC
+// 6040 decapsulation is left to the lanes), anything else: on to the
+// socket and the lanes.
+SEC("classifier")
+int xl_decap(struct __sk_buff *skb)
+{
+	if (skb->gso_size)
+		return TCX_NEXT;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	// Ethernet, the outer headers and the inner packet's first byte.
+	if (data + ETH_HLEN + OVERHEAD + 1 > data_end)
+		return TCX_NEXT;
+	struct ethhdr *eth = data;
+	struct outer *o = data + ETH_HLEN;
+	__u8 *inner = (__u8 *)(o + 1);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return TCX_NEXT;
+	// IPv4 without options, UDP.
+	if (o->ip.version != 4 || o->ip.ihl != 5 ||
+	    o->ip.protocol != IPPROTO_UDP)
+		return TCX_NEXT;
+	// Outer ECN ECT(1) or CE (bit 0 set): the inner ECN field may change
+	// (RFC 6040), which the lanes do; Not-ECT and ECT(0) never change it.
+	if (o->ip.tos & 1)
+		return TCX_NEXT;
+	// Not a fragment.
+	if (o->ip.frag_off & bpf_htons(0x3fff))
+		return TCX_NEXT;
+	// Version 1, data, the 16-byte header, no peer sequence number.
+	if (o->overlay[0] != OVERLAY_VERSION || o->overlay[1] != OVERLAY_DATA ||
+	    o->overlay[2] != OVERLAY_LEN ||
+	    (o->overlay[3] & OVERLAY_FLAG_PEER_SEQ))
+		return TCX_NEXT;
+	__u8 version = *inner >> 4;
+
+	struct rx_key key = {
+		.saddr = o->ip.saddr,
+		.daddr = o->ip.daddr,
+		.sport = o->udp.source,
+		.dport = o->udp.dest,
+	};
+	__u32 len = skb->len;
+	struct rx_path *path = bpf_map_lookup_elem(&rx_paths, &key);
+	if (!path)
+		return TCX_NEXT;
+
+	__u64 flags;
+	if (version == 4)
+		flags = 0;
+	else if (version == 6)
+		flags = BPF_F_ADJ_ROOM_DECAP_L3_IPV6;
+	else
+		return TCX_NEXT;
+	if (bpf_skb_adjust_room(skb, -OVERHEAD, BPF_ADJ_ROOM_MAC, flags))
+		return TCX_NEXT;
+
+	// The datagram: its overlay and inner bytes.
+	__u32 slot = path->slot;
+	struct counters *c = bpf_map_lookup_elem(&rx_stats, &slot);
+	if (c) {
+		c->packets += 1;
+		c->bytes += len - (ETH_HLEN + sizeof(struct iphdr) +
+				   sizeof(struct udphdr));
+	}
+	return bpf_redirect(path->tun, BPF_F_INGRESS);
+}
+
+char LICENSE[] SEC("license") = "GPL";
