@@ -1,6 +1,6 @@
 //! A tiny deterministic PRNG (SplitMix64), seeded by the caller. Not
 //! cryptographic: it spreads BFD transmissions in time (RFC 5880 §6.8.7)
-//! and drives the fuzzer and the junk generator of the bad-input tests.
+//! and drives the junk generator of the bad-input tests.
 
 use crate::core::wire::flow::mix;
 

@@ -221,7 +221,14 @@ impl Session {
     ) -> Result<(), RxError> {
         self.check_packet(pkt)?;
         self.authenticate(pkt, raw, now)?;
+        let could_transmit = self.may_transmit_periodic();
         self.record_remote(pkt, now);
+        // Periodic transmission resumes (the peer asks for packets again, or leaves
+        // Demand mode): a packet that fell due while it was paused is due now, not at
+        // that past time.
+        if !could_transmit && self.may_transmit_periodic() {
+            self.next_tx = self.next_tx.map(|due| due.max(now));
+        }
         // "If a Poll Sequence is being transmitted by the local system and the Final
         // (F) bit in the received packet is set, the Poll Sequence MUST be terminated"
         // — and only now do the new intervals take effect (§6.8.3).

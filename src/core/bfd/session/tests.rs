@@ -488,6 +488,25 @@ fn remote_required_min_rx_zero_stops_periodic_transmission() {
     assert!(a.poll_transmit(base + 20 * MS).is_some());
 }
 
+/// A packet that fell due while the peer asked for none is due when it asks again,
+/// not at that past time: no timer may lie in the past of the packet that set it
+/// (found by the `engine` fuzz target).
+#[test]
+fn resumed_transmission_is_due_now_not_in_the_past() {
+    let base = Instant::now();
+    let (mut a, _b) = up_pair(base);
+    let mut quiet = packet(State::Up, 2, 1);
+    quiet.required_min_rx_us = 0;
+    a.handle_packet(&quiet, base + MS).unwrap();
+    assert!(a.poll_transmit(base + 15 * MS).is_none());
+    let later = base + 20 * MS;
+    a.handle_packet(&packet(State::Up, 2, 1), later).unwrap();
+    let next = a.poll_timeout().expect("a deadline");
+    assert!(next >= later, "timer {:?} in the past", later - next);
+    assert_eq!(next, later, "the paused packet is due at once");
+    assert!(a.poll_transmit(later).is_some());
+}
+
 #[test]
 fn poll_gets_an_immediate_final() {
     let base = Instant::now();

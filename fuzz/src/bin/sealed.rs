@@ -1,0 +1,8 @@
+//! AFL++ target `sealed`: see [`crosslink_fuzz::sealed`].
+fn main() {
+    afl::fuzz!(|data: &[u8]| {
+        if let Err(why) = crosslink_fuzz::sealed(data) {
+            panic!("fuzz sealed: {why}");
+        }
+    });
+}
