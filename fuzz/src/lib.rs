@@ -32,7 +32,7 @@ pub type Outcome = Result<(), String>;
 pub type Harness = fn(&[u8]) -> Outcome;
 
 /// Every target by name, as the binaries and the replay test know them.
-pub const TARGETS: [(&str, Harness); 9] = [
+pub const TARGETS: [(&str, Harness); 10] = [
     ("bfd", bfd),
     ("coalesce", coalesce),
     ("config", config),
@@ -40,6 +40,7 @@ pub const TARGETS: [(&str, Harness); 9] = [
     ("flow", flow),
     ("overlay", overlay),
     ("quality", quality),
+    ("reorder", reorder),
     ("sealed", sealed),
     ("segment", segment),
 ];
@@ -560,6 +561,93 @@ pub fn quality(input: &[u8]) -> Outcome {
         if !(0.0..=1.0).contains(&loss) {
             return Err(format!("loss_tx {loss}"));
         }
+    }
+    Ok(())
+}
+
+/// `reorder`: the `aggregate` receiver's resequencer under any sequence of
+/// packets (streams, numbers near each other or far apart, paths, sizes),
+/// time steps, wait changes and path-set changes. Each input is ops of 6
+/// bytes: kind, stream, path, time step (0.1 ms units), number offset (i16).
+/// Invariants: memory within its bounds, no packet delivered twice, and
+/// every packet held is delivered once the waits run out.
+pub fn reorder(input: &[u8]) -> Outcome {
+    use crosslink::core::reorder::{Offer, Resequencer, MAX_HELD, MAX_HELD_BYTES};
+    use std::collections::HashSet;
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut r = Resequencer::new(Duration::from_millis(5));
+    let mut next_id = 0u64;
+    let mut held: HashSet<u64> = HashSet::new();
+    let mut delivered: HashSet<u64> = HashSet::new();
+    let mut take =
+        |r: &mut Resequencer, held: &mut HashSet<u64>, delivered: &mut HashSet<u64>| -> Outcome {
+            let ready: Vec<_> = r.take_ready().collect();
+            for h in ready {
+                let id = h
+                    .data
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or("a released packet lost its bytes")?;
+                if !delivered.insert(id) {
+                    return Err(format!("packet {id} delivered twice"));
+                }
+                held.remove(&id);
+                r.recycle(h);
+            }
+            Ok(())
+        };
+    for op in input.chunks_exact(6) {
+        now += Duration::from_micros(u64::from(op[3]) * 100);
+        let stream = u32::from(op[1] % 3);
+        let path = PathId(u16::from(op[2] % 3));
+        let offset = i16::from_be_bytes([op[4], op[5]]);
+        match op[0] % 8 {
+            0..=4 => {
+                let seq = 1_000u64.wrapping_add_signed(i64::from(offset));
+                let id = next_id;
+                next_id += 1;
+                let mut packet = vec![0u8; 8 + usize::from(op[0] >> 3) * 64];
+                packet[..8].copy_from_slice(&id.to_be_bytes());
+                match r.offer(stream, seq, path, &packet, true, now) {
+                    Offer::Deliver | Offer::Late => {
+                        delivered.insert(id);
+                    }
+                    Offer::Held => {
+                        held.insert(id);
+                    }
+                    Offer::Duplicate => {}
+                }
+            }
+            5 => r.handle_timeout(now),
+            6 => r.set_wait(Duration::from_micros(u64::from(op[4]) * 500)),
+            _ => {
+                let live: Vec<PathId> = (0..3u16)
+                    .filter(|b| op[4] & (1 << b) != 0)
+                    .map(PathId)
+                    .collect();
+                r.set_live(live.iter().copied(), now);
+            }
+        }
+        take(&mut r, &mut held, &mut delivered)?;
+        if r.occupancy() > MAX_HELD || r.occupancy_bytes() > MAX_HELD_BYTES {
+            return Err(format!(
+                "{} packets, {} bytes held",
+                r.occupancy(),
+                r.occupancy_bytes()
+            ));
+        }
+        if r.occupancy() != held.len() {
+            return Err(format!("{} held, {} counted", r.occupancy(), held.len()));
+        }
+    }
+    // Every wait runs out (the longest wait, with what late packets added).
+    let end = now + Duration::from_secs(2);
+    r.handle_timeout(end);
+    take(&mut r, &mut held, &mut delivered)?;
+    if !held.is_empty() || r.occupancy() != 0 {
+        return Err(format!("{} held packets never delivered", held.len()));
     }
     Ok(())
 }
