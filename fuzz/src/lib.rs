@@ -580,7 +580,7 @@ pub fn reorder(input: &[u8]) -> Outcome {
     let mut next_id = 0u64;
     let mut held: HashSet<u64> = HashSet::new();
     let mut delivered: HashSet<u64> = HashSet::new();
-    let mut take =
+    let take =
         |r: &mut Resequencer, held: &mut HashSet<u64>, delivered: &mut HashSet<u64>| -> Outcome {
             let ready: Vec<_> = r.take_ready().collect();
             for h in ready {

@@ -220,6 +220,35 @@ impl Status {
                     p.remote
                 );
             }
+            let spread: Vec<String> = peer
+                .paths
+                .iter()
+                .filter_map(|p| {
+                    let a = p.aggregate.as_ref()?;
+                    Some(format!(
+                        "{} {:.0}% at {} ({} one way)",
+                        p.name,
+                        a.share * 100.0,
+                        rate(a.rate_bps),
+                        micros(a.delay_us)
+                    ))
+                })
+                .collect();
+            if !spread.is_empty() {
+                let _ = writeln!(s, "  aggregate: {}", spread.join(", "));
+            }
+            if let Some(r) = &peer.reorder {
+                let _ = writeln!(
+                    s,
+                    "  reorder: held {}, reordered {}, gave up {}, late {}, buffered {}, wait {}",
+                    r.held,
+                    r.reordered,
+                    r.gave_up,
+                    r.late,
+                    r.buffered_packets,
+                    micros(r.wait_us)
+                );
+            }
         }
         s
     }
@@ -250,6 +279,14 @@ fn micros(us: u64) -> String {
         format!("{:.1}ms", us as f64 / 1000.0)
     } else {
         format!("{us}us")
+    }
+}
+
+fn rate(bps: u64) -> String {
+    match bps {
+        b if b >= 10_000_000_000 => format!("{} Gbit/s", b / 1_000_000_000),
+        b if b >= 1_000_000_000 => format!("{:.1} Gbit/s", b as f64 / 1e9),
+        b => format!("{} Mbit/s", b / 1_000_000),
     }
 }
 
@@ -395,5 +432,30 @@ mod tests {
         assert!(t.contains("30ms"));
         assert!(t.contains("up (loss)"), "{t}");
         assert!(t.contains("5.2%/0%"), "{t}");
+        assert!(!t.contains("aggregate:"), "{t}");
+    }
+
+    #[test]
+    fn table_shows_the_spread_and_the_reordering() {
+        let mut st = sample();
+        let peer = &mut st.peers[0];
+        peer.policy = "aggregate".into();
+        peer.paths[0].aggregate = Some(AggregateStatus {
+            share: 0.74,
+            rate_bps: 300_000_000,
+            delay_us: 2500,
+        });
+        peer.reorder = Some(ReorderStatus {
+            held: 120,
+            reordered: 118,
+            gave_up: 2,
+            late: 1,
+            buffered_packets: 0,
+            buffered_bytes: 0,
+            wait_us: 5000,
+        });
+        let t = st.table(1_790_000_060);
+        assert!(t.contains("aggregate: cci-1 74% at 300 Mbit/s (2.5ms one way)"), "{t}");
+        assert!(t.contains("reorder: held 120, reordered 118, gave up 2, late 1"), "{t}");
     }
 }
