@@ -455,7 +455,13 @@ mod tests {
             wait_us: 5000,
         });
         let t = st.table(1_790_000_060);
-        assert!(t.contains("aggregate: cci-1 74% at 300 Mbit/s (2.5ms one way)"), "{t}");
-        assert!(t.contains("reorder: held 120, reordered 118, gave up 2, late 1"), "{t}");
+        assert!(
+            t.contains("aggregate: cci-1 74% at 300 Mbit/s (2.5ms one way)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("reorder: held 120, reordered 118, gave up 2, late 1"),
+            "{t}"
+        );
     }
 }
