@@ -605,6 +605,10 @@ pub struct SendBatch {
     pub gso: bool,
     /// Scratch for the caller's plan of messages, kept between bursts.
     pub plan: Vec<Message>,
+    /// The TOS byte the socket sends with when a message names none (its
+    /// `IP_TOS`): a message with this TOS carries no TOS control message
+    /// (the kernel's per-message control path costs more than none).
+    pub default_tos: u8,
 }
 
 impl SendBatch {
@@ -668,7 +672,8 @@ impl SendBatch {
             // SAFETY: first + count <= iovs.len() by construction.
             h.msg_hdr.msg_iov = unsafe { self.iovs.as_mut_ptr().add(first) };
             h.msg_hdr.msg_iovlen = count;
-            set_controls(&mut h.msg_hdr, control, m.segment, (v6, m.tos))?;
+            let tos = (m.tos != self.default_tos).then_some((v6, m.tos));
+            set_controls(&mut h.msg_hdr, control, m.segment, tos)?;
             self.hdrs.push(h);
         }
         // SAFETY: every header points at `addr`, iovecs in `self.iovs` and
@@ -688,14 +693,19 @@ impl SendBatch {
 }
 
 /// Puts the control messages of a message into `msg`, using `control` as
-/// their buffer: `UDP_SEGMENT` of `segment` if set, and the TOS (IPv4) or
-/// traffic class (IPv6, when `tos.0`) byte `tos.1`.
+/// their buffer: `UDP_SEGMENT` of `segment` if set, and if `tos` is set the
+/// TOS (IPv4) or traffic class (IPv6, when `tos.0`) byte `tos.1`.
 fn set_controls(
     msg: &mut libc::msghdr,
     control: &mut [u64; 8],
     segment: Option<u16>,
-    (v6, tos): (bool, u8),
+    tos: Option<(bool, u8)>,
 ) -> io::Result<()> {
+    if segment.is_none() && tos.is_none() {
+        msg.msg_control = std::ptr::null_mut();
+        msg.msg_controllen = 0;
+        return Ok(());
+    }
     msg.msg_control = control.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE is arithmetic.
     let (seg_space, tos_space) = unsafe {
@@ -704,7 +714,8 @@ fn set_controls(
             libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as usize,
         )
     };
-    let space = tos_space + if segment.is_some() { seg_space } else { 0 };
+    let space =
+        if tos.is_some() { tos_space } else { 0 } + if segment.is_some() { seg_space } else { 0 };
     if space > size_of::<[u64; 8]>() {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
@@ -725,6 +736,9 @@ fn set_controls(
             std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
             cmsg = libc::CMSG_NXTHDR(msg, cmsg);
         }
+        let Some((v6, tos)) = tos else {
+            return Ok(());
+        };
         if cmsg.is_null() {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }

@@ -416,6 +416,9 @@ impl TunOut {
         };
         // The plan's vector is kept in the batch between calls.
         let mut messages = std::mem::take(&mut batch.plan);
+        // What the path's socket sends without a TOS control message
+        // ([`crate::io::udp::set_data_qos`]).
+        batch.default_tos = path.dscp.map_or(0, |d| (d & 0x3f) << 2);
         plan_messages(datagrams, batch.gso, &mut messages);
         let mut next = 0;
         while next < messages.len() {
