@@ -81,7 +81,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, log_format } => {
-            init_logging(log_format);
+            let _log = init_logging(log_format);
             match daemon::run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -117,12 +117,23 @@ fn code(c: i32) -> ExitCode {
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`). Colour only
 /// on a terminal, so journald and files get plain lines; `json` gives one
 /// object per line for log shippers.
-fn init_logging(format: LogFormat) {
+///
+/// The lines are written by a thread of their own (`log`): a thread that
+/// logs hands its line over without a lock another thread may hold. The
+/// BFD thread runs at real-time priority; waiting for stderr's lock behind
+/// a preempted thread stalled it for hundreds of milliseconds on a busy
+/// host, longer than a detection time. Should the writer fall 128 000
+/// lines behind, lines are dropped rather than waited for. Keep the guard
+/// until exit: dropping it writes what is queued.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .thread_name("log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false);
     match format {
         LogFormat::Text => builder
@@ -133,6 +144,7 @@ fn init_logging(format: LogFormat) {
             .event_format(crosslink::telemetry::log::JsonLines)
             .init(),
     }
+    guard
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

@@ -2,6 +2,8 @@
 //! `crosslink::lab`) with a sealed data plane: gw-a floods gw-b's data
 //! port and BFD port with random, truncated, oversized, plaintext,
 //! wrong-key, stale, replayed and stranger datagrams (`crosslink flood`,
+//! among them BFD control packets forged from a stranger's address with
+//! the session's own discriminators and state Down,
 //! raw sockets, bounded in count and rate) while a 1000 packet/s stream
 //! flows from the client to the server through both gateways.
 //!
@@ -15,6 +17,7 @@
 
 mod support;
 
+use crosslink::core::wire::bfd::{ControlPacket, Diag, State};
 use crosslink::lab::{self, Gw, Host, Lab, LabOptions, LabPath, DATA_PORT};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -220,11 +223,27 @@ fn junk_on_data_and_bfd_ports_is_dropped_and_counted_while_traffic_flows() {
             "bfd_unknown_session",
         ),
     ];
+    // A second host on path1's subnet forging gw-a's control packets: the
+    // session's discriminators, state Down. Accepted, each would take the
+    // path down (RFC 5881 §4: only the session's remote address counts).
+    let forged = lab.dir().join("forged-bfd.bin");
+    write_forged_down(&lab, &forged);
+    let forged_floods = [fl(
+        "replay",
+        &format!("{STRANGER}:49152"),
+        &bfd_to,
+        255,
+        40,
+        "bfd_wrong_source",
+    )];
+    let forged_arg = ["--replay", forged.to_str().unwrap()];
     let started = Instant::now();
     let flood_from_ms = unix_ms();
     let mut sent = 0;
     std::thread::scope(|s| {
-        let bfd = s.spawn(|| run_floods(&lab, &bfd_floods, &[]));
+        let bfd = s.spawn(|| {
+            run_floods(&lab, &bfd_floods, &[]) + run_floods(&lab, &forged_floods, &forged_arg)
+        });
         sent += run_floods(&lab, &data_floods, &[]);
         let key = lab.key_path();
         sent += run_floods(&lab, &key_floods, &["--key", key.to_str().unwrap()]);
@@ -252,6 +271,7 @@ fn junk_on_data_and_bfd_ports_is_dropped_and_counted_while_traffic_flows() {
         .chain(&key_floods)
         .chain(&replay_floods)
         .chain(&bfd_floods)
+        .chain(&forged_floods)
     {
         *expected.entry(f.reason).or_default() += f.count;
     }
@@ -319,6 +339,43 @@ fn junk_on_data_and_bfd_ports_is_dropped_and_counted_while_traffic_flows() {
         0.0,
         "a replay reached the server: {report}"
     );
+}
+
+/// A capture file (for `flood send --kind replay`) holding one BFD control
+/// packet with gw-b's path1 session's discriminators and state Down.
+fn write_forged_down(lab: &Lab, file: &std::path::Path) {
+    let s = lab.status(Gw::B).unwrap();
+    let p = lab::path_status(&s, LabPath::Path1).unwrap();
+    let disc = |k: &str| {
+        p["bfd"][k]
+            .as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .filter(|&d| d != 0)
+            .unwrap_or_else(|| panic!("no {k} in {p}"))
+    };
+    let pkt = ControlPacket {
+        version: 1,
+        diag: Diag::None,
+        state: State::Down,
+        poll: false,
+        final_: false,
+        control_plane_independent: false,
+        auth_present: false,
+        demand: false,
+        multipoint: false,
+        detect_mult: 5,
+        my_discriminator: disc("remote_discriminator"),
+        your_discriminator: disc("local_discriminator"),
+        desired_min_tx_us: 50_000,
+        required_min_rx_us: 50_000,
+        required_min_echo_rx_us: 0,
+        auth: None,
+    };
+    let mut buf = [0u8; 64];
+    let n = pkt.emit(&mut buf).unwrap();
+    let mut out = u32::try_from(n).unwrap().to_be_bytes().to_vec();
+    out.extend_from_slice(&buf[..n]);
+    std::fs::write(file, out).unwrap();
 }
 
 fn write_key(path: &std::path::Path) {

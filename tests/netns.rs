@@ -951,6 +951,8 @@ fn a_second_daemon_is_refused_and_disturbs_nothing() {
     let mut lab = Lab::new(opts).unwrap();
     lab.start_gateways().unwrap();
     lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    // The log is written by a thread of its own: let the start-up's lines land.
+    std::thread::sleep(Duration::from_secs(1));
     let log_before = std::fs::read_to_string(lab.log_path(Gw::A)).unwrap_or_default();
     let config = std::fs::read_to_string(lab.config_path(Gw::A)).unwrap();
     let other_socket = lab.dir().join("second.sock");

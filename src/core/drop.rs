@@ -28,6 +28,10 @@ pub enum DropReason {
     BfdTtl,
     /// BFD packet from an address with no configured session.
     BfdUnknownSession,
+    /// BFD packet carrying a session's discriminator but coming from another
+    /// address than the session's remote, or arriving on another local
+    /// address (RFC 5881 §4, RFC 5883 §4: forged or misdirected).
+    BfdWrongSource,
     /// BFD packet failing authentication: A bit absent while configured, present
     /// while not, wrong type, key, digest or sequence number (RFC 5880 §6.7).
     BfdAuth,
@@ -53,7 +57,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -66,6 +70,7 @@ impl DropReason {
         DropReason::BfdRejected,
         DropReason::BfdTtl,
         DropReason::BfdUnknownSession,
+        DropReason::BfdWrongSource,
         DropReason::BfdAuth,
         DropReason::Duplicate,
         DropReason::DuplicateStale,
@@ -91,6 +96,7 @@ impl DropReason {
             DropReason::BfdRejected => "bfd_rejected",
             DropReason::BfdTtl => "bfd_ttl",
             DropReason::BfdUnknownSession => "bfd_unknown_session",
+            DropReason::BfdWrongSource => "bfd_wrong_source",
             DropReason::BfdAuth => "bfd_auth",
             DropReason::Duplicate => "duplicate",
             DropReason::DuplicateStale => "duplicate_stale",

@@ -41,7 +41,7 @@ use crate::config::{
     BfdAuthType, BfdConfig, Config, Hop, PathConfig, PeerConfig, Policy, SlaConfig,
 };
 use crate::core::aggregate::{reorder_wait, Board, Delivery, Estimator};
-use crate::core::bfd::{Auth, KeyError, Session, SessionConfig, SessionEvent, Transmit};
+use crate::core::bfd::{Auth, Deadlines, KeyError, Session, SessionConfig, SessionEvent, Transmit};
 use crate::core::drop::DropReason;
 use crate::core::quality::{Quality, Reason, Sample, Transition};
 use crate::core::steer::{Damping, Selection, Steering};
@@ -243,10 +243,44 @@ pub struct Engine {
     paths: Vec<PathCore>,
     events: VecDeque<Event>,
     dirty: bool,
-    next_tx: usize,
     seed: u64,
     /// BFD secrets (RFC 5880 §6.7 keys) by file, for paths with `auth`.
     secrets: Secrets,
+    /// Live paths by local discriminator: RFC 5880 §6.3 demultiplexing.
+    by_discriminator: HashMap<u32, PathId>,
+    /// Live paths by (local, remote) address, for packets with Your
+    /// Discriminator 0 (the first of several with the same addresses).
+    by_addresses: HashMap<(IpAddr, IpAddr), PathId>,
+    /// Every path's and peer's next deadline (see [`timer_key`]): the
+    /// timers run without a scan of every session.
+    timers: Deadlines,
+    /// Paths with a control packet due, in the order they fell due.
+    ready_tx: VecDeque<PathId>,
+    /// By path slot: whether it is in `ready_tx`.
+    in_ready: Vec<bool>,
+    /// Scratch for the keys due in one `handle_timeout`.
+    due_keys: Vec<usize>,
+}
+
+/// The key of a path's (even) or a peer's (odd) deadline in [`Engine::timers`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TimerKey {
+    Path(usize),
+    Peer(usize),
+}
+
+fn timer_key(k: TimerKey) -> usize {
+    match k {
+        TimerKey::Path(i) => 2 * i,
+        TimerKey::Peer(i) => 2 * i + 1,
+    }
+}
+
+fn timer_of(key: usize) -> TimerKey {
+    match key % 2 {
+        0 => TimerKey::Path(key / 2),
+        _ => TimerKey::Peer(key / 2),
+    }
 }
 
 impl Engine {
@@ -257,9 +291,14 @@ impl Engine {
             paths: Vec::new(),
             events: VecDeque::new(),
             dirty: true,
-            next_tx: 0,
             seed,
             secrets: Secrets::new(),
+            by_discriminator: HashMap::new(),
+            by_addresses: HashMap::new(),
+            timers: Deadlines::new(),
+            ready_tx: VecDeque::new(),
+            in_ready: Vec::new(),
+            due_keys: Vec::new(),
         };
         for peer in &config.peers {
             engine.add_peer(peer, now);
@@ -286,6 +325,7 @@ impl Engine {
             self.add_path(id, path, now)?;
         }
         self.dirty = true;
+        self.reschedule_peer(id);
         Some(id)
     }
 
@@ -344,7 +384,13 @@ impl Engine {
             retired: false,
         });
         self.new_board(peer);
+        self.in_ready.push(false);
+        self.by_discriminator.insert(disc, id);
+        self.by_addresses
+            .entry((path.local.ip(), path.remote.ip()))
+            .or_insert(id);
         self.dirty = true;
+        self.reschedule(id);
         Some(id)
     }
 
@@ -420,7 +466,24 @@ impl Engine {
         path.session.set_admin_down(now);
         let packet = path.session.poll_transmit_encoded(now).and_then(Result::ok);
         path.retired = true;
+        let (disc, addrs) = (
+            path.session.local_discriminator(),
+            (path.local.ip(), path.remote.ip()),
+        );
+        self.by_discriminator.remove(&disc);
+        if self.by_addresses.get(&addrs) == Some(&id) {
+            self.by_addresses.remove(&addrs);
+            let next = self
+                .paths
+                .iter()
+                .position(|p| !p.retired && (p.local.ip(), p.remote.ip()) == addrs);
+            if let Some(i) = next {
+                self.by_addresses.insert(addrs, PathId(i as u16));
+            }
+        }
         self.drain_session(id, now);
+        self.reschedule_peer(peer);
+        self.settle();
         packet
     }
 
@@ -438,6 +501,7 @@ impl Engine {
             core.retired = true;
         }
         self.dirty = true;
+        self.settle();
         packets
     }
 
@@ -462,11 +526,13 @@ impl Engine {
         let mut n = self.paths.len() as u64;
         loop {
             let d = (mix(seed.wrapping_add(n)) >> 32) as u32;
+            // Retired paths' discriminators stay unused too.
             if d != 0
+                && !self.by_discriminator.contains_key(&d)
                 && !self
                     .paths
                     .iter()
-                    .any(|p| p.session.local_discriminator() == d)
+                    .any(|p| p.retired && p.session.local_discriminator() == d)
             {
                 return d;
             }
@@ -483,9 +549,29 @@ impl Engine {
         data: &[u8],
         now: Instant,
     ) -> Result<PathId, DropReason> {
-        let id = self
-            .path_by_addresses(local_ip, src.ip())
-            .ok_or(DropReason::BfdUnknownSession)?;
+        // RFC 5880 §6.3: a nonzero Your Discriminator selects the session;
+        // it must then also be the session's addresses (RFC 5881 §4: the
+        // remote system's address, received on the local one), or the packet
+        // is forged or misdirected. Without one (Your Discriminator 0, or
+        // one that is no session's), the addresses select it, and the
+        // session's own checks refuse a wrong discriminator.
+        let parsed = ControlPacket::parse(data).ok();
+        let by_discriminator = parsed
+            .as_ref()
+            .filter(|p| p.your_discriminator != 0)
+            .and_then(|p| self.by_discriminator.get(&p.your_discriminator).copied());
+        let id = match by_discriminator {
+            Some(id) => {
+                let p = &self.paths[usize::from(id.0)];
+                if p.local.ip() != local_ip || p.remote.ip() != src.ip() {
+                    return Err(DropReason::BfdWrongSource);
+                }
+                id
+            }
+            None => self
+                .path_by_addresses(local_ip, src.ip())
+                .ok_or(DropReason::BfdUnknownSession)?,
+        };
         let path = &mut self.paths[usize::from(id.0)];
         // RFC 5881 §5 (GTSM): single hop must arrive with TTL 255;
         // RFC 5883 §5: multihop at least min_ttl. A packet whose TTL the
@@ -497,7 +583,7 @@ impl Engine {
         if ttl.unwrap_or(0) < floor {
             return Err(DropReason::BfdTtl);
         }
-        let packet = ControlPacket::parse(data).map_err(|_| DropReason::BfdMalformed)?;
+        let packet = parsed.ok_or(DropReason::BfdMalformed)?;
         // The bytes the Length field covers: what a keyed digest is computed over.
         let raw = data.get(..wire_len(data)).unwrap_or(data);
         path.session
@@ -513,6 +599,7 @@ impl Engine {
         path.last_rx = Some(now);
         self.drain_session(id, now);
         self.maybe_unblock(id, now);
+        self.reschedule(id);
         Ok(id)
     }
 
@@ -549,6 +636,7 @@ impl Engine {
             return;
         }
         self.block(id, BlockCause::Link, now);
+        self.reschedule(id);
     }
 
     /// Sending on the path failed with a reachability error.
@@ -561,6 +649,7 @@ impl Engine {
             Some(b) => b.ready = false,
             None => self.block(id, BlockCause::SendError, now),
         }
+        self.reschedule(id);
     }
 
     /// A BFD control packet went out on the path.
@@ -644,6 +733,7 @@ impl Engine {
             board.wait_ns.store(nanos(wait), Ordering::Relaxed);
         }
         self.judge(id, now);
+        self.reschedule(id);
     }
 
     /// Judges a path's quality; a new verdict goes to the steering.
@@ -681,38 +771,124 @@ impl Engine {
     }
 
     fn path_by_addresses(&self, local: IpAddr, remote: IpAddr) -> Option<PathId> {
-        self.paths
-            .iter()
-            .position(|p| !p.retired && p.local.ip() == local && p.remote.ip() == remote)
-            .map(|i| PathId(i as u16))
+        self.by_addresses.get(&(local, remote)).copied()
     }
 
-    /// Runs every timer that is due.
+    /// Runs every timer that is due: each path and peer whose deadline
+    /// has come, once (what falls due again at once waits for the next
+    /// call). Paths with a control packet due join the transmit queue.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let mut keys = std::mem::take(&mut self.due_keys);
+        keys.clear();
+        while let Some(k) = self.timers.pop_due(now) {
+            keys.push(k);
+        }
+        for &k in &keys {
+            match timer_of(k) {
+                TimerKey::Path(i) => self.run_path_timers(i, now),
+                TimerKey::Peer(pi) => self.run_peer_timers(pi, now),
+            }
+        }
+        self.due_keys = keys;
+        self.settle();
+    }
+
+    fn run_path_timers(&mut self, i: usize, now: Instant) {
         let due = |t: Option<Instant>| t.is_some_and(|t| t <= now);
-        for i in 0..self.paths.len() {
-            if self.paths[i].retired {
-                continue;
-            }
-            if due(self.paths[i].session.poll_timeout()) {
-                self.paths[i].session.handle_timeout(now);
-                self.drain_session(PathId(i as u16), now);
-            }
-            if due(self.paths[i].quality.poll_timeout()) {
-                self.judge(PathId(i as u16), now);
-            }
+        let Some(path) = self.paths.get_mut(i).filter(|p| !p.retired) else {
+            return;
+        };
+        let id = PathId(i as u16);
+        if due(path.session.detection_deadline()) {
+            path.session.handle_timeout(now);
+            self.drain_session(id, now);
         }
-        for pi in 0..self.peers.len() {
-            let change = self.peers[pi].steering.handle_timeout(now);
-            self.dirty |= self.peers[pi].steering.take_changed();
-            if let Some(change) = change {
-                let cause = match change.to.is_some_and(|to| !self.is_degraded(to)) {
-                    true => MoveCause::Up,
-                    false => MoveCause::Recovered,
+        if due(self.paths[i].quality.poll_timeout()) {
+            self.judge(id, now);
+        }
+        // What is still due is a transmission (a detection expiry clears
+        // its deadline).
+        if !self.in_ready[i] && due(self.paths[i].session.poll_timeout()) {
+            self.in_ready[i] = true;
+            self.ready_tx.push_back(id);
+        }
+        self.reschedule(id);
+    }
+
+    fn run_peer_timers(&mut self, pi: usize, now: Instant) {
+        let Some(core) = self.peers.get_mut(pi).filter(|p| !p.retired) else {
+            return;
+        };
+        let change = core.steering.handle_timeout(now);
+        self.dirty |= core.steering.take_changed();
+        if let Some(change) = change {
+            let cause = match change.to.is_some_and(|to| !self.is_degraded(to)) {
+                true => MoveCause::Up,
+                false => MoveCause::Recovered,
+            };
+            self.on_steering_change(PeerId(pi as u16), change.from, change.to, None, cause);
+        }
+        self.reschedule_peer(PeerId(pi as u16));
+    }
+
+    /// When a path next has timer work: its session's (a transmission, or
+    /// detection when one is already queued) or its quality verdict's.
+    fn path_deadline(&self, i: usize) -> Option<Instant> {
+        let p = self.paths.get(i).filter(|p| !p.retired)?;
+        let session = match self.in_ready.get(i).copied().unwrap_or(false) {
+            true => p.session.detection_deadline(),
+            false => p.session.poll_timeout(),
+        };
+        [session, p.quality.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn peer_deadline(&self, pi: usize) -> Option<Instant> {
+        let p = self.peers.get(pi).filter(|p| !p.retired)?;
+        p.steering.poll_timeout()
+    }
+
+    /// Makes sure the path's (and its peer's) next deadline is scheduled:
+    /// called after anything that may have moved it.
+    fn reschedule(&mut self, id: PathId) {
+        let i = usize::from(id.0);
+        let at = self.path_deadline(i);
+        self.timers.schedule(timer_key(TimerKey::Path(i)), at);
+        if let Some(peer) = self.paths.get(i).map(|p| p.peer) {
+            self.reschedule_peer(peer);
+        }
+    }
+
+    fn reschedule_peer(&mut self, peer: PeerId) {
+        let pi = usize::from(peer.0);
+        let at = self.peer_deadline(pi);
+        self.timers.schedule(timer_key(TimerKey::Peer(pi)), at);
+    }
+
+    /// Makes [`Engine::poll_timeout`] exact (drops superseded deadlines).
+    fn settle(&mut self) {
+        let (paths, peers) = (&self.paths, &self.peers);
+        let in_ready = &self.in_ready;
+        self.timers.settle(|k| match timer_of(k) {
+            TimerKey::Path(i) => {
+                let p = paths.get(i).filter(|p| !p.retired)?;
+                let session = match in_ready.get(i).copied().unwrap_or(false) {
+                    true => p.session.detection_deadline(),
+                    false => p.session.poll_timeout(),
                 };
-                self.on_steering_change(PeerId(pi as u16), change.from, change.to, None, cause);
+                [session, p.quality.poll_timeout()]
+                    .into_iter()
+                    .flatten()
+                    .min()
             }
-        }
+            TimerKey::Peer(pi) => peers
+                .get(pi)
+                .filter(|p| !p.retired)?
+                .steering
+                .poll_timeout(),
+        });
     }
 
     /// Whether the path is degraded in its peer's ranking.
@@ -788,39 +964,37 @@ impl Engine {
         }
     }
 
-    /// The earliest time `handle_timeout` has work.
+    /// The earliest time `handle_timeout` has work (a control packet
+    /// already due is `poll_transmit`'s: drain that first). Without a scan:
+    /// the earliest of the scheduled deadlines.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let sessions = self
-            .paths
-            .iter()
-            .filter(|p| !p.retired)
-            .filter_map(|p| p.session.poll_timeout());
-        let steering = self.peers.iter().filter_map(|p| p.steering.poll_timeout());
-        let quality = self
-            .paths
-            .iter()
-            .filter(|p| !p.retired)
-            .filter_map(|p| p.quality.poll_timeout());
-        sessions.chain(steering).chain(quality).min()
+        self.timers.next()
     }
 
-    /// The next control packet due, with the path to send it on.
-    /// A packet that cannot be encoded is reported as `Err` and not counted.
+    /// The next control packet due, with the path to send it on, in the
+    /// order they fell due. Runs the timers due at `now` first when none
+    /// is queued. A packet that cannot be encoded is reported as `Err` and
+    /// not counted.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<(PathId, Result<Transmit, EmitError>)> {
-        let n = self.paths.len();
-        for k in 0..n {
-            let i = (self.next_tx + k) % n;
-            if self.paths[i].retired {
+        if self.ready_tx.is_empty() {
+            self.handle_timeout(now);
+        }
+        while let Some(id) = self.ready_tx.pop_front() {
+            let i = usize::from(id.0);
+            self.in_ready[i] = false;
+            let Some(path) = self.paths.get_mut(i).filter(|p| !p.retired) else {
                 continue;
+            };
+            let out = path.session.poll_transmit_encoded(now);
+            if out.as_ref().is_some_and(Result::is_ok) {
+                path.control_tx += 1;
             }
-            if let Some(out) = self.paths[i].session.poll_transmit_encoded(now) {
-                self.next_tx = (i + 1) % n;
-                if out.is_ok() {
-                    self.paths[i].control_tx += 1;
-                }
-                return Some((PathId(i as u16), out));
+            self.reschedule(id);
+            if let Some(out) = out {
+                return Some((id, out));
             }
         }
+        self.settle();
         None
     }
 
@@ -841,6 +1015,7 @@ impl Engine {
         path.session.set_timers(tx, rx, multiplier, now);
         let after = (path.session.configured_timers(), path.session.detect_mult());
         self.drain_session(id, now);
+        self.reschedule(id);
         before != after
     }
 
@@ -880,6 +1055,7 @@ impl Engine {
         if let Some(core) = self.peers.get_mut(usize::from(path.peer.0)) {
             core.steering.set_max_moves(sla.max_moves_per_minute);
         }
+        self.reschedule(id);
     }
 
     /// The next event, oldest first.
@@ -910,6 +1086,7 @@ impl Engine {
             }
             self.paths[i].session.set_admin_down(now);
             self.drain_session(PathId(i as u16), now);
+            self.reschedule(PathId(i as u16));
         }
     }
 
@@ -1075,6 +1252,130 @@ mod tests {
     fn snapshot(e: &Engine, name: &str) -> (u32, u64, State) {
         let s = &e.path(id(e, name)).expect("path").session;
         (s.local_discriminator(), s.transitions(), s.state())
+    }
+
+    impl Engine {
+        /// What `poll_timeout` was before the deadlines: a scan of every
+        /// session, quality verdict and steering.
+        fn scan_timeout(&self) -> Option<Instant> {
+            let live = self.paths.iter().filter(|p| !p.retired);
+            let sessions = live.clone().filter_map(|p| p.session.poll_timeout());
+            let quality = live.filter_map(|p| p.quality.poll_timeout());
+            let steering = self
+                .peers
+                .iter()
+                .filter(|p| !p.retired)
+                .filter_map(|p| p.steering.poll_timeout());
+            sessions.chain(steering).chain(quality).min()
+        }
+    }
+
+    /// The scheduled deadlines are exactly what a scan of every timer
+    /// finds, through start-up, a link loss, a path's removal and
+    /// addition, new timers and a peer's removal.
+    #[test]
+    fn deadlines_match_a_scan_of_every_timer() {
+        let t0 = Instant::now();
+        let mut a = Engine::new(&config(1, &[1, 2]), t0, 1);
+        let mut b = Engine::new(&config(2, &[1, 2]), t0, 2);
+        let check = |e: &Engine, at: u64| {
+            assert_eq!(e.poll_timeout(), e.scan_timeout(), "at {at} ms");
+        };
+        let mut steps = 0;
+        for ms in 0..4000u64 {
+            let now = t0 + Duration::from_millis(ms);
+            match ms {
+                1000 => a.handle_link_event(id(&a, "p1"), false, now),
+                1200 => a.handle_link_event(id(&a, "p1"), true, now),
+                1500 => {
+                    a.remove_path(id(&a, "p2"), now);
+                }
+                2000 => {
+                    let peer = a.peer_by_name("p").expect("peer");
+                    a.add_path(peer, &config(1, &[2]).peers[0].paths[0], now);
+                }
+                2500 => {
+                    let p1 = id(&a, "p1");
+                    let ms5 = Duration::from_millis(5);
+                    a.set_timers(p1, ms5, ms5, 4, now);
+                }
+                _ => {}
+            }
+            // A wakeup at the deadline or every millisecond, whichever
+            // comes first: both are exercised.
+            exchange(&mut a, &mut b, now);
+            exchange(&mut b, &mut a, now);
+            check(&a, ms);
+            check(&b, ms);
+            steps += 1;
+        }
+        assert_eq!(steps, 4000);
+        assert_eq!(snapshot(&a, "p1").2, State::Up, "p1 back after the link");
+        assert!(
+            a.timers.len() <= 4 * (a.paths.len() + a.peers.len()),
+            "{} entries for {} paths",
+            a.timers.len(),
+            a.paths.len()
+        );
+        let now = t0 + Duration::from_millis(4000);
+        a.remove_peer(a.peer_by_name("p").expect("peer"), now);
+        assert_eq!(a.poll_timeout(), None);
+    }
+
+    /// RFC 5880 §6.3 and RFC 5881 §4: a packet with a session's
+    /// discriminators is that session's only from the session's remote
+    /// address, received on its local address.
+    #[test]
+    fn forged_source_with_the_sessions_discriminators_is_dropped() {
+        let t0 = Instant::now();
+        let mut a = Engine::new(&config(1, &[1, 2]), t0, 1);
+        let mut b = Engine::new(&config(2, &[1, 2]), t0, 2);
+        run(&mut a, &mut b, t0, 0, 1000);
+        let (ap1, bp1) = (id(&a, "p1"), id(&b, "p1"));
+        let sa = &a.path(ap1).expect("path").session;
+        let sb = &b.path(bp1).expect("path").session;
+        assert_eq!(sb.state(), State::Up);
+        let forged = ControlPacket {
+            state: State::Down,
+            my_discriminator: sa.local_discriminator(),
+            your_discriminator: sb.local_discriminator(),
+            ..ControlPacket::parse(
+                a.paths[usize::from(ap1.0)]
+                    .session
+                    .clone()
+                    .poll_transmit_encoded(t0 + Duration::from_secs(2))
+                    .expect("due")
+                    .expect("encodes")
+                    .as_bytes(),
+            )
+            .expect("parses")
+        };
+        let mut buf = [0u8; 64];
+        let n = forged.emit(&mut buf).expect("emit");
+        let bytes = &buf[..n];
+        let now = t0 + Duration::from_millis(1000);
+        let b_local = b.path(bp1).expect("path").local.ip();
+        let a_ip = a.path(ap1).expect("path").local.ip();
+        let stranger = SocketAddr::new("198.18.21.77".parse().expect("ip"), 49152);
+        for (local, src) in [
+            (b_local, stranger),
+            // The right source, on another of b's addresses (p2's).
+            (
+                b.path(id(&b, "p2")).expect("path").local.ip(),
+                SocketAddr::new(a_ip, 49152),
+            ),
+        ] {
+            let got = b.handle_bfd_datagram(local, src, Some(255), bytes, now);
+            assert_eq!(got, Err(DropReason::BfdWrongSource), "{local} <- {src}");
+        }
+        assert_eq!(b.path(bp1).expect("path").session.state(), State::Up);
+        // From the real remote it is the session's, and takes it down.
+        let real = SocketAddr::new(a_ip, 49152);
+        assert_eq!(
+            b.handle_bfd_datagram(b_local, real, Some(255), bytes, now),
+            Ok(bp1)
+        );
+        assert_eq!(b.path(bp1).expect("path").session.state(), State::Down);
     }
 
     #[test]

@@ -1,9 +1,25 @@
 //! The BFD thread: owns the [`Engine`] and every BFD socket, waits in
-//! `ppoll` for the next control packet or deadline, sends what is due,
+//! `epoll` for the next control packet or deadline, sends what is due,
 //! logs and exports events, and publishes forwarding snapshots.
 //!
+//! Its cost does not grow with the number of sessions per wakeup: `epoll`
+//! reports only the sockets that have packets (no scan of every socket),
+//! the engine keeps its deadlines in a heap (no scan of every session),
+//! and `epoll`'s millisecond timeout, rounded up, lets the sessions that
+//! fall due within the same millisecond go out together in one wakeup
+//! (a packet is at most about a millisecond late). The thread never waits
+//! for anything but its sockets and its next deadline: what can block in
+//! the kernel, such as a TUN's carrier (which takes the kernel's global
+//! rtnl lock, busy for hundreds of milliseconds when many interfaces
+//! change at once), is done by a helper thread, `bfd-helper`. Log lines
+//! go through the `log` thread
+//! (see `main.rs`), and commands wait in a [`CommandQueue`] the thread
+//! only ever tries to lock: a real-time thread waiting for, or spinning
+//! on, something a preempted normal thread holds stalls for as long as
+//! that thread is kept off the CPU.
+//!
 //! Other threads reach it through [`CommandLink`]: a channel plus one byte
-//! on a socket pair that wakes the `ppoll`. Besides status and shutdown,
+//! on a socket pair that wakes the `epoll`. Besides status and shutdown,
 //! that carries the fast failure signals: link and address events from
 //! [`super::linkwatch`] and send errors from the forwarding threads. When a
 //! peer loses its last usable path the thread turns the peer's TUN carrier
@@ -30,9 +46,12 @@ use crate::telemetry::status::{
 use crate::telemetry::{DropCounters, PathCounters, ReorderCounters};
 use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use std::collections::HashSet;
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -112,16 +131,56 @@ pub struct Meta {
     pub paths: Vec<Option<(u32, u32)>>,       // priority, weight
 }
 
+/// The commands waiting for the BFD thread. Senders (normal-priority
+/// threads) take the lock; the BFD thread only ever tries it and, when a
+/// sender holds it, leaves the commands for a millisecond later. A
+/// channel would not do: its receiver spins on a message whose sender was
+/// preempted halfway through writing it, and a real-time thread spinning
+/// keeps that sender off its CPU (seen: BFD stalled for hundreds of
+/// milliseconds, every session down, on a busy 2-core host).
+#[derive(Default)]
+pub struct CommandQueue {
+    queue: parking_lot::Mutex<Vec<Command>>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl CommandQueue {
+    pub fn new() -> Arc<CommandQueue> {
+        Arc::new(CommandQueue::default())
+    }
+
+    /// Queues a command; false once the BFD thread has exited.
+    fn push(&self, cmd: Command) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        self.queue.lock().push(cmd);
+        true
+    }
+
+    /// What is queued, or `None` when a sender holds the lock right now.
+    fn try_take(&self, into: &mut Vec<Command>) -> Option<()> {
+        let mut q = self.queue.try_lock()?;
+        into.append(&mut q);
+        Some(())
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.queue.lock().clear();
+    }
+}
+
 #[derive(Clone)]
 pub struct CommandLink {
-    pub tx: mpsc::Sender<Command>,
+    pub queue: Arc<CommandQueue>,
     pub wake: Arc<UnixStream>,
 }
 
 impl CommandLink {
     /// Queues a command and wakes the BFD thread; false when it has exited.
     pub fn send(&self, cmd: Command) -> bool {
-        if self.tx.send(cmd).is_err() {
+        if !self.queue.push(cmd) {
             return false;
         }
         let _ = (&*self.wake).write_byte();
@@ -173,7 +232,7 @@ pub struct BfdThread {
     /// BFD transmit sockets by [`PathId`] (`None` once removed).
     pub tx: Vec<Option<UdpSocket>>,
     pub rx: Vec<(IpAddr, UdpSocket)>,
-    pub commands: mpsc::Receiver<Command>,
+    pub commands: Arc<CommandQueue>,
     pub wake: UnixStream,
     pub forwarding: Arc<ArcSwap<Forwarding>>,
     pub metrics: Arc<Metrics>,
@@ -195,6 +254,84 @@ pub struct BfdThread {
     pub fast_collected: Option<Instant>,
     /// When the paths' quality was last copied to the metrics.
     pub quality_exported: Option<Instant>,
+    /// What the thread sets up for itself when it starts.
+    pub io: Io,
+}
+
+/// The BFD thread's own machinery, made when it starts.
+#[derive(Default)]
+pub struct Io {
+    /// Requests to the `bfd-helper` thread.
+    helper: Option<mpsc::Sender<HelperRequest>>,
+    /// Whether any peer has a fast path (kept up to date by `apply`).
+    any_fast: bool,
+    /// The receive sockets' descriptors registered with the poll.
+    registered: HashSet<RawFd>,
+    /// The receive sockets need registering again (a reload changed them).
+    rx_changed: bool,
+    /// Times the thread woke [`STALL`] or more after its deadline, or was
+    /// busy that long.
+    stalls: u64,
+    /// Commands were left in the queue (a sender held its lock).
+    commands_left: bool,
+    /// Commands taken from the queue, being handled.
+    pending: Vec<Command>,
+}
+
+/// A wake-up this late, or work this long, is logged: sessions at 10 ms
+/// x 3 do not survive many of them.
+const STALL: Duration = Duration::from_millis(10);
+
+/// How soon commands left in the queue are tried again.
+const RETRY: Duration = Duration::from_millis(1);
+
+impl Io {
+    fn note_busy(&mut self, what: &str, from: Instant, to: Instant) {
+        let busy = to.saturating_duration_since(from);
+        if busy >= STALL {
+            self.stalls += 1;
+            warn!(
+                busy_ms = busy.as_secs_f64() * 1e3,
+                what, "BFD thread busy for long"
+            );
+        }
+    }
+}
+
+/// Work the BFD thread leaves to the `bfd-helper` thread.
+enum HelperRequest {
+    /// A TUN's carrier to set.
+    Carrier {
+        peer: String,
+        tun: Weak<SyncDevice>,
+        up: bool,
+    },
+}
+
+/// The poll token of the wake-up socket; the receive sockets' tokens are
+/// their index in [`BfdThread::rx`].
+const WAKE: Token = Token(usize::MAX);
+
+/// Does, in the order asked, what the BFD thread must not wait for: TUN
+/// carriers (the ioctl takes the kernel's rtnl lock, which other work, on
+/// this or any network namespace of the host, may hold for a long time).
+fn spawn_helper_thread() -> io::Result<mpsc::Sender<HelperRequest>> {
+    let (tx, rx) = mpsc::channel::<HelperRequest>();
+    std::thread::Builder::new()
+        .name("bfd-helper".into())
+        .spawn(move || {
+            for req in rx {
+                let HelperRequest::Carrier { peer, tun, up } = req;
+                let Some(tun) = tun.upgrade() else {
+                    continue;
+                };
+                match sys::set_tun_carrier(&*tun, up) {
+                    Ok(()) => info!(peer = %peer, carrier = up, "TUN carrier set"),
+                    Err(e) => warn!(peer = %peer, error = %e, "could not set TUN carrier"),
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 /// How often the paths' quality figures are copied to the metrics.
@@ -206,38 +343,124 @@ const FAST_PATH_INTERVAL: Duration = Duration::from_millis(500);
 
 impl BfdThread {
     pub fn run(mut self) {
+        // Before the real-time priority, which threads inherit: the
+        // helper waits for the kernel, at normal priority.
+        match spawn_helper_thread() {
+            Ok(tx) => self.io.helper = Some(tx),
+            Err(e) => error!(error = %e, "no helper thread; TUN carrier is not controlled"),
+        }
         match sys::set_realtime_priority(50) {
             Ok(()) => info!("BFD thread running at SCHED_FIFO priority 50"),
             Err(e) => {
                 warn!(error = %e, "BFD thread could not get real-time priority; running at normal priority")
             }
         }
-        let mut ready = Vec::new();
+        let mut poll = match Poll::new() {
+            Ok(p) => p,
+            Err(e) => {
+                error!(error = %e, "BFD thread cannot poll; BFD stopped");
+                return;
+            }
+        };
+        let wake_fd = self.wake.as_raw_fd();
+        if let Err(e) = poll
+            .registry()
+            .register(&mut SourceFd(&wake_fd), WAKE, Interest::READABLE)
+        {
+            error!(error = %e, "BFD thread cannot poll its commands; BFD stopped");
+            return;
+        }
+        self.register_rx(&poll);
+        let mut events = Events::with_capacity(1024);
         let mut buf = vec![0u8; 2048];
         loop {
-            let mut fds: Vec<_> = self.rx.iter().map(|(_, s)| s.as_raw_fd()).collect();
-            fds.push(self.wake.as_raw_fd());
-            let wake_index = fds.len() - 1;
             let now = clock::now();
             self.engine.handle_timeout(now);
             self.flush(now);
-            let timeout = self
+            let mut timeout = self
                 .engine
                 .poll_timeout()
                 .map(|t| t.saturating_duration_since(clock::now()));
-            if let Err(e) = sys::wait_readable(&fds, timeout, &mut ready) {
-                error!(error = %e, "BFD wait failed");
-                std::thread::sleep(Duration::from_millis(1));
+            if self.io.commands_left {
+                timeout = Some(timeout.map_or(RETRY, |t| t.min(RETRY)));
             }
-            for &i in &ready {
-                if i == wake_index {
+            let before_wait = clock::now();
+            self.io.note_busy("timers and sends", now, before_wait);
+            if let Err(e) = poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    error!(error = %e, "BFD wait failed");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                continue;
+            }
+            let woke = clock::now();
+            if let Some(late) = timeout
+                .and_then(|t| woke.saturating_duration_since(before_wait).checked_sub(t))
+                .filter(|l| *l >= STALL)
+            {
+                self.io.stalls += 1;
+                warn!(
+                    late_ms = late.as_secs_f64() * 1e3,
+                    "BFD thread woke late (the host did not run it)"
+                );
+            }
+            if self.io.commands_left && self.handle_commands() {
+                self.commands.close();
+                return;
+            }
+            // Readiness is edge-triggered: every socket reported is read
+            // until it has nothing left.
+            for ev in &events {
+                let t = clock::now();
+                if ev.token() == WAKE {
                     if self.handle_commands() {
+                        self.commands.close();
                         return;
                     }
+                    self.io.note_busy("commands", t, clock::now());
                 } else {
-                    self.receive(i, &mut buf);
+                    self.receive(ev.token().0, &mut buf);
+                    self.io.note_busy("receiving", t, clock::now());
                 }
             }
+            if std::mem::take(&mut self.io.rx_changed) {
+                self.register_rx(&poll);
+            }
+            self.io
+                .note_busy("receiving and commands", woke, clock::now());
+        }
+    }
+
+    /// (Re-)registers every receive socket under its index; reads what
+    /// may have arrived before it was registered.
+    fn register_rx(&mut self, poll: &Poll) {
+        let mut now_registered = HashSet::new();
+        for (i, (ip, sock)) in self.rx.iter().enumerate() {
+            let fd = sock.as_raw_fd();
+            let mut source = SourceFd(&fd);
+            let r = match self.io.registered.contains(&fd) {
+                true => poll
+                    .registry()
+                    .reregister(&mut source, Token(i), Interest::READABLE)
+                    .or_else(|_| {
+                        poll.registry()
+                            .register(&mut source, Token(i), Interest::READABLE)
+                    }),
+                false => poll
+                    .registry()
+                    .register(&mut source, Token(i), Interest::READABLE),
+            };
+            match r {
+                Ok(()) => {
+                    now_registered.insert(fd);
+                }
+                Err(e) => error!(local = %ip, error = %e, "BFD receive socket not polled"),
+            }
+        }
+        self.io.registered = now_registered;
+        let mut buf = vec![0u8; 2048];
+        for i in 0..self.rx.len() {
+            self.receive(i, &mut buf);
         }
     }
 
@@ -285,7 +508,7 @@ impl BfdThread {
             self.forwarding.store(f);
             self.fast_paths_receive();
         }
-        if self.fast.iter().any(Option::is_some)
+        if self.io.any_fast
             && self
                 .fast_collected
                 .is_none_or(|t| now.saturating_duration_since(t) >= FAST_PATH_INTERVAL)
@@ -408,18 +631,21 @@ impl BfdThread {
     }
 
     /// Cloud failover: carrier follows whether the peer has a usable path.
+    /// Set by the `bfd-helper` thread, in order.
     fn set_carrier(&self, peer: PeerId, up: bool) {
-        let Some(tun) = self
-            .tuns
-            .get(usize::from(peer.0))
-            .and_then(|t| t.as_ref()?.upgrade())
-        else {
+        let Some(tun) = self.tuns.get(usize::from(peer.0)).cloned().flatten() else {
             return;
         };
         let name = self.engine.peer(peer).map_or("?", |(n, _, _)| n);
-        match sys::set_tun_carrier(&*tun, up) {
-            Ok(()) => info!(peer = name, carrier = up, "TUN carrier set"),
-            Err(e) => warn!(peer = name, error = %e, "could not set TUN carrier"),
+        if let Some(tx) = &self.io.helper {
+            let req = HelperRequest::Carrier {
+                peer: name.to_string(),
+                tun,
+                up,
+            };
+            if tx.send(req).is_err() {
+                warn!(peer = name, "helper thread gone; TUN carrier not set");
+            }
         }
     }
 
@@ -552,7 +778,19 @@ impl BfdThread {
     fn handle_commands(&mut self) -> bool {
         let mut sink = [0u8; 64];
         while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
-        while let Ok(cmd) = self.commands.try_recv() {
+        let mut pending = std::mem::take(&mut self.io.pending);
+        self.io.commands_left = self.commands.try_take(&mut pending).is_none();
+        for cmd in pending.drain(..) {
+            let t = clock::now();
+            let kind = match &cmd {
+                Command::Status(_) => "status",
+                Command::Shutdown(_) => "shutdown",
+                Command::Link { .. } => "link",
+                Command::SendError(_) => "send error",
+                Command::Quality(..) => "quality sample",
+                Command::Apply(..) => "reload",
+            };
+            self.io.note_busy(kind, t, t);
             match cmd {
                 Command::Status(reply) => {
                     self.collect_fast_paths();
@@ -578,7 +816,9 @@ impl BfdThread {
                     let _ = reply.send(applied);
                 }
             }
+            self.io.note_busy(kind, t, clock::now());
         }
+        self.io.pending = pending;
         false
     }
 
@@ -653,6 +893,7 @@ impl BfdThread {
                 *slot = None;
             }
         }
+        self.io.rx_changed |= !plan.remove_rx.is_empty() || !plan.add_rx.is_empty();
         self.rx.retain(|(ip, _)| !plan.remove_rx.contains(ip));
         self.rx.extend(plan.add_rx);
         for (id, tx, rx, mult) in plan.set_timers {
@@ -698,6 +939,7 @@ impl BfdThread {
         for path in plan.add_paths {
             self.add_path(path, now, &mut applied);
         }
+        self.io.any_fast = self.fast.iter().any(Option::is_some);
         self.flush(now);
         applied
     }

@@ -12,7 +12,7 @@
 //! new path table (a pause of microseconds, nothing dropped: packets wait
 //! in the TUN queues and socket buffers).
 
-use super::control_plane::{BfdThread, Command, CommandLink, Meta, NewPath, Plan};
+use super::control_plane::{BfdThread, CommandLink, CommandQueue, Meta, NewPath, Plan};
 use super::fastpath::FastPath;
 use super::lanes::{
     self, FlowClaims, FlowTable, Lane, LaneReorder, PathIn, PathOut, SharedKeys, TunOut,
@@ -39,7 +39,6 @@ use std::net::{IpAddr, UdpSocket};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -263,7 +262,7 @@ async fn run_async(
     let drops = Arc::new(DropCounters::default());
 
     // The BFD thread, empty until the first apply.
-    let (cmd_tx, cmd_rx) = mpsc::channel::<Command>();
+    let queue = CommandQueue::new();
     let (wake_tx, wake_rx) = UnixStream::pair()?;
     wake_tx.set_nonblocking(true)?;
     wake_rx.set_nonblocking(true)?;
@@ -271,7 +270,7 @@ async fn run_async(
         engine,
         tx: Vec::new(),
         rx: Vec::new(),
-        commands: cmd_rx,
+        commands: queue.clone(),
         wake: wake_rx,
         forwarding: forwarding.clone(),
         metrics: metrics.clone(),
@@ -282,6 +281,7 @@ async fn run_async(
         reorder: Vec::new(),
         fast_collected: None,
         quality_exported: None,
+        io: Default::default(),
         meta: Meta {
             gateway: config.gateway.name.clone(),
             started: now,
@@ -293,7 +293,7 @@ async fn run_async(
         .name("bfd".into())
         .spawn(move || bfd.run())?;
     let commands = CommandLink {
-        tx: cmd_tx,
+        queue,
         wake: Arc::new(wake_tx),
     };
     let mut gw = Gateway {
@@ -952,7 +952,7 @@ fn open_path(
         .flat_map(|q| q.paths.iter())
         .position(|q| q.local == p.local)
         .unwrap_or(0);
-    let seed = (std::process::id() as u16).wrapping_add(index as u16 * 7919);
+    let seed = (std::process::id() as u16).wrapping_add((index as u16).wrapping_mul(7919));
     for s in &sockets {
         udp::set_data_qos(s, p.dscp.fixed())?;
     }

@@ -31,12 +31,14 @@
 //! the Echo function (we advertise Required Min Echo RX = 0).
 
 pub mod auth;
+pub mod deadlines;
 mod session;
 
 use std::time::Instant;
 
 pub use crate::core::wire::bfd::{Diag, State};
 pub use auth::{Auth, AuthError, KeyError};
+pub use deadlines::Deadlines;
 pub use session::{next_state, Session, SessionConfig, Transmit, SLOW_TX_INTERVAL};
 
 /// Something the shell should know about; drained with [`Session::poll_event`].

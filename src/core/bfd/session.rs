@@ -655,7 +655,8 @@ impl Session {
         !passive_and_unheard && !self.remote.min_rx.is_zero() && !remote_demand
     }
 
-    fn detection_deadline(&self) -> Option<Instant> {
+    /// When the detection time runs out (§6.8.4), if it is armed.
+    pub fn detection_deadline(&self) -> Option<Instant> {
         let last = self.last_rx?;
         let armed = matches!(self.state, State::Init | State::Up) || self.remote.discr != 0;
         if armed {

@@ -1,0 +1,243 @@
+//! Scale: many peers of two paths each between the two gateways of the
+//! netns lab (see tests/support/scale.rs for the address plan), BFD at
+//! 10 ms x 3 on every path, no data traffic. For each N it reports:
+//!
+//! * the time from starting both gateways until every session is Up on both;
+//! * the BFD thread's CPU (utime + stime of the thread named `bfd`, from
+//!   /proc/<pid>/task/<tid>/stat) over a quiet window, per gateway;
+//! * the daemon's threads and resident memory (VmRSS);
+//! * the worst transmit gap of any session (`max_tx_gap_us` of the status,
+//!   measured by the BFD thread while the session is Up);
+//! * false downs: BFD failures (Up -> Down that is not administrative) of
+//!   any session since start, and during the window (no fault is injected);
+//! * the latency of one status document from the control socket, of
+//!   `crosslink status` (the table, a process of its own), and of a
+//!   /metrics scrape (curl's own time_total);
+//! * a reload that changes one peer: time until "reload applied" is logged,
+//!   and whether any other session moved;
+//! * the failover of one peer's path while all the others run: gw-b's
+//!   address of the last peer's path l1 is deleted (a secondary address:
+//!   deleting a subnet's primary one takes every secondary with it), and
+//!   gw-a's detection time is read from its `failover` log line; no other
+//!   session may fail.
+//!
+//! Usage (root): `cargo bench --bench scale -- --peers 50,200 [--secs 30]
+//! [--interval-ms 10] [--bin PATH]` (`--bin` runs another crosslink binary,
+//! e.g. an older build, for comparison). Not root: says why and exits 0.
+//! Under `cargo test --all-targets` (no `--bench` argument) it does nothing.
+
+#[path = "../tests/support/scale.rs"]
+mod scale;
+
+use crosslink::lab::{Gw, LabOptions};
+use scale::{ScaleLab, METRICS_PORT};
+use std::time::{Duration, Instant};
+
+struct Args {
+    peers: Vec<usize>,
+    secs: u64,
+    interval: Duration,
+    bin: String,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        peers: vec![50, 200],
+        secs: 30,
+        interval: Duration::from_millis(10),
+        bin: env!("CARGO_BIN_EXE_crosslink").to_string(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--peers" => {
+                if let Some(v) = it.next() {
+                    a.peers = v.split(',').filter_map(|n| n.trim().parse().ok()).collect();
+                }
+            }
+            "--secs" => a.secs = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.secs),
+            "--interval-ms" => {
+                if let Some(ms) = it.next().and_then(|v| v.parse().ok()) {
+                    a.interval = Duration::from_millis(ms);
+                }
+            }
+            "--bin" => a.bin = it.next().unwrap_or(a.bin),
+            _ => {}
+        }
+    }
+    a
+}
+
+/// Seconds from now until `needle` appears in the gateway's log more
+/// often than `before` times (or `None` after `timeout`).
+fn wait_log(
+    lab: &crosslink::lab::Lab,
+    gw: Gw,
+    needle: &str,
+    before: usize,
+    timeout: Duration,
+) -> Option<f64> {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        let log = std::fs::read_to_string(lab.log_path(gw)).unwrap_or_default();
+        if log.matches(needle).count() > before {
+            return Some(t0.elapsed().as_secs_f64());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+fn run_one(n: usize, args: &Args) {
+    let ms = args.interval.as_millis();
+    let mut s = ScaleLab::new("scale", &args.bin, n, args.interval, 3);
+    s.start();
+    let up = match s.wait_all_up(Duration::from_secs(60 + n as u64 / 5)) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => {
+            println!("scale N={n}: not every session came up: {e}");
+            return;
+        }
+    };
+    let pids: Vec<u32> = Gw::ALL
+        .iter()
+        .filter_map(|&g| s.lab.gateway_pid(g))
+        .collect();
+    let bfd_tids: Vec<Option<u32>> = pids.iter().map(|&p| scale::threads(p, "bfd").1).collect();
+    let cpu = |i: usize| bfd_tids[i].and_then(|t| scale::thread_cpu(pids[i], t));
+    let st = |g| s.lab.poll(g).expect("status");
+    let f_start = [scale::failures(&st(Gw::A)), scale::failures(&st(Gw::B))];
+    let cpu0: Vec<Option<f64>> = (0..pids.len()).map(cpu).collect();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(args.secs));
+    let cpu1: Vec<Option<f64>> = (0..pids.len()).map(cpu).collect();
+    let window = t0.elapsed().as_secs_f64();
+    let status = [st(Gw::A), st(Gw::B)];
+    let f_end = [scale::failures(&status[0]), scale::failures(&status[1])];
+    let cpu_pct: Vec<String> = (0..pids.len())
+        .map(|i| match (cpu0[i], cpu1[i]) {
+            (Some(a), Some(b)) => format!("{:.1}%", (b - a) / window * 100.0),
+            _ => "?".into(),
+        })
+        .collect();
+    let threads: Vec<usize> = pids.iter().map(|&p| scale::threads(p, "bfd").0).collect();
+    let rss: Vec<String> = pids
+        .iter()
+        .map(|&p| scale::rss_mb(p).map_or("?".into(), |m| format!("{m:.0}MB")))
+        .collect();
+    let gap = status.iter().map(scale::worst_tx_gap_us).max().unwrap_or(0);
+    let downs_total: u64 = f_end.iter().flat_map(|m| m.values()).sum();
+    let downs_window: usize = (0..2)
+        .map(|g| scale::grown(&f_start[g], &f_end[g]).len())
+        .sum();
+    let status_ms = scale::median(
+        (0..5)
+            .filter_map(|_| scale::status_latency(&s.lab, Gw::A))
+            .map(|x| x * 1e3)
+            .collect(),
+    );
+    let table_ms = scale::median(
+        (0..3)
+            .filter_map(|_| {
+                let t = Instant::now();
+                s.lab.status_table(Gw::A).ok()?;
+                Some(t.elapsed().as_secs_f64() * 1e3)
+            })
+            .collect(),
+    );
+    let scrapes: Vec<(f64, usize)> = (0..3)
+        .filter_map(|_| scale::scrape(&s.lab, Gw::A))
+        .collect();
+    let scrape_ms = scale::median(scrapes.iter().map(|x| x.0 * 1e3).collect());
+    let scrape_kb = scrapes.first().map_or(0, |x| x.1) / 1024;
+
+    // A reload that changes the last peer only.
+    let before_reload = scale::failures(&s.lab.poll(Gw::A).expect("status"));
+    let transitions = |v: &serde_json::Value| -> Vec<u64> {
+        scale::paths(v)
+            .map(|p| p["bfd"]["transitions"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    let tr0 = transitions(&s.lab.poll(Gw::A).expect("status"));
+    let applied = std::fs::read_to_string(s.lab.log_path(Gw::A))
+        .unwrap_or_default()
+        .matches("reload applied")
+        .count();
+    let text = scale::config_text(&s.lab, Gw::A, n, Some(n - 1));
+    s.lab.write_config(Gw::A, &text).expect("config");
+    s.lab.reload_gateway(Gw::A).expect("reload");
+    let reload_s = wait_log(
+        &s.lab,
+        Gw::A,
+        "reload applied",
+        applied,
+        Duration::from_secs(30),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let tr1 = transitions(&s.lab.poll(Gw::A).expect("status"));
+    let moved = tr0.iter().zip(&tr1).filter(|(a, b)| a != b).count();
+    let reload_downs = scale::grown(
+        &before_reload,
+        &scale::failures(&s.lab.poll(Gw::A).expect("status")),
+    );
+
+    // One peer's path fails while the others run.
+    let failovers = std::fs::read_to_string(s.lab.log_path(Gw::A))
+        .unwrap_or_default()
+        .matches("failover")
+        .count();
+    let before_fail = [scale::failures(&st(Gw::A)), scale::failures(&st(Gw::B))];
+    let victim = format!("{}/17", scale::addr(Gw::B, n - 1, 1));
+    s.lab
+        .ip_in(Gw::B.host(), &["addr", "del", &victim, "dev", "path1"])
+        .expect("addr del");
+    let seen = wait_log(&s.lab, Gw::A, "failover", failovers, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(500));
+    let log = std::fs::read_to_string(s.lab.log_path(Gw::A)).unwrap_or_default();
+    let detection = log
+        .lines()
+        .filter(|l| l.contains("failover") && l.contains(&format!("peer=\"p{}\"", n - 1)))
+        .filter_map(|l| l.split("detection_ms=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .next_back();
+    let after_fail = [scale::failures(&st(Gw::A)), scale::failures(&st(Gw::B))];
+    let others: Vec<String> = (0..2)
+        .flat_map(|g| scale::grown(&before_fail[g], &after_fail[g]))
+        .filter(|k| !k.starts_with(&format!("p{}/l1:", n - 1)))
+        .collect();
+
+    println!(
+        "scale N={n} ({sessions} sessions per gateway, BFD {ms} ms x 3, {bin}):\n  \
+         all up after {up:.2}s; BFD thread CPU over {window:.0}s: gw-a {ca} gw-b {cb}; \
+         threads {threads:?}; RSS {rss:?}\n  \
+         worst tx gap {gap:.1} ms; false downs: {downs_total} since start, {downs_window} in the window\n  \
+         status (socket) {status_ms:.1} ms, `crosslink status` {table_ms:.1} ms, /metrics scrape {scrape_ms:.1} ms ({scrape_kb} KB)\n  \
+         reload of one peer: applied after {reload}, {moved} sessions of gw-a changed state, failures {reload_downs:?}\n  \
+         one path failed (p{last}/l1): gw-a {det} (seen after {seen}), other sessions failed: {others:?}",
+        sessions = 2 * n,
+        last = n - 1,
+        bin = args.bin,
+        ca = cpu_pct.first().map_or("?", String::as_str),
+        cb = cpu_pct.get(1).map_or("?", String::as_str),
+        gap = gap as f64 / 1e3,
+        reload = reload_s.map_or("never".into(), |x| format!("{:.0} ms", x * 1e3)),
+        det = detection.map_or("no failover logged".into(), |d| format!("detection {d:.1} ms")),
+        seen = seen.map_or("never".into(), |x| format!("{:.0} ms", x * 1e3)),
+    );
+    let _ = METRICS_PORT;
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    if !crosslink::lab::is_root() {
+        println!("scale bench: needs root (network namespaces); skipped");
+        return;
+    }
+    let _ = LabOptions::new("x", "x");
+    let args = parse_args();
+    for &n in &args.peers {
+        run_one(n, &args);
+    }
+}

@@ -1,0 +1,243 @@
+//! A lab of many peers (shared by tests/netns_scale.rs and benches/scale.rs):
+//! the two gateways of `crosslink::lab`, each with N peers of two paths.
+//! Peer i's path `l1` runs over the lab's `path1` link, `l2` over `path2`,
+//! each between its own pair of addresses (single-hop BFD tells sessions
+//! apart by their addresses before the discriminators are known, RFC 5881
+//! section 3): 198.19.0.0/17 on path1 and 198.19.128.0/17 on path2, inside
+//! the lab's 198.18.0.0/15.
+#![allow(dead_code)]
+
+use crosslink::lab::{config_duration, Gw, Host, Lab, LabOptions};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+/// Peers the address plan holds (four addresses per peer in a /17).
+pub const MAX_PEERS: usize = 8000;
+
+/// gw's address of peer `i` on path `p` (1 or 2).
+pub fn addr(gw: Gw, i: usize, p: u8) -> Ipv4Addr {
+    let base = u32::from(Ipv4Addr::new(198, 19, if p == 1 { 0 } else { 128 }, 0));
+    let host = match gw {
+        Gw::A => 1,
+        Gw::B => 2,
+    };
+    Ipv4Addr::from(base + 4 * i as u32 + host)
+}
+
+/// The metrics port of each gateway (inside its namespace).
+pub const METRICS_PORT: u16 = 9787;
+
+pub struct ScaleLab {
+    pub lab: Lab,
+    pub peers: usize,
+    /// When the gateways were started.
+    pub started: Option<Instant>,
+}
+
+/// The config text of `gw` with `peers` peers; `changed` peer gets path
+/// `l2`'s priority 3 instead of 2 (a reload that touches one peer).
+pub fn config_text(lab: &Lab, gw: Gw, peers: usize, changed: Option<usize>) -> String {
+    let o = lab.options();
+    let mut t = format!(
+        "[gateway]\nname = \"{gw}\"\ncontrol_socket = \"{sock}\"\n\n\
+         [metrics]\nlisten = \"127.0.0.1:{METRICS_PORT}\"\n\n\
+         [bfd]\ntx_interval = \"{tx}\"\nrx_interval = \"{rx}\"\nmultiplier = {m}\n",
+        sock = lab.socket_path(gw).display(),
+        tx = config_duration(o.tx_interval),
+        rx = config_duration(o.rx_interval),
+        m = o.multiplier,
+    );
+    let other = gw.other();
+    for i in 0..peers {
+        t.push_str(&format!(
+            "\n[[peer]]\nname = \"p{i}\"\ntun = \"xl{i}\"\nrevert_hold = \"2s\"\n"
+        ));
+        for p in [1u8, 2] {
+            let prio = match (p, changed == Some(i)) {
+                (1, _) => 1,
+                (_, false) => 2,
+                (_, true) => 3,
+            };
+            t.push_str(&format!(
+                "  [[peer.path]]\n  name = \"l{p}\"\n  local = \"{}:4800\"\n  \
+                 remote = \"{}:4800\"\n  priority = {prio}\n",
+                addr(gw, i, p),
+                addr(other, i, p),
+            ));
+        }
+    }
+    t
+}
+
+impl ScaleLab {
+    /// Builds the lab (namespaces, links, 4 addresses per peer) and writes
+    /// the configs; the gateways are started by [`ScaleLab::start`].
+    pub fn new(tag: &str, bin: &str, peers: usize, interval: Duration, mult: u8) -> ScaleLab {
+        assert!(peers <= MAX_PEERS);
+        let mut opts = LabOptions::new(tag, bin);
+        opts.tx_interval = interval;
+        opts.rx_interval = interval;
+        opts.multiplier = mult;
+        let lab = Lab::new(opts).expect("lab");
+        for gw in Gw::ALL {
+            let mut batch = String::new();
+            for i in 0..peers {
+                for p in [1u8, 2] {
+                    batch.push_str(&format!("addr add {}/17 dev path{p}\n", addr(gw, i, p)));
+                }
+            }
+            let file = lab.dir().join(format!("addrs-{gw}.batch"));
+            std::fs::write(&file, batch).expect("write batch");
+            lab.ip_in(gw.host(), &["-batch", file.to_str().expect("utf-8 path")])
+                .expect("addresses");
+            let text = config_text(&lab, gw, peers, None);
+            lab.write_config(gw, &text).expect("config");
+        }
+        ScaleLab {
+            lab,
+            peers,
+            started: None,
+        }
+    }
+
+    pub fn start(&mut self) {
+        self.started = Some(Instant::now());
+        self.lab.start_gateways().expect("start gateways");
+    }
+
+    /// Waits until every path of every peer is up on both gateways;
+    /// returns the time since [`ScaleLab::start`].
+    pub fn wait_all_up(&mut self, timeout: Duration) -> Result<Duration, String> {
+        let want = 2 * self.peers;
+        let t0 = self.started.unwrap_or_else(Instant::now);
+        self.lab
+            .wait_for("every path up", timeout, |_, s| {
+                count_paths(s, |p| p["state"] == "up") == want
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(t0.elapsed())
+    }
+}
+
+/// Paths of a status document for which `f` holds.
+pub fn count_paths(status: &Value, mut f: impl FnMut(&Value) -> bool) -> usize {
+    paths(status).filter(|p| f(p)).count()
+}
+
+/// Every path of every peer: (peer name, path).
+pub fn paths(status: &Value) -> impl Iterator<Item = &Value> {
+    status["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|peer| peer["paths"].as_array().into_iter().flatten())
+}
+
+/// BFD failures (Up -> Down not administrative) by "peer/path".
+pub fn failures(status: &Value) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for peer in status["peers"].as_array().into_iter().flatten() {
+        let name = peer["name"].as_str().unwrap_or("?");
+        for p in peer["paths"].as_array().into_iter().flatten() {
+            let path = p["name"].as_str().unwrap_or("?");
+            out.insert(
+                format!("{name}/{path}"),
+                p["bfd"]["failures"].as_u64().unwrap_or(u64::MAX),
+            );
+        }
+    }
+    out
+}
+
+/// The worst transmit gap of any Up session, in µs.
+pub fn worst_tx_gap_us(status: &Value) -> u64 {
+    paths(status)
+        .filter_map(|p| p["bfd"]["max_tx_gap_us"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Sum over both maps of how much each entry grew.
+pub fn grown(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> Vec<String> {
+    after
+        .iter()
+        .filter(|(k, v)| before.get(*k).is_some_and(|b| *v > b))
+        .map(|(k, v)| format!("{k}:+{}", v - before.get(k).copied().unwrap_or(0)))
+        .collect()
+}
+
+/// The process's threads: (count, the tid of the thread named `name`).
+pub fn threads(pid: u32, name: &str) -> (usize, Option<u32>) {
+    let mut count = 0;
+    let mut found = None;
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in dir.flatten() {
+            count += 1;
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim() == name {
+                found = t.file_name().to_str().and_then(|s| s.parse().ok());
+            }
+        }
+    }
+    (count, found)
+}
+
+/// CPU seconds (user + system) a thread has used.
+pub fn thread_cpu(pid: u32, tid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    let after = stat.rsplit_once(") ")?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the comm.
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz.max(1.0))
+}
+
+/// VmRSS in MB.
+pub fn rss_mb(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Seconds a `curl` of the gateway's /metrics took (its own `time_total`)
+/// and the size of the answer.
+pub fn scrape(lab: &Lab, gw: Gw) -> Option<(f64, usize)> {
+    let url = format!("http://127.0.0.1:{METRICS_PORT}/metrics");
+    let out = lab
+        .command_in(gw.host(), "curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_total} %{size_download}",
+        ])
+        .arg(&url)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace();
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// Seconds one status document straight from the control socket takes.
+pub fn status_latency(lab: &Lab, gw: Gw) -> Option<f64> {
+    let t = Instant::now();
+    lab.poll(gw).ok()?;
+    Some(t.elapsed().as_secs_f64())
+}
+
+/// The median of some samples.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+pub fn host(gw: Gw) -> Host {
+    gw.host()
+}
