@@ -1,6 +1,12 @@
 //! A tiny deterministic PRNG (SplitMix64), seeded by the caller. Not
 //! cryptographic: it spreads BFD transmissions in time (RFC 5880 §6.8.7)
 //! and drives the junk generator of the bad-input tests.
+//!
+//! Kept rather than `rand` or `fastrand`: the core takes no dependency
+//! outside its short pure list (`tests/architecture.rs`), each BFD session
+//! owns a seeded generator so that the simulated-network tests replay
+//! exactly, and SplitMix64 is the finaliser the flow hash already uses:
+//! twenty lines, where a crate would bring its own seeding and feature set.
 
 use crate::core::wire::flow::mix;
 

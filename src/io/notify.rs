@@ -1,6 +1,12 @@
 //! systemd readiness and watchdog notifications (`sd_notify(3)`), spoken
 //! directly: one datagram on the Unix socket named by `$NOTIFY_SOCKET`.
 //! Outside systemd (no variable) every call is a no-op.
+//!
+//! Kept rather than the `sd-notify` crate: the protocol is one datagram,
+//! this is 40 lines of safe std (abstract socket names included), and it
+//! sends without blocking, which the BFD thread's watchdog ping relies on
+//! (a manager that stops reading must never stall it); the crate would add
+//! a dependency and remove no code worth removing.
 
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};

@@ -7,6 +7,15 @@
 //! waits on (a `poll` set, and an `eventfd` doorbell that stops it). This
 //! and [`super::fastpath`] (`getifaddrs`, `if_indextoname`) are the only modules
 //! with `unsafe`; each block is one libc call on a buffer it owns.
+//!
+//! Kept rather than `nix` or `quinn-udp`: the lanes' batches keep their
+//! headers, iovecs and control buffers allocated across bursts and point
+//! the iovecs at payloads where the TUN read left them (a segment goes out
+//! as two pieces, never copied), with `UDP_SEGMENT` and the TOS byte per
+//! message; wrapping that in another crate's types would change the
+//! hottest code for no change in behaviour. Netlink, in contrast, goes
+//! through `rtnetlink` (`netlink.rs`, `linkwatch.rs`) and the BPF programs
+//! through `aya` (`fastpath.rs`).
 #![allow(unsafe_code)]
 
 use crate::core::wire::overlay;
