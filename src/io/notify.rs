@@ -4,9 +4,9 @@
 //!
 //! Kept rather than the `sd-notify` crate: the protocol is one datagram,
 //! this is 40 lines of safe std (abstract socket names included), and it
-//! sends without blocking, which the BFD thread's watchdog ping relies on
-//! (a manager that stops reading must never stall it); the crate would add
-//! a dependency and remove no code worth removing.
+//! sends without blocking (a manager that stops reading must never stall
+//! the daemon's runtime, where the watchdog ping and reloads run); the
+//! crate would add a dependency and remove no code worth removing.
 
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
