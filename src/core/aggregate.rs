@@ -15,8 +15,9 @@
 //!
 //! Each path's rate is learned by its [`Estimator`] from the path-quality
 //! probes' reports (what the far end received, every probe interval):
-//! when the path loses packets or its queueing delay rises while it
-//! carries data, what it delivered is its capacity; when it carries
+//! when its queueing delay rises while it carries data (or it loses more
+//! than 5 %), what it delivered is its capacity (but the estimate at most
+//! halves per period); when it carries
 //! nearly its estimate without either, the estimate grows by a quarter
 //! every period. A configured `rate` is the starting point and a ceiling.
 //! The estimates, the delays and the receivers' reordering wait are
@@ -313,10 +314,17 @@ impl Estimator {
         let sent_rate = bytes as f64 / secs;
         let delivered_rate = delivered as f64 * mean / secs;
         let queued = self.rtt_min.is_some_and(|(m, _)| queue(m));
-        let lossy = lost >= 3 && lost * 100 > sent;
+        // Loss alone reads as a full path only when it is heavy: a few
+        // percent without a queue is a sick path (path quality's to judge),
+        // not a capacity; a shaper's queue shows in the round trip first.
+        let lossy = lost >= 10 && lost * 20 > sent;
         let ceiling = self.ceiling.unwrap_or(MAX_RATE);
         if lossy || queued {
-            self.rate = (delivered_rate as u64).clamp(MIN_RATE, ceiling);
+            // What got through is the capacity, but never less than half
+            // the estimate in one period: a queue that drains slowly after
+            // the load moved away must not spiral the estimate down.
+            let floor = self.rate / 2;
+            self.rate = (delivered_rate as u64).max(floor).clamp(MIN_RATE, ceiling);
             return Some(Revision::Congested);
         }
         if sent_rate >= 0.7 * self.rate as f64 && self.rate < ceiling {

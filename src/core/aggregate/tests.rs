@@ -94,7 +94,7 @@ fn a_lossy_busy_path_is_estimated_at_what_it_delivered() {
     let mut e = Estimator::new(None);
     let t = Instant::now();
     assert_eq!(e.handle(delivery(t, 0, 0, 0, 2)), None);
-    // 100 ms: 40 000 sent, 36 000 delivered (10 % dropped by a shaper).
+    // 100 ms: 40 000 sent, 36 000 delivered (10 % dropped by a policer).
     let r = e.handle(delivery(t + ESTIMATE_PERIOD, 36_000, 40_000, 40_000, 2));
     assert_eq!(r, Some(Revision::Congested));
     // 36 000 packets of 1000 bytes in 0.1 s.
@@ -103,12 +103,40 @@ fn a_lossy_busy_path_is_estimated_at_what_it_delivered() {
 
 #[test]
 fn a_queue_building_up_reads_as_congestion() {
-    let mut e = Estimator::new(None);
+    // Starting at 100 Mbit/s (12.5 MB/s), 10 MB/s delivered behind a queue.
+    let mut e = Estimator::new(Some(12_500_000));
     let t = Instant::now();
     e.handle(delivery(t, 0, 0, 0, 2));
     let r = e.handle(delivery(t + ESTIMATE_PERIOD, 1000, 1000, 1000, 20));
     assert_eq!(r, Some(Revision::Congested));
     assert_eq!(e.rate(), 10_000_000);
+}
+
+#[test]
+fn the_estimate_at_most_halves_per_period_and_ignores_light_use() {
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 2));
+    // 40 MB/s sent, a tenth of it delivered behind a queue: half the
+    // estimate at most.
+    let r = e.handle(delivery(t + ESTIMATE_PERIOD, 400, 4000, 4000, 30));
+    assert_eq!(r, Some(Revision::Congested));
+    assert_eq!(e.rate(), DEFAULT_RATE / 2);
+    // Still behind the queue: halves again, no further.
+    let r = e.handle(delivery(t + ESTIMATE_PERIOD * 2, 450, 4100, 4100, 30));
+    assert_eq!(r, Some(Revision::Congested));
+    assert_eq!(e.rate(), DEFAULT_RATE / 4);
+}
+
+#[test]
+fn light_random_loss_is_not_a_capacity() {
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 2));
+    // 2 % lost, no queue: the estimate stays.
+    let r = e.handle(delivery(t + ESTIMATE_PERIOD, 9800, 10_000, 10_000, 2));
+    assert_ne!(r, Some(Revision::Congested));
+    assert!(e.rate() >= DEFAULT_RATE);
 }
 
 #[test]
