@@ -178,8 +178,13 @@ fn stream(
         c
     };
     let mut srv = prog(server);
-    srv.args(["-s", "-1", "-p", "5202", "-B", &server_addr])
-        .stdin(Stdio::null())
+    srv.args(["-s", "-1", "-p", "5202"]);
+    if !wrap {
+        srv.args(["-B", &server_addr]);
+    }
+    // (An MPTCP server listens on every address: a subflow that joins on
+    // another address of the server needs a listener there.)
+    srv.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut srv = srv.spawn().ok()?;

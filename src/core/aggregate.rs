@@ -15,9 +15,9 @@
 //!
 //! Each path's rate is learned by its [`Estimator`] from the path-quality
 //! probes' reports (what the far end received, every probe interval):
-//! when its queueing delay rises while it carries data (or it loses more
-//! than 5 %), what it delivered is its capacity (but the estimate at most
-//! halves per period); when it carries
+//! when its queueing delay rises while it carries at least 30 % of its
+//! estimate (or it loses more than 5 %), what it delivered is its capacity
+//! (but the estimate at most halves per period); when it carries
 //! nearly its estimate without either, the estimate grows by a quarter
 //! every period. A configured `rate` is the starting point and a ceiling.
 //! The estimates, the delays and the receivers' reordering wait are
@@ -319,7 +319,11 @@ impl Estimator {
         // not a capacity; a shaper's queue shows in the round trip first.
         let lossy = lost >= 10 && lost * 20 > sent;
         let ceiling = self.ceiling.unwrap_or(MAX_RATE);
-        if lossy || queued {
+        // A queue on a path we load lightly is not our doing (or it is
+        // draining): the delay estimate already steers load away from it,
+        // and no capacity can be read from it.
+        let ours = lossy || sent_rate >= 0.3 * self.rate as f64;
+        if (lossy || queued) && ours {
             // What got through is the capacity, but never less than half
             // the estimate in one period: a queue that drains slowly after
             // the load moved away must not spiral the estimate down.
