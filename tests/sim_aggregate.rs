@@ -338,10 +338,11 @@ fn unequal_delays_use_both_paths_in_order() {
     );
     assert!(o.shares[1] > 0.3, "the slow path carries {:?}", o.shares);
     // What the fast path brings early waits for the slow path's packets,
-    // in order, never past the wait (20 ms difference + 5 ms margin).
+    // in order, never past the wait (20 ms difference + 5 ms margin, and
+    // what late packets added: at most MAX_BOOST).
     assert_eq!(o.out_of_order, 0);
     assert!(
-        o.held_worst <= Duration::from_millis(30),
+        o.held_worst <= Duration::from_millis(25) + crosslink::core::reorder::MAX_BOOST,
         "held {:?}",
         o.held_worst
     );

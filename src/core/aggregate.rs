@@ -29,8 +29,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The rate assumed of a path with no configured rate, until measured
-/// (bytes per second: 1 Gbit/s).
-pub const DEFAULT_RATE: u64 = 125_000_000;
+/// (bytes per second: 100 Mbit/s). Low on purpose: an estimate grows by a
+/// quarter every [`ESTIMATE_PERIOD`] that the path carries most of it
+/// (10 Gbit/s within about two seconds of a saturating transfer), and a path
+/// first read from its queue is read at what it delivered, so a low start
+/// is soon corrected either way, while a high one would make every path
+/// look idle to the model.
+pub const DEFAULT_RATE: u64 = 12_500_000;
 /// The lowest estimate (bytes per second: 1 Mbit/s).
 pub const MIN_RATE: u64 = 125_000;
 /// The highest estimate (bytes per second: 100 Gbit/s).
