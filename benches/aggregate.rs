@@ -34,7 +34,7 @@ use crosslink::config::Policy;
 use crosslink::lab::{self, Direction, Gw, Host, Lab, LabOptions, LabPath, SERVER_ADDR};
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -103,38 +103,10 @@ impl Who {
     }
 }
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn env_list(name: &str) -> Option<Vec<String>> {
     std::env::var(name)
         .ok()
         .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
-}
-
-fn binary() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("CROSSLINK_BIN") {
-        return Ok(p.into());
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let bin = target.join("release").join("crosslink");
-    eprintln!("building the release binary (cargo build --release --bin crosslink)");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--bin", "crosslink"])
-        .current_dir(&root)
-        .status()
-        .map_err(|e| format!("running cargo: {e}"))?;
-    if !status.success() || !bin.is_file() {
-        return Err(format!("no release binary at {}", bin.display()));
-    }
-    Ok(bin)
 }
 
 /// Shapes and delays the lab's paths for `s` (undoing the last scenario's).
@@ -199,21 +171,9 @@ fn stream(
     during();
     let out = cli.wait_with_output().ok();
     lab::terminate(&mut srv, Duration::from_secs(2));
-    let v: Value = serde_json::from_slice(&out?.stdout).ok()?;
-    let total = v
-        .pointer("/end/sum_received/bits_per_second")
-        .and_then(Value::as_f64)?;
-    let intervals = v
-        .get("intervals")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|i| i.pointer("/sum/bits_per_second").and_then(Value::as_f64))
-                .map(|b| b / 1e6)
-                .collect()
-        })
-        .unwrap_or_default();
-    Some((total / 1e6, intervals))
+    let (total, intervals) = lab::iperf_report(&out?.stdout)?;
+    let mbit = intervals.iter().map(|b| b / 1e6).collect();
+    Some((total / 1e6, mbit))
 }
 
 fn crosslink_lab(bin: &PathBuf, policy: Policy, run: usize) -> lab::Result<Lab> {
@@ -350,15 +310,15 @@ fn main() {
             return;
         }
     }
-    let bin = match binary() {
+    let bin = match lab::release_binary() {
         Ok(b) => b,
         Err(e) => {
             println!("aggregate bench failed: {e}");
             std::process::exit(1);
         }
     };
-    let runs = env_num("XL_BENCH_RUNS", 3).max(1) as usize;
-    let secs = env_num("XL_BENCH_SECONDS", 8).max(4);
+    let runs = lab::env_num("XL_BENCH_RUNS", 3).max(1) as usize;
+    let secs = lab::env_num("XL_BENCH_SECONDS", 8).max(4);
     let scenarios: Vec<Scenario> = match env_list("XL_BENCH_SCENARIOS") {
         Some(l) => Scenario::ALL
             .into_iter()

@@ -117,34 +117,6 @@ impl Test {
     }
 }
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn binary() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("CROSSLINK_BIN") {
-        return Ok(p.into());
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let bin = target.join("release").join("crosslink");
-    eprintln!("building the release binary (cargo build --release --bin crosslink)");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--bin", "crosslink"])
-        .current_dir(&root)
-        .status()
-        .map_err(|e| format!("running cargo: {e}"))?;
-    if !status.success() || !bin.is_file() {
-        return Err(format!("no release binary at {}", bin.display()));
-    }
-    Ok(bin)
-}
-
 /// The modes to measure; with `XL_BENCH_COMPARE=<other crosslink binary>`
 /// the crosslink modes are measured with that binary too (before/after).
 /// The boringtun mode is skipped, with a line saying so, when
@@ -396,15 +368,15 @@ fn main() {
         println!("throughput bench skipped: {e}");
         return;
     }
-    let bin = match binary() {
+    let bin = match lab::release_binary() {
         Ok(b) => b,
         Err(e) => {
             println!("throughput bench failed: {e}");
             std::process::exit(1);
         }
     };
-    let runs = env_num("XL_BENCH_RUNS", 3).max(1);
-    let seconds = env_num("XL_BENCH_SECONDS", 5).max(1);
+    let runs = lab::env_num("XL_BENCH_RUNS", 3).max(1);
+    let seconds = lab::env_num("XL_BENCH_SECONDS", 5).max(1);
     let modes = modes(&bin);
     println!(
         "throughput: {runs} runs x {seconds} s per test, binary {}, {} CPUs, load {}",

@@ -344,13 +344,7 @@ impl Net {
     }
 
     fn status(&self, role: &str) -> Option<Value> {
-        let out = run(Command::new(BIN)
-            .arg("status")
-            .arg("-s")
-            .arg(self.socket(role))
-            .arg("--json"))
-        .ok()?;
-        serde_json::from_str(&out).ok()
+        lab::status_at(self.socket(role).as_ref()).ok()
     }
 
     fn check(&mut self) {

@@ -89,6 +89,24 @@ fn local_ip(path: u16, side: u8) -> IpAddr {
 }
 
 impl Sim {
+    /// Gateway A's first move of its traffic from path 1 to path 2 after
+    /// `after`: when, its detection time and its cause.
+    fn first_move_off_path_1(
+        &self,
+        after: Duration,
+    ) -> Option<(Duration, Option<Duration>, MoveCause)> {
+        self.events_a.iter().find_map(|(t, e)| match e {
+            Event::Failover {
+                from: Some(PathId(0)),
+                to: Some(PathId(1)),
+                detection,
+                cause,
+                ..
+            } if *t > after => Some((*t, *detection, *cause)),
+            _ => None,
+        })
+    }
+
     fn new(hold: &str, tx: &str, mult: u8) -> Sim {
         let t0 = Instant::now();
         let a = Engine::new(&gateway("a", "b", 1, hold, tx, mult), t0, 1);
@@ -315,17 +333,8 @@ fn blackhole_fails_over_within_detection_time_and_reverts_after_hold() {
     assert_eq!(sim.active(), Some(PathId(1)));
     let outage = longest_gap(&sim.received, 5_001, 7_000);
     let failover = sim
-        .events_a
-        .iter()
-        .find_map(|(t, e)| match e {
-            Event::Failover {
-                from: Some(PathId(0)),
-                to: Some(PathId(1)),
-                detection,
-                ..
-            } if *t > cut_at => Some((*t - cut_at, *detection)),
-            _ => None,
-        })
+        .first_move_off_path_1(cut_at)
+        .map(|(t, detection, _)| (t - cut_at, detection))
         .expect("a failover event");
     println!(
         "sim failover at 10ms x 3: outage {outage} ms, failover {:?} after the cut, detection {:?}",
@@ -467,17 +476,8 @@ fn a_brownout_moves_the_stream_off_and_back_after_the_hold() {
     assert_eq!(sim.active(), Some(PathId(1)));
     assert!(sim.a.paths()[0].is_up(), "BFD kept path 1 up");
     let moved = sim
-        .events_a
-        .iter()
-        .find_map(|(t, e)| match e {
-            Event::Failover {
-                from: Some(PathId(0)),
-                to: Some(PathId(1)),
-                cause,
-                ..
-            } => Some((*t, *cause)),
-            _ => None,
-        })
+        .first_move_off_path_1(Duration::ZERO)
+        .map(|(t, _, cause)| (t, cause))
         .expect("moved off path 1");
     assert_eq!(moved.1, MoveCause::Degraded(Reason::Loss));
     let after = moved.0 - start;

@@ -76,6 +76,14 @@ struct Outcome {
     estimates: Vec<f64>,
 }
 
+/// The numbers of the packets the resequencer has ready, in order.
+fn numbers(reseq: &mut Resequencer) -> Vec<u64> {
+    reseq
+        .take_ready()
+        .map(|h| u64::from_be_bytes(h.data[..8].try_into().unwrap()))
+        .collect()
+}
+
 fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outcome {
     let t0 = Instant::now();
     let ids: Vec<PathId> = (0..paths.len() as u16).map(PathId).collect();
@@ -160,10 +168,7 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
         }
         if next_gap == Some(now) {
             reseq.handle_timeout(now);
-            let ready: Vec<u64> = reseq
-                .take_ready()
-                .map(|h| u64::from_be_bytes(h.data[..8].try_into().unwrap()))
-                .collect();
+            let ready = numbers(&mut reseq);
             for s in ready {
                 deliver(s, now, &mut out, &mut held, &mut holds);
             }
@@ -181,10 +186,7 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
                 Offer::Held => held.push((seq, now)),
                 Offer::Duplicate => {}
             }
-            let ready: Vec<u64> = reseq
-                .take_ready()
-                .map(|h| u64::from_be_bytes(h.data[..8].try_into().unwrap()))
-                .collect();
+            let ready = numbers(&mut reseq);
             for s in ready {
                 deliver(s, now, &mut out, &mut held, &mut holds);
             }
@@ -237,10 +239,7 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
         if eligible != live {
             live = eligible.clone();
             reseq.set_live(live.iter().copied(), now);
-            let ready: Vec<u64> = reseq
-                .take_ready()
-                .map(|h| u64::from_be_bytes(h.data[..8].try_into().unwrap()))
-                .collect();
+            let ready = numbers(&mut reseq);
             for s in ready {
                 deliver(s, now, &mut out, &mut held, &mut holds);
             }

@@ -40,7 +40,7 @@
 use crate::config::{
     BfdAuthType, BfdConfig, Config, Hop, PathConfig, PeerConfig, Policy, SlaConfig,
 };
-use crate::core::aggregate::{reorder_wait, Board, Delivery, Estimator};
+use crate::core::aggregate::{nanos, reorder_wait, Board, Delivery, Estimator};
 use crate::core::bfd::{Auth, Deadlines, KeyError, Session, SessionConfig, SessionEvent, Transmit};
 use crate::core::drop::DropReason;
 use crate::core::quality::{Quality, Reason, Sample, Transition};
@@ -834,20 +834,11 @@ impl Engine {
     /// When a path next has timer work: its session's (a transmission, or
     /// detection when one is already queued) or its quality verdict's.
     fn path_deadline(&self, i: usize) -> Option<Instant> {
-        let p = self.paths.get(i).filter(|p| !p.retired)?;
-        let session = match self.in_ready.get(i).copied().unwrap_or(false) {
-            true => p.session.detection_deadline(),
-            false => p.session.poll_timeout(),
-        };
-        [session, p.quality.poll_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
+        path_deadline(&self.paths, &self.in_ready, i)
     }
 
     fn peer_deadline(&self, pi: usize) -> Option<Instant> {
-        let p = self.peers.get(pi).filter(|p| !p.retired)?;
-        p.steering.poll_timeout()
+        peer_deadline(&self.peers, pi)
     }
 
     /// Makes sure the path's (and its peer's) next deadline is scheduled:
@@ -872,22 +863,8 @@ impl Engine {
         let (paths, peers) = (&self.paths, &self.peers);
         let in_ready = &self.in_ready;
         self.timers.settle(|k| match timer_of(k) {
-            TimerKey::Path(i) => {
-                let p = paths.get(i).filter(|p| !p.retired)?;
-                let session = match in_ready.get(i).copied().unwrap_or(false) {
-                    true => p.session.detection_deadline(),
-                    false => p.session.poll_timeout(),
-                };
-                [session, p.quality.poll_timeout()]
-                    .into_iter()
-                    .flatten()
-                    .min()
-            }
-            TimerKey::Peer(pi) => peers
-                .get(pi)
-                .filter(|p| !p.retired)?
-                .steering
-                .poll_timeout(),
+            TimerKey::Path(i) => path_deadline(paths, in_ready, i),
+            TimerKey::Peer(pi) => peer_deadline(peers, pi),
         });
     }
 
@@ -1144,8 +1121,28 @@ impl Engine {
     }
 }
 
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+/// Path `i`'s next deadline (see [`Engine::path_deadline`]); a free
+/// function so that [`Engine::settle`] can use it while it borrows the
+/// timers.
+fn path_deadline(paths: &[PathCore], in_ready: &[bool], i: usize) -> Option<Instant> {
+    let p = paths.get(i).filter(|p| !p.retired)?;
+    let session = match in_ready.get(i).copied().unwrap_or(false) {
+        true => p.session.detection_deadline(),
+        false => p.session.poll_timeout(),
+    };
+    [session, p.quality.poll_timeout()]
+        .into_iter()
+        .flatten()
+        .min()
+}
+
+/// Peer `pi`'s next steering deadline.
+fn peer_deadline(peers: &[PeerCore], pi: usize) -> Option<Instant> {
+    peers
+        .get(pi)
+        .filter(|p| !p.retired)?
+        .steering
+        .poll_timeout()
 }
 
 /// The Length field of a datagram that parsed (so it is at least 24).

@@ -153,10 +153,7 @@ impl StatusClient {
     /// Asks over the control socket directly (no process spawned): cheap enough to
     /// poll every few milliseconds.
     pub fn poll(&self) -> Result<Value> {
-        let status = crate::telemetry::control::request_status(&self.socket)
-            .map_err(io_err(format!("status of {}", self.socket.display())))?;
-        serde_json::to_value(status)
-            .map_err(|e| LabError::Other(format!("cannot encode status: {e}")))
+        status_at(&self.socket)
     }
 
     /// Runs `crosslink status -s SOCKET`: the human table.
@@ -389,4 +386,43 @@ impl Lab {
                 && path_active(s, LabPath::Path1)
         })
     }
+}
+
+/// A bench knob: the environment variable `name` as a number, or `default`.
+pub fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The crosslink binary a bench runs: `CROSSLINK_BIN`, else the release
+/// build (`target/release/crosslink`, built now if needed).
+pub fn release_binary() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("CROSSLINK_BIN") {
+        return Ok(p.into());
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = target.join("release").join("crosslink");
+    eprintln!("building the release binary (cargo build --release --bin crosslink)");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--bin", "crosslink"])
+        .current_dir(&root)
+        .status()
+        .map_err(|e| format!("running cargo: {e}"))?;
+    if !status.success() || !bin.is_file() {
+        return Err(format!("no release binary at {}", bin.display()));
+    }
+    Ok(bin)
+}
+
+/// The status of the gateway whose control socket is `socket`, asked
+/// directly (no process spawned).
+pub fn status_at(socket: &Path) -> Result<Value> {
+    let status = crate::telemetry::control::request_status(socket)
+        .map_err(io_err(format!("status of {}", socket.display())))?;
+    serde_json::to_value(status).map_err(|e| LabError::Other(format!("cannot encode status: {e}")))
 }

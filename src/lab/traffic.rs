@@ -74,11 +74,8 @@ pub struct Iperf {
 
 impl Iperf {
     /// Waits for the client to finish; returns the received rate (bit/s).
-    pub fn finish(mut self) -> Option<f64> {
-        let out = self.client.take()?.wait_with_output().ok()?;
-        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-        v.pointer("/end/sum_received/bits_per_second")
-            .and_then(Value::as_f64)
+    pub fn finish(self) -> Option<f64> {
+        self.finish_intervals().map(|(total, _)| total)
     }
 
     /// Waits for the client to finish; returns the received rate (bit/s)
@@ -86,21 +83,27 @@ impl Iperf {
     /// asked otherwise).
     pub fn finish_intervals(mut self) -> Option<(f64, Vec<f64>)> {
         let out = self.client.take()?.wait_with_output().ok()?;
-        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-        let total = v
-            .pointer("/end/sum_received/bits_per_second")
-            .and_then(Value::as_f64)?;
-        let intervals = v
-            .get("intervals")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|i| i.pointer("/sum/bits_per_second").and_then(Value::as_f64))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Some((total, intervals))
+        iperf_report(&out.stdout)
     }
+}
+
+/// What an `iperf3 -J` client printed: the received rate (bit/s) and the
+/// sending rate of each reporting interval.
+pub fn iperf_report(json: &[u8]) -> Option<(f64, Vec<f64>)> {
+    let v: Value = serde_json::from_slice(json).ok()?;
+    let total = v
+        .pointer("/end/sum_received/bits_per_second")
+        .and_then(Value::as_f64)?;
+    let intervals = v
+        .get("intervals")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i.pointer("/sum/bits_per_second").and_then(Value::as_f64))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((total, intervals))
 }
 
 impl Drop for Iperf {

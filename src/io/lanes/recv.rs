@@ -208,40 +208,23 @@ impl PathIn {
                 };
                 let at = k * segment;
                 if let Some((instance, seq)) = ordered {
-                    let fresh = held.is_none();
                     let guard = held.get_or_insert_with(|| {
                         let mut g = reorder.lock();
                         self.steer(&mut g.r, now);
                         g
                     });
-                    if fresh && guard.r.has_ready() {
-                        // A path left: what waited for it goes first.
-                        let from = released.len();
-                        released.extend(guard.r.take_ready());
-                        inner.push((RELEASED, from..released.len(), false, false));
-                    }
+                    // What a path leaving released goes first (only the
+                    // first time: after that nothing waits between offers).
+                    take_released(&mut guard.r, &mut released, inner);
                     let packet = datagram.get(r.clone()).unwrap_or_default();
-                    match guard
+                    let offer = guard
                         .r
-                        .offer(instance, seq, self.id, packet, checksum_ok, now)
-                    {
-                        Offer::Deliver | Offer::Late => {}
-                        Offer::Held | Offer::Duplicate => {
-                            if guard.r.has_ready() {
-                                let from = released.len();
-                                released.extend(guard.r.take_ready());
-                                inner.push((RELEASED, from..released.len(), false, false));
-                            }
-                            continue;
-                        }
+                        .offer(instance, seq, self.id, packet, checksum_ok, now);
+                    if matches!(offer, Offer::Deliver | Offer::Late) {
+                        let whole = r.len() > out.mtu;
+                        inner.push((i, at + r.start..at + r.end, checksum_ok, whole));
                     }
-                    let whole = r.len() > out.mtu;
-                    inner.push((i, at + r.start..at + r.end, checksum_ok, whole));
-                    if guard.r.has_ready() {
-                        let from = released.len();
-                        released.extend(guard.r.take_ready());
-                        inner.push((RELEASED, from..released.len(), false, false));
-                    }
+                    take_released(&mut guard.r, &mut released, inner);
                     continue;
                 }
                 let whole = r.len() > out.mtu;
@@ -536,6 +519,20 @@ type Inner = (Range<usize>, bool, Option<(u32, u64)>);
 /// Marks an entry of a burst's packets that stands for packets the
 /// resequencer released (their range in the burst's released packets).
 const RELEASED: usize = usize::MAX;
+
+/// Moves what the resequencer has ready to `released`, marked in the
+/// burst's `inner` list where it is to be written.
+fn take_released(
+    r: &mut Resequencer,
+    released: &mut Vec<Held>,
+    inner: &mut Vec<(usize, Range<usize>, bool, bool)>,
+) {
+    if r.has_ready() {
+        let from = released.len();
+        released.extend(r.take_ready());
+        inner.push((RELEASED, from..released.len(), false, false));
+    }
+}
 
 /// Writes packets the resequencer released, in order (merged where they
 /// can be, like a burst's).
