@@ -199,6 +199,11 @@ impl Topo {
         fs::read_to_string(self.path("xl.log")).unwrap_or_default()
     }
 
+    /// crosslink's log once it has `needle` (its lines land from a writer thread).
+    fn xl_log_with(&self, needle: &str) -> String {
+        lab::wait_log(&self.path("xl.log"), needle, Duration::from_secs(3))
+    }
+
     fn xl(&self) -> BfdStatus {
         self.xl_status().peers[0].paths[0].bfd.clone()
     }
@@ -431,7 +436,7 @@ fn check_stop(t: &mut Topo, who: &str) {
     let after = t.xl();
     assert_eq!(after.local_diag, "control_detection_expired");
     assert_eq!(after.failures, before.failures + 1);
-    let log = t.xl_log();
+    let log = t.xl_log_with("failover");
     let detection = log
         .lines()
         .rev()
@@ -505,7 +510,7 @@ fn frr_scenario(interval_ms: u64) {
     );
     assert_eq!(Frr::peer(&t)["status"], "up");
     assert!(t
-        .xl_log()
+        .xl_log_with("BFD timers applied with a poll sequence")
         .contains("BFD timers applied with a poll sequence"));
     lab::say(&format!("REPORT interop {who}: timer changes on both sides via poll/final, no flap (transitions {})", before.transitions));
 
@@ -522,7 +527,9 @@ fn frr_scenario(interval_ms: u64) {
     );
     assert_eq!(after.remote_admin_downs, before.remote_admin_downs + 1);
     assert!(!t.xl_status().peers[0].paths[0].active);
-    assert!(t.xl_log().contains("administrative, not a failure"));
+    assert!(t
+        .xl_log_with("administrative, not a failure")
+        .contains("administrative, not a failure"));
     lab::say(&format!("REPORT interop {who}: FRR shutdown (AdminDown) -> path down in {took:?}, failures unchanged ({})", after.failures));
     Frr::configure(&t, false, &["no shutdown"]);
     t.wait("Up again after no shutdown", ms(10_000), |t| {

@@ -208,7 +208,11 @@ fn failover_on_blackhole(fast: bool) {
     ));
     eprintln!("probe report: {report}\nsender report: {sent}");
     if fast {
-        let log = std::fs::read_to_string(lab.log_path(Gw::A)).unwrap_or_default();
+        let log = lab::wait_log(
+            &lab.log_path(Gw::A),
+            "fast path attached",
+            Duration::from_secs(3),
+        );
         assert!(log.contains("fast path attached"), "gw-a: {log}");
         // A few packets may reach the lanes before the first path is up.
         let through_lanes = tun_after.saturating_sub(tun_before);

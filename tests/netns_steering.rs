@@ -684,7 +684,7 @@ fn carrier_loss_fails_over_in_milliseconds() {
     );
     report_line("carrier_loss", &outages, "carrier_loss");
     eprintln!("probe report: {report}");
-    let log = fs::read_to_string(net.log("a")).unwrap_or_default();
+    let log = lab::wait_log(&net.log("a"), "link_down", Duration::from_secs(3));
     assert!(
         log.contains("link_down"),
         "gw-a never blocked a path for carrier loss"
@@ -749,7 +749,7 @@ fn send_errors_fail_over_in_milliseconds() {
         ("send_error_enetunreach", "send_errors"),
     );
     report_line("send_error_enetunreach", &outages, "send_errors");
-    let log = fs::read_to_string(net.log("a")).unwrap_or_default();
+    let log = lab::wait_log(&net.log("a"), "send_error", Duration::from_secs(3));
     assert!(
         log.contains("send_error"),
         "gw-a never marked a path suspect"

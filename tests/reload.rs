@@ -239,7 +239,11 @@ fn reload_applies_only_the_difference() {
             bfd_field(&after, p, "transitions")
         );
     }
-    let log = std::fs::read_to_string(lab.dir().join("gw-a.log")).unwrap();
+    let log = lab::wait_log(
+        &lab.dir().join("gw-a.log"),
+        "reload refused",
+        Duration::from_secs(3),
+    );
     assert!(log.contains("reload refused"), "no refusal logged");
     say("broken file: refused, crosslink_config_last_reload_successful 0, nothing changed");
 

@@ -426,3 +426,17 @@ pub fn status_at(socket: &Path) -> Result<Value> {
         .map_err(io_err(format!("status of {}", socket.display())))?;
     serde_json::to_value(status).map_err(|e| LabError::Other(format!("cannot encode status: {e}")))
 }
+
+/// The log at `path` once it contains `needle`, or as it is after `within`.
+/// The daemon writes its log from a thread of its own, so a line can land a
+/// moment after the state change it reports is visible in `status`.
+pub fn wait_log(path: &Path, needle: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let log = fs::read_to_string(path).unwrap_or_default();
+        if log.contains(needle) || Instant::now() >= deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
