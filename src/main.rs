@@ -29,11 +29,27 @@ enum Command {
         #[arg(long, env = "CROSSLINK_LOG_FORMAT", default_value = "text")]
         log_format: LogFormat,
     },
-    /// Validate a configuration file without applying it.
+    /// Validate a configuration file without applying it; with --reach,
+    /// probe its paths to the far gateway; with --against, compare it with
+    /// the far gateway's file.
     Check {
         /// Configuration file.
         #[arg(short, long)]
         config: PathBuf,
+        /// The far gateway's configuration: report every key where the two
+        /// files do not mirror each other.
+        #[arg(long, value_name = "FILE")]
+        against: Option<PathBuf>,
+        /// Probe every path to the far gateway (answer, round trip, loss,
+        /// path MTU) without touching a running daemon's TUNs or routes.
+        #[arg(long)]
+        reach: bool,
+        /// How long --reach probes.
+        #[arg(long, default_value = "2s", value_parser = config::parse_duration)]
+        duration: std::time::Duration,
+        /// Print --reach's report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the running daemon's peers and paths.
     Status {
@@ -91,7 +107,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check { config } => check(&config),
+        Command::Check {
+            config,
+            against,
+            reach,
+            duration,
+            json,
+        } => check(&config, against.as_deref(), reach.then_some(duration), json),
         Command::Status {
             socket,
             json,
@@ -147,24 +169,61 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     guard
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(cfg) => {
-            let problems = cfg.check_files();
-            for p in &problems {
-                eprintln!("{p}");
-            }
-            print!("{}", cfg.summary());
-            if problems.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+fn check(
+    path: &std::path::Path,
+    against: Option<&std::path::Path>,
+    reach: Option<std::time::Duration>,
+    json: bool,
+) -> ExitCode {
+    let cfg = match Config::load(path) {
+        Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("{e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    let problems = cfg.check_files();
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    let mut ok = problems.is_empty();
+    if !json {
+        print!("{}", cfg.summary());
+    }
+    if let Some(other) = against {
+        match Config::load(other) {
+            Ok(far) => {
+                let mismatches = config::mirror::compare(&cfg, &far);
+                for m in &mismatches {
+                    eprintln!("mismatch: {m}");
+                }
+                if mismatches.is_empty() && !json {
+                    println!("{} mirrors {}", path.display(), other.display());
+                }
+                ok &= mismatches.is_empty();
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ok = false;
+            }
+        }
+    }
+    if let Some(duration) = reach {
+        let reports = crosslink::io::reach::check(&cfg, duration);
+        if json {
+            match serde_json::to_string_pretty(&reports) {
+                Ok(text) => println!("{text}"),
+                Err(e) => eprintln!("crosslink: {e}"),
+            }
+        } else {
+            print!("{}", crosslink::io::reach::table(&reports));
+        }
+        ok &= reports.iter().all(|r| r.ok());
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -34,6 +34,7 @@ pub mod lanes;
 pub mod linkwatch;
 pub mod netlink;
 pub mod notify;
+pub mod reach;
 pub mod sys;
 pub mod tun;
 pub mod udp;
