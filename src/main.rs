@@ -51,6 +51,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write both gateways' configurations (and their key) from the two
+    /// names, the prefixes and each path's addresses; asks on a terminal
+    /// for what the flags leave out.
+    Init(config::init::InitArgs),
     /// Show the running daemon's peers and paths.
     Status {
         /// Control socket of the daemon.
@@ -123,6 +127,16 @@ fn main() -> ExitCode {
         Command::Status {
             socket, interval, ..
         } => watch(&socket, interval),
+        Command::Init(args) => match config::init::main(&args) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("crosslink init: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo(args) => code(crosslink::lab::demo::main(args)),
         Command::Probe(args) => code(crosslink::lab::probe::main(args)),
         Command::Flood(args) => code(crosslink::lab::flood::main(args)),

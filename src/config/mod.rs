@@ -65,6 +65,7 @@ const MAX_IFNAME_LEN: usize = 15;
 /// path maps ([`crate::io::fastpath`]).
 pub const FAST_PATH_MAX_PATHS: usize = 32;
 
+pub mod init;
 pub mod mirror;
 mod parse;
 #[cfg(test)]
