@@ -200,6 +200,9 @@ fn check(
     for p in &problems {
         eprintln!("{p}");
     }
+    for w in cfg.warnings() {
+        eprintln!("warning: {w}");
+    }
     let mut ok = problems.is_empty();
     if !json {
         print!("{}", cfg.summary());

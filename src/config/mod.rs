@@ -141,6 +141,30 @@ impl Config {
         })
     }
 
+    /// What is valid but likely wrong, one line each: a peer route (other
+    /// than a default route) that covers a path's far address would route
+    /// that path's own datagrams into a TUN, unless the host has a more
+    /// specific route to the far address (a connected subnet does).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for peer in &self.peers {
+            for route in peer.routes.iter().filter(|r| r.len > 0) {
+                for q in &self.peers {
+                    for p in q.paths.iter().filter(|p| route.contains(p.remote.ip())) {
+                        out.push(format!(
+                            "peer.{}.routes: {route} covers {}, the far address of path {} of peer {}: unless this host has a more specific route to it, the path's own datagrams go into the TUN (route only the prefixes behind the far gateway)",
+                            peer.name,
+                            p.remote.ip(),
+                            p.name,
+                            q.name
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Checks that every referenced secret file (BFD `auth.secret_file`, peer `key_file`)
     /// exists, is a regular file and can be opened for reading. Not part of [`Config::parse`],
     /// so configs can be validated on another host; `crosslink check` and `run` call it.

@@ -1238,3 +1238,17 @@ fn bad_rates_and_waits_are_refused_with_their_key() {
         assert_eq!(e.key, "peer.gcp.reorder_wait", "{wait}: {e}");
     }
 }
+
+#[test]
+fn a_route_that_covers_a_paths_far_address_is_warned_about() {
+    let c = ok(&base_with(
+        "tun = \"xl-aws\"\n",
+        "tun = \"xl-aws\"\nroutes = [\"0.0.0.0/0\", \"10.0.0.0/8\", \"198.51.100.0/24\"]\n",
+    ));
+    let w = c.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("198.51.100.2") && w[0].contains("cci-2"),
+        "{w:?}"
+    );
+}
