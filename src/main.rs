@@ -55,6 +55,11 @@ enum Command {
     /// names, the prefixes and each path's addresses; asks on a terminal
     /// for what the flags leave out.
     Init(config::init::InitArgs),
+    /// Print a new X25519 private key (base64) for `[gateway] private_key_file`.
+    Genkey,
+    /// Read a private key on standard input and print its public key (base64),
+    /// the far gateway's `public_key` for this one.
+    Pubkey,
     /// Show the running daemon's peers and paths.
     Status {
         /// Control socket of the daemon.
@@ -118,6 +123,8 @@ fn main() -> ExitCode {
             duration,
             json,
         } => check(&config, against.as_deref(), reach.then_some(duration), json),
+        Command::Genkey => genkey(),
+        Command::Pubkey => pubkey(),
         Command::Status {
             socket,
             json,
@@ -143,6 +150,43 @@ fn main() -> ExitCode {
         Command::Relay(args) => code(crosslink::lab::relay::main(args)),
         Command::Completions { shell } => print_doc(Ok(completions(shell))),
         Command::Man => print_doc(man_page()),
+    }
+}
+
+/// `crosslink genkey`: a private key on standard output, as `wg genkey`.
+fn genkey() -> ExitCode {
+    match crosslink::io::keys::generate_private() {
+        Ok(key) => {
+            println!("{}", key.to_base64());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("crosslink: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `crosslink pubkey`: the public key of the private key on standard input.
+fn pubkey() -> ExitCode {
+    use std::io::Read;
+    use zeroize::Zeroize;
+    let mut text = String::new();
+    let read = std::io::stdin().take(4096).read_to_string(&mut text);
+    let key = match read {
+        Ok(_) => crosslink::core::keypair::PrivateKey::parse(&text).map_err(|e| e.to_string()),
+        Err(e) => Err(format!("reading standard input: {e}")),
+    };
+    text.zeroize();
+    match key {
+        Ok(key) => {
+            println!("{}", key.public());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("crosslink: private key on standard input: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

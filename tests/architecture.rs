@@ -48,6 +48,9 @@ const CORE_CRATES: &[&str] = &[
     "sha1",
     "zeroize",
     "ring",
+    "base64",
+    "curve25519_dalek",
+    "snow",
 ];
 
 /// Paths of `std` that reach the world or the clock.

@@ -171,6 +171,9 @@ impl Config {
     /// Each error's `file` is the offending secret file and `key` the config key naming it.
     pub fn check_files(&self) -> Vec<ConfigError> {
         let mut wanted: Vec<(String, &Path)> = Vec::new();
+        if let Some(k) = &self.gateway.private_key_file {
+            wanted.push(("gateway.private_key_file".into(), k));
+        }
         if let Some(auth) = &self.bfd.auth {
             wanted.push(("bfd.auth.secret_file".into(), &auth.secret_file));
         }
@@ -288,7 +291,11 @@ fn peer_summary(out: &mut String, peer: &PeerConfig, default_auth: Option<&BfdAu
         ", policy {}, revert_hold {}, {}\n",
         peer.policy,
         format_duration(peer.revert_hold),
-        if peer.key_file.is_some() {
+        if peer.public_key.is_some() && peer.key_file.is_some() {
+            "encrypted (handshake with public_key, key_file mixed in)"
+        } else if peer.public_key.is_some() {
+            "encrypted (handshake with public_key)"
+        } else if peer.key_file.is_some() {
             "encrypted"
         } else {
             "no key_file (cleartext)"
