@@ -10,6 +10,7 @@
 //! saying they are ready.
 
 use super::{mirror, Config, Policy, Prefix};
+use crate::core::keypair::{PrivateKey, PublicKey};
 use std::fmt::Write as _;
 use std::io::{BufRead, IsTerminal, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +24,11 @@ pub const DEFAULT_PORT: u16 = 4800;
 pub enum KeyMode {
     /// A new 32-byte pre-shared key, the same file at both ends.
     Psk,
+    /// A key pair per gateway and a handshake: each file names its own
+    /// private key file and the far gateway's public key. With
+    /// `--far-public-key`, the far gateway keeps the private key it made
+    /// with `crosslink genkey` and no secret has to travel.
+    Pair,
     /// No key: traffic in the clear (a link that is private end to end
     /// and trusted).
     None,
@@ -65,6 +71,11 @@ pub struct InitArgs {
     /// (the far gateway) and the key file.
     #[arg(long, default_value = ".")]
     pub out: PathBuf,
+    /// With `--keys pair`: the far gateway's public key (`crosslink genkey |
+    /// tee private.key | crosslink pubkey` there); without it, `init` makes
+    /// the far gateway's key pair too.
+    #[arg(long, value_name = "BASE64")]
+    pub far_public_key: Option<String>,
     /// Where the configurations say the key file is, on each gateway.
     #[arg(long, default_value = "/etc/crosslink")]
     pub install_dir: PathBuf,
@@ -98,10 +109,20 @@ pub struct Spec {
     pub bfd_interval: std::time::Duration,
     pub bfd_multiplier: u8,
     pub policy: Policy,
-    /// The key file's path on each gateway, when sealed.
+    /// The pre-shared key file's path on each gateway, when sealed with one.
     pub key_file: Option<PathBuf>,
+    /// Key pairs: each gateway's private key file (this one's, the far
+    /// one's) and public key (this one's, the far one's).
+    pub pairs: Option<Pairs>,
     pub control_socket: Option<PathBuf>,
     pub far_control_socket: Option<PathBuf>,
+}
+
+/// Both gateways' key files and public keys.
+#[derive(Clone, Debug)]
+pub struct Pairs {
+    pub private_key_file: (PathBuf, PathBuf),
+    pub public_key: (PublicKey, PublicKey),
 }
 
 /// Parses `NAME=LOCAL,REMOTE`.
@@ -185,6 +206,19 @@ pub fn render(spec: &Spec, mirror: bool) -> String {
     if let Some(s) = socket {
         let _ = writeln!(t, "control_socket = \"{}\"", s.display());
     }
+    if let Some(p) = &spec.pairs {
+        let file = if mirror {
+            &p.private_key_file.1
+        } else {
+            &p.private_key_file.0
+        };
+        let _ = writeln!(
+            t,
+            "# This gateway's private key (`crosslink genkey`): readable by root only.\n\
+             private_key_file = \"{}\"",
+            file.display()
+        );
+    }
     let _ = writeln!(
         t,
         "\n# BFD on every path: a dead path is left after about interval x multiplier.\n\
@@ -209,6 +243,18 @@ pub fn render(spec: &Spec, mirror: bool) -> String {
         );
     }
     let _ = writeln!(t, "policy = \"{}\"", spec.policy.as_str());
+    if let Some(p) = &spec.pairs {
+        let far = if mirror {
+            &p.public_key.0
+        } else {
+            &p.public_key.1
+        };
+        let _ = writeln!(
+            t,
+            "# {them}'s public key: the handshake proves it holds the private one.\n\
+             public_key = \"{far}\""
+        );
+    }
     if let Some(k) = &spec.key_file {
         let _ = writeln!(
             t,
@@ -320,8 +366,11 @@ fn spec_from(args: &InitArgs) -> Result<Spec, String> {
     };
     let key_file = match args.keys {
         KeyMode::Psk => Some(args.install_dir.join(key_file_name(&name, &peer))),
-        KeyMode::None => None,
+        KeyMode::None | KeyMode::Pair => None,
     };
+    if args.far_public_key.is_some() && args.keys != KeyMode::Pair {
+        return Err("--far-public-key goes with --keys pair".into());
+    }
     Ok(Spec {
         name,
         peer,
@@ -332,6 +381,7 @@ fn spec_from(args: &InitArgs) -> Result<Spec, String> {
         bfd_multiplier: args.bfd_multiplier,
         policy,
         key_file,
+        pairs: None,
         control_socket: args.control_socket.clone(),
         far_control_socket: args.far_control_socket.clone(),
     })
@@ -342,6 +392,11 @@ fn spec_from(args: &InitArgs) -> Result<Spec, String> {
 pub fn key_file_name(a: &str, b: &str) -> String {
     let (x, y) = if a <= b { (a, b) } else { (b, a) };
     format!("{x}--{y}.key")
+}
+
+/// A gateway's private key file's name.
+pub fn private_name(gateway: &str) -> String {
+    format!("{gateway}.private")
 }
 
 /// A new pre-shared key, as the key file holds it (64 hex digits).
@@ -375,7 +430,29 @@ fn write_new(path: &Path, text: &str, mode: u32, force: bool) -> Result<(), Stri
 
 /// Runs `crosslink init`: 0 when both files are written and check out.
 pub fn main(args: &InitArgs) -> Result<String, String> {
-    let spec = spec_from(args)?;
+    let mut spec = spec_from(args)?;
+    // Key pairs: this gateway's made here; the far one's given, or made here.
+    let mut privates: Vec<(PathBuf, PrivateKey)> = Vec::new();
+    if args.keys == KeyMode::Pair {
+        let ours = crate::io::keys::generate_private()?;
+        let far_public = match &args.far_public_key {
+            Some(text) => PublicKey::parse(text).map_err(|e| format!("--far-public-key: {e}"))?,
+            None => {
+                let far = crate::io::keys::generate_private()?;
+                let public = far.public();
+                privates.push((args.out.join(private_name(&spec.peer)), far));
+                public
+            }
+        };
+        spec.pairs = Some(Pairs {
+            private_key_file: (
+                args.install_dir.join(private_name(&spec.name)),
+                args.install_dir.join(private_name(&spec.peer)),
+            ),
+            public_key: (ours.public(), far_public),
+        });
+        privates.insert(0, (args.out.join(private_name(&spec.name)), ours));
+    }
     let ours = render(&spec, false);
     let far = render(&spec, true);
     let a = Config::parse(&ours, &format!("{}.toml", spec.name)).map_err(|e| e.to_string())?;
@@ -398,6 +475,30 @@ pub fn main(args: &InitArgs) -> Result<String, String> {
         far_path.display(),
         spec.peer
     );
+    for (i, (path, key)) in privates.iter().enumerate() {
+        let text = zeroize::Zeroizing::new(key.to_base64() + "\n");
+        write_new(path, &text, 0o600, args.force)?;
+        let whose = if i == 0 { &spec.name } else { &spec.peer };
+        let how = if i == 0 {
+            "keep it on this gateway"
+        } else {
+            "carry it to that gateway over a secure channel only, or make its key there with `crosslink genkey` and give its public key to `init --far-public-key`"
+        };
+        let _ = writeln!(
+            report,
+            "wrote {} ({whose}'s private key: install it as {}; {how})",
+            path.display(),
+            args.install_dir.join(private_name(whose)).display()
+        );
+    }
+    if args.far_public_key.is_some() {
+        let _ = writeln!(
+            report,
+            "{}'s file names {} for its private key: put the key made there with `crosslink genkey` at that path",
+            spec.peer,
+            args.install_dir.join(private_name(&spec.peer)).display()
+        );
+    }
     if let Some(k) = &spec.key_file {
         let name = k.file_name().map(PathBuf::from).unwrap_or_default();
         let key_path = args.out.join(name);
@@ -442,6 +543,7 @@ mod tests {
             bfd_multiplier: 3,
             policy: Policy::ActiveBackup,
             key_file: Some("/etc/crosslink/aws-gw--gcp-gw.key".into()),
+            pairs: None,
             control_socket: None,
             far_control_socket: None,
         }
@@ -506,6 +608,36 @@ mod tests {
                 .any(|l| l.contains("key_file") && l.contains("one side only")),
             "{m:?}"
         );
+    }
+
+    #[test]
+    fn key_pair_files_name_their_own_private_key_and_the_far_public_key() {
+        let a_key = PrivateKey::from_bytes([1; 32]);
+        let b_key = PrivateKey::from_bytes([2; 32]);
+        let s = Spec {
+            key_file: None,
+            pairs: Some(Pairs {
+                private_key_file: ("/k/aws-gw.private".into(), "/k/gcp-gw.private".into()),
+                public_key: (a_key.public(), b_key.public()),
+            }),
+            ..spec()
+        };
+        let a = Config::parse(&render(&s, false), "a.toml").unwrap();
+        let b = Config::parse(&render(&s, true), "b.toml").unwrap();
+        assert_eq!(a.gateway.private_key_file, Some("/k/aws-gw.private".into()));
+        assert_eq!(b.gateway.private_key_file, Some("/k/gcp-gw.private".into()));
+        assert_eq!(a.peers[0].public_key, Some(b_key.public()));
+        assert_eq!(b.peers[0].public_key, Some(a_key.public()));
+        assert_eq!(a.peers[0].key_file, None);
+        assert_eq!(mirror::compare(&a, &b), Vec::<String>::new());
+        // A file whose public key is not the far gateway's.
+        let wrong = render(&s, true).replace(
+            &a_key.public().to_string(),
+            &PrivateKey::from_bytes([3; 32]).public().to_string(),
+        );
+        let c = Config::parse(&wrong, "c.toml").unwrap();
+        let m = mirror::compare_with_keys(&a, &c, Some(&a_key), None);
+        assert!(m.iter().any(|l| l.contains("public_key")), "{m:?}");
     }
 
     #[test]

@@ -14,18 +14,40 @@
 //! both ends would loop and are reported too.
 
 use super::{BfdConfig, Config, PeerConfig, Policy};
+use crate::core::keypair::PrivateKey;
 use std::path::Path;
 
 /// Every difference between `ours` and `far` that breaks or weakens the
-/// link, one line each, naming the keys on both sides.
+/// link, one line each, naming the keys on both sides. Key files that can
+/// be read here are compared too.
 pub fn compare(ours: &Config, far: &Config) -> Vec<String> {
+    let private = |c: &Config| {
+        c.gateway
+            .private_key_file
+            .as_deref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| PrivateKey::parse(&t).ok())
+    };
+    compare_with_keys(ours, far, private(ours).as_ref(), private(far).as_ref())
+}
+
+/// [`compare`] with each gateway's private key, when known: each side's
+/// `public_key` for the other must be the other's.
+pub fn compare_with_keys(
+    ours: &Config,
+    far: &Config,
+    our_key: Option<&PrivateKey>,
+    far_key: Option<&PrivateKey>,
+) -> Vec<String> {
     let mut out = Vec::new();
     let mut matched = Vec::new();
     for peer in &ours.peers {
         match far.peers.iter().position(|q| mirrors(peer, q)) {
             Some(i) => {
                 matched.push(i);
-                compare_peer(peer, &far.peers[i], &mut out);
+                let q = &far.peers[i];
+                compare_peer(peer, q, &mut out);
+                compare_public_keys(peer, q, our_key, far_key, &mut out);
             }
             None => out.push(format!(
                 "peer.{}: no peer of {} has a path from {} to {}",
@@ -130,6 +152,34 @@ fn compare_peer(a: &PeerConfig, b: &PeerConfig, out: &mut Vec<String>) {
                 "{ka}.routes / {kb}.routes: {r} is routed into the link at both ends (a loop)"
             ));
         }
+    }
+}
+
+fn compare_public_keys(
+    a: &PeerConfig,
+    b: &PeerConfig,
+    our_key: Option<&PrivateKey>,
+    far_key: Option<&PrivateKey>,
+    out: &mut Vec<String>,
+) {
+    let (ka, kb) = (format!("peer.{}", a.name), format!("peer.{}", b.name));
+    match (&a.public_key, &b.public_key) {
+        (Some(_), None) | (None, Some(_)) => out.push(format!(
+            "{ka}.public_key / {kb}.public_key: set on one side only (one end runs the handshake, the other does not)"
+        )),
+        (Some(theirs), Some(ours)) => {
+            if far_key.is_some_and(|k| k.public() != *theirs) {
+                out.push(format!(
+                    "{ka}.public_key: not the public key of the far gateway's private_key_file"
+                ));
+            }
+            if our_key.is_some_and(|k| k.public() != *ours) {
+                out.push(format!(
+                    "far {kb}.public_key: not the public key of this gateway's private_key_file"
+                ));
+            }
+        }
+        (None, None) => {}
     }
 }
 
