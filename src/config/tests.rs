@@ -755,11 +755,12 @@ fn fast_path_only_where_the_kernel_can_carry_it() {
         "cleartext",
     );
     assert_err(
-        &with("fast_path = true\npolicy = \"balance\"\n"),
+        &with("fast_path = true\npolicy = \"aggregate\"\n"),
         7,
         "peer.gcp.fast_path",
-        "active-backup",
+        "active-backup\" or \"balance",
     );
+    assert!(ok(&with("fast_path = true\npolicy = \"balance\"\n")).peers[0].fast_path);
     let v6 = with("fast_path = true\n")
         .replace("192.0.2.1:4800", "[2001:db8::1]:4800")
         .replace("192.0.2.2:4800", "[2001:db8::2]:4800");

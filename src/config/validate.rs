@@ -355,8 +355,8 @@ pub(super) fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResu
     })
 }
 
-/// What the kernel fast path can carry: cleartext, one active path at a
-/// time, IPv4 underlay from a concrete local address.
+/// What the kernel fast path can carry: cleartext, `active-backup` or
+/// `balance`, IPv4 underlay from a concrete local address.
 pub(super) fn check_fast_path(
     keyed: bool,
     policy: Policy,
@@ -368,9 +368,9 @@ pub(super) fn check_fast_path(
             "needs a cleartext peer (no key_file or public_key): sealing stays in user space"
                 .to_string(),
         )
-    } else if policy != Policy::ActiveBackup {
+    } else if !matches!(policy, Policy::ActiveBackup | Policy::Balance) {
         Some(format!(
-            "needs policy \"active-backup\" (this peer's is \"{policy}\")"
+            "needs policy \"active-backup\" or \"balance\" (this peer's is \"{policy}\")"
         ))
     } else if paths.len() > FAST_PATH_MAX_PATHS {
         Some(format!(
