@@ -22,8 +22,10 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// `crosslink init` for the lab's two gateways, into `<lab dir>/init`:
-/// returns the paths of gw-a's and gw-b's files.
+/// `crosslink init` for the lab's two gateways, into `<lab dir>/init`
+/// (gw-b's files in `init/gw-b/`; both gateways share the lab's file
+/// system, so gw-b's key file paths name `init/`, where the pre-shared key
+/// is the same file): returns the paths of gw-a's and gw-b's files.
 fn init(lab: &Lab, keys: &str) -> (PathBuf, PathBuf) {
     let out = lab.dir().join("init");
     let mut cmd = Command::new(BIN);
@@ -56,7 +58,10 @@ fn init(lab: &Lab, keys: &str) -> (PathBuf, PathBuf) {
         String::from_utf8_lossy(&done.stderr)
     );
     lab::say(&format!("init said:\n{said}"));
-    (out.join("gw-a.toml"), out.join("gw-b.toml"))
+    (
+        out.join("crosslink.toml"),
+        out.join("gw-b").join("crosslink.toml"),
+    )
 }
 
 /// `crosslink check --reach --json` in `host`'s namespace.

@@ -10,7 +10,7 @@
 //! saying they are ready.
 
 use super::{mirror, Config, Policy, Prefix};
-use crate::core::keypair::{PrivateKey, PublicKey};
+use crate::core::keypair::PublicKey;
 use std::fmt::Write as _;
 use std::io::{BufRead, IsTerminal, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -67,9 +67,9 @@ pub struct InitArgs {
     /// How traffic is protected.
     #[arg(long, value_enum, default_value = "psk")]
     pub keys: KeyMode,
-    /// Where the files are written: NAME.toml (this gateway), PEER.toml
-    /// (the far gateway) and the key file.
-    #[arg(long, default_value = ".")]
+    /// Where the files are written: this gateway's crosslink.toml and key
+    /// file, and a directory PEER/ with the far gateway's.
+    #[arg(long, default_value = "/etc/crosslink")]
     pub out: PathBuf,
     /// With `--keys pair`: the far gateway's public key (`crosslink genkey |
     /// tee private.key | crosslink pubkey` there); without it, `init` makes
@@ -428,30 +428,50 @@ fn write_new(path: &Path, text: &str, mode: u32, force: bool) -> Result<(), Stri
         })
 }
 
-/// Runs `crosslink init`: 0 when both files are written and check out.
+/// This gateway's configuration file's name: what the service runs.
+pub const CONFIG_NAME: &str = "crosslink.toml";
+
+/// Runs `crosslink init`: writes this gateway's files into `--out` and the
+/// far gateway's into `--out/PEER/`, laid out as they go on each gateway
+/// (`crosslink.toml` and the key files beside it), and says what to do
+/// next. Nothing is written unless both files parse and mirror each other.
 pub fn main(args: &InitArgs) -> Result<String, String> {
     let mut spec = spec_from(args)?;
-    // Key pairs: this gateway's made here; the far one's given, or made here.
-    let mut privates: Vec<(PathBuf, PrivateKey)> = Vec::new();
-    if args.keys == KeyMode::Pair {
-        let ours = crate::io::keys::generate_private()?;
-        let far_public = match &args.far_public_key {
-            Some(text) => PublicKey::parse(text).map_err(|e| format!("--far-public-key: {e}"))?,
-            None => {
-                let far = crate::io::keys::generate_private()?;
-                let public = far.public();
-                privates.push((args.out.join(private_name(&spec.peer)), far));
-                public
-            }
-        };
-        spec.pairs = Some(Pairs {
-            private_key_file: (
-                args.install_dir.join(private_name(&spec.name)),
-                args.install_dir.join(private_name(&spec.peer)),
-            ),
-            public_key: (ours.public(), far_public),
-        });
-        privates.insert(0, (args.out.join(private_name(&spec.name)), ours));
+    let here = args.out.clone();
+    let there = args.out.join(&spec.peer);
+    // Key files to write: (directory, name, content).
+    let mut secrets: Vec<(PathBuf, String, zeroize::Zeroizing<String>)> = Vec::new();
+    match args.keys {
+        KeyMode::Pair => {
+            let ours = crate::io::keys::generate_private()?;
+            let far_public = match &args.far_public_key {
+                Some(text) => {
+                    PublicKey::parse(text).map_err(|e| format!("--far-public-key: {e}"))?
+                }
+                None => {
+                    let far = crate::io::keys::generate_private()?;
+                    let text = zeroize::Zeroizing::new(far.to_base64() + "\n");
+                    secrets.push((there.clone(), private_name(&spec.peer), text));
+                    far.public()
+                }
+            };
+            spec.pairs = Some(Pairs {
+                private_key_file: (
+                    args.install_dir.join(private_name(&spec.name)),
+                    args.install_dir.join(private_name(&spec.peer)),
+                ),
+                public_key: (ours.public(), far_public),
+            });
+            let text = zeroize::Zeroizing::new(ours.to_base64() + "\n");
+            secrets.insert(0, (here.clone(), private_name(&spec.name), text));
+        }
+        KeyMode::Psk => {
+            let name = key_file_name(&spec.name, &spec.peer);
+            let key = zeroize::Zeroizing::new(new_key()?);
+            secrets.push((here.clone(), name.clone(), key.clone()));
+            secrets.push((there.clone(), name, key));
+        }
+        KeyMode::None => {}
     }
     let ours = render(&spec, false);
     let far = render(&spec, true);
@@ -464,63 +484,65 @@ pub fn main(args: &InitArgs) -> Result<String, String> {
             mismatches.join("; ")
         ));
     }
-    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
-    let ours_path = args.out.join(format!("{}.toml", spec.name));
-    let far_path = args.out.join(format!("{}.toml", spec.peer));
+    for dir in [&here, &there] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let ours_path = here.join(CONFIG_NAME);
+    let far_path = there.join(CONFIG_NAME);
     write_new(&ours_path, &ours, 0o644, args.force)?;
     write_new(&far_path, &far, 0o644, args.force)?;
+    for (dir, name, text) in &secrets {
+        write_new(&dir.join(name), text, 0o600, args.force)?;
+    }
+    let listing = |dir: &Path| -> String {
+        let mut names = vec![CONFIG_NAME.to_string()];
+        names.extend(
+            secrets
+                .iter()
+                .filter(|(d, _, _)| d == dir)
+                .map(|(_, n, _)| n.clone()),
+        );
+        format!("{}/{{{}}}", dir.display(), names.join(","))
+    };
     let mut report = format!(
-        "wrote {} (this gateway) and {} (for {})\n",
-        ours_path.display(),
-        far_path.display(),
+        "wrote {} for this gateway ({})\nwrote {} for {}\n",
+        listing(&here),
+        spec.name,
+        listing(&there),
         spec.peer
     );
-    for (i, (path, key)) in privates.iter().enumerate() {
-        let text = zeroize::Zeroizing::new(key.to_base64() + "\n");
-        write_new(path, &text, 0o600, args.force)?;
-        let whose = if i == 0 { &spec.name } else { &spec.peer };
-        let how = if i == 0 {
-            "keep it on this gateway"
-        } else {
-            "carry it to that gateway over a secure channel only, or make its key there with `crosslink genkey` and give its public key to `init --far-public-key`"
-        };
-        let _ = writeln!(
-            report,
-            "wrote {} ({whose}'s private key: install it as {}; {how})",
-            path.display(),
-            args.install_dir.join(private_name(whose)).display()
-        );
-    }
     if args.far_public_key.is_some() {
         let _ = writeln!(
             report,
-            "{}'s file names {} for its private key: put the key made there with `crosslink genkey` at that path",
+            "{}'s file names {} for its private key: the one made there with `crosslink genkey`",
             spec.peer,
             args.install_dir.join(private_name(&spec.peer)).display()
         );
     }
-    if let Some(k) = &spec.key_file {
-        let name = k.file_name().map(PathBuf::from).unwrap_or_default();
-        let key_path = args.out.join(name);
-        let key = zeroize::Zeroizing::new(new_key()?);
-        write_new(&key_path, &key, 0o600, args.force)?;
-        let _ = writeln!(
-            report,
-            "wrote {} (the pre-shared key: install it as {} on both gateways, \
-             and carry it to {} over a secure channel only)",
-            key_path.display(),
-            k.display(),
-            spec.peer
-        );
-    }
+    let config = args.install_dir.join(CONFIG_NAME);
     let _ = writeln!(
         report,
-        "next, here: install {} as /etc/crosslink/crosslink.toml, then \
-         `crosslink check --reach -c /etc/crosslink/crosslink.toml` and start the daemon;\n\
-         on {}: the same with {}",
-        ours_path.display(),
+        "next, here{}: `crosslink check --reach -c {c}`, then `systemctl start crosslink` \
+         (or `crosslink run -c {c}`)\n\
+         on {}: copy {}/ into {} over a secure channel{}, then the same two commands",
+        if here == args.install_dir {
+            String::new()
+        } else {
+            format!(
+                " (after copying {} into {})",
+                here.display(),
+                args.install_dir.display()
+            )
+        },
         spec.peer,
-        far_path.display()
+        there.display(),
+        args.install_dir.display(),
+        if secrets.iter().any(|(d, _, _)| *d == there) {
+            " (it holds a secret key; remove it here afterwards)"
+        } else {
+            ""
+        },
+        c = config.display(),
     );
     Ok(report)
 }
@@ -609,6 +631,8 @@ mod tests {
             "{m:?}"
         );
     }
+
+    use crate::core::keypair::PrivateKey;
 
     #[test]
     fn key_pair_files_name_their_own_private_key_and_the_far_public_key() {
