@@ -54,7 +54,7 @@ enum Command {
     /// Write both gateways' configurations (and their key) from the two
     /// names, the prefixes and each path's addresses; asks on a terminal
     /// for what the flags leave out.
-    Init(config::init::InitArgs),
+    Init(crosslink::setup::init::InitArgs),
     /// Print a new X25519 private key (base64) for `[gateway] private_key_file`.
     Genkey,
     /// Read a private key on standard input and print its public key (base64),
@@ -134,7 +134,7 @@ fn main() -> ExitCode {
         Command::Status {
             socket, interval, ..
         } => watch(&socket, interval),
-        Command::Init(args) => match config::init::main(&args) {
+        Command::Init(args) => match crosslink::setup::init::main(&args) {
             Ok(report) => {
                 print!("{report}");
                 ExitCode::SUCCESS
@@ -270,14 +270,14 @@ fn check(
         }
     }
     if let Some(duration) = reach {
-        let reports = crosslink::io::reach::check(&cfg, duration);
+        let reports = crosslink::setup::reach::check(&cfg, duration);
         if json {
             match serde_json::to_string_pretty(&reports) {
                 Ok(text) => println!("{text}"),
                 Err(e) => eprintln!("crosslink: {e}"),
             }
         } else {
-            print!("{}", crosslink::io::reach::table(&reports));
+            print!("{}", crosslink::setup::reach::table(&reports));
         }
         ok &= reports.iter().all(|r| r.ok());
     }

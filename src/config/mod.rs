@@ -65,7 +65,6 @@ const MAX_IFNAME_LEN: usize = 15;
 /// path maps ([`crate::io::fastpath`]).
 pub const FAST_PATH_MAX_PATHS: usize = 32;
 
-pub mod init;
 pub mod mirror;
 mod parse;
 #[cfg(test)]

@@ -34,7 +34,6 @@ pub mod lanes;
 pub mod linkwatch;
 pub mod netlink;
 pub mod notify;
-pub mod reach;
 pub mod sys;
 pub mod tun;
 pub mod udp;

@@ -40,12 +40,12 @@
 //! the configured `mtu` plus the overlay's headers, or, without one, the
 //! outgoing interface's MTU (from which the daemon sizes the TUN).
 
-use super::{clock, keys, sys};
 use crate::config::{Config, Policy};
 use crate::core::crypto::{self, Keys, ReplayWindow};
 use crate::core::forward::{self, emit_echo, emit_probe, emit_probe_reply, Echo, Message};
 use crate::core::forward::{Opener, Sealer, HEADROOM, TRAILER};
 use crate::core::wire::overlay::{ProbeClass, ProbeReport, BASE_LEN};
+use crate::io::{clock, keys, sys};
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::collections::HashMap;

@@ -9,7 +9,7 @@
 //! checks them with the parser and [`super::mirror::compare`] before
 //! saying they are ready.
 
-use super::{mirror, Config, Policy, Prefix};
+use crate::config::{self, mirror, Config, Policy, Prefix};
 use crate::core::keypair::PublicKey;
 use std::fmt::Write as _;
 use std::io::{BufRead, IsTerminal, Write};
@@ -56,7 +56,7 @@ pub struct InitArgs {
     #[arg(long = "remote-prefix", value_name = "PREFIX", value_delimiter = ',')]
     pub remote_prefixes: Vec<String>,
     /// BFD transmit and receive interval on every path.
-    #[arg(long, default_value = "10ms", value_parser = super::parse_duration)]
+    #[arg(long, default_value = "10ms", value_parser = config::parse_duration)]
     pub bfd_interval: std::time::Duration,
     /// BFD detection multiplier.
     #[arg(long, default_value_t = 3)]
@@ -193,7 +193,7 @@ pub fn render(spec: &Spec, mirror: bool) -> String {
         false => &spec.control_socket,
         true => &spec.far_control_socket,
     };
-    let interval = super::format_duration(spec.bfd_interval);
+    let interval = config::format_duration(spec.bfd_interval);
     let mut t = String::new();
     let _ = writeln!(
         t,
