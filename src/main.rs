@@ -30,7 +30,7 @@ enum Command {
         log_format: LogFormat,
     },
     /// Validate a configuration file without applying it; with --reach,
-    /// probe its paths to the far gateway; with --against, compare it with
+    /// test its paths to the far gateway; with --against, compare it with
     /// the far gateway's file.
     Check {
         /// Configuration file.
@@ -44,7 +44,7 @@ enum Command {
         /// path MTU) without touching a running daemon's TUNs or routes.
         #[arg(long)]
         reach: bool,
-        /// How long --reach probes.
+        /// How long --reach tests the paths.
         #[arg(long, default_value = "2s", value_parser = config::parse_duration)]
         duration: std::time::Duration,
         /// Print --reach's report as JSON.
@@ -532,6 +532,9 @@ mod doc_tests {
                 "status",
                 "run",
                 "check",
+                "init",
+                "reach",
+                "against",
                 "demo",
                 "completions",
                 "config",
