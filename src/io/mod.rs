@@ -37,3 +37,4 @@ pub mod notify;
 pub mod sys;
 pub mod tun;
 pub mod udp;
+pub mod upgrade;

@@ -1,0 +1,356 @@
+//! `crosslink upgrade` in a throwaway network-namespace lab (see
+//! `crosslink::lab`): a gateway hands its TUN, sockets and BFD sessions to
+//! a new process while a 5000 packet/s stream flows through it, and
+//! nothing may be lost, duplicated, or seen by the far end.
+//!
+//! They need root. Without it they print a skip message and pass, unless
+//! `CROSSLINK_NETNS_REQUIRED=1` (set by `.ci/run`).
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crosslink::lab::{self, Gw, Host, Lab, LabOptions, LabPath};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_crosslink");
+const PORT: u16 = 9000;
+const RATE: u32 = 5000;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Processes an upgrade started: not the lab's children (their parent,
+/// the old daemon, has exited), so stopped here, before the lab goes.
+#[derive(Default)]
+struct Adopted(Vec<u32>);
+
+impl Drop for Adopted {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            lab::signal_pid(pid, "TERM");
+        }
+        for &pid in &self.0 {
+            wait_gone(pid, Duration::from_secs(5));
+        }
+    }
+}
+
+/// Whether process `pid` is running (neither gone nor a zombie).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+fn wait_gone(pid: u32, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    while alive(pid) {
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The pid serving a gateway's control socket.
+fn serving_pid(lab: &Lab, gw: Gw) -> Option<u32> {
+    let out = lab
+        .sh_in(
+            gw.host(),
+            &format!("ss -xlpn | grep -F '{}'", lab.socket_path(gw).display()),
+        )
+        .ok()?;
+    let at = out.find("pid=")? + 4;
+    out[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Runs `crosslink upgrade` for `gw`; the new pid and handover time, or
+/// the command's error output.
+fn upgrade(lab: &Lab, gw: Gw, binary: Option<&Path>) -> Result<(u32, f64), String> {
+    let mut cmd = lab.command_in(gw.host(), BIN);
+    cmd.arg("upgrade").arg("-s").arg(lab.socket_path(gw));
+    if let Some(b) = binary {
+        cmd.arg("--binary").arg(b);
+    }
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    if !out.status.success() {
+        return Err(format!("{}{stderr}", stdout));
+    }
+    // "upgraded: new pid N (handover X ms)"
+    let pid = stdout
+        .split("new pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("unexpected output: {stdout}"))?;
+    let ms = stdout
+        .split("(handover ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("unexpected output: {stdout}"))?;
+    Ok((pid, ms))
+}
+
+/// Upgrades `gw`, checks that the old process went and the new one
+/// serves, and takes the old one off the lab's books.
+fn upgrade_ok(lab: &mut Lab, adopted: &mut Adopted, gw: Gw, old: u32) -> (u32, f64) {
+    let (pid, ms) = upgrade(lab, gw, None)
+        .unwrap_or_else(|e| panic!("{gw}: upgrade failed: {e}\n{}", lab.log_tail(gw, 30)));
+    assert_ne!(pid, old);
+    adopted.0.push(pid);
+    assert!(
+        wait_gone(old, Duration::from_secs(5)),
+        "{gw}: the old process {old} is still there"
+    );
+    assert!(alive(pid), "{gw}: the new process {pid} is not running");
+    // The lab started the first process: reap it (it exited by itself).
+    if lab.gateway_pid(gw) == Some(old) {
+        lab.stop_gateway(gw);
+    }
+    assert_eq!(
+        serving_pid(lab, gw),
+        Some(pid),
+        "{gw}: the control socket is not the new process's"
+    );
+    (pid, ms)
+}
+
+fn path1(s: &Value) -> Value {
+    lab::path_status(s, LabPath::Path1)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn num(v: &Value, ptr: &str) -> u64 {
+    v.pointer(ptr).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// The far end's view of its sessions: transitions and failures of both paths.
+fn bfd_history(s: &Value) -> Vec<(u64, u64)> {
+    LabPath::ALL
+        .iter()
+        .map(|p| {
+            let st = lab::path_status(s, *p).cloned().unwrap_or(Value::Null);
+            (num(&st, "/bfd/transitions"), num(&st, "/bfd/failures"))
+        })
+        .collect()
+}
+
+fn tuns(lab: &Lab, host: Host) -> usize {
+    lab.ip_in(host, &["-o", "link", "show", "type", "tun"])
+        .map_or(0, |o| o.lines().filter(|l| !l.trim().is_empty()).count())
+}
+
+/// Both gateways upgraded in turn, twice each, under a 5000 packet/s
+/// stream: no packet lost or duplicated, the far end's sessions never
+/// leave Up, counters go on, the old processes go and nothing leaks. The
+/// last upgrade also changes the `[gateway]` section.
+#[test]
+fn upgrade_under_traffic_loses_nothing() {
+    if !lab::test_gate("upgrade_under_traffic_loses_nothing", &[]) {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new(LabOptions::new("upg", BIN)).expect("lab");
+    lab.start_gateways().expect("gateways");
+    lab.wait_paths_up(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
+    let mut adopted = Adopted::default();
+    let mut pids = [
+        lab.gateway_pid(Gw::A).expect("gw-a pid"),
+        lab.gateway_pid(Gw::B).expect("gw-b pid"),
+    ];
+    let tuns_before = (tuns(&lab, Host::GwA), tuns(&lab, Host::GwB));
+
+    let rx = lab
+        .start_receiver(PORT, Duration::from_secs(60))
+        .expect("receiver");
+    let tx = lab
+        .start_sender(PORT, RATE, Duration::from_secs(60))
+        .expect("sender");
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let mut handovers = Vec::new();
+    let mut fds_after = Vec::new();
+    for round in 0..2 {
+        for (i, gw) in Gw::ALL.into_iter().enumerate() {
+            let other = gw.other();
+            let far_before = bfd_history(&lab.poll(other).expect("far status"));
+            let before = lab.poll(gw).expect("status");
+            if round == 1 && gw == Gw::B {
+                // A change a reload cannot apply.
+                let text = lab
+                    .config_text(gw)
+                    .replace("name = \"gw-b\"", "name = \"gw-b2\"");
+                assert!(
+                    text.contains("gw-b2"),
+                    "the lab's gateway name changed form"
+                );
+                lab.write_config(gw, &text).expect("config");
+            }
+            let (pid, ms) = upgrade_ok(&mut lab, &mut adopted, gw, pids[i]);
+            pids[i] = pid;
+            handovers.push(ms);
+            println!("REPORT upgrade round={round} gw={gw} new_pid={pid} handover_ms={ms:.3}");
+            std::thread::sleep(Duration::from_millis(700));
+            let after = lab.poll(gw).expect("status after");
+            for p in LabPath::ALL {
+                assert_eq!(
+                    lab::path_state(&after, p).as_deref(),
+                    Some("up"),
+                    "{gw}: {p} not up after the upgrade: {after}"
+                );
+            }
+            for field in ["tx_packets", "rx_packets", "tx_bytes", "rx_bytes"] {
+                let (b, a) = (
+                    num(&path1(&before), &format!("/{field}")),
+                    num(&path1(&after), &format!("/{field}")),
+                );
+                assert!(a >= b, "{gw}: path1 {field} went back: {b} -> {a}");
+            }
+            assert_eq!(
+                num(&path1(&after), "/bfd/local_discriminator"),
+                num(&path1(&before), "/bfd/local_discriminator"),
+                "{gw}: path1's session is not the same"
+            );
+            let far_after = bfd_history(&lab.poll(other).expect("far status"));
+            assert_eq!(
+                far_after, far_before,
+                "{other}: its BFD sessions changed state during {gw}'s upgrade"
+            );
+            if round == 1 && gw == Gw::B {
+                assert_eq!(after.get("gateway").and_then(Value::as_str), Some("gw-b2"));
+            }
+            fds_after.push((gw, pid, open_fds(pid)));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = tx.stop().expect("sender report");
+    let report = rx.finish(Duration::from_secs(5)).expect("receiver report");
+    let lost = report
+        .get("lost")
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::MAX);
+    let dups = report
+        .get("duplicates")
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::MAX);
+    let received = report.get("received").and_then(Value::as_u64).unwrap_or(0);
+    let worst = handovers.iter().copied().fold(0.0, f64::max);
+    println!(
+        "REPORT upgrade stream rate={RATE}pps sent={} received={received} lost={lost} duplicates={dups} max_gap_ms={} upgrades={} worst_handover_ms={worst:.3}",
+        report.get("sent").and_then(Value::as_u64).unwrap_or(0),
+        report.get("max_gap_ms").and_then(Value::as_f64).unwrap_or(-1.0),
+        handovers.len(),
+    );
+    let _ = sent;
+    assert!(
+        received > u64::from(RATE),
+        "the stream did not flow: {report}"
+    );
+    assert_eq!(lost, 0, "packets lost across the upgrades: {report}");
+    assert_eq!(dups, 0, "packets duplicated across the upgrades: {report}");
+    // Nothing leaked: one TUN per gateway, and a second upgrade leaves the
+    // new process with as many descriptors as the first did.
+    assert_eq!((tuns(&lab, Host::GwA), tuns(&lab, Host::GwB)), tuns_before);
+    for gw in Gw::ALL {
+        let counts: Vec<usize> = fds_after
+            .iter()
+            .filter(|(g, _, _)| *g == gw)
+            .map(|(_, _, n)| *n)
+            .collect();
+        assert!(
+            counts.windows(2).all(|w| w[1] <= w[0]),
+            "{gw}: descriptors grew from one upgrade to the next: {counts:?}"
+        );
+    }
+}
+
+/// An upgrade that cannot work (no such binary, a binary that is not
+/// crosslink, a configuration the new process refuses) leaves the old
+/// process serving, with nothing lost.
+#[test]
+fn failed_upgrade_leaves_the_old_process_serving() {
+    if !lab::test_gate("failed_upgrade_leaves_the_old_process_serving", &[]) {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new(LabOptions::new("upf", BIN)).expect("lab");
+    lab.start_gateways().expect("gateways");
+    lab.wait_paths_up(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
+    let pid = lab.gateway_pid(Gw::A).expect("pid");
+    let far_before = bfd_history(&lab.poll(Gw::B).expect("far status"));
+    let rx = lab
+        .start_receiver(PORT, Duration::from_secs(60))
+        .expect("receiver");
+    let tx = lab
+        .start_sender(PORT, RATE, Duration::from_secs(60))
+        .expect("sender");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let missing = upgrade(&lab, Gw::A, Some(Path::new("/nonexistent/crosslink")))
+        .expect_err("an upgrade to a missing binary worked");
+    assert!(missing.contains("cannot start"), "{missing}");
+    let not_crosslink = upgrade(&lab, Gw::A, Some(Path::new("/bin/true")))
+        .expect_err("an upgrade to /bin/true worked");
+    assert!(
+        not_crosslink.contains("did not get ready"),
+        "{not_crosslink}"
+    );
+    let good = lab.config_text(Gw::A);
+    lab.write_config(Gw::A, &format!("{good}\n[[peer]]\nname = 7\n"))
+        .expect("config");
+    let bad_config =
+        upgrade(&lab, Gw::A, None).expect_err("an upgrade with a broken config worked");
+    assert!(bad_config.contains("refused"), "{bad_config}");
+    lab.write_config(Gw::A, &good).expect("config");
+    for e in [&missing, &not_crosslink, &bad_config] {
+        println!("REPORT upgrade refused: {}", e.trim());
+    }
+
+    std::thread::sleep(Duration::from_millis(500));
+    lab.check_gateways().expect("the old process exited");
+    assert_eq!(serving_pid(&lab, Gw::A), Some(pid));
+    let status = lab.poll(Gw::A).expect("status");
+    for p in LabPath::ALL {
+        assert_eq!(
+            lab::path_state(&status, p).as_deref(),
+            Some("up"),
+            "{status}"
+        );
+    }
+    assert_eq!(
+        bfd_history(&lab.poll(Gw::B).expect("far status")),
+        far_before
+    );
+    let _ = tx.stop();
+    let report = rx.finish(Duration::from_secs(5)).expect("receiver report");
+    let lost = report
+        .get("lost")
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::MAX);
+    println!("REPORT failed upgrades: stream lost={lost}");
+    assert_eq!(lost, 0, "{report}");
+    assert_eq!(tuns(&lab, Host::GwA), 1);
+}
