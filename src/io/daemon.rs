@@ -307,9 +307,16 @@ async fn run_async(
     };
     let control_fd = listener.as_raw_fd();
     let endpoint = match &config.metrics {
-        Some(m) => Some(metrics::install(m.listen).map_err(DaemonError::Setup)?),
+        Some(m) => {
+            let handed = inherited.as_mut().and_then(|i| i.take_metrics(m.listen));
+            Some(metrics::install(m.listen, handed).map_err(DaemonError::Setup)?)
+        }
         None => None,
     };
+    let metrics_fd = endpoint
+        .as_ref()
+        .zip(config.metrics.as_ref())
+        .map(|(e, m)| (m.listen, e.listener_fd()));
     let metrics = Arc::new(Metrics::new());
     let now = clock::now();
     let seed = u64::from(std::process::id()) ^ (clock::unix_seconds(now) << 20) ^ 0x5eed;
@@ -403,10 +410,9 @@ async fn run_async(
         return Err(DaemonError::Setup(problems.join("; ")));
     }
     if let Some(incoming) = incoming {
-        let pid = take_over(&mut gw, incoming)
+        take_over(&mut gw, incoming)
             .await
             .map_err(|e| DaemonError::Setup(format!("taking over: {e}")))?;
-        notify_systemd(&format!("MAINPID={pid}"));
     }
 
     // Metrics, control socket.
@@ -456,7 +462,11 @@ async fn run_async(
                     continue;
                 };
                 info!(binary = %binary.display(), "upgrade: starting the new process");
-                match hand_over(&mut gw, &binary, &control_path, control_fd).await {
+                let listeners = Listeners {
+                    control: (control_path.clone(), control_fd),
+                    metrics: metrics_fd,
+                };
+                match hand_over(&mut gw, &binary, listeners).await {
                     Ok(done) => {
                         info!(pid = done.pid, handover_ms = done.handover.as_secs_f64() * 1e3, "upgrade: the new process serves; exiting");
                         let _ = req.reply.send(Ok((done.pid, done.handover)));
@@ -1219,6 +1229,7 @@ impl PeerRun {
 /// gateway takes it into use ([`Gateway::apply`]); what is left is closed.
 struct Inherited {
     control: Option<(PathBuf, OwnedFd)>,
+    metrics: Option<(std::net::SocketAddr, OwnedFd)>,
     peers: Vec<InheritedPeer>,
     paths: Vec<(String, InheritedPath)>,
     rx: Vec<(IpAddr, OwnedFd)>,
@@ -1243,12 +1254,16 @@ impl Inherited {
         };
         let mut out = Inherited {
             control: None,
+            metrics: None,
             peers: Vec::new(),
             paths: Vec::new(),
             rx: Vec::new(),
         };
         if let Some((path, fd)) = &inh.control {
             out.control = Some((path.clone(), own(*fd)?));
+        }
+        if let Some((addr, fd)) = &inh.metrics {
+            out.metrics = Some((*addr, own(*fd)?));
         }
         for (ip, fd) in &inh.rx {
             out.rx.push((*ip, own(*fd)?));
@@ -1286,6 +1301,14 @@ impl Inherited {
     fn take_control(&mut self, path: &Path) -> Option<OwnedFd> {
         match self.control.take() {
             Some((p, fd)) if p == path => Some(fd),
+            _ => None,
+        }
+    }
+
+    /// The metrics endpoint's listener, if it is still on `addr`.
+    fn take_metrics(&mut self, addr: std::net::SocketAddr) -> Option<OwnedFd> {
+        match self.metrics.take() {
+            Some((a, fd)) if a == addr => Some(fd),
             _ => None,
         }
     }
@@ -1337,6 +1360,12 @@ impl InheritedPath {
     }
 }
 
+/// The listeners an upgrade hands over, with what they listen on.
+struct Listeners {
+    control: (PathBuf, RawFd),
+    metrics: Option<(std::net::SocketAddr, RawFd)>,
+}
+
 /// A handover that worked: the new process and how long nobody read.
 #[derive(Clone, Copy, Debug)]
 pub struct HandedOver {
@@ -1348,12 +1377,13 @@ pub struct HandedOver {
 
 impl Gateway {
     /// The descriptors to hand over, and what the new process must know of them.
-    fn inheritance(&self, control: Option<(PathBuf, RawFd)>) -> Inheritance {
+    fn inheritance(&self, listeners: Listeners) -> Inheritance {
         Inheritance {
             version: upgrade::VERSION,
             old_pid: std::process::id(),
             epoch: self.shared.epoch,
-            control,
+            control: Some(listeners.control),
+            metrics: listeners.metrics,
             rx: self.rx_ips.clone(),
             peers: self
                 .peers
@@ -1478,8 +1508,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 async fn hand_over(
     gw: &mut Gateway,
     binary: &Path,
-    control_path: &Path,
-    control_fd: RawFd,
+    listeners: Listeners,
 ) -> Result<HandedOver, String> {
     if let Some(p) = gw.peers.iter().find(|p| p.fast.is_some()) {
         return Err(format!(
@@ -1487,7 +1516,7 @@ async fn hand_over(
             p.config.name
         ));
     }
-    let inh = gw.inheritance(Some((control_path.to_path_buf(), control_fd)));
+    let inh = gw.inheritance(listeners);
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
     let mut fds = upgrade::descriptors(&inh);
     fds.push(theirs.as_raw_fd());
@@ -1621,6 +1650,9 @@ async fn take_over(gw: &mut Gateway, mut incoming: Incoming) -> Result<u32, Stri
     gw.import_data(&takeover);
     gw.hold_lanes = false;
     gw.unpark_all();
+    // Before the old process hears of it and exits: under systemd, the
+    // service's main process is this one from now on.
+    notify_systemd(&format!("MAINPID={pid}"));
     upgrade::write_message(
         &incoming.stream,
         &Reply::Serving {

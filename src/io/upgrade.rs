@@ -9,7 +9,8 @@
 //! 1. The old process starts the new one (`run` with its own arguments)
 //!    with every descriptor it hands over left open across `exec`: each
 //!    TUN queue, each path's data and BFD sockets, the BFD receive
-//!    sockets and the control socket's listener. The [`Inheritance`]
+//!    sockets, and the listeners of the control socket and the metrics
+//!    endpoint. The [`Inheritance`]
 //!    message says which descriptor is which. The same open files, not
 //!    copies: what is queued in them stays there for the new process.
 //! 2. The new process loads its configuration, checks it against what it
@@ -86,6 +87,8 @@ pub struct Inheritance {
     pub epoch: u32,
     /// The control socket's path and listener.
     pub control: Option<(PathBuf, RawFd)>,
+    /// The metrics endpoint's address and listener.
+    pub metrics: Option<(SocketAddr, RawFd)>,
     pub peers: Vec<PeerFds>,
     /// BFD receive sockets by local address.
     pub rx: Vec<(IpAddr, RawFd)>,
@@ -303,6 +306,7 @@ pub fn spawn_keeping(
 pub fn descriptors(inh: &Inheritance) -> Vec<RawFd> {
     let mut fds = Vec::new();
     fds.extend(inh.control.iter().map(|(_, fd)| *fd));
+    fds.extend(inh.metrics.iter().map(|(_, fd)| *fd));
     fds.extend(inh.rx.iter().map(|(_, fd)| *fd));
     for p in &inh.peers {
         fds.extend(&p.queues);
@@ -378,6 +382,7 @@ mod tests {
             old_pid: 42,
             epoch: 1_700_000_000,
             control: Some(("/run/crosslink/crosslink.sock".into(), 3)),
+            metrics: Some(("127.0.0.1:9477".parse().unwrap(), 10)),
             peers: vec![PeerFds {
                 name: "site-b".into(),
                 tun: "xl-b".into(),
@@ -399,7 +404,7 @@ mod tests {
             rx: vec![("198.18.0.1".parse().unwrap(), 9)],
         };
         let back: Inheritance = decode(&encode(&inh)).unwrap();
-        assert_eq!(descriptors(&back), vec![3, 9, 4, 5, 6, 7, 8]);
+        assert_eq!(descriptors(&back), vec![3, 10, 9, 4, 5, 6, 7, 8]);
         assert_eq!(back, inh);
     }
 
