@@ -537,3 +537,75 @@ fn fast_path_upgrade_is_refused() {
     lab.check_gateways().expect("the old process exited");
     assert_eq!(serving_pid(&lab, Gw::A), Some(pid));
 }
+
+/// A TCP stream (iperf3, 100 ms intervals) through an upgrade of each
+/// gateway: the stream goes on, and the dip is reported (`REPORT upgrade
+/// tcp`: the intervals under half the median rate, in milliseconds).
+#[test]
+fn tcp_stream_through_upgrades() {
+    if !lab::tool_gate("tcp_stream_through_upgrades", &[("iperf3", "iperf3")]) {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new(LabOptions::new("upt", BIN)).expect("lab");
+    lab.start_gateways().expect("gateways");
+    lab.wait_paths_up(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
+    let mut adopted = Adopted::default();
+    let server_addr = lab::SERVER_ADDR.to_string();
+    let mut server = lab.command_in(Host::Server, "iperf3");
+    server
+        .args(["-s", "-1", "-p", "5202", "-B", &server_addr])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut server = server.spawn().expect("iperf3 -s");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut client = lab.command_in(Host::Client, "iperf3");
+    client
+        .args([
+            "-c",
+            &server_addr,
+            "-p",
+            "5202",
+            "-J",
+            "-i",
+            "0.1",
+            "-t",
+            "4",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let client = client.spawn().expect("iperf3 -c");
+    std::thread::sleep(Duration::from_millis(1500));
+    for gw in Gw::ALL {
+        let old = lab.gateway_pid(gw).expect("pid");
+        upgrade_ok(&mut lab, &mut adopted, gw, old);
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    let out = client.wait_with_output().expect("iperf3 -c output");
+    let _ = server.kill();
+    let _ = server.wait();
+    let (total, intervals) = lab::iperf_report(&out.stdout).expect("iperf3 report");
+    // The first second is TCP's (and the lab's) warm-up; both upgrades
+    // come after it.
+    let steady: Vec<f64> = intervals.iter().skip(10).copied().collect();
+    let mut sorted = steady.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let dip_ms = 100 * steady.iter().filter(|r| **r < median / 2.0).count();
+    let lowest = sorted.first().copied().unwrap_or(0.0);
+    println!(
+        "REPORT upgrade tcp upgrades=2 total_mbit={:.0} median_mbit={:.0} lowest_interval_mbit={:.0} dip_ms={dip_ms} (100 ms intervals under half the median, both upgrades together)",
+        total / 1e6,
+        median / 1e6,
+        lowest / 1e6,
+    );
+    assert!(
+        total > 0.0 && intervals.len() >= 30,
+        "the transfer did not run: {intervals:?}"
+    );
+    // Generous: two upgrades must not stall TCP for a retransmission timeout.
+    assert!(dip_ms <= 1000, "TCP stalled for {dip_ms} ms: {intervals:?}");
+}
