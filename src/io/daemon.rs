@@ -11,6 +11,10 @@
 //! alone; a peer whose path set changed gets its lanes restarted with the
 //! new path table (a pause of microseconds, nothing dropped: packets wait
 //! in the TUN queues and socket buffers).
+//!
+//! `crosslink upgrade` ([`super::upgrade`]) builds a new process's gateway
+//! the same way, from what the old process handed over: `apply` takes an
+//! inherited TUN or socket where one fits instead of opening one.
 
 use super::control_plane::{BfdThread, CommandLink, CommandQueue, Meta, NewPath, Plan};
 use super::fastpath::FastPath;
@@ -573,7 +577,7 @@ async fn reload(path: &Path, running: &Config, gw: &mut Gateway) -> Option<Confi
         if changed {
             warn!(
                 section = what,
-                "reload: this section changes only at restart"
+                "reload: this section changes only at restart or `crosslink upgrade`"
             );
         }
     }
