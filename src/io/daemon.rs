@@ -1579,7 +1579,10 @@ async fn hand_over(
     for peer in &mut gw.peers {
         peer.park();
     }
-    let sessions = gw.shared.commands.freeze().await.unwrap_or_default();
+    let Some(sessions) = gw.shared.commands.freeze().await else {
+        gw.unpark_all();
+        return Err(give_up(&mut child, "the BFD thread is gone".into()));
+    };
     let (paths, peers) = gw.export_data();
     let takeover = Takeover {
         version: upgrade::VERSION,

@@ -233,23 +233,25 @@ impl Incoming {
         let stream = UnixStream::from(owned);
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut reader = BufReader::new(stream.try_clone()?);
-        let inheritance = read_message(&mut reader)?;
+        let inheritance = match read_message(&mut reader) {
+            Ok(i) => i,
+            Err(e) => {
+                // Another format (a downgrade, say): the old process says why.
+                let _ = write_message(
+                    &stream,
+                    &Reply::Failed {
+                        version: VERSION,
+                        error: e.to_string(),
+                    },
+                );
+                return Err(e);
+            }
+        };
         Ok(Some(Incoming {
             stream,
             reader,
             inheritance,
         }))
-    }
-
-    /// Tells the old process that this one cannot take over.
-    pub fn fail(&self, error: &str) {
-        let _ = write_message(
-            &self.stream,
-            &Reply::Failed {
-                version: VERSION,
-                error: error.to_string(),
-            },
-        );
     }
 }
 
