@@ -609,3 +609,263 @@ fn tcp_stream_through_upgrades() {
     // Generous: two upgrades must not stall TCP for a retransmission timeout.
     assert!(dip_ms <= 1000, "TCP stalled for {dip_ms} ms: {intervals:?}");
 }
+
+/// systemd's descriptor store, played by the test: what the daemon gave it
+/// with `FDSTORE=1` (by name), taken out with `FDSTOREREMOVE=1`.
+struct FdStore {
+    path: std::path::PathBuf,
+    fds: std::sync::Arc<Mutex<Vec<(String, std::os::fd::OwnedFd)>>>,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FdStore {
+    fn bind(path: std::path::PathBuf) -> FdStore {
+        let _ = std::fs::remove_file(&path);
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("notify socket");
+        let fds = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (f, r) = (fds.clone(), ready.clone());
+        std::thread::spawn(move || loop {
+            let Some((text, got)) = recv_with_fds(&sock) else {
+                return;
+            };
+            let field = |k: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(str::to_string)
+            };
+            let name = field("FDNAME=").unwrap_or_default();
+            let mut store = f.lock().unwrap_or_else(|e| e.into_inner());
+            if text.lines().any(|l| l == "FDSTORE=1") {
+                for fd in got {
+                    store.push((name.clone(), fd));
+                }
+            } else if text.lines().any(|l| l == "FDSTOREREMOVE=1") {
+                store.retain(|(n, _)| *n != name);
+            }
+            if text.lines().any(|l| l == "READY=1") {
+                r.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        FdStore { path, fds, ready }
+    }
+}
+
+impl Drop for FdStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// One notification and the descriptors that came with it.
+fn recv_with_fds(
+    sock: &std::os::unix::net::UnixDatagram,
+) -> Option<(String, Vec<std::os::fd::OwnedFd>)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut buf = [0u8; 4096];
+    let mut control = [0u64; 64];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; the pointers set below are to live
+    // locals, and the kernel writes at most their lengths.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: as above; MSG_CMSG_CLOEXEC keeps the descriptors out of children.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return None;
+    }
+    let mut fds = Vec::new();
+    // SAFETY: walks the control messages the kernel wrote, within msg_controllen.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<libc::c_int>();
+                for i in 0..count {
+                    fds.push(std::os::fd::OwnedFd::from_raw_fd(
+                        data.add(i).read_unaligned(),
+                    ));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    let text = String::from_utf8_lossy(&buf[..n as usize]).to_string();
+    Some((text, fds))
+}
+
+fn routes_via(lab: &Lab, dev: &str) -> String {
+    lab.ip_in(Host::GwA, &["route", "show", "dev", dev])
+        .unwrap_or_default()
+}
+
+/// A crash (SIGKILL) and a restart by the service manager: the TUN kept
+/// in the descriptor store stays, with its routes, while no process runs,
+/// and the restarted daemon takes it back. The stream's outage is
+/// reported (the sessions start over: RFC 5880's slow start bounds it).
+#[test]
+fn crash_restart_keeps_the_tun_from_the_fd_store() {
+    if !lab::test_gate("crash_restart_keeps_the_tun_from_the_fd_store", &[]) {
+        return;
+    }
+    let _serial = serial();
+    let notify = std::env::temp_dir().join(format!("xl-upk-notify-{}.sock", std::process::id()));
+    let store = FdStore::bind(notify.clone());
+    let mut opts = LabOptions::new("upk", BIN);
+    opts.one_gateway_env
+        .push((Gw::A, "NOTIFY_SOCKET".into(), notify.display().to_string()));
+    let mut lab = Lab::new(opts).expect("lab");
+    lab.start_gateways().expect("gateways");
+    lab.wait_paths_up(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !store.ready.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stored: Vec<String> = store
+        .fds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert!(
+        !stored.is_empty() && stored.iter().all(|n| n.starts_with("tun/xl-b/")),
+        "the daemon stored {stored:?}"
+    );
+    let routes = routes_via(&lab, "xl-b");
+    assert!(!routes.trim().is_empty(), "no route via the TUN");
+
+    let rx = lab
+        .start_receiver(PORT, Duration::from_secs(60))
+        .expect("receiver");
+    let tx = lab
+        .start_sender(PORT, RATE, Duration::from_secs(60))
+        .expect("sender");
+    std::thread::sleep(Duration::from_millis(1000));
+    lab.kill_gateway(Gw::A);
+    std::thread::sleep(Duration::from_millis(300));
+    let during = routes_via(&lab, "xl-b");
+    assert_eq!(
+        during, routes,
+        "the TUN's routes changed while no daemon ran"
+    );
+
+    // The restart, as systemd does it: the stored descriptors from 3 on,
+    // LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (the shell's pid, which exec keeps).
+    let (names, fds): (Vec<String>, Vec<i32>) = store
+        .fds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(n, fd)| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: F_DUPFD_CLOEXEC copies an open descriptor to one >= 100.
+            (n.clone(), unsafe {
+                libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100)
+            })
+        })
+        .unzip();
+    assert!(fds.iter().all(|fd| *fd >= 100));
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(lab.log_path(Gw::A))
+        .expect("log");
+    let err_log = log.try_clone().expect("log");
+    let mut cmd = lab.command_in(Host::GwA, "sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "export LISTEN_PID=$$; exec {BIN} run -c {}",
+            lab.config_path(Gw::A).display()
+        ))
+        .env("LISTEN_FDS", fds.len().to_string())
+        .env("LISTEN_FDNAMES", names.join(":"))
+        .env("NOTIFY_SOCKET", &notify)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(err_log);
+    let moved = fds.clone();
+    // SAFETY: between fork and exec only dup2 (async-signal-safe) on
+    // descriptors open in the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            for (i, fd) in moved.iter().enumerate() {
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let restarted_at = Instant::now();
+    let mut restarted = cmd.spawn().expect("restart");
+    for fd in fds {
+        // SAFETY: closes the copy made above.
+        unsafe { libc::close(fd) };
+    }
+    let up = (|| {
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if let Ok(s) = lab.poll(Gw::A) {
+                if lab::path_state(&s, LabPath::Path1).as_deref() == Some("up") {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    })();
+    let up_after = restarted_at.elapsed();
+    std::thread::sleep(Duration::from_millis(1000));
+    let _ = tx.stop();
+    let report = rx.finish(Duration::from_secs(5)).expect("receiver report");
+    let after = routes_via(&lab, "xl-b");
+    let log_text = lab::wait_log(
+        &lab.log_path(Gw::A),
+        "from_fd_store=true",
+        Duration::from_secs(2),
+    );
+    let tuns_running = tuns(&lab, Host::GwA);
+    // A clean stop takes the TUN out of the store: it goes.
+    lab::signal_pid(restarted.id(), "TERM");
+    let _ = restarted.wait();
+    // The store reads the daemon's last notifications on a thread of its own.
+    let end = Instant::now() + Duration::from_secs(3);
+    let mut left = usize::MAX;
+    while left > 0 && Instant::now() < end {
+        left = store.fds.lock().unwrap_or_else(|e| e.into_inner()).len();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let outage = report
+        .get("longest_outage_ms")
+        .and_then(Value::as_f64)
+        .unwrap_or(-1.0);
+    println!(
+        "REPORT crash restart (SIGKILL, restarted 300 ms later with the stored TUN): routes kept={} path1 up {:.0} ms after the restart; stream outage_ms={outage:.0} lost={}",
+        during == routes,
+        up_after.as_secs_f64() * 1e3,
+        report.get("lost").and_then(Value::as_u64).unwrap_or(0)
+    );
+    assert!(
+        up,
+        "path1 did not come up after the restart\n{}",
+        lab.log_tail(Gw::A, 30)
+    );
+    assert!(
+        log_text.contains("from_fd_store=true"),
+        "the TUN was not taken from the store"
+    );
+    assert_eq!(after, routes, "the TUN's routes changed across the restart");
+    assert_eq!(tuns_running, 1);
+    assert_eq!(left, 0, "a clean stop left descriptors in the store");
+    assert_eq!(tuns(&lab, Host::GwA), 0, "the TUN outlived a clean stop");
+}

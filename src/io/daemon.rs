@@ -267,6 +267,9 @@ struct Gateway {
     adopted: Vec<(String, String)>,
     /// Lanes stay parked after [`Gateway::apply`] (a process taking over).
     hold_lanes: bool,
+    /// The TUN queues in systemd's descriptor store: name, descriptor,
+    /// device index (see [`Gateway::store_tuns`]).
+    stored: Vec<(String, RawFd, u32)>,
     /// The carrier and address watch, told about every path change.
     links: Option<LinkWatch>,
 }
@@ -293,7 +296,8 @@ async fn run_async(
     let own_binary = std::env::current_exe().ok();
     let mut inherited = match &incoming {
         Some(i) => Some(Inherited::take(&i.inheritance)?),
-        None => None,
+        // A restart by systemd: the TUNs it kept for us.
+        None => Inherited::from_fd_store(&config),
     };
     // First of all, so that a second daemon with this configuration stops
     // here, before it touches the TUNs and sockets of the running one.
@@ -387,6 +391,7 @@ async fn run_async(
         peers: Vec::new(),
         rx_ips: Vec::new(),
         hold_lanes: incoming.is_some(),
+        stored: Vec::new(),
         inherited,
         adopted: Vec::new(),
         links: match linkwatch::spawn(commands.clone()).await {
@@ -446,6 +451,7 @@ async fn run_async(
         let link = commands.clone();
         tokio::spawn(watchdog(link, every))
     });
+    gw.store_tuns();
     info!(gateway = %config.gateway.name, control = %control_path.display(), "crosslink running");
     notify_systemd("READY=1");
 
@@ -488,6 +494,7 @@ async fn run_async(
                 if let Some(new) = reload(&config_path, &running, &mut gw).await {
                     running = new;
                 }
+                gw.store_tuns();
                 notify_systemd("READY=1");
             }
         }
@@ -506,6 +513,8 @@ async fn run_async(
         return Ok(());
     }
     notify_systemd("STOPPING=1");
+    // A clean stop removes the TUNs: systemd must not keep them.
+    gw.unstore_tuns();
     info!("stopping: sending AdminDown on every path");
     commands.shutdown().await;
     let _ = bfd_handle.join();
@@ -932,7 +941,15 @@ impl Gateway {
         {
             nl.add_route(index, r, w.route_metric).await?;
         }
-        info!(peer = %w.name, tun = %w.tun, mtu, lanes = queues.len(), "TUN taken over");
+        if h.restarted {
+            // Kept by systemd while no process ran: its sessions start over.
+            if let Some(q) = queues.first() {
+                if let Err(e) = sys::set_tun_carrier(q.as_ref(), false) {
+                    warn!(tun = %w.tun, error = %e, "could not turn TUN carrier off");
+                }
+            }
+        }
+        info!(peer = %w.name, tun = %w.tun, mtu, lanes = queues.len(), from_fd_store = h.restarted, "TUN taken over");
         self.peer_run(w, queues, mtu, index)
     }
 
@@ -1242,6 +1259,8 @@ struct Inherited {
 struct InheritedPeer {
     meta: upgrade::PeerFds,
     queues: Vec<OwnedFd>,
+    /// From systemd's descriptor store after a crash, not from an upgrade.
+    restarted: bool,
 }
 
 struct InheritedPath {
@@ -1296,9 +1315,91 @@ impl Inherited {
             }
             let mut meta = p.clone();
             meta.paths.clear();
-            out.peers.push(InheritedPeer { meta, queues });
+            out.peers.push(InheritedPeer {
+                meta,
+                queues,
+                restarted: false,
+            });
         }
         Ok(out)
+    }
+
+    /// The TUN queues systemd kept in the service's descriptor store
+    /// (`FDSTORE=1`, see [`Gateway::store_tuns`]) and passed back at this
+    /// start (`LISTEN_FDS`, `LISTEN_FDNAMES`), for the peers of `config`
+    /// whose TUN they are. Descriptors of no configured TUN are closed.
+    fn from_fd_store(config: &Config) -> Option<Inherited> {
+        let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+        let count: i32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+        let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+        if pid != std::process::id() || count <= 0 {
+            return None;
+        }
+        let mut queues: Vec<(String, usize, OwnedFd)> = Vec::new();
+        for (i, name) in (0..count).zip(names.split(':').chain(std::iter::repeat(""))) {
+            let Ok(fd) = upgrade::inherited(3 + i) else {
+                continue;
+            };
+            let mut parts = name.splitn(3, '/');
+            if let (Some("tun"), Some(tun), Some(k)) = (parts.next(), parts.next(), parts.next()) {
+                if let Ok(k) = k.parse() {
+                    queues.push((tun.to_string(), k, fd));
+                }
+            }
+        }
+        queues.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        let mut out = Inherited {
+            control: None,
+            metrics: None,
+            peers: Vec::new(),
+            paths: Vec::new(),
+            rx: Vec::new(),
+        };
+        for w in &config.peers {
+            let mine: Vec<OwnedFd> = queues
+                .iter()
+                .position(|(t, _, _)| *t == w.tun)
+                .map(|_| {
+                    let (m, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut queues)
+                        .into_iter()
+                        .partition(|(t, _, _)| *t == w.tun);
+                    queues = rest;
+                    m.into_iter().map(|(_, _, fd)| fd).collect()
+                })
+                .unwrap_or_default();
+            let Some(first) = mine.first() else {
+                continue;
+            };
+            let info = sys::tun_info(first).and_then(|(dev, offload)| {
+                let (mtu, ifindex) = sys::interface_mtu_index(&dev)?;
+                Ok((dev, offload, mtu, ifindex))
+            });
+            match info {
+                Ok((dev, offload, mtu, ifindex)) if dev == w.tun => out.peers.push(InheritedPeer {
+                    meta: upgrade::PeerFds {
+                        name: w.name.clone(),
+                        tun: w.tun.clone(),
+                        mtu,
+                        ifindex,
+                        offload,
+                        queues: Vec::new(),
+                        routes: w.routes.iter().map(ToString::to_string).collect(),
+                        route_metric: w.route_metric,
+                        paths: Vec::new(),
+                    },
+                    queues: mine,
+                    restarted: true,
+                }),
+                Ok((dev, ..)) => {
+                    warn!(tun = %w.tun, device = %dev, "the stored TUN is another device; not used")
+                }
+                Err(e) => warn!(tun = %w.tun, error = %e, "the stored TUN is unusable"),
+            }
+        }
+        (!out.peers.is_empty()).then_some(out)
     }
 
     /// The control socket's listener, if it is still at `path`.
@@ -1491,6 +1592,48 @@ impl Gateway {
         }
     }
 
+    /// Keeps every TUN queue in systemd's descriptor store (`FDSTORE=1`,
+    /// named `tun/<tun>/<queue>`; the unit allows it with
+    /// `FileDescriptorStoreMax`), and takes out those of TUNs gone, so that
+    /// a restart after a crash finds the TUNs, with their addresses and
+    /// routes, still there ([`Inherited::from_fd_store`]). Outside systemd,
+    /// nothing.
+    fn store_tuns(&mut self) {
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return;
+        }
+        let now: Vec<(String, RawFd, u32)> = self
+            .peers
+            .iter()
+            .flat_map(|p| {
+                p.queues.iter().enumerate().map(|(i, q)| {
+                    (
+                        format!("tun/{}/{i}", p.config.tun),
+                        q.as_raw_fd(),
+                        p.ifindex,
+                    )
+                })
+            })
+            .collect();
+        for gone in self.stored.iter().filter(|s| !now.contains(s)) {
+            remove_stored(&gone.0);
+        }
+        for new in now.iter().filter(|n| !self.stored.contains(n)) {
+            let state = format!("FDSTORE=1\nFDNAME={}", new.0);
+            if let Err(e) = notify::notify_with_fds(&state, &[new.1]) {
+                warn!(name = %new.0, error = %e, "could not give systemd a TUN queue to keep");
+            }
+        }
+        self.stored = now;
+    }
+
+    /// Takes every TUN queue out of systemd's descriptor store.
+    fn unstore_tuns(&mut self) {
+        for s in std::mem::take(&mut self.stored) {
+            remove_stored(&s.0);
+        }
+    }
+
     fn unpark_all(&mut self) {
         for peer in &mut self.peers {
             if let Err(e) = peer.unpark() {
@@ -1498,6 +1641,10 @@ impl Gateway {
             }
         }
     }
+}
+
+fn remove_stored(name: &str) {
+    notify_systemd(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
 }
 
 /// Blocking socket work (the handover's messages) off the runtime's
