@@ -122,6 +122,11 @@ fn run_with(config_path: &Path, incoming: Option<Incoming>) -> Result<(), Daemon
     if let Err(e) = super::sys::lock_memory() {
         tracing::warn!(error = %e, "could not lock memory (needs CAP_IPC_LOCK); paging may delay BFD");
     }
+    // Before the runtime's threads run: reading LISTEN_* clears them.
+    let stored = match incoming {
+        None => Inherited::from_fd_store(&config),
+        Some(_) => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("crosslink-rt")
@@ -132,6 +137,7 @@ fn run_with(config_path: &Path, incoming: Option<Incoming>) -> Result<(), Daemon
         secrets,
         config_path.to_path_buf(),
         incoming,
+        stored,
     ))
 }
 
@@ -289,6 +295,7 @@ async fn run_async(
     secrets: Secrets,
     config_path: PathBuf,
     incoming: Option<Incoming>,
+    stored: Option<Inherited>,
 ) -> Result<(), DaemonError> {
     // The binary to start on an upgrade, unless told otherwise: this one's
     // path as it is now (once the file is replaced, /proc/self/exe names
@@ -297,7 +304,7 @@ async fn run_async(
     let mut inherited = match &incoming {
         Some(i) => Some(Inherited::take(&i.inheritance)?),
         // A restart by systemd: the TUNs it kept for us.
-        None => Inherited::from_fd_store(&config),
+        None => stored,
     };
     // First of all, so that a second daemon with this configuration stops
     // here, before it touches the TUNs and sockets of the running one.
