@@ -727,7 +727,15 @@ fn crash_restart_keeps_the_tun_from_the_fd_store() {
     lab.wait_paths_up(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !store.ready.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+    // READY=1, then the TUN's queues.
+    while !(store.ready.load(std::sync::atomic::Ordering::Relaxed)
+        && !store
+            .fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty())
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
     let stored: Vec<String> = store

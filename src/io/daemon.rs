@@ -458,9 +458,9 @@ async fn run_async(
         let link = commands.clone();
         tokio::spawn(watchdog(link, every))
     });
-    gw.store_tuns();
     info!(gateway = %config.gateway.name, control = %control_path.display(), "crosslink running");
     notify_systemd("READY=1");
+    gw.store_tuns();
 
     // Signals.
     let mut running = config;
@@ -519,9 +519,9 @@ async fn run_async(
         }
         return Ok(());
     }
-    notify_systemd("STOPPING=1");
     // A clean stop removes the TUNs: systemd must not keep them.
     gw.unstore_tuns();
+    notify_systemd("STOPPING=1");
     info!("stopping: sending AdminDown on every path");
     commands.shutdown().await;
     let _ = bfd_handle.join();
