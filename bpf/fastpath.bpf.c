@@ -46,10 +46,22 @@ struct outer {
 
 _Static_assert(sizeof(struct outer) == 44, "outer headers");
 
-// The sending program's configuration: the active path. One entry, written
-// by the BFD thread (`config_value` in fastpath.rs).
+// How the sending program picks the path (`config.enabled` of the one
+// entry of `config`): none (everything goes on to the lanes), this entry's
+// path, or the path of the flow's bucket in `table` (`balance`).
+#define MODE_OFF 0
+#define MODE_ONE 1
+#define MODE_TABLE 2
+
+// `balance`: flows are spread over this many buckets by their hash, each
+// bucket naming a path's slot in `paths`.
+#define BUCKETS 256
+
+// The sending program's configuration: the active path (the one entry of
+// `config`), or each path of a `balance` peer (`paths`, by counter slot).
+// Written by the BFD thread (`config_value` in fastpath.rs).
 struct config {
-	// 1 when a path is set; 0: everything goes on to the lanes.
+	// In `config`: a MODE_*. In `paths`: 1 when the slot holds a path.
 	__u32 enabled;
 	// The path's interface.
 	__u32 ifindex;
@@ -108,6 +120,27 @@ struct {
 	__type(value, struct config);
 } config SEC(".maps");
 
+// `balance`: each path's configuration, by counter slot.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+} paths SEC(".maps");
+
+// `balance`: each bucket's path (its slot in `paths`), written whole in one
+// update so that the program never sees half of a new table.
+struct table {
+	__u8 slot[BUCKETS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct table);
+} table SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -130,8 +163,8 @@ struct {
 } rx_stats SEC(".maps");
 
 // The egress of the peer's TUN: every IPv4 or IPv6 packet routed into it
-// gets the outer headers of the active path and leaves by that path's
-// interface. A GSO super-packet stays one, marked as a UDP tunnel packet:
+// gets the outer headers of the active path (or, under `balance`, of its
+// flow's bucket's path) and leaves by that path's interface. A GSO super-packet stays one, marked as a UDP tunnel packet:
 // whoever cuts it puts the outer headers in front of each segment.
 SEC("classifier")
 int xl_encap(struct __sk_buff *skb)
@@ -142,8 +175,22 @@ int xl_encap(struct __sk_buff *skb)
 
 	__u32 zero = 0;
 	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
-	if (!cfg || !cfg->enabled)
+	if (!cfg || cfg->enabled == MODE_OFF)
 		return TCX_NEXT;
+	// The flow's hash (the kernel's, computed once per flow): the far
+	// gateway's lane, and under `balance` the flow's bucket.
+	__u32 hash = bpf_get_hash_recalc(skb);
+	if (cfg->enabled == MODE_TABLE) {
+		struct table *t = bpf_map_lookup_elem(&table, &zero);
+		if (!t)
+			return TCX_NEXT;
+		__u32 slot = t->slot[(hash >> 8) & (BUCKETS - 1)];
+		cfg = bpf_map_lookup_elem(&paths, &slot);
+		if (!cfg || !cfg->enabled)
+			return TCX_NEXT;
+	} else if (cfg->enabled != MODE_ONE) {
+		return TCX_NEXT;
+	}
 
 	__u32 len = skb->len;
 	if (len > MAX_INNER)
@@ -158,9 +205,8 @@ int xl_encap(struct __sk_buff *skb)
 	if (bpf_skb_load_bytes(skb, 0, first, sizeof(first)))
 		return TCX_NEXT;
 
-	// The far gateway's lane, from the flow's hash.
-	__u8 lane = (bpf_get_hash_recalc(skb) % OVERLAY_LANES)
-		    << OVERLAY_LANE_SHIFT;
+	// The far gateway's lane.
+	__u8 lane = (hash % OVERLAY_LANES) << OVERLAY_LANE_SHIFT;
 
 	if (bpf_skb_adjust_room(skb, OVERHEAD, BPF_ADJ_ROOM_MAC,
 				BPF_F_ADJ_ROOM_FIXED_GSO |

@@ -65,6 +65,7 @@ pub mod config;
 pub mod core;
 pub mod io;
 pub mod lab;
+pub mod setup;
 pub mod telemetry;
 
 pub use crate::core::{PathId, PeerId};

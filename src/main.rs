@@ -29,12 +29,37 @@ enum Command {
         #[arg(long, env = "CROSSLINK_LOG_FORMAT", default_value = "text")]
         log_format: LogFormat,
     },
-    /// Validate a configuration file without applying it.
+    /// Validate a configuration file without applying it; with --reach,
+    /// probe its paths to the far gateway; with --against, compare it with
+    /// the far gateway's file.
     Check {
         /// Configuration file.
         #[arg(short, long)]
         config: PathBuf,
+        /// The far gateway's configuration: report every key where the two
+        /// files do not mirror each other.
+        #[arg(long, value_name = "FILE")]
+        against: Option<PathBuf>,
+        /// Probe every path to the far gateway (answer, round trip, loss,
+        /// path MTU) without touching a running daemon's TUNs or routes.
+        #[arg(long)]
+        reach: bool,
+        /// How long --reach probes.
+        #[arg(long, default_value = "2s", value_parser = config::parse_duration)]
+        duration: std::time::Duration,
+        /// Print --reach's report as JSON.
+        #[arg(long)]
+        json: bool,
     },
+    /// Write both gateways' configurations (and their key) from the two
+    /// names, the prefixes and each path's addresses; asks on a terminal
+    /// for what the flags leave out.
+    Init(crosslink::setup::init::InitArgs),
+    /// Print a new X25519 private key (base64) for `[gateway] private_key_file`.
+    Genkey,
+    /// Read a private key on standard input and print its public key (base64),
+    /// the far gateway's `public_key` for this one.
+    Pubkey,
     /// Show the running daemon's peers and paths.
     Status {
         /// Control socket of the daemon.
@@ -103,7 +128,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check { config } => check(&config),
+        Command::Check {
+            config,
+            against,
+            reach,
+            duration,
+            json,
+        } => check(&config, against.as_deref(), reach.then_some(duration), json),
+        Command::Genkey => genkey(),
+        Command::Pubkey => pubkey(),
         Command::Status {
             socket,
             json,
@@ -114,6 +147,16 @@ fn main() -> ExitCode {
             socket, interval, ..
         } => watch(&socket, interval),
         Command::Upgrade { socket, binary } => upgrade(&socket, binary.as_deref()),
+        Command::Init(args) => match crosslink::setup::init::main(&args) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("crosslink init: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo(args) => code(crosslink::lab::demo::main(args)),
         Command::Probe(args) => code(crosslink::lab::probe::main(args)),
         Command::Flood(args) => code(crosslink::lab::flood::main(args)),
@@ -136,6 +179,43 @@ fn upgrade(socket: &std::path::Path, binary: Option<&std::path::Path>) -> ExitCo
         }
         Err(e) => {
             eprintln!("crosslink: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `crosslink genkey`: a private key on standard output, as `wg genkey`.
+fn genkey() -> ExitCode {
+    match crosslink::io::keys::generate_private() {
+        Ok(key) => {
+            println!("{}", key.to_base64());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("crosslink: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `crosslink pubkey`: the public key of the private key on standard input.
+fn pubkey() -> ExitCode {
+    use std::io::Read;
+    use zeroize::Zeroize;
+    let mut text = String::new();
+    let read = std::io::stdin().take(4096).read_to_string(&mut text);
+    let key = match read {
+        Ok(_) => crosslink::core::keypair::PrivateKey::parse(&text).map_err(|e| e.to_string()),
+        Err(e) => Err(format!("reading standard input: {e}")),
+    };
+    text.zeroize();
+    match key {
+        Ok(key) => {
+            println!("{}", key.public());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("crosslink: private key on standard input: {e}");
             ExitCode::FAILURE
         }
     }
@@ -178,24 +258,64 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     guard
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(cfg) => {
-            let problems = cfg.check_files();
-            for p in &problems {
-                eprintln!("{p}");
-            }
-            print!("{}", cfg.summary());
-            if problems.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+fn check(
+    path: &std::path::Path,
+    against: Option<&std::path::Path>,
+    reach: Option<std::time::Duration>,
+    json: bool,
+) -> ExitCode {
+    let cfg = match Config::load(path) {
+        Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("{e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    let problems = cfg.check_files();
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    for w in cfg.warnings() {
+        eprintln!("warning: {w}");
+    }
+    let mut ok = problems.is_empty();
+    if !json {
+        print!("{}", cfg.summary());
+    }
+    if let Some(other) = against {
+        match Config::load(other) {
+            Ok(far) => {
+                let mismatches = config::mirror::compare(&cfg, &far);
+                for m in &mismatches {
+                    eprintln!("mismatch: {m}");
+                }
+                if mismatches.is_empty() && !json {
+                    println!("{} mirrors {}", path.display(), other.display());
+                }
+                ok &= mismatches.is_empty();
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ok = false;
+            }
+        }
+    }
+    if let Some(duration) = reach {
+        let reports = crosslink::setup::reach::check(&cfg, duration);
+        if json {
+            match serde_json::to_string_pretty(&reports) {
+                Ok(text) => println!("{text}"),
+                Err(e) => eprintln!("crosslink: {e}"),
+            }
+        } else {
+            print!("{}", crosslink::setup::reach::table(&reports));
+        }
+        ok &= reports.iter().all(|r| r.ok());
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

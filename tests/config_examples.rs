@@ -99,3 +99,41 @@ fn cloud_failover_example_prefers_aws_and_backs_up_via_gcp() {
         }
     }
 }
+
+#[test]
+fn mirrored_examples_mirror_each_other_and_nothing_is_warned_about() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    for (a, b) in [
+        ("two-path-a.toml", "two-path-b.toml"),
+        ("aws-gcp-aws.toml", "aws-gcp-gcp.toml"),
+    ] {
+        let load = |f: &str| Config::load(&dir.join(f)).unwrap_or_else(|e| panic!("{e}"));
+        let (x, y) = (load(a), load(b));
+        let both = crosslink::config::mirror::compare(&x, &y);
+        assert!(both.is_empty(), "{a} vs {b}: {both:?}");
+        assert!(crosslink::config::mirror::compare(&y, &x).is_empty());
+    }
+    for file in example_files() {
+        let c = Config::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            c.warnings().is_empty(),
+            "{}: {:?}",
+            file.display(),
+            c.warnings()
+        );
+    }
+    // The cloud example: the VPN fallback path is checked more slowly, and
+    // the inner MTU fits the smallest path (the VPN's 1399 bytes, sealed).
+    let aws = Config::load(&dir.join("aws-gcp-aws.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let peer = &aws.peers[0];
+    let vpn = peer
+        .paths
+        .iter()
+        .find(|p| p.name == "vpn")
+        .expect("vpn path");
+    assert!(vpn.bfd.tx_interval > peer.paths[0].bfd.tx_interval);
+    assert_eq!(
+        u32::from(peer.mtu.expect("mtu")),
+        crosslink::core::forward::inner_mtu(1399, false, false, true)
+    );
+}

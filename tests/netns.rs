@@ -106,6 +106,72 @@ fn fast_path_programs_pass_the_verifier() {
     );
 }
 
+/// `balance` through the kernel fast path: eight TCP flows spread over
+/// both paths by the programs' bucket table (the lanes see almost none of
+/// them), and a blackholed path's buckets move to the other path.
+#[test]
+fn fast_path_balances_flows_and_fails_over() {
+    if !lab::test_gate(
+        "fast_path_balances_flows_and_fails_over",
+        &[("iperf3", "iperf3")],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let mut opts = LabOptions::new("fastbal", BIN);
+    opts.fast_path = true;
+    opts.policy = crosslink::config::Policy::Balance;
+    let mut lab = Lab::new(opts).unwrap();
+    lab.start_gateways().unwrap();
+    wait_until(&mut lab, "both paths up", Duration::from_secs(15), |s| {
+        LabPath::ALL
+            .iter()
+            .all(|&p| lab::path_state(s, p).as_deref() == Some("up"))
+    });
+    // Both ends must see both paths up before the flows start.
+    std::thread::sleep(Duration::from_millis(500));
+    let tun_before = tun_tx_packets(&lab, Gw::A);
+    let iperf = lab.start_iperf3(8, 4).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (p1, p2) = tx_growth(&lab, Duration::from_secs(1));
+    let rate = iperf.finish().unwrap_or(0.0);
+    let through_lanes = tun_tx_packets(&lab, Gw::A).saturating_sub(tun_before);
+    lab::say(&format!(
+        "REPORT fast path balance: 8 TCP flows at {:.0} Mbit/s, gw-a sent path1 +{p1} path2 +{p2} datagrams in 1 s, {through_lanes} packets through the lanes",
+        rate / 1e6
+    ));
+    assert!(rate > 0.0, "iperf3 moved nothing");
+    let total = p1 + p2;
+    assert!(total > 1000, "too little traffic: {p1} + {p2}");
+    assert!(
+        p1 * 20 > total && p2 * 20 > total,
+        "both paths should carry flows: path1 +{p1}, path2 +{p2}"
+    );
+    // The fast path carried the flows, not the lanes (a few packets may
+    // come before the table is written, and TCP's first packets of each flow).
+    assert!(
+        through_lanes * 10 < total,
+        "the lanes carried {through_lanes} of the flows' packets"
+    );
+
+    // A blackholed path: its buckets move to the other path.
+    lab.blackhole(LabPath::Path1).unwrap();
+    wait_until(&mut lab, "path1 down", Duration::from_secs(3), |s| {
+        lab::path_state(s, LabPath::Path1).as_deref() != Some("up")
+    });
+    let iperf = lab.start_iperf3(8, 3).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let (p1, p2) = tx_growth(&lab, Duration::from_secs(1));
+    let rate = iperf.finish().unwrap_or(0.0);
+    lab::say(&format!(
+        "REPORT fast path balance, path1 blackholed: {:.0} Mbit/s, path1 +{p1} path2 +{p2} in 1 s",
+        rate / 1e6
+    ));
+    assert!(p2 > 1000, "path2 should carry every flow: +{p2}");
+    assert!(p1 <= 50, "path1 should be unused while down: +{p1}");
+    assert!(rate > 0.0);
+}
+
 /// Packets the TUN of `gw` handed to the lanes (its transmit counter).
 fn tun_tx_packets(lab: &Lab, gw: Gw) -> u64 {
     let (host, tun) = match gw {

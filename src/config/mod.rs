@@ -65,6 +65,7 @@ const MAX_IFNAME_LEN: usize = 15;
 /// path maps ([`crate::io::fastpath`]).
 pub const FAST_PATH_MAX_PATHS: usize = 32;
 
+pub mod mirror;
 mod parse;
 #[cfg(test)]
 mod tests;
@@ -139,12 +140,39 @@ impl Config {
         })
     }
 
+    /// What is valid but likely wrong, one line each: a peer route (other
+    /// than a default route) that covers a path's far address would route
+    /// that path's own datagrams into a TUN, unless the host has a more
+    /// specific route to the far address (a connected subnet does).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for peer in &self.peers {
+            for route in peer.routes.iter().filter(|r| r.len > 0) {
+                for q in &self.peers {
+                    for p in q.paths.iter().filter(|p| route.contains(p.remote.ip())) {
+                        out.push(format!(
+                            "peer.{}.routes: {route} covers {}, the far address of path {} of peer {}: unless this host has a more specific route to it, the path's own datagrams go into the TUN (route only the prefixes behind the far gateway)",
+                            peer.name,
+                            p.remote.ip(),
+                            p.name,
+                            q.name
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Checks that every referenced secret file (BFD `auth.secret_file`, peer `key_file`)
     /// exists, is a regular file and can be opened for reading. Not part of [`Config::parse`],
     /// so configs can be validated on another host; `crosslink check` and `run` call it.
     /// Each error's `file` is the offending secret file and `key` the config key naming it.
     pub fn check_files(&self) -> Vec<ConfigError> {
         let mut wanted: Vec<(String, &Path)> = Vec::new();
+        if let Some(k) = &self.gateway.private_key_file {
+            wanted.push(("gateway.private_key_file".into(), k));
+        }
         if let Some(auth) = &self.bfd.auth {
             wanted.push(("bfd.auth.secret_file".into(), &auth.secret_file));
         }
@@ -262,7 +290,11 @@ fn peer_summary(out: &mut String, peer: &PeerConfig, default_auth: Option<&BfdAu
         ", policy {}, revert_hold {}, {}\n",
         peer.policy,
         format_duration(peer.revert_hold),
-        if peer.key_file.is_some() {
+        if peer.public_key.is_some() && peer.key_file.is_some() {
+            "encrypted (handshake with public_key, key_file mixed in)"
+        } else if peer.public_key.is_some() {
+            "encrypted (handshake with public_key)"
+        } else if peer.key_file.is_some() {
             "encrypted"
         } else {
             "no key_file (cleartext)"

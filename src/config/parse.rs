@@ -315,6 +315,7 @@ pub(super) struct RawConfig {
 pub(super) struct RawGateway {
     pub(super) name: String,
     pub(super) control_socket: Option<PathBuf>,
+    pub(super) private_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -359,6 +360,7 @@ pub(super) struct RawPeer {
     pub(super) revert_hold: Option<Dur>,
     pub(super) key_file: Option<PathBuf>,
     pub(super) accept_key_file: Option<PathBuf>,
+    pub(super) public_key: Option<String>,
     pub(super) mtu: Option<u16>,
     pub(super) route_metric: Option<u32>,
     #[serde(default)]

@@ -755,11 +755,12 @@ fn fast_path_only_where_the_kernel_can_carry_it() {
         "cleartext",
     );
     assert_err(
-        &with("fast_path = true\npolicy = \"balance\"\n"),
+        &with("fast_path = true\npolicy = \"aggregate\"\n"),
         7,
         "peer.gcp.fast_path",
-        "active-backup",
+        "active-backup\" or \"balance",
     );
+    assert!(ok(&with("fast_path = true\npolicy = \"balance\"\n")).peers[0].fast_path);
     let v6 = with("fast_path = true\n")
         .replace("192.0.2.1:4800", "[2001:db8::1]:4800")
         .replace("192.0.2.2:4800", "[2001:db8::2]:4800");
@@ -1237,4 +1238,78 @@ fn bad_rates_and_waits_are_refused_with_their_key() {
         let e = err(&t);
         assert_eq!(e.key, "peer.gcp.reorder_wait", "{wait}: {e}");
     }
+}
+
+#[test]
+fn a_route_that_covers_a_paths_far_address_is_warned_about() {
+    let c = ok(&base_with(
+        "tun = \"xl-aws\"\n",
+        "tun = \"xl-aws\"\nroutes = [\"0.0.0.0/0\", \"10.0.0.0/8\", \"198.51.100.0/24\"]\n",
+    ));
+    let w = c.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("198.51.100.2") && w[0].contains("cci-2"),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn public_key_is_validated_and_needs_the_gateways_private_key() {
+    let public = crate::core::keypair::PrivateKey::from_bytes([9; 32]).public();
+    let with_key = format!("tun = \"xl-gcp\"\npublic_key = \"{public}\"\n");
+    let text = base_with("tun = \"xl-gcp\"\n", &with_key);
+    assert_err(
+        &text,
+        7,
+        "peer.gcp.public_key",
+        "needs [gateway] private_key_file",
+    );
+    let text = text.replacen(
+        "name = \"gw\"\n",
+        "name = \"gw\"\nprivate_key_file = \"/etc/crosslink/private.key\"\n",
+        1,
+    );
+    let c = ok(&text);
+    assert_eq!(
+        c.gateway.private_key_file,
+        Some(PathBuf::from("/etc/crosslink/private.key"))
+    );
+    let gcp = c.peers.iter().find(|p| p.name == "gcp").unwrap();
+    assert_eq!(gcp.public_key, Some(public));
+    assert!(
+        c.summary().contains("handshake with public_key"),
+        "{}",
+        c.summary()
+    );
+    let aws = c.peers.iter().find(|p| p.name == "aws").unwrap();
+    assert_eq!(aws.public_key, None);
+    // A pre-shared key may be mixed in; a second accepted key makes no sense.
+    let psk = text.replacen("public_key", "key_file = \"/k\"\npublic_key", 1);
+    assert_eq!(ok(&psk).peers[0].key_file, Some(PathBuf::from("/k")));
+    let rot = psk.replacen("public_key", "accept_key_file = \"/k2\"\npublic_key", 1);
+    assert_err(&rot, 9, "peer.gcp.accept_key_file", "not with public_key");
+    // Bad key text: refused without echoing it.
+    let bad = text.replacen(&public.to_base64(), "secretsecret", 1);
+    let e = assert_err(&bad, 8, "peer.gcp.public_key", "found 12 characters");
+    assert!(!e.message.contains("secretsecret"));
+    let empty = base_with(
+        "name = \"gw\"\n",
+        "name = \"gw\"\nprivate_key_file = \"\"\n",
+    );
+    assert_err(&empty, 3, "gateway.private_key_file", "must not be empty");
+    // The kernel fast path cannot seal.
+    let fast = text.replacen("public_key", "fast_path = true\npublic_key", 1);
+    assert_err(&fast, 8, "peer.gcp.fast_path", "no key_file or public_key");
+}
+
+#[test]
+fn check_files_covers_the_private_key_file() {
+    let text = base_with(
+        "name = \"gw\"\n",
+        "name = \"gw\"\nprivate_key_file = \"/nonexistent/private.key\"\n",
+    );
+    let errors = ok(&text).check_files();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].key, "gateway.private_key_file");
 }

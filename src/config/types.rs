@@ -22,6 +22,9 @@ pub struct Config {
 pub struct GatewayConfig {
     pub name: String,
     pub control_socket: PathBuf,
+    /// This gateway's X25519 private key (base64, `crosslink genkey`), for
+    /// the peers that have a `public_key`.
+    pub private_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,6 +258,10 @@ pub struct PeerConfig {
     /// A second key accepted on receive (never used to send), for key
     /// rotation; requires `key_file`.
     pub accept_key_file: Option<PathBuf>,
+    /// The far gateway's X25519 public key: the peer's traffic is sealed
+    /// under session keys from a handshake (`key_file`, if also set, is
+    /// mixed into it as a pre-shared key). Needs `[gateway] private_key_file`.
+    pub public_key: Option<crate::core::keypair::PublicKey>,
     /// Inner MTU override for the TUN.
     pub mtu: Option<u16>,
     /// Metric (priority) of the routes installed via the TUN; `None` leaves

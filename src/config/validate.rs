@@ -3,6 +3,7 @@
 //! each path's BFD settings merged key by key over the gateway's `[bfd]`.
 
 use super::*;
+use crate::core::keypair::PublicKey;
 
 // ---------------------------------------------------------------------------------------
 // Validation
@@ -51,6 +52,15 @@ pub(super) fn validate(raw: RawConfig) -> VResult<Config> {
         .map(|(i, p)| validate_peer(p, &[k("peer"), Seg::Index(i)], &bfd))
         .collect::<VResult<Vec<_>>>()?;
     check_unique_peers(&peers)?;
+    if gateway.private_key_file.is_none() {
+        if let Some(i) = peers.iter().position(|p| p.public_key.is_some()) {
+            return invalid(
+                &[k("peer"), Seg::Index(i)],
+                &[k("public_key")],
+                "needs [gateway] private_key_file (this gateway's key, from `crosslink genkey`)",
+            );
+        }
+    }
     check_unique_underlay(&peers)?;
     Ok(Config {
         gateway,
@@ -71,9 +81,15 @@ pub(super) fn validate_gateway(g: RawGateway) -> VResult<GatewayConfig> {
     if control_socket.as_os_str().is_empty() {
         return invalid(&at, &[k("control_socket")], "must not be empty");
     }
+    if let Some(f) = &g.private_key_file {
+        if f.as_os_str().is_empty() {
+            return invalid(&at, &[k("private_key_file")], "must not be empty");
+        }
+    }
     Ok(GatewayConfig {
         name: g.name,
         control_socket,
+        private_key_file: g.private_key_file,
     })
 }
 
@@ -248,6 +264,20 @@ pub(super) fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResu
             return invalid(at, &[k("accept_key_file")], "needs key_file");
         }
     }
+    let public_key = match &p.public_key {
+        Some(text) => match PublicKey::parse(text) {
+            Ok(key) => Some(key),
+            Err(e) => return invalid(at, &[k("public_key")], e.to_string()),
+        },
+        None => None,
+    };
+    if public_key.is_some() && p.accept_key_file.is_some() {
+        return invalid(
+            at,
+            &[k("accept_key_file")],
+            "not with public_key: session keys change by themselves (key_file is the pre-shared key mixed into the handshake)",
+        );
+    }
     let has_v6 = p.tun_addresses.iter().chain(&p.routes).any(Prefix::is_ipv6);
     if let Some(mtu) = p.mtu {
         let min = if has_v6 { MIN_MTU_V6 } else { MIN_MTU_V4 };
@@ -299,7 +329,12 @@ pub(super) fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResu
         }
     }
     if p.fast_path {
-        check_fast_path(p.key_file.is_some(), p.policy, &paths, at)?;
+        check_fast_path(
+            p.key_file.is_some() || public_key.is_some(),
+            p.policy,
+            &paths,
+            at,
+        )?;
     }
     Ok(PeerConfig {
         name: p.name,
@@ -310,6 +345,7 @@ pub(super) fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResu
         revert_hold,
         key_file: p.key_file,
         accept_key_file: p.accept_key_file,
+        public_key,
         mtu: p.mtu,
         route_metric: p.route_metric,
         fast_path: p.fast_path,
@@ -319,8 +355,8 @@ pub(super) fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResu
     })
 }
 
-/// What the kernel fast path can carry: cleartext, one active path at a
-/// time, IPv4 underlay from a concrete local address.
+/// What the kernel fast path can carry: cleartext, `active-backup` or
+/// `balance`, IPv4 underlay from a concrete local address.
 pub(super) fn check_fast_path(
     keyed: bool,
     policy: Policy,
@@ -328,10 +364,13 @@ pub(super) fn check_fast_path(
     at: &[Seg],
 ) -> VResult<()> {
     let why = if keyed {
-        Some("needs a cleartext peer (no key_file): sealing stays in user space".to_string())
-    } else if policy != Policy::ActiveBackup {
+        Some(
+            "needs a cleartext peer (no key_file or public_key): sealing stays in user space"
+                .to_string(),
+        )
+    } else if !matches!(policy, Policy::ActiveBackup | Policy::Balance) {
         Some(format!(
-            "needs policy \"active-backup\" (this peer's is \"{policy}\")"
+            "needs policy \"active-backup\" or \"balance\" (this peer's is \"{policy}\")"
         ))
     } else if paths.len() > FAST_PATH_MAX_PATHS {
         Some(format!(

@@ -573,6 +573,17 @@ impl Selection {
         }
     }
 
+    /// `balance` over several paths: the path of each of `n` buckets, by
+    /// the same weighted rendezvous hashing as the lanes' own table (the
+    /// kernel fast path's table, whose flows are bucketed by the kernel's
+    /// hash). `None` for any other steering.
+    pub fn bucket_paths(&self, n: usize) -> Option<Vec<PathId>> {
+        if self.policy != Policy::Balance || self.eligible.len() < 2 {
+            return None;
+        }
+        (0..n as u64).map(|b| self.rendezvous(mix(b))).collect()
+    }
+
     /// The paths `aggregate` spreads over (none: place per flow, with
     /// [`Self::select`]).
     pub fn spread(&self) -> Option<(&Board, impl Iterator<Item = PathId> + '_)> {
@@ -632,6 +643,33 @@ impl Selection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast path's bucket table: every bucket on an eligible path, in
+    /// shares that follow the weights; none but for `balance` over several.
+    #[test]
+    fn bucket_paths_follow_the_weights() {
+        let sel = Selection::new(
+            Policy::Balance,
+            Some(PathId(0)),
+            vec![(PathId(0), 3), (PathId(1), 1)],
+        );
+        let table = sel.bucket_paths(256).expect("a table");
+        assert_eq!(table.len(), 256);
+        let first = table.iter().filter(|&&p| p == PathId(0)).count();
+        assert!(
+            (160..=220).contains(&first),
+            "{first} of 256 on the weight-3 path"
+        );
+        assert!(table.iter().all(|p| [PathId(0), PathId(1)].contains(p)));
+        let one = Selection::new(Policy::Balance, Some(PathId(0)), vec![(PathId(0), 1)]);
+        assert_eq!(one.bucket_paths(256), None);
+        let ab = Selection::new(
+            Policy::ActiveBackup,
+            Some(PathId(0)),
+            vec![(PathId(0), 1), (PathId(1), 1)],
+        );
+        assert_eq!(ab.bucket_paths(256), None);
+    }
 
     /// Unequal weights go through the bucket table: shares follow the
     /// weights, and removing a path moves only the flows it carried.

@@ -606,16 +606,41 @@ impl BfdThread {
         fastpath::route(id, p.local, p.remote, p.dscp)
     }
 
+    /// Where a peer's fast path sends under its steering `sel`: the active
+    /// path, or under `balance` over several paths each bucket's path
+    /// (`None`, the lanes carry everything, when a path of it cannot be
+    /// carried).
+    fn fast_plan(&self, sel: &crate::core::steer::Selection) -> Option<fastpath::Plan> {
+        if let Some(table) = sel.bucket_paths(fastpath::BUCKETS) {
+            let ids: Vec<PathId> = sel.eligible.iter().map(|&(id, _)| id).collect();
+            let routes: Vec<fastpath::Route> =
+                ids.iter().filter_map(|&id| self.fast_route(id)).collect();
+            if routes.len() != ids.len() {
+                return None;
+            }
+            let buckets = table
+                .iter()
+                .map(|p| ids.iter().position(|id| id == p))
+                .collect::<Option<Vec<usize>>>()?;
+            return Some(fastpath::Plan::Table { routes, buckets });
+        }
+        sel.active
+            .and_then(|id| self.fast_route(id))
+            .map(fastpath::Plan::One)
+    }
+
     /// Points each fast path at its peer's active path (or at none: the
     /// lanes take everything). `force` writes the sending program's
     /// configuration even if the path did not change, with its interface
     /// looked up again.
     fn steer_fast_paths(&self, f: &Forwarding, force: bool) {
         for (peer, fast) in self.fast_paths() {
-            let active = f.peers.get(usize::from(peer.0)).and_then(|s| s.active);
-            let route = active.and_then(|id| self.fast_route(id));
+            let plan = f
+                .peers
+                .get(usize::from(peer.0))
+                .and_then(|s| self.fast_plan(s));
             let name = self.engine.peer(peer).map_or("?", |(n, _, _)| n);
-            match fast.set(route, force) {
+            match fast.set(plan, force) {
                 Ok(()) => {}
                 // The periodic look-up repeats the error every time: logged
                 // when the forwarding changes only.

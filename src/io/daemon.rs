@@ -118,6 +118,9 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
 fn run_with(config_path: &Path, incoming: Option<Incoming>) -> Result<(), DaemonError> {
     let config = Config::load(config_path)?;
     refuse_unsupported(&config)?;
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
     let secrets = read_secrets(&config)?;
     if let Err(e) = super::sys::lock_memory() {
         tracing::warn!(error = %e, "could not lock memory (needs CAP_IPC_LOCK); paging may delay BFD");

@@ -74,10 +74,11 @@ pub const MAX_PATHS: usize = crate::config::FAST_PATH_MAX_PATHS;
 /// length field must still hold the whole.
 pub const MAX_INNER: u32 = 65_535 - OVERHEAD as u32;
 
-/// Layout of the configuration map's one value (`struct config`, whose C
-/// source asserts these offsets).
+/// Layout of a configuration map value (`struct config`, whose C source
+/// asserts these offsets).
 mod cfg {
-    /// u32: 1 when a path is set.
+    /// u32: in `config`, the mode (0: off, 1: this entry's path, 2: the
+    /// table's); in `paths`, 1 when the slot holds a path.
     pub const ENABLED: usize = 0;
     /// u32: the path's interface.
     pub const IFINDEX: usize = 4;
@@ -95,6 +96,12 @@ mod cfg {
     pub const LEN: usize = 64;
 }
 
+/// `config`'s mode: the path of the flow's bucket (`balance`).
+const MODE_TABLE: u32 = 2;
+
+/// Buckets of the `balance` table (`BUCKETS` in the C source).
+pub const BUCKETS: usize = 256;
+
 /// Length of a receive map key: the datagram's IPv4 source and
 /// destination addresses and UDP ports, as they lie in the packet.
 pub const RX_KEY_LEN: usize = 12;
@@ -109,7 +116,20 @@ pub fn rx_key(local: SocketAddrV4, remote: SocketAddrV4) -> [u8; RX_KEY_LEN] {
     k
 }
 
-/// Where the fast path sends: the active path.
+/// Where the fast path sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Everything on one path (the active one).
+    One(Route),
+    /// `balance`: each flow on the path of its bucket (by the kernel's
+    /// flow hash), `buckets[i]` being an index into `routes`.
+    Table {
+        routes: Vec<Route>,
+        buckets: Vec<usize>,
+    },
+}
+
+/// A path the fast path sends on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
     pub path: PathId,
@@ -243,6 +263,8 @@ type Counters = PerCpuArray<MapData, [u64; 2]>;
 pub struct Programs {
     ebpf: Ebpf,
     config: Array<MapData, [u8; cfg::LEN]>,
+    paths: Array<MapData, [u8; cfg::LEN]>,
+    table: Array<MapData, [u8; BUCKETS]>,
     tx_stats: Counters,
     rx_paths: BpfHashMap<MapData, [u8; RX_KEY_LEN], [u8; 8]>,
     rx_stats: Counters,
@@ -255,6 +277,7 @@ impl Programs {
     pub fn load() -> io::Result<Programs> {
         let slots = MAX_PATHS as u32;
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries("paths", slots)
             .map_max_entries("tx_stats", slots)
             .map_max_entries("rx_paths", slots)
             .map_max_entries("rx_stats", slots)
@@ -269,8 +292,10 @@ impl Programs {
             ebpf.take_map(name)
                 .ok_or_else(|| io::Error::other(format!("the object has no map {name}")))
         };
-        let (config, tx_stats, rx_paths, rx_stats) = (
+        let (config, paths, table, tx_stats, rx_paths, rx_stats) = (
             map("config")?,
+            map("paths")?,
+            map("table")?,
             map("tx_stats")?,
             map("rx_paths")?,
             map("rx_stats")?,
@@ -278,6 +303,8 @@ impl Programs {
         let typed = |name: &'static str| move |e| aya_error(name, e);
         Ok(Programs {
             config: Array::try_from(config).map_err(typed("config"))?,
+            paths: Array::try_from(paths).map_err(typed("paths"))?,
+            table: Array::try_from(table).map_err(typed("table"))?,
             tx_stats: PerCpuArray::try_from(tx_stats).map_err(typed("tx_stats"))?,
             rx_paths: BpfHashMap::try_from(rx_paths).map_err(typed("rx_paths"))?,
             rx_stats: PerCpuArray::try_from(rx_stats).map_err(typed("rx_stats"))?,
@@ -333,7 +360,7 @@ pub struct FastPath {
 
 struct State {
     progs: Programs,
-    route: Option<Route>,
+    plan: Option<Plan>,
     slots: Slots,
     /// Totals already added to the paths' counters, by slot: sent, received.
     seen: HashMap<u32, [(u64, u64); 2]>,
@@ -396,7 +423,7 @@ impl FastPath {
             _egress: egress,
             state: Mutex::new(State {
                 progs,
-                route: None,
+                plan: None,
                 slots: Slots::default(),
                 seen: HashMap::new(),
                 ingress: HashMap::new(),
@@ -405,39 +432,80 @@ impl FastPath {
         })
     }
 
-    /// Sends on `route` from now on (`None`: hands everything to the
-    /// lanes). Writes the map only when the route changed, or `force`.
-    pub fn set(&self, route: Option<Route>, force: bool) -> io::Result<()> {
+    /// Sends by `plan` from now on (`None`: hands everything to the
+    /// lanes). Writes the maps only when the plan changed, or `force`
+    /// (which looks the interfaces up again).
+    pub fn set(&self, plan: Option<Plan>, force: bool) -> io::Result<()> {
         let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let st = &mut *guard;
-        if st.route == route && !force {
+        if st.plan == plan && !force {
             return Ok(());
         }
-        let write = |config: &mut Array<MapData, [u8; cfg::LEN]>, value: [u8; cfg::LEN]| {
-            config
-                .set(0, value, 0)
-                .map_err(|e| aya_error("writing its configuration", e))
+        let result = match &plan {
+            None => Ok([0u8; cfg::LEN]),
+            Some(Plan::One(r)) => Self::path_value(st, r),
+            Some(Plan::Table { routes, buckets }) => Self::table_value(st, routes, buckets),
         };
-        let value = match &route {
-            None => [0u8; cfg::LEN],
-            Some(r) => {
-                let Some(ifindex) = interface_of(*r.local.ip())? else {
-                    // The local address is gone: the lanes' sends fail and
-                    // tell the BFD thread.
-                    write(&mut st.progs.config, [0u8; cfg::LEN])?;
-                    st.route = None;
-                    return Err(io::Error::new(
-                        io::ErrorKind::AddrNotAvailable,
-                        format!("no interface holds {}", r.local.ip()),
-                    ));
-                };
-                let slot = st.slots.slot(r.path)?;
-                config_value(r, ifindex, slot)
-            }
+        // Anything that cannot be carried goes to the lanes.
+        let value = match &result {
+            Ok(v) => *v,
+            Err(_) => [0u8; cfg::LEN],
         };
-        write(&mut st.progs.config, value)?;
-        st.route = route;
-        Ok(())
+        st.progs
+            .config
+            .set(0, value, 0)
+            .map_err(|e| aya_error("writing its configuration", e))?;
+        st.plan = if result.is_ok() { plan } else { None };
+        result.map(|_| ())
+    }
+
+    /// The configuration of `r`'s path, through the interface that holds
+    /// its local address now.
+    fn path_value(st: &mut State, r: &Route) -> io::Result<[u8; cfg::LEN]> {
+        let Some(ifindex) = interface_of(*r.local.ip())? else {
+            // The local address is gone: the lanes' sends fail and tell
+            // the BFD thread.
+            return Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                format!("no interface holds {}", r.local.ip()),
+            ));
+        };
+        let slot = st.slots.slot(r.path)?;
+        Ok(config_value(r, ifindex, slot))
+    }
+
+    /// Writes each route's configuration at its slot in `paths`, then the
+    /// bucket table (one update), and returns `config`'s value that turns
+    /// the table on.
+    fn table_value(
+        st: &mut State,
+        routes: &[Route],
+        buckets: &[usize],
+    ) -> io::Result<[u8; cfg::LEN]> {
+        let mut slots = Vec::with_capacity(routes.len());
+        for r in routes {
+            let value = Self::path_value(st, r)?;
+            let slot = st.slots.slot(r.path)?;
+            st.progs
+                .paths
+                .set(slot, value, 0)
+                .map_err(|e| aya_error("writing a path's configuration", e))?;
+            slots.push(slot);
+        }
+        let mut table = [0u8; BUCKETS];
+        for (t, &b) in table.iter_mut().zip(buckets) {
+            let slot = slots
+                .get(b)
+                .ok_or_else(|| io::Error::other("a bucket names no path"))?;
+            *t = u8::try_from(*slot).map_err(|_| io::Error::other("slot out of range"))?;
+        }
+        st.progs
+            .table
+            .set(0, table, 0)
+            .map_err(|e| aya_error("writing its bucket table", e))?;
+        let mut v = [0u8; cfg::LEN];
+        v[cfg::ENABLED..cfg::ENABLED + 4].copy_from_slice(&MODE_TABLE.to_ne_bytes());
+        Ok(v)
     }
 
     /// Receives the datagrams of `paths` (the peer's, all of them) in the
@@ -534,7 +602,7 @@ pub fn route(
 mod tests {
     use super::*;
 
-    /// The object holds both programs and the four maps, whose key and
+    /// The object holds both programs and the six maps, whose key and
     /// value sizes are the ones this module reads and writes (the loader
     /// refuses a typed map of another size, but only when it runs as root).
     #[test]
@@ -552,10 +620,12 @@ mod tests {
         const ARRAY: u32 = 2;
         const PERCPU_ARRAY: u32 = 6;
         assert_eq!(sizes("config"), (ARRAY, 4, cfg::LEN));
+        assert_eq!(sizes("paths"), (ARRAY, 4, cfg::LEN));
+        assert_eq!(sizes("table"), (ARRAY, 4, BUCKETS));
         assert_eq!(sizes("tx_stats"), (PERCPU_ARRAY, 4, 16));
         assert_eq!(sizes("rx_paths"), (HASH, RX_KEY_LEN, 8));
         assert_eq!(sizes("rx_stats"), (PERCPU_ARRAY, 4, 16));
-        assert_eq!(obj.maps.len(), 4);
+        assert_eq!(obj.maps.len(), 6);
         assert_eq!(obj.license.to_str(), Ok("GPL"));
     }
 

@@ -7,6 +7,7 @@
 
 use crate::config::PeerConfig;
 use crate::core::crypto::{Key, Keys};
+use crate::core::keypair::{self, PrivateKey};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use tracing::warn;
@@ -17,6 +18,12 @@ const MAX_FILE: u64 = 4096;
 
 /// The peer's keys, `None` when it has no `key_file`.
 pub fn load(peer: &PeerConfig) -> Result<Option<Keys>, String> {
+    if peer.public_key.is_some() {
+        return Err(format!(
+            "peer {}: public_key: the handshake is not in this build yet",
+            peer.name
+        ));
+    }
     let Some(send) = &peer.key_file else {
         return Ok(None);
     };
@@ -30,6 +37,29 @@ pub fn load(peer: &PeerConfig) -> Result<Option<Keys>, String> {
 
 /// Reads and parses one key file.
 pub fn read(path: &Path) -> Result<Key, String> {
+    read_with(path, |t| Key::parse(t).map_err(|e| e.to_string()))
+}
+
+/// Reads and parses a private key file (`[gateway] private_key_file`:
+/// the base64 line `crosslink genkey` prints).
+pub fn read_private(path: &Path) -> Result<PrivateKey, String> {
+    read_with(path, |t| PrivateKey::parse(t).map_err(|e| e.to_string()))
+}
+
+/// A new private key: 32 bytes from the system's random source.
+pub fn generate_private() -> Result<PrivateKey, String> {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut bytes = [0u8; keypair::KEY_LEN];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| "the system's random source failed".to_string())?;
+    let key = PrivateKey::from_bytes(bytes);
+    bytes.zeroize();
+    Ok(key)
+}
+
+/// Reads a key file with the size and permission checks, and parses it.
+fn read_with<T>(path: &Path, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<T, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if !meta.is_file() || meta.len() > MAX_FILE {
         return Err(format!(
@@ -46,7 +76,7 @@ pub fn read(path: &Path) -> Result<Key, String> {
         );
     }
     let mut text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let key = Key::parse(&text);
+    let key = parse(&text);
     text.zeroize();
     key.map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -70,6 +100,16 @@ mod tests {
             e.contains("found 12 characters") && !e.contains("secret"),
             "{e}"
         );
+        let e = read_private(&bad).unwrap_err();
+        assert!(
+            e.contains("found 12 characters") && !e.contains("secret"),
+            "{e}"
+        );
+        let private = generate_private().unwrap();
+        let pk = dir.join("private.key");
+        std::fs::write(&pk, format!("{}\n", private.to_base64())).unwrap();
+        assert_eq!(read_private(&pk).unwrap().public(), private.public());
+        assert_ne!(generate_private().unwrap().public(), private.public());
         let e = read(&dir.join("missing.key")).unwrap_err();
         assert!(e.contains("missing.key"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);

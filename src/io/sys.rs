@@ -982,6 +982,29 @@ pub fn send_with_fds(sock: &impl AsRawFd, data: &[u8], fds: &[RawFd]) -> io::Res
     Ok(())
 }
 
+/// Sets `sock` to send every datagram with Don't Fragment and never cut it
+/// up locally, whatever path MTU the kernel has learnt (`IP_PMTUDISC_PROBE`,
+/// or its IPv6 twin): a datagram larger than the outgoing interface's MTU
+/// fails with `EMSGSIZE`, and one larger than a hop further on is dropped
+/// there. What a path MTU search needs.
+pub fn set_pmtu_probe(sock: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
+    let fd = sock.as_raw_fd();
+    match ipv6 {
+        true => setsockopt_int(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_PROBE,
+        ),
+        false => setsockopt_int(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_PROBE,
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
