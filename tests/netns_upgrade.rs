@@ -728,12 +728,14 @@ fn crash_restart_keeps_the_tun_from_the_fd_store() {
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
     let deadline = Instant::now() + Duration::from_secs(5);
     // READY=1, then the TUN's queues.
-    while !(store.ready.load(std::sync::atomic::Ordering::Relaxed)
-        && !store
+    let stored_any = || {
+        !store
             .fds
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .is_empty())
+            .is_empty()
+    };
+    while (!store.ready.load(std::sync::atomic::Ordering::Relaxed) || !stored_any())
         && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(20));
