@@ -303,6 +303,15 @@ fn upgrade_under_traffic_loses_nothing() {
                 );
                 assert!(a >= b, "{gw}: path1 {field} went back: {b} -> {a}");
             }
+            if let Some(drops) = before.get("drops").and_then(Value::as_object) {
+                for (reason, n) in drops {
+                    let a = num(&after, &format!("/drops/{reason}"));
+                    assert!(
+                        a >= n.as_u64().unwrap_or(0),
+                        "{gw}: drops {reason} went back: {n} -> {a}"
+                    );
+                }
+            }
             assert_eq!(
                 num(&path1(&after), "/bfd/local_discriminator"),
                 num(&path1(&before), "/bfd/local_discriminator"),

@@ -1741,11 +1741,17 @@ async fn hand_over(
         return Err(give_up(&mut child, "the BFD thread is gone".into()));
     };
     let (paths, peers) = gw.export_data();
+    let drops = crate::core::drop::DropReason::ALL
+        .iter()
+        .map(|r| (r.as_str().to_string(), gw.shared.drops.get(*r)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
     let takeover = Takeover {
         version: upgrade::VERSION,
         sessions,
         paths,
         peers,
+        drops,
     };
     // 4: the new process serves.
     let serving = blocking(|| {
@@ -1812,6 +1818,15 @@ async fn take_over(gw: &mut Gateway, mut incoming: Incoming) -> Result<u32, Stri
         warn!(problem = %p, "upgrade: a session starts over");
     }
     gw.import_data(&takeover);
+    for (name, n) in &takeover.drops {
+        // A reason this build does not know is left out.
+        if let Some(r) = crate::core::drop::DropReason::ALL
+            .iter()
+            .find(|r| r.as_str() == name)
+        {
+            gw.shared.drops.add(*r, *n);
+        }
+    }
     gw.hold_lanes = false;
     gw.unpark_all();
     // Before the old process hears of it and exits: under systemd, the

@@ -130,6 +130,10 @@ pub struct Takeover {
     pub sessions: Vec<PathExport>,
     pub paths: Vec<PathData>,
     pub peers: Vec<PeerData>,
+    /// Packets dropped, by reason (the labels of
+    /// `crosslink_packets_dropped_total`).
+    #[serde(default)]
+    pub drops: Vec<(String, u64)>,
 }
 
 /// A path's data-plane figures, so that counters do not go back and the
@@ -370,6 +374,7 @@ mod tests {
                 instance: 0xdead_beef,
                 sequence: 17,
             }],
+            drops: vec![("replayed".into(), 3)],
         }
     }
 
