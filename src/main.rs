@@ -75,6 +75,18 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = config::parse_duration)]
         interval: std::time::Duration,
     },
+    /// Hand the running daemon's TUNs, sockets and sessions to a new process
+    /// (a new binary, or a configuration a reload cannot apply) without
+    /// losing a packet; prints the new process's pid.
+    Upgrade {
+        /// Control socket of the daemon.
+        #[arg(short, long, default_value = "/run/crosslink/crosslink.sock")]
+        socket: PathBuf,
+        /// The binary to start (default: the daemon's own path, where a
+        /// package upgrade puts the new one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Build a throwaway lab, fail a path and show the failover (needs root).
     Demo(crosslink::lab::demo::DemoArgs),
     /// Traffic probe used by the demo and the tests.
@@ -134,6 +146,7 @@ fn main() -> ExitCode {
         Command::Status {
             socket, interval, ..
         } => watch(&socket, interval),
+        Command::Upgrade { socket, binary } => upgrade(&socket, binary.as_deref()),
         Command::Init(args) => match crosslink::setup::init::main(&args) {
             Ok(report) => {
                 print!("{report}");
@@ -150,6 +163,24 @@ fn main() -> ExitCode {
         Command::Relay(args) => code(crosslink::lab::relay::main(args)),
         Command::Completions { shell } => print_doc(Ok(completions(shell))),
         Command::Man => print_doc(man_page()),
+    }
+}
+
+fn upgrade(socket: &std::path::Path, binary: Option<&std::path::Path>) -> ExitCode {
+    // A relative path would be resolved in the daemon's directory.
+    let binary = binary.map(|b| std::path::absolute(b).unwrap_or_else(|_| b.to_path_buf()));
+    match control::request_upgrade(socket, binary.as_deref()) {
+        Ok(u) => {
+            println!(
+                "upgraded: new pid {} (handover {:.2} ms)",
+                u.pid, u.handover_ms
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("crosslink: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

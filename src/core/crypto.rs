@@ -39,7 +39,10 @@
 //!
 //! Replay: each path's receiver keeps a [`ReplayWindow`] of the last
 //! [`WINDOW`] sequence numbers of the sender's current epoch (RFC 4303
-//! section 3.4.3 describes the same sliding-window idea for IPsec).
+//! section 3.4.3 describes the same sliding-window idea for IPsec), and
+//! of its previous one: packets the sender's previous run sent just before
+//! a newer epoch's first arrived (on another lane, say, across an
+//! upgrade) are still taken, each once.
 
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use ring::hkdf;
@@ -399,13 +402,18 @@ pub struct ReplayWindow {
     top: u64,
     /// Bit `i` (word i / 64, bit i % 64) set: `top - i` was accepted.
     bits: [u64; WORDS],
+    /// The window of the epoch before this one (itself without one).
+    previous: Option<Box<ReplayWindow>>,
 }
 
 impl ReplayWindow {
     /// Whether `(epoch, sequence)` may be new.
     pub fn check(&self, epoch: u32, sequence: u64) -> Result<(), Replay> {
         if epoch < self.epoch {
-            return Err(Replay::StaleEpoch);
+            return match &self.previous {
+                Some(p) if p.epoch == epoch => p.check(epoch, sequence),
+                _ => Err(Replay::StaleEpoch),
+            };
         }
         if epoch > self.epoch || sequence > self.top {
             return Ok(());
@@ -424,9 +432,18 @@ impl ReplayWindow {
     /// Records an authenticated `(epoch, sequence)`; call only after
     /// [`ReplayWindow::check`] passed and the message opened.
     pub fn commit(&mut self, epoch: u32, sequence: u64) {
+        if epoch < self.epoch {
+            if let Some(p) = self.previous.as_mut().filter(|p| p.epoch == epoch) {
+                p.commit(epoch, sequence);
+            }
+            return;
+        }
         if epoch > self.epoch {
+            let mut was = std::mem::take(self);
+            was.previous = None;
             *self = ReplayWindow {
                 epoch,
+                previous: (was.top > 0).then(|| Box::new(was)),
                 ..ReplayWindow::default()
             };
         }
@@ -789,10 +806,20 @@ mod tests {
         // The sender restarted: a newer epoch starts afresh at 1.
         assert_eq!(accept(&mut w, 101, 1), Ok(()));
         assert_eq!(accept(&mut w, 101, 1), Err(Replay::Duplicate));
-        // The old run's packets are refused from now on.
-        assert_eq!(accept(&mut w, 100, 51), Err(Replay::StaleEpoch));
+        // The old run's packets still on their way are taken, once each...
+        assert_eq!(accept(&mut w, 100, 49), Ok(()));
+        assert_eq!(accept(&mut w, 100, 49), Err(Replay::Duplicate));
+        assert_eq!(accept(&mut w, 100, 50), Err(Replay::Duplicate));
+        assert_eq!(accept(&mut w, 100, 51), Ok(()));
+        // ...and a run before it is refused.
+        assert_eq!(accept(&mut w, 99, 1000), Err(Replay::StaleEpoch));
         // A forged newer epoch that never authenticated does not move the window.
         assert_eq!(w.check(999, 1), Ok(()));
         assert_eq!(accept(&mut w, 101, 2), Ok(()));
+        // A third epoch: the first is refused, the second is the previous one.
+        assert_eq!(accept(&mut w, 102, 1), Ok(()));
+        assert_eq!(accept(&mut w, 100, 52), Err(Replay::StaleEpoch));
+        assert_eq!(accept(&mut w, 101, 3), Ok(()));
+        assert_eq!(accept(&mut w, 101, 2), Err(Replay::Duplicate));
     }
 }

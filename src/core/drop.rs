@@ -44,7 +44,7 @@ pub enum DropReason {
     /// Sealed message whose tag does not verify under the peer's keys.
     AuthFailed,
     /// Sealed data already received, older than the replay window, or
-    /// from an earlier run of the sender.
+    /// from a run of the sender before its previous one.
     Replayed,
     /// Plaintext message for a peer with a key, or sealed message for a
     /// peer without one.

@@ -71,6 +71,9 @@ pub enum EngineError {
         file: PathBuf,
         source: KeyError,
     },
+    /// A session handed over by an upgrade could not be taken over.
+    #[error("{0}")]
+    Restore(String),
 }
 
 /// What the data plane needs to place packets: one selection per peer,
@@ -183,6 +186,20 @@ struct PeerCore {
     retired: bool,
     /// `reorder_wait`, if configured (else from the paths' round trips).
     reorder_wait: Option<Duration>,
+}
+
+/// A path's control state as it leaves this process for the one that
+/// takes over (an upgrade): named by peer and path, since the new process
+/// numbers its paths itself.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PathExport {
+    pub peer: String,
+    pub path: String,
+    pub session: crate::core::bfd::Snapshot,
+    pub control_tx: u64,
+    pub control_rx: u64,
+    pub failures: u64,
+    pub remote_admin_downs: u64,
 }
 
 /// Per-path control state.
@@ -520,6 +537,69 @@ impl Engine {
             .iter()
             .copied()
             .find(|id| self.path(*id).is_some_and(|p| p.name == name))
+    }
+
+    /// Every live path's session and counters, for the process that takes
+    /// over (an upgrade; see [`PathExport`]).
+    pub fn export_sessions(&self) -> Vec<PathExport> {
+        self.paths
+            .iter()
+            .filter(|p| !p.retired)
+            .filter_map(|p| {
+                let peer = self.peers.get(usize::from(p.peer.0))?;
+                Some(PathExport {
+                    peer: peer.name.clone(),
+                    path: p.name.clone(),
+                    session: p.session.snapshot(),
+                    control_tx: p.control_tx,
+                    control_rx: p.control_rx,
+                    failures: p.failures,
+                    remote_admin_downs: p.remote_admin_downs,
+                })
+            })
+            .collect()
+    }
+
+    /// Gives path `id` the session and counters of `from` (the same path in
+    /// the process this one replaces): the peer sees the same session go on.
+    /// Refused, with the path left as it was, when the discriminator is
+    /// another live path's.
+    pub fn restore_session(
+        &mut self,
+        id: PathId,
+        from: &PathExport,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let i = usize::from(id.0);
+        let Some(path) = self.paths.get(i).filter(|p| !p.retired) else {
+            return Err(EngineError::Restore(format!("no path {}", from.path)));
+        };
+        let old = path.session.local_discriminator();
+        let new = from.session.local_discr;
+        if new != old && self.by_discriminator.contains_key(&new) {
+            return Err(EngineError::Restore(format!(
+                "path {}: discriminator {new} is another path's",
+                from.path
+            )));
+        }
+        let path = &mut self.paths[i];
+        path.session.restore(&from.session, now);
+        while path.session.poll_event().is_some() {}
+        path.control_tx = path.control_tx.max(from.control_tx);
+        path.control_rx = path.control_rx.max(from.control_rx);
+        path.failures = path.failures.max(from.failures);
+        path.remote_admin_downs = path.remote_admin_downs.max(from.remote_admin_downs);
+        let up = path.is_up();
+        path.last_rx = up.then_some(now);
+        path.down_since = (!up).then_some(now);
+        let new = path.session.local_discriminator();
+        self.by_discriminator.remove(&old);
+        self.by_discriminator.insert(new, id);
+        self.update_health(id, now, None);
+        self.dirty = true;
+        self.reschedule(id);
+        self.settle();
+        Ok(())
     }
 
     fn unique_discriminator(&self, seed: u64) -> u32 {

@@ -32,11 +32,12 @@
 //! Everything else in the engine is left as it was.
 
 use super::fastpath::{self, FastPath};
+use super::tun::Queue as SyncDevice;
 use super::{clock, sys, udp};
 use crate::config::{PathConfig, PeerConfig, SlaConfig};
 use crate::core::bfd::Transmit;
 use crate::core::engine::MoveCause;
-use crate::core::engine::{Engine, Event, Forwarding, Secrets};
+use crate::core::engine::{Engine, Event, Forwarding, PathExport, Secrets};
 use crate::core::quality::{Sample, Transition};
 use crate::core::wire::bfd::State;
 use crate::telemetry::metrics::{Metrics, PathLabels};
@@ -59,7 +60,6 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
-use tun_rs::SyncDevice;
 
 /// Requests to the BFD thread.
 pub enum Command {
@@ -76,6 +76,15 @@ pub enum Command {
     /// A probe's reply came back on the path (from its lane 0).
     Quality(PathId, Box<Sample>),
     Apply(Box<Plan>, oneshot::Sender<Applied>),
+    /// An upgrade: stop sending and receiving (the sessions stay as they
+    /// are, for the new process) and answer with every session's state.
+    Freeze(oneshot::Sender<Vec<PathExport>>),
+    /// The upgrade failed: carry on from where [`Command::Freeze`] stopped.
+    Thaw,
+    /// An upgrade, in the new process: take over the old process's
+    /// sessions, then start sending and receiving. Answers with what could
+    /// not be taken over.
+    Restore(Vec<PathExport>, oneshot::Sender<Vec<String>>),
 }
 
 /// A path to add, with its opened BFD transmit socket.
@@ -203,6 +212,24 @@ impl CommandLink {
         rx.await.ok()
     }
 
+    /// Stops the thread's sending and receiving; the sessions' state.
+    pub async fn freeze(&self) -> Option<Vec<PathExport>> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(Command::Freeze(tx)) {
+            return None;
+        }
+        rx.await.ok()
+    }
+
+    /// Takes over sessions and starts sending and receiving; what failed.
+    pub async fn restore(&self, sessions: Vec<PathExport>) -> Option<Vec<String>> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(Command::Restore(sessions, tx)) {
+            return None;
+        }
+        rx.await.ok()
+    }
+
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
         if self.send(Command::Shutdown(tx)) {
@@ -256,6 +283,10 @@ pub struct BfdThread {
     pub quality_exported: Option<Instant>,
     /// What the thread sets up for itself when it starts.
     pub io: Io,
+    /// Neither sending nor receiving nor running timers, only taking
+    /// commands: a process being replaced, after [`Command::Freeze`], or
+    /// the new one until [`Command::Restore`].
+    pub held: bool,
 }
 
 /// The BFD thread's own machinery, made when it starts.
@@ -375,11 +406,14 @@ impl BfdThread {
         let mut buf = vec![0u8; 2048];
         loop {
             let now = clock::now();
-            self.engine.handle_timeout(now);
-            self.flush(now);
+            if !self.held {
+                self.engine.handle_timeout(now);
+                self.flush(now);
+            }
             let mut timeout = self
                 .engine
                 .poll_timeout()
+                .filter(|_| !self.held)
                 .map(|t| t.saturating_duration_since(clock::now()));
             if self.io.commands_left {
                 timeout = Some(timeout.map_or(RETRY, |t| t.min(RETRY)));
@@ -418,7 +452,7 @@ impl BfdThread {
                         return;
                     }
                     self.io.note_busy("commands", t, clock::now());
-                } else {
+                } else if !self.held {
                     self.receive(ev.token().0, &mut buf);
                     self.io.note_busy("receiving", t, clock::now());
                 }
@@ -814,6 +848,7 @@ impl BfdThread {
                 Command::SendError(_) => "send error",
                 Command::Quality(..) => "quality sample",
                 Command::Apply(..) => "reload",
+                Command::Freeze(_) | Command::Thaw | Command::Restore(..) => "upgrade",
             };
             self.io.note_busy(kind, t, t);
             match cmd {
@@ -840,11 +875,41 @@ impl BfdThread {
                     let applied = self.apply(*plan);
                     let _ = reply.send(applied);
                 }
+                Command::Freeze(reply) => {
+                    self.held = true;
+                    let _ = reply.send(self.engine.export_sessions());
+                }
+                Command::Thaw => self.resume(),
+                Command::Restore(sessions, reply) => {
+                    let now = clock::now();
+                    let mut problems = Vec::new();
+                    for s in &sessions {
+                        let id = self
+                            .engine
+                            .peer_by_name(&s.peer)
+                            .and_then(|peer| self.engine.path_by_name(peer, &s.path));
+                        // A path the new configuration no longer has.
+                        let Some(id) = id else {
+                            continue;
+                        };
+                        if let Err(e) = self.engine.restore_session(id, s, now) {
+                            problems.push(e.to_string());
+                        }
+                    }
+                    self.resume();
+                    let _ = reply.send(problems);
+                }
             }
             self.io.note_busy(kind, t, clock::now());
         }
         self.io.pending = pending;
         false
+    }
+
+    /// Sends and receives again; what arrived meanwhile is read at once.
+    fn resume(&mut self) {
+        self.held = false;
+        self.io.rx_changed = true;
     }
 
     /// AdminDown on every path (RFC 5880 §6.8.16), sent a few times since
@@ -965,7 +1030,9 @@ impl BfdThread {
             self.add_path(path, now, &mut applied);
         }
         self.io.any_fast = self.fast.iter().any(Option::is_some);
-        self.flush(now);
+        if !self.held {
+            self.flush(now);
+        }
         applied
     }
 

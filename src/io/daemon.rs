@@ -11,6 +11,10 @@
 //! alone; a peer whose path set changed gets its lanes restarted with the
 //! new path table (a pause of microseconds, nothing dropped: packets wait
 //! in the TUN queues and socket buffers).
+//!
+//! `crosslink upgrade` ([`super::upgrade`]) builds a new process's gateway
+//! the same way, from what the old process handed over: `apply` takes an
+//! inherited TUN or socket where one fits instead of opening one.
 
 use super::control_plane::{BfdThread, CommandLink, CommandQueue, Meta, NewPath, Plan};
 use super::fastpath::FastPath;
@@ -19,6 +23,8 @@ use super::lanes::{
 };
 use super::linkwatch::{self, LinkWatch, WatchedPath};
 use super::sys::Doorbell;
+use super::tun::Queue as SyncDevice;
+use super::upgrade::{self, Incoming, Inheritance, PathData, PeerData, Reply, Takeover};
 use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
 use crate::config::{Config, ConfigError, PathConfig, PeerConfig, Policy, SlaConfig};
 use crate::core::aggregate::Scheduler;
@@ -36,6 +42,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::io;
 use std::net::{IpAddr, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
@@ -45,7 +52,6 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
-use tun_rs::SyncDevice;
 
 /// Why the daemon could not run.
 #[derive(Debug, Error)]
@@ -91,6 +97,25 @@ fn default_mtu(w: &PeerConfig) -> u16 {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config_path: &Path) -> Result<(), DaemonError> {
+    // Started by `crosslink upgrade` to take over from a running daemon?
+    let incoming = Incoming::from_env()
+        .map_err(|e| DaemonError::Setup(format!("taking over from the running daemon: {e}")))?;
+    let answer = incoming.as_ref().and_then(|i| i.stream.try_clone().ok());
+    let result = run_with(config_path, incoming);
+    if let (Err(e), Some(stream)) = (&result, answer) {
+        // The old process is still serving; it reports this to the operator.
+        let _ = upgrade::write_message(
+            &stream,
+            &Reply::Failed {
+                version: upgrade::VERSION,
+                error: e.to_string(),
+            },
+        );
+    }
+    result
+}
+
+fn run_with(config_path: &Path, incoming: Option<Incoming>) -> Result<(), DaemonError> {
     let config = Config::load(config_path)?;
     refuse_unsupported(&config)?;
     for w in config.warnings() {
@@ -100,12 +125,23 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     if let Err(e) = super::sys::lock_memory() {
         tracing::warn!(error = %e, "could not lock memory (needs CAP_IPC_LOCK); paging may delay BFD");
     }
+    // Before the runtime's threads run: reading LISTEN_* clears them.
+    let stored = match incoming {
+        None => Inherited::from_fd_store(&config),
+        Some(_) => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("crosslink-rt")
         .enable_all()
         .build()?;
-    rt.block_on(run_async(config, secrets, config_path.to_path_buf()))
+    rt.block_on(run_async(
+        config,
+        secrets,
+        config_path.to_path_buf(),
+        incoming,
+        stored,
+    ))
 }
 
 /// Reads every BFD `auth.secret_file` (RFC 5880 §6.7 keys) and checks it fits its
@@ -176,6 +212,10 @@ fn refuse_unsupported(config: &Config) -> Result<(), DaemonError> {
 struct PathRun {
     id: PathId,
     config: PathConfig,
+    /// Its data sockets' and BFD transmit socket's descriptors (the
+    /// sockets are the lanes' and the BFD thread's), for an upgrade.
+    data_fds: Vec<RawFd>,
+    bfd_fd: RawFd,
 }
 
 /// A running lane: its thread and the doorbell that stops it.
@@ -192,6 +232,8 @@ struct PeerRun {
     mtu: u16,
     /// The TUN's first queue (the device).
     tun: Arc<SyncDevice>,
+    /// Every queue, the first included (one per lane).
+    queues: Vec<Arc<SyncDevice>>,
     ifindex: u32,
     /// How many lanes (TUN queues) the peer has.
     lanes: usize,
@@ -225,8 +267,18 @@ struct Shared {
 struct Gateway {
     shared: Shared,
     peers: Vec<PeerRun>,
-    /// Local addresses with a BFD receive socket (in the BFD thread).
-    rx_ips: Vec<IpAddr>,
+    /// Local addresses with a BFD receive socket (in the BFD thread), and
+    /// the socket's descriptor.
+    rx_ips: Vec<(IpAddr, RawFd)>,
+    /// What an upgrade handed over and is not in use yet.
+    inherited: Option<Inherited>,
+    /// Paths (peer, path) running on handed-over sockets.
+    adopted: Vec<(String, String)>,
+    /// Lanes stay parked after [`Gateway::apply`] (a process taking over).
+    hold_lanes: bool,
+    /// The TUN queues in systemd's descriptor store: name, descriptor,
+    /// device index (see [`Gateway::store_tuns`]).
+    stored: Vec<(String, RawFd, u32)>,
     /// The carrier and address watch, told about every path change.
     links: Option<LinkWatch>,
 }
@@ -238,21 +290,51 @@ struct Pending {
     /// One per lane of the peer, or one that lane 0 reads (see [`open_path`]).
     sockets: Vec<Arc<UdpSocket>>,
     counters: Arc<PathCounters>,
+    bfd_fd: RawFd,
 }
 
 async fn run_async(
     config: Config,
     secrets: Secrets,
     config_path: PathBuf,
+    incoming: Option<Incoming>,
+    stored: Option<Inherited>,
 ) -> Result<(), DaemonError> {
+    // The binary to start on an upgrade, unless told otherwise: this one's
+    // path as it is now (once the file is replaced, /proc/self/exe names
+    // the old, deleted one).
+    let own_binary = std::env::current_exe().ok();
+    let mut inherited = match &incoming {
+        Some(i) => Some(Inherited::take(&i.inheritance)?),
+        // A restart by systemd: the TUNs it kept for us.
+        None => stored,
+    };
     // First of all, so that a second daemon with this configuration stops
     // here, before it touches the TUNs and sockets of the running one.
     let control_path = config.gateway.control_socket.clone();
-    let listener = control::bind(&control_path)?;
+    let listener = match inherited
+        .as_mut()
+        .and_then(|i| i.take_control(&control_path))
+    {
+        Some(fd) => {
+            let l = std::os::unix::net::UnixListener::from(fd);
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)?
+        }
+        None => control::bind(&control_path)?,
+    };
+    let control_fd = listener.as_raw_fd();
     let endpoint = match &config.metrics {
-        Some(m) => Some(metrics::install(m.listen).map_err(DaemonError::Setup)?),
+        Some(m) => {
+            let handed = inherited.as_mut().and_then(|i| i.take_metrics(m.listen));
+            Some(metrics::install(m.listen, handed).map_err(DaemonError::Setup)?)
+        }
         None => None,
     };
+    let metrics_fd = endpoint
+        .as_ref()
+        .zip(config.metrics.as_ref())
+        .map(|(e, m)| (m.listen, e.listener_fd()));
     let metrics = Arc::new(Metrics::new());
     let now = clock::now();
     let seed = u64::from(std::process::id()) ^ (clock::unix_seconds(now) << 20) ^ 0x5eed;
@@ -285,6 +367,8 @@ async fn run_async(
         fast_collected: None,
         quality_exported: None,
         io: Default::default(),
+        // A process taking over waits for the old one's sessions.
+        held: incoming.is_some(),
         meta: Meta {
             gateway: config.gateway.name.clone(),
             started: now,
@@ -307,10 +391,19 @@ async fn run_async(
             drops: drops.clone(),
             netlink: Netlink::connect()?,
             stamp_key: mix(seed ^ 0xec40),
-            epoch: clock::unix_seconds(now) as u32,
+            // After the old process's (a sealed nonce is never reused).
+            epoch: (clock::unix_seconds(now) as u32).max(
+                incoming
+                    .as_ref()
+                    .map_or(0, |i| i.inheritance.epoch.saturating_add(1)),
+            ),
         },
         peers: Vec::new(),
         rx_ips: Vec::new(),
+        hold_lanes: incoming.is_some(),
+        stored: Vec::new(),
+        inherited,
+        adopted: Vec::new(),
         links: match linkwatch::spawn(commands.clone()).await {
             Ok(w) => Some(w),
             Err(e) => {
@@ -320,20 +413,38 @@ async fn run_async(
         },
     };
     let problems = gw.apply(&config, secrets).await;
+    // What the configuration no longer has is closed (the old process's
+    // copies close with it).
+    gw.inherited = None;
     if !problems.is_empty() {
+        if incoming.is_some() {
+            // Nothing was sent on the handed-over sockets; the old process
+            // still serves, and the TUNs, routes and socket file are its.
+            return Err(DaemonError::Setup(problems.join("; ")));
+        }
         commands.shutdown().await;
         let _ = bfd_handle.join();
         gw.stop_all();
         let _ = std::fs::remove_file(&control_path);
         return Err(DaemonError::Setup(problems.join("; ")));
     }
+    if let Some(incoming) = incoming {
+        take_over(&mut gw, incoming)
+            .await
+            .map_err(|e| DaemonError::Setup(format!("taking over: {e}")))?;
+    }
 
     // Metrics, control socket.
     let status_link = commands.clone();
-    let control_task = tokio::spawn(control::serve(listener, move || {
-        let link = status_link.clone();
-        async move { link.status().await }
-    }));
+    let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::channel(1);
+    let control_task = tokio::spawn(control::serve(
+        listener,
+        move || {
+            let link = status_link.clone();
+            async move { link.status().await }
+        },
+        Some(upgrade_tx),
+    ));
     let sync_metrics = metrics.clone();
     let sync_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -352,26 +463,67 @@ async fn run_async(
     });
     info!(gateway = %config.gateway.name, control = %control_path.display(), "crosslink running");
     notify_systemd("READY=1");
+    gw.store_tuns();
 
     // Signals.
     let mut running = config;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut handed_over = false;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            Some(req) = upgrade_rx.recv() => {
+                let req: control::UpgradeRequest = req;
+                let Some(binary) = req.binary.clone().or_else(|| own_binary.clone()) else {
+                    let _ = req.reply.send(Err("cannot tell this binary's path; give --binary".into()));
+                    continue;
+                };
+                info!(binary = %binary.display(), "upgrade: starting the new process");
+                let listeners = Listeners {
+                    control: (control_path.clone(), control_fd),
+                    metrics: metrics_fd,
+                };
+                match hand_over(&mut gw, &binary, listeners).await {
+                    Ok(done) => {
+                        info!(pid = done.pid, handover_ms = done.handover.as_secs_f64() * 1e3, "upgrade: the new process serves; exiting");
+                        let _ = req.reply.send(Ok((done.pid, done.handover)));
+                        handed_over = true;
+                        break;
+                    }
+                    Err(e) => {
+                        error!(error = %e, "upgrade failed; still serving");
+                        let _ = req.reply.send(Err(e));
+                    }
+                }
+            }
             _ = hup.recv() => {
                 notify_systemd("RELOADING=1");
                 if let Some(new) = reload(&config_path, &running, &mut gw).await {
                     running = new;
                 }
+                gw.store_tuns();
                 notify_systemd("READY=1");
             }
         }
     }
 
+    if handed_over {
+        // The answer to `crosslink upgrade` is on its way from the control
+        // task; then go without a word: the sessions, TUNs, routes and
+        // socket file are the new process's now.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        control_task.abort();
+        sync_task.abort();
+        if let Some(t) = watchdog_task {
+            t.abort();
+        }
+        return Ok(());
+    }
+    // A clean stop removes the TUNs: systemd must not keep them.
+    gw.unstore_tuns();
     notify_systemd("STOPPING=1");
     info!("stopping: sending AdminDown on every path");
     commands.shutdown().await;
@@ -444,7 +596,7 @@ async fn reload(path: &Path, running: &Config, gw: &mut Gateway) -> Option<Confi
         if changed {
             warn!(
                 section = what,
-                "reload: this section changes only at restart"
+                "reload: this section changes only at restart or `crosslink upgrade`"
             );
         }
     }
@@ -577,12 +729,28 @@ impl Gateway {
                     }
                 },
             };
-            let peer = &mut self.peers[index];
             for path in &w.paths {
-                if peer.paths.iter().any(|r| r.config.name == path.name) {
+                let lanes = self.peers[index].lanes;
+                if self.peers[index]
+                    .paths
+                    .iter()
+                    .any(|r| r.config.name == path.name)
+                {
                     continue;
                 }
-                match open_path(&w.name, path, want, peer.lanes) {
+                let handed = self
+                    .inherited
+                    .as_mut()
+                    .and_then(|i| i.take_path(&w.name, path));
+                let opened = match handed {
+                    Some(h) => {
+                        self.adopted.push((w.name.clone(), path.name.clone()));
+                        Ok(h.into_pending(&w.name, path))
+                    }
+                    None => open_path(&w.name, path, want, lanes),
+                };
+                let peer = &mut self.peers[index];
+                match opened {
                     Ok((p, bfd_tx)) => {
                         peer.park();
                         plan.add_paths.push(NewPath {
@@ -621,7 +789,7 @@ impl Gateway {
             }
         }
         self.peers.retain(|p| p.id != UNASSIGNED);
-        for peer in &mut self.peers {
+        for peer in self.peers.iter_mut().filter(|_| !self.hold_lanes) {
             if let Err(e) = peer.unpark() {
                 problems.push(format!("peer {}: {e}", peer.config.name));
             }
@@ -642,7 +810,7 @@ impl Gateway {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default();
             if let Some(wait) = settled.checked_sub(unix) {
-                tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+                tokio::time::sleep(wait.min(Duration::from_secs(2))).await;
             }
         }
         for peer in &mut self.peers {
@@ -715,7 +883,11 @@ impl Gateway {
     }
 
     /// Opens a new peer's TUN with its addresses and routes.
-    async fn open_peer(&self, w: &PeerConfig) -> io::Result<PeerRun> {
+    async fn open_peer(&mut self, w: &PeerConfig) -> io::Result<PeerRun> {
+        let handed = self.inherited.as_mut().and_then(|i| i.take_peer(w));
+        if let Some(h) = handed {
+            return self.adopt_peer(w, h).await;
+        }
         let mtu = w.mtu.unwrap_or_else(|| default_mtu(w));
         let queues = tun::open(&w.tun, mtu, lanes::lanes_wanted())?;
         let queues: Vec<Arc<SyncDevice>> = queues.into_iter().map(Arc::new).collect();
@@ -741,6 +913,67 @@ impl Gateway {
             warn!(tun = %w.tun, error = %e, "could not turn TUN carrier off");
         }
         info!(peer = %w.name, tun = %w.tun, mtu, routes = w.routes.len(), lanes = queues.len(), "TUN up");
+        self.peer_run(w, queues, mtu, index)
+    }
+
+    /// A peer on a TUN handed over by an upgrade: its addresses are there,
+    /// and its routes are those of the old configuration, brought to this
+    /// one's in place; its carrier is left as it is.
+    async fn adopt_peer(&mut self, w: &PeerConfig, h: InheritedPeer) -> io::Result<PeerRun> {
+        let (mtu, index) = (h.meta.mtu, h.meta.ifindex);
+        let queues: Vec<Arc<SyncDevice>> = h
+            .queues
+            .into_iter()
+            .map(|fd| Arc::new(SyncDevice::adopt(fd, h.meta.offload, mtu, index)))
+            .collect();
+        if w.mtu.is_some_and(|m| m != mtu) {
+            warn!(peer = %w.name, mtu, "upgrade: the TUN keeps its MTU; a new `mtu` applies at the next restart");
+        }
+        let nl = &self.shared.netlink;
+        let had: Vec<crate::config::Prefix> = h
+            .meta
+            .routes
+            .iter()
+            .filter_map(|r| r.parse().ok())
+            .collect();
+        for r in had
+            .iter()
+            .filter(|r| !w.routes.contains(r) || h.meta.route_metric != w.route_metric)
+        {
+            if let Err(e) = nl.del_route(index, r, h.meta.route_metric).await {
+                warn!(peer = %w.name, route = %r, error = %e, "upgrade: could not remove a route");
+            }
+        }
+        for r in w
+            .routes
+            .iter()
+            .filter(|r| !had.contains(r) || h.meta.route_metric != w.route_metric)
+        {
+            nl.add_route(index, r, w.route_metric).await?;
+        }
+        if h.restarted {
+            // Kept by systemd while no process ran: its sessions start over.
+            if let Some(q) = queues.first() {
+                if let Err(e) = sys::set_tun_carrier(q.as_ref(), false) {
+                    warn!(tun = %w.tun, error = %e, "could not turn TUN carrier off");
+                }
+            }
+        }
+        info!(peer = %w.name, tun = %w.tun, mtu, lanes = queues.len(), from_fd_store = h.restarted, "TUN taken over");
+        self.peer_run(w, queues, mtu, index)
+    }
+
+    /// The running peer on its TUN's queues (lanes parked, paths to come).
+    fn peer_run(
+        &self,
+        w: &PeerConfig,
+        queues: Vec<Arc<SyncDevice>>,
+        mtu: u16,
+        index: u32,
+    ) -> io::Result<PeerRun> {
+        let Some(dev) = queues.first().cloned() else {
+            return Err(io::Error::other("TUN without a queue"));
+        };
         let fast = match w.fast_path {
             false => None,
             true => match FastPath::attach(index) {
@@ -796,6 +1029,7 @@ impl Gateway {
             mtu,
             config: bare(w),
             tun: dev,
+            queues: queues.clone(),
             ifindex: index,
             lanes: queues.len(),
             running: Vec::new(),
@@ -816,12 +1050,18 @@ impl Gateway {
         plan.remove_rx = self
             .rx_ips
             .iter()
+            .map(|(ip, _)| *ip)
             .filter(|ip| !wanted.contains(ip))
-            .copied()
             .collect();
-        self.rx_ips.retain(|ip| wanted.contains(ip));
+        self.rx_ips.retain(|(ip, _)| wanted.contains(ip));
         for ip in wanted {
-            if self.rx_ips.contains(&ip) {
+            if self.rx_ips.iter().any(|(have, _)| *have == ip) {
+                continue;
+            }
+            if let Some(fd) = self.inherited.as_mut().and_then(|i| i.take_rx(ip)) {
+                let sock = UdpSocket::from(fd);
+                self.rx_ips.push((ip, sock.as_raw_fd()));
+                plan.add_rx.push((ip, sock));
                 continue;
             }
             let on_ip: Vec<_> = paths.iter().filter(|p| p.local.ip() == ip).collect();
@@ -836,8 +1076,8 @@ impl Gateway {
             };
             match udp::bfd_rx_socket(ip, first.bfd.hop, ifname) {
                 Ok(sock) => {
+                    self.rx_ips.push((ip, sock.as_raw_fd()));
                     plan.add_rx.push((ip, sock));
-                    self.rx_ips.push(ip);
                 }
                 Err(e) => problems.push(format!("BFD socket on {ip}: {e}")),
             }
@@ -918,6 +1158,8 @@ impl Gateway {
         peer.paths.push(PathRun {
             id,
             config: p.config,
+            data_fds: p.sockets.iter().map(|s| s.as_raw_fd()).collect(),
+            bfd_fd: p.bfd_fd,
         });
     }
 
@@ -965,6 +1207,7 @@ fn open_path(
         config: p.clone(),
         sockets: sockets.into_iter().map(Arc::new).collect(),
         counters: Arc::default(),
+        bfd_fd: bfd_tx.as_raw_fd(),
     };
     Ok((pending, bfd_tx))
 }
@@ -1011,4 +1254,596 @@ impl PeerRun {
         self.park();
         self.parked.clear();
     }
+}
+
+/// What an upgrade handed over, owned by this process, until the
+/// gateway takes it into use ([`Gateway::apply`]); what is left is closed.
+struct Inherited {
+    control: Option<(PathBuf, OwnedFd)>,
+    metrics: Option<(std::net::SocketAddr, OwnedFd)>,
+    peers: Vec<InheritedPeer>,
+    paths: Vec<(String, InheritedPath)>,
+    rx: Vec<(IpAddr, OwnedFd)>,
+}
+
+struct InheritedPeer {
+    meta: upgrade::PeerFds,
+    queues: Vec<OwnedFd>,
+    /// From systemd's descriptor store after a crash, not from an upgrade.
+    restarted: bool,
+}
+
+struct InheritedPath {
+    meta: upgrade::PathFds,
+    data: Vec<OwnedFd>,
+    bfd_tx: OwnedFd,
+}
+
+impl Inherited {
+    /// Owns every descriptor the [`Inheritance`] names; fails if one is not open.
+    fn take(inh: &Inheritance) -> Result<Inherited, DaemonError> {
+        let own = |fd: RawFd| {
+            upgrade::inherited(fd).map_err(|e| DaemonError::Setup(format!("taking over: {e}")))
+        };
+        let mut out = Inherited {
+            control: None,
+            metrics: None,
+            peers: Vec::new(),
+            paths: Vec::new(),
+            rx: Vec::new(),
+        };
+        if let Some((path, fd)) = &inh.control {
+            out.control = Some((path.clone(), own(*fd)?));
+        }
+        if let Some((addr, fd)) = &inh.metrics {
+            out.metrics = Some((*addr, own(*fd)?));
+        }
+        for (ip, fd) in &inh.rx {
+            out.rx.push((*ip, own(*fd)?));
+        }
+        for p in &inh.peers {
+            let queues = p
+                .queues
+                .iter()
+                .map(|fd| own(*fd))
+                .collect::<Result<_, _>>()?;
+            for path in &p.paths {
+                let data = path
+                    .data
+                    .iter()
+                    .map(|fd| own(*fd))
+                    .collect::<Result<_, _>>()?;
+                let bfd_tx = own(path.bfd_tx)?;
+                out.paths.push((
+                    p.name.clone(),
+                    InheritedPath {
+                        meta: path.clone(),
+                        data,
+                        bfd_tx,
+                    },
+                ));
+            }
+            let mut meta = p.clone();
+            meta.paths.clear();
+            out.peers.push(InheritedPeer {
+                meta,
+                queues,
+                restarted: false,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The TUN queues systemd kept in the service's descriptor store
+    /// (`FDSTORE=1`, see [`Gateway::store_tuns`]) and passed back at this
+    /// start (`LISTEN_FDS`, `LISTEN_FDNAMES`), for the peers of `config`
+    /// whose TUN they are. Descriptors of no configured TUN are closed.
+    fn from_fd_store(config: &Config) -> Option<Inherited> {
+        let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+        let count: i32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+        let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+        if pid != std::process::id() || count <= 0 {
+            return None;
+        }
+        let mut queues: Vec<(String, usize, OwnedFd)> = Vec::new();
+        for (i, name) in (0..count).zip(names.split(':').chain(std::iter::repeat(""))) {
+            let Ok(fd) = upgrade::inherited(3 + i) else {
+                continue;
+            };
+            let mut parts = name.splitn(3, '/');
+            if let (Some("tun"), Some(tun), Some(k)) = (parts.next(), parts.next(), parts.next()) {
+                if let Ok(k) = k.parse() {
+                    queues.push((tun.to_string(), k, fd));
+                }
+            }
+        }
+        queues.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        let mut out = Inherited {
+            control: None,
+            metrics: None,
+            peers: Vec::new(),
+            paths: Vec::new(),
+            rx: Vec::new(),
+        };
+        for w in &config.peers {
+            let mine: Vec<OwnedFd> = queues
+                .iter()
+                .position(|(t, _, _)| *t == w.tun)
+                .map(|_| {
+                    let (m, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut queues)
+                        .into_iter()
+                        .partition(|(t, _, _)| *t == w.tun);
+                    queues = rest;
+                    m.into_iter().map(|(_, _, fd)| fd).collect()
+                })
+                .unwrap_or_default();
+            let Some(first) = mine.first() else {
+                continue;
+            };
+            let info = sys::tun_info(first).and_then(|(dev, offload)| {
+                let (mtu, ifindex) = sys::interface_mtu_index(&dev)?;
+                Ok((dev, offload, mtu, ifindex))
+            });
+            match info {
+                Ok((dev, offload, mtu, ifindex)) if dev == w.tun => out.peers.push(InheritedPeer {
+                    meta: upgrade::PeerFds {
+                        name: w.name.clone(),
+                        tun: w.tun.clone(),
+                        mtu,
+                        ifindex,
+                        offload,
+                        queues: Vec::new(),
+                        routes: w.routes.iter().map(ToString::to_string).collect(),
+                        route_metric: w.route_metric,
+                        paths: Vec::new(),
+                    },
+                    queues: mine,
+                    restarted: true,
+                }),
+                Ok((dev, ..)) => {
+                    warn!(tun = %w.tun, device = %dev, "the stored TUN is another device; not used")
+                }
+                Err(e) => warn!(tun = %w.tun, error = %e, "the stored TUN is unusable"),
+            }
+        }
+        (!out.peers.is_empty()).then_some(out)
+    }
+
+    /// The control socket's listener, if it is still at `path`.
+    fn take_control(&mut self, path: &Path) -> Option<OwnedFd> {
+        match self.control.take() {
+            Some((p, fd)) if p == path => Some(fd),
+            _ => None,
+        }
+    }
+
+    /// The metrics endpoint's listener, if it is still on `addr`.
+    fn take_metrics(&mut self, addr: std::net::SocketAddr) -> Option<OwnedFd> {
+        match self.metrics.take() {
+            Some((a, fd)) if a == addr => Some(fd),
+            _ => None,
+        }
+    }
+
+    /// The peer's TUN, if the old process had it under the same TUN name.
+    fn take_peer(&mut self, w: &PeerConfig) -> Option<InheritedPeer> {
+        let i = self
+            .peers
+            .iter()
+            .position(|p| p.meta.name == w.name && p.meta.tun == w.tun && !p.queues.is_empty())?;
+        Some(self.peers.swap_remove(i))
+    }
+
+    /// The path's sockets, if the old process had it on the same addresses.
+    fn take_path(&mut self, peer: &str, p: &PathConfig) -> Option<InheritedPath> {
+        let i = self.paths.iter().position(|(owner, h)| {
+            owner == peer
+                && h.meta.name == p.name
+                && h.meta.local == p.local
+                && h.meta.remote == p.remote
+                && h.meta.interface == p.interface
+                && !h.data.is_empty()
+        })?;
+        Some(self.paths.swap_remove(i).1)
+    }
+
+    fn take_rx(&mut self, ip: IpAddr) -> Option<OwnedFd> {
+        let i = self.rx.iter().position(|(have, _)| *have == ip)?;
+        Some(self.rx.swap_remove(i).1)
+    }
+}
+
+impl InheritedPath {
+    /// The path to start, on its handed-over sockets.
+    fn into_pending(self, peer: &str, p: &PathConfig) -> (Pending, UdpSocket) {
+        let bfd_tx = UdpSocket::from(self.bfd_tx);
+        let pending = Pending {
+            peer: peer.to_string(),
+            config: p.clone(),
+            sockets: self
+                .data
+                .into_iter()
+                .map(|fd| Arc::new(UdpSocket::from(fd)))
+                .collect(),
+            counters: Arc::default(),
+            bfd_fd: bfd_tx.as_raw_fd(),
+        };
+        (pending, bfd_tx)
+    }
+}
+
+/// The listeners an upgrade hands over, with what they listen on.
+struct Listeners {
+    control: (PathBuf, RawFd),
+    metrics: Option<(std::net::SocketAddr, RawFd)>,
+}
+
+/// A handover that worked: the new process and how long nobody read.
+#[derive(Clone, Copy, Debug)]
+pub struct HandedOver {
+    pub pid: u32,
+    /// From this process's lanes stopping to the new one's answer that it
+    /// serves (an upper bound of the time nobody read).
+    pub handover: Duration,
+}
+
+impl Gateway {
+    /// The descriptors to hand over, and what the new process must know of them.
+    fn inheritance(&self, listeners: Listeners) -> Inheritance {
+        Inheritance {
+            version: upgrade::VERSION,
+            old_pid: std::process::id(),
+            epoch: self.shared.epoch,
+            control: Some(listeners.control),
+            metrics: listeners.metrics,
+            rx: self.rx_ips.clone(),
+            peers: self
+                .peers
+                .iter()
+                .map(|p| upgrade::PeerFds {
+                    name: p.config.name.clone(),
+                    tun: p.config.tun.clone(),
+                    mtu: p.mtu,
+                    ifindex: p.ifindex,
+                    offload: p.tun.tcp_gso(),
+                    queues: p.queues.iter().map(|q| q.as_raw_fd()).collect(),
+                    routes: p.config.routes.iter().map(ToString::to_string).collect(),
+                    route_metric: p.config.route_metric,
+                    paths: p
+                        .paths
+                        .iter()
+                        .map(|r| upgrade::PathFds {
+                            name: r.config.name.clone(),
+                            local: r.config.local,
+                            remote: r.config.remote,
+                            interface: r.config.interface.clone(),
+                            data: r.data_fds.clone(),
+                            bfd_tx: r.bfd_fd,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The data plane's counters and sequence numbers (lanes parked).
+    fn export_data(&self) -> (Vec<PathData>, Vec<PeerData>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut paths = Vec::new();
+        let mut peers = Vec::new();
+        for peer in &self.peers {
+            let Some(lane) = peer.parked.first() else {
+                continue;
+            };
+            peers.push(PeerData {
+                name: peer.config.name.clone(),
+                instance: lane.out.instance,
+                sequence: lane.out.peer_sequence.load(Relaxed),
+            });
+            for r in &peer.paths {
+                let Some(Some(out)) = lane.out.paths.get(usize::from(r.id.0)) else {
+                    continue;
+                };
+                let c = &out.counters;
+                paths.push(PathData {
+                    peer: peer.config.name.clone(),
+                    path: r.config.name.clone(),
+                    tx_packets: c.tx_packets.load(Relaxed),
+                    tx_bytes: c.tx_bytes.load(Relaxed),
+                    rx_packets: c.rx_packets.load(Relaxed),
+                    rx_bytes: c.rx_bytes.load(Relaxed),
+                    rx_seq_high: c.rx_seq_high.load(Relaxed),
+                    sequence: out.sequence.load(Relaxed),
+                });
+            }
+        }
+        (paths, peers)
+    }
+
+    /// Takes over the old process's counters and sequence numbers (lanes
+    /// parked): counters go on from where they were, and the far end sees
+    /// the same sender's sequence go on.
+    fn import_data(&mut self, t: &Takeover) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for peer in &mut self.peers {
+            if let Some(d) = t.peers.iter().find(|d| d.name == peer.config.name) {
+                for lane in &mut peer.parked {
+                    lane.out.instance = d.instance;
+                }
+                if let Some(lane) = peer.parked.first() {
+                    lane.out.peer_sequence.fetch_max(d.sequence, Relaxed);
+                }
+            }
+            let Some(lane) = peer.parked.first() else {
+                continue;
+            };
+            for r in &peer.paths {
+                let Some(d) = t
+                    .paths
+                    .iter()
+                    .find(|d| d.peer == peer.config.name && d.path == r.config.name)
+                else {
+                    continue;
+                };
+                let Some(Some(out)) = lane.out.paths.get(usize::from(r.id.0)) else {
+                    continue;
+                };
+                let c = &out.counters;
+                c.tx_packets.fetch_add(d.tx_packets, Relaxed);
+                c.tx_bytes.fetch_add(d.tx_bytes, Relaxed);
+                c.rx_packets.fetch_add(d.rx_packets, Relaxed);
+                c.rx_bytes.fetch_add(d.rx_bytes, Relaxed);
+                c.rx_seq_high.fetch_max(d.rx_seq_high, Relaxed);
+                out.sequence.fetch_max(d.sequence, Relaxed);
+            }
+        }
+    }
+
+    /// Keeps every TUN queue in systemd's descriptor store (`FDSTORE=1`,
+    /// named `tun/<tun>/<queue>`; the unit allows it with
+    /// `FileDescriptorStoreMax`), and takes out those of TUNs gone, so that
+    /// a restart after a crash finds the TUNs, with their addresses and
+    /// routes, still there ([`Inherited::from_fd_store`]). Outside systemd,
+    /// nothing.
+    fn store_tuns(&mut self) {
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return;
+        }
+        let now: Vec<(String, RawFd, u32)> = self
+            .peers
+            .iter()
+            .flat_map(|p| {
+                p.queues.iter().enumerate().map(|(i, q)| {
+                    (
+                        format!("tun/{}/{i}", p.config.tun),
+                        q.as_raw_fd(),
+                        p.ifindex,
+                    )
+                })
+            })
+            .collect();
+        for gone in self.stored.iter().filter(|s| !now.contains(s)) {
+            remove_stored(&gone.0);
+        }
+        for new in now.iter().filter(|n| !self.stored.contains(n)) {
+            let state = format!("FDSTORE=1\nFDNAME={}", new.0);
+            if let Err(e) = notify::notify_with_fds(&state, &[new.1]) {
+                warn!(name = %new.0, error = %e, "could not give systemd a TUN queue to keep");
+            }
+        }
+        self.stored = now;
+    }
+
+    /// Takes every TUN queue out of systemd's descriptor store.
+    fn unstore_tuns(&mut self) {
+        for s in std::mem::take(&mut self.stored) {
+            remove_stored(&s.0);
+        }
+    }
+
+    fn unpark_all(&mut self) {
+        for peer in &mut self.peers {
+            if let Err(e) = peer.unpark() {
+                error!(peer = %peer.config.name, error = %e, "could not restart the lanes");
+            }
+        }
+    }
+}
+
+fn remove_stored(name: &str) {
+    notify_systemd(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+}
+
+/// Blocking socket work (the handover's messages) off the runtime's
+/// other tasks.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// `crosslink upgrade`, in the running daemon: starts `binary`, hands it
+/// everything and stops, or, if anything fails, carries on serving (see
+/// [`upgrade`]).
+async fn hand_over(
+    gw: &mut Gateway,
+    binary: &Path,
+    listeners: Listeners,
+) -> Result<HandedOver, String> {
+    if let Some(p) = gw.peers.iter().find(|p| p.fast.is_some()) {
+        return Err(format!(
+            "peer {} has fast_path: its BPF programs are not handed over yet; restart instead",
+            p.config.name
+        ));
+    }
+    let inh = gw.inheritance(listeners);
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
+    let mut fds = upgrade::descriptors(&inh);
+    fds.push(theirs.as_raw_fd());
+    let mut cmd = std::process::Command::new(binary);
+    cmd.args(std::env::args_os().skip(1))
+        .env(upgrade::ENV_FD, theirs.as_raw_fd().to_string())
+        // The watchdog is the new process's from its start.
+        .env_remove("WATCHDOG_PID")
+        .stdin(std::process::Stdio::null());
+    let mut child = upgrade::spawn_keeping(&mut cmd, fds)
+        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+    drop(theirs);
+    let pid = child.id();
+    let give_up = |child: &mut std::process::Child, why: String| {
+        let _ = child.kill();
+        let _ = child.wait();
+        why
+    };
+    let mut reader = match ours.try_clone() {
+        Ok(s) => std::io::BufReader::new(s),
+        Err(e) => return Err(give_up(&mut child, format!("socket pair: {e}"))),
+    };
+    // 1-2: the new process prepares.
+    let prepared = blocking(|| {
+        ours.set_read_timeout(Some(Duration::from_secs(30)))?;
+        upgrade::write_message(&ours, &inh)?;
+        upgrade::read_message::<Reply>(&mut reader)
+    });
+    match prepared {
+        Ok(Reply::Prepared { .. }) => {}
+        Ok(Reply::Failed { error, .. }) => {
+            return Err(give_up(
+                &mut child,
+                format!("the new process refused: {error}"),
+            ))
+        }
+        Ok(other) => {
+            return Err(give_up(
+                &mut child,
+                format!("the new process answered out of turn: {other:?}"),
+            ))
+        }
+        Err(e) => {
+            let status = match child.try_wait() {
+                Ok(Some(s)) => format!(" ({s})"),
+                _ => String::new(),
+            };
+            return Err(give_up(
+                &mut child,
+                format!("the new process did not get ready{status}: {e}"),
+            ));
+        }
+    }
+    // 3: stop, and hand over the state.
+    let stopped = std::time::Instant::now();
+    for peer in &mut gw.peers {
+        peer.park();
+    }
+    let Some(sessions) = gw.shared.commands.freeze().await else {
+        gw.unpark_all();
+        return Err(give_up(&mut child, "the BFD thread is gone".into()));
+    };
+    let (paths, peers) = gw.export_data();
+    let drops = crate::core::drop::DropReason::ALL
+        .iter()
+        .map(|r| (r.as_str().to_string(), gw.shared.drops.get(*r)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let takeover = Takeover {
+        version: upgrade::VERSION,
+        sessions,
+        paths,
+        peers,
+        drops,
+    };
+    // 4: the new process serves.
+    let serving = blocking(|| {
+        ours.set_read_timeout(Some(Duration::from_secs(5)))?;
+        upgrade::write_message(&ours, &takeover)?;
+        upgrade::read_message::<Reply>(&mut reader)
+    });
+    let handover = stopped.elapsed();
+    match serving {
+        Ok(Reply::Serving { pid: new, .. }) if new == pid => Ok(HandedOver { pid, handover }),
+        other => {
+            let why = match other {
+                Ok(Reply::Failed { error, .. }) => error,
+                Ok(r) => format!("answered out of turn: {r:?}"),
+                Err(e) => e.to_string(),
+            };
+            let why = give_up(
+                &mut child,
+                format!("the new process did not take over: {why}"),
+            );
+            gw.shared.commands.send(super::control_plane::Command::Thaw);
+            gw.unpark_all();
+            Err(why)
+        }
+    }
+}
+
+/// The new process's side of an upgrade, once its gateway is built on
+/// what it inherited: tells the old process, takes the state it sends
+/// when it has stopped, and starts. Returns this process's id.
+async fn take_over(gw: &mut Gateway, mut incoming: Incoming) -> Result<u32, String> {
+    let pid = std::process::id();
+    let takeover = blocking(|| {
+        upgrade::write_message(
+            &incoming.stream,
+            &Reply::Prepared {
+                version: upgrade::VERSION,
+                pid,
+            },
+        )?;
+        incoming
+            .stream
+            .set_read_timeout(Some(Duration::from_secs(30)))?;
+        upgrade::read_message::<Takeover>(&mut incoming.reader)
+    })
+    .map_err(|e| e.to_string())?;
+    let sessions = takeover
+        .sessions
+        .iter()
+        .filter(|s| {
+            gw.adopted
+                .iter()
+                .any(|(peer, path)| *peer == s.peer && *path == s.path)
+        })
+        .cloned()
+        .collect();
+    let problems = gw
+        .shared
+        .commands
+        .restore(sessions)
+        .await
+        .ok_or("the BFD thread is gone")?;
+    for p in problems {
+        warn!(problem = %p, "upgrade: a session starts over");
+    }
+    gw.import_data(&takeover);
+    for (name, n) in &takeover.drops {
+        // A reason this build does not know is left out.
+        if let Some(r) = crate::core::drop::DropReason::ALL
+            .iter()
+            .find(|r| r.as_str() == name)
+        {
+            gw.shared.drops.add(*r, *n);
+        }
+    }
+    gw.hold_lanes = false;
+    gw.unpark_all();
+    // Before the old process hears of it and exits: under systemd, the
+    // service's main process is this one from now on.
+    notify_systemd(&format!("MAINPID={pid}"));
+    upgrade::write_message(
+        &incoming.stream,
+        &Reply::Serving {
+            version: upgrade::VERSION,
+            pid,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    info!(
+        from = incoming.inheritance.old_pid,
+        sessions = takeover.sessions.len(),
+        "upgrade: took over"
+    );
+    Ok(pid)
 }

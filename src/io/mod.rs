@@ -24,6 +24,11 @@
 //! and closing the sockets of added and removed paths in between, and
 //! keeping sequence numbers, replay windows and flows); the `bfd` thread
 //! applies the change to the engine in one step.
+//!
+//! `crosslink upgrade` hands all of it to a new process ([`upgrade`]): the
+//! TUN queues and sockets as they are, the BFD sessions and the data
+//! plane's counters as state; the `bfd` thread and lanes of each process
+//! wait while the other one runs.
 
 pub mod clock;
 pub mod control_plane;
@@ -37,3 +42,4 @@ pub mod notify;
 pub mod sys;
 pub mod tun;
 pub mod udp;
+pub mod upgrade;

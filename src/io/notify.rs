@@ -26,6 +26,20 @@ pub fn notify(state: &str) -> io::Result<bool> {
     Ok(true)
 }
 
+/// Sends `state` with descriptors attached (`FDSTORE=1`: systemd keeps
+/// them for the service's next start, see `sd_pid_notify_with_fds(3)`).
+pub fn notify_with_fds(state: &str, fds: &[std::os::fd::RawFd]) -> io::Result<bool> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(false);
+    };
+    let addr = socket_address(path.as_encoded_bytes())?;
+    let sock = UnixDatagram::unbound()?;
+    sock.set_nonblocking(true)?;
+    sock.connect_addr(&addr)?;
+    super::sys::send_with_fds(&sock, state.as_bytes(), fds)?;
+    Ok(true)
+}
+
 /// `@name` is a Linux abstract socket; anything else is a file path.
 fn socket_address(raw: &[u8]) -> io::Result<SocketAddr> {
     match raw.split_first() {

@@ -877,6 +877,111 @@ pub fn steer_by_lane(sock: &impl AsRawFd, lanes: usize) -> io::Result<()> {
     attach_reuseport_cbpf(sock, &lane_program(lanes))
 }
 
+/// What a TUN queue's descriptor says of its device: its name, and whether
+/// it was opened with `IFF_VNET_HDR` (offloads) (`TUNGETIFF`).
+pub fn tun_info(tun: &impl AsRawFd) -> io::Result<(String, bool)> {
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF writes one ifreq through the pointer, which points
+    // at a live local; the fd is open.
+    cvt(unsafe {
+        libc::ioctl(
+            tun.as_raw_fd(),
+            libc::TUNGETIFF,
+            &mut req as *mut libc::ifreq,
+        )
+    })?;
+    let name: Vec<u8> = req
+        .ifr_name
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    // SAFETY: TUNGETIFF filled the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    let vnet = (libc::c_int::from(flags) & libc::IFF_VNET_HDR) != 0;
+    Ok((String::from_utf8_lossy(&name).into_owned(), vnet))
+}
+
+/// An interface's MTU and index by name.
+pub fn interface_mtu_index(name: &str) -> io::Result<(u16, u32)> {
+    let c = std::ffi::CString::new(name).map_err(|_| io::Error::other("bad interface name"))?;
+    // SAFETY: passes a NUL-terminated string that lives across the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(c.as_bytes().iter().take(libc::IFNAMSIZ - 1))
+    {
+        *dst = *src as libc::c_char;
+    }
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    // SAFETY: SIOCGIFMTU reads the name and writes the MTU in the ifreq the
+    // pointer points at, a live local; the fd is an open socket.
+    cvt(unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCGIFMTU,
+            &mut req as *mut libc::ifreq,
+        )
+    })?;
+    // SAFETY: SIOCGIFMTU filled the mtu member of the union.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    Ok((u16::try_from(mtu).unwrap_or(u16::MAX), index))
+}
+
+/// Sends `data` with `fds` attached (`SCM_RIGHTS`) on a connected datagram socket.
+pub fn send_with_fds(sock: &impl AsRawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let payload = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    // u64 words: aligned for cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain old data; all zeroes is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer is `space` bytes, room for one header
+        // and `payload` bytes of data, which CMSG_FIRSTHDR/CMSG_DATA point
+        // into; the copy writes exactly `payload` bytes from `fds`.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                payload,
+            );
+        }
+    }
+    // SAFETY: msg points at live locals (iov, data, control) for the call.
+    let n = unsafe {
+        libc::sendmsg(
+            sock.as_raw_fd(),
+            &msg,
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sets `sock` to send every datagram with Don't Fragment and never cut it
 /// up locally, whatever path MTU the kernel has learnt (`IP_PMTUDISC_PROBE`,
 /// or its IPv6 twin): a datagram larger than the outgoing interface's MTU

@@ -1,7 +1,10 @@
 //! The control socket: a Unix stream socket (mode 0600) where each
 //! connection sends one request line and reads one JSON answer.
 //!
-//! Requests: `status`. The answer is the [`Status`] document.
+//! Requests: `status`, whose answer is the [`Status`] document, and
+//! `upgrade [BINARY]` (see [`crate::io::upgrade`]), answered with
+//! `{"upgraded":{"pid":N,"handover_ms":F}}` once the new process serves,
+//! or `{"error":"..."}` with this one still serving.
 //!
 //! Besides the file mode, every connection's peer credentials
 //! (`SO_PEERCRED`) are checked: only root and the daemon's own user are
@@ -51,9 +54,28 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves requests until the task is dropped; `status` produces the answer.
-pub async fn serve<F, Fut>(listener: UnixListener, status: F)
-where
+/// `upgrade`, passed on to the daemon's main task.
+pub struct UpgradeRequest {
+    /// The binary to start (`None`: the daemon's own).
+    pub binary: Option<PathBuf>,
+    /// The new process's pid and how long nobody read, or why not.
+    pub reply: tokio::sync::oneshot::Sender<Result<(u32, Duration), String>>,
+}
+
+/// The answer to `upgrade`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Upgraded {
+    pub pid: u32,
+    pub handover_ms: f64,
+}
+
+/// Serves requests until the task is dropped; `status` produces the
+/// answer; `upgrade` requests go to `upgrades` (refused without it).
+pub async fn serve<F, Fut>(
+    listener: UnixListener,
+    status: F,
+    upgrades: Option<tokio::sync::mpsc::Sender<UpgradeRequest>>,
+) where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Option<Status>> + Send,
 {
@@ -81,6 +103,7 @@ where
             }
         }
         let status = status.clone();
+        let upgrades = upgrades.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let (rd, mut wr) = stream.into_split();
@@ -88,11 +111,17 @@ where
             let mut reader = BufReader::new(rd.take(MAX_REQUEST as u64));
             let read =
                 tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line)).await;
-            let answer = match (read, line.trim()) {
-                (Ok(Ok(_)), "status") => match status().await {
+            let request = line.trim();
+            let upgrade = request
+                .strip_prefix("upgrade")
+                .filter(|rest| rest.is_empty() || rest.starts_with(' '))
+                .map(str::trim);
+            let answer = match (read, request, upgrade) {
+                (Ok(Ok(_)), "status", _) => match status().await {
                     Some(s) => serde_json::to_string(&s).unwrap_or_default(),
                     None => r#"{"error":"daemon is shutting down"}"#.to_string(),
                 },
+                (Ok(Ok(_)), _, Some(binary)) => upgrade_answer(upgrades, binary).await,
                 _ => r#"{"error":"unknown request; try \"status\""}"#.to_string(),
             };
             let _ = wr.write_all(answer.as_bytes()).await;
@@ -100,6 +129,86 @@ where
             let _ = wr.shutdown().await;
         });
     }
+}
+
+/// Runs an `upgrade` request through the daemon's main task.
+async fn upgrade_answer(
+    upgrades: Option<tokio::sync::mpsc::Sender<UpgradeRequest>>,
+    binary: &str,
+) -> String {
+    let error = |e: &str| serde_json::json!({ "error": e }).to_string();
+    let Some(upgrades) = upgrades else {
+        return error("this daemon cannot upgrade");
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let req = UpgradeRequest {
+        binary: (!binary.is_empty()).then(|| PathBuf::from(binary)),
+        reply,
+    };
+    if upgrades.send(req).await.is_err() {
+        return error("daemon is shutting down");
+    }
+    match answer.await {
+        Ok(Ok((pid, took))) => serde_json::json!({
+            "upgraded": Upgraded { pid, handover_ms: took.as_secs_f64() * 1e3 }
+        })
+        .to_string(),
+        Ok(Err(e)) => error(&e),
+        Err(_) => error("daemon is shutting down"),
+    }
+}
+
+/// Asks a running daemon to hand over to a new process started from
+/// `binary` (its own binary if `None`); the new process's pid and handover
+/// time, or the daemon's reason for still serving.
+pub fn request_upgrade(path: &Path, binary: Option<&Path>) -> io::Result<Upgraded> {
+    let mut stream = UnixStream::connect(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot reach crosslink at {}: {e} (is the daemon running?)",
+                path.display()
+            ),
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(90)))?;
+    let request = match binary {
+        Some(b) => format!("upgrade {}\n", b.display()),
+        None => "upgrade\n".to_string(),
+    };
+    if request.len() > MAX_REQUEST {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the binary's path is too long",
+        ));
+    }
+    stream.write_all(request.as_bytes())?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body)?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "unexpected answer from {}: {e}: {}",
+                path.display(),
+                body.trim()
+            ),
+        )
+    })?;
+    if let Some(e) = v.get("error").and_then(serde_json::Value::as_str) {
+        return Err(io::Error::other(format!(
+            "upgrade failed; the running daemon still serves: {e}"
+        )));
+    }
+    v.get("upgraded")
+        .cloned()
+        .and_then(|u| serde_json::from_value(u).ok())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected answer from {}: {}", path.display(), body.trim()),
+            )
+        })
 }
 
 /// Asks a running daemon for its status.

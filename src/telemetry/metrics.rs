@@ -20,11 +20,12 @@ use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
     Gauge, Histogram, Unit,
 };
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,26 +99,98 @@ pub const MOVE_CAUSES: [&str; 8] = [
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The metrics endpoint: listening, but not answering until [`Endpoint::serve`].
-pub struct Endpoint(metrics_exporter_prometheus::ExporterFuture);
+///
+/// It answers every request on its listener with the exposition (plain
+/// HTTP/1.1, one answer per connection), the listener being its own
+/// rather than the exporter's so that an upgrade can hand it over
+/// ([`crate::io::upgrade`]): scrapes go on through the handover.
+pub struct Endpoint {
+    handle: PrometheusHandle,
+    listener: std::net::TcpListener,
+}
+
+/// Longest request head read from a scraper.
+const MAX_REQUEST_HEAD: usize = 8192;
 
 impl Endpoint {
+    /// The listener's descriptor (for an upgrade).
+    pub fn listener_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
     /// Starts answering scrapes (must be called inside a tokio runtime).
     /// Until then connections wait in the listen queue, so no scrape ever
     /// sees a half-registered gateway.
     pub fn serve(self) {
+        let upkeep = self.handle.clone();
         tokio::spawn(async move {
-            if let Err(e) = self.0.await {
-                tracing::error!(error = ?e, "metrics endpoint stopped");
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                upkeep.run_upkeep();
+            }
+        });
+        let listener = match tokio::net::TcpListener::from_std(self.listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+                return;
+            }
+        };
+        let handle = self.handle;
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle))
+                        .await;
+                });
             }
         });
     }
 }
 
-/// Installs the recorder and binds `listen` (must be called inside a tokio
+/// Reads the request's head and answers with the exposition.
+async fn answer(
+    mut stream: tokio::net::TcpStream,
+    handle: &PrometheusHandle,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() + n > MAX_REQUEST_HEAD {
+            return Ok(());
+        }
+        head.extend_from_slice(buf.get(..n).unwrap_or_default());
+    }
+    let (status, body) = if head.starts_with(b"GET ") || head.starts_with(b"HEAD ") {
+        ("200 OK", handle.render())
+    } else {
+        ("405 Method Not Allowed", String::new())
+    };
+    let body = if head.starts_with(b"HEAD ") {
+        String::new()
+    } else {
+        body
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(reply.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Installs the recorder and binds `listen`, or takes `inherited`, the
+/// listener an upgrade handed over (must be called inside a tokio
 /// runtime, before any handle is resolved).
-pub fn install(listen: SocketAddr) -> Result<Endpoint, String> {
-    let (recorder, exporter) = PrometheusBuilder::new()
-        .with_http_listener(listen)
+pub fn install(listen: SocketAddr, inherited: Option<OwnedFd>) -> Result<Endpoint, String> {
+    let recorder = PrometheusBuilder::new()
         .idle_timeout(
             MetricKindMask::COUNTER | MetricKindMask::GAUGE,
             Some(IDLE_TIMEOUT),
@@ -132,11 +205,20 @@ pub fn install(listen: SocketAddr) -> Result<Endpoint, String> {
                 DETECTION_BUCKETS,
             )
         })
-        .and_then(|b| b.build())
+        .map_err(|e| format!("metrics: {e}"))?
+        .build_recorder();
+    let listener = match inherited {
+        Some(fd) => std::net::TcpListener::from(fd),
+        None => std::net::TcpListener::bind(listen)
+            .map_err(|e| format!("metrics listener on {listen}: {e}"))?,
+    };
+    listener
+        .set_nonblocking(true)
         .map_err(|e| format!("metrics listener on {listen}: {e}"))?;
+    let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
     describe();
-    Ok(Endpoint(exporter))
+    Ok(Endpoint { handle, listener })
 }
 
 fn describe() {

@@ -69,4 +69,10 @@ impl DropCounters {
     pub fn get(&self, reason: DropReason) -> u64 {
         self.0.get(reason.index()).map_or(0, |c| c.load(Relaxed))
     }
+    /// Adds `n` (what the process this one replaced had counted).
+    pub fn add(&self, reason: DropReason, n: u64) {
+        if let Some(c) = self.0.get(reason.index()) {
+            c.fetch_add(n, Relaxed);
+        }
+    }
 }

@@ -170,6 +170,19 @@ impl Auth {
         })
     }
 
+    /// bfd.XmitAuthSeq, bfd.RcvAuthSeq and bfd.AuthSeqKnown.
+    pub fn sequences(&self) -> (u32, u32, bool) {
+        (self.xmit_seq, self.rcv_seq, self.seq_known)
+    }
+
+    /// Takes over the sequence numbers of the session this one replaces
+    /// (an upgrade): the next packet sent continues its sequence.
+    pub fn set_sequences(&mut self, xmit: u32, rcv: u32, known: bool) {
+        self.xmit_seq = xmit;
+        self.rcv_seq = rcv;
+        self.seq_known = known;
+    }
+
     pub fn kind(&self) -> AuthType {
         self.kind
     }

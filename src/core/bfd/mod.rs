@@ -39,7 +39,7 @@ use std::time::Instant;
 pub use crate::core::wire::bfd::{Diag, State};
 pub use auth::{Auth, AuthError, KeyError};
 pub use deadlines::Deadlines;
-pub use session::{next_state, Session, SessionConfig, Transmit, SLOW_TX_INTERVAL};
+pub use session::{next_state, Session, SessionConfig, Snapshot, Transmit, SLOW_TX_INTERVAL};
 
 /// Something the shell should know about; drained with [`Session::poll_event`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -122,6 +122,40 @@ pub struct Session {
     auth: Option<Auth>,
 }
 
+/// What a session carries into the process that replaces this one (an
+/// upgrade, see `crate::io::upgrade`), so that the peer notices nothing:
+/// the discriminators, both states, the timers in effect and the
+/// authentication sequence numbers. Instants are not carried (one
+/// process's clock readings mean nothing in the data of another): the
+/// imported session counts its detection time and its next transmission
+/// from the import. Durations are in microseconds.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    pub local_discr: u32,
+    /// The state's wire code (§4.1).
+    pub state: u8,
+    pub local_diag: u8,
+    pub remote_discr: u32,
+    pub remote_state: u8,
+    pub remote_diag: u8,
+    pub remote_min_rx_us: u64,
+    pub remote_desired_min_tx_us: u64,
+    pub remote_detect_tx_us: u64,
+    pub remote_detect_mult: u8,
+    pub remote_demand: bool,
+    pub in_effect_tx_us: u64,
+    pub in_effect_rx_us: u64,
+    pub poll_active: bool,
+    pub transitions: u64,
+    pub max_tx_gap_us: u64,
+    /// bfd.XmitAuthSeq, bfd.RcvAuthSeq and bfd.AuthSeqKnown, with authentication.
+    pub auth_seq: Option<(u32, u32, bool)>,
+}
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// An encoded Control packet ready to send (signed when authentication is on).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Transmit {
@@ -186,6 +220,75 @@ impl Session {
     /// Whether authentication is configured (bfd.AuthType nonzero).
     pub fn auth_enabled(&self) -> bool {
         self.auth.is_some()
+    }
+
+    /// The session's state for the process that takes over (see [`Snapshot`]).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            local_discr: self.local_discr,
+            state: self.state as u8,
+            local_diag: self.local_diag.code(),
+            remote_discr: self.remote.discr,
+            remote_state: self.remote.state as u8,
+            remote_diag: self.remote.diag.code(),
+            remote_min_rx_us: us(self.remote.min_rx),
+            remote_desired_min_tx_us: us(self.remote.desired_min_tx),
+            remote_detect_tx_us: us(self.remote.detect_tx),
+            remote_detect_mult: self.remote.detect_mult,
+            remote_demand: self.remote.demand,
+            in_effect_tx_us: us(self.in_effect.desired_min_tx),
+            in_effect_rx_us: us(self.in_effect.required_min_rx),
+            poll_active: self.poll_active,
+            transitions: self.transitions,
+            max_tx_gap_us: us(self.max_tx_gap),
+            auth_seq: self.auth.as_ref().map(Auth::sequences),
+        }
+    }
+
+    /// Takes over the state of the session `snap` was taken from, in place
+    /// of this one's (made from the configuration: its configured timers,
+    /// detection multiplier and key stay). The detection time and the next
+    /// transmission count from `now`; should the configured timers differ
+    /// from those in effect while Up, a Poll Sequence announces them, as
+    /// a reload would. Authentication sequence numbers are taken when
+    /// both have authentication.
+    pub fn restore(&mut self, snap: &Snapshot, now: Instant) {
+        let micros = Duration::from_micros;
+        self.local_discr = snap.local_discr.max(1);
+        self.state = State::from_bits(snap.state);
+        self.local_diag = Diag::from_u8(snap.local_diag);
+        self.remote = Remote {
+            discr: snap.remote_discr,
+            state: State::from_bits(snap.remote_state),
+            diag: Diag::from_u8(snap.remote_diag),
+            min_rx: micros(snap.remote_min_rx_us),
+            desired_min_tx: micros(snap.remote_desired_min_tx_us),
+            detect_tx: micros(snap.remote_detect_tx_us),
+            detect_mult: snap.remote_detect_mult,
+            demand: snap.remote_demand,
+        };
+        self.in_effect = Timers {
+            desired_min_tx: micros(snap.in_effect_tx_us).max(MIN_DESIRED_TX),
+            required_min_rx: micros(snap.in_effect_rx_us),
+        };
+        self.poll_active = snap.poll_active;
+        self.transitions = snap.transitions;
+        self.max_tx_gap = micros(snap.max_tx_gap_us);
+        self.last_rx = (self.remote.discr != 0).then_some(now);
+        self.last_change = Some(now);
+        self.last_tx_up = None;
+        self.final_due = None;
+        self.next_tx = Some(now);
+        if let (Some(auth), Some((xmit, rcv, known))) = (self.auth.as_mut(), snap.auth_seq) {
+            auth.set_sequences(xmit, rcv, known);
+        }
+        match self.state {
+            State::Up if self.advertised() != self.in_effect && !self.poll_active => {
+                self.start_poll(now);
+            }
+            State::Up => {}
+            _ => self.in_effect = self.advertised(),
+        }
     }
 
     // ----- inputs -----

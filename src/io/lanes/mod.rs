@@ -96,7 +96,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, error, info};
-use tun_rs::SyncDevice;
+// A TUN queue (the lanes keep the name tun-rs gave the type).
+use super::tun::Queue as SyncDevice;
 
 mod flows;
 mod recv;

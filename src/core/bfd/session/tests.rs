@@ -989,3 +989,72 @@ fn meticulous_replay_is_refused() {
         Err(RxError::Auth(crate::core::bfd::AuthError::Sequence { .. }))
     ));
 }
+
+/// A session restored from a snapshot in a new process is the same
+/// session to its peer: no state change on either side, the same
+/// discriminators, packets at once and the detection time from the
+/// restore.
+#[test]
+fn restored_session_goes_on_without_the_peer_noticing() {
+    let base = Instant::now();
+    let (mut a, mut b) = up_pair(base);
+    let t = base + 50 * MS;
+    settle(&mut a, &mut b, t);
+    events(&mut a);
+    events(&mut b);
+    let snap = a.snapshot();
+    assert_eq!(snap.state, State::Up as u8);
+    assert_eq!(snap.remote_discr, 2);
+    // The new process made its session from the configuration, with
+    // another discriminator, Down.
+    let later = t + 5 * MS;
+    let mut a2 = Session::new(cfg(99), later, 5);
+    a2.restore(&snap, later);
+    assert!(a2.is_up());
+    assert_eq!(a2.local_discriminator(), 1);
+    assert_eq!(a2.remote_discriminator(), 2);
+    assert_eq!(a2.transitions(), a.transitions());
+    assert!(events(&mut a2).is_empty(), "a restore is no state change");
+    assert_eq!(a2.detection_deadline(), Some(later + a.detection_time()));
+    let sent = deliver(&mut a2, &mut b, later);
+    assert_eq!(sent.len(), 1, "one packet due at once");
+    assert_eq!(sent[0].state, State::Up);
+    assert!(
+        !sent[0].poll,
+        "nothing to announce: the timers are those in effect"
+    );
+    assert!(events(&mut b).is_empty(), "the peer saw no change");
+    assert!(b.is_up());
+    // Its snapshot is the one it was restored from, but for what was sent.
+    let mut again = a2.snapshot();
+    again.max_tx_gap_us = snap.max_tx_gap_us;
+    assert_eq!(again, snap);
+}
+
+/// The authentication sequence goes on from where the old process left
+/// it: the peer, meticulous, accepts the next packet.
+#[test]
+fn restored_session_continues_the_auth_sequence() {
+    let now = Instant::now();
+    let key = |seq| Some(Auth::new(AuthType::MeticulousKeyedSha1, 1, b"secret", seq).unwrap());
+    let mut a = Session::new(cfg(1), now, 1);
+    a.set_auth(key(1000));
+    let snap = {
+        let _ = a.poll_transmit_encoded(now);
+        let _ = a.poll_transmit_encoded(now + Duration::from_secs(2));
+        a.snapshot()
+    };
+    let (xmit, _, _) = snap.auth_seq.expect("auth sequences");
+    assert!(xmit > 1000, "packets were sent: {xmit}");
+    let mut a2 = Session::new(cfg(1), now, 2);
+    a2.set_auth(key(5));
+    a2.restore(&snap, now);
+    assert_eq!(a2.snapshot().auth_seq, snap.auth_seq);
+    // Without authentication in the snapshot, the configured state stays.
+    let mut plain = snap.clone();
+    plain.auth_seq = None;
+    let mut a3 = Session::new(cfg(1), now, 3);
+    a3.set_auth(key(5));
+    a3.restore(&plain, now);
+    assert_eq!(a3.snapshot().auth_seq, Some((5, 0, false)));
+}
