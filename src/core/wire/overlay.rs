@@ -117,6 +117,14 @@ pub enum MsgType {
     SealedProbeRequest = 9,
     /// [`MsgType::ProbeReply`], sealed (payload encrypted, then the tag).
     SealedProbeReply = 10,
+    /// A forward-error-correction parity packet of a block of the peer's
+    /// data packets: payload a [`FecParity`] ([`crate::core::fec`]). The
+    /// fixed header's sequence field is 0 (parity is not numbered with the
+    /// path's data). A receiver that does not know the type drops it as
+    /// [`OverlayError::BadType`], and gets the data as without FEC.
+    FecParity = 20,
+    /// [`MsgType::FecParity`], sealed (payload encrypted, then the tag).
+    SealedFecParity = 21,
 }
 
 impl MsgType {
@@ -129,6 +137,7 @@ impl MsgType {
                 | MsgType::SealedEchoReply
                 | MsgType::SealedProbeRequest
                 | MsgType::SealedProbeReply
+                | MsgType::SealedFecParity
         )
     }
 
@@ -144,6 +153,8 @@ impl MsgType {
             8 => Some(MsgType::ProbeReply),
             9 => Some(MsgType::SealedProbeRequest),
             10 => Some(MsgType::SealedProbeReply),
+            20 => Some(MsgType::FecParity),
+            21 => Some(MsgType::SealedFecParity),
             _ => None,
         }
     }
@@ -421,6 +432,80 @@ impl ProbeReport {
     }
 }
 
+/// The payload of a [`MsgType::FecParity`]: which block of which sender
+/// the parity protects, and the parity shard ([`crate::core::fec`]).
+///
+/// ```text
+/// +---------------------------------------------------------------+
+/// |                 Sender instance (u32, as PeerSeq)             |
+/// +---------------------------------------------------------------+
+/// +      First peer sequence number of the block (u64)            +
+/// +---------------------------------------------------------------+
+/// |  k (data, u8) |  m (parity,u8)| Index (< m, u8)| Reserved (0) |
+/// +---------------------------------------------------------------+
+/// |       Parity shard (even length: 2 + the block's longest) ... |
+/// ```
+///
+/// The block is the data packets numbered `first .. first + k` under the
+/// instance (their peer-sequence extension); `index` is this parity's
+/// place among the block's `m`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FecParity {
+    pub instance: u32,
+    pub first: u64,
+    pub k: u8,
+    pub m: u8,
+    pub index: u8,
+    pub shard: Vec<u8>,
+}
+
+impl FecParity {
+    /// Length of the fields before the shard.
+    pub const HEAD_LEN: usize = 16;
+
+    /// Parses a parity payload (the shard is copied). Field values are
+    /// checked by the decoder, not here.
+    pub fn parse(buf: &[u8]) -> Result<FecParity, OverlayError> {
+        let h: &[u8; Self::HEAD_LEN] = buf
+            .get(..Self::HEAD_LEN)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(OverlayError::Truncated)?;
+        Ok(FecParity {
+            instance: u32::from_be_bytes([h[0], h[1], h[2], h[3]]),
+            first: be_u64(&h[4..12]),
+            k: h[12],
+            m: h[13],
+            index: h[14],
+            shard: buf.get(Self::HEAD_LEN..).unwrap_or_default().to_vec(),
+        })
+    }
+
+    /// Its length on the wire.
+    pub fn len(&self) -> usize {
+        Self::HEAD_LEN + self.shard.len()
+    }
+
+    /// Never: the fields come first.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Writes the payload into the first [`FecParity::len`] bytes of `out`.
+    pub fn emit(&self, out: &mut [u8]) -> Result<usize, OverlayError> {
+        let b = out
+            .get_mut(..self.len())
+            .ok_or(OverlayError::BufferTooSmall)?;
+        b[0..4].copy_from_slice(&self.instance.to_be_bytes());
+        b[4..12].copy_from_slice(&self.first.to_be_bytes());
+        b[12] = self.k;
+        b[13] = self.m;
+        b[14] = self.index;
+        b[15] = 0;
+        b[Self::HEAD_LEN..].copy_from_slice(&self.shard);
+        Ok(self.len())
+    }
+}
+
 fn be_u64(b: &[u8]) -> u64 {
     let mut v = [0u8; 8];
     if let Some(src) = b.get(..8) {
@@ -604,6 +689,35 @@ mod tests {
             Err(OverlayError::Truncated)
         );
         assert_eq!(r.emit(&mut [0u8; 10]), Err(OverlayError::BufferTooSmall));
+    }
+
+    #[test]
+    fn fec_parity_round_trip_and_truncation() {
+        let p = FecParity {
+            instance: 0xfeed_f00d,
+            first: u64::MAX - 9,
+            k: 10,
+            m: 2,
+            index: 1,
+            shard: vec![1, 2, 3, 4],
+        };
+        let mut buf = [0xffu8; 24];
+        assert_eq!(p.emit(&mut buf), Ok(20));
+        assert_eq!(buf[15], 0, "reserved is zero");
+        assert_eq!(FecParity::parse(&buf[..20]), Ok(p.clone()));
+        assert_eq!(
+            FecParity::parse(&buf[..FecParity::HEAD_LEN - 1]),
+            Err(OverlayError::Truncated)
+        );
+        assert_eq!(
+            FecParity::parse(&buf[..FecParity::HEAD_LEN]).map(|p| p.shard.len()),
+            Ok(0)
+        );
+        assert_eq!(p.emit(&mut [0u8; 19]), Err(OverlayError::BufferTooSmall));
+        for (t, sealed) in [(20u8, false), (21, true)] {
+            let m = MsgType::from_u8(t).unwrap();
+            assert_eq!((m as u8, m.is_sealed()), (t, sealed));
+        }
     }
 
     #[test]

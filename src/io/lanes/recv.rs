@@ -370,6 +370,11 @@ impl PathIn {
                 self.on_probe_reply(seq, report);
                 None
             }
+            Ok(Message::Parity(..)) => {
+                // this receiver does not rebuild yet: parity is dropped
+                self.drops.count(DropReason::OverlayUnsupported);
+                None
+            }
             Err(reason) => {
                 self.drops.count(reason);
                 None
