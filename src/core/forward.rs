@@ -371,16 +371,20 @@ pub fn seal_data(
 
 /// Writes a parity datagram into `out`: numbered `sequence` on its path
 /// (taken from the path's data sequence, so that a sealed one never
-/// reuses a nonce), from `lane`, sealed when a `sealer` is given. Returns
-/// its length.
+/// reuses a nonce), from `lane`, flagged [`FLAG_ORDERED`] when it protects
+/// an `aggregate` stream (what it rebuilds goes to the resequencer),
+/// sealed when a `sealer` is given. Returns its length.
+///
+/// [`FLAG_ORDERED`]: crate::core::wire::overlay::FLAG_ORDERED
 pub fn emit_parity(
     parity: &FecParity,
     sequence: u64,
     lane: usize,
+    ordered: bool,
     out: &mut [u8],
     sealer: Option<&Sealer>,
 ) -> Result<usize, DropReason> {
-    let header = Header {
+    let mut header = Header {
         msg_type: match sealer {
             Some(_) => MsgType::SealedFecParity,
             None => MsgType::FecParity,
@@ -388,6 +392,9 @@ pub fn emit_parity(
         epoch: sealer.map_or(0, |s| s.epoch),
         ..Header::echo(MsgType::FecParity, sequence).with_lane(lane)
     };
+    if ordered {
+        header.flags |= crate::core::wire::overlay::FLAG_ORDERED;
+    }
     let hlen = header.len();
     let trailer = if sealer.is_some() { TRAILER } else { 0 };
     let total = hlen + parity.len() + trailer;
@@ -765,7 +772,7 @@ mod tests {
             shard: vec![9; 66],
         };
         let mut out = [0u8; 256];
-        let n = emit_parity(&parity, 42, 3, &mut out, None).unwrap();
+        let n = emit_parity(&parity, 42, 3, true, &mut out, None).unwrap();
         assert_eq!(n, BASE_LEN + FecParity::HEAD_LEN + 66);
         let Ok(Message::Parity(h, back)) = receive(&mut out[..n], None) else {
             panic!("not parity")
@@ -788,7 +795,7 @@ mod tests {
             epoch: 2,
             salt: 7,
         };
-        let n = emit_parity(&parity, 43, 0, &mut out, Some(&sealer)).unwrap();
+        let n = emit_parity(&parity, 43, 0, false, &mut out, Some(&sealer)).unwrap();
         assert_eq!(n, BASE_LEN + FecParity::HEAD_LEN + 66 + TRAILER);
         assert_ne!(&out[BASE_LEN + FecParity::HEAD_LEN..][..66], &[9; 66][..]);
         let mut copy = out;
@@ -807,14 +814,14 @@ mod tests {
             open(&mut sealed(43, 2, &k, 7), &k, 7, &mut w),
             Err(DropReason::Replayed)
         );
-        let n = emit_parity(&parity, 44, 0, &mut out, Some(&sealer)).unwrap();
+        let n = emit_parity(&parity, 44, 0, false, &mut out, Some(&sealer)).unwrap();
         out[BASE_LEN + 2] ^= 1; // the parity fields are authenticated
         assert_eq!(
             open(&mut out[..n], &k, 7, &mut w),
             Err(DropReason::AuthFailed)
         );
         assert_eq!(
-            emit_parity(&parity, 1, 0, &mut [0u8; 40], None),
+            emit_parity(&parity, 1, 0, false, &mut [0u8; 40], None),
             Err(DropReason::TooBig)
         );
     }

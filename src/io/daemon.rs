@@ -20,7 +20,7 @@ use super::lanes::{
 use super::linkwatch::{self, LinkWatch, WatchedPath};
 use super::sys::Doorbell;
 use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
-use crate::config::{Config, ConfigError, PathConfig, PeerConfig, Policy, SlaConfig};
+use crate::config::{Config, ConfigError, FecConfig, PathConfig, PeerConfig, Policy, SlaConfig};
 use crate::core::aggregate::Scheduler;
 use crate::core::crypto::{self, EchoGuard, ReplayWindow};
 use crate::core::dedup::Window;
@@ -472,6 +472,7 @@ fn restart_key(peer: &PeerConfig) -> PeerConfig {
         accept_key_file: None,
         sla: SlaConfig::default(),
         reorder_wait: None,
+        fec: FecConfig::default(),
         ..bare(peer)
     }
 }
@@ -493,6 +494,10 @@ impl Gateway {
                     if w.reorder_wait != peer.config.reorder_wait {
                         plan.set_reorder_wait.push((peer.id, w.reorder_wait));
                         peer.config.reorder_wait = w.reorder_wait;
+                    }
+                    if w.fec != peer.config.fec {
+                        plan.set_fec.push((peer.id, w.fec));
+                        peer.config.fec = w.fec;
                     }
                     if w.routes != peer.config.routes {
                         self.update_routes(&mut peer, &w.routes, &mut problems)
@@ -781,6 +786,10 @@ impl Gateway {
                     peer_sequence: peer_sequence.clone(),
                     scheduler: Scheduler::new(),
                     lane_sequence: 0,
+                    fec: None,
+                    fec_out: Vec::new(),
+                    fec_last_path: None,
+                    fec_counters: reorder_counters.clone(),
                 },
                 ins: Vec::new(),
                 doorbell: doorbell.clone(),
@@ -907,6 +916,7 @@ impl Gateway {
                 salt_in: crypto::path_salt(p.config.remote, p.config.local),
                 window: window.clone(),
                 echo_guard: EchoGuard::default(),
+                parity_in: Vec::new(),
                 dedup: peer.dedup.clone(),
                 reorder: lane.reorder.clone(),
                 forwarding: None,

@@ -43,13 +43,19 @@
 //! stream, spread over several paths: the receiver puts the packets back
 //! in order rather than drop copies (a receiver that does not know it drops
 //! copies, which an `aggregate` sender never makes, and delivers out of order);
+//! bit 3 ([`FLAG_FEC`]) says the peer sequence numbers a stream that
+//! forward error correction protects ([`crate::core::fec`]): one sending
+//! lane's packets (instance: the sender's plus the lane), never copies, so
+//! the receiver feeds them to its FEC decoder rather than to the duplicate
+//! window (a receiver that does not know it runs the window, which delivers
+//! them all: there are no copies);
 //! bits 4 to 6 ([`LANE_MASK`]) carry the sender's lane, 0 to 7: the
 //! forwarding thread of the sender that the datagram's flow belongs to.
 //! A receiver with several lanes hands the datagram to its own lane of
 //! that number (modulo its lane count), so that both directions of a flow
 //! stay with one thread on each side ([`crate::io::lanes`]); it
 //! changes nothing else, and a receiver that does not know it ignores it.
-//! Bits 3 and 7 are reserved (0).
+//! Bit 7 is reserved (0).
 //!
 //! The format grows without breaking old receivers: the header length
 //! says where the inner packet starts, so a newer sender can append
@@ -74,6 +80,8 @@ pub const FLAG_PEER_SEQ: u8 = 0x01;
 pub const FLAG_ORDERED: u8 = 0x04;
 /// Flag: the sender vouches for the inner packet's transport checksum.
 pub const FLAG_CHECKSUM_OK: u8 = 0x02;
+/// Flag: the peer sequence numbers a stream protected by FEC parity.
+pub const FLAG_FEC: u8 = 0x08;
 /// Flags bits holding the sender's lane.
 pub const LANE_MASK: u8 = 0x70;
 /// Where the lane starts in the flags byte.
@@ -222,6 +230,17 @@ impl Header {
     /// Whether the peer sequence numbers an `aggregate` stream.
     pub fn is_ordered(&self) -> bool {
         self.flags & FLAG_ORDERED != 0 && self.peer_seq.is_some()
+    }
+
+    /// Marks the peer sequence as a stream FEC protects ([`FLAG_FEC`]).
+    pub fn fec(mut self) -> Self {
+        self.flags |= FLAG_FEC;
+        self
+    }
+
+    /// Whether the peer sequence numbers a stream FEC protects.
+    pub fn is_fec(&self) -> bool {
+        self.flags & FLAG_FEC != 0 && self.peer_seq.is_some()
     }
 
     /// Sets the sender's lane (taken modulo [`MAX_LANES`]).
