@@ -48,6 +48,7 @@ const CORE_CRATES: &[&str] = &[
     "sha1",
     "zeroize",
     "ring",
+    "reed_solomon_simd",
 ];
 
 /// Paths of `std` that reach the world or the clock.
