@@ -102,7 +102,7 @@ macro_rules! replay_tests {
     };
 }
 
-replay_tests!(bfd, coalesce, config, engine, flow, overlay, quality, reorder, sealed, segment);
+replay_tests!(bfd, coalesce, config, engine, fec, flow, overlay, quality, reorder, sealed, segment);
 
 /// Writes the hand-made seeds into `fuzz/seeds/` (run by hand after changing an input
 /// format: `cargo test --test fuzz write_seeds -- --ignored`). Regression inputs

@@ -184,12 +184,10 @@ fn run(s: &Scenario) -> Outcome {
                     instance,
                     seq,
                     packet,
-                    ..
-                }) => {
-                    if dec.on_data(at, instance, seq, &packet, &mut rebuilt) {
-                        delivered.insert((instance, seq), ());
-                    }
+                }) if dec.on_data(at, instance, seq, &packet, &mut rebuilt) => {
+                    delivered.insert((instance, seq), ());
                 }
+                Some(Arrival::Data { .. }) => {}
                 Some(Arrival::Parity(bytes)) => {
                     let p = FecParity::parse(&bytes).expect("parity parses");
                     dec.on_parity(at, p, &mut rebuilt);

@@ -781,7 +781,9 @@ impl Engine {
 
     /// The highest loss of the paths carrying the peer's traffic (the
     /// active one, or every eligible one under a policy that spreads), and
-    /// whether any of them is congested.
+    /// whether any of them is congested: it queues under our own data (the
+    /// estimator's verdict) and its median round trip of the last 300 ms
+    /// is still above its base by a queue.
     fn fec_inputs(&self, peer: PeerId, now: Instant) -> (f64, bool) {
         let Some(core) = self.peers.get(usize::from(peer.0)) else {
             return (0.0, false);
@@ -795,8 +797,13 @@ impl Engine {
         let mut congested = false;
         for id in carrying {
             if let Some(p) = self.paths.get(usize::from(id.0)) {
-                loss = loss.max(p.quality.figures(now).loss_tx.unwrap_or(0.0));
-                congested |= p.estimate.congested(now);
+                let f = p.quality.figures(now);
+                loss = loss.max(f.loss_tx.unwrap_or(0.0));
+                // a queue under our own data (a probe came back late behind
+                // it lately) that the median round trip still shows: one
+                // late probe (a descheduled thread) is not congestion
+                congested |=
+                    p.estimate.congested(now) && f.rtt.is_some_and(|rtt| p.estimate.queued(rtt));
             }
         }
         (loss, congested)

@@ -63,7 +63,7 @@ pub const MAX_KEPT: usize = 4096;
 /// Bytes of data copies a decoder keeps, all streams together.
 pub const MAX_KEPT_BYTES: usize = 8 << 20;
 /// How long a data copy is kept for a parity that may still come.
-pub const KEEP_FOR: Duration = Duration::from_millis(200);
+pub const KEEP_FOR: Duration = Duration::from_millis(300);
 /// Blocks waiting for their missing packets, all streams together.
 pub const MAX_PENDING: usize = 256;
 /// Sender instances remembered.
@@ -71,7 +71,10 @@ pub const MAX_STREAMS: usize = 16;
 /// How long the encoder keeps a block open by default.
 pub const DEFAULT_HOLD: Duration = Duration::from_millis(5);
 /// How long the decoder waits for the shards a block misses by default.
-pub const DEFAULT_WAIT: Duration = Duration::from_millis(20);
+/// A rebuild happens as soon as the shards are there, so the wait only
+/// bounds how long a block that cannot be rebuilt is kept: long enough for
+/// a data packet stuck behind a queue on a slower path.
+pub const DEFAULT_WAIT: Duration = Duration::from_millis(100);
 
 /// A block code: `k` data packets, `m` parity packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -293,6 +296,9 @@ pub struct FecStats {
     pub unneeded: u64,
     /// Originals that arrived after their rebuilt copy.
     pub late_originals: u64,
+    /// Packets counted unrecoverable that came after all (late, not
+    /// lost), and were taken back off `unrecoverable`.
+    pub late_after_give_up: u64,
 }
 
 #[derive(Debug)]
@@ -314,6 +320,8 @@ struct Stream {
     pending: BTreeMap<u64, Pending>,
     /// Numbers rebuilt recently (to report the late original as such).
     rebuilt: VecDeque<u64>,
+    /// Numbers given up recently (a late arrival is taken off the count).
+    missing: VecDeque<u64>,
     /// Blocks finished (rebuilt, complete or given up) recently.
     done: VecDeque<u64>,
     last: Instant,
@@ -382,6 +390,7 @@ impl Decoder {
             kept: BTreeMap::new(),
             pending: BTreeMap::new(),
             rebuilt: VecDeque::new(),
+            missing: VecDeque::new(),
             done: VecDeque::new(),
             last: now,
         });
@@ -410,6 +419,11 @@ impl Decoder {
         if self.streams[i].rebuilt.contains(&sequence) {
             self.stats.late_originals += 1;
             return false;
+        }
+        if let Some(at) = self.streams[i].missing.iter().position(|&q| q == sequence) {
+            self.streams[i].missing.remove(at);
+            self.stats.unrecoverable = self.stats.unrecoverable.saturating_sub(1);
+            self.stats.late_after_give_up += 1;
         }
         if packet.len() > MAX_PACKET || self.streams[i].kept.contains_key(&sequence) {
             return true;
@@ -552,10 +566,13 @@ impl Decoder {
             return;
         };
         self.pending -= 1;
-        let have = (0..u64::from(p.k))
-            .filter(|j| s.kept.contains_key(&first.wrapping_add(*j)))
-            .count();
-        self.stats.unrecoverable += u64::from(p.k) - have as u64;
+        for j in 0..u64::from(p.k) {
+            let q = first.wrapping_add(j);
+            if !s.kept.contains_key(&q) {
+                self.stats.unrecoverable += 1;
+                remember(&mut s.missing, q);
+            }
+        }
         remember(&mut s.done, first);
     }
 
@@ -871,7 +888,8 @@ mod tests {
         dec.poll(t + Duration::from_millis(20));
         assert_eq!(dec.pending(), 0);
         assert_eq!(dec.stats().unrecoverable, 2);
-        // a late data packet of that block changes nothing
+        // a late data packet of that block is rebuilt from nothing, but it
+        // was late, not lost: it is taken off the count
         dec.on_data(
             t + Duration::from_millis(21),
             1,
@@ -880,6 +898,8 @@ mod tests {
             &mut out,
         );
         assert!(out.is_empty());
+        assert_eq!(dec.stats().unrecoverable, 1);
+        assert_eq!(dec.stats().late_after_give_up, 1);
         // nor does late parity
         dec.on_parity(t + Duration::from_millis(21), parity[0].clone(), &mut out);
         assert!(out.is_empty());

@@ -68,11 +68,18 @@ pub struct Placement {
 
 /// The largest inner packet that fits a path whose underlay MTU is
 /// `underlay` bytes: less the underlay's IP header (IPv4 or IPv6), UDP, the
-/// overlay header (with the `duplicate` extension if `extended`) and the
-/// tag when sealed.
-pub fn inner_mtu(underlay: u32, underlay_v6: bool, extended: bool, sealed: bool) -> u32 {
+/// overlay header (with the peer-sequence extension if `extended`) and the
+/// tag when sealed. With `fec`, the datagram to fit is the parity of a
+/// block of such packets: the fixed header, the parity fields and a shard
+/// (the packet and its length), two bytes more than an extended data
+/// datagram.
+pub fn inner_mtu(underlay: u32, underlay_v6: bool, extended: bool, sealed: bool, fec: bool) -> u32 {
     let ip = if underlay_v6 { 40 } else { 20 };
-    let overlay = if extended { HEADROOM } else { BASE_LEN };
+    let overlay = match (fec, extended) {
+        (true, _) => BASE_LEN + FecParity::HEAD_LEN + 2,
+        (false, true) => HEADROOM,
+        (false, false) => BASE_LEN,
+    };
     let tag = if sealed { TRAILER } else { 0 };
     underlay.saturating_sub((ip + 8 + overlay + tag) as u32)
 }
@@ -568,10 +575,34 @@ mod tests {
 
     #[test]
     fn inner_mtu_subtracts_every_header() {
-        assert_eq!(inner_mtu(1500, false, false, false), 1500 - 20 - 8 - 16);
-        assert_eq!(inner_mtu(1500, true, false, false), 1500 - 40 - 8 - 16);
-        assert_eq!(inner_mtu(9001, false, true, true), 9001 - 20 - 8 - 32 - 16);
-        assert_eq!(inner_mtu(10, true, true, true), 0);
+        assert_eq!(
+            inner_mtu(1500, false, false, false, false),
+            1500 - 20 - 8 - 16
+        );
+        assert_eq!(
+            inner_mtu(1500, true, false, false, false),
+            1500 - 40 - 8 - 16
+        );
+        assert_eq!(
+            inner_mtu(9001, false, true, true, false),
+            9001 - 20 - 8 - 32 - 16
+        );
+        assert_eq!(inner_mtu(10, true, true, true, false), 0);
+        // FEC: the parity of a full-sized packet must fit too
+        let mtu = inner_mtu(1500, false, false, false, true) as usize;
+        let parity = FecParity {
+            instance: 1,
+            first: 1,
+            k: 1,
+            m: 1,
+            index: 0,
+            shard: vec![0; mtu + 2],
+        };
+        assert_eq!(20 + 8 + BASE_LEN + parity.len(), 1500);
+        assert!(
+            mtu + 20 + 8 + HEADROOM <= 1500,
+            "and the data with the extension"
+        );
     }
 
     #[test]

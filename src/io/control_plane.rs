@@ -1152,6 +1152,7 @@ impl BfdThread {
             parity_received: counts[1],
             rebuilt: counts[2],
             given_up: counts[3],
+            bad_parity: load(&f.bad_parity),
         })
     }
 

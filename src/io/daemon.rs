@@ -20,7 +20,9 @@ use super::lanes::{
 use super::linkwatch::{self, LinkWatch, WatchedPath};
 use super::sys::Doorbell;
 use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
-use crate::config::{Config, ConfigError, FecConfig, PathConfig, PeerConfig, Policy, SlaConfig};
+use crate::config::{
+    Config, ConfigError, FecConfig, FecMode, PathConfig, PeerConfig, Policy, SlaConfig,
+};
 use crate::core::aggregate::Scheduler;
 use crate::core::crypto::{self, EchoGuard, ReplayWindow};
 use crate::core::dedup::Window;
@@ -70,6 +72,7 @@ const FALLBACK_UNDERLAY_MTU: u32 = 1500;
 fn default_mtu(w: &PeerConfig) -> u16 {
     let extended = matches!(w.policy, Policy::Duplicate | Policy::Aggregate);
     let sealed = w.key_file.is_some();
+    let fec = w.fec.mode != crate::config::FecMode::Off;
     let fits = w
         .paths
         .iter()
@@ -78,10 +81,10 @@ fn default_mtu(w: &PeerConfig) -> u16 {
                 warn!(path = %p.name, error = %e, "no route MTU; assuming {FALLBACK_UNDERLAY_MTU}");
                 FALLBACK_UNDERLAY_MTU
             });
-            forward::inner_mtu(underlay, p.remote.is_ipv6(), extended, sealed)
+            forward::inner_mtu(underlay, p.remote.is_ipv6(), extended, sealed, fec)
         })
         .min()
-        .unwrap_or_else(|| forward::inner_mtu(FALLBACK_UNDERLAY_MTU, true, extended, sealed));
+        .unwrap_or_else(|| forward::inner_mtu(FALLBACK_UNDERLAY_MTU, true, extended, sealed, fec));
     let floor = if w.has_ipv6() { 1280 } else { 576 };
     if fits < floor {
         warn!(peer = %w.name, fits, floor, "the paths' MTU leaves less than the minimum inner MTU; inner packets above {fits} bytes will be fragmented on the underlay");
@@ -472,7 +475,12 @@ fn restart_key(peer: &PeerConfig) -> PeerConfig {
         accept_key_file: None,
         sla: SlaConfig::default(),
         reorder_wait: None,
-        fec: FecConfig::default(),
+        // in place, but for FEC's turning on or off: the TUN's MTU
+        // leaves room for parity only when it is on
+        fec: match peer.fec.mode {
+            FecMode::Off => FecConfig::off(),
+            _ => FecConfig::default(),
+        },
         ..bare(peer)
     }
 }
@@ -790,6 +798,7 @@ impl Gateway {
                     fec_out: Vec::new(),
                     fec_last_path: None,
                     fec_counters: reorder_counters.clone(),
+                    gso_cap: usize::MAX,
                 },
                 ins: Vec::new(),
                 doorbell: doorbell.clone(),

@@ -52,6 +52,9 @@ pub struct FecStatus {
     pub rebuilt: u64,
     /// Lost packets of blocks given up (too little parity in time).
     pub given_up: u64,
+    /// Parity dropped because it disagreed with itself or its block.
+    #[serde(default)]
+    pub bad_parity: u64,
 }
 
 /// A peer's resequencing (`crate::core::reorder`), summed over its lanes.

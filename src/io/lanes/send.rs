@@ -68,6 +68,11 @@ pub struct TunOut {
     pub fec_out: Vec<FecParity>,
     pub fec_last_path: Option<PathId>,
     pub fec_counters: Arc<ReorderCounters>,
+    /// Most datagrams per UDP GSO send: [`GSO_MAX_SEGMENTS`], or under FEC
+    /// the code's parity count (a train dropped whole inside the sending
+    /// host, by a full queue or a filter that sees it before it is cut,
+    /// then costs a block no more than its parity repairs).
+    pub gso_cap: usize,
 }
 
 /// One framed datagram of a burst, waiting to be sent: `range` of slot
@@ -155,6 +160,7 @@ impl TunOut {
         let duplicate = peer.is_some_and(|p| p.policy == Policy::Duplicate);
         let fec = peer.and_then(|p| p.fec).filter(|_| !duplicate);
         self.set_fec(fec, now);
+        self.gso_cap = fec.map_or(GSO_MAX_SEGMENTS, |c| usize::from(c.m).max(1));
         let turn = Turn {
             duplicate,
             aggregate: peer.is_some_and(|p| p.policy == Policy::Aggregate),
@@ -544,7 +550,7 @@ impl TunOut {
         // What the path's socket sends without a TOS control message
         // ([`crate::io::udp::set_data_qos`]).
         batch.default_tos = path.dscp.map_or(0, |d| (d & 0x3f) << 2);
-        plan_messages(datagrams, batch.gso, &mut messages);
+        plan_messages(datagrams, batch.gso, self.gso_cap, &mut messages);
         let mut next = 0;
         while next < messages.len() {
             let todo = &messages[next..];
@@ -592,17 +598,19 @@ impl TunOut {
 }
 
 /// Groups `datagrams` into the messages of one `sendmmsg`: with `gso`,
-/// each run [`gso_run`] finds becomes one UDP GSO message; everything
+/// each run [`gso_run`] finds (at most `cap` datagrams) becomes one UDP GSO
+/// message; everything
 /// else is a message of one datagram.
 pub(super) fn plan_messages(
     datagrams: &[sys::Datagram<'_>],
     gso: bool,
+    cap: usize,
     out: &mut Vec<sys::Message>,
 ) {
     out.clear();
     let mut first = 0;
     while let Some(rest) = datagrams.get(first..).filter(|r| !r.is_empty()) {
-        let run = if gso { gso_run(rest) } else { 0 };
+        let run = if gso { gso_run(rest, cap) } else { 0 };
         let message = match run {
             2.. => sys::Message {
                 first,
@@ -896,14 +904,17 @@ pub(super) fn super_packet<'a>(
 /// How many datagrams at the start of `rest` can go as one UDP GSO send:
 /// a run of one size and one TOS byte (one GSO send has one IP header to
 /// copy), plus one shorter last datagram (0 or 1: not worth it).
-pub(super) fn gso_run(rest: &[sys::Datagram<'_>]) -> usize {
+pub(super) fn gso_run(rest: &[sys::Datagram<'_>], cap: usize) -> usize {
     let Some((size, tos)) = rest.first().map(|d| (d.len(), d.tos)) else {
         return 0;
     };
     if size == 0 || size > usize::from(u16::MAX) {
         return 0;
     }
-    let most = (GSO_MAX_BYTES / size).min(GSO_MAX_SEGMENTS).min(rest.len());
+    let most = (GSO_MAX_BYTES / size)
+        .min(GSO_MAX_SEGMENTS)
+        .min(cap)
+        .min(rest.len());
     let mut run = rest
         .iter()
         .take(most)
@@ -977,7 +988,7 @@ mod tests {
             })
             .collect();
         let mut out = Vec::new();
-        plan_messages(&datagrams, gso, &mut out);
+        plan_messages(&datagrams, gso, GSO_MAX_SEGMENTS, &mut out);
         out.iter()
             .map(|m| (m.first, m.count, m.segment, m.tos))
             .collect()
