@@ -17,7 +17,7 @@
 
 use crosslink::lab::{self, Gw, Lab, LabOptions, LabPath};
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Duration;
 
 const PORT: u16 = 9330;
@@ -61,8 +61,8 @@ fn tx_bytes(s: &Value) -> u64 {
         .sum()
 }
 
-fn one(bin: &PathBuf, mode: Mode, loss: u8, secs: u64, tag: &str) -> lab::Result<Run> {
-    let mut opts = LabOptions::new(tag, bin.clone());
+fn one(bin: &Path, mode: Mode, loss: u8, secs: u64, tag: &str) -> lab::Result<Run> {
+    let mut opts = LabOptions::new(tag, bin);
     match mode {
         Mode::Plain => opts.peer_extra = vec!["fec = \"off\"".into()],
         Mode::Duplicate => opts.policy = crosslink::config::Policy::Duplicate,
