@@ -68,10 +68,10 @@ pub struct TunOut {
     pub fec_out: Vec<FecParity>,
     pub fec_last_path: Option<PathId>,
     pub fec_counters: Arc<ReorderCounters>,
-    /// Most datagrams per UDP GSO send: [`GSO_MAX_SEGMENTS`], or under FEC
-    /// the code's parity count (a train dropped whole inside the sending
-    /// host, by a full queue or a filter that sees it before it is cut,
-    /// then costs a block no more than its parity repairs).
+    /// Most datagrams per UDP GSO send: [`GSO_MAX_SEGMENTS`], or 1 under
+    /// FEC: a train is dropped whole inside the sending host (a full
+    /// queue, a filter that sees it before it is cut), a burst that a
+    /// short block's parity cannot repair.
     pub gso_cap: usize,
 }
 
@@ -160,7 +160,7 @@ impl TunOut {
         let duplicate = peer.is_some_and(|p| p.policy == Policy::Duplicate);
         let fec = peer.and_then(|p| p.fec).filter(|_| !duplicate);
         self.set_fec(fec, now);
-        self.gso_cap = fec.map_or(GSO_MAX_SEGMENTS, |c| usize::from(c.m).max(1));
+        self.gso_cap = fec.map_or(GSO_MAX_SEGMENTS, |_| 1);
         let turn = Turn {
             duplicate,
             aggregate: peer.is_some_and(|p| p.policy == Policy::Aggregate),
