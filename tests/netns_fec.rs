@@ -114,3 +114,51 @@ fn fec_cuts_a_random_loss_on_every_path() {
         "auto cut the stream's loss from {off:.2} % to {auto:.2} % only"
     );
 }
+
+/// A path congested by crosslink's own traffic (one TCP stream into a
+/// 100 Mbit/s token bucket: the loss is its queue's) gets no parity from
+/// `auto`: parity would only add to the queue.
+#[test]
+fn auto_adds_no_parity_to_a_congested_path() {
+    if !lab::test_gate(
+        "auto_adds_no_parity_to_a_congested_path",
+        &[("iperf3", "iperf3"), ("tc", "iproute2")],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new(LabOptions::new("feccong", BIN)).unwrap();
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    for p in LabPath::ALL {
+        lab.shape(p, 100).unwrap();
+    }
+    let iperf = lab.start_iperf3(1, 8).unwrap();
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_secs(1));
+        if let Ok(s) = lab.poll(Gw::A) {
+            codes.push(fec_status(&s)["code"].as_str().unwrap_or("?").to_string());
+        }
+    }
+    let mbit = iperf.finish().map_or(f64::NAN, |bps| bps / 1e6);
+    let s = lab.poll(Gw::A).unwrap();
+    let fec = fec_status(&s);
+    let sent = fec["parity_sent"].as_u64().unwrap_or(0);
+    let loss = lab::path_status(&s, LabPath::Path1)
+        .and_then(|p| p.get("quality"))
+        .cloned()
+        .unwrap_or_default();
+    lab::say(&format!(
+        "REPORT fec congested tcp_mbit={mbit:.0} codes={codes:?} parity_sent={sent} path1_quality={loss} cmd=\"cargo test --test netns_fec\""
+    ));
+    assert!(mbit > 30.0, "the stream ran: {mbit} Mbit/s");
+    // a stray code for a moment before the queue shows is tolerated; a
+    // code held through the stream is not
+    let coded = codes.iter().filter(|c| c.as_str() != "none").count();
+    assert!(
+        coded <= 2,
+        "auto coded a congested path: {codes:?} (gw-a fec: {fec})"
+    );
+}

@@ -842,7 +842,12 @@ impl Engine {
         if !lighter {
             core.fec_lighter_since = None;
         }
-        if !apply || want == core.fec_code {
+        // in auto, a code of the same overhead is no change worth a flap
+        let same = core.fec.mode == FecMode::Auto
+            && want.is_some()
+            && core.fec_code.is_some()
+            && overhead(want) == overhead(core.fec_code);
+        if !apply || want == core.fec_code || same {
             return;
         }
         let from = std::mem::replace(&mut core.fec_code, want);
