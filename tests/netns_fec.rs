@@ -32,8 +32,19 @@ fn fec_status(s: &Value) -> Value {
 /// The stream's loss (%) over `secs` seconds with `percent` % random loss
 /// on both paths, and gateway A's FEC status at the end.
 fn lossy_stream(fec: &str, tag: &str, secs: u64) -> (f64, Value) {
+    lossy_stream_with(fec, tag, secs, |_| {})
+}
+
+/// [`lossy_stream`] in a lab that `adjust` changes first.
+fn lossy_stream_with(
+    fec: &str,
+    tag: &str,
+    secs: u64,
+    adjust: impl FnOnce(&mut LabOptions),
+) -> (f64, Value) {
     let mut opts = LabOptions::new(tag, BIN);
     opts.peer_extra = vec![format!("fec = \"{fec}\"")];
+    adjust(&mut opts);
     let mut lab = Lab::new(opts).unwrap();
     lab.start_gateways().unwrap();
     lab.wait_paths_up(Duration::from_secs(15)).unwrap();
@@ -60,7 +71,9 @@ fn lossy_stream(fec: &str, tag: &str, secs: u64) -> (f64, Value) {
     let received = report["received"].as_f64().unwrap_or(f64::NAN);
     let lost_pct = 100.0 * lost / (lost + received);
     let fec_a = fec_status(&status);
-    let fec_b = lab.poll(Gw::B).map(|s| fec_status(&s)).unwrap_or_default();
+    let status_b = lab.poll(Gw::B).unwrap_or_default();
+    let fec_b = fec_status(&status_b);
+    lab::say(&format!("REPORT fec gw-b drops: {}", status_b["drops"]));
     lab::say(&format!(
         "REPORT fec random_loss_pct={LOSS_PCT} fec={fec} stream_lost_pct={lost_pct:.3} sent={} gw_a_fec={fec_a} gw_b_fec={fec_b} cmd=\"cargo test --test netns_fec\"",
         sent["sent"],
@@ -161,4 +174,30 @@ fn auto_adds_no_parity_to_a_congested_path() {
         coded <= 2,
         "auto coded a congested path: {codes:?} (gw-a fec: {fec})"
     );
+}
+
+/// Sealed parity (a keyed peer) and `aggregate` (rebuilt packets go
+/// through the resequencer) rebuild as well: a fixed code, 5 % random loss
+/// on both paths.
+#[test]
+fn sealed_and_aggregate_peers_rebuild_too() {
+    if !lab::test_gate("sealed_and_aggregate_peers_rebuild_too", &[]) {
+        return;
+    }
+    let _serial = serial();
+    let key: String = (0..32).map(|i| format!("{:02x}", i * 7 + 3)).collect();
+    let (sealed, s) = lossy_stream_with("10+3", "fecseal", 5, |o| {
+        o.key = Some(format!("{key}\n"));
+    });
+    assert!(s["b"]["rebuilt"].as_u64().unwrap_or(0) > 100, "sealed: {s}");
+    assert_eq!(s["b"]["bad_parity"].as_u64(), Some(0), "sealed: {s}");
+    assert!(sealed < 1.5, "sealed: {sealed:.2} % lost");
+    let (spread, s) = lossy_stream_with("10+3", "fecaggr", 5, |o| {
+        o.policy = crosslink::config::Policy::Aggregate;
+    });
+    assert!(
+        s["b"]["rebuilt"].as_u64().unwrap_or(0) > 100,
+        "aggregate: {s}"
+    );
+    assert!(spread < 1.5, "aggregate: {spread:.2} % lost");
 }
