@@ -201,3 +201,54 @@ fn sealed_and_aggregate_peers_rebuild_too() {
     );
     assert!(spread < 1.5, "aggregate: {spread:.2} % lost");
 }
+
+/// A reload changes the code in place: the new one is in use at once, and
+/// the peer keeps running (its paths stay up, nothing is lost).
+#[test]
+fn a_reload_changes_the_code_in_place() {
+    if !lab::test_gate("a_reload_changes_the_code_in_place", &[]) {
+        return;
+    }
+    let _serial = serial();
+    let mut opts = LabOptions::new("fecrel", BIN);
+    opts.peer_extra = vec!["fec = \"10+2\"".into()];
+    let mut lab = Lab::new(opts).unwrap();
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    let code = |lab: &Lab| {
+        lab.poll(Gw::A)
+            .map(|s| fec_status(&s)["code"].as_str().unwrap_or("?").to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(code(&lab), "10+2");
+    let receiver = lab.start_receiver(PORT, Duration::from_secs(20)).unwrap();
+    let sender = lab
+        .start_sender(PORT, RATE, Duration::from_secs(20))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let text = lab
+        .config_text(Gw::A)
+        .replace("fec = \"10+2\"", "fec = \"4+1\"");
+    assert!(text.contains("fec = \"4+1\""), "{text}");
+    lab.write_config(Gw::A, &text).unwrap();
+    lab.reload_gateway(Gw::A).unwrap();
+    let mut now = String::new();
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        now = code(&lab);
+        if now == "4+1" {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = sender.stop().unwrap();
+    let report = receiver.finish(Duration::from_secs(3)).unwrap();
+    lab::say(&format!(
+        "REPORT fec reload code_after={now} lost={} cmd=\"cargo test --test netns_fec\"",
+        report["lost"]
+    ));
+    assert_eq!(now, "4+1");
+    assert_eq!(report["lost"].as_u64(), Some(0), "{report}");
+    let s = lab.poll(Gw::A).unwrap();
+    assert!(lab::path_active(&s, LabPath::Path1), "{s}");
+}
