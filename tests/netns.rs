@@ -453,8 +453,7 @@ fn inner_mtu_follows_the_paths_and_too_big_gets_icmp() {
     .unwrap();
     let link: Value = serde_json::from_str(&link).unwrap();
     let mtu = link[0]["mtu"].as_u64().unwrap();
-    // the overlay header, with room for FEC parity (on by default: `auto`)
-    assert_eq!(mtu, 1500 - 20 - 8 - 34, "TUN MTU");
+    assert_eq!(mtu, 1500 - 20 - 8 - 16, "TUN MTU");
     let server = lab::SERVER_ADDR.to_string();
     let ping = |size: u64| {
         lab.command_in(Host::Client, "ping")

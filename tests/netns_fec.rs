@@ -1,7 +1,7 @@
 //! Forward error correction on real sockets (root): a 2000 packet/s stream
 //! from the client to the server while both paths lose packets at random
-//! (nftables `numgen`, both directions, on gateway A), with FEC off and with
-//! the default, `auto`.
+//! (nftables `numgen`, both directions, on gateway A), with FEC off (the
+//! default) and `auto`.
 //!
 //! Prints a `REPORT fec ...` line per case: the stream's loss, and what
 //! gateway A's status says of FEC. The asserts are generous bounds (this
@@ -140,7 +140,9 @@ fn auto_adds_no_parity_to_a_congested_path() {
         return;
     }
     let _serial = serial();
-    let mut lab = Lab::new(LabOptions::new("feccong", BIN)).unwrap();
+    let mut opts = LabOptions::new("feccong", BIN);
+    opts.peer_extra = vec!["fec = \"auto\"".into()];
+    let mut lab = Lab::new(opts).unwrap();
     lab.start_gateways().unwrap();
     lab.wait_paths_up(Duration::from_secs(15)).unwrap();
     std::thread::sleep(Duration::from_secs(3));

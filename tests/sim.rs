@@ -504,6 +504,11 @@ fn a_brownout_moves_the_stream_off_and_back_after_the_hold() {
 #[test]
 fn auto_fec_follows_the_loss_of_every_path() {
     let mut sim = Sim::new("1s", "10ms", 3);
+    let auto = crosslink::config::FecConfig {
+        mode: crosslink::config::FecMode::Auto,
+        ..Default::default()
+    };
+    sim.a.set_fec(crosslink::PeerId(0), auto, sim.instant());
     sim.run_until(Duration::from_secs(5), false);
     sim.run_until(Duration::from_secs(6), true);
     assert_eq!(sim.fwd_a.peers[0].fec, None, "no loss, no parity");

@@ -279,7 +279,7 @@ fn run(s: &Scenario) -> Outcome {
     }
     let st = dec.stats();
     out.rebuilt = st.recovered;
-    out.given_up = st.unrecoverable;
+    out.given_up = st.lost();
     out.pending_at_end = dec.pending();
     out
 }

@@ -748,7 +748,7 @@ fn fast_path_only_where_the_kernel_can_carry_it() {
     assert!(!c.peers[1].fast_path);
     // the fast path sends no parity: FEC is off unless said, and refused
     assert_eq!(c.peers[0].fec.mode, FecMode::Off);
-    assert_eq!(c.peers[1].fec.mode, FecMode::Auto);
+    assert_eq!(c.peers[1].fec.mode, FecMode::Off);
     for fec in ["auto", "10+2"] {
         let e = err(&with(&format!("fast_path = true\nfec = \"{fec}\"\n")));
         assert_eq!(e.key, "peer.gcp.fec", "{e}");
@@ -1259,7 +1259,7 @@ fn bad_rates_and_waits_are_refused_with_their_key() {
 fn fec_modes_targets_and_caps() {
     let c = ok(BASE);
     assert_eq!(c.peers[0].fec, FecConfig::default());
-    assert_eq!(c.peers[0].fec.mode, FecMode::Auto);
+    assert_eq!(c.peers[0].fec.mode, FecMode::Off);
     assert!((c.peers[0].fec.target_loss() - 0.001).abs() < 1e-12);
     assert!((c.peers[0].fec.max_overhead() - 0.3).abs() < 1e-12);
     for (value, mode) in [
@@ -1306,7 +1306,7 @@ fn fec_that_cannot_work_is_refused_with_its_key() {
     // duplicate with auto is fine: auto sends nothing under duplicate
     let t = base_with(
         "tun = \"xl-gcp\"\n",
-        "tun = \"xl-gcp\"\npolicy = \"duplicate\"\n",
+        "tun = \"xl-gcp\"\npolicy = \"duplicate\"\nfec = \"auto\"\n",
     );
     assert_eq!(ok(&t).peers[0].fec.mode, FecMode::Auto);
 }

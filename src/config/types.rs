@@ -280,10 +280,10 @@ pub struct PeerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FecMode {
     /// No parity, ever.
+    #[default]
     Off,
     /// Parity sized by the measured loss of the peer's paths
     /// ([`crate::core::fec::auto_code`]); none while they lose nothing.
-    #[default]
     Auto,
     /// This code whenever the peer has a path (`"10+2"`).
     Fixed(Code),
@@ -312,7 +312,7 @@ pub struct FecConfig {
 impl Default for FecConfig {
     fn default() -> Self {
         FecConfig {
-            mode: FecMode::Auto,
+            mode: FecMode::Off,
             target_loss_ppm: DEFAULT_FEC_TARGET_LOSS_PPM,
             max_overhead_ppm: DEFAULT_FEC_MAX_OVERHEAD_PPM,
         }

@@ -321,14 +321,13 @@ pub(super) fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResu
     })
 }
 
-/// `fec`, `fec_target_loss`, `fec_max_overhead`. A fast-path peer has no
-/// FEC (the kernel fast path sends no parity): `off` unless said, and
-/// anything else is refused.
+/// `fec`, `fec_target_loss`, `fec_max_overhead`: `off` unless said. A
+/// fast-path peer has no FEC (the kernel fast path sends no parity):
+/// anything but `off` is refused.
 pub(super) fn validate_fec(p: &RawPeer, at: &[Seg]) -> VResult<FecConfig> {
     let mode = match p.fec.as_deref().map(str::trim) {
-        None if p.fast_path => FecMode::Off,
-        None | Some("auto") => FecMode::Auto,
-        Some("off") => FecMode::Off,
+        None | Some("off") => FecMode::Off,
+        Some("auto") => FecMode::Auto,
         Some(code) => match Code::parse(code) {
             Some(c) => FecMode::Fixed(c),
             None => {

@@ -288,6 +288,8 @@ pub struct FecStats {
     /// Data packets rebuilt from parity.
     pub recovered: u64,
     /// Missing data packets of blocks given up (not enough shards in time).
+    /// Never decreases; those that came later after all are counted in
+    /// `late_after_give_up` too ([`FecStats::lost`] is the difference).
     pub unrecoverable: u64,
     /// Parity packets dropped because they disagreed with themselves or
     /// their block, or came for a block already complete or given up.
@@ -296,9 +298,15 @@ pub struct FecStats {
     pub unneeded: u64,
     /// Originals that arrived after their rebuilt copy.
     pub late_originals: u64,
-    /// Packets counted unrecoverable that came after all (late, not
-    /// lost), and were taken back off `unrecoverable`.
+    /// Packets counted unrecoverable that came after all (late, not lost).
     pub late_after_give_up: u64,
+}
+
+impl FecStats {
+    /// Packets given up that never came: `unrecoverable` less the late.
+    pub fn lost(&self) -> u64 {
+        self.unrecoverable.saturating_sub(self.late_after_give_up)
+    }
 }
 
 #[derive(Debug)]
@@ -422,7 +430,6 @@ impl Decoder {
         }
         if let Some(at) = self.streams[i].missing.iter().position(|&q| q == sequence) {
             self.streams[i].missing.remove(at);
-            self.stats.unrecoverable = self.stats.unrecoverable.saturating_sub(1);
             self.stats.late_after_give_up += 1;
         }
         if packet.len() > MAX_PACKET || self.streams[i].kept.contains_key(&sequence) {
@@ -889,7 +896,7 @@ mod tests {
         assert_eq!(dec.pending(), 0);
         assert_eq!(dec.stats().unrecoverable, 2);
         // a late data packet of that block is rebuilt from nothing, but it
-        // was late, not lost: it is taken off the count
+        // was late, not lost: counted as such
         dec.on_data(
             t + Duration::from_millis(21),
             1,
@@ -898,8 +905,9 @@ mod tests {
             &mut out,
         );
         assert!(out.is_empty());
-        assert_eq!(dec.stats().unrecoverable, 1);
+        assert_eq!(dec.stats().unrecoverable, 2, "counters never go back");
         assert_eq!(dec.stats().late_after_give_up, 1);
+        assert_eq!(dec.stats().lost(), 1);
         // nor does late parity
         dec.on_parity(t + Duration::from_millis(21), parity[0].clone(), &mut out);
         assert!(out.is_empty());

@@ -1138,7 +1138,7 @@ impl BfdThread {
             load(&f.parity_sent),
             load(&f.parity_received),
             load(&f.recovered),
-            load(&f.unrecoverable),
+            load(&f.unrecoverable).saturating_sub(load(&f.late_after_give_up)),
         ];
         if config.mode == FecMode::Off && counts.iter().all(|&n| n == 0) {
             return None;

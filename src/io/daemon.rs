@@ -479,7 +479,10 @@ fn restart_key(peer: &PeerConfig) -> PeerConfig {
         // leaves room for parity only when it is on
         fec: match peer.fec.mode {
             FecMode::Off => FecConfig::off(),
-            _ => FecConfig::default(),
+            _ => FecConfig {
+                mode: FecMode::Auto,
+                ..FecConfig::default()
+            },
         },
         ..bare(peer)
     }

@@ -180,7 +180,7 @@ fn describe() {
     );
     describe_counter!(
         "crosslink_fec_unrecoverable_packets_total",
-        "Lost data packets of blocks that had too little parity in time."
+        "Lost data packets of blocks that had too little parity in time (a packet that came later after all stays counted)."
     );
     describe_gauge!(
         "crosslink_fec_overhead_ratio",

@@ -70,6 +70,8 @@ pub struct FecCounters {
     pub recovered: AtomicU64,
     /// Missing data packets of blocks given up (not enough parity in time).
     pub unrecoverable: AtomicU64,
+    /// Of those, packets that came later after all.
+    pub late_after_give_up: AtomicU64,
     /// Parity dropped as inconsistent.
     pub bad_parity: AtomicU64,
 }

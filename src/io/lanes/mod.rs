@@ -180,13 +180,24 @@ impl LaneReorder {
         if fec != self.fec_published {
             let (c, was) = (&self.counters.fec, self.fec_published);
             c.parity_received
-                .fetch_add(fec.parity - was.parity, Ordering::Relaxed);
-            c.recovered
-                .fetch_add(fec.recovered - was.recovered, Ordering::Relaxed);
-            c.unrecoverable
-                .fetch_add(fec.unrecoverable - was.unrecoverable, Ordering::Relaxed);
-            c.bad_parity
-                .fetch_add(fec.bad_parity - was.bad_parity, Ordering::Relaxed);
+                .fetch_add(fec.parity.saturating_sub(was.parity), Ordering::Relaxed);
+            c.recovered.fetch_add(
+                fec.recovered.saturating_sub(was.recovered),
+                Ordering::Relaxed,
+            );
+            c.unrecoverable.fetch_add(
+                fec.unrecoverable.saturating_sub(was.unrecoverable),
+                Ordering::Relaxed,
+            );
+            c.late_after_give_up.fetch_add(
+                fec.late_after_give_up
+                    .saturating_sub(was.late_after_give_up),
+                Ordering::Relaxed,
+            );
+            c.bad_parity.fetch_add(
+                fec.bad_parity.saturating_sub(was.bad_parity),
+                Ordering::Relaxed,
+            );
             self.fec_published = fec;
         }
         let now = self.r.stats();
