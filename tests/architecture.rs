@@ -51,6 +51,7 @@ const CORE_CRATES: &[&str] = &[
     "base64",
     "curve25519_dalek",
     "snow",
+    "reed_solomon_simd",
 ];
 
 /// Paths of `std` that reach the world or the clock.

@@ -134,6 +134,6 @@ fn mirrored_examples_mirror_each_other_and_nothing_is_warned_about() {
     assert!(vpn.bfd.tx_interval > peer.paths[0].bfd.tx_interval);
     assert_eq!(
         u32::from(peer.mtu.expect("mtu")),
-        crosslink::core::forward::inner_mtu(1399, false, false, true)
+        crosslink::core::forward::inner_mtu(1399, false, false, true, false)
     );
 }

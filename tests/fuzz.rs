@@ -102,7 +102,7 @@ macro_rules! replay_tests {
     };
 }
 
-replay_tests!(bfd, coalesce, config, engine, flow, overlay, quality, reorder, sealed, segment);
+replay_tests!(bfd, coalesce, config, engine, fec, flow, overlay, quality, reorder, sealed, segment);
 
 /// Writes the hand-made seeds into `fuzz/seeds/` (run by hand after changing an input
 /// format: `cargo test --test fuzz write_seeds -- --ignored`). Regression inputs
@@ -360,4 +360,51 @@ fn write_seeds() {
         ],
     );
     put("engine", "admin", &[2, 0, 3, 0, 7, 16, 2, 0, 3, 0]);
+
+    // fec: ops of 8 bytes (kind, stream, number offset, three arguments)
+    let op = |kind: u8, stream: u8, off: i16, a: [u8; 4]| {
+        let mut v = vec![kind, stream];
+        v.extend_from_slice(&off.to_be_bytes());
+        v.extend_from_slice(&a);
+        v
+    };
+    let cat = |ops: &[Vec<u8>]| ops.concat();
+    put(
+        "fec",
+        "true-block",
+        &cat(&[
+            op(3, 0, 0, [9, 1, 0xff, 0xfb]),
+            op(3, 0, 20, [4, 3, 0x0f, 0x05]),
+            op(2, 0, 0, [200, 0, 0, 0]),
+        ]),
+    );
+    put(
+        "fec",
+        "parity-without-data",
+        &cat(&[
+            op(1, 1, 5, [10, 2, 0, 64]),
+            op(1, 1, 5, [10, 2, 1, 64]),
+            op(2, 0, 0, [255, 0, 0, 0]),
+        ]),
+    );
+    put(
+        "fec",
+        "wrong-block-ids",
+        &cat(&[
+            op(0, 2, 0, [7, 10, 0, 0]),
+            op(1, 2, -3, [10, 2, 0, 82]),
+            op(1, 2, 0, [10, 2, 5, 82]),
+            op(1, 2, 2, [0, 1, 0, 82]),
+        ]),
+    );
+    put(
+        "fec",
+        "duplicate-parity",
+        &cat(&[
+            op(1, 0, 0, [4, 2, 0, 20]),
+            op(1, 0, 0, [4, 2, 0, 20]),
+            op(1, 0, 0, [4, 3, 1, 20]),
+            op(0, 0, 1, [1, 2, 0, 0]),
+        ]),
+    );
 }

@@ -500,3 +500,42 @@ fn a_brownout_moves_the_stream_off_and_back_after_the_hold() {
     });
     assert_eq!(back, Some(MoveCause::Recovered));
 }
+
+#[test]
+fn auto_fec_follows_the_loss_of_every_path() {
+    let mut sim = Sim::new("1s", "10ms", 3);
+    let auto = crosslink::config::FecConfig {
+        mode: crosslink::config::FecMode::Auto,
+        ..Default::default()
+    };
+    sim.a.set_fec(crosslink::PeerId(0), auto, sim.instant());
+    sim.run_until(Duration::from_secs(5), false);
+    sim.run_until(Duration::from_secs(6), true);
+    assert_eq!(sim.fwd_a.peers[0].fec, None, "no loss, no parity");
+    // 3 % lost on both paths: nowhere to move to, parity instead
+    sim.brownout = [0.03, 0.03];
+    let lossy = sim.now;
+    sim.run_until(lossy + Duration::from_secs(3), true);
+    let code = sim.fwd_a.peers[0].fec.expect("parity under 3 % loss");
+    assert!(
+        code.overhead() > 0.05 && code.overhead() <= 0.3 + 1e-9,
+        "{code}"
+    );
+    let changes: Vec<_> = sim
+        .events_a
+        .iter()
+        .filter_map(|(t, e)| match e {
+            Event::Fec { to, loss, .. } => Some((*t, *to, *loss)),
+            _ => None,
+        })
+        .collect();
+    assert!(!changes.is_empty() && changes.len() <= 6, "{changes:?}");
+    assert!(changes.iter().all(|(t, _, l)| *t >= lossy && *l > 0.001));
+    // the loss ends: the code stays for the hold, then goes
+    sim.brownout = [0.0; 2];
+    let healed = sim.now;
+    sim.run_until(healed + Duration::from_secs(4), true);
+    assert!(sim.fwd_a.peers[0].fec.is_some(), "dropped before the hold");
+    sim.run_until(healed + Duration::from_secs(14), true);
+    assert_eq!(sim.fwd_a.peers[0].fec, None, "{:?}", sim.events_a.last());
+}

@@ -32,11 +32,12 @@ pub type Outcome = Result<(), String>;
 pub type Harness = fn(&[u8]) -> Outcome;
 
 /// Every target by name, as the binaries and the replay test know them.
-pub const TARGETS: [(&str, Harness); 10] = [
+pub const TARGETS: [(&str, Harness); 11] = [
     ("bfd", bfd),
     ("coalesce", coalesce),
     ("config", config),
     ("engine", engine),
+    ("fec", fec),
     ("flow", flow),
     ("overlay", overlay),
     ("quality", quality),
@@ -648,6 +649,114 @@ pub fn reorder(input: &[u8]) -> Outcome {
     take(&mut r, &mut held, &mut delivered)?;
     if !held.is_empty() || r.occupancy() != 0 {
         return Err(format!("{} held packets never delivered", held.len()));
+    }
+    Ok(())
+}
+
+/// The FEC receiver's state ([`crosslink::core::fec::Decoder`]) under data,
+/// parity and time in any order. Each input is ops of 8 bytes: kind,
+/// stream, number offset (i16), then three bytes whose meaning depends on
+/// the kind: data (a length), raw parity (k, m, index, then the shard's
+/// length in the last byte: wrong block ids, parity without data,
+/// duplicates, lies), a time step, or a true block of a fresh sender
+/// (code, which data packets arrive) encoded by the [`crosslink::core::fec::Encoder`].
+/// Invariants: memory within its bounds; a true block with no more data
+/// missing than it has parity is rebuilt exactly; everything is
+/// forgotten once the waits run out.
+pub fn fec(input: &[u8]) -> Outcome {
+    use crosslink::core::fec::{Code, Decoder, Encoder, KEEP_FOR, MAX_KEPT, MAX_PENDING};
+    use crosslink::core::wire::overlay::FecParity;
+    let t0 = Instant::now();
+    let mut now = t0;
+    let wait = Duration::from_millis(20);
+    let mut dec = Decoder::new(wait);
+    let mut fresh = 1_000u32;
+    let mut out = Vec::new();
+    for op in input.chunks_exact(8) {
+        let instance = u32::from(op[1] % 4);
+        let offset = i16::from_be_bytes([op[2], op[3]]);
+        let seq = 1_000u64.wrapping_add_signed(i64::from(offset));
+        out.clear();
+        match op[0] % 4 {
+            0 => {
+                let mut p = vec![op[4]; usize::from(op[5]) * 8 + 1];
+                p[0] = op[1];
+                dec.on_data(now, instance, seq, &p, &mut out);
+            }
+            1 => {
+                let parity = FecParity {
+                    instance,
+                    first: seq,
+                    k: op[4],
+                    m: op[5],
+                    index: op[6],
+                    shard: vec![op[1]; usize::from(op[7])],
+                };
+                dec.on_parity(now, parity, &mut out);
+            }
+            2 => {
+                now += Duration::from_micros(u64::from(op[4]) * 250);
+                dec.poll(now);
+            }
+            _ => {
+                // a true block from a sender of its own
+                fresh = fresh.wrapping_add(1);
+                let k = op[4] % 12 + 1;
+                let m = op[5] % 4 + 1;
+                let Some(code) = Code::new(k, m) else {
+                    return Err(format!("{k}+{m} refused"));
+                };
+                let mut enc = Encoder::new(code, Duration::from_millis(5), fresh);
+                let packets: Vec<Vec<u8>> = (0..u64::from(k))
+                    .map(|j| {
+                        vec![op[7] ^ j as u8; 1 + (usize::from(op[6]) * (j as usize + 1)) % 300]
+                    })
+                    .collect();
+                let mut parity = Vec::new();
+                for (j, p) in packets.iter().enumerate() {
+                    enc.push(now, seq.wrapping_add(j as u64), p, &mut parity);
+                }
+                enc.close(&mut parity);
+                let arrive =
+                    |j: usize| (u16::from(op[6]) << 8 | u16::from(op[7])) & (1 << (j % 16)) != 0;
+                // room enough that no copy of this block is pushed out
+                let roomy = dec.kept() + usize::from(k) < MAX_KEPT / 2;
+                let mut missing = 0;
+                for (j, p) in packets.iter().enumerate() {
+                    if arrive(j) {
+                        dec.on_data(now, fresh, seq.wrapping_add(j as u64), p, &mut out);
+                    } else {
+                        missing += 1;
+                    }
+                }
+                for p in parity {
+                    dec.on_parity(now, p, &mut out);
+                }
+                for r in &out {
+                    let j = r.sequence.wrapping_sub(seq) as usize;
+                    if r.instance != fresh || packets.get(j) != Some(&r.packet) {
+                        return Err(format!("block {k}+{m}: packet {j} rebuilt wrong"));
+                    }
+                }
+                if roomy && missing <= usize::from(m) && out.len() != missing {
+                    return Err(format!(
+                        "block {k}+{m}: {missing} missing, {} rebuilt",
+                        out.len()
+                    ));
+                }
+            }
+        }
+        if dec.kept() > MAX_KEPT || dec.pending() > MAX_PENDING {
+            return Err(format!("{} kept, {} pending", dec.kept(), dec.pending()));
+        }
+    }
+    dec.poll(now + KEEP_FOR + wait);
+    if dec.kept() != 0 || dec.pending() != 0 {
+        return Err(format!(
+            "{} kept and {} pending after the waits",
+            dec.kept(),
+            dec.pending()
+        ));
     }
     Ok(())
 }

@@ -27,6 +27,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::core::fec::Code;
+
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 

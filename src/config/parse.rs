@@ -368,6 +368,9 @@ pub(super) struct RawPeer {
     pub(super) dscp: Option<Dscp>,
     pub(super) sla: Option<RawSla>,
     pub(super) reorder_wait: Option<Auto>,
+    pub(super) fec: Option<String>,
+    pub(super) fec_target_loss: Option<Percent>,
+    pub(super) fec_max_overhead: Option<Percent>,
     #[serde(default)]
     pub(super) path: Vec<RawPath>,
 }

@@ -746,6 +746,20 @@ fn fast_path_only_where_the_kernel_can_carry_it() {
     let c = ok(&with("fast_path = true\n"));
     assert!(c.peers[0].fast_path);
     assert!(!c.peers[1].fast_path);
+    // the fast path sends no parity: FEC is off unless said, and refused
+    assert_eq!(c.peers[0].fec.mode, FecMode::Off);
+    assert_eq!(c.peers[1].fec.mode, FecMode::Off);
+    for fec in ["auto", "10+2"] {
+        let e = err(&with(&format!("fast_path = true\nfec = \"{fec}\"\n")));
+        assert_eq!(e.key, "peer.gcp.fec", "{e}");
+        assert!(e.message.contains("fast path"), "{e}");
+    }
+    assert_eq!(
+        ok(&with("fast_path = true\nfec = \"off\"\n")).peers[0]
+            .fec
+            .mode,
+        FecMode::Off
+    );
     assert!(Config::summary(&c).contains("fast_path"));
     assert!(!ok(&with("")).peers[0].fast_path);
     assert_err(
@@ -1312,4 +1326,62 @@ fn check_files_covers_the_private_key_file() {
     let errors = ok(&text).check_files();
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0].key, "gateway.private_key_file");
+}
+
+// --- forward error correction ---------------------------------------------------------
+
+#[test]
+fn fec_modes_targets_and_caps() {
+    let c = ok(BASE);
+    assert_eq!(c.peers[0].fec, FecConfig::default());
+    assert_eq!(c.peers[0].fec.mode, FecMode::Off);
+    assert!((c.peers[0].fec.target_loss() - 0.001).abs() < 1e-12);
+    assert!((c.peers[0].fec.max_overhead() - 0.3).abs() < 1e-12);
+    for (value, mode) in [
+        ("off", FecMode::Off),
+        ("auto", FecMode::Auto),
+        ("10+2", FecMode::Fixed(Code::new(10, 2).unwrap())),
+        ("4+1", FecMode::Fixed(Code::new(4, 1).unwrap())),
+    ] {
+        let t = base_with(
+            "tun = \"xl-gcp\"\n",
+            &format!(
+                "tun = \"xl-gcp\"\nfec = \"{value}\"\nfec_target_loss = \"0.5%\"\nfec_max_overhead = \"20%\"\n"
+            ),
+        );
+        let fec = ok(&t).peers[0].fec;
+        assert_eq!(fec.mode, mode, "{value}");
+        assert_eq!(fec.mode.to_string(), value);
+        assert_eq!(
+            (fec.target_loss_ppm, fec.max_overhead_ppm),
+            (5_000, 200_000)
+        );
+    }
+}
+
+#[test]
+fn fec_that_cannot_work_is_refused_with_its_key() {
+    for (extra, key) in [
+        ("fec = \"10\"", "fec"),
+        ("fec = \"0+2\"", "fec"),
+        ("fec = \"10+33\"", "fec"),
+        ("fec = \"always\"", "fec"),
+        ("policy = \"duplicate\"\nfec = \"10+2\"", "fec"),
+        ("fec_target_loss = \"0%\"", "fec_target_loss"),
+        ("fec_target_loss = \"100%\"", "fec_target_loss"),
+        ("fec_max_overhead = \"150%\"", "fec_max_overhead"),
+    ] {
+        let t = base_with(
+            "tun = \"xl-gcp\"\n",
+            &format!("tun = \"xl-gcp\"\n{extra}\n"),
+        );
+        let e = err(&t);
+        assert_eq!(e.key, format!("peer.gcp.{key}"), "{extra}: {e}");
+    }
+    // duplicate with auto is fine: auto sends nothing under duplicate
+    let t = base_with(
+        "tun = \"xl-gcp\"\n",
+        "tun = \"xl-gcp\"\npolicy = \"duplicate\"\nfec = \"auto\"\n",
+    );
+    assert_eq!(ok(&t).peers[0].fec.mode, FecMode::Auto);
 }

@@ -278,8 +278,78 @@ pub struct PeerConfig {
     /// `None` (`"auto"`): from the paths' delay difference
     /// ([`crate::core::aggregate::reorder_wait`]).
     pub reorder_wait: Option<Duration>,
+    /// Forward error correction (`fec`, `fec_target_loss`, `fec_max_overhead`).
+    pub fec: FecConfig,
     pub paths: Vec<PathConfig>,
 }
+
+/// What a peer's `fec` key asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FecMode {
+    /// No parity, ever.
+    #[default]
+    Off,
+    /// Parity sized by the measured loss of the peer's paths
+    /// ([`crate::core::fec::auto_code`]); none while they lose nothing.
+    Auto,
+    /// This code whenever the peer has a path (`"10+2"`).
+    Fixed(Code),
+}
+
+impl fmt::Display for FecMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FecMode::Off => f.write_str("off"),
+            FecMode::Auto => f.write_str("auto"),
+            FecMode::Fixed(c) => write!(f, "{c}"),
+        }
+    }
+}
+
+/// A peer's forward-error-correction settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FecConfig {
+    pub mode: FecMode,
+    /// `auto` aims at a residual loss at most this (millionths).
+    pub target_loss_ppm: u32,
+    /// `auto` adds at most this much parity (millionths of the data).
+    pub max_overhead_ppm: u32,
+}
+
+impl Default for FecConfig {
+    fn default() -> Self {
+        FecConfig {
+            mode: FecMode::Off,
+            target_loss_ppm: DEFAULT_FEC_TARGET_LOSS_PPM,
+            max_overhead_ppm: DEFAULT_FEC_MAX_OVERHEAD_PPM,
+        }
+    }
+}
+
+impl FecConfig {
+    /// `fec = "off"`.
+    pub fn off() -> FecConfig {
+        FecConfig {
+            mode: FecMode::Off,
+            ..FecConfig::default()
+        }
+    }
+
+    /// The target as a ratio.
+    pub fn target_loss(&self) -> f64 {
+        f64::from(self.target_loss_ppm) / 1e6
+    }
+
+    /// The cap as a ratio.
+    pub fn max_overhead(&self) -> f64 {
+        f64::from(self.max_overhead_ppm) / 1e6
+    }
+}
+
+/// `fec_target_loss` unless set: 0.1 %.
+pub const DEFAULT_FEC_TARGET_LOSS_PPM: u32 = 1_000;
+/// `fec_max_overhead` unless set: 30 %.
+pub const DEFAULT_FEC_MAX_OVERHEAD_PPM: u32 = 300_000;
 
 impl PeerConfig {
     /// True when any TUN address or route is IPv6.

@@ -301,6 +301,7 @@ pub(super) fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResu
         }
         None => SlaConfig::default(),
     };
+    let fec = validate_fec(&p, at)?;
     let paths = p
         .path
         .into_iter()
@@ -351,7 +352,56 @@ pub(super) fn validate_peer(p: RawPeer, at: &[Seg], gw_bfd: &BfdConfig) -> VResu
         fast_path: p.fast_path,
         sla,
         reorder_wait,
+        fec,
         paths,
+    })
+}
+
+/// `fec`, `fec_target_loss`, `fec_max_overhead`: `off` unless said. A
+/// fast-path peer has no FEC (the kernel fast path sends no parity):
+/// anything but `off` is refused.
+pub(super) fn validate_fec(p: &RawPeer, at: &[Seg]) -> VResult<FecConfig> {
+    let mode = match p.fec.as_deref().map(str::trim) {
+        None | Some("off") => FecMode::Off,
+        Some("auto") => FecMode::Auto,
+        Some(code) => match Code::parse(code) {
+            Some(c) => FecMode::Fixed(c),
+            None => {
+                let msg = format!(
+                    "invalid value \"{code}\": expected \"auto\", \"off\" or a code \"k+m\" \
+                     (1 to {} data packets, 1 to {} parity packets, e.g. \"10+2\")",
+                    crate::core::fec::MAX_K,
+                    crate::core::fec::MAX_M
+                );
+                return invalid(at, &[k("fec")], msg);
+            }
+        },
+    };
+    if mode != FecMode::Off && p.fast_path {
+        let msg = "the kernel fast path sends no parity: set fec = \"off\" or fast_path = false";
+        return invalid(at, &[k("fec")], msg);
+    }
+    if matches!(mode, FecMode::Fixed(_)) && p.policy == Policy::Duplicate {
+        let msg = "`duplicate` already sends every packet twice: use \"off\" or \"auto\"";
+        return invalid(at, &[k("fec")], msg);
+    }
+    let target_loss_ppm = p
+        .fec_target_loss
+        .map_or(DEFAULT_FEC_TARGET_LOSS_PPM, |Percent(v)| v);
+    if target_loss_ppm == 0 || target_loss_ppm >= 1_000_000 {
+        return invalid(
+            at,
+            &[k("fec_target_loss")],
+            "must be more than 0% and less than 100%",
+        );
+    }
+    let max_overhead_ppm = p
+        .fec_max_overhead
+        .map_or(DEFAULT_FEC_MAX_OVERHEAD_PPM, |Percent(v)| v);
+    Ok(FecConfig {
+        mode,
+        target_loss_ppm,
+        max_overhead_ppm,
     })
 }
 

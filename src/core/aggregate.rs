@@ -261,6 +261,18 @@ impl Estimator {
         self.delay
     }
 
+    /// The path's own round trip: the lowest of the last ten seconds.
+    pub fn base_rtt(&self) -> Option<Duration> {
+        self.rtt_min.map(|(m, _)| m)
+    }
+
+    /// Whether `rtt` stands above the base round trip by a queue (half the
+    /// base, at least 5 ms: the rule that marks [`Estimator::congested`]).
+    pub fn queued(&self, rtt: Duration) -> bool {
+        self.base_rtt()
+            .is_some_and(|m| rtt > m + (m / 2).max(Duration::from_millis(5)))
+    }
+
     /// Forgets the period in progress (the path went down: its counts
     /// restart with the far end's).
     pub fn rebase(&mut self) {

@@ -38,11 +38,13 @@
 //! a different path. Unchanged paths keep their sessions untouched.
 
 use crate::config::{
-    BfdAuthType, BfdConfig, Config, Hop, PathConfig, PeerConfig, Policy, SlaConfig,
+    BfdAuthType, BfdConfig, Config, FecConfig, FecMode, Hop, PathConfig, PeerConfig, Policy,
+    SlaConfig,
 };
 use crate::core::aggregate::{nanos, reorder_wait, Board, Delivery, Estimator};
 use crate::core::bfd::{Auth, Deadlines, KeyError, Session, SessionConfig, SessionEvent, Transmit};
 use crate::core::drop::DropReason;
+use crate::core::fec::{auto_code, Code};
 use crate::core::quality::{Quality, Reason, Sample, Transition};
 use crate::core::steer::{Damping, Selection, Steering};
 use crate::core::wire::bfd::{AuthType, ControlPacket, Diag, EmitError, State};
@@ -120,7 +122,20 @@ pub enum Event {
         path: PathId,
         cause: Option<BlockCause>,
     },
+    /// A peer's forward-error-correction code changed (`None`: no parity),
+    /// with the measured loss and the congestion verdict that made it.
+    Fec {
+        peer: PeerId,
+        from: Option<Code>,
+        to: Option<Code>,
+        loss: f64,
+        congested: bool,
+    },
 }
+
+/// How long `auto` keeps a code after the loss says a lighter one would
+/// do: loss comes and goes, and flapping codes help nobody.
+pub const FEC_LOWER_AFTER: Duration = Duration::from_secs(5);
 
 /// What moved a peer's traffic from one path to another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -186,6 +201,10 @@ struct PeerCore {
     retired: bool,
     /// `reorder_wait`, if configured (else from the paths' round trips).
     reorder_wait: Option<Duration>,
+    fec: FecConfig,
+    /// The code in use, and since when `auto` would have sent less.
+    fec_code: Option<Code>,
+    fec_lighter_since: Option<Instant>,
 }
 
 /// A path's control state as it leaves this process for the one that
@@ -337,10 +356,14 @@ impl Engine {
             up: false,
             retired: false,
             reorder_wait: peer.reorder_wait,
+            fec: peer.fec,
+            fec_code: None,
+            fec_lighter_since: None,
         });
         for path in &peer.paths {
             self.add_path(id, path, now)?;
         }
+        self.decide_fec(id, now);
         self.dirty = true;
         self.reschedule_peer(id);
         Some(id)
@@ -813,7 +836,110 @@ impl Engine {
             board.wait_ns.store(nanos(wait), Ordering::Relaxed);
         }
         self.judge(id, now);
+        self.decide_fec(peer, now);
         self.reschedule(id);
+    }
+
+    /// A kept peer's new FEC settings (configuration reload), applied in
+    /// place.
+    pub fn set_fec(&mut self, peer: PeerId, fec: FecConfig, now: Instant) {
+        if let Some(core) = self.peers.get_mut(usize::from(peer.0)) {
+            core.fec = fec;
+            core.fec_lighter_since = None;
+        }
+        self.decide_fec(peer, now);
+    }
+
+    /// The peer's FEC code now, and the highest loss (sending direction,
+    /// last 3 s) among the paths that carry its traffic.
+    pub fn fec(&self, peer: PeerId, now: Instant) -> (FecConfig, Option<Code>, f64) {
+        let Some(core) = self.peers.get(usize::from(peer.0)) else {
+            return (FecConfig::off(), None, 0.0);
+        };
+        (core.fec, core.fec_code, self.fec_inputs(peer, now).0)
+    }
+
+    /// The highest loss of the paths carrying the peer's traffic (the
+    /// active one, or every eligible one under a policy that spreads), and
+    /// whether any of them is congested: it queues under our own data (the
+    /// estimator's verdict) and its median round trip of the last 300 ms
+    /// is still above its base by a queue.
+    fn fec_inputs(&self, peer: PeerId, now: Instant) -> (f64, bool) {
+        let Some(core) = self.peers.get(usize::from(peer.0)) else {
+            return (0.0, false);
+        };
+        let sel = core.steering.selection();
+        let carrying: Vec<PathId> = match sel.policy {
+            Policy::ActiveBackup => sel.active.into_iter().collect(),
+            _ => sel.eligible.iter().map(|&(id, _)| id).collect(),
+        };
+        let mut loss: f64 = 0.0;
+        let mut congested = false;
+        for id in carrying {
+            if let Some(p) = self.paths.get(usize::from(id.0)) {
+                let f = p.quality.figures(now);
+                loss = loss.max(f.loss_tx.unwrap_or(0.0));
+                // a queue under our own data (a probe came back late behind
+                // it lately) that the median round trip still shows: one
+                // late probe (a descheduled thread) is not congestion
+                congested |=
+                    p.estimate.congested(now) && f.rtt.is_some_and(|rtt| p.estimate.queued(rtt));
+            }
+        }
+        (loss, congested)
+    }
+
+    /// Chooses the peer's code from its settings and, in `auto`, from the
+    /// measured loss (see [`crate::core::fec::auto_code`]): a heavier code
+    /// at once, a lighter one (or none) once the loss has allowed it for
+    /// [`FEC_LOWER_AFTER`]. Never under `duplicate`.
+    fn decide_fec(&mut self, peer: PeerId, now: Instant) {
+        let (loss, congested) = self.fec_inputs(peer, now);
+        let Some(core) = self.peers.get_mut(usize::from(peer.0)) else {
+            return;
+        };
+        let policy = core.steering.selection().policy;
+        let want = match core.fec.mode {
+            _ if policy == Policy::Duplicate || core.fast_path => None,
+            FecMode::Off => None,
+            FecMode::Fixed(code) => Some(code),
+            FecMode::Auto => auto_code(
+                loss,
+                congested,
+                core.fec.target_loss(),
+                core.fec.max_overhead(),
+            ),
+        };
+        let overhead = |c: Option<Code>| c.map_or(0.0, Code::overhead);
+        let lighter = overhead(want) < overhead(core.fec_code);
+        let apply = match core.fec.mode {
+            FecMode::Auto if lighter => {
+                let since = *core.fec_lighter_since.get_or_insert(now);
+                now.saturating_duration_since(since) >= FEC_LOWER_AFTER
+            }
+            _ => true,
+        };
+        if !lighter {
+            core.fec_lighter_since = None;
+        }
+        // in auto, a code of the same overhead is no change worth a flap
+        let same = core.fec.mode == FecMode::Auto
+            && want.is_some()
+            && core.fec_code.is_some()
+            && overhead(want) == overhead(core.fec_code);
+        if !apply || want == core.fec_code || same {
+            return;
+        }
+        let from = std::mem::replace(&mut core.fec_code, want);
+        core.fec_lighter_since = None;
+        self.dirty = true;
+        self.events.push_back(Event::Fec {
+            peer,
+            from,
+            to: want,
+            loss,
+            congested,
+        });
     }
 
     /// Judges a path's quality; a new verdict goes to the steering.
@@ -1131,7 +1257,15 @@ impl Engine {
     /// The data plane's view now.
     pub fn forwarding(&self) -> Forwarding {
         Forwarding {
-            peers: self.peers.iter().map(|p| p.steering.selection()).collect(),
+            peers: self
+                .peers
+                .iter()
+                .map(|p| {
+                    let mut sel = p.steering.selection();
+                    sel.fec = p.fec_code;
+                    sel
+                })
+                .collect(),
         }
     }
 

@@ -37,7 +37,7 @@ use crate::core::ecn;
 use crate::core::steer::Selection;
 use crate::core::wire::flow::FlowKey;
 use crate::core::wire::overlay::{
-    Header, MsgType, OverlayError, ProbeClass, ProbeReport, BASE_LEN, MAX_LEN,
+    FecParity, Header, MsgType, OverlayError, ProbeClass, ProbeReport, BASE_LEN, MAX_LEN,
 };
 use crate::PathId;
 use std::ops::Range;
@@ -68,11 +68,18 @@ pub struct Placement {
 
 /// The largest inner packet that fits a path whose underlay MTU is
 /// `underlay` bytes: less the underlay's IP header (IPv4 or IPv6), UDP, the
-/// overlay header (with the `duplicate` extension if `extended`) and the
-/// tag when sealed.
-pub fn inner_mtu(underlay: u32, underlay_v6: bool, extended: bool, sealed: bool) -> u32 {
+/// overlay header (with the peer-sequence extension if `extended`) and the
+/// tag when sealed. With `fec`, the datagram to fit is the parity of a
+/// block of such packets: the fixed header, the parity fields and a shard
+/// (the packet and its length), two bytes more than an extended data
+/// datagram.
+pub fn inner_mtu(underlay: u32, underlay_v6: bool, extended: bool, sealed: bool, fec: bool) -> u32 {
     let ip = if underlay_v6 { 40 } else { 20 };
-    let overlay = if extended { HEADROOM } else { BASE_LEN };
+    let overlay = match (fec, extended) {
+        (true, _) => BASE_LEN + FecParity::HEAD_LEN + 2,
+        (false, true) => HEADROOM,
+        (false, false) => BASE_LEN,
+    };
     let tag = if sealed { TRAILER } else { 0 };
     underlay.saturating_sub((ip + 8 + overlay + tag) as u32)
 }
@@ -140,6 +147,10 @@ pub enum Message {
     },
     /// The answer to one of our probes: its number and the far end's report.
     ProbeReply { seq: u64, report: ProbeReport },
+    /// Forward-error-correction parity for the peer's data
+    /// ([`crate::core::fec`]): the header (its sequence is the path's, as
+    /// data's) and the parity, opened and parsed.
+    Parity(Header, FecParity),
 }
 
 /// What a receiver of a keyed peer opens sealed messages with on one path.
@@ -195,9 +206,10 @@ pub fn decapsulate(datagram: &[u8]) -> Result<(Header, &[u8]), DropReason> {
             let inner = datagram.get(range).ok_or(DropReason::OverlayMalformed)?;
             Ok((header, inner))
         }
-        Message::Echo(..) | Message::Probe { .. } | Message::ProbeReply { .. } => {
-            Err(DropReason::OverlayUnsupported)
-        }
+        Message::Echo(..)
+        | Message::Probe { .. }
+        | Message::ProbeReply { .. }
+        | Message::Parity(..) => Err(DropReason::OverlayUnsupported),
     }
 }
 
@@ -214,11 +226,17 @@ fn receive_clear(datagram: &[u8], header: Header, hlen: usize) -> Result<Message
             let payload = datagram.get(hlen..).ok_or(DropReason::OverlayMalformed)?;
             probe_message(&header, payload, datagram.len())
         }
+        MsgType::FecParity => {
+            let payload = datagram.get(hlen..).ok_or(DropReason::OverlayMalformed)?;
+            let parity = FecParity::parse(payload).map_err(|_| DropReason::OverlayMalformed)?;
+            Ok(Message::Parity(header, parity))
+        }
         MsgType::SealedData
         | MsgType::SealedEchoRequest
         | MsgType::SealedEchoReply
         | MsgType::SealedProbeRequest
-        | MsgType::SealedProbeReply => Err(DropReason::SealMismatch),
+        | MsgType::SealedProbeReply
+        | MsgType::SealedFecParity => Err(DropReason::SealMismatch),
     }
 }
 
@@ -358,6 +376,46 @@ pub fn seal_data(
     Ok(range.start..total)
 }
 
+/// Writes a parity datagram into `out`: numbered `sequence` on its path
+/// (taken from the path's data sequence, so that a sealed one never
+/// reuses a nonce), from `lane`, flagged [`FLAG_ORDERED`] when it protects
+/// an `aggregate` stream (what it rebuilds goes to the resequencer),
+/// sealed when a `sealer` is given. Returns its length.
+///
+/// [`FLAG_ORDERED`]: crate::core::wire::overlay::FLAG_ORDERED
+pub fn emit_parity(
+    parity: &FecParity,
+    sequence: u64,
+    lane: usize,
+    ordered: bool,
+    out: &mut [u8],
+    sealer: Option<&Sealer>,
+) -> Result<usize, DropReason> {
+    let mut header = Header {
+        msg_type: match sealer {
+            Some(_) => MsgType::SealedFecParity,
+            None => MsgType::FecParity,
+        },
+        epoch: sealer.map_or(0, |s| s.epoch),
+        ..Header::echo(MsgType::FecParity, sequence).with_lane(lane)
+    };
+    if ordered {
+        header.flags |= crate::core::wire::overlay::FLAG_ORDERED;
+    }
+    let hlen = header.len();
+    let trailer = if sealer.is_some() { TRAILER } else { 0 };
+    let total = hlen + parity.len() + trailer;
+    let datagram = out.get_mut(..total).ok_or(DropReason::TooBig)?;
+    header.emit(datagram).map_err(|_| DropReason::TooBig)?;
+    parity
+        .emit(&mut datagram[hlen..])
+        .map_err(|_| DropReason::TooBig)?;
+    if let Some(sealer) = sealer {
+        seal_in_place(datagram, &header, hlen, sealer)?;
+    }
+    Ok(total)
+}
+
 /// Writes a sealed echo message into `out`; returns its length.
 pub fn seal_echo(echo: Echo, out: &mut [u8], sealer: &Sealer) -> Result<usize, DropReason> {
     let (msg_type, stamp) = match echo {
@@ -418,7 +476,11 @@ fn receive_sealed(
         .checked_sub(TRAILER)
         .filter(|&e| e >= hlen)
         .ok_or(DropReason::OverlayMalformed)?;
-    let is_data = header.msg_type == MsgType::SealedData;
+    // parity is numbered with the path's data, and replay-checked alike
+    let is_data = matches!(
+        header.msg_type,
+        MsgType::SealedData | MsgType::SealedFecParity
+    );
     if is_data {
         opener
             .window
@@ -448,6 +510,11 @@ fn receive_sealed(
         MsgType::SealedEchoReply => Ok(Message::Echo(Echo::Reply(header.sequence), header.epoch)),
         MsgType::SealedProbeRequest | MsgType::SealedProbeReply => {
             probe_message(&header, payload, len)
+        }
+        MsgType::SealedFecParity => {
+            opener.window.commit(header.epoch, header.sequence);
+            let parity = FecParity::parse(payload).map_err(|_| DropReason::OverlayMalformed)?;
+            Ok(Message::Parity(header, parity))
         }
         _ if is_data => {
             opener.window.commit(header.epoch, header.sequence);
@@ -508,10 +575,34 @@ mod tests {
 
     #[test]
     fn inner_mtu_subtracts_every_header() {
-        assert_eq!(inner_mtu(1500, false, false, false), 1500 - 20 - 8 - 16);
-        assert_eq!(inner_mtu(1500, true, false, false), 1500 - 40 - 8 - 16);
-        assert_eq!(inner_mtu(9001, false, true, true), 9001 - 20 - 8 - 32 - 16);
-        assert_eq!(inner_mtu(10, true, true, true), 0);
+        assert_eq!(
+            inner_mtu(1500, false, false, false, false),
+            1500 - 20 - 8 - 16
+        );
+        assert_eq!(
+            inner_mtu(1500, true, false, false, false),
+            1500 - 40 - 8 - 16
+        );
+        assert_eq!(
+            inner_mtu(9001, false, true, true, false),
+            9001 - 20 - 8 - 32 - 16
+        );
+        assert_eq!(inner_mtu(10, true, true, true, false), 0);
+        // FEC: the parity of a full-sized packet must fit too
+        let mtu = inner_mtu(1500, false, false, false, true) as usize;
+        let parity = FecParity {
+            instance: 1,
+            first: 1,
+            k: 1,
+            m: 1,
+            index: 0,
+            shard: vec![0; mtu + 2],
+        };
+        assert_eq!(20 + 8 + BASE_LEN + parity.len(), 1500);
+        assert!(
+            mtu + 20 + 8 + HEADROOM <= 1500,
+            "and the data with the extension"
+        );
     }
 
     #[test]
@@ -699,6 +790,71 @@ mod tests {
         let d = sealed(1, 1, &k, 0);
         assert_eq!(decapsulate(&d).unwrap_err(), DropReason::SealMismatch);
         assert_eq!(parse_echo(&d), None);
+    }
+
+    #[test]
+    fn parity_clear_and_sealed() {
+        let parity = FecParity {
+            instance: 4,
+            first: 100,
+            k: 10,
+            m: 2,
+            index: 1,
+            shard: vec![9; 66],
+        };
+        let mut out = [0u8; 256];
+        let n = emit_parity(&parity, 42, 3, true, &mut out, None).unwrap();
+        assert_eq!(n, BASE_LEN + FecParity::HEAD_LEN + 66);
+        let Ok(Message::Parity(h, back)) = receive(&mut out[..n], None) else {
+            panic!("not parity")
+        };
+        assert_eq!(
+            (h.msg_type, h.sequence, h.lane()),
+            (MsgType::FecParity, 42, 3)
+        );
+        assert_eq!(back, parity);
+        assert_eq!(
+            decapsulate(&out[..n]).unwrap_err(),
+            DropReason::OverlayUnsupported,
+            "parity is not data"
+        );
+        // sealed: opened, replay-checked with the path's data, authenticated
+        let k = keys(5);
+        let mut w = ReplayWindow::default();
+        let sealer = Sealer {
+            keys: &k,
+            epoch: 2,
+            salt: 7,
+        };
+        let n = emit_parity(&parity, 43, 0, false, &mut out, Some(&sealer)).unwrap();
+        assert_eq!(n, BASE_LEN + FecParity::HEAD_LEN + 66 + TRAILER);
+        assert_ne!(&out[BASE_LEN + FecParity::HEAD_LEN..][..66], &[9; 66][..]);
+        let mut copy = out;
+        let Ok(Message::Parity(h, back)) = open(&mut out[..n], &k, 7, &mut w) else {
+            panic!("not parity")
+        };
+        assert_eq!((h.msg_type, h.sequence), (MsgType::SealedFecParity, 43));
+        assert_eq!(back, parity);
+        assert_eq!(
+            open(&mut { copy }[..n], &k, 7, &mut w),
+            Err(DropReason::Replayed)
+        );
+        assert_eq!(receive(&mut copy[..n], None), Err(DropReason::SealMismatch));
+        // a data datagram of the same number is a replay too
+        assert_eq!(
+            open(&mut sealed(43, 2, &k, 7), &k, 7, &mut w),
+            Err(DropReason::Replayed)
+        );
+        let n = emit_parity(&parity, 44, 0, false, &mut out, Some(&sealer)).unwrap();
+        out[BASE_LEN + 2] ^= 1; // the parity fields are authenticated
+        assert_eq!(
+            open(&mut out[..n], &k, 7, &mut w),
+            Err(DropReason::AuthFailed)
+        );
+        assert_eq!(
+            emit_parity(&parity, 1, 0, false, &mut [0u8; 40], None),
+            Err(DropReason::TooBig)
+        );
     }
 
     #[test]

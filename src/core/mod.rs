@@ -17,6 +17,7 @@ pub mod dedup;
 pub mod drop;
 pub mod ecn;
 pub mod engine;
+pub mod fec;
 pub mod forward;
 pub mod keypair;
 pub mod quality;

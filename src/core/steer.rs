@@ -65,6 +65,7 @@
 
 use crate::config::Policy;
 use crate::core::aggregate::Board;
+use crate::core::fec::Code;
 use crate::core::wire::flow::mix;
 use crate::PathId;
 use std::collections::VecDeque;
@@ -538,6 +539,9 @@ pub struct Selection {
     /// The peer's path estimates (`aggregate`'s scheduler, every receiver's
     /// reordering wait).
     pub board: Option<BoardRef>,
+    /// The forward-error-correction code the senders use now (`None`: no
+    /// parity), chosen by the engine ([`crate::core::fec`]).
+    pub fec: Option<Code>,
 }
 
 impl Selection {
@@ -549,6 +553,7 @@ impl Selection {
             eligible,
             buckets: None,
             board: None,
+            fec: None,
         };
         if policy == Policy::Balance && sel.eligible.len() > 1 {
             let table: Option<Vec<PathId>> = (0..BUCKETS as u64)

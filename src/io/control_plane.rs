@@ -34,15 +34,17 @@
 use super::fastpath::{self, FastPath};
 use super::tun::Queue as SyncDevice;
 use super::{clock, sys, udp};
-use crate::config::{PathConfig, PeerConfig, SlaConfig};
+use crate::config::{FecMode, PathConfig, PeerConfig, SlaConfig};
 use crate::core::bfd::Transmit;
 use crate::core::engine::MoveCause;
 use crate::core::engine::{Engine, Event, Forwarding, PathExport, Secrets};
+use crate::core::fec::Code;
 use crate::core::quality::{Sample, Transition};
 use crate::core::wire::bfd::State;
 use crate::telemetry::metrics::{Metrics, PathLabels};
 use crate::telemetry::status::{
-    AggregateStatus, BfdStatus, PathStatus, PeerStatus, QualityStatus, ReorderStatus, Status,
+    AggregateStatus, BfdStatus, FecStatus, PathStatus, PeerStatus, QualityStatus, ReorderStatus,
+    Status,
 };
 use crate::telemetry::{DropCounters, PathCounters, ReorderCounters};
 use crate::{PathId, PeerId};
@@ -116,6 +118,8 @@ pub struct Plan {
     pub set_rates: Vec<(PathId, Option<u64>)>,
     /// Peers kept running whose `reorder_wait` changed.
     pub set_reorder_wait: Vec<(PeerId, Option<Duration>)>,
+    /// Peers kept running whose FEC settings changed.
+    pub set_fec: Vec<(PeerId, crate::config::FecConfig)>,
     /// BFD secrets (file -> content) for the paths added.
     pub secrets: Secrets,
     /// The TUN of each added peer, by peer name, for carrier control, and
@@ -805,6 +809,28 @@ impl BfdThread {
                     None => info!(peer, path = %p.name, "path back in service"),
                 }
             }
+            Event::Fec {
+                peer,
+                from,
+                to,
+                loss,
+                congested,
+            } => {
+                let name = self.engine.peer(peer).map_or("?", |(n, _, _)| n);
+                let code =
+                    |c: Option<Code>| c.map_or_else(|| "none".to_string(), |c| c.to_string());
+                let overhead_pct = to.map_or(0.0, Code::overhead) * 100.0;
+                let why = if congested {
+                    "the loss looks like congestion"
+                } else if to.is_none() {
+                    "the loss is below the target"
+                } else {
+                    "sized by the measured loss"
+                };
+                info!(peer = name, from = %code(from), to = %code(to), overhead_pct, loss_pct = loss * 100.0, congested, why, "forward error correction changed");
+                self.metrics
+                    .set_fec_overhead(usize::from(peer.0), to.map_or(0.0, Code::overhead));
+            }
         }
     }
 
@@ -995,6 +1021,9 @@ impl BfdThread {
         for (id, rate) in plan.set_rates {
             self.engine.set_rate(id, rate);
         }
+        for (id, fec) in plan.set_fec {
+            self.engine.set_fec(id, fec, now);
+        }
         for (id, wait) in plan.set_reorder_wait {
             self.engine.set_reorder_wait(id, wait);
         }
@@ -1105,6 +1134,7 @@ impl BfdThread {
                 ids.iter().filter_map(|&id| self.path_status(id)).collect();
             let active_path = paths.iter().find(|p| p.active).map(|p| p.name.clone());
             let reorder = self.reorder_status(PeerId(pi as u16));
+            let fec = self.fec_status(PeerId(pi as u16));
             peers.push(PeerStatus {
                 name: name.to_string(),
                 tun,
@@ -1113,6 +1143,7 @@ impl BfdThread {
                 active_path,
                 paths,
                 reorder,
+                fec,
             });
         }
         Status {
@@ -1188,6 +1219,35 @@ impl BfdThread {
 }
 
 impl BfdThread {
+    /// The peer's FEC setting, code and counts (none when it is off and
+    /// never did anything).
+    fn fec_status(&self, peer: PeerId) -> Option<FecStatus> {
+        let (config, code, loss) = self.engine.fec(peer, clock::now());
+        let c = self.reorder.get(usize::from(peer.0))?.as_ref()?;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let f = &c.fec;
+        let counts = [
+            load(&f.parity_sent),
+            load(&f.parity_received),
+            load(&f.recovered),
+            load(&f.unrecoverable).saturating_sub(load(&f.late_after_give_up)),
+        ];
+        if config.mode == FecMode::Off && counts.iter().all(|&n| n == 0) {
+            return None;
+        }
+        Some(FecStatus {
+            mode: config.mode.to_string(),
+            code: code.map_or_else(|| "none".to_string(), |c| c.to_string()),
+            overhead: code.map_or(0.0, Code::overhead),
+            loss,
+            parity_sent: counts[0],
+            parity_received: counts[1],
+            rebuilt: counts[2],
+            given_up: counts[3],
+            bad_parity: load(&f.bad_parity),
+        })
+    }
+
     /// What the peer's lanes did to put spread packets back in order (a
     /// peer that never received any shows none).
     fn reorder_status(&self, peer: PeerId) -> Option<ReorderStatus> {

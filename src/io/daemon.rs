@@ -26,7 +26,9 @@ use super::sys::Doorbell;
 use super::tun::Queue as SyncDevice;
 use super::upgrade::{self, Incoming, Inheritance, PathData, PeerData, Reply, Takeover};
 use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
-use crate::config::{Config, ConfigError, PathConfig, PeerConfig, Policy, SlaConfig};
+use crate::config::{
+    Config, ConfigError, FecConfig, FecMode, PathConfig, PeerConfig, Policy, SlaConfig,
+};
 use crate::core::aggregate::Scheduler;
 use crate::core::crypto::{self, EchoGuard, ReplayWindow};
 use crate::core::dedup::Window;
@@ -76,6 +78,7 @@ const FALLBACK_UNDERLAY_MTU: u32 = 1500;
 fn default_mtu(w: &PeerConfig) -> u16 {
     let extended = matches!(w.policy, Policy::Duplicate | Policy::Aggregate);
     let sealed = w.key_file.is_some();
+    let fec = w.fec.mode != crate::config::FecMode::Off;
     let fits = w
         .paths
         .iter()
@@ -84,10 +87,10 @@ fn default_mtu(w: &PeerConfig) -> u16 {
                 warn!(path = %p.name, error = %e, "no route MTU; assuming {FALLBACK_UNDERLAY_MTU}");
                 FALLBACK_UNDERLAY_MTU
             });
-            forward::inner_mtu(underlay, p.remote.is_ipv6(), extended, sealed)
+            forward::inner_mtu(underlay, p.remote.is_ipv6(), extended, sealed, fec)
         })
         .min()
-        .unwrap_or_else(|| forward::inner_mtu(FALLBACK_UNDERLAY_MTU, true, extended, sealed));
+        .unwrap_or_else(|| forward::inner_mtu(FALLBACK_UNDERLAY_MTU, true, extended, sealed, fec));
     let floor = if w.has_ipv6() { 1280 } else { 576 };
     if fits < floor {
         warn!(peer = %w.name, fits, floor, "the paths' MTU leaves less than the minimum inner MTU; inner packets above {fits} bytes will be fragmented on the underlay");
@@ -627,6 +630,15 @@ fn restart_key(peer: &PeerConfig) -> PeerConfig {
         accept_key_file: None,
         sla: SlaConfig::default(),
         reorder_wait: None,
+        // in place, but for FEC's turning on or off: the TUN's MTU
+        // leaves room for parity only when it is on
+        fec: match peer.fec.mode {
+            FecMode::Off => FecConfig::off(),
+            _ => FecConfig {
+                mode: FecMode::Auto,
+                ..FecConfig::default()
+            },
+        },
         ..bare(peer)
     }
 }
@@ -648,6 +660,10 @@ impl Gateway {
                     if w.reorder_wait != peer.config.reorder_wait {
                         plan.set_reorder_wait.push((peer.id, w.reorder_wait));
                         peer.config.reorder_wait = w.reorder_wait;
+                    }
+                    if w.fec != peer.config.fec {
+                        plan.set_fec.push((peer.id, w.fec));
+                        peer.config.fec = w.fec;
                     }
                     if w.routes != peer.config.routes {
                         self.update_routes(&mut peer, &w.routes, &mut problems)
@@ -1017,6 +1033,11 @@ impl Gateway {
                     peer_sequence: peer_sequence.clone(),
                     scheduler: Scheduler::new(),
                     lane_sequence: 0,
+                    fec: None,
+                    fec_out: Vec::new(),
+                    fec_last_path: None,
+                    fec_counters: reorder_counters.clone(),
+                    gso_cap: usize::MAX,
                 },
                 ins: Vec::new(),
                 doorbell: doorbell.clone(),
@@ -1150,6 +1171,7 @@ impl Gateway {
                 salt_in: crypto::path_salt(p.config.remote, p.config.local),
                 window: window.clone(),
                 echo_guard: EchoGuard::default(),
+                parity_in: Vec::new(),
                 dedup: peer.dedup.clone(),
                 reorder: lane.reorder.clone(),
                 forwarding: None,

@@ -160,7 +160,8 @@ pub fn check(config: &Config, duration: Duration) -> Vec<PathReach> {
         let extended = matches!(peer.policy, Policy::Duplicate | Policy::Aggregate);
         for p in &peer.paths {
             let v6 = p.remote.is_ipv6();
-            let overhead = forward::inner_mtu(0x10000, v6, extended, keys.is_some());
+            let fec = peer.fec.mode != crate::config::FecMode::Off;
+            let overhead = forward::inner_mtu(0x10000, v6, extended, keys.is_some(), fec);
             let overhead = 0x10000 - overhead;
             let needed = match peer.mtu {
                 Some(m) => u32::from(m) + overhead,
@@ -646,7 +647,7 @@ impl Session<'_> {
                 }
                 Ok(Message::Echo(Echo::Request(stamp), _)) => self.answer_echo(stamp),
                 Ok(Message::Echo(Echo::Reply(_), _)) => self.key_refused = true,
-                Ok(Message::Data(..)) => {}
+                Ok(Message::Data(..) | Message::Parity(..)) => {}
                 Err(_) => {
                     self.key_refused |= self.is_refusal(datagram);
                     self.refuse(datagram);

@@ -81,6 +81,10 @@ pub const METRICS: &[(&str, &str)] = &[
     ("crosslink_reorder_gave_up_total", "counter"),
     ("crosslink_reorder_late_total", "counter"),
     ("crosslink_reorder_buffered_packets", "gauge"),
+    ("crosslink_fec_parity_packets_total", "counter"),
+    ("crosslink_fec_recovered_packets_total", "counter"),
+    ("crosslink_fec_unrecoverable_packets_total", "counter"),
+    ("crosslink_fec_overhead_ratio", "gauge"),
 ];
 
 /// The causes of `crosslink_path_moves_total`, registered at 0 per peer.
@@ -248,6 +252,22 @@ fn describe() {
         "crosslink_reorder_buffered_packets",
         "Packets held for reordering now."
     );
+    describe_counter!(
+        "crosslink_fec_parity_packets_total",
+        "Forward-error-correction parity packets, by direction (sent, received)."
+    );
+    describe_counter!(
+        "crosslink_fec_recovered_packets_total",
+        "Lost data packets rebuilt from parity."
+    );
+    describe_counter!(
+        "crosslink_fec_unrecoverable_packets_total",
+        "Lost data packets of blocks that had too little parity in time (a packet that came later after all stays counted)."
+    );
+    describe_gauge!(
+        "crosslink_fec_overhead_ratio",
+        "Parity sent per data packet under the code in use (0: no parity)."
+    );
     describe_gauge!(
         "crosslink_path_active",
         "1 when the path carries the peer's traffic."
@@ -387,6 +407,7 @@ struct PeerMetrics {
     moves: Vec<Counter>,
     /// The lanes' resequencing counters, and their series.
     reorder: Option<(Arc<ReorderCounters>, ReorderMetrics)>,
+    fec_overhead: Gauge,
 }
 
 struct ReorderMetrics {
@@ -395,6 +416,10 @@ struct ReorderMetrics {
     gave_up: Counter,
     late: Counter,
     buffered: Gauge,
+    fec_sent: Counter,
+    fec_received: Counter,
+    fec_recovered: Counter,
+    fec_unrecoverable: Counter,
 }
 
 /// Everything the daemon exports. Peers and paths are slots indexed by
@@ -469,12 +494,15 @@ impl Metrics {
                 c
             })
             .collect();
+        let fec_overhead = gauge!("crosslink_fec_overhead_ratio", "peer" => name.to_string());
+        fec_overhead.set(0.0);
         *slot(&mut self.peers.write(), id) = Some(PeerMetrics {
             name: name.to_string(),
             up,
             detection,
             moves,
             reorder: None,
+            fec_overhead,
         });
     }
 
@@ -491,7 +519,11 @@ impl Metrics {
                 reordered: counter!("crosslink_reorder_reordered_total", "peer" => peer.clone()),
                 gave_up: counter!("crosslink_reorder_gave_up_total", "peer" => peer.clone()),
                 late: counter!("crosslink_reorder_late_total", "peer" => peer.clone()),
-                buffered: gauge!("crosslink_reorder_buffered_packets", "peer" => peer),
+                buffered: gauge!("crosslink_reorder_buffered_packets", "peer" => peer.clone()),
+                fec_sent: counter!("crosslink_fec_parity_packets_total", "peer" => peer.clone(), "direction" => "sent"),
+                fec_received: counter!("crosslink_fec_parity_packets_total", "peer" => peer.clone(), "direction" => "received"),
+                fec_recovered: counter!("crosslink_fec_recovered_packets_total", "peer" => peer.clone()),
+                fec_unrecoverable: counter!("crosslink_fec_unrecoverable_packets_total", "peer" => peer),
             };
             (c, m)
         });
@@ -538,7 +570,13 @@ impl Metrics {
                 m.gave_up.absolute(c.gave_up.load(Relaxed));
                 m.late.absolute(c.late.load(Relaxed));
                 m.buffered.set(c.occupancy.load(Relaxed) as f64);
+                m.fec_sent.absolute(c.fec.parity_sent.load(Relaxed));
+                m.fec_received.absolute(c.fec.parity_received.load(Relaxed));
+                m.fec_recovered.absolute(c.fec.recovered.load(Relaxed));
+                m.fec_unrecoverable
+                    .absolute(c.fec.unrecoverable.load(Relaxed));
             }
+            p.fec_overhead.increment(0.0);
         }
         for c in self.failovers.lock().values() {
             c.increment(0);
@@ -553,6 +591,13 @@ impl Metrics {
     /// A live path's handles.
     pub fn path(&self, i: usize) -> Option<Arc<PathMetrics>> {
         self.paths.read().get(i).cloned().flatten()
+    }
+
+    /// The overhead of the peer's FEC code now (0: no parity).
+    pub fn set_fec_overhead(&self, peer: usize, ratio: f64) {
+        if let Some(Some(p)) = self.peers.read().get(peer) {
+            p.fec_overhead.set(ratio);
+        }
     }
 
     pub fn set_peer_up(&self, peer: usize, up: bool) {

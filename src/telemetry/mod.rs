@@ -54,6 +54,26 @@ pub struct ReorderCounters {
     /// Packets held now, and their bytes.
     pub occupancy: AtomicU64,
     pub occupancy_bytes: AtomicU64,
+    /// What forward error correction did for the peer, both ways.
+    pub fec: FecCounters,
+}
+
+/// A peer's forward-error-correction counts ([`crate::core::fec`]), summed
+/// over its lanes.
+#[derive(Debug, Default)]
+pub struct FecCounters {
+    /// Parity packets sent.
+    pub parity_sent: AtomicU64,
+    /// Parity packets received and accepted.
+    pub parity_received: AtomicU64,
+    /// Data packets rebuilt from parity.
+    pub recovered: AtomicU64,
+    /// Missing data packets of blocks given up (not enough parity in time).
+    pub unrecoverable: AtomicU64,
+    /// Of those, packets that came later after all.
+    pub late_after_give_up: AtomicU64,
+    /// Parity dropped as inconsistent.
+    pub bad_parity: AtomicU64,
 }
 
 /// Dropped packets by reason.

@@ -27,6 +27,34 @@ pub struct PeerStatus {
     /// order by this gateway's lanes (absent when none ever came).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reorder: Option<ReorderStatus>,
+    /// Forward error correction (absent when it is off and never did
+    /// anything).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fec: Option<FecStatus>,
+}
+
+/// A peer's forward error correction (`crate::core::fec`): the setting,
+/// the code in use and what it did, summed over the lanes since start.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FecStatus {
+    /// `auto`, `off` or the fixed code (`10+2`).
+    pub mode: String,
+    /// The code in use now (`none`: no parity).
+    pub code: String,
+    /// Parity per data packet under that code.
+    pub overhead: f64,
+    /// The highest loss (sending direction) of the paths carrying the
+    /// peer's traffic, which `auto` sizes the code by.
+    pub loss: f64,
+    pub parity_sent: u64,
+    pub parity_received: u64,
+    /// Lost packets rebuilt from parity.
+    pub rebuilt: u64,
+    /// Lost packets of blocks given up (too little parity in time).
+    pub given_up: u64,
+    /// Parity dropped because it disagreed with itself or its block.
+    #[serde(default)]
+    pub bad_parity: u64,
 }
 
 /// A peer's resequencing (`crate::core::reorder`), summed over its lanes.
@@ -249,6 +277,20 @@ impl Status {
                     micros(r.wait_us)
                 );
             }
+            if let Some(f) = &peer.fec {
+                let _ = writeln!(
+                    s,
+                    "  fec: {} (code {}, overhead {:.0}%, loss {:.2}%), parity sent {}, received {}, rebuilt {}, given up {}",
+                    f.mode,
+                    f.code,
+                    f.overhead * 100.0,
+                    f.loss * 100.0,
+                    f.parity_sent,
+                    f.parity_received,
+                    f.rebuilt,
+                    f.given_up
+                );
+            }
         }
         s
     }
@@ -316,6 +358,7 @@ mod tests {
                 policy: "active-backup".into(),
                 active_path: Some("cci-1".into()),
                 reorder: None,
+                fec: None,
                 paths: vec![PathStatus {
                     name: "cci-1".into(),
                     state: "up".into(),

@@ -43,13 +43,19 @@
 //! stream, spread over several paths: the receiver puts the packets back
 //! in order rather than drop copies (a receiver that does not know it drops
 //! copies, which an `aggregate` sender never makes, and delivers out of order);
+//! bit 3 ([`FLAG_FEC`]) says the peer sequence numbers a stream that
+//! forward error correction protects ([`crate::core::fec`]): one sending
+//! lane's packets (instance: the sender's plus the lane), never copies, so
+//! the receiver feeds them to its FEC decoder rather than to the duplicate
+//! window (a receiver that does not know it runs the window, which delivers
+//! them all: there are no copies);
 //! bits 4 to 6 ([`LANE_MASK`]) carry the sender's lane, 0 to 7: the
 //! forwarding thread of the sender that the datagram's flow belongs to.
 //! A receiver with several lanes hands the datagram to its own lane of
 //! that number (modulo its lane count), so that both directions of a flow
 //! stay with one thread on each side ([`crate::io::lanes`]); it
 //! changes nothing else, and a receiver that does not know it ignores it.
-//! Bits 3 and 7 are reserved (0).
+//! Bit 7 is reserved (0).
 //!
 //! The format grows without breaking old receivers: the header length
 //! says where the inner packet starts, so a newer sender can append
@@ -74,6 +80,8 @@ pub const FLAG_PEER_SEQ: u8 = 0x01;
 pub const FLAG_ORDERED: u8 = 0x04;
 /// Flag: the sender vouches for the inner packet's transport checksum.
 pub const FLAG_CHECKSUM_OK: u8 = 0x02;
+/// Flag: the peer sequence numbers a stream protected by FEC parity.
+pub const FLAG_FEC: u8 = 0x08;
 /// Flags bits holding the sender's lane.
 pub const LANE_MASK: u8 = 0x70;
 /// Where the lane starts in the flags byte.
@@ -117,6 +125,14 @@ pub enum MsgType {
     SealedProbeRequest = 9,
     /// [`MsgType::ProbeReply`], sealed (payload encrypted, then the tag).
     SealedProbeReply = 10,
+    /// A forward-error-correction parity packet of a block of the peer's
+    /// data packets: payload a [`FecParity`] ([`crate::core::fec`]). The
+    /// fixed header's sequence field is 0 (parity is not numbered with the
+    /// path's data). A receiver that does not know the type drops it as
+    /// [`OverlayError::BadType`], and gets the data as without FEC.
+    FecParity = 20,
+    /// [`MsgType::FecParity`], sealed (payload encrypted, then the tag).
+    SealedFecParity = 21,
 }
 
 impl MsgType {
@@ -129,6 +145,7 @@ impl MsgType {
                 | MsgType::SealedEchoReply
                 | MsgType::SealedProbeRequest
                 | MsgType::SealedProbeReply
+                | MsgType::SealedFecParity
         )
     }
 
@@ -144,6 +161,8 @@ impl MsgType {
             8 => Some(MsgType::ProbeReply),
             9 => Some(MsgType::SealedProbeRequest),
             10 => Some(MsgType::SealedProbeReply),
+            20 => Some(MsgType::FecParity),
+            21 => Some(MsgType::SealedFecParity),
             _ => None,
         }
     }
@@ -211,6 +230,17 @@ impl Header {
     /// Whether the peer sequence numbers an `aggregate` stream.
     pub fn is_ordered(&self) -> bool {
         self.flags & FLAG_ORDERED != 0 && self.peer_seq.is_some()
+    }
+
+    /// Marks the peer sequence as a stream FEC protects ([`FLAG_FEC`]).
+    pub fn fec(mut self) -> Self {
+        self.flags |= FLAG_FEC;
+        self
+    }
+
+    /// Whether the peer sequence numbers a stream FEC protects.
+    pub fn is_fec(&self) -> bool {
+        self.flags & FLAG_FEC != 0 && self.peer_seq.is_some()
     }
 
     /// Sets the sender's lane (taken modulo [`MAX_LANES`]).
@@ -421,6 +451,80 @@ impl ProbeReport {
     }
 }
 
+/// The payload of a [`MsgType::FecParity`]: which block of which sender
+/// the parity protects, and the parity shard ([`crate::core::fec`]).
+///
+/// ```text
+/// +---------------------------------------------------------------+
+/// |                 Sender instance (u32, as PeerSeq)             |
+/// +---------------------------------------------------------------+
+/// +      First peer sequence number of the block (u64)            +
+/// +---------------------------------------------------------------+
+/// |  k (data, u8) |  m (parity,u8)| Index (< m, u8)| Reserved (0) |
+/// +---------------------------------------------------------------+
+/// |       Parity shard (even length: 2 + the block's longest) ... |
+/// ```
+///
+/// The block is the data packets numbered `first .. first + k` under the
+/// instance (their peer-sequence extension); `index` is this parity's
+/// place among the block's `m`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FecParity {
+    pub instance: u32,
+    pub first: u64,
+    pub k: u8,
+    pub m: u8,
+    pub index: u8,
+    pub shard: Vec<u8>,
+}
+
+impl FecParity {
+    /// Length of the fields before the shard.
+    pub const HEAD_LEN: usize = 16;
+
+    /// Parses a parity payload (the shard is copied). Field values are
+    /// checked by the decoder, not here.
+    pub fn parse(buf: &[u8]) -> Result<FecParity, OverlayError> {
+        let h: &[u8; Self::HEAD_LEN] = buf
+            .get(..Self::HEAD_LEN)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(OverlayError::Truncated)?;
+        Ok(FecParity {
+            instance: u32::from_be_bytes([h[0], h[1], h[2], h[3]]),
+            first: be_u64(&h[4..12]),
+            k: h[12],
+            m: h[13],
+            index: h[14],
+            shard: buf.get(Self::HEAD_LEN..).unwrap_or_default().to_vec(),
+        })
+    }
+
+    /// Its length on the wire.
+    pub fn len(&self) -> usize {
+        Self::HEAD_LEN + self.shard.len()
+    }
+
+    /// Never: the fields come first.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Writes the payload into the first [`FecParity::len`] bytes of `out`.
+    pub fn emit(&self, out: &mut [u8]) -> Result<usize, OverlayError> {
+        let b = out
+            .get_mut(..self.len())
+            .ok_or(OverlayError::BufferTooSmall)?;
+        b[0..4].copy_from_slice(&self.instance.to_be_bytes());
+        b[4..12].copy_from_slice(&self.first.to_be_bytes());
+        b[12] = self.k;
+        b[13] = self.m;
+        b[14] = self.index;
+        b[15] = 0;
+        b[Self::HEAD_LEN..].copy_from_slice(&self.shard);
+        Ok(self.len())
+    }
+}
+
 fn be_u64(b: &[u8]) -> u64 {
     let mut v = [0u8; 8];
     if let Some(src) = b.get(..8) {
@@ -604,6 +708,35 @@ mod tests {
             Err(OverlayError::Truncated)
         );
         assert_eq!(r.emit(&mut [0u8; 10]), Err(OverlayError::BufferTooSmall));
+    }
+
+    #[test]
+    fn fec_parity_round_trip_and_truncation() {
+        let p = FecParity {
+            instance: 0xfeed_f00d,
+            first: u64::MAX - 9,
+            k: 10,
+            m: 2,
+            index: 1,
+            shard: vec![1, 2, 3, 4],
+        };
+        let mut buf = [0xffu8; 24];
+        assert_eq!(p.emit(&mut buf), Ok(20));
+        assert_eq!(buf[15], 0, "reserved is zero");
+        assert_eq!(FecParity::parse(&buf[..20]), Ok(p.clone()));
+        assert_eq!(
+            FecParity::parse(&buf[..FecParity::HEAD_LEN - 1]),
+            Err(OverlayError::Truncated)
+        );
+        assert_eq!(
+            FecParity::parse(&buf[..FecParity::HEAD_LEN]).map(|p| p.shard.len()),
+            Ok(0)
+        );
+        assert_eq!(p.emit(&mut [0u8; 19]), Err(OverlayError::BufferTooSmall));
+        for (t, sealed) in [(20u8, false), (21, true)] {
+            let m = MsgType::from_u8(t).unwrap();
+            assert_eq!((m as u8, m.is_sealed()), (t, sealed));
+        }
     }
 
     #[test]

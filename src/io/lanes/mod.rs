@@ -73,14 +73,15 @@ use crate::core::dedup::{Verdict, Window};
 use crate::core::drop::DropReason;
 use crate::core::ecn::outer_tos;
 use crate::core::engine::Forwarding;
+use crate::core::fec::{Code, Decoder, Encoder, FecStats, Rebuilt, DEFAULT_HOLD};
 use crate::core::forward::{
-    classify, emit_echo, emit_probe, emit_probe_reply, encapsulate, receive_marked, seal_data,
-    seal_echo, Echo, Message, Opener, Placement, Sealer, HEADROOM, TRAILER,
+    classify, emit_echo, emit_parity, emit_probe, emit_probe_reply, encapsulate, receive_marked,
+    seal_data, seal_echo, Echo, Message, Opener, Placement, Sealer, HEADROOM, TRAILER,
 };
 use crate::core::quality::{DataCounts, Prober, Reflector};
 use crate::core::reorder::{Held, Offer, ReorderStats, Resequencer};
 use crate::core::segment::{finish_checksum, Cut, VnetHeader, MAX_HEADERS, VNET_HDR_LEN};
-use crate::core::wire::overlay::{Header, PeerSeq, ProbeClass, ProbeReport, MAX_LANES};
+use crate::core::wire::overlay::{FecParity, Header, PeerSeq, ProbeClass, ProbeReport, MAX_LANES};
 use crate::telemetry::{DropCounters, PathCounters, ReorderCounters};
 use crate::{PathId, PeerId};
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -153,8 +154,12 @@ pub struct Lane {
 /// [`ReorderCounters`] have.
 pub struct LaneReorder {
     pub r: Resequencer,
+    /// The lane's FEC decoder (the parity of a sending lane comes to the
+    /// receiving lane of the same number, as its data do).
+    pub fec: Decoder,
     counters: Arc<ReorderCounters>,
     published: ReorderStats,
+    fec_published: FecStats,
     occupancy: (usize, usize),
 }
 
@@ -162,14 +167,40 @@ impl LaneReorder {
     pub fn new(counters: Arc<ReorderCounters>) -> LaneReorder {
         LaneReorder {
             r: Resequencer::new(crate::core::aggregate::MIN_WAIT),
+            fec: Decoder::new(crate::core::fec::DEFAULT_WAIT),
             counters,
             published: ReorderStats::default(),
+            fec_published: FecStats::default(),
             occupancy: (0, 0),
         }
     }
 
     /// Adds what changed since the last call to the peer's counters.
     fn publish(&mut self) {
+        let fec = self.fec.stats();
+        if fec != self.fec_published {
+            let (c, was) = (&self.counters.fec, self.fec_published);
+            c.parity_received
+                .fetch_add(fec.parity.saturating_sub(was.parity), Ordering::Relaxed);
+            c.recovered.fetch_add(
+                fec.recovered.saturating_sub(was.recovered),
+                Ordering::Relaxed,
+            );
+            c.unrecoverable.fetch_add(
+                fec.unrecoverable.saturating_sub(was.unrecoverable),
+                Ordering::Relaxed,
+            );
+            c.late_after_give_up.fetch_add(
+                fec.late_after_give_up
+                    .saturating_sub(was.late_after_give_up),
+                Ordering::Relaxed,
+            );
+            c.bad_parity.fetch_add(
+                fec.bad_parity.saturating_sub(was.bad_parity),
+                Ordering::Relaxed,
+            );
+            self.fec_published = fec;
+        }
         let now = self.r.stats();
         if now != self.published {
             let c = &self.counters;
@@ -268,6 +299,15 @@ impl Lane {
                     }
                 } else {
                     next = next.min(due);
+                }
+            }
+            // A FEC block open for its whole hold: closed, its parity sent.
+            if let Some(due) = self.out.fec_deadline() {
+                if due <= now {
+                    self.out.fec_tick(&mut tx, now);
+                }
+                if let Some(d) = self.out.fec_deadline() {
+                    next = next.min(d);
                 }
             }
             let busy = hot.contains(&true);

@@ -71,6 +71,9 @@ pub struct PathIn {
     /// The path's replay window, shared by the peer's lanes.
     pub window: Arc<Mutex<ReplayWindow>>,
     pub echo_guard: EchoGuard,
+    /// FEC parity received in this datagram, for the lane's decoder (and
+    /// whether it protects an `aggregate` stream).
+    pub parity_in: Vec<(FecParity, bool)>,
 }
 
 /// What a lane's receiving end of a path works with between turns:
@@ -185,8 +188,9 @@ impl PathIn {
         let now = clock::now();
         // Taken at the first packet of an `aggregate` stream, for the burst.
         let reorder = self.reorder.clone();
-        let mut held = None;
+        let mut held: Option<parking_lot::MutexGuard<'_, LaneReorder>> = None;
         let mut released: Vec<Held> = Vec::new();
+        let mut rebuilt: Vec<(Rebuilt, bool)> = Vec::new();
         for i in 0..n {
             let Some((message, src, segment, tos)) = batch.get_mut(i) else {
                 self.drops.count(DropReason::TooBig);
@@ -201,13 +205,25 @@ impl PathIn {
             }
             let segment = segment.unwrap_or(message.len()).max(1);
             for (k, datagram) in message.chunks_mut(segment).enumerate() {
-                let Some((r, checksum_ok, ordered)) =
-                    self.receive(datagram, src, tos, keys.as_deref())
-                else {
+                let received = self.receive(datagram, src, tos, keys.as_deref());
+                if !self.parity_in.is_empty() {
+                    let guard = held.get_or_insert_with(|| {
+                        let mut g = reorder.lock();
+                        self.steer(&mut g.r, now);
+                        g
+                    });
+                    for (parity, ordered) in self.parity_in.drain(..) {
+                        let mut out = Vec::new();
+                        guard.fec.on_parity(now, parity, &mut out);
+                        rebuilt.extend(out.into_iter().map(|r| (r, ordered)));
+                    }
+                    take_rebuilt(guard, &mut rebuilt, self.id, &mut released, inner, now);
+                }
+                let Some((r, checksum_ok, numbered)) = received else {
                     continue;
                 };
                 let at = k * segment;
-                if let Some((instance, seq)) = ordered {
+                if let Some(n) = numbered {
                     let guard = held.get_or_insert_with(|| {
                         let mut g = reorder.lock();
                         self.steer(&mut g.r, now);
@@ -217,14 +233,32 @@ impl PathIn {
                     // first time: after that nothing waits between offers).
                     take_released(&mut guard.r, &mut released, inner);
                     let packet = datagram.get(r.clone()).unwrap_or_default();
-                    let offer = guard
-                        .r
-                        .offer(instance, seq, self.id, packet, checksum_ok, now);
-                    if matches!(offer, Offer::Deliver | Offer::Late) {
+                    if n.fec {
+                        let mut out = Vec::new();
+                        let fresh = guard.fec.on_data(now, n.instance, n.seq, packet, &mut out);
+                        rebuilt.extend(out.into_iter().map(|r| (r, n.ordered)));
+                        if !fresh {
+                            // its rebuilt copy went out already
+                            self.drops.count(DropReason::Duplicate);
+                            take_rebuilt(guard, &mut rebuilt, self.id, &mut released, inner, now);
+                            continue;
+                        }
+                    }
+                    let deliver = match n.ordered {
+                        true => matches!(
+                            guard
+                                .r
+                                .offer(n.instance, n.seq, self.id, packet, checksum_ok, now),
+                            Offer::Deliver | Offer::Late
+                        ),
+                        false => true,
+                    };
+                    if deliver {
                         let whole = r.len() > out.mtu;
                         inner.push((i, at + r.start..at + r.end, checksum_ok, whole));
                     }
                     take_released(&mut guard.r, &mut released, inner);
+                    take_rebuilt(guard, &mut rebuilt, self.id, &mut released, inner, now);
                     continue;
                 }
                 let whole = r.len() > out.mtu;
@@ -285,6 +319,9 @@ impl PathIn {
             for h in released {
                 g.r.recycle(h);
             }
+            if g.fec.deadline().is_some_and(|d| d <= now) {
+                g.fec.poll(now);
+            }
             g.publish();
         }
         n
@@ -313,6 +350,9 @@ impl PathIn {
         let mut g = reorder.lock();
         self.steer(&mut g.r, now);
         g.r.handle_timeout(now);
+        if g.fec.deadline().is_some_and(|d| d <= now) {
+            g.fec.poll(now);
+        }
         let released: Vec<Held> = g.r.take_ready().collect();
         write_released(&mut rx.out, &self.tun, &released, &self.drops);
         for h in released {
@@ -343,14 +383,19 @@ impl PathIn {
         });
         match receive_marked(datagram, opener, tos) {
             Ok(Message::Data(header, range)) => {
-                let ordered = header
+                let numbered = header
                     .peer_seq
-                    .filter(|_| header.is_ordered())
-                    .map(|p| (p.instance, p.sequence));
+                    .filter(|_| header.is_ordered() || header.is_fec())
+                    .map(|p| Numbered {
+                        instance: p.instance,
+                        seq: p.sequence,
+                        ordered: header.is_ordered(),
+                        fec: header.is_fec(),
+                    });
                 self.deliverable(&header, range.len()).then_some((
                     range,
                     header.checksum_ok(),
-                    ordered,
+                    numbered,
                 ))
             }
             Ok(Message::Echo(echo, epoch)) => {
@@ -370,6 +415,15 @@ impl PathIn {
                 self.on_probe_reply(seq, report);
                 None
             }
+            Ok(Message::Parity(header, parity)) => {
+                // numbered with the path's data: counted with them
+                let (packets, bytes, high) = &mut self.pending;
+                *packets += 1;
+                *bytes += parity.len() as u64;
+                *high = (*high).max(header.sequence);
+                self.parity_in.push((parity, header.is_ordered()));
+                None
+            }
             Err(reason) => {
                 self.drops.count(reason);
                 None
@@ -384,7 +438,10 @@ impl PathIn {
         *packets += 1;
         *bytes += len as u64;
         *high = (*high).max(header.sequence);
-        if let Some(p) = header.peer_seq.filter(|_| !header.is_ordered()) {
+        if let Some(p) = header
+            .peer_seq
+            .filter(|_| !header.is_ordered() && !header.is_fec())
+        {
             match self.dedup.lock().check(p.instance, p.sequence) {
                 Verdict::Deliver => {}
                 Verdict::Duplicate => {
@@ -514,7 +571,53 @@ impl PathIn {
 
 /// A data packet to deliver: its range in the datagram, whether its sender
 /// vouched for its checksum, and its `aggregate` stream and number.
-type Inner = (Range<usize>, bool, Option<(u32, u64)>);
+type Inner = (Range<usize>, bool, Option<Numbered>);
+
+/// A data packet's place in a numbered stream: `aggregate`'s (resequenced)
+/// or one that FEC protects (or both).
+#[derive(Clone, Copy, Debug)]
+struct Numbered {
+    instance: u32,
+    seq: u64,
+    ordered: bool,
+    fec: bool,
+}
+
+/// Hands the packets the FEC decoder rebuilt to the burst: an `aggregate`
+/// stream's through the resequencer, the others straight to the released
+/// packets (written where they stand in the burst).
+fn take_rebuilt(
+    g: &mut LaneReorder,
+    rebuilt: &mut Vec<(Rebuilt, bool)>,
+    id: PathId,
+    released: &mut Vec<Held>,
+    inner: &mut Vec<(usize, Range<usize>, bool, bool)>,
+    now: Instant,
+) {
+    for (r, ordered) in rebuilt.drain(..) {
+        if ordered {
+            let offer = g.r.offer(r.instance, r.sequence, id, &r.packet, false, now);
+            if matches!(offer, Offer::Deliver | Offer::Late) {
+                let from = released.len();
+                released.push(Held {
+                    data: r.packet,
+                    checksum_ok: false,
+                    at: now,
+                });
+                inner.push((RELEASED, from..released.len(), false, false));
+            }
+            take_released(&mut g.r, released, inner);
+        } else {
+            let from = released.len();
+            released.push(Held {
+                data: r.packet,
+                checksum_ok: false,
+                at: now,
+            });
+            inner.push((RELEASED, from..released.len(), false, false));
+        }
+    }
+}
 
 /// Marks an entry of a burst's packets that stands for packets the
 /// resequencer released (their range in the burst's released packets).

@@ -59,6 +59,20 @@ pub struct TunOut {
     pub keys: SharedKeys,
     /// This run's epoch (see [`crate::core::crypto`]).
     pub epoch: u32,
+    /// Forward error correction, while the peer's snapshot names a code:
+    /// the lane's encoder (its stream is the lane's numbering, as under
+    /// `aggregate`), the parity waiting to be sent, the path of the last
+    /// data packet (parity goes on another one when there is one) and the
+    /// peer's counters.
+    pub fec: Option<Encoder>,
+    pub fec_out: Vec<FecParity>,
+    pub fec_last_path: Option<PathId>,
+    pub fec_counters: Arc<ReorderCounters>,
+    /// Most datagrams per UDP GSO send: [`GSO_MAX_SEGMENTS`], or 1 under
+    /// FEC: a train is dropped whole inside the sending host (a full
+    /// queue, a filter that sees it before it is cut), a burst that a
+    /// short block's parity cannot repair.
+    pub gso_cap: usize,
 }
 
 /// One framed datagram of a burst, waiting to be sent: `range` of slot
@@ -94,6 +108,8 @@ pub(super) struct TxState {
     pub(super) spare: Vec<u8>,
     pub(super) pending: Vec<Pending>,
     pub(super) batch: sys::SendBatch,
+    /// A parity datagram being framed.
+    pub(super) parity: Vec<u8>,
 }
 
 impl TunOut {
@@ -115,6 +131,7 @@ impl TunOut {
             "sending from the TUN"
         );
         TxState {
+            parity: vec![0u8; BUF_LEN],
             spare: vec![0u8; reader.slot_len],
             pending: Vec::with_capacity(reader.slots.len()),
             batch: sys::SendBatch::new(gso),
@@ -131,6 +148,7 @@ impl TunOut {
             spare,
             pending,
             batch,
+            parity,
         } = tx;
         let count = reader.fill(&self.tun, &self.drops)?;
         if count == 0 {
@@ -139,9 +157,14 @@ impl TunOut {
         let now = clock::now();
         let forwarding = self.forwarding.load_full();
         let peer = forwarding.peers.get(usize::from(self.peer.0));
+        let duplicate = peer.is_some_and(|p| p.policy == Policy::Duplicate);
+        let fec = peer.and_then(|p| p.fec).filter(|_| !duplicate);
+        self.set_fec(fec, now);
+        self.gso_cap = fec.map_or(GSO_MAX_SEGMENTS, |_| 1);
         let turn = Turn {
-            duplicate: peer.is_some_and(|p| p.policy == Policy::Duplicate),
+            duplicate,
             aggregate: peer.is_some_and(|p| p.policy == Policy::Aggregate),
+            fec: fec.is_some(),
             forwarding,
             keys: self.keys.load_full(),
             now,
@@ -172,7 +195,104 @@ impl TunOut {
             }
         }
         self.flush(pending, reader, batch, now);
+        self.send_parity(&turn, parity, batch);
         Ok(count)
+    }
+
+    /// Follows the snapshot's code: a new encoder, a changed code (the
+    /// open block closes with the old one) or none (the open block closes).
+    fn set_fec(&mut self, code: Option<Code>, now: Instant) {
+        match (code, self.fec.as_mut()) {
+            (Some(code), Some(enc)) => enc.set_code(code, &mut self.fec_out),
+            (Some(code), None) => {
+                let instance = self.instance.wrapping_add(self.lane as u32);
+                self.fec = Some(Encoder::new(code, DEFAULT_HOLD, instance));
+            }
+            (None, Some(enc)) => {
+                enc.close(&mut self.fec_out);
+                self.fec = None;
+            }
+            (None, None) => {}
+        }
+        let _ = now;
+    }
+
+    /// When the open FEC block must close, if one is open.
+    pub(super) fn fec_deadline(&self) -> Option<Instant> {
+        self.fec.as_ref().and_then(Encoder::deadline)
+    }
+
+    /// Closes the open FEC block if its time is up, and sends its parity.
+    pub(super) fn fec_tick(&mut self, tx: &mut TxState, now: Instant) {
+        if let Some(enc) = self.fec.as_mut() {
+            enc.poll(now, &mut self.fec_out);
+        }
+        if self.fec_out.is_empty() {
+            return;
+        }
+        let turn = Turn {
+            duplicate: false,
+            aggregate: false,
+            fec: true,
+            forwarding: self.forwarding.load_full(),
+            keys: self.keys.load_full(),
+            now,
+        };
+        self.send_parity(&turn, &mut tx.parity, &mut tx.batch);
+    }
+
+    /// Frames and sends the parity waiting in `fec_out`, each on the best
+    /// path other than the last data packet's (the same one when it is
+    /// the only one), numbered and sealed as data are.
+    fn send_parity(&mut self, turn: &Turn, buf: &mut [u8], batch: &mut sys::SendBatch) {
+        if self.fec_out.is_empty() {
+            return;
+        }
+        let sel = turn.forwarding.peers.get(usize::from(self.peer.0));
+        let ordered = sel.is_some_and(|s| s.policy == Policy::Aggregate);
+        let last = self.fec_last_path;
+        let path = sel.and_then(|s| {
+            s.eligible
+                .iter()
+                .map(|&(id, _)| id)
+                .find(|id| Some(*id) != last)
+                .or(last)
+        });
+        let parities = std::mem::take(&mut self.fec_out);
+        let Some(id) = path else {
+            return;
+        };
+        let keys = turn.keys.as_deref();
+        for p in &parities {
+            let Some(Some(out)) = self.paths.get(usize::from(id.0)) else {
+                self.drops.count(DropReason::NoPath);
+                continue;
+            };
+            let sequence = out.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+            let sealer = keys.map(|keys| Sealer {
+                keys,
+                epoch: self.epoch,
+                salt: out.salt,
+            });
+            let tos = outer_tos(&[], out.dscp);
+            match emit_parity(p, sequence, self.lane, ordered, buf, sealer.as_ref()) {
+                Ok(n) => {
+                    let d = [sys::Datagram {
+                        head: buf.get(..n).unwrap_or_default(),
+                        body: &[],
+                        tos,
+                    }];
+                    self.transmit(id, &d, &[p.shard.len()], batch, turn.now);
+                    self.fec_counters
+                        .fec
+                        .parity_sent
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(reason) => self.drops.count(reason),
+            }
+        }
+        self.fec_out = parities;
+        self.fec_out.clear();
     }
 
     /// Where the flow of `inner` goes (counted and `None` if nowhere).
@@ -216,7 +336,9 @@ impl TunOut {
         let Some(placement) = self.place(turn, packet) else {
             return;
         };
-        let inline = turn.keys.is_some() || placement.copy.is_some();
+        // Sealing works in place, a copy is sealed from the plaintext and
+        // the FEC encoder keeps a copy: all need the whole packet in a slot.
+        let inline = turn.keys.is_some() || placement.copy.is_some() || turn.fec;
         let count = match cut {
             Cut::Segments(segments) => segments.count(),
             _ => 1,
@@ -258,14 +380,18 @@ impl TunOut {
                 instance: self.instance,
                 sequence: self.peer_sequence.fetch_add(1, Ordering::Relaxed) + 1,
             });
-        } else if turn.aggregate {
+        } else if turn.aggregate || turn.fec {
             self.lane_sequence = self.lane_sequence.wrapping_add(1);
-            header = header
-                .with_peer_seq(PeerSeq {
-                    instance: self.instance.wrapping_add(self.lane as u32),
-                    sequence: self.lane_sequence,
-                })
-                .ordered();
+            header = header.with_peer_seq(PeerSeq {
+                instance: self.instance.wrapping_add(self.lane as u32),
+                sequence: self.lane_sequence,
+            });
+            if turn.aggregate {
+                header = header.ordered();
+            }
+            if turn.fec {
+                header = header.fec();
+            }
         }
         let body_len = staged.body.as_ref().map_or(0, |(_, r)| r.len());
         let inner_len = staged.in_slot + body_len;
@@ -276,6 +402,11 @@ impl TunOut {
         let inner = buf
             .get(HEADROOM..HEADROOM + staged.in_slot)
             .unwrap_or_default();
+        if let (true, Some(enc)) = (turn.fec && staged.body.is_none(), self.fec.as_mut()) {
+            // the whole packet is in the slot (staged inline for FEC)
+            enc.push(turn.now, self.lane_sequence, inner, &mut self.fec_out);
+            self.fec_last_path = Some(placement.path);
+        }
         let tos_on = |id: PathId| {
             let dscp = self
                 .paths
@@ -419,7 +550,7 @@ impl TunOut {
         // What the path's socket sends without a TOS control message
         // ([`crate::io::udp::set_data_qos`]).
         batch.default_tos = path.dscp.map_or(0, |d| (d & 0x3f) << 2);
-        plan_messages(datagrams, batch.gso, &mut messages);
+        plan_messages(datagrams, batch.gso, self.gso_cap, &mut messages);
         let mut next = 0;
         while next < messages.len() {
             let todo = &messages[next..];
@@ -467,17 +598,19 @@ impl TunOut {
 }
 
 /// Groups `datagrams` into the messages of one `sendmmsg`: with `gso`,
-/// each run [`gso_run`] finds becomes one UDP GSO message; everything
+/// each run [`gso_run`] finds (at most `cap` datagrams) becomes one UDP GSO
+/// message; everything
 /// else is a message of one datagram.
 pub(super) fn plan_messages(
     datagrams: &[sys::Datagram<'_>],
     gso: bool,
+    cap: usize,
     out: &mut Vec<sys::Message>,
 ) {
     out.clear();
     let mut first = 0;
     while let Some(rest) = datagrams.get(first..).filter(|r| !r.is_empty()) {
-        let run = if gso { gso_run(rest) } else { 0 };
+        let run = if gso { gso_run(rest, cap) } else { 0 };
         let message = match run {
             2.. => sys::Message {
                 first,
@@ -541,6 +674,9 @@ pub(super) struct Turn {
     pub(super) duplicate: bool,
     /// The peer's policy is `aggregate`: packets carry the lane's sequence.
     pub(super) aggregate: bool,
+    /// The peer's snapshot names a FEC code: packets carry the lane's
+    /// sequence and the lane's encoder sees them.
+    pub(super) fec: bool,
     pub(super) keys: Option<Arc<Keys>>,
     pub(super) now: Instant,
 }
@@ -768,14 +904,17 @@ pub(super) fn super_packet<'a>(
 /// How many datagrams at the start of `rest` can go as one UDP GSO send:
 /// a run of one size and one TOS byte (one GSO send has one IP header to
 /// copy), plus one shorter last datagram (0 or 1: not worth it).
-pub(super) fn gso_run(rest: &[sys::Datagram<'_>]) -> usize {
+pub(super) fn gso_run(rest: &[sys::Datagram<'_>], cap: usize) -> usize {
     let Some((size, tos)) = rest.first().map(|d| (d.len(), d.tos)) else {
         return 0;
     };
     if size == 0 || size > usize::from(u16::MAX) {
         return 0;
     }
-    let most = (GSO_MAX_BYTES / size).min(GSO_MAX_SEGMENTS).min(rest.len());
+    let most = (GSO_MAX_BYTES / size)
+        .min(GSO_MAX_SEGMENTS)
+        .min(cap)
+        .min(rest.len());
     let mut run = rest
         .iter()
         .take(most)
@@ -849,7 +988,7 @@ mod tests {
             })
             .collect();
         let mut out = Vec::new();
-        plan_messages(&datagrams, gso, &mut out);
+        plan_messages(&datagrams, gso, GSO_MAX_SEGMENTS, &mut out);
         out.iter()
             .map(|m| (m.first, m.count, m.segment, m.tos))
             .collect()
