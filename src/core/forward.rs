@@ -140,6 +140,10 @@ pub enum Message {
     },
     /// The answer to one of our probes: its number and the far end's report.
     ProbeReply { seq: u64, report: ProbeReport },
+    /// A key-pair handshake message, for the peer's handshake
+    /// ([`crate::core::handshake`]), which authenticates it by its own
+    /// means; the whole datagram is the message.
+    Handshake,
 }
 
 /// What a receiver of a keyed peer opens sealed messages with on one path.
@@ -173,6 +177,9 @@ pub fn receive_marked(
     outer_tos: u8,
 ) -> Result<Message, DropReason> {
     let (header, hlen) = parse(datagram)?;
+    if header.msg_type == MsgType::Handshake {
+        return Ok(Message::Handshake);
+    }
     let message = match opener {
         None => receive_clear(datagram, header, hlen),
         Some(opener) => receive_sealed(datagram, header, hlen, opener),
@@ -195,9 +202,10 @@ pub fn decapsulate(datagram: &[u8]) -> Result<(Header, &[u8]), DropReason> {
             let inner = datagram.get(range).ok_or(DropReason::OverlayMalformed)?;
             Ok((header, inner))
         }
-        Message::Echo(..) | Message::Probe { .. } | Message::ProbeReply { .. } => {
-            Err(DropReason::OverlayUnsupported)
-        }
+        Message::Echo(..)
+        | Message::Probe { .. }
+        | Message::ProbeReply { .. }
+        | Message::Handshake => Err(DropReason::OverlayUnsupported),
     }
 }
 
@@ -219,6 +227,7 @@ fn receive_clear(datagram: &[u8], header: Header, hlen: usize) -> Result<Message
         | MsgType::SealedEchoReply
         | MsgType::SealedProbeRequest
         | MsgType::SealedProbeReply => Err(DropReason::SealMismatch),
+        MsgType::Handshake => Ok(Message::Handshake),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod drop;
 pub mod ecn;
 pub mod engine;
 pub mod forward;
+pub mod handshake;
 pub mod keypair;
 pub mod quality;
 pub mod reorder;

@@ -117,6 +117,10 @@ pub enum MsgType {
     SealedProbeRequest = 9,
     /// [`MsgType::ProbeReply`], sealed (payload encrypted, then the tag).
     SealedProbeReply = 10,
+    /// A key-pair handshake message ([`crate::core::handshake`]): the
+    /// sequence field says which (initiation, response, confirm), the
+    /// epoch field which session; authenticated by its own means.
+    Handshake = 11,
 }
 
 impl MsgType {
@@ -144,6 +148,7 @@ impl MsgType {
             8 => Some(MsgType::ProbeReply),
             9 => Some(MsgType::SealedProbeRequest),
             10 => Some(MsgType::SealedProbeReply),
+            11 => Some(MsgType::Handshake),
             _ => None,
         }
     }

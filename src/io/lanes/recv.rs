@@ -370,6 +370,10 @@ impl PathIn {
                 self.on_probe_reply(seq, report);
                 None
             }
+            Ok(Message::Handshake) => {
+                self.drops.count(DropReason::OverlayUnsupported);
+                None
+            }
             Err(reason) => {
                 self.drops.count(reason);
                 None
