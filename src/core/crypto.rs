@@ -116,6 +116,11 @@ impl Key {
         Ok(Key(out))
     }
 
+    /// The raw bytes (the handshake mixes a `key_file` in as its pre-shared key).
+    pub fn to_bytes(&self) -> [u8; KEY_LEN] {
+        self.0
+    }
+
     /// The HKDF pseudo-random key all message keys are expanded from.
     fn prk(&self) -> hkdf::Prk {
         hkdf::Salt::new(hkdf::HKDF_SHA256, KDF_SALT).extract(&self.0)

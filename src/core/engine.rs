@@ -43,6 +43,7 @@ use crate::config::{
 use crate::core::aggregate::{nanos, reorder_wait, Board, Delivery, Estimator};
 use crate::core::bfd::{Auth, Deadlines, KeyError, Session, SessionConfig, SessionEvent, Transmit};
 use crate::core::drop::DropReason;
+use crate::core::handshake::Handshake;
 use crate::core::quality::{Quality, Reason, Sample, Transition};
 use crate::core::steer::{Damping, Selection, Steering};
 use crate::core::wire::bfd::{AuthType, ControlPacket, Diag, EmitError, State};
@@ -260,6 +261,8 @@ pub struct Engine {
     in_ready: Vec<bool>,
     /// Scratch for the keys due in one `handle_timeout`.
     due_keys: Vec<usize>,
+    /// The handshakes of the peers with a `public_key`.
+    handshakes: HashMap<PeerId, Handshake>,
 }
 
 /// The key of a path's (even) or a peer's (odd) deadline in [`Engine::timers`].
@@ -299,6 +302,7 @@ impl Engine {
             ready_tx: VecDeque::new(),
             in_ready: Vec::new(),
             due_keys: Vec::new(),
+            handshakes: HashMap::new(),
         };
         for peer in &config.peers {
             engine.add_peer(peer, now);
@@ -500,6 +504,7 @@ impl Engine {
         if let Some(core) = self.peers.get_mut(usize::from(id.0)) {
             core.retired = true;
         }
+        self.handshakes.remove(&id);
         self.dirty = true;
         self.settle();
         packets
@@ -790,6 +795,11 @@ impl Engine {
             }
         }
         self.due_keys = keys;
+        for hs in self.handshakes.values_mut() {
+            if hs.poll_timeout().is_some_and(|t| t <= now) {
+                hs.handle_timeout(now);
+            }
+        }
         self.settle();
     }
 
@@ -945,7 +955,75 @@ impl Engine {
     /// already due is `poll_transmit`'s: drain that first). Without a scan:
     /// the earliest of the scheduled deadlines.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next()
+        let handshakes = self.handshakes.values().filter_map(Handshake::poll_timeout);
+        self.timers.next().into_iter().chain(handshakes).min()
+    }
+
+    /// Gives a peer with a `public_key` its handshake (it initiates at the
+    /// next timeout), or takes it away.
+    pub fn set_handshake(&mut self, peer: PeerId, handshake: Option<Handshake>) {
+        match handshake {
+            Some(h) => self.handshakes.insert(peer, h),
+            None => self.handshakes.remove(&peer),
+        };
+    }
+
+    /// A handshake datagram received on a path (from its remote).
+    pub fn handle_handshake(&mut self, path: PathId, datagram: &[u8], now: Instant) {
+        let Some(peer) = self.path(path).filter(|p| !p.retired).map(|p| p.peer) else {
+            return;
+        };
+        if let Some(hs) = self.handshakes.get_mut(&peer) {
+            hs.handle(datagram, now);
+        }
+    }
+
+    /// A handshake datagram to send, and the path to send it on: one of the
+    /// peer's healthy paths, else one whose BFD is Up, else any of its paths
+    /// (a handshake does not wait for BFD).
+    pub fn poll_handshake(&mut self) -> Option<(PathId, Vec<u8>)> {
+        let mut ids: Vec<PeerId> = self.handshakes.keys().copied().collect();
+        ids.sort();
+        for peer in ids {
+            let Some(paths) = self.peers.get(usize::from(peer.0)).map(|p| p.paths.clone()) else {
+                continue;
+            };
+            let live = |p: &&PathId| self.path(**p).is_some_and(|c| !c.retired);
+            let pick = paths
+                .iter()
+                .filter(live)
+                .find(|p| self.path(**p).is_some_and(PathCore::is_healthy))
+                .or_else(|| {
+                    paths
+                        .iter()
+                        .filter(live)
+                        .find(|p| self.path(**p).is_some_and(PathCore::is_up))
+                })
+                .or_else(|| paths.iter().find(live))
+                .copied();
+            let Some(hs) = self.handshakes.get_mut(&peer) else {
+                continue;
+            };
+            let Some(datagram) = hs.poll_transmit() else {
+                continue;
+            };
+            if let Some(path) = pick {
+                return Some((path, datagram));
+            }
+        }
+        None
+    }
+
+    /// New data-plane keys of a key-pair peer.
+    pub fn poll_keys(&mut self) -> Option<(PeerId, crate::core::crypto::Keys)> {
+        self.handshakes
+            .iter_mut()
+            .find_map(|(id, hs)| hs.poll_keys().map(|k| (*id, k)))
+    }
+
+    /// A key-pair peer's handshake (state, key age, counters).
+    pub fn handshake(&self, peer: PeerId) -> Option<&Handshake> {
+        self.handshakes.get(&peer)
     }
 
     /// The next control packet due, with the path to send it on, in the

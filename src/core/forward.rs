@@ -51,10 +51,27 @@ pub const TRAILER: usize = TAG_LEN;
 #[derive(Clone, Copy, Debug)]
 pub struct Sealer<'a> {
     pub keys: &'a Keys,
-    /// The sender's epoch (see [`crate::core::crypto`]).
+    /// The sender's epoch (see [`crate::core::crypto`]); with session keys
+    /// the session's epoch is used instead ([`Sealer::epoch`]).
     pub epoch: u32,
     /// [`crate::core::crypto::path_salt`] of (local, remote).
     pub salt: u64,
+}
+
+impl Sealer<'_> {
+    /// The epoch sealed messages carry: the current session's with session
+    /// keys, the sender's run epoch with a pre-shared key.
+    pub fn epoch(&self) -> u32 {
+        self.keys.session_epoch().unwrap_or(self.epoch)
+    }
+
+    /// Nothing can be sealed yet (a key-pair peer before its first handshake).
+    fn ready(&self) -> Result<(), DropReason> {
+        match self.keys.can_seal() {
+            true => Ok(()),
+            false => Err(DropReason::NoSession),
+        }
+    }
 }
 
 /// Where an outbound packet goes.
@@ -330,9 +347,12 @@ fn emit_control(
 ) -> Result<usize, DropReason> {
     let header = Header {
         msg_type: if sealer.is_some() { types.1 } else { types.0 },
-        epoch: sealer.map_or(0, |s| s.epoch),
+        epoch: sealer.map_or(0, Sealer::epoch),
         ..Header::echo(types.0, seq)
     };
+    if let Some(s) = sealer {
+        s.ready()?;
+    }
     let hlen = header.len();
     let trailer = if sealer.is_some() { TRAILER } else { 0 };
     let total = hlen + payload_len + trailer;
@@ -355,9 +375,10 @@ pub fn seal_data(
     header: &Header,
     sealer: &Sealer,
 ) -> Result<Range<usize>, DropReason> {
+    sealer.ready()?;
     let header = Header {
         msg_type: MsgType::SealedData,
-        epoch: sealer.epoch,
+        epoch: sealer.epoch(),
         ..*header
     };
     let range = encapsulate(buf, inner_len, &header)?;
@@ -373,8 +394,9 @@ pub fn seal_echo(echo: Echo, out: &mut [u8], sealer: &Sealer) -> Result<usize, D
         Echo::Request(s) => (MsgType::SealedEchoRequest, s),
         Echo::Reply(s) => (MsgType::SealedEchoReply, s),
     };
+    sealer.ready()?;
     let header = Header {
-        epoch: sealer.epoch,
+        epoch: sealer.epoch(),
         ..Header::echo(msg_type, stamp)
     };
     let hlen = header.len();

@@ -55,7 +55,7 @@
 //!
 //! **Rekey.** The initiator of the current session starts a new handshake
 //! when the session is [`REKEY_AFTER`] old (the responder, so that one side
-//! does it, [`REKEY_JITTER`] later) or has sealed [`REKEY_AFTER_MESSAGES`]
+//! does it, [`REKEY_AFTER`] / 12 later) or has sealed [`REKEY_AFTER_MESSAGES`]
 //! messages: far below AES-GCM's limits (every message key is further
 //! bound to one path direction and message kind, and its nonce is the
 //! sequence number). The previous session stays accepted on receive until
@@ -87,9 +87,9 @@ use zeroize::Zeroize;
 
 /// Age of a session at which its initiator starts a new handshake.
 pub const REKEY_AFTER: Duration = Duration::from_secs(120);
-/// How much later than the initiator the responder rekeys.
-pub const REKEY_JITTER: Duration = Duration::from_secs(10);
-/// Age after which a session neither seals nor opens anything.
+/// Age after which a session neither seals nor opens anything (1.5 times
+/// [`REKEY_AFTER`]; the responder rekeys 1/12 of [`REKEY_AFTER`] after the
+/// initiator, if the initiator did not).
 pub const REJECT_AFTER: Duration = Duration::from_secs(180);
 /// Messages sealed under one session before a rekey starts (the counter
 /// is the shell's, [`Handshake::note_sealed`]).
@@ -248,21 +248,35 @@ struct Confirming {
     next: Instant,
 }
 
-/// A token bucket.
-struct Bucket {
+/// A token bucket: `rate` tokens per second, at most `burst` stored.
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
     tokens: f64,
     at: Option<Instant>,
 }
 
-impl Bucket {
-    fn take(&mut self, now: Instant) -> bool {
-        let burst = f64::from(BUCKET_BURST);
+impl TokenBucket {
+    pub fn new(rate: u32, burst: u32) -> TokenBucket {
+        TokenBucket {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            at: None,
+        }
+    }
+
+    /// Takes a token if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
         let elapsed = self
             .at
             .map_or(Duration::MAX, |at| now.saturating_duration_since(at));
-        let refill = elapsed.as_secs_f64() * f64::from(BUCKET_RATE);
-        self.tokens = (self.tokens + refill).min(burst);
-        self.at = Some(now);
+        let refill = elapsed.as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        if self.at.is_none_or(|at| now > at) {
+            self.at = Some(now);
+        }
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -278,6 +292,10 @@ pub struct Setup {
     pub remote: PublicKey,
     /// The peer's `key_file`, mixed in (IKpsk2).
     pub psk: Option<[u8; 32]>,
+    /// [`REKEY_AFTER`], unless a test wants it shorter (the previous and
+    /// current sessions then expire after 1.5 times this, and the responder
+    /// rekeys 1/12 of it after the initiator).
+    pub rekey_after: Duration,
 }
 
 /// One peer's handshake state machine. Feed it received handshake
@@ -302,11 +320,13 @@ pub struct Handshake {
     current: Option<Session>,
     previous: Option<Session>,
     seen: VecDeque<[u8; 32]>,
-    bucket: Bucket,
+    bucket: TokenBucket,
     transmit: VecDeque<Vec<u8>>,
     keys_changed: bool,
     /// Whether the peer wants keys (a peer starts one at once).
     active: bool,
+    rekey_after: Duration,
+    reject_after: Duration,
     created: Instant,
     stats: Stats,
 }
@@ -372,13 +392,12 @@ impl Handshake {
             current: None,
             previous: None,
             seen: VecDeque::new(),
-            bucket: Bucket {
-                tokens: f64::from(BUCKET_BURST),
-                at: None,
-            },
+            bucket: TokenBucket::new(BUCKET_RATE, BUCKET_BURST),
             transmit: VecDeque::new(),
             keys_changed: false,
             active: true,
+            rekey_after: setup.rekey_after,
+            reject_after: setup.rekey_after.saturating_mul(3) / 2,
             created: now,
             stats: Stats::default(),
         }
@@ -685,7 +704,7 @@ impl Handshake {
         if self
             .previous
             .as_ref()
-            .is_some_and(|p| now.saturating_duration_since(p.established) >= REJECT_AFTER)
+            .is_some_and(|p| now.saturating_duration_since(p.established) >= self.reject_after)
         {
             self.previous = None;
             self.keys_changed = true;
@@ -693,7 +712,7 @@ impl Handshake {
         if self
             .current
             .as_ref()
-            .is_some_and(|c| now.saturating_duration_since(c.established) >= REJECT_AFTER)
+            .is_some_and(|c| now.saturating_duration_since(c.established) >= self.reject_after)
         {
             self.current = None;
             self.keys_changed = true;
@@ -733,9 +752,9 @@ impl Handshake {
         };
         let age = now.saturating_duration_since(c.established);
         let due = if c.initiator {
-            REKEY_AFTER
+            self.rekey_after
         } else {
-            REKEY_AFTER + REKEY_JITTER
+            self.rekey_after + self.rekey_after / 12
         };
         age >= due || c.sealed >= REKEY_AFTER_MESSAGES
     }
@@ -745,18 +764,18 @@ impl Handshake {
         let mut t: Option<Instant> = None;
         let mut at = |x: Instant| t = Some(t.map_or(x, |t| t.min(x)));
         if let Some(p) = &self.previous {
-            at(p.established + REJECT_AFTER);
+            at(p.established + self.reject_after);
         }
         if let Some(c) = &self.current {
-            at(c.established + REJECT_AFTER);
+            at(c.established + self.reject_after);
             if self.active && self.initiation.is_none() && c.sealed >= REKEY_AFTER_MESSAGES {
                 at(c.established);
             }
             if self.active && self.initiation.is_none() {
                 let due = if c.initiator {
-                    REKEY_AFTER
+                    self.rekey_after
                 } else {
-                    REKEY_AFTER + REKEY_JITTER
+                    self.rekey_after + self.rekey_after / 12
                 };
                 at(c.established + due);
             }
@@ -845,6 +864,7 @@ mod tests {
                 local: key(1),
                 remote: key(2).public(),
                 psk,
+                rekey_after: REKEY_AFTER,
             },
             t0,
         );
@@ -853,6 +873,7 @@ mod tests {
                 local: key(2),
                 remote: key(1).public(),
                 psk,
+                rekey_after: REKEY_AFTER,
             },
             t0,
         );
@@ -985,6 +1006,7 @@ mod tests {
                 local: key(3),
                 remote: key(2).public(),
                 psk: None,
+                rekey_after: REKEY_AFTER,
             },
             t0,
         );
@@ -1000,6 +1022,7 @@ mod tests {
                 local: key(2),
                 remote: key(4).public(),
                 psk: None,
+                rekey_after: REKEY_AFTER,
             },
             t0,
         );
@@ -1165,6 +1188,7 @@ mod tests {
                 local: key(2),
                 remote: key(1).public(),
                 psk: None,
+                rekey_after: REKEY_AFTER,
             },
             net.now,
         );
@@ -1226,6 +1250,7 @@ mod tests {
                 local: key(5),
                 remote: key(2).public(),
                 psk: None,
+                rekey_after: REKEY_AFTER,
             },
             t0,
         );

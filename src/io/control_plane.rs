@@ -32,16 +32,19 @@
 //! Everything else in the engine is left as it was.
 
 use super::fastpath::{self, FastPath};
+use super::lanes::SharedKeys;
 use super::{clock, sys, udp};
 use crate::config::{PathConfig, PeerConfig, SlaConfig};
 use crate::core::bfd::Transmit;
 use crate::core::engine::MoveCause;
 use crate::core::engine::{Engine, Event, Forwarding, Secrets};
+use crate::core::handshake::{Failure, Handshake};
 use crate::core::quality::{Sample, Transition};
 use crate::core::wire::bfd::State;
 use crate::telemetry::metrics::{Metrics, PathLabels};
 use crate::telemetry::status::{
-    AggregateStatus, BfdStatus, PathStatus, PeerStatus, QualityStatus, ReorderStatus, Status,
+    AggregateStatus, BfdStatus, HandshakeStatus, PathStatus, PeerStatus, QualityStatus,
+    ReorderStatus, Status,
 };
 use crate::telemetry::{DropCounters, PathCounters, ReorderCounters};
 use crate::{PathId, PeerId};
@@ -75,6 +78,8 @@ pub enum Command {
     SendError(PathId),
     /// A probe's reply came back on the path (from its lane 0).
     Quality(PathId, Box<Sample>),
+    /// A key-pair handshake message came on the path, from its remote.
+    Handshake(PathId, Box<[u8]>),
     Apply(Box<Plan>, oneshot::Sender<Applied>),
 }
 
@@ -83,6 +88,8 @@ pub struct NewPath {
     pub peer: String,
     pub config: PathConfig,
     pub bfd_tx: UdpSocket,
+    /// A socket of the path's data plane (lane 0's), for handshake messages.
+    pub data_tx: Arc<UdpSocket>,
     pub counters: Arc<PathCounters>,
 }
 
@@ -114,6 +121,8 @@ pub struct Plan {
     pub add_tuns: Vec<(String, Arc<SyncDevice>, Option<Arc<FastPath>>)>,
     /// The new peers' resequencing counters (their lanes').
     pub add_reorder: Vec<(String, Arc<ReorderCounters>)>,
+    /// The new key-pair peers' handshakes, and where their keys go.
+    pub add_handshakes: Vec<(String, Handshake, SharedKeys)>,
 }
 
 /// The ids the engine gave to what a [`Plan`] added.
@@ -256,6 +265,10 @@ pub struct BfdThread {
     pub quality_exported: Option<Instant>,
     /// What the thread sets up for itself when it starts.
     pub io: Io,
+    /// Data-plane sockets by [`PathId`], for handshake messages.
+    pub data_tx: Vec<Option<Arc<UdpSocket>>>,
+    /// Key-pair peers' keys by [`PeerId`], published as handshakes complete.
+    pub peer_keys: Vec<Option<SharedKeys>>,
 }
 
 /// The BFD thread's own machinery, made when it starts.
@@ -489,6 +502,7 @@ impl BfdThread {
                 }
             }
         }
+        self.flush_handshakes();
         let mut any = false;
         while let Some(ev) = self.engine.poll_event() {
             any = true;
@@ -533,6 +547,14 @@ impl BfdThread {
 
     /// Each path's quality figures to its gauges.
     fn export_quality(&self, now: Instant) {
+        for pi in 0..self.engine.peer_count() {
+            let id = PeerId(pi as u16);
+            if let (Some(h), Some((name, _, _))) = (self.engine.handshake(id), self.engine.peer(id))
+            {
+                let age = h.key_age(now).map(|a| a.as_secs_f64());
+                self.metrics.set_handshake(name, h.stats(), age);
+            }
+        }
         for (i, p) in self.engine.paths().iter().enumerate() {
             if p.is_retired() {
                 continue;
@@ -788,6 +810,7 @@ impl BfdThread {
                 Command::Link { .. } => "link",
                 Command::SendError(_) => "send error",
                 Command::Quality(..) => "quality sample",
+                Command::Handshake(..) => "handshake",
                 Command::Apply(..) => "reload",
             };
             self.io.note_busy(kind, t, t);
@@ -810,6 +833,11 @@ impl BfdThread {
                 Command::Quality(path, sample) => {
                     self.engine
                         .handle_quality_sample(path, &sample, clock::now());
+                }
+                Command::Handshake(path, datagram) => {
+                    let now = clock::now();
+                    self.engine.handle_handshake(path, &datagram, now);
+                    self.flush(now);
                 }
                 Command::Apply(plan, reply) => {
                     let applied = self.apply(*plan);
@@ -864,6 +892,29 @@ impl BfdThread {
     }
 
     /// Applies a reload [`Plan`]: removals (AdminDown sent), then additions.
+    /// Sends the handshakes' messages on the data sockets of their paths and
+    /// gives new session keys to the peers' lanes.
+    fn flush_handshakes(&mut self) {
+        while let Some((id, datagram)) = self.engine.poll_handshake() {
+            let (Some(path), Some(Some(sock))) =
+                (self.engine.path(id), self.data_tx.get(usize::from(id.0)))
+            else {
+                continue;
+            };
+            if let Err(e) = sock.send_to(&datagram, path.remote) {
+                debug!(path = %path.name, error = %e, "handshake send failed");
+            }
+        }
+        while let Some((peer, keys)) = self.engine.poll_keys() {
+            if let Some(Some(shared)) = self.peer_keys.get(usize::from(peer.0)) {
+                let epoch = keys.session_epoch();
+                let name = self.engine.peer(peer).map_or("?", |p| p.0);
+                debug!(peer = %name, send_epoch = ?epoch, "session keys changed");
+                shared.store(Some(Arc::new(keys)));
+            }
+        }
+    }
+
     fn apply(&mut self, plan: Plan) -> Applied {
         let now = clock::now();
         let mut finals = Vec::new();
@@ -881,6 +932,9 @@ impl BfdThread {
             if let Some(t) = self.fast.get_mut(usize::from(id.0)) {
                 *t = None;
             }
+            if let Some(k) = self.peer_keys.get_mut(usize::from(id.0)) {
+                *k = None;
+            }
             let paths = self.engine.peer(id).map(|(_, _, p)| p.to_vec());
             for path in paths.unwrap_or_default() {
                 self.metrics.remove_path(usize::from(path.0));
@@ -890,6 +944,9 @@ impl BfdThread {
         self.send_final(&finals, Duration::ZERO);
         for (id, _) in &finals {
             if let Some(slot) = self.tx.get_mut(usize::from(id.0)) {
+                *slot = None;
+            }
+            if let Some(slot) = self.data_tx.get_mut(usize::from(id.0)) {
                 *slot = None;
             }
         }
@@ -935,6 +992,13 @@ impl BfdThread {
                 self.metrics.set_reorder(usize::from(id.0), reorder.clone());
                 *slot(&mut self.reorder, usize::from(id.0)) = reorder;
             }
+        }
+        for (name, handshake, keys) in plan.add_handshakes {
+            let Some(id) = self.engine.peer_by_name(&name) else {
+                continue;
+            };
+            self.engine.set_handshake(id, Some(handshake));
+            *slot(&mut self.peer_keys, usize::from(id.0)) = Some(keys);
         }
         for path in plan.add_paths {
             self.add_path(path, now, &mut applied);
@@ -991,6 +1055,7 @@ impl BfdThread {
         };
         self.metrics.add_path(i, &labels, new.counters.clone());
         *slot(&mut self.tx, i) = Some(new.bfd_tx);
+        *slot(&mut self.data_tx, i) = Some(new.data_tx);
         *slot(&mut self.counters, i) = Some(new.counters);
         *slot(&mut self.meta.paths, i) = Some((c.priority, c.weight));
         applied.paths.push((new.peer, c.name.clone(), id));
@@ -1013,6 +1078,20 @@ impl BfdThread {
                 ids.iter().filter_map(|&id| self.path_status(id)).collect();
             let active_path = paths.iter().find(|p| p.active).map(|p| p.name.clone());
             let reorder = self.reorder_status(PeerId(pi as u16));
+            let now = clock::now();
+            let handshake = self.engine.handshake(PeerId(pi as u16)).map(|h| {
+                let stats = h.stats();
+                HandshakeStatus {
+                    state: h.state().as_str().to_string(),
+                    key_age_seconds: h.key_age(now).map(|a| a.as_secs()),
+                    completed: stats.completed,
+                    failures: Failure::ALL
+                        .iter()
+                        .map(|f| (f.as_str().to_string(), stats.failures(*f)))
+                        .filter(|(_, n)| *n > 0)
+                        .collect(),
+                }
+            });
             peers.push(PeerStatus {
                 name: name.to_string(),
                 tun,
@@ -1021,6 +1100,7 @@ impl BfdThread {
                 active_path,
                 paths,
                 reorder,
+                handshake,
             });
         }
         Status {

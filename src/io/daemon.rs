@@ -165,6 +165,7 @@ fn only_bfd_timers_differ(a: &PathConfig, b: &PathConfig) -> bool {
 fn refuse_unsupported(config: &Config) -> Result<(), DaemonError> {
     for peer in &config.peers {
         keys::load(peer).map_err(DaemonError::Setup)?;
+        keys::handshake(&config.gateway, peer, clock::now()).map_err(DaemonError::Setup)?;
     }
     Ok(())
 }
@@ -282,6 +283,8 @@ async fn run_async(
         fast_collected: None,
         quality_exported: None,
         io: Default::default(),
+        data_tx: Vec::new(),
+        peer_keys: Vec::new(),
         meta: Meta {
             gateway: config.gateway.name.clone(),
             started: now,
@@ -560,6 +563,17 @@ impl Gateway {
                 Some(i) => i,
                 None => match self.open_peer(w).await {
                     Ok(peer) => {
+                        match keys::handshake(&want.gateway, w, clock::now()) {
+                            Ok(Some(h)) => {
+                                plan.add_handshakes
+                                    .push((w.name.clone(), h, peer.keys.clone()));
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                problems.push(e);
+                                continue;
+                            }
+                        }
                         plan.add_peers.push(bare(w));
                         plan.add_tuns
                             .push((w.name.clone(), peer.tun.clone(), peer.fast.clone()));
@@ -582,10 +596,15 @@ impl Gateway {
                 match open_path(&w.name, path, want, peer.lanes) {
                     Ok((p, bfd_tx)) => {
                         peer.park();
+                        let Some(data_tx) = p.sockets.first().cloned() else {
+                            problems.push(format!("peer {} path {}: no socket", w.name, path.name));
+                            continue;
+                        };
                         plan.add_paths.push(NewPath {
                             peer: w.name.clone(),
                             config: path.clone(),
                             bfd_tx,
+                            data_tx,
                             counters: p.counters.clone(),
                         });
                         pending.push(p);
@@ -633,7 +652,11 @@ impl Gateway {
     /// no later run can reuse it (see [`crate::core::crypto`]).
     async fn set_keys(&mut self, want: &Config) -> Vec<String> {
         let mut problems = Vec::new();
-        if want.peers.iter().any(|p| p.key_file.is_some()) {
+        if want
+            .peers
+            .iter()
+            .any(|p| p.key_file.is_some() && p.public_key.is_none())
+        {
             let settled = Duration::from_secs(u64::from(self.shared.epoch) + 1);
             let unix = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -646,6 +669,18 @@ impl Gateway {
             let Some(w) = want.peers.iter().find(|w| w.name == peer.config.name) else {
                 continue;
             };
+            if w.public_key.is_some() {
+                // Session keys come from the handshake (the BFD thread's);
+                // a new peer starts with none.
+                if peer.keys.load().is_none() {
+                    peer.keys
+                        .store(Some(Arc::new(crate::core::crypto::Keys::sessions(
+                            None,
+                            &[],
+                        ))));
+                }
+                continue;
+            }
             match keys::load(w) {
                 Ok(k) => {
                     let was = peer.keys.load().is_some();
@@ -907,6 +942,10 @@ impl Gateway {
                 salt_in: crypto::path_salt(p.config.remote, p.config.local),
                 window: window.clone(),
                 echo_guard: EchoGuard::default(),
+                handshake_bucket: crate::core::handshake::TokenBucket::new(
+                    lanes::HANDSHAKE_RATE,
+                    lanes::HANDSHAKE_RATE,
+                ),
                 dedup: peer.dedup.clone(),
                 reorder: lane.reorder.clone(),
                 forwarding: None,

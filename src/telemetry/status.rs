@@ -27,6 +27,24 @@ pub struct PeerStatus {
     /// order by this gateway's lanes (absent when none ever came).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reorder: Option<ReorderStatus>,
+    /// The key-pair handshake (peers with a `public_key` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake: Option<HandshakeStatus>,
+}
+
+/// A key-pair peer's handshake (`crate::core::handshake`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct HandshakeStatus {
+    /// `idle`, `initiating` or `established`.
+    pub state: String,
+    /// Age of the keys that seal now, seconds (absent without a session).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_age_seconds: Option<u64>,
+    /// Handshakes completed since start.
+    pub completed: u64,
+    /// Handshake messages dropped or handshakes failed, by reason.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub failures: std::collections::BTreeMap<String, u64>,
 }
 
 /// A peer's resequencing (`crate::core::reorder`), summed over its lanes.
@@ -237,6 +255,22 @@ impl Status {
             if !spread.is_empty() {
                 let _ = writeln!(s, "  aggregate: {}", spread.join(", "));
             }
+            if let Some(h) = &peer.handshake {
+                let age = h
+                    .key_age_seconds
+                    .map_or_else(|| "no keys".to_string(), |a| format!("keys {a}s old"));
+                let fails: Vec<String> =
+                    h.failures.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                let fails = match fails.is_empty() {
+                    true => String::new(),
+                    false => format!(", failures: {}", fails.join(", ")),
+                };
+                let _ = writeln!(
+                    s,
+                    "  handshake: {}, {age}, {} completed{fails}",
+                    h.state, h.completed
+                );
+            }
             if let Some(r) = &peer.reorder {
                 let _ = writeln!(
                     s,
@@ -316,6 +350,7 @@ mod tests {
                 policy: "active-backup".into(),
                 active_path: Some("cci-1".into()),
                 reorder: None,
+                handshake: None,
                 paths: vec![PathStatus {
                     name: "cci-1".into(),
                     state: "up".into(),
