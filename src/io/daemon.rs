@@ -69,7 +69,7 @@ const FALLBACK_UNDERLAY_MTU: u32 = 1500;
 /// with IPv6 inside), at most 65535.
 fn default_mtu(w: &PeerConfig) -> u16 {
     let extended = matches!(w.policy, Policy::Duplicate | Policy::Aggregate);
-    let sealed = w.key_file.is_some();
+    let sealed = w.key_file.is_some() || w.public_key.is_some();
     let fits = w
         .paths
         .iter()
