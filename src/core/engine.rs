@@ -982,12 +982,18 @@ impl Engine {
     /// peer's healthy paths, else one whose BFD is Up, else any of its paths
     /// (a handshake does not wait for BFD).
     pub fn poll_handshake(&mut self) -> Option<(PathId, Vec<u8>)> {
-        let mut ids: Vec<PeerId> = self.handshakes.keys().copied().collect();
-        ids.sort();
-        for peer in ids {
-            let Some(paths) = self.peers.get(usize::from(peer.0)).map(|p| p.paths.clone()) else {
-                continue;
-            };
+        loop {
+            let peer = self
+                .handshakes
+                .iter()
+                .filter(|(_, h)| h.has_transmit())
+                .map(|(id, _)| *id)
+                .min()?;
+            let paths = self
+                .peers
+                .get(usize::from(peer.0))
+                .map(|p| p.paths.as_slice())
+                .unwrap_or_default();
             let live = |p: &&PathId| self.path(**p).is_some_and(|c| !c.retired);
             let pick = paths
                 .iter()
@@ -1001,17 +1007,12 @@ impl Engine {
                 })
                 .or_else(|| paths.iter().find(live))
                 .copied();
-            let Some(hs) = self.handshakes.get_mut(&peer) else {
-                continue;
-            };
-            let Some(datagram) = hs.poll_transmit() else {
-                continue;
-            };
+            let datagram = self.handshakes.get_mut(&peer)?.poll_transmit()?;
+            // Without a path the message is dropped (the handshake retries).
             if let Some(path) = pick {
                 return Some((path, datagram));
             }
         }
-        None
     }
 
     /// New data-plane keys of a key-pair peer.
@@ -1527,6 +1528,91 @@ mod tests {
         assert_eq!(again, PeerId(1));
         run(&mut a, &mut b, t0, 3000, 5000);
         assert!(a.forwarding().peers[1].active.is_some());
+    }
+}
+
+#[cfg(test)]
+mod handshake_tests {
+    use super::*;
+    use crate::core::crypto::MessageId;
+    use crate::core::handshake::{Setup, State as HsState, REKEY_AFTER};
+    use crate::core::keypair::PrivateKey;
+
+    fn engine(side: u8, now: Instant) -> Engine {
+        let other = 3 - side;
+        let text = format!(
+            "[gateway]\nname = \"g{side}\"\n[[peer]]\nname = \"p\"\ntun = \"xl-p\"\n\
+             [[peer.path]]\nname = \"p1\"\nlocal = \"198.18.21.{side}:4800\"\n\
+             remote = \"198.18.21.{other}:4800\"\n\
+             [[peer.path]]\nname = \"p2\"\nlocal = \"198.18.22.{side}:4800\"\n\
+             remote = \"198.18.22.{other}:4800\"\n"
+        );
+        let config = Config::parse(&text, "test").expect("valid");
+        let mut e = Engine::new(&config, now, u64::from(side));
+        e.set_handshake(
+            PeerId(0),
+            Some(Handshake::new(
+                Setup {
+                    local: PrivateKey::from_bytes([side; 32]),
+                    remote: PrivateKey::from_bytes([other; 32]).public(),
+                    psk: None,
+                    rekey_after: REKEY_AFTER,
+                },
+                now,
+            )),
+        );
+        e
+    }
+
+    /// The engine starts each key-pair peer's handshake, sends its messages
+    /// on the peer's paths and hands out keys that the other side opens.
+    #[test]
+    fn engines_run_the_handshake_over_the_peers_paths() {
+        let now = Instant::now();
+        let mut a = engine(1, now);
+        let mut b = engine(2, now);
+        assert!(a.poll_timeout().is_some_and(|t| t <= now));
+        let mut keys = [None, None];
+        for step in 0..10u64 {
+            let t = now + Duration::from_millis(step);
+            let mut engines = [a, b];
+            for k in 0..2 {
+                let [x, y] = &mut engines;
+                let (from, to) = if k == 0 { (x, y) } else { (y, x) };
+                from.handle_timeout(t);
+                while let Some((path, d)) = from.poll_handshake() {
+                    assert!(from.path(path).is_some_and(|p| p.peer == PeerId(0)));
+                    to.handle_handshake(path, &d, t);
+                }
+                while let Some((peer, ks)) = from.poll_keys() {
+                    assert_eq!(peer, PeerId(0));
+                    keys[k] = Some(ks);
+                }
+            }
+            [a, b] = engines;
+        }
+        for e in [&a, &b] {
+            assert_eq!(
+                e.handshake(PeerId(0)).map(|h| h.state()),
+                Some(HsState::Established)
+            );
+        }
+        let (Some(ka), Some(kb)) = (&keys[0], &keys[1]) else {
+            panic!("no keys published");
+        };
+        let id = MessageId {
+            epoch: ka.session_epoch().expect("a seals"),
+            msg_type: 4,
+            salt: 1,
+            sequence: 1,
+        };
+        let mut payload = *b"inner";
+        let tag = ka.seal(&id, b"h", &mut payload);
+        assert!(kb.open(&id, b"h", &mut payload, &tag).is_ok());
+        assert_eq!(&payload, b"inner");
+        // A removed peer's handshake goes with it.
+        a.remove_peer(PeerId(0), now);
+        assert!(a.handshake(PeerId(0)).is_none());
     }
 }
 

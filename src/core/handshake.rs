@@ -805,6 +805,11 @@ impl Handshake {
         t
     }
 
+    /// Whether a datagram waits for [`Handshake::poll_transmit`].
+    pub fn has_transmit(&self) -> bool {
+        !self.transmit.is_empty()
+    }
+
     /// A datagram to send on any up path of the peer.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         self.transmit.pop_front()

@@ -574,8 +574,11 @@ mod tests {
         let mut t = good;
         t[1] = 0;
         assert_eq!(Header::parse(&t), Err(OverlayError::BadType(0)));
+        t[1] = 12;
+        assert_eq!(Header::parse(&t), Err(OverlayError::BadType(12)));
         t[1] = 11;
-        assert_eq!(Header::parse(&t), Err(OverlayError::BadType(11)));
+        assert_eq!(Header::parse(&t).unwrap().0.msg_type, MsgType::Handshake);
+        assert!(!MsgType::Handshake.is_sealed());
         t[1] = 4;
         assert_eq!(Header::parse(&t).unwrap().0.msg_type, MsgType::SealedData);
         assert!(MsgType::SealedData.is_sealed() && !MsgType::Data.is_sealed());
@@ -618,7 +621,7 @@ mod tests {
             assert_eq!(m as u8, t);
             assert_eq!(m.is_sealed(), sealed);
         }
-        assert_eq!(MsgType::from_u8(11), None);
+        assert_eq!(MsgType::from_u8(12), None);
         assert_eq!(ProbeClass::from_payload(&[1, 0]), ProbeClass::Large);
         assert_eq!(ProbeClass::from_payload(&[0]), ProbeClass::Small);
         assert_eq!(ProbeClass::from_payload(&[7]), ProbeClass::Small);
