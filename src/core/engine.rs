@@ -1576,7 +1576,7 @@ mod handshake_tests {
         for step in 0..10u64 {
             let t = now + Duration::from_millis(step);
             let mut engines = [a, b];
-            for k in 0..2 {
+            for k in [0usize, 1] {
                 let [x, y] = &mut engines;
                 let (from, to) = if k == 0 { (x, y) } else { (y, x) };
                 from.handle_timeout(t);

@@ -471,7 +471,9 @@ fn bare(peer: &PeerConfig) -> PeerConfig {
 fn restart_key(peer: &PeerConfig) -> PeerConfig {
     PeerConfig {
         routes: Vec::new(),
-        key_file: None,
+        // A key-pair peer's `key_file` is its handshake's pre-shared key,
+        // read when the peer starts: a change restarts the peer.
+        key_file: peer.key_file.clone().filter(|_| peer.public_key.is_some()),
         accept_key_file: None,
         sla: SlaConfig::default(),
         reorder_wait: None,
