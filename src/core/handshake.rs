@@ -439,7 +439,10 @@ impl Handshake {
 
     /// Sends a new initiation (a new ephemeral key and epoch).
     fn initiate(&mut self, now: Instant) {
-        let attempt = self.initiation.as_ref().map_or(1, |i| i.attempt + 1);
+        let attempt = self
+            .initiation
+            .as_ref()
+            .map_or(1, |i| i.attempt.saturating_add(1));
         let epoch = self.take_epoch();
         let Some(mut noise) = self
             .builder()
