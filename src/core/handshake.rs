@@ -46,6 +46,12 @@
 //! does not match the initiator's ephemeral key and fails to decrypt; a
 //! replayed confirm finds its session confirmed already.
 //!
+//! A session waiting for its confirm is already accepted on receive (the
+//! initiator seals under it as soon as it has the response); the initiator
+//! sends the confirm three times, a second apart. When both sides initiate
+//! at once, the side with the greater public key keeps its initiation and
+//! the other gives its own up and answers, so one handshake results.
+//!
 //! **Binding.** The responder's static key is the configured
 //! `public_key` (IK: the initiator encrypts to it), and the initiator's
 //! static key, which the responder learns from message 1, must be the
@@ -72,7 +78,9 @@
 //! `mac1`: one HMAC, so junk from anyone who does not know the public key
 //! is dropped at once), and a token bucket ([`BUCKET_RATE`] per second,
 //! [`BUCKET_BURST`] deep) per peer. The shell accepts handshake messages
-//! only from a path's configured remote address.
+//! only from a path's configured remote address, and each path's receiver
+//! passes at most `HANDSHAKE_RATE` (50) a second on to the
+//! control plane.
 //!
 //! The ephemeral keys are drawn by `snow` from the system's random source
 //! (the one place the core draws randomness it is not handed).
