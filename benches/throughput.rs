@@ -1,7 +1,8 @@
 //! Throughput of the data plane against kernel forwarding, in one run and one
 //! topology: the netns lab of [`crosslink::lab`] (client - gw-a - path1 -
 //! gw-b - server), routed once by the kernel (`kernel_only`), once through
-//! crosslink in cleartext, once through crosslink with a key and, if
+//! crosslink in cleartext, once through crosslink with a key, once with key
+//! pairs (session keys from the handshake) and, if
 //! `boringtun-cli` is installed (`cargo install boringtun-cli`), once through
 //! a userspace WireGuard tunnel between the gateways (see `boringtun.rs`), and
 //! once through the kernel's own UDP tunnel, VXLAN (see `vxlan.rs`): the
@@ -23,7 +24,7 @@
 //!
 //! Run as root: `cargo bench --bench throughput`. Knobs (environment):
 //! `XL_BENCH_RUNS` (default 3), `XL_BENCH_SECONDS` per test (default 5),
-//! `XL_BENCH_MODES` (comma list of kernel,plain,fast,keyed,boringtun,vxlan; default all
+//! `XL_BENCH_MODES` (comma list of kernel,plain,fast,keyed,pairs,boringtun,vxlan; default all
 //! available), `XL_BENCH_COMPARE` (a second crosslink binary measured
 //! alongside), `XL_BENCH_ALT_SLA` (`[peer.sla]` lines separated by `;`,
 //! e.g. `probe_interval = "10s"`: each crosslink mode measured again with
@@ -52,6 +53,8 @@ enum Kind {
     Plain,
     Fast,
     Keyed,
+    /// Key pairs and the handshake (session keys).
+    Pairs,
     Boringtun,
     Vxlan,
 }
@@ -123,7 +126,7 @@ impl Test {
 /// `boringtun-cli` is not installed.
 fn modes(bin: &std::path::Path) -> Vec<Mode> {
     let wanted = std::env::var("XL_BENCH_MODES")
-        .unwrap_or_else(|_| "kernel,plain,fast,keyed,boringtun,vxlan".into());
+        .unwrap_or_else(|_| "kernel,plain,fast,keyed,pairs,boringtun,vxlan".into());
     let other = std::env::var_os("XL_BENCH_COMPARE").map(PathBuf::from);
     let alt_sla: Option<Vec<String>> = std::env::var("XL_BENCH_ALT_SLA")
         .ok()
@@ -135,6 +138,7 @@ fn modes(bin: &std::path::Path) -> Vec<Mode> {
             "plain" => (Kind::Plain, "crosslink"),
             "fast" => (Kind::Fast, "crosslink fast path"),
             "keyed" => (Kind::Keyed, "crosslink+key"),
+            "pairs" => (Kind::Pairs, "crosslink+key pairs"),
             "boringtun" => (Kind::Boringtun, "boringtun"),
             "vxlan" => (Kind::Vxlan, "kernel vxlan"),
             other => {
@@ -161,7 +165,7 @@ fn modes(bin: &std::path::Path) -> Vec<Mode> {
             bin: mode_bin.clone(),
             sla: Vec::new(),
         });
-        let crosslink = matches!(kind, Kind::Plain | Kind::Fast | Kind::Keyed);
+        let crosslink = matches!(kind, Kind::Plain | Kind::Fast | Kind::Keyed | Kind::Pairs);
         if let (Some(o), true) = (&other, crosslink) {
             out.push(Mode {
                 kind,
@@ -186,7 +190,7 @@ fn modes(bin: &std::path::Path) -> Vec<Mode> {
 fn measure(mode: &Mode, seconds: u64) -> Result<Vec<Figure>, String> {
     let mut opts = match mode.kind {
         Kind::Kernel | Kind::Boringtun | Kind::Vxlan => LabOptions::kernel_only("tp", &mode.bin),
-        Kind::Plain | Kind::Fast | Kind::Keyed => LabOptions::new("tp", &mode.bin),
+        Kind::Plain | Kind::Fast | Kind::Keyed | Kind::Pairs => LabOptions::new("tp", &mode.bin),
     };
     opts.fast_path = mode.kind == Kind::Fast;
     opts.sla = mode.sla.clone();
@@ -196,6 +200,7 @@ fn measure(mode: &Mode, seconds: u64) -> Result<Vec<Figure>, String> {
     if mode.kind == Kind::Keyed {
         opts.key = Some(BENCH_KEY.into());
     }
+    opts.key_pairs = mode.kind == Kind::Pairs;
     let mut lab = Lab::new(opts).map_err(|e| e.to_string())?;
     // Declared after the lab, so dropped (processes stopped, sockets
     // removed) before the lab deletes the namespaces, on every return.
@@ -206,10 +211,16 @@ fn measure(mode: &Mode, seconds: u64) -> Result<Vec<Figure>, String> {
             None
         }
         Kind::Boringtun => Some(boringtun::Tunnel::start(&lab, &mode.bin)?),
-        Kind::Plain | Kind::Fast | Kind::Keyed => {
+        Kind::Plain | Kind::Fast | Kind::Keyed | Kind::Pairs => {
             lab.start_gateways().map_err(|e| e.to_string())?;
             lab.wait_paths_up(Duration::from_secs(20))
                 .map_err(|e| e.to_string())?;
+            if mode.kind == Kind::Pairs {
+                lab.wait_for("handshakes", Duration::from_secs(10), |_, s| {
+                    s["peers"][0]["handshake"]["state"] == "established"
+                })
+                .map_err(|e| e.to_string())?;
+            }
             None
         }
     };

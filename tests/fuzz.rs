@@ -102,7 +102,9 @@ macro_rules! replay_tests {
     };
 }
 
-replay_tests!(bfd, coalesce, config, engine, fec, flow, overlay, quality, reorder, sealed, segment);
+replay_tests!(
+    bfd, coalesce, config, engine, fec, flow, handshake, overlay, quality, reorder, sealed, segment
+);
 
 /// Writes the hand-made seeds into `fuzz/seeds/` (run by hand after changing an input
 /// format: `cargo test --test fuzz write_seeds -- --ignored`). Regression inputs
@@ -115,6 +117,37 @@ fn write_seeds() {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(name), bytes).unwrap();
     };
+    // handshake: a real exchange between the harness's two gateways, as
+    // records (flags, length, datagram) of what b receives.
+    {
+        let t0 = std::time::Instant::now();
+        let (mut a, mut b) = harness::handshake_pair(t0);
+        let record = |flags: u8, d: &[u8]| {
+            let mut r = vec![flags, d.len() as u8];
+            r.extend_from_slice(d);
+            r
+        };
+        a.handle_timeout(t0);
+        let init = a.poll_transmit().unwrap();
+        put("handshake", "init", &record(0, &init));
+        b.handle(&init, t0);
+        let response = b.poll_transmit().unwrap();
+        a.handle(&response, t0);
+        let confirm = a.poll_transmit().unwrap();
+        let mut all = record(0, &init);
+        all.extend(record(0, &confirm));
+        all.extend(record(0, &init));
+        all.extend(record(2, &confirm));
+        put("handshake", "exchange", &all);
+        put("handshake", "init-late", &record(255, &init));
+        // b's response as if it came to b (wrong direction), and a mutated
+        // init with its MAC set right.
+        let mut bent = init.clone();
+        bent[40] ^= 0x55;
+        let mut odd = record(0, &response);
+        odd.extend(record(1, &bent));
+        put("handshake", "odd", &odd);
+    }
     let udp4 = {
         let mut p = vec![0u8; 48];
         p[0] = 0x45;

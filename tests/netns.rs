@@ -693,10 +693,16 @@ fn damaged_segments_stay_damaged() {
     const BURSTS: u64 = 40;
     const KEY: &str = "8d1e0c3a7b2d94e8a16c0f3b2e7d5a9c4b8e1f60d2c3a5b7e9f1d3c5a7b9e1f3";
     let exe = std::env::current_exe().unwrap();
-    // (key, kernel fast path)
-    for (key, fast) in [(None, false), (Some(KEY), false), (None, true)] {
+    // (key, key pairs and a handshake, kernel fast path)
+    for (key, pairs, fast) in [
+        (None, false, false),
+        (Some(KEY), false, false),
+        (None, true, false),
+        (None, false, true),
+    ] {
         let mut opts = LabOptions::new("csum", BIN);
         opts.key = key.map(str::to_string);
+        opts.key_pairs = pairs;
         opts.fast_path = fast;
         let mut lab = Lab::new(opts).unwrap();
         lab.start_gateways().unwrap();
@@ -722,14 +728,14 @@ fn damaged_segments_stay_damaged() {
         };
         let drops = &lab.status(Gw::B).unwrap()["drops"];
         println!(
-            "netns csum: sealed={} fast path={fast} {counted} of {BURSTS} damaged segments reached the server as checksum errors; gw-b drops {drops}",
-            key.is_some()
+            "netns csum: sealed={} key pairs={pairs} fast path={fast} {counted} of {BURSTS} damaged segments reached the server as checksum errors; gw-b drops {drops}",
+            key.is_some() || pairs
         );
         assert_eq!(
             counted,
             BURSTS,
-            "sealed={} fast path={fast}: damaged segments were passed as good",
-            key.is_some()
+            "sealed={} key pairs={pairs} fast path={fast}: damaged segments were passed as good",
+            key.is_some() || pairs
         );
         lab.check_gateways().unwrap();
     }
@@ -754,27 +760,31 @@ fn tcp_stream_crosses_intact() {
     const KEY: &str = "8d1e0c3a7b2d94e8a16c0f3b2e7d5a9c4b8e1f60d2c3a5b7e9f1d3c5a7b9e1f3";
     let want = digest(FNV_START, &stream_bytes(BYTES).collect::<Vec<u8>>());
     let exe = std::env::current_exe().unwrap();
-    // (key, offloads turned off with their CROSSLINK_* variable, lanes of
+    // (key, key pairs and a handshake (the key mixed in), offloads turned off with their CROSSLINK_* variable, lanes of
     // gw-a and gw-b: None for the default, the kernel fast path)
-    type Variant<'a> = (Option<&'a str>, &'a [&'a str], Option<(u8, u8)>, bool);
-    let variants: [Variant; 8] = [
-        (None, &[], None, false),
-        (Some(KEY), &[], None, false),
-        (None, &["TUN_OFFLOAD"], None, false),
-        (Some(KEY), &["UDP_GSO"], None, false),
-        (None, &["UDP_GRO"], None, false),
+    type Variant<'a> = (Option<&'a str>, bool, &'a [&'a str], Option<(u8, u8)>, bool);
+    let variants: [Variant; 10] = [
+        (None, false, &[], None, false),
+        (Some(KEY), false, &[], None, false),
+        (None, false, &["TUN_OFFLOAD"], None, false),
+        (Some(KEY), false, &["UDP_GSO"], None, false),
+        (None, false, &["UDP_GRO"], None, false),
         (
             Some(KEY),
+            false,
             &["TUN_OFFLOAD", "UDP_GSO", "UDP_GRO"],
             None,
             false,
         ),
-        (Some(KEY), &[], Some((3, 1)), false),
-        (None, &[], None, true),
+        (Some(KEY), false, &[], Some((3, 1)), false),
+        (None, false, &[], None, true),
+        (None, true, &[], None, false),
+        (Some(KEY), true, &[], Some((3, 1)), false),
     ];
-    for (key, off, lanes, fast) in variants {
+    for (key, pairs, off, lanes, fast) in variants {
         let mut opts = LabOptions::new("tcp", BIN);
         opts.key = key.map(str::to_string);
+        opts.key_pairs = pairs;
         opts.fast_path = fast;
         opts.gateway_env = off
             .iter()
@@ -817,8 +827,8 @@ fn tcp_stream_crosses_intact() {
         assert_eq!(
             line,
             format!("XL_TCP received={BYTES} digest={want:016x}"),
-            "sealed={} off={off:?} lanes={lanes:?} fast={fast}",
-            key.is_some()
+            "sealed={} key pairs={pairs} off={off:?} lanes={lanes:?} fast={fast}",
+            key.is_some() || pairs
         );
         // With the fast path, the TUNs hand the lanes (almost) nothing:
         // the stream's 35 000 segments and their acknowledgements go
@@ -912,9 +922,9 @@ fn tcp_stream_crosses_intact() {
         }
         println!(
             "netns tcp: {} MiB crossed intact (sealed={}, TUN offloads={}, off: {off:?}, \
-             lanes: {lanes:?}, fast path: {fast}) in {seconds:.2} s",
+             lanes: {lanes:?}, fast path: {fast}, key pairs: {pairs}) in {seconds:.2} s",
             BYTES >> 20,
-            key.is_some(),
+            key.is_some() || pairs,
             link.contains("vnet_hdr on")
         );
     }

@@ -17,6 +17,8 @@ use crosslink::core::crypto::{Key, Keys, ReplayWindow};
 use crosslink::core::drop::DropReason;
 use crosslink::core::engine::Engine;
 use crosslink::core::forward::{self, Sealer, HEADROOM};
+use crosslink::core::handshake::{self as hs, Handshake, Setup, State};
+use crosslink::core::keypair::PrivateKey;
 use crosslink::core::wire::bfd::ControlPacket;
 use crosslink::core::wire::flow::FlowKey;
 use crosslink::core::wire::overlay::{self, Header, PeerSeq, BASE_LEN};
@@ -32,13 +34,14 @@ pub type Outcome = Result<(), String>;
 pub type Harness = fn(&[u8]) -> Outcome;
 
 /// Every target by name, as the binaries and the replay test know them.
-pub const TARGETS: [(&str, Harness); 11] = [
+pub const TARGETS: [(&str, Harness); 12] = [
     ("bfd", bfd),
     ("coalesce", coalesce),
     ("config", config),
     ("engine", engine),
     ("fec", fec),
     ("flow", flow),
+    ("handshake", handshake),
     ("overlay", overlay),
     ("quality", quality),
     ("reorder", reorder),
@@ -757,6 +760,70 @@ pub fn fec(input: &[u8]) -> Outcome {
             dec.kept(),
             dec.pending()
         ));
+    }
+    Ok(())
+}
+
+/// The handshake target's two gateways: `a` (private key 1) and `b` (2).
+pub fn handshake_pair(now: Instant) -> (Handshake, Handshake) {
+    let node = |me: u8, other: u8| {
+        Handshake::new(
+            Setup {
+                local: PrivateKey::from_bytes([me; 32]),
+                remote: PrivateKey::from_bytes([other; 32]).public(),
+                psk: None,
+                rekey_after: hs::REKEY_AFTER,
+            },
+            now,
+        )
+    };
+    (node(1, 2), node(2, 1))
+}
+
+/// Handshake messages as gateway `b` receives them from anywhere, with
+/// time passing between them. The input is a sequence of records
+/// `flags (1) | length (1) | datagram (length)`: flags bit 0 asks for the
+/// datagram's MAC to be set right (so that mutations reach the Noise
+/// message), the other bits are how many 100 ms pass before it. Invariants:
+/// nothing panics, every message `b` sends is a handshake message that
+/// parses, and `b` seals exactly when it says it is established (and then
+/// has completed a handshake).
+pub fn handshake(input: &[u8]) -> Outcome {
+    static T0: LazyLock<Instant> = LazyLock::new(Instant::now);
+    let mut now = *T0;
+    let (_, mut b) = handshake_pair(now);
+    let b_public = PrivateKey::from_bytes([2; 32]).public();
+    let mut rest = input;
+    while let [flags, len, tail @ ..] = rest {
+        let n = usize::from(*len).min(tail.len());
+        let mut datagram = tail[..n].to_vec();
+        rest = &tail[n..];
+        if flags & 1 == 1 {
+            hs::set_mac(&mut datagram, &b_public);
+        }
+        now += Duration::from_millis(100 * u64::from(flags >> 1));
+        b.handle(&datagram, now);
+        if b.poll_timeout().is_some_and(|t| t <= now) {
+            b.handle_timeout(now);
+        }
+        while let Some(out) = b.poll_transmit() {
+            let (h, _) = Header::parse(&out).map_err(|e| format!("sent a bad header: {e}"))?;
+            if h.msg_type != overlay::MsgType::Handshake {
+                return Err(format!("sent a {:?}", h.msg_type));
+            }
+        }
+        let keys = b.keys();
+        let established = b.state() == State::Established;
+        if keys.can_seal() != established {
+            return Err(format!(
+                "can seal {} in state {:?}",
+                keys.can_seal(),
+                b.state()
+            ));
+        }
+        if established && b.stats().completed == 0 {
+            return Err("established without a completed handshake".into());
+        }
     }
     Ok(())
 }

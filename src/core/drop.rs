@@ -53,11 +53,17 @@ pub enum DropReason {
     /// arrived marked CE: RFC 6040 drops it (its sender could not react
     /// to the congestion mark).
     CeOnNotEct,
+    /// Key-pair peer (`public_key`) without a completed handshake: nothing
+    /// can be sealed yet.
+    NoSession,
+    /// Handshake messages on a path beyond what its receiver passes on to
+    /// the handshake (a flood; the handshake has its own limit too).
+    HandshakeRateLimited,
 }
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -79,6 +85,8 @@ impl DropReason {
         DropReason::Replayed,
         DropReason::SealMismatch,
         DropReason::CeOnNotEct,
+        DropReason::NoSession,
+        DropReason::HandshakeRateLimited,
     ];
 
     /// The metric label.
@@ -105,6 +113,8 @@ impl DropReason {
             DropReason::Replayed => "replayed",
             DropReason::SealMismatch => "seal_mismatch",
             DropReason::CeOnNotEct => "ce_on_not_ect",
+            DropReason::NoSession => "no_session",
+            DropReason::HandshakeRateLimited => "handshake_rate_limited",
         }
     }
 

@@ -45,6 +45,7 @@ use crate::core::aggregate::{nanos, reorder_wait, Board, Delivery, Estimator};
 use crate::core::bfd::{Auth, Deadlines, KeyError, Session, SessionConfig, SessionEvent, Transmit};
 use crate::core::drop::DropReason;
 use crate::core::fec::{auto_code, Code};
+use crate::core::handshake::Handshake;
 use crate::core::quality::{Quality, Reason, Sample, Transition};
 use crate::core::steer::{Damping, Selection, Steering};
 use crate::core::wire::bfd::{AuthType, ControlPacket, Diag, EmitError, State};
@@ -296,6 +297,8 @@ pub struct Engine {
     in_ready: Vec<bool>,
     /// Scratch for the keys due in one `handle_timeout`.
     due_keys: Vec<usize>,
+    /// The handshakes of the peers with a `public_key`.
+    handshakes: HashMap<PeerId, Handshake>,
 }
 
 /// The key of a path's (even) or a peer's (odd) deadline in [`Engine::timers`].
@@ -335,6 +338,7 @@ impl Engine {
             ready_tx: VecDeque::new(),
             in_ready: Vec::new(),
             due_keys: Vec::new(),
+            handshakes: HashMap::new(),
         };
         for peer in &config.peers {
             engine.add_peer(peer, now);
@@ -540,6 +544,7 @@ impl Engine {
         if let Some(core) = self.peers.get_mut(usize::from(id.0)) {
             core.retired = true;
         }
+        self.handshakes.remove(&id);
         self.dirty = true;
         self.settle();
         packets
@@ -996,6 +1001,11 @@ impl Engine {
             }
         }
         self.due_keys = keys;
+        for hs in self.handshakes.values_mut() {
+            if hs.poll_timeout().is_some_and(|t| t <= now) {
+                hs.handle_timeout(now);
+            }
+        }
         self.settle();
     }
 
@@ -1151,7 +1161,76 @@ impl Engine {
     /// already due is `poll_transmit`'s: drain that first). Without a scan:
     /// the earliest of the scheduled deadlines.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next()
+        let handshakes = self.handshakes.values().filter_map(Handshake::poll_timeout);
+        self.timers.next().into_iter().chain(handshakes).min()
+    }
+
+    /// Gives a peer with a `public_key` its handshake (it initiates at the
+    /// next timeout), or takes it away.
+    pub fn set_handshake(&mut self, peer: PeerId, handshake: Option<Handshake>) {
+        match handshake {
+            Some(h) => self.handshakes.insert(peer, h),
+            None => self.handshakes.remove(&peer),
+        };
+    }
+
+    /// A handshake datagram received on a path (from its remote).
+    pub fn handle_handshake(&mut self, path: PathId, datagram: &[u8], now: Instant) {
+        let Some(peer) = self.path(path).filter(|p| !p.retired).map(|p| p.peer) else {
+            return;
+        };
+        if let Some(hs) = self.handshakes.get_mut(&peer) {
+            hs.handle(datagram, now);
+        }
+    }
+
+    /// A handshake datagram to send, and the path to send it on: one of the
+    /// peer's healthy paths, else one whose BFD is Up, else any of its paths
+    /// (a handshake does not wait for BFD).
+    pub fn poll_handshake(&mut self) -> Option<(PathId, Vec<u8>)> {
+        loop {
+            let peer = self
+                .handshakes
+                .iter()
+                .filter(|(_, h)| h.has_transmit())
+                .map(|(id, _)| *id)
+                .min()?;
+            let paths = self
+                .peers
+                .get(usize::from(peer.0))
+                .map(|p| p.paths.as_slice())
+                .unwrap_or_default();
+            let live = |p: &&PathId| self.path(**p).is_some_and(|c| !c.retired);
+            let pick = paths
+                .iter()
+                .filter(live)
+                .find(|p| self.path(**p).is_some_and(PathCore::is_healthy))
+                .or_else(|| {
+                    paths
+                        .iter()
+                        .filter(live)
+                        .find(|p| self.path(**p).is_some_and(PathCore::is_up))
+                })
+                .or_else(|| paths.iter().find(live))
+                .copied();
+            let datagram = self.handshakes.get_mut(&peer)?.poll_transmit()?;
+            // Without a path the message is dropped (the handshake retries).
+            if let Some(path) = pick {
+                return Some((path, datagram));
+            }
+        }
+    }
+
+    /// New data-plane keys of a key-pair peer.
+    pub fn poll_keys(&mut self) -> Option<(PeerId, crate::core::crypto::Keys)> {
+        self.handshakes
+            .iter_mut()
+            .find_map(|(id, hs)| hs.poll_keys().map(|k| (*id, k)))
+    }
+
+    /// A key-pair peer's handshake (state, key age, counters).
+    pub fn handshake(&self, peer: PeerId) -> Option<&Handshake> {
+        self.handshakes.get(&peer)
     }
 
     /// The next control packet due, with the path to send it on, in the
@@ -1663,6 +1742,91 @@ mod tests {
         assert_eq!(again, PeerId(1));
         run(&mut a, &mut b, t0, 3000, 5000);
         assert!(a.forwarding().peers[1].active.is_some());
+    }
+}
+
+#[cfg(test)]
+mod handshake_tests {
+    use super::*;
+    use crate::core::crypto::MessageId;
+    use crate::core::handshake::{Setup, State as HsState, REKEY_AFTER};
+    use crate::core::keypair::PrivateKey;
+
+    fn engine(side: u8, now: Instant) -> Engine {
+        let other = 3 - side;
+        let text = format!(
+            "[gateway]\nname = \"g{side}\"\n[[peer]]\nname = \"p\"\ntun = \"xl-p\"\n\
+             [[peer.path]]\nname = \"p1\"\nlocal = \"198.18.21.{side}:4800\"\n\
+             remote = \"198.18.21.{other}:4800\"\n\
+             [[peer.path]]\nname = \"p2\"\nlocal = \"198.18.22.{side}:4800\"\n\
+             remote = \"198.18.22.{other}:4800\"\n"
+        );
+        let config = Config::parse(&text, "test").expect("valid");
+        let mut e = Engine::new(&config, now, u64::from(side));
+        e.set_handshake(
+            PeerId(0),
+            Some(Handshake::new(
+                Setup {
+                    local: PrivateKey::from_bytes([side; 32]),
+                    remote: PrivateKey::from_bytes([other; 32]).public(),
+                    psk: None,
+                    rekey_after: REKEY_AFTER,
+                },
+                now,
+            )),
+        );
+        e
+    }
+
+    /// The engine starts each key-pair peer's handshake, sends its messages
+    /// on the peer's paths and hands out keys that the other side opens.
+    #[test]
+    fn engines_run_the_handshake_over_the_peers_paths() {
+        let now = Instant::now();
+        let mut a = engine(1, now);
+        let mut b = engine(2, now);
+        assert!(a.poll_timeout().is_some_and(|t| t <= now));
+        let mut keys = [None, None];
+        for step in 0..10u64 {
+            let t = now + Duration::from_millis(step);
+            let mut engines = [a, b];
+            for k in [0usize, 1] {
+                let [x, y] = &mut engines;
+                let (from, to) = if k == 0 { (x, y) } else { (y, x) };
+                from.handle_timeout(t);
+                while let Some((path, d)) = from.poll_handshake() {
+                    assert!(from.path(path).is_some_and(|p| p.peer == PeerId(0)));
+                    to.handle_handshake(path, &d, t);
+                }
+                while let Some((peer, ks)) = from.poll_keys() {
+                    assert_eq!(peer, PeerId(0));
+                    keys[k] = Some(ks);
+                }
+            }
+            [a, b] = engines;
+        }
+        for e in [&a, &b] {
+            assert_eq!(
+                e.handshake(PeerId(0)).map(|h| h.state()),
+                Some(HsState::Established)
+            );
+        }
+        let (Some(ka), Some(kb)) = (&keys[0], &keys[1]) else {
+            panic!("no keys published");
+        };
+        let id = MessageId {
+            epoch: ka.session_epoch().expect("a seals"),
+            msg_type: 4,
+            salt: 1,
+            sequence: 1,
+        };
+        let mut payload = *b"inner";
+        let tag = ka.seal(&id, b"h", &mut payload);
+        assert!(kb.open(&id, b"h", &mut payload, &tag).is_ok());
+        assert_eq!(&payload, b"inner");
+        // A removed peer's handshake goes with it.
+        a.remove_peer(PeerId(0), now);
+        assert!(a.handshake(PeerId(0)).is_none());
     }
 }
 

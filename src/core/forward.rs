@@ -51,10 +51,27 @@ pub const TRAILER: usize = TAG_LEN;
 #[derive(Clone, Copy, Debug)]
 pub struct Sealer<'a> {
     pub keys: &'a Keys,
-    /// The sender's epoch (see [`crate::core::crypto`]).
+    /// The sender's epoch (see [`crate::core::crypto`]); with session keys
+    /// the session's epoch is used instead ([`Sealer::epoch`]).
     pub epoch: u32,
     /// [`crate::core::crypto::path_salt`] of (local, remote).
     pub salt: u64,
+}
+
+impl Sealer<'_> {
+    /// The epoch sealed messages carry: the current session's with session
+    /// keys, the sender's run epoch with a pre-shared key.
+    pub fn epoch(&self) -> u32 {
+        self.keys.session_epoch().unwrap_or(self.epoch)
+    }
+
+    /// Nothing can be sealed yet (a key-pair peer before its first handshake).
+    fn ready(&self) -> Result<(), DropReason> {
+        match self.keys.can_seal() {
+            true => Ok(()),
+            false => Err(DropReason::NoSession),
+        }
+    }
 }
 
 /// Where an outbound packet goes.
@@ -151,6 +168,10 @@ pub enum Message {
     /// ([`crate::core::fec`]): the header (its sequence is the path's, as
     /// data's) and the parity, opened and parsed.
     Parity(Header, FecParity),
+    /// A key-pair handshake message, for the peer's handshake
+    /// ([`crate::core::handshake`]), which authenticates it by its own
+    /// means; the whole datagram is the message.
+    Handshake,
 }
 
 /// What a receiver of a keyed peer opens sealed messages with on one path.
@@ -184,6 +205,9 @@ pub fn receive_marked(
     outer_tos: u8,
 ) -> Result<Message, DropReason> {
     let (header, hlen) = parse(datagram)?;
+    if header.msg_type == MsgType::Handshake {
+        return Ok(Message::Handshake);
+    }
     let message = match opener {
         None => receive_clear(datagram, header, hlen),
         Some(opener) => receive_sealed(datagram, header, hlen, opener),
@@ -209,7 +233,8 @@ pub fn decapsulate(datagram: &[u8]) -> Result<(Header, &[u8]), DropReason> {
         Message::Echo(..)
         | Message::Probe { .. }
         | Message::ProbeReply { .. }
-        | Message::Parity(..) => Err(DropReason::OverlayUnsupported),
+        | Message::Parity(..)
+        | Message::Handshake => Err(DropReason::OverlayUnsupported),
     }
 }
 
@@ -237,6 +262,7 @@ fn receive_clear(datagram: &[u8], header: Header, hlen: usize) -> Result<Message
         | MsgType::SealedProbeRequest
         | MsgType::SealedProbeReply
         | MsgType::SealedFecParity => Err(DropReason::SealMismatch),
+        MsgType::Handshake => Ok(Message::Handshake),
     }
 }
 
@@ -339,9 +365,12 @@ fn emit_control(
 ) -> Result<usize, DropReason> {
     let header = Header {
         msg_type: if sealer.is_some() { types.1 } else { types.0 },
-        epoch: sealer.map_or(0, |s| s.epoch),
+        epoch: sealer.map_or(0, Sealer::epoch),
         ..Header::echo(types.0, seq)
     };
+    if let Some(s) = sealer {
+        s.ready()?;
+    }
     let hlen = header.len();
     let trailer = if sealer.is_some() { TRAILER } else { 0 };
     let total = hlen + payload_len + trailer;
@@ -364,9 +393,10 @@ pub fn seal_data(
     header: &Header,
     sealer: &Sealer,
 ) -> Result<Range<usize>, DropReason> {
+    sealer.ready()?;
     let header = Header {
         msg_type: MsgType::SealedData,
-        epoch: sealer.epoch,
+        epoch: sealer.epoch(),
         ..*header
     };
     let range = encapsulate(buf, inner_len, &header)?;
@@ -422,8 +452,9 @@ pub fn seal_echo(echo: Echo, out: &mut [u8], sealer: &Sealer) -> Result<usize, D
         Echo::Request(s) => (MsgType::SealedEchoRequest, s),
         Echo::Reply(s) => (MsgType::SealedEchoReply, s),
     };
+    sealer.ready()?;
     let header = Header {
-        epoch: sealer.epoch,
+        epoch: sealer.epoch(),
         ..Header::echo(msg_type, stamp)
     };
     let hlen = header.len();

@@ -19,6 +19,7 @@ pub mod ecn;
 pub mod engine;
 pub mod fec;
 pub mod forward;
+pub mod handshake;
 pub mod keypair;
 pub mod quality;
 pub mod reorder;

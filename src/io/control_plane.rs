@@ -32,6 +32,7 @@
 //! Everything else in the engine is left as it was.
 
 use super::fastpath::{self, FastPath};
+use super::lanes::SharedKeys;
 use super::tun::Queue as SyncDevice;
 use super::{clock, sys, udp};
 use crate::config::{FecMode, PathConfig, PeerConfig, SlaConfig};
@@ -39,12 +40,13 @@ use crate::core::bfd::Transmit;
 use crate::core::engine::MoveCause;
 use crate::core::engine::{Engine, Event, Forwarding, PathExport, Secrets};
 use crate::core::fec::Code;
+use crate::core::handshake::{Failure, Handshake};
 use crate::core::quality::{Sample, Transition};
 use crate::core::wire::bfd::State;
 use crate::telemetry::metrics::{Metrics, PathLabels};
 use crate::telemetry::status::{
-    AggregateStatus, BfdStatus, FecStatus, PathStatus, PeerStatus, QualityStatus, ReorderStatus,
-    Status,
+    AggregateStatus, BfdStatus, FecStatus, HandshakeStatus, PathStatus, PeerStatus, QualityStatus,
+    ReorderStatus, Status,
 };
 use crate::telemetry::{DropCounters, PathCounters, ReorderCounters};
 use crate::{PathId, PeerId};
@@ -77,6 +79,8 @@ pub enum Command {
     SendError(PathId),
     /// A probe's reply came back on the path (from its lane 0).
     Quality(PathId, Box<Sample>),
+    /// A key-pair handshake message came on the path, from its remote.
+    Handshake(PathId, Box<[u8]>),
     Apply(Box<Plan>, oneshot::Sender<Applied>),
     /// An upgrade: stop sending and receiving (the sessions stay as they
     /// are, for the new process) and answer with every session's state.
@@ -94,6 +98,8 @@ pub struct NewPath {
     pub peer: String,
     pub config: PathConfig,
     pub bfd_tx: UdpSocket,
+    /// A socket of the path's data plane (lane 0's), for handshake messages.
+    pub data_tx: Arc<UdpSocket>,
     pub counters: Arc<PathCounters>,
 }
 
@@ -127,6 +133,8 @@ pub struct Plan {
     pub add_tuns: Vec<(String, Arc<SyncDevice>, Option<Arc<FastPath>>)>,
     /// The new peers' resequencing counters (their lanes').
     pub add_reorder: Vec<(String, Arc<ReorderCounters>)>,
+    /// The new key-pair peers' handshakes, and where their keys go.
+    pub add_handshakes: Vec<(String, Handshake, SharedKeys)>,
 }
 
 /// The ids the engine gave to what a [`Plan`] added.
@@ -291,6 +299,10 @@ pub struct BfdThread {
     /// commands: a process being replaced, after [`Command::Freeze`], or
     /// the new one until [`Command::Restore`].
     pub held: bool,
+    /// Data-plane sockets by [`PathId`], for handshake messages.
+    pub data_tx: Vec<Option<Arc<UdpSocket>>>,
+    /// Key-pair peers' keys by [`PeerId`], published as handshakes complete.
+    pub peer_keys: Vec<Option<SharedKeys>>,
 }
 
 /// The BFD thread's own machinery, made when it starts.
@@ -527,6 +539,7 @@ impl BfdThread {
                 }
             }
         }
+        self.flush_handshakes();
         let mut any = false;
         while let Some(ev) = self.engine.poll_event() {
             any = true;
@@ -571,6 +584,14 @@ impl BfdThread {
 
     /// Each path's quality figures to its gauges.
     fn export_quality(&self, now: Instant) {
+        for pi in 0..self.engine.peer_count() {
+            let id = PeerId(pi as u16);
+            if let (Some(h), Some((name, _, _))) = (self.engine.handshake(id), self.engine.peer(id))
+            {
+                let age = h.key_age(now).map(|a| a.as_secs_f64());
+                self.metrics.set_handshake(name, h.stats(), age);
+            }
+        }
         for (i, p) in self.engine.paths().iter().enumerate() {
             if p.is_retired() {
                 continue;
@@ -873,6 +894,7 @@ impl BfdThread {
                 Command::Link { .. } => "link",
                 Command::SendError(_) => "send error",
                 Command::Quality(..) => "quality sample",
+                Command::Handshake(..) => "handshake",
                 Command::Apply(..) => "reload",
                 Command::Freeze(_) | Command::Thaw | Command::Restore(..) => "upgrade",
             };
@@ -896,6 +918,11 @@ impl BfdThread {
                 Command::Quality(path, sample) => {
                     self.engine
                         .handle_quality_sample(path, &sample, clock::now());
+                }
+                Command::Handshake(path, datagram) => {
+                    let now = clock::now();
+                    self.engine.handle_handshake(path, &datagram, now);
+                    self.flush(now);
                 }
                 Command::Apply(plan, reply) => {
                     let applied = self.apply(*plan);
@@ -980,6 +1007,29 @@ impl BfdThread {
     }
 
     /// Applies a reload [`Plan`]: removals (AdminDown sent), then additions.
+    /// Sends the handshakes' messages on the data sockets of their paths and
+    /// gives new session keys to the peers' lanes.
+    fn flush_handshakes(&mut self) {
+        while let Some((id, datagram)) = self.engine.poll_handshake() {
+            let (Some(path), Some(Some(sock))) =
+                (self.engine.path(id), self.data_tx.get(usize::from(id.0)))
+            else {
+                continue;
+            };
+            if let Err(e) = sock.send_to(&datagram, path.remote) {
+                debug!(path = %path.name, error = %e, "handshake send failed");
+            }
+        }
+        while let Some((peer, keys)) = self.engine.poll_keys() {
+            if let Some(Some(shared)) = self.peer_keys.get(usize::from(peer.0)) {
+                let epoch = keys.session_epoch();
+                let name = self.engine.peer(peer).map_or("?", |p| p.0);
+                debug!(peer = %name, send_epoch = ?epoch, "session keys changed");
+                shared.store(Some(Arc::new(keys)));
+            }
+        }
+    }
+
     fn apply(&mut self, plan: Plan) -> Applied {
         let now = clock::now();
         let mut finals = Vec::new();
@@ -997,6 +1047,9 @@ impl BfdThread {
             if let Some(t) = self.fast.get_mut(usize::from(id.0)) {
                 *t = None;
             }
+            if let Some(k) = self.peer_keys.get_mut(usize::from(id.0)) {
+                *k = None;
+            }
             let paths = self.engine.peer(id).map(|(_, _, p)| p.to_vec());
             for path in paths.unwrap_or_default() {
                 self.metrics.remove_path(usize::from(path.0));
@@ -1006,6 +1059,9 @@ impl BfdThread {
         self.send_final(&finals, Duration::ZERO);
         for (id, _) in &finals {
             if let Some(slot) = self.tx.get_mut(usize::from(id.0)) {
+                *slot = None;
+            }
+            if let Some(slot) = self.data_tx.get_mut(usize::from(id.0)) {
                 *slot = None;
             }
         }
@@ -1054,6 +1110,13 @@ impl BfdThread {
                 self.metrics.set_reorder(usize::from(id.0), reorder.clone());
                 *slot(&mut self.reorder, usize::from(id.0)) = reorder;
             }
+        }
+        for (name, handshake, keys) in plan.add_handshakes {
+            let Some(id) = self.engine.peer_by_name(&name) else {
+                continue;
+            };
+            self.engine.set_handshake(id, Some(handshake));
+            *slot(&mut self.peer_keys, usize::from(id.0)) = Some(keys);
         }
         for path in plan.add_paths {
             self.add_path(path, now, &mut applied);
@@ -1112,6 +1175,7 @@ impl BfdThread {
         };
         self.metrics.add_path(i, &labels, new.counters.clone());
         *slot(&mut self.tx, i) = Some(new.bfd_tx);
+        *slot(&mut self.data_tx, i) = Some(new.data_tx);
         *slot(&mut self.counters, i) = Some(new.counters);
         *slot(&mut self.meta.paths, i) = Some((c.priority, c.weight));
         applied.paths.push((new.peer, c.name.clone(), id));
@@ -1135,6 +1199,20 @@ impl BfdThread {
             let active_path = paths.iter().find(|p| p.active).map(|p| p.name.clone());
             let reorder = self.reorder_status(PeerId(pi as u16));
             let fec = self.fec_status(PeerId(pi as u16));
+            let now = clock::now();
+            let handshake = self.engine.handshake(PeerId(pi as u16)).map(|h| {
+                let stats = h.stats();
+                HandshakeStatus {
+                    state: h.state().as_str().to_string(),
+                    key_age_seconds: h.key_age(now).map(|a| a.as_secs()),
+                    completed: stats.completed,
+                    failures: Failure::ALL
+                        .iter()
+                        .map(|f| (f.as_str().to_string(), stats.failures(*f)))
+                        .filter(|(_, n)| *n > 0)
+                        .collect(),
+                }
+            });
             peers.push(PeerStatus {
                 name: name.to_string(),
                 tun,
@@ -1144,6 +1222,7 @@ impl BfdThread {
                 paths,
                 reorder,
                 fec,
+                handshake,
             });
         }
         Status {

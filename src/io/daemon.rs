@@ -77,7 +77,7 @@ const FALLBACK_UNDERLAY_MTU: u32 = 1500;
 /// with IPv6 inside), at most 65535.
 fn default_mtu(w: &PeerConfig) -> u16 {
     let extended = matches!(w.policy, Policy::Duplicate | Policy::Aggregate);
-    let sealed = w.key_file.is_some();
+    let sealed = w.key_file.is_some() || w.public_key.is_some();
     let fec = w.fec.mode != crate::config::FecMode::Off;
     let fits = w
         .paths
@@ -207,6 +207,7 @@ fn only_bfd_timers_differ(a: &PathConfig, b: &PathConfig) -> bool {
 fn refuse_unsupported(config: &Config) -> Result<(), DaemonError> {
     for peer in &config.peers {
         keys::load(peer).map_err(DaemonError::Setup)?;
+        keys::handshake(&config.gateway, peer, clock::now()).map_err(DaemonError::Setup)?;
     }
     Ok(())
 }
@@ -372,6 +373,8 @@ async fn run_async(
         io: Default::default(),
         // A process taking over waits for the old one's sessions.
         held: incoming.is_some(),
+        data_tx: Vec::new(),
+        peer_keys: Vec::new(),
         meta: Meta {
             gateway: config.gateway.name.clone(),
             started: now,
@@ -626,7 +629,9 @@ fn bare(peer: &PeerConfig) -> PeerConfig {
 fn restart_key(peer: &PeerConfig) -> PeerConfig {
     PeerConfig {
         routes: Vec::new(),
-        key_file: None,
+        // A key-pair peer's `key_file` is its handshake's pre-shared key,
+        // read when the peer starts: a change restarts the peer.
+        key_file: peer.key_file.clone().filter(|_| peer.public_key.is_some()),
         accept_key_file: None,
         sla: SlaConfig::default(),
         reorder_wait: None,
@@ -731,6 +736,17 @@ impl Gateway {
                 Some(i) => i,
                 None => match self.open_peer(w).await {
                     Ok(peer) => {
+                        match keys::handshake(&want.gateway, w, clock::now()) {
+                            Ok(Some(h)) => {
+                                plan.add_handshakes
+                                    .push((w.name.clone(), h, peer.keys.clone()));
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                problems.push(e);
+                                continue;
+                            }
+                        }
                         plan.add_peers.push(bare(w));
                         plan.add_tuns
                             .push((w.name.clone(), peer.tun.clone(), peer.fast.clone()));
@@ -769,10 +785,15 @@ impl Gateway {
                 match opened {
                     Ok((p, bfd_tx)) => {
                         peer.park();
+                        let Some(data_tx) = p.sockets.first().cloned() else {
+                            problems.push(format!("peer {} path {}: no socket", w.name, path.name));
+                            continue;
+                        };
                         plan.add_paths.push(NewPath {
                             peer: w.name.clone(),
                             config: path.clone(),
                             bfd_tx,
+                            data_tx,
                             counters: p.counters.clone(),
                         });
                         pending.push(p);
@@ -820,7 +841,11 @@ impl Gateway {
     /// no later run can reuse it (see [`crate::core::crypto`]).
     async fn set_keys(&mut self, want: &Config) -> Vec<String> {
         let mut problems = Vec::new();
-        if want.peers.iter().any(|p| p.key_file.is_some()) {
+        if want
+            .peers
+            .iter()
+            .any(|p| p.key_file.is_some() && p.public_key.is_none())
+        {
             let settled = Duration::from_secs(u64::from(self.shared.epoch) + 1);
             let unix = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -833,6 +858,18 @@ impl Gateway {
             let Some(w) = want.peers.iter().find(|w| w.name == peer.config.name) else {
                 continue;
             };
+            if w.public_key.is_some() {
+                // Session keys come from the handshake (the BFD thread's);
+                // a new peer starts with none.
+                if peer.keys.load().is_none() {
+                    peer.keys
+                        .store(Some(Arc::new(crate::core::crypto::Keys::sessions(
+                            None,
+                            &[],
+                        ))));
+                }
+                continue;
+            }
             match keys::load(w) {
                 Ok(k) => {
                     let was = peer.keys.load().is_some();
@@ -1172,6 +1209,10 @@ impl Gateway {
                 window: window.clone(),
                 echo_guard: EchoGuard::default(),
                 parity_in: Vec::new(),
+                handshake_bucket: crate::core::handshake::TokenBucket::new(
+                    lanes::HANDSHAKE_RATE,
+                    lanes::HANDSHAKE_RATE,
+                ),
                 dedup: peer.dedup.clone(),
                 reorder: lane.reorder.clone(),
                 forwarding: None,

@@ -5,11 +5,13 @@
 //! permissions slip does not take a link down. Neither the key nor any
 //! part of the file's content is ever logged or put in an error.
 
-use crate::config::PeerConfig;
+use crate::config::{GatewayConfig, PeerConfig};
 use crate::core::crypto::{Key, Keys};
+use crate::core::handshake::{Handshake, Setup, REKEY_AFTER};
 use crate::core::keypair::{self, PrivateKey};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 use tracing::warn;
 use zeroize::Zeroize;
 
@@ -17,12 +19,12 @@ use zeroize::Zeroize;
 const MAX_FILE: u64 = 4096;
 
 /// The peer's keys, `None` when it has no `key_file`.
+///
+/// A peer with a `public_key` gets its keys from its handshake
+/// ([`handshake`]); here it gets session keys without a session.
 pub fn load(peer: &PeerConfig) -> Result<Option<Keys>, String> {
     if peer.public_key.is_some() {
-        return Err(format!(
-            "peer {}: public_key: the handshake is not in this build yet",
-            peer.name
-        ));
+        return Ok(Some(Keys::sessions(None, &[])));
     }
     let Some(send) = &peer.key_file else {
         return Ok(None);
@@ -33,6 +35,53 @@ pub fn load(peer: &PeerConfig) -> Result<Option<Keys>, String> {
         None => None,
     };
     Ok(Some(Keys::new(&send, accept.as_ref())))
+}
+
+/// The handshake of a peer with a `public_key`: this gateway's private key
+/// (`[gateway] private_key_file`), the peer's public key and, from its
+/// `key_file`, the pre-shared key to mix in. `None` for other peers.
+pub fn handshake(
+    gateway: &GatewayConfig,
+    peer: &PeerConfig,
+    now: Instant,
+) -> Result<Option<Handshake>, String> {
+    let Some(remote) = peer.public_key else {
+        return Ok(None);
+    };
+    let Some(file) = &gateway.private_key_file else {
+        return Err(format!(
+            "peer {}: public_key needs [gateway] private_key_file",
+            peer.name
+        ));
+    };
+    let local = read_private(file).map_err(|e| format!("gateway private_key_file: {e}"))?;
+    let psk = match &peer.key_file {
+        Some(p) => Some(
+            read(p)
+                .map_err(|e| format!("peer {}: key_file: {e}", peer.name))?
+                .to_bytes(),
+        ),
+        None => None,
+    };
+    Ok(Some(Handshake::new(
+        Setup {
+            local,
+            remote,
+            psk,
+            rekey_after: rekey_after(),
+        },
+        now,
+    )))
+}
+
+/// The rekey interval: [`REKEY_AFTER`], or `CROSSLINK_REKEY_AFTER` seconds
+/// (at least 1; for the tests that watch many rekeys).
+fn rekey_after() -> Duration {
+    std::env::var("CROSSLINK_REKEY_AFTER")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&s| s >= 1)
+        .map_or(REKEY_AFTER, Duration::from_secs)
 }
 
 /// Reads and parses one key file.

@@ -54,6 +54,9 @@ pub enum Kind {
     Forged,
     /// Overlay: datagrams from a `capture` file, as they were.
     Replay,
+    /// Overlay: a handshake initiation's header and length, random inside
+    /// (a handshake flood: a wrong MAC where it gets that far).
+    Handshake,
     /// BFD: random bytes, 24..200 long, version bits never 1.
     BfdRandom,
     /// BFD: 0..23 bytes.
@@ -225,6 +228,14 @@ fn craft(a: &SendArgs, rng: &mut Rng, right: Option<&Key>, out: &mut [u8]) -> us
             to_front(out, framed)
         }
         Kind::Replay => 0,
+        Kind::Handshake => {
+            use crate::core::wire::overlay::{MsgType, BASE_LEN};
+            let len = crate::core::handshake::INIT_LEN;
+            rng.fill(&mut out[BASE_LEN..len]);
+            let header = Header::echo(MsgType::Handshake, 1);
+            let _ = header.emit(out);
+            len
+        }
         Kind::BfdRandom => {
             let len = 24 + rng.below(177) as usize;
             rng.fill(&mut out[..len]);

@@ -121,6 +121,10 @@ pub struct LabOptions {
     /// Seal the data plane with this pre-shared key (the key file's text,
     /// see [`crate::core::crypto::Key::parse`]), written to `<dir>/peer.key`.
     pub key: Option<String>,
+    /// Key pairs and a handshake: each gateway gets a private key file
+    /// (`<dir>/<gw>.private`) and the other's public key; a `key` is then
+    /// mixed in as the pre-shared key.
+    pub key_pairs: bool,
     /// Extra environment for the gateway processes (for example
     /// `CROSSLINK_UDP_GSO=0`).
     pub gateway_env: Vec<(String, String)>,
@@ -153,6 +157,7 @@ impl LabOptions {
             revert_hold: Duration::from_secs(2),
             bind_interfaces: false,
             key: None,
+            key_pairs: false,
             gateway_env: Vec::new(),
             one_gateway_env: Vec::new(),
             fast_path: false,

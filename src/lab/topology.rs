@@ -290,16 +290,27 @@ impl Lab {
         let other = gw.other();
         let mut text = format!(
             "# crosslink lab: {gw} (written by crosslink::lab)\n\
-             [gateway]\nname = \"{gw}\"\ncontrol_socket = \"{sock}\"\n\n\
+             [gateway]\nname = \"{gw}\"\ncontrol_socket = \"{sock}\"\n{private}\n\
              [bfd]\ntx_interval = \"{tx}\"\nrx_interval = \"{rx}\"\nmultiplier = {mult}\n\n\
              [[peer]]\nname = \"{peer}\"\ntun = \"{tun}\"\ntun_addresses = [\"{tun_addr}\"]\n\
-             routes = [\"{route}\"]\npolicy = \"{policy}\"\nrevert_hold = \"{hold}\"\n{key}{fast}",
+             routes = [\"{route}\"]\npolicy = \"{policy}\"\nrevert_hold = \"{hold}\"\n{key}{public}{fast}",
             policy = o.policy,
             sock = self.socket_path(gw).display(),
             fast = if o.fast_path {
                 "fast_path = true\n"
             } else {
                 ""
+            },
+            private = match o.key_pairs {
+                true => format!(
+                    "private_key_file = \"{}\"\n",
+                    self.private_key_path(gw).display()
+                ),
+                false => String::new(),
+            },
+            public = match o.key_pairs {
+                true => format!("public_key = \"{}\"\n", self.private_key(other).public()),
+                false => String::new(),
             },
             key = match &o.key {
                 Some(_) => format!("key_file = \"{}\"\n", self.key_path().display()),
@@ -343,7 +354,39 @@ impl Lab {
         self.dir.join("peer.key")
     }
 
+    /// A gateway's private key file (when [`LabOptions::key_pairs`] is set).
+    pub fn private_key_path(&self, gw: Gw) -> PathBuf {
+        self.dir.join(format!("{gw}.private"))
+    }
+
+    /// A gateway's private key: a hash of the lab's folder and the
+    /// gateway, so each lab has its own and both configs agree.
+    pub fn private_key(&self, gw: Gw) -> crate::core::keypair::PrivateKey {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"crosslink lab private key");
+        ctx.update(self.dir.to_string_lossy().as_bytes());
+        ctx.update(gw.to_string().as_bytes());
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(ctx.finish().as_ref());
+        crate::core::keypair::PrivateKey::from_bytes(bytes)
+    }
+
     pub(super) fn write_configs(&self) -> Result<()> {
+        if self.opts.key_pairs {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            for gw in Gw::ALL {
+                let path = self.private_key_path(gw);
+                let _ = fs::remove_file(&path);
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .and_then(|mut f| writeln!(f, "{}", self.private_key(gw).to_base64()))
+                    .map_err(io_err(format!("writing {}", path.display())))?;
+            }
+        }
         if let Some(key) = &self.opts.key {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;

@@ -647,7 +647,7 @@ impl Session<'_> {
                 }
                 Ok(Message::Echo(Echo::Request(stamp), _)) => self.answer_echo(stamp),
                 Ok(Message::Echo(Echo::Reply(_), _)) => self.key_refused = true,
-                Ok(Message::Data(..) | Message::Parity(..)) => {}
+                Ok(Message::Data(..) | Message::Parity(..) | Message::Handshake) => {}
                 Err(_) => {
                     self.key_refused |= self.is_refusal(datagram);
                     self.refuse(datagram);

@@ -227,6 +227,18 @@ pub fn install(listen: SocketAddr, inherited: Option<OwnedFd>) -> Result<Endpoin
 
 fn describe() {
     describe_gauge!("crosslink_build_info", "Build information; always 1.");
+    describe_counter!(
+        "crosslink_handshakes_total",
+        "Key-pair handshakes completed with the peer (as initiator or responder)."
+    );
+    describe_counter!(
+        "crosslink_handshake_failures_total",
+        "Handshake messages dropped and handshakes failed, by reason."
+    );
+    describe_gauge!(
+        "crosslink_handshake_key_age_seconds",
+        "Age of the session keys that seal the peer's traffic now (-1: none)."
+    );
     describe_gauge!(
         "crosslink_peer_up",
         "1 when the peer has at least one path carrying traffic."
@@ -504,6 +516,25 @@ impl Metrics {
             reorder: None,
             fec_overhead,
         });
+    }
+
+    /// A key-pair peer's handshake counters and key age, copied from its
+    /// handshake.
+    pub fn set_handshake(
+        &self,
+        peer: &str,
+        stats: &crate::core::handshake::Stats,
+        key_age: Option<f64>,
+    ) {
+        use crate::core::handshake::Failure;
+        counter!("crosslink_handshakes_total", "peer" => peer.to_string())
+            .absolute(stats.completed);
+        for f in Failure::ALL {
+            counter!("crosslink_handshake_failures_total", "peer" => peer.to_string(), "reason" => f.as_str())
+                .absolute(stats.failures(f));
+        }
+        gauge!("crosslink_handshake_key_age_seconds", "peer" => peer.to_string())
+            .set(key_age.unwrap_or(-1.0));
     }
 
     /// Gives a peer's series its lanes' resequencing counters.

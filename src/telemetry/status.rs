@@ -31,6 +31,24 @@ pub struct PeerStatus {
     /// anything).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fec: Option<FecStatus>,
+    /// The key-pair handshake (peers with a `public_key` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake: Option<HandshakeStatus>,
+}
+
+/// A key-pair peer's handshake (`crate::core::handshake`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct HandshakeStatus {
+    /// `idle`, `initiating` or `established`.
+    pub state: String,
+    /// Age of the keys that seal now, seconds (absent without a session).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_age_seconds: Option<u64>,
+    /// Handshakes completed since start.
+    pub completed: u64,
+    /// Handshake messages dropped or handshakes failed, by reason.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub failures: std::collections::BTreeMap<String, u64>,
 }
 
 /// A peer's forward error correction (`crate::core::fec`): the setting,
@@ -265,6 +283,22 @@ impl Status {
             if !spread.is_empty() {
                 let _ = writeln!(s, "  aggregate: {}", spread.join(", "));
             }
+            if let Some(h) = &peer.handshake {
+                let age = h
+                    .key_age_seconds
+                    .map_or_else(|| "no keys".to_string(), |a| format!("keys {a}s old"));
+                let fails: Vec<String> =
+                    h.failures.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                let fails = match fails.is_empty() {
+                    true => String::new(),
+                    false => format!(", failures: {}", fails.join(", ")),
+                };
+                let _ = writeln!(
+                    s,
+                    "  handshake: {}, {age}, {} completed{fails}",
+                    h.state, h.completed
+                );
+            }
             if let Some(r) = &peer.reorder {
                 let _ = writeln!(
                     s,
@@ -359,6 +393,7 @@ mod tests {
                 active_path: Some("cci-1".into()),
                 reorder: None,
                 fec: None,
+                handshake: None,
                 paths: vec![PathStatus {
                     name: "cci-1".into(),
                     state: "up".into(),

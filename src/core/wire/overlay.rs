@@ -125,6 +125,10 @@ pub enum MsgType {
     SealedProbeRequest = 9,
     /// [`MsgType::ProbeReply`], sealed (payload encrypted, then the tag).
     SealedProbeReply = 10,
+    /// A key-pair handshake message ([`crate::core::handshake`]): the
+    /// sequence field says which (initiation, response, confirm), the
+    /// epoch field which session; authenticated by its own means.
+    Handshake = 11,
     /// A forward-error-correction parity packet of a block of the peer's
     /// data packets: payload a [`FecParity`] ([`crate::core::fec`]). The
     /// fixed header's sequence field is 0 (parity is not numbered with the
@@ -161,6 +165,7 @@ impl MsgType {
             8 => Some(MsgType::ProbeReply),
             9 => Some(MsgType::SealedProbeRequest),
             10 => Some(MsgType::SealedProbeReply),
+            11 => Some(MsgType::Handshake),
             20 => Some(MsgType::FecParity),
             21 => Some(MsgType::SealedFecParity),
             _ => None,
@@ -673,8 +678,11 @@ mod tests {
         let mut t = good;
         t[1] = 0;
         assert_eq!(Header::parse(&t), Err(OverlayError::BadType(0)));
+        t[1] = 12;
+        assert_eq!(Header::parse(&t), Err(OverlayError::BadType(12)));
         t[1] = 11;
-        assert_eq!(Header::parse(&t), Err(OverlayError::BadType(11)));
+        assert_eq!(Header::parse(&t).unwrap().0.msg_type, MsgType::Handshake);
+        assert!(!MsgType::Handshake.is_sealed());
         t[1] = 4;
         assert_eq!(Header::parse(&t).unwrap().0.msg_type, MsgType::SealedData);
         assert!(MsgType::SealedData.is_sealed() && !MsgType::Data.is_sealed());
@@ -746,7 +754,7 @@ mod tests {
             assert_eq!(m as u8, t);
             assert_eq!(m.is_sealed(), sealed);
         }
-        assert_eq!(MsgType::from_u8(11), None);
+        assert_eq!(MsgType::from_u8(12), None);
         assert_eq!(ProbeClass::from_payload(&[1, 0]), ProbeClass::Large);
         assert_eq!(ProbeClass::from_payload(&[0]), ProbeClass::Small);
         assert_eq!(ProbeClass::from_payload(&[7]), ProbeClass::Small);

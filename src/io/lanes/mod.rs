@@ -105,8 +105,8 @@ mod recv;
 mod send;
 
 pub use flows::{FlowClaims, FlowTable};
-pub use recv::PathIn;
 use recv::RxState;
+pub use recv::{PathIn, HANDSHAKE_RATE};
 pub use send::{PathOut, TunOut, SEND_ERROR_REPORT_INTERVAL};
 
 /// Largest datagram handled (inner packet plus overlay header).

@@ -12,6 +12,7 @@
 //! thread, whose engine judges the path.
 
 use super::*;
+use crate::core::handshake::TokenBucket;
 
 /// Datagrams a receiving thread takes per system call (each buffer holds
 /// the largest datagram, [`BUF_LEN`]).
@@ -74,7 +75,14 @@ pub struct PathIn {
     /// FEC parity received in this datagram, for the lane's decoder (and
     /// whether it protects an `aggregate` stream).
     pub parity_in: Vec<(FecParity, bool)>,
+    /// Handshake messages passed on to the BFD thread.
+    pub handshake_bucket: TokenBucket,
 }
+
+/// Handshake messages a path's receiver passes on per second (and in a
+/// burst): well above what a handshake needs, far below what would keep
+/// the BFD thread busy.
+pub const HANDSHAKE_RATE: u32 = 50;
 
 /// What a lane's receiving end of a path works with between turns:
 /// buffers allocated once.
@@ -424,6 +432,10 @@ impl PathIn {
                 self.parity_in.push((parity, header.is_ordered()));
                 None
             }
+            Ok(Message::Handshake) => {
+                self.on_handshake(datagram, keys);
+                None
+            }
             Err(reason) => {
                 self.drops.count(reason);
                 None
@@ -492,6 +504,22 @@ impl PathIn {
             }
             (Echo::Reply(_), _) => self.drops.count(DropReason::EchoStale),
         }
+    }
+
+    /// Hands a handshake message to the BFD thread, whose engine runs the
+    /// peer's handshake; a peer without a `public_key` takes none. At most
+    /// [`HANDSHAKE_RATE`] a second go on: a flood stops here.
+    fn on_handshake(&mut self, datagram: &[u8], keys: Option<&Keys>) {
+        if !keys.is_some_and(Keys::is_session) {
+            self.drops.count(DropReason::SealMismatch);
+            return;
+        }
+        if !self.handshake_bucket.take(clock::now()) {
+            self.drops.count(DropReason::HandshakeRateLimited);
+            return;
+        }
+        self.commands
+            .send(Command::Handshake(self.id, datagram.into()));
     }
 
     /// Adds the turn's data to the path's counters.
