@@ -1740,6 +1740,15 @@ async fn hand_over(
             p.config.name
         ));
     }
+    // The handshake's session keys are not part of the handed-over state:
+    // the new process would have to run a handshake before it could seal,
+    // and the traffic in between would be lost.
+    if let Some(p) = gw.peers.iter().find(|p| p.config.public_key.is_some()) {
+        return Err(format!(
+            "peer {} has a public_key: its handshake's session keys are not handed over yet; restart instead",
+            p.config.name
+        ));
+    }
     let inh = gw.inheritance(listeners);
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
     let mut fds = upgrade::descriptors(&inh);
