@@ -96,8 +96,8 @@ fn one(bin: &Path, mode: Mode, loss: u8, secs: u64, tag: &str) -> lab::Result<Ru
     Ok(Run {
         lost_pct: 100.0 * lost / (lost + received),
         wire_ratio: wire / stream_bytes,
-        rebuilt: fec["rebuilt"].as_u64().unwrap_or(0),
-        given_up: fec["given_up"].as_u64().unwrap_or(0),
+        rebuilt: fec["recovered"].as_u64().unwrap_or(0),
+        given_up: fec["unrecoverable"].as_u64().unwrap_or(0),
         code: a["peers"][0]["fec"]["code"]
             .as_str()
             .unwrap_or("-")

@@ -118,7 +118,7 @@ fn fec_cuts_a_random_loss_on_every_path() {
     let b = &auto_status["b"];
     assert_ne!(a["code"], "none", "auto sends parity at 5 %: {a}");
     assert!(a["parity_sent"].as_u64().unwrap_or(0) > 100, "{a}");
-    assert!(b["rebuilt"].as_u64().unwrap_or(0) > 100, "{b}");
+    assert!(b["recovered"].as_u64().unwrap_or(0) > 100, "{b}");
     // the code auto picks at 5 % leaves ~0.1 % in theory; this shared
     // machine's stalls (a thread descheduled for tens of milliseconds)
     // lose runs no code repairs, hence the generous bound
@@ -191,14 +191,17 @@ fn sealed_and_aggregate_peers_rebuild_too() {
     let (sealed, s) = lossy_stream_with("10+3", "fecseal", 5, |o| {
         o.key = Some(format!("{key}\n"));
     });
-    assert!(s["b"]["rebuilt"].as_u64().unwrap_or(0) > 100, "sealed: {s}");
+    assert!(
+        s["b"]["recovered"].as_u64().unwrap_or(0) > 100,
+        "sealed: {s}"
+    );
     assert_eq!(s["b"]["bad_parity"].as_u64(), Some(0), "sealed: {s}");
     assert!(sealed < 1.5, "sealed: {sealed:.2} % lost");
     let (spread, s) = lossy_stream_with("10+3", "fecaggr", 5, |o| {
         o.policy = crosslink::config::Policy::Aggregate;
     });
     assert!(
-        s["b"]["rebuilt"].as_u64().unwrap_or(0) > 100,
+        s["b"]["recovered"].as_u64().unwrap_or(0) > 100,
         "aggregate: {s}"
     );
     assert!(spread < 1.5, "aggregate: {spread:.2} % lost");

@@ -58,7 +58,7 @@ fn rekeys_under_load_lose_no_packet() {
         .unwrap();
         let s = lab.status(Gw::A).unwrap();
         assert!(
-            handshake(&s)["key_age_seconds"].as_u64().is_some(),
+            handshake(&s)["keys_age_s"].as_u64().is_some(),
             "status: {s}"
         );
         let before = Gw::ALL.map(|gw| completed(&lab, gw));

@@ -1204,8 +1204,9 @@ impl BfdThread {
                 let stats = h.stats();
                 HandshakeStatus {
                     state: h.state().as_str().to_string(),
-                    key_age_seconds: h.key_age(now).map(|a| a.as_secs()),
+                    keys_age_s: h.key_age(now).map(|a| a.as_secs()),
                     completed: stats.completed,
+                    rekeys: stats.completed.saturating_sub(1),
                     failures: Failure::ALL
                         .iter()
                         .map(|f| (f.as_str().to_string(), stats.failures(*f)))
@@ -1317,12 +1318,12 @@ impl BfdThread {
         Some(FecStatus {
             mode: config.mode.to_string(),
             code: code.map_or_else(|| "none".to_string(), |c| c.to_string()),
-            overhead: code.map_or(0.0, Code::overhead),
+            overhead_ratio: code.map_or(0.0, Code::overhead),
             loss,
             parity_sent: counts[0],
             parity_received: counts[1],
-            rebuilt: counts[2],
-            given_up: counts[3],
+            recovered: counts[2],
+            unrecoverable: counts[3],
             bad_parity: load(&f.bad_parity),
         })
     }

@@ -229,11 +229,7 @@ fn describe() {
     describe_gauge!("crosslink_build_info", "Build information; always 1.");
     describe_counter!(
         "crosslink_handshakes_total",
-        "Key-pair handshakes completed with the peer (as initiator or responder)."
-    );
-    describe_counter!(
-        "crosslink_handshake_failures_total",
-        "Handshake messages dropped and handshakes failed, by reason."
+        "Key-pair handshakes with the peer by result: ok (completed, as initiator or responder), or why a handshake message was dropped or a handshake failed."
     );
     describe_gauge!(
         "crosslink_handshake_key_age_seconds",
@@ -527,10 +523,10 @@ impl Metrics {
         key_age: Option<f64>,
     ) {
         use crate::core::handshake::Failure;
-        counter!("crosslink_handshakes_total", "peer" => peer.to_string())
+        counter!("crosslink_handshakes_total", "peer" => peer.to_string(), "result" => "ok")
             .absolute(stats.completed);
         for f in Failure::ALL {
-            counter!("crosslink_handshake_failures_total", "peer" => peer.to_string(), "reason" => f.as_str())
+            counter!("crosslink_handshakes_total", "peer" => peer.to_string(), "result" => f.as_str())
                 .absolute(stats.failures(f));
         }
         gauge!("crosslink_handshake_key_age_seconds", "peer" => peer.to_string())

@@ -43,9 +43,11 @@ pub struct HandshakeStatus {
     pub state: String,
     /// Age of the keys that seal now, seconds (absent without a session).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_age_seconds: Option<u64>,
+    pub keys_age_s: Option<u64>,
     /// Handshakes completed since start.
     pub completed: u64,
+    /// Of them, those that replaced a session (every one but the first).
+    pub rekeys: u64,
     /// Handshake messages dropped or handshakes failed, by reason.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub failures: std::collections::BTreeMap<String, u64>,
@@ -60,16 +62,16 @@ pub struct FecStatus {
     /// The code in use now (`none`: no parity).
     pub code: String,
     /// Parity per data packet under that code.
-    pub overhead: f64,
+    pub overhead_ratio: f64,
     /// The highest loss (sending direction) of the paths carrying the
     /// peer's traffic, which `auto` sizes the code by.
     pub loss: f64,
     pub parity_sent: u64,
     pub parity_received: u64,
     /// Lost packets rebuilt from parity.
-    pub rebuilt: u64,
+    pub recovered: u64,
     /// Lost packets of blocks given up (too little parity in time).
-    pub given_up: u64,
+    pub unrecoverable: u64,
     /// Parity dropped because it disagreed with itself or its block.
     #[serde(default)]
     pub bad_parity: u64,
@@ -285,7 +287,7 @@ impl Status {
             }
             if let Some(h) = &peer.handshake {
                 let age = h
-                    .key_age_seconds
+                    .keys_age_s
                     .map_or_else(|| "no keys".to_string(), |a| format!("keys {a}s old"));
                 let fails: Vec<String> =
                     h.failures.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -317,12 +319,12 @@ impl Status {
                     "  fec: {} (code {}, overhead {:.0}%, loss {:.2}%), parity sent {}, received {}, rebuilt {}, given up {}",
                     f.mode,
                     f.code,
-                    f.overhead * 100.0,
+                    f.overhead_ratio * 100.0,
                     f.loss * 100.0,
                     f.parity_sent,
                     f.parity_received,
-                    f.rebuilt,
-                    f.given_up
+                    f.recovered,
+                    f.unrecoverable
                 );
             }
         }
