@@ -102,7 +102,14 @@ fn a_link_from_init_files_alone_carries_traffic() {
     }
     let _g = serial();
     let mut lab = Lab::new(LabOptions::new("init", BIN)).unwrap();
-    let (a, b) = init(&lab, "psk");
+    // The default: a key pair per gateway and the handshake.
+    let (a, b) = init(&lab, "pair");
+    let dir = lab.dir().join("init");
+    std::fs::copy(
+        dir.join("gw-b").join("gw-b.private"),
+        dir.join("gw-b.private"),
+    )
+    .unwrap();
     let check = Command::new(BIN)
         .args(["check", "-c"])
         .arg(&a)
@@ -123,9 +130,19 @@ fn a_link_from_init_files_alone_carries_traffic() {
     lab.start_gateways().unwrap();
     lab.wait_paths_up(Duration::from_secs(15)).unwrap();
     let up = started.elapsed();
-    let status = lab.poll(Gw::A).unwrap();
+    let established = |s: &Value| s["peers"][0]["handshake"]["state"] == "established";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut status = lab.poll(Gw::A).unwrap();
+    while !established(&status) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        status = lab.poll(Gw::A).unwrap();
+    }
     assert_eq!(status["peers"][0]["name"], "gw-b", "{status}");
     assert_eq!(status["peers"][0]["tun"], "xl-gw-b", "{status}");
+    assert_eq!(
+        status["peers"][0]["handshake"]["state"], "established",
+        "{status}"
+    );
     let receiver = lab.start_receiver(5997, Duration::from_secs(20)).unwrap();
     let sender = lab
         .start_sender(5997, 1000, Duration::from_secs(20))
@@ -137,7 +154,7 @@ fn a_link_from_init_files_alone_carries_traffic() {
     assert!(received >= 1000, "{report}");
     assert_eq!(report["lost"].as_u64(), Some(0), "{report}");
     lab::say(&format!(
-        "REPORT setup init: two files and a key from one `crosslink init`, both paths up {up:?} after start, {received} packets through, none lost"
+        "REPORT setup init: two files and two key pairs from one `crosslink init`, handshake established, both paths up {up:?} after start, {received} packets through, none lost"
     ));
 }
 
@@ -218,4 +235,71 @@ fn reach_names_a_blocked_path_and_a_small_mtu() {
         assert_eq!(path(&r, p)["verdict"], "key_mismatch", "{r:?}");
     }
     lab::say("REPORT setup reach: another key at one end -> both paths 'key_mismatch'");
+}
+
+/// A key-pair peer: the reach check runs a handshake of its own (with a
+/// far check, or with the far daemon) before it seals a probe; a far end
+/// that holds another key pair says so.
+#[test]
+fn reach_runs_the_handshake_of_a_key_pair_peer() {
+    if !lab::test_gate("reach_runs_the_handshake_of_a_key_pair_peer", &TOOLS) {
+        return;
+    }
+    let _g = serial();
+    let mut lab = Lab::new(LabOptions::new("reachkp", BIN)).unwrap();
+    let (a, b) = init(&lab, "pair");
+    // Both gateways read their key files from `init/` (the lab shares one
+    // file system): gw-b's private key goes where its file says.
+    let dir = lab.dir().join("init");
+    std::fs::copy(
+        dir.join("gw-b").join("gw-b.private"),
+        dir.join("gw-b.private"),
+    )
+    .unwrap();
+
+    let mut far = reach(&lab, Host::GwB, &b, "6s").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let (r, ok, took) = run_reach(&lab, Host::GwA, &a);
+    let _ = far.wait();
+    assert!(ok, "{r:?}");
+    for p in LabPath::ALL {
+        assert_eq!(path(&r, p)["verdict"], "answered", "{r:?}");
+    }
+    lab::say(&format!(
+        "REPORT setup reach (key pairs): a far check answers after a handshake on both paths, in {took:?}"
+    ));
+
+    lab.write_config(Gw::B, &std::fs::read_to_string(&b).unwrap())
+        .unwrap();
+    lab.start_gateway(Gw::B).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (r, ok, took) = run_reach(&lab, Host::GwA, &a);
+    assert!(ok, "{r:?}");
+    for p in LabPath::ALL {
+        assert_eq!(path(&r, p)["verdict"], "answered", "{r:?}");
+    }
+    lab::say(&format!(
+        "REPORT setup reach (key pairs): the far daemon answers after a handshake, in {took:?}"
+    ));
+    lab.stop_gateway(Gw::B);
+
+    // gw-a with another private key than the one gw-b's file names.
+    let other = dir.join("other.private");
+    let key = Command::new(BIN).arg("genkey").output().unwrap().stdout;
+    std::fs::write(&other, key).unwrap();
+    let a_text = std::fs::read_to_string(&a).unwrap().replace(
+        &dir.join("gw-a.private").display().to_string(),
+        &other.display().to_string(),
+    );
+    let a2 = lab.dir().join("a-other.toml");
+    std::fs::write(&a2, a_text).unwrap();
+    let mut far = reach(&lab, Host::GwB, &b, "6s").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let (r, ok, _) = run_reach(&lab, Host::GwA, &a2);
+    let _ = far.wait();
+    assert!(!ok);
+    for p in LabPath::ALL {
+        assert_eq!(path(&r, p)["verdict"], "key_mismatch", "{r:?}");
+    }
+    lab::say("REPORT setup reach (key pairs): another private key at one end -> both paths 'key_mismatch'");
 }

@@ -65,7 +65,7 @@ pub struct InitArgs {
     #[arg(long, default_value = "active-backup")]
     pub policy: String,
     /// How traffic is protected.
-    #[arg(long, value_enum, default_value = "psk")]
+    #[arg(long, value_enum, default_value = "pair")]
     pub keys: KeyMode,
     /// Where the files are written: this gateway's crosslink.toml and key
     /// file, and a directory PEER/ with the far gateway's.

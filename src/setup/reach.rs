@@ -44,6 +44,7 @@ use crate::config::{Config, Policy};
 use crate::core::crypto::{self, Keys, ReplayWindow};
 use crate::core::forward::{self, emit_echo, emit_probe, emit_probe_reply, Echo, Message};
 use crate::core::forward::{Opener, Sealer, HEADROOM, TRAILER};
+use crate::core::handshake::Handshake;
 use crate::core::wire::overlay::{ProbeClass, ProbeReport, BASE_LEN};
 use crate::io::{clock, keys, sys};
 use serde::Serialize;
@@ -51,6 +52,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Small probes: one every this long.
@@ -70,6 +72,16 @@ const BUF: usize = 65_536;
 /// largest is 9001 bytes): a larger interface MTU (loopback) is taken as
 /// this.
 const MAX_MTU: u32 = 9216;
+
+/// A key-pair peer's handshake, shared by its paths' checks: what it
+/// sends goes out on every path (a blocked one must not hold it up).
+struct SharedHandshake {
+    hs: Handshake,
+    /// Datagrams each path has still to send, by path index.
+    outbox: Vec<Vec<Vec<u8>>>,
+}
+
+type Shared = Arc<Mutex<SharedHandshake>>;
 
 /// What a path's check found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -157,8 +169,43 @@ pub fn check(config: &Config, duration: Duration) -> Vec<PathReach> {
                 continue;
             }
         };
+        // A key-pair peer's paths share one handshake, as the far daemon
+        // has one per peer: its messages go out on every path.
+        let shared = match peer.public_key.is_some() {
+            true => match keys::handshake(&config.gateway, peer, Instant::now()) {
+                Ok(Some(hs)) => Some(Arc::new(Mutex::new(SharedHandshake {
+                    hs,
+                    outbox: vec![Vec::new(); peer.paths.len()],
+                }))),
+                Ok(None) => None,
+                Err(e) => {
+                    for p in &peer.paths {
+                        jobs.push(Err(PathReach {
+                            peer: peer.name.clone(),
+                            path: p.name.clone(),
+                            local: p.local,
+                            remote: p.remote,
+                            verdict: Verdict::KeyFile,
+                            detail: format!("KEY FILE: {e}"),
+                            other_port: false,
+                            small_sent: 0,
+                            small_answered: 0,
+                            loss_percent: None,
+                            rtt_ms_min: None,
+                            rtt_ms_median: None,
+                            path_mtu: None,
+                            needed_mtu: 0,
+                            fits_inner_mtu: None,
+                            took_ms: 0,
+                        }));
+                    }
+                    continue;
+                }
+            },
+            false => None,
+        };
         let extended = matches!(peer.policy, Policy::Duplicate | Policy::Aggregate);
-        for p in &peer.paths {
+        for (index, p) in peer.paths.iter().enumerate() {
             let v6 = p.remote.is_ipv6();
             let fec = peer.fec.mode != crate::config::FecMode::Off;
             let overhead = forward::inner_mtu(0x10000, v6, extended, keys.is_some(), fec);
@@ -176,6 +223,7 @@ pub fn check(config: &Config, duration: Duration) -> Vec<PathReach> {
                 remote: p.remote,
                 interface: p.interface.clone(),
                 keys: keys.clone(),
+                pair: shared.clone().map(|h| (h, index)),
                 needed,
                 overhead,
             };
@@ -236,6 +284,9 @@ struct Probe {
     remote: SocketAddr,
     interface: Option<String>,
     keys: Option<Keys>,
+    /// A key-pair peer: the handshake its paths share (the check's own,
+    /// run before it seals a probe), and this path's index in it.
+    pair: Option<(Shared, usize)>,
     needed: u32,
     /// Bytes of IP, UDP and overlay headers (and tag) around an inner packet.
     overhead: u32,
@@ -294,7 +345,7 @@ impl Probe {
         // run; like the daemon, send none before that second is over, so no
         // other run of this gateway shares it (see `crate::core::crypto`).
         let epoch = clock::unix_seconds(Instant::now());
-        if self.keys.is_some() {
+        if self.keys.is_some() && self.pair.is_none() {
             let settled = Duration::from_secs(epoch + 1);
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -303,6 +354,8 @@ impl Probe {
         }
         let mut s = Session {
             probe: &self,
+            keys: self.keys.clone(),
+            handshake: self.pair.clone(),
             sock,
             epoch: epoch as u32,
             salt_out: crypto::path_salt(bound, self.remote),
@@ -339,11 +392,13 @@ impl Probe {
             if now >= end {
                 break;
             }
-            if now >= next_small && now + GRACE < end {
+            s.drive_handshake(now);
+            let sealable = s.keys.as_ref().is_none_or(Keys::can_seal);
+            if now >= next_small && now + GRACE < end && sealable {
                 s.send_small(now);
                 next_small = now + SMALL_EVERY;
             }
-            if now >= next_round {
+            if now >= next_round && sealable {
                 s.close_round();
                 if s.mtu_hi > s.mtu_lo + 1 && now + MTU_ROUND < end {
                     s.open_round(now);
@@ -420,7 +475,7 @@ impl Probe {
                 format!(
                     "NO ANSWER in {} ms: blocked on the way (firewall, security group, ACL), the far side not running crosslink or `check --reach`, or a far daemon that refuses our key{}",
                     duration.as_millis(),
-                    if self.keys.is_some() { "" } else { " (or wants one)" }
+                    if self.keys.is_some() || self.pair.is_some() { "" } else { " (or wants one)" }
                 ),
             )
         };
@@ -462,6 +517,12 @@ impl Probe {
 /// One path's probing state.
 struct Session<'a> {
     probe: &'a Probe,
+    /// What seals: the pre-shared key's, or the handshake's session once
+    /// it completed.
+    keys: Option<Keys>,
+    /// A key-pair peer's handshake, run by the check itself, and this
+    /// path's index in its outbox.
+    handshake: Option<(Shared, usize)>,
     sock: UdpSocket,
     epoch: u32,
     salt_out: u64,
@@ -499,11 +560,83 @@ struct Session<'a> {
 
 impl Session<'_> {
     fn sealer(&self) -> Option<Sealer<'_>> {
-        self.probe.keys.as_ref().map(|keys| Sealer {
+        self.keys.as_ref().map(|keys| Sealer {
             keys,
             epoch: self.epoch,
             salt: self.salt_out,
         })
+    }
+
+    /// Runs the handshake's timers, puts what it sends in every path's
+    /// outbox and sends this path's; takes its session keys once it has
+    /// some.
+    fn drive_handshake(&mut self, now: Instant) {
+        let Some((shared, index)) = self.handshake.clone() else {
+            return;
+        };
+        let (out, keys) = {
+            let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+            g.hs.handle_timeout(now);
+            while let Some(d) = g.hs.poll_transmit() {
+                for o in g.outbox.iter_mut() {
+                    o.push(d.clone());
+                }
+            }
+            let out = g
+                .outbox
+                .get_mut(index)
+                .map(std::mem::take)
+                .unwrap_or_default();
+            let keys = g.hs.keys();
+            (out, keys)
+        };
+        for d in out {
+            if let Err(e) = self.sock.send(&d) {
+                self.note_error(e);
+            }
+        }
+        let changed = self.keys.as_ref().map(Keys::session_epoch) != Some(keys.session_epoch());
+        if keys.can_seal() && changed {
+            self.keys = Some(keys);
+        }
+    }
+
+    /// A handshake message, for a key-pair peer's handshake: true when
+    /// `datagram` was one. One the handshake refuses for its keys (a MAC
+    /// or a static key that is not the configured one) gets the far check
+    /// the clear "did not open here" answer.
+    fn on_handshake(&mut self, datagram: &[u8]) -> bool {
+        use crate::core::handshake::Failure;
+        use crate::core::wire::overlay::{Header, MsgType};
+        let is_handshake =
+            Header::parse(datagram).is_ok_and(|(h, _)| h.msg_type == MsgType::Handshake);
+        if !is_handshake {
+            return false;
+        }
+        let Some((shared, _)) = self.handshake.clone() else {
+            self.refuse(datagram);
+            return true;
+        };
+        let refused = {
+            let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+            let count = |h: &Handshake| {
+                [Failure::BadMac, Failure::UnknownKey, Failure::Decrypt]
+                    .iter()
+                    .map(|f| h.stats().failures(*f))
+                    .sum::<u64>()
+            };
+            let before = count(&g.hs);
+            g.hs.handle(datagram, Instant::now());
+            count(&g.hs) > before
+        };
+        if refused {
+            let mut msg = [0u8; HEADROOM];
+            if let Ok(n) = emit_echo(Echo::Reply(KEY_REFUSED), &mut msg) {
+                let _ = self.sock.send(msg.get(..n).unwrap_or_default());
+            }
+        }
+        self.drive_handshake(Instant::now());
+        true
     }
 
     /// Sends one probe whose IP packet is `size` bytes; false when it is
@@ -558,7 +691,7 @@ impl Session<'_> {
         let size = self.probe.ip_header()
             + 8
             + BASE_LEN as u32
-            + if self.probe.keys.is_some() {
+            + if self.keys.is_some() {
                 TRAILER as u32
             } else {
                 0
@@ -633,7 +766,10 @@ impl Session<'_> {
             let Some(datagram) = buf.get_mut(..n) else {
                 return;
             };
-            let keys = self.probe.keys.clone();
+            if self.on_handshake(datagram) {
+                continue;
+            }
+            let keys = self.keys.clone();
             let opener = keys.as_ref().map(|keys| Opener {
                 keys,
                 salt: self.salt_in,
@@ -727,7 +863,9 @@ impl Session<'_> {
                 Header::parse(datagram).is_ok_and(|(h, _)| {
                     matches!(
                         h.msg_type,
-                        MsgType::SealedProbeRequest | MsgType::SealedEchoRequest
+                        MsgType::SealedProbeRequest
+                            | MsgType::SealedEchoRequest
+                            | MsgType::Handshake
                     )
                 })
             }
