@@ -88,6 +88,23 @@ fn run_reach(lab: &Lab, host: Host, config: &Path) -> (Vec<Value>, bool, Duratio
     (json, out.status.success(), took)
 }
 
+/// [`run_reach`] in gw-a's namespace while gw-b runs a check of its own
+/// (started first, so that it answers).
+fn run_reach_with_far_check(lab: &Lab, ours: &Path, far: &Path) -> (Vec<Value>, bool, Duration) {
+    let mut check = reach(lab, Host::GwB, far, "6s").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let done = run_reach(lab, Host::GwA, ours);
+    let _ = check.wait();
+    done
+}
+
+/// Every path's report has `verdict`.
+fn assert_every_path(reports: &[Value], verdict: &str) {
+    for p in LabPath::ALL {
+        assert_eq!(path(reports, p)["verdict"], verdict, "{reports:?}");
+    }
+}
+
 fn path(reports: &[Value], p: LabPath) -> &Value {
     reports
         .iter()
@@ -170,9 +187,7 @@ fn reach_names_a_blocked_path_and_a_small_mtu() {
     // Nothing runs at the far end: the far host refuses.
     let (r, ok, took) = run_reach(&lab, Host::GwA, &a);
     assert!(!ok);
-    for p in LabPath::ALL {
-        assert_eq!(path(&r, p)["verdict"], "refused", "{r:?}");
-    }
+    assert_every_path(&r, "refused");
     lab::say(&format!(
         "REPORT setup reach: far end not there -> both paths 'refused' in {took:?}"
     ));
@@ -181,10 +196,7 @@ fn reach_names_a_blocked_path_and_a_small_mtu() {
     // what is larger than 1300 bytes (an MTU black hole).
     lab.blackhole(LabPath::Path2).unwrap();
     lab.drop_larger_than(LabPath::Path1, 1300).unwrap();
-    let mut far = reach(&lab, Host::GwB, &b, "6s").spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(1200));
-    let (r, ok, took) = run_reach(&lab, Host::GwA, &a);
-    let _ = far.wait();
+    let (r, ok, took) = run_reach_with_far_check(&lab, &a, &b);
     assert!(!ok, "{r:?}");
     let p1 = path(&r, LabPath::Path1);
     let p2 = path(&r, LabPath::Path2);
@@ -226,14 +238,9 @@ fn reach_names_a_blocked_path_and_a_small_mtu() {
         .replace(&key.display().to_string(), &other.display().to_string());
     let a2 = lab.dir().join("a-other-key.toml");
     std::fs::write(&a2, a_text).unwrap();
-    let mut far = reach(&lab, Host::GwB, &b, "6s").spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(1200));
-    let (r, ok, _) = run_reach(&lab, Host::GwA, &a2);
-    let _ = far.wait();
+    let (r, ok, _) = run_reach_with_far_check(&lab, &a2, &b);
     assert!(!ok);
-    for p in LabPath::ALL {
-        assert_eq!(path(&r, p)["verdict"], "key_mismatch", "{r:?}");
-    }
+    assert_every_path(&r, "key_mismatch");
     lab::say("REPORT setup reach: another key at one end -> both paths 'key_mismatch'");
 }
 
@@ -257,14 +264,9 @@ fn reach_runs_the_handshake_of_a_key_pair_peer() {
     )
     .unwrap();
 
-    let mut far = reach(&lab, Host::GwB, &b, "6s").spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(1200));
-    let (r, ok, took) = run_reach(&lab, Host::GwA, &a);
-    let _ = far.wait();
+    let (r, ok, took) = run_reach_with_far_check(&lab, &a, &b);
     assert!(ok, "{r:?}");
-    for p in LabPath::ALL {
-        assert_eq!(path(&r, p)["verdict"], "answered", "{r:?}");
-    }
+    assert_every_path(&r, "answered");
     lab::say(&format!(
         "REPORT setup reach (key pairs): a far check answers after a handshake on both paths, in {took:?}"
     ));
@@ -275,9 +277,7 @@ fn reach_runs_the_handshake_of_a_key_pair_peer() {
     std::thread::sleep(Duration::from_millis(1500));
     let (r, ok, took) = run_reach(&lab, Host::GwA, &a);
     assert!(ok, "{r:?}");
-    for p in LabPath::ALL {
-        assert_eq!(path(&r, p)["verdict"], "answered", "{r:?}");
-    }
+    assert_every_path(&r, "answered");
     lab::say(&format!(
         "REPORT setup reach (key pairs): the far daemon answers after a handshake, in {took:?}"
     ));
@@ -293,13 +293,8 @@ fn reach_runs_the_handshake_of_a_key_pair_peer() {
     );
     let a2 = lab.dir().join("a-other.toml");
     std::fs::write(&a2, a_text).unwrap();
-    let mut far = reach(&lab, Host::GwB, &b, "6s").spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(1200));
-    let (r, ok, _) = run_reach(&lab, Host::GwA, &a2);
-    let _ = far.wait();
+    let (r, ok, _) = run_reach_with_far_check(&lab, &a2, &b);
     assert!(!ok);
-    for p in LabPath::ALL {
-        assert_eq!(path(&r, p)["verdict"], "key_mismatch", "{r:?}");
-    }
+    assert_every_path(&r, "key_mismatch");
     lab::say("REPORT setup reach (key pairs): another private key at one end -> both paths 'key_mismatch'");
 }

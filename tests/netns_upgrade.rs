@@ -68,6 +68,17 @@ fn unix_ms() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
+/// The probe stream through the gateways: its receiver and sender.
+fn start_stream(lab: &Lab) -> (lab::ProbeReceiver, lab::ProbeSender) {
+    let rx = lab
+        .start_receiver(PORT, Duration::from_secs(60))
+        .expect("receiver");
+    let tx = lab
+        .start_sender(PORT, RATE, Duration::from_secs(60))
+        .expect("sender");
+    (rx, tx)
+}
+
 /// CROSSLINK_NETNS_STRICT=1: losses outside the upgrades (machine stalls)
 /// fail the test too.
 fn strict() -> bool {
@@ -253,12 +264,7 @@ fn upgrade_under_traffic_loses_nothing() {
     ];
     let tuns_before = (tuns(&lab, Host::GwA), tuns(&lab, Host::GwB));
 
-    let rx = lab
-        .start_receiver(PORT, Duration::from_secs(60))
-        .expect("receiver");
-    let tx = lab
-        .start_sender(PORT, RATE, Duration::from_secs(60))
-        .expect("sender");
+    let (rx, tx) = start_stream(&lab);
     std::thread::sleep(Duration::from_millis(1500));
 
     let mut handovers = Vec::new();
@@ -399,12 +405,7 @@ fn failed_upgrade_leaves_the_old_process_serving() {
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
     let pid = lab.gateway_pid(Gw::A).expect("pid");
     let far_before = bfd_history(&lab.poll(Gw::B).expect("far status"));
-    let rx = lab
-        .start_receiver(PORT, Duration::from_secs(60))
-        .expect("receiver");
-    let tx = lab
-        .start_sender(PORT, RATE, Duration::from_secs(60))
-        .expect("sender");
+    let (rx, tx) = start_stream(&lab);
     std::thread::sleep(Duration::from_millis(500));
 
     let started = unix_ms();
@@ -474,12 +475,7 @@ fn sealed_upgrade_loses_nothing() {
     lab.wait_paths_up(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
     let mut adopted = Adopted::default();
-    let rx = lab
-        .start_receiver(PORT, Duration::from_secs(60))
-        .expect("receiver");
-    let tx = lab
-        .start_sender(PORT, RATE, Duration::from_secs(60))
-        .expect("sender");
+    let (rx, tx) = start_stream(&lab);
     // Sealed traffic starts once the daemon's epoch second is over.
     std::thread::sleep(Duration::from_millis(1500));
     let mut windows = Vec::new();
@@ -774,12 +770,7 @@ fn crash_restart_keeps_the_tun_from_the_fd_store() {
     let routes = routes_via(&lab, "xl-b");
     assert!(!routes.trim().is_empty(), "no route via the TUN");
 
-    let rx = lab
-        .start_receiver(PORT, Duration::from_secs(60))
-        .expect("receiver");
-    let tx = lab
-        .start_sender(PORT, RATE, Duration::from_secs(60))
-        .expect("sender");
+    let (rx, tx) = start_stream(&lab);
     std::thread::sleep(Duration::from_millis(1000));
     lab.kill_gateway(Gw::A);
     std::thread::sleep(Duration::from_millis(300));

@@ -1321,6 +1321,7 @@ impl PeerRun {
 
 /// What an upgrade handed over, owned by this process, until the
 /// gateway takes it into use ([`Gateway::apply`]); what is left is closed.
+#[derive(Default)]
 struct Inherited {
     control: Option<(PathBuf, OwnedFd)>,
     metrics: Option<(std::net::SocketAddr, OwnedFd)>,
@@ -1348,13 +1349,7 @@ impl Inherited {
         let own = |fd: RawFd| {
             upgrade::inherited(fd).map_err(|e| DaemonError::Setup(format!("taking over: {e}")))
         };
-        let mut out = Inherited {
-            control: None,
-            metrics: None,
-            peers: Vec::new(),
-            paths: Vec::new(),
-            rx: Vec::new(),
-        };
+        let mut out = Inherited::default();
         if let Some((path, fd)) = &inh.control {
             out.control = Some((path.clone(), own(*fd)?));
         }
@@ -1424,13 +1419,7 @@ impl Inherited {
             }
         }
         queues.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        let mut out = Inherited {
-            control: None,
-            metrics: None,
-            peers: Vec::new(),
-            paths: Vec::new(),
-            rx: Vec::new(),
-        };
+        let mut out = Inherited::default();
         for w in &config.peers {
             let mine: Vec<OwnedFd> = queues
                 .iter()

@@ -132,6 +132,45 @@ pub struct PathReach {
 }
 
 impl PathReach {
+    /// The report of a path nothing was learnt about yet.
+    fn blank(verdict: Verdict, detail: String, needed_mtu: u32) -> PathReach {
+        PathReach {
+            peer: String::new(),
+            path: String::new(),
+            local: SocketAddr::from(([0, 0, 0, 0], 0)),
+            remote: SocketAddr::from(([0, 0, 0, 0], 0)),
+            verdict,
+            detail,
+            other_port: false,
+            small_sent: 0,
+            small_answered: 0,
+            loss_percent: None,
+            rtt_ms_min: None,
+            rtt_ms_median: None,
+            path_mtu: None,
+            needed_mtu,
+            fits_inner_mtu: None,
+            took_ms: 0,
+        }
+    }
+
+    /// The report of `path` of `peer`, which could not be probed.
+    fn unreached(
+        peer: &str,
+        path: &crate::config::PathConfig,
+        verdict: Verdict,
+        detail: String,
+        needed_mtu: u32,
+    ) -> PathReach {
+        PathReach {
+            peer: peer.to_string(),
+            path: path.name.clone(),
+            local: path.local,
+            remote: path.remote,
+            ..PathReach::blank(verdict, detail, needed_mtu)
+        }
+    }
+
     /// Whether the path is ready to carry the peer's traffic.
     pub fn ok(&self) -> bool {
         self.verdict == Verdict::Answered && self.path_mtu.is_some_and(|m| m >= self.needed_mtu)
@@ -147,24 +186,13 @@ pub fn check(config: &Config, duration: Duration) -> Vec<PathReach> {
             Ok(k) => k,
             Err(e) => {
                 for p in &peer.paths {
-                    jobs.push(Err(PathReach {
-                        peer: peer.name.clone(),
-                        path: p.name.clone(),
-                        local: p.local,
-                        remote: p.remote,
-                        verdict: Verdict::KeyFile,
-                        detail: format!("KEY FILE: {e}"),
-                        other_port: false,
-                        small_sent: 0,
-                        small_answered: 0,
-                        loss_percent: None,
-                        rtt_ms_min: None,
-                        rtt_ms_median: None,
-                        path_mtu: None,
-                        needed_mtu: 0,
-                        fits_inner_mtu: None,
-                        took_ms: 0,
-                    }));
+                    jobs.push(Err(PathReach::unreached(
+                        &peer.name,
+                        p,
+                        Verdict::KeyFile,
+                        format!("KEY FILE: {e}"),
+                        0,
+                    )));
                 }
                 continue;
             }
@@ -180,24 +208,13 @@ pub fn check(config: &Config, duration: Duration) -> Vec<PathReach> {
                 Ok(None) => None,
                 Err(e) => {
                     for p in &peer.paths {
-                        jobs.push(Err(PathReach {
-                            peer: peer.name.clone(),
-                            path: p.name.clone(),
-                            local: p.local,
-                            remote: p.remote,
-                            verdict: Verdict::KeyFile,
-                            detail: format!("KEY FILE: {e}"),
-                            other_port: false,
-                            small_sent: 0,
-                            small_answered: 0,
-                            loss_percent: None,
-                            rtt_ms_min: None,
-                            rtt_ms_median: None,
-                            path_mtu: None,
-                            needed_mtu: 0,
-                            fits_inner_mtu: None,
-                            took_ms: 0,
-                        }));
+                        jobs.push(Err(PathReach::unreached(
+                            &peer.name,
+                            p,
+                            Verdict::KeyFile,
+                            format!("KEY FILE: {e}"),
+                            0,
+                        )));
                     }
                     continue;
                 }
@@ -306,18 +323,8 @@ impl Probe {
             path: self.path.clone(),
             local: self.local,
             remote: self.remote,
-            verdict,
-            detail,
-            other_port: false,
-            small_sent: 0,
-            small_answered: 0,
-            loss_percent: None,
-            rtt_ms_min: None,
-            rtt_ms_median: None,
-            path_mtu: None,
-            needed_mtu: self.needed,
-            fits_inner_mtu: None,
             took_ms: start.elapsed().as_millis() as u64,
+            ..PathReach::blank(verdict, detail, self.needed)
         }
     }
 

@@ -623,19 +623,12 @@ fn take_rebuilt(
     now: Instant,
 ) {
     for (r, ordered) in rebuilt.drain(..) {
-        if ordered {
-            let offer = g.r.offer(r.instance, r.sequence, id, &r.packet, false, now);
-            if matches!(offer, Offer::Deliver | Offer::Late) {
-                let from = released.len();
-                released.push(Held {
-                    data: r.packet,
-                    checksum_ok: false,
-                    at: now,
-                });
-                inner.push((RELEASED, from..released.len(), false, false));
-            }
-            take_released(&mut g.r, released, inner);
-        } else {
+        let deliver = !ordered
+            || matches!(
+                g.r.offer(r.instance, r.sequence, id, &r.packet, false, now),
+                Offer::Deliver | Offer::Late
+            );
+        if deliver {
             let from = released.len();
             released.push(Held {
                 data: r.packet,
@@ -643,6 +636,9 @@ fn take_rebuilt(
                 at: now,
             });
             inner.push((RELEASED, from..released.len(), false, false));
+        }
+        if ordered {
+            take_released(&mut g.r, released, inner);
         }
     }
 }
