@@ -317,7 +317,9 @@ fn check_table_and_watch(lab: &Lab) {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(900));
-    crosslink::lab::signal_pid(watch.id(), "INT");
+    // TERM, not INT: a shell that starts the tests in the background has
+    // them ignore SIGINT, and the watch would never end.
+    crosslink::lab::signal_pid(watch.id(), "TERM");
     let out = watch.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let redraws = text.matches("\x1b[H\x1b[2J").count();
