@@ -80,6 +80,10 @@ const TRIGGER_WINDOWS: [usize; 4] = [2, 6, 20, 60];
 /// The window, in buckets, over which a recovering path's loss is judged
 /// and the status reports loss.
 const GOOD_WINDOW: usize = 60;
+/// How long a data datagram must stay missing to be lost: at least this
+/// long, and over at least [`CONFIRM_SAMPLES`] samples.
+const CONFIRM: Duration = Duration::from_millis(50);
+const CONFIRM_SAMPLES: usize = 3;
 /// Fewest packets lost before loss may degrade a path.
 pub const MIN_LOST: u64 = 3;
 /// The z of the Wilson bound (one-sided 99.87 %).
@@ -367,11 +371,8 @@ pub struct Quality {
     sla: SlaConfig,
     /// Whether data sequence numbers count (not with the kernel fast path).
     data_counts: bool,
-    /// Whether the data counts of the sending and the receiving direction
-    /// have a baseline: after a rebase, the first interval in which data
-    /// arrives again is one (the sequence numbers lost while the path was
-    /// down must not count as loss once it is back).
-    data_armed: (bool, bool),
+    /// Data loss of the sending and the receiving direction.
+    data_loss: (DataLoss, DataLoss),
     last: Option<Sample>,
     buckets: VecDeque<Bucket>,
     rtts: VecDeque<(Instant, Duration)>,
@@ -414,15 +415,85 @@ fn signed_nanos(a: Instant, b: Instant) -> f64 {
     }
 }
 
-/// A data interval, once its direction has a baseline; the first interval
-/// that received data after a rebase makes the baseline instead.
-fn arm(armed: &mut bool, delta: Option<(u64, u64)>) -> Option<(u64, u64)> {
-    let (_, got) = delta?;
-    if *armed {
-        return delta;
+/// Data datagrams of one direction, counted as lost only once they stay
+/// missing.
+///
+/// The far end reports the highest sequence number it saw and how many
+/// datagrams it received. The deficit between the two is not loss alone:
+/// the sender's lanes number from one counter but send in their own
+/// turns, and the receiver's lanes add their counts in theirs, so the
+/// deficit jumps for a moment whenever one lane runs ahead of another
+/// (hundreds of datagrams on a busy path), then falls back. A datagram is
+/// lost when the deficit stays: the loss counted is the least deficit of
+/// the samples of the last [`CONFIRM`] (and at least the last
+/// [`CONFIRM_SAMPLES`]), so a jump shorter than that counts for nothing
+/// (on a loaded host a lane can wait tens of milliseconds for a core), and
+/// a real loss counts that much late.
+#[derive(Clone, Debug, Default)]
+struct DataLoss {
+    /// Whether the direction has a baseline: after a rebase, the first
+    /// interval in which data arrives again is one (the sequence numbers
+    /// lost while the path was down must not count as loss once it is
+    /// back).
+    armed: bool,
+    /// Numbered less received since the baseline.
+    deficit: i64,
+    /// The deficit after each sample of the last [`CONFIRM`].
+    recent: VecDeque<(Instant, i64)>,
+    /// The deficit counted as loss so far.
+    confirmed: i64,
+}
+
+impl DataLoss {
+    /// Takes one interval's (numbered, received) counts: the datagrams
+    /// expected and the loss it confirms (negative when datagrams counted
+    /// lost turned up after all), once the direction has a baseline.
+    fn step(&mut self, delta: Option<(u64, u64)>, now: Instant) -> Option<(u64, i64)> {
+        let (expected, got) = delta?;
+        if !self.armed {
+            if got > 0 {
+                *self = DataLoss {
+                    armed: true,
+                    ..DataLoss::default()
+                };
+            }
+            return None;
+        }
+        // Far more received than numbered: sequence numbers that do not
+        // count (a sender whose kernel fast path numbers nothing).
+        let owed = u64::try_from(self.deficit.max(0)).unwrap_or(0);
+        if got
+            > expected
+                .saturating_mul(2)
+                .saturating_add(16)
+                .saturating_add(owed)
+        {
+            return None;
+        }
+        // Both are at most MAX_DELTA (checked by the caller): no overflow.
+        self.deficit += expected as i64 - got as i64;
+        self.recent.push_back((now, self.deficit));
+        while self.recent.len() > CONFIRM_SAMPLES
+            && self
+                .recent
+                .front()
+                .is_some_and(|&(t, _)| now.saturating_duration_since(t) > CONFIRM)
+        {
+            self.recent.pop_front();
+        }
+        // Until the baseline has CONFIRM_SAMPLES samples, it counts too.
+        let baseline = (self.recent.len() < CONFIRM_SAMPLES).then_some(0);
+        let confirmed = self
+            .recent
+            .iter()
+            .map(|&(_, d)| d)
+            .chain(baseline)
+            .min()
+            .unwrap_or(self.deficit);
+        let lost = confirmed - self.confirmed;
+        self.confirmed = confirmed;
+        Some((expected, lost))
     }
-    *armed = got > 0;
-    None
 }
 
 fn ratio(lost: u64, expected: u64) -> Option<f64> {
@@ -436,7 +507,7 @@ impl Quality {
         Quality {
             sla,
             data_counts,
-            data_armed: (false, false),
+            data_loss: Default::default(),
             last: None,
             buckets: VecDeque::new(),
             rtts: VecDeque::new(),
@@ -466,7 +537,7 @@ impl Quality {
     /// after is not comparable); the verdict stays.
     pub fn rebase(&mut self) {
         self.last = None;
-        self.data_armed = (false, false);
+        self.data_loss = Default::default();
         self.buckets.clear();
         self.rtts.clear();
         self.jitter_samples = 0;
@@ -563,6 +634,10 @@ impl Quality {
         // not a share of packets lost: what it lost is not loss accounting's.
         let gap = s.received_at.saturating_duration_since(prev.received_at);
         if gap > (self.sla.probe_interval * STALL_INTERVALS).max(MIN_STALL) {
+            // The data counts start again from here too: what the stall
+            // hid (losses, or datagrams counted lost before it that came
+            // after all) is in neither direction's accounting.
+            self.data_loss = Default::default();
             self.last = Some(*s);
             return;
         }
@@ -597,8 +672,8 @@ impl Quality {
             (s.local.seq_high, s.local.received),
             (prev.local.seq_high, prev.local.received),
         );
-        let data_tx = arm(&mut self.data_armed.0, data_tx);
-        let data_rx = arm(&mut self.data_armed.1, data_rx);
+        let data_tx = self.data_loss.0.step(data_tx, now);
+        let data_rx = self.data_loss.1.step(data_rx, now);
         // Every delta is at most MAX_DELTA, so none of this overflows.
         let signed = |a: u64, b: u64| a as i64 - b as i64;
         let small_lost = signed(small_sent, small_got);
@@ -609,13 +684,13 @@ impl Quality {
         b.tx_lost = b.tx_lost.saturating_add(small_lost);
         b.rx_expected = b.rx_expected.saturating_add(answered);
         b.rx_lost = b.rx_lost.saturating_add(signed(answered, replies));
-        if let Some((expected, got)) = data_tx {
+        if let Some((expected, lost)) = data_tx {
             b.tx_expected = b.tx_expected.saturating_add(expected);
-            b.tx_lost = b.tx_lost.saturating_add(signed(expected, got));
+            b.tx_lost = b.tx_lost.saturating_add(lost);
         }
-        if let Some((expected, got)) = data_rx {
+        if let Some((expected, lost)) = data_rx {
             b.rx_expected = b.rx_expected.saturating_add(expected);
-            b.rx_lost = b.rx_lost.saturating_add(signed(expected, got));
+            b.rx_lost = b.rx_lost.saturating_add(lost);
         }
         if large_sent > 0 {
             if large_got == 0 {
@@ -640,18 +715,16 @@ impl Quality {
         self.last = Some(*s);
     }
 
-    /// (expected, received) data datagrams between two (highest sequence,
-    /// count) readings, when they make sense: sequence numbers that count
-    /// (received far beyond numbered means they do not: a sender whose
-    /// kernel fast path numbers nothing).
+    /// (numbered, received) data datagrams between two (highest sequence,
+    /// count) readings, when they make sense (neither went back, neither
+    /// jumped past what a path carries between two probes).
     fn data_delta(&self, now: (u64, u64), before: (u64, u64)) -> Option<(u64, u64)> {
         if !self.data_counts {
             return None;
         }
         let expected = now.0.checked_sub(before.0)?;
         let got = now.1.checked_sub(before.1)?;
-        (expected > 0 && expected <= MAX_DELTA && got <= expected.saturating_mul(2) + 16)
-            .then_some((expected, got))
+        (expected <= MAX_DELTA && got <= MAX_DELTA).then_some((expected, got))
     }
 
     /// The median round trip of the recent `window`.
