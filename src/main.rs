@@ -82,6 +82,10 @@ enum Command {
         /// Control socket of the daemon.
         #[arg(short, long, default_value = "/run/crosslink/crosslink.sock")]
         socket: PathBuf,
+        /// Take the control socket from this configuration instead (the
+        /// daemon's own file: a package's maintainer script knows no more).
+        #[arg(short, long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
         /// The binary to start (default: the daemon's own path, where a
         /// package upgrade puts the new one).
         #[arg(long)]
@@ -146,7 +150,11 @@ fn main() -> ExitCode {
         Command::Status {
             socket, interval, ..
         } => watch(&socket, interval),
-        Command::Upgrade { socket, binary } => upgrade(&socket, binary.as_deref()),
+        Command::Upgrade {
+            socket,
+            config,
+            binary,
+        } => upgrade(&socket, config.as_deref(), binary.as_deref()),
         Command::Init(args) => match crosslink::setup::init::main(&args) {
             Ok(report) => {
                 print!("{report}");
@@ -166,10 +174,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn upgrade(socket: &std::path::Path, binary: Option<&std::path::Path>) -> ExitCode {
+fn upgrade(
+    socket: &std::path::Path,
+    config: Option<&std::path::Path>,
+    binary: Option<&std::path::Path>,
+) -> ExitCode {
+    let socket = match config.map(Config::load) {
+        None => socket.to_path_buf(),
+        Some(Ok(cfg)) => cfg.gateway.control_socket,
+        Some(Err(e)) => {
+            eprintln!("crosslink: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // A relative path would be resolved in the daemon's directory.
     let binary = binary.map(|b| std::path::absolute(b).unwrap_or_else(|_| b.to_path_buf()));
-    match control::request_upgrade(socket, binary.as_deref()) {
+    match control::request_upgrade(&socket, binary.as_deref()) {
         Ok(u) => {
             println!(
                 "upgraded: new pid {} (handover {:.2} ms)",

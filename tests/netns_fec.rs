@@ -257,3 +257,53 @@ fn a_reload_changes_the_code_in_place() {
     let s = lab.poll(Gw::A).unwrap();
     assert!(lab::path_active(&s, LabPath::Path1), "{s}");
 }
+
+#[test]
+fn zz_experiment_sixteen_streams() {
+    let _serial = serial();
+    for fec in ["auto", "auto", "auto"] {
+        let mut opts = LabOptions::new("fec16", BIN);
+        opts.peer_extra = vec![format!("fec = \"{fec}\"")];
+        let mut lab = Lab::new(opts).unwrap();
+        lab.start_gateways().unwrap();
+        lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        let iperf = lab.start_iperf3(16, 8).unwrap();
+        let mut codes = Vec::new();
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_secs(1));
+            if let Ok(s) = lab.poll(Gw::A) {
+                codes.push(fec_status(&s)["code"].as_str().unwrap_or("?").to_string());
+            }
+        }
+        let mbit = iperf.finish().map_or(f64::NAN, |bps| bps / 1e6);
+        let s = lab.poll(Gw::A).unwrap();
+        let q = lab::path_status(&s, LabPath::Path1)
+            .and_then(|p| p.get("quality"))
+            .cloned()
+            .unwrap_or_default();
+        for host in [crosslink::lab::Host::GwA, crosslink::lab::Host::GwB] {
+            eprintln!(
+                "EXPSNMP {:?} {}",
+                host,
+                lab.sh_in(
+                    host,
+                    "grep Udp: /proc/net/snmp | tail -1; cat /proc/net/dev | grep -E 'path|lan'"
+                )
+                .unwrap_or_default()
+            );
+        }
+        eprintln!(
+            "EXPLOG {}",
+            lab.log_tail(Gw::A, 100_000)
+                .lines()
+                .filter(|l| l.contains("degraded") || l.contains("forward error"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        eprintln!(
+            "EXP fec={fec} mbit={mbit:.0} codes={codes:?} q={q} fec={}",
+            fec_status(&s)
+        );
+    }
+}
