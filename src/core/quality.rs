@@ -80,9 +80,14 @@ const TRIGGER_WINDOWS: [usize; 4] = [2, 6, 20, 60];
 /// The window, in buckets, over which a recovering path's loss is judged
 /// and the status reports loss.
 const GOOD_WINDOW: usize = 60;
-/// How long a data datagram must stay missing to be lost: at least this
-/// long, and over at least [`CONFIRM_SAMPLES`] samples.
-const CONFIRM: Duration = Duration::from_millis(50);
+/// The reordering window of the data counts ([`DataLoss`]): how long a
+/// data datagram must stay missing to be lost (and over at least
+/// [`CONFIRM_SAMPLES`] samples).
+const REORDER_START: Duration = Duration::from_millis(200);
+const REORDER_MIN: Duration = Duration::from_millis(50);
+const REORDER_MAX: Duration = Duration::from_secs(1);
+/// Traffic with nothing late for this long shrinks the window.
+const REORDER_CALM: Duration = Duration::from_secs(1);
 const CONFIRM_SAMPLES: usize = 3;
 /// Fewest packets lost before loss may degrade a path.
 pub const MIN_LOST: u64 = 3;
@@ -146,6 +151,11 @@ pub struct DataCounts {
     /// `aggregate` policy's rate estimate ([`crate::core::aggregate`]).
     pub sent_packets: u64,
     pub sent_bytes: u64,
+    /// Data datagrams this end has numbered but not sent yet: the far end
+    /// cannot have them, whatever the numbers it saw (a sending lane
+    /// frames a burst before it sends it, and another lane's later
+    /// numbers may be there first).
+    pub unsent: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -420,16 +430,26 @@ fn signed_nanos(a: Instant, b: Instant) -> f64 {
 ///
 /// The far end reports the highest sequence number it saw and how many
 /// datagrams it received. The deficit between the two is not loss alone:
-/// the sender's lanes number from one counter but send in their own
-/// turns, and the receiver's lanes add their counts in theirs, so the
-/// deficit jumps for a moment whenever one lane runs ahead of another
-/// (hundreds of datagrams on a busy path), then falls back. A datagram is
-/// lost when the deficit stays: the loss counted is the least deficit of
-/// the samples of the last [`CONFIRM`] (and at least the last
-/// [`CONFIRM_SAMPLES`]), so a jump shorter than that counts for nothing
-/// (on a loaded host a lane can wait tens of milliseconds for a core), and
-/// a real loss counts that much late.
-#[derive(Clone, Debug, Default)]
+/// the sending lanes number from one counter but send in their own turns,
+/// each from its own CPU (and a host's per-CPU queues, or a NIC's per-CPU
+/// transmit queues, deliver in their own time), and the receiving lanes
+/// count in their turns; so the deficit jumps whenever one lane runs ahead
+/// of another (hundreds of datagrams on a busy path), then falls back.
+/// Datagrams the sender numbered but has not sent yet are left out of it
+/// ([`DataCounts::unsent`]).
+///
+/// A datagram is lost when the deficit stays: the loss counted is the
+/// least deficit of the samples of the last *reordering window* (and at
+/// least the last [`CONFIRM_SAMPLES`]), so a jump shorter than the window
+/// counts for nothing, and a real loss counts that much late. As in TCP's
+/// RACK (RFC 8985), the window learns from the path: each time the deficit
+/// falls back (datagrams turned up late), it grows to a quarter more than
+/// how long the deficit stood above its new level (up to
+/// [`REORDER_MAX`]); after every [`REORDER_CALM`] of traffic with nothing
+/// late it halves, down to [`REORDER_MIN`]. It starts at
+/// [`REORDER_START`]: a path's first seconds of traffic are judged
+/// cautiously, before it has shown how little it reorders.
+#[derive(Clone, Debug)]
 struct DataLoss {
     /// Whether the direction has a baseline: after a rebase, the first
     /// interval in which data arrives again is one (the sequence numbers
@@ -438,17 +458,36 @@ struct DataLoss {
     armed: bool,
     /// Numbered less received since the baseline.
     deficit: i64,
-    /// The deficit after each sample of the last [`CONFIRM`].
+    /// The deficit (less what was unsent) after each sample of the last
+    /// [`REORDER_MAX`].
     recent: VecDeque<(Instant, i64)>,
     /// The deficit counted as loss so far.
     confirmed: i64,
+    /// How long a deficit must stand to be loss.
+    window: Duration,
+    /// Since when traffic has flowed with nothing late.
+    calm_since: Option<Instant>,
+}
+
+impl Default for DataLoss {
+    fn default() -> DataLoss {
+        DataLoss {
+            armed: false,
+            deficit: 0,
+            recent: VecDeque::new(),
+            confirmed: 0,
+            window: REORDER_START,
+            calm_since: None,
+        }
+    }
 }
 
 impl DataLoss {
-    /// Takes one interval's (numbered, received) counts: the datagrams
-    /// expected and the loss it confirms (negative when datagrams counted
-    /// lost turned up after all), once the direction has a baseline.
-    fn step(&mut self, delta: Option<(u64, u64)>, now: Instant) -> Option<(u64, i64)> {
+    /// Takes one interval's (numbered, received) counts and what the
+    /// sender has numbered but not sent yet: the datagrams expected and
+    /// the loss it confirms (negative when datagrams counted lost turned up
+    /// after all), once the direction has a baseline.
+    fn step(&mut self, delta: Option<(u64, u64)>, unsent: u64, now: Instant) -> Option<(u64, i64)> {
         let (expected, got) = delta?;
         if !self.armed {
             if got > 0 {
@@ -472,27 +511,64 @@ impl DataLoss {
         }
         // Both are at most MAX_DELTA (checked by the caller): no overflow.
         self.deficit += expected as i64 - got as i64;
-        self.recent.push_back((now, self.deficit));
+        // Datagrams not sent yet are not missing.
+        let unsent = i64::try_from(unsent.min(MAX_DELTA)).unwrap_or(0);
+        let d = self.deficit - unsent;
+        self.learn(d, expected > 0, now);
+        self.recent.push_back((now, d));
         while self.recent.len() > CONFIRM_SAMPLES
             && self
                 .recent
                 .front()
-                .is_some_and(|&(t, _)| now.saturating_duration_since(t) > CONFIRM)
+                .is_some_and(|&(t, _)| now.saturating_duration_since(t) > REORDER_MAX)
         {
             self.recent.pop_front();
         }
         // Until the baseline has CONFIRM_SAMPLES samples, it counts too.
         let baseline = (self.recent.len() < CONFIRM_SAMPLES).then_some(0);
-        let confirmed = self
+        let window = self.window;
+        let in_window: Vec<i64> = self
             .recent
             .iter()
-            .map(|&(_, d)| d)
-            .chain(baseline)
-            .min()
-            .unwrap_or(self.deficit);
+            .rev()
+            .enumerate()
+            .take_while(|&(i, &(t, _))| {
+                i < CONFIRM_SAMPLES || now.saturating_duration_since(t) <= window
+            })
+            .map(|(_, &(_, d))| d)
+            .collect();
+        let confirmed = in_window.into_iter().chain(baseline).min().unwrap_or(d);
         let lost = confirmed - self.confirmed;
         self.confirmed = confirmed;
         Some((expected, lost))
+    }
+
+    /// Adjusts the reordering window to deficit `d`, before it is recorded.
+    fn learn(&mut self, d: i64, traffic: bool, now: Instant) {
+        let fell = self.recent.back().is_some_and(|&(_, last)| d < last);
+        if fell {
+            // How long the deficit stood above `d`: back to the last
+            // sample at or below it (or all the history there is).
+            let since = self
+                .recent
+                .iter()
+                .rev()
+                .find(|&&(_, x)| x <= d)
+                .or(self.recent.front())
+                .map_or(now, |&(t, _)| t);
+            let stood = now.saturating_duration_since(since);
+            self.window = self.window.max((stood + stood / 4).min(REORDER_MAX));
+            self.calm_since = Some(now);
+            return;
+        }
+        if !traffic {
+            return;
+        }
+        let since = *self.calm_since.get_or_insert(now);
+        if now.saturating_duration_since(since) >= REORDER_CALM {
+            self.window = (self.window / 2).max(REORDER_MIN);
+            self.calm_since = Some(now);
+        }
     }
 }
 
@@ -672,8 +748,8 @@ impl Quality {
             (s.local.seq_high, s.local.received),
             (prev.local.seq_high, prev.local.received),
         );
-        let data_tx = self.data_loss.0.step(data_tx, now);
-        let data_rx = self.data_loss.1.step(data_rx, now);
+        let data_tx = self.data_loss.0.step(data_tx, s.local.unsent, now);
+        let data_rx = self.data_loss.1.step(data_rx, 0, now);
         // Every delta is at most MAX_DELTA, so none of this overflows.
         let signed = |a: u64, b: u64| a as i64 - b as i64;
         let small_lost = signed(small_sent, small_got);

@@ -1190,6 +1190,15 @@ impl Gateway {
             }
             lane.ins[i] = Some(PathIn {
                 socket: socket.clone(),
+                siblings: p
+                    .sockets
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != k)
+                    .map(|(_, s)| s.clone())
+                    .collect(),
+                settled: None,
+                in_turn: false,
                 remote: p.config.remote,
                 tun: lane.out.tun.clone(),
                 counters: p.counters.clone(),

@@ -53,6 +53,15 @@ fn setsockopt_int(
     cvt(r).map(|_| ())
 }
 
+/// Whether a datagram waits in the socket's receive queue (`FIONREAD`: the
+/// length of the next one; an empty datagram reads as none).
+pub fn has_queued(sock: &impl AsRawFd) -> bool {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer to a live one.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
+    r == 0 && n > 0
+}
+
 /// Asks the kernel to report each datagram's TTL / hop limit.
 pub fn enable_recv_ttl(sock: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
     if ipv6 {

@@ -23,12 +23,25 @@ pub struct PathCounters {
     pub rtt_ns: AtomicU64,
     /// The highest data sequence number received (for the far end's loss).
     pub rx_seq_high: AtomicU64,
+    /// Receiving lanes in the middle of a turn, with datagrams taken but
+    /// not yet counted.
+    pub rx_busy: std::sync::atomic::AtomicU32,
+    /// Data datagrams numbered by the sending lanes but not yet handed to
+    /// the kernel (a lane frames a burst, then sends it).
+    pub tx_unsent: AtomicU64,
 }
 
 impl PathCounters {
     pub fn count_tx(&self, bytes: usize) {
         self.tx_packets.fetch_add(1, Relaxed);
         self.tx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+    /// Data datagrams numbered and not yet sent (0 if the count is off).
+    pub fn unsent(&self) -> u64 {
+        match self.tx_unsent.load(Relaxed) {
+            n if n < 1 << 32 => n,
+            _ => 0,
+        }
     }
     /// The last round-trip time, if one was measured.
     pub fn rtt(&self) -> Option<std::time::Duration> {

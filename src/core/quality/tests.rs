@@ -13,12 +13,14 @@ struct Dir {
     drop_large: bool,
     delay_ms: u64,
     jitter_ms: u64,
-    /// Every 100 ms, this many data datagrams are numbered but arrive
-    /// 40 ms after the ones numbered after them (two sending lanes out of
+    /// Every 250 ms, this many data datagrams are numbered but arrive
+    /// late (`skew_late_ms`), after the ones numbered after them (two sending lanes out of
     /// step: none is lost).
     lane_skew: u64,
-    /// Every second, the replies of 70 ms wait until 10 ms into the next
-    /// (a host that stalled), among them the first after a late batch.
+    /// How late those arrive, ms (40 if 0).
+    skew_late_ms: u64,
+    /// Every second, the replies of 80 ms wait until its end (a host that
+    /// stalled), among them the first after a late batch.
     stalls: bool,
 }
 
@@ -96,9 +98,13 @@ impl Sim {
 
     fn step(&mut self) {
         let now = self.now();
-        if self.fwd.lane_skew > 0 && self.ms % 100 == 0 && self.pps > 0 {
+        if self.fwd.lane_skew > 0 && self.ms % 250 == 0 && self.pps > 0 {
             self.a_seq += self.fwd.lane_skew;
-            self.late_to_b.push((self.ms + 40, self.fwd.lane_skew));
+            let late = match self.fwd.skew_late_ms {
+                0 => 40,
+                ms => ms,
+            };
+            self.late_to_b.push((self.ms + late, self.fwd.lane_skew));
         }
         let ms = self.ms;
         let mut late = 0;
@@ -144,8 +150,8 @@ impl Sim {
                 .reflect(p.class, len, ms * 1_000_000, self.at_b);
             if !self.lost(self.rev.loss) {
                 let mut at = ms + self.delay(self.rev);
-                if self.rev.stalls && at % 1000 >= 930 {
-                    at += 1010 - at % 1000;
+                if self.rev.stalls && (790..870).contains(&(at % 1000)) {
+                    at += 870 - at % 1000;
                 }
                 self.to_a.push((at, p.seq, report));
             }
@@ -241,7 +247,7 @@ fn two_percent_loss_on_a_busy_path_is_seen_within_a_second() {
 
 #[test]
 fn lanes_out_of_step_are_not_loss() {
-    // 300 datagrams every 100 ms (besides 2000 a second) arrive behind
+    // 300 datagrams every 250 ms (besides 2000 a second) arrive behind
     // later ones for 40 ms (a lane that waited for a core); then the
     // stream stops right after such a batch.
     for seed in 21..=23 {
@@ -260,6 +266,42 @@ fn lanes_out_of_step_are_not_loss() {
         );
         let f = sim.q.figures(sim.now());
         assert!(f.loss_tx.unwrap_or(0.0) < 0.001, "{f:?}");
+    }
+}
+
+#[test]
+fn the_reordering_window_learns_how_late_lanes_run() {
+    for seed in 31..=33 {
+        // From its first moments, batches 150 ms late: within the window a
+        // path starts with.
+        let mut sim = Sim::new(seed, sla(), 2000);
+        sim.run_ms(50);
+        sim.fwd.lane_skew = 300;
+        sim.fwd.skew_late_ms = 150;
+        sim.run_ms(10_000);
+        assert!(
+            sim.transitions.is_empty(),
+            "seed {seed}: {:?}",
+            sim.transitions
+        );
+        // A path calm long enough for the window to shrink, then 120 ms
+        // late batches: the first counts as lost for a moment, the window
+        // grows, and the rest do not.
+        let mut sim = Sim::new(seed, sla(), 2000);
+        sim.run_ms(5000);
+        sim.fwd.lane_skew = 300;
+        sim.fwd.skew_late_ms = 120;
+        sim.run_ms(1000);
+        let at = sim.ms;
+        sim.run_ms(10_000);
+        let later: Vec<_> = sim.transitions.iter().filter(|(t, _)| *t >= at).collect();
+        assert!(
+            later
+                .iter()
+                .all(|(_, t)| !matches!(t, Transition::Degraded(..))),
+            "seed {seed}: {later:?}"
+        );
+        assert!(sim.q.figures(sim.now()).loss_tx.unwrap_or(0.0) < 0.001);
     }
 }
 

@@ -31,6 +31,14 @@ pub(super) fn udp_gro_wanted() -> bool {
 pub struct PathIn {
     /// The lane's socket of the path.
     pub socket: Arc<UdpSocket>,
+    /// The path's sockets of the other lanes (whether they hold datagrams
+    /// not yet counted: see [`PathIn::data_counts`]).
+    pub siblings: Vec<Arc<UdpSocket>>,
+    /// The path's data counts when last every lane had counted all it
+    /// had received.
+    pub settled: Option<(Instant, DataCounts)>,
+    /// Whether this lane is in a turn (counted in the path's `rx_busy`).
+    pub in_turn: bool,
     pub remote: SocketAddr,
     /// The lane's queue of the peer's TUN.
     pub tun: Arc<SyncDevice>,
@@ -83,6 +91,10 @@ pub struct PathIn {
 /// burst): well above what a handshake needs, far below what would keep
 /// the BFD thread busy.
 pub const HANDSHAKE_RATE: u32 = 50;
+
+/// How long the received counts of a moment when every lane of the path had
+/// counted all it had stand in for the current ones ([`PathIn::data_counts`]).
+const SETTLED_FOR: Duration = Duration::from_millis(250);
 
 /// What a lane's receiving end of a path works with between turns:
 /// buffers allocated once.
@@ -191,6 +203,10 @@ impl PathIn {
                 return 0;
             }
         };
+        if n > 0 {
+            self.counters.rx_busy.fetch_add(1, Ordering::Relaxed);
+            self.in_turn = true;
+        }
         let keys = self.keys.load_full();
         inner.clear();
         let now = clock::now();
@@ -274,6 +290,9 @@ impl PathIn {
             }
         }
         self.flush_counts();
+        if std::mem::take(&mut self.in_turn) {
+            self.counters.rx_busy.fetch_sub(1, Ordering::Relaxed);
+        }
         // The whole burst is written together: a far super-packet sent
         // as two messages (UDP GSO stops at 64 KiB of datagrams, headers
         // included) goes back into the TUN as one.
@@ -535,13 +554,41 @@ impl PathIn {
     }
 
     /// The path's data counts, as the far end's probes report them.
+    ///
+    /// The sending lanes number a path's datagrams from one counter, each
+    /// lane's go to its own receiving lane, and a lane counts what it took
+    /// at the end of its turn. While another lane of the path is behind
+    /// (in a turn, or with datagrams waiting in its socket: a lane waiting
+    /// for a core), the highest number seen runs ahead of the datagrams
+    /// counted by as many as that lane holds, which would read as loss.
+    /// So while one is behind, the received counts are those of the last
+    /// moment when none was, up to [`SETTLED_FOR`] old (a host too busy to
+    /// ever settle gets its counts as they are; the quality's confirmation
+    /// of loss covers short runs of those).
     fn data_counts(&mut self) -> DataCounts {
         self.flush_counts();
-        DataCounts {
+        let now = clock::now();
+        let current = DataCounts {
             received: self.counters.rx_packets.load(Ordering::Relaxed),
             seq_high: self.counters.rx_seq_high.load(Ordering::Relaxed),
             sent_packets: self.counters.tx_packets.load(Ordering::Relaxed),
             sent_bytes: self.counters.tx_bytes.load(Ordering::Relaxed),
+            unsent: self.counters.unsent(),
+        };
+        let busy = self.counters.rx_busy.load(Ordering::Relaxed);
+        let others_busy = busy > u32::from(self.in_turn);
+        let behind = others_busy || self.siblings.iter().any(|s| sys::has_queued(s.as_ref()));
+        if !behind {
+            self.settled = Some((now, current));
+            return current;
+        }
+        match self.settled {
+            Some((at, settled)) if now.saturating_duration_since(at) <= SETTLED_FOR => DataCounts {
+                received: settled.received,
+                seq_high: settled.seq_high,
+                ..current
+            },
+            _ => current,
         }
     }
 

@@ -282,7 +282,7 @@ impl TunOut {
                         body: &[],
                         tos,
                     }];
-                    self.transmit(id, &d, &[p.shard.len()], batch, turn.now);
+                    self.transmit(id, &d, &[p.shard.len()], false, batch, turn.now);
                     self.fec_counters
                         .fec
                         .parity_sent
@@ -427,7 +427,7 @@ impl TunOut {
                         body: &[],
                         tos: copy_tos.unwrap_or(tos),
                     }];
-                    self.transmit(copy, &d, &[inner_len], batch, turn.now);
+                    self.transmit(copy, &d, &[inner_len], true, batch, turn.now);
                 }
             }
         }
@@ -475,7 +475,11 @@ impl TunOut {
             None => encapsulate(buf, in_slot, &header),
         };
         match framed {
-            Ok(range) if range.end <= buf.len() => Some(range),
+            Ok(range) if range.end <= buf.len() => {
+                // numbered, not sent: until `transmit`
+                path.counters.tx_unsent.fetch_add(1, Ordering::Relaxed);
+                Some(range)
+            }
             Ok(_) => {
                 self.drops.count(DropReason::TooBig);
                 None
@@ -522,7 +526,7 @@ impl TunOut {
                 };
                 lens[k] = p.inner_len;
             }
-            self.transmit(path, &datagrams[..run], &lens[..run], batch, now);
+            self.transmit(path, &datagrams[..run], &lens[..run], true, batch, now);
             start += run;
         }
         pending.clear();
@@ -539,6 +543,7 @@ impl TunOut {
         id: PathId,
         datagrams: &[sys::Datagram<'_>],
         lens: &[usize],
+        framed: bool,
         batch: &mut sys::SendBatch,
         now: Instant,
     ) {
@@ -594,6 +599,12 @@ impl TunOut {
             }
         }
         batch.plan = messages;
+        if framed {
+            // sent, or dropped and counted: no longer waiting
+            path.counters
+                .tx_unsent
+                .fetch_sub(datagrams.len() as u64, Ordering::Relaxed);
+        }
     }
 }
 
