@@ -50,7 +50,9 @@
 //!   Wilson score interval at z = 3 (99.87 % one-sided) above `max_loss`.
 //!   The bound makes a short, lucky run of losses on a good path count for
 //!   nothing (0.1 % random loss never trips a 1 % threshold) while 5 % on a
-//!   2000 packet/s path trips it within about 100 ms.
+//!   2000 packet/s path trips it within about 100 ms of the loss being
+//!   counted. A data datagram counts as lost only once it has stayed
+//!   missing for the path's reordering window (see [`DataLoss`]).
 //! - *mtu*: the last [`MTU_RUN`] large probes were lost while small ones
 //!   passed (and then a loss seen with no small probe lost is an MTU loss);
 //! - *rtt*: the median round trip of the last 300 ms above `max_rtt`;
