@@ -52,7 +52,7 @@
 //!   nothing (0.1 % random loss never trips a 1 % threshold) while 5 % on a
 //!   2000 packet/s path trips it within about 100 ms of the loss being
 //!   counted. A data datagram counts as lost only once it has stayed
-//!   missing for the path's reordering window (see [`DataLoss`]).
+//!   missing for the path's reordering window (see `DataLoss`).
 //! - *mtu*: the last [`MTU_RUN`] large probes were lost while small ones
 //!   passed (and then a loss seen with no small probe lost is an MTU loss);
 //! - *rtt*: the median round trip of the last 300 ms above `max_rtt`;

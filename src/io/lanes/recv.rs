@@ -32,7 +32,7 @@ pub struct PathIn {
     /// The lane's socket of the path.
     pub socket: Arc<UdpSocket>,
     /// The path's sockets of the other lanes (whether they hold datagrams
-    /// not yet counted: see [`PathIn::data_counts`]).
+    /// not yet counted: see `PathIn::data_counts`).
     pub siblings: Vec<Arc<UdpSocket>>,
     /// The path's data counts when last every lane had counted all it
     /// had received.
