@@ -210,6 +210,7 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
                     sent_bytes: p.sent_bytes,
                     sent_packets: p.sent_packets,
                     rtt,
+                    lost: None,
                 });
                 let bp = &board.paths[i];
                 bp.rate.store(p.estimator.rate(), Ordering::Relaxed);

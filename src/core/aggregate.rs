@@ -202,6 +202,10 @@ pub struct Delivery {
     pub sent_packets: u64,
     /// The probe's round trip.
     pub rtt: Duration,
+    /// Data datagrams counted lost so far by the path's quality (which
+    /// tells a lane running late from a loss: see its reordering window);
+    /// `None`: the far end's numbered less received, as they are.
+    pub lost: Option<i64>,
 }
 
 /// Why an estimate changed.
@@ -320,8 +324,18 @@ impl Estimator {
         }
         self.start = Some(d);
         let sent = d.seq_high.saturating_sub(start.seq_high);
-        let delivered = d.received.saturating_sub(start.received);
-        let lost = sent.saturating_sub(delivered);
+        let (delivered, lost) = match (d.lost, start.lost) {
+            (Some(now), Some(then)) => {
+                let lost = u64::try_from(now.saturating_sub(then))
+                    .unwrap_or(0)
+                    .min(sent);
+                (sent - lost, lost)
+            }
+            _ => {
+                let delivered = d.received.saturating_sub(start.received);
+                (delivered, sent.saturating_sub(delivered))
+            }
+        };
         let bytes = d.sent_bytes.saturating_sub(start.sent_bytes);
         let packets = d.sent_packets.saturating_sub(start.sent_packets);
         if packets == 0 || sent == 0 {

@@ -830,6 +830,7 @@ impl Engine {
             sent_bytes: sample.local.sent_bytes,
             sent_packets: sample.local.sent_packets,
             rtt: sample.received_at.saturating_duration_since(sample.sent_at),
+            lost: path.quality.data_lost_tx(),
         });
         let (peer, rate, delay) = (path.peer, path.estimate.rate(), path.estimate.delay());
         let wait = self.wait_of(peer);

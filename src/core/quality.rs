@@ -628,6 +628,15 @@ impl Quality {
         }
     }
 
+    /// Data datagrams of the sending direction counted lost since the
+    /// data counts' baseline (once a datagram stayed missing for the
+    /// reordering window), or `None` without one (no data yet, or numbers
+    /// that do not count).
+    pub fn data_lost_tx(&self) -> Option<i64> {
+        let d = &self.data_loss.0;
+        (self.data_counts && d.armed).then_some(d.confirmed)
+    }
+
     /// Why the path is degraded, if it is.
     pub fn degraded(&self) -> Option<Reason> {
         match self.state {

@@ -86,6 +86,7 @@ fn delivery(at: Instant, received: u64, seq: u64, pkts: u64, rtt_ms: u64) -> Del
         sent_bytes: pkts * 1000,
         sent_packets: pkts,
         rtt: Duration::from_millis(rtt_ms),
+        lost: None,
     }
 }
 
@@ -98,6 +99,27 @@ fn a_lossy_busy_path_is_estimated_at_what_it_delivered() {
     let r = e.handle(delivery(t + ESTIMATE_PERIOD, 36_000, 40_000, 40_000, 2));
     assert_eq!(r, Some(Revision::Congested));
     // 36 000 packets of 1000 bytes in 0.1 s.
+    assert_eq!(e.rate(), 360_000_000);
+}
+
+#[test]
+fn datagrams_of_a_lane_running_late_are_not_loss() {
+    // The far end saw numbers 10 % ahead of what it received (another
+    // lane's datagrams still on their way), but the path's quality counted
+    // nothing lost: no capacity is read from it.
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    let late = |at, received, seq, pkts, lost| Delivery {
+        lost: Some(lost),
+        ..delivery(at, received, seq, pkts, 2)
+    };
+    assert_eq!(e.handle(late(t, 0, 0, 0, 0)), None);
+    let r = e.handle(late(t + ESTIMATE_PERIOD, 36_000, 40_000, 40_000, 0));
+    assert_ne!(r, Some(Revision::Congested));
+    assert!(e.rate() >= DEFAULT_RATE, "{}", e.rate());
+    // What it counted lost is: 10 % of the next period.
+    let r = e.handle(late(t + ESTIMATE_PERIOD * 2, 80_000, 80_000, 80_000, 4_000));
+    assert_eq!(r, Some(Revision::Congested));
     assert_eq!(e.rate(), 360_000_000);
 }
 
