@@ -513,9 +513,13 @@ impl DataLoss {
         }
         // Both are at most MAX_DELTA (checked by the caller): no overflow.
         self.deficit += expected as i64 - got as i64;
-        // Datagrams not sent yet are not missing.
+        // Datagrams not sent yet are not missing; but some of them may be
+        // numbered past what the far end had seen, so they explain at most
+        // the deficit above what is counted lost already (never a dip below
+        // it, which would come back as loss once out of the window).
         let unsent = i64::try_from(unsent.min(MAX_DELTA)).unwrap_or(0);
-        let d = self.deficit - unsent;
+        let excess = (self.deficit - self.confirmed).max(0);
+        let d = self.deficit - unsent.min(excess);
         self.learn(d, expected > 0, now);
         self.recent.push_back((now, d));
         while self.recent.len() > CONFIRM_SAMPLES

@@ -42,6 +42,9 @@ struct Sim {
     at_a: DataCounts,
     to_b: Vec<(u64, Probe)>,
     to_a: Vec<(u64, u64, ProbeReport)>,
+    /// A reports, now and then, 500 datagrams numbered and unsent (all
+    /// numbered after what B has seen: none is in B's deficit).
+    unsent_noise: bool,
     /// A's data numbered but still on its way: (arrives at ms, count).
     late_to_b: Vec<(u64, u64)>,
     transitions: Vec<(u64, Transition)>,
@@ -70,6 +73,7 @@ impl Sim {
             to_b: Vec::new(),
             to_a: Vec::new(),
             late_to_b: Vec::new(),
+            unsent_noise: false,
             transitions: Vec::new(),
         }
     }
@@ -160,6 +164,9 @@ impl Sim {
             self.to_a.drain(..).partition(|(at, _, _)| *at <= ms);
         self.to_a = waiting;
         for (_, seq, report) in arrived {
+            if self.unsent_noise {
+                self.at_a.unsent = if self.rng.below(50) == 0 { 500 } else { 0 };
+            }
             if let Some(s) = self.prober.handle_reply(seq, report, self.at_a, now) {
                 self.q.handle_sample(&s);
                 self.judge(now);
@@ -263,6 +270,22 @@ fn lanes_out_of_step_are_not_loss() {
             sim.transitions.is_empty(),
             "seed {seed}: {:?}",
             sim.transitions.first()
+        );
+        let f = sim.q.figures(sim.now());
+        assert!(f.loss_tx.unwrap_or(0.0) < 0.001, "{f:?}");
+    }
+}
+
+#[test]
+fn unsent_datagrams_never_make_loss() {
+    for seed in 41..=43 {
+        let mut sim = Sim::new(seed, sla(), 2000);
+        sim.unsent_noise = true;
+        sim.run_ms(20_000);
+        assert!(
+            sim.transitions.is_empty(),
+            "seed {seed}: {:?}",
+            sim.transitions
         );
         let f = sim.q.figures(sim.now());
         assert!(f.loss_tx.unwrap_or(0.0) < 0.001, "{f:?}");
