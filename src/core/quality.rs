@@ -89,7 +89,7 @@ const REORDER_START: Duration = Duration::from_millis(200);
 const REORDER_MIN: Duration = Duration::from_millis(50);
 const REORDER_MAX: Duration = Duration::from_secs(1);
 /// Traffic with nothing late for this long shrinks the window.
-const REORDER_CALM: Duration = Duration::from_secs(1);
+const REORDER_CALM: Duration = Duration::from_secs(2);
 const CONFIRM_SAMPLES: usize = 3;
 /// Fewest packets lost before loss may degrade a path.
 pub const MIN_LOST: u64 = 3;
