@@ -467,12 +467,14 @@ fn send_errors_make_a_path_suspect_until_bfd_works_again() {
 fn a_brownout_moves_the_stream_off_and_back_after_the_hold() {
     let mut sim = Sim::new("1s", "10ms", 3);
     sim.run_until(Duration::from_secs(5), false);
-    sim.run_until(Duration::from_secs(6), true);
+    // Six seconds of calm traffic: the path's reordering window is down
+    // to its least (50 ms) when the brownout comes.
+    sim.run_until(Duration::from_secs(11), true);
     assert_eq!(sim.active(), Some(PathId(0)));
     // 5 % of path 1's data and probes lost each way; BFD survives.
     sim.brownout[0] = 0.05;
     let start = sim.now;
-    sim.run_until(Duration::from_secs(8), true);
+    sim.run_until(Duration::from_secs(13), true);
     assert_eq!(sim.active(), Some(PathId(1)));
     assert!(sim.a.paths()[0].is_up(), "BFD kept path 1 up");
     let moved = sim
