@@ -707,6 +707,7 @@ fn damaged_segments_stay_damaged() {
         let mut lab = Lab::new(opts).unwrap();
         lab.start_gateways().unwrap();
         lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+        lab.wait_handshakes(Duration::from_secs(10)).unwrap();
         let before = tcp_checksum_errors(&lab);
         let out = lab::run(
             lab.command_in(Host::Client, &exe)
@@ -801,6 +802,7 @@ fn tcp_stream_crosses_intact() {
         let mut lab = Lab::new(opts).unwrap();
         lab.start_gateways().unwrap();
         lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+        lab.wait_handshakes(Duration::from_secs(10)).unwrap();
         let tun_before = Gw::ALL.map(|gw| tun_tx_packets(&lab, gw));
         let addr = format!("{}:5999", lab::SERVER_ADDR);
         let role = |host: Host, role: &str| {

@@ -386,6 +386,24 @@ impl Lab {
                 && path_active(s, LabPath::Path1)
         })
     }
+
+    /// Waits until every key-pair peer's handshake is established on both
+    /// gateways (BFD brings a path up before the first handshake ends, and
+    /// a key-pair peer seals nothing until then).
+    pub fn wait_handshakes(&mut self, timeout: Duration) -> Result<()> {
+        self.wait_for(
+            "handshakes established on both gateways",
+            timeout,
+            |_, s| {
+                s["peers"].as_array().is_some_and(|peers| {
+                    peers.iter().all(|p| {
+                        p.get("handshake")
+                            .is_none_or(|h| h.is_null() || h["state"] == "established")
+                    })
+                })
+            },
+        )
+    }
 }
 
 /// A bench knob: the environment variable `name` as a number, or `default`.
