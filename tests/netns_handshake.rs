@@ -23,6 +23,8 @@ const RATE: u32 = 5000;
 /// Rekey every 2 s (`CROSSLINK_REKEY_AFTER`), so that a short stream sees
 /// several.
 const REKEY_S: u64 = 2;
+/// Or every this many datagrams sent (`CROSSLINK_REKEY_AFTER_MESSAGES`).
+const REKEY_MESSAGES: u64 = 10_000;
 const STREAM: Duration = Duration::from_secs(12);
 
 fn handshake(s: &Value) -> &Value {
@@ -42,13 +44,26 @@ fn rekeys_under_load_lose_no_packet() {
         return;
     }
     let _serial = serial();
-    for psk in [false, true] {
+    // A rekey every REKEY_S seconds, with and without a pre-shared key
+    // mixed in; then by message count alone (the daemon's count of what it
+    // sent), every REKEY_MESSAGES datagrams, the time rule left at 120 s.
+    for (psk, by_count) in [(false, false), (true, false), (false, true)] {
         let mut opts = LabOptions::new("hs", BIN);
         opts.key_pairs = true;
         if psk {
             opts.key = Some("ab".repeat(32));
         }
-        opts.gateway_env = vec![("CROSSLINK_REKEY_AFTER".into(), REKEY_S.to_string())];
+        opts.gateway_env = match by_count {
+            false => vec![("CROSSLINK_REKEY_AFTER".into(), REKEY_S.to_string())],
+            true => vec![(
+                "CROSSLINK_REKEY_AFTER_MESSAGES".into(),
+                REKEY_MESSAGES.to_string(),
+            )],
+        };
+        let rule = match by_count {
+            false => format!("every {REKEY_S} s"),
+            true => format!("every {REKEY_MESSAGES} datagrams sent"),
+        };
         let mut lab = Lab::new(opts).unwrap();
         lab.start_gateways().unwrap();
         lab.wait_paths_up(Duration::from_secs(15)).unwrap();
@@ -75,7 +90,7 @@ fn rekeys_under_load_lose_no_packet() {
         let b = lab.status(Gw::B).unwrap();
         say(&format!(
             "REPORT handshake rekey (psk mixed in: {psk}): {RATE} packet/s for {} s, a rekey \
-             every {REKEY_S} s: {rekeys} handshakes completed during the stream; sent {}, \
+             {rule}: {rekeys} handshakes completed during the stream; sent {}, \
              received {}, lost {}, longest outage {} ms; gw-b handshake {}; gw-b drops {}",
             STREAM.as_secs(),
             report["sent"],
@@ -86,7 +101,17 @@ fn rekeys_under_load_lose_no_packet() {
             b["drops"],
         ));
         // Half as many as the stream's length allows: the rekeys happened.
-        assert!(rekeys >= STREAM.as_secs() / REKEY_S / 2, "{rekeys} rekeys");
+        // By count: each gateway sends RATE a second (the stream one way,
+        // echoes and probes both ways), so gw-a alone rekeys every
+        // REKEY_MESSAGES / RATE s at most.
+        let expected = match by_count {
+            false => STREAM.as_secs() / REKEY_S / 2,
+            true => STREAM.as_secs() * u64::from(RATE) / REKEY_MESSAGES / 2,
+        };
+        assert!(
+            rekeys >= expected,
+            "{rekeys} rekeys {rule}, expected {expected}"
+        );
         assert!(report["sent"].as_u64().unwrap_or(0) > u64::from(RATE) * 5);
         assert_eq!(report["lost"], 0, "packets lost across rekeys: {report}");
         assert_eq!(b["drops"]["auth_failed"], Value::Null, "{}", b["drops"]);

@@ -1229,6 +1229,14 @@ impl Engine {
             .find_map(|(id, hs)| hs.poll_keys().map(|k| (*id, k)))
     }
 
+    /// The running count of datagrams sent to a key-pair peer, over all its
+    /// paths (each one sealed), for its handshake's rekey by message count.
+    pub fn note_peer_sent(&mut self, peer: PeerId, total: u64) {
+        if let Some(hs) = self.handshakes.get_mut(&peer) {
+            hs.note_sent_total(total);
+        }
+    }
+
     /// A key-pair peer's handshake (state, key age, counters).
     pub fn handshake(&self, peer: PeerId) -> Option<&Handshake> {
         self.handshakes.get(&peer)

@@ -99,8 +99,10 @@ pub const REKEY_AFTER: Duration = Duration::from_secs(120);
 /// [`REKEY_AFTER`]; the responder rekeys 1/12 of [`REKEY_AFTER`] after the
 /// initiator, if the initiator did not).
 pub const REJECT_AFTER: Duration = Duration::from_secs(180);
-/// Messages sealed under one session before a rekey starts (the counter
-/// is the shell's, [`Handshake::note_sealed`]).
+/// Messages sealed under one session before a rekey starts. The shell
+/// reports what it sent to the peer ([`Handshake::note_sent_total`]: the
+/// daemon adds up the peer's paths' datagram counters twice a second).
+/// Rekeying on time comes first below about 35 million datagrams a second.
 pub const REKEY_AFTER_MESSAGES: u64 = 1 << 32;
 /// First wait for a response before an initiation is sent again.
 pub const RETRY_FIRST: Duration = Duration::from_secs(1);
@@ -334,9 +336,13 @@ pub struct Handshake {
     /// Whether the peer wants keys (a peer starts one at once).
     active: bool,
     rekey_after: Duration,
+    rekey_after_messages: u64,
     reject_after: Duration,
     created: Instant,
     stats: Stats,
+    /// The shell's running count of datagrams sent to the peer when it was
+    /// last reported ([`Handshake::note_sent_total`]).
+    sent_total: Option<u64>,
 }
 
 impl Drop for Handshake {
@@ -415,9 +421,11 @@ impl Handshake {
             keys_changed: false,
             active: true,
             rekey_after: setup.rekey_after,
+            rekey_after_messages: REKEY_AFTER_MESSAGES,
             reject_after: setup.rekey_after.saturating_mul(3) / 2,
             created: now,
             stats: Stats::default(),
+            sent_total: None,
         }
     }
 
@@ -719,6 +727,24 @@ impl Handshake {
         }
     }
 
+    /// Rekeys after `n` messages instead of [`REKEY_AFTER_MESSAGES`] (at
+    /// least 1; for the tests that watch the rule work).
+    pub fn set_rekey_after_messages(&mut self, n: u64) {
+        self.rekey_after_messages = n.max(1);
+    }
+
+    /// Takes the shell's running count of datagrams sent to the peer (every
+    /// one of them sealed) and counts what it sent since the last report
+    /// as sealed under the current session. A count that went back (a path
+    /// replaced, its counters new) only sets the new base. Messages sealed
+    /// under the previous session just before a change are counted on the
+    /// new one: the count errs on the side of an earlier rekey.
+    pub fn note_sent_total(&mut self, total: u64) {
+        let since = self.sent_total.map_or(0, |last| total.saturating_sub(last));
+        self.sent_total = Some(total);
+        self.note_sealed(since);
+    }
+
     /// Advances timers: retries, rekeys, expiries.
     pub fn handle_timeout(&mut self, now: Instant) {
         // Expiries.
@@ -777,7 +803,7 @@ impl Handshake {
         } else {
             self.rekey_after + self.rekey_after / 12
         };
-        age >= due || c.sealed >= REKEY_AFTER_MESSAGES
+        age >= due || c.sealed >= self.rekey_after_messages
     }
 
     /// The next time [`Handshake::handle_timeout`] has work.
@@ -789,7 +815,7 @@ impl Handshake {
         }
         if let Some(c) = &self.current {
             at(c.established + self.reject_after);
-            if self.active && self.initiation.is_none() && c.sealed >= REKEY_AFTER_MESSAGES {
+            if self.active && self.initiation.is_none() && c.sealed >= self.rekey_after_messages {
                 at(c.established);
             }
             if self.active && self.initiation.is_none() {
@@ -1199,6 +1225,34 @@ mod tests {
         net.run(&mut nodes, Duration::from_millis(50), &mut perfect);
         assert_ne!(nodes[0].keys().session_epoch(), before);
         assert!(carries(&nodes[0], &nodes[1], 1) && carries(&nodes[1], &nodes[0], 1));
+    }
+
+    /// The shell reports a running count of datagrams sent: only what was
+    /// sent since the last report counts, the first report is a base, and
+    /// a count that went back (counters of a replaced path) is a new base.
+    #[test]
+    fn rekey_by_the_shells_running_count() {
+        let t0 = Instant::now();
+        let mut nodes = pair(None, t0);
+        let mut net = Net::new(t0);
+        net.run(&mut nodes, Duration::from_millis(50), &mut perfect);
+        let before = nodes[0].keys().session_epoch();
+        // A daemon that had sent a great deal before this session.
+        nodes[0].note_sent_total(10 * REKEY_AFTER_MESSAGES);
+        nodes[0].note_sent_total(10 * REKEY_AFTER_MESSAGES + REKEY_AFTER_MESSAGES / 2);
+        nodes[0].note_sent_total(5);
+        nodes[0].note_sent_total(5 + REKEY_AFTER_MESSAGES / 2 - 1);
+        net.run(&mut nodes, Duration::from_millis(50), &mut perfect);
+        assert_eq!(nodes[0].keys().session_epoch(), before, "one message short");
+        nodes[0].note_sent_total(5 + REKEY_AFTER_MESSAGES / 2 + 1);
+        net.run(&mut nodes, Duration::from_millis(50), &mut perfect);
+        assert_ne!(nodes[0].keys().session_epoch(), before);
+        assert!(carries(&nodes[0], &nodes[1], 1) && carries(&nodes[1], &nodes[0], 1));
+        // The new session starts its count afresh.
+        let after = nodes[0].keys().session_epoch();
+        nodes[0].note_sent_total(5 + REKEY_AFTER_MESSAGES);
+        net.run(&mut nodes, Duration::from_millis(50), &mut perfect);
+        assert_eq!(nodes[0].keys().session_epoch(), after);
     }
 
     #[test]

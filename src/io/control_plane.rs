@@ -579,6 +579,34 @@ impl BfdThread {
         {
             self.quality_exported = Some(now);
             self.export_quality(now);
+            self.note_sent();
+        }
+    }
+
+    /// Datagrams sent to a peer over all its paths so far (the lanes' and
+    /// the fast path's counts).
+    fn sent_to(&self, peer: PeerId) -> u64 {
+        let paths = self
+            .engine
+            .peer(peer)
+            .map(|(_, _, p)| p)
+            .unwrap_or_default();
+        paths
+            .iter()
+            .filter_map(|id| self.counters.get(usize::from(id.0))?.as_ref())
+            .map(|c| c.tx_packets.load(Ordering::Relaxed))
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// Tells each key-pair peer's handshake what was sent to it (its rekey
+    /// by message count).
+    fn note_sent(&mut self) {
+        for pi in 0..self.engine.peer_count() {
+            let id = PeerId(pi as u16);
+            if self.engine.handshake(id).is_some() {
+                let sent = self.sent_to(id);
+                self.engine.note_peer_sent(id, sent);
+            }
         }
     }
 

@@ -63,7 +63,7 @@ pub fn handshake(
         ),
         None => None,
     };
-    Ok(Some(Handshake::new(
+    let mut handshake = Handshake::new(
         Setup {
             local,
             remote,
@@ -71,15 +71,22 @@ pub fn handshake(
             rekey_after: rekey_after(),
         },
         now,
-    )))
+    );
+    if let Some(n) = env_num("CROSSLINK_REKEY_AFTER_MESSAGES") {
+        handshake.set_rekey_after_messages(n);
+    }
+    Ok(Some(handshake))
+}
+
+fn env_num(name: &str) -> Option<u64> {
+    std::env::var(name).ok()?.parse().ok()
 }
 
 /// The rekey interval: [`REKEY_AFTER`], or `CROSSLINK_REKEY_AFTER` seconds
-/// (at least 1; for the tests that watch many rekeys).
+/// (at least 1; for the tests that watch many rekeys, as
+/// `CROSSLINK_REKEY_AFTER_MESSAGES` is for the rekey by message count).
 fn rekey_after() -> Duration {
-    std::env::var("CROSSLINK_REKEY_AFTER")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
+    env_num("CROSSLINK_REKEY_AFTER")
         .filter(|&s| s >= 1)
         .map_or(REKEY_AFTER, Duration::from_secs)
 }
