@@ -526,7 +526,7 @@ pub enum Replay {
 /// new one, so that messages of the previous epoch still in flight (sent
 /// just before a rekey, or on a slower path) are accepted once each; any
 /// older epoch is refused.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplayWindow {
     epoch: u32,
     /// Highest accepted sequence; 0 means none yet (senders start at 1).
@@ -538,6 +538,25 @@ pub struct ReplayWindow {
 }
 
 impl ReplayWindow {
+    /// The newest `(epoch, sequence)` accepted ((0, 0): none).
+    pub fn newest(&self) -> (u32, u64) {
+        (self.epoch, self.top)
+    }
+
+    /// A window that has seen every sequence number of `epoch` up to
+    /// `top`, and no earlier epoch: what a receiver that cannot tell
+    /// which of them it accepted (several windows merged, across an
+    /// upgrade) must assume, so that nothing it answered is answered
+    /// twice.
+    pub fn seen_up_to(epoch: u32, top: u64) -> ReplayWindow {
+        ReplayWindow {
+            epoch,
+            top,
+            bits: [u64::MAX; WORDS],
+            previous: None,
+        }
+    }
+
     /// Whether `(epoch, sequence)` may be new.
     pub fn check(&self, epoch: u32, sequence: u64) -> Result<(), Replay> {
         if epoch < self.epoch {
@@ -657,6 +676,17 @@ pub struct EchoGuard {
 }
 
 impl EchoGuard {
+    /// A guard that has accepted requests up to `last` (handed over
+    /// across an upgrade).
+    pub fn after(last: Option<(u32, u64)>) -> EchoGuard {
+        EchoGuard { last_request: last }
+    }
+
+    /// The newest request accepted.
+    pub fn last(&self) -> Option<(u32, u64)> {
+        self.last_request
+    }
+
     /// An authenticated request arrived: true if it is new (and answer it).
     pub fn request(&mut self, epoch: u32, stamp: u64) -> bool {
         let fresh = self.last_request.is_none_or(|last| (epoch, stamp) > last);
@@ -952,5 +982,35 @@ mod tests {
         assert_eq!(w.check(999, 1), Ok(()));
         assert_eq!(accept(&mut w, 102, 2), Ok(()));
         assert_eq!(accept(&mut w, 101, 4), Ok(()));
+    }
+
+    /// Across an upgrade: a window handed over decides as before; windows
+    /// that cannot be handed over exactly become a floor that refuses
+    /// everything at or below the newest number any of them took.
+    #[test]
+    fn windows_handed_over() {
+        let mut w = ReplayWindow::default();
+        accept(&mut w, 7, 10).unwrap();
+        accept(&mut w, 8, 5).unwrap();
+        accept(&mut w, 8, 3).unwrap();
+        let json = serde_json::to_string(&w).unwrap();
+        let mut back: ReplayWindow = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, w);
+        assert_eq!(back.newest(), (8, 5));
+        assert_eq!(accept(&mut back, 8, 3), Err(Replay::Duplicate));
+        assert_eq!(accept(&mut back, 8, 4), Ok(()));
+        assert_eq!(accept(&mut back, 7, 10), Err(Replay::Duplicate));
+        assert_eq!(accept(&mut back, 7, 9), Ok(()));
+        let mut floor = ReplayWindow::seen_up_to(8, 5);
+        for seq in [1, 4, 5] {
+            assert_eq!(accept(&mut floor, 8, seq), Err(Replay::Duplicate));
+        }
+        assert_eq!(accept(&mut floor, 7, 11), Err(Replay::StaleEpoch));
+        assert_eq!(accept(&mut floor, 8, 6), Ok(()));
+        assert_eq!(accept(&mut floor, 9, 1), Ok(()));
+        let g = EchoGuard::after(Some((8, 5)));
+        assert_eq!(g.last(), Some((8, 5)));
+        let mut g = g;
+        assert!(!g.request(8, 5) && g.request(8, 6));
     }
 }

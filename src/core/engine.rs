@@ -45,7 +45,7 @@ use crate::core::aggregate::{nanos, reorder_wait, Board, Delivery, Estimator};
 use crate::core::bfd::{Auth, Deadlines, KeyError, Session, SessionConfig, SessionEvent, Transmit};
 use crate::core::drop::DropReason;
 use crate::core::fec::{auto_code, Code};
-use crate::core::handshake::Handshake;
+use crate::core::handshake::{Handshake, HandshakeExport};
 use crate::core::quality::{Quality, Reason, Sample, Transition};
 use crate::core::steer::{Damping, Selection, Steering};
 use crate::core::wire::bfd::{AuthType, ControlPacket, Diag, EmitError, State};
@@ -1235,6 +1235,26 @@ impl Engine {
         if let Some(hs) = self.handshakes.get_mut(&peer) {
             hs.note_sent_total(total);
         }
+    }
+
+    /// Every key-pair peer's handshake state, by peer name, for a new
+    /// process (`crosslink upgrade`).
+    pub fn export_handshakes(&self, now: Instant) -> Vec<(String, HandshakeExport)> {
+        let mut out: Vec<(String, HandshakeExport)> = self
+            .handshakes
+            .iter()
+            .filter_map(|(id, hs)| Some((self.peer(*id)?.0.to_string(), hs.export(now))))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Takes over a handshake state the old process exported; false if the
+    /// peer has no handshake here or another identity (it starts afresh).
+    pub fn import_handshake(&mut self, peer: PeerId, e: &HandshakeExport, now: Instant) -> bool {
+        self.handshakes
+            .get_mut(&peer)
+            .is_some_and(|hs| hs.import(e, now))
     }
 
     /// A key-pair peer's handshake (state, key age, counters).

@@ -897,6 +897,181 @@ impl Handshake {
     pub fn remote(&self) -> &PublicKey {
         &self.remote
     }
+
+    /// What a new process needs to carry on with this handshake's
+    /// sessions across an upgrade (`crosslink upgrade`): the sessions
+    /// (current, previous, awaiting confirmation) with their keys and
+    /// ages, the confirms still to send, the next epoch, the ephemeral
+    /// keys seen and the counters. An initiation in flight is not carried
+    /// (its Noise state cannot be); the new process starts another when
+    /// one is due.
+    pub fn export(&self, now: Instant) -> HandshakeExport {
+        let session = |s: &Session| SessionExport {
+            recv_epoch: s.keys.recv_epoch,
+            recv: s.keys.recv,
+            send_epoch: s.keys.send_epoch,
+            send: s.keys.send,
+            age_ns: nanos(now.saturating_duration_since(s.established)),
+            initiator: s.initiator,
+            sealed: s.sealed,
+        };
+        HandshakeExport {
+            local: *self.local.public().as_bytes(),
+            remote: *self.remote.as_bytes(),
+            next_epoch: self.next_epoch,
+            current: self.current.as_ref().map(session),
+            previous: self.previous.as_ref().map(session),
+            unconfirmed: self
+                .unconfirmed
+                .iter()
+                .map(|u| UnconfirmedExport {
+                    session: session(&u.session),
+                    left_ns: nanos(u.until.saturating_duration_since(now)),
+                })
+                .collect(),
+            confirming: self.confirming.as_ref().map(|c| ConfirmingExport {
+                datagram: c.datagram.clone(),
+                left: c.left,
+                next_ns: nanos(c.next.saturating_duration_since(now)),
+            }),
+            seen: self.seen.iter().copied().collect(),
+            completed: self.stats.completed,
+            failures: self.stats.failures,
+        }
+    }
+
+    /// Takes over what [`Handshake::export`] gave in the old process, if
+    /// both public keys are still the configured ones (false, and nothing
+    /// taken, if not: the handshake starts afresh). The data plane's keys
+    /// are ready at once ([`Handshake::poll_keys`]).
+    pub fn import(&mut self, e: &HandshakeExport, now: Instant) -> bool {
+        if e.local != *self.local.public().as_bytes() || e.remote != *self.remote.as_bytes() {
+            return false;
+        }
+        let session = |s: &SessionExport| Session {
+            keys: SessionKeys {
+                recv_epoch: s.recv_epoch,
+                recv: s.recv,
+                send_epoch: s.send_epoch,
+                send: s.send,
+            },
+            established: now
+                .checked_sub(Duration::from_nanos(s.age_ns))
+                .unwrap_or(now),
+            initiator: s.initiator,
+            sealed: s.sealed,
+        };
+        // Never name a new session with an epoch the old process used.
+        let used = e
+            .current
+            .iter()
+            .chain(e.previous.iter())
+            .chain(e.unconfirmed.iter().map(|u| &u.session))
+            .map(|s| s.recv_epoch)
+            .max()
+            .unwrap_or(0);
+        self.next_epoch = self
+            .next_epoch
+            .max(e.next_epoch)
+            .max(used.saturating_add(1));
+        self.initiation = None;
+        self.current = e.current.as_ref().map(session);
+        self.previous = e.previous.as_ref().map(session);
+        self.unconfirmed = e
+            .unconfirmed
+            .iter()
+            .take(MAX_UNCONFIRMED)
+            .map(|u| Unconfirmed {
+                session: session(&u.session),
+                confirm_key: confirm_key(&u.session.recv),
+                until: now + Duration::from_nanos(u.left_ns),
+            })
+            .collect();
+        self.confirming = e.confirming.as_ref().map(|c| Confirming {
+            datagram: c.datagram.clone(),
+            left: c.left.min(CONFIRMS),
+            next: now + Duration::from_nanos(c.next_ns),
+        });
+        self.seen = e
+            .seen
+            .iter()
+            .rev()
+            .take(SEEN_EPHEMERALS)
+            .rev()
+            .copied()
+            .collect();
+        self.stats.completed = e.completed;
+        self.stats.failures = e.failures;
+        self.keys_changed = true;
+        true
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A handshake's state handed to a new process ([`Handshake::export`]).
+/// It holds session keys: it only ever crosses the socket pair between
+/// the old process and the new one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HandshakeExport {
+    /// This side's and the far side's public keys.
+    pub local: [u8; 32],
+    pub remote: [u8; 32],
+    pub next_epoch: u32,
+    pub current: Option<SessionExport>,
+    pub previous: Option<SessionExport>,
+    pub unconfirmed: Vec<UnconfirmedExport>,
+    pub confirming: Option<ConfirmingExport>,
+    pub seen: Vec<[u8; 32]>,
+    pub completed: u64,
+    pub failures: [u64; 7],
+}
+
+/// One session of a [`HandshakeExport`]: its keys, and its age instead of
+/// an instant (which means nothing in another process).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionExport {
+    pub recv_epoch: u32,
+    pub recv: [u8; 32],
+    pub send_epoch: u32,
+    pub send: [u8; 32],
+    pub age_ns: u64,
+    pub initiator: bool,
+    pub sealed: u64,
+}
+
+impl std::fmt::Debug for SessionExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionExport")
+            .field("recv_epoch", &self.recv_epoch)
+            .field("send_epoch", &self.send_epoch)
+            .field("age_ns", &self.age_ns)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SessionExport {
+    fn drop(&mut self) {
+        self.recv.zeroize();
+        self.send.zeroize();
+    }
+}
+
+/// A responder's session awaiting its confirm, and how much longer.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UnconfirmedExport {
+    pub session: SessionExport,
+    pub left_ns: u64,
+}
+
+/// The initiator's confirms still to send.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConfirmingExport {
+    pub datagram: Vec<u8>,
+    pub left: u8,
+    pub next_ns: u64,
 }
 
 #[cfg(test)]
@@ -1037,6 +1212,85 @@ mod tests {
                 nodes[0].key_age(net.now),
                 Some(net.now - nodes[0].current.as_ref().unwrap().established)
             );
+        }
+    }
+
+    /// B as a new process would start it, given what the old B exported.
+    fn taken_over(old: &Handshake, now: Instant) -> Handshake {
+        let mut new = Handshake::new(
+            Setup {
+                local: key(2),
+                remote: key(1).public(),
+                psk: None,
+                rekey_after: REKEY_AFTER,
+            },
+            now,
+        );
+        let e = old.export(now);
+        let json = serde_json::to_string(&e).unwrap();
+        let back: HandshakeExport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, e);
+        assert!(new.import(&back, now));
+        new
+    }
+
+    /// An upgrade at any moment of a handshake (before it, between its
+    /// messages, with a session awaiting its confirm, after it, after a
+    /// rekey): the new process seals and opens exactly as the old one
+    /// would have, and the two sides go on with keys that work both ways.
+    #[test]
+    fn a_new_process_carries_on_with_the_sessions() {
+        for swap_ms in (0..20).chain([300, 125_000]) {
+            let t0 = Instant::now();
+            let mut nodes = pair(None, t0);
+            let mut net = Net::new(t0);
+            net.run(&mut nodes, Duration::from_millis(swap_ms), &mut perfect);
+            let completed = nodes[1].stats().completed;
+            let new = taken_over(&nodes[1], net.now);
+            assert_eq!(new.stats().completed, completed);
+            for seq in [1, 2] {
+                assert_eq!(
+                    carries(&nodes[0], &new, seq),
+                    carries(&nodes[0], &nodes[1], seq),
+                    "at {swap_ms} ms"
+                );
+                assert_eq!(
+                    carries(&new, &nodes[0], seq),
+                    carries(&nodes[1], &nodes[0], seq),
+                    "at {swap_ms} ms"
+                );
+            }
+            let old = std::mem::replace(&mut nodes[1], new);
+            // Never a session named with an epoch the old process used.
+            let used = old
+                .current
+                .iter()
+                .chain(old.previous.iter())
+                .chain(old.unconfirmed.iter().map(|u| &u.session))
+                .map(|s| s.keys.recv_epoch)
+                .max()
+                .unwrap_or(0);
+            assert!(nodes[1].next_epoch > used, "at {swap_ms} ms");
+            net.run(&mut nodes, Duration::from_secs(3), &mut perfect);
+            assert!(established(&nodes), "at {swap_ms} ms");
+            assert!(carries(&nodes[0], &nodes[1], 3), "at {swap_ms} ms");
+            assert!(carries(&nodes[1], &nodes[0], 3), "at {swap_ms} ms");
+            // Another identity takes nothing.
+            let mut stranger = Handshake::new(
+                Setup {
+                    local: key(3),
+                    remote: key(1).public(),
+                    psk: None,
+                    rekey_after: REKEY_AFTER,
+                },
+                net.now,
+            );
+            assert!(!stranger.import(&old.export(net.now), net.now));
+            assert_eq!(stranger.state(), State::Idle);
+            // With the session already there, the new process needs none.
+            if old.state() == State::Established && old.unconfirmed.is_empty() {
+                assert_eq!(nodes[1].stats().completed, completed, "at {swap_ms} ms");
+            }
         }
     }
 

@@ -254,6 +254,18 @@ impl Prober {
         self.next_at
     }
 
+    /// The last probe's sequence number (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Numbers the next probes above `seq` (a new process taking over
+    /// from one that probed up to it: under sealed sessions a probe's
+    /// number is its nonce).
+    pub fn continue_after(&mut self, seq: u64) {
+        self.seq = self.seq.max(seq);
+    }
+
     /// A reply to probe `seq` arrived at `now`: the sample it makes, or
     /// `None` for a reply to no probe of ours (unknown, answered already,
     /// or older than the probes remembered).

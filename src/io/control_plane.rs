@@ -40,7 +40,7 @@ use crate::core::bfd::Transmit;
 use crate::core::engine::MoveCause;
 use crate::core::engine::{Engine, Event, Forwarding, PathExport, Secrets};
 use crate::core::fec::Code;
-use crate::core::handshake::{Failure, Handshake};
+use crate::core::handshake::{Failure, Handshake, HandshakeExport};
 use crate::core::quality::{Sample, Transition};
 use crate::core::wire::bfd::State;
 use crate::telemetry::metrics::{Metrics, PathLabels};
@@ -83,14 +83,23 @@ pub enum Command {
     Handshake(PathId, Box<[u8]>),
     Apply(Box<Plan>, oneshot::Sender<Applied>),
     /// An upgrade: stop sending and receiving (the sessions stay as they
-    /// are, for the new process) and answer with every session's state.
-    Freeze(oneshot::Sender<Vec<PathExport>>),
+    /// are, for the new process) and answer with every BFD session's and
+    /// every handshake's state.
+    Freeze(oneshot::Sender<Frozen>),
     /// The upgrade failed: carry on from where [`Command::Freeze`] stopped.
     Thaw,
     /// An upgrade, in the new process: take over the old process's
     /// sessions, then start sending and receiving. Answers with what could
     /// not be taken over.
-    Restore(Vec<PathExport>, oneshot::Sender<Vec<String>>),
+    Restore(Frozen, oneshot::Sender<Vec<String>>),
+}
+
+/// What the BFD thread hands to a new process: every BFD session, and
+/// every key-pair peer's handshake (by peer name).
+#[derive(Debug, Default)]
+pub struct Frozen {
+    pub sessions: Vec<PathExport>,
+    pub handshakes: Vec<(String, HandshakeExport)>,
 }
 
 /// A path to add, with its opened BFD transmit socket.
@@ -225,7 +234,7 @@ impl CommandLink {
     }
 
     /// Stops the thread's sending and receiving; the sessions' state.
-    pub async fn freeze(&self) -> Option<Vec<PathExport>> {
+    pub async fn freeze(&self) -> Option<Frozen> {
         let (tx, rx) = oneshot::channel();
         if !self.send(Command::Freeze(tx)) {
             return None;
@@ -234,9 +243,9 @@ impl CommandLink {
     }
 
     /// Takes over sessions and starts sending and receiving; what failed.
-    pub async fn restore(&self, sessions: Vec<PathExport>) -> Option<Vec<String>> {
+    pub async fn restore(&self, state: Frozen) -> Option<Vec<String>> {
         let (tx, rx) = oneshot::channel();
-        if !self.send(Command::Restore(sessions, tx)) {
+        if !self.send(Command::Restore(state, tx)) {
             return None;
         }
         rx.await.ok()
@@ -958,13 +967,16 @@ impl BfdThread {
                 }
                 Command::Freeze(reply) => {
                     self.held = true;
-                    let _ = reply.send(self.engine.export_sessions());
+                    let _ = reply.send(Frozen {
+                        sessions: self.engine.export_sessions(),
+                        handshakes: self.engine.export_handshakes(clock::now()),
+                    });
                 }
                 Command::Thaw => self.resume(),
-                Command::Restore(sessions, reply) => {
+                Command::Restore(state, reply) => {
                     let now = clock::now();
                     let mut problems = Vec::new();
-                    for s in &sessions {
+                    for s in &state.sessions {
                         let id = self
                             .engine
                             .peer_by_name(&s.peer)
@@ -977,6 +989,20 @@ impl BfdThread {
                             problems.push(e.to_string());
                         }
                     }
+                    for (name, hs) in &state.handshakes {
+                        let taken = self
+                            .engine
+                            .peer_by_name(name)
+                            .is_some_and(|peer| self.engine.import_handshake(peer, hs, now));
+                        if !taken {
+                            problems.push(format!(
+                                "peer {name}: its handshake starts afresh (no longer a key-pair \
+                                 peer, or other keys)"
+                            ));
+                        }
+                    }
+                    // The data plane's keys before the lanes start.
+                    self.flush_handshakes();
                     self.resume();
                     let _ = reply.send(problems);
                 }

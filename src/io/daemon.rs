@@ -16,7 +16,7 @@
 //! the same way, from what the old process handed over: `apply` takes an
 //! inherited TUN or socket where one fits instead of opening one.
 
-use super::control_plane::{BfdThread, CommandLink, CommandQueue, Meta, NewPath, Plan};
+use super::control_plane::{BfdThread, CommandLink, CommandQueue, Frozen, Meta, NewPath, Plan};
 use super::fastpath::FastPath;
 use super::lanes::{
     self, FlowClaims, FlowTable, Lane, LaneReorder, PathIn, PathOut, SharedKeys, TunOut,
@@ -110,7 +110,7 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         let _ = upgrade::write_message(
             &stream,
             &Reply::Failed {
-                version: upgrade::VERSION,
+                version: upgrade::OLDEST,
                 error: e.to_string(),
             },
         );
@@ -1555,7 +1555,7 @@ impl Gateway {
     /// The descriptors to hand over, and what the new process must know of them.
     fn inheritance(&self, listeners: Listeners) -> Inheritance {
         Inheritance {
-            version: upgrade::VERSION,
+            version: upgrade::OLDEST,
             old_pid: std::process::id(),
             epoch: self.shared.epoch,
             control: Some(listeners.control),
@@ -1609,6 +1609,11 @@ impl Gateway {
                     continue;
                 };
                 let c = &out.counters;
+                let ins = || {
+                    peer.parked
+                        .iter()
+                        .filter_map(|l| l.ins.get(usize::from(r.id.0))?.as_ref())
+                };
                 paths.push(PathData {
                     peer: peer.config.name.clone(),
                     path: r.config.name.clone(),
@@ -1618,6 +1623,13 @@ impl Gateway {
                     rx_bytes: c.rx_bytes.load(Relaxed),
                     rx_seq_high: c.rx_seq_high.load(Relaxed),
                     sequence: out.sequence.load(Relaxed),
+                    window: ins().next().map(|i| i.window.lock().clone()),
+                    probes_seen: ins().map(|i| i.probe_window.newest()).max(),
+                    echo_seen: ins().filter_map(|i| i.echo_guard.last()).max(),
+                    probe_seq: ins()
+                        .filter_map(|i| i.prober.as_ref().map(Prober::last_seq))
+                        .max()
+                        .unwrap_or(0),
                 });
             }
         }
@@ -1638,9 +1650,6 @@ impl Gateway {
                     lane.out.peer_sequence.fetch_max(d.sequence, Relaxed);
                 }
             }
-            let Some(lane) = peer.parked.first() else {
-                continue;
-            };
             for r in &peer.paths {
                 let Some(d) = t
                     .paths
@@ -1649,16 +1658,36 @@ impl Gateway {
                 else {
                     continue;
                 };
-                let Some(Some(out)) = lane.out.paths.get(usize::from(r.id.0)) else {
-                    continue;
-                };
-                let c = &out.counters;
-                c.tx_packets.fetch_add(d.tx_packets, Relaxed);
-                c.tx_bytes.fetch_add(d.tx_bytes, Relaxed);
-                c.rx_packets.fetch_add(d.rx_packets, Relaxed);
-                c.rx_bytes.fetch_add(d.rx_bytes, Relaxed);
-                c.rx_seq_high.fetch_max(d.rx_seq_high, Relaxed);
-                out.sequence.fetch_max(d.sequence, Relaxed);
+                let i = usize::from(r.id.0);
+                if let Some(Some(out)) = peer.parked.first().and_then(|l| l.out.paths.get(i)) {
+                    let c = &out.counters;
+                    c.tx_packets.fetch_add(d.tx_packets, Relaxed);
+                    c.tx_bytes.fetch_add(d.tx_bytes, Relaxed);
+                    c.rx_packets.fetch_add(d.rx_packets, Relaxed);
+                    c.rx_bytes.fetch_add(d.rx_bytes, Relaxed);
+                    c.rx_seq_high.fetch_max(d.rx_seq_high, Relaxed);
+                    out.sequence.fetch_max(d.sequence, Relaxed);
+                }
+                // The receiving side's replay state: nothing the old lanes
+                // took is taken again, and nothing they answered is answered
+                // again (a reply's nonce is the request's number).
+                for lane in &mut peer.parked {
+                    let Some(Some(pin)) = lane.ins.get_mut(i) else {
+                        continue;
+                    };
+                    if let Some(w) = &d.window {
+                        *pin.window.lock() = w.clone();
+                    }
+                    if let Some((epoch, top)) = d.probes_seen {
+                        pin.probe_window = ReplayWindow::seen_up_to(epoch, top);
+                    }
+                    if d.echo_seen.is_some() {
+                        pin.echo_guard = EchoGuard::after(d.echo_seen);
+                    }
+                    if let Some(p) = pin.prober.as_mut() {
+                        p.continue_after(d.probe_seq);
+                    }
+                }
             }
         }
     }
@@ -1738,15 +1767,6 @@ async fn hand_over(
             p.config.name
         ));
     }
-    // The handshake's session keys are not part of the handed-over state:
-    // the new process would have to run a handshake before it could seal,
-    // and the traffic in between would be lost.
-    if let Some(p) = gw.peers.iter().find(|p| p.config.public_key.is_some()) {
-        return Err(format!(
-            "peer {} has a public_key: its handshake's session keys are not handed over yet; restart instead",
-            p.config.name
-        ));
-    }
     let inh = gw.inheritance(listeners);
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
     let mut fds = upgrade::descriptors(&inh);
@@ -1776,8 +1796,8 @@ async fn hand_over(
         upgrade::write_message(&ours, &inh)?;
         upgrade::read_message::<Reply>(&mut reader)
     });
-    match prepared {
-        Ok(Reply::Prepared { .. }) => {}
+    let reads = match prepared {
+        Ok(Reply::Prepared { reads, .. }) => reads,
         Ok(Reply::Failed { error, .. }) => {
             return Err(give_up(
                 &mut child,
@@ -1800,13 +1820,27 @@ async fn hand_over(
                 format!("the new process did not get ready{status}: {e}"),
             ));
         }
+    };
+    if reads < upgrade::VERSION {
+        if let Some(p) = gw.peers.iter().find(|p| p.config.public_key.is_some()) {
+            return Err(give_up(
+                &mut child,
+                format!(
+                    "the new binary reads handover state up to version {reads}, and peer {}'s \
+                     handshake sessions need version {}: it cannot take them over (a downgrade \
+                     across the handshake handover); restart instead",
+                    p.config.name,
+                    upgrade::VERSION
+                ),
+            ));
+        }
     }
     // 3: stop, and hand over the state.
     let stopped = std::time::Instant::now();
     for peer in &mut gw.peers {
         peer.park();
     }
-    let Some(sessions) = gw.shared.commands.freeze().await else {
+    let Some(frozen) = gw.shared.commands.freeze().await else {
         gw.unpark_all();
         return Err(give_up(&mut child, "the BFD thread is gone".into()));
     };
@@ -1816,13 +1850,15 @@ async fn hand_over(
         .map(|r| (r.as_str().to_string(), gw.shared.drops.get(*r)))
         .filter(|(_, n)| *n > 0)
         .collect();
-    let takeover = Takeover {
-        version: upgrade::VERSION,
-        sessions,
+    let mut takeover = Takeover {
+        version: upgrade::OLDEST,
+        sessions: frozen.sessions,
         paths,
         peers,
         drops,
+        handshakes: frozen.handshakes,
     };
+    takeover.version = takeover.needed_version();
     // 4: the new process serves.
     let serving = blocking(|| {
         ours.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -1854,12 +1890,13 @@ async fn hand_over(
 /// when it has stopped, and starts. Returns this process's id.
 async fn take_over(gw: &mut Gateway, mut incoming: Incoming) -> Result<u32, String> {
     let pid = std::process::id();
-    let takeover = blocking(|| {
+    let mut takeover = blocking(|| {
         upgrade::write_message(
             &incoming.stream,
             &Reply::Prepared {
-                version: upgrade::VERSION,
+                version: upgrade::OLDEST,
                 pid,
+                reads: upgrade::VERSION,
             },
         )?;
         incoming
@@ -1878,10 +1915,14 @@ async fn take_over(gw: &mut Gateway, mut incoming: Incoming) -> Result<u32, Stri
         })
         .cloned()
         .collect();
+    let frozen = Frozen {
+        sessions,
+        handshakes: std::mem::take(&mut takeover.handshakes),
+    };
     let problems = gw
         .shared
         .commands
-        .restore(sessions)
+        .restore(frozen)
         .await
         .ok_or("the BFD thread is gone")?;
     for p in problems {
@@ -1905,7 +1946,7 @@ async fn take_over(gw: &mut Gateway, mut incoming: Incoming) -> Result<u32, Stri
     upgrade::write_message(
         &incoming.stream,
         &Reply::Serving {
-            version: upgrade::VERSION,
+            version: upgrade::OLDEST,
             pid,
         },
     )

@@ -21,8 +21,10 @@
 //! 3. The old process stops its lanes and freezes its BFD thread (it
 //!    neither sends nor receives from then on) and sends the
 //!    [`Takeover`]: every BFD session's state (discriminators, states,
-//!    timers, authentication sequence numbers) and every path's counters
-//!    and sequence numbers.
+//!    timers, authentication sequence numbers), every path's counters,
+//!    sequence numbers and replay state, and every key-pair peer's
+//!    handshake sessions with their keys (the socket pair is the only
+//!    place they go).
 //! 4. The new process takes the sessions over, starts its BFD thread and
 //!    lanes, and answers [`Reply::Serving`]. The old process exits without
 //!    a word to the peers (no AdminDown) and without removing anything:
@@ -47,7 +49,9 @@
 //! `FD_CLOEXEC`): each `unsafe` block is that one call.
 #![allow(unsafe_code)]
 
+use crate::core::crypto::ReplayWindow;
 use crate::core::engine::PathExport;
+use crate::core::handshake::HandshakeExport;
 use serde::{Deserialize, Serialize};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -57,8 +61,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 use thiserror::Error;
 
-/// The version of the state format this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The newest version of the state format this build reads and writes.
+/// Version 2 added the handshake state of key-pair peers
+/// ([`Takeover::handshakes`]); the lanes' replay state
+/// ([`PathData::window`] and what follows it) came with it, as optional
+/// fields a version-1 reader ignores.
+pub const VERSION: u32 = 2;
+/// The oldest version this build reads, and the one it writes where the
+/// newer one is not needed: an upgrade from the previous release works,
+/// and a downgrade to it is refused only where it cannot work (a
+/// key-pair peer's sessions, which a version-1 build cannot take).
+pub const OLDEST: u32 = 1;
 
 /// The environment variable that tells a new process which descriptor is
 /// its end of the socket pair (and that it is taking over).
@@ -70,7 +83,9 @@ const MAX_MESSAGE: u64 = 64 << 20;
 /// Why a handover message was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum StateError {
-    #[error("handover state format version {found}; this build reads version {VERSION}")]
+    #[error(
+        "handover state format version {found}; this build reads versions {OLDEST} to {VERSION}"
+    )]
     Version { found: u32 },
     #[error("handover state truncated or malformed: {0}")]
     Malformed(String),
@@ -134,6 +149,21 @@ pub struct Takeover {
     /// `crosslink_packets_dropped_total`).
     #[serde(default)]
     pub drops: Vec<(String, u64)>,
+    /// Each key-pair peer's handshake, by peer name: its sessions and
+    /// their keys (version 2).
+    #[serde(default)]
+    pub handshakes: Vec<(String, HandshakeExport)>,
+}
+
+impl Takeover {
+    /// The version this message needs: 2 with handshake state, else 1.
+    pub fn needed_version(&self) -> u32 {
+        if self.handshakes.is_empty() {
+            OLDEST
+        } else {
+            VERSION
+        }
+    }
 }
 
 /// A path's data-plane figures, so that counters do not go back and the
@@ -149,6 +179,20 @@ pub struct PathData {
     pub rx_seq_high: u64,
     /// The path's last data sequence number.
     pub sequence: u64,
+    /// The replay window of the path's data (sealed peers), as it was.
+    #[serde(default)]
+    pub window: Option<ReplayWindow>,
+    /// The newest probe request any lane answered, and the newest echo
+    /// request (sealed peers): the new lanes answer none at or below them,
+    /// so that no reply is sealed twice under one nonce.
+    #[serde(default)]
+    pub probes_seen: Option<(u32, u64)>,
+    #[serde(default)]
+    pub echo_seen: Option<(u32, u64)>,
+    /// The last probe sequence number sent (the next probe's nonce is
+    /// above it).
+    #[serde(default)]
+    pub probe_seq: u64,
 }
 
 /// A peer's sender identity and sequence (`duplicate`, `aggregate`).
@@ -163,9 +207,27 @@ pub struct PeerData {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
-    Prepared { version: u32, pid: u32 },
-    Serving { version: u32, pid: u32 },
-    Failed { version: u32, error: String },
+    Prepared {
+        version: u32,
+        pid: u32,
+        /// The newest state version the new process reads (absent from a
+        /// version-1 build: 1), so that the old one refuses a downgrade
+        /// it cannot make before it stops anything.
+        #[serde(default = "oldest")]
+        reads: u32,
+    },
+    Serving {
+        version: u32,
+        pid: u32,
+    },
+    Failed {
+        version: u32,
+        error: String,
+    },
+}
+
+fn oldest() -> u32 {
+    OLDEST
 }
 
 #[derive(Deserialize)]
@@ -185,7 +247,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
 pub fn decode<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Result<T, StateError> {
     let v: Versioned =
         serde_json::from_slice(line).map_err(|e| StateError::Malformed(e.to_string()))?;
-    if v.version != VERSION {
+    if !(OLDEST..=VERSION).contains(&v.version) {
         return Err(StateError::Version { found: v.version });
     }
     serde_json::from_slice(line).map_err(|e| StateError::Malformed(e.to_string()))
@@ -368,6 +430,10 @@ mod tests {
                 rx_bytes: 600,
                 rx_seq_high: 6,
                 sequence: 5,
+                window: Some(ReplayWindow::seen_up_to(3, 6)),
+                probes_seen: Some((3, 40)),
+                echo_seen: None,
+                probe_seq: 41,
             }],
             peers: vec![PeerData {
                 name: "site-b".into(),
@@ -375,6 +441,14 @@ mod tests {
                 sequence: 17,
             }],
             drops: vec![("replayed".into(), 3)],
+            handshakes: vec![(
+                "site-b".into(),
+                HandshakeExport {
+                    next_epoch: 4,
+                    completed: 3,
+                    ..HandshakeExport::default()
+                },
+            )],
         }
     }
 
@@ -415,6 +489,32 @@ mod tests {
         assert_eq!(back, inh);
     }
 
+    /// The previous release's takeover (version 1: no handshakes, no
+    /// replay state) is read, with those left empty; this build writes
+    /// version 1 unless it hands over a handshake, which a version-1
+    /// build would drop, so that such a downgrade is refused instead.
+    #[test]
+    fn the_previous_format_is_read_and_written_where_it_will_do() {
+        let mut t = takeover();
+        assert_eq!(t.needed_version(), VERSION);
+        t.handshakes.clear();
+        assert_eq!(t.needed_version(), OLDEST);
+        t.version = OLDEST;
+        let mut v: serde_json::Value = serde_json::from_slice(&encode(&t)).unwrap();
+        v.as_object_mut().unwrap().remove("handshakes");
+        for p in v["paths"].as_array_mut().unwrap() {
+            for k in ["window", "probes_seen", "echo_seen", "probe_seq"] {
+                p.as_object_mut().unwrap().remove(k);
+            }
+        }
+        let old = serde_json::to_vec(&v).unwrap();
+        let back: Takeover = decode(&old).unwrap();
+        assert_eq!(back.paths[0].window, None);
+        assert_eq!(back.paths[0].probe_seq, 0);
+        assert_eq!(back.paths[0].sequence, t.paths[0].sequence);
+        assert_eq!(back.sessions, t.sessions);
+    }
+
     #[test]
     fn another_version_is_refused_by_name() {
         let mut t = takeover();
@@ -425,7 +525,12 @@ mod tests {
         );
         let e = decode::<Takeover>(&encode(&t)).unwrap_err().to_string();
         assert!(e.contains(&format!("version {}", VERSION + 1)), "{e}");
-        assert!(e.contains(&format!("reads version {VERSION}")), "{e}");
+        assert!(
+            e.contains(&format!("reads versions {OLDEST} to {VERSION}")),
+            "{e}"
+        );
+        t.version = OLDEST - 1;
+        assert!(decode::<Takeover>(&encode(&t)).is_err());
         // A message from a format before versions.
         assert!(matches!(
             decode::<Takeover>(b"{\"sessions\":[]}\n"),
@@ -451,11 +556,25 @@ mod tests {
     }
 
     #[test]
+    fn a_previous_release_says_it_reads_version_1() {
+        let r: Reply = decode(b"{\"reply\":\"prepared\",\"version\":1,\"pid\":9}\n").unwrap();
+        assert_eq!(
+            r,
+            Reply::Prepared {
+                version: 1,
+                pid: 9,
+                reads: 1
+            }
+        );
+    }
+
+    #[test]
     fn messages_follow_each_other_on_one_stream() {
         let (a, b) = UnixStream::pair().unwrap();
         let r1 = Reply::Prepared {
             version: VERSION,
             pid: 7,
+            reads: VERSION,
         };
         let r2 = Reply::Serving {
             version: VERSION,
