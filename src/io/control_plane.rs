@@ -967,6 +967,11 @@ impl BfdThread {
                 }
                 Command::Freeze(reply) => {
                     self.held = true;
+                    // What the fast paths moved so far goes into the
+                    // counters handed over. Their programs forward on
+                    // until this process exits (their links close with
+                    // it): what they move meanwhile is not counted.
+                    self.collect_fast_paths();
                     let _ = reply.send(Frozen {
                         sessions: self.engine.export_sessions(),
                         handshakes: self.engine.export_handshakes(clock::now()),
@@ -1004,6 +1009,15 @@ impl BfdThread {
                     // The data plane's keys before the lanes start.
                     self.flush_handshakes();
                     self.resume();
+                    // The fast paths' programs (attached behind the old
+                    // process's, which run first until it exits) get their
+                    // configuration before the old process is told to go.
+                    self.flush(now);
+                    if self.io.any_fast {
+                        let f = self.forwarding.load_full();
+                        self.steer_fast_paths(&f, true);
+                        self.fast_paths_receive();
+                    }
                     let _ = reply.send(problems);
                 }
             }
@@ -1178,6 +1192,12 @@ impl BfdThread {
         self.io.any_fast = self.fast.iter().any(Option::is_some);
         if !self.held {
             self.flush(now);
+        } else if self.io.any_fast {
+            // A process taking over: the receiving programs go on the
+            // paths' interfaces now (behind the old process's, which take
+            // everything until it exits), not in the handover, when the
+            // thread should be reading BFD again at once.
+            self.fast_paths_receive();
         }
         applied
     }

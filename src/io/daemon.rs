@@ -1761,12 +1761,6 @@ async fn hand_over(
     binary: &Path,
     listeners: Listeners,
 ) -> Result<HandedOver, String> {
-    if let Some(p) = gw.peers.iter().find(|p| p.fast.is_some()) {
-        return Err(format!(
-            "peer {} has fast_path: its BPF programs are not handed over yet; restart instead",
-            p.config.name
-        ));
-    }
     let inh = gw.inheritance(listeners);
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
     let mut fds = upgrade::descriptors(&inh);
@@ -1867,7 +1861,15 @@ async fn hand_over(
     });
     let handover = stopped.elapsed();
     match serving {
-        Ok(Reply::Serving { pid: new, .. }) if new == pid => Ok(HandedOver { pid, handover }),
+        Ok(Reply::Serving { pid: new, .. }) if new == pid => {
+            // Our fast-path programs go now (their links close), so that
+            // the new process's, attached behind them and configured,
+            // carry and count from here rather than once this one exits.
+            for peer in &mut gw.peers {
+                peer.fast = None;
+            }
+            Ok(HandedOver { pid, handover })
+        }
         other => {
             let why = match other {
                 Ok(Reply::Failed { error, .. }) => error,
