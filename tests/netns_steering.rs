@@ -9,7 +9,9 @@
 //! - BFD 10 ms × 3 on a blackhole, for comparison;
 //! - cloud failover between three gateways (on-prem, "aws", "gcp") through
 //!   TUN carrier and route metrics;
-//! - IPv6 inner traffic over IPv6 underlay paths (2001:2::/48, RFC 5180).
+//! - IPv6 inner traffic over IPv6 underlay paths (2001:2::/48, RFC 5180);
+//! - the kernel fast path over an IPv4 and an IPv6 underlay, and its
+//!   failover over IPv6.
 //!
 //! Each measured outage is printed as a `REPORT` line (min/median/max over
 //! `CROSSLINK_RUNS` cuts, default 5). They need root; without it they skip,
@@ -205,6 +207,29 @@ impl Net {
         );
     }
 
+    /// Drops every packet leaving `dev` on both gateways, where the wire
+    /// would lose them: a root queue of length 0, which the fast path's
+    /// datagrams pass too (they skip the netfilter hooks [`Net::blackhole`]
+    /// uses).
+    fn cut_wire(&self, dev: &str) {
+        for gw in ["a", "b"] {
+            self.sh(
+                gw,
+                &format!("tc qdisc replace dev {dev} root pfifo limit 0"),
+            );
+        }
+    }
+
+    /// Undoes [`Net::cut_wire`].
+    fn mend_wire(&self, dev: &str) {
+        for gw in ["a", "b"] {
+            self.sh(
+                gw,
+                &format!("tc qdisc del dev {dev} root 2>/dev/null; true"),
+            );
+        }
+    }
+
     fn heal(&self, role: &str, dev: &str) {
         self.sh(
             role,
@@ -366,6 +391,8 @@ fn report_line(signal: &str, values: &[f64], test: &str) {
 enum Family {
     V4,
     V6,
+    /// path1 over IPv4, path2 over IPv6.
+    Mixed,
 }
 
 const PATHS: [&str; 2] = ["path1", "path2"];
@@ -417,7 +444,7 @@ fn two_gateways_with(
     );
     for (i, p) in PATHS.iter().enumerate() {
         let (a, b) = underlay(family, i);
-        let len = if family == Family::V4 { 30 } else { 64 };
+        let len = if a.contains(':') { 64 } else { 30 };
         net.addr("a", p, &format!("{a}/{len}"));
         net.addr("b", p, &format!("{b}/{len}"));
     }
@@ -454,6 +481,8 @@ fn two_gateways_with(
 
 fn underlay(family: Family, i: usize) -> (String, String) {
     match family {
+        Family::Mixed if i == 0 => underlay(Family::V4, i),
+        Family::Mixed => underlay(Family::V6, i),
         Family::V4 => (
             format!("198.18.2{}.1", i + 1),
             format!("198.18.2{}.2", i + 1),
@@ -546,7 +575,7 @@ fn measure_cuts(
     (signal, test): (&str, &str),
 ) -> (Vec<f64>, Value) {
     let (to, bind) = match family {
-        Family::V4 => ("198.18.30.2:9000", "198.18.10.1:0"),
+        Family::V4 | Family::Mixed => ("198.18.30.2:9000", "198.18.10.1:0"),
         Family::V6 => ("[2001:2:0:30::2]:9000", "[2001:2:0:10::1]:0"),
     };
     let (mut failover, mut failback, mut reports) = (Vec::new(), Vec::new(), Vec::new());
@@ -849,14 +878,160 @@ fn fast_path_carries_both_inner_families() {
         "10ms",
         "fast_path = true\n",
     );
-    let tun_tx = |gw: &str, tun: &str| -> u64 {
-        let out = net.sh(
-            gw,
-            &format!("cat /sys/class/net/{tun}/statistics/tx_packets"),
-        );
-        out.trim().parse().unwrap_or(u64::MAX)
-    };
-    let before = [tun_tx("a", "xl-b"), tun_tx("b", "xl-a")];
+    fast_path_carries(&net, "fast path");
+}
+
+/// The kernel fast path over an IPv6 underlay (outer IPv6 with a zero UDP
+/// checksum, which the far gateway's data sockets accept): IPv4 and IPv6
+/// inner packets both ways without the lanes, as over IPv4; then the
+/// active path is blackholed on the wire (a queue that drops everything on
+/// both gateways' path1 device: the programs' datagrams pass netfilter
+/// by) and the traffic goes on over path2, still through the programs,
+/// and comes back to path1 once it heals.
+#[test]
+fn fast_path_over_an_ipv6_underlay() {
+    if !allowed("fast_path_over_an_ipv6_underlay", &["iperf3"]) {
+        return;
+    }
+    let _s = serial();
+    let mut net = two_gateways_with(
+        "fp6",
+        "active-backup",
+        Family::V6,
+        "200ms",
+        "10ms",
+        "fast_path = true\n",
+    );
+    let s = net.status("a").unwrap();
+    assert!(
+        path_field(&s, "path1", "local").starts_with("[2001:2:0:21::1]"),
+        "{s}"
+    );
+    for gw in ["a", "b"] {
+        let log = fs::read_to_string(net.log(gw)).unwrap_or_default();
+        assert!(log.contains("fast path attached"), "gw-{gw}: {log}");
+    }
+    fast_path_carries(&net, "fast path over IPv6");
+    fast_path_cut_and_heal(&mut net, "fast path over IPv6");
+}
+
+/// A peer whose paths mix the underlay's families through the kernel fast
+/// path: path1 over IPv4, path2 over IPv6, each with its own outer headers.
+/// Both inner families cross without the lanes on path1, and fail over to
+/// path2 (and back) as over one family.
+#[test]
+fn fast_path_mixes_ipv4_and_ipv6_paths() {
+    if !allowed("fast_path_mixes_ipv4_and_ipv6_paths", &["iperf3"]) {
+        return;
+    }
+    let _s = serial();
+    let mut net = two_gateways_with(
+        "fpm",
+        "active-backup",
+        Family::Mixed,
+        "200ms",
+        "10ms",
+        "fast_path = true\n",
+    );
+    let s = net.status("a").unwrap();
+    assert!(
+        path_field(&s, "path1", "local").starts_with("198.18.21.1")
+            && path_field(&s, "path2", "local").starts_with("[2001:2:0:22::1]"),
+        "{s}"
+    );
+    fast_path_carries(&net, "fast path, IPv4 path1 and IPv6 path2");
+    fast_path_cut_and_heal(&mut net, "fast path, IPv4 path1 and IPv6 path2");
+}
+
+/// Blackholes path1 (the active path) on the wire of a fast-path lab
+/// while a probe stream runs ([`Net::cut_wire`]): the stream goes on over
+/// path2, through the programs (the TUNs hand the lanes almost nothing),
+/// and back over path1 once it heals. Prints what moved, `label` first.
+fn fast_path_cut_and_heal(net: &mut Net, label: &str) {
+    // The active path blackholed on the wire, with a probe stream running.
+    let tun_before = [tun_tx(net, "a", "xl-b"), tun_tx(net, "b", "xl-a")];
+    let stream = Stream::start(net, "s", "198.18.30.2:9002", "198.18.10.1:0");
+    std::thread::sleep(Duration::from_millis(500));
+    let (p1, p2) = tx_growth(net, Duration::from_secs(1));
+    say(&format!(
+        "{label}, before the cut: gw-a path1 +{p1} path2 +{p2} in 1 s"
+    ));
+    assert!(p1 >= 800, "path1 should carry the stream: +{p1}");
+    let cut = Instant::now();
+    net.cut_wire("path1");
+    let moved = net.wait("a", "failover to path2", Duration::from_secs(3), |s| {
+        path_field(s, "path1", "state") != "up" && active(s, "path2")
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let (p1, p2) = tx_growth(net, Duration::from_secs(1));
+    say(&format!(
+        "{label}, path1 blackholed: failover seen after {} ms; \
+         gw-a path1 +{p1} path2 +{p2} in 1 s",
+        moved.duration_since(cut).as_millis()
+    ));
+    assert!(p2 >= 800, "path2 should carry the stream: +{p2}");
+    assert!(p1 <= 50, "path1 should be unused while down: +{p1}");
+    net.mend_wire("path1");
+    net.wait("a", "revert to path1", Duration::from_secs(10), |s| {
+        path_field(s, "path1", "state") == "up" && active(s, "path1")
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let (p1, p2) = tx_growth(net, Duration::from_secs(1));
+    say(&format!(
+        "{label}, path1 healed: gw-a path1 +{p1} path2 +{p2} in 1 s"
+    ));
+    assert!(p1 >= 800, "path1 should carry the stream again: +{p1}");
+    let report = stream.stop();
+    let lanes = [
+        tun_tx(net, "a", "xl-b").saturating_sub(tun_before[0]),
+        tun_tx(net, "b", "xl-a").saturating_sub(tun_before[1]),
+    ];
+    say(&format!(
+        "{label} failover: lost {} ms of the stream ({} of {} sent), \
+         {lanes:?} packets through the lanes (gw-a, gw-b)",
+        lost_ms(&report),
+        num(&report, "lost"),
+        num(&report, "sent")
+    ));
+    assert!(num(&report, "received") > 4000.0, "{report}");
+    let stalled = spurious_flaps(net, 1);
+    assert!(
+        lost_ms(&report) < 250.0 || (stalled && !strict()),
+        "outage of {} ms: {report}",
+        lost_ms(&report)
+    );
+    assert!(
+        lanes.iter().all(|&n| n < 100),
+        "the lanes carried {lanes:?} packets (gw-a, gw-b) around the failover, not the fast path"
+    );
+}
+
+/// Packets the TUN `tun` of gateway `gw` handed to the lanes (its
+/// transmit counter).
+fn tun_tx(net: &Net, gw: &str, tun: &str) -> u64 {
+    let out = net.sh(
+        gw,
+        &format!("cat /sys/class/net/{tun}/statistics/tx_packets"),
+    );
+    out.trim().parse().unwrap_or(u64::MAX)
+}
+
+/// What gw-a sent on path1 and path2 (datagrams) in `span`.
+fn tx_growth(net: &Net, span: Duration) -> (u64, u64) {
+    let before = net.status("a").unwrap_or(Value::Null);
+    std::thread::sleep(span);
+    let after = net.status("a").unwrap_or(Value::Null);
+    let grew = |p: &str| tx(&after, p).saturating_sub(tx(&before, p));
+    (grew("path1"), grew("path2"))
+}
+
+/// What a fast-path lab ([`two_gateways_with`], `fast_path = true`)
+/// must carry through the programs, over either underlay: UDP probe
+/// streams of both inner families without loss, iperf3 over both above
+/// 100 Mbit/s (printed, `label` first), the lanes (the TUNs' transmit
+/// counters) almost nothing, and the programs' counters in the status.
+fn fast_path_carries(net: &Net, label: &str) {
+    let before = [tun_tx(net, "a", "xl-b"), tun_tx(net, "b", "xl-a")];
     for (to, from) in [
         ("198.18.30.2:9001", "198.18.10.1:0"),
         ("[2001:2:0:30::2]:9001", "[2001:2:0:10::1]:0"),
@@ -865,7 +1040,7 @@ fn fast_path_carries_both_inner_families() {
         let sender = net.sender("c", to, from);
         std::thread::sleep(Duration::from_millis(1000));
         let r = finish(sender, receiver);
-        eprintln!("fast path probe to {to}: {r}");
+        eprintln!("{label} probe to {to}: {r}");
         assert!(num(&r, "received") > 1000.0, "{to}: {r}");
         assert_eq!(num(&r, "lost"), 0.0, "{to}: {r}");
     }
@@ -884,12 +1059,12 @@ fn fast_path_carries_both_inner_families() {
             .and_then(Value::as_f64)
             .unwrap_or(0.0);
         say(&format!(
-            "fast path: iperf3 to {server}: {:.2} Gbit/s",
+            "{label}: iperf3 to {server}: {:.2} Gbit/s",
             bits / 1e9
         ));
         assert!(bits > 100e6, "iperf3 to {server}: {out}");
     }
-    let after = [tun_tx("a", "xl-b"), tun_tx("b", "xl-a")];
+    let after = [tun_tx(net, "a", "xl-b"), tun_tx(net, "b", "xl-a")];
     let lanes = [
         after[0].saturating_sub(before[0]),
         after[1].saturating_sub(before[1]),

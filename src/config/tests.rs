@@ -775,13 +775,30 @@ fn fast_path_only_where_the_kernel_can_carry_it() {
         "active-backup\" or \"balance",
     );
     assert!(ok(&with("fast_path = true\npolicy = \"balance\"\n")).peers[0].fast_path);
+    // An IPv6 underlay: cci-1 over IPv6, cci-2 still over IPv4 (a peer
+    // whose paths mix the families).
     let v6 = with("fast_path = true\n")
         .replace("192.0.2.1:4800", "[2001:db8::1]:4800")
         .replace("192.0.2.2:4800", "[2001:db8::2]:4800");
-    assert_err(&v6, 11, "peer.gcp.path.cci-1.local", "IPv4");
+    let c = ok(&v6);
+    assert!(c.peers[0].fast_path);
+    assert!(c.peers[0].paths[0].local.is_ipv6());
+    assert!(c.peers[0].paths[1].local.is_ipv4());
+    let v6_balance = v6.replace(
+        "fast_path = true\n",
+        "fast_path = true\npolicy = \"balance\"\n",
+    );
+    assert!(ok(&v6_balance).peers[0].fast_path);
     let any = with("fast_path = true\n").replace("192.0.2.1:4800", "0.0.0.0:4800");
     assert_err(
         &any,
+        11,
+        "peer.gcp.path.cci-1.local",
+        "concrete local address",
+    );
+    let any6 = v6.replace("[2001:db8::1]:4800", "[::]:4800");
+    assert_err(
+        &any6,
         11,
         "peer.gcp.path.cci-1.local",
         "concrete local address",

@@ -406,7 +406,8 @@ pub(super) fn validate_fec(p: &RawPeer, at: &[Seg]) -> VResult<FecConfig> {
 }
 
 /// What the kernel fast path can carry: cleartext, `active-backup` or
-/// `balance`, IPv4 underlay from a concrete local address.
+/// `balance`, an IPv4 or IPv6 underlay (each path its own) from a concrete
+/// local address.
 pub(super) fn check_fast_path(
     keyed: bool,
     policy: Policy,
@@ -434,9 +435,10 @@ pub(super) fn check_fast_path(
         return invalid(at, &[k("fast_path")], why);
     }
     for (i, path) in paths.iter().enumerate() {
-        if !path.local.is_ipv4() || path.local.ip().is_unspecified() {
+        if path.local.ip().is_unspecified() {
             let msg = format!(
-                "fast_path needs an IPv4 underlay from a concrete local address, not {}",
+                "fast_path needs a concrete local address (the interface that holds it carries \
+                 the path), not {}",
                 path.local
             );
             return invalid(at, &[k("path"), Seg::Index(i), k("local")], msg);

@@ -1518,17 +1518,27 @@ impl Inherited {
 }
 
 impl InheritedPath {
-    /// The path to start, on its handed-over sockets.
+    /// The path to start, on its handed-over sockets (an older process's
+    /// IPv6 data sockets taught to accept a zero UDP checksum, as new ones
+    /// are).
     fn into_pending(self, peer: &str, p: &PathConfig) -> (Pending, UdpSocket) {
         let bfd_tx = UdpSocket::from(self.bfd_tx);
+        let sockets: Vec<Arc<UdpSocket>> = self
+            .data
+            .into_iter()
+            .map(|fd| Arc::new(UdpSocket::from(fd)))
+            .collect();
+        if p.local.is_ipv6() {
+            for s in &sockets {
+                if let Err(e) = sys::accept_zero_checksum_v6(s.as_ref()) {
+                    warn!(peer, path = %p.name, error = %e, "upgrade: the data socket keeps refusing a zero UDP checksum");
+                }
+            }
+        }
         let pending = Pending {
             peer: peer.to_string(),
             config: p.clone(),
-            sockets: self
-                .data
-                .into_iter()
-                .map(|fd| Arc::new(UdpSocket::from(fd)))
-                .collect(),
+            sockets,
             counters: Arc::default(),
             bfd_fd: bfd_tx.as_raw_fd(),
         };

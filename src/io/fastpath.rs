@@ -18,26 +18,42 @@
 //! lane would have sent. The far gateway cannot tell them apart from a
 //! lane's datagrams, and needs no fast path of its own.
 //!
-//! What it writes, per packet: outer IPv4 (DF, TTL 64, no options), UDP
-//! from the path's local to its remote port (checksum 0, as IPv4 allows:
-//! the inner packet keeps its own), and the 16-byte overlay header of a
+//! What it writes, per packet, by the path's underlay: outer IPv4 (DF, TTL
+//! 64, no options) or IPv6 (hop limit 64, no extension headers, the flow
+//! label from the flow's hash), UDP from the path's local to its remote
+//! port with checksum 0, and the 16-byte overlay header of a
 //! [`crate::core::wire::overlay::MsgType::Data`] message with the sequence
 //! number 0 (a cleartext receiver does not read it) and the lane bits taken
 //! from the flow's hash, so that the far gateway's lanes share the flows.
-//! It does not vouch for checksums
+//! A peer's paths may mix the two families: each path's configuration
+//! carries its own.
+//!
+//! **The zero UDP checksum.** `bpf_skb_adjust_room` cannot ask the
+//! kernel's segmentation to fill in the outer UDP checksum of each
+//! datagram it cuts from a super-packet, so the program writes none, and
+//! the inner packet keeps its own checksums. IPv4 allows that. IPv6 forbids
+//! it unless the receiver opts in (RFC 6935, 6936): every IPv6 data socket
+//! of crosslink does, with `UDP_NO_CHECK6_RX` ([`crate::io::udp`]), as
+//! Linux's VXLAN does with `udp6zerocsumrx`, so the far gateway takes these
+//! datagrams whether its own receiving program or its lanes get them. A far
+//! gateway of an older crosslink, or a middlebox that drops UDP/IPv6 with a
+//! zero checksum, loses them: such a path needs `fast_path = false`.
+//!
+//! The program does not vouch for checksums
 //! ([`crate::core::wire::overlay::FLAG_CHECKSUM_OK`]): a forwarded packet
 //! nobody checked may come through it. What it leaves to the lanes (the
 //! packet goes on into the TUN, as without a fast path): anything while the
 //! peer has no usable path, a packet that is neither IPv4 nor IPv6, and a
 //! super-packet so long that the overlay would push it past the 64 KiB an
-//! IPv4 length can say.
+//! IPv4 total length or an IPv6 payload length can say.
 //!
 //! **Receiving** (`xl_decap`, on the ingress of each path's interface): a
-//! single cleartext data datagram from one of the peer's paths goes into
-//! the TUN as if the TUN had received its inner packet, with its offload
-//! state. Everything else (a GSO datagram, a sealed or numbered message, an
-//! echo, an outer ECN field of ECT(1) or CE) goes on to the socket and the
-//! lanes.
+//! single cleartext data datagram from one of the peer's paths, over IPv4
+//! or IPv6, goes into the TUN as if the TUN had received its inner packet,
+//! with its offload state. Everything else (a GSO datagram, a sealed or
+//! numbered message, an echo, an outer ECN field of ECT(1) or CE, an IPv4
+//! fragment, an IPv6 packet with extension headers) goes on to the socket
+//! and the lanes.
 //!
 //! The BFD thread keeps the sending program's configuration (one map
 //! entry: the active path's headers and interface) in step with every
@@ -59,20 +75,26 @@ use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 
 /// The compiled programs (`bash bpf/build`; CI checks that the committed
 /// object is the source's).
 static OBJECT: &[u8] = aya::include_bytes_aligned!("../../bpf/fastpath.bpf.o");
 
-/// Bytes the fast path puts in front of an inner packet: IPv4, UDP, overlay.
-pub const OVERHEAD: usize = 20 + 8 + 16;
+/// Bytes the fast path puts in front of an inner packet over an IPv4
+/// underlay: IPv4, UDP, overlay.
+pub const OVERHEAD_V4: usize = 20 + 8 + 16;
+/// The same over an IPv6 underlay: IPv6, UDP, overlay.
+pub const OVERHEAD_V6: usize = 40 + 8 + 16;
 /// Paths of one peer the fast path keeps counters for.
 pub const MAX_PATHS: usize = crate::config::FAST_PATH_MAX_PATHS;
-/// The longest inner packet the program encapsulates: the outer IPv4
-/// length field must still hold the whole.
-pub const MAX_INNER: u32 = 65_535 - OVERHEAD as u32;
+/// The longest inner packet the program encapsulates over IPv4: the outer
+/// total length must still hold the whole.
+pub const MAX_INNER_V4: u32 = 65_535 - OVERHEAD_V4 as u32;
+/// The same over IPv6: the payload length (UDP's length too) must hold
+/// the UDP and overlay headers and the inner packet.
+pub const MAX_INNER_V6: u32 = 65_535 - 8 - 16;
 
 /// Layout of a configuration map value (`struct config`, whose C source
 /// asserts these offsets).
@@ -84,16 +106,21 @@ mod cfg {
     pub const IFINDEX: usize = 4;
     /// u32: the path's counter slot.
     pub const SLOT: usize = 8;
-    /// u32: ones'-complement sum of the outer IPv4 header with length 0.
+    /// u32: IPv4, the ones'-complement sum of the outer header with
+    /// length 0.
     pub const CSUM_BASE: usize = 12;
-    /// The outer headers, [`super::OVERHEAD`] bytes.
+    /// The outer headers, [`super::OVERHEAD_V4`] or [`super::OVERHEAD_V6`]
+    /// bytes of the [`TEMPLATE_LEN`] there.
     pub const TEMPLATE: usize = 16;
-    /// u8: the bits of the inner TOS byte the outer one keeps (0xff: the
-    /// DSCP is inherited; 0x03: the ECN field only).
-    pub const TOS_MASK: usize = 60;
+    pub const TEMPLATE_LEN: usize = super::OVERHEAD_V6;
+    /// u8: the bits of the inner TOS byte the outer one (IPv6: the traffic
+    /// class) keeps (0xff: the DSCP is inherited; 0x03: the ECN field only).
+    pub const TOS_MASK: usize = 80;
     /// u8: the bits the outer TOS byte gets besides (a fixed DSCP).
-    pub const TOS_SET: usize = 61;
-    pub const LEN: usize = 64;
+    pub const TOS_SET: usize = 81;
+    /// u8: the underlay's family, 4 or 6.
+    pub const FAMILY: usize = 82;
+    pub const LEN: usize = 88;
 }
 
 /// `config`'s mode: the path of the flow's bucket (`balance`).
@@ -102,17 +129,26 @@ const MODE_TABLE: u32 = 2;
 /// Buckets of the `balance` table (`BUCKETS` in the C source).
 pub const BUCKETS: usize = 256;
 
-/// Length of a receive map key: the datagram's IPv4 source and
-/// destination addresses and UDP ports, as they lie in the packet.
-pub const RX_KEY_LEN: usize = 12;
+/// Length of a receive map key: the datagram's source and destination
+/// addresses (IPv6, or IPv4-mapped IPv6) and UDP ports, as they lie in the
+/// packet.
+pub const RX_KEY_LEN: usize = 36;
+
+/// An address as the receive map holds it: IPv6, or IPv4 mapped into it.
+fn key_address(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
 
 /// The receive map key of datagrams from `remote` to `local`.
-pub fn rx_key(local: SocketAddrV4, remote: SocketAddrV4) -> [u8; RX_KEY_LEN] {
+pub fn rx_key(local: SocketAddr, remote: SocketAddr) -> [u8; RX_KEY_LEN] {
     let mut k = [0u8; RX_KEY_LEN];
-    k[0..4].copy_from_slice(&remote.ip().octets());
-    k[4..8].copy_from_slice(&local.ip().octets());
-    k[8..10].copy_from_slice(&remote.port().to_be_bytes());
-    k[10..12].copy_from_slice(&local.port().to_be_bytes());
+    k[0..16].copy_from_slice(&key_address(remote.ip()));
+    k[16..32].copy_from_slice(&key_address(local.ip()));
+    k[32..34].copy_from_slice(&remote.port().to_be_bytes());
+    k[34..36].copy_from_slice(&local.port().to_be_bytes());
     k
 }
 
@@ -129,12 +165,12 @@ pub enum Plan {
     },
 }
 
-/// A path the fast path sends on.
+/// A path the fast path sends on: both ends of one family ([`route`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
     pub path: PathId,
-    pub local: SocketAddrV4,
-    pub remote: SocketAddrV4,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
     /// The outer DSCP; `None`: the inner packet's.
     pub dscp: Option<u8>,
 }
@@ -156,29 +192,52 @@ pub fn config_value(route: &Route, ifindex: u32, slot: u32) -> [u8; cfg::LEN] {
     v[cfg::TOS_MASK] = mask;
     v[cfg::TOS_SET] = set;
     let t = cfg::TEMPLATE;
-    let h = &mut v[t..t + OVERHEAD];
-    h[0] = 0x45;
-    h[6] = 0x40; // DF
-    h[8] = 64; // TTL
-    h[9] = 17; // UDP
-    h[12..16].copy_from_slice(&route.local.ip().octets());
-    h[16..20].copy_from_slice(&route.remote.ip().octets());
-    h[20..22].copy_from_slice(&route.local.port().to_be_bytes());
-    h[22..24].copy_from_slice(&route.remote.port().to_be_bytes());
-    let o = &mut h[28..];
+    let h = &mut v[t..t + cfg::TEMPLATE_LEN];
+    // The IP header's length; UDP and the overlay follow. The program
+    // fills in the TOS or traffic class (and IPv6's flow label), the
+    // lengths and IPv4's header checksum; the UDP checksum stays 0.
+    let (ip, family) = match (route.local.ip(), route.remote.ip()) {
+        (IpAddr::V4(local), IpAddr::V4(remote)) => {
+            h[0] = 0x45;
+            h[6] = 0x40; // DF
+            h[8] = 64; // TTL
+            h[9] = 17; // UDP
+            h[12..16].copy_from_slice(&local.octets());
+            h[16..20].copy_from_slice(&remote.octets());
+            (20, 4)
+        }
+        (local, remote) => {
+            let v6 = |ip: IpAddr| match ip {
+                IpAddr::V6(a) => a.octets(),
+                IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            };
+            h[0] = 0x60;
+            h[6] = 17; // UDP
+            h[7] = 64; // hop limit
+            h[8..24].copy_from_slice(&v6(local));
+            h[24..40].copy_from_slice(&v6(remote));
+            (40, 6)
+        }
+    };
+    h[ip..ip + 2].copy_from_slice(&route.local.port().to_be_bytes());
+    h[ip + 2..ip + 4].copy_from_slice(&route.remote.port().to_be_bytes());
+    let o = &mut h[ip + 8..];
     o[0] = crate::core::wire::overlay::VERSION;
     o[1] = crate::core::wire::overlay::MsgType::Data as u8;
     o[2] = crate::core::wire::overlay::BASE_LEN as u8;
-    let base: u32 = h[..20]
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    v[cfg::CSUM_BASE..cfg::CSUM_BASE + 4].copy_from_slice(&base.to_ne_bytes());
+    if family == 4 {
+        let base: u32 = h[..20]
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum();
+        v[cfg::CSUM_BASE..cfg::CSUM_BASE + 4].copy_from_slice(&base.to_ne_bytes());
+    }
+    v[cfg::FAMILY] = family;
     v
 }
 
 /// The interface that holds `ip`, if any.
-fn interface_of(ip: std::net::Ipv4Addr) -> io::Result<Option<u32>> {
+fn interface_of(ip: IpAddr) -> io::Result<Option<u32>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list`, which is freed below.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
@@ -194,13 +253,21 @@ fn interface_of(ip: std::net::Ipv4Addr) -> io::Result<Option<u32>> {
             continue;
         }
         // SAFETY: a non-null address; its family says which struct it is.
-        let family = unsafe { (*ifa.ifa_addr).sa_family };
-        if i32::from(family) != libc::AF_INET {
-            continue;
-        }
-        // SAFETY: an AF_INET address is a sockaddr_in.
-        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-        if u32::from_be(sin.sin_addr.s_addr) == u32::from(ip) {
+        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+        let holds = match ip {
+            IpAddr::V4(ip) if family == libc::AF_INET => {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                u32::from_be(sin.sin_addr.s_addr) == u32::from(ip)
+            }
+            IpAddr::V6(ip) if family == libc::AF_INET6 => {
+                // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                sin6.sin6_addr.s6_addr == ip.octets()
+            }
+            _ => false,
+        };
+        if holds {
             // SAFETY: ifa_name is a NUL-terminated name while the list lives.
             let index = unsafe { libc::if_nametoindex(ifa.ifa_name) };
             if index != 0 {
@@ -462,7 +529,7 @@ impl FastPath {
     /// The configuration of `r`'s path, through the interface that holds
     /// its local address now.
     fn path_value(st: &mut State, r: &Route) -> io::Result<[u8; cfg::LEN]> {
-        let Some(ifindex) = interface_of(*r.local.ip())? else {
+        let Some(ifindex) = interface_of(r.local.ip())? else {
             // The local address is gone: the lanes' sends fail and tell
             // the BFD thread.
             return Err(io::Error::new(
@@ -518,7 +585,7 @@ impl FastPath {
         let mut keys = Vec::with_capacity(paths.len());
         let mut result = Ok(());
         for r in paths {
-            let Some(ifindex) = interface_of(*r.local.ip())? else {
+            let Some(ifindex) = interface_of(r.local.ip())? else {
                 continue;
             };
             if let std::collections::hash_map::Entry::Vacant(e) = st.ingress.entry(ifindex) {
@@ -576,26 +643,22 @@ impl FastPath {
 }
 
 /// The route for `local` -> `remote`, when the fast path can carry it
-/// (IPv4 on both ends, a concrete local address).
+/// (both ends IPv4 or both IPv6, concrete addresses).
 pub fn route(
     path: PathId,
     local: SocketAddr,
     remote: SocketAddr,
     dscp: Option<u8>,
 ) -> Option<Route> {
-    match (local, remote) {
-        (SocketAddr::V4(local), SocketAddr::V4(remote))
-            if !local.ip().is_unspecified() && !remote.ip().is_unspecified() =>
-        {
-            Some(Route {
-                path,
-                local,
-                remote,
-                dscp,
-            })
-        }
-        _ => None,
-    }
+    let carried = local.is_ipv4() == remote.is_ipv4()
+        && !local.ip().is_unspecified()
+        && !remote.ip().is_unspecified();
+    carried.then_some(Route {
+        path,
+        local,
+        remote,
+        dscp,
+    })
 }
 
 #[cfg(test)]
@@ -642,8 +705,9 @@ mod tests {
         assert_eq!(u32::from_ne_bytes(v[8..12].try_into().unwrap()), 2);
         // Finish the template as the program does, for a 1000-byte inner packet.
         let inner = 1000u32;
-        let mut h = v[16..16 + OVERHEAD].to_vec();
-        let total = inner + OVERHEAD as u32;
+        assert_eq!(v[cfg::FAMILY], 4);
+        let mut h = v[16..16 + OVERHEAD_V4].to_vec();
+        let total = inner + OVERHEAD_V4 as u32;
         h[2..4].copy_from_slice(&(total as u16).to_be_bytes());
         let mut s = u32::from_ne_bytes(v[12..16].try_into().unwrap()) + total;
         s = (s & 0xffff) + (s >> 16);
@@ -669,6 +733,95 @@ mod tests {
         assert_eq!(hdr.msg_type, crate::core::wire::overlay::MsgType::Data);
         assert_eq!(rest, &packet[..]);
         assert!(!hdr.checksum_ok());
+    }
+
+    /// The IPv6 template, finished as the program does: the headers a lane
+    /// sends over an IPv6 underlay, but for the UDP checksum (0) and the
+    /// flow label (the flow's hash).
+    #[test]
+    fn the_outer_ipv6_headers_are_what_a_lane_sends() {
+        let r = Route {
+            path: PathId(0),
+            local: "[2001:2:0:21::1]:4800".parse().unwrap(),
+            remote: "[2001:2:0:21::2]:4801".parse().unwrap(),
+            dscp: Some(10),
+        };
+        let v = config_value(&r, 7, 2);
+        assert_eq!(v[cfg::FAMILY], 6);
+        assert_eq!(u32::from_ne_bytes(v[4..8].try_into().unwrap()), 7);
+        assert_eq!(u32::from_ne_bytes(v[8..12].try_into().unwrap()), 2);
+        let inner = 1000u32;
+        let (tos, label, lane) = (0x2a_u8, 0xabcde_u32, 5u8);
+        let mut h = v[16..16 + OVERHEAD_V6].to_vec();
+        let payload = (inner + 24) as u16;
+        h[0] = 0x60 | tos >> 4;
+        h[1] = (tos << 4) | (label >> 16) as u8;
+        h[2] = (label >> 8) as u8;
+        h[3] = label as u8;
+        h[4..6].copy_from_slice(&payload.to_be_bytes());
+        h[44..46].copy_from_slice(&payload.to_be_bytes());
+        h[48 + 3] |= lane << 4;
+        let (ip, rest) = etherparse::Ipv6Header::from_slice(&h).expect("IPv6");
+        assert_eq!(ip.traffic_class, tos);
+        assert_eq!(ip.flow_label.value(), label);
+        assert_eq!(ip.payload_length, payload);
+        assert_eq!(ip.next_header, etherparse::IpNumber::UDP);
+        assert_eq!(ip.hop_limit, 64);
+        assert_eq!(
+            std::net::Ipv6Addr::from(ip.source),
+            "2001:2:0:21::1".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            std::net::Ipv6Addr::from(ip.destination),
+            "2001:2:0:21::2".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        let udp = etherparse::UdpHeaderSlice::from_slice(rest).expect("UDP");
+        assert_eq!((udp.source_port(), udp.destination_port()), (4800, 4801));
+        assert_eq!(udp.length(), payload);
+        assert_eq!(udp.checksum(), 0);
+        let mut dgram = rest[8..].to_vec();
+        assert_eq!(dgram.len(), 16);
+        let inner = etherparse::PacketBuilder::ipv6(
+            [0x20, 1, 0, 2, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 1],
+            [0x20, 1, 0, 2, 0, 0, 0, 0x30, 0, 0, 0, 0, 0, 0, 0, 2],
+            64,
+        )
+        .udp(1, 2);
+        let mut packet = Vec::new();
+        inner.write(&mut packet, &[7; 10]).expect("inner packet");
+        dgram.extend_from_slice(&packet);
+        let (hdr, rest) = crate::core::forward::decapsulate(&dgram).expect("overlay");
+        assert_eq!(hdr.msg_type, crate::core::wire::overlay::MsgType::Data);
+        assert_eq!(hdr.lane(), usize::from(lane));
+        assert_eq!(rest, &packet[..]);
+        assert!(!hdr.checksum_ok());
+    }
+
+    /// The receive map's key: what the program reads from the packet, an
+    /// IPv4 address mapped into IPv6.
+    #[test]
+    fn receive_keys_hold_either_family() {
+        let k = rx_key(
+            "198.18.21.2:4800".parse().unwrap(),
+            "198.18.21.1:4801".parse().unwrap(),
+        );
+        assert_eq!(
+            k[..16],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 21, 1]
+        );
+        assert_eq!(
+            k[16..32],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 21, 2]
+        );
+        assert_eq!(k[32..], [0x12, 0xc1, 0x12, 0xc0]);
+        let k = rx_key(
+            "[2001:2:0:21::2]:4800".parse().unwrap(),
+            "[2001:2:0:21::1]:4801".parse().unwrap(),
+        );
+        let ip = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        assert_eq!(k[..16], ip("2001:2:0:21::1"));
+        assert_eq!(k[16..32], ip("2001:2:0:21::2"));
+        assert_eq!(k[32..], [0x12, 0xc1, 0x12, 0xc0]);
     }
 
     /// The TOS byte the program writes, `(inner & mask) | set`: the inner
@@ -727,7 +880,7 @@ mod tests {
     }
 
     #[test]
-    fn only_ipv4_paths_with_a_local_address_take_the_fast_path() {
+    fn only_paths_with_concrete_addresses_take_the_fast_path() {
         let id = PathId(1);
         assert!(route(
             id,
@@ -746,6 +899,20 @@ mod tests {
         assert!(route(
             id,
             "[2001:db8::1]:1".parse().unwrap(),
+            "[2001:db8::2]:1".parse().unwrap(),
+            None
+        )
+        .is_some());
+        assert!(route(
+            id,
+            "[::]:1".parse().unwrap(),
+            "[2001:db8::2]:1".parse().unwrap(),
+            None
+        )
+        .is_none());
+        assert!(route(
+            id,
+            "198.18.1.1:1".parse().unwrap(),
             "[2001:db8::2]:1".parse().unwrap(),
             None
         )

@@ -76,6 +76,20 @@ pub fn enable_recv_ttl(sock: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
     }
 }
 
+/// Has an IPv6 UDP socket accept datagrams whose UDP checksum is 0
+/// (`UDP_NO_CHECK6_RX`, RFC 6935 and 6936, what Linux's VXLAN calls
+/// `udp6zerocsumrx`): the kernel fast path sends no UDP checksum
+/// ([`crate::io::fastpath`]), and without this the kernel drops such a
+/// datagram before the socket sees it.
+pub fn accept_zero_checksum_v6(sock: &impl AsRawFd) -> io::Result<()> {
+    setsockopt_int(
+        sock.as_raw_fd(),
+        libc::IPPROTO_UDP,
+        libc::UDP_NO_CHECK6_RX,
+        1,
+    )
+}
+
 /// Sets the TOS (IPv4) or traffic class (IPv6) byte of what `sock` sends
 /// without a per-message one.
 pub fn set_tos(sock: &impl AsRawFd, ipv6: bool, tos: u8) -> io::Result<()> {

@@ -79,7 +79,10 @@ pub fn data_sockets(
         .collect())
 }
 
-/// A data socket bound to `local`, with `SO_REUSEPORT` set first if `reuse_port`.
+/// A data socket bound to `local`, with `SO_REUSEPORT` set first if
+/// `reuse_port`. Over IPv6 it accepts datagrams without a UDP checksum
+/// ([`sys::accept_zero_checksum_v6`]), which a far gateway's kernel fast
+/// path sends.
 fn bind_data_socket(
     local: SocketAddr,
     interface: Option<&str>,
@@ -91,6 +94,10 @@ fn bind_data_socket(
     let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
     if reuse_port {
         sock.set_reuse_port(true)?;
+    }
+    if local.is_ipv6() {
+        sys::accept_zero_checksum_v6(&sock)
+            .map_err(|e| with_context(e, "accepting a zero UDP checksum on data socket", &local))?;
     }
     sock.bind(&local.into())
         .map_err(|e| with_context(e, "binding data socket", &local))?;
