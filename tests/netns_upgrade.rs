@@ -693,6 +693,77 @@ fn fast_path_upgrade_loses_nothing() {
     lab.check_gateways().expect("a gateway exited");
 }
 
+/// An upgrade while path1 is browned out (10 % loss, demoted for its
+/// quality, the stream on path2): the new process keeps path1 demoted and
+/// the stream where it was, instead of trying the sick path again until
+/// its own measurements condemn it; path1 takes the stream back only once
+/// the loss has ended and the hold has passed.
+#[test]
+fn an_upgrade_keeps_a_sick_path_demoted() {
+    if !lab::test_gate("an_upgrade_keeps_a_sick_path_demoted", &[]) {
+        return;
+    }
+    let _serial = serial();
+    let mut opts = LabOptions::new("upq", BIN);
+    opts.sla = vec!["hold = \"3s\"".into()];
+    opts.multiplier = 5;
+    let mut lab = Lab::new(opts).expect("lab");
+    lab.start_gateways().expect("gateways");
+    lab.wait_paths_up(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
+    // path2 is eligible once up for revert_hold.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut adopted = Adopted::default();
+    let (rx, tx) = start_stream(&lab);
+    lab.random_loss(LabPath::Path1, 10).expect("loss");
+    let degraded = |s: &Value| {
+        lab::path_status(s, LabPath::Path1)
+            .and_then(|p| p.get("quality"))
+            .and_then(|q| q.get("degraded"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    };
+    lab.wait_for("path1 demoted", Duration::from_secs(5), |gw, s| {
+        gw == Gw::B || (degraded(s) && lab::path_active(s, LabPath::Path2))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
+    let old = lab.gateway_pid(Gw::A).expect("pid");
+    let (_, ms) = upgrade_ok(&mut lab, &mut adopted, Gw::A, old);
+    // Watch gw-a's choice for the next second, every 10 ms.
+    let started = Instant::now();
+    let mut on_path1 = 0;
+    let mut polls = 0;
+    let mut still_degraded = true;
+    while started.elapsed() < Duration::from_secs(1) {
+        if let Ok(s) = lab.poll(Gw::A) {
+            polls += 1;
+            if lab::path_active(&s, LabPath::Path1) {
+                on_path1 += 1;
+            }
+            still_degraded &= degraded(&s);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!(
+        "REPORT upgrade during a brownout: handover_ms={ms:.3} path1 active in {on_path1} of {polls} polls in the second after, still degraded={still_degraded}"
+    );
+    assert_eq!(
+        on_path1,
+        0,
+        "the new process tried the sick path again\n{}",
+        lab.log_tail(Gw::A, 30)
+    );
+    assert!(still_degraded, "{}", lab.log_tail(Gw::A, 30));
+    // The loss ends: path1 takes the stream back after the hold.
+    lab.heal(LabPath::Path1).expect("heal");
+    lab.wait_for("path1 back", Duration::from_secs(15), |gw, s| {
+        gw == Gw::B || (!degraded(s) && lab::path_active(s, LabPath::Path1))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
+    let _ = tx.stop();
+    let _ = rx.finish(Duration::from_secs(5));
+}
+
 /// A TCP stream (iperf3, 100 ms intervals) through an upgrade of each
 /// gateway: the stream goes on, and the dip is reported (`REPORT upgrade
 /// tcp`: the intervals under half the median rate, in milliseconds).

@@ -46,8 +46,8 @@ use crate::core::bfd::{Auth, Deadlines, KeyError, Session, SessionConfig, Sessio
 use crate::core::drop::DropReason;
 use crate::core::fec::{auto_code, Code};
 use crate::core::handshake::{Handshake, HandshakeExport};
-use crate::core::quality::{Quality, Reason, Sample, Transition};
-use crate::core::steer::{Damping, Selection, Steering};
+use crate::core::quality::{Quality, Reason, Sample, Transition, VerdictExport};
+use crate::core::steer::{Damping, Selection, SlotExport, Steering};
 use crate::core::wire::bfd::{AuthType, ControlPacket, Diag, EmitError, State};
 use crate::core::wire::flow::mix;
 use crate::{PathId, PeerId};
@@ -220,6 +220,12 @@ pub struct PathExport {
     pub control_rx: u64,
     pub failures: u64,
     pub remote_admin_downs: u64,
+    /// Where the path stood in its peer's steering, and its quality
+    /// verdict (absent from a process before they were handed over).
+    #[serde(default)]
+    pub steering: Option<SlotExport>,
+    #[serde(default)]
+    pub quality: Option<VerdictExport>,
 }
 
 /// Per-path control state.
@@ -569,11 +575,13 @@ impl Engine {
 
     /// Every live path's session and counters, for the process that takes
     /// over (an upgrade; see [`PathExport`]).
-    pub fn export_sessions(&self) -> Vec<PathExport> {
+    pub fn export_sessions(&self, now: Instant) -> Vec<PathExport> {
         self.paths
             .iter()
-            .filter(|p| !p.retired)
-            .filter_map(|p| {
+            .enumerate()
+            .filter(|(_, p)| !p.retired)
+            .filter_map(|(i, p)| {
+                let id = PathId(i as u16);
                 let peer = self.peers.get(usize::from(p.peer.0))?;
                 Some(PathExport {
                     peer: peer.name.clone(),
@@ -583,6 +591,8 @@ impl Engine {
                     control_rx: p.control_rx,
                     failures: p.failures,
                     remote_admin_downs: p.remote_admin_downs,
+                    steering: peer.steering.export_path(id, now),
+                    quality: Some(p.quality.export_verdict(now)),
                 })
             })
             .collect()
@@ -628,6 +638,42 @@ impl Engine {
         self.reschedule(id);
         self.settle();
         Ok(())
+    }
+
+    /// After every [`Engine::restore_session`] of a handover: each path's
+    /// quality verdict and place in its peer's steering, as the old process
+    /// had them, so that flows stay where they were (a path in its revert
+    /// hold or demoted for its quality does not take traffic back because
+    /// the process changed). Quiet: what moves here moved in no network.
+    pub fn restore_steering(&mut self, from: &[(PathId, PathExport)], now: Instant) {
+        let mut peers = Vec::new();
+        for (id, e) in from {
+            let Some(path) = self.paths.get_mut(usize::from(id.0)).filter(|p| !p.retired) else {
+                continue;
+            };
+            if let Some(q) = &e.quality {
+                path.quality.import_verdict(q, now);
+            }
+            let peer = path.peer;
+            if let (Some(slot), Some(core)) = (&e.steering, self.peers.get_mut(usize::from(peer.0)))
+            {
+                core.steering.import_path(*id, slot, now);
+                if !peers.contains(&peer) {
+                    peers.push(peer);
+                }
+            }
+        }
+        for peer in peers {
+            if let Some(core) = self.peers.get_mut(usize::from(peer.0)) {
+                let _ = core.steering.settle();
+                let _ = core.steering.take_changed();
+                self.dirty = true;
+            }
+        }
+        for (id, _) in from {
+            self.reschedule(*id);
+        }
+        self.settle();
     }
 
     fn unique_discriminator(&self, seed: u64) -> u32 {
@@ -1587,6 +1633,56 @@ mod tests {
                 .filter_map(|p| p.steering.poll_timeout());
             sessions.chain(steering).chain(quality).min()
         }
+    }
+
+    /// An upgrade while a recovered path waits out its revert hold: the
+    /// new process (a fresh engine given the old one's sessions) keeps the
+    /// flows on the backup path and reverts when the old one would have,
+    /// not at once; without the steering handed over it would revert at
+    /// once.
+    #[test]
+    fn an_upgrade_keeps_flows_where_they_were() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut a = Engine::new(&config(1, &[1, 2]), t0, 1);
+        let mut b = Engine::new(&config(2, &[1, 2]), t0, 2);
+        run(&mut a, &mut b, t0, 0, 3000);
+        assert!(a.is_active(id(&a, "p1")));
+        a.handle_link_event(id(&a, "p1"), false, at(3000));
+        run(&mut a, &mut b, t0, 3000, 3100);
+        a.handle_link_event(id(&a, "p1"), true, at(3100));
+        run(&mut a, &mut b, t0, 3100, 3300);
+        assert!(a.is_active(id(&a, "p2")), "p1 waits out its hold");
+        let exported = a.export_sessions(at(3300));
+        let take_over = |steering: bool| {
+            let mut n = Engine::new(&config(1, &[1, 2]), at(3300), 3);
+            let mut restored = Vec::new();
+            for e in &exported {
+                let pid = id(&n, &e.path);
+                n.restore_session(pid, e, at(3300)).expect("restore");
+                restored.push((pid, e.clone()));
+            }
+            if steering {
+                n.restore_steering(&restored, at(3300));
+            }
+            n
+        };
+        let bare = take_over(false);
+        assert!(bare.is_active(id(&bare, "p1")), "the control: p1 at once");
+        let mut n = take_over(true);
+        assert!(n.is_active(id(&n, "p2")));
+        assert!(!n.is_active(id(&n, "p1")));
+        assert_eq!(
+            n.damping(id(&n, "p1")).map(|d| d.flaps),
+            a.damping(id(&a, "p1")).map(|d| d.flaps)
+        );
+        run(&mut n, &mut b, t0, 3300, 4050);
+        assert!(n.is_active(id(&n, "p2")), "still in its hold at 4.05 s");
+        run(&mut n, &mut b, t0, 4050, 4200);
+        assert!(
+            n.is_active(id(&n, "p1")),
+            "reverted once the hold ended at 4.1 s"
+        );
     }
 
     /// The scheduled deadlines are exactly what a scan of every timer

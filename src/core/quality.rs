@@ -134,6 +134,25 @@ impl Reason {
             Reason::Mtu => "mtu",
         }
     }
+
+    /// The reason [`Reason::as_str`] names.
+    pub fn parse(name: &str) -> Option<Reason> {
+        [Reason::Loss, Reason::Rtt, Reason::Jitter, Reason::Mtu]
+            .into_iter()
+            .find(|r| r.as_str() == name)
+    }
+}
+
+/// A path's quality verdict handed to a new process
+/// ([`Quality::export_verdict`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VerdictExport {
+    /// The reason it is degraded for, if it is.
+    pub degraded: Option<String>,
+    /// How long it has been good since, while degraded.
+    pub good_for_ns: Option<u64>,
+    pub level: u32,
+    pub recovered_ago_ns: Option<u64>,
 }
 
 /// A probe to send now.
@@ -896,6 +915,43 @@ impl Quality {
             .is_none_or(|max| self.jitter_tx <= max.as_secs_f64() * 0.9);
         let mtu_ok = reason != Reason::Mtu || (self.large_lost_run == 0 && self.large_seen);
         loss_ok && rtt_ok && jitter_ok && mtu_ok
+    }
+
+    /// The verdict and its hold, for a new process (an upgrade): the
+    /// estimates start afresh there, the verdict does not.
+    pub fn export_verdict(&self, now: Instant) -> VerdictExport {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let (degraded, good_for_ns) = match self.state {
+            State::Good => (None, None),
+            State::Degraded { reason, good_since } => (
+                Some(reason.as_str().to_string()),
+                good_since.map(|t| ns(now.saturating_duration_since(t))),
+            ),
+        };
+        VerdictExport {
+            degraded,
+            good_for_ns,
+            level: self.level,
+            recovered_ago_ns: self
+                .recovered_at
+                .map(|t| ns(now.saturating_duration_since(t))),
+        }
+    }
+
+    /// Takes over the old process's verdict: a degraded path stays
+    /// degraded until it has been good for its hold (counted on from where
+    /// the old process was), as if the process had not changed.
+    pub fn import_verdict(&mut self, e: &VerdictExport, now: Instant) {
+        let ago = |ns: u64| now.checked_sub(Duration::from_nanos(ns));
+        self.level = e.level.min(MAX_LEVEL + 1);
+        self.recovered_at = e.recovered_ago_ns.and_then(ago);
+        self.state = match e.degraded.as_deref().and_then(Reason::parse) {
+            None => State::Good,
+            Some(reason) => State::Degraded {
+                reason,
+                good_since: e.good_for_ns.and_then(ago),
+            },
+        };
     }
 
     /// The hold a degraded path waits out now.

@@ -97,6 +97,19 @@ struct Slot {
     loss: f64,
 }
 
+/// A path's steering state handed to a new process
+/// ([`Steering::export_path`]): instants as durations from the handover.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SlotExport {
+    pub eligible: bool,
+    pub eligible_in_ns: Option<u64>,
+    pub healthy_for_ns: Option<u64>,
+    pub level: u32,
+    pub flaps: u64,
+    pub degraded: bool,
+    pub applied: bool,
+}
+
 /// How long a quality move counts against the cap.
 pub const MOVE_WINDOW: Duration = Duration::from_secs(60);
 
@@ -374,6 +387,59 @@ impl Steering {
             level: s.level,
             until: s.eligible_at.filter(|_| damped),
         })
+    }
+
+    /// What a new process needs to place flows as this one does (an
+    /// upgrade): the path's eligibility and the hold it waits out, its
+    /// damping, and the quality verdict as reported and as applied.
+    pub fn export_path(&self, id: PathId, now: Instant) -> Option<SlotExport> {
+        let s = self.slots.iter().find(|s| s.id == id)?;
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        Some(SlotExport {
+            eligible: s.eligible,
+            eligible_in_ns: s.eligible_at.map(|t| ns(t.saturating_duration_since(now))),
+            healthy_for_ns: s
+                .healthy_since
+                .map(|t| ns(now.saturating_duration_since(t))),
+            level: s.level,
+            flaps: s.flaps,
+            degraded: s.degraded,
+            applied: s.applied,
+        })
+    }
+
+    /// Takes over a path's state from the old process, where this process
+    /// sees the path healthy too (a session that did not survive the
+    /// handover starts over as it is). Call [`Steering::settle`] once every
+    /// path is taken over.
+    pub fn import_path(&mut self, id: PathId, e: &SlotExport, now: Instant) {
+        let Some(s) = self.slots.iter_mut().find(|s| s.id == id) else {
+            return;
+        };
+        s.level = e.level;
+        s.flaps = s.flaps.max(e.flaps);
+        s.degraded = e.degraded;
+        s.applied = e.applied;
+        if !s.healthy {
+            return;
+        }
+        s.eligible = e.eligible;
+        s.eligible_at = match (e.eligible, e.eligible_in_ns) {
+            (false, Some(ns)) => Some(now + Duration::from_nanos(ns)),
+            (false, None) => Some(now),
+            (true, _) => None,
+        };
+        s.healthy_since = e
+            .healthy_for_ns
+            .and_then(|ns| now.checked_sub(Duration::from_nanos(ns)))
+            .or(s.healthy_since);
+    }
+
+    /// After [`Steering::import_path`]: the ranking from the imported state
+    /// (a peer left without an eligible path takes its best healthy one).
+    pub fn settle(&mut self) -> Option<Change> {
+        self.promote_if_alone();
+        self.recompute()
     }
 
     /// Promotes paths whose hold has expired, and applies a quality

@@ -973,7 +973,7 @@ impl BfdThread {
                     // it): what they move meanwhile is not counted.
                     self.collect_fast_paths();
                     let _ = reply.send(Frozen {
-                        sessions: self.engine.export_sessions(),
+                        sessions: self.engine.export_sessions(clock::now()),
                         handshakes: self.engine.export_handshakes(clock::now()),
                     });
                 }
@@ -981,7 +981,8 @@ impl BfdThread {
                 Command::Restore(state, reply) => {
                     let now = clock::now();
                     let mut problems = Vec::new();
-                    for s in &state.sessions {
+                    let mut restored = Vec::new();
+                    for s in state.sessions {
                         let id = self
                             .engine
                             .peer_by_name(&s.peer)
@@ -990,10 +991,12 @@ impl BfdThread {
                         let Some(id) = id else {
                             continue;
                         };
-                        if let Err(e) = self.engine.restore_session(id, s, now) {
-                            problems.push(e.to_string());
+                        match self.engine.restore_session(id, &s, now) {
+                            Ok(()) => restored.push((id, s)),
+                            Err(e) => problems.push(e.to_string()),
                         }
                     }
+                    self.engine.restore_steering(&restored, now);
                     for (name, hs) in &state.handshakes {
                         let taken = self
                             .engine

@@ -390,6 +390,8 @@ pub fn descriptors(inh: &Inheritance) -> Vec<RawFd> {
 mod tests {
     use super::*;
     use crate::core::bfd::Snapshot;
+    use crate::core::quality::VerdictExport;
+    use crate::core::steer::SlotExport;
 
     fn takeover() -> Takeover {
         Takeover {
@@ -420,6 +422,17 @@ mod tests {
                 control_rx: 999,
                 failures: 1,
                 remote_admin_downs: 0,
+                steering: Some(SlotExport {
+                    eligible: false,
+                    eligible_in_ns: Some(1_500_000_000),
+                    level: 2,
+                    ..SlotExport::default()
+                }),
+                quality: Some(VerdictExport {
+                    degraded: Some("loss".into()),
+                    level: 1,
+                    ..VerdictExport::default()
+                }),
             }],
             paths: vec![PathData {
                 peer: "site-b".into(),
@@ -507,12 +520,19 @@ mod tests {
                 p.as_object_mut().unwrap().remove(k);
             }
         }
+        for p in v["sessions"].as_array_mut().unwrap() {
+            for k in ["steering", "quality"] {
+                p.as_object_mut().unwrap().remove(k);
+            }
+        }
         let old = serde_json::to_vec(&v).unwrap();
         let back: Takeover = decode(&old).unwrap();
         assert_eq!(back.paths[0].window, None);
         assert_eq!(back.paths[0].probe_seq, 0);
         assert_eq!(back.paths[0].sequence, t.paths[0].sequence);
-        assert_eq!(back.sessions, t.sessions);
+        assert_eq!(back.sessions[0].session, t.sessions[0].session);
+        assert_eq!(back.sessions[0].steering, None);
+        assert_eq!(back.sessions[0].quality, None);
     }
 
     #[test]

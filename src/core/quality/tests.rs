@@ -606,3 +606,43 @@ fn the_wilson_bound_separates_noise_from_loss() {
     assert_eq!(wilson_lower(0, 100), 0.0);
     assert!(wilson_lower(100, 100) > 0.9);
 }
+
+/// Across an upgrade the estimates start afresh but the verdict does not:
+/// a path degraded for loss stays degraded in the new process (its
+/// hold counted on from where the old one was), and recovers there once
+/// it has been good for its hold.
+#[test]
+fn the_verdict_goes_over_to_a_new_process() {
+    let mut sim = Sim::new(3, sla(), 2000);
+    sim.run_ms(3000);
+    sim.fwd.loss = 0.05;
+    sim.run_ms(1000);
+    assert!(sim.degraded_after(3000).is_some());
+    let now = sim.now();
+    let e = sim.q.export_verdict(now);
+    assert_eq!(e.degraded.as_deref(), Some("loss"));
+    let json = serde_json::to_string(&e).unwrap();
+    let back: VerdictExport = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, e);
+    // The new process's quality, with no sample yet: still degraded.
+    let mut fresh = Quality::new(sla(), true);
+    fresh.import_verdict(&back, now);
+    assert_eq!(fresh.degraded(), Some(Reason::Loss));
+    assert_eq!(fresh.export_verdict(now), e);
+    assert_eq!(fresh.evaluate(now + Duration::from_millis(500)), None);
+    // Carried on in the simulation: the loss ends, and the path recovers
+    // after its hold, once.
+    sim.q = fresh;
+    sim.transitions.clear();
+    sim.fwd.loss = 0.0;
+    sim.run_ms(1000);
+    assert_eq!(sim.q.degraded(), Some(Reason::Loss), "within its hold");
+    sim.run_ms(15_000);
+    assert_eq!(sim.q.degraded(), None, "{:?}", sim.transitions);
+    assert_eq!(sim.count(false), 1);
+    // A good path goes over as good.
+    let good = Quality::new(sla(), true).export_verdict(now);
+    let mut q = Quality::new(sla(), true);
+    q.import_verdict(&good, now);
+    assert_eq!(q.degraded(), None);
+}
