@@ -973,10 +973,44 @@ fn crash_restart_keeps_the_tun_from_the_fd_store() {
         .iter()
         .map(|(n, _)| n.clone())
         .collect();
+    // The TUN's queues, each path's data sockets (one per lane) and BFD
+    // socket, and the BFD receive sockets.
+    for kind in [
+        "tun/xl-b/",
+        "data/b/path1/",
+        "data/b/path2/",
+        "bfd/b/path1",
+        "bfd/b/path2",
+        "rx/",
+    ] {
+        assert!(
+            stored.iter().any(|n| n.starts_with(kind)),
+            "the daemon stored {stored:?}, nothing {kind}"
+        );
+    }
     assert!(
-        !stored.is_empty() && stored.iter().all(|n| n.starts_with("tun/xl-b/")),
+        stored.iter().all(|n| ["tun/", "data/", "bfd/", "rx/"]
+            .iter()
+            .any(|k| n.starts_with(k))),
         "the daemon stored {stored:?}"
     );
+    // The stored sockets, by inode: the restarted daemon must hold these.
+    let socket_inodes: Vec<u64> = {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        store
+            .fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(n, _)| !n.starts_with("tun/"))
+            .filter_map(|(_, fd)| {
+                std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                    .ok()
+                    .map(|m| m.ino())
+            })
+            .collect()
+    };
     let routes = routes_via(&lab, "xl-b");
     assert!(!routes.trim().is_empty(), "no route via the TUN");
 
@@ -1065,6 +1099,38 @@ fn crash_restart_keeps_the_tun_from_the_fd_store() {
         Duration::from_secs(2),
     );
     let tuns_running = tuns(&lab, Host::GwA);
+    // The sockets the restarted daemon holds: those it stored before.
+    let held: Vec<u64> = std::fs::read_dir(format!("/proc/{}/fd", restarted.id()))
+        .map(|d| {
+            use std::os::unix::fs::MetadataExt;
+            d.filter_map(|e| std::fs::metadata(e.ok()?.path()).ok().map(|m| m.ino()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let kept = socket_inodes.iter().filter(|i| held.contains(i)).count();
+    // What the store holds now: each name once (the restarted daemon took
+    // out what it was given before it stored what it uses).
+    // (the store reads the notifications on a thread of its own: wait for
+    // the daemon's first store to have landed)
+    let read_store = || -> (Vec<String>, Vec<String>) {
+        let all: Vec<String> = store
+            .fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut unique = all.clone();
+        unique.sort();
+        unique.dedup();
+        (all, unique)
+    };
+    let end = Instant::now() + Duration::from_secs(3);
+    let (mut now_stored, mut unique) = read_store();
+    while unique.len() < stored.len() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+        (now_stored, unique) = read_store();
+    }
     // A clean stop takes the TUN out of the store: it goes.
     lab::signal_pid(restarted.id(), "TERM");
     let _ = restarted.wait();
@@ -1081,8 +1147,9 @@ fn crash_restart_keeps_the_tun_from_the_fd_store() {
         .and_then(Value::as_f64)
         .unwrap_or(-1.0);
     println!(
-        "REPORT crash restart (SIGKILL, restarted 300 ms later with the stored TUN): routes kept={} path1 up {:.0} ms after the restart; stream outage_ms={outage:.0} lost={}",
+        "REPORT crash restart (SIGKILL, restarted 300 ms later with the stored TUN and sockets): routes kept={} sockets kept={kept} of {} path1 up {:.0} ms after the restart; stream outage_ms={outage:.0} lost={}",
         during == routes,
+        socket_inodes.len(),
         up_after.as_secs_f64() * 1e3,
         report.get("lost").and_then(Value::as_u64).unwrap_or(0)
     );
@@ -1096,6 +1163,19 @@ fn crash_restart_keeps_the_tun_from_the_fd_store() {
         "the TUN was not taken from the store"
     );
     assert_eq!(after, routes, "the TUN's routes changed across the restart");
+    assert_eq!(unique.len(), now_stored.len(), "{now_stored:?}");
+    assert_eq!(
+        unique.len(),
+        stored.len(),
+        "{now_stored:?} after {stored:?}\n{}",
+        lab.log_tail(Gw::A, 60)
+    );
+    assert_eq!(
+        kept,
+        socket_inodes.len(),
+        "the restarted daemon opened new sockets\n{}",
+        lab.log_tail(Gw::A, 30)
+    );
     assert_eq!(tuns_running, 1);
     assert_eq!(left, 0, "a clean stop left descriptors in the store");
     assert_eq!(tuns(&lab, Host::GwA), 0, "the TUN outlived a clean stop");

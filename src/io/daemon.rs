@@ -280,9 +280,9 @@ struct Gateway {
     adopted: Vec<(String, String)>,
     /// Lanes stay parked after [`Gateway::apply`] (a process taking over).
     hold_lanes: bool,
-    /// The TUN queues in systemd's descriptor store: name, descriptor,
-    /// device index (see [`Gateway::store_tuns`]).
-    stored: Vec<(String, RawFd, u32)>,
+    /// What is in systemd's descriptor store: name, descriptor, identity
+    /// (see [`Gateway::store_tuns`]).
+    stored: Vec<(String, RawFd, u64)>,
     /// The carrier and address watch, told about every path change.
     links: Option<LinkWatch>,
 }
@@ -407,7 +407,16 @@ async fn run_async(
         peers: Vec::new(),
         rx_ips: Vec::new(),
         hold_lanes: incoming.is_some(),
-        stored: Vec::new(),
+        // What systemd holds for us: taken out at the first store (see
+        // `Inherited::store_names`).
+        stored: match (&incoming, &inherited) {
+            (Some(i), _) => i.inheritance.stored.clone(),
+            (None, Some(i)) => i.store_names.clone(),
+            (None, None) => Vec::new(),
+        }
+        .into_iter()
+        .map(|n| (n, -1, 0))
+        .collect(),
         inherited,
         adopted: Vec::new(),
         links: match linkwatch::spawn(commands.clone()).await {
@@ -776,6 +785,7 @@ impl Gateway {
                     .and_then(|i| i.take_path(&w.name, path));
                 let opened = match handed {
                     Some(h) => {
+                        info!(peer = %w.name, path = %path.name, sockets = h.data.len(), "path sockets taken over");
                         self.adopted.push((w.name.clone(), path.name.clone()));
                         Ok(h.into_pending(&w.name, path))
                     }
@@ -1337,6 +1347,10 @@ struct Inherited {
     peers: Vec<InheritedPeer>,
     paths: Vec<(String, InheritedPath)>,
     rx: Vec<(IpAddr, OwnedFd)>,
+    /// The names systemd passed descriptors under (a restart from its
+    /// store): the first store of this process takes them all out before it
+    /// puts in what it uses, so that no stale socket stays bound there.
+    store_names: Vec<String>,
 }
 
 struct InheritedPeer {
@@ -1401,10 +1415,12 @@ impl Inherited {
         Ok(out)
     }
 
-    /// The TUN queues systemd kept in the service's descriptor store
-    /// (`FDSTORE=1`, see [`Gateway::store_tuns`]) and passed back at this
-    /// start (`LISTEN_FDS`, `LISTEN_FDNAMES`), for the peers of `config`
-    /// whose TUN they are. Descriptors of no configured TUN are closed.
+    /// The TUN queues and sockets systemd kept in the service's descriptor
+    /// store (`FDSTORE=1`, see [`Gateway::store_tuns`]) and passed back at
+    /// this start (`LISTEN_FDS`, `LISTEN_FDNAMES`), for the peers and paths
+    /// of `config` they fit: a TUN by its device name, a path's sockets by
+    /// the address they are bound to and their interface, a BFD receive
+    /// socket by its address. Descriptors that fit nothing are closed.
     fn from_fd_store(config: &Config) -> Option<Inherited> {
         let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
         let count: i32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
@@ -1416,20 +1432,79 @@ impl Inherited {
             return None;
         }
         let mut queues: Vec<(String, usize, OwnedFd)> = Vec::new();
+        // (peer, path) -> data sockets by lane, BFD transmit socket
+        let mut data: Vec<(String, String, usize, OwnedFd)> = Vec::new();
+        let mut bfd: Vec<(String, String, OwnedFd)> = Vec::new();
+        let mut out = Inherited::default();
         for (i, name) in (0..count).zip(names.split(':').chain(std::iter::repeat(""))) {
             let Ok(fd) = upgrade::inherited(3 + i) else {
                 continue;
             };
-            let mut parts = name.splitn(3, '/');
-            if let (Some("tun"), Some(tun), Some(k)) = (parts.next(), parts.next(), parts.next()) {
-                if let Ok(k) = k.parse() {
-                    queues.push((tun.to_string(), k, fd));
+            if !name.is_empty() && !out.store_names.iter().any(|n| n == name) {
+                out.store_names.push(name.to_string());
+            }
+            let parts: Vec<&str> = name.split('/').collect();
+            match parts.as_slice() {
+                ["tun", tun, k] => {
+                    if let Ok(k) = k.parse() {
+                        queues.push((tun.to_string(), k, fd));
+                    }
                 }
+                ["data", peer, path, k] => {
+                    if let Ok(k) = k.parse() {
+                        data.push((peer.to_string(), path.to_string(), k, fd));
+                    }
+                }
+                ["bfd", peer, path] => bfd.push((peer.to_string(), path.to_string(), fd)),
+                ["rx", _] => {
+                    if let Some(addr) = bound_to(&fd) {
+                        out.rx.push((addr.ip(), fd));
+                    }
+                }
+                _ => {}
             }
         }
         queues.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        let mut out = Inherited::default();
+        data.sort_by(|a, b| (&a.0, &a.1, a.2).cmp(&(&b.0, &b.1, b.2)));
         for w in &config.peers {
+            for p in &w.paths {
+                let Some(b) = bfd
+                    .iter()
+                    .position(|(peer, path, _)| *peer == w.name && *path == p.name)
+                else {
+                    continue;
+                };
+                let (_, _, bfd_tx) = bfd.swap_remove(b);
+                let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut data)
+                    .into_iter()
+                    .partition(|(peer, path, _, _)| *peer == w.name && *path == p.name);
+                data = rest;
+                let socks: Vec<OwnedFd> = mine.into_iter().map(|(_, _, _, fd)| fd).collect();
+                // The same address and interface, or the path opens anew.
+                let fits = !socks.is_empty()
+                    && socks
+                        .iter()
+                        .all(|fd| bound_to(fd) == Some(p.local) && bound_device(fd) == p.interface);
+                if !fits {
+                    warn!(peer = %w.name, path = %p.name, "the stored sockets are bound elsewhere; opening new ones");
+                    continue;
+                }
+                out.paths.push((
+                    w.name.clone(),
+                    InheritedPath {
+                        meta: upgrade::PathFds {
+                            name: p.name.clone(),
+                            local: p.local,
+                            remote: p.remote,
+                            interface: p.interface.clone(),
+                            data: Vec::new(),
+                            bfd_tx: -1,
+                        },
+                        data: socks,
+                        bfd_tx,
+                    },
+                ));
+            }
             let mine: Vec<OwnedFd> = queues
                 .iter()
                 .position(|(t, _, _)| *t == w.tun)
@@ -1470,7 +1545,7 @@ impl Inherited {
                 Err(e) => warn!(tun = %w.tun, error = %e, "the stored TUN is unusable"),
             }
         }
-        (!out.peers.is_empty()).then_some(out)
+        Some(out)
     }
 
     /// The control socket's listener, if it is still at `path`.
@@ -1571,6 +1646,7 @@ impl Gateway {
             control: Some(listeners.control),
             metrics: listeners.metrics,
             rx: self.rx_ips.clone(),
+            stored: self.stored.iter().map(|s| s.0.clone()).collect(),
             peers: self
                 .peers
                 .iter()
@@ -1702,42 +1778,59 @@ impl Gateway {
         }
     }
 
-    /// Keeps every TUN queue in systemd's descriptor store (`FDSTORE=1`,
-    /// named `tun/<tun>/<queue>`; the unit allows it with
-    /// `FileDescriptorStoreMax`), and takes out those of TUNs gone, so that
-    /// a restart after a crash finds the TUNs, with their addresses and
-    /// routes, still there ([`Inherited::from_fd_store`]). Outside systemd,
-    /// nothing.
+    /// Keeps every TUN queue and socket in systemd's descriptor store
+    /// (`FDSTORE=1`; the unit allows it with `FileDescriptorStoreMax`), and
+    /// takes out those gone, so that a restart after a crash finds the
+    /// TUNs, with their addresses and routes, and the sockets, with what
+    /// they had queued, still there ([`Inherited::from_fd_store`]). Names:
+    /// `tun/<tun>/<queue>`, `data/<peer>/<path>/<lane>`,
+    /// `bfd/<peer>/<path>` and `rx/<n>` (a BFD receive socket; its address
+    /// is the socket's own). Each entry is known by its name, descriptor and
+    /// identity (the TUN's device index, the socket's inode), so that a
+    /// descriptor number reused by a reload is stored anew. Outside
+    /// systemd, nothing.
     fn store_tuns(&mut self) {
         if std::env::var_os("NOTIFY_SOCKET").is_none() {
             return;
         }
-        let now: Vec<(String, RawFd, u32)> = self
-            .peers
-            .iter()
-            .flat_map(|p| {
-                p.queues.iter().enumerate().map(|(i, q)| {
-                    (
-                        format!("tun/{}/{i}", p.config.tun),
-                        q.as_raw_fd(),
-                        p.ifindex,
-                    )
-                })
-            })
-            .collect();
+        let inode = |fd: RawFd| -> u64 {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(format!("/proc/self/fd/{fd}")).map_or(0, |m| m.ino())
+        };
+        let mut now: Vec<(String, RawFd, u64)> = Vec::new();
+        for p in &self.peers {
+            for (i, q) in p.queues.iter().enumerate() {
+                now.push((
+                    format!("tun/{}/{i}", p.config.tun),
+                    q.as_raw_fd(),
+                    u64::from(p.ifindex),
+                ));
+            }
+            for r in &p.paths {
+                for (k, &fd) in r.data_fds.iter().enumerate() {
+                    let name = format!("data/{}/{}/{k}", p.config.name, r.config.name);
+                    now.push((name, fd, inode(fd)));
+                }
+                let name = format!("bfd/{}/{}", p.config.name, r.config.name);
+                now.push((name, r.bfd_fd, inode(r.bfd_fd)));
+            }
+        }
+        for (k, (_, fd)) in self.rx_ips.iter().enumerate() {
+            now.push((format!("rx/{k}"), *fd, inode(*fd)));
+        }
         for gone in self.stored.iter().filter(|s| !now.contains(s)) {
             remove_stored(&gone.0);
         }
         for new in now.iter().filter(|n| !self.stored.contains(n)) {
             let state = format!("FDSTORE=1\nFDNAME={}", new.0);
             if let Err(e) = notify::notify_with_fds(&state, &[new.1]) {
-                warn!(name = %new.0, error = %e, "could not give systemd a TUN queue to keep");
+                warn!(name = %new.0, error = %e, "could not give systemd a descriptor to keep");
             }
         }
         self.stored = now;
     }
 
-    /// Takes every TUN queue out of systemd's descriptor store.
+    /// Takes every TUN queue and socket out of systemd's descriptor store.
     fn unstore_tuns(&mut self) {
         for s in std::mem::take(&mut self.stored) {
             remove_stored(&s.0);
@@ -1751,6 +1844,17 @@ impl Gateway {
             }
         }
     }
+}
+
+/// The address a stored socket is bound to.
+fn bound_to(fd: &OwnedFd) -> Option<std::net::SocketAddr> {
+    socket2::SockRef::from(fd).local_addr().ok()?.as_socket()
+}
+
+/// The interface a stored socket is bound to (`SO_BINDTODEVICE`).
+fn bound_device(fd: &OwnedFd) -> Option<String> {
+    let dev = socket2::SockRef::from(fd).device().ok()??;
+    String::from_utf8(dev).ok()
 }
 
 fn remove_stored(name: &str) {

@@ -34,11 +34,19 @@ pub fn notify_with_fds(state: &str, fds: &[std::os::fd::RawFd]) -> io::Result<bo
     };
     let addr = socket_address(path.as_encoded_bytes())?;
     let sock = UnixDatagram::unbound()?;
-    sock.set_nonblocking(true)?;
+    // A store sends one message per descriptor, many at once (a start, a
+    // reload): more than the manager's socket queues (net.unix.max_dgram_qlen,
+    // 10 by default). So each waits for room, for a short while, instead of
+    // failing at once.
+    sock.set_write_timeout(Some(STORE_WAIT))?;
     sock.connect_addr(&addr)?;
     super::sys::send_with_fds(&sock, state.as_bytes(), fds)?;
     Ok(true)
 }
+
+/// How long a descriptor for the store waits for room in the manager's
+/// queue.
+const STORE_WAIT: Duration = Duration::from_millis(500);
 
 /// `@name` is a Linux abstract socket; anything else is a file path.
 fn socket_address(raw: &[u8]) -> io::Result<SocketAddr> {

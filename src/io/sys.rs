@@ -958,7 +958,8 @@ pub fn interface_mtu_index(name: &str) -> io::Result<(u16, u32)> {
     Ok((u16::try_from(mtu).unwrap_or(u16::MAX), index))
 }
 
-/// Sends `data` with `fds` attached (`SCM_RIGHTS`) on a connected datagram socket.
+/// Sends `data` with `fds` attached (`SCM_RIGHTS`) on a connected datagram
+/// socket; blocks as the socket does (its send timeout applies).
 pub fn send_with_fds(sock: &impl AsRawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let payload = std::mem::size_of_val(fds);
     // SAFETY: CMSG_SPACE only computes a size.
@@ -996,7 +997,7 @@ pub fn send_with_fds(sock: &impl AsRawFd, data: &[u8], fds: &[RawFd]) -> io::Res
         libc::sendmsg(
             sock.as_raw_fd(),
             &msg,
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            libc::MSG_NOSIGNAL,
         )
     };
     if n < 0 {

@@ -107,6 +107,11 @@ pub struct Inheritance {
     pub peers: Vec<PeerFds>,
     /// BFD receive sockets by local address.
     pub rx: Vec<(IpAddr, RawFd)>,
+    /// The names the old process has in systemd's descriptor store: the
+    /// new one takes them all out at its first store, so that what it does
+    /// not use (a path the new configuration dropped) does not stay there.
+    #[serde(default)]
+    pub stored: Vec<String>,
 }
 
 /// A peer's TUN and paths.
@@ -496,6 +501,7 @@ mod tests {
                 }],
             }],
             rx: vec![("198.18.0.1".parse().unwrap(), 9)],
+            stored: vec!["tun/xl-b/0".into()],
         };
         let back: Inheritance = decode(&encode(&inh)).unwrap();
         assert_eq!(descriptors(&back), vec![3, 10, 9, 4, 5, 6, 7, 8]);
