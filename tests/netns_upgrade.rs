@@ -764,6 +764,95 @@ fn an_upgrade_keeps_a_sick_path_demoted() {
     let _ = rx.finish(Duration::from_secs(5));
 }
 
+/// Upgrades across releases, with the previous release's binary
+/// (`XL_PREVIOUS_BIN`): a sealed lab (pre-shared key) started on the
+/// previous release is upgraded to this build gateway by gateway, then
+/// gw-a back to the previous release (a version-1 handover both ways)
+/// under the 5000 packet/s stream: nothing lost, the far end's sessions
+/// untouched. Then with key pairs, on this build: a downgrade to the
+/// previous release (which cannot take a handshake's sessions) is refused
+/// before anything stops, and the old process serves on. Run:
+/// `XL_PREVIOUS_BIN=<binary> cargo test --test netns_upgrade across_releases -- --ignored`.
+#[test]
+#[ignore = "needs the previous release's binary in XL_PREVIOUS_BIN"]
+fn upgrades_across_releases() {
+    let prev =
+        std::env::var("XL_PREVIOUS_BIN").expect("XL_PREVIOUS_BIN: the previous release's binary");
+    let prev = Path::new(&prev);
+    let this = Path::new(BIN);
+    let _serial = serial();
+    let mut opts = LabOptions::new("upr", prev);
+    opts.key = Some("5e1d0c3a7b2d94e8a16c0f3b2e7d5a9c4b8e1f60d2c3a5b7e9f1d3c5a7b9e1f3\n".into());
+    let mut lab = Lab::new(opts).expect("lab");
+    lab.start_gateways().expect("gateways");
+    lab.wait_paths_up(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
+    let mut adopted = Adopted::default();
+    let (rx, tx) = start_stream(&lab);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut windows = Vec::new();
+    for (gw, to, what) in [
+        (Gw::A, this, "previous -> this"),
+        (Gw::B, this, "previous -> this"),
+        (Gw::A, prev, "this -> previous"),
+    ] {
+        let far_before = bfd_history(&lab.poll(gw.other()).expect("far status"));
+        let old = serving_pid(&lab, gw).expect("serving pid");
+        let started = unix_ms();
+        let (pid, ms) = upgrade(&lab, gw, Some(to))
+            .unwrap_or_else(|e| panic!("{gw} {what}: {e}\n{}", lab.log_tail(gw, 30)));
+        windows.push((started, unix_ms()));
+        adopted.0.push(pid);
+        assert!(
+            wait_gone(old, Duration::from_secs(5)),
+            "{gw}: {old} still there"
+        );
+        if lab.gateway_pid(gw) == Some(old) {
+            lab.stop_gateway(gw);
+        }
+        println!("REPORT upgrade across releases gw={gw} {what} new_pid={pid} handover_ms={ms:.3}");
+        std::thread::sleep(Duration::from_millis(700));
+        assert_eq!(
+            bfd_history(&lab.poll(gw.other()).expect("far status")),
+            far_before,
+            "{}: its sessions changed during {gw}'s upgrade ({what})",
+            gw.other()
+        );
+    }
+    let _ = tx.stop();
+    let report = rx.finish(Duration::from_secs(5)).expect("receiver report");
+    let (during, other) = losses(&report, &windows);
+    println!(
+        "REPORT upgrade across releases stream received={} lost_during_upgrades={during} lost_otherwise={other} duplicates={}",
+        report["received"], report["duplicates"]
+    );
+    assert_eq!(during, 0, "{report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
+    drop(adopted);
+    drop(lab);
+
+    let mut opts = LabOptions::new("uprk", BIN);
+    opts.key_pairs = true;
+    let mut lab = Lab::new(opts).expect("lab");
+    lab.start_gateways().expect("gateways");
+    lab.wait_paths_up(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
+    lab.wait_handshakes(Duration::from_secs(10))
+        .expect("handshakes");
+    let old = lab.gateway_pid(Gw::A).expect("pid");
+    let far_before = bfd_history(&lab.poll(Gw::B).expect("far status"));
+    let e = upgrade(&lab, Gw::A, Some(prev)).expect_err("a downgrade with key pairs was made");
+    println!("REPORT downgrade refused: {}", e.trim());
+    assert!(e.contains("version"), "{e}");
+    assert_eq!(serving_pid(&lab, Gw::A), Some(old));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        bfd_history(&lab.poll(Gw::B).expect("far status")),
+        far_before
+    );
+    lab.check_gateways().expect("the old process exited");
+}
+
 /// A TCP stream (iperf3, 100 ms intervals) through an upgrade of each
 /// gateway: the stream goes on, and the dip is reported (`REPORT upgrade
 /// tcp`: the intervals under half the median rate, in milliseconds).

@@ -993,13 +993,7 @@ pub fn send_with_fds(sock: &impl AsRawFd, data: &[u8], fds: &[RawFd]) -> io::Res
         }
     }
     // SAFETY: msg points at live locals (iov, data, control) for the call.
-    let n = unsafe {
-        libc::sendmsg(
-            sock.as_raw_fd(),
-            &msg,
-            libc::MSG_NOSIGNAL,
-        )
-    };
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
