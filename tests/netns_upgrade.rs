@@ -893,13 +893,40 @@ fn tcp_stream_through_upgrades() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
     let client = client.spawn().expect("iperf3 -c");
+    let t0 = Instant::now();
     std::thread::sleep(Duration::from_millis(1500));
+    let rcvbuf_errors = |lab: &Lab| -> Vec<u64> {
+        Gw::ALL
+            .iter()
+            .map(|gw| {
+                lab.sh_in(
+                    gw.host(),
+                    "nstat -az UdpRcvbufErrors | awk '/UdpRcvbufErrors/ {print $2}'",
+                )
+                .ok()
+                .and_then(|o| o.trim().parse().ok())
+                .unwrap_or(0)
+            })
+            .collect()
+    };
+    let errors_before = rcvbuf_errors(&lab);
+    let mut upgrades = Vec::new();
     for gw in Gw::ALL {
         let old = lab.gateway_pid(gw).expect("pid");
-        upgrade_ok(&mut lab, &mut adopted, gw, old);
+        let at = t0.elapsed().as_secs_f64();
+        let (_, ms) = upgrade_ok(&mut lab, &mut adopted, gw, old);
+        upgrades.push(format!("{gw} at {at:.2} s handover {ms:.1} ms"));
         std::thread::sleep(Duration::from_millis(800));
     }
+    let errors_after = rcvbuf_errors(&lab);
     let out = client.wait_with_output().expect("iperf3 -c output");
+    let retransmits = serde_json::from_slice::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/end/sum_sent/retransmits")
+                .and_then(Value::as_u64)
+        })
+        .unwrap_or(0);
     let _ = server.kill();
     let _ = server.wait();
     let (total, intervals) = lab::iperf_report(&out.stdout).expect("iperf3 report");
@@ -911,11 +938,30 @@ fn tcp_stream_through_upgrades() {
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
     let dip_ms = 100 * steady.iter().filter(|r| **r < median / 2.0).count();
     let lowest = sorted.first().copied().unwrap_or(0.0);
+    let dips: Vec<String> = intervals
+        .iter()
+        .enumerate()
+        .skip(10)
+        .filter(|(_, r)| **r < median / 2.0)
+        .map(|(i, r)| {
+            format!(
+                "{:.1}-{:.1} s: {:.0} Mbit/s",
+                i as f64 / 10.0,
+                (i + 1) as f64 / 10.0,
+                r / 1e6
+            )
+        })
+        .collect();
     println!(
-        "REPORT upgrade tcp upgrades=2 total_mbit={:.0} median_mbit={:.0} lowest_interval_mbit={:.0} dip_ms={dip_ms} (100 ms intervals under half the median, both upgrades together)",
+        "REPORT upgrade tcp upgrades=2 total_mbit={:.0} median_mbit={:.0} lowest_interval_mbit={:.0} dip_ms={dip_ms} (100 ms intervals under half the median, both upgrades together) retransmits={retransmits} udp_rcvbuf_errors={:?} upgrades={upgrades:?} dips={dips:?}",
         total / 1e6,
         median / 1e6,
         lowest / 1e6,
+        errors_after
+            .iter()
+            .zip(&errors_before)
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect::<Vec<_>>(),
     );
     assert!(
         total > 0.0 && intervals.len() >= 30,

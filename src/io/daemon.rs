@@ -1948,6 +1948,7 @@ async fn hand_over(
     for peer in &mut gw.peers {
         peer.park();
     }
+    let parked = stopped.elapsed();
     let Some(frozen) = gw.shared.commands.freeze().await else {
         gw.unpark_all();
         return Err(give_up(&mut child, "the BFD thread is gone".into()));
@@ -1974,6 +1975,11 @@ async fn hand_over(
         upgrade::read_message::<Reply>(&mut reader)
     });
     let handover = stopped.elapsed();
+    info!(
+        park_ms = parked.as_secs_f64() * 1e3,
+        handover_ms = handover.as_secs_f64() * 1e3,
+        "upgrade: lanes parked, state handed over"
+    );
     match serving {
         Ok(Reply::Serving { pid: new, .. }) if new == pid => {
             // Our fast-path programs go now (their links close), so that
