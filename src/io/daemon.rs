@@ -1456,6 +1456,7 @@ impl Inherited {
                     }
                 }
                 ["bfd", peer, path] => bfd.push((peer.to_string(), path.to_string(), fd)),
+                // (peer and path names as `store_label` writes them)
                 ["rx", _] => {
                     if let Some(addr) = bound_to(&fd) {
                         out.rx.push((addr.ip(), fd));
@@ -1468,16 +1469,15 @@ impl Inherited {
         data.sort_by(|a, b| (&a.0, &a.1, a.2).cmp(&(&b.0, &b.1, b.2)));
         for w in &config.peers {
             for p in &w.paths {
-                let Some(b) = bfd
-                    .iter()
-                    .position(|(peer, path, _)| *peer == w.name && *path == p.name)
-                else {
+                let (peer_label, path_label) = (store_label(&w.name), store_label(&p.name));
+                let ours = |peer: &str, path: &str| peer == peer_label && path == path_label;
+                let Some(b) = bfd.iter().position(|(peer, path, _)| ours(peer, path)) else {
                     continue;
                 };
                 let (_, _, bfd_tx) = bfd.swap_remove(b);
                 let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut data)
                     .into_iter()
-                    .partition(|(peer, path, _, _)| *peer == w.name && *path == p.name);
+                    .partition(|(peer, path, _, _)| ours(peer, path));
                 data = rest;
                 let socks: Vec<OwnedFd> = mine.into_iter().map(|(_, _, _, fd)| fd).collect();
                 // The same address and interface, or the path opens anew.
@@ -1807,11 +1807,11 @@ impl Gateway {
                 ));
             }
             for r in &p.paths {
+                let (peer, path) = (store_label(&p.config.name), store_label(&r.config.name));
                 for (k, &fd) in r.data_fds.iter().enumerate() {
-                    let name = format!("data/{}/{}/{k}", p.config.name, r.config.name);
-                    now.push((name, fd, inode(fd)));
+                    now.push((format!("data/{peer}/{path}/{k}"), fd, inode(fd)));
                 }
-                let name = format!("bfd/{}/{}", p.config.name, r.config.name);
+                let name = format!("bfd/{peer}/{path}");
                 now.push((name, r.bfd_fd, inode(r.bfd_fd)));
             }
         }
@@ -1844,6 +1844,22 @@ impl Gateway {
             }
         }
     }
+}
+
+/// A peer's or path's name as it goes into a descriptor's name in the
+/// store: names are free text, and systemd's descriptor names are printable
+/// ASCII without `:` (and `/` separates the parts here), so any other byte
+/// is written `%XX`.
+fn store_label(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// The address a stored socket is bound to.
@@ -2079,4 +2095,27 @@ async fn take_over(gw: &mut Gateway, mut incoming: Incoming) -> Result<u32, Stri
         "upgrade: took over"
     );
     Ok(pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::store_label;
+
+    /// Names in the descriptor store: printable, without `:`, and `/` only
+    /// between their parts; distinct names stay distinct.
+    #[test]
+    fn store_labels() {
+        assert_eq!(store_label("gcp-eu_1.a"), "gcp-eu_1.a");
+        assert_eq!(store_label("a/b:c d"), "a%2Fb%3Ac%20d");
+        assert_eq!(store_label("é"), "%C3%A9");
+        assert_ne!(store_label("a/b"), store_label("a%2Fb"));
+        for name in ["a/b:c", "x y", "%", "\u{7f}"] {
+            let l = store_label(name);
+            assert!(
+                l.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b':' && b != b'/'),
+                "{l}"
+            );
+        }
+    }
 }

@@ -60,6 +60,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 use thiserror::Error;
+use zeroize::Zeroize;
 
 /// The newest version of the state format this build reads and writes.
 /// Version 2 added the handshake state of key-pair peers
@@ -273,12 +274,19 @@ pub fn read_message<T: for<'de> Deserialize<'de>>(reader: &mut impl BufRead) -> 
             "the other process closed the handover",
         ));
     }
-    decode(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    let msg = decode(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+    // A takeover carries session keys: none left behind in this buffer.
+    line.zeroize();
+    msg
 }
 
-/// Writes one message.
+/// Writes one message (and wipes its encoding: a takeover carries session
+/// keys).
 pub fn write_message<T: Serialize>(mut stream: &UnixStream, msg: &T) -> io::Result<()> {
-    stream.write_all(&encode(msg))
+    let mut line = encode(msg);
+    let written = stream.write_all(&line);
+    line.zeroize();
+    written
 }
 
 /// The process taking over: its end of the socket pair and what it inherits.
