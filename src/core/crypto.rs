@@ -49,7 +49,8 @@ use ring::hkdf;
 use std::cell::RefCell;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use thiserror::Error;
 use zeroize::Zeroize;
 
@@ -280,6 +281,9 @@ struct Sessions {
     /// the previous one during its overlap, and sessions the far side
     /// started that await confirmation.
     recv: Vec<(u32, hkdf::Prk)>,
+    /// The epochs of `recv` that await confirmation, each with whether a
+    /// message it opened was reported ([`Keys::first_use`]).
+    unconfirmed: Arc<Vec<(u32, AtomicBool)>>,
 }
 
 /// One session's two directions as a handshake gives them: raw 32-byte
@@ -368,6 +372,19 @@ impl Keys {
     /// sequence number; a session's keys are fresh, so sequence numbers may
     /// start again under them.
     pub fn sessions(send: Option<&SessionKeys>, recv: &[&SessionKeys]) -> Keys {
+        Keys::sessions_awaiting(send, recv, &[])
+    }
+
+    /// [`Keys::sessions`], with `unconfirmed` (epochs among `recv`'s) the
+    /// sessions the far side started that await its confirm: a message that
+    /// opens under one of them confirms it as well as the confirm would
+    /// (only the holder of the session's keys can seal it), and
+    /// [`Keys::first_use`] says so once.
+    pub fn sessions_awaiting(
+        send: Option<&SessionKeys>,
+        recv: &[&SessionKeys],
+        unconfirmed: &[u32],
+    ) -> Keys {
         let send_prk = send.map(|s| session_prk(&s.send));
         Keys {
             id: NEXT_KEYS_ID.fetch_add(1, Ordering::Relaxed),
@@ -382,8 +399,38 @@ impl Keys {
                     .iter()
                     .map(|s| (s.recv_epoch, session_prk(&s.recv)))
                     .collect(),
+                unconfirmed: Arc::new(
+                    unconfirmed
+                        .iter()
+                        .map(|&e| (e, AtomicBool::new(false)))
+                        .collect(),
+                ),
             }),
         }
+    }
+
+    /// Whether any session awaits its confirm (then [`Keys::first_use`]
+    /// is worth asking).
+    pub fn awaits_confirm(&self) -> bool {
+        self.sessions.as_ref().is_some_and(|s| {
+            s.unconfirmed
+                .iter()
+                .any(|(_, r)| !r.load(Ordering::Relaxed))
+        })
+    }
+
+    /// True the first time a message sealed under `epoch`, a session that
+    /// awaits confirmation, was opened (the caller tells the handshake, which
+    /// takes the session as confirmed): false for any other epoch, and after
+    /// the first time.
+    pub fn first_use(&self, epoch: u32) -> bool {
+        let Some(s) = &self.sessions else {
+            return false;
+        };
+        s.unconfirmed
+            .iter()
+            .find(|(e, _)| *e == epoch)
+            .is_some_and(|(_, reported)| !reported.swap(true, Ordering::Relaxed))
     }
 
     /// The epoch sealed messages must carry: `Some` in handshake mode

@@ -1231,6 +1231,18 @@ impl Engine {
         }
     }
 
+    /// The data plane opened a message of a key-pair peer, received on
+    /// `path`, under a session that awaited its confirm
+    /// ([`Handshake::confirm_by_use`]).
+    pub fn handle_session_used(&mut self, path: PathId, epoch: u32) {
+        let Some(peer) = self.path(path).filter(|p| !p.retired).map(|p| p.peer) else {
+            return;
+        };
+        if let Some(hs) = self.handshakes.get_mut(&peer) {
+            hs.confirm_by_use(epoch);
+        }
+    }
+
     /// A handshake datagram to send, and the path to send it on: one of the
     /// peer's healthy paths, else one whose BFD is Up, else any of its paths
     /// (a handshake does not wait for BFD).

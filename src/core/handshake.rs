@@ -670,6 +670,25 @@ impl Handshake {
         Ok(())
     }
 
+    /// The data plane opened a message sealed under `epoch`, a session
+    /// that awaits its confirm ([`crate::core::crypto::Keys::first_use`]):
+    /// only the far side, holding the session's keys, could have sealed it,
+    /// so it confirms the session as the confirm message would (as
+    /// WireGuard's responder takes its first data message). The confirms
+    /// may all have been lost; without this the responder would give the
+    /// session up after [`CONFIRM_WAIT`] while the initiator seals with it.
+    pub fn confirm_by_use(&mut self, epoch: u32) {
+        if let Some(i) = self
+            .unconfirmed
+            .iter()
+            .position(|u| u.session.keys.recv_epoch == epoch)
+        {
+            if let Some(u) = self.unconfirmed.remove(i) {
+                self.install(u.session);
+            }
+        }
+    }
+
     fn on_confirm(&mut self, datagram: &[u8], epoch: u32) -> Result<(), Failure> {
         let Some(i) = self
             .unconfirmed
@@ -871,7 +890,12 @@ impl Handshake {
             .map(|s| &s.keys)
             .chain(self.unconfirmed.iter().map(|u| &u.session.keys))
             .collect();
-        crate::core::crypto::Keys::sessions(send, &recv)
+        let awaiting: Vec<u32> = self
+            .unconfirmed
+            .iter()
+            .map(|u| u.session.keys.recv_epoch)
+            .collect();
+        crate::core::crypto::Keys::sessions_awaiting(send, &recv, &awaiting)
     }
 
     pub fn state(&self) -> State {
@@ -1292,6 +1316,57 @@ mod tests {
                 assert_eq!(nodes[1].stats().completed, completed, "at {swap_ms} ms");
             }
         }
+    }
+
+    /// Every confirm of every handshake lost: the responder never gets one,
+    /// and would give each session up after `CONFIRM_WAIT` while the
+    /// initiator seals with it. The messages that flow anyway (data, or the
+    /// paths' probes, every probe interval) confirm it instead: the first one
+    /// that opens under the awaiting session (`Keys::first_use`) is passed
+    /// to `confirm_by_use`, as the lanes do. Both directions then work at
+    /// every moment, across rekeys.
+    #[test]
+    fn all_confirms_lost() {
+        let t0 = Instant::now();
+        let mut nodes = pair(None, t0);
+        let mut net = Net::new(t0);
+        let mut no_confirms = |_: usize, d: &[u8], _: Instant| {
+            if d.len() == CONFIRM_LEN {
+                Vec::new()
+            } else {
+                vec![Duration::from_millis(5)]
+            }
+        };
+        let mut seq = 0;
+        let mut checked = 0;
+        for secs in [1, 5, 15, 60, 130, 200, 400] {
+            while net.now < t0 + Duration::from_secs(secs) {
+                net.run(&mut nodes, Duration::from_millis(100), &mut no_confirms);
+                // A message each way every 100 ms, as the probes do.
+                for (from, to) in [(0, 1), (1, 0)] {
+                    seq += 1;
+                    let (keys_from, keys_to) = (nodes[from].keys(), nodes[to].keys());
+                    let Some(epoch) = keys_from.session_epoch() else {
+                        continue;
+                    };
+                    if seal_open(&keys_from, &keys_to, seq) && keys_to.first_use(epoch) {
+                        nodes[to].confirm_by_use(epoch);
+                    }
+                }
+            }
+            seq += 1;
+            let both = carries(&nodes[0], &nodes[1], seq) && carries(&nodes[1], &nodes[0], seq);
+            assert!(
+                both,
+                "after {secs} s without confirms: {:?} {:?}",
+                nodes[0].state(),
+                nodes[1].state()
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 7);
+        // Rekeys happened (every 120 s), each confirmed by use alone.
+        assert!(nodes[0].stats().completed + nodes[1].stats().completed >= 6);
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub enum Command {
     Quality(PathId, Box<Sample>),
     /// A key-pair handshake message came on the path, from its remote.
     Handshake(PathId, Box<[u8]>),
+    /// A message came on the path sealed under a session that awaited its
+    /// confirm (this side's epoch).
+    SessionUsed(PathId, u32),
     Apply(Box<Plan>, oneshot::Sender<Applied>),
     /// An upgrade: stop sending and receiving (the sessions stay as they
     /// are, for the new process) and answer with every BFD session's and
@@ -931,7 +934,7 @@ impl BfdThread {
                 Command::Link { .. } => "link",
                 Command::SendError(_) => "send error",
                 Command::Quality(..) => "quality sample",
-                Command::Handshake(..) => "handshake",
+                Command::Handshake(..) | Command::SessionUsed(..) => "handshake",
                 Command::Apply(..) => "reload",
                 Command::Freeze(_) | Command::Thaw | Command::Restore(..) => "upgrade",
             };
@@ -960,6 +963,10 @@ impl BfdThread {
                     let now = clock::now();
                     self.engine.handle_handshake(path, &datagram, now);
                     self.flush(now);
+                }
+                Command::SessionUsed(path, epoch) => {
+                    self.engine.handle_session_used(path, epoch);
+                    self.flush(clock::now());
                 }
                 Command::Apply(plan, reply) => {
                     let applied = self.apply(*plan);

@@ -408,7 +408,20 @@ impl PathIn {
             salt: self.salt_in,
             window: &mut self.window,
         });
-        match receive_marked(datagram, opener, tos) {
+        // A session that awaits its confirm (rare: just after a handshake)
+        // is confirmed by any message that opens under it, probes included,
+        // so that a peer whose confirms were all lost still gets there.
+        let awaiting = keys
+            .filter(|k| k.awaits_confirm())
+            .and_then(|_| Header::parse(datagram).ok())
+            .map(|(h, _)| h.epoch);
+        let received = receive_marked(datagram, opener, tos);
+        if let (Some(epoch), Ok(_), Some(k)) = (awaiting, &received, keys) {
+            if k.first_use(epoch) {
+                self.commands.send(Command::SessionUsed(self.id, epoch));
+            }
+        }
+        match received {
             Ok(Message::Data(header, range)) => {
                 let numbered = header
                     .peer_seq
