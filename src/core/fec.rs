@@ -201,6 +201,12 @@ impl Encoder {
     /// joins a block (unless too long: it goes unprotected). Parity of any
     /// block that closed is appended to `out`, to be sent after the packet.
     pub fn push(&mut self, now: Instant, sequence: u64, packet: &[u8], out: &mut Vec<FecParity>) {
+        // A block past its hold closes before this packet, even if the
+        // lane's timer has not fired yet: its losses are not left waiting
+        // for more packets.
+        if self.deadline().is_some_and(|d| now >= d) {
+            self.close(out);
+        }
         let next = self.first.wrapping_add(self.block.len() as u64);
         if !self.block.is_empty() && (sequence != next || packet.len() > MAX_PACKET) {
             self.close(out);
@@ -856,6 +862,24 @@ mod tests {
         // the original arriving after its rebuilt copy is a duplicate
         assert!(!dec.on_data(t, 1, 2, &packet(2, 240), &mut out));
         assert_eq!(dec.stats().late_originals, 1);
+    }
+
+    /// A block whose hold passed closes when the next packet comes, before
+    /// the lane's timer does: the packet opens the next block.
+    #[test]
+    fn an_overdue_block_closes_at_the_next_packet() {
+        let t = Instant::now();
+        let mut enc = Encoder::new(Code::new(20, 2).unwrap(), DEFAULT_HOLD, 1);
+        let mut out = Vec::new();
+        for s in 0..3u64 {
+            enc.push(t + Duration::from_millis(s), s, &packet(s, 100), &mut out);
+        }
+        assert!(out.is_empty());
+        enc.push(t + DEFAULT_HOLD, 3, &packet(3, 100), &mut out);
+        assert!(!out.is_empty(), "the first block's parity");
+        assert!(out.iter().all(|p| p.first == 0 && p.k == 3), "{out:?}");
+        assert_eq!(enc.blocks(), 1);
+        assert_eq!(enc.deadline(), Some(t + DEFAULT_HOLD + DEFAULT_HOLD));
     }
 
     #[test]
