@@ -10,6 +10,13 @@
 //! between two arrivals. Both stop on SIGTERM/SIGINT; the sender then sends a few stop
 //! packets, which end the receiver too.
 //!
+//! Sender and receiver share a clock in the lab, so the receiver also reports one-way
+//! latencies: the median of the packets that arrived in order, and how much later than
+//! that median the packets came that arrived after a higher sequence number (*late*:
+//! rebuilt from FEC parity, or a copy from a slower path), median, 90th percentile and
+//! worst. Latencies are kept for the first [`LATENCY_SAMPLES`] packets of each kind
+//! (the worst late one over all of them), so the receiver's memory stays bounded.
+//!
 //! `probe tcp-send` writes a paced TCP byte stream (a chunk every 500 µs, from a
 //! chosen source port if asked, so a test can place the flow on one ECMP nexthop);
 //! `probe tcp-recv` accepts one connection and reports the bytes read, the longest
@@ -35,6 +42,9 @@ const MAX_SEQ: u64 = 50_000_000;
 /// Outages listed individually in the report (enough for a few seconds of
 /// random loss at 1000 packets/s, so each can be attributed by its time).
 const MAX_LISTED_OUTAGES: usize = 2000;
+/// Latencies kept per kind (in order, late): 8 MiB each at most, some nine
+/// minutes of in-order packets at 2000 packets/s.
+pub const LATENCY_SAMPLES: usize = 1 << 20;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProbeArgs {
@@ -396,6 +406,18 @@ pub struct RecvReport {
     pub first_packet_unix_ms: Option<f64>,
     pub latency_min_ms: Option<f64>,
     pub latency_max_ms: Option<f64>,
+    /// The median one-way latency of the packets that arrived in order (no
+    /// higher sequence number before them).
+    pub latency_median_ms: Option<f64>,
+    /// Packets that arrived after a higher sequence number (each also counted in
+    /// `reordered`): rebuilt from parity, or from a slower path.
+    pub late_count: u64,
+    /// How much later than `latency_median_ms` the late packets arrived: median,
+    /// 90th percentile and worst (the median and percentile of the first
+    /// [`LATENCY_SAMPLES`]).
+    pub late_extra_ms_median: Option<f64>,
+    pub late_extra_ms_p90: Option<f64>,
+    pub late_extra_ms_max: Option<f64>,
     pub stopped_by: &'static str,
 }
 
@@ -416,6 +438,12 @@ pub struct Collector {
     seq0_unix_ns: Option<u64>,
     latency_min_ns: Option<i128>,
     latency_max_ns: Option<i128>,
+    /// One-way latencies (ns) of the first in-order packets.
+    in_order_latency_ns: Vec<i64>,
+    /// One-way latencies (ns) of the first late packets.
+    late_latency_ns: Vec<i64>,
+    late_count: u64,
+    late_latency_max_ns: Option<i64>,
 }
 
 impl Collector {
@@ -446,7 +474,8 @@ impl Collector {
         }
         self.seen[idx] = 1;
         self.received += 1;
-        if self.highest.is_some_and(|h| d.seq < h) {
+        let late = self.highest.is_some_and(|h| d.seq < h);
+        if late {
             self.reordered += 1;
         }
         self.highest = Some(self.highest.map_or(d.seq, |h| h.max(d.seq)));
@@ -456,6 +485,18 @@ impl Collector {
         let latency = i128::from(now_unix_ns) - i128::from(d.sent_unix_ns);
         self.latency_min_ns = Some(self.latency_min_ns.map_or(latency, |m| m.min(latency)));
         self.latency_max_ns = Some(self.latency_max_ns.map_or(latency, |m| m.max(latency)));
+        let latency =
+            i64::try_from(latency).unwrap_or(if latency < 0 { i64::MIN } else { i64::MAX });
+        if late {
+            self.late_count += 1;
+            self.late_latency_max_ns =
+                Some(self.late_latency_max_ns.map_or(latency, |m| m.max(latency)));
+            if self.late_latency_ns.len() < LATENCY_SAMPLES {
+                self.late_latency_ns.push(latency);
+            }
+        } else if self.in_order_latency_ns.len() < LATENCY_SAMPLES {
+            self.in_order_latency_ns.push(latency);
+        }
         false
     }
 
@@ -485,6 +526,8 @@ impl Collector {
                 .then(b.first_seq.cmp(&a.first_seq))
         });
         let lost = sent.saturating_sub(self.received);
+        let base = quantile(&self.in_order_latency_ns, 0.5);
+        let extra = |q: Option<i64>| -> Option<f64> { Some((q? as f64 - base? as f64) / 1e6) };
         RecvReport {
             sent,
             sent_source,
@@ -513,6 +556,11 @@ impl Collector {
             first_packet_unix_ms: self.seq0_unix_ns.map(|ns| ns as f64 / 1e6),
             latency_min_ms: self.latency_min_ns.map(|ns| ns as f64 / 1e6),
             latency_max_ms: self.latency_max_ns.map(|ns| ns as f64 / 1e6),
+            latency_median_ms: base.map(|ns| ns as f64 / 1e6),
+            late_count: self.late_count,
+            late_extra_ms_median: extra(quantile(&self.late_latency_ns, 0.5)),
+            late_extra_ms_p90: extra(quantile(&self.late_latency_ns, 0.9)),
+            late_extra_ms_max: extra(self.late_latency_max_ns),
             stopped_by,
         }
     }
@@ -541,6 +589,17 @@ impl Collector {
         }
         out
     }
+}
+
+/// The `q` quantile (0..=1, nearest rank) of `values`; `None` when empty.
+fn quantile(values: &[i64], q: f64) -> Option<i64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    let rank = ((v.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+    let (_, x, _) = v.select_nth_unstable(rank);
+    Some(*x)
 }
 
 pub fn recv(args: &RecvArgs, stop: &AtomicBool) -> io::Result<RecvReport> {
@@ -801,6 +860,39 @@ mod tests {
         );
         assert!(r.max_gap_ms >= 29.0, "{}", r.max_gap_ms);
         assert_eq!(r.first_packet_unix_ms, Some(1000.0));
+    }
+
+    #[test]
+    fn collector_reports_how_late_the_late_packets_came() {
+        let mut c = Collector::new();
+        let t0 = Instant::now();
+        // 0..20 sent 1 ms apart, each 2 ms on its way; 5 comes after 9, 8 ms
+        // late, and 12 after 14, 4 ms late; 15 twice
+        let on_time = |seq: u64| 1_000_000_000 + seq * 1_000_000 + 2_000_000;
+        let mut arrivals: Vec<(u64, u64)> = (0..20)
+            .filter(|s| ![5, 12].contains(s))
+            .map(|s| (s, on_time(s)))
+            .collect();
+        arrivals.insert(9, (5, on_time(5) + 8_000_000));
+        arrivals.insert(14, (12, on_time(12) + 4_000_000));
+        arrivals.push((15, on_time(15) + 9_000_000));
+        for (seq, at) in arrivals {
+            c.handle(&data(seq), t0, at);
+        }
+        let r = c.report("duration");
+        assert_eq!((r.received, r.duplicates), (20, 1));
+        assert_eq!((r.reordered, r.late_count), (2, 2));
+        assert_eq!(r.latency_median_ms, Some(2.0));
+        assert_eq!(r.late_extra_ms_median, Some(8.0));
+        assert_eq!(r.late_extra_ms_max, Some(8.0));
+        assert_eq!(quantile(&[3, 1, 2], 0.0), Some(1));
+        assert_eq!(quantile(&[3, 1, 2], 0.5), Some(2));
+        assert_eq!(quantile(&[], 0.5), None);
+
+        let none = Collector::new().report("duration");
+        assert_eq!(none.late_count, 0);
+        assert_eq!(none.late_extra_ms_median, None);
+        assert_eq!(none.latency_median_ms, None);
     }
 
     #[test]

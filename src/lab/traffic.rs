@@ -14,6 +14,15 @@ impl ProbeReceiver {
     /// Waits for the report (the sender's stop packet ends the receiver); after
     /// `timeout` it is told to stop with SIGTERM.
     pub fn finish(mut self, timeout: Duration) -> Result<Value> {
+        // Read while the receiver writes: a report longer than the pipe's
+        // buffer (64 KiB: a thousand outages and more) would otherwise keep
+        // it from exiting.
+        let reader = self.stdout.take().map(|mut stdout| {
+            std::thread::spawn(move || {
+                let mut out = String::new();
+                stdout.read_to_string(&mut out).map(|_| out)
+            })
+        });
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
@@ -22,12 +31,13 @@ impl ProbeReceiver {
             std::thread::sleep(Duration::from_millis(10));
         }
         let status = terminate(&mut self.child, Duration::from_secs(3));
-        let mut out = String::new();
-        if let Some(mut stdout) = self.stdout.take() {
-            stdout
-                .read_to_string(&mut out)
-                .map_err(io_err("reading the probe report"))?;
-        }
+        let out = match reader.map(std::thread::JoinHandle::join) {
+            Some(Ok(read)) => read.map_err(io_err("reading the probe report"))?,
+            Some(Err(_)) => {
+                return Err(LabError::Other("the probe report's reader panicked".into()))
+            }
+            None => String::new(),
+        };
         serde_json::from_str(out.trim())
             .map_err(|e| LabError::Other(format!("bad probe report ({status:?}): {e}: {out:?}")))
     }
