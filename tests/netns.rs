@@ -130,12 +130,12 @@ fn fast_path_balances_flows_and_fails_over() {
     });
     // Both ends must see both paths up before the flows start.
     std::thread::sleep(Duration::from_millis(500));
-    let tun_before = tun_tx_packets(&lab, Gw::A);
+    let tun_before = lab.tun_tx_packets(Gw::A);
     let iperf = lab.start_iperf3(8, 4).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let (p1, p2) = tx_growth(&lab, Duration::from_secs(1));
     let rate = iperf.finish().unwrap_or(0.0);
-    let through_lanes = tun_tx_packets(&lab, Gw::A).saturating_sub(tun_before);
+    let through_lanes = lab.tun_tx_packets(Gw::A).saturating_sub(tun_before);
     lab::say(&format!(
         "REPORT fast path balance: 8 TCP flows at {:.0} Mbit/s, gw-a sent path1 +{p1} path2 +{p2} datagrams in 1 s, {through_lanes} packets through the lanes",
         rate / 1e6
@@ -172,17 +172,6 @@ fn fast_path_balances_flows_and_fails_over() {
     assert!(rate > 0.0);
 }
 
-/// Packets the TUN of `gw` handed to the lanes (its transmit counter).
-fn tun_tx_packets(lab: &Lab, gw: Gw) -> u64 {
-    let (host, tun) = match gw {
-        Gw::A => (Host::GwA, "xl-b"),
-        Gw::B => (Host::GwB, "xl-a"),
-    };
-    let path = format!("/sys/class/net/{tun}/statistics/tx_packets");
-    let out = lab::run(lab.command_in(host, "cat").arg(path)).unwrap_or_default();
-    out.trim().parse().unwrap_or(u64::MAX)
-}
-
 fn failover_on_blackhole(fast: bool) {
     let _serial = serial();
     let hold = Duration::from_secs(1);
@@ -192,7 +181,7 @@ fn failover_on_blackhole(fast: bool) {
     let mut lab = Lab::new(opts).unwrap();
     lab.start_gateways().unwrap();
     lab.wait_paths_up(Duration::from_secs(15)).unwrap();
-    let tun_before = tun_tx_packets(&lab, Gw::A);
+    let tun_before = lab.tun_tx_packets(Gw::A);
 
     let path2_transitions = |lab: &Lab| {
         Gw::ALL.map(|gw| {
@@ -254,7 +243,7 @@ fn failover_on_blackhole(fast: bool) {
     let sent = sender.stop().unwrap();
     let report = receiver.finish(Duration::from_secs(3)).unwrap();
     let num = |k: &str| report.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-    let tun_after = tun_tx_packets(&lab, Gw::A);
+    let tun_after = lab.tun_tx_packets(Gw::A);
     lab::say(&format!(
         "netns failover{}: outage_ms={} lost={} sent={} reordered={} duplicates={} \
          max_gap_ms={:.1} failover_seen_ms={failover_ms} revert_after_up_ms={} \
@@ -803,7 +792,7 @@ fn tcp_stream_crosses_intact() {
         lab.start_gateways().unwrap();
         lab.wait_paths_up(Duration::from_secs(15)).unwrap();
         lab.wait_handshakes(Duration::from_secs(10)).unwrap();
-        let tun_before = Gw::ALL.map(|gw| tun_tx_packets(&lab, gw));
+        let tun_before = Gw::ALL.map(|gw| lab.tun_tx_packets(gw));
         let addr = format!("{}:5999", lab::SERVER_ADDR);
         let role = |host: Host, role: &str| {
             let mut c = lab.command_in(host, &exe);
@@ -835,7 +824,7 @@ fn tcp_stream_crosses_intact() {
         // With the fast path, the TUNs hand the lanes (almost) nothing:
         // the stream's 35 000 segments and their acknowledgements go
         // through the BPF programs.
-        let through_lanes = Gw::ALL.map(|gw| tun_tx_packets(&lab, gw));
+        let through_lanes = Gw::ALL.map(|gw| lab.tun_tx_packets(gw));
         let through_lanes = [0, 1].map(|i| through_lanes[i].saturating_sub(tun_before[i]));
         if fast {
             assert!(

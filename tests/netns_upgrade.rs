@@ -592,18 +592,6 @@ fn sealed_upgrade(key_pairs: bool) {
     }
 }
 
-/// Packets the TUN of `gw` handed to the lanes (its transmit counter):
-/// with the fast path, what the BPF program did not carry.
-fn tun_tx_packets(lab: &Lab, gw: Gw) -> u64 {
-    let (host, tun) = match gw {
-        Gw::A => (Host::GwA, "xl-b"),
-        Gw::B => (Host::GwB, "xl-a"),
-    };
-    let path = format!("/sys/class/net/{tun}/statistics/tx_packets");
-    let out = lab::run(lab.command_in(host, "cat").arg(path)).unwrap_or_default();
-    out.trim().parse().unwrap_or(u64::MAX)
-}
-
 /// A peer with the kernel fast path: the new process attaches its programs
 /// behind the old one's (which carry on forwarding while both processes
 /// stop reading) and configures them before the old process exits, taking
@@ -629,7 +617,7 @@ fn fast_path_upgrade_loses_nothing() {
     );
     let (rx, tx) = start_stream(&lab);
     std::thread::sleep(Duration::from_millis(1000));
-    let lanes_before = Gw::ALL.map(|gw| tun_tx_packets(&lab, gw));
+    let lanes_before = Gw::ALL.map(|gw| lab.tun_tx_packets(gw));
     let mut windows = Vec::new();
     for gw in Gw::ALL {
         let far_before = bfd_history(&lab.poll(gw.other()).expect("far status"));
@@ -648,11 +636,11 @@ fn fast_path_upgrade_loses_nothing() {
         );
     }
     // After both upgrades: the new processes' programs carry the stream.
-    let after_upgrades = Gw::ALL.map(|gw| tun_tx_packets(&lab, gw));
+    let after_upgrades = Gw::ALL.map(|gw| lab.tun_tx_packets(gw));
     std::thread::sleep(Duration::from_millis(1000));
     let _ = tx.stop();
     let report = rx.finish(Duration::from_secs(5)).expect("receiver report");
-    let lanes_after = Gw::ALL.map(|gw| tun_tx_packets(&lab, gw));
+    let lanes_after = Gw::ALL.map(|gw| lab.tun_tx_packets(gw));
     // The programs' counters reach the paths' every 500 ms.
     std::thread::sleep(Duration::from_millis(700));
     let tx_after = lab::path_counter(
@@ -980,6 +968,16 @@ struct FdStore {
 }
 
 impl FdStore {
+    /// The names of what the store holds, in the order stored.
+    fn names(&self) -> Vec<String> {
+        self.fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     fn bind(path: std::path::PathBuf) -> FdStore {
         let _ = std::fs::remove_file(&path);
         let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("notify socket");
@@ -1101,13 +1099,7 @@ fn crash_restart_keeps_the_tun_from_the_fd_store() {
     {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let stored: Vec<String> = store
-        .fds
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .map(|(n, _)| n.clone())
-        .collect();
+    let stored: Vec<String> = store.names();
     // The TUN's queues, each path's data sockets (one per lane) and BFD
     // socket, and the BFD receive sockets.
     for kind in [
@@ -1248,13 +1240,7 @@ fn crash_restart_keeps_the_tun_from_the_fd_store() {
     // (the store reads the notifications on a thread of its own: wait for
     // the daemon's first store to have landed)
     let read_store = || -> (Vec<String>, Vec<String>) {
-        let all: Vec<String> = store
-            .fds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(n, _)| n.clone())
-            .collect();
+        let all = store.names();
         let mut unique = all.clone();
         unique.sort();
         unique.dedup();

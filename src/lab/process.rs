@@ -322,6 +322,19 @@ impl Lab {
         Ok(())
     }
 
+    /// Packets the TUN of `gw` handed to the lanes (its transmit counter):
+    /// with the kernel fast path, what the BPF program did not carry.
+    /// `u64::MAX` if it cannot be read.
+    pub fn tun_tx_packets(&self, gw: Gw) -> u64 {
+        let tun = match gw {
+            Gw::A => "xl-b",
+            Gw::B => "xl-a",
+        };
+        let path = format!("/sys/class/net/{tun}/statistics/tx_packets");
+        let out = run(self.command_in(gw.host(), "cat").arg(path)).unwrap_or_default();
+        out.trim().parse().unwrap_or(u64::MAX)
+    }
+
     /// The last `lines` lines of a gateway's log.
     pub fn log_tail(&self, gw: Gw, lines: usize) -> String {
         let text = fs::read_to_string(self.log_path(gw)).unwrap_or_default();
