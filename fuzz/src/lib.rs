@@ -741,7 +741,10 @@ pub fn fec(input: &[u8]) -> Outcome {
                         return Err(format!("block {k}+{m}: packet {j} rebuilt wrong"));
                     }
                 }
-                if roomy && missing <= usize::from(m) && out.len() != missing {
+                // A block whose numbers pass u64::MAX is refused as a lie (a
+                // sender numbers from 0 and never gets there): no rebuild.
+                let wraps = seq.checked_add(u64::from(k)).is_none();
+                if roomy && !wraps && missing <= usize::from(m) && out.len() != missing {
                     return Err(format!(
                         "block {k}+{m}: {missing} missing, {} rebuilt",
                         out.len()
