@@ -941,7 +941,8 @@ fn lanes_keep_a_flow_on_one_thread_and_spread_many() {
     let mut lab = Lab::new(opts).unwrap();
     lab.start_gateways().unwrap();
     lab.wait_paths_up(Duration::from_secs(15)).unwrap();
-    // BFD can come up before the lane threads are started: wait for them.
+    // The forwarding workers (`fwd0`, `fwd1`: lane k of every peer runs
+    // on worker k) start with the daemon.
     for gw in [Gw::A, Gw::B] {
         let pid = lab.gateway_pid(gw).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -956,7 +957,7 @@ fn lanes_keep_a_flow_on_one_thread_and_spread_many() {
             let t = lab::thread_ticks(pid, "fwd");
             let lane = |k: usize| {
                 t.iter()
-                    .find(|(name, _)| name.starts_with(&format!("fwd{k}-")))
+                    .find(|(name, _)| *name == format!("fwd{k}"))
                     .map(|(_, v)| *v)
                     .unwrap_or_else(|| panic!("{gw}: no lane {k} thread in {t:?}"))
             };

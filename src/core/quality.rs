@@ -73,8 +73,9 @@ use std::time::{Duration, Instant};
 
 /// Every this many probes, one is large.
 pub const LARGE_EVERY: u64 = 10;
-/// Probes remembered for their replies (10 s at the default interval).
-const RING: usize = 1024;
+/// Probes remembered for their replies: 2.56 s at the default interval
+/// (10 ms), long past any use of a later reply; 12 KiB per path.
+const RING: usize = 256;
 /// Loss is counted in buckets of this length.
 const BUCKET: Duration = Duration::from_millis(50);
 /// The windows, in buckets, over which loss may degrade a path.

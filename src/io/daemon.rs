@@ -19,10 +19,10 @@
 use super::control_plane::{BfdThread, CommandLink, CommandQueue, Frozen, Meta, NewPath, Plan};
 use super::fastpath::FastPath;
 use super::lanes::{
-    self, FlowClaims, FlowTable, Lane, LaneReorder, PathIn, PathOut, SharedKeys, TunOut,
+    self, FlowClaims, FlowTable, Lane, LaneReorder, PathIn, PathOut, Serving, SharedKeys, Stopping,
+    TunOut, Workers,
 };
 use super::linkwatch::{self, LinkWatch, WatchedPath};
-use super::sys::Doorbell;
 use super::tun::Queue as SyncDevice;
 use super::upgrade::{self, Incoming, Inheritance, PathData, PeerData, Reply, Takeover};
 use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
@@ -49,7 +49,6 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::signal::unix::{signal, SignalKind};
@@ -100,6 +99,7 @@ fn default_mtu(w: &PeerConfig) -> u16 {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config_path: &Path) -> Result<(), DaemonError> {
+    sys::keep_big_allocations_lazy();
     // Started by `crosslink upgrade` to take over from a running daemon?
     let incoming = Incoming::from_env()
         .map_err(|e| DaemonError::Setup(format!("taking over from the running daemon: {e}")))?;
@@ -222,12 +222,6 @@ struct PathRun {
     bfd_fd: RawFd,
 }
 
-/// A running lane: its thread and the doorbell that stops it.
-struct LaneRun {
-    thread: JoinHandle<Lane>,
-    doorbell: Arc<Doorbell>,
-}
-
 /// A running peer: its TUN, forwarding lanes and paths.
 struct PeerRun {
     id: PeerId,
@@ -241,7 +235,10 @@ struct PeerRun {
     ifindex: u32,
     /// How many lanes (TUN queues) the peer has.
     lanes: usize,
-    running: Vec<LaneRun>,
+    /// Its lanes being served by the forwarding workers.
+    running: Vec<Serving>,
+    /// The forwarding workers.
+    workers: Arc<Workers>,
     /// The peer's keys, shared with its threads; swapped on reload.
     keys: SharedKeys,
     /// The lanes' state while they are stopped for a change.
@@ -271,6 +268,8 @@ struct Shared {
 struct Gateway {
     shared: Shared,
     peers: Vec<PeerRun>,
+    /// The forwarding threads, serving every peer's lanes.
+    workers: Arc<Workers>,
     /// Local addresses with a BFD receive socket (in the BFD thread), and
     /// the socket's descriptor.
     rx_ips: Vec<(IpAddr, RawFd)>,
@@ -405,6 +404,8 @@ async fn run_async(
             ),
         },
         peers: Vec::new(),
+        // As many workers as a peer has lanes by default: one per CPU.
+        workers: Arc::new(Workers::start(lanes::lanes_wanted())?),
         rx_ips: Vec::new(),
         hold_lanes: incoming.is_some(),
         // What systemd holds for us: taken out at the first store (see
@@ -431,6 +432,9 @@ async fn run_async(
     // What the configuration no longer has is closed (the old process's
     // copies close with it).
     gw.inherited = None;
+    // Starting many peers allocates and frees much (each path added
+    // restarts its peer's lanes).
+    sys::give_back_freed_memory();
     if !problems.is_empty() {
         if incoming.is_some() {
             // Nothing was sent on the handed-over sockets; the old process
@@ -616,6 +620,7 @@ async fn reload(path: &Path, running: &Config, gw: &mut Gateway) -> Option<Confi
         }
     }
     let problems = gw.apply(&new, secrets).await;
+    sys::give_back_freed_memory();
     metrics.set_reload_ok(problems.is_empty());
     if problems.is_empty() {
         info!("reload applied");
@@ -1059,7 +1064,6 @@ impl Gateway {
         let instance = (mix(self.shared.stamp_key ^ clock::nanos() ^ 0x6475_706c) >> 32) as u32;
         let peer_sequence = Arc::new(AtomicU64::new(0));
         let reorder_counters = Arc::new(ReorderCounters::default());
-        let doorbell = Arc::new(Doorbell::new()?);
         let claims = Arc::new(FlowClaims::new(queues.len()));
         let parked = queues
             .iter()
@@ -1087,7 +1091,6 @@ impl Gateway {
                     gso_cap: usize::MAX,
                 },
                 ins: Vec::new(),
-                doorbell: doorbell.clone(),
                 reorder: Arc::new(Mutex::new(LaneReorder::new(reorder_counters.clone()))),
             })
             .collect();
@@ -1101,6 +1104,7 @@ impl Gateway {
             ifindex: index,
             lanes: queues.len(),
             running: Vec::new(),
+            workers: self.workers.clone(),
             parked,
             paths: Vec::new(),
             dedup: Arc::new(Mutex::new(Window::new())),
@@ -1297,11 +1301,22 @@ fn open_path(
 impl PeerRun {
     /// Stops the lanes and keeps their state for a restart.
     fn park(&mut self) {
-        for lane in &self.running {
-            let _ = lane.doorbell.ring();
-        }
-        for lane in std::mem::take(&mut self.running) {
-            if let Ok(l) = lane.thread.join() {
+        let stopping = self.park_begin();
+        self.park_end(stopping);
+    }
+
+    /// Asks the workers for the lanes back (see [`PeerRun::park_end`]).
+    fn park_begin(&mut self) -> Vec<Stopping> {
+        std::mem::take(&mut self.running)
+            .into_iter()
+            .map(Serving::stop)
+            .collect()
+    }
+
+    /// Keeps the lanes given back, for a restart.
+    fn park_end(&mut self, stopping: Vec<Stopping>) {
+        for s in stopping {
+            if let Some(l) = s.wait() {
                 self.parked.push(l);
             }
         }
@@ -1309,24 +1324,12 @@ impl PeerRun {
 
     /// (Re)starts the lanes from their parked state.
     fn unpark(&mut self) -> io::Result<()> {
-        if self.parked.is_empty() {
-            return Ok(());
-        }
-        let doorbell = Arc::new(Doorbell::new()?);
         for mut lane in std::mem::take(&mut self.parked) {
-            lane.doorbell = doorbell.clone();
             lane.out.peer = self.id;
             for p in lane.ins.iter_mut().flatten() {
                 p.forwarding = Some((lane.out.forwarding.clone(), self.id));
             }
-            let name = format!("fwd{}-{}", lane.out.lane, self.config.name);
-            let thread = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || lane.run())?;
-            self.running.push(LaneRun {
-                thread,
-                doorbell: doorbell.clone(),
-            });
+            self.running.push(self.workers.serve(lane)?);
         }
         Ok(())
     }
@@ -1837,6 +1840,14 @@ impl Gateway {
         }
     }
 
+    /// Parks every peer's lanes, asking every worker at once.
+    fn park_all(&mut self) {
+        let stopping: Vec<Vec<Stopping>> = self.peers.iter_mut().map(PeerRun::park_begin).collect();
+        for (peer, s) in self.peers.iter_mut().zip(stopping) {
+            peer.park_end(s);
+        }
+    }
+
     fn unpark_all(&mut self) {
         for peer in &mut self.peers {
             if let Err(e) = peer.unpark() {
@@ -1961,9 +1972,7 @@ async fn hand_over(
     }
     // 3: stop, and hand over the state.
     let stopped = std::time::Instant::now();
-    for peer in &mut gw.peers {
-        peer.park();
-    }
+    gw.park_all();
     let parked = stopped.elapsed();
     let Some(frozen) = gw.shared.commands.freeze().await else {
         gw.unpark_all();

@@ -265,6 +265,149 @@ impl Doorbell {
     pub fn is_rung(&self) -> bool {
         self.rung.load(Ordering::Relaxed)
     }
+
+    /// Makes the doorbell quiet again (a doorbell that is rung for each
+    /// new thing to do, and cleared before the things are taken).
+    pub fn clear(&self) {
+        self.rung.store(false, Ordering::Relaxed);
+        let mut value: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64; the eventfd is
+        // non-blocking, so an unrung doorbell returns EAGAIN at once.
+        let _ = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut value as *mut u64).cast(),
+                size_of::<u64>(),
+            )
+        };
+    }
+}
+
+/// Keeps the allocator's threshold for mapping an allocation on its own
+/// at 128 KiB for good. glibc raises it, up to 32 MiB, each time such a
+/// mapping is freed, after which large buffers (a lane's receive batch,
+/// its TUN slots) come from the heap, where a zeroed allocation is cleared
+/// by hand and every page of it made resident at once; restarting a peer's
+/// lanes frees theirs. Fixed, they stay mapped fresh: their pages cost
+/// memory only once packets are written to them. Does nothing but on glibc.
+pub fn keep_big_allocations_lazy() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: sets an allocator parameter; called before the threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+/// Returns the allocator's free memory to the system (every arena's), so
+/// that what starting or reloading many peers allocated for a moment does
+/// not stay resident. Does nothing but on glibc.
+pub fn give_back_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: plain call into the allocator, which locks its arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// A level-triggered `epoll` set: what a forwarding worker waits on, with
+/// the descriptors of every lane it serves. Level-triggered (unlike
+/// `mio`'s edge-triggered registrations) because a lane reads one burst
+/// per source and round and relies on being told again about a source it
+/// has not emptied.
+pub struct Epoll {
+    fd: OwnedFd,
+    events: Vec<libc::epoll_event>,
+    /// How many of `events` the last wait filled.
+    ready: usize,
+    /// `epoll_pwait2` is there (until a call says otherwise).
+    pwait2: bool,
+}
+
+impl Epoll {
+    pub fn new(capacity: usize) -> io::Result<Epoll> {
+        // SAFETY: plain system call; the result is checked before use.
+        let fd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        Ok(Epoll {
+            // SAFETY: fd is a fresh descriptor that nothing else owns.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; capacity.max(1)],
+            ready: 0,
+            pwait2: true,
+        })
+    }
+
+    /// Watches `fd` for input, reported with `token`.
+    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: ev lives across the call; the kernel copies it.
+        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })
+            .map(drop)
+    }
+
+    /// Stops watching `fd`.
+    pub fn remove(&self, fd: RawFd) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: as in `add` (Linux before 2.6.9 wanted a non-null event).
+        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut ev) })
+            .map(drop)
+    }
+
+    /// Waits until a descriptor is ready or `timeout` passes; an
+    /// interrupted wait returns as if it timed out. The timeout has
+    /// nanosecond precision (`epoll_pwait2`, Linux 5.11+), or is rounded
+    /// up to the millisecond on older kernels.
+    pub fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        let len = self.events.len().min(i32::MAX as usize) as libc::c_int;
+        let mut r = if self.pwait2 {
+            // SAFETY: the buffer and its length match and live across the
+            // call, as does ts; no signal mask (null, size 0).
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_epoll_pwait2,
+                    self.fd.as_raw_fd(),
+                    self.events.as_mut_ptr(),
+                    len,
+                    &ts as *const libc::timespec,
+                    std::ptr::null::<libc::sigset_t>(),
+                    0usize,
+                )
+            };
+            r as libc::c_int
+        } else {
+            -2
+        };
+        if r == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            self.pwait2 = false;
+            r = -2;
+        }
+        if r == -2 {
+            let ms = timeout.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as libc::c_int;
+            // SAFETY: as above.
+            r = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), self.events.as_mut_ptr(), len, ms) };
+        }
+        if r < 0 {
+            self.ready = 0;
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            return Ok(());
+        }
+        self.ready = r as usize;
+        Ok(())
+    }
+
+    /// The tokens of the descriptors the last wait found ready.
+    pub fn ready(&self) -> impl Iterator<Item = u64> + '_ {
+        self.events.iter().take(self.ready).map(|e| e.u64)
+    }
 }
 
 impl AsRawFd for Doorbell {

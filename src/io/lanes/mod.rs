@@ -1,11 +1,13 @@
 //! The forwarding threads: the lanes.
 //!
-//! A peer has one [`Lane`] per queue of its (multiqueue) TUN, each a
-//! thread `fwd<n>-<peer>` that carries both directions of its flows: the
-//! kernel puts a flow's packets in the queue that last wrote packets of
+//! A peer has one [`Lane`] per queue of its (multiqueue) TUN, which
+//! carries both directions of its flows: the kernel puts a flow's packets in the queue that last wrote packets of
 //! the same flow, and the far gateway hands each datagram to the lane it
 //! names (see [`Lane`]). A lane has two halves, each in a file of its own:
-//! `send.rs` and `recv.rs`; `flows.rs` keeps the flows it has seen.
+//! `send.rs` and `recv.rs`; `flows.rs` keeps the flows it has seen. The
+//! lanes run on a fixed set of threads, the [`Workers`] (`worker.rs`):
+//! lane `k` of every peer on worker `k`, so the threads do not grow with
+//! the number of peers.
 //!
 //! The sending half ([`TunOut`]) reads the lane's TUN queue, asks the
 //! current forwarding snapshot where the flow goes ([`classify`]), writes
@@ -63,7 +65,6 @@
 //! [`SEND_ERROR_REPORT_INTERVAL`]), which marks the path suspect.
 
 use super::control_plane::{Command, CommandLink};
-use super::sys::{Doorbell, PollSet};
 use super::{clock, sys, udp};
 use crate::config::Policy;
 use crate::core::aggregate::Scheduler;
@@ -92,22 +93,22 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, IoSlice};
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{debug, error, info};
+use tracing::{debug, info};
 // A TUN queue (the lanes keep the name tun-rs gave the type).
 use super::tun::Queue as SyncDevice;
 
 mod flows;
 mod recv;
 mod send;
+mod worker;
 
 pub use flows::{FlowClaims, FlowTable};
-use recv::RxState;
 pub use recv::{PathIn, HANDSHAKE_RATE};
 pub use send::{PathOut, TunOut, SEND_ERROR_REPORT_INTERVAL};
+pub use worker::{Serving, Stopping, Workers};
 
 /// Largest datagram handled (inner packet plus overlay header).
 pub const BUF_LEN: usize = 65_535 + HEADROOM + TRAILER;
@@ -120,8 +121,7 @@ pub type SharedKeys = Arc<ArcSwapOption<Keys>>;
 const POLL_EVERY: u32 = 4;
 /// How often idle flows are expired and per-path flow counts published.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// A forwarding lane of a peer: one thread that reads its queue of the
-/// peer's TUN and sends on the paths ([`TunOut`]), and receives on its
+/// A forwarding lane of a peer: it reads its queue of the peer's TUN and sends on the paths ([`TunOut`]), and receives on its
 /// socket of every path and writes to the same queue ([`PathIn`]).
 ///
 /// Both directions of a flow stay with one lane: the TUN puts a flow's
@@ -131,21 +131,19 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// hand it to the lane of the same number ([`crate::io::udp::data_sockets`]).
 /// So a TCP acknowledgement that writing a burst to the TUN produces is
 /// waiting in the lane's queue when the write returns, and goes out without
-/// waking another thread. A flow that first meets a gateway with another
+/// waking another thread (a lane runs on one worker). A flow that first meets a gateway with another
 /// lane count moves once, to the lane its datagrams come back on, and stays.
 ///
-/// While there is traffic the lane reads again, without a `poll`, the
+/// While there is traffic its worker reads again, without a wait, the
 /// sources (its TUN queue, its sockets) that gave something in the last
-/// round, and looks at the others with a `poll` that does not wait every
-/// `POLL_EVERY` rounds; once a round finds nothing it sleeps in `poll`
-/// until a source, a timer or the doorbell wakes it.
+/// round, and looks at the others with a wait that does not wait every
+/// `POLL_EVERY` rounds; once a round finds nothing anywhere it sleeps in
+/// `epoll` until a source, a timer or an order wakes it.
 pub struct Lane {
     pub out: TunOut,
     /// This lane's end of each path, by path id (`None`: no such path, or
     /// the path has one socket, which lane 0 reads).
     pub ins: Vec<Option<PathIn>>,
-    /// Rung to stop the lane.
-    pub doorbell: Arc<Doorbell>,
     /// The lane's resequencer, shared by its ends of the paths.
     pub reorder: Arc<Mutex<LaneReorder>>,
 }
@@ -234,128 +232,6 @@ impl Drop for LaneReorder {
             .fetch_sub(self.occupancy.0 as u64, Ordering::Relaxed);
         c.occupancy_bytes
             .fetch_sub(self.occupancy.1 as u64, Ordering::Relaxed);
-    }
-}
-
-impl Lane {
-    /// Forwards until the doorbell rings; gives itself back so that a
-    /// reload can restart it with a changed path table (sequence numbers,
-    /// replay windows and flows kept).
-    ///
-    /// Each round takes one burst from each source that is ready or was
-    /// in the last round.
-    pub fn run(mut self) -> Lane {
-        let mut tx = self.out.start();
-        let mut rx: Vec<Option<RxState>> = self
-            .ins
-            .iter()
-            .map(|p| p.as_ref().map(PathIn::start))
-            .collect();
-        let present: Vec<usize> = (0..self.ins.len())
-            .filter(|&i| self.ins.get(i).is_some_and(Option::is_some))
-            .collect();
-        let mut set = PollSet::default();
-        set.watch(
-            [self.doorbell.as_raw_fd(), self.out.tun.as_raw_fd()]
-                .into_iter()
-                .chain(present.iter().filter_map(|&i| {
-                    let p = self.ins.get(i)?.as_ref()?;
-                    Some(p.socket.as_raw_fd())
-                })),
-        );
-        let mut next_sweep = clock::now() + SWEEP_EVERY;
-        // Sources (0: the TUN queue, 1 + k: socket k) that gave something
-        // in the last round, and rounds since the last poll.
-        let sources = 1 + present.len();
-        let mut hot = vec![false; sources];
-        let mut unpolled = 0;
-        loop {
-            let now = clock::now();
-            if now >= next_sweep {
-                next_sweep = now + SWEEP_EVERY;
-                self.out.flows.sweep(now, &mut self.out.paths);
-            }
-            let mut next = next_sweep;
-            for (p, r) in self.ins.iter_mut().zip(rx.iter_mut()) {
-                if let (Some(p), Some(r)) = (p, r) {
-                    next = next.min(p.tick(r, now));
-                }
-            }
-            // A gap that waited its bound: what it held goes out through
-            // the first end of a path (any writes to the lane's queue).
-            let due = self.reorder.lock().r.poll_timeout();
-            if let Some(due) = due {
-                if due <= now {
-                    let first = self
-                        .ins
-                        .iter_mut()
-                        .zip(rx.iter_mut())
-                        .find_map(|(p, r)| Some((p.as_mut()?, r.as_mut()?)));
-                    if let Some((p, r)) = first {
-                        p.give_up_gaps(r, now);
-                    }
-                    if let Some(d) = self.reorder.lock().r.poll_timeout() {
-                        next = next.min(d);
-                    }
-                } else {
-                    next = next.min(due);
-                }
-            }
-            // A FEC block open for its whole hold: closed, its parity sent.
-            if let Some(due) = self.out.fec_deadline() {
-                if due <= now {
-                    self.out.fec_tick(&mut tx, now);
-                }
-                if let Some(d) = self.out.fec_deadline() {
-                    next = next.min(d);
-                }
-            }
-            let busy = hot.contains(&true);
-            if !busy || unpolled >= POLL_EVERY {
-                // Idle: sleep until something is ready. Busy: look (without
-                // waiting) at the sources that gave nothing last round too.
-                let wait = match busy {
-                    true => Duration::ZERO,
-                    false => next.saturating_duration_since(now),
-                };
-                if let Err(e) = set.wait(Some(wait)) {
-                    error!(error = %e, "poll failed; forwarding for this lane stopped");
-                    return self;
-                }
-                if set.ready(0) || self.doorbell.is_rung() {
-                    return self;
-                }
-                for (i, h) in hot.iter_mut().enumerate() {
-                    *h = *h || set.ready(1 + i);
-                }
-                unpolled = 0;
-            } else {
-                unpolled += 1;
-            }
-            // Sockets first: what a write to the TUN makes the local stack
-            // send back (a TCP acknowledgement, the next data a sender had
-            // waiting for one) is in the TUN queue when the write returns,
-            // and leaves in the same round.
-            let mut wrote = false;
-            for (k, &i) in present.iter().enumerate() {
-                let Some(h) = hot.get_mut(1 + k).filter(|h| **h) else {
-                    continue;
-                };
-                if let (Some(Some(p)), Some(Some(r))) = (self.ins.get_mut(i), rx.get_mut(i)) {
-                    *h = p.turn(r) > 0;
-                    wrote |= *h;
-                }
-            }
-            if wrote || hot.first().copied().unwrap_or(false) {
-                match self.out.turn(&mut tx) {
-                    Ok(n) => hot[0] = n > 0,
-                    Err(e) => {
-                        error!(error = %e, "TUN read failed; forwarding for this lane stopped");
-                        return self;
-                    }
-                }
-            }
-        }
     }
 }
 

@@ -99,7 +99,6 @@ const SETTLED_FOR: Duration = Duration::from_millis(250);
 /// What a lane's receiving end of a path works with between turns:
 /// buffers allocated once.
 pub(super) struct RxState {
-    pub(super) batch: sys::RecvBatch,
     pub(super) out: TunWriter,
     /// The inner packets of a burst: (message, range in it, whether the
     /// sender vouched for its checksum, whether it is longer than the TUN's
@@ -136,11 +135,11 @@ impl PathIn {
             "receiving into the TUN"
         );
         RxState {
-            batch: sys::RecvBatch::new(RX_BATCH, BUF_LEN),
             out,
-            inner: Vec::with_capacity(RX_BATCH * 64),
-            spare: Vec::with_capacity(RX_BATCH * 64),
-            trusted: Vec::with_capacity(RX_BATCH * 64),
+            // Grown by the first bursts and kept: an idle peer's are empty.
+            inner: Vec::new(),
+            spare: Vec::new(),
+            trusted: Vec::new(),
             probe: vec![0; (self.large_probe + TRAILER).max(HEADROOM + TRAILER + ProbeReport::LEN)],
         }
     }
@@ -177,11 +176,12 @@ impl PathIn {
         }
     }
 
-    /// Takes what the socket holds (a burst per `recvmmsg`, without
-    /// waiting) and writes the inner packets to the TUN.
-    pub(super) fn turn(&mut self, rx: &mut RxState) -> usize {
+    /// Takes what the socket holds (a burst per `recvmmsg` into `batch`,
+    /// without waiting) and writes the inner packets to the TUN. The batch
+    /// is the worker's, lent to each lane in turn: nothing in it outlives
+    /// the turn (what the resequencer holds is copied).
+    pub(super) fn turn(&mut self, rx: &mut RxState, batch: &mut sys::RecvBatch) -> usize {
         let RxState {
-            batch,
             out,
             inner,
             spare,

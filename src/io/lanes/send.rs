@@ -131,7 +131,7 @@ impl TunOut {
             "sending from the TUN"
         );
         TxState {
-            parity: vec![0u8; BUF_LEN],
+            parity: Vec::new(),
             spare: vec![0u8; reader.slot_len],
             pending: Vec::with_capacity(reader.slots.len()),
             batch: sys::SendBatch::new(gso),
@@ -244,9 +244,14 @@ impl TunOut {
     /// Frames and sends the parity waiting in `fec_out`, each on the best
     /// path other than the last data packet's (the same one when it is
     /// the only one), numbered and sealed as data are.
-    fn send_parity(&mut self, turn: &Turn, buf: &mut [u8], batch: &mut sys::SendBatch) {
+    fn send_parity(&mut self, turn: &Turn, buf: &mut Vec<u8>, batch: &mut sys::SendBatch) {
         if self.fec_out.is_empty() {
             return;
+        }
+        // Allocated at the first parity: a lane that never codes keeps
+        // none (memory per peer).
+        if buf.len() < BUF_LEN {
+            buf.resize(BUF_LEN, 0);
         }
         let sel = turn.forwarding.peers.get(usize::from(self.peer.0));
         let ordered = sel.is_some_and(|s| s.policy == Policy::Aggregate);
@@ -703,6 +708,45 @@ pub(super) enum Read {
     Slot(usize, usize, bool),
 }
 
+/// Equal buffers cut from one allocation.
+///
+/// One allocation rather than one per buffer: a large zeroed allocation
+/// is mapped fresh by the allocator (see [`crate::io::sys::keep_big_allocations_lazy`])
+/// and its pages are only made resident when a packet is written to them,
+/// so the buffers of a lane that carries little cost little memory; a
+/// small one is zeroed by hand, every page of it at once.
+pub(super) struct Chunks {
+    data: Vec<u8>,
+    len: usize,
+}
+
+impl Chunks {
+    pub(super) fn new(count: usize, len: usize) -> Chunks {
+        Chunks {
+            data: vec![0u8; count * len],
+            len,
+        }
+    }
+
+    /// How many buffers there are.
+    pub(super) fn len(&self) -> usize {
+        match self.len {
+            0 => 0,
+            n => self.data.len() / n,
+        }
+    }
+
+    pub(super) fn get(&self, i: usize) -> Option<&[u8]> {
+        self.data
+            .get(i.checked_mul(self.len)?..(i + 1).checked_mul(self.len)?)
+    }
+
+    pub(super) fn get_mut(&mut self, i: usize) -> Option<&mut [u8]> {
+        let at = i.checked_mul(self.len)?..(i + 1).checked_mul(self.len)?;
+        self.data.get_mut(at)
+    }
+}
+
 /// Where a sending thread reads its TUN into and frames its datagrams:
 /// buffers allocated once.
 ///
@@ -717,9 +761,9 @@ pub(super) enum Read {
 /// a whole packet of the MTU and the tag behind.
 pub(super) struct TunReader {
     pub(super) offload: bool,
-    pub(super) supers: Vec<Vec<u8>>,
+    pub(super) supers: Chunks,
     pub(super) super_lens: Vec<usize>,
-    pub(super) slots: Vec<Vec<u8>>,
+    pub(super) slots: Chunks,
     pub(super) slot_len: usize,
     /// This turn's reads, in order.
     pub(super) reads: Vec<Read>,
@@ -744,11 +788,9 @@ impl TunReader {
         };
         TunReader {
             offload,
-            supers: (0..supers)
-                .map(|_| vec![0u8; VNET_HDR_LEN + usize::from(u16::MAX)])
-                .collect(),
+            supers: Chunks::new(supers, VNET_HDR_LEN + usize::from(u16::MAX)),
             super_lens: vec![0; supers],
-            slots: (0..count).map(|_| vec![0u8; slot_len]).collect(),
+            slots: Chunks::new(count, slot_len),
             slot_len,
             reads: Vec::with_capacity(count),
             used: 0,
@@ -773,7 +815,7 @@ impl TunReader {
                 break;
             }
             let buf = match self.offload {
-                true => self.supers.get_mut(supers).map(|b| b.as_mut_slice()),
+                true => self.supers.get_mut(supers),
                 false => self
                     .slots
                     .get_mut(self.used)
@@ -904,11 +946,7 @@ impl TunReader {
 }
 
 /// The packet in super-packet buffer `s` (behind its virtio-net header).
-pub(super) fn super_packet<'a>(
-    supers: &'a [Vec<u8>],
-    lens: &[usize],
-    s: usize,
-) -> Option<&'a [u8]> {
+pub(super) fn super_packet<'a>(supers: &'a Chunks, lens: &[usize], s: usize) -> Option<&'a [u8]> {
     supers.get(s)?.get(VNET_HDR_LEN..*lens.get(s)?)
 }
 
