@@ -105,7 +105,7 @@ fn run_one(n: usize, args: &Args) {
         .collect();
     let bfd_tids: Vec<Option<u32>> = pids.iter().map(|&p| scale::threads(p, "bfd").1).collect();
     let cpu = |i: usize| bfd_tids[i].and_then(|t| scale::thread_cpu(pids[i], t));
-    let st = |g| s.lab.poll(g).expect("status");
+    let st = |g| status_of(&s.lab, g);
     let f_start = [scale::failures(&st(Gw::A)), scale::failures(&st(Gw::B))];
     let cpu0: Vec<Option<f64>> = (0..pids.len()).map(cpu).collect();
     let t0 = Instant::now();
@@ -152,13 +152,13 @@ fn run_one(n: usize, args: &Args) {
     let scrape_kb = scrapes.first().map_or(0, |x| x.1) / 1024;
 
     // A reload that changes the last peer only.
-    let before_reload = scale::failures(&s.lab.poll(Gw::A).expect("status"));
+    let before_reload = scale::failures(&status_of(&s.lab, Gw::A));
     let transitions = |v: &serde_json::Value| -> Vec<u64> {
         scale::paths(v)
             .map(|p| p["bfd"]["transitions"].as_u64().unwrap_or(0))
             .collect()
     };
-    let tr0 = transitions(&s.lab.poll(Gw::A).expect("status"));
+    let tr0 = transitions(&status_of(&s.lab, Gw::A));
     let applied = std::fs::read_to_string(s.lab.log_path(Gw::A))
         .unwrap_or_default()
         .matches("reload applied")
@@ -174,12 +174,9 @@ fn run_one(n: usize, args: &Args) {
         Duration::from_secs(30),
     );
     std::thread::sleep(Duration::from_millis(300));
-    let tr1 = transitions(&s.lab.poll(Gw::A).expect("status"));
+    let tr1 = transitions(&status_of(&s.lab, Gw::A));
     let moved = tr0.iter().zip(&tr1).filter(|(a, b)| a != b).count();
-    let reload_downs = scale::grown(
-        &before_reload,
-        &scale::failures(&s.lab.poll(Gw::A).expect("status")),
-    );
+    let reload_downs = scale::grown(&before_reload, &scale::failures(&status_of(&s.lab, Gw::A)));
 
     // One peer's path fails while the others run.
     let failovers = std::fs::read_to_string(s.lab.log_path(Gw::A))
@@ -212,10 +209,12 @@ fn run_one(n: usize, args: &Args) {
          threads {threads:?}; RSS {rss:?}\n  \
          worst tx gap {gap:.1} ms; false downs: {downs_total} since start, {downs_window} in the window\n  \
          status (socket) {status_ms:.1} ms, `crosslink status` {table_ms:.1} ms, /metrics scrape {scrape_ms:.1} ms ({scrape_kb} KB)\n  \
-         reload of one peer: applied after {reload}, {moved} sessions of gw-a changed state, failures {reload_downs:?}\n  \
-         one path failed (p{last}/l1): gw-a {det} (seen after {seen}), other sessions failed: {others:?}",
+         reload of one peer: applied after {reload}, {moved} sessions of gw-a changed state, failures {reload_downs}\n  \
+         one path failed (p{last}/l1): gw-a {det} (seen after {seen}), other sessions failed: {others}",
         sessions = 2 * n,
         last = n - 1,
+        reload_downs = brief(&reload_downs),
+        others = brief(&others),
         bin = args.bin,
         ca = cpu_pct.first().map_or("?", String::as_str),
         cb = cpu_pct.get(1).map_or("?", String::as_str),
@@ -240,4 +239,27 @@ fn main() {
     for &n in &args.peers {
         run_one(n, &args);
     }
+}
+
+/// A list of sessions, its first few only when it is long.
+fn brief(v: &[String]) -> String {
+    const SHOWN: usize = 8;
+    match v.len() {
+        0..=SHOWN => format!("{v:?}"),
+        n => format!("{n}, first {:?}", &v[..SHOWN]),
+    }
+}
+
+/// A gateway's status document; asked again (up to 10 times) when a loaded
+/// host makes the control socket's read time out.
+fn status_of(lab: &crosslink::lab::Lab, gw: Gw) -> serde_json::Value {
+    let mut last = None;
+    for _ in 0..10 {
+        match lab.poll(gw) {
+            Ok(v) => return v,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("status of {gw}: {last:?}")
 }

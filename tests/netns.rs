@@ -131,13 +131,14 @@ fn fast_path_balances_flows_and_fails_over() {
     // Both ends must see both paths up before the flows start.
     std::thread::sleep(Duration::from_millis(500));
     let tun_before = lab.tun_tx_packets(Gw::A);
-    let iperf = lab.start_iperf3(8, 4).unwrap();
+    // 16 flows: with 8, all of them hash to one path once in 128 runs.
+    let iperf = lab.start_iperf3(16, 4).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let (p1, p2) = tx_growth(&lab, Duration::from_secs(1));
     let rate = iperf.finish().unwrap_or(0.0);
     let through_lanes = lab.tun_tx_packets(Gw::A).saturating_sub(tun_before);
     lab::say(&format!(
-        "REPORT fast path balance: 8 TCP flows at {:.0} Mbit/s, gw-a sent path1 +{p1} path2 +{p2} datagrams in 1 s, {through_lanes} packets through the lanes",
+        "REPORT fast path balance: 16 TCP flows at {:.0} Mbit/s, gw-a sent path1 +{p1} path2 +{p2} datagrams in 1 s, {through_lanes} packets through the lanes",
         rate / 1e6
     ));
     assert!(rate > 0.0, "iperf3 moved nothing");

@@ -48,6 +48,11 @@ fn stall_probe(stop: Arc<AtomicBool>, worst: Arc<AtomicU64>) -> std::thread::Joi
     })
 }
 
+/// Threads a daemon may have whatever its number of peers: main, the
+/// runtime's two, `bfd`, `bfd-helper`, `log` and the forwarding workers
+/// (one per CPU, at most 4, or `CROSSLINK_LANES`), with room to spare.
+const MAX_THREADS: usize = 16;
+
 #[test]
 fn many_peers_come_up_and_stay_up_and_one_failure_stays_alone() {
     if !netns_allowed("many_peers_come_up_and_stay_up_and_one_failure_stays_alone") {
@@ -84,6 +89,24 @@ fn many_peers_come_up_and_stay_up_and_one_failure_stays_alone() {
         })
         .collect();
     let stalled_quiet = worst.load(Ordering::Relaxed);
+    // The forwarding threads are a fixed set of workers, whatever the
+    // number of peers (two lanes per peer would be 2N threads).
+    let threads: Vec<(usize, Option<f64>)> = Gw::ALL
+        .iter()
+        .map(|&g| {
+            let pid = s.lab.gateway_pid(g).expect("gateway pid");
+            (scale::threads(pid, "bfd").0, scale::rss_mb(pid))
+        })
+        .collect();
+    say(&format!(
+        "netns_scale: threads and resident MB per gateway with {n} peers: {threads:?}"
+    ));
+    for (count, _) in &threads {
+        assert!(
+            *count <= MAX_THREADS,
+            "{count} threads with {n} peers: the threads grow with the peers"
+        );
+    }
 
     // One peer's path breaks: gw-b's address of the last peer's l1 goes
     // away (a secondary address: deleting the subnet's primary one would

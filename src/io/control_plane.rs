@@ -370,6 +370,14 @@ enum HelperRequest {
 /// The poll token of the wake-up socket; the receive sockets' tokens are
 /// their index in [`BfdThread::rx`].
 const WAKE: Token = Token(usize::MAX);
+/// From this many sessions on, the BFD thread wakes at most once per
+/// [`COALESCE`]: with hundreds of sessions at 10 ms a packet arrives every
+/// few microseconds, and waking for each (a wait, a switch, one packet)
+/// cost a sixth of the thread's time at 400 sessions. What arrives or
+/// falls due meanwhile is handled together, at most that much later: far
+/// inside the 75-100 % transmit jitter and the detection time.
+const COALESCE_FROM: usize = 64;
+const COALESCE: Duration = Duration::from_micros(500);
 
 /// Does, in the order asked, what the BFD thread must not wait for: TUN
 /// carriers (the ioctl takes the kernel's rtnl lock, which other work, on
@@ -432,7 +440,14 @@ impl BfdThread {
         self.register_rx(&poll);
         let mut events = Events::with_capacity(1024);
         let mut buf = vec![0u8; 2048];
+        let mut woke = clock::now();
         loop {
+            if self.engine.paths().len() >= COALESCE_FROM {
+                let since = clock::now().saturating_duration_since(woke);
+                if let Some(rest) = COALESCE.checked_sub(since) {
+                    std::thread::sleep(rest);
+                }
+            }
             let now = clock::now();
             if !self.held {
                 self.engine.handle_timeout(now);
@@ -455,7 +470,7 @@ impl BfdThread {
                 }
                 continue;
             }
-            let woke = clock::now();
+            woke = clock::now();
             if let Some(late) = timeout
                 .and_then(|t| woke.saturating_duration_since(before_wait).checked_sub(t))
                 .filter(|l| *l >= STALL)

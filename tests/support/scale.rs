@@ -95,6 +95,35 @@ impl ScaleLab {
             let text = config_text(&lab, gw, peers, None);
             lab.write_config(gw, &text).expect("config");
         }
+        // The far gateway's addresses as permanent neighbours: with 2N
+        // addresses on each side, resolved entries pass the kernel's
+        // neighbour table limits (gc_thresh2 512, gc_thresh3 1024, shared by
+        // every namespace), which then drops packets ("neighbor table
+        // overflow") and churns entries. Permanent entries are not counted
+        // against them (Linux 4.19+), and no host-wide setting changes.
+        for gw in Gw::ALL {
+            let other = gw.other();
+            let mut batch = String::new();
+            for p in [1u8, 2] {
+                let dev = format!("path{p}");
+                let mac = lab
+                    .ip_in(other.host(), &["-j", "link", "show", "dev", &dev])
+                    .ok()
+                    .and_then(|out| serde_json::from_str::<Value>(&out).ok())
+                    .and_then(|v| v[0]["address"].as_str().map(str::to_string))
+                    .expect("the far gateway's path MAC");
+                for i in 0..peers {
+                    batch.push_str(&format!(
+                        "neigh replace {} lladdr {mac} dev {dev} nud permanent\n",
+                        addr(other, i, p)
+                    ));
+                }
+            }
+            let file = lab.dir().join(format!("neigh-{gw}.batch"));
+            std::fs::write(&file, batch).expect("write batch");
+            lab.ip_in(gw.host(), &["-batch", file.to_str().expect("utf-8 path")])
+                .expect("neighbours");
+        }
         ScaleLab {
             lab,
             peers,
