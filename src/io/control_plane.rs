@@ -373,7 +373,7 @@ const WAKE: Token = Token(usize::MAX);
 /// From this many sessions on, the BFD thread wakes at most once per
 /// [`COALESCE`]: with hundreds of sessions at 10 ms a packet arrives every
 /// few microseconds, and waking for each (a wait, a switch, one packet)
-/// cost a sixth of the thread's time at 400 sessions. What arrives or
+/// cost about a third of the thread's time at 400 sessions. What arrives or
 /// falls due meanwhile is handled together, at most that much later: far
 /// inside the 75-100 % transmit jitter and the detection time.
 const COALESCE_FROM: usize = 64;

@@ -219,7 +219,8 @@ pub fn wait_readable(
     Ok(())
 }
 
-/// An `eventfd` that, once rung, stays readable: the lane's stop signal.
+/// An `eventfd` doorbell: once rung it stays readable until cleared (a
+/// forwarding worker's inbox rings it for each order).
 #[derive(Debug)]
 pub struct Doorbell {
     fd: OwnedFd,

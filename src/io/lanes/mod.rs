@@ -1,10 +1,10 @@
 //! The forwarding threads: the lanes.
 //!
 //! A peer has one [`Lane`] per queue of its (multiqueue) TUN, which
-//! carries both directions of its flows: the kernel puts a flow's packets in the queue that last wrote packets of
-//! the same flow, and the far gateway hands each datagram to the lane it
-//! names (see [`Lane`]). A lane has two halves, each in a file of its own:
-//! `send.rs` and `recv.rs`; `flows.rs` keeps the flows it has seen. The
+//! carries both directions of its flows: the kernel puts a flow's packets
+//! in the queue that last wrote packets of the same flow, and the far
+//! gateway hands each datagram to the lane it names (see [`Lane`]). A lane
+//! has two halves, each in a file of its own: `send.rs` and `recv.rs`; `flows.rs` keeps the flows it has seen. The
 //! lanes run on a fixed set of threads, the [`Workers`] (`worker.rs`):
 //! lane `k` of every peer on worker `k`, so the threads do not grow with
 //! the number of peers.
@@ -121,8 +121,9 @@ pub type SharedKeys = Arc<ArcSwapOption<Keys>>;
 const POLL_EVERY: u32 = 4;
 /// How often idle flows are expired and per-path flow counts published.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// A forwarding lane of a peer: it reads its queue of the peer's TUN and sends on the paths ([`TunOut`]), and receives on its
-/// socket of every path and writes to the same queue ([`PathIn`]).
+/// A forwarding lane of a peer: it reads its queue of the peer's TUN and
+/// sends on the paths ([`TunOut`]), and receives on its socket of every
+/// path and writes to the same queue ([`PathIn`]).
 ///
 /// Both directions of a flow stay with one lane: the TUN puts a flow's
 /// packets in the queue that last wrote the flow's packets (the kernel's
@@ -131,8 +132,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// hand it to the lane of the same number ([`crate::io::udp::data_sockets`]).
 /// So a TCP acknowledgement that writing a burst to the TUN produces is
 /// waiting in the lane's queue when the write returns, and goes out without
-/// waking another thread (a lane runs on one worker). A flow that first meets a gateway with another
-/// lane count moves once, to the lane its datagrams come back on, and stays.
+/// waking another thread (a lane runs on one worker). A flow that first
+/// meets a gateway with another lane count moves once, to the lane its
+/// datagrams come back on, and stays.
 ///
 /// While there is traffic its worker reads again, without a wait, the
 /// sources (its TUN queue, its sockets) that gave something in the last

@@ -118,11 +118,6 @@ impl Workers {
         Ok(w)
     }
 
-    /// How many workers there are.
-    pub fn count(&self) -> usize {
-        self.inboxes.len()
-    }
-
     /// Hands `lane` to its worker (lane `k` to worker `k mod count`).
     pub fn serve(&self, lane: Lane) -> io::Result<Serving> {
         let k = lane.out.lane % self.inboxes.len().max(1);
@@ -355,8 +350,9 @@ impl Worker {
                 if !r.busy() {
                     continue;
                 }
-                // Its timers (a gap to give up, a probe) may have moved.
-                r.due = clock::now();
+                // Its timers (a gap to give up, a probe) may have moved:
+                // looked at in the next round.
+                r.due = now;
                 if let Err(e) = r.round(&mut self.batch) {
                     error!(error = %e, peer = r.lane.out.peer.0, lane = r.lane.out.lane,
                         "TUN read failed; forwarding for this lane stopped");
