@@ -546,7 +546,7 @@ pub fn quality(input: &[u8]) -> Outcome {
         if let Some(sample) = prober.handle_reply(probe.seq, report, local, now) {
             q.handle_sample(&sample);
         }
-        q.evaluate(now);
+        q.evaluate(now, step[0] & 0x80 != 0);
         if let Some(t) = q.poll_timeout() {
             if t + Duration::from_secs(3600) < now {
                 return Err(format!("deadline {:?} before now", now - t));

@@ -47,8 +47,11 @@ pub const MIN_WAIT: Duration = Duration::from_millis(5);
 pub const MAX_WAIT: Duration = Duration::from_millis(200);
 /// The automatic wait's margin over the paths' delay difference.
 pub const WAIT_MARGIN: Duration = Duration::from_millis(5);
-/// How long a queue seen behind a probe marks the path as congested.
-pub const CONGESTION_MEMORY: Duration = Duration::from_secs(2);
+/// How long a queue seen behind a probe marks the path as congested: a
+/// little longer than a loss stays in path quality's windows, so that
+/// what the queue lost is out of them before the queue is forgotten.
+pub const CONGESTION_MEMORY: Duration =
+    Duration::from_millis(crate::core::quality::LOSS_HORIZON.as_millis() as u64 + 500);
 /// The model's queue of a path never holds more than this much time.
 const MAX_BACKLOG: f64 = 0.5;
 

@@ -999,18 +999,15 @@ impl Engine {
         let Some(path) = self.paths.get_mut(usize::from(id.0)) else {
             return;
         };
-        let Some(transition) = path.quality.evaluate(now) else {
+        // Loss behind a queue that the path's own data built is congestion
+        // (TCP and the `aggregate` scheduler handle it), not a sick path:
+        // measured and reported, but the path is not degraded for it.
+        let congested = path.estimate.congested(now);
+        let Some(transition) = path.quality.evaluate(now, congested) else {
             return;
         };
         let (peer, loss) = (path.peer, path.quality.loss_tx(now));
-        // Loss behind a queue that the path's own data built is congestion
-        // (TCP and the `aggregate` scheduler handle it), not a sick path:
-        // measured and reported, but nothing moves for it.
-        let congested = path.estimate.congested(now);
-        let degraded = path
-            .quality
-            .degraded()
-            .filter(|r| !(congested && *r == Reason::Loss));
+        let degraded = path.quality.degraded();
         self.events.push_back(Event::Quality {
             path: id,
             transition,

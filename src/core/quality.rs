@@ -80,6 +80,8 @@ const RING: usize = 256;
 const BUCKET: Duration = Duration::from_millis(50);
 /// The windows, in buckets, over which loss may degrade a path.
 const TRIGGER_WINDOWS: [usize; 4] = [2, 6, 20, 60];
+/// The longest of them (3 s): a loss stays in a trigger window this long.
+pub const LOSS_HORIZON: Duration = Duration::from_millis(50 * 60);
 /// The window, in buckets, over which a recovering path's loss is judged
 /// and the status reports loss.
 const GOOD_WINDOW: usize = 60;
@@ -867,7 +869,7 @@ impl Quality {
 
     /// What degrades the path now, if anything (MTU before loss, so that
     /// the losses of a black hole are named for it).
-    fn trigger(&self, now: Instant) -> Option<Reason> {
+    fn trigger(&self, now: Instant, congested: bool) -> Option<Reason> {
         if self.large_lost_run >= MTU_RUN {
             return Some(Reason::Mtu);
         }
@@ -879,6 +881,12 @@ impl Quality {
                 // the losses are large packets', an MTU black hole.
                 if self.large_lost_run >= 2 && self.sums(now, 20).probe_lost == 0 {
                     return Some(Reason::Mtu);
+                }
+                // Loss behind a queue of the path's own data is congestion
+                // (TCP's signal, the `aggregate` scheduler's to handle), not
+                // a sick path.
+                if congested {
+                    break;
                 }
                 return Some(Reason::Loss);
             }
@@ -962,11 +970,15 @@ impl Quality {
             .saturating_mul(1 << self.level.saturating_sub(1).min(MAX_LEVEL))
     }
 
-    /// Judges the path at `now`; a change of verdict, if any.
-    pub fn evaluate(&mut self, now: Instant) -> Option<Transition> {
+    /// Judges the path at `now`; a change of verdict, if any. `congested`:
+    /// the path queues under its own data now (see
+    /// [`crate::core::aggregate::Estimator::congested`]), so that its loss
+    /// does not make it degraded (nor keeps it so: a degraded path still
+    /// needs its loss low with margin to come back).
+    pub fn evaluate(&mut self, now: Instant, congested: bool) -> Option<Transition> {
         match self.state {
             State::Good => {
-                let reason = self.trigger(now)?;
+                let reason = self.trigger(now, congested)?;
                 let flapping = self
                     .recovered_at
                     .is_some_and(|t| now.saturating_duration_since(t) < FLAP_WINDOW);
@@ -985,7 +997,8 @@ impl Quality {
                 Some(Transition::Degraded(reason, self.figures(now)))
             }
             State::Degraded { reason, good_since } => {
-                let good = self.trigger(now).is_none() && self.good_with_margin(now, reason);
+                let good =
+                    self.trigger(now, congested).is_none() && self.good_with_margin(now, reason);
                 if !good {
                     self.state = State::Degraded {
                         reason,

@@ -45,6 +45,9 @@ struct Sim {
     /// A reports, now and then, 500 datagrams numbered and unsent (all
     /// numbered after what B has seen: none is in B's deficit).
     unsent_noise: bool,
+    /// What the engine tells the quality: the path queues under its own
+    /// data.
+    congested: bool,
     /// A's data numbered but still on its way: (arrives at ms, count).
     late_to_b: Vec<(u64, u64)>,
     transitions: Vec<(u64, Transition)>,
@@ -74,6 +77,7 @@ impl Sim {
             to_a: Vec::new(),
             late_to_b: Vec::new(),
             unsent_noise: false,
+            congested: false,
             transitions: Vec::new(),
         }
     }
@@ -179,7 +183,7 @@ impl Sim {
     }
 
     fn judge(&mut self, now: Instant) {
-        if let Some(t) = self.q.evaluate(now) {
+        if let Some(t) = self.q.evaluate(now, self.congested) {
             self.transitions.push((self.ms, t));
         }
     }
@@ -383,6 +387,35 @@ fn bursts_of_loss_degrade_a_path() {
     let (after, reason) = sim.degraded_after(2000).expect("degraded");
     assert_eq!(reason, Reason::Loss);
     assert!(after <= 100, "degraded after {after} ms");
+}
+
+#[test]
+fn loss_behind_a_queue_of_the_paths_own_data_does_not_degrade_it() {
+    for seed in 1..=3 {
+        // The same 5 % loss, first while the path is congested: nothing.
+        let mut sim = Sim::new(seed, sla(), 2000);
+        sim.run_ms(3000);
+        sim.congested = true;
+        sim.fwd.loss = 0.05;
+        sim.run_ms(3000);
+        assert!(
+            sim.transitions.is_empty(),
+            "seed {seed}: {:?}",
+            sim.transitions
+        );
+        assert!(sim.q.loss_tx(sim.now()) > 0.02, "the loss is measured");
+        // The queue is gone and the loss goes on: a sick path.
+        sim.congested = false;
+        sim.run_ms(1000);
+        let (after, reason) = sim.degraded_after(6000).expect("degraded");
+        assert_eq!(reason, Reason::Loss);
+        assert!(after <= 300, "seed {seed}: degraded after {after} ms");
+        // Congestion now does not bring it back while it still loses.
+        sim.congested = true;
+        sim.run_ms(20_000);
+        assert_eq!(sim.count(false), 0, "seed {seed}: {:?}", sim.transitions);
+        assert_eq!(sim.q.degraded(), Some(Reason::Loss));
+    }
 }
 
 #[test]
@@ -629,7 +662,10 @@ fn the_verdict_goes_over_to_a_new_process() {
     fresh.import_verdict(&back, now);
     assert_eq!(fresh.degraded(), Some(Reason::Loss));
     assert_eq!(fresh.export_verdict(now), e);
-    assert_eq!(fresh.evaluate(now + Duration::from_millis(500)), None);
+    assert_eq!(
+        fresh.evaluate(now + Duration::from_millis(500), false),
+        None
+    );
     // Carried on in the simulation: the loss ends, and the path recovers
     // after its hold, once.
     sim.q = fresh;
