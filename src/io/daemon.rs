@@ -721,13 +721,8 @@ impl Gateway {
                         plan.remove_paths.push(r.id);
                         // Closes the path's sockets (they go with the lanes' ends).
                         for lane in &mut peer.parked {
-                            let i = usize::from(r.id.0);
-                            if let Some(slot) = lane.out.paths.get_mut(i) {
-                                *slot = None;
-                            }
-                            if let Some(slot) = lane.ins.get_mut(i) {
-                                *slot = None;
-                            }
+                            lane.out.paths.retain(|o| o.id != r.id);
+                            lane.ins.retain(|i| i.id != r.id);
                         }
                     }
                     self.peers.push(peer);
@@ -1168,7 +1163,6 @@ impl Gateway {
             .map_or_else(::metrics::Histogram::noop, |m| m.rtt.clone());
         let sequence = Arc::new(AtomicU64::new(0));
         let window = Arc::new(Mutex::new(ReplayWindow::default()));
-        let i = usize::from(id.0);
         // A large probe is as long as the path's largest data datagram.
         let header = match peer.config.policy {
             Policy::Duplicate | Policy::Aggregate => overlay::MAX_LEN,
@@ -1180,14 +1174,9 @@ impl Gateway {
             let Some(socket) = p.sockets.get(k).or(p.sockets.first()) else {
                 continue;
             };
-            let slots = i + 1;
-            if lane.out.paths.len() < slots {
-                lane.out.paths.resize_with(slots, || None);
-            }
-            if lane.ins.len() < slots {
-                lane.ins.resize_with(slots, || None);
-            }
-            lane.out.paths[i] = Some(PathOut {
+            lane.out.paths.retain(|o| o.id != id);
+            lane.ins.retain(|i| i.id != id);
+            lane.out.paths.push(PathOut {
                 id,
                 socket: socket.clone(),
                 remote: p.config.remote,
@@ -1202,7 +1191,7 @@ impl Gateway {
             if p.sockets.get(k).is_none() {
                 continue;
             }
-            lane.ins[i] = Some(PathIn {
+            lane.ins.push(PathIn {
                 socket: socket.clone(),
                 siblings: p
                     .sockets
@@ -1326,7 +1315,7 @@ impl PeerRun {
     fn unpark(&mut self) -> io::Result<()> {
         for mut lane in std::mem::take(&mut self.parked) {
             lane.out.peer = self.id;
-            for p in lane.ins.iter_mut().flatten() {
+            for p in &mut lane.ins {
                 p.forwarding = Some((lane.out.forwarding.clone(), self.id));
             }
             self.running.push(self.workers.serve(lane)?);
@@ -1694,14 +1683,14 @@ impl Gateway {
                 sequence: lane.out.peer_sequence.load(Relaxed),
             });
             for r in &peer.paths {
-                let Some(Some(out)) = lane.out.paths.get(usize::from(r.id.0)) else {
+                let Some(out) = lane.out.paths.iter().find(|o| o.id == r.id) else {
                     continue;
                 };
                 let c = &out.counters;
                 let ins = || {
                     peer.parked
                         .iter()
-                        .filter_map(|l| l.ins.get(usize::from(r.id.0))?.as_ref())
+                        .filter_map(|l| l.ins.iter().find(|i| i.id == r.id))
                 };
                 paths.push(PathData {
                     peer: peer.config.name.clone(),
@@ -1747,8 +1736,8 @@ impl Gateway {
                 else {
                     continue;
                 };
-                let i = usize::from(r.id.0);
-                if let Some(Some(out)) = peer.parked.first().and_then(|l| l.out.paths.get(i)) {
+                let first = peer.parked.first();
+                if let Some(out) = first.and_then(|l| l.out.paths.iter().find(|o| o.id == r.id)) {
                     let c = &out.counters;
                     c.tx_packets.fetch_add(d.tx_packets, Relaxed);
                     c.tx_bytes.fetch_add(d.tx_bytes, Relaxed);
@@ -1761,7 +1750,7 @@ impl Gateway {
                 // took is taken again, and nothing they answered is answered
                 // again (a reply's nonce is the request's number).
                 for lane in &mut peer.parked {
-                    let Some(Some(pin)) = lane.ins.get_mut(i) else {
+                    let Some(pin) = lane.ins.iter_mut().find(|i| i.id == r.id) else {
                         continue;
                     };
                     if let Some(w) = &d.window {

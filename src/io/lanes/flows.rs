@@ -73,7 +73,7 @@ impl FlowTable {
     /// Forgets idle flows and flows other lanes took since, and adds this
     /// lane's change in active flows to each path's count (the lanes of a
     /// peer share the counters).
-    pub(super) fn sweep(&mut self, now: Instant, paths: &mut [Option<PathOut>]) {
+    pub(super) fn sweep(&mut self, now: Instant, paths: &mut [PathOut]) {
         self.claims.take(self.lane, &mut self.taken);
         for (hash, at) in self.taken.drain(..) {
             if self
@@ -86,20 +86,17 @@ impl FlowTable {
         }
         self.flows
             .retain(|_, (_, seen, _)| now.saturating_duration_since(*seen) < FLOW_IDLE);
-        let mut per_path = vec![0u64; paths.len()];
-        for (path, _, _) in self.flows.values() {
-            if let Some(c) = per_path.get_mut(usize::from(path.0)) {
-                *c += 1;
-            }
-        }
-        for (p, n) in paths.iter_mut().zip(per_path) {
-            if let Some(p) = p {
-                let before = std::mem::replace(&mut p.flows_counted, n);
-                if n >= before {
-                    p.counters.flows.fetch_add(n - before, Ordering::Relaxed);
-                } else {
-                    p.counters.flows.fetch_sub(before - n, Ordering::Relaxed);
-                }
+        for p in paths.iter_mut() {
+            let n = self
+                .flows
+                .values()
+                .filter(|(path, _, _)| *path == p.id)
+                .count() as u64;
+            let before = std::mem::replace(&mut p.flows_counted, n);
+            if n >= before {
+                p.counters.flows.fetch_add(n - before, Ordering::Relaxed);
+            } else {
+                p.counters.flows.fetch_sub(before - n, Ordering::Relaxed);
             }
         }
     }

@@ -143,9 +143,10 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// `epoll` until a source, a timer or an order wakes it.
 pub struct Lane {
     pub out: TunOut,
-    /// This lane's end of each path, by path id (`None`: no such path, or
-    /// the path has one socket, which lane 0 reads).
-    pub ins: Vec<Option<PathIn>>,
+    /// This lane's end of each path it reads (a path with one socket is
+    /// read by lane 0 only). A short list, not a table by path id: a table
+    /// by id would grow with every peer's paths in every lane.
+    pub ins: Vec<PathIn>,
     /// The lane's resequencer, shared by its ends of the paths.
     pub reorder: Arc<Mutex<LaneReorder>>,
 }

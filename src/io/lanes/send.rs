@@ -43,7 +43,8 @@ pub struct TunOut {
     /// This lane's queue of the peer's TUN.
     pub tun: Arc<SyncDevice>,
     pub forwarding: Arc<ArcSwap<Forwarding>>,
-    pub paths: Vec<Option<PathOut>>,
+    /// The peer's paths (a few: found by a look along the list).
+    pub paths: Vec<PathOut>,
     pub drops: Arc<DropCounters>,
     pub flows: FlowTable,
     /// Where send errors are reported.
@@ -113,6 +114,10 @@ pub(super) struct TxState {
 }
 
 impl TunOut {
+    fn path(&self, id: PathId) -> Option<&PathOut> {
+        self.paths.iter().find(|p| p.id == id)
+    }
+
     /// Allocates the buffers of the sending half and says which offloads it
     /// uses.
     pub(super) fn start(&self) -> TxState {
@@ -121,7 +126,6 @@ impl TunOut {
             && self
                 .paths
                 .iter()
-                .flatten()
                 .all(|p| sys::udp_gso_supported(p.socket.as_ref()));
         info!(
             thread = std::thread::current().name().unwrap_or(""),
@@ -269,7 +273,7 @@ impl TunOut {
         };
         let keys = turn.keys.as_deref();
         for p in &parities {
-            let Some(Some(out)) = self.paths.get(usize::from(id.0)) else {
+            let Some(out) = self.path(id) else {
                 self.drops.count(DropReason::NoPath);
                 continue;
             };
@@ -413,10 +417,7 @@ impl TunOut {
             self.fec_last_path = Some(placement.path);
         }
         let tos_on = |id: PathId| {
-            let dscp = self
-                .paths
-                .get(usize::from(id.0))
-                .and_then(|p| p.as_ref()?.dscp);
+            let dscp = self.path(id).and_then(|p| p.dscp);
             outer_tos(inner, dscp)
         };
         let tos = tos_on(placement.path);
@@ -460,7 +461,7 @@ impl TunOut {
         header: Header,
         keys: Option<&Keys>,
     ) -> Option<Range<usize>> {
-        let Some(Some(path)) = self.paths.get_mut(usize::from(id.0)) else {
+        let Some(path) = self.paths.iter_mut().find(|p| p.id == id) else {
             self.drops.count(DropReason::NoPath);
             return None;
         };
@@ -552,7 +553,7 @@ impl TunOut {
         batch: &mut sys::SendBatch,
         now: Instant,
     ) {
-        let Some(Some(path)) = self.paths.get_mut(usize::from(id.0)) else {
+        let Some(path) = self.paths.iter_mut().find(|p| p.id == id) else {
             return;
         };
         // The plan's vector is kept in the batch between calls.

@@ -148,10 +148,9 @@ struct Running {
     id: u64,
     lane: Lane,
     tx: TxState,
-    rx: Vec<Option<RxState>>,
-    /// Path ids with an end in this lane.
-    present: Vec<usize>,
-    /// Sources (0: the TUN queue, 1 + k: socket of `present[k]`) that gave
+    /// The receiving state of each of the lane's path ends (`lane.ins`).
+    rx: Vec<RxState>,
+    /// Sources (0: the TUN queue, 1 + k: socket of `lane.ins[k]`) that gave
     /// something in the last round, or that the last wait found ready.
     hot: Vec<bool>,
     /// Their descriptors, as registered.
@@ -164,19 +163,9 @@ struct Running {
 impl Running {
     fn new(id: u64, lane: Lane) -> Running {
         let tx = lane.out.start();
-        let rx: Vec<Option<RxState>> = lane
-            .ins
-            .iter()
-            .map(|p| p.as_ref().map(PathIn::start))
-            .collect();
-        let present: Vec<usize> = (0..lane.ins.len())
-            .filter(|&i| lane.ins.get(i).is_some_and(Option::is_some))
-            .collect();
+        let rx: Vec<RxState> = lane.ins.iter().map(PathIn::start).collect();
         let fds: Vec<RawFd> = std::iter::once(lane.out.tun.as_raw_fd())
-            .chain(present.iter().filter_map(|&i| {
-                let p = lane.ins.get(i)?.as_ref()?;
-                Some(p.socket.as_raw_fd())
-            }))
+            .chain(lane.ins.iter().map(|p| p.socket.as_raw_fd()))
             .collect();
         let now = clock::now();
         Running {
@@ -184,7 +173,6 @@ impl Running {
             lane,
             tx,
             rx,
-            present,
             // Everything is looked at once: what queued while the lane was
             // parked is not announced again by a wait.
             hot: vec![true; fds.len()],
@@ -208,21 +196,14 @@ impl Running {
         }
         let mut next = self.next_sweep;
         for (p, r) in lane.ins.iter_mut().zip(self.rx.iter_mut()) {
-            if let (Some(p), Some(r)) = (p, r) {
-                next = next.min(p.tick(r, now));
-            }
+            next = next.min(p.tick(r, now));
         }
         // A gap that waited its bound: what it held goes out through the
         // first end of a path (any writes to the lane's queue).
         let due = lane.reorder.lock().r.poll_timeout();
         if let Some(due) = due {
             if due <= now {
-                let first = lane
-                    .ins
-                    .iter_mut()
-                    .zip(self.rx.iter_mut())
-                    .find_map(|(p, r)| Some((p.as_mut()?, r.as_mut()?)));
-                if let Some((p, r)) = first {
+                if let Some((p, r)) = lane.ins.iter_mut().zip(self.rx.iter_mut()).next() {
                     p.give_up_gaps(r, now);
                 }
                 if let Some(d) = lane.reorder.lock().r.poll_timeout() {
@@ -252,14 +233,12 @@ impl Running {
     fn round(&mut self, batch: &mut RecvBatch) -> io::Result<()> {
         let mut wrote = false;
         let lane = &mut self.lane;
-        for (k, &i) in self.present.iter().enumerate() {
+        for (k, (p, r)) in lane.ins.iter_mut().zip(self.rx.iter_mut()).enumerate() {
             let Some(h) = self.hot.get_mut(1 + k).filter(|h| **h) else {
                 continue;
             };
-            if let (Some(Some(p)), Some(Some(r))) = (lane.ins.get_mut(i), self.rx.get_mut(i)) {
-                *h = p.turn(r, batch) > 0;
-                wrote |= *h;
-            }
+            *h = p.turn(r, batch) > 0;
+            wrote |= *h;
         }
         if wrote || self.hot.first().copied().unwrap_or(false) {
             let n = lane.out.turn(&mut self.tx)?;
