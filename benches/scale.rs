@@ -4,7 +4,8 @@
 //!
 //! * the time from starting both gateways until every session is Up on both;
 //! * the BFD thread's CPU (utime + stime of the thread named `bfd`, from
-//!   /proc/<pid>/task/<tid>/stat) over a quiet window, per gateway;
+//!   /proc/<pid>/task/<tid>/stat) over a quiet window, per gateway, and
+//!   the whole process's (its workers answer and send the quality probes);
 //! * the daemon's threads and resident memory (VmRSS);
 //! * the worst transmit gap of any session (`max_tx_gap_us` of the status,
 //!   measured by the BFD thread while the session is Up);
@@ -107,15 +108,24 @@ fn run_one(n: usize, args: &Args) {
     let cpu = |i: usize| bfd_tids[i].and_then(|t| scale::thread_cpu(pids[i], t));
     let st = |g| status_of(&s.lab, g);
     let f_start = [scale::failures(&st(Gw::A)), scale::failures(&st(Gw::B))];
+    let all = |i: usize| scale::process_cpu(pids[i]);
     let cpu0: Vec<Option<f64>> = (0..pids.len()).map(cpu).collect();
+    let all0: Vec<Option<f64>> = (0..pids.len()).map(all).collect();
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(args.secs));
     let cpu1: Vec<Option<f64>> = (0..pids.len()).map(cpu).collect();
+    let all1: Vec<Option<f64>> = (0..pids.len()).map(all).collect();
     let window = t0.elapsed().as_secs_f64();
     let status = [st(Gw::A), st(Gw::B)];
     let f_end = [scale::failures(&status[0]), scale::failures(&status[1])];
     let cpu_pct: Vec<String> = (0..pids.len())
         .map(|i| match (cpu0[i], cpu1[i]) {
+            (Some(a), Some(b)) => format!("{:.1}%", (b - a) / window * 100.0),
+            _ => "?".into(),
+        })
+        .collect();
+    let all_pct: Vec<String> = (0..pids.len())
+        .map(|i| match (all0[i], all1[i]) {
             (Some(a), Some(b)) => format!("{:.1}%", (b - a) / window * 100.0),
             _ => "?".into(),
         })
@@ -205,8 +215,8 @@ fn run_one(n: usize, args: &Args) {
 
     println!(
         "scale N={n} ({sessions} sessions per gateway, BFD {ms} ms x 3, {bin}):\n  \
-         all up after {up:.2}s; BFD thread CPU over {window:.0}s: gw-a {ca} gw-b {cb}; \
-         threads {threads:?}; RSS {rss:?}\n  \
+         all up after {up:.2}s; BFD thread CPU over {window:.0}s: gw-a {ca} gw-b {cb} \
+         (whole process: {pa}, {pb}); threads {threads:?}; RSS {rss:?}\n  \
          worst tx gap {gap:.1} ms; false downs: {downs_total} since start, {downs_window} in the window\n  \
          status (socket) {status_ms:.1} ms, `crosslink status` {table_ms:.1} ms, /metrics scrape {scrape_ms:.1} ms ({scrape_kb} KB)\n  \
          reload of one peer: applied after {reload}, {moved} sessions of gw-a changed state, failures {reload_downs}\n  \
@@ -218,6 +228,8 @@ fn run_one(n: usize, args: &Args) {
         bin = args.bin,
         ca = cpu_pct.first().map_or("?", String::as_str),
         cb = cpu_pct.get(1).map_or("?", String::as_str),
+        pa = all_pct.first().map_or("?", String::as_str),
+        pb = all_pct.get(1).map_or("?", String::as_str),
         gap = gap as f64 / 1e3,
         reload = reload_s.map_or("never".into(), |x| format!("{:.0} ms", x * 1e3)),
         det = detection.map_or("no failover logged".into(), |d| format!("detection {d:.1} ms")),

@@ -37,6 +37,7 @@ use super::tun::Queue as SyncDevice;
 use super::{clock, sys, udp};
 use crate::config::{FecMode, PathConfig, PeerConfig, SlaConfig};
 use crate::core::bfd::Transmit;
+use crate::core::drop::DropReason;
 use crate::core::engine::MoveCause;
 use crate::core::engine::{Engine, Event, Forwarding, PathExport, Secrets};
 use crate::core::fec::Code;
@@ -51,8 +52,6 @@ use crate::telemetry::status::{
 use crate::telemetry::{DropCounters, PathCounters, ReorderCounters};
 use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
-use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
 use std::collections::HashSet;
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -182,13 +181,18 @@ impl CommandQueue {
         Arc::new(CommandQueue::default())
     }
 
-    /// Queues a command; false once the BFD thread has exited.
-    fn push(&self, cmd: Command) -> bool {
+    /// Queues a command: `None` once the BFD thread has exited, else
+    /// whether the queue was empty (only then does the thread need waking:
+    /// it reads its wake socket dry before it takes the queue, so a
+    /// command queued behind another is taken with it).
+    fn push(&self, cmd: Command) -> Option<bool> {
         if self.closed.load(Ordering::Acquire) {
-            return false;
+            return None;
         }
-        self.queue.lock().push(cmd);
-        true
+        let mut q = self.queue.lock();
+        let first = q.is_empty();
+        q.push(cmd);
+        Some(first)
     }
 
     /// What is queued, or `None` when a sender holds the lock right now.
@@ -212,12 +216,19 @@ pub struct CommandLink {
 
 impl CommandLink {
     /// Queues a command and wakes the BFD thread; false when it has exited.
+    /// A command queued behind others wakes nothing: the lanes queue a
+    /// quality sample per probe (tens of thousands a second with hundreds
+    /// of paths), and one wake-up takes them all.
     pub fn send(&self, cmd: Command) -> bool {
-        if !self.queue.push(cmd) {
-            return false;
+        match self.queue.push(cmd) {
+            None => false,
+            Some(first) => {
+                if first {
+                    let _ = (&*self.wake).write_byte();
+                }
+                true
+            }
         }
-        let _ = (&*self.wake).write_byte();
-        true
     }
 
     pub async fn status(&self) -> Option<Status> {
@@ -369,7 +380,11 @@ enum HelperRequest {
 
 /// The poll token of the wake-up socket; the receive sockets' tokens are
 /// their index in [`BfdThread::rx`].
-const WAKE: Token = Token(usize::MAX);
+const WAKE: u64 = u64::MAX;
+/// Most datagrams one `recvmmsg` takes from a receive socket (one system
+/// call per ready socket and wake-up, whether one session or hundreds share
+/// its address).
+const RX_BATCH: usize = 64;
 /// From this many sessions on, the BFD thread wakes at most once per
 /// [`COALESCE`]: with hundreds of sessions at 10 ms a packet arrives every
 /// few microseconds, and waking for each (a wait, a switch, one packet)
@@ -422,24 +437,20 @@ impl BfdThread {
                 warn!(error = %e, "BFD thread could not get real-time priority; running at normal priority")
             }
         }
-        let mut poll = match Poll::new() {
+        let mut poll = match sys::Epoll::new(1024) {
             Ok(p) => p,
             Err(e) => {
                 error!(error = %e, "BFD thread cannot poll; BFD stopped");
                 return;
             }
         };
-        let wake_fd = self.wake.as_raw_fd();
-        if let Err(e) = poll
-            .registry()
-            .register(&mut SourceFd(&wake_fd), WAKE, Interest::READABLE)
-        {
+        if let Err(e) = poll.add(self.wake.as_raw_fd(), WAKE) {
             error!(error = %e, "BFD thread cannot poll its commands; BFD stopped");
             return;
         }
         self.register_rx(&poll);
-        let mut events = Events::with_capacity(1024);
-        let mut buf = vec![0u8; 2048];
+        let mut batch = sys::RecvBatch::new(RX_BATCH, 512);
+        let mut ready: Vec<u64> = Vec::with_capacity(1024);
         let mut woke = clock::now();
         loop {
             if self.engine.paths().len() >= COALESCE_FROM {
@@ -463,11 +474,10 @@ impl BfdThread {
             }
             let before_wait = clock::now();
             self.io.note_busy("timers and sends", now, before_wait);
-            if let Err(e) = poll.poll(&mut events, timeout) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    error!(error = %e, "BFD wait failed");
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+            // No deadline: a day (the commands' socket wakes it).
+            if let Err(e) = poll.wait(timeout.unwrap_or(Duration::from_secs(86_400))) {
+                error!(error = %e, "BFD wait failed");
+                std::thread::sleep(Duration::from_millis(1));
                 continue;
             }
             woke = clock::now();
@@ -485,18 +495,20 @@ impl BfdThread {
                 self.commands.close();
                 return;
             }
-            // Readiness is edge-triggered: every socket reported is read
-            // until it has nothing left.
-            for ev in &events {
+            // Readiness is level-triggered: a socket is read for what one
+            // wake-up brought, and reported again if it holds more.
+            ready.clear();
+            ready.extend(poll.ready());
+            for &token in &ready {
                 let t = clock::now();
-                if ev.token() == WAKE {
+                if token == WAKE {
                     if self.handle_commands() {
                         self.commands.close();
                         return;
                     }
                     self.io.note_busy("commands", t, clock::now());
                 } else if !self.held {
-                    self.receive(ev.token().0, &mut buf);
+                    self.receive(token as usize, &mut batch);
                     self.io.note_busy("receiving", t, clock::now());
                 }
             }
@@ -510,22 +522,23 @@ impl BfdThread {
 
     /// (Re-)registers every receive socket under its index; reads what
     /// may have arrived before it was registered.
-    fn register_rx(&mut self, poll: &Poll) {
+    fn register_rx(&mut self, poll: &sys::Epoll) {
         let mut now_registered = HashSet::new();
+        if self.held {
+            // Nothing is read while held (what queues is the next
+            // process's): a level-triggered set would report it forever.
+            for &fd in &self.io.registered {
+                let _ = poll.remove(fd);
+            }
+            self.io.registered = now_registered;
+            return;
+        }
         for (i, (ip, sock)) in self.rx.iter().enumerate() {
             let fd = sock.as_raw_fd();
-            let mut source = SourceFd(&fd);
+            let token = i as u64;
             let r = match self.io.registered.contains(&fd) {
-                true => poll
-                    .registry()
-                    .reregister(&mut source, Token(i), Interest::READABLE)
-                    .or_else(|_| {
-                        poll.registry()
-                            .register(&mut source, Token(i), Interest::READABLE)
-                    }),
-                false => poll
-                    .registry()
-                    .register(&mut source, Token(i), Interest::READABLE),
+                true => poll.modify(fd, token).or_else(|_| poll.add(fd, token)),
+                false => poll.add(fd, token),
             };
             match r {
                 Ok(()) => {
@@ -535,10 +548,6 @@ impl BfdThread {
             }
         }
         self.io.registered = now_registered;
-        let mut buf = vec![0u8; 2048];
-        for i in 0..self.rx.len() {
-            self.receive(i, &mut buf);
-        }
     }
 
     /// Sends due control packets, logs events, publishes forwarding.
@@ -910,35 +919,58 @@ impl BfdThread {
         }
     }
 
-    fn receive(&mut self, i: usize, buf: &mut [u8]) {
+    fn receive(&mut self, i: usize, batch: &mut sys::RecvBatch) {
         let Some((local, sock)) = self.rx.get(i) else {
             return;
         };
+        let local = *local;
         loop {
-            match sys::recv_with_ttl(sock, buf) {
-                Ok(Some(r)) => {
-                    let data = &buf[..r.len.min(buf.len())];
-                    let now = clock::now();
-                    if let Err(reason) = self
-                        .engine
-                        .handle_bfd_datagram(*local, r.src, r.ttl, data, now)
-                    {
-                        self.drops.count(reason);
-                    }
-                }
-                Ok(None) => return,
+            let n = match batch.recv_queued(sock) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     debug!(error = %e, "BFD receive error");
                     return;
                 }
+            };
+            let now = clock::now();
+            for k in 0..n {
+                let ttl = batch.ttl(k);
+                // A message longer than the buffer (no BFD packet is) or
+                // of an unknown family.
+                let Some((data, src, _, _)) = batch.get_mut(k) else {
+                    self.drops.count(DropReason::BfdMalformed);
+                    continue;
+                };
+                if let Err(reason) = self.engine.handle_bfd_datagram(local, src, ttl, data, now) {
+                    self.drops.count(reason);
+                }
+            }
+            // A full batch: more may be queued (level-triggered, the next
+            // wait would say so too, but only after the coalescing pause).
+            if n < RX_BATCH {
+                return;
             }
         }
     }
 
-    /// Returns true when the thread should exit.
+    /// Returns true when the thread should exit: at `Shutdown`, or once
+    /// every sender is gone (the process is exiting, an old one after an
+    /// upgrade included: its wake-up socket would read as ready for ever).
     fn handle_commands(&mut self) -> bool {
         let mut sink = [0u8; 64];
-        while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
+        let mut senders_gone = false;
+        loop {
+            match (&self.wake).read(&mut sink) {
+                Ok(0) => {
+                    senders_gone = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
         let mut pending = std::mem::take(&mut self.io.pending);
         self.io.commands_left = self.commands.try_take(&mut pending).is_none();
         for cmd in pending.drain(..) {
@@ -989,6 +1021,7 @@ impl BfdThread {
                 }
                 Command::Freeze(reply) => {
                     self.held = true;
+                    self.io.rx_changed = true;
                     // What the fast paths moved so far goes into the
                     // counters handed over. Their programs forward on
                     // until this process exits (their links close with
@@ -1049,7 +1082,10 @@ impl BfdThread {
             self.io.note_busy(kind, t, clock::now());
         }
         self.io.pending = pending;
-        false
+        if senders_gone {
+            debug!("BFD thread: every command sender is gone; stopping");
+        }
+        senders_gone
     }
 
     /// Sends and receives again; what arrived meanwhile is read at once.
@@ -1332,7 +1368,7 @@ impl BfdThread {
                 .saturating_duration_since(self.meta.started)
                 .as_secs(),
             peers,
-            drops: crate::core::drop::DropReason::ALL
+            drops: DropReason::ALL
                 .iter()
                 .map(|&r| (r.as_str().to_string(), self.drops.get(r)))
                 .filter(|&(_, n)| n > 0)

@@ -20,7 +20,7 @@
 
 use crate::core::wire::overlay;
 use std::io;
-use std::mem::{size_of, zeroed, MaybeUninit};
+use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -118,64 +118,6 @@ fn tos_option(ipv6: bool) -> (libc::c_int, libc::c_int) {
         true => (libc::IPPROTO_IPV6, libc::IPV6_TCLASS),
         false => (libc::IPPROTO_IP, libc::IP_TOS),
     }
-}
-
-/// One received datagram.
-pub struct Received {
-    pub len: usize,
-    pub src: SocketAddr,
-    pub ttl: Option<u8>,
-}
-
-/// `recvmsg` without blocking, returning the source and the IP TTL.
-/// `Ok(None)` when nothing is queued.
-pub fn recv_with_ttl(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Option<Received>> {
-    let mut addr: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::zeroed();
-    let mut control = [0u64; 16];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: msghdr is plain data; every pointer set below outlives the call.
-    let mut msg: libc::msghdr = unsafe { zeroed() };
-    msg.msg_name = addr.as_mut_ptr().cast();
-    msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = size_of::<[u64; 16]>();
-    // SAFETY: fd is a live socket, msg points at buffers owned by this frame.
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        return match e.kind() {
-            io::ErrorKind::WouldBlock => Ok(None),
-            _ => Err(e),
-        };
-    }
-    // SAFETY: the kernel filled `addr` up to msg_namelen.
-    let src = unsafe { sockaddr_to_std(addr.as_ptr()) }
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unknown address family"))?;
-    let mut ttl = None;
-    // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by msg_controllen.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            let c = &*cmsg;
-            let is_ttl = (c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_TTL)
-                || (c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_HOPLIMIT);
-            if is_ttl {
-                let v: libc::c_int = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
-                ttl = u8::try_from(v).ok();
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-    }
-    Ok(Some(Received {
-        len: n as usize,
-        src,
-        ttl,
-    }))
 }
 
 /// # Safety
@@ -311,10 +253,11 @@ pub fn give_back_freed_memory() {
 }
 
 /// A level-triggered `epoll` set: what a forwarding worker waits on, with
-/// the descriptors of every lane it serves. Level-triggered (unlike
-/// `mio`'s edge-triggered registrations) because a lane reads one burst
-/// per source and round and relies on being told again about a source it
-/// has not emptied.
+/// the descriptors of every lane it serves, and the BFD thread, with its
+/// receive sockets. Level-triggered (unlike `mio`'s edge-triggered
+/// registrations) because a lane reads one burst per source and round, and
+/// the BFD thread what one wake-up brought, and both rely on being told
+/// again about a source not emptied (no read that finds nothing).
 pub struct Epoll {
     fd: OwnedFd,
     events: Vec<libc::epoll_event>,
@@ -345,6 +288,17 @@ impl Epoll {
         };
         // SAFETY: ev lives across the call; the kernel copies it.
         cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })
+            .map(drop)
+    }
+
+    /// Reports `fd`, already watched, with `token` from now on.
+    pub fn modify(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: as in `add`.
+        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, &mut ev) })
             .map(drop)
     }
 
@@ -641,6 +595,36 @@ impl RecvBatch {
         let start = i * self.stride;
         let buf = self.data.get_mut(start..start + len)?;
         Some((buf, src, segment, tos))
+    }
+
+    /// The TTL / hop limit of message `i` of the last receive, when the
+    /// socket reports it ([`enable_recv_ttl`]).
+    pub fn ttl(&self, i: usize) -> Option<u8> {
+        if i >= self.filled {
+            return None;
+        }
+        let msg = &self.hdrs.get(i)?.msg_hdr;
+        if msg.msg_control.is_null() || msg.msg_controllen == 0 {
+            return None;
+        }
+        let mut ttl = None;
+        // SAFETY: msg_control/msg_controllen describe the buffer the kernel
+        // filled in the last recvmmsg (owned by the batch); CMSG_* stay
+        // within it.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+            while !cmsg.is_null() {
+                let c = &*cmsg;
+                let is_ttl = (c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_TTL)
+                    || (c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_HOPLIMIT);
+                if is_ttl {
+                    let v: libc::c_int = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                    ttl = u8::try_from(v).ok();
+                }
+                cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+            }
+        }
+        ttl
     }
 
     /// The bytes of message `i` of the last [`RecvBatch::recv`] (what

@@ -38,7 +38,14 @@ pub struct ScaleLab {
 
 /// The config text of `gw` with `peers` peers; `changed` peer gets path
 /// `l2`'s priority 3 instead of 2 (a reload that touches one peer).
+/// `XL_SCALE_PROBE_MS` sets every peer's quality probe interval (the
+/// default: 10 ms).
 pub fn config_text(lab: &Lab, gw: Gw, peers: usize, changed: Option<usize>) -> String {
+    let probe = std::env::var("XL_SCALE_PROBE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| format!("  [peer.sla]\n  probe_interval = \"{ms}ms\"\n"))
+        .unwrap_or_default();
     let o = lab.options();
     let mut t = format!(
         "[gateway]\nname = \"{gw}\"\ncontrol_socket = \"{sock}\"\n\n\
@@ -52,7 +59,7 @@ pub fn config_text(lab: &Lab, gw: Gw, peers: usize, changed: Option<usize>) -> S
     let other = gw.other();
     for i in 0..peers {
         t.push_str(&format!(
-            "\n[[peer]]\nname = \"p{i}\"\ntun = \"xl{i}\"\nrevert_hold = \"2s\"\n"
+            "\n[[peer]]\nname = \"p{i}\"\ntun = \"xl{i}\"\nrevert_hold = \"2s\"\n{probe}"
         ));
         for p in [1u8, 2] {
             let prio = match (p, changed == Some(i)) {
@@ -219,6 +226,18 @@ pub fn thread_cpu(pid: u32, tid: u32) -> Option<f64> {
     let after = stat.rsplit_once(") ")?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the comm.
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz.max(1.0))
+}
+
+/// CPU seconds the whole process used so far (every thread's utime and
+/// stime).
+pub fn process_cpu(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(") ")?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
     let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
