@@ -8,7 +8,10 @@
 //!   the whole process's (its workers answer and send the quality probes);
 //! * the daemon's threads and resident memory (VmRSS);
 //! * the worst transmit gap of any session (`max_tx_gap_us` of the status,
-//!   measured by the BFD thread while the session is Up);
+//!   measured by the BFD thread while the session is Up), beside the worst
+//!   wake-up lateness of a reference SCHED_FIFO thread sleeping 1 ms at a
+//!   time in the bench (`lab::ReferenceTimer`, as the soak bench reports:
+//!   what the host allowed at best);
 //! * false downs: BFD failures (Up -> Down that is not administrative) of
 //!   any session since start, and during the window (no fault is injected);
 //! * the latency of one status document from the control socket, of
@@ -111,8 +114,11 @@ fn run_one(n: usize, args: &Args) {
     let all = |i: usize| scale::process_cpu(pids[i]);
     let cpu0: Vec<Option<f64>> = (0..pids.len()).map(cpu).collect();
     let all0: Vec<Option<f64>> = (0..pids.len()).map(all).collect();
+    let timer = crosslink::lab::ReferenceTimer::start();
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(args.secs));
+    let host_stalls = timer.stalls();
+    let (host_worst, _) = timer.stop();
     let cpu1: Vec<Option<f64>> = (0..pids.len()).map(cpu).collect();
     let all1: Vec<Option<f64>> = (0..pids.len()).map(all).collect();
     let window = t0.elapsed().as_secs_f64();
@@ -217,7 +223,8 @@ fn run_one(n: usize, args: &Args) {
         "scale N={n} ({sessions} sessions per gateway, BFD {ms} ms x 3, {bin}):\n  \
          all up after {up:.2}s; BFD thread CPU over {window:.0}s: gw-a {ca} gw-b {cb} \
          (whole process: {pa}, {pb}); threads {threads:?}; RSS {rss:?}\n  \
-         worst tx gap {gap:.1} ms; false downs: {downs_total} since start, {downs_window} in the window\n  \
+         worst tx gap {gap:.1} ms; false downs: {downs_total} since start, {downs_window} in the window; \
+         host: worst wake-up lateness {host_ms:.1} ms, {host_stalls} over {stall_ms} ms\n  \
          status (socket) {status_ms:.1} ms, `crosslink status` {table_ms:.1} ms, /metrics scrape {scrape_ms:.1} ms ({scrape_kb} KB)\n  \
          reload of one peer: applied after {reload}, {moved} sessions of gw-a changed state, failures {reload_downs}\n  \
          one path failed (p{last}/l1): gw-a {det} (seen after {seen}), other sessions failed: {others}",
@@ -231,6 +238,8 @@ fn run_one(n: usize, args: &Args) {
         pa = all_pct.first().map_or("?", String::as_str),
         pb = all_pct.get(1).map_or("?", String::as_str),
         gap = gap as f64 / 1e3,
+        host_ms = host_worst.as_secs_f64() * 1e3,
+        stall_ms = crosslink::lab::ReferenceTimer::STALL.as_millis(),
         reload = reload_s.map_or("never".into(), |x| format!("{:.0} ms", x * 1e3)),
         det = detection.map_or("no failover logged".into(), |d| format!("detection {d:.1} ms")),
         seen = seen.map_or("never".into(), |x| format!("{:.0} ms", x * 1e3)),

@@ -2,12 +2,13 @@
 //! `epoll` for the next control packet or deadline, sends what is due,
 //! logs and exports events, and publishes forwarding snapshots.
 //!
-//! Its cost does not grow with the number of sessions per wakeup: `epoll`
-//! reports only the sockets that have packets (no scan of every socket),
-//! the engine keeps its deadlines in a heap (no scan of every session),
-//! and `epoll`'s millisecond timeout, rounded up, lets the sessions that
-//! fall due within the same millisecond go out together in one wakeup
-//! (a packet is at most about a millisecond late). The thread never waits
+//! Its cost does not grow with the number of sessions per wakeup: a
+//! level-triggered `epoll` set ([`sys::Epoll`]) reports only the sockets
+//! that have packets (no scan of every socket), each is read with one
+//! `recvmmsg`, the engine keeps its deadlines in a heap (no scan of every
+//! session), and from `COALESCE_FROM` sessions on the thread wakes at most
+//! once per `COALESCE`, handling together what arrived and what fell due
+//! meanwhile. The thread never waits
 //! for anything but its sockets and its next deadline: what can block in
 //! the kernel, such as a TUN's carrier (which takes the kernel's global
 //! rtnl lock, busy for hundreds of milliseconds when many interfaces
@@ -18,8 +19,9 @@
 //! on, something a preempted normal thread holds stalls for as long as
 //! that thread is kept off the CPU.
 //!
-//! Other threads reach it through [`CommandLink`]: a channel plus one byte
-//! on a socket pair that wakes the `epoll`. Besides status and shutdown,
+//! Other threads reach it through [`CommandLink`]: a queue plus one byte
+//! on a socket pair that wakes the `epoll` (when the queue was empty).
+//! Besides status and shutdown,
 //! that carries the fast failure signals: link and address events from
 //! [`super::linkwatch`] and send errors from the forwarding threads. When a
 //! peer loses its last usable path the thread turns the peer's TUN carrier
