@@ -124,18 +124,19 @@ fn run_one(n: usize, args: &Args) {
     let window = t0.elapsed().as_secs_f64();
     let status = [st(Gw::A), st(Gw::B)];
     let f_end = [scale::failures(&status[0]), scale::failures(&status[1])];
-    let cpu_pct: Vec<String> = (0..pids.len())
-        .map(|i| match (cpu0[i], cpu1[i]) {
-            (Some(a), Some(b)) => format!("{:.1}%", (b - a) / window * 100.0),
-            _ => "?".into(),
-        })
-        .collect();
-    let all_pct: Vec<String> = (0..pids.len())
-        .map(|i| match (all0[i], all1[i]) {
-            (Some(a), Some(b)) => format!("{:.1}%", (b - a) / window * 100.0),
-            _ => "?".into(),
-        })
-        .collect();
+    // CPU seconds used over the window, as a share of one CPU.
+    let share = |before: &[Option<f64>], after: &[Option<f64>]| -> Vec<String> {
+        before
+            .iter()
+            .zip(after)
+            .map(|pair| match pair {
+                (Some(a), Some(b)) => format!("{:.1}%", (b - a) / window * 100.0),
+                _ => "?".into(),
+            })
+            .collect()
+    };
+    let cpu_pct = share(&cpu0, &cpu1);
+    let all_pct = share(&all0, &all1);
     let threads: Vec<usize> = pids.iter().map(|&p| scale::threads(p, "bfd").0).collect();
     let rss: Vec<String> = pids
         .iter()

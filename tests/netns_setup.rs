@@ -101,9 +101,22 @@ fn run_reach_for(
 /// [`run_reach`] in gw-a's namespace while gw-b runs a check of its own
 /// (started first, so that it answers).
 fn run_reach_with_far_check(lab: &Lab, ours: &Path, far: &Path) -> (Vec<Value>, bool, Duration) {
-    let mut check = reach(lab, Host::GwB, far, "6s").spawn().unwrap();
+    run_reach_with_far_check_for(lab, ours, far, 2)
+}
+
+/// [`run_reach_with_far_check`] with a reach window of `secs` seconds (the
+/// far check runs 4 s longer).
+fn run_reach_with_far_check_for(
+    lab: &Lab,
+    ours: &Path,
+    far: &Path,
+    secs: u64,
+) -> (Vec<Value>, bool, Duration) {
+    let mut check = reach(lab, Host::GwB, far, &format!("{}s", secs + 4))
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(1200));
-    let done = run_reach(lab, Host::GwA, ours);
+    let done = run_reach_for(lab, Host::GwA, ours, &format!("{secs}s"));
     let _ = check.wait();
     done
 }
@@ -276,10 +289,7 @@ fn reach_runs_the_handshake_of_a_key_pair_peer() {
 
     // A longer window than the other cases: the handshake comes first,
     // and a lost initiation is sent again only after a second.
-    let mut check = reach(&lab, Host::GwB, &b, "8s").spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(1200));
-    let (r, ok, took) = run_reach_for(&lab, Host::GwA, &a, "4s");
-    let _ = check.wait();
+    let (r, ok, took) = run_reach_with_far_check_for(&lab, &a, &b, 4);
     assert!(ok, "{r:?}");
     assert_every_path(&r, "answered");
     lab::say(&format!(

@@ -51,7 +51,7 @@ pub const WAIT_MARGIN: Duration = Duration::from_millis(5);
 /// little longer than a loss stays in path quality's windows, so that
 /// what the queue lost is out of them before the queue is forgotten.
 pub const CONGESTION_MEMORY: Duration =
-    Duration::from_millis(crate::core::quality::LOSS_HORIZON.as_millis() as u64 + 500);
+    crate::core::quality::LOSS_HORIZON.saturating_add(Duration::from_millis(500));
 /// The model's queue of a path never holds more than this much time.
 const MAX_BACKLOG: f64 = 0.5;
 

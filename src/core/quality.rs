@@ -81,7 +81,8 @@ const BUCKET: Duration = Duration::from_millis(50);
 /// The windows, in buckets, over which loss may degrade a path.
 const TRIGGER_WINDOWS: [usize; 4] = [2, 6, 20, 60];
 /// The longest of them (3 s): a loss stays in a trigger window this long.
-pub const LOSS_HORIZON: Duration = Duration::from_millis(50 * 60);
+pub const LOSS_HORIZON: Duration =
+    BUCKET.saturating_mul(TRIGGER_WINDOWS[TRIGGER_WINDOWS.len() - 1] as u32);
 /// The window, in buckets, over which a recovering path's loss is judged
 /// and the status reports loss.
 const GOOD_WINDOW: usize = 60;

@@ -452,7 +452,6 @@ impl BfdThread {
         }
         self.register_rx(&poll);
         let mut batch = sys::RecvBatch::new(RX_BATCH, 512);
-        let mut ready: Vec<u64> = Vec::with_capacity(1024);
         let mut woke = clock::now();
         loop {
             if self.engine.paths().len() >= COALESCE_FROM {
@@ -499,9 +498,7 @@ impl BfdThread {
             }
             // Readiness is level-triggered: a socket is read for what one
             // wake-up brought, and reported again if it holds more.
-            ready.clear();
-            ready.extend(poll.ready());
-            for &token in &ready {
+            for token in poll.ready() {
                 let t = clock::now();
                 if token == WAKE {
                     if self.handle_commands() {
@@ -522,8 +519,9 @@ impl BfdThread {
         }
     }
 
-    /// (Re-)registers every receive socket under its index; reads what
-    /// may have arrived before it was registered.
+    /// (Re-)registers every receive socket under its index (what arrived
+    /// before is reported by the next wait: the set is level-triggered), or
+    /// none while held.
     fn register_rx(&mut self, poll: &sys::Epoll) {
         let mut now_registered = HashSet::new();
         if self.held {

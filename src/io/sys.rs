@@ -585,7 +585,7 @@ impl RecvBatch {
             return None;
         }
         let len = (hdr.msg_len as usize).min(self.stride);
-        let (segment, tos) = controls(&hdr.msg_hdr);
+        let Controls { segment, tos, .. } = controls(&hdr.msg_hdr);
         let addr = self.addrs.get(i)?;
         // SAFETY: the kernel filled this sockaddr_storage in the last recvmmsg.
         let src = unsafe { sockaddr_to_std(addr) }?;
@@ -600,28 +600,7 @@ impl RecvBatch {
         if i >= self.filled {
             return None;
         }
-        let msg = &self.hdrs.get(i)?.msg_hdr;
-        if msg.msg_control.is_null() || msg.msg_controllen == 0 {
-            return None;
-        }
-        let mut ttl = None;
-        // SAFETY: msg_control/msg_controllen describe the buffer the kernel
-        // filled in the last recvmmsg (owned by the batch); CMSG_* stay
-        // within it.
-        unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(msg);
-            while !cmsg.is_null() {
-                let c = &*cmsg;
-                let is_ttl = (c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_TTL)
-                    || (c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_HOPLIMIT);
-                if is_ttl {
-                    let v: libc::c_int = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
-                    ttl = u8::try_from(v).ok();
-                }
-                cmsg = libc::CMSG_NXTHDR(msg, cmsg);
-            }
-        }
-        ttl
+        controls(&self.hdrs.get(i)?.msg_hdr).ttl
     }
 
     /// The bytes of message `i` of the last [`RecvBatch::recv`] (what
@@ -678,12 +657,21 @@ pub fn enable_udp_gro(sock: &impl AsRawFd) -> io::Result<()> {
     setsockopt_int(sock.as_raw_fd(), libc::SOL_UDP, UDP_GRO, 1)
 }
 
-/// The `UDP_GRO` segment size of a received message, if any, and its TOS /
-/// traffic class byte (0 if not reported).
-fn controls(msg: &libc::msghdr) -> (Option<usize>, u8) {
-    let (mut segment, mut tos) = (None, 0);
+/// What a received message's control messages say.
+#[derive(Default)]
+struct Controls {
+    /// The `UDP_GRO` segment size, if any.
+    segment: Option<usize>,
+    /// The TOS / traffic class byte (0 if not reported).
+    tos: u8,
+    /// The TTL / hop limit, if reported.
+    ttl: Option<u8>,
+}
+
+fn controls(msg: &libc::msghdr) -> Controls {
+    let mut c = Controls::default();
     if msg.msg_control.is_null() || msg.msg_controllen == 0 {
-        return (segment, tos);
+        return c;
     }
     // SAFETY: msg_control/msg_controllen describe the buffer the kernel
     // filled in the last recvmmsg (owned by the batch); CMSG_FIRSTHDR and
@@ -695,23 +683,28 @@ fn controls(msg: &libc::msghdr) -> (Option<usize>, u8) {
             let (level, kind) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
             let data = libc::CMSG_DATA(cmsg);
             let int_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as usize;
+            let int = || {
+                ((*cmsg).cmsg_len as usize >= int_len)
+                    .then(|| std::ptr::read_unaligned(data.cast::<libc::c_int>()))
+            };
             if level == libc::SOL_UDP && kind == UDP_GRO {
-                let size = std::ptr::read_unaligned(data.cast::<libc::c_int>());
-                segment = usize::try_from(size).ok().filter(|&s| s > 0);
+                c.segment = int()
+                    .and_then(|s| usize::try_from(s).ok())
+                    .filter(|&s| s > 0);
             } else if level == libc::IPPROTO_IP && kind == libc::IP_TOS {
                 // One byte (IP_RECVTOS).
-                tos = std::ptr::read_unaligned(data.cast::<u8>());
-            } else if level == libc::IPPROTO_IPV6
-                && kind == libc::IPV6_TCLASS
-                && (*cmsg).cmsg_len as usize >= int_len
+                c.tos = std::ptr::read_unaligned(data.cast::<u8>());
+            } else if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_TCLASS {
+                c.tos = int().and_then(|v| u8::try_from(v).ok()).unwrap_or(0);
+            } else if (level == libc::IPPROTO_IP && kind == libc::IP_TTL)
+                || (level == libc::IPPROTO_IPV6 && kind == libc::IPV6_HOPLIMIT)
             {
-                let v = std::ptr::read_unaligned(data.cast::<libc::c_int>());
-                tos = u8::try_from(v).unwrap_or(0);
+                c.ttl = int().and_then(|v| u8::try_from(v).ok());
             }
             cmsg = libc::CMSG_NXTHDR(msg, cmsg);
         }
     }
-    (segment, tos)
+    c
 }
 
 /// A datagram to send, in two pieces: `head` (the overlay header, often

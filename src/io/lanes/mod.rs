@@ -4,10 +4,10 @@
 //! carries both directions of its flows: the kernel puts a flow's packets
 //! in the queue that last wrote packets of the same flow, and the far
 //! gateway hands each datagram to the lane it names (see [`Lane`]). A lane
-//! has two halves, each in a file of its own: `send.rs` and `recv.rs`; `flows.rs` keeps the flows it has seen. The
-//! lanes run on a fixed set of threads, the [`Workers`] (`worker.rs`):
-//! lane `k` of every peer on worker `k`, so the threads do not grow with
-//! the number of peers.
+//! has two halves, each in a file of its own: `send.rs` and `recv.rs`;
+//! `flows.rs` keeps the flows it has seen. The lanes run on a fixed set of
+//! threads, the [`Workers`] (`worker.rs`): lane `k` of every peer on worker
+//! `k`, so the threads do not grow with the number of peers.
 //!
 //! The sending half ([`TunOut`]) reads the lane's TUN queue, asks the
 //! current forwarding snapshot where the flow goes ([`classify`]), writes
