@@ -52,6 +52,12 @@ pub const WAIT_MARGIN: Duration = Duration::from_millis(5);
 /// what the queue lost is out of them before the queue is forgotten.
 pub const CONGESTION_MEMORY: Duration =
     crate::core::quality::LOSS_HORIZON.saturating_add(Duration::from_millis(500));
+/// How long a queue must stand before it marks the path congested: the
+/// probes that came back behind it, one after another with none in
+/// between that did not, arrived over at least this span. A host that
+/// stalls (the far end's or ours) holds back every probe in flight, but
+/// they all come back at once when it resumes: no span, no congestion.
+pub const QUEUE_CONFIRM: Duration = Duration::from_millis(100);
 /// The model's queue of a path never holds more than this much time.
 const MAX_BACKLOG: f64 = 0.5;
 
@@ -232,9 +238,11 @@ pub struct Estimator {
     /// Smoothed one-way delay and the lowest round trip seen lately.
     delay: Option<Duration>,
     rtt_min: Option<(Duration, Instant)>,
-    /// When a probe last came back late behind a queue while the path
-    /// carried data.
+    /// When a probe last came back late behind a queue that had stood
+    /// for [`QUEUE_CONFIRM`] while the path carried data.
     queued_at: Option<Instant>,
+    /// When the first probe of the present run of queued probes came back.
+    queue_from: Option<Instant>,
 }
 
 impl Estimator {
@@ -247,11 +255,12 @@ impl Estimator {
             delay: None,
             rtt_min: None,
             queued_at: None,
+            queue_from: None,
         }
     }
 
-    /// Whether the path queues under its own data now (a probe came back
-    /// behind a queue within [`CONGESTION_MEMORY`]): its losses are then
+    /// Whether the path queues under its own data now (a queue stood for
+    /// [`QUEUE_CONFIRM`] within [`CONGESTION_MEMORY`]): its losses are then
     /// congestion, which the scheduler handles, not a sick path.
     pub fn congested(&self, now: Instant) -> bool {
         self.queued_at
@@ -304,7 +313,12 @@ impl Estimator {
         let queue = |m: Duration| d.rtt > m + (m / 2).max(Duration::from_millis(5));
         if let (Some(last), Some((m, _))) = (self.last, self.rtt_min) {
             if d.sent_packets > last.sent_packets && queue(m) {
-                self.queued_at = Some(d.at);
+                let from = *self.queue_from.get_or_insert(d.at);
+                if d.at.saturating_duration_since(from) >= QUEUE_CONFIRM {
+                    self.queued_at = Some(d.at);
+                }
+            } else {
+                self.queue_from = None;
             }
         }
         if let Some(last) = self.last {

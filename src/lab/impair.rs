@@ -29,14 +29,19 @@ impl Lab {
     }
 
     /// Drops `percent` % of `path`'s packets at random in each direction (nftables
-    /// `numgen random`); [`Lab::heal`] removes it.
+    /// `numgen random`); [`Lab::heal`] removes it. The rule sees a UDP GSO
+    /// train (the daemon's batches, more of them on a busy host) as one
+    /// packet and drops it whole: run the gateways with
+    /// `CROSSLINK_UDP_GSO=0` when the loss must fall on datagrams one by
+    /// one, as a wire's does.
     pub fn random_loss(&self, path: LabPath, percent: u8) -> Result<()> {
         let verdict = format!("numgen random mod 100 < {percent} drop");
         self.impair(path, &[Direction::AToB, Direction::BToA], &verdict)
     }
 
     /// Drops `per_mille` in 1000 of `path`'s packets at random in each
-    /// direction (finer than [`Lab::random_loss`]); [`Lab::heal`] removes it.
+    /// direction (finer than [`Lab::random_loss`], with its caveat about
+    /// GSO trains); [`Lab::heal`] removes it.
     pub fn loss_per_mille(&self, path: LabPath, per_mille: u16) -> Result<()> {
         let verdict = format!("numgen random mod 1000 < {per_mille} drop");
         self.impair(path, &[Direction::AToB, Direction::BToA], &verdict)

@@ -205,11 +205,58 @@ fn a_queue_under_its_own_data_marks_the_path_congested_for_a_while() {
     e.handle(delivery(t, 0, 0, 0, 2));
     e.handle(delivery(t + PROBE, 100, 100, 100, 2));
     assert!(!e.congested(t + PROBE));
-    // The round trip jumps while data flows: a queue of our own.
-    e.handle(delivery(t + PROBE * 2, 200, 200, 200, 25));
-    assert!(e.congested(t + PROBE * 2));
-    assert!(e.congested(t + PROBE * 2 + CONGESTION_MEMORY - PROBE));
-    assert!(!e.congested(t + PROBE * 2 + CONGESTION_MEMORY));
+    // The round trip jumps while data flows: a queue of our own, once it
+    // has stood for QUEUE_CONFIRM.
+    let mut at = t + PROBE;
+    let mut n = 1;
+    let first = at + PROBE;
+    while at < first + QUEUE_CONFIRM {
+        at += PROBE;
+        n += 1;
+        e.handle(delivery(at, n * 100, n * 100, n * 100, 25));
+        assert_eq!(
+            e.congested(at),
+            at >= first + QUEUE_CONFIRM,
+            "at {:?}",
+            at - t
+        );
+    }
+    // Once it stood for QUEUE_CONFIRM, for CONGESTION_MEMORY.
+    assert!(e.congested(at + CONGESTION_MEMORY - PROBE));
+    assert!(!e.congested(at + CONGESTION_MEMORY));
+}
+
+#[test]
+fn late_probes_that_come_back_together_are_a_stall_not_a_queue() {
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 2));
+    e.handle(delivery(t + PROBE, 100, 100, 100, 2));
+    // The host stalls for 300 ms: the 30 probes sent meanwhile all come
+    // back when it resumes, late by up to the stall, then the path is
+    // quick again. Data was flowing the whole time.
+    let resume = t + PROBE + Duration::from_millis(300);
+    let mut n = 1;
+    for late in (1..=30u64).rev() {
+        n += 1;
+        e.handle(delivery(resume, n * 100, n * 100, n * 100, 2 + late * 10));
+    }
+    for i in 1..=50u32 {
+        n += 1;
+        e.handle(delivery(resume + PROBE * i, n * 100, n * 100, n * 100, 2));
+    }
+    for i in 0..=50u32 {
+        assert!(!e.congested(resume + PROBE * i));
+    }
+    // A queue broken by one quick probe starts over.
+    let mut at = resume + PROBE * 50;
+    for i in 0..18u64 {
+        at += PROBE;
+        n += 1;
+        let rtt = if i == 8 { 2 } else { 25 };
+        e.handle(delivery(at, n * 100, n * 100, n * 100, rtt));
+        assert!(!e.congested(at), "probe {i}");
+    }
 }
 
 #[test]
