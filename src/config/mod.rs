@@ -334,12 +334,14 @@ fn peer_summary(out: &mut String, peer: &PeerConfig, default_auth: Option<&BfdAu
 fn sla_summary(s: &SlaConfig) -> String {
     let limit = |d: Option<Duration>| d.map_or("off".to_string(), format_duration);
     format!(
-        "max_loss {}%, max_rtt {}, max_jitter {}, hold {}, probes every {}, at most {} moves a minute",
+        "max_loss {}%, max_rtt {}, max_jitter {}, hold {}, probes every {}{}, at most {} moves a minute",
         f64::from(s.max_loss_ppm) / 10_000.0,
         limit(s.max_rtt),
         limit(s.max_jitter),
         format_duration(s.hold),
         format_duration(s.probe_interval),
+        s.idle_probe_interval
+            .map_or(String::new(), |i| format!(" ({} while idle)", format_duration(i))),
         s.max_moves_per_minute
     )
 }

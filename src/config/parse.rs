@@ -296,6 +296,7 @@ pub(super) struct RawSla {
     pub(super) max_jitter: Option<Limit>,
     pub(super) hold: Option<Dur>,
     pub(super) probe_interval: Option<Dur>,
+    pub(super) idle_probe_interval: Option<Limit>,
     pub(super) max_moves_per_minute: Option<u32>,
 }
 

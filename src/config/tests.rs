@@ -1078,6 +1078,20 @@ fn sla_defaults_and_per_path_overrides() {
     assert_eq!(two.max_rtt, Some(Duration::from_millis(50)));
     assert_eq!(two.max_loss_ppm, 5_000);
     assert_eq!(c.peers[1].paths[0].sla, SlaConfig::default(), "per peer");
+    assert_eq!(d.idle_probe_interval, None, "idle peers probed as often");
+    let text = base_with(
+        "tun = \"xl-gcp\"\n",
+        "tun = \"xl-gcp\"\n\n[peer.sla]\nidle_probe_interval = \"500ms\"\n",
+    )
+    .replacen(
+        "  name = \"cci-1\"\n",
+        "  name = \"cci-1\"\n  sla = { idle_probe_interval = \"off\" }\n",
+        1,
+    );
+    let c = ok(&text);
+    let (one, two) = (&c.peers[0].paths[0].sla, &c.peers[0].paths[1].sla);
+    assert_eq!(one.idle_probe_interval, None, "\"off\" at the path");
+    assert_eq!(two.idle_probe_interval, Some(Duration::from_millis(500)));
 }
 
 #[test]
@@ -1123,6 +1137,18 @@ fn sla_errors_name_the_key() {
         9,
         "peer.gcp.sla.probe_interval",
         "between 1ms and 10s",
+    );
+    assert_err(
+        &peer_sla("idle_probe_interval = \"5ms\""),
+        9,
+        "peer.gcp.sla.idle_probe_interval",
+        "shorter than probe_interval (10ms)",
+    );
+    assert_err(
+        &peer_sla("idle_probe_interval = \"1m\""),
+        9,
+        "peer.gcp.sla.idle_probe_interval",
+        "at most 10s",
     );
     assert_err(
         &peer_sla("hold = \"2h\""),

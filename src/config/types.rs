@@ -510,6 +510,9 @@ pub struct SlaConfig {
     pub hold: Duration,
     /// Time between two probes on the path.
     pub probe_interval: Duration,
+    /// Time between two probes while the peer carries no data (`None`:
+    /// `probe_interval` always).
+    pub idle_probe_interval: Option<Duration>,
     /// Moves of the peer's traffic for quality (not for failure) allowed in
     /// any minute; further ones wait.
     pub max_moves_per_minute: u32,
@@ -530,6 +533,7 @@ impl Default for SlaConfig {
             max_jitter: None,
             hold: DEFAULT_SLA_HOLD,
             probe_interval: DEFAULT_PROBE_INTERVAL,
+            idle_probe_interval: None,
             max_moves_per_minute: DEFAULT_MAX_MOVES_PER_MINUTE,
         }
     }

@@ -201,6 +201,25 @@ pub(super) fn merge_sla(
         }
         sla.probe_interval = i;
     }
+    if let Some(Limit(l)) = over.idle_probe_interval {
+        if let Some(i) = l {
+            if i > Duration::from_secs(10) {
+                let msg = format!("{} is too long: at most 10s", format_duration(i));
+                return invalid(at, &[k("idle_probe_interval")], msg);
+            }
+        }
+        sla.idle_probe_interval = l;
+    }
+    if let Some(i) = sla.idle_probe_interval {
+        if i < sla.probe_interval {
+            let msg = format!(
+                "{} is shorter than probe_interval ({}): an idle peer is probed less often, not more",
+                format_duration(i),
+                format_duration(sla.probe_interval)
+            );
+            return invalid(at, &[k("idle_probe_interval")], msg);
+        }
+    }
     if let Some(m) = over.max_moves_per_minute {
         if path_level {
             return invalid(

@@ -119,6 +119,9 @@ const STALL_INTERVALS: u32 = 5;
 const MIN_STALL: Duration = Duration::from_millis(50);
 /// Jitter samples before jitter may degrade a path.
 const JITTER_MIN_SAMPLES: u64 = 16;
+/// A peer whose data count has not moved for this long is idle (see
+/// [`Prober::note_traffic`]).
+pub const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Why a path is degraded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -191,6 +194,8 @@ struct Sent {
     /// Small and large probes sent up to and including this one.
     small_sent: u64,
     large_sent: u64,
+    /// The interval the prober was probing at when it sent this one.
+    interval: Duration,
 }
 
 /// What one probe's reply tells: its own timing, and cumulative counts of
@@ -206,6 +211,9 @@ pub struct Sample {
     pub large_sent: u64,
     /// Replies received up to and including this one.
     pub replies: u64,
+    /// The interval the prober was probing at when it sent this probe
+    /// (`probe_interval`, or `idle_probe_interval` while the peer is idle).
+    pub interval: Duration,
     /// The far end's counts when it answered.
     pub report: ProbeReport,
     /// This end's data counts for the path when the reply arrived.
@@ -217,6 +225,12 @@ pub struct Sample {
 #[derive(Clone, Debug)]
 pub struct Prober {
     interval: Duration,
+    /// The interval while the peer carries no data (`None`: always
+    /// `interval`).
+    idle_interval: Option<Duration>,
+    /// The peer's traffic count last seen, and when it last changed.
+    traffic: u64,
+    active_at: Option<Instant>,
     next_at: Option<Instant>,
     seq: u64,
     small_sent: u64,
@@ -229,6 +243,9 @@ impl Prober {
     pub fn new(interval: Duration) -> Prober {
         Prober {
             interval: interval.max(Duration::from_micros(100)),
+            idle_interval: None,
+            traffic: 0,
+            active_at: None,
             next_at: None,
             seq: 0,
             small_sent: 0,
@@ -238,15 +255,49 @@ impl Prober {
         }
     }
 
+    /// Probes every `idle` instead while the peer carries no data: see
+    /// [`Prober::note_traffic`]. Never more often than the busy interval.
+    pub fn with_idle_interval(mut self, idle: Option<Duration>) -> Prober {
+        self.idle_interval = idle.map(|d| d.max(self.interval));
+        self
+    }
+
+    /// The peer's data count (datagrams both ways, over all its paths: any
+    /// number that grows with its traffic) at `now`. A peer whose count has
+    /// not moved for [`IDLE_AFTER`] is idle, and its paths are probed
+    /// every idle interval; the first change brings the busy interval back
+    /// (from the next probe: at most one idle interval later).
+    pub fn note_traffic(&mut self, count: u64, now: Instant) {
+        if count != self.traffic || self.active_at.is_none() {
+            self.traffic = count;
+            self.active_at = Some(now);
+        }
+    }
+
+    /// The interval the prober probes at now.
+    pub fn current_interval(&self, now: Instant) -> Duration {
+        match self.idle_interval {
+            Some(idle)
+                if self
+                    .active_at
+                    .is_some_and(|t| now.saturating_duration_since(t) >= IDLE_AFTER) =>
+            {
+                idle
+            }
+            _ => self.interval,
+        }
+    }
+
     /// The probe to send now, if one is due. A late call sends one probe,
     /// not a burst to catch up.
     pub fn poll_probe(&mut self, now: Instant) -> Option<Probe> {
         if self.next_at.is_some_and(|t| now < t) {
             return None;
         }
+        let interval = self.current_interval(now);
         self.next_at = Some(match self.next_at {
-            Some(t) if now.saturating_duration_since(t) < self.interval => t + self.interval,
-            _ => now + self.interval,
+            Some(t) if now.saturating_duration_since(t) < interval => t + interval,
+            _ => now + interval,
         });
         self.seq += 1;
         let class = if self.seq % LARGE_EVERY == 0 {
@@ -264,6 +315,7 @@ impl Prober {
                 class,
                 small_sent: self.small_sent,
                 large_sent: self.large_sent,
+                interval,
             });
         }
         Some(Probe {
@@ -310,6 +362,7 @@ impl Prober {
             small_sent: sent.small_sent,
             large_sent: sent.large_sent,
             replies: self.replies,
+            interval: sent.interval,
             report,
             local,
         })
@@ -409,6 +462,9 @@ pub struct Figures {
     pub reorder: Option<f64>,
     /// Large probes lost in a row (an MTU black hole shows here).
     pub large_lost_run: u64,
+    /// The interval the last answered probe was sent at (the busy or the
+    /// idle one).
+    pub probe_interval: Option<Duration>,
 }
 
 /// One path's quality: the estimates and the verdict (sans-IO; the engine
@@ -759,7 +815,8 @@ impl Quality {
         // host, the far one, or a total loss that BFD is there to judge),
         // not a share of packets lost: what it lost is not loss accounting's.
         let gap = s.received_at.saturating_duration_since(prev.received_at);
-        if gap > (self.sla.probe_interval * STALL_INTERVALS).max(MIN_STALL) {
+        let interval = s.interval.max(prev.interval);
+        if gap > (interval * STALL_INTERVALS).max(MIN_STALL) {
             // The data counts start again from here too: what the stall
             // hid (losses, or datagrams counted lost before it that came
             // after all) is in neither direction's accounting.
@@ -1057,6 +1114,7 @@ impl Quality {
             jitter_rx: jitter(self.jitter_rx),
             reorder: (self.replies > 0).then(|| self.reordered as f64 / self.replies as f64),
             large_lost_run: self.large_lost_run,
+            probe_interval: self.last.map(|s| s.interval),
         }
     }
 }

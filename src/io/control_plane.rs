@@ -1539,6 +1539,7 @@ impl BfdThread {
             reorder_ratio: f.reorder,
             degraded: reason.is_some(),
             degraded_reason: reason.map(|r| r.as_str().to_string()),
+            probe_interval_us: us(f.probe_interval),
         }
     }
 }

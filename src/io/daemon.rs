@@ -1207,7 +1207,10 @@ impl Gateway {
                 counters: p.counters.clone(),
                 drops: self.shared.drops.clone(),
                 id,
-                prober: (k == 0).then(|| Prober::new(p.config.sla.probe_interval)),
+                prober: (k == 0).then(|| {
+                    Prober::new(p.config.sla.probe_interval)
+                        .with_idle_interval(p.config.sla.idle_probe_interval)
+                }),
                 reflector: Reflector::default(),
                 large_probe,
                 probe_window: ReplayWindow::default(),

@@ -159,6 +159,10 @@ pub struct QualityStatus {
     pub degraded: bool,
     /// "loss", "rtt", "jitter" or "mtu" while degraded.
     pub degraded_reason: Option<String>,
+    /// The interval the path is probed at now: `probe_interval`, or
+    /// `idle_probe_interval` while the peer carries no data.
+    #[serde(default)]
+    pub probe_interval_us: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -438,6 +442,7 @@ mod tests {
                         reorder_ratio: Some(0.0),
                         degraded: true,
                         degraded_reason: Some("loss".into()),
+                        probe_interval_us: Some(10_000),
                     },
                     tx_packets: 1000,
                     rx_packets: 998,

@@ -39,13 +39,23 @@ pub struct ScaleLab {
 /// The config text of `gw` with `peers` peers; `changed` peer gets path
 /// `l2`'s priority 3 instead of 2 (a reload that touches one peer).
 /// `XL_SCALE_PROBE_MS` sets every peer's quality probe interval (the
-/// default: 10 ms).
+/// default: 10 ms), `XL_SCALE_IDLE_PROBE_MS` its idle probe interval (the
+/// default: none).
 pub fn config_text(lab: &Lab, gw: Gw, peers: usize, changed: Option<usize>) -> String {
-    let probe = std::env::var("XL_SCALE_PROBE_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(|ms| format!("  [peer.sla]\n  probe_interval = \"{ms}ms\"\n"))
-        .unwrap_or_default();
+    let ms = |var: &str, key: &str| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|ms| format!("  {key} = \"{ms}ms\"\n"))
+            .unwrap_or_default()
+    };
+    let keys = ms("XL_SCALE_PROBE_MS", "probe_interval")
+        + &ms("XL_SCALE_IDLE_PROBE_MS", "idle_probe_interval");
+    let probe = if keys.is_empty() {
+        keys
+    } else {
+        format!("  [peer.sla]\n{keys}")
+    };
     let o = lab.options();
     let mut t = format!(
         "[gateway]\nname = \"{gw}\"\ncontrol_socket = \"{sock}\"\n\n\

@@ -63,7 +63,7 @@ impl Sim {
             t0: Instant::now(),
             ms: 0,
             rng: Rng::new(seed),
-            prober: Prober::new(sla.probe_interval),
+            prober: Prober::new(sla.probe_interval).with_idle_interval(sla.idle_probe_interval),
             reflector: Reflector::default(),
             q: Quality::new(sla, true),
             fwd: Dir::default(),
@@ -136,6 +136,7 @@ impl Sim {
                 self.at_a.seq_high = self.at_a.seq_high.max(self.b_seq);
             }
         }
+        self.prober.note_traffic(self.a_seq + self.b_seq, now);
         if let Some(p) = self.prober.poll_probe(now) {
             let dropped = p.class == ProbeClass::Large && self.fwd.drop_large;
             if !dropped && !self.lost(self.fwd.loss) {
@@ -580,6 +581,67 @@ fn a_host_stall_is_not_loss() {
         sim.rev.loss = 0.001;
     }
     sim.run_ms(1000);
+    assert!(sim.transitions.is_empty(), "{:?}", sim.transitions);
+}
+
+fn idle_sla(ms: u64) -> SlaConfig {
+    SlaConfig {
+        idle_probe_interval: Some(Duration::from_millis(ms)),
+        ..sla()
+    }
+}
+
+#[test]
+fn an_idle_peer_is_probed_at_its_idle_interval_until_data_flows() {
+    let mut sim = Sim::new(21, idle_sla(100), 0);
+    // Busy interval first, for IDLE_AFTER after the start.
+    sim.run_ms(900);
+    assert!(sim.prober.last_seq() >= 85, "{}", sim.prober.last_seq());
+    sim.run_ms(1100);
+    let before = sim.prober.last_seq();
+    sim.run_ms(3000);
+    let idle = sim.prober.last_seq() - before;
+    assert!((29..=31).contains(&idle), "{idle} probes in 3 s idle");
+    assert_eq!(
+        sim.q.figures(sim.now()).probe_interval,
+        Some(Duration::from_millis(100))
+    );
+    // Data: the busy interval from the next probe (at most one idle
+    // interval later).
+    sim.pps = 2000;
+    sim.run_ms(100);
+    let before = sim.prober.last_seq();
+    sim.run_ms(1000);
+    let busy = sim.prober.last_seq() - before;
+    assert!((99..=101).contains(&busy), "{busy} probes in 1 s busy");
+    assert_eq!(
+        sim.q.figures(sim.now()).probe_interval,
+        Some(Duration::from_millis(10))
+    );
+    // Without an idle interval, an idle peer is probed as often as a busy one.
+    let mut sim = Sim::new(21, sla(), 0);
+    sim.run_ms(5000);
+    assert!(sim.prober.last_seq() >= 495, "{}", sim.prober.last_seq());
+    assert!(sim.transitions.is_empty(), "{:?}", sim.transitions);
+}
+
+#[test]
+fn an_idle_paths_slower_probes_still_measure_its_loss() {
+    // 100 ms between probes is no stall: 20 % loss each way on an idle
+    // peer's path is counted and degrades it.
+    let mut sim = Sim::new(22, idle_sla(100), 0);
+    sim.run_ms(3000);
+    assert!(sim.transitions.is_empty(), "{:?}", sim.transitions);
+    sim.fwd.loss = 0.2;
+    sim.rev.loss = 0.2;
+    sim.run_ms(10_000);
+    assert_eq!(sim.degraded_after(3000).map(|(_, r)| r), Some(Reason::Loss));
+    let f = sim.q.figures(sim.now());
+    assert!(f.loss_tx.is_some_and(|l| l > 0.1), "{f:?}");
+    // An idle path that stays clean: nothing in a minute.
+    let mut sim = Sim::new(23, idle_sla(100), 0);
+    sim.fwd.loss = 0.001;
+    sim.run_ms(60_000);
     assert!(sim.transitions.is_empty(), "{:?}", sim.transitions);
 }
 

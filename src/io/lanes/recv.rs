@@ -145,10 +145,19 @@ impl PathIn {
     }
 
     /// Sends a probe if one is due; returns when the next one is.
-    pub(super) fn tick(&mut self, rx: &mut RxState, now: Instant) -> Instant {
+    /// `traffic`: the peer's data count (see [`Prober::note_traffic`]).
+    pub(super) fn tick(
+        &mut self,
+        rx: &mut RxState,
+        now: Instant,
+        traffic: impl Fn() -> u64,
+    ) -> Instant {
         let Some(prober) = self.prober.as_mut() else {
             return now + IDLE_TICK;
         };
+        if prober.poll_timeout().is_none_or(|t| t <= now) {
+            prober.note_traffic(traffic(), now);
+        }
         let due = prober.poll_probe(now);
         let next = prober.poll_timeout().unwrap_or(now + IDLE_TICK);
         if let Some(p) = due {

@@ -195,8 +195,20 @@ impl Running {
             lane.out.flows.sweep(now, &mut lane.out.paths);
         }
         let mut next = self.next_sweep;
+        // The peer's traffic, both ways over all its paths, for the
+        // probers' idle interval (read only when a probe may be due).
+        let traffic = || {
+            lane.out
+                .paths
+                .iter()
+                .map(|o| {
+                    o.counters.tx_packets.load(Ordering::Relaxed)
+                        + o.counters.rx_packets.load(Ordering::Relaxed)
+                })
+                .fold(0u64, u64::wrapping_add)
+        };
         for (p, r) in lane.ins.iter_mut().zip(self.rx.iter_mut()) {
-            next = next.min(p.tick(r, now));
+            next = next.min(p.tick(r, now, traffic));
         }
         // A gap that waited its bound: what it held goes out through the
         // first end of a path (any writes to the lane's queue).
