@@ -448,3 +448,64 @@ fn a_tcp_stream_filling_a_shaped_path_does_not_make_it_degraded() {
         "congestion of our own stream degraded a path"
     );
 }
+
+/// `idle_probe_interval`: a peer without data is probed at its idle
+/// interval, a busy one at `probe_interval` again within about a second
+/// of its first data, and idle again a second after its last.
+#[test]
+fn an_idle_peer_is_probed_at_its_idle_interval() {
+    if !lab::test_gate("an_idle_peer_is_probed_at_its_idle_interval", &[]) {
+        return;
+    }
+    let _serial = serial();
+    let mut opts = LabOptions::new("qidle", BIN);
+    opts.sla = vec!["idle_probe_interval = \"200ms\"".into()];
+    let mut lab = Lab::new(opts).unwrap();
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    let intervals = |lab: &Lab| -> Vec<Option<u64>> {
+        let s = lab.poll(Gw::A).unwrap_or_default();
+        LabPath::ALL
+            .iter()
+            .map(|&p| quality(&s, p).and_then(|q| q["probe_interval_us"].as_u64()))
+            .collect()
+    };
+    let wait = |lab: &Lab, want: u64, within: Duration| -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if intervals(lab).iter().all(|i| *i == Some(want)) {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    };
+    let idle = wait(&lab, 200_000, Duration::from_secs(10));
+    let receiver = lab.start_receiver(PORT, Duration::from_secs(30)).unwrap();
+    let sender = lab
+        .start_sender(PORT, RATE, Duration::from_secs(30))
+        .unwrap();
+    let busy = wait(&lab, 10_000, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(2));
+    let still_busy = intervals(&lab);
+    sender.stop().unwrap();
+    let _ = receiver.finish(Duration::from_secs(3));
+    let idle_again = wait(&lab, 200_000, Duration::from_secs(10));
+    lab::say(&format!(
+        "REPORT quality idle_probing idle_after={idle:?} busy_after_first_data={busy:?} idle_again_after={idle_again:?}"
+    ));
+    assert!(
+        idle.is_some(),
+        "never probed at the idle interval: {:?}",
+        intervals(&lab)
+    );
+    assert!(busy.is_some(), "data did not bring the busy interval back");
+    assert!(
+        still_busy.iter().all(|i| *i == Some(10_000)),
+        "{still_busy:?} while data flowed"
+    );
+    assert!(
+        idle_again.is_some(),
+        "not idle again after the data stopped"
+    );
+}

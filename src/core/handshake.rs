@@ -108,6 +108,11 @@ pub const REKEY_AFTER_MESSAGES: u64 = 1 << 32;
 pub const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest wait between initiations.
 pub const RETRY_MAX: Duration = Duration::from_secs(16);
+/// An initiation of ours this old when the far side's arrives (and ours is
+/// the one kept) is sent again at once: the far side may have started
+/// after it. Younger, the two crossed on the way, and the far side answers
+/// ours.
+pub const RESEND_ON_CROSS: Duration = Duration::from_millis(200);
 /// How long a responder keeps a session waiting for its confirm.
 pub const CONFIRM_WAIT: Duration = Duration::from_secs(10);
 /// Confirms the initiator sends (the first at once, then one per second).
@@ -240,6 +245,9 @@ struct Initiation {
     noise: snow::HandshakeState,
     epoch: u32,
     attempt: u32,
+    /// When it was last sent, and what.
+    sent_at: Instant,
+    datagram: Vec<u8>,
     /// When it is sent again (with a new ephemeral key) if unanswered.
     retry_at: Instant,
 }
@@ -484,6 +492,8 @@ impl Handshake {
             noise,
             epoch,
             attempt,
+            sent_at: now,
+            datagram: out.clone(),
             retry_at: now + wait,
         });
         self.transmit.push_back(out);
@@ -562,6 +572,17 @@ impl Handshake {
             // with the greater public key keeps its own (the other answers
             // it); the other drops its own and answers this one.
             if self.local.public().as_bytes() > self.remote.as_bytes() {
+                // Ours, sent a while ago, may never have reached the far
+                // side (started after it): sent again now, not at its
+                // retry, which backs off to RETRY_MAX. The same datagram:
+                // if it did arrive (a slow path), the far side refuses the
+                // copy as seen, and the answer on its way still matches.
+                if let Some(i) = self.initiation.as_mut() {
+                    if now.saturating_duration_since(i.sent_at) >= RESEND_ON_CROSS {
+                        i.sent_at = now;
+                        self.transmit.push_back(i.datagram.clone());
+                    }
+                }
                 return Ok(());
             }
             self.yielded = self.initiation.take().map(|i| i.epoch);
@@ -1237,6 +1258,41 @@ mod tests {
                 Some(net.now - nodes[0].current.as_ref().unwrap().established)
             );
         }
+    }
+
+    /// The side whose initiation is kept on a cross has been retrying
+    /// alone for 40 s (its retries backed off towards RETRY_MAX) when the
+    /// far side starts: the far side's first initiation brings a new one of
+    /// ours at once, not at our next retry.
+    #[test]
+    fn a_far_side_that_starts_late_gets_keys_at_once() {
+        let t0 = Instant::now();
+        let mut nodes = pair(None, t0);
+        let early = usize::from(key(1).public().as_bytes() < key(2).public().as_bytes());
+        let late = 1 - early;
+        let mut net = Net::new(t0);
+        net.run(&mut nodes, Duration::from_secs(40), &mut |_, _, _| vec![]);
+        assert!(!established(&nodes));
+        let [a, b] = pair(None, net.now);
+        nodes[late] = if late == 0 { a } else { b };
+        net.run(&mut nodes, Duration::from_millis(200), &mut perfect);
+        assert!(
+            established(&nodes),
+            "no keys 200 ms after the far side started"
+        );
+        assert!(carries(&nodes[0], &nodes[1], 1));
+        assert!(carries(&nodes[1], &nodes[0], 1));
+        // Initiations that cross on the way: the one kept is not sent again.
+        let mut nodes = pair(None, t0);
+        let mut net = Net::new(t0);
+        net.run(&mut nodes, Duration::from_millis(100), &mut perfect);
+        assert!(established(&nodes));
+        let kept = net
+            .log
+            .iter()
+            .filter(|(from, d)| *from == early && d.len() == INIT_LEN)
+            .count();
+        assert_eq!(kept, 1);
     }
 
     /// B as a new process would start it, given what the old B exported.
