@@ -120,7 +120,9 @@ const MIN_STALL: Duration = Duration::from_millis(50);
 /// Jitter samples before jitter may degrade a path.
 const JITTER_MIN_SAMPLES: u64 = 16;
 /// A peer whose data count has not moved for this long is idle (see
-/// [`Prober::note_traffic`]).
+/// [`Prober::note_traffic`]). Longer than the kernel fast path's counters
+/// take to reach the lanes' (every 500 ms), so that a busy fast-path peer
+/// is never taken for an idle one.
 pub const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Why a path is degraded.
