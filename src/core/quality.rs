@@ -12,8 +12,9 @@
 //! # Measuring
 //!
 //! Each path's receiving lane 0 runs a [`Prober`]: every `probe_interval`
-//! (10 ms by default) it sends a probe request, every tenth one as long as
-//! the path's largest data datagram. The far end's [`Reflector`] answers
+//! (10 ms by default; `idle_probe_interval`, if set, while the peer carries
+//! no data) it sends a probe request, every tenth one as long as the path's
+//! largest data datagram. The far end's [`Reflector`] answers
 //! each at once with a [`ProbeReport`]: cumulative counts of the small and
 //! large probes and of the data datagrams it received on the path, the
 //! highest data sequence number it saw, and when the request arrived (its
