@@ -1086,30 +1086,28 @@ fn crash_restart_keeps_the_tun_from_the_fd_store() {
     lab.wait_paths_up(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
     let deadline = Instant::now() + Duration::from_secs(5);
-    // READY=1, then the TUN's queues.
-    let stored_any = || {
-        !store
-            .fds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-    };
-    while (!store.ready.load(std::sync::atomic::Ordering::Relaxed) || !stored_any())
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let stored: Vec<String> = store.names();
     // The TUN's queues, each path's data sockets (one per lane) and BFD
-    // socket, and the BFD receive sockets.
-    for kind in [
+    // socket, and the BFD receive sockets: READY=1, then the descriptors,
+    // in messages of their own (wait for all of them, not the first).
+    let kinds = [
         "tun/xl-b/",
         "data/b/path1/",
         "data/b/path2/",
         "bfd/b/path1",
         "bfd/b/path2",
         "rx/",
-    ] {
+    ];
+    let stored_all = || {
+        let names = store.names();
+        kinds.iter().all(|k| names.iter().any(|n| n.starts_with(k)))
+    };
+    while (!store.ready.load(std::sync::atomic::Ordering::Relaxed) || !stored_all())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stored: Vec<String> = store.names();
+    for kind in kinds {
         assert!(
             stored.iter().any(|n| n.starts_with(kind)),
             "the daemon stored {stored:?}, nothing {kind}"
