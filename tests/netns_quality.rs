@@ -463,34 +463,33 @@ fn an_idle_peer_is_probed_at_its_idle_interval() {
     let mut lab = Lab::new(opts).unwrap();
     lab.start_gateways().unwrap();
     lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    let interval =
+        |s: &Value, p: LabPath| quality(s, p).and_then(|q| q["probe_interval_us"].as_u64());
+    // How long until both gateways probe both paths every `want` us.
+    let wait = |lab: &mut Lab, want: u64, within: Duration| -> Option<Duration> {
+        let start = Instant::now();
+        lab.wait_for("probe interval", within, |_, s| {
+            LabPath::ALL.iter().all(|&p| interval(s, p) == Some(want))
+        })
+        .ok()
+        .map(|()| start.elapsed())
+    };
+    // gw-a's, path by path.
     let intervals = |lab: &Lab| -> Vec<Option<u64>> {
         let s = lab.poll(Gw::A).unwrap_or_default();
-        LabPath::ALL
-            .iter()
-            .map(|&p| quality(&s, p).and_then(|q| q["probe_interval_us"].as_u64()))
-            .collect()
+        LabPath::ALL.iter().map(|&p| interval(&s, p)).collect()
     };
-    let wait = |lab: &Lab, want: u64, within: Duration| -> Option<Duration> {
-        let start = Instant::now();
-        while start.elapsed() < within {
-            if intervals(lab).iter().all(|i| *i == Some(want)) {
-                return Some(start.elapsed());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    };
-    let idle = wait(&lab, 200_000, Duration::from_secs(10));
+    let idle = wait(&mut lab, 200_000, Duration::from_secs(10));
     let receiver = lab.start_receiver(PORT, Duration::from_secs(30)).unwrap();
     let sender = lab
         .start_sender(PORT, RATE, Duration::from_secs(30))
         .unwrap();
-    let busy = wait(&lab, 10_000, Duration::from_secs(5));
+    let busy = wait(&mut lab, 10_000, Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(2));
     let still_busy = intervals(&lab);
     sender.stop().unwrap();
     let _ = receiver.finish(Duration::from_secs(3));
-    let idle_again = wait(&lab, 200_000, Duration::from_secs(10));
+    let idle_again = wait(&mut lab, 200_000, Duration::from_secs(10));
     lab::say(&format!(
         "REPORT quality idle_probing idle_after={idle:?} busy_after_first_data={busy:?} idle_again_after={idle_again:?}"
     ));

@@ -202,11 +202,9 @@ pub(super) fn merge_sla(
         sla.probe_interval = i;
     }
     if let Some(Limit(l)) = over.idle_probe_interval {
-        if let Some(i) = l {
-            if i > Duration::from_secs(10) {
-                let msg = format!("{} is too long: at most 10s", format_duration(i));
-                return invalid(at, &[k("idle_probe_interval")], msg);
-            }
+        if let Some(i) = l.filter(|&i| i > Duration::from_secs(10)) {
+            let msg = format!("{} is too long: at most 10s", format_duration(i));
+            return invalid(at, &[k("idle_probe_interval")], msg);
         }
         sla.idle_probe_interval = l;
     }

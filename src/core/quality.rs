@@ -278,7 +278,7 @@ impl Prober {
     }
 
     /// The interval the prober probes at now.
-    pub fn current_interval(&self, now: Instant) -> Duration {
+    fn current_interval(&self, now: Instant) -> Duration {
         match self.idle_interval {
             Some(idle)
                 if self

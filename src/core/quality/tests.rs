@@ -593,14 +593,18 @@ fn idle_sla(ms: u64) -> SlaConfig {
 
 #[test]
 fn an_idle_peer_is_probed_at_its_idle_interval_until_data_flows() {
+    // Probes sent in the next `ms`.
+    let probes_in = |sim: &mut Sim, ms: u64| {
+        let before = sim.prober.last_seq();
+        sim.run_ms(ms);
+        sim.prober.last_seq() - before
+    };
     let mut sim = Sim::new(21, idle_sla(100), 0);
     // Busy interval first, for IDLE_AFTER after the start.
-    sim.run_ms(900);
-    assert!(sim.prober.last_seq() >= 85, "{}", sim.prober.last_seq());
+    let first = probes_in(&mut sim, 900);
+    assert!(first >= 85, "{first}");
     sim.run_ms(1100);
-    let before = sim.prober.last_seq();
-    sim.run_ms(3000);
-    let idle = sim.prober.last_seq() - before;
+    let idle = probes_in(&mut sim, 3000);
     assert!((29..=31).contains(&idle), "{idle} probes in 3 s idle");
     assert_eq!(
         sim.q.figures(sim.now()).probe_interval,
@@ -610,9 +614,7 @@ fn an_idle_peer_is_probed_at_its_idle_interval_until_data_flows() {
     // interval later).
     sim.pps = 2000;
     sim.run_ms(100);
-    let before = sim.prober.last_seq();
-    sim.run_ms(1000);
-    let busy = sim.prober.last_seq() - before;
+    let busy = probes_in(&mut sim, 1000);
     assert!((99..=101).contains(&busy), "{busy} probes in 1 s busy");
     assert_eq!(
         sim.q.figures(sim.now()).probe_interval,
@@ -620,8 +622,8 @@ fn an_idle_peer_is_probed_at_its_idle_interval_until_data_flows() {
     );
     // Without an idle interval, an idle peer is probed as often as a busy one.
     let mut sim = Sim::new(21, sla(), 0);
-    sim.run_ms(5000);
-    assert!(sim.prober.last_seq() >= 495, "{}", sim.prober.last_seq());
+    let all = probes_in(&mut sim, 5000);
+    assert!(all >= 495, "{all}");
     assert!(sim.transitions.is_empty(), "{:?}", sim.transitions);
 }
 
