@@ -221,6 +221,7 @@ fn write_seeds() {
         data_received: 2000,
         data_seq_high: 2010,
         request_len: 64,
+        data_unsettled: false,
     };
     let mut reply = vec![0u8; 128];
     let n = forward::emit_probe_reply(9, &report, &mut reply, Some(&sealer)).unwrap();
@@ -236,6 +237,7 @@ fn write_seeds() {
             data_received: i * 19,
             data_seq_high: i * 20,
             request_len: if i % 10 == 0 { 1472 } else { 17 },
+            data_unsettled: (12..18).contains(&i),
         };
         steps.push(10u8);
         let mut b = [0u8; ProbeReport::LEN];

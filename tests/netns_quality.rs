@@ -95,6 +95,24 @@ fn wait_back_on_path1(lab: &mut Lab) {
 
 /// (loss %, the stream's loss allowed in %): `CROSSLINK_QUALITY_CASES=5,2`
 /// picks some.
+/// Each gateway's UDP error counters (`nstat`: receive and send buffer
+/// overflows, receive errors), for the reports: a loss the host made is
+/// not the path's.
+fn udp_errors(lab: &Lab) -> Vec<(&'static str, String)> {
+    Gw::ALL
+        .iter()
+        .map(|&gw| {
+            let out = lab
+                .sh_in(
+                    gw.host(),
+                    "nstat -az UdpRcvbufErrors UdpSndbufErrors UdpInErrors | awk 'NR>1 {printf \"%s=%s \", $1, $2}'",
+                )
+                .unwrap_or_default();
+            (gw.name(), out.trim().to_string())
+        })
+        .collect()
+}
+
 fn quality_cases() -> Vec<(u8, f64)> {
     let all = [(5u8, 2.5), (2, 1.0), (10, 5.0)];
     match std::env::var("CROSSLINK_QUALITY_CASES") {
@@ -428,19 +446,25 @@ fn a_tcp_stream_filling_a_shaped_path_does_not_make_it_degraded() {
         }
     }
     let secs = 10;
+    let udp_before = udp_errors(&lab);
     let iperf = lab.start_iperf3(1, secs).unwrap();
     let (changes, _) = watch(&lab, Duration::from_secs(secs + 1));
     let rate = iperf.finish().unwrap_or(0.0);
     let s = lab.poll(Gw::A).unwrap();
+    let s_b = lab.poll(Gw::B).unwrap();
+    let udp_after = udp_errors(&lab);
     let degradations: usize = Gw::ALL
         .iter()
         .map(|&gw| lab.log_tail(gw, 100_000).matches("path degraded").count())
         .sum();
     lab::say(&format!(
-        "REPORT quality self_congestion tbf_mbit=300 tcp_mbit={:.0} degradations={degradations} moves={} path1_quality={}",
+        "REPORT quality self_congestion tbf_mbit=300 tcp_mbit={:.0} degradations={degradations} moves={} \
+         udp_errors_before={udp_before:?} udp_errors_after={udp_after:?} \
+         gw_a_path1_quality={} gw_b_path1_quality={}",
         rate / 1e6,
         changes.len(),
-        quality(&s, LabPath::Path1).cloned().unwrap_or_default()
+        quality(&s, LabPath::Path1).cloned().unwrap_or_default(),
+        quality(&s_b, LabPath::Path1).cloned().unwrap_or_default()
     ));
     assert!(rate > 50e6, "the stream moved {rate} bit/s");
     assert_eq!(

@@ -541,6 +541,7 @@ pub fn quality(input: &[u8]) -> Outcome {
         let local = DataCounts {
             received: report.data_received ^ i as u64,
             seq_high: report.data_seq_high.rotate_left(7),
+            unsettled: step[0] & 0x40 != 0,
             ..DataCounts::default()
         };
         if let Some(sample) = prober.handle_reply(probe.seq, report, local, now) {

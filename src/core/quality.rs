@@ -187,6 +187,12 @@ pub struct DataCounts {
     /// frames a burst before it sends it, and another lane's later
     /// numbers may be there first).
     pub unsent: u64,
+    /// The counts are not settled: a receiving lane of the path has been
+    /// behind the others for longer than the lanes wait for it, so the
+    /// highest number seen may run ahead of the datagrams counted by as
+    /// many as that lane holds. A deficit seen in such counts confirms no
+    /// loss (see `DataLoss`).
+    pub unsettled: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -401,6 +407,7 @@ impl Reflector {
             data_received: data.received,
             data_seq_high: data.seq_high,
             request_len: u32::try_from(len).unwrap_or(u32::MAX),
+            data_unsettled: data.unsettled,
         }
     }
 }
@@ -468,6 +475,35 @@ pub struct Figures {
     /// The interval the last answered probe was sent at (the busy or the
     /// idle one).
     pub probe_interval: Option<Duration>,
+    /// What tripped a loss verdict (with [`Transition::Degraded`] for
+    /// loss only), for the log.
+    pub trip: Option<LossTrip>,
+}
+
+/// The loss that degraded a path: the shortest trigger window whose loss
+/// was past the bound, and what it held.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LossTrip {
+    pub window: Duration,
+    /// Packets of the sending direction lost and expected in it...
+    pub lost: u64,
+    pub expected: u64,
+    /// ... and of those lost, the probes (the rest are data datagrams).
+    pub probes_lost: u64,
+}
+
+impl std::fmt::Display for LossTrip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} in {} ms ({} probes, {} data)",
+            self.lost,
+            self.expected,
+            self.window.as_millis(),
+            self.probes_lost,
+            self.lost.saturating_sub(self.probes_lost)
+        )
+    }
 }
 
 /// One path's quality: the estimates and the verdict (sans-IO; the engine
@@ -563,6 +599,10 @@ struct DataLoss {
     window: Duration,
     /// Since when traffic has flowed with nothing late.
     calm_since: Option<Instant>,
+    /// Datagrams expected while the receiver's counts were unsettled: they
+    /// count once settled counts can tell how many of them were lost, so
+    /// that they never dilute the probes' loss meanwhile.
+    held: u64,
 }
 
 impl Default for DataLoss {
@@ -574,16 +614,24 @@ impl Default for DataLoss {
             confirmed: 0,
             window: REORDER_START,
             calm_since: None,
+            held: 0,
         }
     }
 }
 
 impl DataLoss {
-    /// Takes one interval's (numbered, received) counts and what the
-    /// sender has numbered but not sent yet: the datagrams expected and
-    /// the loss it confirms (negative when datagrams counted lost turned up
-    /// after all), once the direction has a baseline.
-    fn step(&mut self, delta: Option<(u64, u64)>, unsent: u64, now: Instant) -> Option<(u64, i64)> {
+    /// Takes one interval's (numbered, received) counts, what the sender
+    /// has numbered but not sent yet, and whether the receiver's counts
+    /// were settled: the datagrams expected and the loss it confirms
+    /// (negative when datagrams counted lost turned up after all), once the
+    /// direction has a baseline.
+    fn step(
+        &mut self,
+        delta: Option<(u64, u64)>,
+        unsent: u64,
+        unsettled: bool,
+        now: Instant,
+    ) -> Option<(u64, i64)> {
         let (expected, got) = delta?;
         if !self.armed {
             if got > 0 {
@@ -637,7 +685,19 @@ impl DataLoss {
             })
             .map(|(_, &(_, d))| d)
             .collect();
-        let confirmed = in_window.into_iter().chain(baseline).min().unwrap_or(d);
+        let mut confirmed = in_window.into_iter().chain(baseline).min().unwrap_or(d);
+        let mut expected = expected;
+        if unsettled {
+            // A lane of the receiver is behind: its deficit may be what
+            // that lane holds, for as long as it stays behind. Such counts
+            // confirm no new loss (datagrams turning up still count), and
+            // what they expect waits for counts that can tell.
+            confirmed = confirmed.min(self.confirmed);
+            self.held = self.held.saturating_add(expected).min(MAX_DELTA);
+            expected = 0;
+        } else {
+            expected = expected.saturating_add(std::mem::take(&mut self.held));
+        }
         let lost = confirmed - self.confirmed;
         self.confirmed = confirmed;
         Some((expected, lost))
@@ -858,8 +918,11 @@ impl Quality {
             (s.local.seq_high, s.local.received),
             (prev.local.seq_high, prev.local.received),
         );
-        let data_tx = self.data_loss.0.step(data_tx, s.local.unsent, now);
-        let data_rx = self.data_loss.1.step(data_rx, 0, now);
+        let data_tx = self
+            .data_loss
+            .0
+            .step(data_tx, s.local.unsent, r.data_unsettled, now);
+        let data_rx = self.data_loss.1.step(data_rx, 0, s.local.unsettled, now);
         // Every delta is at most MAX_DELTA, so none of this overflows.
         let signed = |a: u64, b: u64| a as i64 - b as i64;
         let small_lost = signed(small_sent, small_got);
@@ -934,21 +997,16 @@ impl Quality {
         if self.large_lost_run >= MTU_RUN {
             return Some(Reason::Mtu);
         }
-        let max_loss = self.sla.max_loss();
-        for n in TRIGGER_WINDOWS {
-            let s = self.sums(now, n);
-            if s.tx_lost >= MIN_LOST && wilson_lower(s.tx_lost, s.tx_expected) > max_loss {
-                // Large probes lost while no small one was for a second:
-                // the losses are large packets', an MTU black hole.
-                if self.large_lost_run >= 2 && self.sums(now, 20).probe_lost == 0 {
-                    return Some(Reason::Mtu);
-                }
-                // Loss behind a queue of the path's own data is congestion
-                // (TCP's signal, the `aggregate` scheduler's to handle), not
-                // a sick path.
-                if congested {
-                    break;
-                }
+        if self.loss_trip(now).is_some() {
+            // Large probes lost while no small one was for a second:
+            // the losses are large packets', an MTU black hole.
+            if self.large_lost_run >= 2 && self.sums(now, 20).probe_lost == 0 {
+                return Some(Reason::Mtu);
+            }
+            // Loss behind a queue of the path's own data is congestion
+            // (TCP's signal, the `aggregate` scheduler's to handle), not
+            // a sick path.
+            if !congested {
                 return Some(Reason::Loss);
             }
         }
@@ -963,6 +1021,23 @@ impl Quality {
             }
         }
         None
+    }
+
+    /// The shortest trigger window whose loss is past the bound: at least
+    /// [`MIN_LOST`] lost and the Wilson lower bound above `max_loss`.
+    fn loss_trip(&self, now: Instant) -> Option<LossTrip> {
+        let max_loss = self.sla.max_loss();
+        TRIGGER_WINDOWS.into_iter().find_map(|n| {
+            let s = self.sums(now, n);
+            (s.tx_lost >= MIN_LOST && wilson_lower(s.tx_lost, s.tx_expected) > max_loss).then(
+                || LossTrip {
+                    window: BUCKET * n as u32,
+                    lost: s.tx_lost,
+                    expected: s.tx_expected,
+                    probes_lost: s.probe_lost.min(s.tx_lost),
+                },
+            )
+        })
     }
 
     /// Whether every measure is good with margin (a degraded path's way
@@ -1055,7 +1130,11 @@ impl Quality {
                     reason,
                     good_since: None,
                 };
-                Some(Transition::Degraded(reason, self.figures(now)))
+                let mut figures = self.figures(now);
+                if reason == Reason::Loss {
+                    figures.trip = self.loss_trip(now);
+                }
+                Some(Transition::Degraded(reason, figures))
             }
             State::Degraded { reason, good_since } => {
                 let good =
@@ -1118,6 +1197,7 @@ impl Quality {
             reorder: (self.replies > 0).then(|| self.reordered as f64 / self.replies as f64),
             large_lost_run: self.large_lost_run,
             probe_interval: self.last.map(|s| s.interval),
+            trip: None,
         }
     }
 }

@@ -825,6 +825,7 @@ impl Session<'_> {
             data_received: 0,
             data_seq_high: 0,
             request_len: len as u32,
+            data_unsettled: false,
         };
         let mut msg = [0u8; HEADROOM + ProbeReport::LEN + TRAILER];
         let sealer = self.sealer();

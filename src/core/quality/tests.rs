@@ -50,6 +50,13 @@ struct Sim {
     congested: bool,
     /// A's data numbered but still on its way: (arrives at ms, count).
     late_to_b: Vec<(u64, u64)>,
+    /// B reports this many datagrams fewer than it received (a receiving
+    /// lane that holds them, behind the others)...
+    b_lag: u64,
+    /// ... and says its counts are unsettled. (What B reported last: its
+    /// count never goes back.)
+    b_unsettled: bool,
+    b_reported: u64,
     transitions: Vec<(u64, Transition)>,
 }
 
@@ -76,6 +83,9 @@ impl Sim {
             to_b: Vec::new(),
             to_a: Vec::new(),
             late_to_b: Vec::new(),
+            b_lag: 0,
+            b_unsettled: false,
+            b_reported: 0,
             unsent_noise: false,
             congested: false,
             transitions: Vec::new(),
@@ -154,9 +164,16 @@ impl Sim {
             } else {
                 64
             };
-            let report = self
-                .reflector
-                .reflect(p.class, len, ms * 1_000_000, self.at_b);
+            let counts = DataCounts {
+                received: match self.b_lag {
+                    0 => self.at_b.received,
+                    lag => self.at_b.received.saturating_sub(lag).max(self.b_reported),
+                },
+                unsettled: self.b_unsettled,
+                ..self.at_b
+            };
+            self.b_reported = counts.received;
+            let report = self.reflector.reflect(p.class, len, ms * 1_000_000, counts);
             if !self.lost(self.rev.loss) {
                 let mut at = ms + self.delay(self.rev);
                 if self.rev.stalls && (790..870).contains(&(at % 1000)) {
@@ -278,6 +295,62 @@ fn lanes_out_of_step_are_not_loss() {
         );
         let f = sim.q.figures(sim.now());
         assert!(f.loss_tx.unwrap_or(0.0) < 0.001, "{f:?}");
+    }
+}
+
+#[test]
+fn a_far_lane_that_stays_behind_is_not_loss_when_its_counts_say_so() {
+    // 300 datagrams a second (a stream's acknowledgements); from 5 s on,
+    // for 2 s, the far end counts 5 fewer than it received (a receiving
+    // lane starved of CPU holds them), then catches up.
+    let run = |seed: u64, unsettled: bool| {
+        let mut sim = Sim::new(seed, sla(), 300);
+        sim.run_ms(5000);
+        sim.b_lag = 5;
+        sim.b_unsettled = unsettled;
+        sim.run_ms(2000);
+        sim.b_lag = 0;
+        sim.b_unsettled = false;
+        sim.run_ms(3000);
+        sim
+    };
+    for seed in 51..=53 {
+        let sim = run(seed, true);
+        assert!(
+            sim.transitions.is_empty(),
+            "seed {seed}: {:?}",
+            sim.transitions
+        );
+        // The same counts from a far end that does not flag them (an
+        // older version) read as loss: what the flag is for.
+        let sim = run(seed, false);
+        let (_, reason) = sim.degraded_after(5000).expect("degraded without the flag");
+        assert_eq!(reason, Reason::Loss);
+        let Some((_, Transition::Degraded(_, f))) = sim.transitions.first() else {
+            panic!("{:?}", sim.transitions);
+        };
+        let trip = f.trip.expect("a loss verdict names what tripped it");
+        assert!(trip.lost >= MIN_LOST && trip.probes_lost == 0, "{trip}");
+    }
+}
+
+#[test]
+fn loss_behind_an_unsettled_far_end_is_seen_by_the_probes() {
+    for seed in 61..=63 {
+        let mut sim = Sim::new(seed, sla(), 2000);
+        sim.run_ms(3000);
+        sim.b_unsettled = true;
+        sim.run_ms(1000);
+        sim.fwd.loss = 0.1;
+        sim.run_ms(3000);
+        let (after, reason) = sim.degraded_after(4000).expect("degraded");
+        assert_eq!(reason, Reason::Loss);
+        assert!(after <= 1500, "seed {seed}: degraded after {after} ms");
+        let Some((_, Transition::Degraded(_, f))) = sim.transitions.first() else {
+            panic!("{:?}", sim.transitions);
+        };
+        let trip = f.trip.expect("a loss verdict names what tripped it");
+        assert_eq!(trip.lost, trip.probes_lost, "only probes count: {trip}");
     }
 }
 

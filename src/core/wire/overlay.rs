@@ -402,13 +402,19 @@ impl ProbeClass {
 /// +---------------------------------------------------------------+
 /// |   Length of the request as received (u32)                     |
 /// +---------------------------------------------------------------+
-/// |                          Reserved (0)                         |
+/// |     Flags     |                  Reserved (0)                 |
 /// +---------------------------------------------------------------+
 /// ```
 ///
 /// Only differences between two reports mean anything: the receive time
 /// is on the receiver's clock (its delay variation is what counts), and
 /// the counts start at the receiver's start.
+///
+/// Flags: bit 0 ([`ProbeReport::UNSETTLED`]), the data counts are not
+/// settled: a receiving lane of the path has been behind the others for
+/// a while, so the highest number seen may run ahead of the datagrams
+/// counted (see [`crate::core::quality`]). A sender that knows no flag
+/// writes 0; a receiver ignores the bits it does not know.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProbeReport {
     pub small_received: u64,
@@ -417,11 +423,15 @@ pub struct ProbeReport {
     pub data_received: u64,
     pub data_seq_high: u64,
     pub request_len: u32,
+    /// The data counts are not settled (flag bit 0).
+    pub data_unsettled: bool,
 }
 
 impl ProbeReport {
     /// Its length on the wire.
     pub const LEN: usize = 48;
+    /// Flag bit: the data counts are not settled.
+    pub const UNSETTLED: u8 = 1;
 
     /// Parses a report from a reply's payload (longer payloads: the rest
     /// is a newer sender's and skipped).
@@ -437,6 +447,7 @@ impl ProbeReport {
             data_received: be_u64(&b[24..32]),
             data_seq_high: be_u64(&b[32..40]),
             request_len: u32::from_be_bytes([b[40], b[41], b[42], b[43]]),
+            data_unsettled: b[44] & Self::UNSETTLED != 0,
         })
     }
 
@@ -451,7 +462,12 @@ impl ProbeReport {
         b[24..32].copy_from_slice(&self.data_received.to_be_bytes());
         b[32..40].copy_from_slice(&self.data_seq_high.to_be_bytes());
         b[40..44].copy_from_slice(&self.request_len.to_be_bytes());
-        b[44..48].fill(0);
+        b[44] = if self.data_unsettled {
+            Self::UNSETTLED
+        } else {
+            0
+        };
+        b[45..48].fill(0);
         Ok(Self::LEN)
     }
 }
@@ -706,11 +722,23 @@ mod tests {
             data_received: 4,
             data_seq_high: 5,
             request_len: 1500,
+            data_unsettled: false,
         };
         let mut buf = [0xffu8; ProbeReport::LEN + 4];
         assert_eq!(r.emit(&mut buf), Ok(ProbeReport::LEN));
         assert_eq!(ProbeReport::parse(&buf), Ok(r));
-        assert_eq!(&buf[44..48], &[0, 0, 0, 0], "reserved is zero");
+        assert_eq!(&buf[44..48], &[0, 0, 0, 0], "flags and reserved are zero");
+        let unsettled = ProbeReport {
+            data_unsettled: true,
+            ..r
+        };
+        assert_eq!(unsettled.emit(&mut buf), Ok(ProbeReport::LEN));
+        assert_eq!(&buf[44..48], &[1, 0, 0, 0]);
+        assert_eq!(ProbeReport::parse(&buf), Ok(unsettled));
+        // Bits this version does not know are ignored.
+        buf[44] = 0xfe;
+        buf[47] = 0xff;
+        assert_eq!(ProbeReport::parse(&buf), Ok(r));
         assert_eq!(
             ProbeReport::parse(&buf[..ProbeReport::LEN - 1]),
             Err(OverlayError::Truncated)

@@ -584,9 +584,11 @@ impl PathIn {
     /// for a core), the highest number seen runs ahead of the datagrams
     /// counted by as many as that lane holds, which would read as loss.
     /// So while one is behind, the received counts are those of the last
-    /// moment when none was, up to [`SETTLED_FOR`] old (a host too busy to
-    /// ever settle gets its counts as they are; the quality's confirmation
-    /// of loss covers short runs of those).
+    /// moment when none was, up to [`SETTLED_FOR`] old. Past that (a lane
+    /// starved of CPU, or one that always has datagrams waiting on a busy
+    /// host) the counts go as they are, marked unsettled: the far end's
+    /// quality confirms no loss from them, and judges the path by its
+    /// probes and by settled counts only.
     fn data_counts(&mut self) -> DataCounts {
         self.flush_counts();
         let now = clock::now();
@@ -596,6 +598,7 @@ impl PathIn {
             sent_packets: self.counters.tx_packets.load(Ordering::Relaxed),
             sent_bytes: self.counters.tx_bytes.load(Ordering::Relaxed),
             unsent: self.counters.unsent(),
+            unsettled: false,
         };
         let busy = self.counters.rx_busy.load(Ordering::Relaxed);
         let others_busy = busy > u32::from(self.in_turn);
@@ -610,7 +613,10 @@ impl PathIn {
                 seq_high: settled.seq_high,
                 ..current
             },
-            _ => current,
+            _ => DataCounts {
+                unsettled: true,
+                ..current
+            },
         }
     }
 
