@@ -13,7 +13,9 @@
 //!   time in the bench (`lab::ReferenceTimer`, as the soak bench reports:
 //!   what the host allowed at best);
 //! * false downs: BFD failures (Up -> Down that is not administrative) of
-//!   any session since start, and during the window (no fault is injected);
+//!   any session since start, and during the window (no fault is injected),
+//!   and the BFD packets each gateway's kernel dropped for a full receive
+//!   buffer (`bfd_overflow`);
 //! * the latency of one status document from the control socket, of
 //!   `crosslink status` (the table, a process of its own), and of a
 //!   /metrics scrape (curl's own time_total);
@@ -215,6 +217,12 @@ fn run_one(n: usize, args: &Args) {
         .filter_map(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .next_back();
     let after_fail = [scale::failures(&st(Gw::A)), scale::failures(&st(Gw::B))];
+    // BFD packets the kernel dropped for a full receive buffer, since start
+    // (0 when none; absent from older builds' status).
+    let overflow: Vec<u64> = Gw::ALL
+        .iter()
+        .map(|&g| st(g)["drops"]["bfd_overflow"].as_u64().unwrap_or(0))
+        .collect();
     let others: Vec<String> = (0..2)
         .flat_map(|g| scale::grown(&before_fail[g], &after_fail[g]))
         .filter(|k| !k.starts_with(&format!("p{}/l1:", n - 1)))
@@ -225,7 +233,8 @@ fn run_one(n: usize, args: &Args) {
          all up after {up:.2}s; BFD thread CPU over {window:.0}s: gw-a {ca} gw-b {cb} \
          (whole process: {pa}, {pb}); threads {threads:?}; RSS {rss:?}\n  \
          worst tx gap {gap:.1} ms; false downs: {downs_total} since start, {downs_window} in the window; \
-         host: worst wake-up lateness {host_ms:.1} ms, {host_stalls} over {stall_ms} ms\n  \
+         host: worst wake-up lateness {host_ms:.1} ms, {host_stalls} over {stall_ms} ms; \
+         BFD receive buffer drops since start {overflow:?}\n  \
          status (socket) {status_ms:.1} ms, `crosslink status` {table_ms:.1} ms, /metrics scrape {scrape_ms:.1} ms ({scrape_kb} KB)\n  \
          reload of one peer: applied after {reload}, {moved} sessions of gw-a changed state, failures {reload_downs}\n  \
          one path failed (p{last}/l1): gw-a {det} (seen after {seen}), other sessions failed: {others}",

@@ -65,9 +65,19 @@ fn degraded(s: &Value, path: LabPath) -> bool {
 /// active path changed (with the new one) and the first moment path1 was
 /// not active.
 fn watch(lab: &Lab, over: Duration) -> (Vec<(Duration, bool)>, Option<Duration>) {
+    watch_from(lab, over, &mut None)
+}
+
+/// [`watch`], from what an earlier watch saw last (`last`, updated): a
+/// change between two watches (while the test changed the impairment)
+/// counts too.
+fn watch_from(
+    lab: &Lab,
+    over: Duration,
+    last: &mut Option<bool>,
+) -> (Vec<(Duration, bool)>, Option<Duration>) {
     let start = Instant::now();
     let mut changes = Vec::new();
-    let mut last: Option<bool> = None;
     let mut left = None;
     while start.elapsed() < over {
         if let Ok(s) = lab.poll(Gw::A) {
@@ -78,7 +88,7 @@ fn watch(lab: &Lab, over: Duration) -> (Vec<(Duration, bool)>, Option<Duration>)
             if !on1 && left.is_none() {
                 left = Some(start.elapsed());
             }
-            last = Some(on1);
+            *last = Some(on1);
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -191,13 +201,19 @@ fn a_flapping_brownout_moves_traffic_at_most_twice() {
     let lab = lab("qflap");
     let start = Instant::now();
     let mut changes = Vec::new();
+    // One view across every watch: a move made while the loss was being
+    // switched on or off is seen by the next watch's first poll.
+    let mut last = None;
+    let mut watch_one = |changes: &mut Vec<(Duration, bool)>| {
+        let from = start.elapsed();
+        let (c, _) = watch_from(&lab, Duration::from_secs(1), &mut last);
+        changes.extend(c.into_iter().map(|(t, on1)| (from + t, on1)));
+    };
     for _ in 0..5 {
         lab.random_loss(LabPath::Path1, 5).unwrap();
-        let (c, _) = watch(&lab, Duration::from_secs(1));
-        changes.extend(c);
+        watch_one(&mut changes);
         lab.heal(LabPath::Path1).unwrap();
-        let (c, _) = watch(&lab, Duration::from_secs(1));
-        changes.extend(c);
+        watch_one(&mut changes);
     }
     lab::say(&format!(
         "REPORT quality flapping_brownout seconds={:.1} moves={} changes={changes:?}",

@@ -35,6 +35,10 @@ pub enum DropReason {
     /// BFD packet failing authentication: A bit absent while configured, present
     /// while not, wrong type, key, digest or sequence number (RFC 5880 §6.7).
     BfdAuth,
+    /// BFD packets the kernel dropped because the BFD thread's receive
+    /// buffer was full (the thread fell behind): counted from the socket's
+    /// drop count (`SO_RXQ_OVFL`), never seen by the daemon.
+    BfdOverflow,
     /// `duplicate` policy: the second copy of a packet already delivered.
     Duplicate,
     /// `duplicate` policy: a packet too far behind the sequence window to tell.
@@ -63,7 +67,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 24] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -78,6 +82,7 @@ impl DropReason {
         DropReason::BfdUnknownSession,
         DropReason::BfdWrongSource,
         DropReason::BfdAuth,
+        DropReason::BfdOverflow,
         DropReason::Duplicate,
         DropReason::DuplicateStale,
         DropReason::EchoStale,
@@ -106,6 +111,7 @@ impl DropReason {
             DropReason::BfdUnknownSession => "bfd_unknown_session",
             DropReason::BfdWrongSource => "bfd_wrong_source",
             DropReason::BfdAuth => "bfd_auth",
+            DropReason::BfdOverflow => "bfd_overflow",
             DropReason::Duplicate => "duplicate",
             DropReason::DuplicateStale => "duplicate_stale",
             DropReason::EchoStale => "echo_stale",

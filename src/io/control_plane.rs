@@ -54,7 +54,7 @@ use crate::telemetry::status::{
 use crate::telemetry::{DropCounters, PathCounters, ReorderCounters};
 use crate::{PathId, PeerId};
 use arc_swap::ArcSwap;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
@@ -381,6 +381,8 @@ pub struct Io {
     commands_left: bool,
     /// Commands taken from the queue, being handled.
     pending: Vec<Command>,
+    /// Each receive socket's drop count (`SO_RXQ_OVFL`) as last seen.
+    overflow: HashMap<RawFd, u32>,
 }
 
 /// A wake-up this late, or work this long, is logged: sessions at 10 ms
@@ -970,6 +972,16 @@ impl BfdThread {
                 }
             };
             let now = clock::now();
+            // The socket's drops, as of the batch's last datagram.
+            if let Some(total) = n.checked_sub(1).and_then(|last| batch.overflow(last)) {
+                let seen = self.io.overflow.insert(sock.as_raw_fd(), total);
+                // A count below the last one seen is a new socket's (a
+                // reload reused the descriptor): all of it is new.
+                let new = seen.map_or(total, |s| total.checked_sub(s).unwrap_or(total));
+                if new > 0 {
+                    self.drops.add(DropReason::BfdOverflow, u64::from(new));
+                }
+            }
             for k in 0..n {
                 let ttl = batch.ttl(k);
                 // A message longer than the buffer (no BFD packet is) or

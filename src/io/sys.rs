@@ -53,6 +53,22 @@ fn setsockopt_int(
     cvt(r).map(|_| ())
 }
 
+/// Sets the socket's receive buffer to `bytes`, past `net.core.rmem_max`
+/// when the process may (`SO_RCVBUFFORCE`, with `CAP_NET_ADMIN`), else as
+/// far as that limit allows (`SO_RCVBUF`).
+pub fn force_recv_buffer(sock: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let fd = sock.as_raw_fd();
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
+        .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes))
+}
+
+/// Asks the kernel to report with each datagram how many the socket has
+/// dropped so far for a full receive buffer (`SO_RXQ_OVFL`).
+pub fn enable_drop_count(sock: &impl AsRawFd) -> io::Result<()> {
+    setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1)
+}
+
 /// Whether a datagram waits in the socket's receive queue (`FIONREAD`: the
 /// length of the next one; an empty datagram reads as none).
 pub fn has_queued(sock: &impl AsRawFd) -> bool {
@@ -594,6 +610,16 @@ impl RecvBatch {
         Some((buf, src, segment, tos))
     }
 
+    /// The receiving socket's cumulative drop count as of message `i`
+    /// (with [`enable_drop_count`]; the kernel reports it once it is not
+    /// zero).
+    pub fn overflow(&self, i: usize) -> Option<u32> {
+        if i >= self.filled {
+            return None;
+        }
+        controls(&self.hdrs.get(i)?.msg_hdr).overflow
+    }
+
     /// The TTL / hop limit of message `i` of the last receive, when the
     /// socket reports it ([`enable_recv_ttl`]).
     pub fn ttl(&self, i: usize) -> Option<u8> {
@@ -666,6 +692,9 @@ struct Controls {
     tos: u8,
     /// The TTL / hop limit, if reported.
     ttl: Option<u8>,
+    /// The socket's cumulative count of datagrams dropped for a full
+    /// receive buffer (`SO_RXQ_OVFL`), if reported.
+    overflow: Option<u32>,
 }
 
 fn controls(msg: &libc::msghdr) -> Controls {
@@ -700,6 +729,8 @@ fn controls(msg: &libc::msghdr) -> Controls {
                 || (level == libc::IPPROTO_IPV6 && kind == libc::IPV6_HOPLIMIT)
             {
                 c.ttl = int().and_then(|v| u8::try_from(v).ok());
+            } else if level == libc::SOL_SOCKET && kind == libc::SO_RXQ_OVFL {
+                c.overflow = int().map(|v| v as u32);
             }
             cmsg = libc::CMSG_NXTHDR(msg, cmsg);
         }
@@ -1356,5 +1387,35 @@ mod tests {
                 assert_eq!(receiver(&socks, &[0, 0, 0, 0x20]), 2 % lanes, "{ip}");
             }
         }
+    }
+
+    #[test]
+    fn a_full_receive_buffer_is_counted_and_reported_with_the_next_datagram() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        enable_drop_count(&rx).expect("SO_RXQ_OVFL");
+        // The smallest buffer the kernel allows: a few datagrams.
+        setsockopt_int(rx.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 1).expect("SO_RCVBUF");
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = rx.local_addr().expect("local_addr");
+        for _ in 0..200 {
+            tx.send_to(&[0xbf; 100], to).expect("send");
+        }
+        let mut recv = RecvBatch::new(256, 512);
+        let n = recv.recv_queued(&rx).expect("recvmmsg");
+        assert!(
+            n > 0 && n < 200,
+            "{n} of 200 queued: the buffer was not small"
+        );
+        // Each datagram carries the count as of its own arrival: those
+        // queued before the buffer filled carry none.
+        assert_eq!(recv.overflow(n - 1), None);
+        tx.send_to(&[0xbf; 100], to).expect("send");
+        let m = recv.recv_queued(&rx).expect("recvmmsg");
+        assert_eq!(m, 1);
+        assert_eq!(
+            recv.overflow(0),
+            Some((200 - n) as u32),
+            "{n} received first"
+        );
     }
 }
