@@ -293,7 +293,8 @@ impl WriteByte for &UnixStream {
 /// A path's BFD transmit socket, connected to the far end's BFD port
 /// when it could be: the kernel then keeps the route with the socket
 /// instead of looking it up for every packet (and checks it is still
-/// valid), a few percent of the thread's time at 1000 sessions. A socket
+/// valid): at 1000 sessions in the scale bench the thread took 77-85 % of
+/// a core connected, 88-92 % unconnected, side by side. A socket
 /// that could not connect (no route yet when the path was added) sends
 /// with the address each time.
 pub struct TxSocket {

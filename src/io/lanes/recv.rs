@@ -478,6 +478,18 @@ impl PathIn {
                 None
             }
             Err(reason) => {
+                if reason == DropReason::CeOnNotEct {
+                    // Data that came over the path (opened and
+                    // authenticated first) and is refused only for its
+                    // ECN marks: the path delivered it, so it counts as
+                    // received, or the far end's quality would read the
+                    // refusal as the path's loss.
+                    if let Ok((header, _)) = Header::parse(datagram) {
+                        let (packets, _, high) = &mut self.pending;
+                        *packets += 1;
+                        *high = (*high).max(header.sequence);
+                    }
+                }
                 self.drops.count(reason);
                 None
             }
