@@ -39,14 +39,6 @@ fn sealed_lab(tag: &str, policy: Policy, sealed: bool) -> Lab {
         opts.key = Some(KEY.to_string());
     }
     opts.revert_hold = Duration::from_millis(500);
-    // Loss checks off. Known defect: a TCP stream spread over both shaped
-    // paths loses datagrams at the token buckets in bursts shorter than
-    // the standing queue that marks a path congested (100 ms), and path
-    // quality then takes its own congestion for a sick path (one CI run:
-    // "13 of 411 in 100 ms", path2 degraded, the sealed stream on one
-    // path). What these tests measure is the scheduler and the
-    // resequencer; BFD still takes a cut path out.
-    opts.sla = vec!["max_loss = \"100%\"".into()];
     let mut lab = Lab::new(opts).unwrap();
     for path in LabPath::ALL {
         lab.shape(path, MBIT).unwrap();

@@ -211,6 +211,7 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
                     sent_packets: p.sent_packets,
                     rtt,
                     lost: None,
+                    lag: Duration::from_millis(50),
                 });
                 let bp = &board.paths[i];
                 bp.rate.store(p.estimator.rate(), Ordering::Relaxed);

@@ -60,6 +60,16 @@ pub const CONGESTION_MEMORY: Duration =
 pub const QUEUE_CONFIRM: Duration = Duration::from_millis(100);
 /// The model's queue of a path never holds more than this much time.
 const MAX_BACKLOG: f64 = 0.5;
+/// A path is *loaded* while it carries at least this share of its
+/// estimate (the share at which the estimate grows), as it stood in the
+/// last period that lost nothing: heavy loss cuts the estimate to what
+/// got through, and a sick path must not read as loaded by the load it
+/// still carries after that.
+pub const LOADED: f64 = 0.7;
+/// How long after the path was last loaded a loss confirmed by its
+/// quality may still be the load's, beyond the time path quality takes to
+/// confirm it ([`Delivery::lag`]: its reordering window, 50 ms to 1 s).
+pub const LOAD_MEMORY: Duration = Duration::from_millis(200);
 
 /// One path as the forwarding threads see it under `aggregate`.
 #[derive(Debug)]
@@ -215,6 +225,9 @@ pub struct Delivery {
     /// tells a lane running late from a loss: see its reordering window);
     /// `None`: the far end's numbered less received, as they are.
     pub lost: Option<i64>,
+    /// How long path quality waits before it confirms a loss (its
+    /// reordering window): a loss confirmed now may be that much older.
+    pub lag: Duration,
 }
 
 /// Why an estimate changed.
@@ -243,6 +256,18 @@ pub struct Estimator {
     queued_at: Option<Instant>,
     /// When the first probe of the present run of queued probes came back.
     queue_from: Option<Instant>,
+    /// When the path was last seen loaded ([`LOADED`]).
+    loaded_at: Option<Instant>,
+    /// When a loss was last confirmed while the path was loaded.
+    load_lost_at: Option<Instant>,
+    /// The path lost with no load to explain it since it was last
+    /// loaded without loss.
+    sick: bool,
+    /// The estimate at the end of the last period that lost nothing.
+    clean_rate: u64,
+    /// The last period's sending rate over the rate that makes the path
+    /// loaded (1.0 and above: loaded).
+    load: f64,
 }
 
 impl Estimator {
@@ -256,15 +281,48 @@ impl Estimator {
             rtt_min: None,
             queued_at: None,
             queue_from: None,
+            loaded_at: None,
+            load_lost_at: None,
+            sick: false,
+            clean_rate: ceiling.unwrap_or(DEFAULT_RATE),
+            load: 0.0,
         }
     }
 
-    /// Whether the path queues under its own data now (a queue stood for
-    /// [`QUEUE_CONFIRM`] within [`CONGESTION_MEMORY`]): its losses are then
-    /// congestion, which the scheduler handles, not a sick path.
+    /// Whether the path is congested by its own data now: its losses are
+    /// then congestion, which TCP and the scheduler handle, not a sick
+    /// path. Either it queues under its data ([`Estimator::queue_congested`]),
+    /// or it lost while loaded ([`Estimator::load_congested`]).
     pub fn congested(&self, now: Instant) -> bool {
+        self.queue_congested(now) || self.load_congested(now)
+    }
+
+    /// A queue stood under the path's own data for [`QUEUE_CONFIRM`]
+    /// within [`CONGESTION_MEMORY`].
+    pub fn queue_congested(&self, now: Instant) -> bool {
         self.queued_at
             .is_some_and(|t| now.saturating_duration_since(t) < CONGESTION_MEMORY)
+    }
+
+    /// A loss was confirmed within [`CONGESTION_MEMORY`] while the path
+    /// carried at least [`LOADED`] of its estimate (or had within
+    /// [`LOAD_MEMORY`]), and the path has not lost since while unloaded.
+    /// What a shaper or a policer without a queue drops, and what a short
+    /// queue drops in bursts shorter than [`QUEUE_CONFIRM`], reads as
+    /// congestion this way. A sick path does not: a flow that loses backs
+    /// off and the path loses on, unloaded; and a steady load leaves a
+    /// path unloaded once its estimate has grown past it.
+    pub fn load_congested(&self, now: Instant) -> bool {
+        !self.sick
+            && self
+                .load_lost_at
+                .is_some_and(|t| now.saturating_duration_since(t) < CONGESTION_MEMORY)
+    }
+
+    /// The last period's load: its sending rate over [`LOADED`] of the
+    /// estimate (1.0 and above: loaded), for the logs.
+    pub fn load(&self) -> f64 {
+        self.load
     }
 
     /// Estimated rate, bytes per second.
@@ -330,12 +388,31 @@ impl Estimator {
                 self.start = None;
             }
         }
+        // A loss confirmed now, as path quality counts them.
+        let new_loss = matches!(
+            (d.lost, self.last.and_then(|l| l.lost)),
+            (Some(now), Some(then)) if now > then
+        );
         self.last = Some(d);
         let Some(start) = self.start else {
             self.start = Some(d);
             return None;
         };
         let dt = d.at.saturating_duration_since(start.at);
+        // The period so far loads the path (judged once it is half gone).
+        let load_ref = LOADED * self.rate.max(self.clean_rate) as f64;
+        if dt >= ESTIMATE_PERIOD / 2 {
+            let bytes = d.sent_bytes.saturating_sub(start.sent_bytes) as f64;
+            if bytes / dt.as_secs_f64() >= load_ref {
+                self.loaded_at = Some(d.at);
+            }
+        }
+        let loaded = self
+            .loaded_at
+            .is_some_and(|t| d.at.saturating_duration_since(t) <= LOAD_MEMORY + d.lag);
+        if new_loss && loaded && !self.sick {
+            self.load_lost_at = Some(d.at);
+        }
         if dt < ESTIMATE_PERIOD {
             return None;
         }
@@ -361,6 +438,19 @@ impl Estimator {
         let mean = bytes as f64 / packets as f64;
         let secs = dt.as_secs_f64();
         let sent_rate = bytes as f64 / secs;
+        self.load = sent_rate / load_ref.max(1.0);
+        if lost == 0 {
+            self.clean_rate = self.rate;
+        }
+        if lost == 0 && sent_rate >= load_ref {
+            self.sick = false;
+        } else if lost > 0 && !loaded {
+            // It loses with no load to explain it (a sick path under a
+            // flow that backed off): not congestion, until a loaded period
+            // goes by without loss.
+            self.load_lost_at = None;
+            self.sick = true;
+        }
         let delivered_rate = delivered as f64 * mean / secs;
         let queued = self.rtt_min.is_some_and(|(m, _)| queue(m));
         // Loss alone reads as a full path only when it is heavy: a few

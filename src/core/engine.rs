@@ -877,6 +877,7 @@ impl Engine {
             sent_packets: sample.local.sent_packets,
             rtt: sample.received_at.saturating_duration_since(sample.sent_at),
             lost: path.quality.data_lost_tx(),
+            lag: path.quality.data_confirm_lag(),
         });
         let (peer, rate, delay) = (path.peer, path.estimate.rate(), path.estimate.delay());
         let wait = self.wait_of(peer);
@@ -933,9 +934,11 @@ impl Engine {
                 loss = loss.max(f.loss_tx.unwrap_or(0.0));
                 // a queue under our own data (a probe came back late behind
                 // it lately) that the median round trip still shows: one
-                // late probe (a descheduled thread) is not congestion
-                congested |=
-                    p.estimate.congested(now) && f.rtt.is_some_and(|rtt| p.estimate.queued(rtt));
+                // late probe (a descheduled thread) is not congestion; or
+                // loss that came while our data loaded the path
+                congested |= (p.estimate.queue_congested(now)
+                    && f.rtt.is_some_and(|rtt| p.estimate.queued(rtt)))
+                    || p.estimate.load_congested(now);
             }
         }
         (loss, congested)

@@ -790,6 +790,12 @@ impl Quality {
     /// data counts' baseline (once a datagram stayed missing for the
     /// reordering window), or `None` without one (no data yet, or numbers
     /// that do not count).
+    /// How long a data loss of the sending direction waits to be
+    /// confirmed now (its reordering window).
+    pub fn data_confirm_lag(&self) -> Duration {
+        self.data_loss.0.window
+    }
+
     pub fn data_lost_tx(&self) -> Option<i64> {
         let d = &self.data_loss.0;
         (self.data_counts && d.armed).then_some(d.confirmed)

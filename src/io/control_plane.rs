@@ -913,7 +913,7 @@ impl BfdThread {
                         // What tripped a loss verdict: the figures above are
                         // over 3 s, a trip may be over 100 ms.
                         let tripped = f.trip.map_or_else(|| "-".to_string(), |t| t.to_string());
-                        warn!(peer, path = %p.name, reason = reason.as_str(), loss_tx_pct = pct(f.loss_tx), loss_rx_pct = pct(f.loss_rx), rtt_ms = ms(f.rtt), jitter_ms = ms(f.jitter_tx), large_probes_lost = f.large_lost_run, tripped_by = %tripped, "path degraded")
+                        warn!(peer, path = %p.name, reason = reason.as_str(), loss_tx_pct = pct(f.loss_tx), loss_rx_pct = pct(f.loss_rx), rtt_ms = ms(f.rtt), jitter_ms = ms(f.jitter_tx), large_probes_lost = f.large_lost_run, tripped_by = %tripped, load = format!("{:.2}", p.estimate.load()), congested = p.estimate.congested(clock::now()), "path degraded")
                     }
                     Transition::Recovered(f) => {
                         info!(peer, path = %p.name, loss_tx_pct = pct(f.loss_tx), loss_rx_pct = pct(f.loss_rx), rtt_ms = ms(f.rtt), jitter_ms = ms(f.jitter_tx), "path quality good again")

@@ -87,6 +87,7 @@ fn delivery(at: Instant, received: u64, seq: u64, pkts: u64, rtt_ms: u64) -> Del
         sent_packets: pkts,
         rtt: Duration::from_millis(rtt_ms),
         lost: None,
+        lag: Duration::from_millis(50),
     }
 }
 
@@ -271,3 +272,104 @@ fn a_slow_probe_without_data_is_not_congestion() {
 }
 
 const PROBE: Duration = Duration::from_millis(10);
+
+/// A path at `rate` bytes/s (its ceiling) carrying `share` of it in 1000-byte
+/// datagrams, reported every PROBE; `lost(i)`: the datagrams path quality
+/// has confirmed lost by report `i`. Whether it reads as congested after
+/// each report.
+fn loaded_run(share: f64, reports: u32, lost: impl Fn(u32) -> i64) -> Vec<bool> {
+    let rate = 12_500_000u64;
+    let mut e = Estimator::new(Some(rate));
+    let t = Instant::now();
+    let per_probe = (rate as f64 * share * PROBE.as_secs_f64() / 1000.0) as u64;
+    (0..=reports)
+        .map(|i| {
+            let at = t + PROBE * i;
+            let sent = u64::from(i) * per_probe;
+            let lost = lost(i);
+            e.handle(Delivery {
+                lost: Some(lost),
+                ..delivery(at, sent - lost as u64, sent, sent, 2)
+            });
+            e.congested(at)
+        })
+        .collect()
+}
+
+#[test]
+fn loss_while_the_path_is_loaded_is_congestion_without_a_queue() {
+    // A policer (or a short queue) drops 3 datagrams at 0.5 s while the
+    // path carries 90 % of its estimate: no queue shows in the round trip.
+    let v = loaded_run(0.9, 500, |i| if i >= 50 { 3 } else { 0 });
+    assert!(!v[49], "nothing lost yet");
+    assert!(v[50], "the loss at load is congestion");
+    let memory = (CONGESTION_MEMORY.as_millis() / PROBE.as_millis()) as usize;
+    assert!(v[50 + memory - 1], "remembered for CONGESTION_MEMORY");
+    assert!(!v[50 + memory], "then forgotten");
+}
+
+#[test]
+fn loss_on_a_lightly_loaded_path_is_not_congestion() {
+    // The same loss while the path carries a tenth of its estimate.
+    let v = loaded_run(0.1, 200, |i| if i >= 50 { 3 } else { 0 });
+    assert!(v.iter().all(|&c| !c));
+}
+
+#[test]
+fn a_steady_load_on_a_path_that_sickens_is_not_congestion() {
+    // A steady load (2.5 MB/s, not congestion-controlled) on a path with
+    // no ceiling, 5 % lost from 3 s on: the estimate has grown past the
+    // load by then, so the path is not loaded and the loss is its own.
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    let (mut sent, mut lost) = (0u64, 0u64);
+    for i in 0..=500u32 {
+        let at = t + PROBE * i;
+        if i > 0 {
+            sent += 25;
+        }
+        if i > 300 && i % 4 == 0 {
+            lost += 5;
+        }
+        e.handle(Delivery {
+            lost: Some(lost as i64),
+            ..delivery(at, sent - lost, sent, sent, 2)
+        });
+        assert!(!e.congested(at), "report {i}, estimate {}", e.rate());
+    }
+}
+
+#[test]
+fn loss_that_goes_on_once_the_load_backed_off_is_the_paths_own() {
+    // 5 % lost from 0.5 s on: a TCP stream loading the path backs off at
+    // once (to a tenth of the estimate), the loss goes on. Congestion at
+    // first, the path's own within LOAD_MEMORY, the confirmation lag and two periods.
+    let rate = 12_500_000u64;
+    let mut e = Estimator::new(Some(rate));
+    let t = Instant::now();
+    let (mut sent, mut lost) = (0u64, 0u64);
+    let mut congested = Vec::new();
+    for i in 0..=150u32 {
+        let at = t + PROBE * i;
+        let share = if i <= 55 { 0.9 } else { 0.1 };
+        let n = (rate as f64 * share * PROBE.as_secs_f64() / 1000.0) as u64;
+        if i > 0 {
+            sent += n;
+        }
+        if i > 50 {
+            lost += n.div_ceil(20);
+        }
+        e.handle(Delivery {
+            lost: Some(lost as i64),
+            ..delivery(at, sent - lost, sent, sent, 2)
+        });
+        congested.push(e.congested(at));
+    }
+    let on: Vec<usize> = (0..congested.len()).filter(|&i| congested[i]).collect();
+    assert!(congested[52], "the first losses came at load: {on:?}");
+    let by = 55
+        + ((LOAD_MEMORY + Duration::from_millis(50) + ESTIMATE_PERIOD * 2).as_millis()
+            / PROBE.as_millis()) as usize;
+    assert!(!congested[by], "still congested at report {by}: {on:?}");
+    assert!(congested[by..].iter().all(|&c| !c));
+}
