@@ -466,10 +466,7 @@ impl PathIn {
             }
             Ok(Message::Parity(header, parity)) => {
                 // numbered with the path's data: counted with them
-                let (packets, bytes, high) = &mut self.pending;
-                *packets += 1;
-                *bytes += parity.len() as u64;
-                *high = (*high).max(header.sequence);
+                self.count_data(header.sequence, parity.len());
                 self.parity_in.push((parity, header.is_ordered()));
                 None
             }
@@ -483,11 +480,12 @@ impl PathIn {
                     // authenticated first) and is refused only for its
                     // ECN marks: the path delivered it, so it counts as
                     // received, or the far end's quality would read the
-                    // refusal as the path's loss.
-                    if let Ok((header, _)) = Header::parse(datagram) {
-                        let (packets, _, high) = &mut self.pending;
-                        *packets += 1;
-                        *high = (*high).max(header.sequence);
+                    // refusal as the path's loss. Its bytes: the inner
+                    // packet's, between the header and the tag.
+                    if let Ok((header, hlen)) = Header::parse(datagram) {
+                        let tag = if keys.is_some() { TRAILER } else { 0 };
+                        let len = datagram.len().saturating_sub(hlen + tag);
+                        self.count_data(header.sequence, len);
                     }
                 }
                 self.drops.count(reason);
@@ -496,13 +494,20 @@ impl PathIn {
         }
     }
 
+    /// Counts a datagram of the path's data (data, parity, or data refused
+    /// for its ECN marks alone) with path sequence number `sequence` and
+    /// `bytes` of payload, into the turn's pending counts.
+    fn count_data(&mut self, sequence: u64, bytes: usize) {
+        let (packets, total, high) = &mut self.pending;
+        *packets += 1;
+        *total += bytes as u64;
+        *high = (*high).max(sequence);
+    }
+
     /// Counts a data packet and applies the duplicate window: whether it
     /// goes to the TUN.
     fn deliverable(&mut self, header: &Header, len: usize) -> bool {
-        let (packets, bytes, high) = &mut self.pending;
-        *packets += 1;
-        *bytes += len as u64;
-        *high = (*high).max(header.sequence);
+        self.count_data(header.sequence, len);
         if let Some(p) = header
             .peer_seq
             .filter(|_| !header.is_ordered() && !header.is_fec())
