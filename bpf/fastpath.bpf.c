@@ -118,6 +118,16 @@ struct counters {
 	__u64 bytes;
 };
 
+// What the receiving program took on a path slot: datagrams, their bytes,
+// and the highest overlay sequence number among them (the far end numbers
+// a path's data datagrams; its path quality weighs the count against that
+// number, so both must cover what this program takes, as the lanes' do).
+struct rx_counters {
+	__u64 packets;
+	__u64 bytes;
+	__u64 seq_high;
+};
+
 // The receiving program's key: the datagram's addresses and ports, as they
 // lie in the packet, an IPv4 address as IPv4-mapped IPv6 (::ffff:a.b.c.d)
 // (`rx_key` in fastpath.rs).
@@ -184,7 +194,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct counters);
+	__type(value, struct rx_counters);
 } rx_stats SEC(".maps");
 
 // The egress of the peer's TUN: every IPv4 or IPv6 packet routed into it
@@ -375,6 +385,11 @@ int xl_decap(struct __sk_buff *skb)
 	    overlay[2] != OVERLAY_LEN || (overlay[3] & OVERLAY_FLAG_PEER_SEQ))
 		return TCX_NEXT;
 	__u8 version = *inner >> 4;
+	// The path's sequence number (big-endian, overlay bytes 8 to 15),
+	// read before the decapsulation moves the packet.
+	__u64 seq;
+	__builtin_memcpy(&seq, overlay + 8, sizeof(seq));
+	seq = bpf_be64_to_cpu(seq);
 
 	__u32 len = skb->len;
 	struct rx_path *path = bpf_map_lookup_elem(&rx_paths, &key);
@@ -392,12 +407,14 @@ int xl_decap(struct __sk_buff *skb)
 	if (bpf_skb_adjust_room(skb, -overhead, BPF_ADJ_ROOM_MAC, flags))
 		return TCX_NEXT;
 
-	// The datagram: its overlay and inner bytes.
+	// The datagram: its overlay and inner bytes, and its number.
 	__u32 slot = path->slot;
-	struct counters *c = bpf_map_lookup_elem(&rx_stats, &slot);
+	struct rx_counters *c = bpf_map_lookup_elem(&rx_stats, &slot);
 	if (c) {
 		c->packets += 1;
 		c->bytes += len - (ETH_HLEN + overhead - OVERLAY_LEN);
+		if (seq > c->seq_high)
+			c->seq_high = seq;
 	}
 	return bpf_redirect(path->tun, BPF_F_INGRESS);
 }

@@ -12,7 +12,10 @@
 //! fast path (its sending program marks the replies; its receiving
 //! program leaves datagrams marked CE to the lanes), and both gateways on
 //! the fast path (gateway A's sending program inherits the inner TOS byte;
-//! no path mark: what it redirects passes netfilter by). Each prints a
+//! no path mark: what it redirects passes netfilter by). Path quality
+//! runs with the default service level throughout, and no case may degrade
+//! a path: the refused Not-ECT packets count as received, and a fast-path
+//! receiver's counts hold what its program took. Each prints a
 //! `REPORT qos <case>` line. A TCP stream with ECN through the lanes'
 //! offloads, with CE marks on the path, prints `REPORT qos tcp`.
 
@@ -210,13 +213,6 @@ fn run_case(case: Case) {
         opts.key = Some("ab".repeat(32));
     }
     opts.fast_path = case == Case::FastBoth;
-    // The CE marks this test puts on Not-ECT packets make the receiver
-    // refuse them (RFC 6040). A receiving kernel fast path does not count
-    // what its program refuses as received, so the sender's path quality
-    // read them as the path's loss and moved traffic to path2, unmarked:
-    // a Not-ECT packet then got through. Quality is not what this test is
-    // about: loss checks off.
-    opts.sla = vec!["max_loss = \"100%\"".into()];
     let mark_ce = case != Case::FastBoth;
     let mut lab = Lab::new(opts).unwrap();
     // Gateway B: BFD as CS5, data as AF11 (and on the fast path).
@@ -293,6 +289,9 @@ fn run_case(case: Case) {
     let dropped = drops(&lab.status(Gw::B).unwrap(), "ce_on_not_ect") - before;
     let server_ce = nft_counter(&lab, Host::Server, "xlqos", "ce");
     let server_ect0 = nft_counter(&lab, Host::Server, "xlqos", "ect0");
+    // Path quality stays on: the marks and the refusals are no loss.
+    let degraded = |gw: Gw| lab.log_tail(gw, 100_000).matches("path degraded").count();
+    let (a_degraded, b_degraded) = (degraded(Gw::A), degraded(Gw::B));
 
     // What the capture saw, by kind: (source gateway, what) -> TOS bytes.
     let a_addr = LabPath::Path1.addr(Gw::A).octets();
@@ -345,7 +344,8 @@ fn run_case(case: Case) {
     lab::say(&format!(
         "REPORT qos {name}: path1 capture on gw-b: {}; replies ef {ef}/{COUNT} ect0 {ect}/{COUNT} \
          ect0+ce {ce}/{COUNT} not-ect+ce {not_ect}/{}; server saw ce {server_ce} ect0 {server_ect0}; \
-         gw-b ce_on_not_ect +{dropped}, gw-b TUN to the lanes +{tun_tx_grew}, gw-a +{a_tun_tx_grew}",
+         gw-b ce_on_not_ect +{dropped}, gw-b TUN to the lanes +{tun_tx_grew}, gw-a +{a_tun_tx_grew}; \
+         paths degraded: gw-a {a_degraded}, gw-b {b_degraded}",
         summary.join(", "),
         COUNT / 2
     ));
@@ -394,6 +394,11 @@ fn run_case(case: Case) {
         "{name}: an outer ECN field differs from the inner one"
     );
     assert!(ef >= COUNT - 1 && ect >= COUNT - 1, "{name}: pings lost");
+    assert_eq!(
+        (a_degraded, b_degraded),
+        (0, 0),
+        "{name}: a path was degraded (gw-a, gw-b)"
+    );
     if !mark_ce {
         assert!(
             server_ect0 >= (COUNT - 1) as u64 && server_ce == 0,

@@ -40,7 +40,9 @@
 //! Per-packet work in the data plane is one more counter (the highest data
 //! sequence received); everything else is per probe, outside the data path.
 //! The kernel fast path numbers nothing (its data datagrams carry sequence
-//! 0), so for a `fast_path` peer loss comes from the probes alone.
+//! 0), so for a `fast_path` peer loss comes from the probes alone. Its
+//! receiving program counts what it takes, with the highest number, in
+//! the counts its lanes report ([`DataCounts`]).
 //!
 //! # Judging
 //!
@@ -172,7 +174,8 @@ pub struct Probe {
     pub class: ProbeClass,
 }
 
-/// Data datagrams received on a path, as the lanes count them.
+/// Data datagrams received on a path, as the lanes count them (with what
+/// a kernel fast path's receiving program took).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DataCounts {
     pub received: u64,

@@ -791,7 +791,8 @@ impl BfdThread {
         }
     }
 
-    /// Adds what the fast paths sent to the paths' counters.
+    /// Adds what the fast paths moved to the paths' counters (lane 0 of a
+    /// path adds what they received before it answers a probe, too).
     fn collect_fast_paths(&self) {
         for (peer, fast) in self.fast_paths() {
             let Some((_, _, paths)) = self.engine.peer(peer) else {
@@ -802,12 +803,7 @@ impl BfdThread {
                     continue;
                 };
                 match fast.take(id) {
-                    Ok(m) => {
-                        c.tx_packets.fetch_add(m.tx_packets, Ordering::Relaxed);
-                        c.tx_bytes.fetch_add(m.tx_bytes, Ordering::Relaxed);
-                        c.rx_packets.fetch_add(m.rx_packets, Ordering::Relaxed);
-                        c.rx_bytes.fetch_add(m.rx_bytes, Ordering::Relaxed);
-                    }
+                    Ok(m) => m.add_to(c),
                     Err(e) => debug!(error = %e, "fast path counters unreadable"),
                 }
             }

@@ -1231,6 +1231,7 @@ impl Gateway {
                 dedup: peer.dedup.clone(),
                 reorder: lane.reorder.clone(),
                 forwarding: None,
+                fast: peer.fast.clone(),
             });
         }
         peer.paths.push(PathRun {

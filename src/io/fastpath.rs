@@ -59,23 +59,33 @@
 //! entry: the active path's headers and interface) in step with every
 //! forwarding snapshot, so a failover moves the fast path as fast as it
 //! moves the lanes, and adds the programs' per-path counters (per-CPU maps)
-//! to the paths' counters. The layouts of the map values below are the C
-//! structs' (`struct config`, `struct rx_key`, `struct rx_path`, `struct
-//! counters`); a test checks their sizes against the object.
+//! to the paths' counters. The receiving program also keeps the highest
+//! path sequence number of the datagrams it took: a far end whose lanes
+//! number their datagrams weighs the datagrams received against it, and
+//! the program takes from the same numbered stream as the lanes. So a
+//! path's lane 0 adds the counters too, before it reports its data counts
+//! in a probe reply ([`FastPath::try_take`]): the count and the number it
+//! reports then cover what both took up to that moment.
+//!
+//! The layouts of the map values below are the C structs' (`struct
+//! config`, `struct rx_key`, `struct rx_path`, `struct counters`, `struct
+//! rx_counters`); a test checks their sizes against the object.
 //!
 //! The one call no crate wraps here is `getifaddrs` (the interface that
 //! holds an address), and `if_indextoname`; each `unsafe` block is one call
 //! on memory it owns.
 #![allow(unsafe_code)]
 
+use crate::telemetry::PathCounters;
 use crate::PathId;
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 /// The compiled programs (`bash bpf/build`; CI checks that the committed
@@ -325,6 +335,11 @@ fn program_error(what: &str, e: ProgramError) -> io::Error {
 
 /// Per-CPU counters: packets and bytes.
 type Counters = PerCpuArray<MapData, [u64; 2]>;
+/// The receiving program's per-CPU counters (`struct rx_counters`):
+/// packets, bytes, and the highest sequence number.
+type RxCounters = PerCpuArray<MapData, [u64; 3]>;
+/// Where `struct rx_counters` holds the highest sequence number.
+const RX_SEQ_HIGH: usize = 2;
 
 /// The loaded programs and their maps, not attached anywhere yet.
 pub struct Programs {
@@ -334,7 +349,7 @@ pub struct Programs {
     table: Array<MapData, [u8; BUCKETS]>,
     tx_stats: Counters,
     rx_paths: BpfHashMap<MapData, [u8; RX_KEY_LEN], [u8; 8]>,
-    rx_stats: Counters,
+    rx_stats: RxCounters,
 }
 
 impl Programs {
@@ -415,6 +430,49 @@ impl Programs {
             (p.wrapping_add(v[0]), b.wrapping_add(v[1]))
         }))
     }
+
+    /// What the receiving program's counters of `slot` add up to over the
+    /// CPUs: packets, bytes, and the highest sequence number.
+    fn rx_totals(&self, slot: u32) -> io::Result<(u64, u64, u64)> {
+        let values = self
+            .rx_stats
+            .get(&slot, 0)
+            .map_err(|e| aya_error("reading its counters", e))?;
+        Ok(rx_sum(&values))
+    }
+
+    /// Forgets the highest sequence number of `slot` (a path new to the
+    /// slot numbers from 1 again); its packets and bytes stay. Done while no
+    /// path's datagrams reach the slot.
+    fn reset_seq_high(&mut self, slot: u32) -> io::Result<()> {
+        let values = self
+            .rx_stats
+            .get(&slot, 0)
+            .map_err(|e| aya_error("reading its counters", e))?;
+        let mut values: Vec<[u64; 3]> = values.iter().copied().collect();
+        if values.iter().all(|v| v[RX_SEQ_HIGH] == 0) {
+            return Ok(());
+        }
+        for v in &mut values {
+            v[RX_SEQ_HIGH] = 0;
+        }
+        let values = PerCpuValues::try_from(values)?;
+        self.rx_stats
+            .set(slot, values, 0)
+            .map_err(|e| aya_error("resetting its counters", e))
+    }
+}
+
+/// The receiving program's per-CPU counters summed: packets and bytes
+/// added up, the highest sequence number the largest of the CPUs'.
+fn rx_sum(values: &[[u64; 3]]) -> (u64, u64, u64) {
+    values.iter().fold((0, 0, 0), |(p, b, h), v| {
+        (
+            p.wrapping_add(v[0]),
+            b.wrapping_add(v[1]),
+            h.max(v[RX_SEQ_HIGH]),
+        )
+    })
 }
 
 /// A peer's fast path: the programs on its TUN and on its paths'
@@ -431,6 +489,9 @@ struct State {
     slots: Slots,
     /// Totals already added to the paths' counters, by slot: sent, received.
     seen: HashMap<u32, [(u64, u64); 2]>,
+    /// The path whose datagrams the receiving program numbers in each
+    /// slot's highest sequence number.
+    numbered: HashMap<u32, PathId>,
     /// The receive program's links, by interface.
     ingress: HashMap<u32, SchedClassifierLink>,
     /// The receive map's keys.
@@ -462,13 +523,32 @@ impl Slots {
     }
 }
 
-/// What the fast path moved on one path since it was last asked.
+/// What the fast path moved on one path since it was last asked, and the
+/// highest sequence number among all it received on the path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Moved {
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,
+    pub rx_seq_high: u64,
+}
+
+impl Moved {
+    /// Adds it to the path's counters. The received datagrams and their
+    /// highest number go in together, as the lanes count theirs: the far
+    /// end's path quality weighs one against the other. The number goes in
+    /// first: a reader between the two sees it ahead of the count (a
+    /// deficit gone within microseconds, far shorter than the reordering
+    /// window that makes one loss), never a count that it does not cover
+    /// (a dip that would come back as loss once out of the window).
+    pub fn add_to(&self, c: &PathCounters) {
+        c.tx_packets.fetch_add(self.tx_packets, Ordering::Relaxed);
+        c.tx_bytes.fetch_add(self.tx_bytes, Ordering::Relaxed);
+        c.rx_bytes.fetch_add(self.rx_bytes, Ordering::Relaxed);
+        c.rx_seq_high.fetch_max(self.rx_seq_high, Ordering::Relaxed);
+        c.rx_packets.fetch_add(self.rx_packets, Ordering::Relaxed);
+    }
 }
 
 impl FastPath {
@@ -493,6 +573,7 @@ impl FastPath {
                 plan: None,
                 slots: Slots::default(),
                 seen: HashMap::new(),
+                numbered: HashMap::new(),
                 ingress: HashMap::new(),
                 keys: Vec::new(),
             }),
@@ -600,6 +681,11 @@ impl FastPath {
                 }
             }
             let slot = st.slots.slot(r.path)?;
+            if st.numbered.get(&slot) != Some(&r.path) {
+                // Before the path's datagrams can reach the slot.
+                st.progs.reset_seq_high(slot)?;
+                st.numbered.insert(slot, r.path);
+            }
             let mut value = [0u8; 8];
             value[..4].copy_from_slice(&slot.to_ne_bytes());
             value[4..].copy_from_slice(&self.tun.to_ne_bytes());
@@ -624,18 +710,39 @@ impl FastPath {
     /// What the programs moved on `path` since the last call.
     pub fn take(&self, path: PathId) -> io::Result<Moved> {
         let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let st = &mut *guard;
+        Self::take_locked(&mut guard, path)
+    }
+
+    /// [`FastPath::take`] unless another thread is using the maps now
+    /// (`None`): for a lane, which must not wait.
+    pub fn try_take(&self, path: PathId) -> Option<io::Result<Moved>> {
+        let mut guard = match self.state.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(Self::take_locked(&mut guard, path))
+    }
+
+    fn take_locked(st: &mut State, path: PathId) -> io::Result<Moved> {
         let Some(&slot) = st.slots.0.get(&path) else {
             return Ok(Moved::default());
         };
         let tx = Programs::totals(&st.progs.tx_stats, slot)?;
-        let rx = Programs::totals(&st.progs.rx_stats, slot)?;
+        let (rx_packets, rx_bytes, rx_seq_high) = st.progs.rx_totals(slot)?;
+        let rx = (rx_packets, rx_bytes);
+        // The slot's number is another path's until this one receives on it.
+        let rx_seq_high = match st.numbered.get(&slot) {
+            Some(&p) if p == path => rx_seq_high,
+            _ => 0,
+        };
         let seen = st.seen.entry(slot).or_default();
         let moved = Moved {
             tx_packets: tx.0.wrapping_sub(seen[0].0),
             tx_bytes: tx.1.wrapping_sub(seen[0].1),
             rx_packets: rx.0.wrapping_sub(seen[1].0),
             rx_bytes: rx.1.wrapping_sub(seen[1].1),
+            rx_seq_high,
         };
         *seen = [tx, rx];
         Ok(moved)
@@ -687,9 +794,49 @@ mod tests {
         assert_eq!(sizes("table"), (ARRAY, 4, BUCKETS));
         assert_eq!(sizes("tx_stats"), (PERCPU_ARRAY, 4, 16));
         assert_eq!(sizes("rx_paths"), (HASH, RX_KEY_LEN, 8));
-        assert_eq!(sizes("rx_stats"), (PERCPU_ARRAY, 4, 16));
+        assert_eq!(sizes("rx_stats"), (PERCPU_ARRAY, 4, 24));
         assert_eq!(obj.maps.len(), 6);
         assert_eq!(obj.license.to_str(), Ok("GPL"));
+    }
+
+    /// The receiving program's counters over the CPUs: packets and bytes
+    /// add up, the highest number is the largest any CPU saw (wrapping
+    /// sums, as the per-CPU counters wrap).
+    #[test]
+    fn receive_counters_add_up_and_keep_the_highest_number() {
+        assert_eq!(rx_sum(&[]), (0, 0, 0));
+        let cpus = [[3, 300, 17], [0, 0, 0], [5, 500, 12]];
+        assert_eq!(rx_sum(&cpus), (8, 800, 17));
+        assert_eq!(rx_sum(&[[u64::MAX, 1, 1], [2, 1, 9]]), (1, 2, 9));
+    }
+
+    /// What the programs moved goes into a path's counters: the sent and
+    /// received datagrams and bytes added, the highest number received
+    /// never lowered.
+    #[test]
+    fn what_moved_adds_to_the_path_counters() {
+        let c = PathCounters::default();
+        c.rx_packets.store(10, Ordering::Relaxed);
+        c.rx_seq_high.store(40, Ordering::Relaxed);
+        let moved = Moved {
+            tx_packets: 1,
+            tx_bytes: 100,
+            rx_packets: 30,
+            rx_bytes: 3000,
+            rx_seq_high: 35,
+        };
+        moved.add_to(&c);
+        assert_eq!(c.tx_packets.load(Ordering::Relaxed), 1);
+        assert_eq!(c.tx_bytes.load(Ordering::Relaxed), 100);
+        assert_eq!(c.rx_packets.load(Ordering::Relaxed), 40);
+        assert_eq!(c.rx_bytes.load(Ordering::Relaxed), 3000);
+        assert_eq!(c.rx_seq_high.load(Ordering::Relaxed), 40);
+        Moved {
+            rx_seq_high: 70,
+            ..Moved::default()
+        }
+        .add_to(&c);
+        assert_eq!(c.rx_seq_high.load(Ordering::Relaxed), 70);
     }
 
     #[test]

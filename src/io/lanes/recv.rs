@@ -13,6 +13,7 @@
 
 use super::*;
 use crate::core::handshake::TokenBucket;
+use crate::io::fastpath::FastPath;
 
 /// Datagrams a receiving thread takes per system call (each buffer holds
 /// the largest datagram, [`BUF_LEN`]).
@@ -85,6 +86,10 @@ pub struct PathIn {
     pub parity_in: Vec<(FecParity, bool)>,
     /// Handshake messages passed on to the BFD thread.
     pub handshake_bucket: TokenBucket,
+    /// The peer's kernel fast path (`fast_path`), whose receiving program
+    /// takes some of the path's data before the lanes see it: what it took
+    /// counts with the lanes' when this end reports its data counts.
+    pub fast: Option<Arc<FastPath>>,
 }
 
 /// Handshake messages a path's receiver passes on per second (and in a
@@ -466,10 +471,7 @@ impl PathIn {
             }
             Ok(Message::Parity(header, parity)) => {
                 // numbered with the path's data: counted with them
-                let (packets, bytes, high) = &mut self.pending;
-                *packets += 1;
-                *bytes += parity.len() as u64;
-                *high = (*high).max(header.sequence);
+                self.count_data(header.sequence, parity.len());
                 self.parity_in.push((parity, header.is_ordered()));
                 None
             }
@@ -483,11 +485,12 @@ impl PathIn {
                     // authenticated first) and is refused only for its
                     // ECN marks: the path delivered it, so it counts as
                     // received, or the far end's quality would read the
-                    // refusal as the path's loss.
-                    if let Ok((header, _)) = Header::parse(datagram) {
-                        let (packets, _, high) = &mut self.pending;
-                        *packets += 1;
-                        *high = (*high).max(header.sequence);
+                    // refusal as the path's loss. Its bytes: the inner
+                    // packet's, between the header and the tag.
+                    if let Ok((header, hlen)) = Header::parse(datagram) {
+                        let tag = if keys.is_some() { TRAILER } else { 0 };
+                        let len = datagram.len().saturating_sub(hlen + tag);
+                        self.count_data(header.sequence, len);
                     }
                 }
                 self.drops.count(reason);
@@ -496,13 +499,20 @@ impl PathIn {
         }
     }
 
+    /// Counts a datagram of the path's data (data, parity, or data refused
+    /// for its ECN marks alone) with path sequence number `sequence` and
+    /// `bytes` of payload, into the turn's pending counts.
+    fn count_data(&mut self, sequence: u64, bytes: usize) {
+        let (packets, total, high) = &mut self.pending;
+        *packets += 1;
+        *total += bytes as u64;
+        *high = (*high).max(sequence);
+    }
+
     /// Counts a data packet and applies the duplicate window: whether it
     /// goes to the TUN.
     fn deliverable(&mut self, header: &Header, len: usize) -> bool {
-        let (packets, bytes, high) = &mut self.pending;
-        *packets += 1;
-        *bytes += len as u64;
-        *high = (*high).max(header.sequence);
+        self.count_data(header.sequence, len);
         if let Some(p) = header
             .peer_seq
             .filter(|_| !header.is_ordered() && !header.is_fec())
@@ -587,6 +597,23 @@ impl PathIn {
         }
     }
 
+    /// Adds what the peer's fast path moved on the path to its counters, if
+    /// it has one: whether the counters now hold all it received (false
+    /// when its maps are busy with the BFD thread, or unreadable).
+    fn take_fast(&self) -> bool {
+        let Some(fast) = self.fast.as_ref() else {
+            return true;
+        };
+        match fast.try_take(self.id) {
+            Some(Ok(moved)) => {
+                moved.add_to(&self.counters);
+                true
+            }
+            // (The BFD thread's reading of them logs why.)
+            Some(Err(_)) | None => false,
+        }
+    }
+
     /// The path's data counts, as the far end's probes report them.
     ///
     /// The sending lanes number a path's datagrams from one counter, each
@@ -601,8 +628,17 @@ impl PathIn {
     /// host) the counts go as they are, marked unsettled: the far end's
     /// quality confirms no loss from them, and judges the path by its
     /// probes and by settled counts only.
+    ///
+    /// With a kernel fast path, its receiving program takes the path's
+    /// data datagrams that it can (each counted, with its number, in the
+    /// program's counters) and leaves the others to the lanes (datagrams
+    /// marked ECT(1) or CE, coalesced ones, ...): both take from the one
+    /// numbered stream, so the counts reported are both together, the
+    /// program's read now. Counts taken while the program's cannot be read
+    /// at once are behind too.
     fn data_counts(&mut self) -> DataCounts {
         self.flush_counts();
+        let fast_read = self.take_fast();
         let now = clock::now();
         let current = DataCounts {
             received: self.counters.rx_packets.load(Ordering::Relaxed),
@@ -614,7 +650,8 @@ impl PathIn {
         };
         let busy = self.counters.rx_busy.load(Ordering::Relaxed);
         let others_busy = busy > u32::from(self.in_turn);
-        let behind = others_busy || self.siblings.iter().any(|s| sys::has_queued(s.as_ref()));
+        let behind =
+            !fast_read || others_busy || self.siblings.iter().any(|s| sys::has_queued(s.as_ref()));
         if !behind {
             self.settled = Some((now, current));
             return current;
