@@ -686,10 +686,9 @@ impl BfdThread {
     fn export_quality(&self, now: Instant) {
         for pi in 0..self.engine.peer_count() {
             let id = PeerId(pi as u16);
-            if let (Some(h), Some((name, _, _))) = (self.engine.handshake(id), self.engine.peer(id))
-            {
+            if let Some(h) = self.engine.handshake(id) {
                 let age = h.key_age(now).map(|a| a.as_secs_f64());
-                self.metrics.set_handshake(name, h.stats(), age);
+                self.metrics.set_handshake(pi, h.stats(), age);
             }
         }
         for (i, p) in self.engine.paths().iter().enumerate() {

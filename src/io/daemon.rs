@@ -473,7 +473,7 @@ async fn run_async(
         }
     });
     if let (Some(endpoint), Some(m)) = (endpoint, &config.metrics) {
-        endpoint.serve();
+        endpoint.serve(metrics.clone());
         info!(listen = %m.listen, "metrics endpoint up");
     }
     let watchdog_task = notify::watchdog_interval().map(|every| {
@@ -1160,7 +1160,9 @@ impl Gateway {
             .shared
             .metrics
             .path(usize::from(id.0))
-            .map_or_else(::metrics::Histogram::noop, |m| m.rtt.clone());
+            .map_or_else(crate::telemetry::metrics::Histogram::detached, |m| {
+                m.rtt.clone()
+            });
         let sequence = Arc::new(AtomicU64::new(0));
         let window = Arc::new(Mutex::new(ReplayWindow::default()));
         // A large probe is as long as the path's largest data datagram.

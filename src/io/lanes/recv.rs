@@ -71,7 +71,7 @@ pub struct PathIn {
     /// The peer's path estimates (the reordering wait), from the snapshot.
     pub forwarding: Option<(Arc<ArcSwap<Forwarding>>, PeerId)>,
     /// Where measured round-trip times go.
-    pub rtt: metrics::Histogram,
+    pub rtt: Arc<crate::telemetry::metrics::Histogram>,
     pub keys: SharedKeys,
     pub epoch: u32,
     /// [`crate::core::crypto::path_salt`] of (local, remote), for what we send.
