@@ -8,12 +8,12 @@
 //! label text of each peer and path is escaped once, when it is added, and
 //! each line is the family's name, that text and a number. The
 //! `metrics-exporter-prometheus` recorder this replaced rebuilt and hashed
-//! every series' labels on each scrape: 95-142 ms of CPU for the 68 000
+//! every series' labels on each scrape: 94-142 ms of CPU for the 68 000
 //! lines of 500 peers of two paths (4.5 MB), seconds on a host whose CPUs
-//! the BFD threads and the forwarding share; this renders them with 2-3 ms
-//! (benches/metrics.rs). The exporter has no cheaper way to render the same
-//! series, hence this hand-written renderer. Scrapes that come together
-//! share renders ([`Metrics::scrape`]).
+//! the BFD threads and the forwarding share; this renders them with about
+//! 2 ms (benches/metrics.rs). The exporter has no cheaper way to render
+//! the same series, hence this hand-written renderer. Scrapes that come
+//! together share renders ([`Metrics::scrape`]).
 //!
 //! Every configured path's series exist from start-up at 0, histograms
 //! included. A reload that removes a peer or path empties its slot, and its
