@@ -29,7 +29,8 @@
 //!
 //! Usage (root): `cargo bench --bench scale -- --peers 50,200 [--secs 30]
 //! [--interval-ms 10] [--bin PATH]` (`--bin` runs another crosslink binary,
-//! e.g. an older build, for comparison). Not root: says why and exits 0.
+//! e.g. an older build, for comparison; `XL_SCALE_OFFLOAD=1` turns on the
+//! BFD receive offload, `bfd.offload`). Not root: says why and exits 0.
 //! Under `cargo test --all-targets` (no `--bench` argument) it does nothing.
 
 #[path = "../tests/support/scale.rs"]
@@ -126,6 +127,10 @@ fn run_one(n: usize, args: &Args) {
     let window = t0.elapsed().as_secs_f64();
     let status = [st(Gw::A), st(Gw::B)];
     let f_end = [scale::failures(&status[0]), scale::failures(&status[1])];
+    let offloaded: Vec<usize> = status
+        .iter()
+        .map(|s| scale::count_paths(s, |p| p["bfd"]["offloaded"] == true))
+        .collect();
     // CPU seconds used over the window, as a share of one CPU.
     let share = |before: &[Option<f64>], after: &[Option<f64>]| -> Vec<String> {
         before
@@ -182,7 +187,7 @@ fn run_one(n: usize, args: &Args) {
         .unwrap_or_default()
         .matches("reload applied")
         .count();
-    let text = scale::config_text(&s.lab, Gw::A, n, Some(n - 1));
+    let text = scale::config_text(&s.lab, Gw::A, n, Some(n - 1), s.offload);
     s.lab.write_config(Gw::A, &text).expect("config");
     s.lab.reload_gateway(Gw::A).expect("reload");
     let reload_s = wait_log(
@@ -229,7 +234,8 @@ fn run_one(n: usize, args: &Args) {
         .collect();
 
     println!(
-        "scale N={n} ({sessions} sessions per gateway, BFD {ms} ms x 3, {bin}):\n  \
+        "scale N={n} ({sessions} sessions per gateway, BFD {ms} ms x 3, {bin}; \
+         receive offload {offload}: {offloaded:?} sessions offloaded at the window's end):\n  \
          all up after {up:.2}s; BFD thread CPU over {window:.0}s: gw-a {ca} gw-b {cb} \
          (whole process: {pa}, {pb}); threads {threads:?}; RSS {rss:?}\n  \
          worst tx gap {gap:.1} ms; false downs: {downs_total} since start, {downs_window} in the window; \
@@ -239,6 +245,7 @@ fn run_one(n: usize, args: &Args) {
          reload of one peer: applied after {reload}, {moved} sessions of gw-a changed state, failures {reload_downs}\n  \
          one path failed (p{last}/l1): gw-a {det} (seen after {seen}), other sessions failed: {others}",
         sessions = 2 * n,
+        offload = if s.offload { "on" } else { "off" },
         last = n - 1,
         reload_downs = brief(&reload_downs),
         others = brief(&others),

@@ -58,6 +58,21 @@ fn many_peers_come_up_and_stay_up_and_one_failure_stays_alone() {
     if !netns_allowed("many_peers_come_up_and_stay_up_and_one_failure_stays_alone") {
         return;
     }
+    many_peers("scl", false);
+}
+
+/// The same with the BFD receive offload (`bfd.offload`): every session
+/// is offloaded once Up, the packets it takes count as received, and a
+/// broken path is still detected while the others hold.
+#[test]
+fn many_offloaded_peers_stay_up_and_one_failure_is_detected() {
+    if !netns_allowed("many_offloaded_peers_stay_up_and_one_failure_is_detected") {
+        return;
+    }
+    many_peers("sco", true);
+}
+
+fn many_peers(tag: &str, offload: bool) {
     let n: usize = std::env::var("XL_SCALE_PEERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -66,7 +81,7 @@ fn many_peers_come_up_and_stay_up_and_one_failure_stays_alone() {
     let worst = Arc::new(AtomicU64::new(0));
     let probe = stall_probe(stop.clone(), worst.clone());
 
-    let mut s = ScaleLab::new("scl", BIN, n, Duration::from_millis(10), 3);
+    let mut s = ScaleLab::with_offload(tag, BIN, n, Duration::from_millis(10), 3, offload);
     s.start();
     let up = s.wait_all_up(Duration::from_secs(30)).expect("all up");
     // Start-up's aftermath (carriers, forwarding, first quality verdicts),
@@ -89,6 +104,33 @@ fn many_peers_come_up_and_stay_up_and_one_failure_stays_alone() {
         })
         .collect();
     let stalled_quiet = worst.load(Ordering::Relaxed);
+    let received = |v: &serde_json::Value| -> u64 {
+        scale::paths(v)
+            .map(|p| p["bfd"]["control_rx"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let offloaded: Vec<usize> = quiet
+        .iter()
+        .map(|v| scale::count_paths(v, |p| p["bfd"]["offloaded"] == true))
+        .collect();
+    // 5 s at 10 ms from 2n sessions: about 1000 packets each (the jitter
+    // sends at 75-100 % of the interval); half of that at least.
+    let counted: Vec<u64> = (0..2)
+        .map(|g| received(&quiet[g]).saturating_sub(received(&settled[g])))
+        .collect();
+    say(&format!(
+        "netns_scale ({tag}): offload {offload}: sessions offloaded per gateway {offloaded:?}, \
+         control packets counted in the quiet 5 s {counted:?}"
+    ));
+    let expected = if offload { 2 * n } else { 0 };
+    assert_eq!(offloaded, [expected, expected], "sessions offloaded");
+    for c in &counted {
+        assert!(
+            *c >= 2 * n as u64 * 250,
+            "{c} control packets counted in 5 s from {} sessions",
+            2 * n
+        );
+    }
     // The forwarding threads are a fixed set of workers, whatever the
     // number of peers (two lanes per peer would be 2N threads).
     let threads: Vec<(usize, Option<f64>)> = Gw::ALL
@@ -158,4 +200,60 @@ fn many_peers_come_up_and_stay_up_and_one_failure_stays_alone() {
     }
     assert!(false_downs.is_empty(), "false downs: {false_downs:?}");
     assert!(others.is_empty(), "untouched sessions failed: {others:?}");
+}
+
+/// `bfd.offload` changes in place on reload: off disarms every session of
+/// the gateway at once, on arms them again, and no session moves.
+#[test]
+fn a_reload_turns_the_offload_off_and_on_in_place() {
+    if !netns_allowed("a_reload_turns_the_offload_off_and_on_in_place") {
+        return;
+    }
+    let n = 4;
+    // Relaxed timers (250 ms detection), as in tests/reload.rs: what is
+    // checked is that the reload leaves the sessions alone, and the other
+    // tests of this file load the host meanwhile.
+    let mut s = ScaleLab::with_offload("scr", BIN, n, Duration::from_millis(50), 5, true);
+    s.start();
+    s.wait_all_up(Duration::from_secs(30)).expect("all up");
+    let st = |s: &ScaleLab| s.lab.poll(Gw::A).expect("status");
+    let offloaded =
+        |v: &serde_json::Value| scale::count_paths(v, |p| p["bfd"]["offloaded"] == true);
+    let transitions = |v: &serde_json::Value| -> Vec<u64> {
+        scale::paths(v)
+            .map(|p| p["bfd"]["transitions"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    let wait_offloaded = |s: &ScaleLab, want: usize| {
+        let t0 = Instant::now();
+        loop {
+            let v = st(s);
+            if offloaded(&v) == want {
+                return v;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{} sessions offloaded, not {want}",
+                offloaded(&v)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let before = wait_offloaded(&s, 2 * n);
+    for (on, want) in [(false, 0), (true, 2 * n)] {
+        let text = scale::config_text(&s.lab, Gw::A, n, None, on);
+        s.lab.write_config(Gw::A, &text).expect("config");
+        s.lab.reload_gateway(Gw::A).expect("reload");
+        let now = wait_offloaded(&s, want);
+        say(&format!(
+            "netns_scale: reload with offload {on}: {} of {} sessions offloaded",
+            offloaded(&now),
+            2 * n
+        ));
+        assert_eq!(
+            transitions(&now),
+            transitions(&before),
+            "a session moved on a reload that changed only bfd.offload"
+        );
+    }
 }

@@ -260,6 +260,9 @@ fn bfd_summary(b: &BfdConfig, default_auth: Option<&BfdAuthConfig>) -> String {
     if b.passive {
         s.push_str(", passive");
     }
+    if b.offload {
+        s.push_str(", receive offload");
+    }
     if let Some(a) = b.auth.as_ref().filter(|&a| Some(a) != default_auth) {
         s.push_str(&format!(", auth {} key {}", a.auth_type.as_str(), a.key_id));
     }

@@ -336,6 +336,7 @@ pub(super) struct RawBfd {
     pub(super) min_ttl: Option<u8>,
     pub(super) auth: Option<RawAuth>,
     pub(super) dscp: Option<Dscp>,
+    pub(super) offload: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

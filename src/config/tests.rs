@@ -1428,3 +1428,19 @@ fn fec_that_cannot_work_is_refused_with_its_key() {
     );
     assert_eq!(ok(&t).peers[0].fec.mode, FecMode::Auto);
 }
+
+/// `bfd.offload` is read at every level and refused with authentication,
+/// whose packets never repeat.
+#[test]
+fn bfd_offload_is_read_and_refused_with_auth() {
+    let text = base_with("name = \"gw\"\n", "name = \"gw\"\n[bfd]\noffload = true\n");
+    let c = ok(&text);
+    assert!(c.bfd.offload);
+    assert!(c.peers[0].paths.iter().all(|p| p.bfd.offload));
+    assert!(!ok(BASE).bfd.offload, "off by default");
+    let text = base_with(
+        "name = \"gw\"\n",
+        "name = \"gw\"\n[bfd]\noffload = true\nauth = { type = \"keyed-sha1\", key_id = 1, secret_file = \"/k\" }\n",
+    );
+    assert_err(&text, 4, "bfd.offload", "authenticated");
+}

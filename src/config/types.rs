@@ -107,6 +107,9 @@ pub struct BfdConfig {
     /// DSCP of the control packets sent (0..=63; default CS6, network
     /// control).
     pub dscp: u8,
+    /// Repeated control packets of an Up session are taken in the kernel
+    /// by a BPF program (README: BFD receive offload).
+    pub offload: bool,
 }
 
 impl Default for BfdConfig {
@@ -120,6 +123,7 @@ impl Default for BfdConfig {
             min_ttl: DEFAULT_MIN_TTL,
             auth: None,
             dscp: DEFAULT_BFD_DSCP,
+            offload: false,
         }
     }
 }

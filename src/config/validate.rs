@@ -140,6 +140,9 @@ pub(super) fn merge_bfd(base: &BfdConfig, over: &RawBfd, at: &[Seg]) -> VResult<
     if let Some(p) = over.passive {
         b.passive = p;
     }
+    if let Some(o) = over.offload {
+        b.offload = o;
+    }
     if let Some(a) = &over.auth {
         if a.secret_file.as_os_str().is_empty() {
             return invalid(at, &[k("auth"), k("secret_file")], "must not be empty");
@@ -149,6 +152,13 @@ pub(super) fn merge_bfd(base: &BfdConfig, over: &RawBfd, at: &[Seg]) -> VResult<
             key_id: a.key_id,
             secret_file: a.secret_file.clone(),
         });
+    }
+    if b.offload && b.auth.is_some() {
+        return invalid(
+            at,
+            &[k("offload")],
+            "cannot offload an authenticated session: its packets never repeat (the sequence number moves); drop `offload` or `auth`",
+        );
     }
     Ok(b)
 }

@@ -86,6 +86,32 @@ pub struct Forwarding {
     pub peers: Vec<Selection>,
 }
 
+/// The length of a control packet without authentication: what the
+/// receive offload takes.
+pub const OFFLOAD_PACKET_LEN: usize = 24;
+
+/// What the BFD receive offload is to take in the kernel
+/// ([`Engine::poll_offload`]; README: BFD receive offload).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffloadChange {
+    /// Take repeats of `packet` for the path's session (replaces what it
+    /// took before).
+    Arm {
+        path: PathId,
+        packet: [u8; OFFLOAD_PACKET_LEN],
+    },
+    /// Take nothing more for it: every packet goes to the socket again.
+    Disarm(PathId),
+}
+
+impl OffloadChange {
+    pub fn path(&self) -> PathId {
+        match *self {
+            OffloadChange::Arm { path, .. } | OffloadChange::Disarm(path) => path,
+        }
+    }
+}
+
 /// Something that happened, for logs and metrics.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
@@ -255,6 +281,15 @@ pub struct PathCore {
     pub estimate: Estimator,
     /// Its configured `rate` (bytes per second).
     pub rate: Option<u64>,
+    /// `bfd.offload`: repeats may be taken by the receive offload.
+    offload: bool,
+    /// The packet whose repeats the offload takes now, if it does.
+    offloaded: Option<[u8; OFFLOAD_PACKET_LEN]>,
+    /// The detection deadline for which the shell was last asked to read
+    /// the offload's time of the last repeat ([`Engine::poll_refresh`]),
+    /// and whether it answered ([`Engine::handle_bfd_refresh`]).
+    refresh_asked: Option<Instant>,
+    refresh_answered: bool,
     retired: bool,
 }
 
@@ -272,6 +307,16 @@ impl PathCore {
     /// Why a fast signal keeps the path out of service, if one does.
     pub fn blocked(&self) -> Option<BlockCause> {
         self.block.map(|b| b.cause)
+    }
+
+    /// Whether `bfd.offload` is set (and the offload was not given up).
+    pub fn wants_offload(&self) -> bool {
+        self.offload
+    }
+
+    /// Whether the receive offload takes the session's repeats now.
+    pub fn is_offloaded(&self) -> bool {
+        self.offloaded.is_some()
     }
 
     /// Whether the path was removed by a reload (its slot is a tombstone).
@@ -305,6 +350,11 @@ pub struct Engine {
     due_keys: Vec<usize>,
     /// The handshakes of the peers with a `public_key`.
     handshakes: HashMap<PeerId, Handshake>,
+    /// What the receive offload is to take, in order.
+    offload_changes: VecDeque<OffloadChange>,
+    /// Offloaded paths whose detection time ran out: the shell reads when
+    /// the last repeat arrived before the session may expire.
+    refreshes: VecDeque<PathId>,
 }
 
 /// The key of a path's (even) or a peer's (odd) deadline in [`Engine::timers`].
@@ -345,6 +395,8 @@ impl Engine {
             in_ready: Vec::new(),
             due_keys: Vec::new(),
             handshakes: HashMap::new(),
+            offload_changes: VecDeque::new(),
+            refreshes: VecDeque::new(),
         };
         for peer in &config.peers {
             engine.add_peer(peer, now);
@@ -431,6 +483,10 @@ impl Engine {
             quality,
             estimate: Estimator::new(path.rate),
             rate: path.rate,
+            offload: path.bfd.offload,
+            offloaded: None,
+            refresh_asked: None,
+            refresh_answered: false,
             retired: false,
         });
         self.new_board(peer);
@@ -512,6 +568,7 @@ impl Engine {
         }
         self.new_board(peer);
         self.dirty = true;
+        self.disarm(id);
         let path = self.paths.get_mut(usize::from(id.0))?;
         path.session.set_admin_down(now);
         let packet = path.session.poll_transmit_encoded(now).and_then(Result::ok);
@@ -678,8 +735,12 @@ impl Engine {
 
     fn unique_discriminator(&self, seed: u64) -> u32 {
         let mut n = self.paths.len() as u64;
+        // The low 16 bits are the path's slot, the rest random: the BFD
+        // receive offload keeps a session at the slot these bits name
+        // (see crate::io::bfd_offload).
+        let slot = (self.paths.len() & 0xffff) as u32;
         loop {
-            let d = (mix(seed.wrapping_add(n)) >> 32) as u32;
+            let d = ((mix(seed.wrapping_add(n)) >> 32) as u32 & 0xffff_0000) | slot;
             // Retired paths' discriminators stay unused too.
             if d != 0
                 && !self.by_discriminator.contains_key(&d)
@@ -752,9 +813,131 @@ impl Engine {
         path.control_rx += 1;
         path.last_rx = Some(now);
         self.drain_session(id, now);
+        self.offload_after(id, &packet, raw);
         self.maybe_unblock(id, now);
         self.reschedule(id);
         Ok(id)
+    }
+
+    /// After the session took `packet` (`raw`): the offload takes its
+    /// repeats when the session is steady, and nothing otherwise.
+    fn offload_after(&mut self, id: PathId, packet: &ControlPacket, raw: &[u8]) {
+        let Some(path) = self.paths.get_mut(usize::from(id.0)) else {
+            return;
+        };
+        if !path.offload {
+            return;
+        }
+        let steady = <[u8; OFFLOAD_PACKET_LEN]>::try_from(raw)
+            .ok()
+            .filter(|_| path.session.takes_repeats_of(packet));
+        match (steady, path.offloaded) {
+            (Some(new), Some(old)) if new == old => {}
+            (Some(new), _) => {
+                path.offloaded = Some(new);
+                path.refresh_asked = None;
+                self.offload_changes.push_back(OffloadChange::Arm {
+                    path: id,
+                    packet: new,
+                });
+            }
+            (None, Some(_)) => self.disarm(id),
+            (None, None) => {}
+        }
+    }
+
+    /// The offload takes nothing more for the path.
+    fn disarm(&mut self, id: PathId) {
+        if let Some(path) = self.paths.get_mut(usize::from(id.0)) {
+            if path.offloaded.take().is_some() {
+                path.refresh_asked = None;
+                self.offload_changes.push_back(OffloadChange::Disarm(id));
+            }
+        }
+    }
+
+    /// `bfd.offload` of a running path changed: on, its session is armed
+    /// by its next steady packet; off, it is disarmed now.
+    pub fn set_offload(&mut self, id: PathId, on: bool) {
+        if let Some(p) = self.paths.get_mut(usize::from(id.0)) {
+            p.offload = on;
+        }
+        if !on {
+            self.disarm(id);
+        }
+    }
+
+    /// Offloads nothing for `path` (for every path: `None`) from now on,
+    /// with no [`OffloadChange`]: the shell could not arm it, or has no
+    /// offload.
+    pub fn stop_offload(&mut self, path: Option<PathId>) {
+        for (i, p) in self.paths.iter_mut().enumerate() {
+            if path.is_none_or(|id| usize::from(id.0) == i) {
+                p.offload = false;
+                p.offloaded = None;
+                p.refresh_asked = None;
+            }
+        }
+        self.offload_changes
+            .retain(|c| path.is_some_and(|id| c.path() != id));
+    }
+
+    /// Forgets what the offload takes, with no [`OffloadChange`]: the shell
+    /// cleared it (a hand-off). Steady paths are armed again by their next
+    /// packet.
+    pub fn forget_offload(&mut self) {
+        for p in &mut self.paths {
+            p.offloaded = None;
+            p.refresh_asked = None;
+        }
+        self.offload_changes.clear();
+    }
+
+    /// The paths the offload takes repeats for now.
+    pub fn offloaded(&self) -> impl Iterator<Item = PathId> + '_ {
+        self.paths
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.offloaded.is_some())
+            .map(|(i, _)| PathId(i as u16))
+    }
+
+    /// What the receive offload is to take or give back next.
+    pub fn poll_offload(&mut self) -> Option<OffloadChange> {
+        self.offload_changes.pop_front()
+    }
+
+    /// An offloaded path whose detection time ran out: the shell reads the
+    /// time of its last repeat, reports it with
+    /// [`handle_bfd_refresh`](Self::handle_bfd_refresh) (also when there is
+    /// nothing to report) and runs the timers again. A path that was asked
+    /// for a deadline, answered, and not moved past it expires at the next
+    /// [`handle_timeout`](Self::handle_timeout); until the answer it waits
+    /// (at most one more detection time).
+    pub fn poll_refresh(&mut self) -> Option<PathId> {
+        self.refreshes.pop_front()
+    }
+
+    /// The receive offload took `packets` repeats for the path since the
+    /// last report, the last at `last`: they count as received, and the
+    /// last one's time is the session's last reception (also when the
+    /// path was just disarmed: the shell reports what was taken until
+    /// then).
+    pub fn handle_bfd_refresh(&mut self, id: PathId, last: Option<Instant>, packets: u64) {
+        let Some(path) = self.paths.get_mut(usize::from(id.0)).filter(|p| !p.retired) else {
+            return;
+        };
+        path.control_rx = path.control_rx.saturating_add(packets);
+        path.refresh_answered = true;
+        // Also after a disarm: the session's own guards (both ends Up, a
+        // later time) keep a repeat of an older state from counting.
+        let Some(at) = last else {
+            return;
+        };
+        if path.session.refresh(at) {
+            path.last_rx = Some(at);
+            self.reschedule(id);
+        }
     }
 
     /// Lifts a ready block once BFD has seen the far end (session Up).
@@ -1062,9 +1245,23 @@ impl Engine {
             return;
         };
         let id = PathId(i as u16);
-        if due(path.session.detection_deadline()) {
-            path.session.handle_timeout(now);
-            self.drain_session(id, now);
+        let deadline = path.session.detection_deadline();
+        if due(deadline) {
+            // The offload may have taken what came since: ask first, and
+            // wait for the answer (a shell that never answers gets one
+            // more detection time).
+            let waited = deadline
+                .and_then(|d| d.checked_add(path.session.detection_time()))
+                .is_some_and(|limit| now >= limit);
+            if path.offloaded.is_some() && path.refresh_asked != deadline {
+                path.refresh_asked = deadline;
+                path.refresh_answered = false;
+                self.refreshes.push_back(id);
+            } else if path.offloaded.is_some() && !path.refresh_answered && !waited {
+            } else {
+                path.session.handle_timeout(now);
+                self.drain_session(id, now);
+            }
         }
         if due(self.paths[i].quality.poll_timeout()) {
             self.judge(id, now);
@@ -1142,6 +1339,9 @@ impl Engine {
         while let Some(SessionEvent::StateChange { from, to, diag, .. }) =
             self.paths[usize::from(id.0)].session.poll_event()
         {
+            // The repeats of a packet taken in another state are not
+            // repeats any more.
+            self.disarm(id);
             let path = &mut self.paths[usize::from(id.0)];
             // RFC 5880 §6.8.6: a received AdminDown takes the session Down with diag 3;
             // it is the peer's decision, not a failure.
@@ -1619,6 +1819,87 @@ mod tests {
             exchange(a, b, now);
             exchange(b, a, now);
         }
+    }
+
+    /// An offloaded session whose detection time runs out is asked about
+    /// and waits for the shell's answer, however many times the timers
+    /// run meanwhile (a reload's flush runs them too); answered with a
+    /// later repeat it stays Up, answered with nothing it expires. A
+    /// shell that never answers gets one more detection time.
+    #[test]
+    fn an_offloaded_session_waits_for_the_answer_before_it_expires() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // Gateway a (offload on) with its path Up for 3 s; from then on b's
+        // packets are "taken by the offload": a hears nothing directly.
+        let up = || {
+            let mut cfg_a = config(1, &[1]);
+            cfg_a.peers[0].paths[0].bfd.offload = true;
+            let mut a = Engine::new(&cfg_a, t0, 1);
+            let mut b = Engine::new(&config(2, &[1]), t0, 2);
+            run(&mut a, &mut b, t0, 0, 3000);
+            let p = id(&a, "p1");
+            assert!(a.path(p).expect("path").is_up());
+            assert!(a.path(p).expect("path").is_offloaded(), "armed when steady");
+            (a, p)
+        };
+        let deadline = |a: &Engine, p: PathId| {
+            a.path(p)
+                .and_then(|p| p.session.detection_deadline())
+                .expect("armed")
+        };
+        let (mut a, p) = up();
+        assert!(matches!(a.poll_offload(), Some(OffloadChange::Arm { path, .. }) if path == p));
+        let first = deadline(&a, p);
+        let d_ms = first.duration_since(t0).as_millis() as u64 + 1;
+        a.handle_timeout(ms(d_ms));
+        assert_eq!(a.poll_refresh(), Some(p));
+        assert_eq!(a.poll_refresh(), None, "asked once");
+        // The timers run again before the answer: still Up.
+        a.handle_timeout(ms(d_ms + 1));
+        let _ = a.poll_transmit(ms(d_ms + 2));
+        assert!(
+            a.path(p).expect("path").is_up(),
+            "expired before the answer"
+        );
+        // Answered: the offload took a repeat 5 ms ago.
+        a.handle_bfd_refresh(p, Some(ms(d_ms - 5)), 3);
+        a.handle_timeout(ms(d_ms + 2));
+        assert!(a.path(p).expect("path").is_up());
+        assert!(deadline(&a, p) > first);
+        assert!(a.path(p).expect("path").control_rx > 0);
+        // Next deadline: answered with nothing new, it expires.
+        let d_ms = deadline(&a, p).duration_since(t0).as_millis() as u64 + 1;
+        a.handle_timeout(ms(d_ms));
+        assert_eq!(a.poll_refresh(), Some(p));
+        a.handle_bfd_refresh(p, None, 0);
+        a.handle_timeout(ms(d_ms));
+        assert!(!a.path(p).expect("path").is_up(), "expired once answered");
+        assert_eq!(a.poll_offload(), Some(OffloadChange::Disarm(p)));
+
+        // Turned off by a reload: the session goes on from the last repeat
+        // the shell read when it disarmed, not from its own last packet.
+        let (mut a, p) = up();
+        let _ = a.poll_offload();
+        let first = deadline(&a, p);
+        a.set_offload(p, false);
+        assert_eq!(a.poll_offload(), Some(OffloadChange::Disarm(p)));
+        assert!(!a.path(p).expect("path").is_offloaded());
+        a.handle_bfd_refresh(p, Some(first - Duration::from_millis(1)), 20);
+        a.handle_timeout(first);
+        assert!(a.path(p).expect("path").is_up(), "expired after the disarm");
+        assert_eq!(a.poll_refresh(), None, "no question once disarmed");
+
+        // A shell that never answers: expiry one detection time late.
+        let (mut a, p) = up();
+        let first = deadline(&a, p);
+        let detect = a.path(p).expect("path").session.detection_time();
+        a.handle_timeout(first);
+        assert_eq!(a.poll_refresh(), Some(p));
+        a.handle_timeout(first + detect - Duration::from_millis(1));
+        assert!(a.path(p).expect("path").is_up());
+        a.handle_timeout(first + detect);
+        assert!(!a.path(p).expect("path").is_up());
     }
 
     fn id(e: &Engine, name: &str) -> PathId {

@@ -33,6 +33,7 @@
 //! closes) and those to add, with sockets the shell has already opened.
 //! Everything else in the engine is left as it was.
 
+use super::bfd_offload::{self, Offload};
 use super::fastpath::{self, FastPath};
 use super::lanes::SharedKeys;
 use super::tun::Queue as SyncDevice;
@@ -41,7 +42,7 @@ use crate::config::{FecMode, PathConfig, PeerConfig, SlaConfig};
 use crate::core::bfd::Transmit;
 use crate::core::drop::DropReason;
 use crate::core::engine::MoveCause;
-use crate::core::engine::{Engine, Event, Forwarding, PathExport, Secrets};
+use crate::core::engine::{Engine, Event, Forwarding, OffloadChange, PathExport, Secrets};
 use crate::core::fec::Code;
 use crate::core::handshake::{Failure, Handshake, HandshakeExport};
 use crate::core::quality::{Sample, Transition};
@@ -135,6 +136,8 @@ pub struct Plan {
     pub set_sla: Vec<(PathId, SlaConfig)>,
     /// Paths kept running whose `aggregate` rate changed.
     pub set_rates: Vec<(PathId, Option<u64>)>,
+    /// Paths kept running whose `bfd.offload` changed.
+    pub set_offload: Vec<(PathId, bool)>,
     /// Peers kept running whose `reorder_wait` changed.
     pub set_reorder_wait: Vec<(PeerId, Option<Duration>)>,
     /// Peers kept running whose FEC settings changed.
@@ -362,6 +365,8 @@ pub struct BfdThread {
     pub data_tx: Vec<Option<Arc<UdpSocket>>>,
     /// Key-pair peers' keys by [`PeerId`], published as handshakes complete.
     pub peer_keys: Vec<Option<SharedKeys>>,
+    /// The BFD receive offload, when a path asks for it and it loaded.
+    pub offload: Option<Offload>,
 }
 
 /// The BFD thread's own machinery, made when it starts.
@@ -384,6 +389,9 @@ pub struct Io {
     pending: Vec<Command>,
     /// Each receive socket's drop count (`SO_RXQ_OVFL`) as last seen.
     overflow: HashMap<RawFd, u32>,
+    /// A path asked for the receive offload, which is not loaded (said
+    /// once).
+    offload_said: bool,
 }
 
 /// A wake-up this late, or work this long, is logged: sessions at 10 ms
@@ -499,6 +507,10 @@ impl BfdThread {
             let now = clock::now();
             if !self.held {
                 self.engine.handle_timeout(now);
+                if self.refresh_offloaded() {
+                    // The sessions the offload kept alive are not due.
+                    self.engine.handle_timeout(now);
+                }
                 self.flush(now);
             }
             let mut timeout = self
@@ -586,8 +598,107 @@ impl BfdThread {
         self.io.registered = now_registered;
     }
 
+    /// Reads, for each offloaded session whose detection time ran out,
+    /// when the offload took its last repeat (see [`bfd_offload`]); says
+    /// whether any was asked.
+    fn refresh_offloaded(&mut self) -> bool {
+        let mut any = false;
+        while let Some(id) = self.engine.poll_refresh() {
+            any = true;
+            // Answered whatever there is to read: the session waits for it.
+            let (last, packets) = self
+                .offload
+                .as_mut()
+                .and_then(|o| o.read(id))
+                .unwrap_or((None, 0));
+            self.engine.handle_bfd_refresh(id, last, packets);
+        }
+        any
+    }
+
+    /// Whether the receive offload is loaded. It is loaded before the
+    /// thread starts ([`bfd_offload::prepare`]): the verifier takes tens of
+    /// milliseconds, which sessions at 10 ms x 3 do not survive. A reload
+    /// that asks for it first gets it at the next start (said once).
+    fn load_offload(&mut self) -> bool {
+        if self.offload.is_some() {
+            return true;
+        }
+        if !self.io.offload_said {
+            self.io.offload_said = true;
+            warn!("BFD receive offload not loaded at start (unavailable, or first asked for by a reload); every control packet goes through the socket");
+        }
+        self.engine.stop_offload(None);
+        false
+    }
+
+    /// Arms and disarms the receive offload as the engine asks.
+    fn apply_offload(&mut self) {
+        while let Some(change) = self.engine.poll_offload() {
+            if self.offload.is_none() && matches!(change, OffloadChange::Disarm(_)) {
+                continue;
+            }
+            if !self.load_offload() {
+                return;
+            }
+            let Some(offload) = self.offload.as_mut() else {
+                return;
+            };
+            let (id, last, done) = match change {
+                OffloadChange::Arm { path, packet } => {
+                    let Some(p) = self.engine.path(path) else {
+                        continue;
+                    };
+                    let single_hop = p.hop == crate::config::Hop::Single;
+                    let arm = bfd_offload::Arm {
+                        discriminator: p.session.local_discriminator(),
+                        local: p.local.ip(),
+                        remote: p.remote.ip(),
+                        single_hop,
+                        min_ttl: if single_hop { 255 } else { p.min_ttl },
+                        packet,
+                    };
+                    let done = offload.arm(path, &arm);
+                    if let Err(e) = &done {
+                        warn!(path = %p.name, error = %e, "BFD receive offload not armed; the path's packets go through the socket");
+                        self.engine.stop_offload(Some(path));
+                    }
+                    (path, None, done)
+                }
+                OffloadChange::Disarm(path) => {
+                    let (last, packets) = offload.disarm(path);
+                    (path, last, Ok(packets))
+                }
+            };
+            match done {
+                Ok(packets) if packets > 0 || last.is_some() => {
+                    self.engine.handle_bfd_refresh(id, last, packets)
+                }
+                Ok(_) => {}
+                Err(e) => debug!(error = %e, "BFD receive offload change failed"),
+            }
+        }
+    }
+
+    /// Every offloaded session's last repeat read, and the offload cleared
+    /// (a hand-off: the next process receives every packet).
+    fn clear_offload(&mut self) {
+        let Some(offload) = self.offload.as_mut() else {
+            return;
+        };
+        let ids: Vec<PathId> = self.engine.offloaded().collect();
+        for id in ids {
+            if let Some((last, packets)) = offload.read(id) {
+                self.engine.handle_bfd_refresh(id, last, packets);
+            }
+        }
+        offload.clear();
+        self.engine.forget_offload();
+    }
+
     /// Sends due control packets, logs events, publishes forwarding.
     fn flush(&mut self, now: Instant) {
+        self.apply_offload();
         while let Some((id, out)) = self.engine.poll_transmit(now) {
             let i = usize::from(id.0);
             let (Some(path), Some(Some(sock))) = (self.engine.path(id), self.tx.get(i)) else {
@@ -1066,6 +1177,7 @@ impl BfdThread {
                 Command::Freeze(reply) => {
                     self.held = true;
                     self.io.rx_changed = true;
+                    self.clear_offload();
                     // What the fast paths moved so far goes into the
                     // counters handed over. Their programs forward on
                     // until this process exits (their links close with
@@ -1250,6 +1362,12 @@ impl BfdThread {
         for (id, rate) in plan.set_rates {
             self.engine.set_rate(id, rate);
         }
+        for (id, on) in plan.set_offload {
+            self.engine.set_offload(id, on);
+        }
+        // Before any timer runs: a session no longer offloaded goes on from
+        // its last repeat.
+        self.apply_offload();
         for (id, fec) in plan.set_fec {
             self.engine.set_fec(id, fec, now);
         }
@@ -1465,6 +1583,7 @@ impl BfdThread {
                 last_change_unix: s.last_change().map(clock::unix_seconds),
                 control_tx: p.control_tx,
                 control_rx: p.control_rx,
+                offloaded: p.is_offloaded(),
             },
             blocked: p.blocked().map(|b| b.as_str().to_string()),
             flaps: damping.map_or(0, |d| d.flaps),

@@ -196,6 +196,8 @@ fn only_bfd_timers_differ(a: &PathConfig, b: &PathConfig) -> bool {
         p.sla = SlaConfig::default();
         // So does the `aggregate` rate (the estimate starts over from it).
         p.rate = None;
+        // And the BFD receive offload (armed again by the next packet).
+        p.bfd.offload = false;
         p
     };
     strip(a) == strip(b)
@@ -374,6 +376,7 @@ async fn run_async(
         held: incoming.is_some(),
         data_tx: Vec::new(),
         peer_keys: Vec::new(),
+        offload: crate::io::bfd_offload::prepare(&config),
         meta: Meta {
             gateway: config.gateway.name.clone(),
             started: now,
@@ -709,6 +712,9 @@ impl Gateway {
                             plan.set_sla.push((r.id, n.sla));
                             if n.rate != r.config.rate {
                                 plan.set_rates.push((r.id, n.rate));
+                            }
+                            if n.bfd.offload != r.config.bfd.offload {
+                                plan.set_offload.push((r.id, n.bfd.offload));
                             }
                             r.config = n.clone();
                         }

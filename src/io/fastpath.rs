@@ -247,13 +247,20 @@ pub fn config_value(route: &Route, ifindex: u32, slot: u32) -> [u8; cfg::LEN] {
 }
 
 /// The interface that holds `ip`, if any.
-fn interface_of(ip: IpAddr) -> io::Result<Option<u32>> {
+pub(crate) fn interface_of(ip: IpAddr) -> io::Result<Option<u32>> {
+    Ok(interface_indexes()?.get(&ip).copied())
+}
+
+/// Every local address and the interface that holds it (the first one,
+/// if several do), from one `getifaddrs`.
+pub(crate) fn interface_indexes() -> io::Result<HashMap<IpAddr, u32>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list`, which is freed below.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut found = None;
+    let mut found = HashMap::new();
+    let mut names: HashMap<std::ffi::CString, u32> = HashMap::new();
     let mut p = list;
     while !p.is_null() {
         // SAFETY: `p` walks the list getifaddrs returned, until its end.
@@ -264,26 +271,37 @@ fn interface_of(ip: IpAddr) -> io::Result<Option<u32>> {
         }
         // SAFETY: a non-null address; its family says which struct it is.
         let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
-        let holds = match ip {
-            IpAddr::V4(ip) if family == libc::AF_INET => {
+        let ip = match family {
+            libc::AF_INET => {
                 // SAFETY: an AF_INET address is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                u32::from_be(sin.sin_addr.s_addr) == u32::from(ip)
+                IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
             }
-            IpAddr::V6(ip) if family == libc::AF_INET6 => {
+            libc::AF_INET6 => {
                 // SAFETY: an AF_INET6 address is a sockaddr_in6.
                 let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                sin6.sin6_addr.s6_addr == ip.octets()
+                IpAddr::from(sin6.sin6_addr.s6_addr)
             }
-            _ => false,
+            _ => continue,
         };
-        if holds {
-            // SAFETY: ifa_name is a NUL-terminated name while the list lives.
-            let index = unsafe { libc::if_nametoindex(ifa.ifa_name) };
-            if index != 0 {
-                found = Some(index);
-                break;
+        if found.contains_key(&ip) {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated name while the list lives.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        // One system call per interface, not per address (a hub has
+        // thousands of addresses on a few interfaces).
+        let index = match names.get(name) {
+            Some(&i) => i,
+            None => {
+                // SAFETY: as above.
+                let i = unsafe { libc::if_nametoindex(ifa.ifa_name) };
+                names.insert(name.to_owned(), i);
+                i
             }
+        };
+        if index != 0 {
+            found.insert(ip, index);
         }
     }
     // SAFETY: `list` came from getifaddrs and is freed once.
@@ -292,7 +310,7 @@ fn interface_of(ip: IpAddr) -> io::Result<Option<u32>> {
 }
 
 /// The name of interface `index`, which aya attaches by.
-fn interface_name(index: u32) -> io::Result<String> {
+pub(crate) fn interface_name(index: u32) -> io::Result<String> {
     let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: `name` has the IF_NAMESIZE bytes if_indextoname may write.
     let p = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
@@ -306,11 +324,11 @@ fn interface_name(index: u32) -> io::Result<String> {
 
 /// An aya error as an I/O error, with what was being done; a program the
 /// verifier refused says why (the log's last line).
-fn aya_error(what: &str, e: impl std::error::Error) -> io::Error {
+pub(crate) fn aya_error(what: &str, e: impl std::error::Error) -> io::Error {
     io::Error::other(format!("{what}: {e}"))
 }
 
-fn program_error(what: &str, e: ProgramError) -> io::Error {
+pub(crate) fn program_error(what: &str, e: ProgramError) -> io::Error {
     match e {
         ProgramError::LoadError {
             io_error,

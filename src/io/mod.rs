@@ -18,7 +18,10 @@
 //! A peer with `fast_path` also has two BPF programs in the kernel
 //! ([`fastpath`]), on its TUN's egress and its paths' interfaces' ingress,
 //! which carry its cleartext traffic without a thread; the `bfd` thread
-//! steers them with every forwarding snapshot.
+//! steers them with every forwarding snapshot. Paths with `bfd.offload`
+//! have a third on their interfaces' ingress ([`bfd_offload`]), which
+//! takes the repeated control packets of Up sessions and leaves the `bfd`
+//! thread their arrival times in shared memory.
 //!
 //! A reload restarts a peer's lanes when its path set changed (opening
 //! and closing the sockets of added and removed paths in between, and
@@ -30,6 +33,7 @@
 //! plane's counters as state; the `bfd` thread and lanes of each process
 //! wait while the other one runs.
 
+pub mod bfd_offload;
 pub mod clock;
 pub mod control_plane;
 pub mod daemon;

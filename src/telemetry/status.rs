@@ -193,7 +193,12 @@ pub struct BfdStatus {
     pub transitions: u64,
     pub last_change_unix: Option<u64>,
     pub control_tx: u64,
+    /// Control packets received, those the receive offload took included.
     pub control_rx: u64,
+    /// The receive offload takes the session's repeated packets now
+    /// (`bfd.offload`, both ends Up).
+    #[serde(default)]
+    pub offloaded: bool,
 }
 
 impl Status {
@@ -427,6 +432,7 @@ mod tests {
                         last_change_unix: Some(1_790_000_000),
                         control_tx: 10,
                         control_rx: 9,
+                        offloaded: false,
                     },
                     blocked: None,
                     flaps: 2,

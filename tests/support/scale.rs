@@ -32,6 +32,8 @@ pub const METRICS_PORT: u16 = 9787;
 pub struct ScaleLab {
     pub lab: Lab,
     pub peers: usize,
+    /// `bfd.offload` on every path.
+    pub offload: bool,
     /// When the gateways were started.
     pub started: Option<Instant>,
 }
@@ -40,8 +42,14 @@ pub struct ScaleLab {
 /// `l2`'s priority 3 instead of 2 (a reload that touches one peer).
 /// `XL_SCALE_PROBE_MS` sets every peer's quality probe interval (the
 /// default: 10 ms), `XL_SCALE_IDLE_PROBE_MS` its idle probe interval (the
-/// default: none).
-pub fn config_text(lab: &Lab, gw: Gw, peers: usize, changed: Option<usize>) -> String {
+/// default: none); `offload` sets `bfd.offload` (the BFD receive offload).
+pub fn config_text(
+    lab: &Lab,
+    gw: Gw,
+    peers: usize,
+    changed: Option<usize>,
+    offload: bool,
+) -> String {
     let ms = |var: &str, key: &str| {
         std::env::var(var)
             .ok()
@@ -60,7 +68,8 @@ pub fn config_text(lab: &Lab, gw: Gw, peers: usize, changed: Option<usize>) -> S
     let mut t = format!(
         "[gateway]\nname = \"{gw}\"\ncontrol_socket = \"{sock}\"\n\n\
          [metrics]\nlisten = \"127.0.0.1:{METRICS_PORT}\"\n\n\
-         [bfd]\ntx_interval = \"{tx}\"\nrx_interval = \"{rx}\"\nmultiplier = {m}\n",
+         [bfd]\ntx_interval = \"{tx}\"\nrx_interval = \"{rx}\"\nmultiplier = {m}\n\
+         offload = {offload}\n",
         sock = lab.socket_path(gw).display(),
         tx = config_duration(o.tx_interval),
         rx = config_duration(o.rx_interval),
@@ -91,7 +100,21 @@ pub fn config_text(lab: &Lab, gw: Gw, peers: usize, changed: Option<usize>) -> S
 impl ScaleLab {
     /// Builds the lab (namespaces, links, 4 addresses per peer) and writes
     /// the configs; the gateways are started by [`ScaleLab::start`].
+    /// With the BFD receive offload when `XL_SCALE_OFFLOAD=1`.
     pub fn new(tag: &str, bin: &str, peers: usize, interval: Duration, mult: u8) -> ScaleLab {
+        let offload = std::env::var("XL_SCALE_OFFLOAD").is_ok_and(|v| v == "1");
+        ScaleLab::with_offload(tag, bin, peers, interval, mult, offload)
+    }
+
+    /// The same, with `bfd.offload` as given.
+    pub fn with_offload(
+        tag: &str,
+        bin: &str,
+        peers: usize,
+        interval: Duration,
+        mult: u8,
+        offload: bool,
+    ) -> ScaleLab {
         assert!(peers <= MAX_PEERS);
         let mut opts = LabOptions::new(tag, bin);
         opts.tx_interval = interval;
@@ -109,7 +132,7 @@ impl ScaleLab {
             std::fs::write(&file, batch).expect("write batch");
             lab.ip_in(gw.host(), &["-batch", file.to_str().expect("utf-8 path")])
                 .expect("addresses");
-            let text = config_text(&lab, gw, peers, None);
+            let text = config_text(&lab, gw, peers, None, offload);
             lab.write_config(gw, &text).expect("config");
         }
         // The far gateway's addresses as permanent neighbours: with 2N
@@ -144,6 +167,7 @@ impl ScaleLab {
         ScaleLab {
             lab,
             peers,
+            offload,
             started: None,
         }
     }

@@ -699,6 +699,39 @@ impl Session {
         self.poll_active
     }
 
+    /// Whether `pkt`, which this session just took, is one it would take
+    /// again with no effect but on its detection timer: both ends Up, no
+    /// Poll, Final or Demand bit, no authentication (a keyed packet's
+    /// sequence number moves). Such a packet repeated may be taken by the
+    /// receive offload and reported with [`refresh`](Self::refresh).
+    pub fn takes_repeats_of(&self, pkt: &ControlPacket) -> bool {
+        self.state == State::Up
+            && pkt.state == State::Up
+            && self.remote.state == State::Up
+            && !pkt.poll
+            && !pkt.final_
+            && !pkt.demand
+            && !pkt.auth_present
+            && self.auth.is_none()
+    }
+
+    /// A repeat of the last packet arrived at `at` (the receive offload
+    /// took it): what receiving it would have done, given that the state
+    /// machine stays where it is, which is the time of the last reception.
+    /// Nothing unless both ends are Up and `at` is later than the last
+    /// reception; says whether it moved the detection deadline.
+    pub fn refresh(&mut self, at: Instant) -> bool {
+        let steady = self.state == State::Up
+            && self.remote.state == State::Up
+            && !self.remote.demand
+            && self.auth.is_none();
+        if !steady || self.last_rx.is_none_or(|last| at <= last) {
+            return false;
+        }
+        self.last_rx = Some(at);
+        true
+    }
+
     // ----- internals -----
 
     fn advertised(&self) -> Timers {

@@ -1058,3 +1058,42 @@ fn restored_session_continues_the_auth_sequence() {
     a3.restore(&plain, now);
     assert_eq!(a3.snapshot().auth_seq, Some((5, 0, false)));
 }
+
+/// A steady Up packet is one the offload may take; a Poll, a Final or a
+/// packet while not Up is not. A refresh moves the detection deadline
+/// exactly as receiving the packet again would, and only while both ends
+/// are Up and only forward.
+#[test]
+fn repeats_of_a_steady_packet_refresh_the_detection_time() {
+    let base = Instant::now();
+    let (mut a, _) = up_pair(base);
+    let steady = packet(State::Up, 2, 1);
+    a.handle_packet(&steady, base + MS).expect("accepted");
+    assert!(a.takes_repeats_of(&steady));
+    let mut poll = steady.clone();
+    poll.poll = true;
+    assert!(!a.takes_repeats_of(&poll));
+    let mut fin = steady.clone();
+    fin.final_ = true;
+    assert!(!a.takes_repeats_of(&fin));
+    assert!(!a.takes_repeats_of(&packet(State::Init, 2, 1)));
+
+    let deadline = a.detection_deadline().expect("armed");
+    assert!(a.refresh(base + 9 * MS));
+    assert_eq!(a.detection_deadline(), Some(deadline + 8 * MS));
+    let mut received = a.clone();
+    received
+        .handle_packet(&steady, base + 9 * MS)
+        .expect("accepted");
+    assert_eq!(received.detection_deadline(), a.detection_deadline());
+    // Not backwards, not twice for the same time.
+    assert!(!a.refresh(base + 5 * MS));
+    assert!(!a.refresh(base + 9 * MS));
+    // Once the detection time ran out the session is Down: a late repeat
+    // brings nothing back.
+    let expiry = a.detection_deadline().expect("armed");
+    a.handle_timeout(expiry);
+    assert_eq!(a.state(), State::Down);
+    assert!(!a.refresh(expiry + MS));
+    assert!(!a.takes_repeats_of(&steady));
+}
