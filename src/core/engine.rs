@@ -309,11 +309,6 @@ impl PathCore {
         self.block.map(|b| b.cause)
     }
 
-    /// Whether `bfd.offload` is set (and the offload was not given up).
-    pub fn wants_offload(&self) -> bool {
-        self.offload
-    }
-
     /// Whether the receive offload takes the session's repeats now.
     pub fn is_offloaded(&self) -> bool {
         self.offloaded.is_some()
@@ -893,15 +888,6 @@ impl Engine {
         self.offload_changes.clear();
     }
 
-    /// The paths the offload takes repeats for now.
-    pub fn offloaded(&self) -> impl Iterator<Item = PathId> + '_ {
-        self.paths
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.offloaded.is_some())
-            .map(|(i, _)| PathId(i as u16))
-    }
-
     /// What the receive offload is to take or give back next.
     pub fn poll_offload(&mut self) -> Option<OffloadChange> {
         self.offload_changes.pop_front()
@@ -1250,15 +1236,16 @@ impl Engine {
             // The offload may have taken what came since: ask first, and
             // wait for the answer (a shell that never answers gets one
             // more detection time).
+            let offloaded = path.offloaded.is_some();
             let waited = deadline
                 .and_then(|d| d.checked_add(path.session.detection_time()))
                 .is_some_and(|limit| now >= limit);
-            if path.offloaded.is_some() && path.refresh_asked != deadline {
+            let waiting = offloaded && !path.refresh_answered && !waited;
+            if offloaded && path.refresh_asked != deadline {
                 path.refresh_asked = deadline;
                 path.refresh_answered = false;
                 self.refreshes.push_back(id);
-            } else if path.offloaded.is_some() && !path.refresh_answered && !waited {
-            } else {
+            } else if !waiting {
                 path.session.handle_timeout(now);
                 self.drain_session(id, now);
             }

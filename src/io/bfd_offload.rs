@@ -358,11 +358,16 @@ impl Offload {
 
     /// Takes nothing more for any session (a hand-off, a stop): every
     /// packet goes to the sockets again.
-    pub fn clear(&mut self) {
+    /// Returns, for each session, what [`disarm`](Self::disarm) returns.
+    pub fn clear(&mut self) -> Vec<(PathId, Option<Instant>, u64)> {
         let paths: Vec<PathId> = self.armed.keys().copied().collect();
-        for path in paths {
-            self.disarm(path);
-        }
+        paths
+            .into_iter()
+            .map(|path| {
+                let (last, packets) = self.disarm(path);
+                (path, last, packets)
+            })
+            .collect()
     }
 
     /// The time of the last repeat taken for `path` (`None` before the
@@ -379,11 +384,6 @@ impl Offload {
             ns => instant_of(ns),
         };
         Some((last, new))
-    }
-
-    /// Sessions armed now.
-    pub fn armed(&self) -> usize {
-        self.armed.len()
     }
 
     /// Attaches the program to the interface that holds `local`, unless

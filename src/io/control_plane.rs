@@ -686,13 +686,9 @@ impl BfdThread {
         let Some(offload) = self.offload.as_mut() else {
             return;
         };
-        let ids: Vec<PathId> = self.engine.offloaded().collect();
-        for id in ids {
-            if let Some((last, packets)) = offload.read(id) {
-                self.engine.handle_bfd_refresh(id, last, packets);
-            }
+        for (id, last, packets) in offload.clear() {
+            self.engine.handle_bfd_refresh(id, last, packets);
         }
-        offload.clear();
         self.engine.forget_offload();
     }
 
