@@ -26,6 +26,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use support::{netns_allowed, say, spawn_in, Owned, BIN};
 
+#[path = "support/pcap.rs"]
+mod pcap;
+
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -376,6 +379,141 @@ fn write_forged_down(lab: &Lab, file: &std::path::Path) {
     let mut out = u32::try_from(n).unwrap().to_be_bytes().to_vec();
     out.extend_from_slice(&buf[..n]);
     std::fs::write(file, out).unwrap();
+}
+
+/// With the BFD receive offload on, a second host on path1's subnet
+/// replays gw-a's own control packet, byte for byte, to gw-b. The program
+/// takes only repeats from the session's remote address: each copy goes
+/// to the socket, which drops and counts it (`bfd_wrong_source`), and when
+/// gw-a's real packets stop the copies do not keep the session alive: gw-b
+/// detects path1 down, and brings it back up when they return.
+#[test]
+fn the_receive_offload_does_not_take_a_strangers_copies() {
+    if !netns_allowed("the_receive_offload_does_not_take_a_strangers_copies") {
+        return;
+    }
+    let _serial = serial();
+    let mut opts = LabOptions::new("bado", BIN);
+    // 50 ms x 5, as above: detection at 250 ms on a loaded machine.
+    opts.tx_interval = Duration::from_millis(50);
+    opts.rx_interval = Duration::from_millis(50);
+    opts.multiplier = 5;
+    let mut lab = Lab::new(opts).unwrap();
+    for gw in Gw::ALL {
+        let text = lab.config_text(gw);
+        let on = text.replacen("\n[bfd]\n", "\n[bfd]\noffload = true\n", 1);
+        assert!(
+            on.contains("offload = true"),
+            "the lab's config changed form"
+        );
+        lab.write_config(gw, &on).unwrap();
+    }
+    lab.start_gateways().unwrap();
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    let offloaded = |lab: &Lab| {
+        let s = lab.status(Gw::B).unwrap();
+        lab::path_status(&s, LabPath::Path1).is_some_and(|p| p["bfd"]["offloaded"] == true)
+    };
+    let until = Instant::now() + Duration::from_secs(5);
+    while !offloaded(&lab) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(offloaded(&lab), "gw-b's path1 session not offloaded");
+
+    // gw-a's control packet as it reaches gw-b (tcpdump reads the device
+    // before the program drops the packet).
+    let (a1, b1) = (LabPath::Path1.addr(Gw::A), LabPath::Path1.addr(Gw::B));
+    let pcap_file = lab.dir().join("bfd.pcap");
+    let out = lab
+        .command_in(Host::GwB, "timeout")
+        .args(["10", "tcpdump", "-i", "path1", "-n", "-c", "3", "-w"])
+        .arg(&pcap_file)
+        .arg(format!("udp dst port 3784 and src host {a1}"))
+        .output()
+        .expect("tcpdump");
+    assert!(out.status.success(), "tcpdump: {out:?}");
+    let captured = pcap::read_pcap(&std::fs::read(&pcap_file).unwrap());
+    let packet = captured
+        .last()
+        .expect("a control packet captured")
+        .payload
+        .clone();
+    assert_eq!(packet.len(), 24, "gw-a's control packet: {packet:02x?}");
+    assert_eq!(
+        packet[1] >> 6,
+        State::Up as u8,
+        "not an Up packet: {packet:02x?}"
+    );
+    assert!(
+        captured.iter().all(|c| c.payload == packet),
+        "gw-a's packets are not all the same: {captured:?}"
+    );
+    let copies = lab.dir().join("copies.bin");
+    let mut file = u32::try_from(packet.len()).unwrap().to_be_bytes().to_vec();
+    file.extend_from_slice(&packet);
+    std::fs::write(&copies, file).unwrap();
+    let flood = |count: u64, rate: u64| {
+        let mut cmd = lab.command_in(Host::GwA, BIN);
+        cmd.args(["flood", "send", "--kind", "replay", "--replay"])
+            .arg(&copies)
+            .args(["--from", &format!("{STRANGER}:49152")])
+            .args(["--to", &format!("{b1}:3784"), "--ttl", "255"])
+            .args(["--count", &count.to_string(), "--rate", &rate.to_string()]);
+        let out = lab::run(&mut cmd).unwrap_or_else(|e| panic!("flood: {e}"));
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["sent"].as_u64(), Some(count), "flood: {out}");
+    };
+
+    // The copies alone, while the session runs.
+    let states_before = path_states(&lab, Gw::B);
+    let before = count(&lab, Gw::B, "bfd_wrong_source");
+    flood(400, FLOOD_RATE);
+    std::thread::sleep(Duration::from_millis(300));
+    let counted = count(&lab, Gw::B, "bfd_wrong_source") - before;
+    println!("REPORT offload copies from a stranger: 400 sent, {counted} counted bfd_wrong_source");
+    assert_eq!(
+        counted, 400,
+        "a stranger's copies were taken by the program"
+    );
+    assert_eq!(
+        path_states(&lab, Gw::B),
+        states_before,
+        "a path changed state"
+    );
+    assert!(offloaded(&lab), "the copies disarmed the session");
+
+    // gw-a's real packets stop (its own address only: the stranger's
+    // copies still pass) while the copies come at the session's rate.
+    let table = format!(
+        "table inet xl_lab_forge {{\n chain post {{ type filter hook postrouting priority -300; policy accept; \
+         oifname \"path1\" ip saddr {a1} udp dport 3784 drop; }}\n}}\n"
+    );
+    let before = count(&lab, Gw::B, "bfd_wrong_source");
+    lab.nft_script(Host::GwA, &table).unwrap();
+    let cut = Instant::now();
+    // 100 a second for 2 s: eight detection times.
+    flood(200, 100);
+    let s = lab.status(Gw::B).unwrap();
+    let p1 = lab::path_status(&s, LabPath::Path1)
+        .cloned()
+        .unwrap_or(Value::Null);
+    let down = p1["state"].as_str() != Some("up");
+    let counted = count(&lab, Gw::B, "bfd_wrong_source") - before;
+    println!(
+        "REPORT offload cut under copies: path1 on gw-b {} after {:.0} ms; {counted} copies counted bfd_wrong_source",
+        p1["state"].as_str().unwrap_or("?"),
+        cut.elapsed().as_secs_f64() * 1e3
+    );
+    lab.nft_script(Host::GwA, "delete table inet xl_lab_forge\n")
+        .unwrap();
+    assert!(down, "a stranger's copies kept a dead session up: {p1}");
+    assert_eq!(counted, 200, "copies taken during the cut");
+    assert!(
+        p1["bfd"]["transitions"].as_u64().unwrap_or(0) > states_before[0].2,
+        "no transition on path1: {p1}"
+    );
+    lab.wait_paths_up(Duration::from_secs(15)).unwrap();
+    lab.check_gateways().unwrap();
 }
 
 fn write_key(path: &std::path::Path) {

@@ -257,8 +257,55 @@ fn upgrade_under_traffic_loses_nothing() {
     if !lab::test_gate("upgrade_under_traffic_loses_nothing", &[]) {
         return;
     }
+    upgrade_under_traffic("upg", false);
+}
+
+/// The same with the BFD receive offload on both gateways: the old
+/// process clears its sessions from the shared array at the hand-off, the
+/// new one loads its own program and arms its sessions again, and no
+/// session on either side changes state.
+#[test]
+fn offloaded_upgrade_loses_nothing() {
+    if !lab::test_gate("offloaded_upgrade_loses_nothing", &[]) {
+        return;
+    }
+    upgrade_under_traffic("upgo", true);
+}
+
+/// The lab's config of `gw` with the BFD receive offload on every path.
+fn with_offload(text: &str) -> String {
+    let out = text.replacen("\n[bfd]\n", "\n[bfd]\noffload = true\n", 1);
+    assert!(
+        out.contains("offload = true"),
+        "the lab's config changed form"
+    );
+    out
+}
+
+/// Whether every path of `s` has its session in the offload.
+fn all_offloaded(s: &Value) -> bool {
+    LabPath::ALL
+        .iter()
+        .all(|&p| lab::path_status(s, p).is_some_and(|x| x["bfd"]["offloaded"] == true))
+}
+
+/// Whether `f` holds within `timeout` (tried every 50 ms).
+fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn upgrade_under_traffic(tag: &str, offload: bool) {
     let _serial = serial();
-    let mut lab = Lab::new(LabOptions::new("upg", BIN)).expect("lab");
+    let mut lab = Lab::new(LabOptions::new(tag, BIN)).expect("lab");
     // gw-a with a metrics endpoint, which the upgrades hand over too.
     let with_metrics = lab.config_text(Gw::A).replacen(
         "\n[bfd]",
@@ -269,10 +316,26 @@ fn upgrade_under_traffic_loses_nothing() {
         with_metrics.contains("[metrics]"),
         "the lab's config changed form"
     );
-    lab.write_config(Gw::A, &with_metrics).expect("config");
+    let offloaded = |text: String| if offload { with_offload(&text) } else { text };
+    lab.write_config(Gw::A, &offloaded(with_metrics))
+        .expect("config");
+    lab.write_config(Gw::B, &offloaded(lab.config_text(Gw::B)))
+        .expect("config");
     lab.start_gateways().expect("gateways");
     lab.wait_paths_up(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
+    if offload {
+        for gw in Gw::ALL {
+            let armed = wait_for(Duration::from_secs(5), || {
+                all_offloaded(&lab.poll(gw).expect("status"))
+            });
+            assert!(
+                armed,
+                "{gw}: sessions not offloaded\n{}",
+                lab.log_tail(gw, 30)
+            );
+        }
+    }
     let mut adopted = Adopted::default();
     let mut pids = [
         lab.gateway_pid(Gw::A).expect("gw-a pid"),
@@ -294,9 +357,8 @@ fn upgrade_under_traffic_loses_nothing() {
             let scraped_before = (gw == Gw::A).then(|| scraped_tx(&lab)).flatten();
             if round == 1 && gw == Gw::B {
                 // A change a reload cannot apply.
-                let text = lab
-                    .config_text(gw)
-                    .replace("name = \"gw-b\"", "name = \"gw-b2\"");
+                let text =
+                    offloaded(lab.config_text(gw)).replace("name = \"gw-b\"", "name = \"gw-b2\"");
                 assert!(
                     text.contains("gw-b2"),
                     "the lab's gateway name changed form"
@@ -346,6 +408,14 @@ fn upgrade_under_traffic_loses_nothing() {
             );
             if round == 1 && gw == Gw::B {
                 assert_eq!(after.get("gateway").and_then(Value::as_str), Some("gw-b2"));
+            }
+            if offload {
+                // The new process arms its sessions again.
+                let armed = wait_for(Duration::from_secs(5), || {
+                    all_offloaded(&lab.poll(gw).expect("status"))
+                });
+                assert!(armed, "{gw}: sessions not offloaded after the upgrade");
+                println!("REPORT upgrade offload round={round} gw={gw} rearmed=true");
             }
             if gw == Gw::A {
                 let scraped = scraped_tx(&lab);

@@ -1232,6 +1232,10 @@ impl Engine {
         };
         let id = PathId(i as u16);
         let deadline = path.session.detection_deadline();
+        // Only a detection or a quality verdict can move the peer's
+        // steering deadline; a transmission, the common case, leaves it
+        // be (the peer's deadline is its steering's: a scan of its paths).
+        let mut steering = false;
         if due(deadline) {
             // The offload may have taken what came since: ask first, and
             // wait for the answer (a shell that never answers gets one
@@ -1248,10 +1252,12 @@ impl Engine {
             } else if !waiting {
                 path.session.handle_timeout(now);
                 self.drain_session(id, now);
+                steering = true;
             }
         }
         if due(self.paths[i].quality.poll_timeout()) {
             self.judge(id, now);
+            steering = true;
         }
         // What is still due is a transmission (a detection expiry clears
         // its deadline).
@@ -1259,7 +1265,12 @@ impl Engine {
             self.in_ready[i] = true;
             self.ready_tx.push_back(id);
         }
-        self.reschedule(id);
+        if steering {
+            self.reschedule(id);
+        } else {
+            let at = self.path_deadline(i);
+            self.timers.schedule(timer_key(TimerKey::Path(i)), at);
+        }
     }
 
     fn run_peer_timers(&mut self, pi: usize, now: Instant) {

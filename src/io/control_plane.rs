@@ -34,6 +34,7 @@
 //! Everything else in the engine is left as it was.
 
 use super::bfd_offload::{self, Offload};
+use super::bfd_tx::{Sent, TxQueue};
 use super::fastpath::{self, FastPath};
 use super::lanes::SharedKeys;
 use super::tun::Queue as SyncDevice;
@@ -392,6 +393,10 @@ pub struct Io {
     /// A path asked for the receive offload, which is not loaded (said
     /// once).
     offload_said: bool,
+    /// The control packets' sends, batched (io_uring) when it can.
+    tx_queue: TxQueue,
+    /// Sends completed, waiting to be told to the engine.
+    sent: Vec<Sent>,
 }
 
 /// A wake-up this late, or work this long, is logged: sessions at 10 ms
@@ -495,6 +500,13 @@ impl BfdThread {
             return;
         }
         self.register_rx(&poll);
+        self.io.tx_queue = TxQueue::new();
+        for (i, sock) in self.tx.iter().enumerate() {
+            if let Some(sock) = sock {
+                let fd = sock.sock.as_raw_fd();
+                self.io.tx_queue.set_socket(PathId(i as u16), Some(fd));
+            }
+        }
         let mut batch = sys::RecvBatch::new(RX_BATCH, 512);
         let mut woke = clock::now();
         loop {
@@ -701,23 +713,29 @@ impl BfdThread {
                 continue;
             };
             let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
-            let sent = match out {
-                Ok(t) => sock.send(t.as_bytes(), dst),
+            let data = match &out {
+                Ok(t) => t.as_bytes(),
                 Err(e) => {
                     error!(error = ?e, "BFD emit failed");
                     continue;
                 }
             };
-            match sent {
-                Ok(_) => self.engine.handle_send_ok(id),
-                Err(e) => {
-                    debug!(path = %path.name, error = %e, "BFD send failed");
-                    if udp::is_reachability_error(&e) {
-                        self.engine.handle_send_error(id, now);
-                    }
-                }
+            let queued = sock.connected
+                && self
+                    .io
+                    .tx_queue
+                    .push(id, sock.sock.as_raw_fd(), data, &mut self.io.sent);
+            if !queued {
+                let r = sock.send(data, dst);
+                self.io.sent.push((id, r));
             }
         }
+        self.io.tx_queue.submit(&mut self.io.sent);
+        let mut sent = std::mem::take(&mut self.io.sent);
+        for (id, r) in sent.drain(..) {
+            self.sent(id, r, now);
+        }
+        self.io.sent = sent;
         self.flush_handshakes();
         let mut any = false;
         while let Some(ev) = self.engine.poll_event() {
@@ -759,6 +777,21 @@ impl BfdThread {
             self.quality_exported = Some(now);
             self.export_quality(now);
             self.note_sent();
+        }
+    }
+
+    /// Tells the engine how a control packet's send went.
+    fn sent(&mut self, id: PathId, r: io::Result<usize>, now: Instant) {
+        match r {
+            Ok(_) => self.engine.handle_send_ok(id),
+            Err(e) => {
+                if let Some(path) = self.engine.path(id) {
+                    debug!(path = %path.name, error = %e, "BFD send failed");
+                }
+                if udp::is_reachability_error(&e) {
+                    self.engine.handle_send_error(id, now);
+                }
+            }
         }
     }
 
@@ -1341,6 +1374,7 @@ impl BfdThread {
         for (id, _) in &finals {
             if let Some(slot) = self.tx.get_mut(usize::from(id.0)) {
                 *slot = None;
+                self.io.tx_queue.set_socket(*id, None);
             }
             if let Some(slot) = self.data_tx.get_mut(usize::from(id.0)) {
                 *slot = None;
@@ -1469,7 +1503,9 @@ impl BfdThread {
         self.metrics.add_path(i, &labels, new.counters.clone());
         if let Some(p) = self.engine.path(id) {
             let dst = SocketAddr::new(p.remote.ip(), udp::bfd_port(p.hop));
-            *slot(&mut self.tx, i) = Some(TxSocket::new(new.bfd_tx, dst));
+            let sock = TxSocket::new(new.bfd_tx, dst);
+            self.io.tx_queue.set_socket(id, Some(sock.sock.as_raw_fd()));
+            *slot(&mut self.tx, i) = Some(sock);
         }
         *slot(&mut self.data_tx, i) = Some(new.data_tx);
         *slot(&mut self.counters, i) = Some(new.counters);

@@ -3,8 +3,9 @@
 //!
 //! Threads of a running gateway:
 //! - `bfd`: owns the [`crate::core::engine::Engine`] and every BFD socket; waits
-//!   in `ppoll` for the next control packet or deadline, runs at SCHED_FIFO
-//!   where permitted, and publishes each new forwarding snapshot.
+//!   in `epoll` for the next control packet or deadline, sends what is due
+//!   in one io_uring submission ([`bfd_tx`]), runs at SCHED_FIFO where
+//!   permitted, and publishes each new forwarding snapshot.
 //! - `fwd<n>-<peer>`: lane `n` of the peer ([`lanes::Lane`]; one per
 //!   CPU, at most 4, or `CROSSLINK_LANES`): reads its queue of the peer's
 //!   TUN, places each packet on a path and sends it (see
@@ -34,6 +35,7 @@
 //! wait while the other one runs.
 
 pub mod bfd_offload;
+pub mod bfd_tx;
 pub mod clock;
 pub mod control_plane;
 pub mod daemon;
