@@ -204,6 +204,8 @@ fn systemd_unit_is_complete_and_verifies() {
         "NoNewPrivileges=yes",
         "RuntimeDirectory=crosslink",
         "ExecReload=",
+        // the BFD thread's batched sends
+        "SystemCallFilter=io_uring_setup",
     ] {
         assert!(
             text.contains(needed),
