@@ -272,16 +272,6 @@ fn offloaded_upgrade_loses_nothing() {
     upgrade_under_traffic("upgo", true);
 }
 
-/// The lab's config of `gw` with the BFD receive offload on every path.
-fn with_offload(text: &str) -> String {
-    let out = text.replacen("\n[bfd]\n", "\n[bfd]\noffload = true\n", 1);
-    assert!(
-        out.contains("offload = true"),
-        "the lab's config changed form"
-    );
-    out
-}
-
 /// Whether every path of `s` has its session in the offload.
 fn all_offloaded(s: &Value) -> bool {
     LabPath::ALL
@@ -305,7 +295,9 @@ fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 fn upgrade_under_traffic(tag: &str, offload: bool) {
     let _serial = serial();
-    let mut lab = Lab::new(LabOptions::new(tag, BIN)).expect("lab");
+    let mut opts = LabOptions::new(tag, BIN);
+    opts.bfd_offload = offload;
+    let mut lab = Lab::new(opts).expect("lab");
     // gw-a with a metrics endpoint, which the upgrades hand over too.
     let with_metrics = lab.config_text(Gw::A).replacen(
         "\n[bfd]",
@@ -316,11 +308,7 @@ fn upgrade_under_traffic(tag: &str, offload: bool) {
         with_metrics.contains("[metrics]"),
         "the lab's config changed form"
     );
-    let offloaded = |text: String| if offload { with_offload(&text) } else { text };
-    lab.write_config(Gw::A, &offloaded(with_metrics))
-        .expect("config");
-    lab.write_config(Gw::B, &offloaded(lab.config_text(Gw::B)))
-        .expect("config");
+    lab.write_config(Gw::A, &with_metrics).expect("config");
     lab.start_gateways().expect("gateways");
     lab.wait_paths_up(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.log_tail(Gw::A, 30)));
@@ -357,8 +345,9 @@ fn upgrade_under_traffic(tag: &str, offload: bool) {
             let scraped_before = (gw == Gw::A).then(|| scraped_tx(&lab)).flatten();
             if round == 1 && gw == Gw::B {
                 // A change a reload cannot apply.
-                let text =
-                    offloaded(lab.config_text(gw)).replace("name = \"gw-b\"", "name = \"gw-b2\"");
+                let text = lab
+                    .config_text(gw)
+                    .replace("name = \"gw-b\"", "name = \"gw-b2\"");
                 assert!(
                     text.contains("gw-b2"),
                     "the lab's gateway name changed form"

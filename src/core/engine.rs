@@ -1268,8 +1268,7 @@ impl Engine {
         if steering {
             self.reschedule(id);
         } else {
-            let at = self.path_deadline(i);
-            self.timers.schedule(timer_key(TimerKey::Path(i)), at);
+            self.schedule_path(i);
         }
     }
 
@@ -1303,11 +1302,16 @@ impl Engine {
     /// called after anything that may have moved it.
     fn reschedule(&mut self, id: PathId) {
         let i = usize::from(id.0);
-        let at = self.path_deadline(i);
-        self.timers.schedule(timer_key(TimerKey::Path(i)), at);
+        self.schedule_path(i);
         if let Some(peer) = self.paths.get(i).map(|p| p.peer) {
             self.reschedule_peer(peer);
         }
+    }
+
+    /// The path's own deadline only (its peer's is unchanged).
+    fn schedule_path(&mut self, i: usize) {
+        let at = self.path_deadline(i);
+        self.timers.schedule(timer_key(TimerKey::Path(i)), at);
     }
 
     fn reschedule_peer(&mut self, peer: PeerId) {

@@ -47,8 +47,6 @@ pub struct TxQueue {
     /// The path of each slot's packet, `None` when the slot is free.
     owners: Vec<Option<PathId>>,
     free: Vec<usize>,
-    /// Entries pushed since the last submission.
-    queued: usize,
     /// Each path's socket in the ring's table of registered files, by
     /// [`PathId`] (`true`: registered). A registered socket spares the
     /// kernel a descriptor lookup and reference per send (`fget`: 6 % of
@@ -95,7 +93,6 @@ impl TxQueue {
             bufs: vec![[0; MAX_PACKET]; n],
             owners: vec![None; n],
             free: (0..n).rev().collect(),
-            queued: 0,
             fixed: Vec::new(),
             table,
         }
@@ -143,12 +140,15 @@ impl TxQueue {
     /// it itself. A full submission queue is submitted first, its results
     /// added to `done`.
     pub fn push(&mut self, id: PathId, fd: RawFd, data: &[u8], done: &mut Vec<Sent>) -> bool {
-        if self.ring.is_none() || data.len() > MAX_PACKET {
+        if data.len() > MAX_PACKET {
             return false;
         }
-        if self.queued >= ENTRIES as usize {
+        if self.ring.as_mut().is_some_and(|r| r.submission().is_full()) {
             self.submit(done);
         }
+        let Some(ring) = self.ring.as_mut() else {
+            return false;
+        };
         let Some(slot) = self.free.pop() else {
             return false;
         };
@@ -162,22 +162,16 @@ impl TxQueue {
         .flags(libc::MSG_DONTWAIT)
         .build()
         .user_data(slot as u64);
-        let Some(ring) = self.ring.as_mut() else {
-            self.free.push(slot);
-            return false;
-        };
         // SAFETY: the entry points into `self.bufs[slot]`, which is not
         // written again until the slot comes back to `free`, which only
         // its completion does; `bufs` never grows or moves (its length is
         // fixed in `with_ring`); the queue outlives the ring's operations
         // (`Drop` waits for them).
-        let pushed = unsafe { ring.submission().push(&entry) };
-        if pushed.is_err() {
+        if unsafe { ring.submission().push(&entry) }.is_err() {
             self.free.push(slot);
             return false;
         }
         self.owners[slot] = Some(id);
-        self.queued += 1;
         true
     }
 
@@ -187,12 +181,10 @@ impl TxQueue {
         let Some(ring) = self.ring.as_mut() else {
             return;
         };
-        if self.queued > 0 {
+        if !ring.submission().is_empty() {
             if let Err(e) = ring.submit() {
                 // The entries stay queued; the next submission tries again.
                 warn!(error = %e, "io_uring submission failed");
-            } else {
-                self.queued = ring.submission().len();
             }
         }
         for cqe in ring.completion() {
@@ -215,7 +207,7 @@ impl TxQueue {
 
     /// Sends not completed yet (queued or in the kernel).
     pub fn in_flight(&self) -> usize {
-        self.owners.iter().filter(|o| o.is_some()).count()
+        self.bufs.len() - self.free.len()
     }
 }
 

@@ -500,13 +500,8 @@ impl BfdThread {
             return;
         }
         self.register_rx(&poll);
+        // Before any path: each is registered with it as it is added.
         self.io.tx_queue = TxQueue::new();
-        for (i, sock) in self.tx.iter().enumerate() {
-            if let Some(sock) = sock {
-                let fd = sock.sock.as_raw_fd();
-                self.io.tx_queue.set_socket(PathId(i as u16), Some(fd));
-            }
-        }
         let mut batch = sys::RecvBatch::new(RX_BATCH, 512);
         let mut woke = clock::now();
         loop {
@@ -712,7 +707,6 @@ impl BfdThread {
             let (Some(path), Some(Some(sock))) = (self.engine.path(id), self.tx.get(i)) else {
                 continue;
             };
-            let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
             let data = match &out {
                 Ok(t) => t.as_bytes(),
                 Err(e) => {
@@ -726,6 +720,7 @@ impl BfdThread {
                     .tx_queue
                     .push(id, sock.sock.as_raw_fd(), data, &mut self.io.sent);
             if !queued {
+                let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
                 let r = sock.send(data, dst);
                 self.io.sent.push((id, r));
             }

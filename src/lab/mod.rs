@@ -132,6 +132,9 @@ pub struct LabOptions {
     pub one_gateway_env: Vec<(Gw, String, String)>,
     /// `fast_path = true` on both gateways' peer ([`crate::io::fastpath`]).
     pub fast_path: bool,
+    /// `offload = true` in both gateways' `[bfd]` (the BFD receive offload,
+    /// [`crate::io::bfd_offload`]).
+    pub bfd_offload: bool,
     /// `[peer.sla]` keys for both gateways' peer (TOML lines, e.g.
     /// `hold = "3s"`); empty: the defaults.
     pub sla: Vec<String>,
@@ -161,6 +164,7 @@ impl LabOptions {
             gateway_env: Vec::new(),
             one_gateway_env: Vec::new(),
             fast_path: false,
+            bfd_offload: false,
             sla: Vec::new(),
             policy: Policy::ActiveBackup,
             peer_extra: Vec::new(),

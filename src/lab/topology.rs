@@ -291,11 +291,16 @@ impl Lab {
         let mut text = format!(
             "# crosslink lab: {gw} (written by crosslink::lab)\n\
              [gateway]\nname = \"{gw}\"\ncontrol_socket = \"{sock}\"\n{private}\n\
-             [bfd]\ntx_interval = \"{tx}\"\nrx_interval = \"{rx}\"\nmultiplier = {mult}\n\n\
+             [bfd]\ntx_interval = \"{tx}\"\nrx_interval = \"{rx}\"\nmultiplier = {mult}\n{offload}\n\
              [[peer]]\nname = \"{peer}\"\ntun = \"{tun}\"\ntun_addresses = [\"{tun_addr}\"]\n\
              routes = [\"{route}\"]\npolicy = \"{policy}\"\nrevert_hold = \"{hold}\"\n{key}{public}{fast}",
             policy = o.policy,
             sock = self.socket_path(gw).display(),
+            offload = if o.bfd_offload {
+                "offload = true\n"
+            } else {
+                ""
+            },
             fast = if o.fast_path {
                 "fast_path = true\n"
             } else {
