@@ -11,7 +11,9 @@
 //!   TUN carrier and route metrics;
 //! - IPv6 inner traffic over IPv6 underlay paths (2001:2::/48, RFC 5180);
 //! - the kernel fast path over an IPv4 and an IPv6 underlay, and its
-//!   failover over IPv6.
+//!   failover over IPv6;
+//! - the BFD receive offload over an IPv6 and a mixed underlay: the program
+//!   takes the control packets off the sockets, and a cut is still detected.
 //!
 //! Each measured outage is printed as a `REPORT` line (min/median/max over
 //! `CROSSLINK_RUNS` cuts, default 5). They need root; without it they skip,
@@ -417,6 +419,20 @@ fn two_gateways_with(
     interval: &str,
     peer_extra: &str,
 ) -> Net {
+    two_gateways_full(tag, policy, family, hold, interval, peer_extra, "")
+}
+
+/// [`two_gateways_with`] with `bfd_extra` (config lines) in both
+/// gateways' `[bfd]`.
+fn two_gateways_full(
+    tag: &str,
+    policy: &str,
+    family: Family,
+    hold: &str,
+    interval: &str,
+    peer_extra: &str,
+    bfd_extra: &str,
+) -> Net {
     let mut net = Net::new(tag);
     for r in ["c", "a", "b", "s"] {
         net.add_ns(r);
@@ -454,7 +470,7 @@ fn two_gateways_with(
     ] {
         let mut cfg = format!(
             "[gateway]\nname = \"gw-{me}\"\ncontrol_socket = \"{}\"\n\n\
-             [bfd]\ntx_interval = \"{interval}\"\nrx_interval = \"{interval}\"\nmultiplier = 3\n\n\
+             [bfd]\ntx_interval = \"{interval}\"\nrx_interval = \"{interval}\"\nmultiplier = 3\n{bfd_extra}\n\
              [[peer]]\nname = \"{other}\"\ntun = \"xl-{other}\"\nroutes = [{routes}]\n\
              policy = \"{policy}\"\nrevert_hold = \"{hold}\"\n{peer_extra}",
             net.socket(me).display()
@@ -1121,6 +1137,214 @@ fn ipv6_inner_over_ipv6_underlay_fails_over() {
             *o < 250.0 || (stalled && !strict()),
             "IPv6 outage {o} ms: {report}"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// BFD receive offload over IPv6
+// ---------------------------------------------------------------------------
+
+/// The BFD receive offload (`[bfd] offload = true`) over an IPv6 underlay:
+/// both paths over IPv6, BFD 10 ms x 3. See [`offload_takes_and_detects`].
+#[test]
+fn bfd_offload_over_an_ipv6_underlay() {
+    if !allowed("bfd_offload_over_an_ipv6_underlay", &[]) {
+        return;
+    }
+    let _s = serial();
+    let mut net = offload_lab("bo6", Family::V6);
+    offload_takes_and_detects(&mut net, Family::V6, "path1", "offload, IPv6 underlay");
+}
+
+/// The BFD receive offload with path1 over IPv4 and path2 over IPv6 on
+/// the same peer (one program on each path's interface, each parsing its
+/// own family). See [`offload_takes_and_detects`]; the IPv6 path is cut.
+#[test]
+fn bfd_offload_over_mixed_underlays() {
+    if !allowed("bfd_offload_over_mixed_underlays", &[]) {
+        return;
+    }
+    let _s = serial();
+    let mut net = offload_lab("bom", Family::Mixed);
+    offload_takes_and_detects(&mut net, Family::Mixed, "path2", "offload, mixed underlay");
+}
+
+/// Two gateways ([`two_gateways_full`]), BFD 10 ms x 3 with the receive
+/// offload on both. The data-plane probes, which go to the sockets (a probe
+/// and a reply each way every 10 ms by default: twice the control
+/// packets), run once a second, so that what the kernel still delivers
+/// shows whether the program took the control packets.
+fn offload_lab(tag: &str, family: Family) -> Net {
+    two_gateways_full(
+        tag,
+        "active-backup",
+        family,
+        "200ms",
+        "10ms",
+        "sla = { probe_interval = \"1s\" }\n",
+        "offload = true\n",
+    )
+}
+
+/// What an offload lab ([`offload_lab`]) must show, over either family:
+/// - both gateways log that the offload loaded and attached to each path's
+///   interface, and every session on both is `bfd.offloaded`;
+/// - the program takes the control packets: over 2 s, gw-b's sessions over
+///   each family count at least 150 received (`bfd.control_rx`; 100/s at
+///   10 ms, sent at 75-100 % of the interval), while the kernel delivers
+///   less than a quarter of that many UDP datagrams of that family to
+///   sockets in gw-b's namespace (`Udp6InDatagrams` of /proc/net/snmp6,
+///   `InDatagrams` of the `Udp` line of /proc/net/snmp): what still gets
+///   there is the data-plane probes;
+/// - detection is unchanged: `victim` cut on the wire ([`Net::cut_wire`])
+///   goes down on gw-a within 1 s, its session disarmed, the other path
+///   stays up and offloaded; once mended it comes back up, offloaded again.
+///
+/// Prints the figures, `label` first.
+fn offload_takes_and_detects(net: &mut Net, family: Family, victim: &str, label: &str) {
+    for gw in ["a", "b"] {
+        let log = fs::read_to_string(net.log(gw)).unwrap_or_default();
+        assert!(
+            log.contains("BFD receive offload loaded"),
+            "gw-{gw}: no \"BFD receive offload loaded\":\n{log}"
+        );
+        for p in PATHS {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("BFD receive offload attached")
+                        && l.contains(&format!("interface={p}"))),
+                "gw-{gw}: the offload not attached to {p}:\n{log}"
+            );
+        }
+    }
+    let all_offloaded = |s: &Value| PATHS.iter().all(|p| offloaded(s, p));
+    for gw in ["a", "b"] {
+        net.wait(
+            gw,
+            "every session offloaded",
+            Duration::from_secs(5),
+            all_offloaded,
+        );
+    }
+
+    // What the program takes on gw-b, per family, against what the
+    // kernel still delivers to sockets.
+    let before = (net.status("b").unwrap(), udp_in(net, "b"));
+    std::thread::sleep(Duration::from_secs(2));
+    let after = (net.status("b").unwrap(), udp_in(net, "b"));
+    for (v6, name, kernel) in [
+        (false, "IPv4", after.1 .0.saturating_sub(before.1 .0)),
+        (true, "IPv6", after.1 .1.saturating_sub(before.1 .1)),
+    ] {
+        let paths: Vec<&str> = PATHS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| underlay(family, *i).0.contains(':') == v6)
+            .map(|(_, p)| *p)
+            .collect();
+        if paths.is_empty() {
+            continue;
+        }
+        let counted: u64 = paths
+            .iter()
+            .map(|p| control_rx(&after.0, p).saturating_sub(control_rx(&before.0, p)))
+            .sum();
+        say(&format!(
+            "{label}: gw-b over {name} ({paths:?}) in 2 s: bfd.control_rx +{counted}, \
+             kernel UDP datagrams delivered +{kernel}"
+        ));
+        assert!(
+            counted >= 150 * paths.len() as u64,
+            "{name}: gw-b counted only +{counted} control packets on {paths:?}: {}",
+            after.0
+        );
+        assert!(
+            kernel * 4 < counted,
+            "{name}: the kernel delivered +{kernel} UDP datagrams in gw-b for +{counted} \
+             control packets counted: the program does not take them"
+        );
+    }
+
+    // Detection with the offload: the victim cut on the wire.
+    let other = PATHS.iter().copied().find(|p| *p != victim).unwrap();
+    let cut = Instant::now();
+    net.cut_wire(victim);
+    let down = net.wait("a", "cut path down", Duration::from_secs(1), |s| {
+        path_field(s, victim, "state") != "up"
+    });
+    say(&format!(
+        "{label}: {victim} cut on the wire, down on gw-a after {} ms",
+        down.duration_since(cut).as_millis()
+    ));
+    net.wait("b", "cut path down", Duration::from_secs(3), |s| {
+        path_field(s, victim, "state") != "up"
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for gw in ["a", "b"] {
+        let s = net.status(gw).unwrap();
+        assert!(
+            path_field(&s, victim, "state") != "up" && !offloaded(&s, victim),
+            "gw-{gw}: {victim} should be down and disarmed while cut: {s}"
+        );
+        let stalled = spurious_flaps(net, 1);
+        assert!(
+            (path_field(&s, other, "state") == "up" && offloaded(&s, other))
+                || (stalled && !strict()),
+            "gw-{gw}: {other} should stay up and offloaded: {s}"
+        );
+    }
+    net.mend_wire(victim);
+    for gw in ["a", "b"] {
+        net.wait(gw, "mended path up", Duration::from_secs(10), |s| {
+            path_field(s, victim, "state") == "up"
+        });
+        net.wait(
+            gw,
+            "every session offloaded again",
+            Duration::from_secs(5),
+            all_offloaded,
+        );
+    }
+    say(&format!(
+        "{label}: {victim} mended, up and offloaded again on both gateways after {} ms",
+        cut.elapsed().as_millis()
+    ));
+}
+
+/// Whether `path`'s session is in the receive offload now.
+fn offloaded(s: &Value, path: &str) -> bool {
+    path_json(s, 0, path)["bfd"]["offloaded"] == true
+}
+
+fn control_rx(s: &Value, path: &str) -> u64 {
+    path_json(s, 0, path)["bfd"]["control_rx"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// UDP datagrams the kernel delivered to sockets in `role`'s namespace:
+/// IPv4 (`InDatagrams` of /proc/net/snmp's `Udp` lines) and IPv6
+/// (`Udp6InDatagrams` of /proc/net/snmp6).
+fn udp_in(net: &Net, role: &str) -> (u64, u64) {
+    let out = net.sh(role, "cat /proc/net/snmp; echo; cat /proc/net/snmp6");
+    let udp: Vec<&str> = out.lines().filter(|l| l.starts_with("Udp: ")).collect();
+    let v4 = match udp.as_slice() {
+        [names, values] => names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "InDatagrams")
+            .and_then(|(_, v)| v.parse().ok()),
+        _ => None,
+    };
+    let v6 = out.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next() == Some("Udp6InDatagrams"))
+            .then(|| f.next().and_then(|v| v.parse().ok()))
+            .flatten()
+    });
+    match (v4, v6) {
+        (Some(v4), Some(v6)) => (v4, v6),
+        _ => panic!("no UDP receive counters in {role}: {out}"),
     }
 }
 
