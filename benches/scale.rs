@@ -10,8 +10,9 @@
 //! * the worst transmit gap of any session (`max_tx_gap_us` of the status,
 //!   measured by the BFD thread while the session is Up), beside the worst
 //!   wake-up lateness of a reference SCHED_FIFO thread sleeping 1 ms at a
-//!   time in the bench (`lab::ReferenceTimer`, as the soak bench reports:
-//!   what the host allowed at best);
+//!   time in the bench (`lab::ReferenceTimer`, one per CPU, as the soak
+//!   bench reports: what the host allowed at best), and the time the
+//!   hypervisor took from each CPU in the window (steal, /proc/stat);
 //! * false downs: BFD failures (Up -> Down that is not administrative) of
 //!   any session since start, and during the window (no fault is injected),
 //!   and the BFD packets each gateway's kernel dropped for a full receive
@@ -28,8 +29,11 @@
 //!   session may fail.
 //!
 //! Usage (root): `cargo bench --bench scale -- --peers 50,200 [--secs 30]
-//! [--interval-ms 10] [--bin PATH]` (`--bin` runs another crosslink binary,
-//! e.g. an older build, for comparison; `XL_SCALE_OFFLOAD=1` turns on the
+//! [--interval-ms 10] [--bin PATH] [--bin-b PATH]` (`--bin` runs another
+//! crosslink binary, e.g. an older build, for comparison; `--bin-b` runs
+//! that one on gw-b only, so that two builds share one run and the same
+//! host conditions: with veths each gateway's BFD thread also pays the
+//! other's receive, the same program on both; `XL_SCALE_OFFLOAD=1` turns on the
 //! BFD receive offload, `bfd.offload`). Not root: says why and exits 0.
 //! Under `cargo test --all-targets` (no `--bench` argument) it does nothing.
 
@@ -45,6 +49,7 @@ struct Args {
     secs: u64,
     interval: Duration,
     bin: String,
+    bin_b: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -53,6 +58,7 @@ fn parse_args() -> Args {
         secs: 30,
         interval: Duration::from_millis(10),
         bin: env!("CARGO_BIN_EXE_crosslink").to_string(),
+        bin_b: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -69,6 +75,7 @@ fn parse_args() -> Args {
                 }
             }
             "--bin" => a.bin = it.next().unwrap_or(a.bin),
+            "--bin-b" => a.bin_b = it.next(),
             _ => {}
         }
     }
@@ -97,7 +104,14 @@ fn wait_log(
 
 fn run_one(n: usize, args: &Args) {
     let ms = args.interval.as_millis();
-    let mut s = ScaleLab::new("scale", &args.bin, n, args.interval, 3);
+    let mut s = ScaleLab::pair(
+        "scale",
+        &args.bin,
+        args.bin_b.as_deref(),
+        n,
+        args.interval,
+        3,
+    );
     s.start();
     let up = match s.wait_all_up(Duration::from_secs(60 + n as u64 / 5)) {
         Ok(d) => d.as_secs_f64(),
@@ -118,10 +132,16 @@ fn run_one(n: usize, args: &Args) {
     let cpu0: Vec<Option<f64>> = (0..pids.len()).map(cpu).collect();
     let all0: Vec<Option<f64>> = (0..pids.len()).map(all).collect();
     let timer = crosslink::lab::ReferenceTimer::start();
+    let steal0 = crosslink::lab::steal_ms();
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(args.secs));
     let host_stalls = timer.stalls();
     let (host_worst, _) = timer.stop();
+    let steal: Vec<u64> = crosslink::lab::steal_ms()
+        .iter()
+        .zip(&steal0)
+        .map(|(b, a)| b.saturating_sub(*a))
+        .collect();
     let cpu1: Vec<Option<f64>> = (0..pids.len()).map(cpu).collect();
     let all1: Vec<Option<f64>> = (0..pids.len()).map(all).collect();
     let window = t0.elapsed().as_secs_f64();
@@ -239,7 +259,8 @@ fn run_one(n: usize, args: &Args) {
          all up after {up:.2}s; BFD thread CPU over {window:.0}s: gw-a {ca} gw-b {cb} \
          (whole process: {pa}, {pb}); threads {threads:?}; RSS {rss:?}\n  \
          worst tx gap {gap:.1} ms; false downs: {downs_total} since start, {downs_window} in the window; \
-         host: worst wake-up lateness {host_ms:.1} ms, {host_stalls} over {stall_ms} ms; \
+         host: worst wake-up lateness {host_ms:.1} ms, {host_stalls} over {stall_ms} ms, \
+         steal {steal:?} ms per CPU; \
          BFD receive buffer drops since start {overflow:?}\n  \
          status (socket) {status_ms:.1} ms, `crosslink status` {table_ms:.1} ms, /metrics scrape {scrape_ms:.1} ms ({scrape_kb} KB)\n  \
          reload of one peer: applied after {reload}, {moved} sessions of gw-a changed state, failures {reload_downs}\n  \
@@ -249,7 +270,10 @@ fn run_one(n: usize, args: &Args) {
         last = n - 1,
         reload_downs = brief(&reload_downs),
         others = brief(&others),
-        bin = args.bin,
+        bin = match &args.bin_b {
+            Some(b) => format!("gw-a {}, gw-b {b}", args.bin),
+            None => args.bin.clone(),
+        },
         ca = cpu_pct.first().map_or("?", String::as_str),
         cb = cpu_pct.get(1).map_or("?", String::as_str),
         pa = all_pct.first().map_or("?", String::as_str),

@@ -1130,7 +1130,11 @@ fn ipv6_inner_over_ipv6_underlay_fails_over() {
     );
     report_line("bfd_10ms_x3_blackhole_ipv6", &outages, "ipv6");
     eprintln!("probe report: {report}");
-    assert!(num(&report, "received") > 2000.0 * 3.0, "{report}");
+    // About 1450 received per cut (0.7 s at 2000/s).
+    assert!(
+        num(&report, "received") > 1200.0 * runs() as f64,
+        "{report}"
+    );
     let stalled = spurious_flaps(&net, runs() as u64);
     for o in &outages {
         assert!(

@@ -110,6 +110,9 @@ pub struct LabOptions {
     pub tag: String,
     /// The crosslink binary (gateways, `status`, and the traffic probe).
     pub binary: PathBuf,
+    /// gw-b's binary when it is another build than `binary`: two builds
+    /// compared side by side in one run, under the same host conditions.
+    pub binary_b: Option<PathBuf>,
     /// Route gw-a -> gw-b over path1 in the kernel instead of running crosslink.
     pub kernel_only: bool,
     pub tx_interval: Duration,
@@ -153,6 +156,7 @@ impl LabOptions {
         LabOptions {
             tag: tag.to_string(),
             binary: binary.into(),
+            binary_b: None,
             kernel_only: false,
             tx_interval: Duration::from_millis(10),
             rx_interval: Duration::from_millis(10),

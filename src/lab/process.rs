@@ -238,7 +238,11 @@ impl Lab {
         let err_log = log
             .try_clone()
             .map_err(io_err("duplicating the log file"))?;
-        let mut cmd = self.command_in(gw.host(), &self.opts.binary);
+        let binary = match (gw, &self.opts.binary_b) {
+            (Gw::B, Some(b)) => b,
+            _ => &self.opts.binary,
+        };
+        let mut cmd = self.command_in(gw.host(), binary);
         cmd.envs(self.opts.gateway_env.iter().map(|(k, v)| (k, v)));
         cmd.envs(
             self.opts
@@ -254,10 +258,9 @@ impl Lab {
             .stdout(log)
             .stderr(err_log);
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().map_err(io_err(format!(
-            "starting {gw} ({})",
-            self.opts.binary.display()
-        )))?;
+        let child = cmd
+            .spawn()
+            .map_err(io_err(format!("starting {gw} ({})", binary.display())))?;
         self.gateways.push((gw, child));
         Ok(())
     }

@@ -158,18 +158,23 @@ pub fn vm_rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// A reference for the platform's timer punctuality: a thread at SCHED_FIFO
-/// priority 50 (like crosslink's BFD thread) sleeping 1 ms at a time and
-/// recording how late it wakes. What it sees is what the kernel, the
-/// hypervisor and the neighbours allow at best; a BFD timeout during a
-/// lateness near the detection time is the host's, not crosslink's.
+/// A reference for the platform's timer punctuality: one thread pinned to
+/// each CPU the process may use, at SCHED_FIFO priority 51 (just above
+/// crosslink's BFD thread, so that it measures the host and not the BFD
+/// threads it shares the CPU with), sleeping 1 ms at a time and recording
+/// how late it wakes. What it sees is what the kernel, the hypervisor and
+/// the neighbours allow at best; a BFD timeout during a lateness near the
+/// detection time is the host's, not crosslink's. One thread per CPU: a
+/// hypervisor that stops one virtual CPU for tens of milliseconds (steal
+/// time) stalls the BFD thread running there, which one unpinned thread on
+/// the other CPU would not see.
 pub struct ReferenceTimer {
     stop: Arc<AtomicBool>,
     worst_us: Arc<AtomicU64>,
     window_us: Arc<AtomicU64>,
     /// Wake-ups later than [`ReferenceTimer::STALL`].
     stalls: Arc<AtomicU64>,
-    handle: Option<JoinHandle<bool>>,
+    handles: Vec<JoinHandle<bool>>,
 }
 
 impl ReferenceTimer {
@@ -182,56 +187,80 @@ impl ReferenceTimer {
         let worst_us = Arc::new(AtomicU64::new(0));
         let window_us = Arc::new(AtomicU64::new(0));
         let stalls = Arc::new(AtomicU64::new(0));
-        let (s, w, win) = (stop.clone(), worst_us.clone(), window_us.clone());
-        let st = stalls.clone();
-        let handle = std::thread::spawn(move || {
-            let fifo = crate::io::sys::set_realtime_priority(50).is_ok();
-            let step = Duration::from_millis(1);
-            while !s.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                std::thread::sleep(step);
-                let late = t.elapsed().saturating_sub(step).as_micros() as u64;
-                w.fetch_max(late, Ordering::Relaxed);
-                win.fetch_max(late, Ordering::Relaxed);
-                if late >= Self::STALL.as_micros() as u64 {
-                    st.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            fifo
-        });
+        let mut cpus: Vec<Option<usize>> = crate::io::sys::allowed_cpus()
+            .into_iter()
+            .map(Some)
+            .collect();
+        if cpus.is_empty() {
+            cpus.push(None);
+        }
+        let handles = cpus
+            .into_iter()
+            .map(|cpu| {
+                let (s, w, win) = (stop.clone(), worst_us.clone(), window_us.clone());
+                let st = stalls.clone();
+                std::thread::spawn(move || {
+                    let pinned = cpu.is_none_or(|c| crate::io::sys::pin_to_cpu(c).is_ok());
+                    let fifo = crate::io::sys::set_realtime_priority(51).is_ok();
+                    let step = Duration::from_millis(1);
+                    while !s.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        std::thread::sleep(step);
+                        let late = t.elapsed().saturating_sub(step).as_micros() as u64;
+                        w.fetch_max(late, Ordering::Relaxed);
+                        win.fetch_max(late, Ordering::Relaxed);
+                        if late >= Self::STALL.as_micros() as u64 {
+                            st.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    fifo && pinned
+                })
+            })
+            .collect();
         ReferenceTimer {
             stop,
             worst_us,
             window_us,
             stalls,
-            handle: Some(handle),
+            handles,
         }
     }
 
-    /// Wake-ups so far later than [`ReferenceTimer::STALL`].
+    /// Wake-ups so far later than [`ReferenceTimer::STALL`], on any CPU.
     pub fn stalls(&self) -> u64 {
         self.stalls.load(Ordering::Relaxed)
     }
 
-    /// The worst lateness since the last call (or the start).
+    /// The worst lateness on any CPU since the last call (or the start).
     pub fn take_window(&self) -> Duration {
         Duration::from_micros(self.window_us.swap(0, Ordering::Relaxed))
     }
 
-    /// Stops the thread: the worst lateness of the whole run, and whether
-    /// real-time priority was granted.
+    /// Stops the threads: the worst lateness of the whole run on any CPU,
+    /// and whether every thread got its CPU and real-time priority.
     pub fn stop(mut self) -> (Duration, bool) {
         self.stop.store(true, Ordering::Relaxed);
-        let fifo = self
-            .handle
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or(false);
+        let granted = self
+            .handles
+            .drain(..)
+            .all(|h| h.join().ok().unwrap_or(false));
         (
             Duration::from_micros(self.worst_us.load(Ordering::Relaxed)),
-            fifo,
+            granted,
         )
     }
+}
+
+/// Time the hypervisor gave no CPU to this machine's CPUs (steal, from
+/// /proc/stat), each CPU's, in milliseconds since boot; compare two reads.
+pub fn steal_ms() -> Vec<u64> {
+    // USER_HZ, the unit of /proc/stat, is 100 on Linux.
+    let text = fs::read_to_string("/proc/stat").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .filter_map(|l| l.split_whitespace().nth(8)?.parse::<u64>().ok())
+        .map(|ticks| ticks * 10)
+        .collect()
 }
 
 impl Drop for ReferenceTimer {

@@ -102,8 +102,23 @@ impl ScaleLab {
     /// the configs; the gateways are started by [`ScaleLab::start`].
     /// With the BFD receive offload when `XL_SCALE_OFFLOAD=1`.
     pub fn new(tag: &str, bin: &str, peers: usize, interval: Duration, mult: u8) -> ScaleLab {
+        ScaleLab::pair(tag, bin, None, peers, interval, mult)
+    }
+
+    /// The same with gw-b running `bin_b` when given (two builds side by
+    /// side).
+    pub fn pair(
+        tag: &str,
+        bin: &str,
+        bin_b: Option<&str>,
+        peers: usize,
+        interval: Duration,
+        mult: u8,
+    ) -> ScaleLab {
         let offload = std::env::var("XL_SCALE_OFFLOAD").is_ok_and(|v| v == "1");
-        ScaleLab::with_offload(tag, bin, peers, interval, mult, offload)
+        let mut opts = LabOptions::new(tag, bin);
+        opts.binary_b = bin_b.map(Into::into);
+        ScaleLab::build(opts, peers, interval, mult, offload)
     }
 
     /// The same, with `bfd.offload` as given.
@@ -115,8 +130,17 @@ impl ScaleLab {
         mult: u8,
         offload: bool,
     ) -> ScaleLab {
+        ScaleLab::build(LabOptions::new(tag, bin), peers, interval, mult, offload)
+    }
+
+    fn build(
+        mut opts: LabOptions,
+        peers: usize,
+        interval: Duration,
+        mult: u8,
+        offload: bool,
+    ) -> ScaleLab {
         assert!(peers <= MAX_PEERS);
-        let mut opts = LabOptions::new(tag, bin);
         opts.tx_interval = interval;
         opts.rx_interval = interval;
         opts.multiplier = mult;
