@@ -655,14 +655,8 @@ fn raw_role() {
 /// The server namespace's TCP checksum error count (`InCsumErrors`).
 fn tcp_checksum_errors(lab: &Lab) -> u64 {
     let snmp = lab::run(lab.command_in(Host::Server, "cat").arg("/proc/net/snmp")).unwrap();
-    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "InCsumErrors")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap()
+    lab::snmp_counter(&snmp, "Tcp", "InCsumErrors")
+        .unwrap_or_else(|| panic!("no Tcp InCsumErrors in /proc/net/snmp: {snmp}"))
 }
 
 /// A TCP segment damaged before it reaches crosslink stays damaged: the far

@@ -491,15 +491,8 @@ fn ping_size(lab: &Lab, host: Host, to: Ipv4Addr, ip_size: u16) -> bool {
 /// /proc/net/snmp): tells where a dropped ping was lost.
 fn in_echos(lab: &Lab, host: Host) -> u64 {
     let snmp = lab.sh_in(host, "cat /proc/net/snmp").unwrap();
-    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
-    let (Some(names), Some(values)) = (icmp.next(), icmp.next()) else {
-        panic!("no Icmp lines in /proc/net/snmp: {snmp}");
-    };
-    let at = names
-        .split_whitespace()
-        .position(|n| n == "InEchos")
-        .unwrap();
-    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+    lab::snmp_counter(&snmp, "Icmp", "InEchos")
+        .unwrap_or_else(|| panic!("no Icmp InEchos in /proc/net/snmp: {snmp}"))
 }
 
 #[test]

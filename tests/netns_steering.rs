@@ -1331,15 +1331,7 @@ fn control_rx(s: &Value, path: &str) -> u64 {
 /// (`Udp6InDatagrams` of /proc/net/snmp6).
 fn udp_in(net: &Net, role: &str) -> (u64, u64) {
     let out = net.sh(role, "cat /proc/net/snmp; echo; cat /proc/net/snmp6");
-    let udp: Vec<&str> = out.lines().filter(|l| l.starts_with("Udp: ")).collect();
-    let v4 = match udp.as_slice() {
-        [names, values] => names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .find(|(n, _)| *n == "InDatagrams")
-            .and_then(|(_, v)| v.parse().ok()),
-        _ => None,
-    };
+    let v4 = lab::snmp_counter(&out, "Udp", "InDatagrams");
     let v6 = out.lines().find_map(|l| {
         let mut f = l.split_whitespace();
         (f.next() == Some("Udp6InDatagrams"))

@@ -158,6 +158,19 @@ pub fn vm_rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A counter of /proc/net/snmp's text (`group` `Udp`, `name`
+/// `InDatagrams`): each group is a line of names and a line of values.
+pub fn snmp_counter(snmp: &str, group: &str, name: &str) -> Option<u64> {
+    let prefix = format!("{group}: ");
+    let mut lines = snmp.lines().filter(|l| l.starts_with(&prefix));
+    let (names, values) = (lines.next()?, lines.next()?);
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
 /// A reference for the platform's timer punctuality: one thread pinned to
 /// each CPU the process may use, at SCHED_FIFO priority 51 (just above
 /// crosslink's BFD thread, so that it measures the host and not the BFD
@@ -386,5 +399,20 @@ impl Lab {
             client: Some(client),
             server,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snmp_counter_reads_a_group_s_value_by_name() {
+        let snmp = "Icmp: InMsgs InErrors InEchos\nIcmp: 7 0 5\n\
+                    Udp: InDatagrams NoPorts\nUdp: 1234 2\n";
+        assert_eq!(snmp_counter(snmp, "Udp", "InDatagrams"), Some(1234));
+        assert_eq!(snmp_counter(snmp, "Icmp", "InEchos"), Some(5));
+        assert_eq!(snmp_counter(snmp, "Udp", "InEchos"), None);
+        assert_eq!(snmp_counter(snmp, "Tcp", "InSegs"), None);
     }
 }

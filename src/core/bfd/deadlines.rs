@@ -68,6 +68,11 @@ fn set(bits: &mut [u64; WORDS], slot: usize, on: bool) {
     }
 }
 
+/// The wheel's slot of a tick.
+fn slot_of(tick: u64) -> usize {
+    (tick % SLOTS as u64) as usize
+}
+
 /// Where an entry is.
 #[derive(Clone, Copy)]
 enum Source {
@@ -119,7 +124,7 @@ impl Deadlines {
         if self.slots.is_empty() {
             self.slots.resize_with(SLOTS, Vec::new);
         }
-        let slot = (tick % SLOTS as u64) as usize;
+        let slot = slot_of(tick);
         self.slots[slot].push((at, key));
         set(&mut self.occupied, slot, true);
         self.in_wheel += 1;
@@ -130,7 +135,7 @@ impl Deadlines {
         if self.in_wheel == 0 {
             return None;
         }
-        let start = (self.cursor % SLOTS as u64) as usize;
+        let start = slot_of(self.cursor);
         let (word, shift) = (start / 64, start % 64);
         // The start's word from the start on, the other words in turn,
         // then the start's word before the start.
@@ -153,7 +158,7 @@ impl Deadlines {
     }
 
     fn slot(&self, tick: u64) -> &Vec<(Instant, usize)> {
-        &self.slots[(tick % SLOTS as u64) as usize]
+        &self.slots[slot_of(tick)]
     }
 
     /// The earliest entry, live or stale, and where it is. Every entry of
@@ -178,7 +183,7 @@ impl Deadlines {
         match source {
             Source::Far => self.far.pop().map(|r| r.0),
             Source::Wheel(tick, i) => {
-                let slot = (tick % SLOTS as u64) as usize;
+                let slot = slot_of(tick);
                 let list = &mut self.slots[slot];
                 let e = (i < list.len()).then(|| list.swap_remove(i))?;
                 self.in_wheel -= 1;
