@@ -58,6 +58,12 @@ pub const CONGESTION_MEMORY: Duration =
 /// stalls (the far end's or ours) holds back every probe in flight, but
 /// they all come back at once when it resumes: no span, no congestion.
 pub const QUEUE_CONFIRM: Duration = Duration::from_millis(100);
+/// How long probes must keep coming back above the base round trip by a
+/// queue, with none of our data on the path, before the base is taken to
+/// have risen (a route that got longer): without it the path would read as
+/// queueing under our data for as long as the old base is remembered (ten
+/// seconds), and its estimate could only fall or stand still meanwhile.
+pub const BASE_MOVED: Duration = Duration::from_millis(200);
 /// The model's queue of a path never holds more than this much time.
 const MAX_BACKLOG: f64 = 0.5;
 /// A path is *loaded* while it carries at least this share of its
@@ -256,6 +262,10 @@ pub struct Estimator {
     queued_at: Option<Instant>,
     /// When the first probe of the present run of queued probes came back.
     queue_from: Option<Instant>,
+    /// The present run of probes that came back above the base with none of
+    /// our data on the path: when its first came back, and its lowest round
+    /// trip ([`BASE_MOVED`]).
+    idle_high: Option<(Instant, Duration)>,
     /// When the path was last seen loaded ([`LOADED`]).
     loaded_at: Option<Instant>,
     /// When a loss was last confirmed while the path was loaded.
@@ -281,6 +291,7 @@ impl Estimator {
             rtt_min: None,
             queued_at: None,
             queue_from: None,
+            idle_high: None,
             loaded_at: None,
             load_lost_at: None,
             sick: false,
@@ -369,6 +380,22 @@ impl Estimator {
             self.rtt_min = Some((d.rtt, d.at));
         }
         let queue = |m: Duration| d.rtt > m + (m / 2).max(Duration::from_millis(5));
+        // Probes that come back late while none of our data is on the path
+        // see no queue of ours: after BASE_MOVED of them the path's own
+        // delay has risen (a longer route): the base is the lowest of them.
+        let idle = self.last.is_some_and(|l| d.sent_packets == l.sent_packets);
+        match (idle, self.rtt_min) {
+            (true, Some((m, _))) if queue(m) => {
+                let (from, low) = *self.idle_high.get_or_insert((d.at, d.rtt));
+                let low = low.min(d.rtt);
+                self.idle_high = Some((from, low));
+                if d.at.saturating_duration_since(from) >= BASE_MOVED {
+                    self.rtt_min = Some((low, d.at));
+                    self.idle_high = None;
+                }
+            }
+            _ => self.idle_high = None,
+        }
         if let (Some(last), Some((m, _))) = (self.last, self.rtt_min) {
             if d.sent_packets > last.sent_packets && queue(m) {
                 let from = *self.queue_from.get_or_insert(d.at);

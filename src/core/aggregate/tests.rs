@@ -373,3 +373,56 @@ fn loss_that_goes_on_once_the_load_backed_off_is_the_paths_own() {
     assert!(!congested[by], "still congested at report {by}: {on:?}");
     assert!(congested[by..].iter().all(|&c| !c));
 }
+
+#[test]
+fn a_longer_route_seen_without_our_data_moves_the_base() {
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 1));
+    e.handle(delivery(t + PROBE, 0, 0, 0, 1));
+    assert_eq!(e.base_rtt(), Some(Duration::from_millis(1)));
+    // The route gets longer: 50 ms, still no data of ours.
+    let mut at = t + PROBE;
+    let mut k = 0;
+    while at < t + PROBE * 2 + BASE_MOVED {
+        at += PROBE;
+        k += 1;
+        // One probe of the run a little quicker: the lowest is the base.
+        let rtt = if k == 3 { 49 } else { 50 };
+        e.handle(delivery(at, 0, 0, 0, rtt));
+    }
+    assert_eq!(e.base_rtt(), Some(Duration::from_millis(49)));
+    // Data at the new delay is no queue: a path that carries nearly its
+    // estimate grows rather than being read at what it delivered.
+    let mut n = 0;
+    let start = e.rate();
+    for _ in 0..30 {
+        at += PROBE;
+        n += 1_250;
+        e.handle(delivery(at, n, n, n, 50));
+        assert!(!e.congested(at));
+    }
+    assert!(e.rate() > start, "{} <= {start}", e.rate());
+}
+
+#[test]
+fn a_queue_under_our_data_does_not_move_the_base() {
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 1));
+    // 500 ms of probes behind a 40 ms queue, data going out all along.
+    let mut n = 0;
+    for i in 1..=50 {
+        n += 1_000;
+        e.handle(delivery(t + PROBE * i, n, n, n, 40));
+    }
+    assert_eq!(e.base_rtt(), Some(Duration::from_millis(1)));
+    assert!(e.congested(t + PROBE * 50));
+    // Idle, but for less than BASE_MOVED: the base stays.
+    let mut at = t + PROBE * 50;
+    while at + PROBE < t + PROBE * 50 + BASE_MOVED {
+        at += PROBE;
+        e.handle(delivery(at, n, n, n, 30));
+    }
+    assert_eq!(e.base_rtt(), Some(Duration::from_millis(1)));
+}
