@@ -386,12 +386,14 @@ impl Estimator {
         let idle = self.last.is_some_and(|l| d.sent_packets == l.sent_packets);
         match (idle, self.rtt_min) {
             (true, Some((m, _))) if queue(m) => {
-                let (from, low) = *self.idle_high.get_or_insert((d.at, d.rtt));
-                let low = low.min(d.rtt);
-                self.idle_high = Some((from, low));
+                let (from, low) = self
+                    .idle_high
+                    .map_or((d.at, d.rtt), |(from, low)| (from, low.min(d.rtt)));
                 if d.at.saturating_duration_since(from) >= BASE_MOVED {
                     self.rtt_min = Some((low, d.at));
                     self.idle_high = None;
+                } else {
+                    self.idle_high = Some((from, low));
                 }
             }
             _ => self.idle_high = None,

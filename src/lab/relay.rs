@@ -1,5 +1,5 @@
 //! `crosslink relay`: a delaying relay for the lab (a hidden subcommand), and
-//! [`Lab::delay`], which puts one on a path of gateway A.
+//! [`Lab::delay`], which puts one on a path, at the receiving gateway.
 //!
 //! The kernel has no netem here, so delay is made in userspace: an iptables
 //! rule in the *receiving* gateway's namespace hands a path's packets to an
@@ -544,7 +544,7 @@ pub fn queue_number(path: LabPath, direction: Direction) -> u16 {
 
 /// The gateway whose namespace holds a direction's rule and relay: the
 /// receiving one (see the module docs).
-pub fn relay_host(direction: Direction) -> Host {
+fn relay_host(direction: Direction) -> Host {
     match direction {
         Direction::AToB => Host::GwB,
         Direction::BToA => Host::GwA,
@@ -629,8 +629,8 @@ impl Lab {
     /// Delays `path`'s packets going `direction` by `delay`, varied by up to
     /// `jitter` either way, without reordering them: starts a relay for that
     /// path and direction on the receiving gateway (`crosslink relay`, see
-    /// the module docs) and queues the packets to it, or changes the running relay's
-    /// settings at once, losing nothing (a latency step). [`Lab::heal`]
+    /// the module docs) and queues the packets to it, or changes the running
+    /// relay's settings at once, losing nothing (a latency step). [`Lab::heal`]
     /// removes it; [`Lab::blackhole`] and the other nftables faults combine
     /// with it. Refused in a fast-path lab, whose packets pass netfilter by.
     pub fn delay(
@@ -673,11 +673,7 @@ impl Lab {
         let mut relay = self.start_relay(path, direction, delay, jitter)?;
         // Check it answers before traffic is queued to it.
         relay.ask(&settings)?;
-        let mut args = vec!["-w".to_string(), "-t".into(), "mangle".into(), "-A".into()];
-        args.extend(rule(path, direction));
-        run(self
-            .command_in(relay_host(direction), "iptables")
-            .args(&args))?;
+        self.queue_rule("-A", path, direction)?;
         relays.push(relay);
         Ok(())
     }
@@ -801,12 +797,7 @@ impl Lab {
         };
         let mut result = Ok(());
         for mut relay in mine {
-            let mut args = vec!["-w".to_string(), "-t".into(), "mangle".into(), "-D".into()];
-            args.extend(rule(relay.path, relay.direction));
-            if let Err(e) = run(self
-                .command_in(relay_host(relay.direction), "iptables")
-                .args(&args))
-            {
+            if let Err(e) = self.queue_rule("-D", relay.path, relay.direction) {
                 if result.is_ok() {
                     result = Err(e);
                 }
@@ -814,6 +805,17 @@ impl Lab {
             relay.shut();
         }
         result
+    }
+
+    /// Adds (`-A`) or deletes (`-D`) the rule that queues `path`'s packets
+    /// going `direction` to its relay.
+    fn queue_rule(&self, op: &str, path: LabPath, direction: Direction) -> Result<()> {
+        let mut args = vec!["-w".to_string(), "-t".into(), "mangle".into(), op.into()];
+        args.extend(rule(path, direction));
+        run(self
+            .command_in(relay_host(direction), "iptables")
+            .args(&args))
+        .map(drop)
     }
 
     /// Stops every relay (the namespace's removal takes the rules).
