@@ -8,7 +8,7 @@
 //! at the default rate and learn from the probes' reports every 10 ms, as
 //! the engine does.
 
-use crosslink::core::aggregate::{reorder_wait, Board, Delivery, Estimator, Scheduler};
+use crosslink::core::aggregate::{offsets, reorder_wait, Board, Delivery, Estimator, Scheduler};
 use crosslink::core::reorder::{Offer, Resequencer};
 use crosslink::core::rng::Rng;
 use crosslink::PathId;
@@ -202,7 +202,6 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
                 }
                 let queueing = p.free_at.saturating_duration_since(now);
                 let rtt = Duration::from_millis(2 * p.spec.delay_ms) + queueing;
-                rtts.push(rtt);
                 p.estimator.handle(Delivery {
                     at: now,
                     received: p.delivered,
@@ -213,6 +212,9 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
                     lost: None,
                     lag: Duration::from_millis(50),
                 });
+                if let (Some(base), Some(d)) = (p.estimator.base_rtt(), p.estimator.delay()) {
+                    rtts.push((base, d * 2));
+                }
                 let bp = &board.paths[i];
                 bp.rate.store(p.estimator.rate(), Ordering::Relaxed);
                 bp.delay_ns.store(
@@ -221,6 +223,24 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
                 );
             }
             reseq.set_wait(reorder_wait(&rtts));
+            // As the engine publishes them: the working paths' offsets, which
+            // the scheduler reads from the board and the receiver holds.
+            let bases: Vec<(PathId, Option<Duration>)> = sim
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let dead = p.spec.dies_at.is_some_and(|d| now >= t0 + d + DETECTION);
+                    let base = (!dead).then(|| p.estimator.base_rtt()).flatten();
+                    (PathId(i as u16), base)
+                })
+                .collect();
+            let offs = offsets(&bases);
+            for (id, d) in &offs {
+                if let Some(bp) = board.path(*id) {
+                    bp.offset_ns.store(d.as_nanos() as u64, Ordering::Relaxed);
+                }
+            }
+            reseq.set_offsets(offs);
             continue;
         }
         // Send the next packet.

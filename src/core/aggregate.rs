@@ -7,11 +7,12 @@
 //! (or each super-packet, whose segments stay together: one UDP GSO send)
 //! which path gets it there first: the *earliest expected arrival* over
 //! the paths, each path modelled as a queue that drains at the path's
-//! estimated rate behind its one-way delay. A faster path takes more, a
-//! path with a longer delay is used only when the others' queues are
-//! longer than the difference, and a path that has just failed is out of
-//! the set at the next snapshot (BFD, carrier, send errors and quality all
-//! publish one).
+//! estimated rate behind its one-way delay and its [`offsets`] (the
+//! receiver holds a shorter path's packets by the difference to the
+//! longest, so only the queues tell the paths apart), no queue past
+//! [`QUEUE_BUDGET`] while another path's is within it. A faster path takes
+//! more, and a path that has just failed is out of the set at the next
+//! snapshot (BFD, carrier, send errors and quality all publish one).
 //!
 //! Each path's rate is learned by its [`Estimator`] from the path-quality
 //! probes' reports (what the far end received, every probe interval):
@@ -70,7 +71,8 @@ const MAX_BACKLOG: f64 = 0.5;
 /// estimate (the share at which the estimate grows), as it stood in the
 /// last period that lost nothing: heavy loss cuts the estimate to what
 /// got through, and a sick path must not read as loaded by the load it
-/// still carries after that.
+/// still carries after that. A probe that comes back behind a queue while
+/// our data is on the path marks it loaded too.
 pub const LOADED: f64 = 0.7;
 /// How long after the path was last loaded a loss confirmed by its
 /// quality may still be the load's, beyond the time path quality takes to
@@ -85,6 +87,9 @@ pub struct BoardPath {
     pub rate: AtomicU64,
     /// Estimated one-way delay, nanoseconds.
     pub delay_ns: AtomicU64,
+    /// How long the receiver holds this path's packets so that they come
+    /// out as late as the longest path's ([`offsets`]), nanoseconds.
+    pub offset_ns: AtomicU64,
     /// Packets (super-packets count once) the lanes sent on it.
     pub picked: AtomicU64,
 }
@@ -108,6 +113,7 @@ impl Board {
                     id,
                     rate: AtomicU64::new(rate.unwrap_or(DEFAULT_RATE)),
                     delay_ns: AtomicU64::new(0),
+                    offset_ns: AtomicU64::new(0),
                     picked: AtomicU64::new(0),
                 })
                 .collect(),
@@ -133,6 +139,15 @@ pub fn nanos(d: Duration) -> u64 {
 /// there this much sooner: runs of packets on one path, fewer of them
 /// ahead of a gap at the receiver (each one held there is copied).
 pub const STICK: Duration = Duration::from_millis(1);
+
+/// The most queue the model lets build on a path while another path's
+/// queue is within it: past it the packet goes to the path that gets it
+/// there first among those still within, even if that path's delay is
+/// longer (the receiver puts the packets back in order). Earliest arrival
+/// alone would fill a short path's queue up to the delay difference before
+/// it used a longer path, and a bottleneck that buffers less than that
+/// (a shaper, a policer) drops what the model thinks is only queued.
+pub const QUEUE_BUDGET: Duration = Duration::from_millis(5);
 
 /// A sending lane's model of each path's queue.
 #[derive(Clone, Debug, Default)]
@@ -164,14 +179,24 @@ impl Scheduler {
         len: usize,
         now: Instant,
     ) -> Option<PathId> {
+        // The earliest arrival among the paths whose queue is within the
+        // budget; when every queue is over it, the shortest queue (so that
+        // the queues grow together, and none overflows while another has
+        // room).
         let mut best: Option<(f64, usize, PathId, f64)> = None;
+        let mut best_any: Option<(f64, usize, PathId, f64)> = None;
         let mut stay: Option<(f64, usize, PathId, f64)> = None;
+        let budget = QUEUE_BUDGET.as_secs_f64();
         for id in eligible {
             let Some(p) = board.path(id) else {
                 continue;
             };
             let rate = p.rate.load(Ordering::Relaxed).max(MIN_RATE) as f64;
-            let delay = p.delay_ns.load(Ordering::Relaxed) as f64 / 1e9;
+            // The receiver holds a shorter path's packets by the difference
+            // of the base delays: only the queues tell the paths apart.
+            let delay = (p.delay_ns.load(Ordering::Relaxed) + p.offset_ns.load(Ordering::Relaxed))
+                as f64
+                / 1e9;
             let q = match self.queues.iter().position(|q| q.id == id) {
                 Some(q) => q,
                 None => {
@@ -190,14 +215,22 @@ impl Scheduler {
             queue.backlog = (queue.backlog - drained).clamp(0.0, rate * MAX_BACKLOG);
             queue.at = now;
             let arrival = delay + (queue.backlog + len as f64) / rate;
-            if best.is_none_or(|(b, _, _, _)| arrival < b) {
+            let queued = queue.backlog / rate;
+            let within = queued <= budget;
+            if best_any.is_none_or(|(b, _, _, _)| queued < b) {
+                best_any = Some((queued, q, id, rate));
+            }
+            if within && best.is_none_or(|(b, _, _, _)| arrival < b) {
                 best = Some((arrival, q, id, rate));
             }
-            if self.last == Some(id) {
+            if self.last == Some(id) && within {
                 stay = Some((arrival, q, id, rate));
             }
         }
-        let best = best?;
+        if best.is_none() {
+            stay = None;
+        }
+        let best = best.or(best_any)?;
         let (_, q, id, _) = match stay {
             Some(s) if s.0 <= best.0 + STICK.as_secs_f64() => s,
             _ => best,
@@ -278,6 +311,8 @@ pub struct Estimator {
     /// The last period's sending rate over the rate that makes the path
     /// loaded (1.0 and above: loaded).
     load: f64,
+    /// The most any probe of the present period stood above the base.
+    period_queue: Duration,
 }
 
 impl Estimator {
@@ -297,6 +332,7 @@ impl Estimator {
             sick: false,
             clean_rate: ceiling.unwrap_or(DEFAULT_RATE),
             load: 0.0,
+            period_queue: Duration::ZERO,
         }
     }
 
@@ -351,11 +387,10 @@ impl Estimator {
         self.rtt_min.map(|(m, _)| m)
     }
 
-    /// Whether `rtt` stands above the base round trip by a queue (half the
-    /// base, at least 5 ms: the rule that marks [`Estimator::congested`]).
+    /// Whether `rtt` stands above the base round trip by a queue (more
+    /// than [`queue_margin`]: the rule that marks [`Estimator::congested`]).
     pub fn queued(&self, rtt: Duration) -> bool {
-        self.base_rtt()
-            .is_some_and(|m| rtt > m + (m / 2).max(Duration::from_millis(5)))
+        self.base_rtt().is_some_and(|m| rtt > m + queue_margin(m))
     }
 
     /// Forgets the period in progress (the path went down: its counts
@@ -379,13 +414,16 @@ impl Estimator {
         if stale || self.rtt_min.is_none_or(|(m, _)| d.rtt <= m) {
             self.rtt_min = Some((d.rtt, d.at));
         }
-        let queue = |m: Duration| d.rtt > m + (m / 2).max(Duration::from_millis(5));
+        let queue = |m: Duration| d.rtt > m + queue_margin(m);
+        if let Some((m, _)) = self.rtt_min {
+            self.period_queue = self.period_queue.max(d.rtt.saturating_sub(m));
+        }
         // Probes that come back late while none of our data is on the path
         // see no queue of ours: after BASE_MOVED of them the path's own
         // delay has risen (a longer route): the base is the lowest of them.
         let idle = self.last.is_some_and(|l| d.sent_packets == l.sent_packets);
         match (idle, self.rtt_min) {
-            (true, Some((m, _))) if queue(m) => {
+            (true, Some((m, _))) if d.rtt > m + BASE_SLACK => {
                 let (from, low) = self
                     .idle_high
                     .map_or((d.at, d.rtt), |(from, low)| (from, low.min(d.rtt)));
@@ -400,6 +438,10 @@ impl Estimator {
         }
         if let (Some(last), Some((m, _))) = (self.last, self.rtt_min) {
             if d.sent_packets > last.sent_packets && queue(m) {
+                // A queue under our data: the path is loaded, whatever the
+                // estimate says (one that overshot reads the load as light,
+                // and what the queue then drops as a sick path's loss).
+                self.loaded_at = Some(d.at);
                 let from = *self.queue_from.get_or_insert(d.at);
                 if d.at.saturating_duration_since(from) >= QUEUE_CONFIRM {
                     self.queued_at = Some(d.at);
@@ -446,6 +488,7 @@ impl Estimator {
             return None;
         }
         self.start = Some(d);
+        let period_queue = std::mem::take(&mut self.period_queue);
         let sent = d.seq_high.saturating_sub(start.seq_high);
         let (delivered, lost) = match (d.lost, start.lost) {
             (Some(now), Some(then)) => {
@@ -494,12 +537,23 @@ impl Estimator {
         if (lossy || queued) && ours {
             // What got through is the capacity, but never less than half
             // the estimate in one period: a queue that drains slowly after
-            // the load moved away must not spiral the estimate down.
+            // the load moved away must not spiral the estimate down. A
+            // queue alone never raises it: what the far end counts in a
+            // period behind a queue includes what queued before it (heavy
+            // loss, a policer's, reads as what got through).
             let floor = self.rate / 2;
-            self.rate = (delivered_rate as u64).max(floor).clamp(MIN_RATE, ceiling);
+            let got = delivered_rate as u64;
+            let got = if lossy { got } else { got.min(self.rate) };
+            self.rate = got.max(floor).clamp(MIN_RATE, ceiling);
             return Some(Revision::Congested);
         }
-        if sent_rate >= 0.7 * self.rate as f64 && self.rate < ceiling {
+        // A path grows only while no probe of the period stood behind a
+        // queue: an estimate below the path's rate leaves the real queue
+        // shorter than the model's, one at the rate or past it does not,
+        // and growing that one would fill the path's buffer before the
+        // queue confirms.
+        if sent_rate >= 0.7 * self.rate as f64 && self.rate < ceiling && period_queue <= GROW_QUEUE
+        {
             self.rate = (self.rate.saturating_add(self.rate / 4)).clamp(MIN_RATE, ceiling);
             return Some(Revision::Grown);
         }
@@ -507,14 +561,64 @@ impl Estimator {
     }
 }
 
-/// The automatic reordering wait for paths with these round trips: half
-/// the spread of the round trips (the one-way delay difference) plus
-/// [`WAIT_MARGIN`], within [`MIN_WAIT`]..=[`MAX_WAIT`].
-pub fn reorder_wait(rtts: &[Duration]) -> Duration {
-    let (Some(lo), Some(hi)) = (rtts.iter().min(), rtts.iter().max()) else {
+/// How far above the base round trip a probe must come back to read as a
+/// queue: 5 ms (a descheduled thread, a host's jitter), and a tenth of the
+/// base (a long path's own jitter). Less than the buffer of most
+/// bottlenecks, so a queue shows before the buffer overflows.
+pub fn queue_margin(base: Duration) -> Duration {
+    Duration::from_millis(5) + base / 10
+}
+
+/// The most queue a probe may stand behind in a period whose load grows
+/// the estimate (a host's jitter).
+pub const GROW_QUEUE: Duration = Duration::from_millis(3);
+
+/// How far above the base round trip the probes of a path that carries
+/// none of our data must keep coming back for [`BASE_MOVED`] before the
+/// base rises to them.
+pub const BASE_SLACK: Duration = Duration::from_millis(1);
+
+/// How long the receiver holds each path's packets, from the paths' base
+/// round trips (`None`: not measured yet, no hold): half the difference
+/// between the longest base and the path's (the one-way difference, the
+/// paths taken as symmetric), at most [`MAX_WAIT`], none under
+/// [`MIN_OFFSET`]. Every packet of the peer then comes out as late as over
+/// the longest path (see
+/// [`crate::core::reorder::Resequencer::set_offsets`]).
+pub fn offsets(bases: &[(PathId, Option<Duration>)]) -> Vec<(PathId, Duration)> {
+    let longest = bases.iter().filter_map(|(_, b)| *b).max();
+    bases
+        .iter()
+        .map(|&(id, b)| {
+            let d = match (longest, b) {
+                (Some(l), Some(b)) => ((l - b) / 2).min(MAX_WAIT),
+                _ => Duration::ZERO,
+            };
+            (id, if d < MIN_OFFSET { Duration::ZERO } else { d })
+        })
+        .collect()
+}
+
+/// The smallest offset: paths whose one-way delays differ by less are
+/// taken as equal (their packets are not held for it; the resequencer
+/// puts what they reorder back in order, and holding every packet of the
+/// shorter one would cost a copy each for nothing a flow would notice).
+pub const MIN_OFFSET: Duration = Duration::from_millis(1);
+
+/// The automatic reordering wait for paths with these round trips (each
+/// path's base and smoothed round trip): the spread of the paths' one-way
+/// delays plus [`WAIT_MARGIN`], within [`MIN_WAIT`]..=[`MAX_WAIT`]. A
+/// path's one-way delay is half its base (the paths taken as symmetric)
+/// plus all of its queue (the smoothed round trip over the base): the
+/// queue stands in the direction our data goes, not half in each.
+pub fn reorder_wait(rtts: &[(Duration, Duration)]) -> Duration {
+    let one_way = rtts
+        .iter()
+        .map(|&(base, smoothed)| base / 2 + smoothed.saturating_sub(base));
+    let (Some(lo), Some(hi)) = (one_way.clone().min(), one_way.max()) else {
         return MIN_WAIT;
     };
-    ((*hi - *lo) / 2 + WAIT_MARGIN).clamp(MIN_WAIT, MAX_WAIT)
+    (hi - lo + WAIT_MARGIN).clamp(MIN_WAIT, MAX_WAIT)
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ use crate::config::{
     BfdAuthType, BfdConfig, Config, FecConfig, FecMode, Hop, PathConfig, PeerConfig, Policy,
     SlaConfig,
 };
-use crate::core::aggregate::{nanos, reorder_wait, Board, Delivery, Estimator};
+use crate::core::aggregate::{nanos, offsets, reorder_wait, Board, Delivery, Estimator};
 use crate::core::bfd::{Auth, Deadlines, KeyError, Session, SessionConfig, SessionEvent, Transmit};
 use crate::core::drop::DropReason;
 use crate::core::fec::{auto_code, Code};
@@ -520,8 +520,31 @@ impl Engine {
                 bp.delay_ns.store(nanos(d), Ordering::Relaxed);
             }
         }
+        self.publish_offsets(peer, &board);
         if let Some(core) = self.peers.get_mut(usize::from(peer.0)) {
             core.steering.set_board(board);
+        }
+    }
+
+    /// Publishes how long the receiving lanes hold each of the peer's
+    /// paths' packets ([`crate::core::aggregate::offsets`]), from its
+    /// working paths' base round trips.
+    fn publish_offsets(&self, peer: PeerId, board: &Board) {
+        let Some(core) = self.peers.get(usize::from(peer.0)) else {
+            return;
+        };
+        let bases: Vec<(PathId, Option<Duration>)> = core
+            .paths
+            .iter()
+            .filter_map(|&id| {
+                let p = self.paths.get(usize::from(id.0))?;
+                Some((id, p.is_healthy().then(|| p.estimate.base_rtt()).flatten()))
+            })
+            .collect();
+        for (id, d) in offsets(&bases) {
+            if let Some(bp) = board.path(id) {
+                bp.offset_ns.store(nanos(d), Ordering::Relaxed);
+            }
         }
     }
 
@@ -534,12 +557,15 @@ impl Engine {
         if let Some(w) = core.reorder_wait {
             return w;
         }
-        let rtts: Vec<Duration> = core
+        let rtts: Vec<(Duration, Duration)> = core
             .paths
             .iter()
             .filter_map(|&id| self.paths.get(usize::from(id.0)))
             .filter(|p| p.is_healthy())
-            .filter_map(|p| p.estimate.delay().map(|d| d * 2))
+            .filter_map(|p| {
+                let smoothed = p.estimate.delay()? * 2;
+                Some((p.estimate.base_rtt().unwrap_or(smoothed), smoothed))
+            })
             .collect();
         reorder_wait(&rtts)
     }
@@ -1056,6 +1082,7 @@ impl Engine {
                 bp.delay_ns.store(delay.map_or(0, nanos), Ordering::Relaxed);
             }
             board.wait_ns.store(nanos(wait), Ordering::Relaxed);
+            self.publish_offsets(peer, board);
         }
         self.judge(id, now);
         self.decide_fec(peer, now);

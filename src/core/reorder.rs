@@ -13,15 +13,19 @@
 //! packets of one flow are in one stream). For each stream:
 //!
 //! - a packet with the next expected number is delivered at once, and so
-//!   are the held packets that follow it without a gap;
+//!   are the held packets that follow it without a gap, once their path's
+//!   *offset* has run (see [`Resequencer::set_offsets`]: the shorter paths'
+//!   packets wait out the difference to the longest one's delay, and a
+//!   packet never passes one before it);
 //! - a packet ahead of a gap is *held* (copied: the receive buffer is
 //!   reused) until the gap fills;
 //! - a gap is given up, and what is held behind it delivered, as soon as
-//!   it cannot fill any more: every path that carried the stream recently
-//!   has delivered a later packet (a path keeps its own packets in order,
-//!   so the missing one was lost; a path this gateway no longer uses, down
-//!   or demoted, does not count: see [`Resequencer::set_live`]), or the
-//!   oldest held packet has waited
+//!   it cannot fill any more: every path in use has delivered a later
+//!   packet (a path keeps its own packets in order, so the missing one was
+//!   lost; a path this gateway no longer uses, down or demoted, does not
+//!   count, and one that has not carried the stream yet does: see
+//!   [`Resequencer::set_live`]; with no paths known, those that carried the
+//!   stream within [`PATH_QUIET`]), or the oldest held packet has waited
 //!   `wait` (a bound derived from the paths' delay difference, see
 //!   [`crate::core::aggregate::reorder_wait`]), or the held packets reach
 //!   [`MAX_HELD`] packets or [`MAX_HELD_BYTES`];
@@ -52,7 +56,8 @@ pub const MAX_BOOST: Duration = Duration::from_millis(50);
 /// The growth of the wait halves each time this passes without a late packet.
 pub const BOOST_HALF_LIFE: Duration = Duration::from_secs(1);
 
-/// A path that delivered nothing of a stream for this long no longer
+/// With the paths in use not known ([`Resequencer::set_live`] not called),
+/// a path that delivered nothing of a stream for this long no longer
 /// counts when deciding that a gap is lost.
 pub const PATH_QUIET: Duration = Duration::from_millis(100);
 
@@ -77,6 +82,9 @@ pub struct Held {
     pub checksum_ok: bool,
     /// When it arrived.
     pub at: Instant,
+    /// When it may go out: its arrival plus its path's offset (see
+    /// [`Resequencer::set_offsets`]).
+    pub due: Instant,
 }
 
 /// Counters, since start.
@@ -127,6 +135,12 @@ pub struct Resequencer {
     timed_out_at: Option<Instant>,
     /// The paths in use (`None`: all); a gap never waits for another.
     live: Option<Vec<PathId>>,
+    /// How long each path's packets are held after they arrive, so that
+    /// every path's packets come out as late as the longest path's.
+    offsets: Vec<(PathId, Duration)>,
+    /// In-order packets whose offset has not run out, oldest first (their
+    /// `due` times never decrease: a packet waits behind those before it).
+    delayed: VecDeque<Held>,
     stats: ReorderStats,
 }
 
@@ -143,6 +157,8 @@ impl Resequencer {
             boost_at: None,
             timed_out_at: None,
             live: None,
+            offsets: Vec::new(),
+            delayed: VecDeque::new(),
             stats: ReorderStats::default(),
         }
     }
@@ -150,6 +166,57 @@ impl Resequencer {
     /// How long a gap may hold packets back.
     pub fn set_wait(&mut self, wait: Duration) {
         self.wait = wait;
+    }
+
+    /// How long each path's packets are held once in order: the difference
+    /// between the longest path's one-way delay and theirs (see
+    /// [`crate::core::aggregate::offsets`]). A flow then sees one delay
+    /// whichever paths carry it, the longest path's, from its first packet:
+    /// TCP's slow start, which ends when the round trip rises (HyStart), is
+    /// not cut short when the sender starts to use a longer path, and the
+    /// flow's window grows to the sum of the paths' capacity. A path not
+    /// named has none.
+    pub fn set_offsets<I>(&mut self, offsets: I)
+    where
+        I: IntoIterator<Item = (PathId, Duration)>,
+    {
+        self.offsets.clear();
+        self.offsets
+            .extend(offsets.into_iter().filter(|(_, d)| !d.is_zero()));
+    }
+
+    fn offset(&self, path: PathId) -> Duration {
+        self.offsets
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map_or(Duration::ZERO, |(_, d)| *d)
+    }
+
+    /// Puts an in-order packet (its own buffer) where it goes out: ready
+    /// now, or behind the delayed ones until its due time.
+    fn forward(&mut self, h: Held, now: Instant) {
+        Out {
+            ready: &mut self.ready,
+            delayed: &mut self.delayed,
+            held: &mut self.held,
+            held_bytes: &mut self.held_bytes,
+        }
+        .forward(h, now);
+    }
+
+    /// Moves the delayed packets whose time has come to `ready`; with
+    /// `all`, every one (no room left).
+    fn flush_delayed(&mut self, now: Instant, all: bool) {
+        while let Some(h) = self.delayed.front() {
+            if !all && h.due > now {
+                break;
+            }
+            if let Some(h) = self.delayed.pop_front() {
+                self.held -= 1;
+                self.held_bytes -= h.data.len();
+                self.ready.push(h);
+            }
+        }
     }
 
     /// The paths that carry the peer's traffic now (BFD Up, not demoted):
@@ -203,6 +270,11 @@ impl Resequencer {
         checksum_ok: bool,
         now: Instant,
     ) -> Offer {
+        let offset = self.offset(path);
+        if self.held >= MAX_HELD || self.held_bytes + packet.len() > MAX_HELD_BYTES {
+            // No room: what is only delayed goes out first.
+            self.flush_delayed(now, true);
+        }
         let i = self.stream(instance, seq, now);
         let Some(s) = self.streams.get_mut(i) else {
             return Offer::Late;
@@ -226,14 +298,30 @@ impl Resequencer {
             s.next = s.next.wrapping_add(1);
             // The (empty) slot of the number just delivered.
             s.held.pop_front();
-            Offer::Deliver
+            if self.delayed.is_empty() && offset.is_zero() {
+                Offer::Deliver
+            } else {
+                // Its path's offset, or packets delayed before it: copied
+                // and delayed.
+                let mut data = self.spare.pop().unwrap_or_default();
+                data.clear();
+                data.extend_from_slice(packet);
+                let h = Held {
+                    data,
+                    checksum_ok,
+                    at: now,
+                    due: now + offset,
+                };
+                self.forward(h, now);
+                Offer::Held
+            }
         } else {
             let k = ahead as usize;
             let full = self.held >= MAX_HELD || self.held_bytes + packet.len() > MAX_HELD_BYTES;
             if k >= MAX_HELD || full {
                 // Too far ahead, or no room: give up the oldest gap (or
                 // everything before `seq`) and try again.
-                self.make_room(i, seq, k < MAX_HELD);
+                self.make_room(i, seq, k < MAX_HELD, now);
                 return self.offer(instance, seq, path, packet, checksum_ok, now);
             }
             if s.held.len() <= k {
@@ -252,6 +340,7 @@ impl Resequencer {
                         data,
                         checksum_ok,
                         at: now,
+                        due: now + offset,
                     });
                 }
                 None => return Offer::Late,
@@ -285,14 +374,21 @@ impl Resequencer {
         }
     }
 
-    /// When a gap is next given up for its wait.
+    /// When a gap is next given up for its wait, or a delayed packet is
+    /// due.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let wait = self.wait();
-        self.streams
+        let gap = self
+            .streams
             .iter()
             .filter_map(|s| s.since)
             .min()
-            .map(|t| t + wait)
+            .map(|t| t + wait);
+        let due = self.delayed.front().map(|h| h.due);
+        match (gap, due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// A late packet: if a gap was given up for its wait lately, the wait
@@ -333,11 +429,12 @@ impl Resequencer {
                 .and_then(|s| s.since)
                 .is_some_and(|t| now.saturating_duration_since(t) >= wait)
             {
-                self.skip_gap(i);
+                self.skip_gap(i, now);
                 self.timed_out_at = Some(now);
             }
             self.settle(i, now);
         }
+        self.flush_delayed(now, false);
     }
 
     /// The stream for `instance` (a new one starts at `seq`).
@@ -349,7 +446,7 @@ impl Resequencer {
             // Forget the least recently used stream, delivering what it held.
             if let Some(old) = (0..self.streams.len()).min_by_key(|&i| self.streams[i].last) {
                 while self.streams.get(old).is_some_and(|s| s.count > 0) {
-                    self.skip_gap(old);
+                    self.skip_gap(old, now);
                 }
                 self.streams.swap_remove(old);
             }
@@ -370,7 +467,7 @@ impl Resequencer {
     /// more (every recent path is past them).
     fn settle(&mut self, i: usize, now: Instant) {
         loop {
-            self.release(i);
+            self.release(i, now);
             let Some(s) = self.streams.get(i) else {
                 return;
             };
@@ -378,36 +475,55 @@ impl Resequencer {
                 return;
             }
             let next = s.next;
-            let mut any = false;
-            let mut all_past = true;
-            for (path, high, at) in &s.paths {
-                let live = self.live.as_ref().is_none_or(|l| l.contains(path));
-                if live && now.saturating_duration_since(*at) < PATH_QUIET {
-                    any = true;
-                    all_past &= serial_ahead(*high, next) > 0;
+            let past = |path: &PathId| {
+                s.paths
+                    .iter()
+                    .any(|(p, high, _)| p == path && serial_ahead(*high, next) > 0)
+            };
+            let gone = match &self.live {
+                // Every path in use must be past the gap, including one that
+                // has not carried this stream yet, or not lately: the sender
+                // spreads a flow onto a longer path only once the shorter
+                // one is loaded, and the first packets it sends there come
+                // after later-numbered ones on the shorter path.
+                Some(live) => !live.is_empty() && live.iter().all(past),
+                // Paths not known: those that carried the stream lately.
+                None => {
+                    let mut recent = s
+                        .paths
+                        .iter()
+                        .filter(|(_, _, at)| now.saturating_duration_since(*at) < PATH_QUIET)
+                        .peekable();
+                    recent.peek().is_some() && recent.all(|(p, _, _)| past(p))
                 }
-            }
-            if !(any && all_past) {
+            };
+            if !gone {
                 return;
             }
-            self.skip_gap(i);
+            self.skip_gap(i, now);
         }
     }
 
     /// Moves the stream's in-order held packets to `ready` (`held[0]` is
     /// the packet numbered `next`).
-    fn release(&mut self, i: usize) {
+    fn release(&mut self, i: usize, now: Instant) {
         let Some(s) = self.streams.get_mut(i) else {
             return;
+        };
+        let mut out = Out {
+            ready: &mut self.ready,
+            delayed: &mut self.delayed,
+            held: &mut self.held,
+            held_bytes: &mut self.held_bytes,
         };
         while let Some(Some(_)) = s.held.front() {
             if let Some(Some(h)) = s.held.pop_front() {
                 s.next = s.next.wrapping_add(1);
                 s.count -= 1;
-                self.held -= 1;
-                self.held_bytes -= h.data.len();
+                *out.held -= 1;
+                *out.held_bytes -= h.data.len();
                 self.stats.reordered += 1;
-                self.ready.push(h);
+                out.forward(h, now);
             }
         }
         s.since = s.held.iter().flatten().map(|h| h.at).next();
@@ -418,7 +534,7 @@ impl Resequencer {
 
     /// Gives up the missing packets before the stream's first held one,
     /// and delivers what is then in order.
-    fn skip_gap(&mut self, i: usize) {
+    fn skip_gap(&mut self, i: usize, now: Instant) {
         let Some(s) = self.streams.get_mut(i) else {
             return;
         };
@@ -432,17 +548,17 @@ impl Resequencer {
             missing += 1;
         }
         self.stats.gave_up += missing;
-        self.release(i);
+        self.release(i, now);
     }
 
     /// Makes room to hold `seq`: `full` (no room left): gives up the
     /// oldest gap of this stream, or of another; else (`seq` too far ahead
     /// to hold) this stream's first gap, or, with nothing held, everything
     /// missing before `seq`.
-    fn make_room(&mut self, i: usize, seq: u64, full: bool) {
+    fn make_room(&mut self, i: usize, seq: u64, full: bool, now: Instant) {
         let own = self.streams.get(i).map_or(0, |s| s.count);
         if own > 0 {
-            self.skip_gap(i);
+            self.skip_gap(i, now);
             return;
         }
         if full {
@@ -450,7 +566,7 @@ impl Resequencer {
                 .filter(|&j| j != i && self.streams[j].count > 0)
                 .min_by_key(|&j| self.streams[j].since);
             if let Some(j) = other {
-                self.skip_gap(j);
+                self.skip_gap(j, now);
                 return;
             }
         }
@@ -461,6 +577,28 @@ impl Resequencer {
         s.next = seq;
         s.held.clear();
         self.stats.gave_up += gap;
+    }
+}
+
+/// Where in-order packets go: the resequencer's outputs and its memory
+/// count, borrowed apart from its streams.
+struct Out<'a> {
+    ready: &'a mut Vec<Held>,
+    delayed: &'a mut VecDeque<Held>,
+    held: &'a mut usize,
+    held_bytes: &'a mut usize,
+}
+
+impl Out<'_> {
+    fn forward(&mut self, h: Held, now: Instant) {
+        if self.delayed.is_empty() && h.due <= now {
+            self.ready.push(h);
+            return;
+        }
+        let due = self.delayed.back().map_or(h.due, |b| b.due.max(h.due));
+        *self.held += 1;
+        *self.held_bytes += h.data.len();
+        self.delayed.push_back(Held { due, ..h });
     }
 }
 

@@ -192,11 +192,24 @@ fn an_idle_path_keeps_its_estimate() {
 #[test]
 fn the_wait_covers_the_delay_difference() {
     let ms = Duration::from_millis;
+    let same = |rtt| (rtt, rtt);
     assert_eq!(reorder_wait(&[]), MIN_WAIT);
-    assert_eq!(reorder_wait(&[ms(1), ms(1)]), WAIT_MARGIN.max(MIN_WAIT));
+    assert_eq!(
+        reorder_wait(&[same(ms(1)), same(ms(1))]),
+        WAIT_MARGIN.max(MIN_WAIT)
+    );
     // 5 ms and 25 ms one way: round trips 10 and 50 ms.
-    assert_eq!(reorder_wait(&[ms(10), ms(50)]), ms(20) + WAIT_MARGIN);
-    assert_eq!(reorder_wait(&[ms(1), ms(2000)]), MAX_WAIT);
+    assert_eq!(
+        reorder_wait(&[same(ms(10)), same(ms(50))]),
+        ms(20) + WAIT_MARGIN
+    );
+    assert_eq!(reorder_wait(&[same(ms(1)), same(ms(2000))]), MAX_WAIT);
+    // Equal paths, one behind a 10 ms queue: its packets come 10 ms later
+    // one way (the queue is in our data's direction, not half of it).
+    assert_eq!(
+        reorder_wait(&[(ms(10), ms(20)), same(ms(10))]),
+        ms(10) + WAIT_MARGIN
+    );
 }
 
 #[test]
@@ -425,4 +438,111 @@ fn a_queue_under_our_data_does_not_move_the_base() {
         e.handle(delivery(at, n, n, n, 30));
     }
     assert_eq!(e.base_rtt(), Some(Duration::from_millis(1)));
+}
+
+#[test]
+fn offsets_bring_every_path_to_the_longest_delay() {
+    let got = offsets(&[
+        (A, Some(Duration::from_millis(10))),
+        (B, Some(Duration::from_millis(50))),
+        (PathId(2), None),
+    ]);
+    assert_eq!(
+        got,
+        vec![
+            (A, Duration::from_millis(20)),
+            (B, Duration::ZERO),
+            (PathId(2), Duration::ZERO)
+        ]
+    );
+    // Never more than the longest wait.
+    let far = offsets(&[
+        (A, Some(Duration::from_millis(1))),
+        (B, Some(Duration::from_secs(2))),
+    ]);
+    assert_eq!(far[0], (A, MAX_WAIT));
+}
+
+#[test]
+fn with_the_delays_evened_out_a_load_shares_by_rate() {
+    // 5 ms and 25 ms one way, the receiver holding A's packets 20 ms: only
+    // the queues tell the paths apart, and a load a little over one path's
+    // rate is shared rather than queued on A up to the difference.
+    let b = board(&[(A, 37_500_000), (B, 37_500_000)], &[5, 25]);
+    if let Some(p) = b.path(A) {
+        p.offset_ns.store(20_000_000, Ordering::Relaxed);
+    }
+    let (a, bb) = run(&b, 45_000_000.0, 90_000_000);
+    let share = a / (a + bb);
+    assert!((0.45..=0.55).contains(&share), "share {share}");
+}
+
+#[test]
+fn a_queue_never_raises_the_estimate() {
+    // 100 Mbit/s estimated; the far end counted 200 Mbit/s in a period
+    // behind a queue (what queued before it came through): still 100.
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 2));
+    let r = e.handle(delivery(t + ESTIMATE_PERIOD, 2_500, 2_500, 2_500, 30));
+    assert_eq!(r, Some(Revision::Congested));
+    assert_eq!(e.rate(), DEFAULT_RATE);
+}
+
+#[test]
+fn a_path_whose_probes_stand_behind_a_queue_does_not_grow() {
+    // Loaded at its estimate without loss, probes 4 ms over the base: not
+    // a queue that marks congestion (the margin is 5 ms), but no room to
+    // grow either.
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 2));
+    let mut n = 0;
+    for i in 1..=30 {
+        n += 1_250;
+        let r = e.handle(delivery(t + PROBE * i, n, n, n, 6));
+        assert_ne!(r, Some(Revision::Grown));
+    }
+    assert_eq!(e.rate(), DEFAULT_RATE);
+}
+
+#[test]
+fn loss_right_after_a_queue_under_our_data_is_congestion() {
+    // The estimate is far above what the path carries (it overshot), so
+    // the load reads as light; but a probe came back behind a queue while
+    // our data was on it, and what is lost just after is the queue's.
+    let mut e = Estimator::new(Some(125_000_000));
+    let t = Instant::now();
+    let d = |at, pkts, rtt, lost| Delivery {
+        lost: Some(lost),
+        ..delivery(at, pkts, pkts, pkts, rtt)
+    };
+    e.handle(d(t, 0, 2, 0));
+    e.handle(d(t + PROBE, 100, 30, 0));
+    e.handle(d(t + PROBE * 2, 150, 3, 20));
+    assert!(e.load_congested(t + PROBE * 2));
+    assert!(e.congested(t + PROBE * 2));
+}
+
+#[test]
+fn a_route_a_little_longer_moves_the_base_too() {
+    // 3 ms longer: less than the queue margin, but the base still moves.
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 10));
+    let mut at = t;
+    while at < t + PROBE * 2 + BASE_MOVED {
+        at += PROBE;
+        e.handle(delivery(at, 0, 0, 0, 13));
+    }
+    assert_eq!(e.base_rtt(), Some(Duration::from_millis(13)));
+}
+
+#[test]
+fn paths_within_a_millisecond_have_no_offset() {
+    let got = offsets(&[
+        (A, Some(Duration::from_micros(100))),
+        (B, Some(Duration::from_micros(1_500))),
+    ]);
+    assert_eq!(got, vec![(A, Duration::ZERO), (B, Duration::ZERO)]);
 }

@@ -205,3 +205,83 @@ fn many_streams_forget_the_oldest_and_deliver_what_it_held() {
     assert_eq!(r.occupancy(), 0);
     assert_eq!(r.take_ready().count(), 1);
 }
+
+#[test]
+fn a_live_path_that_has_not_carried_the_stream_yet_holds_a_gap() {
+    // The sender spreads onto B only once A is loaded: B's first packet
+    // comes after later-numbered ones on A.
+    let mut r = Resequencer::new(ms(30));
+    let now = t0();
+    r.set_live([A, B], now);
+    assert_eq!(offer(&mut r, 1, A, now), vec![1]);
+    assert!(
+        offer(&mut r, 3, A, now + ms(1)).is_empty(),
+        "B may still bring 2"
+    );
+    assert!(offer(&mut r, 4, A, now + ms(2)).is_empty());
+    assert_eq!(offer(&mut r, 2, B, now + ms(20)), vec![2, 3, 4]);
+    assert_eq!(r.stats().gave_up, 0);
+    assert_eq!(r.stats().late, 0);
+    // Once both are past a gap, it is a loss at once.
+    assert_eq!(offer(&mut r, 6, B, now + ms(21)), Vec::<u64>::new());
+    assert_eq!(offer(&mut r, 7, A, now + ms(22)), vec![6, 7]);
+    assert_eq!(r.stats().gave_up, 1);
+}
+
+#[test]
+fn a_path_that_left_the_live_set_holds_nothing() {
+    let mut r = Resequencer::new(ms(50));
+    let now = t0();
+    r.set_live([A, B], now);
+    offer(&mut r, 1, A, now);
+    assert!(offer(&mut r, 3, A, now).is_empty());
+    // B fails: the gap cannot fill any more.
+    r.set_live([A], now + ms(1));
+    assert_eq!(ready(&mut r), vec![3]);
+    assert_eq!(r.stats().gave_up, 1);
+}
+
+#[test]
+fn a_shorter_paths_packets_come_out_as_late_as_the_longer_ones() {
+    // A is 20 ms shorter one way than B.
+    let mut r = Resequencer::new(ms(30));
+    let now = t0();
+    r.set_offsets([(A, ms(20)), (B, Duration::ZERO)]);
+    assert!(offer(&mut r, 1, A, now).is_empty(), "held for A's offset");
+    assert_eq!(r.poll_timeout(), Some(now + ms(20)));
+    // In order from B, but behind 1: it waits its turn.
+    assert!(offer(&mut r, 2, B, now + ms(5)).is_empty());
+    r.handle_timeout(now + ms(19));
+    assert!(ready(&mut r).is_empty(), "not before A's offset has run");
+    r.handle_timeout(now + ms(20));
+    assert_eq!(ready(&mut r), vec![1, 2]);
+    assert_eq!(r.occupancy(), 0);
+    // Nothing delayed: a packet from B goes out at once.
+    assert_eq!(offer(&mut r, 3, B, now + ms(30)), vec![3]);
+    assert_eq!(r.poll_timeout(), None);
+    // A packet held behind a gap keeps its path's offset once released.
+    assert!(offer(&mut r, 5, A, now + ms(40)).is_empty());
+    assert_eq!(offer(&mut r, 4, B, now + ms(45)), vec![4]);
+    r.handle_timeout(now + ms(59));
+    assert!(ready(&mut r).is_empty());
+    r.handle_timeout(now + ms(60));
+    assert_eq!(ready(&mut r), vec![5]);
+    assert_eq!(r.stats().gave_up, 0);
+}
+
+#[test]
+fn delayed_packets_give_way_when_memory_runs_out() {
+    let mut r = Resequencer::new(ms(30));
+    let now = t0();
+    r.set_offsets([(A, ms(20))]);
+    let mut out = Vec::new();
+    for seq in 1..=(MAX_HELD as u64 + 10) {
+        out.extend(offer(&mut r, seq, A, now));
+    }
+    assert!(r.occupancy() <= MAX_HELD, "{}", r.occupancy());
+    r.handle_timeout(now + ms(20));
+    out.extend(ready(&mut r));
+    let want: Vec<u64> = (1..=(MAX_HELD as u64 + 10)).collect();
+    assert_eq!(out, want, "every packet, in order");
+    assert_eq!(r.stats().gave_up, 0);
+}

@@ -380,6 +380,12 @@ impl PathIn {
         };
         if let Some(b) = sel.board.as_ref() {
             r.set_wait(b.0.wait());
+            r.set_offsets(b.0.paths.iter().map(|p| {
+                (
+                    p.id,
+                    Duration::from_nanos(p.offset_ns.load(Ordering::Relaxed)),
+                )
+            }));
         }
         r.set_live(sel.eligible.iter().map(|&(id, _)| id), now);
     }
@@ -758,6 +764,7 @@ fn take_rebuilt(
                 data: r.packet,
                 checksum_ok: false,
                 at: now,
+                due: now,
             });
             inner.push((RELEASED, from..released.len(), false, false));
         }
