@@ -180,11 +180,7 @@ fn stream(
     Some((total / 1e6, mbit))
 }
 
-/// Every lab host's TCP buffers up to 16 MB, as any host tuned for a
-/// path of this bandwidth-delay product has them (the kernel's default
-/// send buffer, 4 MB, keeps about 2.5 MB of a stream in flight: 370 Mbit/s
-/// at 55 ms, under the sum of the paths whenever the stream sees the
-/// longer path's delay).
+/// Every lab host's TCP buffers up to 16 MB (why: see the module docs).
 fn tune_tcp(lab: &Lab) -> lab::Result<()> {
     for host in Host::ALL {
         lab.sh_in(

@@ -183,9 +183,9 @@ impl Scheduler {
         // budget; when every queue is over it, the shortest queue (so that
         // the queues grow together, and none overflows while another has
         // room).
-        let mut best: Option<(f64, usize, PathId, f64)> = None;
-        let mut best_any: Option<(f64, usize, PathId, f64)> = None;
-        let mut stay: Option<(f64, usize, PathId, f64)> = None;
+        let mut best: Option<(f64, usize, PathId)> = None;
+        let mut best_any: Option<(f64, usize, PathId)> = None;
+        let mut stay: Option<(f64, usize, PathId)> = None;
         let budget = QUEUE_BUDGET.as_secs_f64();
         for id in eligible {
             let Some(p) = board.path(id) else {
@@ -217,21 +217,21 @@ impl Scheduler {
             let arrival = delay + (queue.backlog + len as f64) / rate;
             let queued = queue.backlog / rate;
             let within = queued <= budget;
-            if best_any.is_none_or(|(b, _, _, _)| queued < b) {
-                best_any = Some((queued, q, id, rate));
+            if best_any.is_none_or(|(b, _, _)| queued < b) {
+                best_any = Some((queued, q, id));
             }
-            if within && best.is_none_or(|(b, _, _, _)| arrival < b) {
-                best = Some((arrival, q, id, rate));
+            if within && best.is_none_or(|(b, _, _)| arrival < b) {
+                best = Some((arrival, q, id));
             }
             if self.last == Some(id) && within {
-                stay = Some((arrival, q, id, rate));
+                stay = Some((arrival, q, id));
             }
         }
         if best.is_none() {
             stay = None;
         }
         let best = best.or(best_any)?;
-        let (_, q, id, _) = match stay {
+        let (_, q, id) = match stay {
             Some(s) if s.0 <= best.0 + STICK.as_secs_f64() => s,
             _ => best,
         };

@@ -303,11 +303,8 @@ impl Resequencer {
             } else {
                 // Its path's offset, or packets delayed before it: copied
                 // and delayed.
-                let mut data = self.spare.pop().unwrap_or_default();
-                data.clear();
-                data.extend_from_slice(packet);
                 let h = Held {
-                    data,
+                    data: copy_of(&mut self.spare, packet),
                     checksum_ok,
                     at: now,
                     due: now + offset,
@@ -333,11 +330,8 @@ impl Resequencer {
                     return Offer::Duplicate;
                 }
                 Some(slot) => {
-                    let mut data = self.spare.pop().unwrap_or_default();
-                    data.clear();
-                    data.extend_from_slice(packet);
                     *slot = Some(Held {
-                        data,
+                        data: copy_of(&mut self.spare, packet),
                         checksum_ok,
                         at: now,
                         due: now + offset,
@@ -578,6 +572,14 @@ impl Resequencer {
         s.held.clear();
         self.stats.gave_up += gap;
     }
+}
+
+/// A copy of `packet` in a spare buffer (the receive buffer is reused).
+fn copy_of(spare: &mut Vec<Vec<u8>>, packet: &[u8]) -> Vec<u8> {
+    let mut data = spare.pop().unwrap_or_default();
+    data.clear();
+    data.extend_from_slice(packet);
+    data
 }
 
 /// Where in-order packets go: the resequencer's outputs and its memory
