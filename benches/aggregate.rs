@@ -18,7 +18,8 @@
 //!   the data missing against that rate (in milliseconds of it).
 //!
 //! For each scenario and policy (`active-backup`, `balance`, `aggregate`,
-//! and `mptcp`: `mptcpize run iperf3` between the two gateways' own path
+//! `aggregate+rate`: `aggregate` with each path's `rate` set to its shaped
+//! rate, so that the sending gateway paces it, and `mptcp`: `mptcpize run iperf3` between the two gateways' own path
 //! addresses, no crosslink, the second subflow on path2 from the server's
 //! announced address), one `iperf3` TCP stream (CUBIC), median of the runs.
 //! Every lab host's TCP buffers go up to 16 MB (`tcp_wmem`, `tcp_rmem`), as
@@ -95,6 +96,8 @@ impl Scenario {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Who {
     Policy(Policy),
+    /// `aggregate` with each path's `rate` configured: paced.
+    Paced,
     Mptcp,
 }
 
@@ -102,6 +105,7 @@ impl Who {
     fn name(self) -> String {
         match self {
             Who::Policy(p) => p.to_string(),
+            Who::Paced => "aggregate+rate".into(),
             Who::Mptcp => "mptcp".into(),
         }
     }
@@ -250,8 +254,10 @@ fn dip(intervals: &[f64], cut_at: usize, survivor: f64) -> (f64, f64) {
 /// Under `aggregate`: the receiving gateway's resequencing counters and the
 /// sender's view of the paths (share, estimated rate), since the lab began.
 fn reorder_line(lab: &Lab, w: Who) -> String {
-    let Who::Policy(policy) = w else {
-        return String::new();
+    let policy = match w {
+        Who::Policy(p) => p,
+        Who::Paced => Policy::Aggregate,
+        Who::Mptcp => return String::new(),
     };
     let (Ok(a), Ok(b)) = (lab.poll(Gw::A), lab.poll(Gw::B)) else {
         return String::new();
@@ -347,6 +353,7 @@ fn main() {
         Who::Policy(Policy::ActiveBackup),
         Who::Policy(Policy::Balance),
         Who::Policy(Policy::Aggregate),
+        Who::Paced,
     ];
     if lab::tool_installed("mptcpize") {
         who.push(Who::Mptcp);
@@ -369,9 +376,10 @@ fn main() {
         for (wi, &w) in who.iter().enumerate() {
             let lab = match w {
                 Who::Policy(p) => crosslink_lab(&bin, p, run),
+                Who::Paced => crosslink_lab(&bin, Policy::Aggregate, run),
                 Who::Mptcp => mptcp_lab(&bin, run),
             };
-            let lab = match lab {
+            let mut lab = match lab {
                 Ok(l) => l,
                 Err(e) => {
                     println!("{}: lab failed: {e}", w.name());
@@ -383,10 +391,24 @@ fn main() {
                     println!("{} {}: set-up failed: {e}", s.name(), w.name());
                     continue;
                 }
+                if w == Who::Paced {
+                    let rates = LabPath::ALL
+                        .into_iter()
+                        .zip(s.rates().unwrap_or_default())
+                        .filter(|(_, r)| *r > 0)
+                        .map(|(p, r)| (p, format!("rate = \"{r}Mbit/s\"")))
+                        .collect();
+                    if let Err(e) = lab.set_path_extra(rates) {
+                        println!("{} {}: rates not set: {e}", s.name(), w.name());
+                        continue;
+                    }
+                }
                 // Let the estimates settle to the new paths.
                 std::thread::sleep(Duration::from_millis(500));
                 let ends = match w {
-                    Who::Policy(_) => (Host::Client, Host::Server, SERVER_ADDR.to_string()),
+                    Who::Policy(_) | Who::Paced => {
+                        (Host::Client, Host::Server, SERVER_ADDR.to_string())
+                    }
                     Who::Mptcp => (Host::GwA, Host::GwB, LabPath::Path1.addr(Gw::B).to_string()),
                 };
                 let cut = s == Scenario::Cut;

@@ -33,8 +33,13 @@ fn lab(tag: &str, policy: Policy) -> Lab {
 }
 
 fn sealed_lab(tag: &str, policy: Policy, sealed: bool) -> Lab {
+    lab_with(tag, policy, sealed, Vec::new())
+}
+
+fn lab_with(tag: &str, policy: Policy, sealed: bool, path_extra: Vec<(LabPath, String)>) -> Lab {
     let mut opts = LabOptions::new(tag, BIN);
     opts.policy = policy;
+    opts.path_extra = path_extra;
     if sealed {
         opts.key = Some(KEY.to_string());
     }
@@ -134,6 +139,79 @@ fn a_path_cut_does_not_stall_the_stream() {
     assert!(
         last > f64::from(MBIT) * 0.6,
         "not back to the surviving path's rate: {mbit:?}"
+    );
+}
+
+/// What the sending gateway's shaper on `path` dropped (`tc -s qdisc`).
+fn shaper_drops(lab: &Lab, path: LabPath) -> u64 {
+    let out = lab
+        .command_in(lab::Host::GwA, "tc")
+        .args(["-s", "qdisc", "show", "dev", path.name()])
+        .output()
+        .expect("tc -s qdisc");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("dropped ")
+        .skip(1)
+        .filter_map(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// With each path's `rate` configured at its shaper's rate, the sending
+/// gateway paces the paths: a UDP stream at 1.5 times their sum fills the
+/// gateway's own queue, which drops what it cannot take (`pace_queue`),
+/// and the links' shapers are left next to nothing to drop; without
+/// `rate`, in the same run, they drop the excess.
+#[test]
+fn a_paced_stream_leaves_the_shapers_nothing_to_drop() {
+    if !lab::test_gate(
+        "a_paced_stream_leaves_the_shapers_nothing_to_drop",
+        &[("iperf3", "iperf3"), ("tc", "iproute2")],
+    ) {
+        return;
+    }
+    let _g = serial();
+    let rate = |p| (p, format!("rate = \"{MBIT}Mbit/s\""));
+    let mut got = Vec::new();
+    for (tag, extra) in [
+        ("agpl", Vec::new()),
+        ("agpc", LabPath::ALL.into_iter().map(rate).collect()),
+    ] {
+        let paced = !extra.is_empty();
+        let lab = lab_with(tag, Policy::Aggregate, false, extra);
+        let offered = format!("{}M", 3 * MBIT);
+        let run = lab
+            .start_iperf3_with(1, 4, &["-u", "-b", &offered, "-l", "1300"])
+            .unwrap();
+        let mbit = run.finish().expect("iperf3 report") / 1e6;
+        let shapers: u64 = LabPath::ALL.iter().map(|&p| shaper_drops(&lab, p)).sum();
+        let status = lab.poll(lab::Gw::A).unwrap();
+        let pace_queue = status
+            .get("drops")
+            .and_then(|d| d.get("pace_queue"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        println!(
+            "REPORT aggregate paced={paced} paths=2x{MBIT}Mbit/s udp={}Mbit/s got={mbit:.0}Mbit/s \
+             shaper_drops={shapers} pace_queue_drops={pace_queue}",
+            3 * MBIT
+        );
+        got.push((mbit, shapers, pace_queue));
+    }
+    let ((plain, plain_drops, _), (paced, paced_drops, pace_queue)) = (got[0], got[1]);
+    assert!(plain_drops > 0, "unpaced, the shapers dropped nothing");
+    assert!(
+        paced_drops * 5 < plain_drops,
+        "paced, the shapers dropped {paced_drops} (unpaced {plain_drops})"
+    );
+    assert!(pace_queue > 0, "paced, the gateway's queue dropped nothing");
+    assert!(
+        paced > f64::from(MBIT) * 1.5 && paced > plain * 0.8,
+        "paced {paced:.0} Mbit/s (unpaced {plain:.0})"
     );
 }
 

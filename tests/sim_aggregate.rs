@@ -8,12 +8,14 @@
 //! at the default rate and learn from the probes' reports every 10 ms, as
 //! the engine does.
 
-use crosslink::core::aggregate::{offsets, reorder_wait, Board, Delivery, Estimator, Scheduler};
+use crosslink::core::aggregate::{
+    offsets, reorder_wait, Board, Delivery, Estimator, Pick, Scheduler,
+};
 use crosslink::core::reorder::{Offer, Resequencer};
 use crosslink::core::rng::Rng;
 use crosslink::PathId;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -30,6 +32,8 @@ struct PathSpec {
     loss: u64,
     /// Dies (drops everything) at this time from the start.
     dies_at: Option<Duration>,
+    /// Its rate is configured (`rate`): the gateway paces it.
+    configured: bool,
 }
 
 fn spec(mbit: f64, delay_ms: u64) -> PathSpec {
@@ -38,6 +42,7 @@ fn spec(mbit: f64, delay_ms: u64) -> PathSpec {
         delay_ms,
         loss: 0,
         dies_at: None,
+        configured: false,
     }
 }
 
@@ -50,6 +55,9 @@ struct SimPath {
     high: u64,
     sent_packets: u64,
     sent_bytes: u64,
+    /// Packets put on the link at their (paced) time: when, and whether the
+    /// link lost them; counted as sent once that time has come.
+    sends: VecDeque<(Instant, bool)>,
     estimator: Estimator,
 }
 
@@ -61,6 +69,8 @@ struct Outcome {
     /// Share of packets the scheduler gave each path (measured window).
     shares: Vec<f64>,
     lost: u64,
+    /// Dropped at the sending gateway: every paced queue full.
+    pace_full: u64,
     gave_up: u64,
     late: u64,
     /// Packets delivered out of order (a lower number after a higher one),
@@ -84,13 +94,49 @@ fn numbers(reseq: &mut Resequencer) -> Vec<u64> {
         .collect()
 }
 
+/// Packet `number` goes on path `p`'s link at `now`: queued behind what the
+/// link holds (at most 20 ms of it, as the lab's shapers), lost or on its
+/// way to the far end.
+fn enter_link(
+    p: &mut SimPath,
+    (number, path): (u64, u16),
+    now: Instant,
+    t0: Instant,
+    rng: &mut Rng,
+    out: &mut Outcome,
+    arrivals: &mut BinaryHeap<Reverse<(Instant, u64, u16)>>,
+) {
+    let backlog = p.free_at.saturating_duration_since(now).as_secs_f64() * p.rate;
+    let limit = p.rate * 0.020;
+    let dead = p.spec.dies_at.is_some_and(|d| now >= t0 + d);
+    let lost = dead || backlog + LEN as f64 > limit || rng.below(1000) < p.spec.loss;
+    if backlog + LEN as f64 <= limit && !dead {
+        p.free_at = p.free_at.max(now) + Duration::from_secs_f64(LEN as f64 / p.rate);
+    }
+    p.sends.push_back((now, lost));
+    if lost {
+        out.lost += 1;
+        return;
+    }
+    let at = p.free_at + Duration::from_millis(p.spec.delay_ms);
+    arrivals.push(Reverse((at, number, path)));
+}
+
 fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outcome {
     let t0 = Instant::now();
     let ids: Vec<PathId> = (0..paths.len() as u16).map(PathId).collect();
+    let configured = |s: &PathSpec| s.configured.then_some((s.mbit * 1e6 / 8.0) as u64);
     let board = Board::new(
-        &ids.iter().map(|&id| (id, None)).collect::<Vec<_>>(),
+        &ids.iter()
+            .zip(paths)
+            .map(|(&id, s)| (id, configured(s)))
+            .collect::<Vec<_>>(),
         Duration::from_millis(5),
     );
+    for (bp, s) in board.paths.iter().zip(paths) {
+        bp.ceiling
+            .store(configured(s).unwrap_or(0), Ordering::Relaxed);
+    }
     let mut sim: Vec<SimPath> = paths
         .iter()
         .map(|s| SimPath {
@@ -102,7 +148,8 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
             high: 0,
             sent_packets: 0,
             sent_bytes: 0,
-            estimator: Estimator::new(None),
+            sends: VecDeque::new(),
+            estimator: Estimator::new(configured(s)),
         })
         .collect();
     let capacity: f64 = paths.iter().map(|p| p.mbit).sum();
@@ -155,16 +202,40 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
             holds.push(at.saturating_duration_since(since));
         }
     };
+    // Packets a paced path takes later: (time, packet number, path).
+    let mut departures: BinaryHeap<Reverse<(Instant, u64, u16)>> = BinaryHeap::new();
     loop {
         let next_arrival = arrivals.peek().map(|Reverse((t, _, _))| *t);
+        let next_departure = departures.peek().map(|Reverse((t, _, _))| *t);
         let next_gap = reseq.poll_timeout();
-        let now = [Some(next_send), Some(next_probe), next_arrival, next_gap]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap();
+        let now = [
+            Some(next_send),
+            Some(next_probe),
+            next_arrival,
+            next_gap,
+            next_departure,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap();
         if now >= end {
             break;
+        }
+        if next_departure == Some(now) {
+            if let Some(Reverse((_, number, path))) = departures.pop() {
+                let p = &mut sim[usize::from(path)];
+                enter_link(
+                    p,
+                    (number, path),
+                    now,
+                    t0,
+                    &mut rng,
+                    &mut out,
+                    &mut arrivals,
+                );
+            }
+            continue;
         }
         if next_gap == Some(now) {
             reseq.handle_timeout(now);
@@ -196,6 +267,18 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
             next_probe = now + PROBE;
             let mut rtts = Vec::new();
             for (i, p) in sim.iter_mut().enumerate() {
+                // What has left by now; the far end's highest sequence seen
+                // moves when a packet arrives, close enough to count it at
+                // sending for the reports.
+                while let Some(&(_, lost)) = p.sends.front().filter(|(at, _)| *at <= now) {
+                    p.sends.pop_front();
+                    p.seq += 1;
+                    p.sent_packets += 1;
+                    p.sent_bytes += LEN as u64;
+                    if !lost {
+                        p.high = p.seq;
+                    }
+                }
                 let dead = p.spec.dies_at.is_some_and(|d| now >= t0 + d);
                 if dead {
                     continue;
@@ -212,6 +295,7 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
                     lost: None,
                     lag: Duration::from_millis(50),
                 });
+
                 if let (Some(base), Some(d)) = (p.estimator.base_rtt(), p.estimator.delay()) {
                     rtts.push((base, d * 2));
                 }
@@ -247,7 +331,6 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
         next_send = now + gap;
         // Both gateways' BFD see a dead path within the detection time:
         // the sender stops using it, the receiver stops waiting for it.
-        number += 1;
         let eligible: Vec<PathId> = ids
             .iter()
             .copied()
@@ -266,34 +349,36 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
                 deliver(s, now, &mut out, &mut held, &mut holds);
             }
         }
-        let Some(path) = scheduler.pick(&board, eligible, LEN, now) else {
-            continue;
+        // A paced path takes the packet at its pace's time.
+        let (path, at) = match scheduler.pick(&board, eligible, LEN, 1, now) {
+            Some(Pick::Now(path)) => (path, now),
+            Some(Pick::At(path, at)) => (path, at),
+            Some(Pick::Full) => {
+                out.pace_full += 1;
+                continue;
+            }
+            None => continue,
         };
+        number += 1;
         let i = usize::from(path.0);
         if now >= from {
             picked[i] += 1;
             sent_in_window += 1;
         }
-        let p = &mut sim[i];
-        p.seq += 1;
-        p.sent_packets += 1;
-        p.sent_bytes += LEN as u64;
-        let backlog = p.free_at.saturating_duration_since(now).as_secs_f64() * p.rate;
-        let limit = p.rate * 0.020;
-        let dead = p.spec.dies_at.is_some_and(|d| now >= t0 + d);
-        let lost = dead || backlog + LEN as f64 > limit || rng.below(1000) < p.spec.loss;
-        if backlog + LEN as f64 <= limit && !dead {
-            p.free_at = p.free_at.max(now) + Duration::from_secs_f64(LEN as f64 / p.rate);
-        }
-        if lost {
-            out.lost += 1;
+        if at > now {
+            departures.push(Reverse((at, number, path.0)));
             continue;
         }
-        // The far end's highest sequence seen moves when it arrives; close
-        // enough to count it at sending for the reports.
-        p.high = p.seq;
-        let at = p.free_at + Duration::from_millis(p.spec.delay_ms);
-        arrivals.push(Reverse((at, number, path.0)));
+        let p = &mut sim[i];
+        enter_link(
+            p,
+            (number, path.0),
+            now,
+            t0,
+            &mut rng,
+            &mut out,
+            &mut arrivals,
+        );
     }
     let window = secs - warmup;
     out.goodput_mbit = delivered_bytes * 8.0 / window / 1e6;
@@ -312,6 +397,32 @@ fn run(paths: &[PathSpec], load: f64, secs: f64, warmup: f64, seed: u64) -> Outc
         .collect();
     println!("{out:?}");
     out
+}
+
+/// Over the paths' capacity, paced paths (configured rates) lose nothing
+/// at their links: the sending gateway holds what a link would take later
+/// (within its pace queue) and drops the rest itself; unpaced, the links'
+/// 20 ms buffers overflow.
+#[test]
+fn paced_paths_overflow_at_the_gateway_not_on_the_links() {
+    let paced = |mbit, delay_ms| PathSpec {
+        configured: true,
+        ..spec(mbit, delay_ms)
+    };
+    let p = run(&[paced(300.0, 5), paced(100.0, 25)], 1.2, 4.0, 1.0, 3);
+    let u = run(&[spec(300.0, 5), spec(100.0, 25)], 1.2, 4.0, 1.0, 3);
+    assert_eq!(p.lost, 0, "paced: lost on the links");
+    assert!(p.pace_full > 0, "paced: nothing dropped at the gateway");
+    assert!(u.lost > 0, "unpaced: nothing lost on the links");
+    // Pacing counts each datagram's headers: a little under the links' rate.
+    assert!(
+        p.goodput_mbit > 0.8 * 400.0,
+        "paced goodput {:.0} Mbit/s",
+        p.goodput_mbit
+    );
+    assert!((0.7..=0.85).contains(&p.shares[0]), "shares {:?}", p.shares);
+    assert!(p.gave_up * 100 < p.delivered, "gave up {}", p.gave_up);
+    assert_eq!(p.out_of_order, 0);
 }
 
 #[test]

@@ -388,7 +388,8 @@ pub struct PathConfig {
     /// else the peer's, else inherited from each inner packet.
     pub dscp: Dscp,
     /// `aggregate`: the path's rate in bytes per second (`rate =
-    /// "300Mbit/s"`), the scheduler's starting estimate and its ceiling.
+    /// "300Mbit/s"`), the scheduler's starting estimate and its ceiling,
+    /// and the rate the sending gateway paces the path at.
     pub rate: Option<u64>,
 }
 

@@ -27,6 +27,7 @@
 
 use crate::PathId;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The rate assumed of a path with no configured rate, until measured
@@ -92,6 +93,12 @@ pub struct BoardPath {
     pub offset_ns: AtomicU64,
     /// Packets (super-packets count once) the lanes sent on it.
     pub picked: AtomicU64,
+    /// The configured `rate` (bytes per second), 0 if none: the path is
+    /// then *paced*, see [`BoardPath::pace`].
+    pub ceiling: AtomicU64,
+    /// A paced path's pace: when it is next free, in nanoseconds since
+    /// the board's epoch (shared by the peer's lanes).
+    pub free_ns: AtomicU64,
 }
 
 /// A peer's paths' estimates, written by the BFD thread's engine and read
@@ -101,6 +108,9 @@ pub struct Board {
     pub paths: Vec<BoardPath>,
     /// How long a receiving lane holds packets behind a gap, nanoseconds.
     pub wait_ns: AtomicU64,
+    /// What the paths' paces count from: the first time a lane paced a
+    /// packet (the core has no clock of its own).
+    epoch: OnceLock<Instant>,
 }
 
 impl Board {
@@ -115,10 +125,20 @@ impl Board {
                     delay_ns: AtomicU64::new(0),
                     offset_ns: AtomicU64::new(0),
                     picked: AtomicU64::new(0),
+                    ceiling: AtomicU64::new(0),
+                    free_ns: AtomicU64::new(0),
                 })
                 .collect(),
             wait_ns: AtomicU64::new(nanos(wait)),
+            epoch: OnceLock::new(),
         }
+    }
+
+    /// `now` in nanoseconds since the board's epoch: a second before the
+    /// first call (so that an idle path's burst is there from the start).
+    fn since_epoch(&self, now: Instant) -> u64 {
+        let epoch = *self.epoch.get_or_init(|| now);
+        nanos(now.saturating_duration_since(epoch)).saturating_add(1_000_000_000)
     }
 
     pub fn path(&self, id: PathId) -> Option<&BoardPath> {
@@ -127,6 +147,85 @@ impl Board {
 
     pub fn wait(&self) -> Duration {
         Duration::from_nanos(self.wait_ns.load(Ordering::Relaxed))
+    }
+}
+
+impl BoardPath {
+    /// The rate a paced path is sent at (bytes per second, counted as
+    /// [`wire_len`] counts them): its configured `rate`, or its estimate
+    /// when that is lower (the path measured slower, say shared with other
+    /// traffic). `None`: not paced.
+    pub fn pace_rate(&self) -> Option<u64> {
+        let ceiling = self.ceiling.load(Ordering::Relaxed);
+        (ceiling > 0).then(|| ceiling.min(self.rate.load(Ordering::Relaxed)).max(MIN_RATE))
+    }
+
+    /// How long what is already paced on the path still waits at `now`.
+    fn paced_queue(&self, now_ns: u64) -> Duration {
+        Duration::from_nanos(self.free_ns.load(Ordering::Relaxed).saturating_sub(now_ns))
+    }
+
+    /// Reserves `wire` bytes of the path's pace at `now_ns` (at `rate`):
+    /// when they may leave, in nanoseconds since the epoch, or `None` when
+    /// they would wait more than [`PACE_QUEUE`]. A path idle for a while
+    /// may send [`PACE_BURST`] worth at once.
+    fn pace(&self, now_ns: u64, wire: u64, rate: u64) -> Option<u64> {
+        let cost = wire.saturating_mul(1_000_000_000) / rate.max(1);
+        let earliest = now_ns.saturating_sub(nanos(PACE_BURST));
+        let limit = now_ns.saturating_add(nanos(PACE_QUEUE));
+        let mut start = 0;
+        self.free_ns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |free| {
+                start = free.max(earliest);
+                (start <= limit).then(|| start.saturating_add(cost))
+            })
+            .ok()
+            .map(|_| start.max(now_ns))
+    }
+}
+
+/// The most a packet waits for its path's pace at the sending gateway: the
+/// depth of the gateway's own queue in front of a paced path. A shaper
+/// holds a burst the link's own buffer could not (a cloud link's policer
+/// holds none), so that one TCP flow's slow start over paths whose
+/// buffers are short against the flow's round trip ends near the paths'
+/// capacity instead of at the first overflow: a slow start's queue peaks
+/// at about half its window, and CUBIC grows back slowly after a loss.
+pub const PACE_QUEUE: Duration = Duration::from_millis(50);
+/// What a paced path idle for a while may send at once: below the smallest
+/// burst a shaper on the link would take (a tenth of a millisecond's worth
+/// is a few packets at 300 Mbit/s).
+pub const PACE_BURST: Duration = Duration::from_micros(500);
+/// What a datagram adds to its inner packet on the wire, as pacing counts
+/// it: the overlay header and seal (up to 48 bytes), UDP and IPv6 (48) and
+/// an Ethernet frame's header (14), rounded up. Counting a little more
+/// than an IPv4 path sends keeps a paced path under a link shaped at its
+/// configured rate.
+pub const WIRE_OVERHEAD: usize = 110;
+
+/// The bytes of `len` inner bytes sent as `datagrams` datagrams, as
+/// pacing counts them.
+pub fn wire_len(len: usize, datagrams: usize) -> u64 {
+    (len as u64).saturating_add((datagrams.max(1) * WIRE_OVERHEAD) as u64)
+}
+
+/// Where [`Scheduler::pick`] put a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pick {
+    /// On this path, now.
+    Now(PathId),
+    /// On this paced path, at this time (its pace is taken).
+    At(PathId, Instant),
+    /// Nowhere: every path it could take is paced and its queue is full.
+    Full,
+}
+
+impl Pick {
+    pub fn path(self) -> Option<PathId> {
+        match self {
+            Pick::Now(id) | Pick::At(id, _) => Some(id),
+            Pick::Full => None,
+        }
     }
 }
 
@@ -171,14 +270,17 @@ impl Scheduler {
     }
 
     /// The path among `eligible` (of `board`) where `len` bytes sent now
-    /// arrive first; queues them there.
+    /// (as `datagrams` datagrams) arrive first; queues them there. On a
+    /// paced path ([`BoardPath::pace_rate`]) the queue is the pace's own,
+    /// shared by the peer's lanes, and the packet is given a time to leave.
     pub fn pick(
         &mut self,
         board: &Board,
         eligible: impl IntoIterator<Item = PathId>,
         len: usize,
+        datagrams: usize,
         now: Instant,
-    ) -> Option<PathId> {
+    ) -> Option<Pick> {
         // The earliest arrival among the paths whose queue is within the
         // budget; when every queue is over it, the shortest queue (so that
         // the queues grow together, and none overflows while another has
@@ -187,11 +289,12 @@ impl Scheduler {
         let mut best_any: Option<(f64, usize, PathId)> = None;
         let mut stay: Option<(f64, usize, PathId)> = None;
         let budget = QUEUE_BUDGET.as_secs_f64();
+        let mut now_ns = None;
+        let wire = wire_len(len, datagrams);
         for id in eligible {
             let Some(p) = board.path(id) else {
                 continue;
             };
-            let rate = p.rate.load(Ordering::Relaxed).max(MIN_RATE) as f64;
             // The receiver holds a shorter path's packets by the difference
             // of the base delays: only the queues tell the paths apart.
             let delay = (p.delay_ns.load(Ordering::Relaxed) + p.offset_ns.load(Ordering::Relaxed))
@@ -211,11 +314,21 @@ impl Scheduler {
             let Some(queue) = self.queues.get_mut(q) else {
                 continue;
             };
-            let drained = now.saturating_duration_since(queue.at).as_secs_f64() * rate;
-            queue.backlog = (queue.backlog - drained).clamp(0.0, rate * MAX_BACKLOG);
-            queue.at = now;
-            let arrival = delay + (queue.backlog + len as f64) / rate;
-            let queued = queue.backlog / rate;
+            let (queued, arrival) = match p.pace_rate() {
+                Some(rate) => {
+                    let t = *now_ns.get_or_insert_with(|| board.since_epoch(now));
+                    let queued = p.paced_queue(t).as_secs_f64();
+                    (queued, delay + queued + wire as f64 / rate as f64)
+                }
+                None => {
+                    let rate = p.rate.load(Ordering::Relaxed).max(MIN_RATE) as f64;
+                    let drained = now.saturating_duration_since(queue.at).as_secs_f64() * rate;
+                    queue.backlog = (queue.backlog - drained).clamp(0.0, rate * MAX_BACKLOG);
+                    queue.at = now;
+                    let queued = queue.backlog / rate;
+                    (queued, delay + (queue.backlog + len as f64) / rate)
+                }
+            };
             let within = queued <= budget;
             if best_any.is_none_or(|(b, _, _)| queued < b) {
                 best_any = Some((queued, q, id));
@@ -235,14 +348,26 @@ impl Scheduler {
             Some(s) if s.0 <= best.0 + STICK.as_secs_f64() => s,
             _ => best,
         };
+        let p = board.path(id)?;
+        let pick = match p.pace_rate() {
+            Some(rate) => {
+                let t = *now_ns.get_or_insert_with(|| board.since_epoch(now));
+                match p.pace(t, wire, rate) {
+                    Some(at) if at <= t => Pick::Now(id),
+                    Some(at) => Pick::At(id, now + Duration::from_nanos(at - t)),
+                    None => return Some(Pick::Full),
+                }
+            }
+            None => {
+                if let Some(queue) = self.queues.get_mut(q) {
+                    queue.backlog += len as f64;
+                }
+                Pick::Now(id)
+            }
+        };
         self.last = Some(id);
-        if let Some(queue) = self.queues.get_mut(q) {
-            queue.backlog += len as f64;
-        }
-        if let Some(p) = board.path(id) {
-            p.picked.fetch_add(1, Ordering::Relaxed);
-        }
-        Some(id)
+        p.picked.fetch_add(1, Ordering::Relaxed);
+        Some(pick)
     }
 }
 

@@ -63,11 +63,15 @@ pub enum DropReason {
     /// Handshake messages on a path beyond what its receiver passes on to
     /// the handshake (a flood; the handshake has its own limit too).
     HandshakeRateLimited,
+    /// `aggregate` with a configured `rate`: the packet would have waited
+    /// past [`crate::core::aggregate::PACE_QUEUE`] for its path's pace
+    /// (the gateway's own shaper queue is full).
+    PaceQueue,
 }
 
 impl DropReason {
     /// All reasons, for pre-registering metrics at 0.
-    pub const ALL: [DropReason; 24] = [
+    pub const ALL: [DropReason; 25] = [
         DropReason::OverlayMalformed,
         DropReason::OverlayUnsupported,
         DropReason::UnknownSource,
@@ -92,6 +96,7 @@ impl DropReason {
         DropReason::CeOnNotEct,
         DropReason::NoSession,
         DropReason::HandshakeRateLimited,
+        DropReason::PaceQueue,
     ];
 
     /// The metric label.
@@ -121,6 +126,7 @@ impl DropReason {
             DropReason::CeOnNotEct => "ce_on_not_ect",
             DropReason::NoSession => "no_session",
             DropReason::HandshakeRateLimited => "handshake_rate_limited",
+            DropReason::PaceQueue => "pace_queue",
         }
     }
 

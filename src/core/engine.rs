@@ -512,13 +512,13 @@ impl Engine {
         let wait = self.wait_of(peer);
         let board = Arc::new(Board::new(&paths, wait));
         for bp in &board.paths {
-            if let Some(d) = self
-                .paths
-                .get(usize::from(bp.id.0))
-                .and_then(|p| p.estimate.delay())
-            {
+            let Some(p) = self.paths.get(usize::from(bp.id.0)) else {
+                continue;
+            };
+            if let Some(d) = p.estimate.delay() {
                 bp.delay_ns.store(nanos(d), Ordering::Relaxed);
             }
+            bp.ceiling.store(p.rate.unwrap_or(0), Ordering::Relaxed);
         }
         self.publish_offsets(peer, &board);
         if let Some(core) = self.peers.get_mut(usize::from(peer.0)) {
@@ -1608,6 +1608,7 @@ impl Engine {
         let (peer, start) = (path.peer, path.estimate.rate());
         if let Some(bp) = self.board(peer).and_then(|b| b.path(id)) {
             bp.rate.store(start, Ordering::Relaxed);
+            bp.ceiling.store(rate.unwrap_or(0), Ordering::Relaxed);
         }
     }
 

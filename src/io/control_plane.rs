@@ -1713,6 +1713,7 @@ impl BfdThread {
             },
             rate_bps: bp.rate.load(Ordering::Relaxed).saturating_mul(8),
             delay_us: bp.delay_ns.load(Ordering::Relaxed) / 1000,
+            pace_bps: bp.pace_rate().map(|r| r.saturating_mul(8)),
         })
     }
 

@@ -19,8 +19,8 @@
 use super::control_plane::{BfdThread, CommandLink, CommandQueue, Frozen, Meta, NewPath, Plan};
 use super::fastpath::FastPath;
 use super::lanes::{
-    self, FlowClaims, FlowTable, Lane, LaneReorder, PathIn, PathOut, Serving, SharedKeys, Stopping,
-    TunOut, Workers,
+    self, FlowClaims, FlowTable, Lane, LaneReorder, Paced, PathIn, PathOut, Serving, SharedKeys,
+    Stopping, TunOut, Workers,
 };
 use super::linkwatch::{self, LinkWatch, WatchedPath};
 use super::tun::Queue as SyncDevice;
@@ -1090,6 +1090,7 @@ impl Gateway {
                     fec_last_path: None,
                     fec_counters: reorder_counters.clone(),
                     gso_cap: usize::MAX,
+                    paced: Paced::default(),
                 },
                 ins: Vec::new(),
                 reorder: Arc::new(Mutex::new(LaneReorder::new(reorder_counters.clone()))),

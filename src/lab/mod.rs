@@ -279,6 +279,17 @@ impl Lab {
         &self.opts
     }
 
+    /// Replaces the lines added to the paths' sections of both gateways'
+    /// configs, and has the running gateways reload them.
+    pub fn set_path_extra(&mut self, extra: Vec<(LabPath, String)>) -> Result<()> {
+        self.opts.path_extra = extra;
+        for gw in Gw::ALL {
+            self.write_config(gw, &self.config_text(gw))?;
+            self.reload_gateway(gw)?;
+        }
+        Ok(())
+    }
+
     /// The namespace name of a host.
     pub fn ns(&self, host: Host) -> String {
         format!("xl-{}-{}-{}", self.opts.tag, self.pid, host.suffix())

@@ -377,6 +377,12 @@ impl Lab {
     /// Starts `iperf3 -s` on the server and `iperf3 -c -P parallel -t secs
     /// -J` on the client (TCP, as fast as it goes).
     pub fn start_iperf3(&self, parallel: u32, secs: u64) -> Result<Iperf> {
+        self.start_iperf3_with(parallel, secs, &[])
+    }
+
+    /// [`Self::start_iperf3`] with more client arguments (`-u -b 300M`: a
+    /// UDP stream at 300 Mbit/s).
+    pub fn start_iperf3_with(&self, parallel: u32, secs: u64, extra: &[&str]) -> Result<Iperf> {
         let mut server = self.command_in(Host::Server, "iperf3");
         server
             .args(["-s", "-1", "-p", "5201", "-B", &SERVER_ADDR.to_string()])
@@ -390,6 +396,7 @@ impl Lab {
         client
             .args(["-c", &SERVER_ADDR.to_string(), "-p", "5201", "-J"])
             .args(["-P", &parallel.to_string(), "-t", &secs.to_string()])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());

@@ -104,6 +104,10 @@ pub struct AggregateStatus {
     pub rate_bps: u64,
     /// Estimated one-way delay (half the smoothed round trip), microseconds.
     pub delay_us: u64,
+    /// The rate the sending gateway paces the path at (a configured `rate`,
+    /// or the estimate when lower), bits per second; `None`: not paced.
+    #[serde(default)]
+    pub pace_bps: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -282,8 +286,12 @@ impl Status {
                 .iter()
                 .filter_map(|p| {
                     let a = p.aggregate.as_ref()?;
+                    let paced = a
+                        .pace_bps
+                        .map(|b| format!(", paced at {}", rate(b)))
+                        .unwrap_or_default();
                     Some(format!(
-                        "{} {:.0}% at {} ({} one way)",
+                        "{} {:.0}% at {} ({} one way{paced})",
                         p.name,
                         a.share * 100.0,
                         rate(a.rate_bps),
@@ -535,6 +543,7 @@ mod tests {
             share: 0.74,
             rate_bps: 300_000_000,
             delay_us: 2500,
+            pace_bps: Some(280_000_000),
         });
         peer.reorder = Some(ReorderStatus {
             held: 120,
@@ -547,7 +556,7 @@ mod tests {
         });
         let t = st.table(1_790_000_060);
         assert!(
-            t.contains("aggregate: cci-1 74% at 300 Mbit/s (2.5ms one way)"),
+            t.contains("aggregate: cci-1 74% at 300 Mbit/s (2.5ms one way, paced at 280 Mbit/s)"),
             "{t}"
         );
         assert!(

@@ -21,7 +21,7 @@ fn run(b: &Board, offered: f64, total: usize) -> (f64, f64) {
     let mut sent = 0usize;
     while sent < total {
         let now = t0 + Duration::from_secs_f64(sent as f64 / offered);
-        match s.pick(b, [A, B], 1500, now) {
+        match s.pick(b, [A, B], 1500, 1, now).and_then(Pick::path) {
             Some(A) => a += 1500.0,
             Some(_) => bb += 1500.0,
             None => panic!("no path"),
@@ -69,9 +69,9 @@ fn only_eligible_paths_are_picked() {
     let mut s = Scheduler::new();
     let now = Instant::now();
     for _ in 0..100 {
-        assert_eq!(s.pick(&b, [B], 1500, now), Some(B));
+        assert_eq!(s.pick(&b, [B], 1500, 1, now), Some(Pick::Now(B)));
     }
-    assert_eq!(s.pick(&b, [], 1500, now), None);
+    assert_eq!(s.pick(&b, [], 1500, 1, now), None);
     assert_eq!(
         b.path(B).map(|p| p.picked.load(Ordering::Relaxed)),
         Some(100)
@@ -545,4 +545,86 @@ fn paths_within_a_millisecond_have_no_offset() {
         (B, Some(Duration::from_micros(1_500))),
     ]);
     assert_eq!(got, vec![(A, Duration::ZERO), (B, Duration::ZERO)]);
+}
+
+/// A board whose paths are paced at their configured rates.
+fn paced(rates: &[(PathId, u64)], delays_ms: &[u64]) -> Board {
+    let b = board(rates, delays_ms);
+    for (p, &(_, r)) in b.paths.iter().zip(rates) {
+        p.ceiling.store(r, Ordering::Relaxed);
+    }
+    b
+}
+
+#[test]
+fn a_paced_path_spaces_a_burst_and_refuses_past_its_queue() {
+    // 12.5 MB/s: a 1500-byte packet counts 1610 bytes, 128.8 us.
+    let b = paced(&[(A, 12_500_000)], &[5]);
+    let mut s = Scheduler::new();
+    let t0 = Instant::now();
+    let cost = Duration::from_nanos(wire_len(1500, 1) * 1_000_000_000 / 12_500_000);
+    let mut dues = Vec::new();
+    let full = loop {
+        match s.pick(&b, [A], 1500, 1, t0) {
+            Some(Pick::Now(_)) => dues.push(t0),
+            Some(Pick::At(_, at)) => dues.push(at),
+            Some(Pick::Full) => break dues.len(),
+            None => panic!("no path"),
+        }
+        assert!(dues.len() < 10_000, "never full");
+    };
+    // The idle path sends its burst's worth at once, then one packet's
+    // time apart, up to the queue's depth.
+    let burst = (nanos(PACE_BURST) / nanos(cost)) as usize;
+    assert!(
+        dues.iter().take(burst).all(|&d| d == t0),
+        "{:?}",
+        &dues[..burst + 2]
+    );
+    for w in dues[burst + 1..].windows(2) {
+        assert_eq!(w[1] - w[0], cost);
+    }
+    let last = *dues.last().unwrap() - t0;
+    assert!(
+        last <= PACE_QUEUE && last + cost * 2 > PACE_QUEUE,
+        "{last:?}"
+    );
+    let expected = ((PACE_QUEUE + PACE_BURST).as_nanos() / cost.as_nanos()) as usize;
+    assert!(
+        full.abs_diff(expected) <= 2,
+        "{full} held, {expected} expected"
+    );
+    // Once the queue has drained a packet's time, one more fits.
+    assert!(matches!(
+        s.pick(&b, [A], 1500, 1, t0 + cost),
+        Some(Pick::At(..))
+    ));
+    assert_eq!(s.pick(&b, [A], 1500, 1, t0 + cost), Some(Pick::Full));
+}
+
+#[test]
+fn paced_paths_share_a_load_by_their_rates_and_a_lower_estimate_paces() {
+    let b = paced(&[(A, 37_500_000), (B, 12_500_000)], &[5, 25]);
+    // 1.2 times the sum offered: both paced queues full, shares by rate.
+    let mut s = Scheduler::new();
+    let t0 = Instant::now();
+    let (mut on, mut full) = ([0u64; 2], 0u64);
+    let offered = 60_000_000.0;
+    for k in 0..100_000u64 {
+        let now = t0 + Duration::from_secs_f64(k as f64 * 1500.0 / offered);
+        match s.pick(&b, [A, B], 1500, 1, now).map(|p| (p, p.path())) {
+            Some((_, Some(id))) => on[usize::from(id.0)] += 1,
+            Some((Pick::Full, None)) => full += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    let share = on[0] as f64 / (on[0] + on[1]) as f64;
+    assert!((0.72..=0.78).contains(&share), "share {share}");
+    assert!(full > 0, "1.2 times the sum taken whole");
+    // The estimate below the configured rate is the pace; no ceiling, no pace.
+    let p = b.path(A).unwrap();
+    p.rate.store(1_000_000, Ordering::Relaxed);
+    assert_eq!(p.pace_rate(), Some(1_000_000));
+    p.ceiling.store(0, Ordering::Relaxed);
+    assert_eq!(p.pace_rate(), None);
 }

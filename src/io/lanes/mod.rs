@@ -67,7 +67,7 @@
 use super::control_plane::{Command, CommandLink};
 use super::{clock, sys, udp};
 use crate::config::Policy;
-use crate::core::aggregate::Scheduler;
+use crate::core::aggregate::{Pick, Scheduler};
 use crate::core::coalesce::{self, Train, MAX_TRAIN_HEADER};
 use crate::core::crypto::{EchoGuard, Keys, ReplayWindow};
 use crate::core::dedup::{Verdict, Window};
@@ -101,11 +101,13 @@ use tracing::{debug, info};
 use super::tun::Queue as SyncDevice;
 
 mod flows;
+mod pace;
 mod recv;
 mod send;
 mod worker;
 
 pub use flows::{FlowClaims, FlowTable};
+pub use pace::Paced;
 pub use recv::{PathIn, HANDSHAKE_RATE};
 pub use send::{PathOut, TunOut, SEND_ERROR_REPORT_INTERVAL};
 pub use worker::{Serving, Stopping, Workers};

@@ -69,6 +69,9 @@ pub struct TunOut {
     pub fec_out: Vec<FecParity>,
     pub fec_last_path: Option<PathId>,
     pub fec_counters: Arc<ReorderCounters>,
+    /// Datagrams waiting for their paced path's time (`aggregate` with a
+    /// configured `rate`).
+    pub paced: Paced,
     /// Most datagrams per UDP GSO send: [`GSO_MAX_SEGMENTS`], or 1 under
     /// FEC: a train is dropped whole inside the sending host (a full
     /// queue, a filter that sees it before it is cut), a burst that a
@@ -87,6 +90,8 @@ pub(super) struct Pending {
     pub(super) inner_len: usize,
     /// The outer TOS / traffic class byte ([`outer_tos`]).
     pub(super) tos: u8,
+    /// When its paced path may take it (`None`: now).
+    pub(super) due: Option<Instant>,
 }
 
 /// A packet of a burst as it goes to [`TunOut::stage`]: what is already in
@@ -98,6 +103,8 @@ pub(super) struct Staged {
     pub(super) body: Option<(usize, Range<usize>)>,
     /// Its transport checksum is known to be good ([`Read`]).
     pub(super) checksum_ok: bool,
+    /// When its paced path may take it (`None`: now).
+    pub(super) due: Option<Instant>,
 }
 
 /// What a lane's sending half works with between turns: buffers allocated
@@ -180,18 +187,20 @@ impl TunOut {
                     self.cut_and_stage(reader, read, &turn, spare, pending, batch);
                 }
                 Some(Read::Slot(slot, len, checksum_ok)) => {
+                    let inner = reader
+                        .slots
+                        .get(slot)
+                        .and_then(|b| b.get(HEADROOM..HEADROOM + len));
+                    let Some((placement, due)) = self.place(&turn, inner.unwrap_or_default(), 1)
+                    else {
+                        continue;
+                    };
                     let staged = Staged {
                         slot,
                         in_slot: len,
                         body: None,
                         checksum_ok,
-                    };
-                    let inner = reader
-                        .slots
-                        .get(slot)
-                        .and_then(|b| b.get(HEADROOM..HEADROOM + len));
-                    let Some(placement) = self.place(&turn, inner.unwrap_or_default()) else {
-                        continue;
+                        due,
                     };
                     self.stage(reader, staged, &placement, &turn, spare, pending, batch);
                 }
@@ -304,20 +313,36 @@ impl TunOut {
         self.fec_out.clear();
     }
 
-    /// Where the flow of `inner` goes (counted and `None` if nowhere).
-    fn place(&mut self, turn: &Turn, inner: &[u8]) -> Option<Placement> {
+    /// Where the flow of `inner` (sent as `datagrams` datagrams) goes,
+    /// and when its paced path takes it (counted and `None` if nowhere).
+    fn place(
+        &mut self,
+        turn: &Turn,
+        inner: &[u8],
+        datagrams: usize,
+    ) -> Option<(Placement, Option<Instant>)> {
         let selection = turn.forwarding.peers.get(usize::from(self.peer.0))?;
         match classify(selection, inner) {
             Ok(mut p) => {
+                let mut due = None;
                 if let Some((board, paths)) = selection.spread() {
                     // `aggregate`: this packet (a super-packet: all of it)
                     // goes where it arrives first.
-                    if let Some(path) = self.scheduler.pick(board, paths, inner.len(), turn.now) {
-                        p.path = path;
+                    match self
+                        .scheduler
+                        .pick(board, paths, inner.len(), datagrams, turn.now)
+                    {
+                        Some(Pick::Now(path)) => p.path = path,
+                        Some(Pick::At(path, at)) => (p.path, due) = (path, Some(at)),
+                        Some(Pick::Full) => {
+                            self.drops.count(DropReason::PaceQueue);
+                            return None;
+                        }
+                        None => {}
                     }
                 }
                 self.flows.touch(p.flow_hash, p.path, turn.now);
-                Some(p)
+                Some((p, due))
             }
             Err(reason) => {
                 self.drops.count(reason);
@@ -342,16 +367,16 @@ impl TunOut {
         let Some(packet) = reader.packet(s) else {
             return;
         };
-        let Some(placement) = self.place(turn, packet) else {
+        let count = match cut {
+            Cut::Segments(segments) => segments.count(),
+            _ => 1,
+        };
+        let Some((placement, due)) = self.place(turn, packet, count) else {
             return;
         };
         // Sealing works in place, a copy is sealed from the plaintext and
         // the FEC encoder keeps a copy: all need the whole packet in a slot.
         let inline = turn.keys.is_some() || placement.copy.is_some() || turn.fec;
-        let count = match cut {
-            Cut::Segments(segments) => segments.count(),
-            _ => 1,
-        };
         for i in 0..count {
             if reader.used == reader.slots.len() {
                 // Out of slots: send what is framed, then reuse them (not
@@ -363,6 +388,7 @@ impl TunOut {
                 self.drops.count(DropReason::TooBig);
                 continue;
             };
+            let staged = Staged { due, ..staged };
             self.stage(reader, staged, &placement, turn, spare, pending, batch);
         }
     }
@@ -445,6 +471,7 @@ impl TunOut {
                 body: staged.body,
                 inner_len,
                 tos,
+                due: staged.due,
             });
         }
     }
@@ -498,7 +525,9 @@ impl TunOut {
     }
 
     /// Sends the burst in order, run by run of datagrams on the same path
-    /// (a flow keeps one path, so its packets keep their order).
+    /// (a flow keeps one path, so its packets keep their order); what a
+    /// paced path takes later is held ([`Paced`]), behind what it already
+    /// holds.
     fn flush(
         &mut self,
         pending: &mut Vec<Pending>,
@@ -506,6 +535,10 @@ impl TunOut {
         batch: &mut sys::SendBatch,
         now: Instant,
     ) {
+        self.release(batch, now);
+        if pending.iter().any(|p| p.due.is_some()) {
+            self.hold_later(pending, reader, now);
+        }
         let mut datagrams = [sys::Datagram::default(); SEND_RUN];
         let mut lens = [0usize; SEND_RUN];
         let mut start = 0;
@@ -536,6 +569,59 @@ impl TunOut {
             start += run;
         }
         pending.clear();
+    }
+
+    /// Moves the datagrams of `pending` that their paced path takes later
+    /// into [`Self::paced`] (a copy: the reader's slots are reused).
+    fn hold_later(&mut self, pending: &mut Vec<Pending>, reader: &TunReader, now: Instant) {
+        let by = now + pace::PACE_SLACK;
+        let mut full = 0u64;
+        pending.retain(|p| {
+            let Some(due) = p.due.filter(|d| *d > by) else {
+                return true;
+            };
+            let head = reader
+                .slots
+                .get(p.slot)
+                .and_then(|b| b.get(p.range.clone()));
+            let body = p
+                .body
+                .as_ref()
+                .and_then(|(s, r)| reader.packet(*s)?.get(r.clone()));
+            let data = (head.unwrap_or_default(), body.unwrap_or_default());
+            if !self.paced.hold(p.path, due, data, p.inner_len, p.tos) {
+                full += 1;
+                if let Some(path) = self.paths.iter().find(|o| o.id == p.path) {
+                    path.counters.tx_unsent.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            false
+        });
+        for _ in 0..full {
+            self.drops.count(DropReason::PaceQueue);
+        }
+    }
+
+    /// Sends what [`Self::paced`] holds that is due by `now`.
+    fn release(&mut self, batch: &mut sys::SendBatch, now: Instant) {
+        if self.paced.is_empty() {
+            return;
+        }
+        let mut paced = std::mem::take(&mut self.paced);
+        paced.release(now, |id, datagrams, lens| {
+            self.transmit(id, datagrams, lens, true, batch, now);
+        });
+        self.paced = paced;
+    }
+
+    /// When the first held datagram is due.
+    pub(super) fn pace_deadline(&self) -> Option<Instant> {
+        self.paced.next_due()
+    }
+
+    /// Sends the held datagrams due by `now`.
+    pub(super) fn pace_tick(&mut self, tx: &mut TxState, now: Instant) {
+        self.release(&mut tx.batch, now);
     }
 
     /// Sends datagrams (inner lengths `lens`) on path `id` with one
@@ -932,6 +1018,7 @@ impl TunReader {
                 in_slot: headers + payload.len(),
                 body: None,
                 checksum_ok,
+                due: None,
             }
         } else {
             Staged {
@@ -939,6 +1026,7 @@ impl TunReader {
                 in_slot: headers,
                 body: Some((s, body)),
                 checksum_ok,
+                due: None,
             }
         };
         self.used += 1;

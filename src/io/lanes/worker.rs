@@ -225,6 +225,15 @@ impl Running {
                 next = next.min(due);
             }
         }
+        // Held datagrams whose paced path takes them now.
+        if let Some(due) = lane.out.pace_deadline() {
+            if due <= now {
+                lane.out.pace_tick(&mut self.tx, now);
+            }
+            if let Some(d) = lane.out.pace_deadline() {
+                next = next.min(d);
+            }
+        }
         // A FEC block open for its whole hold: closed, its parity sent.
         if let Some(due) = lane.out.fec_deadline() {
             if due <= now {
