@@ -235,8 +235,9 @@ pub fn nanos(d: Duration) -> u64 {
 }
 
 /// A packet stays on the path the last one took unless another gets it
-/// there this much sooner: runs of packets on one path, fewer of them
-/// ahead of a gap at the receiver (each one held there is copied).
+/// there this much sooner (or, every queue past [`QUEUE_BUDGET`], has this
+/// much less queued): runs of packets on one path, fewer of them ahead of
+/// a gap at the receiver (each one held there is copied).
 pub const STICK: Duration = Duration::from_millis(1);
 
 /// The most queue the model lets build on a path while another path's
@@ -288,6 +289,7 @@ impl Scheduler {
         let mut best: Option<(f64, usize, PathId)> = None;
         let mut best_any: Option<(f64, usize, PathId)> = None;
         let mut stay: Option<(f64, usize, PathId)> = None;
+        let mut stay_any: Option<(f64, usize, PathId)> = None;
         let budget = QUEUE_BUDGET.as_secs_f64();
         let mut now_ns = None;
         let wire = wire_len(len, datagrams);
@@ -336,14 +338,22 @@ impl Scheduler {
             if within && best.is_none_or(|(b, _, _)| arrival < b) {
                 best = Some((arrival, q, id));
             }
-            if self.last == Some(id) && within {
-                stay = Some((arrival, q, id));
+            if self.last == Some(id) {
+                stay_any = Some((queued, q, id));
+                if within {
+                    stay = Some((arrival, q, id));
+                }
             }
         }
-        if best.is_none() {
-            stay = None;
-        }
-        let best = best.or(best_any)?;
+        // Runs of packets on one path either way: within the budget, the
+        // last path's arrival may be a little later than the best; over
+        // it, its queue a little longer than the shortest (packet by packet
+        // to the shortest queue would alternate the paths at every packet,
+        // and hold half of them at the receiver).
+        let (best, stay) = match best {
+            Some(b) => (b, stay),
+            None => (best_any?, stay_any),
+        };
         let (_, q, id) = match stay {
             Some(s) if s.0 <= best.0 + STICK.as_secs_f64() => s,
             _ => best,
@@ -663,12 +673,21 @@ impl Estimator {
             // What got through is the capacity, but never less than half
             // the estimate in one period: a queue that drains slowly after
             // the load moved away must not spiral the estimate down. A
-            // queue alone never raises it: what the far end counts in a
-            // period behind a queue includes what queued before it (heavy
-            // loss, a policer's, reads as what got through).
+            // queue alone raises it only when the path delivered more than
+            // twice the estimate, and by a quarter: what the far end counts
+            // in a period behind a queue includes what queued before it (a
+            // shaped path read up to 1.25 times its rate), but an estimate
+            // that far below what the path carries is wrong (a host whose
+            // probes always wait behind its busy CPU would otherwise never
+            // grow one, and hold it at a fraction of the path). Heavy loss,
+            // a policer's, reads as what got through.
             let floor = self.rate / 2;
             let got = delivered_rate as u64;
-            let got = if lossy { got } else { got.min(self.rate) };
+            let got = match got {
+                _ if lossy => got,
+                g if g / 2 > self.rate => g.min(self.rate.saturating_add(self.rate / 4)),
+                g => g.min(self.rate),
+            };
             self.rate = got.max(floor).clamp(MIN_RATE, ceiling);
             return Some(Revision::Congested);
         }

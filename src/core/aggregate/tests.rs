@@ -628,3 +628,53 @@ fn paced_paths_share_a_load_by_their_rates_and_a_lower_estimate_paces() {
     p.ceiling.store(0, Ordering::Relaxed);
     assert_eq!(p.pace_rate(), None);
 }
+
+#[test]
+fn over_the_budget_packets_go_in_runs_not_one_by_one() {
+    let b = board(&[(A, 37_500_000), (B, 37_500_000)], &[5, 5]);
+    let mut s = Scheduler::new();
+    let t0 = Instant::now();
+    // Twice the sum offered: both queues soon past the budget.
+    let offered = 150_000_000.0;
+    let (mut on_a, mut switches, mut last) = (0u32, 0u32, None);
+    for k in 0..20_000u32 {
+        let now = t0 + Duration::from_secs_f64(f64::from(k) * 1500.0 / offered);
+        let id = s.pick(&b, [A, B], 1500, 1, now).and_then(Pick::path);
+        if k < 10_000 {
+            continue;
+        }
+        on_a += u32::from(id == Some(A));
+        switches += u32::from(last.is_some() && id != last);
+        last = id;
+    }
+    // A millisecond of a path's rate is 25 packets.
+    assert!(
+        switches < 10_000 / 15,
+        "{switches} switches in 10000 packets"
+    );
+    assert!((4_500..=5_500).contains(&on_a), "{on_a} of 10000 on A");
+}
+
+#[test]
+fn a_queue_raises_an_estimate_only_far_below_what_the_path_delivers() {
+    // 100 Mbit/s estimated; behind a queue the far end counts 800 Mbit/s
+    // period after period (a busy host's probes always wait): the estimate
+    // grows by a quarter a period while under half of it, then stops.
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 2));
+    let mut n = 0;
+    let mut rates = Vec::new();
+    for i in 1..=15 {
+        n += 10_000;
+        e.handle(delivery(t + ESTIMATE_PERIOD * i, n, n, n, 30));
+        rates.push(e.rate());
+    }
+    assert_eq!(rates[0], DEFAULT_RATE + DEFAULT_RATE / 4);
+    assert!(rates.windows(2).all(|w| w[1] >= w[0]), "{rates:?}");
+    let last = *rates.last().unwrap();
+    assert!(
+        (50_000_000..=100_000_000).contains(&last),
+        "{last} for 100 MB/s delivered"
+    );
+}
