@@ -20,7 +20,10 @@
 //! estimate (or it loses more than 5 %), what it delivered is its capacity
 //! (but the estimate at most halves per period); when it carries
 //! nearly its estimate without either, the estimate grows by a quarter
-//! every period. A configured `rate` is the starting point and a ceiling.
+//! every period. A configured `rate` is the starting point and a ceiling,
+//! and makes the path *paced* ([`BoardPath::pace_rate`]): the sending gateway
+//! shapes it to that rate, its own queue (at most [`PACE_QUEUE`]) in front
+//! of the link, and the scheduler's queue for it is the pace's.
 //! The estimates, the delays and the receivers' reordering wait are
 //! published through a per-peer [`Board`] of atomics, so the forwarding
 //! threads read them without a new snapshot.
@@ -94,7 +97,7 @@ pub struct BoardPath {
     /// Packets (super-packets count once) the lanes sent on it.
     pub picked: AtomicU64,
     /// The configured `rate` (bytes per second), 0 if none: the path is
-    /// then *paced*, see [`BoardPath::pace`].
+    /// then *paced*, see [`BoardPath::pace_rate`].
     pub ceiling: AtomicU64,
     /// A paced path's pace: when it is next free, in nanoseconds since
     /// the board's epoch (shared by the peer's lanes).
@@ -192,9 +195,8 @@ impl BoardPath {
 /// capacity instead of at the first overflow: a slow start's queue peaks
 /// at about half its window, and CUBIC grows back slowly after a loss.
 pub const PACE_QUEUE: Duration = Duration::from_millis(50);
-/// What a paced path idle for a while may send at once: below the smallest
-/// burst a shaper on the link would take (a tenth of a millisecond's worth
-/// is a few packets at 300 Mbit/s).
+/// What a paced path idle for a while may send at once: below the burst a
+/// shaper on the link takes (19 KB, a dozen packets, at 300 Mbit/s).
 pub const PACE_BURST: Duration = Duration::from_micros(500);
 /// What a datagram adds to its inner packet on the wire, as pacing counts
 /// it: the overlay header and seal (up to 48 bytes), UDP and IPv6 (48) and

@@ -6,7 +6,7 @@
 //!
 //! [`render`] makes the text (no I/O: tested on its own); [`main`] asks
 //! for what is missing on a terminal, makes the key, writes the files and
-//! checks them with the parser and [`super::mirror::compare`] before
+//! checks them with the parser and [`crate::config::mirror::compare`] before
 //! saying they are ready.
 
 use crate::config::{self, mirror, Config, Policy, Prefix};

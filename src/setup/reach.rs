@@ -4,7 +4,8 @@
 //! cause), the round trip, the loss and the largest datagram that gets
 //! through.
 //!
-//! It speaks the overlay's own probe messages ([`MsgType::ProbeRequest`]),
+//! It speaks the overlay's own probe messages
+//! ([`crate::core::wire::overlay::MsgType::ProbeRequest`]),
 //! sealed with the peer's key when it has a `key_file`, from the path's
 //! configured local address and port: exactly what the far daemon expects
 //! from this gateway, so a running far daemon answers it. It never touches

@@ -1,6 +1,6 @@
 //! A sending lane's datagrams waiting for their paced path's time
 //! (`aggregate` with a configured `rate`, see
-//! [`crate::core::aggregate::BoardPath::pace`]): framed, copied out of the
+//! [`crate::core::aggregate::BoardPath::pace_rate`]): framed, copied out of the
 //! reader's slots (which the next turn reuses), and sent by
 //! [`TunOut::pace_tick`](super::TunOut) when their time comes, in order per
 //! path.

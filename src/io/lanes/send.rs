@@ -72,7 +72,7 @@ pub struct TunOut {
     /// Datagrams waiting for their paced path's time (`aggregate` with a
     /// configured `rate`).
     pub paced: Paced,
-    /// Most datagrams per UDP GSO send: [`GSO_MAX_SEGMENTS`], or 1 under
+    /// Most datagrams per UDP GSO send: `GSO_MAX_SEGMENTS` (64), or 1 under
     /// FEC: a train is dropped whole inside the sending host (a full
     /// queue, a filter that sees it before it is cut), a burst that a
     /// short block's parity cannot repair.
