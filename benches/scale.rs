@@ -7,8 +7,10 @@
 //!   /proc/<pid>/task/<tid>/stat) over a quiet window, per gateway, and
 //!   the whole process's (its workers answer and send the quality probes);
 //! * the daemon's threads and resident memory (VmRSS);
-//! * the worst transmit gap of any session (`max_tx_gap_us` of the status,
-//!   measured by the BFD thread while the session is Up), beside the worst
+//! * the worst transmit gap of any session since it came Up, and the worst
+//!   one in the window (`max_tx_gap_us` of the status, measured by the BFD
+//!   thread while the session is Up: a session whose worst grew in the
+//!   window had its new worst there), beside the worst
 //!   wake-up lateness of a reference SCHED_FIFO thread sleeping 1 ms at a
 //!   time in the bench (`lab::ReferenceTimer`, one per CPU, as the soak
 //!   bench reports: what the host allowed at best), and the time the
@@ -17,6 +19,8 @@
 //!   any session since start, and during the window (no fault is injected),
 //!   and the BFD packets each gateway's kernel dropped for a full receive
 //!   buffer (`bfd_overflow`);
+//! * the worst transmit gap of gw-a's sessions while its status is polled
+//!   back to back for 3 s (the document is built on the BFD thread);
 //! * the latency of one status document from the control socket, of
 //!   `crosslink status` (the table, a process of its own), and of a
 //!   /metrics scrape (curl's own time_total);
@@ -127,7 +131,9 @@ fn run_one(n: usize, args: &Args) {
     let bfd_tids: Vec<Option<u32>> = pids.iter().map(|&p| scale::threads(p, "bfd").1).collect();
     let cpu = |i: usize| bfd_tids[i].and_then(|t| scale::thread_cpu(pids[i], t));
     let st = |g| status_of(&s.lab, g);
-    let f_start = [scale::failures(&st(Gw::A)), scale::failures(&st(Gw::B))];
+    let start = [st(Gw::A), st(Gw::B)];
+    let f_start = [scale::failures(&start[0]), scale::failures(&start[1])];
+    let gaps_start = [scale::tx_gaps(&start[0]), scale::tx_gaps(&start[1])];
     let all = |i: usize| scale::process_cpu(pids[i]);
     let cpu0: Vec<Option<f64>> = (0..pids.len()).map(cpu).collect();
     let all0: Vec<Option<f64>> = (0..pids.len()).map(all).collect();
@@ -169,7 +175,18 @@ fn run_one(n: usize, args: &Args) {
         .iter()
         .map(|&p| scale::rss_mb(p).map_or("?".into(), |m| format!("{m:.0}MB")))
         .collect();
-    let gap = status.iter().map(scale::worst_tx_gap_us).max().unwrap_or(0);
+    // Per gateway, in ms.
+    let gap: Vec<String> = status
+        .iter()
+        .map(|st| format!("{:.1}", scale::worst_tx_gap_us(st) as f64 / 1e3))
+        .collect();
+    let gap_window: Vec<String> = (0..2)
+        .map(|g| scale::worst_tx_gap_between(&gaps_start[g], &scale::tx_gaps(&status[g])))
+        .map(|us| match us {
+            0 => "-".to_string(),
+            us => format!("{:.1}", us as f64 / 1e3),
+        })
+        .collect();
     let downs_total: u64 = f_end.iter().flat_map(|m| m.values()).sum();
     let downs_window: usize = (0..2)
         .map(|g| scale::grown(&f_start[g], &f_end[g]).len())
@@ -194,6 +211,16 @@ fn run_one(n: usize, args: &Args) {
         .collect();
     let scrape_ms = scale::median(scrapes.iter().map(|x| x.0 * 1e3).collect());
     let scrape_kb = scrapes.first().map_or(0, |x| x.1) / 1024;
+
+    // The status polled back to back: its document is built on the BFD
+    // thread, and what falls due meanwhile must still go out on time.
+    let polled0 = scale::tx_gaps(&st(Gw::A));
+    let polled_from = Instant::now();
+    let mut polls = 0;
+    while polled_from.elapsed() < Duration::from_secs(3) {
+        polls += usize::from(s.lab.poll(Gw::A).is_ok());
+    }
+    let polled_gap = scale::worst_tx_gap_between(&polled0, &scale::tx_gaps(&st(Gw::A)));
 
     // A reload that changes the last peer only.
     let before_reload = scale::failures(&status_of(&s.lab, Gw::A));
@@ -258,10 +285,13 @@ fn run_one(n: usize, args: &Args) {
          receive offload {offload}: {offloaded:?} sessions offloaded at the window's end):\n  \
          all up after {up:.2}s; BFD thread CPU over {window:.0}s: gw-a {ca} gw-b {cb} \
          (whole process: {pa}, {pb}); threads {threads:?}; RSS {rss:?}\n  \
-         worst tx gap {gap:.1} ms; false downs: {downs_total} since start, {downs_window} in the window; \
+         worst tx gap since Up (gw-a, gw-b) {gap:?} ms, in the window {gap_window:?} ms \
+         (-: none over the earlier worst); false downs: {downs_total} since start, {downs_window} in the window; \
          host: worst wake-up lateness {host_ms:.1} ms, {host_stalls} over {stall_ms} ms, \
          steal {steal:?} ms per CPU; \
          BFD receive buffer drops since start {overflow:?}\n  \
+         gw-a's status polled back to back for 3 s ({polls} documents): worst tx gap of gw-a {polled} \
+         (-: none over the earlier worst)\n  \
          status (socket) {status_ms:.1} ms, `crosslink status` {table_ms:.1} ms, /metrics scrape {scrape_ms:.1} ms ({scrape_kb} KB)\n  \
          reload of one peer: applied after {reload}, {moved} sessions of gw-a changed state, failures {reload_downs}\n  \
          one path failed (p{last}/l1): gw-a {det} (seen after {seen}), other sessions failed: {others}",
@@ -269,6 +299,10 @@ fn run_one(n: usize, args: &Args) {
         offload = if s.offload { "on" } else { "off" },
         last = n - 1,
         reload_downs = brief(&reload_downs),
+        polled = match polled_gap {
+            0 => "-".to_string(),
+            us => format!("{:.1} ms", us as f64 / 1e3),
+        },
         others = brief(&others),
         bin = match &args.bin_b {
             Some(b) => format!("gw-a {}, gw-b {b}", args.bin),
@@ -278,7 +312,6 @@ fn run_one(n: usize, args: &Args) {
         cb = cpu_pct.get(1).map_or("?", String::as_str),
         pa = all_pct.first().map_or("?", String::as_str),
         pb = all_pct.get(1).map_or("?", String::as_str),
-        gap = gap as f64 / 1e3,
         host_ms = host_worst.as_secs_f64() * 1e3,
         stall_ms = crosslink::lab::ReferenceTimer::STALL.as_millis(),
         reload = reload_s.map_or("never".into(), |x| format!("{:.0} ms", x * 1e3)),

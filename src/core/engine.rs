@@ -1567,7 +1567,9 @@ impl Engine {
             if out.as_ref().is_some_and(Result::is_ok) {
                 path.control_tx += 1;
             }
-            self.reschedule(id);
+            // A transmission leaves the peer's steering deadline be (see
+            // `run_path_timers`): only the path's own moves.
+            self.schedule_path(i);
             if let Some(out) = out {
                 return Some((id, out));
             }

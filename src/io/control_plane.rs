@@ -71,6 +71,9 @@ use tracing::{debug, error, info, warn};
 /// Requests to the BFD thread.
 pub enum Command {
     Status(oneshot::Sender<Status>),
+    /// Answers at once: the thread is alive (the systemd watchdog's ping,
+    /// which needs no status document built).
+    Ping(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
     /// The path's underlay interface (carrier, admin state) or local
     /// address came (`up`) or went.
@@ -243,6 +246,12 @@ impl CommandLink {
             return None;
         }
         rx.await.ok()
+    }
+
+    /// Whether the BFD thread answers its commands.
+    pub async fn ping(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Ping(tx)) && rx.await.is_ok()
     }
 
     pub async fn apply(&self, plan: Plan) -> Option<Applied> {
@@ -444,6 +453,14 @@ const RX_BATCH: usize = 64;
 /// inside the 75-100 % transmit jitter and the detection time.
 const COALESCE_FROM: usize = 64;
 const COALESCE: Duration = Duration::from_micros(500);
+/// Peers of a status document built between two looks at the timers
+/// (about 8 µs a peer of two paths: a slice is well under the
+/// [`COALESCE`] pause). A whole document of 500 peers took 2-7 ms, all of
+/// it added to the transmit gap of whatever fell due meanwhile.
+const STATUS_SLICE: usize = 16;
+/// Events handled between two looks at the timers (an event is a log line,
+/// an offload arming: some microseconds each).
+const CATCH_UP_EVERY: usize = 32;
 
 /// Does, in the order asked, what the BFD thread must not wait for: TUN
 /// carriers (the ioctl takes the kernel's rtnl lock, which other work, on
@@ -702,40 +719,19 @@ impl BfdThread {
     /// Sends due control packets, logs events, publishes forwarding.
     fn flush(&mut self, now: Instant) {
         self.apply_offload();
-        while let Some((id, out)) = self.engine.poll_transmit(now) {
-            let i = usize::from(id.0);
-            let (Some(path), Some(Some(sock))) = (self.engine.path(id), self.tx.get(i)) else {
-                continue;
-            };
-            let data = match &out {
-                Ok(t) => t.as_bytes(),
-                Err(e) => {
-                    error!(error = ?e, "BFD emit failed");
-                    continue;
-                }
-            };
-            let queued = sock.connected
-                && self
-                    .io
-                    .tx_queue
-                    .push(id, sock.sock.as_raw_fd(), data, &mut self.io.sent);
-            if !queued {
-                let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
-                let r = sock.send(data, dst);
-                self.io.sent.push((id, r));
-            }
-        }
-        self.io.tx_queue.submit(&mut self.io.sent);
-        let mut sent = std::mem::take(&mut self.io.sent);
-        for (id, r) in sent.drain(..) {
-            self.sent(id, r, now);
-        }
-        self.io.sent = sent;
+        self.send_due(now);
         self.flush_handshakes();
         let mut any = false;
+        let mut handled = 0usize;
         while let Some(ev) = self.engine.poll_event() {
             any = true;
             self.on_event(ev);
+            // Hundreds of sessions coming up together make as many events
+            // (log lines, offload arming): what falls due meanwhile is sent.
+            handled += 1;
+            if handled % CATCH_UP_EVERY == 0 {
+                self.catch_up();
+            }
         }
         if let Some(f) = self.engine.poll_forwarding() {
             any = true;
@@ -773,6 +769,59 @@ impl BfdThread {
             self.export_quality(now);
             self.note_sent();
         }
+    }
+
+    /// Sends every control packet due at `now` (one submission).
+    fn send_due(&mut self, now: Instant) {
+        while let Some((id, out)) = self.engine.poll_transmit(now) {
+            let i = usize::from(id.0);
+            let (Some(path), Some(Some(sock))) = (self.engine.path(id), self.tx.get(i)) else {
+                continue;
+            };
+            let data = match &out {
+                Ok(t) => t.as_bytes(),
+                Err(e) => {
+                    error!(error = ?e, "BFD emit failed");
+                    continue;
+                }
+            };
+            let queued = sock.connected
+                && self
+                    .io
+                    .tx_queue
+                    .push(id, sock.sock.as_raw_fd(), data, &mut self.io.sent);
+            if !queued {
+                let dst = SocketAddr::new(path.remote.ip(), udp::bfd_port(path.hop));
+                let r = sock.send(data, dst);
+                self.io.sent.push((id, r));
+            }
+        }
+        self.io.tx_queue.submit(&mut self.io.sent);
+        let mut sent = std::mem::take(&mut self.io.sent);
+        for (id, r) in sent.drain(..) {
+            self.sent(id, r, now);
+        }
+        self.io.sent = sent;
+    }
+
+    /// Runs the timers and sends what fell due while the thread is in the
+    /// middle of a long piece of work (a status document of hundreds of
+    /// peers, a burst of events or of received packets), so that work
+    /// delays no transmission by more than a slice of it. Events the
+    /// timers raise wait for the next [`flush`](Self::flush).
+    fn catch_up(&mut self) {
+        if self.held {
+            return;
+        }
+        let now = clock::now();
+        if self.engine.poll_timeout().is_none_or(|t| t > now) {
+            return;
+        }
+        self.engine.handle_timeout(now);
+        if self.refresh_offloaded() {
+            self.engine.handle_timeout(now);
+        }
+        self.send_due(now);
     }
 
     /// Tells the engine how a control packet's send went.
@@ -1089,11 +1138,13 @@ impl BfdThread {
     }
 
     fn receive(&mut self, i: usize, batch: &mut sys::RecvBatch) {
-        let Some((local, sock)) = self.rx.get(i) else {
-            return;
-        };
-        let local = *local;
         loop {
+            // Looked up again for each batch: the catch-up between two
+            // batches borrows the thread whole (it leaves the sockets be).
+            let Some((local, sock)) = self.rx.get(i) else {
+                return;
+            };
+            let local = *local;
             let n = match batch.recv_queued(sock) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -1130,6 +1181,7 @@ impl BfdThread {
             if n < RX_BATCH {
                 return;
             }
+            self.catch_up();
         }
     }
 
@@ -1156,6 +1208,7 @@ impl BfdThread {
             let t = clock::now();
             let kind = match &cmd {
                 Command::Status(_) => "status",
+                Command::Ping(_) => "ping",
                 Command::Shutdown(_) => "shutdown",
                 Command::Link { .. } => "link",
                 Command::SendError(_) => "send error",
@@ -1168,7 +1221,11 @@ impl BfdThread {
             match cmd {
                 Command::Status(reply) => {
                     self.collect_fast_paths();
-                    let _ = reply.send(self.status());
+                    let status = self.status();
+                    let _ = reply.send(status);
+                }
+                Command::Ping(reply) => {
+                    let _ = reply.send(());
                 }
                 Command::Shutdown(reply) => {
                     self.shutdown();
@@ -1260,6 +1317,7 @@ impl BfdThread {
                 }
             }
             self.io.note_busy(kind, t, clock::now());
+            self.catch_up();
         }
         self.io.pending = pending;
         if senders_gone {
@@ -1508,50 +1566,18 @@ impl BfdThread {
         applied.paths.push((new.peer, c.name.clone(), id));
     }
 
-    fn status(&self) -> Status {
+    /// The status document, built a few peers at a time: with hundreds
+    /// of peers it takes milliseconds, and what falls due meanwhile is sent
+    /// between the slices ([`catch_up`](Self::catch_up)).
+    fn status(&mut self) -> Status {
         let mut peers = Vec::new();
         for pi in 0..self.engine.peer_count() {
-            let Some((name, up, ids)) = self.engine.peer(PeerId(pi as u16)) else {
-                continue;
-            };
-            let (tun, policy) = self
-                .meta
-                .peers
-                .get(pi)
-                .cloned()
-                .flatten()
-                .unwrap_or_default();
-            let paths: Vec<PathStatus> =
-                ids.iter().filter_map(|&id| self.path_status(id)).collect();
-            let active_path = paths.iter().find(|p| p.active).map(|p| p.name.clone());
-            let reorder = self.reorder_status(PeerId(pi as u16));
-            let fec = self.fec_status(PeerId(pi as u16));
-            let now = clock::now();
-            let handshake = self.engine.handshake(PeerId(pi as u16)).map(|h| {
-                let stats = h.stats();
-                HandshakeStatus {
-                    state: h.state().as_str().to_string(),
-                    keys_age_s: h.key_age(now).map(|a| a.as_secs()),
-                    completed: stats.completed,
-                    rekeys: stats.completed.saturating_sub(1),
-                    failures: Failure::ALL
-                        .iter()
-                        .map(|f| (f.as_str().to_string(), stats.failures(*f)))
-                        .filter(|(_, n)| *n > 0)
-                        .collect(),
-                }
-            });
-            peers.push(PeerStatus {
-                name: name.to_string(),
-                tun,
-                up,
-                policy,
-                active_path,
-                paths,
-                reorder,
-                fec,
-                handshake,
-            });
+            if let Some(peer) = self.peer_status(pi) {
+                peers.push(peer);
+            }
+            if (pi + 1) % STATUS_SLICE == 0 {
+                self.catch_up();
+            }
         }
         Status {
             gateway: self.meta.gateway.clone(),
@@ -1566,6 +1592,47 @@ impl BfdThread {
                 .filter(|&(_, n)| n > 0)
                 .collect(),
         }
+    }
+
+    fn peer_status(&self, pi: usize) -> Option<PeerStatus> {
+        let (name, up, ids) = self.engine.peer(PeerId(pi as u16))?;
+        let (tun, policy) = self
+            .meta
+            .peers
+            .get(pi)
+            .cloned()
+            .flatten()
+            .unwrap_or_default();
+        let paths: Vec<PathStatus> = ids.iter().filter_map(|&id| self.path_status(id)).collect();
+        let active_path = paths.iter().find(|p| p.active).map(|p| p.name.clone());
+        let reorder = self.reorder_status(PeerId(pi as u16));
+        let fec = self.fec_status(PeerId(pi as u16));
+        let now = clock::now();
+        let handshake = self.engine.handshake(PeerId(pi as u16)).map(|h| {
+            let stats = h.stats();
+            HandshakeStatus {
+                state: h.state().as_str().to_string(),
+                keys_age_s: h.key_age(now).map(|a| a.as_secs()),
+                completed: stats.completed,
+                rekeys: stats.completed.saturating_sub(1),
+                failures: Failure::ALL
+                    .iter()
+                    .map(|f| (f.as_str().to_string(), stats.failures(*f)))
+                    .filter(|(_, n)| *n > 0)
+                    .collect(),
+            }
+        });
+        Some(PeerStatus {
+            name: name.to_string(),
+            tun,
+            up,
+            policy,
+            active_path,
+            paths,
+            reorder,
+            fec,
+            handshake,
+        })
     }
 
     fn path_status(&self, id: PathId) -> Option<PathStatus> {

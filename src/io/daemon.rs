@@ -573,8 +573,8 @@ async fn watchdog(link: CommandLink, every: Duration) {
     let mut tick = tokio::time::interval(every / 3);
     loop {
         tick.tick().await;
-        let answer = tokio::time::timeout(every / 4, link.status()).await;
-        if matches!(answer, Ok(Some(_))) {
+        let answer = tokio::time::timeout(every / 4, link.ping()).await;
+        if matches!(answer, Ok(true)) {
             notify_systemd("WATCHDOG=1");
         } else {
             warn!("BFD thread did not answer; withholding the watchdog ping");

@@ -253,6 +253,33 @@ pub fn worst_tx_gap_us(status: &Value) -> u64 {
         .unwrap_or(0)
 }
 
+/// Each Up session's worst transmit gap so far, in µs, by "peer/path".
+pub fn tx_gaps(status: &Value) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for peer in status["peers"].as_array().into_iter().flatten() {
+        let name = peer["name"].as_str().unwrap_or("?");
+        for p in peer["paths"].as_array().into_iter().flatten() {
+            if let Some(g) = p["bfd"]["max_tx_gap_us"].as_u64() {
+                let path = p["name"].as_str().unwrap_or("?");
+                out.insert(format!("{name}/{path}"), g);
+            }
+        }
+    }
+    out
+}
+
+/// The worst transmit gap that happened between two status documents: a
+/// session's worst can only grow, so one that grew had it in between
+/// (0 when none grew: every gap in between was at most the earlier worst).
+pub fn worst_tx_gap_between(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> u64 {
+    after
+        .iter()
+        .filter(|(k, v)| before.get(*k).is_some_and(|b| *v > b))
+        .map(|(_, v)| *v)
+        .max()
+        .unwrap_or(0)
+}
+
 /// Sum over both maps of how much each entry grew.
 pub fn grown(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> Vec<String> {
     after
