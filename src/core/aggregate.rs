@@ -148,6 +148,19 @@ impl Board {
         self.paths.iter().find(|p| p.id == id)
     }
 
+    /// Starts path `id`'s pace no earlier than `until` (seen at `now`):
+    /// the process an upgrade replaced still sends what it held for the
+    /// path until then, and the two together must not pass its rate.
+    pub fn defer_pace(&self, id: PathId, until: Instant, now: Instant) {
+        let Some(p) = self.path(id) else {
+            return;
+        };
+        let at = self
+            .since_epoch(now)
+            .saturating_add(nanos(until.saturating_duration_since(now)));
+        p.free_ns.fetch_max(at, Ordering::Relaxed);
+    }
+
     pub fn wait(&self) -> Duration {
         Duration::from_nanos(self.wait_ns.load(Ordering::Relaxed))
     }

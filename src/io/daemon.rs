@@ -29,7 +29,7 @@ use super::{clock, keys, netlink::Netlink, notify, sys, tun, udp};
 use crate::config::{
     Config, ConfigError, FecConfig, FecMode, PathConfig, PeerConfig, Policy, SlaConfig,
 };
-use crate::core::aggregate::Scheduler;
+use crate::core::aggregate::{Scheduler, PACE_QUEUE};
 use crate::core::crypto::{self, EchoGuard, ReplayWindow};
 use crate::core::dedup::Window;
 use crate::core::engine::{check_secret, Engine, Forwarding, Secrets};
@@ -533,6 +533,9 @@ async fn run_async(
     }
 
     if handed_over {
+        // What the lanes held for their paced paths goes out at its time
+        // (the new process's pace for each path starts after it).
+        blocking(|| gw.send_held());
         // The answer to `crosslink upgrade` is on its way from the control
         // task; then go without a word: the sessions, TUNs, routes and
         // socket file are the new process's now.
@@ -1091,6 +1094,7 @@ impl Gateway {
                     fec_counters: reorder_counters.clone(),
                     gso_cap: usize::MAX,
                     paced: Paced::default(),
+                    pace_after: Vec::new(),
                 },
                 ins: Vec::new(),
                 reorder: Arc::new(Mutex::new(LaneReorder::new(reorder_counters.clone()))),
@@ -1684,6 +1688,7 @@ impl Gateway {
     /// The data plane's counters and sequence numbers (lanes parked).
     fn export_data(&self) -> (Vec<PathData>, Vec<PeerData>) {
         use std::sync::atomic::Ordering::Relaxed;
+        let now = clock::now();
         let mut paths = Vec::new();
         let mut peers = Vec::new();
         for peer in &self.peers {
@@ -1721,6 +1726,14 @@ impl Gateway {
                         .filter_map(|i| i.prober.as_ref().map(Prober::last_seq))
                         .max()
                         .unwrap_or(0),
+                    pace_backlog_us: peer
+                        .parked
+                        .iter()
+                        .flat_map(|l| l.out.pace_backlog())
+                        .filter(|(id, _)| *id == r.id)
+                        .map(|(_, due)| due.saturating_duration_since(now).as_micros())
+                        .max()
+                        .map_or(0, |us| u64::try_from(us).unwrap_or(u64::MAX)),
                 });
             }
         }
@@ -1732,6 +1745,7 @@ impl Gateway {
     /// the same sender's sequence go on.
     fn import_data(&mut self, t: &Takeover) {
         use std::sync::atomic::Ordering::Relaxed;
+        let now = clock::now();
         for peer in &mut self.peers {
             if let Some(d) = t.peers.iter().find(|d| d.name == peer.config.name) {
                 for lane in &mut peer.parked {
@@ -1758,6 +1772,14 @@ impl Gateway {
                     c.rx_bytes.fetch_add(d.rx_bytes, Relaxed);
                     c.rx_seq_high.fetch_max(d.rx_seq_high, Relaxed);
                     out.sequence.fetch_max(d.sequence, Relaxed);
+                }
+                // The old process sends what it held for the path's pace
+                // until then: this one's pace for it starts after that.
+                if d.pace_backlog_us > 0 {
+                    let until = now + Duration::from_micros(d.pace_backlog_us);
+                    for lane in &mut peer.parked {
+                        lane.out.pace_after.push((r.id, until));
+                    }
                 }
                 // The receiving side's replay state: nothing the old lanes
                 // took is taken again, and nothing they answered is answered
@@ -1839,6 +1861,39 @@ impl Gateway {
     fn unstore_tuns(&mut self) {
         for s in std::mem::take(&mut self.stored) {
             remove_stored(&s.0);
+        }
+    }
+
+    /// Sends what the parked lanes hold for their paced paths, each
+    /// datagram at its time (at most [`PACE_QUEUE`] ahead, and a little
+    /// more for a late wake-up); what is still held then is dropped.
+    fn send_held(&mut self) {
+        let limit = clock::now() + PACE_QUEUE + Duration::from_millis(20);
+        let mut batch = sys::SendBatch::new(false);
+        let mut sent = 0usize;
+        loop {
+            let now = clock::now();
+            let next = self
+                .peers
+                .iter_mut()
+                .flat_map(|p| p.parked.iter_mut())
+                .filter_map(|l| {
+                    let before = l.out.paced.len();
+                    let next = l.out.send_held(&mut batch, now);
+                    sent += before - l.out.paced.len();
+                    next
+                })
+                .min();
+            let Some(next) = next.filter(|_| now < limit) else {
+                break;
+            };
+            std::thread::sleep(next.saturating_duration_since(clock::now()));
+        }
+        if sent > 0 {
+            info!(
+                datagrams = sent,
+                "upgrade: sent what the lanes held for their pace"
+            );
         }
     }
 

@@ -199,6 +199,11 @@ pub struct PathData {
     /// above it).
     #[serde(default)]
     pub probe_seq: u64,
+    /// How long the old process still sends what its lanes held for the
+    /// path's pace (`aggregate` with `rate`), in µs; the new process's
+    /// pace for the path starts after it.
+    #[serde(default)]
+    pub pace_backlog_us: u64,
 }
 
 /// A peer's sender identity and sequence (`duplicate`, `aggregate`).
@@ -460,6 +465,7 @@ mod tests {
                 probes_seen: Some((3, 40)),
                 echo_seen: None,
                 probe_seq: 41,
+                pace_backlog_us: 12_000,
             }],
             peers: vec![PeerData {
                 name: "site-b".into(),

@@ -678,3 +678,39 @@ fn a_queue_raises_an_estimate_only_far_below_what_the_path_delivers() {
         "{last} for 100 MB/s delivered"
     );
 }
+
+#[test]
+fn a_deferred_pace_starts_after_what_the_old_process_holds() {
+    // 12.5 MB/s; an upgrade's old process still sends 20 ms of the path's
+    // pace: the first packet of the new one waits for it, and the 50 ms
+    // queue counts what the old one holds (full 30 ms after the start).
+    let b = paced(&[(A, 12_500_000)], &[5]);
+    let mut s = Scheduler::new();
+    let t0 = Instant::now();
+    let until = t0 + Duration::from_millis(20);
+    b.defer_pace(A, until, t0);
+    match s.pick(&b, [A], 1500, 1, t0) {
+        Some(Pick::At(_, at)) => assert_eq!(at, until),
+        other => panic!("not deferred: {other:?}"),
+    }
+    // A later, shorter deferral (another lane's copy of the same news)
+    // moves nothing back.
+    b.defer_pace(A, t0 + Duration::from_millis(5), t0);
+    let mut last = until;
+    let full = loop {
+        match s.pick(&b, [A], 1500, 1, t0) {
+            Some(Pick::At(_, at)) => {
+                assert!(at > last);
+                last = at;
+            }
+            Some(Pick::Full) => break last - t0,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(
+        full <= PACE_QUEUE && full + Duration::from_millis(1) > PACE_QUEUE,
+        "{full:?}"
+    );
+    // An unknown path: nothing happens.
+    b.defer_pace(PathId(99), until, t0);
+}

@@ -68,8 +68,21 @@ impl Paced {
         true
     }
 
-    pub(super) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.count == 0
+    }
+
+    /// Datagrams held.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Per path, when its last held datagram is due: until then its pace
+    /// is taken.
+    pub(super) fn backlog(&self) -> impl Iterator<Item = (PathId, Instant)> + '_ {
+        self.queues
+            .iter()
+            .filter_map(|(id, q)| q.back().map(|w| (*id, w.due)))
     }
 
     /// When the first held datagram is due.
@@ -142,6 +155,11 @@ mod tests {
         assert!(p.hold(b, t0 + ms(2), (&[3], &[]), 1, 0));
         assert!(p.hold(a, t0 + ms(3), (&[4], &[]), 1, 0));
         assert_eq!(p.next_due(), Some(t0 + ms(1)));
+        assert_eq!(p.len(), 3);
+        // What an upgrade hands over: each path's last time.
+        let mut backlog: Vec<_> = p.backlog().collect();
+        backlog.sort_by_key(|(id, _)| id.0);
+        assert_eq!(backlog, vec![(a, t0 + ms(3)), (b, t0 + ms(2))]);
         assert!(drain(&mut p, t0).is_empty());
         assert_eq!(
             drain(&mut p, t0 + ms(2)),

@@ -72,6 +72,10 @@ pub struct TunOut {
     /// Datagrams waiting for their paced path's time (`aggregate` with a
     /// configured `rate`).
     pub paced: Paced,
+    /// After an upgrade, in the new process: until when the old process
+    /// still sends what it held for each paced path. Applied to the
+    /// peer's board ([`Board::defer_pace`]) by the first packet placed.
+    pub pace_after: Vec<(PathId, Instant)>,
     /// Most datagrams per UDP GSO send: `GSO_MAX_SEGMENTS` (64), or 1 under
     /// FEC: a train is dropped whole inside the sending host (a full
     /// queue, a filter that sees it before it is cut), a burst that a
@@ -326,6 +330,9 @@ impl TunOut {
             Ok(mut p) => {
                 let mut due = None;
                 if let Some((board, paths)) = selection.spread() {
+                    for (id, until) in self.pace_after.drain(..) {
+                        board.defer_pace(id, until, turn.now);
+                    }
                     // `aggregate`: this packet (a super-packet: all of it)
                     // goes where it arrives first.
                     match self
@@ -612,6 +619,21 @@ impl TunOut {
             self.transmit(id, datagrams, lens, true, batch, now);
         });
         self.paced = paced;
+    }
+
+    /// Per path, when the last datagram held for it is due (see
+    /// [`Self::pace_after`]).
+    pub fn pace_backlog(&self) -> impl Iterator<Item = (PathId, Instant)> + '_ {
+        self.paced.backlog()
+    }
+
+    /// Sends what is held for the paced paths, each datagram at its time,
+    /// with `batch`; returns when the next one is due (`None`: nothing is
+    /// left). For a lane no worker runs: the process an upgrade replaced
+    /// sends what its parked lanes held before it exits.
+    pub fn send_held(&mut self, batch: &mut sys::SendBatch, now: Instant) -> Option<Instant> {
+        self.release(batch, now);
+        self.paced.next_due()
     }
 
     /// When the first held datagram is due.
