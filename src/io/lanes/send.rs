@@ -74,7 +74,7 @@ pub struct TunOut {
     pub paced: Paced,
     /// After an upgrade, in the new process: until when the old process
     /// still sends what it held for each paced path. Applied to the
-    /// peer's board ([`Board::defer_pace`]) by the first packet placed.
+    /// peer's board ([`Board::defer_pace`](crate::core::aggregate::Board::defer_pace)) by the first packet placed.
     pub pace_after: Vec<(PathId, Instant)>,
     /// Most datagrams per UDP GSO send: `GSO_MAX_SEGMENTS` (64), or 1 under
     /// FEC: a train is dropped whole inside the sending host (a full
