@@ -180,12 +180,14 @@ fn run_one(n: usize, args: &Args) {
         .iter()
         .map(|st| format!("{:.1}", scale::worst_tx_gap_us(st) as f64 / 1e3))
         .collect();
+    // "-": no session's worst grew in between.
+    let grown_ms = |us: u64| match us {
+        0 => "-".to_string(),
+        us => format!("{:.1}", us as f64 / 1e3),
+    };
     let gap_window: Vec<String> = (0..2)
         .map(|g| scale::worst_tx_gap_between(&gaps_start[g], &scale::tx_gaps(&status[g])))
-        .map(|us| match us {
-            0 => "-".to_string(),
-            us => format!("{:.1}", us as f64 / 1e3),
-        })
+        .map(grown_ms)
         .collect();
     let downs_total: u64 = f_end.iter().flat_map(|m| m.values()).sum();
     let downs_window: usize = (0..2)
@@ -290,7 +292,7 @@ fn run_one(n: usize, args: &Args) {
          host: worst wake-up lateness {host_ms:.1} ms, {host_stalls} over {stall_ms} ms, \
          steal {steal:?} ms per CPU; \
          BFD receive buffer drops since start {overflow:?}\n  \
-         gw-a's status polled back to back for 3 s ({polls} documents): worst tx gap of gw-a {polled} \
+         gw-a's status polled back to back for 3 s ({polls} documents): worst tx gap of gw-a {polled} ms \
          (-: none over the earlier worst)\n  \
          status (socket) {status_ms:.1} ms, `crosslink status` {table_ms:.1} ms, /metrics scrape {scrape_ms:.1} ms ({scrape_kb} KB)\n  \
          reload of one peer: applied after {reload}, {moved} sessions of gw-a changed state, failures {reload_downs}\n  \
@@ -299,10 +301,7 @@ fn run_one(n: usize, args: &Args) {
         offload = if s.offload { "on" } else { "off" },
         last = n - 1,
         reload_downs = brief(&reload_downs),
-        polled = match polled_gap {
-            0 => "-".to_string(),
-            us => format!("{:.1} ms", us as f64 / 1e3),
-        },
+        polled = grown_ms(polled_gap),
         others = brief(&others),
         bin = match &args.bin_b {
             Some(b) => format!("gw-a {}, gw-b {b}", args.bin),

@@ -530,11 +530,7 @@ impl BfdThread {
             }
             let now = clock::now();
             if !self.held {
-                self.engine.handle_timeout(now);
-                if self.refresh_offloaded() {
-                    // The sessions the offload kept alive are not due.
-                    self.engine.handle_timeout(now);
-                }
+                self.run_timers(now);
                 self.flush(now);
             }
             let mut timeout = self
@@ -817,11 +813,18 @@ impl BfdThread {
         if self.engine.poll_timeout().is_none_or(|t| t > now) {
             return;
         }
+        self.run_timers(now);
+        self.send_due(now);
+    }
+
+    /// The engine's timers, and again once the offload has answered for
+    /// the sessions whose detection time ran out.
+    fn run_timers(&mut self, now: Instant) {
         self.engine.handle_timeout(now);
         if self.refresh_offloaded() {
+            // The sessions the offload kept alive are not due.
             self.engine.handle_timeout(now);
         }
-        self.send_due(now);
     }
 
     /// Tells the engine how a control packet's send went.
@@ -1221,8 +1224,7 @@ impl BfdThread {
             match cmd {
                 Command::Status(reply) => {
                     self.collect_fast_paths();
-                    let status = self.status();
-                    let _ = reply.send(status);
+                    let _ = reply.send(self.status());
                 }
                 Command::Ping(reply) => {
                     let _ = reply.send(());

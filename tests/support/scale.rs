@@ -229,43 +229,36 @@ pub fn paths(status: &Value) -> impl Iterator<Item = &Value> {
         .flat_map(|peer| peer["paths"].as_array().into_iter().flatten())
 }
 
-/// BFD failures (Up -> Down not administrative) by "peer/path".
-pub fn failures(status: &Value) -> BTreeMap<String, u64> {
+/// A figure of each path, by "peer/path" (paths without it left out).
+fn by_path(status: &Value, figure: impl Fn(&Value) -> Option<u64>) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for peer in status["peers"].as_array().into_iter().flatten() {
         let name = peer["name"].as_str().unwrap_or("?");
         for p in peer["paths"].as_array().into_iter().flatten() {
-            let path = p["name"].as_str().unwrap_or("?");
-            out.insert(
-                format!("{name}/{path}"),
-                p["bfd"]["failures"].as_u64().unwrap_or(u64::MAX),
-            );
-        }
-    }
-    out
-}
-
-/// The worst transmit gap of any Up session, in µs.
-pub fn worst_tx_gap_us(status: &Value) -> u64 {
-    paths(status)
-        .filter_map(|p| p["bfd"]["max_tx_gap_us"].as_u64())
-        .max()
-        .unwrap_or(0)
-}
-
-/// Each Up session's worst transmit gap so far, in µs, by "peer/path".
-pub fn tx_gaps(status: &Value) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    for peer in status["peers"].as_array().into_iter().flatten() {
-        let name = peer["name"].as_str().unwrap_or("?");
-        for p in peer["paths"].as_array().into_iter().flatten() {
-            if let Some(g) = p["bfd"]["max_tx_gap_us"].as_u64() {
+            if let Some(v) = figure(p) {
                 let path = p["name"].as_str().unwrap_or("?");
-                out.insert(format!("{name}/{path}"), g);
+                out.insert(format!("{name}/{path}"), v);
             }
         }
     }
     out
+}
+
+/// BFD failures (Up -> Down not administrative) by "peer/path".
+pub fn failures(status: &Value) -> BTreeMap<String, u64> {
+    by_path(status, |p| {
+        Some(p["bfd"]["failures"].as_u64().unwrap_or(u64::MAX))
+    })
+}
+
+/// The worst transmit gap of any Up session, in µs.
+pub fn worst_tx_gap_us(status: &Value) -> u64 {
+    tx_gaps(status).into_values().max().unwrap_or(0)
+}
+
+/// Each Up session's worst transmit gap so far, in µs, by "peer/path".
+pub fn tx_gaps(status: &Value) -> BTreeMap<String, u64> {
+    by_path(status, |p| p["bfd"]["max_tx_gap_us"].as_u64())
 }
 
 /// The worst transmit gap that happened between two status documents: a
