@@ -14,7 +14,11 @@
 //!   wake-up lateness of a reference SCHED_FIFO thread sleeping 1 ms at a
 //!   time in the bench (`lab::ReferenceTimer`, one per CPU, as the soak
 //!   bench reports: what the host allowed at best), and the time the
-//!   hypervisor took from each CPU in the window (steal, /proc/stat);
+//!   hypervisor took from each CPU in the window (steal, /proc/stat), and
+//!   both again since the gateways started (the bring-up included, over
+//!   which the worst gap since Up is measured), and the BFD thread's own
+//!   view (the status's `bfd_thread`: its latest wake-up, and its longest
+//!   time off the CPU in work, preempted, in a system call or stolen);
 //! * false downs: BFD failures (Up -> Down that is not administrative) of
 //!   any session since start, and during the window (no fault is injected),
 //!   and the BFD packets each gateway's kernel dropped for a full receive
@@ -116,6 +120,10 @@ fn run_one(n: usize, args: &Args) {
         args.interval,
         3,
     );
+    // The host from the start, bring-up included (the worst gap since Up
+    // is measured from there), beside the window's own (below).
+    let timer_all = crosslink::lab::ReferenceTimer::start();
+    let steal_all0 = crosslink::lab::steal_ms();
     s.start();
     let up = match s.wait_all_up(Duration::from_secs(60 + n as u64 / 5)) {
         Ok(d) => d.as_secs_f64(),
@@ -143,11 +151,17 @@ fn run_one(n: usize, args: &Args) {
     std::thread::sleep(Duration::from_secs(args.secs));
     let host_stalls = timer.stalls();
     let (host_worst, _) = timer.stop();
-    let steal: Vec<u64> = crosslink::lab::steal_ms()
-        .iter()
-        .zip(&steal0)
-        .map(|(b, a)| b.saturating_sub(*a))
-        .collect();
+    let steal_now = crosslink::lab::steal_ms();
+    let since = |from: &[u64]| -> Vec<u64> {
+        steal_now
+            .iter()
+            .zip(from)
+            .map(|(b, a)| b.saturating_sub(*a))
+            .collect()
+    };
+    let steal = since(&steal0);
+    let steal_all = since(&steal_all0);
+    let (host_all_worst, _) = timer_all.stop();
     let cpu1: Vec<Option<f64>> = (0..pids.len()).map(cpu).collect();
     let all1: Vec<Option<f64>> = (0..pids.len()).map(all).collect();
     let window = t0.elapsed().as_secs_f64();
@@ -188,6 +202,26 @@ fn run_one(n: usize, args: &Args) {
     let gap_window: Vec<String> = (0..2)
         .map(|g| scale::worst_tx_gap_between(&gaps_start[g], &scale::tx_gaps(&status[g])))
         .map(grown_ms)
+        .collect();
+    // The BFD thread's own view of the host since start (absent from
+    // older builds): late wake-ups, time off its CPU in work.
+    let held: Vec<String> = status
+        .iter()
+        .map(|st| {
+            let t = &st["bfd_thread"];
+            let ms = |k: &str| {
+                t[k].as_u64()
+                    .map_or("?".into(), |us| format!("{:.1}", us as f64 / 1e3))
+            };
+            format!(
+                "late {}, preempted {}, blocked {}, stolen {} ms, {} stalls",
+                ms("worst_late_us"),
+                ms("worst_preempted_us"),
+                ms("worst_blocked_us"),
+                ms("worst_stolen_us"),
+                t["stalls"].as_u64().map_or("?".into(), |n| n.to_string())
+            )
+        })
         .collect();
     let downs_total: u64 = f_end.iter().flat_map(|m| m.values()).sum();
     let downs_window: usize = (0..2)
@@ -289,8 +323,9 @@ fn run_one(n: usize, args: &Args) {
          (whole process: {pa}, {pb}); threads {threads:?}; RSS {rss:?}\n  \
          worst tx gap since Up (gw-a, gw-b) {gap:?} ms, in the window {gap_window:?} ms \
          (-: none over the earlier worst); false downs: {downs_total} since start, {downs_window} in the window; \
-         host: worst wake-up lateness {host_ms:.1} ms, {host_stalls} over {stall_ms} ms, \
-         steal {steal:?} ms per CPU; \
+         host in the window: worst wake-up lateness {host_ms:.1} ms, {host_stalls} over {stall_ms} ms, \
+         steal {steal:?} ms per CPU; host since start: worst lateness {host_all_ms:.1} ms, steal {steal_all:?} ms; \
+         BFD thread held off since start (worst): gw-a {held_a}; gw-b {held_b}; \
          BFD receive buffer drops since start {overflow:?}\n  \
          gw-a's status polled back to back for 3 s ({polls} documents): worst tx gap of gw-a {polled} ms \
          (-: none over the earlier worst)\n  \
@@ -312,6 +347,9 @@ fn run_one(n: usize, args: &Args) {
         pa = all_pct.first().map_or("?", String::as_str),
         pb = all_pct.get(1).map_or("?", String::as_str),
         host_ms = host_worst.as_secs_f64() * 1e3,
+        host_all_ms = host_all_worst.as_secs_f64() * 1e3,
+        held_a = held.first().map_or("?", String::as_str),
+        held_b = held.get(1).map_or("?", String::as_str),
         stall_ms = crosslink::lab::ReferenceTimer::STALL.as_millis(),
         reload = reload_s.map_or("never".into(), |x| format!("{:.0} ms", x * 1e3)),
         det = detection.map_or("no failover logged".into(), |d| format!("detection {d:.1} ms")),

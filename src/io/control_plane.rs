@@ -50,8 +50,8 @@ use crate::core::quality::{Sample, Transition};
 use crate::core::wire::bfd::State;
 use crate::telemetry::metrics::{Metrics, PathLabels};
 use crate::telemetry::status::{
-    AggregateStatus, BfdStatus, FecStatus, HandshakeStatus, PathStatus, PeerStatus, QualityStatus,
-    ReorderStatus, Status,
+    AggregateStatus, BfdStatus, BfdThreadStatus, FecStatus, HandshakeStatus, PathStatus,
+    PeerStatus, QualityStatus, ReorderStatus, Status,
 };
 use crate::telemetry::{DropCounters, PathCounters, ReorderCounters};
 use crate::{PathId, PeerId};
@@ -390,9 +390,10 @@ pub struct Io {
     registered: HashSet<RawFd>,
     /// The receive sockets need registering again (a reload changed them).
     rx_changed: bool,
-    /// Times the thread woke [`STALL`] or more after its deadline, or was
-    /// busy that long.
-    stalls: u64,
+    /// How long the thread was kept from its work (the status's
+    /// `bfd_thread`): `stalls` counts wake-ups [`STALL`] or more after
+    /// their deadline, work that long, and that long off the CPU in work.
+    held: BfdThreadStatus,
     /// Commands were left in the queue (a sender held its lock).
     commands_left: bool,
     /// Commands taken from the queue, being handled.
@@ -419,13 +420,65 @@ impl Io {
     fn note_busy(&mut self, what: &str, from: Instant, to: Instant) {
         let busy = to.saturating_duration_since(from);
         if busy >= STALL {
-            self.stalls += 1;
+            self.held.stalls += 1;
             warn!(
                 busy_ms = busy.as_secs_f64() * 1e3,
                 what, "BFD thread busy for long"
             );
         }
     }
+}
+
+impl Io {
+    /// A wake-up `late` past its deadline.
+    fn note_late(&mut self, late: Duration) {
+        self.held.worst_late_us = self.held.worst_late_us.max(micros(late));
+        if late >= STALL {
+            self.held.stalls += 1;
+            warn!(
+                late_ms = late.as_secs_f64() * 1e3,
+                "BFD thread woke late (the host did not run it)"
+            );
+        }
+    }
+
+    /// A stretch of work from `from` to `to`, the thread's usage `before`
+    /// it (the thread's own pauses and waits are not in a stretch): the
+    /// time it was off its CPU meanwhile, preempted, waiting in a system
+    /// call or stopped by the hypervisor.
+    fn note_off_cpu(&mut self, (from, to): (Instant, Instant), before: Option<sys::ThreadUsage>) {
+        let (Some(a), Some(b)) = (before, sys::thread_usage()) else {
+            return;
+        };
+        let off = to
+            .saturating_duration_since(from)
+            .saturating_sub(b.cpu.saturating_sub(a.cpu));
+        // Switched away while it could run, or because it waited; with
+        // neither, its clock stopped without a switch: the hypervisor
+        // took the virtual CPU (steal).
+        let (worst, why) = if b.involuntary > a.involuntary {
+            (&mut self.held.worst_preempted_us, "preempted")
+        } else if b.voluntary > a.voluntary {
+            (&mut self.held.worst_blocked_us, "waiting in a system call")
+        } else {
+            (
+                &mut self.held.worst_stolen_us,
+                "CPU taken by the hypervisor",
+            )
+        };
+        *worst = (*worst).max(micros(off));
+        if off >= STALL {
+            self.held.stalls += 1;
+            warn!(
+                off_ms = off.as_secs_f64() * 1e3,
+                why, "BFD thread kept off its CPU while working"
+            );
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Work the BFD thread leaves to the `bfd-helper` thread.
@@ -521,11 +574,17 @@ impl BfdThread {
         self.io.tx_queue = TxQueue::new();
         let mut batch = sys::RecvBatch::new(RX_BATCH, 512);
         let mut woke = clock::now();
+        let mut usage = sys::thread_usage();
         loop {
+            // Two stretches of work, told apart by the pause: receiving and
+            // commands (from the wake-up), then timers and sends.
             if self.engine.paths().len() >= COALESCE_FROM {
-                let since = clock::now().saturating_duration_since(woke);
-                if let Some(rest) = COALESCE.checked_sub(since) {
+                let t = clock::now();
+                if let Some(rest) = COALESCE.checked_sub(t.saturating_duration_since(woke)) {
+                    self.io.note_off_cpu((woke, t), usage);
                     std::thread::sleep(rest);
+                    woke = clock::now();
+                    usage = sys::thread_usage();
                 }
             }
             let now = clock::now();
@@ -543,6 +602,7 @@ impl BfdThread {
             }
             let before_wait = clock::now();
             self.io.note_busy("timers and sends", now, before_wait);
+            self.io.note_off_cpu((woke, before_wait), usage);
             // No deadline: a day (the commands' socket wakes it).
             if let Err(e) = poll.wait(timeout.unwrap_or(Duration::from_secs(86_400))) {
                 error!(error = %e, "BFD wait failed");
@@ -550,15 +610,11 @@ impl BfdThread {
                 continue;
             }
             woke = clock::now();
-            if let Some(late) = timeout
-                .and_then(|t| woke.saturating_duration_since(before_wait).checked_sub(t))
-                .filter(|l| *l >= STALL)
+            usage = sys::thread_usage();
+            if let Some(late) =
+                timeout.and_then(|t| woke.saturating_duration_since(before_wait).checked_sub(t))
             {
-                self.io.stalls += 1;
-                warn!(
-                    late_ms = late.as_secs_f64() * 1e3,
-                    "BFD thread woke late (the host did not run it)"
-                );
+                self.io.note_late(late);
             }
             if self.io.commands_left && self.handle_commands() {
                 self.commands.close();
@@ -1593,6 +1649,7 @@ impl BfdThread {
                 .map(|&r| (r.as_str().to_string(), self.drops.get(r)))
                 .filter(|&(_, n)| n > 0)
                 .collect(),
+            bfd_thread: Some(self.io.held.clone()),
         }
     }
 
@@ -1812,4 +1869,41 @@ fn slot<T>(v: &mut Vec<Option<T>>, i: usize) -> &mut Option<T> {
         v.resize_with(i + 1, || None);
     }
     &mut v[i]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The time off the CPU in a stretch of work is told from the
+    /// thread's own CPU time: a wait in a system call counts (as waiting,
+    /// not preempted), work on the CPU does not.
+    #[test]
+    fn time_off_the_cpu_in_work_is_measured() {
+        let mut io = Io::default();
+        let ms = Duration::from_millis;
+        // Waiting 30 ms in a system call.
+        let (from, before) = (clock::now(), sys::thread_usage());
+        std::thread::sleep(ms(30));
+        io.note_off_cpu((from, clock::now()), before);
+        assert!(io.held.worst_blocked_us >= 25_000, "{:?}", io.held);
+        assert_eq!(io.held.stalls, 1);
+        // 30 ms of work on the CPU (a loaded host may take some of it).
+        let mut busy_io = Io::default();
+        let (from, before) = (clock::now(), sys::thread_usage());
+        let mut x = 0u64;
+        while clock::now().saturating_duration_since(from) < ms(30) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        busy_io.note_off_cpu((from, clock::now()), before);
+        let h = &busy_io.held;
+        assert!(
+            h.worst_blocked_us + h.worst_preempted_us + h.worst_stolen_us < 25_000,
+            "{h:?}"
+        );
+        // A late wake-up.
+        io.note_late(ms(12));
+        assert_eq!(io.held.worst_late_us, 12_000);
+        assert_eq!(io.held.stalls, 2);
+    }
 }

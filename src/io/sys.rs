@@ -467,6 +467,48 @@ pub fn clear_tun_persist(tun: &impl AsRawFd) -> io::Result<()> {
     cvt(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, off) }).map(|_| ())
 }
 
+/// The calling thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`) and context
+/// switches (`getrusage(RUSAGE_THREAD)`) so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ThreadUsage {
+    /// User and system time.
+    pub cpu: Duration,
+    /// Switches away from the thread because it waited (a sleep, a system
+    /// call that blocked).
+    pub voluntary: u64,
+    /// Switches away from the thread while it could run (the kernel ran
+    /// something else).
+    pub involuntary: u64,
+}
+
+/// [`ThreadUsage`] of the calling thread, `None` if the kernel refuses.
+pub fn thread_usage() -> Option<ThreadUsage> {
+    // SAFETY: a zeroed rusage is a valid value, filled by the call.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a live rusage; RUSAGE_THREAD names the calling thread.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        return None;
+    }
+    // The CPU time from the thread's clock: getrusage's lags by up to a
+    // scheduler tick while the thread runs.
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live timespec, filled by the call.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ThreadUsage {
+        cpu: Duration::new(
+            u64::try_from(ts.tv_sec).unwrap_or(0),
+            u32::try_from(ts.tv_nsec).unwrap_or(0),
+        ),
+        voluntary: u64::try_from(ru.ru_nvcsw).unwrap_or(0),
+        involuntary: u64::try_from(ru.ru_nivcsw).unwrap_or(0),
+    })
+}
+
 /// Sets the calling thread to SCHED_FIFO at `priority`.
 pub fn set_realtime_priority(priority: i32) -> io::Result<()> {
     let param = libc::sched_param {

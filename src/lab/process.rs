@@ -372,6 +372,19 @@ impl Lab {
         &mut self,
         what: &str,
         timeout: Duration,
+        done: impl FnMut(Gw, &Value) -> bool,
+    ) -> Result<()> {
+        self.wait_for_every(what, timeout, Duration::from_millis(10), done)
+    }
+
+    /// [`wait_for`](Self::wait_for), asking every `pause`: a lab of
+    /// hundreds of peers has status documents of megabytes, and asking for
+    /// them back to back takes the CPUs the gateways need.
+    pub fn wait_for_every(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pause: Duration,
         mut done: impl FnMut(Gw, &Value) -> bool,
     ) -> Result<()> {
         let deadline = Instant::now() + timeout;
@@ -389,7 +402,7 @@ impl Lab {
                     after: timeout,
                 });
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(pause);
         }
     }
 

@@ -13,6 +13,32 @@ pub struct Status {
     /// `crosslink_packets_dropped_total`); reasons at zero are left out.
     #[serde(default)]
     pub drops: std::collections::BTreeMap<String, u64>,
+    /// How long the BFD thread was kept from its work, since start
+    /// (absent from older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd_thread: Option<BfdThreadStatus>,
+}
+
+/// The BFD thread's own view of the host: a session's transmit gap over
+/// twice its interval with a worst here near it was the host's doing.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct BfdThreadStatus {
+    /// Times it was kept 10 ms or more: a wake-up that late, or that long
+    /// off its CPU in a stretch of work.
+    pub stalls: u64,
+    /// The latest wake-up past its deadline, microseconds.
+    pub worst_late_us: u64,
+    /// The longest time off its CPU in a stretch of work while it could
+    /// run (the kernel ran something else: a higher-priority thread, or
+    /// the share the scheduler keeps for normal threads), microseconds.
+    pub worst_preempted_us: u64,
+    /// The longest time off its CPU in a stretch of work while it waited
+    /// in a system call, microseconds.
+    pub worst_blocked_us: u64,
+    /// The longest time its clock stood still in a stretch of work without
+    /// a switch: the hypervisor took the virtual CPU, microseconds.
+    #[serde(default)]
+    pub worst_stolen_us: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -401,6 +427,7 @@ mod tests {
     pub(crate) fn sample() -> Status {
         Status {
             drops: Default::default(),
+            bfd_thread: None,
             gateway: "onprem-1".into(),
             version: "0.1.0".into(),
             uptime_seconds: 75,

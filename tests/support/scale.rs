@@ -206,10 +206,16 @@ impl ScaleLab {
     pub fn wait_all_up(&mut self, timeout: Duration) -> Result<Duration, String> {
         let want = 2 * self.peers;
         let t0 = self.started.unwrap_or_else(Instant::now);
+        // Every 200 ms: at N = 500 a document is 4.5 MB, and asking both
+        // gateways for one back to back (each 20-60 ms to build, send and
+        // parse) kept both CPUs full while the sessions came up.
         self.lab
-            .wait_for("every path up", timeout, |_, s| {
-                count_paths(s, |p| p["state"] == "up") == want
-            })
+            .wait_for_every(
+                "every path up",
+                timeout,
+                Duration::from_millis(200),
+                |_, s| count_paths(s, |p| p["state"] == "up") == want,
+            )
             .map_err(|e| e.to_string())?;
         Ok(t0.elapsed())
     }
