@@ -427,9 +427,7 @@ impl Io {
             );
         }
     }
-}
 
-impl Io {
     /// A wake-up `late` past its deadline.
     fn note_late(&mut self, late: Duration) {
         self.held.worst_late_us = self.held.worst_late_us.max(micros(late));

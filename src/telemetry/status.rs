@@ -23,8 +23,8 @@ pub struct Status {
 /// twice its interval with a worst here near it was the host's doing.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct BfdThreadStatus {
-    /// Times it was kept 10 ms or more: a wake-up that late, or that long
-    /// off its CPU in a stretch of work.
+    /// Times it was held 10 ms or more: a wake-up that late, a stretch of
+    /// work that long, or that long off its CPU in one.
     pub stalls: u64,
     /// The latest wake-up past its deadline, microseconds.
     pub worst_late_us: u64,
