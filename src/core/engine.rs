@@ -459,6 +459,7 @@ impl Engine {
             mix(self.seed ^ u64::from(disc)),
         );
         session.set_auth(auth);
+        session.spread_first_transmission(now);
         self.paths.push(PathCore {
             peer,
             name: path.name.clone(),
@@ -2010,6 +2011,27 @@ mod tests {
         );
     }
 
+    /// Sessions added together do not send their first packets in one burst.
+    #[test]
+    fn sessions_added_together_start_spread_over_their_interval() {
+        let t0 = Instant::now();
+        let paths: Vec<u8> = (0..50).collect();
+        let mut a = Engine::new(&config(1, &paths), t0, 7);
+        let mut sent_at = Vec::new();
+        for us in (0..=10_000u64).step_by(100) {
+            let now = t0 + Duration::from_micros(us);
+            while let Some((_, t)) = a.poll_transmit(now) {
+                assert!(t.is_ok());
+                sent_at.push(us);
+            }
+        }
+        assert_eq!(sent_at.len(), 50, "each session sends its first packet");
+        let at_once = sent_at.iter().filter(|&&us| us == 0).count();
+        assert!(at_once <= 5, "{at_once} of 50 sent at the start");
+        let first_half = sent_at.iter().filter(|&&us| us < 5_000).count();
+        assert!((10..=40).contains(&first_half), "{first_half} in 0-5 ms");
+    }
+
     /// The scheduled deadlines are exactly what a scan of every timer
     /// finds, through start-up, a link loss, a path's removal and
     /// addition, new timers and a peer's removal.
@@ -2302,7 +2324,11 @@ mod auth_and_admin_tests {
         Secrets::from([(PathBuf::from("/k"), secret.to_vec())])
     }
 
+    /// An engine whose sessions were added one interval before `t0`, so
+    /// that each has its first packet due by then (see
+    /// [`Session::spread_first_transmission`]).
     fn engine(side: u8, auth: Option<&str>, secret: &[u8], t0: Instant) -> Engine {
+        let t0 = t0.checked_sub(Duration::from_millis(10)).unwrap_or(t0);
         let mut e = Engine::new(
             &Config {
                 peers: Vec::new(),

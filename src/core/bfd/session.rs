@@ -210,6 +210,23 @@ impl Session {
         session
     }
 
+    /// Moves the first transmission of a new session from `now` to a random
+    /// point of its first configured interval (at most the slow rate's one
+    /// second). Sessions created together (a gateway's start, a reload that
+    /// adds many peers) would otherwise send, come Up and run their Poll
+    /// Sequences in step, each interval's work one burst that holds up the
+    /// sessions already keeping their pace; spread from the first packet,
+    /// the exchanges that bring them Up answer each other spread as well.
+    pub fn spread_first_transmission(&mut self, now: Instant) {
+        if self.state != State::Down || self.remote.discr != 0 || self.last_rx.is_some() {
+            return;
+        }
+        let spread = self.configured.desired_min_tx.min(SLOW_TX_INTERVAL);
+        let ns = u64::try_from(spread.as_nanos()).unwrap_or(u64::MAX);
+        let offset = Duration::from_nanos(self.rng.below(ns));
+        self.next_tx = now.checked_add(offset).or(Some(now));
+    }
+
     /// Turns authentication on (§6.7) or off. With it on, only packets that carry a
     /// valid auth section of the configured type and key are accepted — the session
     /// cannot come Up without it — and every packet sent is signed.

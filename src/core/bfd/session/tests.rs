@@ -361,6 +361,32 @@ fn jitter_depends_on_seed() {
 }
 
 #[test]
+fn first_transmissions_spread_over_the_interval() {
+    let base = Instant::now();
+    let mut per_ms = [0u32; 10];
+    for seed in 0..1000 {
+        let mut s = Session::new(cfg(1), base, seed);
+        assert_eq!(s.poll_timeout(), Some(base), "due at once when not spread");
+        s.spread_first_transmission(base);
+        let due = s.poll_timeout().unwrap();
+        let after = due.duration_since(base);
+        assert!(after < 10 * MS, "{after:?}");
+        let at = usize::try_from(after.as_millis()).unwrap();
+        per_ms[at] += 1;
+        assert!(s.poll_transmit(due - US).is_none());
+        assert_eq!(s.poll_transmit(due).unwrap().state, State::Down);
+    }
+    // Uniform: 100 a millisecond expected.
+    assert!(per_ms.iter().all(|n| (50..=150).contains(n)), "{per_ms:?}");
+    // A session that has heard its peer is not held back.
+    let mut s = Session::new(cfg(1), base, 1);
+    s.handle_packet(&packet(State::Down, 9, 0), base).unwrap();
+    let due = s.poll_timeout().unwrap();
+    s.spread_first_transmission(base);
+    assert_eq!(s.poll_timeout().unwrap(), due);
+}
+
+#[test]
 fn remote_admin_down_takes_us_down_with_neighbor_down() {
     let base = Instant::now();
     let (mut a, mut b) = up_pair(base);
