@@ -459,7 +459,8 @@ impl Engine {
             mix(self.seed ^ u64::from(disc)),
         );
         session.set_auth(auth);
-        session.spread_first_transmission(now);
+        let live = self.paths.iter().filter(|p| !p.retired).count();
+        session.spread_first_transmission(now, first_tx_window(path.bfd.tx_interval, live));
         self.paths.push(PathCore {
             peer,
             name: path.name.clone(),
@@ -1802,6 +1803,21 @@ fn path_auth(
         })
 }
 
+/// How long a gateway takes per session to bring it Up (its packets
+/// either way, the state changes, the Poll Sequence): on a small host, a
+/// few tens of microseconds.
+const FIRST_TX_PER_SESSION: Duration = Duration::from_micros(100);
+
+/// Over how long a new session's first packet is spread
+/// ([`Session::spread_first_transmission`]) when the engine already has
+/// `sessions`: its transmit interval, or longer when the sessions are so
+/// many that one interval would hold all of their bring-ups (1000 sessions:
+/// 100 ms, about ten a millisecond).
+fn first_tx_window(tx_interval: Duration, sessions: usize) -> Duration {
+    let sessions = u32::try_from(sessions).unwrap_or(u32::MAX);
+    tx_interval.max(FIRST_TX_PER_SESSION.saturating_mul(sessions))
+}
+
 fn session_config(bfd: &BfdConfig, local_discriminator: u32) -> SessionConfig {
     SessionConfig {
         local_discriminator,
@@ -2009,6 +2025,15 @@ mod tests {
             n.is_active(id(&n, "p1")),
             "reverted once the hold ended at 4.1 s"
         );
+    }
+
+    #[test]
+    fn the_first_packets_window_grows_with_the_sessions() {
+        let ms = Duration::from_millis;
+        assert_eq!(first_tx_window(ms(10), 0), ms(10));
+        assert_eq!(first_tx_window(ms(10), 50), ms(10));
+        assert_eq!(first_tx_window(ms(10), 1000), ms(100));
+        assert_eq!(first_tx_window(ms(300), 1000), ms(300));
     }
 
     /// Sessions added together do not send their first packets in one burst.

@@ -211,17 +211,19 @@ impl Session {
     }
 
     /// Moves the first transmission of a new session from `now` to a random
-    /// point of its first configured interval (at most the slow rate's one
-    /// second). Sessions created together (a gateway's start, a reload that
-    /// adds many peers) would otherwise send, come Up and run their Poll
-    /// Sequences in step, each interval's work one burst that holds up the
-    /// sessions already keeping their pace; spread from the first packet,
-    /// the exchanges that bring them Up answer each other spread as well.
-    pub fn spread_first_transmission(&mut self, now: Instant) {
+    /// point of the next `window` (at most the slow rate's one second, the
+    /// interval of a session that is not Up). Sessions created together (a
+    /// gateway's start, a reload that adds many peers) would otherwise send,
+    /// come Up and run their Poll Sequences in step, each interval's work
+    /// one burst that holds up the sessions already keeping their pace;
+    /// spread from the first packet, the exchanges that bring them Up
+    /// answer each other spread as well. A session that has heard its peer
+    /// already is left as it is.
+    pub fn spread_first_transmission(&mut self, now: Instant, window: Duration) {
         if self.state != State::Down || self.remote.discr != 0 || self.last_rx.is_some() {
             return;
         }
-        let spread = self.configured.desired_min_tx.min(SLOW_TX_INTERVAL);
+        let spread = window.min(SLOW_TX_INTERVAL);
         let ns = u64::try_from(spread.as_nanos()).unwrap_or(u64::MAX);
         let offset = Duration::from_nanos(self.rng.below(ns));
         self.next_tx = now.checked_add(offset).or(Some(now));

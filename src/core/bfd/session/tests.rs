@@ -367,7 +367,7 @@ fn first_transmissions_spread_over_the_interval() {
     for seed in 0..1000 {
         let mut s = Session::new(cfg(1), base, seed);
         assert_eq!(s.poll_timeout(), Some(base), "due at once when not spread");
-        s.spread_first_transmission(base);
+        s.spread_first_transmission(base, 10 * MS);
         let due = s.poll_timeout().unwrap();
         let after = due.duration_since(base);
         assert!(after < 10 * MS, "{after:?}");
@@ -378,11 +378,15 @@ fn first_transmissions_spread_over_the_interval() {
     }
     // Uniform: 100 a millisecond expected.
     assert!(per_ms.iter().all(|n| (50..=150).contains(n)), "{per_ms:?}");
+    // Never past the slow rate's interval.
+    let mut s = Session::new(cfg(1), base, 3);
+    s.spread_first_transmission(base, Duration::from_secs(5));
+    assert!(s.poll_timeout().unwrap() < base + SLOW_TX_INTERVAL);
     // A session that has heard its peer is not held back.
     let mut s = Session::new(cfg(1), base, 1);
     s.handle_packet(&packet(State::Down, 9, 0), base).unwrap();
     let due = s.poll_timeout().unwrap();
-    s.spread_first_transmission(base);
+    s.spread_first_transmission(base, 10 * MS);
     assert_eq!(s.poll_timeout().unwrap(), due);
 }
 
