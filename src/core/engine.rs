@@ -1803,9 +1803,10 @@ fn path_auth(
         })
 }
 
-/// How long a gateway takes per session to bring it Up (its packets
-/// either way, the state changes, the Poll Sequence): on a small host, a
-/// few tens of microseconds.
+/// The share of a new session's first-packet window per session: bringing
+/// one Up (its packets either way, the state changes, the Poll Sequence)
+/// takes each end a few tens of microseconds of a small host's CPU, so at
+/// ten a millisecond a bring-up of any size keeps well under one CPU.
 const FIRST_TX_PER_SESSION: Duration = Duration::from_micros(100);
 
 /// Over how long a new session's first packet is spread
