@@ -31,7 +31,9 @@
 //! (default 3), `XL_BENCH_SECONDS` per stream (default 8),
 //! `XL_BENCH_SCENARIOS` (comma list; default all), `XL_BENCH_POLICIES`
 //! (comma list; default all), `CROSSLINK_BIN` (default
-//! `target/release/crosslink`, built if missing). Without root or iperf3 it
+//! `target/release/crosslink`, built if missing), `XL_BENCH_TRACE=1`
+//! (every 100 ms of a stream's first 3 s: what gw-a sent on each path, its
+//! estimate and its delay, from gw-a's status). Without root or iperf3 it
 //! says why and exits 0; without `mptcpize` (Debian package `mptcpize`) it
 //! says so and measures the rest.
 
@@ -309,6 +311,47 @@ fn reorder_line(lab: &Lab, w: Who) -> String {
     )
 }
 
+/// `XL_BENCH_TRACE=1`: every 100 ms for the stream's first 3 s, what
+/// gw-a sent on each path in Mbit/s and its estimate (from its status).
+fn trace_paths(lab: &Lab) {
+    let started = std::time::Instant::now();
+    let mut last: Vec<u64> = vec![0; LabPath::ALL.len()];
+    let mut at = started;
+    while started.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(100));
+        let Ok(a) = lab.status(Gw::A) else {
+            continue;
+        };
+        let dt = at.elapsed().as_secs_f64();
+        at = std::time::Instant::now();
+        let mut line = format!("  t {:4.1} s:", started.elapsed().as_secs_f64());
+        for (i, &p) in LabPath::ALL.iter().enumerate() {
+            let Some(s) = lab::path_status(&a, p) else {
+                continue;
+            };
+            let bytes = s
+                .pointer("/counters/tx_bytes")
+                .or_else(|| s.get("tx_bytes"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            let sent = bytes.saturating_sub(last[i]) as f64 * 8.0 / dt / 1e6;
+            last[i] = bytes;
+            let est = s
+                .pointer("/aggregate/rate_bps")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0)
+                / 1e6;
+            let delay = s
+                .pointer("/aggregate/delay_us")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0)
+                / 1e3;
+            line += &format!(" {} {sent:5.0} (est {est:4.0}, {delay:4.1} ms)", p.name());
+        }
+        println!("{line}");
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -367,6 +410,7 @@ fn main() {
         "aggregate: {runs} runs x {secs} s per stream, one TCP stream (cubic), binary {}",
         bin.display()
     );
+    let trace = std::env::var("XL_BENCH_TRACE").is_ok_and(|v| v == "1");
     // results[scenario][who] = per-run (Mbit/s, cut: back ms, cut: missing ms)
     let mut results: Vec<Vec<Vec<(f64, f64, f64)>>> =
         vec![vec![Vec::new(); who.len()]; scenarios.len()];
@@ -422,6 +466,8 @@ fn main() {
                         if cut {
                             std::thread::sleep(Duration::from_millis(3000));
                             let _ = lab.blackhole(LabPath::Path1);
+                        } else if trace && w != Who::Mptcp {
+                            trace_paths(&lab);
                         }
                     },
                 );

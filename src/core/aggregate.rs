@@ -20,7 +20,8 @@
 //! estimate (or it loses more than 5 %), what it delivered is its capacity
 //! (but the estimate at most halves per period); when it carries
 //! nearly its estimate without either, the estimate grows by a quarter
-//! every period. A configured `rate` is the starting point and a ceiling,
+//! every period, and in a period without congestion it is at least what
+//! the path delivered. A configured `rate` is the starting point and a ceiling,
 //! and makes the path *paced* ([`BoardPath::pace_rate`]): the sending gateway
 //! shapes it to that rate, its own queue (at most [`PACE_QUEUE`]) in front
 //! of the link, and the scheduler's queue for it is the pace's.
@@ -34,12 +35,12 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The rate assumed of a path with no configured rate, until measured
-/// (bytes per second: 100 Mbit/s). Low on purpose: an estimate grows by a
-/// quarter every [`ESTIMATE_PERIOD`] that the path carries most of it
-/// (10 Gbit/s within about two seconds of a saturating transfer), and a path
-/// first read from its queue is read at what it delivered, so a low start
-/// is soon corrected either way, while a high one would make every path
-/// look idle to the model.
+/// (bytes per second: 100 Mbit/s). Low on purpose: an estimate is raised
+/// to what the path delivers in every [`ESTIMATE_PERIOD`] without
+/// congestion, and grows by a quarter while the path carries most of it,
+/// and a path first read from its queue is read at what it delivered, so a
+/// low start is soon corrected either way, while a high one would make
+/// every path look idle to the model.
 pub const DEFAULT_RATE: u64 = 12_500_000;
 /// The lowest estimate (bytes per second: 1 Mbit/s).
 pub const MIN_RATE: u64 = 125_000;
@@ -424,7 +425,9 @@ pub struct Delivery {
 pub enum Revision {
     /// The path lost packets or queued: its capacity is what it delivered.
     Congested,
-    /// It carried nearly its estimate cleanly: the estimate grows.
+    /// It carried nearly its estimate cleanly (the estimate grows by a
+    /// quarter), or delivered more than it without congestion (the
+    /// estimate is raised to that).
     Grown,
 }
 
@@ -706,14 +709,24 @@ impl Estimator {
             self.rate = got.max(floor).clamp(MIN_RATE, ceiling);
             return Some(Revision::Congested);
         }
-        // A path grows only while no probe of the period stood behind a
-        // queue: an estimate below the path's rate leaves the real queue
-        // shorter than the model's, one at the rate or past it does not,
-        // and growing that one would fill the path's buffer before the
-        // queue confirms.
-        if sent_rate >= 0.7 * self.rate as f64 && self.rate < ceiling && period_queue <= GROW_QUEUE
-        {
-            self.rate = (self.rate.saturating_add(self.rate / 4)).clamp(MIN_RATE, ceiling);
+        // A path grows by a quarter only while no probe of the period stood
+        // behind a queue: an estimate below the path's rate leaves the real
+        // queue shorter than the model's, one at the rate or past it does
+        // not, and growing that one would fill the path's buffer before the
+        // queue confirms. What the path delivered in a period that did not
+        // read as congested, it can carry: an estimate below that is raised
+        // to it, queue or not (a slow start doubles every round trip, far
+        // faster than a quarter a period, and estimates left behind it at
+        // different distances split its load unevenly; on a host whose CPU
+        // is the bottleneck, the path that carries the load is then seen to
+        // carry it, and keeps it).
+        let mut grown = self.rate;
+        if sent_rate >= 0.7 * self.rate as f64 && period_queue <= GROW_QUEUE {
+            grown = grown.saturating_add(grown / 4);
+        }
+        let grown = grown.max(delivered_rate as u64).clamp(MIN_RATE, ceiling);
+        if grown > self.rate {
+            self.rate = grown;
             return Some(Revision::Grown);
         }
         None

@@ -181,6 +181,39 @@ fn a_clean_path_near_its_estimate_grows_up_to_the_ceiling() {
 }
 
 #[test]
+fn what_a_path_delivers_cleanly_raises_its_estimate_to_it() {
+    // A slow start: 100 Mbit/s estimated, and the path delivers 250 Mbit/s
+    // (3125 datagrams of 1000 bytes in 100 ms) without loss: the estimate
+    // is 250 at once, not a quarter more than 100.
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 2));
+    let r = e.handle(delivery(t + ESTIMATE_PERIOD, 3125, 3125, 3125, 2));
+    assert_eq!(r, Some(Revision::Grown));
+    assert_eq!(e.rate(), 31_250_000);
+    // Probes 4 ms over the base: not a queue that marks congestion, but
+    // no room to grow by a quarter either. Delivering 500 Mbit/s cleanly
+    // still raises the estimate to that, and only to that.
+    let r = e.handle(delivery(t + ESTIMATE_PERIOD * 2, 9375, 9375, 9375, 6));
+    assert_eq!(r, Some(Revision::Grown));
+    assert_eq!(e.rate(), 62_500_000);
+    let r = e.handle(delivery(t + ESTIMATE_PERIOD * 3, 15_625, 15_625, 15_625, 6));
+    assert_eq!(r, None);
+    assert_eq!(e.rate(), 62_500_000);
+    // What a period that lost a little delivered counts too (100 of
+    // 12 500 lost: under the 5 % that reads as a full path).
+    let mut e = Estimator::new(None);
+    e.handle(delivery(t, 0, 0, 0, 6));
+    e.handle(delivery(t + ESTIMATE_PERIOD, 12_400, 12_500, 12_500, 6));
+    assert_eq!(e.rate(), 124_000_000);
+    // Never past a configured ceiling.
+    let mut e = Estimator::new(Some(20_000_000));
+    e.handle(delivery(t, 0, 0, 0, 6));
+    e.handle(delivery(t + ESTIMATE_PERIOD, 2500, 2500, 2500, 6));
+    assert_eq!(e.rate(), 20_000_000);
+}
+
+#[test]
 fn an_idle_path_keeps_its_estimate() {
     let mut e = Estimator::new(None);
     let t = Instant::now();
@@ -499,7 +532,8 @@ fn a_path_whose_probes_stand_behind_a_queue_does_not_grow() {
     e.handle(delivery(t, 0, 0, 0, 2));
     let mut n = 0;
     for i in 1..=30 {
-        n += 1_250;
+        // 125 datagrams of 1000 bytes every 10 ms: 12.5 MB/s.
+        n += 125;
         let r = e.handle(delivery(t + PROBE * i, n, n, n, 6));
         assert_ne!(r, Some(Revision::Grown));
     }
