@@ -329,11 +329,7 @@ fn trace_paths(lab: &Lab) {
             let Some(s) = lab::path_status(&a, p) else {
                 continue;
             };
-            let bytes = s
-                .pointer("/counters/tx_bytes")
-                .or_else(|| s.get("tx_bytes"))
-                .and_then(Value::as_u64)
-                .unwrap_or(0);
+            let bytes = s.get("tx_bytes").and_then(Value::as_u64).unwrap_or(0);
             let sent = bytes.saturating_sub(last[i]) as f64 * 8.0 / dt / 1e6;
             last[i] = bytes;
             let est = s

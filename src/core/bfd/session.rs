@@ -220,7 +220,8 @@ impl Session {
     /// answer each other spread as well. A session that has heard its peer
     /// already is left as it is.
     pub fn spread_first_transmission(&mut self, now: Instant, window: Duration) {
-        if self.state != State::Down || self.remote.discr != 0 || self.last_rx.is_some() {
+        // (A known remote discriminator always comes with `last_rx`.)
+        if self.state != State::Down || self.last_rx.is_some() {
             return;
         }
         let spread = window.min(SLOW_TX_INTERVAL);
