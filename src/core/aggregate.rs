@@ -20,8 +20,9 @@
 //! estimate (or it loses more than 5 %), what it delivered is its capacity
 //! (but the estimate at most halves per period); when it carries
 //! nearly its estimate without either, the estimate grows by a quarter
-//! every period, and in a period without congestion it is at least what
-//! the path delivered. A configured `rate` is the starting point and a ceiling,
+//! every period (not within [`GROW_HOLD`] of a congestion that lowered
+//! it), and in a period without congestion it is at least what the path
+//! delivered. A configured `rate` is the starting point and a ceiling,
 //! and makes the path *paced* ([`BoardPath::pace_rate`]): the sending gateway
 //! shapes it to that rate, its own queue (at most [`PACE_QUEUE`]) in front
 //! of the link, and the scheduler's queue for it is the pace's.
@@ -466,6 +467,8 @@ pub struct Estimator {
     load: f64,
     /// The most any probe of the present period stood above the base.
     period_queue: Duration,
+    /// When congestion last lowered the estimate ([`GROW_HOLD`]).
+    cut_at: Option<Instant>,
 }
 
 impl Estimator {
@@ -486,6 +489,7 @@ impl Estimator {
             clean_rate: ceiling.unwrap_or(DEFAULT_RATE),
             load: 0.0,
             period_queue: Duration::ZERO,
+            cut_at: None,
         }
     }
 
@@ -706,7 +710,11 @@ impl Estimator {
                 g if g / 2 > self.rate => g.min(self.rate.saturating_add(self.rate / 4)),
                 g => g.min(self.rate),
             };
-            self.rate = got.max(floor).clamp(MIN_RATE, ceiling);
+            let rate = got.max(floor).clamp(MIN_RATE, ceiling);
+            if rate < self.rate {
+                self.cut_at = Some(d.at);
+            }
+            self.rate = rate;
             return Some(Revision::Congested);
         }
         // A path grows by a quarter only while no probe of the period stood
@@ -721,7 +729,10 @@ impl Estimator {
         // is the bottleneck, the path that carries the load is then seen to
         // carry it, and keeps it).
         let mut grown = self.rate;
-        if sent_rate >= 0.7 * self.rate as f64 && period_queue <= GROW_QUEUE {
+        let held = self
+            .cut_at
+            .is_some_and(|t| d.at.saturating_duration_since(t) < GROW_HOLD);
+        if sent_rate >= 0.7 * self.rate as f64 && period_queue <= GROW_QUEUE && !held {
             grown = grown.saturating_add(grown / 4);
         }
         let grown = grown.max(delivered_rate as u64).clamp(MIN_RATE, ceiling);
@@ -732,6 +743,17 @@ impl Estimator {
         None
     }
 }
+
+/// How long after congestion lowered an estimate (to what the path
+/// delivered: a measure of its capacity) the estimate does not grow by a
+/// quarter on speculation. What the path delivers cleanly still raises it.
+/// Growing at once would put it a quarter over the path's rate in the next
+/// period: while the load is below the sum of the estimates, the scheduler
+/// keeps runs on the path with the earliest arrival, and one whose
+/// estimate is over its rate is the first to fill; its real queue grows
+/// while the model's does not, and the stream loses there with room on
+/// the other path.
+pub const GROW_HOLD: Duration = Duration::from_secs(1);
 
 /// How far above the base round trip a probe must come back to read as a
 /// queue: 5 ms (a descheduled thread, a host's jitter), and a tenth of the

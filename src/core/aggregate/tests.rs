@@ -214,6 +214,44 @@ fn what_a_path_delivers_cleanly_raises_its_estimate_to_it() {
 }
 
 #[test]
+fn an_estimate_cut_by_congestion_waits_before_growing_again() {
+    // 300 MB/s delivered cleanly, then 250 behind a queue: 250 is the
+    // path's capacity. Carrying 220 cleanly afterwards would grow the
+    // estimate by a quarter, past that capacity: not for GROW_HOLD.
+    let mut e = Estimator::new(None);
+    let t = Instant::now();
+    e.handle(delivery(t, 0, 0, 0, 2));
+    e.handle(delivery(t + ESTIMATE_PERIOD, 30_000, 30_000, 30_000, 2));
+    assert_eq!(e.rate(), 300_000_000);
+    let cut = t + ESTIMATE_PERIOD * 2;
+    let r = e.handle(delivery(cut, 55_000, 55_000, 55_000, 20));
+    assert_eq!(r, Some(Revision::Congested));
+    assert_eq!(e.rate(), 250_000_000);
+    let mut n = 55_000;
+    let mut at = cut;
+    while at + ESTIMATE_PERIOD * 2 < cut + GROW_HOLD {
+        at += ESTIMATE_PERIOD;
+        n += 22_000;
+        assert_eq!(e.handle(delivery(at, n, n, n, 2)), None);
+        assert_eq!(e.rate(), 250_000_000);
+    }
+    // What it delivers cleanly still raises it meanwhile.
+    at += ESTIMATE_PERIOD / 2;
+    n += 13_000;
+    assert_eq!(e.handle(delivery(at, n, n, n, 2)), None);
+    at += ESTIMATE_PERIOD / 2;
+    n += 13_000;
+    assert_eq!(e.handle(delivery(at, n, n, n, 2)), Some(Revision::Grown));
+    assert_eq!(e.rate(), 260_000_000);
+    // Once the hold is over, the quarter's growth again.
+    at += ESTIMATE_PERIOD;
+    n += 22_000;
+    assert!(at >= cut + GROW_HOLD);
+    assert_eq!(e.handle(delivery(at, n, n, n, 2)), Some(Revision::Grown));
+    assert_eq!(e.rate(), 325_000_000);
+}
+
+#[test]
 fn an_idle_path_keeps_its_estimate() {
     let mut e = Estimator::new(None);
     let t = Instant::now();
